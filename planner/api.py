@@ -1,0 +1,60 @@
+"""The public entry points."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from planner.ir.capture import capture, normalize_example_inputs
+from planner.passes.device_profile import DeviceProfile, get_profile
+from planner.passes.pipeline import Analysis, analyze as analyze_captured
+from planner.report import Report
+from planner.runtime.meter import Measurement, measure, measure_training_step
+
+
+def analyze(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    mode: str = "infer",
+    profile: str | DeviceProfile | None = None,
+) -> Analysis:
+    """Capture ``model`` and run every analysis pass: the unplanned picture.
+
+    ``profile``: a built-in name ("h100", "a100", "rtx4090", "t4", "cpu"), a path
+    to a calibrated JSON profile, a DeviceProfile, or None for this machine's.
+    """
+    captured = capture(model, example_inputs, mode)
+    return analyze_captured(captured, get_profile(profile))
+
+
+def report(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    mode: str = "infer",
+    profile: str | DeviceProfile | None = None,
+    measure_peak: bool = False,
+) -> Report:
+    """The placement report of ``model``; with ``measure_peak`` it also runs the
+    unplanned program once under the independent meter and records the result."""
+    analysis = analyze(model, example_inputs, mode, profile)
+    result = Report.from_analysis(analysis)
+    if measure_peak:
+        m = measure_unplanned(analysis, model, example_inputs)
+        result.measured = {"peak_bytes": m.peak_bytes, "seconds": m.seconds}
+    return result
+
+
+def measure_unplanned(analysis: Analysis, model: torch.nn.Module, example_inputs: Any) -> Measurement:
+    """Meter one unplanned run on the CPU: the captured inference graph under
+    no_grad, or an eager forward + backward for training."""
+    args, kwargs = normalize_example_inputs(example_inputs)
+    if analysis.program.mode == "train":
+        return measure_training_step(model, args, kwargs)[1]
+    module = analysis.captured.extra["exported_program"].module()
+
+    def run() -> Any:
+        with torch.no_grad():
+            return module(*args, **kwargs)
+
+    return measure(run, model, (args, kwargs))[1]

@@ -1,0 +1,48 @@
+"""Parse a memory budget: bytes, a size string, or a share of the unplanned peak."""
+
+from __future__ import annotations
+
+import re
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "t": 1000**4, "tb": 1000**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+_PERCENT = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*%\s*$")
+
+
+def parse_budget(budget: int | float | str, unplanned_peak: int | None = None) -> int:
+    """Bytes for ``budget``: an int (bytes), ``"512MiB"``/``"2GB"`` (SI and binary
+    units), or ``"60%"`` of ``unplanned_peak``. Raises ValueError saying what is
+    accepted for anything else, and for zero or negative budgets."""
+    if isinstance(budget, bool):
+        raise ValueError(_help(budget))
+    if isinstance(budget, (int, float)):
+        value = float(budget)
+    elif isinstance(budget, str):
+        percent = _PERCENT.match(budget)
+        size = _SIZE.match(budget)
+        if percent:
+            if unplanned_peak is None:
+                raise ValueError(f"budget {budget!r} is a share of the unplanned peak, "
+                                 "which is not known here; give bytes instead")
+            share = float(percent.group(1))
+            if share <= 0:
+                raise ValueError(f"budget {budget!r} must be a positive percentage")
+            return int(unplanned_peak * share / 100)
+        if not size or size.group(2).lower() not in _UNITS:
+            raise ValueError(_help(budget))
+        value = float(size.group(1)) * _UNITS[size.group(2).lower()]
+    else:
+        raise ValueError(_help(budget))
+    if not value > 0 or value != value:
+        raise ValueError(f"budget must be positive, got {budget!r}")
+    return int(value)
+
+
+def _help(budget: object) -> str:
+    return (f"cannot read budget {budget!r}: give bytes (an int), a size such as "
+            f"'512MiB' or '2GB', or a share of the unplanned peak such as '60%'")

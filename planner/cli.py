@@ -1,0 +1,122 @@
+"""``planner`` command line: ``report`` and ``calibrate``.
+
+    planner report FILE.py:FACTORY [--mode train] [--json] [--measure] [--profile P]
+    planner calibrate [--out PATH] [--quick]
+
+FACTORY() must return ``(model, example_inputs)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import sys
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+from planner.errors import PlannerError
+
+
+def load_factory(spec: str) -> tuple[Any, Any]:
+    """Import ``FILE.py:FACTORY`` and call it; errors say what was expected."""
+    if ":" not in spec:
+        raise SystemExit(f"error: expected FILE.py:FACTORY, got {spec!r} (e.g. examples/mlp.py:make_mlp)")
+    file_part, _, factory_name = spec.rpartition(":")
+    path = Path(file_part)
+    if not path.is_file():
+        raise SystemExit(f"error: no such file {str(path)!r}")
+    module_name = f"_planner_factory_{uuid.uuid4().hex[:8]}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise SystemExit(f"error: cannot import {str(path)!r} as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.path.insert(0, str(path.parent.resolve()))
+    try:
+        module_spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        names = sorted(n for n in dir(module) if n.startswith(("make", "build", "create")))
+        raise SystemExit(f"error: {str(path)!r} has no function {factory_name!r}"
+                         + (f"; it has {', '.join(names)}" if names else ""))
+    result = factory()
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise SystemExit(f"error: {factory_name}() must return (model, example_inputs), "
+                         f"got {type(result).__name__}")
+    return result
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from planner.api import report
+
+    if args.budget is not None:
+        print("error: --budget needs the solver and executor, which are not part of this "
+              "release yet; run without --budget for the unplanned report.", file=sys.stderr)
+        return 2
+    model, example_inputs = load_factory(args.factory)
+    result = report(model, example_inputs, mode=args.mode, profile=args.profile,
+                    measure_peak=args.measure)
+    if args.json:
+        print(result.to_json())
+    else:
+        print(result, end="")
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from planner.passes.device_profile import default_profile_path
+    from planner.runtime.calibrate import calibrate
+
+    profile = calibrate(device=args.device, disk_dir=args.disk_dir, quick=args.quick)
+    path = profile.save(args.out or default_profile_path())
+    for key, value in profile.to_dict().items():
+        print(f"{key:24s} {value}")
+    print(f"saved to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="planner", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    rep = sub.add_parser("report", help="print the placement report of a model")
+    rep.add_argument("factory", help="FILE.py:FACTORY, FACTORY() -> (model, example_inputs)")
+    rep.add_argument("--mode", choices=("infer", "train"), default="infer")
+    rep.add_argument("--json", action="store_true", help="print the JSON report")
+    rep.add_argument("--measure", action="store_true",
+                     help="also run the unplanned model once under the memory meter")
+    rep.add_argument("--profile", default=None,
+                     help="device profile: h100, a100, rtx4090, t4, cpu, or a JSON path "
+                          "(default: the calibrated one, else this machine's built-in)")
+    rep.add_argument("--budget", default=None, help="memory budget (not yet available)")
+    rep.set_defaults(run=_cmd_report)
+
+    cal = sub.add_parser("calibrate", help="measure this machine and save a device profile")
+    cal.add_argument("--out", default=None, help="where to save (default: the profile path)")
+    cal.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    cal.add_argument("--disk-dir", default=None, help="directory to time disk reads/writes in")
+    cal.add_argument("--quick", action="store_true", help="smaller measurements (~10 s)")
+    cal.set_defaults(run=_cmd_calibrate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        warnings.filterwarnings("ignore")
+    try:
+        return args.run(args)
+    except (PlannerError, ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

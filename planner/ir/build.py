@@ -1,0 +1,204 @@
+"""Translate a :class:`CapturedGraph` (FX) into the planner IR (:class:`Program`).
+
+One op per ATen call in schedule order; ``getitem`` nodes are projections of a
+multi-output op, not ops. Storage sharing is read from the fake tensors that
+tracing left in ``node.meta["val"]``: two values alias exactly when their fake
+storages are the same object, which is how PyTorch itself models views.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx
+from torch.utils import _pytree as pytree
+
+from planner.ir.capture import CapturedGraph
+from planner.ir.meta import FX_NODE_NAMES, fake_value
+from planner.ir.program import Op, Phase, Program, Storage, Value, ValueKind
+
+
+class _Builder:
+    def __init__(self, captured: CapturedGraph) -> None:
+        self.captured = captured
+        self.values: list[Value] = []
+        self.storages: list[Storage] = []
+        self.ops: list[Op] = []
+        self.storage_by_key: dict[int, int] = {}
+        # fx node -> value index (tensor nodes) or list of value indices (tuples)
+        self.node_values: dict[torch.fx.Node, Any] = {}
+        self.op_nodes: list[torch.fx.Node] = []
+
+    def add_value(self, name: str, fake: torch.Tensor, kind: ValueKind, producer: int | None,
+                  source: str | None = None) -> int:
+        storage = fake.untyped_storage()
+        key = storage._cdata
+        is_view = key in self.storage_by_key
+        if not is_view:
+            self.storage_by_key[key] = len(self.storages)
+            self.storages.append(Storage(len(self.storages), int(storage.nbytes())))
+        sid = self.storage_by_key[key]
+        value = Value(
+            index=len(self.values),
+            name=name,
+            shape=tuple(int(d) for d in fake.shape),
+            dtype=str(fake.dtype).removeprefix("torch."),
+            itemsize=fake.element_size(),
+            kind=kind,
+            storage=sid,
+            producer=producer,
+            is_view=is_view,
+            source=source,
+        )
+        self.values.append(value)
+        self.storages[sid].values.append(value.index)
+        return value.index
+
+
+def build_program(captured: CapturedGraph) -> Program:
+    """Build the IR. Training graphs are ordered forward-first (see ``_schedule``)."""
+    b = _Builder(captured)
+    graph = captured.graph_module.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    inputs = []
+    for node, role in zip(placeholders, captured.input_roles):
+        fake = fake_value(node)
+        if isinstance(fake, torch.Tensor):
+            idx = b.add_value(node.name, fake, role.kind, None, role.source)
+            b.node_values[node] = idx
+            inputs.append(idx)
+    output_node = next(n for n in reversed(graph.nodes) if n.op == "output")
+    flat_outputs = pytree.tree_leaves(output_node.args[0], is_leaf=lambda x: x is None)
+    forward_nodes = _forward_region(flat_outputs[: captured.num_forward_outputs])
+    for node in _schedule(graph, captured.mode, forward_nodes):
+        _add_op(b, node, Phase.FORWARD if node in forward_nodes or captured.mode == "infer"
+                else Phase.BACKWARD)
+    outputs = []
+    for node in flat_outputs:
+        if isinstance(node, torch.fx.Node) and isinstance(b.node_values.get(node), int):
+            outputs.append(b.node_values[node])
+    program = Program(
+        mode=captured.mode,
+        ops=b.ops,
+        values=b.values,
+        storages=b.storages,
+        inputs=inputs,
+        outputs=outputs,
+        num_forward_outputs=sum(
+            1 for n in flat_outputs[: captured.num_forward_outputs] if isinstance(n, torch.fx.Node)
+        ),
+    )
+    _assign_kinds(program, captured)
+    program.meta[FX_NODE_NAMES] = [n.name for n in b.op_nodes]
+    return program
+
+
+def _forward_region(forward_outputs: list) -> set[torch.fx.Node]:
+    """Every node the forward outputs depend on."""
+    region: set[torch.fx.Node] = set()
+    stack = [n for n in forward_outputs if isinstance(n, torch.fx.Node)]
+    while stack:
+        n = stack.pop()
+        if n in region:
+            continue
+        region.add(n)
+        stack.extend(n.all_input_nodes)
+    return region
+
+
+def _schedule(graph: torch.fx.Graph, mode: str, forward: set[torch.fx.Node]) -> list[torch.fx.Node]:
+    """Ops in execution order. A training step runs the whole forward before the
+    user's loss and backward, so forward-region nodes come first (the region is
+    closed under inputs, so this stays a topological order)."""
+    calls = [n for n in graph.nodes if n.op == "call_function"]
+    if mode == "infer":
+        return calls
+    return [n for n in calls if n in forward] + [n for n in calls if n not in forward]
+
+
+def _target_name(node: torch.fx.Node) -> str:
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        return f"aten.{t._schema.name.split('::')[-1]}.{t._overloadname}"
+    return getattr(t, "__name__", str(t))
+
+
+def _add_op(b: _Builder, node: torch.fx.Node, phase: Phase) -> None:
+    if node.target is operator.getitem:
+        parent = b.node_values.get(node.args[0])
+        if isinstance(parent, list):
+            b.node_values[node] = parent[node.args[1]]
+            # keep the user-visible name on the element
+            if isinstance(parent[node.args[1]], int):
+                b.values[parent[node.args[1]]].name = node.name
+        return
+    index = len(b.ops)
+    in_values = []
+    for arg in node.all_input_nodes:
+        v = b.node_values.get(arg)
+        for vi in v if isinstance(v, list) else [v]:
+            if isinstance(vi, int) and vi not in in_values:
+                in_values.append(vi)
+    fake = fake_value(node)
+    outputs: list[int] = []
+    if isinstance(fake, torch.Tensor):
+        vi = b.add_value(node.name, fake, ValueKind.ACTIVATION, index)
+        b.node_values[node] = vi
+        outputs.append(vi)
+    elif isinstance(fake, (tuple, list)):
+        elems: list[int | None] = []
+        for i, f in enumerate(fake):
+            if isinstance(f, torch.Tensor):
+                vi = b.add_value(f"{node.name}[{i}]", f, ValueKind.ACTIVATION, index)
+                outputs.append(vi)
+                elems.append(vi)
+            else:
+                elems.append(None)
+        b.node_values[node] = elems
+    for vi in in_values:
+        b.values[vi].uses.append(index)
+    stack = node.meta.get("stack_trace")
+    b.ops.append(
+        Op(index=index, name=node.name, target=_target_name(node), inputs=in_values,
+           outputs=outputs, phase=phase, stack=_last_user_line(stack))
+    )
+    b.op_nodes.append(node)
+
+
+def _last_user_line(stack: str | None) -> str | None:
+    """The innermost ``File ..., line N`` entry of an FX stack trace."""
+    if not stack:
+        return None
+    lines = [ln.strip() for ln in stack.strip().splitlines() if ln.strip().startswith("File ")]
+    return lines[-1] if lines else None
+
+
+def _assign_kinds(program: Program, captured: CapturedGraph) -> None:
+    """Kinds are a property of storage: a view of a parameter is parameter memory.
+
+    Op-produced storages are outputs or gradients when they hold a returned value,
+    saved-for-backward when a forward value is read by a backward op, else
+    activations.
+    """
+    out_kind: dict[int, ValueKind] = {}
+    for pos, vi in enumerate(program.outputs):
+        kind = ValueKind.OUTPUT if pos < program.num_forward_outputs else ValueKind.GRAD
+        out_kind.setdefault(program.values[vi].storage, kind)
+    for storage in program.storages:
+        base = program.values[storage.base]
+        if base.producer is None:
+            kind = base.kind
+        elif storage.index in out_kind:
+            kind = out_kind[storage.index]
+        elif program.ops[base.producer].phase is Phase.FORWARD and any(
+            program.ops[u].phase is Phase.BACKWARD
+            for vi in storage.values
+            for u in program.values[vi].uses
+        ):
+            kind = ValueKind.SAVED
+        else:
+            kind = ValueKind.ACTIVATION
+        for vi in storage.values:
+            program.values[vi].kind = kind

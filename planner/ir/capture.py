@@ -1,0 +1,302 @@
+"""Capture a model into one FX graph of ATen ops.
+
+Inference goes through ``torch.export`` (functionalized, no decompositions, so ops
+such as ``aten.linear`` and fused attention stay whole). Training goes through the
+AOTAutograd joint graph: forward and backward in one graph whose backward is driven
+by incoming output gradients ("tangents"), exactly what ``torch.compile`` traces.
+We export first in both modes so that untraceable models fail in one place with
+one kind of error, which names the user's source line.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+from torch.utils import _pytree as pytree
+
+from planner.errors import CaptureError
+from planner.ir.program import ValueKind
+
+log = logging.getLogger(__name__)
+
+MODES = ("infer", "train")
+
+
+@dataclass
+class Role:
+    """What a graph input or output is to the user's model."""
+
+    kind: ValueKind
+    source: str | None = None
+
+
+@dataclass
+class CapturedGraph:
+    """An FX graph plus what each of its inputs and outputs means.
+
+    ``input_roles``/``output_roles`` align with the graph's placeholders and the
+    flat list its output node returns (``None`` outputs, e.g. gradients of inputs
+    that need none, have role ``None``).
+    """
+
+    mode: str
+    graph_module: torch.fx.GraphModule
+    input_roles: list[Role]
+    output_roles: list[Role | None]
+    num_forward_outputs: int
+    in_spec: pytree.TreeSpec
+    out_spec: pytree.TreeSpec | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def normalize_example_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    """Accept a tensor, a tuple of args, or ``(args, kwargs)``; check for tensors."""
+    if isinstance(example_inputs, torch.Tensor):
+        args, kwargs = (example_inputs,), {}
+    elif isinstance(example_inputs, dict):
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+        if (
+            len(args) == 2
+            and isinstance(args[0], (tuple, list))
+            and isinstance(args[1], dict)
+        ):
+            args, kwargs = tuple(args[0]), dict(args[1])
+    else:
+        raise TypeError(
+            f"example_inputs must be a tensor, a tuple of positional arguments, or "
+            f"(args, kwargs); got {type(example_inputs).__name__}. Wrap a single "
+            f"tensor x as (x,)."
+        )
+    leaves = pytree.tree_leaves((args, kwargs))
+    if not any(isinstance(x, torch.Tensor) for x in leaves):
+        raise TypeError(
+            "example_inputs contain no tensor: pass the tensors the model is called "
+            "with, e.g. example_inputs=(torch.randn(8, 512),)."
+        )
+    for x in leaves:
+        if not isinstance(x, (torch.Tensor, int, float, bool, str, type(None))):
+            raise TypeError(
+                f"example_inputs may hold tensors and plain Python scalars in "
+                f"tuples, lists and dicts; found a {type(x).__name__}."
+            )
+    return args, kwargs
+
+
+def capture(model: torch.nn.Module, example_inputs: Any, mode: str = "infer") -> CapturedGraph:
+    """Trace ``model`` on ``example_inputs`` into a :class:`CapturedGraph`."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(map(repr, MODES))}")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    args, kwargs = normalize_example_inputs(example_inputs)
+    exported = _export(model, args, kwargs)
+    if mode == "infer":
+        return _capture_inference(exported, args, kwargs)
+    return _capture_joint(model, exported, args, kwargs)
+
+
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    try:
+        return torch.export.export(model, args, kwargs, strict=False)
+    except Exception as exc:  # torch raises many types; we add the user's line
+        raise CaptureError(_describe_trace_failure(model, exc)) from exc
+
+
+_FRAMEWORK_PATHS = ("/torch/", "/planner/", "/transformers/utils/", "/contextlib.py", "/functools.py")
+
+
+def _describe_trace_failure(model: torch.nn.Module, exc: BaseException) -> str:
+    """Name the user's source line where tracing failed, and what to do."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    user = [f for f in frames if not any(p in f.filename for p in _FRAMEWORK_PATHS)]
+    where = ""
+    if user:
+        f = user[-1]
+        where = f"\n  at {f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    hint = (
+        "Data-dependent control flow (an `if` or loop on a tensor's value, .item(), "
+        "nonzero) cannot be planned ahead of time: rewrite it with torch.where / "
+        "torch.cond, or move it out of forward() and pass the result in as an input."
+    )
+    if "data-dependent" not in str(exc).lower() and "guard" not in str(exc).lower():
+        hint = (
+            "Make forward() traceable by torch.export(strict=False): avoid "
+            "Python-side effects and unsupported ops there."
+        )
+    return (
+        f"planner could not trace {type(model).__name__}: "
+        f"{type(exc).__name__}: {first}{where}\n{hint}"
+    )
+
+
+def _capture_inference(
+    ep: torch.export.ExportedProgram, args: tuple, kwargs: dict
+) -> CapturedGraph:
+    from torch.export.graph_signature import InputKind, OutputKind
+
+    ep = ep.run_decompositions({})  # functionalize only: keep ops whole
+    input_kind = {
+        InputKind.PARAMETER: ValueKind.PARAM,
+        InputKind.BUFFER: ValueKind.BUFFER,
+        InputKind.CONSTANT_TENSOR: ValueKind.BUFFER,
+        InputKind.USER_INPUT: ValueKind.INPUT,
+    }
+    input_roles = []
+    for spec in ep.graph_signature.input_specs:
+        kind = input_kind.get(spec.kind, ValueKind.INPUT)
+        input_roles.append(Role(kind, spec.target or spec.arg.name))
+    user_paths = _input_paths(args, kwargs)
+    user_roles = [r for r in input_roles if r.kind is ValueKind.INPUT]
+    for role, path in zip(user_roles, user_paths):
+        role.source = path
+    output_roles: list[Role | None] = []
+    for spec in ep.graph_signature.output_specs:
+        if spec.kind is OutputKind.USER_OUTPUT:
+            output_roles.append(Role(ValueKind.OUTPUT, "output"))
+        else:
+            output_roles.append(Role(ValueKind.OUTPUT, f"{spec.target} (updated)"))
+    return CapturedGraph(
+        mode="infer",
+        graph_module=ep.graph_module,
+        input_roles=input_roles,
+        output_roles=output_roles,
+        num_forward_outputs=len(output_roles),
+        in_spec=ep.call_spec.in_spec,
+        out_spec=ep.call_spec.out_spec,
+        extra={"exported_program": ep},
+    )
+
+
+def _input_paths(args: tuple, kwargs: dict) -> list[str]:
+    leaves, _ = pytree.tree_flatten_with_path((args, kwargs))
+    return [
+        "input" + pytree.keystr(path)
+        for path, leaf in leaves
+        if isinstance(leaf, torch.Tensor)
+    ]
+
+
+class _FlatModule(torch.nn.Module):
+    """Calls the exported module on flat inputs and returns flat outputs, so that
+    AOTAutograd sees a plain function of tensors."""
+
+    def __init__(self, inner: torch.nn.Module, in_spec: pytree.TreeSpec) -> None:
+        super().__init__()
+        self.inner = inner
+        self.in_spec = in_spec
+        self.out_spec: pytree.TreeSpec | None = None
+
+    def forward(self, *flat: Any) -> tuple:
+        args, kwargs = pytree.tree_unflatten(list(flat), self.in_spec)
+        out = self.inner(*args, **kwargs)
+        leaves, self.out_spec = pytree.tree_flatten(out)
+        return tuple(leaves)
+
+
+def _capture_joint(
+    model: torch.nn.Module, ep: torch.export.ExportedProgram, args: tuple, kwargs: dict
+) -> CapturedGraph:
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import default_partition
+
+    flat_inputs, in_spec = pytree.tree_flatten((args, kwargs))
+    flat_module = _FlatModule(ep.module(), in_spec)
+    seen: dict[str, Any] = {}
+
+    def keep_joint(joint: torch.fx.GraphModule, joint_inputs: Sequence, **kw: Any) -> Any:
+        seen["joint"] = joint
+        seen["num_fwd_outputs"] = kw["num_fwd_outputs"]
+        return default_partition(joint, joint_inputs, **kw)
+
+    def no_compile(gm: torch.fx.GraphModule, _inputs: Sequence) -> torch.fx.GraphModule:
+        return gm
+
+    try:
+        aot_module_simplified(
+            flat_module,
+            flat_inputs,
+            fw_compiler=no_compile,
+            bw_compiler=no_compile,
+            partition_fn=keep_joint,
+        )
+    except Exception as exc:
+        raise CaptureError(_describe_trace_failure(model, exc)) from exc
+    if "joint" not in seen:
+        raise CaptureError(
+            f"{type(model).__name__}: no gradient flows from its outputs to any "
+            f"parameter or input, so there is no backward to plan. Use mode='infer', "
+            f"or check that parameters require grad."
+        )
+    joint: torch.fx.GraphModule = seen["joint"]
+    num_fwd = seen["num_fwd_outputs"]
+    input_roles = _joint_input_roles(joint, flat_module, args, kwargs)
+    output_roles = _joint_output_roles(joint, input_roles, num_fwd, ep)
+    return CapturedGraph(
+        mode="train",
+        graph_module=joint,
+        input_roles=input_roles,
+        output_roles=output_roles,
+        num_forward_outputs=num_fwd,
+        in_spec=in_spec,
+        out_spec=flat_module.out_spec,
+        extra={"exported_program": ep},
+    )
+
+
+def _joint_input_roles(
+    joint: torch.fx.GraphModule, flat_module: _FlatModule, args: tuple, kwargs: dict
+) -> list[Role]:
+    """Placeholders are primals (params, buffers, user inputs, in AOTAutograd's
+    order: ``named_parameters`` then ``named_buffers``, then the flat inputs) and
+    then tangents."""
+    roles: list[Role] = []
+    strip = "inner."
+    for name, _ in flat_module.named_parameters(remove_duplicate=False):
+        roles.append(Role(ValueKind.PARAM, name.removeprefix(strip)))
+    for name, _ in flat_module.named_buffers(remove_duplicate=False):
+        roles.append(Role(ValueKind.BUFFER, name.removeprefix(strip)))
+    roles.extend(Role(ValueKind.INPUT, p) for p in _input_paths(args, kwargs))
+    placeholders = [n for n in joint.graph.nodes if n.op == "placeholder"]
+    primals = [n for n in placeholders if n.name.startswith("primals")]
+    tangents = [n for n in placeholders if n.name.startswith("tangents")]
+    if len(primals) != len(roles):
+        # AOTAutograd dropped duplicate inputs (tied weights); fall back to
+        # positional kinds without names rather than mislabel.
+        log.warning("joint graph has %d primals for %d inputs", len(primals), len(roles))
+        roles = roles[: len(primals)] + [Role(ValueKind.INPUT)] * (len(primals) - len(roles))
+    roles += [Role(ValueKind.TANGENT, f"grad of output {i}") for i in range(len(tangents))]
+    return roles
+
+
+def _joint_output_roles(
+    joint: torch.fx.GraphModule,
+    input_roles: list[Role],
+    num_fwd: int,
+    ep: torch.export.ExportedProgram,
+) -> list[Role | None]:
+    (output_node,) = [n for n in joint.graph.nodes if n.op == "output"]
+    outs = pytree.tree_leaves(output_node.args[0], is_leaf=lambda x: x is None)
+    mutated = list(ep.graph_signature.buffers_to_mutate.values())
+    n_user = num_fwd - len(mutated)
+    roles: list[Role | None] = []
+    for i, out in enumerate(outs):
+        if out is None:
+            roles.append(None)
+        elif i < len(mutated):
+            roles.append(Role(ValueKind.OUTPUT, f"{mutated[i]} (updated)"))
+        elif i < num_fwd:
+            roles.append(Role(ValueKind.OUTPUT, f"output {i - len(mutated)}" if n_user > 1 else "output"))
+        else:
+            primal = input_roles[i - num_fwd] if i - num_fwd < len(input_roles) else None
+            src = primal.source if primal else None
+            roles.append(Role(ValueKind.GRAD, f"grad of {src}" if src else None))
+    return roles

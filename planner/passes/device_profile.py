@@ -1,0 +1,330 @@
+"""What the hardware can do: the numbers the cost model and the solver price plans with.
+
+A ``DeviceProfile`` holds peak matmul throughput per dtype, the compute device's
+memory bandwidth, the copy channels' bandwidths (device<->host, disk read/write) and
+a fixed per-op launch cost. The cost pass turns an op's FLOPs and bytes into seconds
+with it; the solver turns bytes moved into channel time with it.
+
+Profiles come from three places, resolved once by ``get_profile`` before planning:
+a built-in (published datasheet numbers for common GPUs and a conservative CPU
+default), a JSON file written by ``planner.runtime.calibrate`` for this machine, or
+an object the caller built. Datasheet peaks are upper bounds; a calibrated profile
+is closer to what the executor will see.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+PROFILE_ENV_VAR = "PLANNER_PROFILE"
+"""Environment variable naming the calibrated profile's path (overrides the default)."""
+
+DEFAULT_PROFILE_PATH = Path("~/.cache/planner/profile.json")
+"""Where ``calibrate`` saves, and ``get_profile(None)`` looks, unless overridden."""
+
+DEVICE_TYPES = ("cuda", "cpu")
+
+# Spellings callers use for the dtypes the profile knows, mapped to torch's names.
+_DTYPE_ALIASES = {
+    "fp32": "float32",
+    "float": "float32",
+    "tf32": "float32",
+    "fp16": "float16",
+    "half": "float16",
+    "bf16": "bfloat16",
+}
+
+
+def _normalize_dtype(dtype: object) -> str:
+    """``torch.float16``, ``"torch.float16"``, ``"fp16"`` and ``"half"`` all mean float16."""
+    name = str(dtype).removeprefix("torch.").lower()
+    return _DTYPE_ALIASES.get(name, name)
+
+
+def _check_positive(name: str, value: object) -> None:
+    try:
+        ok = math.isfinite(float(value)) and float(value) > 0  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"DeviceProfile.{name} must be a positive finite number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """Throughputs of one machine, in base units (FLOP/s, bytes/s, seconds, bytes).
+
+    ``host_bandwidth`` is None where there is no host tier: on a CPU device the host
+    would be the same memory. ``memory_bytes`` is informational; the budget, not the
+    capacity, bounds a plan.
+    """
+
+    name: str
+    device_type: str
+    matmul_flops: dict[str, float]
+    memory_bandwidth: float
+    host_bandwidth: float | None
+    disk_read_bandwidth: float
+    disk_write_bandwidth: float
+    op_overhead_seconds: float
+    memory_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.device_type not in DEVICE_TYPES:
+            raise ValueError(
+                f"DeviceProfile.device_type must be one of {DEVICE_TYPES}, got {self.device_type!r}"
+            )
+        if not self.matmul_flops:
+            raise ValueError("DeviceProfile.matmul_flops needs at least one dtype")
+        for dtype, value in self.matmul_flops.items():
+            _check_positive(f"matmul_flops[{dtype!r}]", value)
+        # Copy so that mutating the caller's dict cannot change a frozen profile.
+        flops = {_normalize_dtype(k): float(v) for k, v in self.matmul_flops.items()}
+        object.__setattr__(self, "matmul_flops", flops)
+        for name in ("memory_bandwidth", "disk_read_bandwidth", "disk_write_bandwidth"):
+            _check_positive(name, getattr(self, name))
+        if self.host_bandwidth is not None:
+            _check_positive("host_bandwidth", self.host_bandwidth)
+        if not (math.isfinite(self.op_overhead_seconds) and self.op_overhead_seconds >= 0):
+            raise ValueError(
+                f"DeviceProfile.op_overhead_seconds must be >= 0, got {self.op_overhead_seconds!r}"
+            )
+        if self.memory_bytes is not None and self.memory_bytes <= 0:
+            raise ValueError(
+                f"DeviceProfile.memory_bytes must be positive, got {self.memory_bytes}"
+            )
+
+    def __hash__(self) -> int:
+        # The generated hash would fail on the dict field; hash its frozen copy instead.
+        return hash(
+            (
+                self.name,
+                self.device_type,
+                tuple(sorted(self.matmul_flops.items())),
+                self.memory_bandwidth,
+                self.host_bandwidth,
+                self.disk_read_bandwidth,
+                self.disk_write_bandwidth,
+                self.op_overhead_seconds,
+                self.memory_bytes,
+            )
+        )
+
+    def flops_per_second(self, dtype: object) -> float:
+        """Peak matmul FLOP/s for ``dtype``.
+
+        Unknown dtypes (int8, float64, ...) fall back to float32's figure, or to the
+        best figure when float32 is missing: a cost estimate must always exist.
+        """
+        flops = self.matmul_flops.get(_normalize_dtype(dtype))
+        if flops is not None:
+            return flops
+        return self.matmul_flops.get("float32", max(self.matmul_flops.values()))
+
+    @property
+    def has_host_tier(self) -> bool:
+        """Whether a separate host memory tier (pinned CPU memory) exists."""
+        return self.host_bandwidth is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data; ``from_dict`` inverts it."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["matmul_flops"] = dict(self.matmul_flops)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DeviceProfile:
+        """Build a profile from ``to_dict`` output, naming missing or unknown keys."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        unknown = set(data) - known
+        missing = required - set(data)
+        if unknown or missing:
+            raise ValueError(
+                f"bad DeviceProfile data: missing keys {sorted(missing)}, "
+                f"unknown keys {sorted(unknown)}"
+            )
+        return cls(**data)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the profile as JSON, creating parent directories; return the path."""
+        target = Path(path).expanduser()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> DeviceProfile:
+        """Read a profile written by ``save``."""
+        source = Path(path).expanduser()
+        try:
+            return cls.from_dict(json.loads(source.read_text()))
+        except (json.JSONDecodeError, ValueError, TypeError) as exc:
+            raise ValueError(f"cannot read device profile {source}: {exc}") from exc
+
+
+# Built-in profiles. Dense (no 2:4 sparsity) peaks from NVIDIA's datasheets; PCIe
+# figures are achievable pinned-memory rates (~85% of the link's per-direction peak:
+# Gen5 x16 64 GB/s, Gen4 x16 32 GB/s, Gen3 x16 16 GB/s), not the link's nominal rate.
+# GPU built-ins assume a typical PCIe Gen4 NVMe SSD (~7 GB/s sequential read, ~5 GB/s
+# write, e.g. Samsung 980 Pro / 990 Pro class). op_overhead_seconds is an eager
+# PyTorch op's Python + dispatcher + kernel-launch cost, ~10 us on GPUs.
+_GB = 1e9
+_TFLOPS = 1e12
+_NVME_READ = 7.0 * _GB
+_NVME_WRITE = 5.0 * _GB
+_GPU_OP_OVERHEAD = 10e-6
+
+BUILTIN_PROFILES: dict[str, DeviceProfile] = {
+    # H100 SXM5 80GB datasheet: FP16/BF16 tensor 989 TFLOP/s dense, FP32 67 TFLOP/s
+    # (CUDA cores, no TF32), HBM3 3.35 TB/s; PCIe Gen5 x16.
+    "h100": DeviceProfile(
+        name="h100",
+        device_type="cuda",
+        matmul_flops={"float32": 67 * _TFLOPS, "float16": 989 * _TFLOPS, "bfloat16": 989 * _TFLOPS},
+        memory_bandwidth=3.35e12,
+        host_bandwidth=55 * _GB,
+        disk_read_bandwidth=_NVME_READ,
+        disk_write_bandwidth=_NVME_WRITE,
+        op_overhead_seconds=_GPU_OP_OVERHEAD,
+        memory_bytes=80 * 2**30,
+    ),
+    # A100 SXM4 80GB datasheet: FP16/BF16 tensor 312 TFLOP/s dense, FP32 19.5 TFLOP/s,
+    # HBM2e 2,039 GB/s; PCIe Gen4 x16.
+    "a100": DeviceProfile(
+        name="a100",
+        device_type="cuda",
+        matmul_flops={
+            "float32": 19.5 * _TFLOPS,
+            "float16": 312 * _TFLOPS,
+            "bfloat16": 312 * _TFLOPS,
+        },
+        memory_bandwidth=2.039e12,
+        host_bandwidth=25 * _GB,
+        disk_read_bandwidth=_NVME_READ,
+        disk_write_bandwidth=_NVME_WRITE,
+        op_overhead_seconds=_GPU_OP_OVERHEAD,
+        memory_bytes=80 * 2**30,
+    ),
+    # RTX 4090 (Ada whitepaper): FP16/BF16 tensor with FP32 accumulate 165.2 TFLOP/s
+    # dense (330 only with FP16 accumulate, which PyTorch does not use), FP32 82.6
+    # TFLOP/s, GDDR6X 1,008 GB/s, 24 GB; PCIe Gen4 x16.
+    "rtx4090": DeviceProfile(
+        name="rtx4090",
+        device_type="cuda",
+        matmul_flops={
+            "float32": 82.6 * _TFLOPS,
+            "float16": 165.2 * _TFLOPS,
+            "bfloat16": 165.2 * _TFLOPS,
+        },
+        memory_bandwidth=1.008e12,
+        host_bandwidth=25 * _GB,
+        disk_read_bandwidth=_NVME_READ,
+        disk_write_bandwidth=_NVME_WRITE,
+        op_overhead_seconds=_GPU_OP_OVERHEAD,
+        memory_bytes=24 * 2**30,
+    ),
+    # T4 datasheet: FP16 tensor 65 TFLOP/s, FP32 8.1 TFLOP/s, GDDR6 320 GB/s, 16 GB;
+    # PCIe Gen3 x16. Turing has no BF16 tensor cores: bf16 runs at about FP32 speed.
+    "t4": DeviceProfile(
+        name="t4",
+        device_type="cuda",
+        matmul_flops={"float32": 8.1 * _TFLOPS, "float16": 65 * _TFLOPS, "bfloat16": 8.1 * _TFLOPS},
+        memory_bandwidth=320 * _GB,
+        host_bandwidth=12 * _GB,
+        disk_read_bandwidth=_NVME_READ,
+        disk_write_bandwidth=_NVME_WRITE,
+        op_overhead_seconds=_GPU_OP_OVERHEAD,
+        memory_bytes=16 * 2**30,
+    ),
+    # A conservative generic CPU: a few cores of AVX2 FMA (~100 GFLOP/s fp32). bf16
+    # without AVX512-BF16/AMX runs slower than fp32 (conversion overhead); fp16
+    # without AVX512-FP16/AMX-FP16 takes a slow fallback path (2.5 GFLOP/s measured
+    # on a 2-core EPYC VM that does 190 GFLOP/s in fp32). ~10 GB/s is what one
+    # process's tensor copy reaches on commodity DDR4; ~1 GB/s read / 0.5 GB/s write
+    # is a modest cloud SSD volume. Eager ops on CPU
+    # cost a few microseconds of dispatch each. Calibrate for real numbers.
+    "cpu": DeviceProfile(
+        name="cpu",
+        device_type="cpu",
+        matmul_flops={"float32": 100e9, "float16": 5e9, "bfloat16": 50e9},
+        memory_bandwidth=10 * _GB,
+        host_bandwidth=None,
+        disk_read_bandwidth=1.0 * _GB,
+        disk_write_bandwidth=0.5 * _GB,
+        op_overhead_seconds=5e-6,
+    ),
+}
+
+# Substrings of torch.cuda.get_device_name() ("NVIDIA H100 80GB HBM3", "Tesla T4")
+# that identify a built-in. "t4" must be a whole word: it is inside other names.
+_GPU_NAME_SUBSTRINGS = (("h100", "h100"), ("a100", "a100"), ("4090", "rtx4090"))
+_GPU_NAME_WORDS = (("t4", "t4"),)
+
+
+def default_profile_path() -> Path:
+    """The calibrated profile's path: ``$PLANNER_PROFILE`` or ``~/.cache/planner/profile.json``."""
+    override = os.environ.get(PROFILE_ENV_VAR)
+    return Path(override).expanduser() if override else DEFAULT_PROFILE_PATH.expanduser()
+
+
+def builtin_for_gpu(device_name: str) -> DeviceProfile:
+    """The built-in matching a CUDA device name; h100 when none matches."""
+    lowered = device_name.lower()
+    words = lowered.replace("-", " ").split()
+    for substring, key in _GPU_NAME_SUBSTRINGS:
+        if substring in lowered:
+            return BUILTIN_PROFILES[key]
+    for word, key in _GPU_NAME_WORDS:
+        if word in words:
+            return BUILTIN_PROFILES[key]
+    logger.warning(
+        "no built-in profile matches GPU %r; using h100 (calibrate for real numbers)", device_name
+    )
+    return BUILTIN_PROFILES["h100"]
+
+
+def _detect_builtin() -> DeviceProfile:
+    """The built-in for this machine: its GPU's if CUDA is available, else ``cpu``."""
+    import torch  # local: reading or writing profiles should not need torch
+
+    if torch.cuda.is_available():
+        return builtin_for_gpu(torch.cuda.get_device_name())
+    return BUILTIN_PROFILES["cpu"]
+
+
+def get_profile(spec: str | os.PathLike[str] | DeviceProfile | None = None) -> DeviceProfile:
+    """Resolve a profile: an object, a built-in name, a JSON path, or None (this machine).
+
+    None loads the calibrated profile at ``default_profile_path()`` if one was saved,
+    else picks the built-in for the detected hardware.
+    """
+    if isinstance(spec, DeviceProfile):
+        return spec
+    if spec is None:
+        path = default_profile_path()
+        if path.is_file():
+            logger.info("using calibrated device profile %s", path)
+            return DeviceProfile.load(path)
+        profile = _detect_builtin()
+        logger.info("no calibrated profile at %s; using built-in %r", path, profile.name)
+        return profile
+    text = os.fspath(spec)
+    if text.lower() in BUILTIN_PROFILES:
+        return BUILTIN_PROFILES[text.lower()]
+    path = Path(text).expanduser()
+    if path.is_file():
+        return DeviceProfile.load(path)
+    raise ValueError(
+        f"unknown device profile {text!r}: not a built-in ({', '.join(sorted(BUILTIN_PROFILES))}) "
+        f"and no such file"
+    )

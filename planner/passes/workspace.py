@@ -1,0 +1,116 @@
+"""Workspace: bytes an op allocates for itself beyond its outputs, measured.
+
+Requires: a built Program and its FX graph. Ensures: ``Op.workspace_bytes``.
+
+The graph cannot show an op's scratch memory (a convolution on the CPU converts
+its input and output to a blocked layout; attention kernels keep tiles), yet the
+budget covers it. No formula predicts it across backends, so we measure it once
+per distinct call signature on the device we will run on: each op runs on
+random tensors of its traced shapes inside one profiler session, and its
+workspace is the peak of its own allocations minus what it still holds at the end
+(its outputs). Ops whose outputs are all views allocate nothing and are skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.fx
+from torch.utils import _pytree as pytree
+
+from planner.alloc_trace import allocations, find_events, peak_and_final, profile_allocations
+from planner.ir.meta import FX_NODE_NAMES, fake_value
+from planner.ir.program import Program
+
+log = logging.getLogger(__name__)
+
+_MARK = "planner.workspace#"
+
+
+def annotate_workspace(program: Program, graph_module: torch.fx.GraphModule,
+                       device: str = "cpu") -> None:
+    nodes = {n.name: n for n in graph_module.graph.nodes}
+    signature_of: dict[int, str] = {}
+    calls: dict[str, torch.fx.Node] = {}
+    for op, name in zip(program.ops, program.meta[FX_NODE_NAMES]):
+        node = nodes[name]
+        if not op.outputs or all(program.values[v].is_view for v in op.outputs):
+            continue
+        if not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        sig = _signature(node)
+        signature_of[op.index] = sig
+        calls.setdefault(sig, node)
+    if not calls:
+        return
+    keys = list(calls)
+
+    def run_each() -> None:
+        for i, sig in enumerate(keys):
+            _run_marked(calls[sig], f"{_MARK}{i}", device)
+
+    _, events = profile_allocations(run_each)
+    workspace: dict[int, int] = {}
+    for event in find_events(events, _MARK):
+        peak, final = peak_and_final(allocations([event], device))
+        workspace[int(event.name[len(_MARK):])] = max(0, peak - final)
+    index = {sig: i for i, sig in enumerate(keys)}
+    for op in program.ops:
+        sig = signature_of.get(op.index)
+        if sig is not None:
+            op.workspace_bytes = workspace.get(index[sig], 0)
+
+
+def _run_marked(node: torch.fx.Node, mark: str, device: str) -> None:
+    """Run one op on random inputs inside a named profiler block. Its outputs
+    are still referenced when the block closes, so they count as held, not as
+    workspace."""
+    from torch.profiler import record_function
+
+    try:
+        args, kwargs = _materialize(node, device)
+    except Exception as exc:  # unusual argument types: assume no workspace
+        log.debug("workspace: cannot build inputs for %s: %s", node.format_node(), exc)
+        return
+    try:
+        with torch.no_grad(), record_function(mark):
+            result = node.target(*args, **kwargs)
+    except Exception as exc:
+        log.debug("workspace: %s failed on random inputs: %s", node.format_node(), exc)
+        return
+    del result
+
+
+def _signature(node: torch.fx.Node) -> str:
+    def describe(x: Any) -> Any:
+        if isinstance(x, torch.fx.Node):
+            v = fake_value(x)
+            if isinstance(v, torch.Tensor):
+                return ("T", tuple(v.shape), tuple(v.stride()), str(v.dtype))
+            return ("N", repr(v))
+        return repr(x)
+
+    return repr((str(node.target), pytree.tree_map(describe, (node.args, node.kwargs))))
+
+
+def _materialize(node: torch.fx.Node, device: str) -> tuple[tuple, dict]:
+    """Real tensors with the traced shapes, strides and dtypes: random floats, zero
+    integers (valid as indices), so the op takes its usual code path."""
+
+    def real(x: Any) -> Any:
+        if not isinstance(x, torch.fx.Node):
+            return x
+        v = fake_value(x)
+        if not isinstance(v, torch.Tensor):
+            return v
+        t = torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=device)
+        if v.dtype.is_floating_point or v.dtype.is_complex:
+            t.normal_()
+        else:
+            t.zero_()
+        return t
+
+    args, kwargs = pytree.tree_map(real, (node.args, node.kwargs))
+    return tuple(args), dict(kwargs)

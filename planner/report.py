@@ -1,0 +1,166 @@
+"""The placement report: one row per tensor storage plus a summary.
+
+``str(report)`` is a table for people; ``report.to_dict()`` is the JSON of
+DESIGN.md for programs. Before a budget is planned every decision is ``keep`` and
+the planned figures equal the unplanned ones.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from planner.ir.program import Program
+from planner.passes.pipeline import Analysis
+
+
+def format_bytes(n: int | float | None) -> str:
+    """``1536`` -> ``'1.5 KiB'``: binary units, as budgets are usually given."""
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class TensorRow:
+    name: str
+    bytes: int
+    kind: str
+    live: tuple[int, int]
+    producer: str | None
+    shape: tuple[int, ...]
+    dtype: str
+    decision: str = "keep"
+    aliases: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    """What the planner knows and decided about one model."""
+
+    mode: str
+    num_ops: int
+    budget_bytes: int | None
+    unplanned_peak_bytes: int
+    unplanned_peak_step: int
+    planned_peak_bytes: int
+    estimated_seconds: float
+    unplanned_estimated_seconds: float
+    solver: dict[str, Any]
+    tensors: list[TensorRow]
+    profile: str
+    peak_by_kind: dict[str, int]
+    peak_op: str | None = None
+    measured: dict[str, Any] | None = None
+
+    @classmethod
+    def from_analysis(cls, analysis: Analysis) -> Report:
+        program = analysis.program
+        timeline = analysis.timeline
+        peak_op = None
+        if program.ops:
+            op = program.ops[timeline.peak_step]
+            peak_op = f"{op.name} ({op.target})" + (f" at {op.stack}" if op.stack else "")
+        return cls(
+            mode=program.mode,
+            num_ops=program.num_steps,
+            budget_bytes=None,
+            unplanned_peak_bytes=timeline.peak_bytes,
+            unplanned_peak_step=timeline.peak_step,
+            planned_peak_bytes=timeline.peak_bytes,
+            estimated_seconds=analysis.estimated_seconds,
+            unplanned_estimated_seconds=analysis.estimated_seconds,
+            solver={"name": None, "status": "not run (no budget)", "seconds": 0.0,
+                    "objective": None, "bound": None},
+            tensors=tensor_rows(program),
+            profile=analysis.profile.name,
+            peak_by_kind=dict(timeline.peak_by_kind),
+            peak_op=peak_op,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for row in data["tensors"]:
+            row["live"] = list(row["live"])
+            row["shape"] = list(row["shape"])
+        return data
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def __str__(self) -> str:
+        return render_text(self)
+
+
+def tensor_rows(program: Program) -> list[TensorRow]:
+    """One row per storage (a view adds no bytes: it is listed as an alias)."""
+    rows = []
+    for storage in program.storages:
+        base = program.values[storage.base]
+        producer = None
+        if base.producer is not None:
+            op = program.ops[base.producer]
+            producer = f"{op.name} ({op.target})"
+        rows.append(
+            TensorRow(
+                name=base.source or base.name,
+                bytes=storage.nbytes,
+                kind=base.kind.value,
+                live=storage.live or (0, 0),
+                producer=producer,
+                shape=base.shape,
+                dtype=base.dtype,
+                aliases=[program.values[v].name for v in storage.values[1:]],
+            )
+        )
+    return rows
+
+
+def render_text(report: Report, width: int = 140) -> str:
+    """Rich table and summary, rendered to plain text (no colour codes)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"planner report ({report.mode}, {report.num_ops} ops)",
+                  title_justify="left")
+    for column, justify in (("tensor", "left"), ("bytes", "right"), ("kind", "left"),
+                            ("live", "right"), ("decision", "left"), ("producer", "left")):
+        table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for row in report.tensors:
+        table.add_row(row.name, format_bytes(row.bytes), row.kind,
+                      f"{row.live[0]}..{row.live[1]}", row.decision, row.producer or "-")
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=width, force_terminal=False, color_system=None)
+    console.print(table)
+    for line in summary_lines(report):
+        console.print(line, highlight=False, markup=False)
+    return buffer.getvalue()
+
+
+def summary_lines(report: Report) -> list[str]:
+    kinds = ", ".join(f"{k} {format_bytes(b)}" for k, b in report.peak_by_kind.items())
+    lines = [
+        f"budget:             {format_bytes(report.budget_bytes) if report.budget_bytes else 'none'}",
+        f"unplanned peak:     {format_bytes(report.unplanned_peak_bytes)} at step "
+        f"{report.unplanned_peak_step}" + (f": {report.peak_op}" if report.peak_op else ""),
+        f"  resident then:    {kinds}",
+        f"planned peak:       {format_bytes(report.planned_peak_bytes)}",
+        f"estimated time:     {report.estimated_seconds * 1e3:.2f} ms "
+        f"(unplanned {report.unplanned_estimated_seconds * 1e3:.2f} ms, profile {report.profile})",
+        f"solver:             {report.solver.get('status')}",
+    ]
+    if report.measured:
+        m = report.measured
+        lines.append(
+            f"measured peak:      {format_bytes(m['peak_bytes'])} "
+            f"(predicted/measured {report.unplanned_peak_bytes / m['peak_bytes']:.3f}), "
+            f"{m['seconds'] * 1e3:.2f} ms"
+        )
+    return lines

@@ -1,0 +1,136 @@
+"""An independent memory meter: what the allocator saw, not what a plan predicts.
+
+On the CPU we record the allocator's own events with the PyTorch profiler
+(``profile_memory=True``): every allocation and free with its size, in time
+order. Their running sum is the bytes allocated during the call; its maximum plus
+the bytes already resident before the call (module state and inputs, deduplicated
+by storage, file-backed storages excluded) is the peak. On CUDA the caching
+allocator's ``max_memory_allocated`` plays the same role.
+
+Nothing here reads a plan or the IR: it is the referee for both.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from planner.alloc_trace import allocations, peak_and_final, profile_allocations
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Peak device bytes over one call: ``resident_bytes`` held before it plus the
+    highest ``peak_allocated_bytes`` reached by allocations made during it."""
+
+    peak_bytes: int
+    resident_bytes: int
+    peak_allocated_bytes: int
+    seconds: float
+
+
+def resident_bytes(*objects: Any, device: str | torch.device = "cpu") -> int:
+    """Bytes of distinct storages on ``device`` held by modules (parameters and
+    buffers) and pytrees of tensors. Storages backed by a file (memory-mapped
+    weights) are not resident device memory and are skipped."""
+    device = torch.device(device)
+    seen: set[int] = set()
+    total = 0
+    for tensor in _tensors(objects):
+        if tensor.device.type != device.type or tensor.is_meta:
+            continue
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key in seen or key == 0 or getattr(storage, "filename", None):
+            continue
+        seen.add(key)
+        total += storage.nbytes()
+    return total
+
+
+def _tensors(objects: Iterable[Any]) -> Iterable[torch.Tensor]:
+    for obj in objects:
+        if isinstance(obj, torch.nn.Module):
+            yield from obj.parameters()
+            yield from obj.buffers()
+        else:
+            for leaf in pytree.tree_leaves(obj):
+                if isinstance(leaf, torch.Tensor):
+                    yield leaf
+
+
+def measure(fn: Callable[[], Any], *resident: Any, device: str = "cpu") -> tuple[Any, Measurement]:
+    """Run ``fn()`` once and measure its peak. ``resident`` are the modules and
+    tensors held across the call (counted once, before it starts)."""
+    base = resident_bytes(*resident, device=device)
+    if torch.device(device).type == "cuda":
+        return _measure_cuda(fn, base)
+    return _measure_cpu(fn, base)
+
+
+def _measure_cpu(fn: Callable[[], Any], base: int) -> tuple[Any, Measurement]:
+    timing: list[float] = []
+
+    def timed() -> Any:
+        start = time.perf_counter()
+        out = fn()
+        timing.append(time.perf_counter() - start)
+        return out
+
+    result, events = profile_allocations(timed)
+    peak, _ = peak_and_final(allocations(events, "cpu"))
+    return result, Measurement(base + peak, base, peak, timing[0])
+
+
+def _measure_cuda(fn: Callable[[], Any], base: int) -> tuple[Any, Measurement]:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    result = fn()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() - before
+    return result, Measurement(base + peak, base, peak, seconds)
+
+
+def measure_inference(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
+                      device: str = "cpu") -> tuple[Any, Measurement]:
+    """Peak of one eager forward under ``torch.no_grad()``."""
+    kwargs = kwargs or {}
+
+    def run() -> Any:
+        with torch.no_grad():
+            return model(*args, **kwargs)
+
+    return measure(run, model, (args, kwargs), device=device)
+
+
+def measure_training_step(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
+                          device: str = "cpu") -> tuple[Any, Measurement]:
+    """Peak of one eager forward + backward, the backward driven by all-ones
+    gradients of every floating-point output (created after the forward, as a
+    loss would be). Existing ``.grad`` fields are restored afterwards."""
+    kwargs = kwargs or {}
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+
+    def run() -> Any:
+        out = model(*args, **kwargs)
+        leaves = [t for t in pytree.tree_leaves(out)
+                  if isinstance(t, torch.Tensor) and t.requires_grad]
+        torch.autograd.backward(leaves, [torch.ones_like(t) for t in leaves])
+        return out
+
+    try:
+        return measure(run, model, (args, kwargs), device=device)
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g

@@ -1,0 +1,123 @@
+"""Shared test helpers: toy model factories and the example loader.
+
+Toy graphs are small nn.Modules built by factories parametrised over sizes:
+chain, diamond, residual, MLP. They are small enough that every property (peaks,
+lifetimes, kinds) can be checked by hand-derivable rules.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+class Chain(nn.Module):
+    """x -> tanh(Linear) -> ... : each activation is read only by the next op."""
+
+    def __init__(self, depth: int, width: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+class Diamond(nn.Module):
+    """Two branches from one input joined by an add: the input lives across both."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.left = nn.Linear(width, width)
+        self.right = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(x)
+        return self.left(h) + torch.sigmoid(self.right(h))
+
+
+class Residual(nn.Module):
+    """Blocks with skip connections: the skip lives across the whole block."""
+
+    def __init__(self, blocks: int, width: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+            for _ in range(blocks)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+class MLP(nn.Module):
+    def __init__(self, depth: int, width: int, classes: int = 10) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for _ in range(depth):
+            layers += [nn.Linear(width, width), nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def toy(kind: str, size: int, batch: int = 16) -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """A toy model of ``kind`` whose depth or width scales with ``size``."""
+    torch.manual_seed(0)
+    width = 32 * size
+    model: nn.Module
+    if kind == "chain":
+        model = Chain(depth=2 + size, width=width)
+    elif kind == "diamond":
+        model = Diamond(width=width)
+    elif kind == "residual":
+        model = Residual(blocks=size, width=width)
+    elif kind == "mlp":
+        model = MLP(depth=size, width=width)
+    else:
+        raise ValueError(kind)
+    return model, (torch.randn(batch, width),)
+
+
+TOY_KINDS = ("chain", "diamond", "residual", "mlp")
+TOY_SIZES = (1, 3)
+
+EXAMPLE_FACTORIES = {
+    "mlp": ("mlp.py", "make_mlp"),
+    "resnet": ("resnet_cnn.py", "make_resnet"),
+    "unet": ("unet.py", "make_unet"),
+    "gpt2": ("gpt2.py", "make_gpt2"),
+    "gpt2_full": ("gpt2.py", "make_gpt2_full"),
+}
+
+
+def load_example(name: str) -> tuple[nn.Module, tuple]:
+    filename, factory = EXAMPLE_FACTORIES[name]
+    path = EXAMPLES / filename
+    spec = importlib.util.spec_from_file_location(f"planner_example_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return getattr(module, factory)()
+
+
+@pytest.fixture
+def toy_factory():
+    return toy

@@ -1,0 +1,153 @@
+"""Capture: inputs and outputs of every shape a user hands us; clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TOY_KINDS, TOY_SIZES, load_example, toy
+from torch import nn
+
+from planner.errors import CaptureError
+from planner.ir import ValueKind, build_program, capture
+
+
+class DictInOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 4)
+
+    def forward(self, batch: dict, scale: float = 2.0) -> dict:
+        h = self.a(batch["x"]) * scale
+        return {"h": h, "pair": (self.b(h), batch["y"].sum())}
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.out = nn.Linear(16, 50, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(self.emb(ids))
+
+
+class InPlaceViews(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+        self.register_buffer("count", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        h.relu_()
+        flat = h.view(-1)
+        flat.mul_(2.0)
+        self.count.add_(1)
+        return h.transpose(0, 1).reshape(16, -1)[:, :4]
+
+
+class DataDependent(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # the offending line
+            return x * 2
+        return x
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+@pytest.mark.parametrize("kind", TOY_KINDS)
+@pytest.mark.parametrize("size", TOY_SIZES)
+def test_toys_capture_and_build(kind: str, size: int, mode: str) -> None:
+    model, inputs = toy(kind, size)
+    program = build_program(capture(model, inputs, mode))
+    params = [program.values[i] for i in program.inputs
+              if program.values[i].kind is ValueKind.PARAM]
+    assert len(params) == len(list(model.parameters()))
+    assert sum(p.nbytes for p in params) == sum(p.numel() * 4 for p in model.parameters())
+    assert program.ops, "no ops captured"
+    # schedule order: every input of an op is produced earlier (or is a graph input)
+    for op in program.ops:
+        for v in op.inputs:
+            producer = program.values[v].producer
+            assert producer is None or producer < op.index
+    if mode == "train":
+        grads = list(program.values_of_kind(ValueKind.GRAD))
+        assert len({program.values[g].storage for g in (v.index for v in grads)}) == len(params)
+        # the forward region comes first
+        phases = [op.phase.value for op in program.ops]
+        assert phases == sorted(phases, key=lambda p: p == "backward")
+
+
+def test_pytree_inputs_and_outputs() -> None:
+    model = DictInOut()
+    batch = {"x": torch.randn(4, 8), "y": torch.randn(3)}
+    captured = capture(model, ((batch,), {"scale": 3.0}), "infer")
+    program = build_program(captured)
+    sources = {program.values[i].source for i in program.inputs
+               if program.values[i].kind is ValueKind.INPUT}
+    assert sources == {"input[0][0]['x']", "input[0][0]['y']"}
+    assert len(program.outputs) == 3
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_transformers_model_output(mode: str) -> None:
+    model, inputs = load_example("gpt2_full")  # returns a CausalLMOutput
+    captured = capture(model, inputs, mode)
+    assert captured.out_spec is not None and "CausalLMOutput" in str(captured.out_spec)
+    program = build_program(captured)
+    logits = program.values[program.outputs[program.num_forward_outputs - 1]]
+    assert logits.shape[-1] == model.config.vocab_size
+
+
+def test_tied_weights_counted_once() -> None:
+    model = Tied()
+    ids = torch.randint(0, 50, (2, 5))
+    for mode in ("infer", "train"):
+        program = build_program(capture(model, (ids,), mode))
+        params = [program.values[i] for i in program.inputs
+                  if program.values[i].kind is ValueKind.PARAM]
+        storages = {p.storage for p in params}
+        assert len(storages) == 1, f"{mode}: tied weight appears as {len(storages)} storages"
+
+
+def test_views_share_storage_and_inplace_is_functionalized() -> None:
+    model = InPlaceViews()
+    x = torch.randn(16, 16)
+    program = build_program(capture(model, (x,), "infer"))
+    views = [v for v in program.values if v.is_view]
+    assert views, "expected views (view, transpose, slice)"
+    for v in views:
+        base = program.values[program.storages[v.storage].base]
+        assert base.index != v.index
+    buffers = list(program.values_of_kind(ValueKind.BUFFER))
+    assert [b.source for b in buffers] == ["count"]
+    updated = [program.values[o] for o in program.outputs]
+    assert any(v.kind is ValueKind.OUTPUT and v.shape == () for v in updated)
+
+
+def test_data_dependent_control_flow_names_the_line() -> None:
+    with pytest.raises(CaptureError) as info:
+        capture(DataDependent(), (torch.randn(3),), "infer")
+    message = str(info.value)
+    assert "test_capture.py" in message
+    assert "x.sum() > 0" in message
+    assert "torch.where" in message or "torch.cond" in message
+
+
+@pytest.mark.parametrize(
+    ("inputs", "match"),
+    [
+        ("not a tensor", "example_inputs must be"),
+        ((1, 2), "contain no tensor"),
+        ((torch.randn(2), object()), "found a object"),
+    ],
+)
+def test_bad_example_inputs(inputs: object, match: str) -> None:
+    with pytest.raises(TypeError, match=match):
+        capture(nn.Linear(2, 2), inputs, "infer")
+
+
+def test_unknown_mode() -> None:
+    with pytest.raises(ValueError, match="unknown mode 'training'"):
+        capture(nn.Linear(2, 2), (torch.randn(1, 2),), "training")

@@ -1,0 +1,75 @@
+"""Costs (FLOPs, bytes, seconds on a profile) and measured op workspaces."""
+
+from __future__ import annotations
+
+import torch
+from conftest import toy
+
+from planner.ir import build_program, capture
+from planner.passes import annotate_costs, get_profile
+from planner.passes.workspace import annotate_workspace
+
+
+def test_linear_flops_match_formula() -> None:
+    model, (x,) = toy("chain", 1, batch=8)  # 3 linears 32->32 plus tanh
+    captured = capture(model, (x,), "infer")
+    program = build_program(captured)
+    annotate_costs(program, captured.graph_module, get_profile("cpu"))
+    linears = [op for op in program.ops if op.target.startswith("aten.linear")]
+    assert len(linears) == 3
+    for op in linears:
+        assert op.cost.flops == 2 * 8 * 32 * 32
+    tanh = [op for op in program.ops if "tanh" in op.target]
+    assert all(op.cost.flops == 0 and op.cost.bytes_read == 8 * 32 * 4 for op in tanh)
+
+
+def test_train_graph_flops_are_three_times_forward() -> None:
+    """A linear's backward costs two matmuls of the forward's size."""
+    model, inputs = toy("chain", 2, batch=16)
+    for_mode = {}
+    for mode in ("infer", "train"):
+        captured = capture(model, inputs, mode)
+        program = build_program(captured)
+        annotate_costs(program, captured.graph_module, get_profile("cpu"))
+        for_mode[mode] = sum(op.cost.flops for op in program.ops)
+    # the first layer needs no grad of its input, so slightly under 3x
+    assert 2.5 * for_mode["infer"] <= for_mode["train"] <= 3.0 * for_mode["infer"]
+
+
+def test_seconds_follow_the_profile() -> None:
+    model, inputs = toy("mlp", 2, batch=64)
+    captured = capture(model, inputs, "infer")
+    totals = {}
+    for name in ("t4", "h100"):
+        program = build_program(captured)
+        annotate_costs(program, captured.graph_module, get_profile(name))
+        assert all(op.cost.seconds > 0 for op in program.ops)
+        totals[name] = sum(op.cost.seconds for op in program.ops)
+    assert totals["h100"] < totals["t4"]
+
+
+def test_views_cost_no_bytes() -> None:
+    class V(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.t().unsqueeze(0)[:, 1:]
+
+    captured = capture(V(), (torch.randn(8, 8),), "infer")
+    program = build_program(captured)
+    annotate_costs(program, captured.graph_module, get_profile("cpu"))
+    for op in program.ops:
+        assert op.cost.bytes_read == 0 and op.cost.bytes_written == 0
+
+
+def test_conv_workspace_is_measured() -> None:
+    """A CPU convolution allocates scratch beyond its output; a linear does not
+    allocate a temporary as large as its output."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.Linear(32, 32))
+    x = torch.randn(4, 16, 32, 32)
+    captured = capture(model, (x,), "infer")
+    program = build_program(captured)
+    annotate_workspace(program, captured.graph_module)
+    conv = next(op for op in program.ops if "conv" in op.target)
+    linear = next(op for op in program.ops if "linear" in op.target)
+    assert conv.workspace_bytes > 0
+    out_bytes = sum(program.values[v].nbytes for v in linear.outputs)
+    assert linear.workspace_bytes < out_bytes

@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import pytest
+
+from planner.budget import parse_budget
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        (1024, 1024),
+        ("512MiB", 512 * 2**20),
+        ("2GB", 2 * 10**9),
+        ("1.5 GiB", int(1.5 * 2**30)),
+        ("100", 100),
+        ("60%", 600),
+        (" 25 % ", 250),
+    ],
+)
+def test_parse(spec: object, expected: int) -> None:
+    assert parse_budget(spec, unplanned_peak=1000) == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("spec", ["lots", "12 parsecs", "", "-5MB", -1, 0, "0%", True, None, "-3%"])
+def test_rejects_bad_budgets(spec: object) -> None:
+    with pytest.raises(ValueError, match="budget"):
+        parse_budget(spec, unplanned_peak=1000)  # type: ignore[arg-type]
+
+
+def test_percent_needs_a_peak() -> None:
+    with pytest.raises(ValueError, match="unplanned peak"):
+        parse_budget("50%")
