@@ -48,7 +48,10 @@ def profile_allocations(fn: Callable[[], Any]) -> tuple[Any, list[Any]]:
     finally:
         with _quiet_native_stderr():
             prof.__exit__(None, None, None)
-    return result, list(prof.profiler.kineto_results.experimental_event_tree())
+    results = prof.profiler.kineto_results if prof.profiler is not None else None
+    if results is None:
+        raise RuntimeError("the PyTorch profiler recorded no results")
+    return result, list(results.experimental_event_tree())
 
 
 def allocations(events: list[Any], device_type: str = "cpu") -> list[tuple[int, int]]:

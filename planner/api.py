@@ -8,7 +8,8 @@ import torch
 
 from planner.ir.capture import capture, normalize_example_inputs
 from planner.passes.device_profile import DeviceProfile, get_profile
-from planner.passes.pipeline import Analysis, analyze as analyze_captured
+from planner.passes.pipeline import Analysis
+from planner.passes.pipeline import analyze as analyze_captured
 from planner.report import Report
 from planner.runtime.meter import Measurement, measure, measure_training_step
 
@@ -45,7 +46,9 @@ def report(
     return result
 
 
-def measure_unplanned(analysis: Analysis, model: torch.nn.Module, example_inputs: Any) -> Measurement:
+def measure_unplanned(
+    analysis: Analysis, model: torch.nn.Module, example_inputs: Any
+) -> Measurement:
     """Meter one unplanned run on the CPU: the captured inference graph under
     no_grad, or an eager forward + backward for training."""
     args, kwargs = normalize_example_inputs(example_inputs)

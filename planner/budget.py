@@ -5,10 +5,20 @@ from __future__ import annotations
 import re
 
 _UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-    "t": 1000**4, "tb": 1000**4,
-    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
 }
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 _PERCENT = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*%\s*$")
@@ -27,8 +37,10 @@ def parse_budget(budget: int | float | str, unplanned_peak: int | None = None) -
         size = _SIZE.match(budget)
         if percent:
             if unplanned_peak is None:
-                raise ValueError(f"budget {budget!r} is a share of the unplanned peak, "
-                                 "which is not known here; give bytes instead")
+                raise ValueError(
+                    f"budget {budget!r} is a share of the unplanned peak, "
+                    "which is not known here; give bytes instead"
+                )
             share = float(percent.group(1))
             if share <= 0:
                 raise ValueError(f"budget {budget!r} must be a positive percentage")
@@ -44,5 +56,7 @@ def parse_budget(budget: int | float | str, unplanned_peak: int | None = None) -
 
 
 def _help(budget: object) -> str:
-    return (f"cannot read budget {budget!r}: give bytes (an int), a size such as "
-            f"'512MiB' or '2GB', or a share of the unplanned peak such as '60%'")
+    return (
+        f"cannot read budget {budget!r}: give bytes (an int), a size such as "
+        f"'512MiB' or '2GB', or a share of the unplanned peak such as '60%'"
+    )

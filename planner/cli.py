@@ -23,7 +23,9 @@ from planner.errors import PlannerError
 def load_factory(spec: str) -> tuple[Any, Any]:
     """Import ``FILE.py:FACTORY`` and call it; errors say what was expected."""
     if ":" not in spec:
-        raise SystemExit(f"error: expected FILE.py:FACTORY, got {spec!r} (e.g. examples/mlp.py:make_mlp)")
+        raise SystemExit(
+            f"error: expected FILE.py:FACTORY, got {spec!r} (e.g. examples/mlp.py:make_mlp)"
+        )
     file_part, _, factory_name = spec.rpartition(":")
     path = Path(file_part)
     if not path.is_file():
@@ -41,12 +43,16 @@ def load_factory(spec: str) -> tuple[Any, Any]:
     factory = getattr(module, factory_name, None)
     if not callable(factory):
         names = sorted(n for n in dir(module) if n.startswith(("make", "build", "create")))
-        raise SystemExit(f"error: {str(path)!r} has no function {factory_name!r}"
-                         + (f"; it has {', '.join(names)}" if names else ""))
+        raise SystemExit(
+            f"error: {str(path)!r} has no function {factory_name!r}"
+            + (f"; it has {', '.join(names)}" if names else "")
+        )
     result = factory()
     if not (isinstance(result, tuple) and len(result) == 2):
-        raise SystemExit(f"error: {factory_name}() must return (model, example_inputs), "
-                         f"got {type(result).__name__}")
+        raise SystemExit(
+            f"error: {factory_name}() must return (model, example_inputs), "
+            f"got {type(result).__name__}"
+        )
     return result
 
 
@@ -54,12 +60,16 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from planner.api import report
 
     if args.budget is not None:
-        print("error: --budget needs the solver and executor, which are not part of this "
-              "release yet; run without --budget for the unplanned report.", file=sys.stderr)
+        print(
+            "error: --budget needs the solver and executor, which are not part of this "
+            "release yet; run without --budget for the unplanned report.",
+            file=sys.stderr,
+        )
         return 2
     model, example_inputs = load_factory(args.factory)
-    result = report(model, example_inputs, mode=args.mode, profile=args.profile,
-                    measure_peak=args.measure)
+    result = report(
+        model, example_inputs, mode=args.mode, profile=args.profile, measure_peak=args.measure
+    )
     if args.json:
         print(result.to_json())
     else:
@@ -88,11 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("factory", help="FILE.py:FACTORY, FACTORY() -> (model, example_inputs)")
     rep.add_argument("--mode", choices=("infer", "train"), default="infer")
     rep.add_argument("--json", action="store_true", help="print the JSON report")
-    rep.add_argument("--measure", action="store_true",
-                     help="also run the unplanned model once under the memory meter")
-    rep.add_argument("--profile", default=None,
-                     help="device profile: h100, a100, rtx4090, t4, cpu, or a JSON path "
-                          "(default: the calibrated one, else this machine's built-in)")
+    rep.add_argument(
+        "--measure",
+        action="store_true",
+        help="also run the unplanned model once under the memory meter",
+    )
+    rep.add_argument(
+        "--profile",
+        default=None,
+        help="device profile: h100, a100, rtx4090, t4, cpu, or a JSON path "
+        "(default: the calibrated one, else this machine's built-in)",
+    )
     rep.add_argument("--budget", default=None, help="memory budget (not yet available)")
     rep.set_defaults(run=_cmd_report)
 
@@ -107,8 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     if not args.verbose:
         warnings.filterwarnings("ignore")
     try:

@@ -77,8 +77,13 @@ class Report:
             planned_peak_bytes=timeline.peak_bytes,
             estimated_seconds=analysis.estimated_seconds,
             unplanned_estimated_seconds=analysis.estimated_seconds,
-            solver={"name": None, "status": "not run (no budget)", "seconds": 0.0,
-                    "objective": None, "bound": None},
+            solver={
+                "name": None,
+                "status": "not run (no budget)",
+                "seconds": 0.0,
+                "objective": None,
+                "bound": None,
+            },
             tensors=tensor_rows(program),
             profile=analysis.profile.name,
             peak_by_kind=dict(timeline.peak_by_kind),
@@ -128,14 +133,27 @@ def render_text(report: Report, width: int = 140) -> str:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"planner report ({report.mode}, {report.num_ops} ops)",
-                  title_justify="left")
-    for column, justify in (("tensor", "left"), ("bytes", "right"), ("kind", "left"),
-                            ("live", "right"), ("decision", "left"), ("producer", "left")):
+    table = Table(
+        title=f"planner report ({report.mode}, {report.num_ops} ops)", title_justify="left"
+    )
+    for column, justify in (
+        ("tensor", "left"),
+        ("bytes", "right"),
+        ("kind", "left"),
+        ("live", "right"),
+        ("decision", "left"),
+        ("producer", "left"),
+    ):
         table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for row in report.tensors:
-        table.add_row(row.name, format_bytes(row.bytes), row.kind,
-                      f"{row.live[0]}..{row.live[1]}", row.decision, row.producer or "-")
+        table.add_row(
+            row.name,
+            format_bytes(row.bytes),
+            row.kind,
+            f"{row.live[0]}..{row.live[1]}",
+            row.decision,
+            row.producer or "-",
+        )
     buffer = io.StringIO()
     console = Console(file=buffer, width=width, force_terminal=False, color_system=None)
     console.print(table)
@@ -146,8 +164,9 @@ def render_text(report: Report, width: int = 140) -> str:
 
 def summary_lines(report: Report) -> list[str]:
     kinds = ", ".join(f"{k} {format_bytes(b)}" for k, b in report.peak_by_kind.items())
+    budget = format_bytes(report.budget_bytes) if report.budget_bytes else "none"
     lines = [
-        f"budget:             {format_bytes(report.budget_bytes) if report.budget_bytes else 'none'}",
+        f"budget:             {budget}",
         f"unplanned peak:     {format_bytes(report.unplanned_peak_bytes)} at step "
         f"{report.unplanned_peak_step}" + (f": {report.peak_op}" if report.peak_op else ""),
         f"  resident then:    {kinds}",

@@ -13,8 +13,13 @@ import planner
 from planner.cli import main
 
 JSON_KEYS = {
-    "budget_bytes", "unplanned_peak_bytes", "planned_peak_bytes", "estimated_seconds",
-    "unplanned_estimated_seconds", "solver", "tensors",
+    "budget_bytes",
+    "unplanned_peak_bytes",
+    "planned_peak_bytes",
+    "estimated_seconds",
+    "unplanned_estimated_seconds",
+    "solver",
+    "tensors",
 }
 
 
@@ -43,8 +48,9 @@ def test_report_text_lists_every_tensor() -> None:
 
 
 def test_cli_gpt2_train_json(capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["report", f"{EXAMPLES}/gpt2.py:make_gpt2", "--mode", "train", "--json",
-                 "--profile", "cpu"])
+    code = main(
+        ["report", f"{EXAMPLES}/gpt2.py:make_gpt2", "--mode", "train", "--json", "--profile", "cpu"]
+    )
     assert code == 0
     data = json.loads(capsys.readouterr().out)
     kinds = {row["kind"] for row in data["tensors"]}
@@ -80,9 +86,20 @@ def test_cli_budget_not_yet(capsys: pytest.CaptureFixture[str]) -> None:
 def test_console_script_runs() -> None:
     """The installed entry point works from a shell (what the README tells users)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "planner.cli", "report", f"{EXAMPLES}/mlp.py:make_mlp",
-         "--json", "--profile", "cpu"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "planner.cli",
+            "report",
+            f"{EXAMPLES}/mlp.py:make_mlp",
+            "--json",
+            "--profile",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["unplanned_peak_bytes"] > 0

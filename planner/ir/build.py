@@ -31,8 +31,14 @@ class _Builder:
         self.node_values: dict[torch.fx.Node, Any] = {}
         self.op_nodes: list[torch.fx.Node] = []
 
-    def add_value(self, name: str, fake: torch.Tensor, kind: ValueKind, producer: int | None,
-                  source: str | None = None) -> int:
+    def add_value(
+        self,
+        name: str,
+        fake: torch.Tensor,
+        kind: ValueKind,
+        producer: int | None,
+        source: str | None = None,
+    ) -> int:
         storage = fake.untyped_storage()
         key = storage._cdata
         is_view = key in self.storage_by_key
@@ -73,8 +79,11 @@ def build_program(captured: CapturedGraph) -> Program:
     flat_outputs = pytree.tree_leaves(output_node.args[0], is_leaf=lambda x: x is None)
     forward_nodes = _forward_region(flat_outputs[: captured.num_forward_outputs])
     for node in _schedule(graph, captured.mode, forward_nodes):
-        _add_op(b, node, Phase.FORWARD if node in forward_nodes or captured.mode == "infer"
-                else Phase.BACKWARD)
+        _add_op(
+            b,
+            node,
+            Phase.FORWARD if node in forward_nodes or captured.mode == "infer" else Phase.BACKWARD,
+        )
     outputs = []
     for node in flat_outputs:
         if isinstance(node, torch.fx.Node) and isinstance(b.node_values.get(node), int):
@@ -127,12 +136,13 @@ def _target_name(node: torch.fx.Node) -> str:
 
 def _add_op(b: _Builder, node: torch.fx.Node, phase: Phase) -> None:
     if node.target is operator.getitem:
-        parent = b.node_values.get(node.args[0])
-        if isinstance(parent, list):
-            b.node_values[node] = parent[node.args[1]]
-            # keep the user-visible name on the element
-            if isinstance(parent[node.args[1]], int):
-                b.values[parent[node.args[1]]].name = node.name
+        source, position = node.args[0], node.args[1]
+        parent = b.node_values.get(source) if isinstance(source, torch.fx.Node) else None
+        if isinstance(parent, list) and isinstance(position, int):
+            element = parent[position]
+            b.node_values[node] = element
+            if isinstance(element, int):  # keep the user-visible name on the element
+                b.values[element].name = node.name
         return
     index = len(b.ops)
     in_values = []
@@ -161,8 +171,15 @@ def _add_op(b: _Builder, node: torch.fx.Node, phase: Phase) -> None:
         b.values[vi].uses.append(index)
     stack = node.meta.get("stack_trace")
     b.ops.append(
-        Op(index=index, name=node.name, target=_target_name(node), inputs=in_values,
-           outputs=outputs, phase=phase, stack=_last_user_line(stack))
+        Op(
+            index=index,
+            name=node.name,
+            target=_target_name(node),
+            inputs=in_values,
+            outputs=outputs,
+            phase=phase,
+            stack=_last_user_line(stack),
+        )
     )
     b.op_nodes.append(node)
 

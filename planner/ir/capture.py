@@ -57,17 +57,15 @@ class CapturedGraph:
 
 def normalize_example_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     """Accept a tensor, a tuple of args, or ``(args, kwargs)``; check for tensors."""
+    args: tuple
+    kwargs: dict
     if isinstance(example_inputs, torch.Tensor):
         args, kwargs = (example_inputs,), {}
     elif isinstance(example_inputs, dict):
         args, kwargs = (), dict(example_inputs)
     elif isinstance(example_inputs, (tuple, list)):
         args, kwargs = tuple(example_inputs), {}
-        if (
-            len(args) == 2
-            and isinstance(args[0], (tuple, list))
-            and isinstance(args[1], dict)
-        ):
+        if len(args) == 2 and isinstance(args[0], (tuple, list)) and isinstance(args[1], dict):
             args, kwargs = tuple(args[0]), dict(args[1])
     else:
         raise TypeError(
@@ -110,7 +108,13 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> torch.export.E
         raise CaptureError(_describe_trace_failure(model, exc)) from exc
 
 
-_FRAMEWORK_PATHS = ("/torch/", "/planner/", "/transformers/utils/", "/contextlib.py", "/functools.py")
+_FRAMEWORK_PATHS = (
+    "/torch/",
+    "/planner/",
+    "/transformers/utils/",
+    "/contextlib.py",
+    "/functools.py",
+)
 
 
 def _describe_trace_failure(model: torch.nn.Module, exc: BaseException) -> str:
@@ -179,9 +183,7 @@ def _capture_inference(
 def _input_paths(args: tuple, kwargs: dict) -> list[str]:
     leaves, _ = pytree.tree_flatten_with_path((args, kwargs))
     return [
-        "input" + pytree.keystr(path)
-        for path, leaf in leaves
-        if isinstance(leaf, torch.Tensor)
+        "input" + pytree.keystr(path) for path, leaf in leaves if isinstance(leaf, torch.Tensor)
     ]
 
 
@@ -222,10 +224,10 @@ def _capture_joint(
 
     try:
         aot_module_simplified(
-            flat_module,
+            flat_module,  # type: ignore[arg-type]  # any nn.Module works
             flat_inputs,
-            fw_compiler=no_compile,
-            bw_compiler=no_compile,
+            fw_compiler=no_compile,  # type: ignore[arg-type]
+            bw_compiler=no_compile,  # type: ignore[arg-type]
             partition_fn=keep_joint,
         )
     except Exception as exc:
@@ -294,7 +296,9 @@ def _joint_output_roles(
         elif i < len(mutated):
             roles.append(Role(ValueKind.OUTPUT, f"{mutated[i]} (updated)"))
         elif i < num_fwd:
-            roles.append(Role(ValueKind.OUTPUT, f"output {i - len(mutated)}" if n_user > 1 else "output"))
+            roles.append(
+                Role(ValueKind.OUTPUT, f"output {i - len(mutated)}" if n_user > 1 else "output")
+            )
         else:
             primal = input_roles[i - num_fwd] if i - num_fwd < len(input_roles) else None
             src = primal.source if primal else None

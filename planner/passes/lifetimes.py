@@ -28,9 +28,7 @@ def annotate_lifetimes(program: Program) -> None:
         if base.kind in RESIDENT_KINDS:
             storage.live = (0, last_step)
             continue
-        last_use = max(
-            (u for vi in storage.values for u in program.values[vi].uses), default=-1
-        )
+        last_use = max((u for vi in storage.values for u in program.values[vi].uses), default=-1)
         if base.kind is ValueKind.TANGENT:
             start = backward_start
         elif base.producer is not None:

@@ -12,8 +12,8 @@ from planner.ir.program import Program
 from planner.passes.costs import annotate_costs
 from planner.passes.device_profile import DeviceProfile
 from planner.passes.lifetimes import annotate_lifetimes
-from planner.passes.workspace import annotate_workspace
 from planner.passes.timeline import MemoryTimeline, memory_timeline
+from planner.passes.workspace import annotate_workspace
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 _MARK = "planner.workspace#"
 
 
-def annotate_workspace(program: Program, graph_module: torch.fx.GraphModule,
-                       device: str = "cpu") -> None:
+def annotate_workspace(
+    program: Program, graph_module: torch.fx.GraphModule, device: str = "cpu"
+) -> None:
     nodes = {n.name: n for n in graph_module.graph.nodes}
     signature_of: dict[int, str] = {}
     calls: dict[str, torch.fx.Node] = {}
@@ -55,12 +56,12 @@ def annotate_workspace(program: Program, graph_module: torch.fx.GraphModule,
     workspace: dict[int, int] = {}
     for event in find_events(events, _MARK):
         peak, final = peak_and_final(allocations([event], device))
-        workspace[int(event.name[len(_MARK):])] = max(0, peak - final)
+        workspace[int(event.name[len(_MARK) :])] = max(0, peak - final)
     index = {sig: i for i, sig in enumerate(keys)}
     for op in program.ops:
-        sig = signature_of.get(op.index)
-        if sig is not None:
-            op.workspace_bytes = workspace.get(index[sig], 0)
+        found = signature_of.get(op.index)
+        if found is not None:
+            op.workspace_bytes = workspace.get(index[found], 0)
 
 
 def _run_marked(node: torch.fx.Node, mark: str, device: str) -> None:
@@ -76,7 +77,7 @@ def _run_marked(node: torch.fx.Node, mark: str, device: str) -> None:
         return
     try:
         with torch.no_grad(), record_function(mark):
-            result = node.target(*args, **kwargs)
+            result = node.target(*args, **kwargs)  # type: ignore[operator]
     except Exception as exc:
         log.debug("workspace: %s failed on random inputs: %s", node.format_node(), exc)
         return

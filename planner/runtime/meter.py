@@ -99,8 +99,9 @@ def _measure_cuda(fn: Callable[[], Any], base: int) -> tuple[Any, Measurement]:
     return result, Measurement(base + peak, base, peak, seconds)
 
 
-def measure_inference(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
-                      device: str = "cpu") -> tuple[Any, Measurement]:
+def measure_inference(
+    model: torch.nn.Module, args: tuple, kwargs: dict | None = None, device: str = "cpu"
+) -> tuple[Any, Measurement]:
     """Peak of one eager forward under ``torch.no_grad()``."""
     kwargs = kwargs or {}
 
@@ -111,8 +112,9 @@ def measure_inference(model: torch.nn.Module, args: tuple, kwargs: dict | None =
     return measure(run, model, (args, kwargs), device=device)
 
 
-def measure_training_step(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
-                          device: str = "cpu") -> tuple[Any, Measurement]:
+def measure_training_step(
+    model: torch.nn.Module, args: tuple, kwargs: dict | None = None, device: str = "cpu"
+) -> tuple[Any, Measurement]:
     """Peak of one eager forward + backward, the backward driven by all-ones
     gradients of every floating-point output (created after the forward, as a
     loss would be). Existing ``.grad`` fields are restored afterwards."""
@@ -124,8 +126,9 @@ def measure_training_step(model: torch.nn.Module, args: tuple, kwargs: dict | No
 
     def run() -> Any:
         out = model(*args, **kwargs)
-        leaves = [t for t in pytree.tree_leaves(out)
-                  if isinstance(t, torch.Tensor) and t.requires_grad]
+        leaves = [
+            t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad
+        ]
         torch.autograd.backward(leaves, [torch.ones_like(t) for t in leaves])
         return out
 

@@ -61,8 +61,9 @@ class DataDependent(nn.Module):
 def test_toys_capture_and_build(kind: str, size: int, mode: str) -> None:
     model, inputs = toy(kind, size)
     program = build_program(capture(model, inputs, mode))
-    params = [program.values[i] for i in program.inputs
-              if program.values[i].kind is ValueKind.PARAM]
+    params = [
+        program.values[i] for i in program.inputs if program.values[i].kind is ValueKind.PARAM
+    ]
     assert len(params) == len(list(model.parameters()))
     assert sum(p.nbytes for p in params) == sum(p.numel() * 4 for p in model.parameters())
     assert program.ops, "no ops captured"
@@ -84,8 +85,11 @@ def test_pytree_inputs_and_outputs() -> None:
     batch = {"x": torch.randn(4, 8), "y": torch.randn(3)}
     captured = capture(model, ((batch,), {"scale": 3.0}), "infer")
     program = build_program(captured)
-    sources = {program.values[i].source for i in program.inputs
-               if program.values[i].kind is ValueKind.INPUT}
+    sources = {
+        program.values[i].source
+        for i in program.inputs
+        if program.values[i].kind is ValueKind.INPUT
+    }
     assert sources == {"input[0][0]['x']", "input[0][0]['y']"}
     assert len(program.outputs) == 3
 
@@ -105,8 +109,9 @@ def test_tied_weights_counted_once() -> None:
     ids = torch.randint(0, 50, (2, 5))
     for mode in ("infer", "train"):
         program = build_program(capture(model, (ids,), mode))
-        params = [program.values[i] for i in program.inputs
-                  if program.values[i].kind is ValueKind.PARAM]
+        params = [
+            program.values[i] for i in program.inputs if program.values[i].kind is ValueKind.PARAM
+        ]
         storages = {p.storage for p in params}
         assert len(storages) == 1, f"{mode}: tied weight appears as {len(storages)} storages"
 

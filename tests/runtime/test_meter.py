@@ -40,7 +40,9 @@ def test_resident_bytes_dedupes_storages_and_skips_files(tmp_path) -> None:
 
 def test_inference_and_training_step() -> None:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 256))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 256)
+    )
     x = torch.randn(128, 256)
     _, infer = measure_inference(model, (x,))
     _, train = measure_training_step(model, (x,))
