@@ -1,0 +1,3 @@
+from planner.solver.remat import remat_schedule
+
+__all__ = ["remat_schedule"]

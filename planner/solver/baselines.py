@@ -1,0 +1,240 @@
+"""Baselines in the same cost model, each a list of choices (one per gap).
+
+- ``keep_all``: nothing moves (the unplanned run);
+- ``recompute_all``: every value that can be recomputed from kept inputs is
+  dropped and recomputed before its next use (checkpointing every op boundary it
+  can, like selective activation checkpointing);
+- ``offload_weights``: every weight lives in the slowest tier and is prefetched
+  before each use (HF Accelerate's disk offload);
+- ``greedy``: starting from keep-all, repeatedly take the move that frees the most
+  bytes at the current peak step per second of time it adds (including the copy
+  channels' congestion), until the budget holds. With ``budget=0`` it minimizes
+  memory instead, which gives the smallest budget we can plan for.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from planner.solver.candidates import HOME, KEEP, Candidates, Gap, Option
+
+Choices = list[str]
+
+
+def keep_all(cands: Candidates) -> Choices:
+    return [HOME if g.start == -1 else KEEP for g in cands.gaps]
+
+
+def recompute_all(cands: Candidates) -> Choices:
+    choices = keep_all(cands)
+    locked: set[int] = set()
+    for gi, gap in enumerate(cands.gaps):
+        if gi in locked or not _has(gap, "recompute"):
+            continue
+        holders = _holders(cands, gap.option("recompute"))
+        if holders is None or any(choices[h] != _default(cands.gaps[h]) for h in holders):
+            continue
+        if gi in holders:
+            continue
+        choices[gi] = "recompute"
+        locked.update(holders)
+    return choices
+
+
+def offload_weights(cands: Candidates) -> Choices:
+    tier = cands.problem.tiers[-1]  # the slowest
+    choices = keep_all(cands)
+    for tensor, home_gi in cands.home_gap.items():
+        fetch = f"fetch:{tier}"
+        if not _has(cands.gaps[home_gi], fetch):
+            continue
+        choices[home_gi] = fetch
+        for gi in cands.gaps_of[tensor]:
+            if gi != home_gi and _has(cands.gaps[gi], fetch):
+                choices[gi] = fetch
+    return choices
+
+
+def greedy(cands: Candidates, budget: int | None = None) -> Choices:
+    """Greedy descent on the peak. ``budget`` defaults to the problem's; 0 means
+    "as low as it goes" (ties broken by added time)."""
+    target = cands.problem.budget_bytes if budget is None else budget
+    state = _GreedyState(cands)
+    for _ in range(4 * len(cands.gaps) + 1):
+        t = int(np.argmax(state.memory))
+        if state.memory[t] <= target:
+            break
+        move = state.best_move(t, minimize_memory=target == 0)
+        if move is None:
+            break
+        state.apply(*move)
+    return state.choices
+
+
+class _GreedyState:
+    def __init__(self, cands: Candidates) -> None:
+        self.cands = cands
+        self.problem = cands.problem
+        T = self.problem.num_steps
+        self.seconds = np.array([s.seconds for s in self.problem.steps], dtype=float)
+        self.choices = keep_all(cands)
+        self.locked: set[int] = set()
+        self.memory = np.array(cands.fixed, dtype=np.int64)
+        self.loads: dict[tuple[str, str], np.ndarray] = {}
+        self.covering: list[list[int]] = [[] for _ in range(T)]
+        for gi, gap in enumerate(cands.gaps):
+            self._add(gi, gap.option(self.choices[gi]), +1)
+            steps: set[int] = set()
+            for o in gap.options:
+                for lo, hi, _ in self._contribution(gi, o):
+                    steps.update(range(lo, hi + 1))
+            for t in sorted(steps):
+                self.covering[t].append(gi)
+
+    def _contribution(self, gi: int, option: Option) -> list[tuple[int, int, int]]:
+        """(lo, hi, bytes) intervals this option holds."""
+        gap = self.cands.gaps[gi]
+        nbytes = self.problem.tensors[gap.tensor].nbytes
+        out = [(lo, hi, nbytes) for lo, hi in option.present]
+        if option.partial:
+            out.append((max(gap.start + 1, 0), gap.end - 1, option.partial))
+        out += [(t, t, b) for t, b in option.extras]
+        return out
+
+    def _add(self, gi: int, option: Option, sign: int) -> None:
+        for lo, hi, b in self._contribution(gi, option):
+            self.memory[lo : hi + 1] += sign * b
+        for tr in option.transfers:
+            load = self.loads.setdefault(tr.channel, np.zeros(self.problem.num_steps))
+            lo, hi = tr.window
+            if lo <= hi:
+                load[lo : hi + 1] += sign * self._shares(tr)
+
+    def _shares(self, tr) -> np.ndarray:  # type: ignore[no-untyped-def]
+        lo, hi = tr.window
+        secs = self.seconds[lo : hi + 1]
+        need = tr.nbytes / _bandwidth(self.problem, tr.channel)
+        covered = secs.sum()
+        return secs * min(1.0, need / covered) if covered > 0 else secs * 0
+
+    def _added_time(self, gi: int, option: Option) -> float:
+        cost = option.seconds
+        for tr in option.transfers:
+            lo, hi = tr.window
+            need = tr.nbytes / _bandwidth(self.problem, tr.channel)
+            covered = float(self.seconds[lo : hi + 1].sum()) if lo <= hi else 0.0
+            cost += max(0.0, need - covered)
+            if lo <= hi:
+                load = self.loads.get(tr.channel, np.zeros(self.problem.num_steps))[lo : hi + 1]
+                secs = self.seconds[lo : hi + 1]
+                before = np.maximum(load - secs, 0).sum()
+                after = np.maximum(load + self._shares(tr) - secs, 0).sum()
+                cost += float(after - before)
+        return cost
+
+    def _held_at(self, gi: int, option: Option, t: int) -> int:
+        return sum(b for lo, hi, b in self._contribution(gi, option) if lo <= t <= hi)
+
+    def best_move(self, t: int, minimize_memory: bool) -> tuple[int, str] | None:
+        best: tuple[float, int, str] | None = None
+        for gi in self.covering[t]:
+            if gi in self.locked:
+                continue
+            gap = self.cands.gaps[gi]
+            current = gap.option(self.choices[gi])
+            if current.choice not in (KEEP, HOME):
+                continue
+            held = self._held_at(gi, current, t)
+            for option in gap.options:
+                if option.choice == current.choice or not self._allowed(gi, gap, option):
+                    continue
+                saved = held - self._held_at(gi, option, t)
+                if saved <= 0:
+                    continue
+                cost = self._added_time(gi, option)
+                score = saved / (cost + 1e-9) if not minimize_memory else saved - cost * 1e-3
+                if best is None or score > best[0]:
+                    best = (score, gi, option.choice)
+        return None if best is None else (best[1], best[2])
+
+    def _allowed(self, gi: int, gap: Gap, option: Option) -> bool:
+        kind, _, tier = option.choice.partition(":")
+        own = self.cands.gaps_of[gap.tensor]
+        if kind == "reload":
+            pos = own.index(gi)
+            return pos > 0 and self.choices[own[pos - 1]] in (f"offload:{tier}", f"reload:{tier}")
+        if kind == "fetch" and gap.start >= 0:
+            # allowed if the home is that tier already, or can move there with it
+            home = self.cands.home_gap.get(gap.tensor)
+            return home is not None and (
+                self.choices[home] == option.choice
+                or (self.choices[home] == HOME and home not in self.locked
+                    and _has(self.cands.gaps[home], option.choice))
+            )
+        if kind == "fetch" and gap.start == -1:
+            return True
+        if kind == "recompute":
+            holders = _holders(self.cands, option)
+            return holders is not None and gi not in holders and all(
+                self.choices[h] == _default(self.cands.gaps[h]) for h in holders
+            )
+        return True
+
+    def apply(self, gi: int, choice: str) -> None:
+        gap = self.cands.gaps[gi]
+        home = self.cands.home_gap.get(gap.tensor)
+        if choice.startswith("fetch:") and gap.start >= 0 and home is not None \
+                and self.choices[home] == HOME:
+            self.apply(home, choice)  # a weight fetched between uses lives in that tier
+        self._add(gi, gap.option(self.choices[gi]), -1)
+        self.choices[gi] = choice
+        option = gap.option(choice)
+        self._add(gi, option, +1)
+        self.locked.add(gi)
+        if choice == "recompute":
+            self.locked.update(_holders(self.cands, option) or ())
+
+
+def _holders(cands: Candidates, option: Option) -> list[int] | None:
+    """Gaps that must keep their tensor for a recompute to read it; None if some
+    input cannot be held at that step."""
+    problem = cands.problem
+    T = problem.num_steps
+    holders = []
+    for r, step in option.needs:
+        tensor = problem.tensors[r]
+        if step in tensor.events(T) or tensor.pinned:
+            continue
+        found = None
+        for gi in cands.gaps_of.get(r, []):
+            g = cands.gaps[gi]
+            if g.start >= 0 and g.start < step < g.end:
+                found = gi
+        if found is None and r in cands.home_gap:
+            found = cands.home_gap[r]
+        if found is None:
+            return None
+        holders.append(found)
+    return holders
+
+
+def _default(gap: Gap) -> str:
+    return HOME if gap.start == -1 else KEEP
+
+
+def _has(gap: Gap, choice: str) -> bool:
+    return any(o.choice == choice for o in gap.options)
+
+
+def _bandwidth(problem, channel: tuple[str, str]) -> float:  # type: ignore[no-untyped-def]
+    tier, direction = channel
+    bw = problem.bandwidths
+    return bw.read(tier) if direction == "read" else bw.write(tier)
+
+
+BASELINES = {
+    "keep-all": keep_all,
+    "recompute-all": recompute_all,
+    "offload-weights": offload_weights,
+    "greedy": greedy,
+}

@@ -1,0 +1,276 @@
+"""Candidate decisions: for every tensor, the gaps between the steps at which it
+must be on the device, and for every gap the options the solver may pick.
+
+An option is described by what it costs, never by how it is chosen, so the
+optimization model, the baselines and the schedule builder all read the same
+facts:
+
+- ``present``: step intervals inside the gap during which the full tensor is on
+  the device (outside the steps where it is needed, which are always counted);
+- ``partial``: bytes held inside the gap outside ``present`` (a quantized copy);
+- ``extras``: transient bytes at a step (a recompute's side outputs, a quantized
+  copy beside the full one while (de)quantizing);
+- ``seconds``: compute it adds (recompute, (de)quantize);
+- ``transfers``: bytes moved on a copy channel over a window of steps.
+
+Copy windows are fixed here from the cost model: a prefetch is issued just early
+enough that the compute of the steps before the use hides it; an offload's write
+runs over just enough steps after the last use. The model then only decides
+whether, not when, which keeps it linear (FlexGen's cost model does the same).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from planner.solver.problem import DISK, Problem, Tensor, quantized_bytes
+
+KEEP = "keep"
+HOME = "home"  # persistent tensor kept on the device across calls
+
+
+@dataclass(frozen=True)
+class Transfer:
+    channel: tuple[str, str]  # (tier, "read" | "write")
+    nbytes: int
+    window: tuple[int, int]  # inclusive steps whose compute hides it; (s, s-1) if none
+
+
+@dataclass(frozen=True)
+class Option:
+    choice: str  # keep | home | offload:T | reload:T | fetch:T | recompute | quantize:F
+    present: tuple[tuple[int, int], ...] = ()
+    partial: int = 0
+    extras: tuple[tuple[int, int], ...] = ()  # (step, bytes)
+    seconds: float = 0.0
+    transfers: tuple[Transfer, ...] = ()
+    #: (tensor, step): recompute needs that tensor resident (kept) at that step
+    needs: tuple[tuple[int, int], ...] = ()
+    #: the window's first step for prefetches and the free step for writes
+    prefetch_at: int | None = None
+    write_done_at: int | None = None
+
+
+@dataclass
+class Gap:
+    """The interval between two consecutive steps ``start < end`` at which tensor
+    ``tensor`` is needed (``start == -1``: before the first use of a persistent
+    tensor, which is on the device only if its home is)."""
+
+    tensor: int
+    position: int
+    start: int
+    end: int
+    options: list[Option] = field(default_factory=list)
+
+    def option(self, choice: str) -> Option:
+        for o in self.options:
+            if o.choice == choice:
+                return o
+        raise KeyError(choice)
+
+
+@dataclass
+class Candidates:
+    """All gaps of all movable tensors plus the bytes that no decision changes."""
+
+    problem: Problem
+    gaps: list[Gap]
+    fixed: list[int]  # bytes per step that are resident whatever is chosen
+    gaps_of: dict[int, list[int]]  # tensor -> its gaps' indices, in order
+    home_gap: dict[int, int]  # persistent tensor -> the gap holding its home option
+
+
+def build_candidates(problem: Problem) -> Candidates:
+    T = problem.num_steps
+    delta = [0] * (T + 1)
+
+    def hold(lo: int, hi: int, nbytes: int) -> None:
+        if lo <= hi:
+            delta[lo] += nbytes
+            delta[hi + 1] -= nbytes
+
+    for step in problem.steps:
+        hold(step.index, step.index, step.workspace_bytes)
+    gaps: list[Gap] = []
+    gaps_of: dict[int, list[int]] = {}
+    home_gap: dict[int, int] = {}
+    for tensor in problem.tensors:
+        events = tensor.events(T)
+        if tensor.pinned or not events:
+            lo = 0 if not tensor.by_op and not events else tensor.appears_at
+            if tensor.persistent or (not tensor.by_op and tensor.appears_at == 0):
+                lo, hi = 0, T - 1
+            else:
+                hi = tensor.last_step(T)
+            hold(lo, hi, tensor.nbytes)
+            continue
+        for e in events:
+            hold(e, e, tensor.nbytes)
+        own = []
+        if tensor.persistent:
+            first = Gap(tensor.index, 0, -1, events[0])
+            first.options = _first_gap_options(problem, tensor, events)
+            home_gap[tensor.index] = len(gaps)
+            own.append(len(gaps))
+            gaps.append(first)
+        elif not tensor.by_op and events[0] > tensor.appears_at:
+            hold(tensor.appears_at, events[0], tensor.nbytes)  # a tangent before its use
+        for a, b in zip(events, events[1:]):
+            if b - a < 2:
+                continue  # adjacent steps: nothing to decide
+            gap = Gap(tensor.index, len(own), a, b)
+            gap.options = _gap_options(problem, tensor, a, b)
+            own.append(len(gaps))
+            gaps.append(gap)
+        gaps_of[tensor.index] = own
+    fixed, running = [], 0
+    for t in range(T):
+        running += delta[t]
+        fixed.append(running)
+    cands = Candidates(problem, gaps, fixed, gaps_of, home_gap)
+    _link_recompute_needs(cands)
+    return cands
+
+
+def _first_gap_options(problem: Problem, tensor: Tensor, events: list[int]) -> list[Option]:
+    """Persistent tensors: on the device for good (``home``) or fetched from a
+    tier before the first use (and freed after the last)."""
+    T = problem.num_steps
+    outside = _complement(events, 0, T - 1)
+    options = [Option(HOME, present=tuple(outside))]
+    for tier in problem.tiers:
+        window = _read_window(problem, tensor.nbytes, tier, 0, events[0])
+        options.append(
+            Option(
+                f"fetch:{tier}",
+                present=((window[0], events[0] - 1),) if window[0] < events[0] else (),
+                transfers=(Transfer((tier, "read"), tensor.nbytes, window),),
+                prefetch_at=window[0],
+            )
+        )
+    return options
+
+
+def _gap_options(problem: Problem, tensor: Tensor, a: int, b: int) -> list[Option]:
+    inside = ((a + 1, b - 1),)
+    options = [Option(KEEP, present=inside)]
+    for tier in problem.tiers:
+        read = _read_window(problem, tensor.nbytes, tier, a + 1, b)
+        reads = (Transfer((tier, "read"), tensor.nbytes, read),)
+        fetch_present = ((read[0], b - 1),) if read[0] < b else ()
+        if tensor.persistent:
+            if read[0] > a + 1:
+                options.append(Option(f"fetch:{tier}", present=fetch_present,
+                                      transfers=reads, prefetch_at=read[0]))
+            continue
+        write_end = _write_window_end(problem, tensor.nbytes, tier, a)
+        if write_end + 1 < read[0]:
+            read_from = max(read[0], write_end + 1)
+            options.append(
+                Option(
+                    f"offload:{tier}",
+                    present=((a + 1, write_end), (read_from, b - 1)),
+                    transfers=(Transfer((tier, "write"), tensor.nbytes, (a + 1, write_end)),)
+                    + reads,
+                    prefetch_at=read_from,
+                    write_done_at=write_end,
+                )
+            )
+        if read[0] > a + 1:
+            options.append(Option(f"reload:{tier}", present=fetch_present, transfers=reads,
+                                  prefetch_at=read[0]))
+    if tensor.recompute is not None:
+        r = tensor.recompute
+        options.append(
+            Option("recompute", extras=((b, r.extra_bytes),) if r.extra_bytes else (),
+                   seconds=r.seconds, needs=tuple((i, b) for i in r.inputs))
+        )
+    if tensor.quantizable and problem.quantize:
+        fmt = problem.quantize
+        q = quantized_bytes(tensor.nbytes, _itemsize(tensor.dtype), fmt)
+        seconds = 2 * (tensor.nbytes + q) / problem.bandwidths.memory
+        options.append(Option(f"quantize:{fmt}", partial=q, extras=((a, q), (b, q)),
+                              seconds=seconds))
+    return options
+
+
+def _link_recompute_needs(cands: Candidates) -> None:
+    """Drop recompute options whose inputs cannot be resident at the use: an input
+    must be needed at that very step, pinned and alive, or have a gap (or home)
+    covering it whose ``keep`` the model can require."""
+    problem = cands.problem
+    T = problem.num_steps
+    for gap in cands.gaps:
+        kept = []
+        for option in gap.options:
+            if option.choice == "recompute" and not all(
+                _can_hold(cands, problem.tensors[r], step, T) for r, step in option.needs
+            ):
+                continue
+            kept.append(option)
+        gap.options = kept
+
+
+def _can_hold(cands: Candidates, tensor: Tensor, step: int, T: int) -> bool:
+    events = tensor.events(T)
+    if step in events:
+        return True
+    if tensor.pinned:
+        return tensor.appears_at <= step <= tensor.last_step(T)
+    return covering_gap(cands, tensor.index, step) is not None
+
+
+def covering_gap(cands: Candidates, tensor: int, step: int) -> Gap | None:
+    """The gap of ``tensor`` strictly containing ``step``, if any (the home gap of
+    a persistent tensor covers every step outside its uses)."""
+    for gi in cands.gaps_of.get(tensor, []):
+        gap = cands.gaps[gi]
+        if gap.start < step < gap.end:
+            return gap
+    if tensor in cands.home_gap:
+        return cands.gaps[cands.home_gap[tensor]]
+    return None
+
+
+def _read_window(problem: Problem, nbytes: int, tier: str, lo: int, b: int) -> tuple[int, int]:
+    """Steps [p, b-1] whose compute hides a read of ``nbytes`` finishing by ``b``;
+    p never before ``lo``. Returns (p, b-1)."""
+    need = nbytes / problem.bandwidths.read(tier)
+    p, covered = b, 0.0
+    while p > lo and covered < need:
+        p -= 1
+        covered += problem.steps[p].seconds
+    return (p, b - 1)
+
+
+def _write_window_end(problem: Problem, nbytes: int, tier: str, a: int) -> int:
+    need = nbytes / problem.bandwidths.write(tier)
+    e, covered = a, 0.0
+    while e + 1 < problem.num_steps and covered < need:
+        e += 1
+        covered += problem.steps[e].seconds
+    return e
+
+
+def _complement(events: list[int], lo: int, hi: int) -> list[tuple[int, int]]:
+    out, cur = [], lo
+    for e in events:
+        if e > cur:
+            out.append((cur, e - 1))
+        cur = e + 1
+    if cur <= hi:
+        out.append((cur, hi))
+    return out
+
+
+_ITEMSIZE = {"float64": 8, "int64": 8, "float32": 4, "int32": 4, "float16": 2,
+             "bfloat16": 2, "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
+
+
+def _itemsize(dtype: str) -> int:
+    return _ITEMSIZE.get(dtype, 4)
+
+
+__all__ = ["DISK", "HOME", "KEEP", "Candidates", "Gap", "Option", "Transfer",
+           "build_candidates", "covering_gap"]

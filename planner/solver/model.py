@@ -1,0 +1,277 @@
+"""The placement model in CP-SAT: one choice per gap, under the memory budget at
+every step, minimizing added time (stalls, recomputation, (de)quantization).
+
+Variables
+    x[g, o] in {0, 1}: gap g takes option o; exactly one per gap.
+    stall[t] >= 0: seconds step t waits on copies (in TIME_UNIT).
+Constraints (each family in its own method)
+    memory:   fixed[t] + sum_{g,o} x[g,o] * bytes_o(t) <= budget, at every step t
+              where the sum could exceed the budget at all;
+    channels: for each copy channel c and step t, the share of every chosen copy
+              whose window covers t, sum x * load(t), <= seconds[t] + stall[t];
+    home:     a persistent tensor kept on the device for good keeps every gap, and
+              one fetched from a tier is fetched from that tier only;
+    reload:   reading back an offloaded tensor without writing it again needs the
+              previous gap to have written (or reloaded) it from the same tier;
+    needs:    a recompute at step b needs each input kept on the device at b.
+Objective
+    sum_t stall[t] + sum_{g,o} x[g,o] * (seconds_o + uncovered copy time_o).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+from ortools.sat.python import cp_model
+
+from planner.solver.candidates import HOME, KEEP, Candidates, Option
+
+log = logging.getLogger(__name__)
+
+#: Seconds per time unit of the integer model.
+TIME_UNIT = 1e-7
+#: Memory coefficients are scaled so the budget is about this many units.
+MEMORY_UNITS = 2_000_000
+
+
+@dataclass
+class ModelResult:
+    status: str
+    choices: list[str] | None  # per gap, the chosen option's name
+    objective_seconds: float | None
+    bound_seconds: float | None
+    seconds: float
+
+
+class PlacementModel:
+    def __init__(self, cands: Candidates, minimize_peak: bool = False) -> None:
+        """``minimize_peak``: find the lowest peak any plan reaches instead (the
+        budget becomes a variable), to tell a caller the smallest budget."""
+        self.cands = cands
+        self.minimize_peak = minimize_peak
+        self.problem = cands.problem
+        self.model = cp_model.CpModel()
+        self.x: list[dict[str, cp_model.IntVar]] = []
+        self.stall: dict[int, cp_model.IntVar] = {}
+        self.unit = max(1, self.problem.budget_bytes // MEMORY_UNITS)
+        self.cost_terms: list = []
+        self.peak: cp_model.IntVar | None = None
+        self._add_choice_variables()
+        self._add_memory_constraints()
+        self._add_channel_constraints()
+        self._add_home_constraints()
+        self._add_reload_constraints()
+        self._add_recompute_needs()
+        if self.peak is not None:
+            self.model.minimize(self.peak)
+        else:
+            self.model.minimize(sum(self.cost_terms) + sum(self.stall.values()))
+
+    def _add_choice_variables(self) -> None:
+        """x[g, o]; exactly one option per gap; direct costs into the objective."""
+        for gi, gap in enumerate(self.cands.gaps):
+            xs = {o.choice: self.model.new_bool_var(f"x{gi}_{o.choice}") for o in gap.options}
+            self.model.add_exactly_one(xs.values())
+            self.x.append(xs)
+            for o in gap.options:
+                cost = o.seconds + sum(self._uncovered(tr) for tr in o.transfers)
+                if cost > 0:
+                    self.cost_terms.append(_time(cost) * xs[o.choice])
+
+    def _add_memory_constraints(self) -> None:
+        """Only steps whose worst case (every gap at its largest option) exceeds the
+        budget can be violated; the others need no constraint."""
+        T = self.problem.num_steps
+        terms: dict[int, list[tuple[cp_model.IntVar, int]]] = defaultdict(list)
+        worst = list(self.cands.fixed)
+        for gi, gap in enumerate(self.cands.gaps):
+            nbytes = self.problem.tensors[gap.tensor].nbytes
+            for o in gap.options:
+                for t, b in _bytes_by_step(o, gap, nbytes, T):
+                    terms[t].append((self.x[gi][o.choice], b))
+            for t in range(max(gap.start + 1, 0), min(gap.end, T)):
+                worst[t] += nbytes
+            for o in gap.options:
+                for t, b in o.extras:
+                    worst[t] += b
+        budget_units: int | cp_model.IntVar = self.problem.budget_bytes // self.unit
+        threshold = self.problem.budget_bytes
+        if self.minimize_peak:
+            top = math.ceil(max(worst, default=0) / self.unit) + len(terms) + 1
+            self.peak = self.model.new_int_var(0, top, "peak")
+            budget_units, threshold = self.peak, 0
+        self.constrained_steps = 0
+        for t in range(T):
+            if worst[t] <= threshold:
+                continue
+            fixed = math.ceil(self.cands.fixed[t] / self.unit)
+            expr = sum(math.ceil(b / self.unit) * v for v, b in terms[t])
+            self.model.add(expr + fixed <= budget_units)
+            self.constrained_steps += 1
+
+    def _add_channel_constraints(self) -> None:
+        loads: dict[tuple[tuple[str, str], int], list] = defaultdict(list)
+        steps = self.problem.steps
+        for gi, gap in enumerate(self.cands.gaps):
+            for o in gap.options:
+                for tr in o.transfers:
+                    lo, hi = tr.window
+                    covered = sum(steps[t].seconds for t in range(lo, hi + 1))
+                    need = tr.nbytes / self._bandwidth(tr.channel)
+                    for t in range(lo, hi + 1):
+                        share = steps[t].seconds * min(1.0, need / covered) if covered else 0
+                        if share > 0:
+                            loads[(tr.channel, t)].append((self.x[gi][o.choice], share))
+        bound = _time(sum(self._bandwidth_free_total()))
+        for (_, t), terms in loads.items():
+            if t not in self.stall:
+                self.stall[t] = self.model.new_int_var(0, bound, f"stall{t}")
+            expr = sum(_time(share) * v for v, share in terms)
+            self.model.add(expr <= _time(steps[t].seconds) + self.stall[t])
+
+    def _add_home_constraints(self) -> None:
+        for tensor, home_gi in self.cands.home_gap.items():
+            home = self.x[home_gi].get(HOME)
+            if home is None:
+                continue
+            for gi in self.cands.gaps_of[tensor]:
+                if gi == home_gi:
+                    continue
+                if KEEP in self.x[gi]:
+                    self.model.add_implication(home, self.x[gi][KEEP])
+                for choice, var in self.x[gi].items():
+                    if choice.startswith("fetch:"):  # only from the home tier
+                        self.model.add(var <= self.x[home_gi].get(choice, 0))
+
+    def _add_reload_constraints(self) -> None:
+        for gaps in self.cands.gaps_of.values():
+            previous = None
+            for gi in gaps:
+                for choice, var in self.x[gi].items():
+                    if not choice.startswith("reload:"):
+                        continue
+                    tier = choice.split(":", 1)[1]
+                    sources = [] if previous is None else [
+                        self.x[previous][c] for c in (f"offload:{tier}", f"reload:{tier}")
+                        if c in self.x[previous]
+                    ]
+                    if sources:
+                        self.model.add(var <= sum(sources))
+                    else:
+                        self.model.add(var == 0)
+                previous = gi
+
+    def _add_recompute_needs(self) -> None:
+        """An input needed at step b is there if b is one of its own steps, if it
+        is pinned, if the gap around b keeps it, or (weights outside their uses)
+        if its home is the device."""
+        T = self.problem.num_steps
+        for gi, gap in enumerate(self.cands.gaps):
+            if "recompute" not in self.x[gi]:
+                continue
+            var = self.x[gi]["recompute"]
+            for r, step in gap.option("recompute").needs:
+                tensor = self.problem.tensors[r]
+                if step in tensor.events(T) or tensor.pinned:
+                    continue
+                holder = self._keeping_var(r, step)
+                if holder is None:
+                    self.model.add(var == 0)
+                else:
+                    self.model.add_implication(var, holder)
+
+    def _keeping_var(self, tensor: int, step: int) -> cp_model.IntVar | None:
+        for gi in self.cands.gaps_of.get(tensor, []):
+            gap = self.cands.gaps[gi]
+            if gap.start >= 0 and gap.start < step < gap.end:
+                return self.x[gi].get(KEEP)
+        if tensor in self.cands.home_gap:
+            return self.x[self.cands.home_gap[tensor]].get(HOME)
+        return None
+
+    def _bandwidth(self, channel: tuple[str, str]) -> float:
+        tier, direction = channel
+        bw = self.problem.bandwidths
+        return bw.read(tier) if direction == "read" else bw.write(tier)
+
+    def _bandwidth_free_total(self) -> list[float]:
+        return [s.seconds for s in self.problem.steps] + [
+            tr.nbytes / self._bandwidth(tr.channel)
+            for g in self.cands.gaps for o in g.options for tr in o.transfers
+        ]
+
+    def _uncovered(self, tr) -> float:  # type: ignore[no-untyped-def]
+        lo, hi = tr.window
+        covered = sum(self.problem.steps[t].seconds for t in range(lo, hi + 1))
+        return max(0.0, tr.nbytes / self._bandwidth(tr.channel) - covered)
+
+    def solve(self, time_limit: float, hint: list[str] | None = None, workers: int = 2,
+              relative_gap: float = 0.002) -> ModelResult:
+        if hint is not None:
+            for xs, choice in zip(self.x, hint):
+                for c, v in xs.items():
+                    self.model.add_hint(v, c == choice)
+        solver = cp_model.CpSolver()
+        solver.parameters.max_time_in_seconds = time_limit
+        solver.parameters.max_deterministic_time = time_limit
+        solver.parameters.num_workers = workers
+        solver.parameters.random_seed = 0
+        solver.parameters.relative_gap_limit = relative_gap
+        solver.parameters.log_search_progress = log.isEnabledFor(logging.DEBUG)
+        start = time.perf_counter()
+        callback = _Progress(start)
+        status = solver.solve(self.model, callback)
+        elapsed = time.perf_counter() - start
+        name = solver.status_name(status)
+        if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            return ModelResult(name, None, None, None, elapsed)
+        choices = [next(c for c, v in xs.items() if solver.value(v)) for xs in self.x]
+        scale = self.unit if self.peak is not None else TIME_UNIT
+        return ModelResult(
+            name,
+            choices,
+            solver.objective_value * scale,
+            solver.best_objective_bound * scale,
+            elapsed,
+        )
+
+
+class _Progress(cp_model.CpSolverSolutionCallback):
+    """Logs each improving solution so long solves show progress."""
+
+    def __init__(self, start: float) -> None:
+        super().__init__()
+        self.start = start
+
+    def on_solution_callback(self) -> None:
+        log.info(
+            "solver: %.1fs incumbent %.4fs added time (bound %.4fs)",
+            time.perf_counter() - self.start,
+            self.objective_value * TIME_UNIT,
+            self.best_objective_bound * TIME_UNIT,
+        )
+
+
+def _time(seconds: float) -> int:
+    return int(math.ceil(seconds / TIME_UNIT))
+
+
+def _bytes_by_step(o: Option, gap, nbytes: int, T: int) -> list[tuple[int, int]]:  # type: ignore[no-untyped-def]
+    """(step, bytes) this option holds at each step, beyond the fixed presence."""
+    held: dict[int, int] = defaultdict(int)
+    covered: set[int] = set()
+    for lo, hi in o.present:
+        for t in range(lo, hi + 1):
+            held[t] += nbytes
+            covered.add(t)
+    if o.partial:
+        for t in range(max(gap.start + 1, 0), min(gap.end, T)):
+            if t not in covered:
+                held[t] += o.partial
+    for t, b in o.extras:
+        held[t] += b
+    return list(held.items())

@@ -1,0 +1,149 @@
+"""A Plan: what to do with every tensor, as an explicit schedule of actions.
+
+Plain data that round-trips through JSON, so a report, a test, a benchmark or the
+code generator can read it without running anything.
+
+Semantics of the schedule (the contract between solver, validator and codegen).
+For each step ``t`` in order:
+
+1. the actions with ``step == t and when == "before"`` run, in list order;
+2. op ``t`` runs: every tensor it reads must be resident (on the device and not
+   waiting on a prefetch); its outputs and its workspace are allocated;
+3. the actions with ``step == t and when == "after"`` run, in list order.
+
+Nothing is freed implicitly: a tensor leaves the device only by ``free``.
+
+Action kinds (``tensor`` names a Problem tensor):
+
+- ``prefetch`` (tier): allocate the tensor on the device now and start an async copy
+  from ``tier``, which must hold a complete copy. Not resident until ``wait``.
+- ``offload`` (tier): start an async copy of a resident tensor to ``tier``. The
+  device copy stays until ``free``; the tier copy is complete after ``wait``.
+- ``wait``: block until the tensor's pending copy finishes.
+- ``free``: drop the device copy. Not allowed while an offload of it is pending.
+- ``recompute``: run the tensor's producer op again (its inputs must be resident);
+  it costs the op's seconds and briefly holds the op's other outputs and workspace.
+- ``quantize`` (format): replace the device copy with a quantized one.
+- ``dequantize``: restore the full-precision device copy from the quantized one
+  (both exist while it runs).
+
+Initial state: weights and buffers with ``home == "device"`` and user inputs are
+resident; weights with another home have a complete copy in that tier and none on
+the device. At the end, tensors returned to the caller must be resident, and no
+fetched weight may remain (the next call starts from the same state).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ACTION_KINDS = ("prefetch", "offload", "wait", "free", "recompute", "quantize", "dequantize")
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Action:
+    step: int
+    when: str  # "before" | "after"
+    kind: str
+    tensor: str
+    tier: str | None = None  # prefetch / offload: "host" | "disk"; quantize: format
+
+    def __post_init__(self) -> None:
+        if self.when not in ("before", "after"):
+            raise ValueError(f"Action.when must be 'before' or 'after', got {self.when!r}")
+        if self.kind not in ACTION_KINDS:
+            raise ValueError(f"unknown action kind {self.kind!r}; use one of {ACTION_KINDS}")
+
+
+@dataclass
+class TensorDecision:
+    """The per-tensor summary the report prints.
+
+    ``decision``: keep, offload:host, offload:disk, recompute, quantize:<format>,
+    or several joined by "+" when different gaps between uses differ. ``gaps``:
+    ``[start, end, choice]`` for each interval between two consecutive steps at
+    which the tensor is needed.
+    """
+
+    name: str
+    nbytes: int
+    kind: str
+    home: str
+    decision: str
+    live: tuple[int, int]
+    gaps: list[tuple[int, int, str]] = field(default_factory=list)
+
+
+@dataclass
+class SolverStats:
+    name: str
+    status: str
+    seconds: float
+    objective: float | None = None
+    bound: float | None = None
+
+    @property
+    def gap(self) -> float | None:
+        """Relative gap between the incumbent's objective and the bound."""
+        if self.objective is None or self.bound is None or self.objective <= 0:
+            return None
+        return max(0.0, (self.objective - self.bound) / self.objective)
+
+
+@dataclass
+class Plan:
+    mode: str
+    budget_bytes: int
+    fingerprint: str
+    tensors: list[TensorDecision]
+    actions: list[Action]
+    predicted_peak_bytes: int
+    estimated_seconds: float
+    unplanned_peak_bytes: int
+    unplanned_estimated_seconds: float
+    solver: SolverStats
+    baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    def decision_of(self, name: str) -> TensorDecision:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["solver"]["gap"] = self.solver.gap
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        data = dict(data)
+        version = data.pop("version", None)
+        if version != PLAN_VERSION:
+            raise ValueError(f"plan format version {version!r} is not {PLAN_VERSION}; re-plan")
+        solver = dict(data.pop("solver"))
+        solver.pop("gap", None)
+        return cls(
+            tensors=[
+                TensorDecision(**{**t, "live": tuple(t["live"]),
+                                  "gaps": [tuple(g) for g in t["gaps"]]})
+                for t in data.pop("tensors")
+            ],
+            actions=[Action(**a) for a in data.pop("actions")],
+            solver=SolverStats(**solver),
+            **data,
+        )
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        return cls.from_dict(json.loads(Path(path).read_text()))

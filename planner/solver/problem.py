@@ -1,0 +1,161 @@
+"""The placement problem as plain data: what the solver, the baselines and the
+validator all read. No FX, no torch: numbers and names only.
+
+A *tensor* here is one storage of the IR (a base and its views share bytes).
+Steps are the ops in schedule order. Built from the IR by ``from_program``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+#: Tiers a tensor can live in between uses, nearest first.
+DEVICE, HOST, DISK = "device", "host", "disk"
+TIERS = (HOST, DISK)
+
+#: Bytes of storage per element for each quantized format, as a fraction of the
+#: original's, plus per-row/group scales (see ``quantized_bytes``).
+QUANT_BITS = {"int8": 8, "int4": 4}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One op: its compute seconds and the scratch bytes it allocates."""
+
+    index: int
+    name: str
+    seconds: float
+    workspace_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Recompute:
+    """How to make a tensor again: replay step ``step`` (its producer), which
+    reads ``inputs`` (tensor indices) and takes ``seconds``; while it runs it also
+    holds ``extra_bytes`` (its other outputs and workspace, freed right after)."""
+
+    step: int
+    inputs: tuple[int, ...]
+    seconds: float
+    extra_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One storage.
+
+    It appears at step ``appears_at``: as an output of that step's op when
+    ``by_op``, else handed in by the caller before that step runs (weights, buffers
+    and inputs at step 0, tangents at the first backward step). ``uses`` are the
+    sorted steps whose op reads it. ``until_end``: returned to the caller, so
+    present after the last step. ``persistent``: weights and buffers, which outlive
+    a call and so have a home tier. ``pinned``: must stay on the device from when it
+    appears to its last use (user inputs, tangents, tiny tensors).
+    """
+
+    index: int
+    name: str
+    nbytes: int
+    kind: str
+    dtype: str
+    appears_at: int
+    by_op: bool
+    uses: tuple[int, ...]
+    until_end: bool = False
+    persistent: bool = False
+    pinned: bool = False
+    recompute: Recompute | None = None
+    quantizable: bool = False
+
+    def last_step(self, num_steps: int) -> int:
+        """The last step at which it must exist: its last use, or the end."""
+        if self.until_end:
+            return num_steps - 1
+        return max(self.uses[-1] if self.uses else self.appears_at, self.appears_at)
+
+    def events(self, num_steps: int) -> list[int]:
+        """Steps at which it must be present on the device: where it appears (if
+        an op makes it), every use, and the last step when it is returned."""
+        steps = set(self.uses)
+        if self.by_op:
+            steps.add(self.appears_at)
+        if self.until_end:
+            steps.add(num_steps - 1)
+        return sorted(steps)
+
+
+@dataclass(frozen=True)
+class Bandwidths:
+    """Bytes/s of each copy channel; ``host`` channels are None without a host tier."""
+
+    disk_read: float
+    disk_write: float
+    host_to_device: float | None = None
+    device_to_host: float | None = None
+    memory: float = 1e11  # device memory bandwidth, for (de)quantize cost
+
+    def read(self, tier: str) -> float:
+        bw = self.disk_read if tier == DISK else self.host_to_device
+        if bw is None:
+            raise ValueError(f"no {tier} tier on this device")
+        return bw
+
+    def write(self, tier: str) -> float:
+        bw = self.disk_write if tier == DISK else self.device_to_host
+        if bw is None:
+            raise ValueError(f"no {tier} tier on this device")
+        return bw
+
+
+@dataclass
+class Problem:
+    """Everything the solver needs; ``fingerprint()`` identifies the graph."""
+
+    mode: str
+    steps: list[Step]
+    tensors: list[Tensor]
+    budget_bytes: int
+    bandwidths: Bandwidths
+    tiers: tuple[str, ...] = (DISK,)
+    quantize: str | None = None
+    quantize_kinds: tuple[str, ...] = ()
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+    def tensor(self, name: str) -> Tensor:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def fingerprint(self) -> str:
+        """A hash of the graph's structure and sizes (not the budget): a saved plan
+        applies to a problem exactly when the fingerprints match."""
+        body = {
+            "mode": self.mode,
+            "steps": [s.name for s in self.steps],
+            "tensors": [
+                (t.name, t.nbytes, t.kind, t.appears_at, t.by_op, list(t.uses), t.until_end)
+                for t in self.tensors
+            ],
+        }
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def quantized_bytes(nbytes: int, itemsize: int, fmt: str, group: int = 64) -> int:
+    """Bytes of a tensor stored as ``fmt``: packed codes plus one fp16 scale (int8,
+    per row approximated per 64 elements) or a scale and a minimum per group of 64
+    (int4, FlexGen's scheme)."""
+    numel = nbytes // max(itemsize, 1)
+    codes = (numel * QUANT_BITS[fmt] + 7) // 8
+    groups = (numel + group - 1) // group
+    scales = groups * 2 * (2 if fmt == "int4" else 1)
+    return codes + scales

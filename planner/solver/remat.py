@@ -1,0 +1,211 @@
+"""Pure-graph rematerialization: which nodes to recompute, and when, to fit a budget.
+
+Pipeline of the default path, each step with its reason:
+  1. index the DAG in a fixed topological order        (all solvers share stage t)
+  2. budget >= no-recompute peak -> topological order  (optimal: nothing to recompute)
+  3. budget < lower bound -> BudgetTooSmall            (no schedule can exist)
+  4. greedy over several eviction rules                (a valid schedule in O(steps))
+  5. CP-SAT on Checkmate's R/S model restricted to a window of recent ancestors,
+     hinted with the greedy                             (improves, never worsens)
+  6. verify the result by replaying it                 (never trust a model's accounting)
+
+``exact=True`` solves the unrestricted fixed-order Checkmate model instead, whose
+optimum is the optimum of that formulation (use it on small graphs).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+import networkx as nx
+
+from planner.errors import BudgetTooSmall
+from planner.solver.remat_cpsat import CheckmateModel, CpSatConfig
+from planner.solver.remat_greedy import GreedyResult, best_greedy
+from planner.solver.remat_problem import RematProblem, simulate_indexed, topological_peak
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WINDOW = 12  # recompute candidates per stage: this many preceding ancestors
+MAX_MODEL_TERMS = 400_000  # above this the restricted model is not built (greedy only)
+GREEDY_ONLY_LIMIT = 0.05  # seconds: below this remaining budget, skip CP-SAT
+
+
+@dataclass(frozen=True)
+class RematSolution:
+    """A schedule and how it was found (``bound`` is a valid lower bound on cost)."""
+
+    sequence: list[Hashable]
+    cost: float
+    peak: int
+    method: str
+    status: str
+    bound: float
+    seconds: float
+
+
+def remat_schedule(
+    G: nx.DiGraph,
+    budget_bytes: int,
+    time_limit: float = 30.0,
+    exact: bool = False,
+    window: int = DEFAULT_WINDOW,
+) -> list[Hashable]:
+    """Evaluation sequence of G's nodes (repeats = recomputations) with peak <= budget.
+
+    Raises BudgetTooSmall when no schedule is found; its ``min_budget`` is the
+    smallest budget for which the solver found one.
+    """
+    return solve_remat(G, budget_bytes, time_limit, exact=exact, window=window).sequence
+
+
+def solve_remat(
+    G: nx.DiGraph,
+    budget_bytes: int,
+    time_limit: float = 30.0,
+    exact: bool = False,
+    window: int = DEFAULT_WINDOW,
+    seed: int = 0,
+) -> RematSolution:
+    """Like :func:`remat_schedule`, returning cost, peak, bound and the method used."""
+    t0 = time.perf_counter()
+    problem = RematProblem.from_graph(G)
+    budget = int(budget_bytes)
+    if problem.n == 0:
+        return RematSolution([], 0.0, 0, "empty", "OPTIMAL", 0.0, 0.0)
+    topo = list(range(problem.n))
+    topo_peak = topological_peak(problem)
+    lb = problem.lower_bound()
+    total = problem.total_cpu
+    if budget >= topo_peak:
+        return _solution(problem, topo, "topological", "OPTIMAL", total, t0)
+    if budget < lb:
+        found = smallest_budget(problem, lb, topo_peak)
+        raise BudgetTooSmall(
+            f"remat: budget {budget} B is below the lower bound {lb} B (the largest node "
+            f"with its inputs, or all outputs at the end); the smallest budget for which a "
+            f"schedule was found is {found} B",
+            min_budget=found,
+        )
+    greedy = best_greedy(problem, budget)
+    log.info(
+        "remat: n=%d budget=%d topo_peak=%d lb=%d greedy=%s",
+        problem.n,
+        budget,
+        topo_peak,
+        lb,
+        None if greedy is None else f"{greedy.cost:.4g} ({greedy.score})",
+    )
+    if greedy is not None and greedy.cost <= total * (1 + 1e-12):
+        return _solution(problem, greedy.sequence, f"greedy:{greedy.score}", "OPTIMAL", total, t0)
+    remaining = time_limit - (time.perf_counter() - t0)
+    best_seq = None if greedy is None else greedy.sequence
+    best_cost = float("inf") if greedy is None else greedy.cost
+    method, status, bound = (
+        (f"greedy:{greedy.score}", "FEASIBLE", total) if greedy else ("", "", total)
+    )
+    if remaining > GREEDY_ONLY_LIMIT:
+        cand = _candidates(problem, greedy, None if exact else window)
+        terms = sum(len(c) for c in cand) * 4 + problem.n * 64
+        if exact or terms <= MAX_MODEL_TERMS:
+            model = CheckmateModel(problem, budget, cand)
+            hinted = greedy is not None and model.add_hint(greedy.stages)
+            remaining = time_limit - (time.perf_counter() - t0)
+            log.info(
+                "remat: CP-SAT %s model, %d vars, hint=%s, %.1fs left",
+                "exact" if exact else f"window={window}",
+                model.num_vars(),
+                hinted,
+                remaining,
+            )
+            res = model.solve(CpSatConfig(time_limit=max(remaining, 0.05), random_seed=seed))
+            log.info(
+                "remat: CP-SAT %s obj=%.6g bound=%.6g in %.2fs",
+                res.status,
+                res.objective,
+                res.bound,
+                res.seconds,
+            )
+            if res.stages:
+                seq = [v for st in res.stages for v in st]
+                _, cost = simulate_indexed(problem, seq)
+                if cost < best_cost - 1e-9 or best_seq is None:
+                    best_seq, best_cost = seq, cost
+                    method = "cpsat-exact" if exact else f"cpsat-window{window}"
+                status = res.status if exact or best_seq is seq else "FEASIBLE"
+            if exact and res.status in ("OPTIMAL", "FEASIBLE"):
+                bound = max(total, res.bound)
+        else:
+            log.info("remat: restricted model too large (%d terms): greedy only", terms)
+    if best_seq is None:
+        found = smallest_budget(problem, lb, topo_peak)
+        raise BudgetTooSmall(
+            f"remat: no schedule found within {budget} B in {time_limit:.0f}s; the smallest "
+            f"budget for which a schedule was found is {found} B (lower bound {lb} B)",
+            min_budget=found,
+        )
+    return _solution(problem, best_seq, method, status, bound, t0)
+
+
+def _solution(
+    problem: RematProblem, seq: list[int], method: str, status: str, bound: float, t0: float
+) -> RematSolution:
+    peak, cost = simulate_indexed(problem, seq)
+    return RematSolution(
+        problem.sequence_nodes(seq), cost, peak, method, status, bound, time.perf_counter() - t0
+    )
+
+
+def _candidates(
+    problem: RematProblem, greedy: GreedyResult | None, window: int | None
+) -> list[list[int]]:
+    """Per stage, the nodes CP-SAT may evaluate: all (exact), or a window of ancestors.
+
+    The window keeps stage t's recomputations among the ``window`` ancestors of t (or
+    of the outputs, for the final stage) nearest in index, plus whatever the greedy
+    recomputed there, so the hint stays inside the model.
+    """
+    n = problem.n
+    if window is None:
+        return [list(range(t + 1)) for t in range(n + 1)]
+    cand: list[set[int]] = []
+    for t in range(n + 1):
+        roots = [t] if t < n else list(problem.outputs)
+        seen: set[int] = set(roots)
+        frontier = list(roots)
+        lo = (t if t < n else n) - window
+        # ancestors with index >= lo (DFS only through nodes in the window)
+        while frontier:
+            v = frontier.pop()
+            for p in problem.preds[v]:
+                if p >= lo and p not in seen:
+                    seen.add(p)
+                    frontier.append(p)
+        if t == n:
+            seen.discard(n)
+        cand.append(seen)
+    if greedy is not None:
+        for t, st in enumerate(greedy.stages):
+            cand[t].update(st)
+    return [sorted(c) for c in cand]
+
+
+def smallest_budget(problem: RematProblem, lo: int, hi: int) -> int:
+    """Smallest budget in [lo, hi] for which the greedy finds a schedule (bisection).
+
+    Greedy success is not monotone in the budget in general, so this is "a budget
+    for which a schedule was found", close to the smallest; ``hi`` always works.
+    """
+    best = hi
+    lo = max(lo, 0)
+    while lo < best:
+        mid = (lo + best) // 2
+        res = best_greedy(problem, mid)
+        if res is not None:
+            best = res.peak if res.peak < mid else mid
+        else:
+            lo = mid + 1
+    return best

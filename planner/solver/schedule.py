@@ -1,0 +1,107 @@
+"""Choices -> an explicit action schedule (the Plan's ``actions``) and the
+per-tensor decisions the report prints. See ``plan.py`` for the semantics."""
+
+from __future__ import annotations
+
+from planner.solver.candidates import HOME, KEEP, Candidates
+from planner.solver.plan import Action, TensorDecision
+
+#: Order of actions that share a step and a side: allocations before the waits
+#: that complete them, and those before the recomputes that read them.
+_BEFORE_ORDER = {"prefetch": 0, "wait": 1, "dequantize": 2, "recompute": 3}
+_AFTER_ORDER = {"offload": 0, "quantize": 1, "free": 2, "wait": 2}
+
+
+def build_schedule(
+    cands: Candidates, choices: list[str]
+) -> tuple[list[Action], list[TensorDecision]]:
+    problem = cands.problem
+    T = problem.num_steps
+    before: list[tuple[int, int, int, Action]] = []
+    after: list[tuple[int, int, int, Action]] = []
+    seq = 0
+
+    def add(step: int, when: str, kind: str, name: str, tier: str | None = None) -> None:
+        nonlocal seq
+        seq += 1
+        action = Action(step, when, kind, name, tier)
+        if when == "before":
+            before.append((step, _BEFORE_ORDER[kind], seq, action))
+        else:
+            after.append((step, _AFTER_ORDER[kind], seq, action))
+
+    decisions = []
+    for tensor in problem.tensors:
+        name = tensor.name
+        events = tensor.events(T)
+        gap_ids = cands.gaps_of.get(tensor.index)
+        home = "device"
+        used: list[str] = []
+        gaps_out: list[tuple[int, int, str]] = []
+        caller_held = not tensor.by_op and not tensor.persistent and tensor.appears_at == 0
+        if gap_ids is None:  # pinned or never needed: alive from appearance to its end
+            if not tensor.until_end and not tensor.persistent and not caller_held and events:
+                add(tensor.last_step(T), "after", "free", name)
+        else:
+            for gi in gap_ids:
+                gap = cands.gaps[gi]
+                choice = choices[gi]
+                option = gap.option(choice)
+                gaps_out.append((gap.start, gap.end, choice))
+                kind, _, tier = choice.partition(":")
+                if choice in (KEEP, HOME):
+                    continue
+                used.append(choice)
+                a, b = gap.start, gap.end
+                if kind == "fetch":
+                    if a >= 0:
+                        add(a, "after", "free", name)
+                    else:
+                        home = tier
+                    add(option.prefetch_at, "before", "prefetch", name, tier)  # type: ignore[arg-type]
+                    add(b, "before", "wait", name)
+                elif kind == "offload":
+                    add(a, "after", "offload", name, tier)
+                    add(option.write_done_at, "after", "wait", name)  # type: ignore[arg-type]
+                    add(option.write_done_at, "after", "free", name)  # type: ignore[arg-type]
+                    add(option.prefetch_at, "before", "prefetch", name, tier)  # type: ignore[arg-type]
+                    add(b, "before", "wait", name)
+                elif kind == "reload":
+                    add(a, "after", "free", name)
+                    add(option.prefetch_at, "before", "prefetch", name, tier)  # type: ignore[arg-type]
+                    add(b, "before", "wait", name)
+                elif kind == "recompute":
+                    add(a, "after", "free", name)
+                    add(b, "before", "recompute", name)
+                elif kind == "quantize":
+                    add(a, "after", "quantize", name, tier)
+                    add(b, "before", "dequantize", name)
+                else:
+                    raise ValueError(f"unknown choice {choice!r} for {name}")
+            freed_at_end = tensor.until_end or (tensor.persistent and home == "device")
+            if not freed_at_end and not caller_held:
+                add(events[-1], "after", "free", name)
+        decisions.append(
+            TensorDecision(
+                name=name,
+                nbytes=tensor.nbytes,
+                kind=tensor.kind,
+                home=home,
+                decision=_summary(used),
+                live=(tensor.appears_at, tensor.last_step(T)),
+                gaps=gaps_out,
+            )
+        )
+    ordered = sorted(before, key=lambda e: e[:3]) + sorted(after, key=lambda e: e[:3])
+    ordered.sort(key=lambda e: (e[0], e[3].when == "after"))  # stable: keeps the order above
+    return [e[3] for e in ordered], decisions
+
+
+def _summary(choices: list[str]) -> str:
+    labels: list[str] = []
+    for choice in choices:
+        kind, _, tier = choice.partition(":")
+        label = f"offload:{tier}" if kind in ("offload", "reload", "fetch") else choice
+        if label not in labels:
+            labels.append(label)
+    return "+".join(labels) if labels else "keep"

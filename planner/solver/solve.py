@@ -1,0 +1,177 @@
+"""Solve a placement Problem: baselines, the CP-SAT model warm-started from the
+best of them, independent validation of every candidate plan, and the fastest
+valid plan wins. The solver's plan is never worse than a baseline that fits,
+because the baselines compete in the same final comparison.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+
+from planner.errors import BudgetTooSmall, InvalidPlan
+from planner.solver.baselines import BASELINES, greedy, keep_all
+from planner.solver.candidates import Candidates, build_candidates
+from planner.solver.model import PlacementModel
+from planner.solver.plan import Plan, SolverStats
+from planner.solver.problem import Problem
+from planner.solver.schedule import build_schedule
+from planner.solver.validate import Replay, validate
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIME_LIMIT = 20.0
+
+
+@dataclass
+class Candidate:
+    name: str
+    choices: list[str]
+    plan: Plan
+    replay: Replay | None
+    error: str | None = None
+
+
+def solve(problem: Problem, time_limit: float = DEFAULT_TIME_LIMIT,
+          use_model: bool = True) -> Plan:
+    """Best plan for ``problem`` within ``time_limit`` seconds of CP-SAT search.
+
+    Raises BudgetTooSmall when not even the memory-minimizing plan fits; its
+    ``min_budget`` is that plan's validated peak."""
+    start = time.perf_counter()
+    cands = build_candidates(problem)
+    unplanned = _evaluate(cands, "keep-all", keep_all(cands), None)
+    unplanned_peak, unplanned_seconds = _unplanned_figures(cands, unplanned)
+    results = [unplanned] + [
+        _evaluate(cands, name, fn(cands), None) for name, fn in BASELINES.items()
+        if name != "keep-all"
+    ]
+    fitting = [r for r in results if r.replay is not None]
+    best = min(fitting, key=lambda r: r.replay.seconds) if fitting else None  # type: ignore[union-attr]
+    if best is not None and best.name == "keep-all":
+        stats = SolverStats(name="none", status="FITS_UNPLANNED", seconds=0.0,
+                            objective=0.0, bound=0.0)
+    elif not use_model:
+        if best is None:
+            _raise_too_small(cands, time_limit)
+        stats = SolverStats(name="baseline:" + best.name, status="BASELINE", seconds=0.0)  # type: ignore[union-attr]
+    else:
+        model = PlacementModel(cands)
+        hint = best.choices if best is not None else greedy(cands, budget=0)
+        log.info("solver: %d gaps, %d memory constraints; warm start %s",
+                 len(cands.gaps), model.constrained_steps, best.name if best else "min-memory")
+        result = model.solve(max(0.1, time_limit - (time.perf_counter() - start)), hint=hint)
+        stats = SolverStats(
+            name="cp-sat", status=result.status, seconds=result.seconds,
+            objective=result.objective_seconds, bound=result.bound_seconds,
+        )
+        if result.choices is not None:
+            solved = _evaluate(cands, "cp-sat", result.choices, stats)
+            results.append(solved)
+            if solved.replay is None:
+                log.warning("solver plan rejected by the validator: %s", solved.error)
+            elif best is None or solved.replay.seconds <= best.replay.seconds:  # type: ignore[union-attr]
+                best = solved
+        if best is None:
+            _raise_too_small(cands, time_limit, proven=result.status == "INFEASIBLE")
+    assert best is not None
+    plan = best.plan
+    plan.solver = stats if best.name == "cp-sat" or best.name == "keep-all" else SolverStats(
+        name=f"{stats.name} (kept baseline {best.name})", status=stats.status,
+        seconds=stats.seconds, objective=stats.objective, bound=stats.bound)
+    plan.unplanned_peak_bytes = unplanned_peak
+    plan.unplanned_estimated_seconds = unplanned_seconds
+    plan.baselines = {
+        r.name: ({"fits": True, "peak_bytes": r.replay.peak_bytes, "seconds": r.replay.seconds}
+                 if r.replay else {"fits": False, "why": r.error})
+        for r in results
+    }
+    log.info("plan: %s, peak %d of %d, %.4fs (unplanned %.4fs), %.1fs to solve",
+             best.name, plan.predicted_peak_bytes, problem.budget_bytes,
+             plan.estimated_seconds, unplanned_seconds, time.perf_counter() - start)
+    return plan
+
+
+def _evaluate(cands: Candidates, name: str, choices: list[str],
+              stats: SolverStats | None) -> Candidate:
+    problem = cands.problem
+    actions, decisions = build_schedule(cands, choices)
+    plan = Plan(
+        mode=problem.mode,
+        budget_bytes=problem.budget_bytes,
+        fingerprint=problem.fingerprint(),
+        tensors=decisions,
+        actions=actions,
+        predicted_peak_bytes=0,
+        estimated_seconds=0.0,
+        unplanned_peak_bytes=0,
+        unplanned_estimated_seconds=0.0,
+        solver=stats or SolverStats(name=name, status="BASELINE", seconds=0.0),
+    )
+    try:
+        replay = validate(problem, plan)
+    except InvalidPlan as exc:
+        return Candidate(name, choices, plan, None, str(exc))
+    plan.predicted_peak_bytes = replay.peak_bytes
+    plan.estimated_seconds = replay.seconds
+    return Candidate(name, choices, plan, replay)
+
+
+def _unplanned_figures(cands: Candidates, keep: Candidate) -> tuple[int, float]:
+    """Keep-all's peak and time, whether or not it fits the budget."""
+    if keep.replay is not None:
+        return keep.replay.peak_bytes, keep.replay.seconds
+    replay = _replay_unbounded(cands, keep.choices)
+    return replay.peak_bytes, replay.seconds
+
+
+def _raise_too_small(cands: Candidates, time_limit: float, proven: bool = False) -> None:
+    """Find the smallest budget we can plan for (the memory-minimizing model,
+    warm-started from the memory-minimizing greedy) and say so."""
+    problem = cands.problem
+    lowest = _replay_unbounded(cands, greedy(cands, budget=0)).peak_bytes
+    result = PlacementModel(cands, minimize_peak=True).solve(min(time_limit, 15.0))
+    if result.choices is not None:
+        lowest = min(lowest, _replay_unbounded(cands, result.choices).peak_bytes)
+    lower_bound = lower_bound_bytes(cands)
+    why = "no plan exists" if proven else "no plan was found"
+    msg = (
+        f"budget {problem.budget_bytes:,} bytes is too small: {why}. The smallest budget a "
+        f"plan was found for is {lowest:,} bytes; none can go below {lower_bound:,} (the "
+        f"largest working set of one step plus what cannot move). Use a budget of at least "
+        f"{lowest:,} bytes, or allow more options (quantize=...)"
+    )
+    raise BudgetTooSmall(msg, min_budget=lowest)
+
+
+def _replay_unbounded(cands: Candidates, choices: list[str]) -> Replay:
+    """Validated replay of ``choices`` with the budget lifted out of the way."""
+    roomy = dataclasses.replace(cands.problem, budget_bytes=2**62)
+    result = _evaluate(dataclasses.replace(cands, problem=roomy), "unbounded", choices, None)
+    if result.replay is None:
+        raise InvalidPlan(f"plan is invalid even without a budget: {result.error}")
+    return result.replay
+
+
+def lower_bound_bytes(cands: Candidates) -> int:
+    """No plan can hold less than, at each step, what is fixed plus each gap's
+    cheapest option there."""
+    import numpy as np
+
+    T = cands.problem.num_steps
+    low = np.array(cands.fixed, dtype=np.int64)
+    for gap in cands.gaps:
+        nbytes = cands.problem.tensors[gap.tensor].nbytes
+        per_option = []
+        for o in gap.options:
+            held = np.zeros(T, dtype=np.int64)
+            for lo, hi in o.present:
+                held[lo : hi + 1] += nbytes
+            for t, b in o.extras:
+                held[t] += b
+            per_option.append(held)
+        if per_option:
+            low += np.min(np.stack(per_option), axis=0)
+    return int(low.max())

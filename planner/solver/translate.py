@@ -1,0 +1,141 @@
+"""IR + device profile -> Problem: the one place the solver side reads the IR."""
+
+from __future__ import annotations
+
+from planner.ir.program import Program, ValueKind
+from planner.passes.device_profile import DeviceProfile
+from planner.solver.problem import DISK, HOST, Bandwidths, Problem, Recompute, Step, Tensor
+
+#: Ops whose replay would draw new random numbers: never recomputed (until RNG
+#: state replay lands with training).
+_RANDOM_OPS = ("rand", "bernoulli", "dropout", "normal", "uniform", "multinomial", "poisson")
+
+#: Tensors smaller than this are pinned: moving them costs more in bookkeeping
+#: than it saves, and pinning keeps the optimization model small.
+MIN_MOVABLE_BYTES = 64 * 1024
+
+#: Kinds a ``quantize=`` mapping may name, and which tensor kinds each covers.
+QUANTIZE_KINDS = {
+    "weights": (ValueKind.PARAM.value, ValueKind.BUFFER.value),
+    "activations": (ValueKind.SAVED.value, ValueKind.ACTIVATION.value),
+}
+
+
+def from_program(
+    program: Program,
+    budget_bytes: int,
+    profile: DeviceProfile,
+    quantize: str | dict[str, str] | None = None,
+    min_movable_bytes: int = MIN_MOVABLE_BYTES,
+) -> Problem:
+    steps = [
+        Step(op.index, op.name, op.cost.seconds, op.workspace_bytes) for op in program.ops
+    ]
+    fmt, kinds = _quantize_spec(quantize)
+    backward_start = program.backward_start()
+    returned = {program.values[v].storage for v in program.outputs}
+    names = _unique_names(program)
+    tensors = []
+    for storage in program.storages:
+        base = program.values[storage.base]
+        kind = base.kind
+        uses = sorted({u for vi in storage.values for u in program.values[vi].uses})
+        if base.producer is not None:
+            appears_at, by_op = base.producer, True
+        elif kind is ValueKind.TANGENT:
+            appears_at, by_op = min(backward_start, max(program.num_steps - 1, 0)), False
+        else:
+            appears_at, by_op = 0, False
+        persistent = kind in (ValueKind.PARAM, ValueKind.BUFFER)
+        pinned = kind in (ValueKind.INPUT, ValueKind.TANGENT) or storage.nbytes < min_movable_bytes
+        floating = base.dtype.startswith(("float", "bfloat"))
+        tensors.append(
+            Tensor(
+                index=storage.index,
+                name=names[storage.index],
+                nbytes=storage.nbytes,
+                kind=kind.value,
+                dtype=base.dtype,
+                appears_at=appears_at,
+                by_op=by_op,
+                uses=tuple(uses),
+                until_end=storage.index in returned,
+                persistent=persistent,
+                pinned=pinned,
+                recompute=_recompute_recipe(program, storage.index) if by_op else None,
+                quantizable=bool(fmt) and floating and kind.value in kinds and not pinned,
+            )
+        )
+    bandwidths = Bandwidths(
+        disk_read=profile.disk_read_bandwidth,
+        disk_write=profile.disk_write_bandwidth,
+        host_to_device=profile.host_bandwidth,
+        device_to_host=profile.host_bandwidth,
+        memory=profile.memory_bandwidth,
+    )
+    return Problem(
+        mode=program.mode,
+        steps=steps,
+        tensors=tensors,
+        budget_bytes=int(budget_bytes),
+        bandwidths=bandwidths,
+        tiers=(HOST, DISK) if profile.has_host_tier else (DISK,),
+        quantize=fmt,
+        quantize_kinds=tuple(sorted(kinds)),
+        meta={"backward_start": backward_start},
+    )
+
+
+def _unique_names(program: Program) -> dict[int, str]:
+    names: dict[int, str] = {}
+    seen: set[str] = set()
+    for storage in program.storages:
+        base = program.values[storage.base]
+        name = base.source or base.name
+        candidate, n = name, 1
+        while candidate in seen:
+            n += 1
+            candidate = f"{name}#{n}"
+        seen.add(candidate)
+        names[storage.index] = candidate
+    return names
+
+
+def _recompute_recipe(program: Program, storage_index: int) -> Recompute | None:
+    """Replaying the producer remakes the storage if the op is deterministic and
+    the storage is the producer's own output (not a view of one of its inputs)."""
+    storage = program.storages[storage_index]
+    base = program.values[storage.base]
+    op = program.ops[base.producer]  # type: ignore[index]
+    if any(word in op.target for word in _RANDOM_OPS):
+        return None
+    inputs = tuple(sorted({program.values[v].storage for v in op.inputs} - {storage_index}))
+    other = {
+        program.values[v].storage for v in op.outputs if not program.values[v].is_view
+    } - {storage_index}
+    extra = sum(program.storages[s].nbytes for s in other) + op.workspace_bytes
+    return Recompute(step=op.index, inputs=inputs, seconds=op.cost.seconds, extra_bytes=extra)
+
+
+def _quantize_spec(quantize: str | dict[str, str] | None) -> tuple[str | None, set[str]]:
+    if quantize is None:
+        return None, set()
+    if isinstance(quantize, str):
+        _check_format(quantize)
+        return quantize, {k for kinds in QUANTIZE_KINDS.values() for k in kinds}
+    formats = set(quantize.values())
+    if len(formats) != 1:
+        raise ValueError("quantize: one format for all kinds for now, e.g. {'weights': 'int8'}")
+    fmt = formats.pop()
+    _check_format(fmt)
+    kinds: set[str] = set()
+    for key in quantize:
+        if key not in QUANTIZE_KINDS:
+            raise ValueError(f"quantize: unknown kind {key!r}; use {sorted(QUANTIZE_KINDS)}")
+        kinds.update(QUANTIZE_KINDS[key])
+    return fmt, kinds
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in ("int8", "int4"):
+        raise ValueError(f"quantize={fmt!r}: use None, 'int8' or 'int4'")
