@@ -10,8 +10,10 @@ from planner.ir.capture import capture, normalize_example_inputs
 from planner.passes.device_profile import DeviceProfile, get_profile
 from planner.passes.pipeline import Analysis
 from planner.passes.pipeline import analyze as analyze_captured
+from planner.budget import parse_budget
 from planner.report import Report
 from planner.runtime.meter import Measurement, measure, measure_training_step
+from planner.solver import DEFAULT_TIME_LIMIT, Plan, from_program, solve
 
 
 def analyze(
@@ -44,6 +46,28 @@ def report(
         m = measure_unplanned(analysis, model, example_inputs)
         result.measured = {"peak_bytes": m.peak_bytes, "seconds": m.seconds}
     return result
+
+
+def make_plan(
+    model: torch.nn.Module,
+    budget: int | str,
+    example_inputs: Any,
+    mode: str = "infer",
+    profile: str | DeviceProfile | None = None,
+    quantize: str | dict[str, str] | None = None,
+    time_limit: float = DEFAULT_TIME_LIMIT,
+) -> tuple[Analysis, Plan]:
+    """Capture, analyze and solve: the Plan for ``model`` under ``budget``.
+
+    ``budget``: bytes, a size ("512MiB", "2GB") or a share of the unplanned peak
+    ("60%"). Raises BudgetTooSmall (with ``min_budget``) when no plan fits.
+    ``time_limit``: seconds of optimization search; the best plan found by then is
+    returned with its bound (see ``plan.solver``).
+    """
+    analysis = analyze(model, example_inputs, mode, profile)
+    budget_bytes = parse_budget(budget, analysis.unplanned_peak_bytes)
+    problem = from_program(analysis.program, budget_bytes, analysis.profile, quantize)
+    return analysis, solve(problem, time_limit=time_limit)
 
 
 def measure_unplanned(

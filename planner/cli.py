@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from planner.errors import PlannerError
+from planner.errors import BudgetTooSmall, PlannerError
 
 
 def load_factory(spec: str) -> tuple[Any, Any]:
@@ -57,19 +57,21 @@ def load_factory(spec: str) -> tuple[Any, Any]:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from planner.api import report
+    from planner.api import make_plan, report
+    from planner.report import Report
 
-    if args.budget is not None:
-        print(
-            "error: --budget needs the solver and executor, which are not part of this "
-            "release yet; run without --budget for the unplanned report.",
-            file=sys.stderr,
-        )
-        return 2
     model, example_inputs = load_factory(args.factory)
-    result = report(
-        model, example_inputs, mode=args.mode, profile=args.profile, measure_peak=args.measure
-    )
+    if args.budget is not None:
+        analysis, plan = make_plan(model, args.budget, example_inputs, mode=args.mode,
+                                   profile=args.profile, quantize=args.quantize,
+                                   time_limit=args.time_limit)
+        result = Report.from_plan(analysis, plan)
+        if args.save_plan:
+            plan.save(args.save_plan)
+    else:
+        result = report(
+            model, example_inputs, mode=args.mode, profile=args.profile, measure_peak=args.measure
+        )
     if args.json:
         print(result.to_json())
     else:
@@ -109,7 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="device profile: h100, a100, rtx4090, t4, cpu, or a JSON path "
         "(default: the calibrated one, else this machine's built-in)",
     )
-    rep.add_argument("--budget", default=None, help="memory budget (not yet available)")
+    rep.add_argument("--budget", default=None,
+                     help="plan under this budget: bytes, '512MiB', '2GB' or '60%%' of the "
+                          "unplanned peak")
+    rep.add_argument("--quantize", default=None, choices=("int8", "int4"),
+                     help="allow lossy quantized storage in this format")
+    rep.add_argument("--time-limit", type=float, default=20.0,
+                     help="seconds of solver search (default 20)")
+    rep.add_argument("--save-plan", default=None, help="write the plan as JSON here")
     rep.set_defaults(run=_cmd_report)
 
     cal = sub.add_parser("calibrate", help="measure this machine and save a device profile")
@@ -131,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore")
     try:
         return args.run(args)
+    except BudgetTooSmall as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except BudgetTooSmall as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     except (PlannerError, ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ from typing import Any
 
 from planner.ir.program import Program
 from planner.passes.pipeline import Analysis
+from planner.solver.plan import Plan
 
 
 def format_bytes(n: int | float | None) -> str:
@@ -38,6 +39,7 @@ class TensorRow:
     shape: tuple[int, ...]
     dtype: str
     decision: str = "keep"
+    home: str = "device"
     aliases: list[str] = field(default_factory=list)
 
 
@@ -59,6 +61,7 @@ class Report:
     peak_by_kind: dict[str, int]
     peak_op: str | None = None
     measured: dict[str, Any] | None = None
+    baselines: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_analysis(cls, analysis: Analysis) -> Report:
@@ -89,6 +92,31 @@ class Report:
             peak_by_kind=dict(timeline.peak_by_kind),
             peak_op=peak_op,
         )
+
+    @classmethod
+    def from_plan(cls, analysis: Analysis, plan: Plan) -> Report:
+        """The report of a solved plan: decisions per tensor, predicted figures."""
+        report = cls.from_analysis(analysis)
+        decisions = {d.name: d for d in plan.tensors}
+        for row in report.tensors:
+            decision = decisions.get(row.name)
+            if decision is not None:
+                row.decision = decision.decision
+                row.home = decision.home
+        report.budget_bytes = plan.budget_bytes
+        report.planned_peak_bytes = plan.predicted_peak_bytes
+        report.estimated_seconds = plan.estimated_seconds
+        report.unplanned_estimated_seconds = plan.unplanned_estimated_seconds
+        report.solver = {
+            "name": plan.solver.name,
+            "status": plan.solver.status,
+            "seconds": plan.solver.seconds,
+            "objective": plan.solver.objective,
+            "bound": plan.solver.bound,
+            "gap": plan.solver.gap,
+        }
+        report.baselines = dict(plan.baselines)
+        return report
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -162,6 +190,18 @@ def render_text(report: Report, width: int = 140) -> str:
     return buffer.getvalue()
 
 
+def _solver_line(solver: dict[str, Any]) -> str:
+    line = f"solver:             {solver.get('name') or '-'} {solver.get('status')}"
+    if solver.get("seconds"):
+        line += f" in {solver['seconds']:.1f} s"
+    if solver.get("objective") is not None and solver.get("bound") is not None:
+        line += (f", objective {solver['objective'] * 1e3:.3f} ms added, "
+                 f"bound {solver['bound'] * 1e3:.3f} ms")
+        if solver.get("gap") is not None:
+            line += f", gap {solver['gap'] * 100:.1f}%"
+    return line
+
+
 def summary_lines(report: Report) -> list[str]:
     kinds = ", ".join(f"{k} {format_bytes(b)}" for k, b in report.peak_by_kind.items())
     budget = format_bytes(report.budget_bytes) if report.budget_bytes else "none"
@@ -173,8 +213,14 @@ def summary_lines(report: Report) -> list[str]:
         f"planned peak:       {format_bytes(report.planned_peak_bytes)}",
         f"estimated time:     {report.estimated_seconds * 1e3:.2f} ms "
         f"(unplanned {report.unplanned_estimated_seconds * 1e3:.2f} ms, profile {report.profile})",
-        f"solver:             {report.solver.get('status')}",
+        _solver_line(report.solver),
     ]
+    for name, result in report.baselines.items():
+        if result.get("fits"):
+            lines.append(f"  baseline {name + ':':17s}{result['seconds'] * 1e3:.2f} ms, "
+                         f"peak {format_bytes(result['peak_bytes'])}")
+        else:
+            lines.append(f"  baseline {name + ':':17s}does not fit")
     if report.measured:
         m = report.measured
         lines.append(

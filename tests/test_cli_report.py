@@ -78,9 +78,25 @@ def test_cli_bad_factory(spec: str, message: str) -> None:
         main(["report", str(ROOT / spec) if ":" in spec and "nope" not in spec else spec])
 
 
-def test_cli_budget_not_yet(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["report", f"{EXAMPLES}/mlp.py:make_mlp", "--budget", "50%"]) == 2
-    assert "--budget" in capsys.readouterr().err
+def test_cli_budget_plans(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    plan_path = tmp_path / "plan.json"
+    code = main(["report", f"{EXAMPLES}/mlp.py:make_mlp", "--mode", "train", "--budget", "60%",
+                 "--json", "--profile", "cpu", "--time-limit", "10", "--save-plan",
+                 str(plan_path)])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["budget_bytes"] == int(data["unplanned_peak_bytes"] * 0.6)
+    assert data["planned_peak_bytes"] <= data["budget_bytes"]
+    decisions = {row["decision"] for row in data["tensors"]}
+    assert decisions - {"keep"}, "a 60% budget must move something"
+    assert plan_path.exists()
+
+
+def test_cli_budget_too_small(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["report", f"{EXAMPLES}/mlp.py:make_mlp", "--budget", "1KiB",
+                 "--profile", "cpu", "--time-limit", "5"])
+    assert code == 3
+    assert "smallest budget a plan was found for" in capsys.readouterr().err
 
 
 def test_console_script_runs() -> None:

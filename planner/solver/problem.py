@@ -97,16 +97,23 @@ class Bandwidths:
     memory: float = 1e11  # device memory bandwidth, for (de)quantize cost
 
     def read(self, tier: str) -> float:
+        _check_tier(tier)
         bw = self.disk_read if tier == DISK else self.host_to_device
         if bw is None:
             raise ValueError(f"no {tier} tier on this device")
         return bw
 
     def write(self, tier: str) -> float:
+        _check_tier(tier)
         bw = self.disk_write if tier == DISK else self.device_to_host
         if bw is None:
             raise ValueError(f"no {tier} tier on this device")
         return bw
+
+
+def _check_tier(tier: str) -> None:
+    if tier not in TIERS:
+        raise ValueError(f"unknown tier {tier!r}; tiers are {TIERS}")
 
 
 @dataclass
@@ -136,15 +143,24 @@ class Problem:
     def fingerprint(self) -> str:
         """A hash of the graph's structure and sizes (not the budget): a saved plan
         applies to a problem exactly when the fingerprints match."""
+        cached = self.meta.get("_fingerprint")
+        if cached is not None:
+            return cached
         body = {
             "mode": self.mode,
             "steps": [s.name for s in self.steps],
+            "tiers": list(self.tiers),
+            "quantize": self.quantize,
             "tensors": [
-                (t.name, t.nbytes, t.kind, t.appears_at, t.by_op, list(t.uses), t.until_end)
+                (t.name, t.nbytes, t.kind, t.dtype, t.appears_at, t.by_op, list(t.uses),
+                 t.until_end, t.persistent, t.pinned, t.quantizable,
+                 None if t.recompute is None else (t.recompute.step, list(t.recompute.inputs)))
                 for t in self.tensors
             ],
         }
-        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+        self.meta["_fingerprint"] = digest
+        return digest
 
     def to_dict(self) -> dict:
         return asdict(self)

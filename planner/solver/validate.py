@@ -130,14 +130,14 @@ class _Replayer:
                     f"0..{steps - 1}"
                 )
             self.actions.setdefault((a.step, a.when), []).append((k, a))
-        self.home = self._homes()
+        self.home = self.read_homes()
 
     # -- helpers ----------------------------------------------------------------
 
     def fail(self, what: str) -> InvalidPlan:
         return InvalidPlan(f"step {self.step}, {self.where}: {what}")
 
-    def _homes(self) -> dict[int, str]:
+    def read_homes(self) -> dict[int, str]:
         """Home tier of each persistent tensor, from the plan's decisions."""
         decided = {d.name: d.home for d in self.plan.tensors}
         homes = {}
