@@ -5,7 +5,9 @@ See README.md. The stages: ``planner.ir`` (capture, IR) -> ``planner.passes``
 -> ``planner.runtime``.
 """
 
-from planner.api import analyze, measure_unplanned, report
+from planner.api import analyze, make_plan, measure_unplanned, plan, report
+from planner.planned_module import PlannedModule
+from planner.solver.plan import Plan
 from planner.budget import parse_budget
 from planner.errors import BudgetTooSmall, CaptureError, InvalidPlan, PlannerError
 from planner.passes.device_profile import DeviceProfile, get_profile
@@ -18,10 +20,14 @@ __all__ = [
     "CaptureError",
     "DeviceProfile",
     "InvalidPlan",
+    "Plan",
+    "PlannedModule",
     "PlannerError",
     "Report",
     "analyze",
     "get_profile",
+    "make_plan",
+    "plan",
     "measure_unplanned",
     "parse_budget",
     "report",

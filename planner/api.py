@@ -10,7 +10,12 @@ from planner.ir.capture import capture, normalize_example_inputs
 from planner.passes.device_profile import DeviceProfile, get_profile
 from planner.passes.pipeline import Analysis
 from planner.passes.pipeline import analyze as analyze_captured
+from torch.utils import _pytree as pytree
+
 from planner.budget import parse_budget
+from planner.errors import PlannerError
+from planner.planned_module import PlannedModule
+from planner.runtime.store import check_offload_dir
 from planner.report import Report
 from planner.runtime.meter import Measurement, measure, measure_training_step
 from planner.solver import DEFAULT_TIME_LIMIT, Plan, from_program, solve
@@ -68,6 +73,40 @@ def make_plan(
     budget_bytes = parse_budget(budget, analysis.unplanned_peak_bytes)
     problem = from_program(analysis.program, budget_bytes, analysis.profile, quantize)
     return analysis, solve(problem, time_limit=time_limit)
+
+
+def plan(
+    model: torch.nn.Module,
+    budget: int | str,
+    example_inputs: Any,
+    mode: str = "infer",
+    offload_dir: str | None = None,
+    profile: str | DeviceProfile | None = None,
+    quantize: str | dict[str, str] | None = None,
+    time_limit: float = DEFAULT_TIME_LIMIT,
+) -> PlannedModule:
+    """Plan ``model`` under ``budget`` and return a module that runs the plan.
+
+    The result returns exactly what ``model`` returns (same pytree), never holding
+    more than ``budget`` bytes on the device. ``offload_dir``: where disk-tier files
+    go (a fresh subdirectory is made there and removed with the module; default: a
+    temporary directory). Tier-home weights are released from ``model``.
+    """
+    if mode != "infer":
+        raise PlannerError(
+            "planner.plan(mode='train') is not available yet: training plans can be made "
+            "and inspected with planner.make_plan(..., mode='train'), but their executor "
+            "has not landed"
+        )
+    if offload_dir is not None:
+        check_offload_dir(offload_dir)
+    analysis, solved = make_plan(model, budget, example_inputs, mode, profile, quantize,
+                                 time_limit)
+    problem = from_program(analysis.program, solved.budget_bytes, analysis.profile, quantize)
+    args, kwargs = normalize_example_inputs(example_inputs)
+    device = next((t.device for t in pytree.tree_leaves((args, kwargs))
+                   if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    return PlannedModule(model, analysis, problem, solved, offload_dir, device)
 
 
 def measure_unplanned(

@@ -98,6 +98,7 @@ class OpCost:
     bytes_read: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
+    measured_seconds: float | None = None  # wall time measured on this machine, if any
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Costs: FLOPs, bytes moved and estimated seconds of every op on a DeviceProfile.
 
-Requires: a built Program and the FX graph it came from (for the ops' arguments).
+Requires: a built Program and the FX graph it came from (for the ops' arguments);
+optionally the timing pass (a measured time replaces the estimate).
 Ensures: ``Op.cost`` is set for every op.
 
 FLOPs come from PyTorch's own flop formulas (``torch.utils.flop_counter``), read
@@ -44,7 +45,9 @@ def annotate_costs(
         op.cost.flops = float(flops)
         op.cost.bytes_read = read
         op.cost.bytes_written = written
-        op.cost.seconds = profile.op_overhead_seconds + max(compute_s, memory_s)
+        estimate = profile.op_overhead_seconds + max(compute_s, memory_s)
+        measured = op.cost.measured_seconds
+        op.cost.seconds = estimate if measured is None else max(measured, profile.op_overhead_seconds)
 
 
 def op_flops(node: torch.fx.Node) -> float:

@@ -90,14 +90,13 @@ class PlacementModel:
         worst = list(self.cands.fixed)
         for gi, gap in enumerate(self.cands.gaps):
             nbytes = self.problem.tensors[gap.tensor].nbytes
+            most: dict[int, int] = defaultdict(int)
             for o in gap.options:
                 for t, b in _bytes_by_step(o, gap, nbytes, T):
                     terms[t].append((self.x[gi][o.choice], b))
-            for t in range(max(gap.start + 1, 0), min(gap.end, T)):
-                worst[t] += nbytes
-            for o in gap.options:
-                for t, b in o.extras:
-                    worst[t] += b
+                    most[t] = max(most[t], b)
+            for t, b in most.items():
+                worst[t] += b
         budget_units: int | cp_model.IntVar = self.problem.budget_bytes // self.unit
         threshold = self.problem.budget_bytes
         if self.minimize_peak:

@@ -4,10 +4,14 @@ Pipeline of the default path, each step with its reason:
   1. index the DAG in a fixed topological order        (all solvers share stage t)
   2. budget >= no-recompute peak -> topological order  (optimal: nothing to recompute)
   3. budget < lower bound -> BudgetTooSmall            (no schedule can exist)
-  4. greedy over several eviction rules                (a valid schedule in O(steps))
-  5. CP-SAT on Checkmate's R/S model restricted to a window of recent ancestors,
-     hinted with the greedy                             (improves, never worsens)
-  6. verify the result by replaying it                 (never trust a model's accounting)
+  4. heuristic portfolio (remat_portfolio): the stage greedy and DTR over index
+     order, then, if neither fits cheaply, DTR over searched low-peak orders
+                                                        (a valid schedule on any DAG)
+  5. stop if that schedule costs <= (1 + gap) x the sum of node costs (a lower bound)
+  6. CP-SAT on Checkmate's R/S model restricted to a window of recent ancestors,
+     hinted with the best stage-form schedule, stopped at relative gap ``gap``
+                                                        (improves, never worsens)
+  7. verify the result by replaying it                 (never trust a model's accounting)
 
 ``exact=True`` solves the unrestricted fixed-order Checkmate model instead, whose
 optimum is the optimum of that formulation (use it on small graphs).
@@ -16,6 +20,7 @@ optimum is the optimum of that formulation (use it on small graphs).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -24,7 +29,7 @@ import networkx as nx
 
 from planner.errors import BudgetTooSmall
 from planner.solver.remat_cpsat import CheckmateModel, CpSatConfig
-from planner.solver.remat_greedy import GreedyResult, best_greedy
+from planner.solver.remat_portfolio import Candidate, heuristic_schedules, quick_schedule
 from planner.solver.remat_problem import RematProblem, simulate_indexed, topological_peak
 
 log = logging.getLogger(__name__)
@@ -32,6 +37,13 @@ log = logging.getLogger(__name__)
 DEFAULT_WINDOW = 12  # recompute candidates per stage: this many preceding ancestors
 MAX_MODEL_TERMS = 400_000  # above this the restricted model is not built (greedy only)
 GREEDY_ONLY_LIMIT = 0.05  # seconds: below this remaining budget, skip CP-SAT
+DEFAULT_GAP = 0.005  # stop once the schedule is proven within 0.5% of the optimum
+CPSAT_MAX_NODES = 1500  # above this the default path keeps the heuristics' schedule
+# The default path's CP-SAT polish gets at most CPSAT_BASE_S + CPSAT_PER_NODE_S * n
+# seconds: the window model's bound is weak, so without a cap it would spend the whole
+# time limit proving what the hint already has; the exact model is what to run for proofs.
+CPSAT_BASE_S = 1.0
+CPSAT_PER_NODE_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -69,9 +81,15 @@ def solve_remat(
     exact: bool = False,
     window: int = DEFAULT_WINDOW,
     seed: int = 0,
+    relative_gap: float | None = None,
 ) -> RematSolution:
-    """Like :func:`remat_schedule`, returning cost, peak, bound and the method used."""
+    """Like :func:`remat_schedule`, returning cost, peak, bound and the method used.
+
+    ``relative_gap`` stops CP-SAT once the best schedule is proven within that
+    fraction of the optimum (default: DEFAULT_GAP, or 0 with ``exact``).
+    """
     t0 = time.perf_counter()
+    deadline = t0 + time_limit
     problem = RematProblem.from_graph(G)
     budget = int(budget_bytes)
     if problem.n == 0:
@@ -80,6 +98,7 @@ def solve_remat(
     topo_peak = topological_peak(problem)
     lb = problem.lower_bound()
     total = problem.total_cpu
+    gap = (0.0 if exact else DEFAULT_GAP) if relative_gap is None else relative_gap
     if budget >= topo_peak:
         return _solution(problem, topo, "topological", "OPTIMAL", total, t0)
     if budget < lb:
@@ -90,30 +109,38 @@ def solve_remat(
             f"schedule was found is {found} B",
             min_budget=found,
         )
-    greedy = best_greedy(problem, budget)
+    found_list = heuristic_schedules(
+        problem, budget, deadline, seed, total * (1 + gap), search_orders_too=not exact
+    )
+    best = min(found_list, key=lambda c: c.cost, default=None)
     log.info(
-        "remat: n=%d budget=%d topo_peak=%d lb=%d greedy=%s",
+        "remat: n=%d budget=%d topo_peak=%d lb=%d heuristic=%s",
         problem.n,
         budget,
         topo_peak,
         lb,
-        None if greedy is None else f"{greedy.cost:.4g} ({greedy.score})",
+        None if best is None else f"{best.cost:.4g} ({best.method})",
     )
-    if greedy is not None and greedy.cost <= total * (1 + 1e-12):
-        return _solution(problem, greedy.sequence, f"greedy:{greedy.score}", "OPTIMAL", total, t0)
-    remaining = time_limit - (time.perf_counter() - t0)
-    best_seq = None if greedy is None else greedy.sequence
-    best_cost = float("inf") if greedy is None else greedy.cost
-    method, status, bound = (
-        (f"greedy:{greedy.score}", "FEASIBLE", total) if greedy else ("", "", total)
-    )
-    if remaining > GREEDY_ONLY_LIMIT:
-        cand = _candidates(problem, greedy, None if exact else window)
+    if best is not None and best.cost <= total * (1 + 1e-12):
+        return _solution(problem, list(best.sequence), best.method, "OPTIMAL", total, t0)
+    best_seq = None if best is None else list(best.sequence)
+    best_cost = math.inf if best is None else best.cost
+    method, status, bound = (best.method, "FEASIBLE", total) if best else ("", "", total)
+    hint = min((c for c in found_list if c.stages), key=lambda c: c.cost, default=None)
+    proven = best is not None and best.cost <= total * (1 + gap)  # total is a lower bound
+    remaining = deadline - time.perf_counter()
+    # Without a stage-form hint the window model on a large graph finds nothing in
+    # the time it gets (the window is built around index order): skip it there.
+    useful = exact or (problem.n <= CPSAT_MAX_NODES and (hint is not None or problem.n <= 200))
+    if remaining > GREEDY_ONLY_LIMIT and not proven and useful:
+        cand = _candidates(problem, hint, None if exact else window)
         terms = sum(len(c) for c in cand) * 4 + problem.n * 64
         if exact or terms <= MAX_MODEL_TERMS:
             model = CheckmateModel(problem, budget, cand)
-            hinted = greedy is not None and model.add_hint(greedy.stages)
-            remaining = time_limit - (time.perf_counter() - t0)
+            hinted = hint is not None and model.add_hint(hint.stages)
+            remaining = deadline - time.perf_counter()
+            if not exact:
+                remaining = min(remaining, CPSAT_BASE_S + CPSAT_PER_NODE_S * problem.n)
             log.info(
                 "remat: CP-SAT %s model, %d vars, hint=%s, %.1fs left",
                 "exact" if exact else f"window={window}",
@@ -121,7 +148,12 @@ def solve_remat(
                 hinted,
                 remaining,
             )
-            res = model.solve(CpSatConfig(time_limit=max(remaining, 0.05), random_seed=seed))
+            cfg = CpSatConfig(
+                time_limit=max(remaining, 0.05),
+                random_seed=seed,
+                relative_gap=gap,
+            )
+            res = model.solve(cfg)
             log.info(
                 "remat: CP-SAT %s obj=%.6g bound=%.6g in %.2fs",
                 res.status,
@@ -139,7 +171,7 @@ def solve_remat(
             if exact and res.status in ("OPTIMAL", "FEASIBLE"):
                 bound = max(total, res.bound)
         else:
-            log.info("remat: restricted model too large (%d terms): greedy only", terms)
+            log.info("remat: restricted model too large (%d terms): heuristics only", terms)
     if best_seq is None:
         found = smallest_budget(problem, lb, topo_peak)
         raise BudgetTooSmall(
@@ -160,7 +192,7 @@ def _solution(
 
 
 def _candidates(
-    problem: RematProblem, greedy: GreedyResult | None, window: int | None
+    problem: RematProblem, greedy: Candidate | None, window: int | None
 ) -> list[list[int]]:
     """Per stage, the nodes CP-SAT may evaluate: all (exact), or a window of ancestors.
 
@@ -187,23 +219,23 @@ def _candidates(
         if t == n:
             seen.discard(n)
         cand.append(seen)
-    if greedy is not None:
+    if greedy is not None and greedy.stages is not None:
         for t, st in enumerate(greedy.stages):
             cand[t].update(st)
     return [sorted(c) for c in cand]
 
 
 def smallest_budget(problem: RematProblem, lo: int, hi: int) -> int:
-    """Smallest budget in [lo, hi] for which the greedy finds a schedule (bisection).
+    """Smallest budget in [lo, hi] for which a heuristic finds a schedule (bisection).
 
     Greedy success is not monotone in the budget in general, so this is "a budget
     for which a schedule was found", close to the smallest; ``hi`` always works.
     """
     best = hi
     lo = max(lo, 0)
-    while lo < best:
+    while lo < best and best - lo > best // 200:  # to 0.5%: each probe is a full heuristic run
         mid = (lo + best) // 2
-        res = best_greedy(problem, mid)
+        res = quick_schedule(problem, mid)
         if res is not None:
             best = res.peak if res.peak < mid else mid
         else:

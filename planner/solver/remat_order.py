@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from planner.solver.remat_problem import RematProblem
@@ -100,11 +100,18 @@ def search_orders(
     seed: int = 0,
     restarts: int = 24,
     keep: int = 4,
+    max_stall: int = 300,
+    accept: Callable[[ScoredOrder], bool] | None = None,
 ) -> list[ScoredOrder]:
     """The ``keep`` best distinct orders found: index order, random restarts, then
     hill climbing on the biases of nodes that are resident where memory overflows.
 
-    Deterministic for a given seed as long as ``time_limit`` does not cut it short.
+    A climb ends after ``max_stall`` steps without strict improvement (a local
+    optimum); ``accept`` (if given) is offered each local optimum and returning True
+    ends the search, otherwise the next climb starts from a fresh random bias. That
+    way a caller can try each optimum (with DTR) and the search keeps diversifying
+    until one works or the time is up. Deterministic for a given seed as long as
+    ``time_limit`` does not cut it short.
     """
     t0 = time.perf_counter()
     rng = random.Random(seed)
@@ -116,36 +123,54 @@ def search_orders(
         pool.setdefault(s.order, s)
         return s
 
+    def expired() -> bool:
+        return time.perf_counter() - t0 >= time_limit
+
     add(list(range(n)))
     best_bias = [0.0] * n
     best = add(biased_greedy_order(problem, best_bias))
     for r in range(restarts):
-        if time.perf_counter() - t0 > time_limit / 2:
+        if time.perf_counter() - t0 > time_limit / 4:
             break
-        amp = (0.1, 0.3, 0.6, 1.0)[r % 4]
-        bias = [amp * rng.random() for _ in range(n)]
+        bias = _random_bias(rng, n, r)
         s = add(biased_greedy_order(problem, bias))
         if s.key() < best.key():
             best, best_bias = s, bias
-    iters = 0
-    while best.overflow > 0 and time.perf_counter() - t0 < time_limit:
-        iters += 1
-        bias = list(best_bias)
-        for v in _overflow_nodes(problem, best, budget, rng):
-            bias[v] += rng.gauss(0.0, 0.3)
-        s = add(biased_greedy_order(problem, bias))
-        if s.key() <= best.key():
-            best, best_bias = s, bias
+    iters = climbs = 0
+    while not expired():
+        climbs += 1
+        stall = 0
+        while best.overflow > 0 and stall < max_stall and not expired():
+            iters += 1
+            stall += 1
+            bias = list(best_bias)
+            for v in _overflow_nodes(problem, best, budget, rng):
+                bias[v] += rng.gauss(0.0, 0.3)
+            s = add(biased_greedy_order(problem, bias))
+            if s.key() < best.key():
+                stall = 0
+            if s.key() <= best.key():
+                best, best_bias = s, bias
+        if accept is None or accept(best) or best.overflow == 0:
+            break
+        best_bias = _random_bias(rng, n, climbs)
+        best = add(biased_greedy_order(problem, best_bias))
     ranked = sorted(pool.values(), key=ScoredOrder.key)
     log.info(
-        "remat order search: %d orders, %d climbs, best peak %d overflow %d in %.2fs",
+        "remat order search: %d orders, %d climbs (%d steps), best peak %d overflow %d in %.2fs",
         len(pool),
+        climbs,
         iters,
         ranked[0].peak,
         ranked[0].overflow,
         time.perf_counter() - t0,
     )
     return ranked[:keep]
+
+
+def _random_bias(rng: random.Random, n: int, k: int) -> list[float]:
+    amp = (0.1, 0.3, 0.6, 1.0)[k % 4]
+    return [amp * rng.random() for _ in range(n)]
 
 
 def _overflow_nodes(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import networkx as nx
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -10,7 +12,10 @@ from hypothesis import strategies as st
 from planner.errors import BudgetTooSmall, InvalidPlan
 from planner.solver import remat_schedule
 from planner.solver.remat import solve_remat
+from planner.solver.remat_dtr import HEURISTICS, dtr_schedule
 from planner.solver.remat_graphs import chain_graph, diamond_graph, layered_dag, unet_graph
+from planner.solver.remat_order import search_orders
+from planner.solver.remat_portfolio import heuristic_schedules
 from planner.solver.remat_problem import RematProblem, topological_peak
 from planner.solver.sequence_check import check_sequence
 
@@ -183,8 +188,48 @@ def test_random_dags_valid_or_budget_too_small(g: nx.DiGraph, frac: float) -> No
 def test_layered_300_nodes_at_80_percent_within_time() -> None:
     """A smaller version of the 1000-node / 60 s requirement (see benchmarks/remat_bench.py)."""
     g = layered_dag(300, seed=7)
+    prob = RematProblem.from_graph(g)
     budget = int(_peak(g) * 0.8)
-    try:
-        _schedule_ok(g, budget, time_limit=20)
-    except BudgetTooSmall as err:  # known weakness, reported rather than hidden
-        pytest.xfail(f"no schedule found at 80% of the topological peak: {err}")
+    assert budget >= prob.lower_bound()  # 80% is above the local lower bound here
+    t0 = time.perf_counter()
+    _schedule_ok(g, budget, time_limit=20)
+    assert time.perf_counter() - t0 < 25
+
+
+# ---- the heuristics on their own ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dtr_and_order_search_fit_layered_dag_at_80_percent(seed: int) -> None:
+    """Index-order DTR gets stuck here; over a searched order it fits (the old greedy did not)."""
+    g = layered_dag(200, seed=seed)
+    prob = RematProblem.from_graph(g)
+    budget = int(topological_peak(prob) * 0.8)
+    found = heuristic_schedules(prob, budget, time.perf_counter() + 10, seed=0)
+    assert found, "no heuristic schedule at 80%"
+    for cand in found:
+        stats = check_sequence(g, prob.sequence_nodes(cand.sequence), budget)
+        assert stats.cost == pytest.approx(cand.cost)
+
+
+def test_order_search_never_worse_than_index_order() -> None:
+    prob = RematProblem.from_graph(layered_dag(150, seed=4))
+    budget = int(topological_peak(prob) * 0.8)
+    best = search_orders(prob, budget, time_limit=1.0)[0]
+    assert best.peak <= topological_peak(prob)
+    assert sorted(best.order) == list(range(prob.n))
+    pos = {v: k for k, v in enumerate(best.order)}
+    assert all(pos[u] < pos[v] for v in range(prob.n) for u in prob.preds[v])
+
+
+@pytest.mark.parametrize("heuristic", HEURISTICS)
+def test_dtr_schedules_are_valid_on_chains(heuristic: str) -> None:
+    g = chain_graph(30)
+    prob = RematProblem.from_graph(g)
+    budget = max(prob.lower_bound(), int(topological_peak(prob) * 0.4))
+    res = dtr_schedule(prob, budget, None, heuristic)
+    if res is None:  # a single rule may get stuck; the portfolio must not
+        assert heuristic_schedules(prob, budget, time.perf_counter() + 5)
+        return
+    stats = check_sequence(g, prob.sequence_nodes(res.sequence), budget)
+    assert stats.peak_bytes == res.peak and stats.cost == pytest.approx(res.cost)

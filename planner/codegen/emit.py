@@ -1,0 +1,259 @@
+"""Plan + IR -> the executor's Python source.
+
+The generated function runs the ops in schedule order with the plan's memory
+steps between them, one commented block per step, so a user can print it and
+follow it. Tensors are plain local variables: ``del`` frees one exactly where the
+plan frees its storage (every variable of the storage, views included, goes at
+once). After a storage comes back (prefetch, recompute, dequantize) its views are
+re-derived from the new base on first use by replaying the view ops, so no stale
+view can pin an evicted storage.
+"""
+
+from __future__ import annotations
+
+import keyword
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+
+from planner.ir.meta import FX_NODE_NAMES
+from planner.ir.program import Program, ValueKind
+from planner.solver.plan import Action, Plan
+from planner.solver.problem import Problem
+
+
+@dataclass
+class Executor:
+    """Generated source and what calling it needs."""
+
+    source: str
+    function_name: str
+    ops: dict[str, Any]  # global name -> op callable
+    state_values: list[int]  # value index of each device-resident persistent input
+    input_values: list[int]  # value index of each user input, in flat order
+    tangent_values: list[int] = field(default_factory=list)
+
+
+def _ident(name: str) -> str:
+    s = re.sub(r"\W", "_", name)
+    if not s or s[0].isdigit() or keyword.iskeyword(s):
+        s = "v_" + s
+    return s
+
+
+def format_arg(x: Any, name_of: Any) -> str:
+    """A Python expression for an FX argument."""
+    if isinstance(x, torch.fx.Node):
+        return name_of(x)
+    if isinstance(x, (list, tuple)):
+        inner = ", ".join(format_arg(a, name_of) for a in x)
+        return f"[{inner}]" if isinstance(x, list) else f"({inner}{',' if len(x) == 1 else ''})"
+    if isinstance(x, dict):
+        return "{" + ", ".join(f"{k!r}: {format_arg(v, name_of)}" for k, v in x.items()) + "}"
+    if isinstance(x, float):
+        if math.isinf(x):
+            return "float('inf')" if x > 0 else "float('-inf')"
+        if math.isnan(x):
+            return "float('nan')"
+        return repr(x)
+    if isinstance(x, torch.device):
+        return f"torch.device({str(x)!r})"
+    if isinstance(x, (torch.dtype, torch.layout, torch.memory_format)):
+        return str(x)
+    if isinstance(x, (int, bool, str, type(None))):
+        return repr(x)
+    raise TypeError(f"cannot emit argument {x!r} of type {type(x).__name__}")
+
+
+class _Emitter:
+    def __init__(self, program: Program, gm: torch.fx.GraphModule, problem: Problem,
+                 plan: Plan) -> None:
+        self.program = program
+        self.problem = problem
+        self.plan = plan
+        self.nodes = {n.name: n for n in gm.graph.nodes}
+        self.op_nodes = [self.nodes[n] for n in program.meta[FX_NODE_NAMES]]
+        self.value_by_name = {v.name: v.index for v in program.values}
+        self.lines: list[str] = []
+        self.ops: dict[str, Any] = {}
+        self.var: dict[int, str] = {}  # value -> variable holding it now
+        self.storage_vars: dict[int, list[str]] = defaultdict(list)
+        self.handles: dict[int, str] = {}  # storage -> pending copy variable
+        self.quantized: dict[int, str] = {}
+        self.versions: dict[str, int] = defaultdict(int)
+        self.storage_by_name = {t.name: t.index for t in problem.tensors}
+
+    # -- names -------------------------------------------------------------
+    def _fresh(self, base: str) -> str:
+        ident = _ident(base)
+        self.versions[ident] += 1
+        n = self.versions[ident]
+        return ident if n == 1 else f"{ident}_{n}"
+
+    def _op_name(self, target: Any) -> str:
+        if isinstance(target, torch._ops.OpOverload):
+            name = _ident(f"{target._schema.name.split('::')[-1]}_{target._overloadname}")
+        else:
+            name = _ident(getattr(target, "__name__", "op"))
+        while name in self.ops and self.ops[name] is not target:
+            name += "_"
+        self.ops[name] = target
+        return name
+
+    def _bind(self, value: int, var: str) -> None:
+        self.var[value] = var
+        self.storage_vars[self.program.values[value].storage].append(var)
+
+    def _expr(self, value: int) -> str:
+        """The variable holding ``value``, re-deriving a view from its base if the
+        storage came back since the view was made."""
+        if value in self.var:
+            return self.var[value]
+        v = self.program.values[value]
+        if not v.is_view or v.producer is None:
+            raise AssertionError(
+                f"codegen: {v.name} is not resident (the plan was validated, so this is a "
+                f"codegen bug)")
+        self._emit_call(v.producer, only_storage=v.storage, indent="    ",
+                        comment=f"re-derive view {v.name}")
+        return self.var[value]
+
+    # -- emission -----------------------------------------------------------
+    def emit(self) -> Executor:
+        program, plan = self.program, self.plan
+        before: dict[int, list[Action]] = defaultdict(list)
+        after: dict[int, list[Action]] = defaultdict(list)
+        for a in plan.actions:
+            (before if a.when == "before" else after)[a.step].append(a)
+        homes = {d.name: d.home for d in plan.tensors}
+        state_values, input_values, tangent_values = [], [], []
+        for vi in program.inputs:
+            v = program.values[vi]
+            name = self.problem.tensors[v.storage].name
+            if v.kind is ValueKind.TANGENT:
+                tangent_values.append(vi)
+            elif v.kind is ValueKind.INPUT:
+                input_values.append(vi)
+            elif homes.get(name, "device") == "device":
+                state_values.append(vi)
+        body = self.lines
+        body.append("def planned(rt, state, inputs, tangents=()):")
+        body.append(f'    """Planned executor: {len(program.ops)} steps, budget '
+                    f'{plan.budget_bytes:,} bytes, predicted peak {plan.predicted_peak_bytes:,}."""')
+        for group, values in (("state", state_values), ("inputs", input_values),
+                              ("tangents", tangent_values)):
+            if values:
+                names = [self._fresh(program.values[vi].name) for vi in values]
+                for vi, n in zip(values, names):
+                    self._bind(vi, n)
+                body.append(f"    {', '.join(names)}{',' if len(names) == 1 else ''} = {group}")
+        for op in program.ops:
+            t = op.index
+            where = f"  # {op.stack}" if op.stack else ""
+            body.append(f"    # step {t}: {op.name} = {op.target}{where}")
+            for action in before.get(t, []):
+                self._emit_action(action)
+            self._emit_call(t, only_storage=None, indent="    ")
+            for action in after.get(t, []):
+                self._emit_action(action)
+        outs = [self._expr(v) for v in program.outputs]
+        body.append(f"    return [{', '.join(outs)}]")
+        return Executor("\n".join(body) + "\n", "planned", self.ops, state_values,
+                        input_values, tangent_values)
+
+    def _emit_call(self, step: int, only_storage: int | None, indent: str,
+                   comment: str | None = None) -> None:
+        """Emit op ``step``; with ``only_storage``, keep just its outputs in that
+        storage (a recompute or a view re-derivation), dropping the rest."""
+        op = self.program.ops[step]
+        node = self.op_nodes[step]
+
+        def name_of(n: torch.fx.Node) -> str:
+            return self._expr(self.value_by_name[n.name])
+
+        args = [format_arg(a, name_of) for a in node.args]
+        args += [f"{k}={format_arg(v, name_of)}" for k, v in node.kwargs.items()]
+        call = f"{self._op_name(node.target)}({', '.join(args)})"
+        outputs = [vi for vi in op.outputs
+                   if only_storage is None or self.program.values[vi].storage == only_storage]
+        note = f"  # {comment}" if comment else ""
+        fake = node.meta.get("val")
+        if isinstance(fake, (tuple, list)):
+            tmp = self._fresh(f"{op.name}_out")
+            self.lines.append(f"{indent}{tmp} = {call}{note}")
+            for vi in outputs:
+                v = self.program.values[vi]
+                position = int(v.name.rsplit("[", 1)[1][:-1]) if v.name.endswith("]") else \
+                    self._element_position(node, v.name)
+                var = self._fresh(v.name)
+                self.lines.append(f"{indent}{var} = {tmp}[{position}]")
+                self._bind(vi, var)
+            self.lines.append(f"{indent}del {tmp}")
+        elif outputs:
+            var = self._fresh(self.program.values[outputs[0]].name)
+            self.lines.append(f"{indent}{var} = {call}{note}")
+            self._bind(outputs[0], var)
+        else:
+            self.lines.append(f"{indent}{call}{note}")
+
+    def _element_position(self, node: torch.fx.Node, element_name: str) -> int:
+        for user in node.users:
+            if user.name == element_name:
+                return int(user.args[1])  # type: ignore[arg-type]
+        raise AssertionError(f"no getitem {element_name} of {node.name}")
+
+    def _emit_action(self, a: Action) -> None:
+        s = self.storage_by_name[a.tensor]
+        base = self.program.storages[s].base
+        key = repr(a.tensor)
+        L = self.lines
+        if a.kind == "prefetch":
+            h = self._fresh(f"pending_{self.program.values[base].name}")
+            self.handles[s] = h
+            L.append(f"    {h} = rt.prefetch({key}, {a.tier!r})  # {a.kind} from {a.tier}")
+        elif a.kind == "wait":
+            h = self.handles.pop(s)
+            if base in self.var:  # an offload's write: the device copy stays until free
+                L.append(f"    rt.wait({h}); del {h}  # {a.tensor} written")
+            else:
+                var = self._fresh(self.program.values[base].name)
+                L.append(f"    {var} = rt.wait({h}); del {h}  # {a.tensor} back on the device")
+                self._bind(base, var)
+        elif a.kind == "offload":
+            h = self._fresh(f"pending_{self.program.values[base].name}")
+            self.handles[s] = h
+            L.append(f"    {h} = rt.offload({key}, {a.tier!r}, {self._expr(base)})")
+        elif a.kind == "free":
+            self._free(s, f"free {a.tensor}")
+        elif a.kind == "recompute":
+            self._emit_call(self.program.values[base].producer, only_storage=s,  # type: ignore[arg-type]
+                            indent="    ", comment=f"recompute {a.tensor}")
+        elif a.kind == "quantize":
+            q = self._fresh(f"q_{self.program.values[base].name}")
+            L.append(f"    {q} = rt.quantize({self._expr(base)}, {a.tier!r})")
+            self.quantized[s] = q
+            self._free(s, f"keep {a.tensor} as {a.tier}")
+        elif a.kind == "dequantize":
+            q = self.quantized.pop(s)
+            var = self._fresh(self.program.values[base].name)
+            L.append(f"    {var} = rt.dequantize({q}); del {q}")
+            self._bind(base, var)
+        else:
+            raise ValueError(f"unknown action {a.kind!r}")
+
+    def _free(self, storage: int, why: str) -> None:
+        names = self.storage_vars.pop(storage, [])
+        for vi in self.program.storages[storage].values:
+            self.var.pop(vi, None)
+        if names:
+            self.lines.append(f"    del {', '.join(dict.fromkeys(names))}  # {why}")
+
+
+def emit_executor(program: Program, gm: torch.fx.GraphModule, problem: Problem,
+                  plan: Plan) -> Executor:
+    return _Emitter(program, gm, problem, plan).emit()

@@ -1,0 +1,190 @@
+"""PlannedModule: the user's model, run by the generated executor under its plan.
+
+It owns the tier stores (a fresh directory per module, removed when the module is
+garbage-collected, at interpreter exit, or by ``close()``), the copy engine, and the
+device-resident state. Weights whose home is a tier are written there once, here,
+and then released from the wrapped model (its parameters are replaced by meta
+tensors, as Accelerate's disk offload does), so they no longer occupy device
+memory through either module.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from planner.codegen.emit import Executor, emit_executor
+from planner.errors import PlannerError
+from planner.ir.program import ValueKind
+from planner.passes.pipeline import Analysis
+from planner.report import Report
+from planner.runtime.copy_engine import CopyEngine, make_engine
+from planner.runtime.meter import Measurement, measure
+from planner.runtime.runtime import Runtime
+from planner.runtime.store import DiskStore
+from planner.solver.plan import Plan
+from planner.solver.problem import Problem
+
+log = logging.getLogger(__name__)
+
+
+def _close(engine: CopyEngine, disk: DiskStore) -> None:
+    try:
+        engine.close()
+    finally:
+        disk.close()
+
+
+class PlannedModule(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, analysis: Analysis, problem: Problem,
+                 plan: Plan, offload_dir: str | None = None,
+                 device: torch.device | None = None) -> None:
+        super().__init__()
+        captured = analysis.captured
+        if captured.mode != "infer":
+            raise PlannerError("PlannedModule runs inference plans; training plans run "
+                               "through planner.plan(..., mode='train')")
+        self.plan = plan
+        self.analysis = analysis
+        self.problem = problem
+        self.device = device or torch.device("cpu")
+        self._in_spec = captured.in_spec
+        self._out_spec = captured.out_spec
+        program = analysis.program
+        self._input_meta = [(program.values[v].shape, program.values[v].dtype)
+                            for v in program.inputs if program.values[v].kind is ValueKind.INPUT]
+        self._num_buffer_updates = sum(
+            1 for r in captured.output_roles if r is not None and r.source
+            and r.source.endswith("(updated)"))
+        self._buffer_updates = [r.source.removesuffix(" (updated)")  # type: ignore[union-attr]
+                                for r in captured.output_roles[: self._num_buffer_updates]]
+        self.executor: Executor = emit_executor(program, captured.graph_module, problem, plan)
+        disk = DiskStore(offload_dir)
+        try:
+            engine = make_engine(self.device, disk)
+        except BaseException:
+            disk.close()
+            raise
+        self._runtime = Runtime(engine)
+        self._finalizer = weakref.finalize(self, _close, engine, disk)
+        self.offload_dir = disk.root
+        try:
+            self._place_state(model, captured.extra.pop("exported_program"), engine)
+            namespace: dict[str, Any] = {"torch": torch, **self.executor.ops}
+            exec(compile(self.executor.source, "<planner executor>", "exec"), namespace)
+            self._fn = namespace[self.executor.function_name]
+        except BaseException:
+            self._finalizer()
+            raise
+        self.measured: Measurement | None = None
+
+    def _place_state(self, model: torch.nn.Module, ep: Any, engine: CopyEngine) -> None:
+        """Device-home weights become this module's buffers; tier-home weights are
+        written to their tier and released everywhere else."""
+        program = self.analysis.program
+        tensors = {**ep.state_dict, **ep.constants}
+        homes = {d.name: d.home for d in self.plan.tensors}
+        self._state_names: list[str] = []
+        state: list[torch.Tensor] = []
+        state_values = set(self.executor.state_values)
+        released: list[str] = []
+        for vi in program.inputs:
+            value = program.values[vi]
+            if value.kind not in (ValueKind.PARAM, ValueKind.BUFFER):
+                continue
+            tensor = tensors[value.source]
+            name = self.problem.tensors[value.storage].name
+            if vi in state_values:
+                continue
+            engine.store_now(name, homes[name], tensor.detach())
+            released.append(value.source)  # type: ignore[arg-type]
+        for vi in self.executor.state_values:
+            source = program.values[vi].source
+            state.append(tensors[source])
+            self._state_names.append(source)  # type: ignore[arg-type]
+            self.register_buffer(f"state_{len(state) - 1}", tensors[source], persistent=False)
+        self._state = state
+        for source in released:
+            _release(model, source)
+            if source in ep.state_dict:
+                ep.state_dict[source] = ep.state_dict[source].to("meta")
+        if released:
+            log.info("released %d offloaded weights from the model", len(released))
+
+    @property
+    def code(self) -> str:
+        """The generated executor's Python source."""
+        return self.executor.source
+
+    @property
+    def report(self) -> Report:
+        report = Report.from_plan(self.analysis, self.plan)
+        if self.measured is not None:
+            report.measured = {"peak_bytes": self.measured.peak_bytes,
+                               "seconds": self.measured.seconds}
+        return report
+
+    def _flat_inputs(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        got = [(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in tensors]
+        if spec != self._in_spec or got != self._input_meta:
+            raise PlannerError(
+                f"this module was planned for inputs {self._input_meta} (shape, dtype); got "
+                f"{got}. A plan is specific to its input shapes: call planner.plan again with "
+                f"example inputs of the new shape (and keep one planned module per shape)"
+            )
+        return tensors
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        inputs = self._flat_inputs(args, kwargs)
+        with torch.no_grad():
+            outs = self._fn(self._runtime, self._state, inputs)
+            for name, new in zip(self._buffer_updates, outs[: self._num_buffer_updates]):
+                self._state[self._state_names.index(name)].copy_(new)
+        user = outs[self._num_buffer_updates:]
+        return pytree.tree_unflatten(user, self._out_spec)
+
+    def run_measured(self, *args: Any, **kwargs: Any) -> Any:
+        """Call once under the independent memory meter; ``report`` then shows it."""
+        out, self.measured = measure(lambda: self(*args, **kwargs), self, (args, kwargs),
+                                     device=self.device.type)
+        return out
+
+    def time_call(self, *args: Any, repeats: int = 5, **kwargs: Any) -> float:
+        """Median wall seconds of ``repeats`` calls (after one warm-up), unmetered."""
+        import statistics
+        import time
+
+        self(*args, **kwargs)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self(*args, **kwargs)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def close(self) -> None:
+        """Remove the offload files now (also done when the module is collected)."""
+        self._finalizer()
+
+
+def _release(model: torch.nn.Module, fqn: str) -> None:
+    """Replace parameter or buffer ``fqn`` of ``model`` by a meta tensor."""
+    owner_name, _, leaf = fqn.rpartition(".")
+    try:
+        owner = model.get_submodule(owner_name) if owner_name else model
+    except AttributeError:
+        return
+    if leaf in owner._parameters and owner._parameters[leaf] is not None:
+        old = owner._parameters[leaf]
+        owner._parameters[leaf] = torch.nn.Parameter(
+            torch.empty_like(old, device="meta"), requires_grad=old.requires_grad)
+    elif leaf in owner._buffers and owner._buffers[leaf] is not None:
+        owner._buffers[leaf] = torch.empty_like(owner._buffers[leaf], device="meta")

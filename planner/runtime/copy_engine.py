@@ -1,0 +1,205 @@
+"""Async copies between the device and the tiers, behind one interface.
+
+``ThreadCopyEngine`` (CPU device): one background thread per channel (disk read,
+disk write), so copies run in issue order on each channel, as the cost model
+assumes, and overlap compute (file I/O and torch kernels release the GIL).
+``CudaCopyEngine`` (GPU device): side streams and events for host<->device copies
+through pinned host buffers that are reused across calls; disk goes through a
+pinned bounce buffer filled by a thread.
+
+A copy returns a ``Pending`` handle; ``wait`` blocks until it is done and returns
+the device tensor (for reads). Destinations are allocated at issue time on the
+calling thread, so the budget and the meter see them when the plan says.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from planner.runtime.store import DiskStore, Entry, describe, empty_like_entry
+
+
+@dataclass
+class Pending:
+    """An issued copy. ``tensor``: the destination (reads) or source (writes)."""
+
+    tensor: torch.Tensor
+    future: Future | None = None
+    event: Any = None
+    extra: list = field(default_factory=list)
+
+
+class CopyEngine:
+    """Interface the generated code's runtime calls."""
+
+    def prefetch(self, key: str, tier: str) -> Pending:
+        raise NotImplementedError
+
+    def offload(self, key: str, tier: str, tensor: torch.Tensor) -> Pending:
+        raise NotImplementedError
+
+    def wait(self, pending: Pending) -> torch.Tensor:
+        raise NotImplementedError
+
+    def store_now(self, key: str, tier: str, tensor: torch.Tensor) -> None:
+        """Synchronous write (weights at plan time)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class ThreadCopyEngine(CopyEngine):
+    def __init__(self, disk: DiskStore) -> None:
+        self.disk = disk
+        self._read = ThreadPoolExecutor(1, thread_name_prefix="planner-disk-read")
+        self._write = ThreadPoolExecutor(1, thread_name_prefix="planner-disk-write")
+        self._entries_lock = threading.Lock()
+
+    def _check_tier(self, tier: str) -> None:
+        if tier != "disk":
+            raise ValueError(f"tier {tier!r} is not available on the CPU (only 'disk')")
+
+    def prefetch(self, key: str, tier: str) -> Pending:
+        self._check_tier(tier)
+        entry = self.disk.entries[key]
+        out = empty_like_entry(entry)
+        return Pending(out, self._read.submit(self.disk.read_into, key, out))
+
+    def offload(self, key: str, tier: str, tensor: torch.Tensor) -> Pending:
+        self._check_tier(tier)
+        # record the layout now so a prefetch issued before this write ends can
+        # allocate its destination; the checksum arrives with the write
+        with self._entries_lock:
+            self.disk.entries[key] = describe(tensor)
+        return Pending(tensor, self._write.submit(self.disk.write, key, tensor))
+
+    def wait(self, pending: Pending) -> torch.Tensor:
+        if pending.future is not None:
+            pending.future.result()
+        return pending.tensor
+
+    def store_now(self, key: str, tier: str, tensor: torch.Tensor) -> None:
+        self._check_tier(tier)
+        self.disk.write(key, tensor)
+
+    def close(self) -> None:
+        self._read.shutdown(wait=True, cancel_futures=True)
+        self._write.shutdown(wait=True, cancel_futures=True)
+
+
+class CudaCopyEngine(CopyEngine):
+    """Host tier: pinned CPU buffers (one per key, reused every call). Disk tier:
+    a thread reads the file into a pinned buffer, then a side stream copies it up.
+    Every copy is ordered after the compute that produced its source by making the
+    side stream wait on the compute stream, and the compute stream waits on the
+    copy's event before the tensor is read (``wait``)."""
+
+    def __init__(self, disk: DiskStore, device: torch.device) -> None:
+        self.disk = disk
+        self.device = device
+        self.h2d = torch.cuda.Stream(device)
+        self.d2h = torch.cuda.Stream(device)
+        self.host: dict[str, torch.Tensor] = {}
+        self.host_entries: dict[str, Entry] = {}
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="planner-disk")
+
+    def _pinned(self, key: str, entry: Entry) -> torch.Tensor:
+        buf = self.host.get(key)
+        if buf is None or buf.untyped_storage().nbytes() != entry.nbytes:
+            raw = torch.empty(entry.nbytes, dtype=torch.uint8, pin_memory=True)
+            buf = torch.empty(0, dtype=entry.dtype).set_(
+                raw.untyped_storage(), entry.offset, entry.shape, entry.stride)
+            self.host[key] = buf
+        return buf
+
+    def prefetch(self, key: str, tier: str) -> Pending:
+        if tier == "host":
+            entry = self.host_entries[key]
+            src = self.host[key]
+            return self._upload(src, entry)
+        entry = self.disk.entries[key]
+        staging = self._pinned("disk:" + key, entry)
+        self.h2d.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.h2d):
+            out = empty_like_entry(entry, self.device)
+
+        def read_then_upload() -> torch.cuda.Event:
+            self.disk.read_into(key, staging)
+            with torch.cuda.stream(self.h2d):
+                out.untyped_storage().copy_(staging.untyped_storage(), non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self.h2d)
+            return event
+
+        return Pending(out, future=self._io.submit(read_then_upload))
+
+    def _upload(self, src: torch.Tensor, entry: Entry) -> Pending:
+        compute = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.h2d):
+            self.h2d.wait_stream(compute)
+            out = empty_like_entry(entry, self.device)
+            out.untyped_storage().copy_(src.untyped_storage(), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.h2d)
+        return Pending(out, event=event)
+
+    def offload(self, key: str, tier: str, tensor: torch.Tensor) -> Pending:
+        entry = describe(tensor)
+        buf = self._pinned(key if tier == "host" else "disk:" + key, entry)
+        compute = torch.cuda.current_stream(self.device)
+        self.d2h.wait_stream(compute)
+        with torch.cuda.stream(self.d2h):
+            buf.untyped_storage().copy_(tensor.untyped_storage(), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.d2h)
+        tensor.record_stream(self.d2h)
+        if tier == "host":
+            self.host_entries[key] = entry
+            return Pending(tensor, event=event)
+        self.disk.entries[key] = entry
+
+        def write_when_copied() -> None:
+            event.synchronize()
+            self.disk.write(key, buf)
+
+        return Pending(tensor, future=self._io.submit(write_when_copied), event=event)
+
+    def wait(self, pending: Pending) -> torch.Tensor:
+        if pending.future is not None:
+            result = pending.future.result()
+            if isinstance(result, torch.cuda.Event):
+                pending.event = result
+        if pending.event is not None:
+            torch.cuda.current_stream(self.device).wait_event(pending.event)
+            if pending.tensor.device.type == "cuda":
+                pending.tensor.record_stream(torch.cuda.current_stream(self.device))
+        return pending.tensor
+
+    def store_now(self, key: str, tier: str, tensor: torch.Tensor) -> None:
+        if tier == "host":
+            entry = describe(tensor)
+            buf = self._pinned(key, entry)
+            buf.untyped_storage().copy_(tensor.untyped_storage())
+            self.host_entries[key] = entry
+        else:
+            self.disk.write(key, tensor)
+
+    def close(self) -> None:
+        self._io.shutdown(wait=True, cancel_futures=True)
+        self.host.clear()
+
+
+def make_engine(device: torch.device, disk: DiskStore) -> CopyEngine:
+    if device.type == "cuda":
+        return CudaCopyEngine(disk, device)
+    return ThreadCopyEngine(disk)
+
+
+Factory = Callable[[torch.device, DiskStore], CopyEngine]

@@ -1,0 +1,139 @@
+"""Tier stores: where tensors live when they are not on the device.
+
+``DiskStore`` keeps one file per tensor under a directory it owns. A file holds
+the tensor's whole storage (views are rebuilt from storage, offset, shape and
+stride). Every entry records its size and a CRC32 checksum, verified on read, so a
+deleted, truncated or corrupted file is an error, never silently wrong data.
+
+Reads fill a tensor the caller allocated: on the CPU that keeps every allocation
+on the calling thread, where the memory meter sees it, and it mirrors the CUDA
+path, where the destination is allocated when the prefetch is issued.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from planner.errors import PlannerError
+
+
+class StoreError(PlannerError):
+    """An offloaded tensor could not be written or read back intact."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What is needed to rebuild a tensor from its stored bytes."""
+
+    nbytes: int  # bytes of the whole storage
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+    crc32: int | None  # None: not yet known (write still in flight)
+
+
+def describe(tensor: torch.Tensor, crc32: int | None = None) -> Entry:
+    return Entry(
+        nbytes=tensor.untyped_storage().nbytes(),
+        dtype=tensor.dtype,
+        shape=tuple(tensor.shape),
+        stride=tuple(tensor.stride()),
+        offset=tensor.storage_offset(),
+        crc32=crc32,
+    )
+
+
+def empty_like_entry(entry: Entry, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A tensor with the entry's layout over a fresh storage (contents undefined)."""
+    raw = torch.empty(entry.nbytes, dtype=torch.uint8, device=device)
+    out = torch.empty(0, dtype=entry.dtype, device=device)
+    out.set_(raw.untyped_storage(), entry.offset, entry.shape, entry.stride)
+    return out
+
+
+def _storage_bytes(tensor: torch.Tensor) -> memoryview:
+    storage = tensor.untyped_storage()
+    raw = torch.empty(0, dtype=torch.uint8, device=tensor.device)
+    raw.set_(storage, 0, (storage.nbytes(),), (1,))
+    return memoryview(raw.numpy()).cast("B")
+
+
+def check_offload_dir(parent: str | os.PathLike[str]) -> None:
+    """Fail early, with what to do, if ``parent`` cannot hold offload files."""
+    path = Path(parent)
+    if not path.is_dir():
+        raise StoreError(
+            f"offload_dir {str(path)!r} does not exist or is not a directory: "
+            f"create it first, or pass offload_dir=None for a temporary directory"
+        )
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise StoreError(f"offload_dir {str(path)!r} is not writable: choose a directory "
+                         f"you can write to, or pass offload_dir=None")
+
+
+class DiskStore:
+    """Files under ``root`` (created here; removed by ``close``)."""
+
+    def __init__(self, parent: str | os.PathLike[str] | None = None) -> None:
+        if parent is not None:
+            check_offload_dir(parent)
+        self.root = Path(tempfile.mkdtemp(prefix="planner-offload-", dir=parent))
+        self.entries: dict[str, Entry] = {}
+
+    def path(self, key: str) -> Path:
+        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in key)
+        return self.root / f"{safe}-{zlib.crc32(key.encode()):08x}.bin"
+
+    def write(self, key: str, tensor: torch.Tensor) -> Entry:
+        """Write the tensor's storage; returns its entry (with checksum)."""
+        data = _storage_bytes(tensor.detach().cpu() if tensor.device.type != "cpu" else tensor)
+        path = self.path(key)
+        tmp = path.with_suffix(".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+            raise StoreError(f"writing {key!r} to {path} failed: {exc}") from exc
+        entry = describe(tensor, zlib.crc32(data))
+        self.entries[key] = entry
+        return entry
+
+    def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
+        """Fill ``out`` (allocated by ``empty_like_entry``) from the file; verify size
+        and checksum."""
+        entry = self.entries.get(key)
+        if entry is None:
+            raise StoreError(f"nothing stored under {key!r}")
+        path = self.path(key)
+        view = _storage_bytes(out)
+        try:
+            with open(path, "rb") as f:
+                n = f.readinto(view)
+                extra = f.read(1)
+        except FileNotFoundError as exc:
+            raise StoreError(
+                f"offload file for {key!r} is missing ({path}): it was deleted while the "
+                f"planned module still needs it; plan the model again"
+            ) from exc
+        if n != entry.nbytes or extra:
+            raise StoreError(f"offload file for {key!r} has the wrong size ({path}): "
+                             f"expected {entry.nbytes} bytes; plan the model again")
+        if entry.crc32 is not None and zlib.crc32(view) != entry.crc32:
+            raise StoreError(f"offload file for {key!r} is corrupted (checksum mismatch, "
+                             f"{path}); plan the model again")
+        return out
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.entries.clear()
