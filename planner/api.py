@@ -19,6 +19,7 @@ from planner.runtime.store import check_offload_dir
 from planner.report import Report
 from planner.runtime.meter import Measurement, measure, measure_training_step
 from planner.solver import DEFAULT_TIME_LIMIT, Plan, from_program, solve
+from planner.solver.solve import keep_all_peak
 
 
 def analyze(
@@ -70,7 +71,14 @@ def make_plan(
     returned with its bound (see ``plan.solver``).
     """
     analysis = analyze(model, example_inputs, mode, profile)
-    budget_bytes = parse_budget(budget, analysis.unplanned_peak_bytes)
+    if isinstance(budget, str) and budget.strip().endswith("%"):
+        # a share of what the executor would hold with nothing moved
+        probe = from_program(analysis.program, analysis.unplanned_peak_bytes,
+                             analysis.profile, quantize)
+        budget_bytes = parse_budget(budget, max(keep_all_peak(probe),
+                                                analysis.unplanned_peak_bytes))
+    else:
+        budget_bytes = parse_budget(budget, analysis.unplanned_peak_bytes)
     problem = from_program(analysis.program, budget_bytes, analysis.profile, quantize)
     return analysis, solve(problem, time_limit=time_limit)
 
@@ -92,12 +100,6 @@ def plan(
     go (a fresh subdirectory is made there and removed with the module; default: a
     temporary directory). Tier-home weights are released from ``model``.
     """
-    if mode != "infer":
-        raise PlannerError(
-            "planner.plan(mode='train') is not available yet: training plans can be made "
-            "and inspected with planner.make_plan(..., mode='train'), but their executor "
-            "has not landed"
-        )
     if offload_dir is not None:
         check_offload_dir(offload_dir)
     analysis, solved = make_plan(model, budget, example_inputs, mode, profile, quantize,

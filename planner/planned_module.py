@@ -45,9 +45,7 @@ class PlannedModule(torch.nn.Module):
                  device: torch.device | None = None) -> None:
         super().__init__()
         captured = analysis.captured
-        if captured.mode != "infer":
-            raise PlannerError("PlannedModule runs inference plans; training plans run "
-                               "through planner.plan(..., mode='train')")
+        self.mode = captured.mode
         self.plan = plan
         self.analysis = analysis
         self.problem = problem
@@ -77,6 +75,9 @@ class PlannedModule(torch.nn.Module):
             namespace: dict[str, Any] = {"torch": torch, **self.executor.ops}
             exec(compile(self.executor.source, "<planner executor>", "exec"), namespace)
             self._fn = namespace[self.executor.function_name]
+            if self.mode == "train":
+                self._bw = namespace[self.executor.backward_function_name]  # type: ignore[index]
+                self._wire_autograd()
         except BaseException:
             self._finalizer()
             raise
@@ -86,7 +87,11 @@ class PlannedModule(torch.nn.Module):
         """Device-home weights become this module's buffers; tier-home weights are
         written to their tier and released everywhere else."""
         program = self.analysis.program
-        tensors = {**ep.state_dict, **ep.constants}
+        if self.mode == "train":  # autograd needs the model's own parameter objects
+            tensors = dict(model.named_parameters(remove_duplicate=False))
+            tensors.update(model.named_buffers(remove_duplicate=False))
+        else:
+            tensors = {**ep.state_dict, **ep.constants}
         homes = {d.name: d.home for d in self.plan.tensors}
         self._state_names: list[str] = []
         state: list[torch.Tensor] = []
@@ -106,7 +111,12 @@ class PlannedModule(torch.nn.Module):
             source = program.values[vi].source
             state.append(tensors[source])
             self._state_names.append(source)  # type: ignore[arg-type]
-            self.register_buffer(f"state_{len(state) - 1}", tensors[source], persistent=False)
+            tensor = tensors[source]
+            slot = f"state_{len(state) - 1}"
+            if self.mode == "train" and isinstance(tensor, torch.nn.Parameter):
+                self.register_parameter(slot, tensor)
+            else:
+                self.register_buffer(slot, tensor, persistent=False)
         self._state = state
         for source in released:
             _release(model, source)
@@ -140,8 +150,41 @@ class PlannedModule(torch.nn.Module):
             )
         return tensors
 
+    def _wire_autograd(self) -> None:
+        """Which forward outputs receive tangents, and which graph output is the
+        gradient of each primal (parameters, buffers, inputs in placeholder order)."""
+        program = self.analysis.program
+        captured = self.analysis.captured
+        forward_values = program.outputs[: program.num_forward_outputs]
+        self._tangent_positions = [
+            i for i, v in enumerate(forward_values)
+            if i >= self._num_buffer_updates
+            and program.values[v].dtype.startswith(("float", "bfloat", "complex"))
+        ]
+        if len(self._tangent_positions) != len(self.executor.tangent_values):
+            raise PlannerError(
+                f"cannot match the model's {len(self._tangent_positions)} floating-point "
+                f"outputs to the {len(self.executor.tangent_values)} gradients the captured "
+                f"backward expects; return only tensors that need gradients from forward()")
+        out_node = next(n for n in reversed(captured.graph_module.graph.nodes) if n.op == "output")
+        flat = pytree.tree_leaves(out_node.args[0], is_leaf=lambda x: x is None)
+        self._grad_slots: list[int | None] = []
+        k = 0
+        for node in flat[captured.num_forward_outputs:]:
+            if isinstance(node, torch.fx.Node):
+                self._grad_slots.append(k)
+                k += 1
+            else:
+                self._grad_slots.append(None)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         inputs = self._flat_inputs(args, kwargs)
+        if self.mode == "train":
+            outs = list(_PlannedStep.apply(self, *self._state, *inputs))
+            with torch.no_grad():
+                for name, new in zip(self._buffer_updates, outs[: self._num_buffer_updates]):
+                    self._state[self._state_names.index(name)].copy_(new)
+            return pytree.tree_unflatten(outs[self._num_buffer_updates:], self._out_spec)
         with torch.no_grad():
             outs = self._fn(self._runtime, self._state, inputs)
             for name, new in zip(self._buffer_updates, outs[: self._num_buffer_updates]):
@@ -188,3 +231,36 @@ def _release(model: torch.nn.Module, fqn: str) -> None:
             torch.empty_like(old, device="meta"), requires_grad=old.requires_grad)
     elif leaf in owner._buffers and owner._buffers[leaf] is not None:
         owner._buffers[leaf] = torch.empty_like(owner._buffers[leaf], device="meta")
+
+
+class _PlannedStep(torch.autograd.Function):
+    """The planned forward as one autograd node whose backward is the planned
+    backward. Tensors the backward needs cross in ``ctx.carry`` (kept, or as
+    pending copies and quantized copies, exactly as the plan placed them)."""
+
+    @staticmethod
+    def forward(ctx: Any, pm: PlannedModule, *flat: torch.Tensor) -> tuple:  # type: ignore[override]
+        n_state = len(pm._state)
+        outs, carry = pm._fn(pm._runtime, list(flat[:n_state]), list(flat[n_state:]))
+        ctx.pm = pm
+        ctx.carry = carry
+        ctx.mark_non_differentiable(*[o for o in outs if not o.is_floating_point()])
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple:  # type: ignore[override]
+        pm: PlannedModule = ctx.pm
+        if ctx.carry is None:
+            raise PlannerError("backward through a planned step twice is not supported "
+                               "(its saved tensors were freed by the first backward)")
+        tangents = []
+        forward_values = pm.analysis.program.outputs[: pm.analysis.program.num_forward_outputs]
+        for i in pm._tangent_positions:
+            g = grad_outputs[i]
+            if g is None:
+                v = pm.analysis.program.values[forward_values[i]]
+                g = torch.zeros(v.shape, dtype=getattr(torch, v.dtype), device=pm.device)
+            tangents.append(g.contiguous())
+        carry, ctx.carry = ctx.carry, None
+        grads = pm._bw(pm._runtime, carry, tangents)
+        return (None, *[None if k is None else grads[k] for k in pm._grad_slots])

@@ -37,6 +37,8 @@ class Executor:
     state_values: list[int]  # value index of each device-resident persistent input
     input_values: list[int]  # value index of each user input, in flat order
     tangent_values: list[int] = field(default_factory=list)
+    #: training: the backward function (the forward one returns its carry)
+    backward_function_name: str | None = None
 
 
 def _ident(name: str) -> str:
@@ -86,20 +88,28 @@ class _Emitter:
         self.handles: dict[int, str] = {}  # storage -> pending copy variable
         self.quantized: dict[int, str] = {}
         self.versions: dict[str, int] = defaultdict(int)
+        # every value's own name is reserved up front so versions cannot collide
+        self.used: set[str] = {"rt", "state", "inputs", "carry", "tangents", "torch"}
+        self.reserved = {_ident(v.name) for v in program.values}
         self.storage_by_name = {t.name: t.index for t in problem.tensors}
 
     # -- names -------------------------------------------------------------
     def _fresh(self, base: str) -> str:
+        """A new variable name: the value's own name the first time, then
+        ``name__v2``, ... never one that another value uses."""
         ident = _ident(base)
-        self.versions[ident] += 1
-        n = self.versions[ident]
-        return ident if n == 1 else f"{ident}_{n}"
+        name = ident
+        while name in self.used or (name != ident and name in self.reserved):
+            self.versions[ident] += 1
+            name = f"{ident}__v{self.versions[ident] + 1}"
+        self.used.add(name)
+        return name
 
     def _op_name(self, target: Any) -> str:
         if isinstance(target, torch._ops.OpOverload):
-            name = _ident(f"{target._schema.name.split('::')[-1]}_{target._overloadname}")
+            name = _ident(f"aten_{target._schema.name.split('::')[-1]}_{target._overloadname}")
         else:
-            name = _ident(getattr(target, "__name__", "op"))
+            name = _ident("op_" + getattr(target, "__name__", "op"))
         while name in self.ops and self.ops[name] is not target:
             name += "_"
         self.ops[name] = target
@@ -142,29 +152,61 @@ class _Emitter:
             elif homes.get(name, "device") == "device":
                 state_values.append(vi)
         body = self.lines
-        body.append("def planned(rt, state, inputs, tangents=()):")
+        train = program.mode == "train"
+        split = program.backward_start() if train else len(program.ops)
+        header = "def planned_forward(rt, state, inputs):" if train else \
+            "def planned(rt, state, inputs):"
+        body.append(header)
         body.append(f'    """Planned executor: {len(program.ops)} steps, budget '
                     f'{plan.budget_bytes:,} bytes, predicted peak {plan.predicted_peak_bytes:,}."""')
-        for group, values in (("state", state_values), ("inputs", input_values),
-                              ("tangents", tangent_values)):
+        for group, values in (("state", state_values), ("inputs", input_values)):
             if values:
                 names = [self._fresh(program.values[vi].name) for vi in values]
                 for vi, n in zip(values, names):
                     self._bind(vi, n)
                 body.append(f"    {', '.join(names)}{',' if len(names) == 1 else ''} = {group}")
-        for op in program.ops:
-            t = op.index
+        self._emit_steps(range(0, split), before, after)
+        if not train:
+            outs = [self._expr(v) for v in program.outputs]
+            body.append(f"    return [{', '.join(outs)}]")
+            return Executor("\n".join(body) + "\n", "planned", self.ops, state_values,
+                            input_values, tangent_values)
+        forward_outs = [self._expr(v) for v in program.outputs[: program.num_forward_outputs]]
+        carry = list(dict.fromkeys(
+            [n for names in self.storage_vars.values() for n in names]
+            + list(self.handles.values()) + list(self.quantized.values())))
+        body.append("    # forward done: what the backward needs crosses in `carry`")
+        body.append(f"    return [{', '.join(forward_outs)}], [{', '.join(carry)}]")
+        body.append("")
+        body.append("")
+        body.append("def planned_backward(rt, carry, tangents):")
+        body.append('    """The backward half: carry from planned_forward, tangents = incoming '
+                    'output gradients."""')
+        if carry:
+            body.append(f"    {', '.join(carry)}{',' if len(carry) == 1 else ''} = carry")
+        body.append("    carry.clear()  # the caller's list must not keep freed tensors alive")
+        if tangent_values:
+            names = [self._fresh(program.values[vi].name) for vi in tangent_values]
+            for vi, n in zip(tangent_values, names):
+                self._bind(vi, n)
+            body.append(f"    {', '.join(names)}{',' if len(names) == 1 else ''} = tangents")
+        self._emit_steps(range(split, len(program.ops)), before, after)
+        grads = [self._expr(v) for v in program.outputs[program.num_forward_outputs:]]
+        body.append(f"    return [{', '.join(grads)}]")
+        return Executor("\n".join(body) + "\n", "planned_forward", self.ops, state_values,
+                        input_values, tangent_values, "planned_backward")
+
+    def _emit_steps(self, steps: range, before: dict[int, list[Action]],
+                    after: dict[int, list[Action]]) -> None:
+        for t in steps:
+            op = self.program.ops[t]
             where = f"  # {op.stack}" if op.stack else ""
-            body.append(f"    # step {t}: {op.name} = {op.target}{where}")
+            self.lines.append(f"    # step {t}: {op.name} = {op.target}{where}")
             for action in before.get(t, []):
                 self._emit_action(action)
             self._emit_call(t, only_storage=None, indent="    ")
             for action in after.get(t, []):
                 self._emit_action(action)
-        outs = [self._expr(v) for v in program.outputs]
-        body.append(f"    return [{', '.join(outs)}]")
-        return Executor("\n".join(body) + "\n", "planned", self.ops, state_values,
-                        input_values, tangent_values)
 
     def _emit_call(self, step: int, only_storage: int | None, indent: str,
                    comment: str | None = None) -> None:

@@ -287,7 +287,7 @@ def _joint_output_roles(
 ) -> list[Role | None]:
     (output_node,) = [n for n in joint.graph.nodes if n.op == "output"]
     outs = pytree.tree_leaves(output_node.args[0], is_leaf=lambda x: x is None)
-    mutated = list(ep.graph_signature.buffers_to_mutate.values())
+    mutated = _mutated_buffers(ep, input_roles)
     n_user = num_fwd - len(mutated)
     roles: list[Role | None] = []
     for i, out in enumerate(outs):
@@ -304,3 +304,29 @@ def _joint_output_roles(
             src = primal.source if primal else None
             roles.append(Role(ValueKind.GRAD, f"grad of {src}" if src else None))
     return roles
+
+
+def _mutated_buffers(ep: torch.export.ExportedProgram, input_roles: list[Role]) -> list[str]:
+    """Buffers the forward writes in place (BatchNorm's running statistics), in the
+    order AOTAutograd returns their new values: the inputs' order."""
+    to_buffer = ep.graph_signature.inputs_to_buffers
+    written: set[str] = set(ep.graph_signature.buffers_to_mutate.values())
+    for node in ep.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        schema = node.target._schema
+        bound = dict(zip((a.name for a in schema.arguments), node.args))
+        bound.update(node.kwargs)
+        # composite norms (aten.batch_norm) update running stats without saying so
+        # in their schema: in training mode (or using input stats) they do
+        updates_stats = bool(bound.get("training", bound.get("use_input_stats", False)))
+        for arg in schema.arguments:
+            value = bound.get(arg.name)
+            if not isinstance(value, torch.fx.Node) or value.name not in to_buffer:
+                continue
+            info = arg.alias_info
+            if (info is not None and info.is_write) or (
+                updates_stats and arg.name in ("running_mean", "running_var")
+            ):
+                written.add(to_buffer[value.name])
+    return [r.source for r in input_roles if r.kind is ValueKind.BUFFER and r.source in written]

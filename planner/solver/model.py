@@ -57,7 +57,11 @@ class PlacementModel:
         self.model = cp_model.CpModel()
         self.x: list[dict[str, cp_model.IntVar]] = []
         self.stall: dict[int, cp_model.IntVar] = {}
-        self.unit = max(1, self.problem.budget_bytes // MEMORY_UNITS)
+        # the unit depends on the problem, never on the budget, so a min_budget found
+        # by minimizing the peak is accounted the same way when planned again
+        total = sum(t.nbytes for t in self.problem.tensors) + max(
+            (s.workspace_bytes for s in self.problem.steps), default=0)
+        self.unit = max(1, total // MEMORY_UNITS)
         self.cost_terms: list = []
         self.peak: cp_model.IntVar | None = None
         self._add_choice_variables()

@@ -40,10 +40,11 @@ GREEDY_ONLY_LIMIT = 0.05  # seconds: below this remaining budget, skip CP-SAT
 DEFAULT_GAP = 0.005  # stop once the schedule is proven within 0.5% of the optimum
 CPSAT_MAX_NODES = 1500  # above this the default path keeps the heuristics' schedule
 # The default path's CP-SAT polish gets at most CPSAT_BASE_S + CPSAT_PER_NODE_S * n
-# seconds: the window model's bound is weak, so without a cap it would spend the whole
+# units of CP-SAT deterministic time (reproducible) and 4x that in wall seconds:
+# the window model's bound is weak, so without a cap it would spend the whole
 # time limit proving what the hint already has; the exact model is what to run for proofs.
-CPSAT_BASE_S = 1.0
-CPSAT_PER_NODE_S = 0.01
+CPSAT_BASE_S = 0.25
+CPSAT_PER_NODE_S = 0.0025
 
 
 @dataclass(frozen=True)
@@ -137,10 +138,11 @@ def solve_remat(
         terms = sum(len(c) for c in cand) * 4 + problem.n * 64
         if exact or terms <= MAX_MODEL_TERMS:
             model = CheckmateModel(problem, budget, cand)
-            hinted = hint is not None and model.add_hint(hint.stages)
+            hinted = hint is not None and hint.stages is not None and model.add_hint(hint.stages)
             remaining = deadline - time.perf_counter()
-            if not exact:
-                remaining = min(remaining, CPSAT_BASE_S + CPSAT_PER_NODE_S * problem.n)
+            dtime = None if exact else CPSAT_BASE_S + CPSAT_PER_NODE_S * problem.n
+            if dtime is not None:  # and a wall-clock cap, for when the machine is loaded
+                remaining = min(remaining, 4 * dtime)
             log.info(
                 "remat: CP-SAT %s model, %d vars, hint=%s, %.1fs left",
                 "exact" if exact else f"window={window}",
@@ -152,6 +154,7 @@ def solve_remat(
                 time_limit=max(remaining, 0.05),
                 random_seed=seed,
                 relative_gap=gap,
+                deterministic_time=dtime,
             )
             res = model.solve(cfg)
             log.info(

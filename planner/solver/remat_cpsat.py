@@ -42,6 +42,9 @@ class CpSatConfig:
     random_seed: int = 0
     relative_gap: float = 0.0
     log_search: bool = False
+    # CP-SAT's deterministic time (about seconds, independent of machine load): a
+    # limit that makes a capped solve return the same schedule on every run.
+    deterministic_time: float | None = None
 
 
 @dataclass(frozen=True)
@@ -197,6 +200,8 @@ class CheckmateModel:
         prm.interleave_search = cfg.num_workers > 1  # deterministic parallel search
         prm.relative_gap_limit = cfg.relative_gap
         prm.log_search_progress = cfg.log_search
+        if cfg.deterministic_time is not None:
+            prm.max_deterministic_time = cfg.deterministic_time
         t0 = time.perf_counter()
         code = solver.solve(self.m)
         secs = time.perf_counter() - t0

@@ -264,36 +264,3 @@ class _Dtr:
                 raise _Stuck
             _, v = heapq.heappop(heap)
             self._unset_resident(v)
-
-
-def memory_aware_order(problem: RematProblem, tie: int = 0) -> list[int]:
-    """A topological order that greedily keeps resident bytes low (no recomputation).
-
-    Among ready nodes it runs the one whose evaluation frees the most bytes net of its
-    output (``tie`` picks among variants of the key). A lower no-recompute peak means
-    fewer evictions, so DTR over this order usually recomputes less than over index order.
-    """
-    p = problem
-    n = p.n
-    indeg = [len(pr) for pr in p.preds]
-    pending = [len(s) for s in p.succs]
-    ready = [v for v in range(n) if indeg[v] == 0]
-    order: list[int] = []
-    while ready:
-        best_k = 0
-        best_key: tuple[float, ...] | None = None
-        for k, v in enumerate(ready):
-            freed = sum(p.ram[u] for u in p.preds[v] if pending[u] == 1)
-            net = p.ram[v] - freed
-            key = (net, v) if tie == 0 else (net / max(p.ram[v], 1), v) if tie == 1 else (-freed, v)
-            if best_key is None or key < best_key:
-                best_key, best_k = key, k
-        v = ready.pop(best_k)
-        order.append(v)
-        for u in p.preds[v]:
-            pending[u] -= 1
-        for w in p.succs[v]:
-            indeg[w] -= 1
-            if indeg[w] == 0:
-                ready.append(w)
-    return order

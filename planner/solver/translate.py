@@ -32,6 +32,11 @@ def from_program(
         Step(op.index, op.name, op.cost.seconds, op.workspace_bytes) for op in program.ops
     ]
     fmt, kinds = _quantize_spec(quantize)
+    # tiny tensors stay put: moving them costs more bookkeeping than it saves
+    # (scaled to the program, not the budget, so the same model always yields the
+    # same problem and a reported min_budget stays plannable)
+    total = sum(s.nbytes for s in program.storages)
+    min_movable = max(4096, min(min_movable_bytes, total // 4096))
     backward_start = program.backward_start()
     returned = {program.values[v].storage for v in program.outputs}
     names = _unique_names(program)
@@ -46,8 +51,18 @@ def from_program(
             appears_at, by_op = min(backward_start, max(program.num_steps - 1, 0)), False
         else:
             appears_at, by_op = 0, False
-        persistent = kind in (ValueKind.PARAM, ValueKind.BUFFER)
-        pinned = kind in (ValueKind.INPUT, ValueKind.TANGENT) or storage.nbytes < min_movable_bytes
+        weight = kind in (ValueKind.PARAM, ValueKind.BUFFER)
+        # Training: the module holds its parameters (autograd leaves) and the autograd
+        # engine holds the tangents for the whole backward, so neither can leave the
+        # device during a step. Inference weights have a home tier instead.
+        persistent = weight and program.mode == "infer"
+        pinned = (
+            kind in (ValueKind.INPUT, ValueKind.TANGENT)
+            or (weight and program.mode == "train")
+            or storage.nbytes < min_movable
+        )
+        caller_held = kind in (ValueKind.INPUT, ValueKind.TANGENT) or (
+            weight and program.mode == "train")
         floating = base.dtype.startswith(("float", "bfloat"))
         tensors.append(
             Tensor(
@@ -59,7 +74,7 @@ def from_program(
                 appears_at=appears_at,
                 by_op=by_op,
                 uses=tuple(uses),
-                until_end=storage.index in returned,
+                until_end=storage.index in returned or caller_held,
                 persistent=persistent,
                 pinned=pinned,
                 recompute=_recompute_recipe(program, storage.index) if by_op else None,

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import load_example, toy
 
 import planner
 from planner.errors import BudgetTooSmall
@@ -25,7 +26,6 @@ from planner.solver.synthetic import (
     unplanned_seconds,
     with_budget,
 )
-from conftest import load_example, toy
 
 #: Toys are small; with the default (64 KiB) nearly every tensor would be pinned
 #: and there would be nothing to plan. 4 KiB leaves activations and weights movable.
@@ -34,21 +34,25 @@ TIME_LIMIT = 5.0
 FRACTIONS = (1.0, 0.75, 0.5, 0.3)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _analysis(source: str, mode: str):  # type: ignore[no-untyped-def]
     if source.startswith("example:"):
         model, inputs = load_example(source.split(":", 1)[1])
     else:
-        model, inputs = toy(source, 3, batch=64)
+        # training pins the weights: a larger batch leaves activations to plan
+        model, inputs = toy(source, 3, batch=64 if mode == "infer" else 512)
     return planner.analyze(model, inputs, mode=mode, profile="cpu")
 
 
 def _problem(source: str, mode: str, fraction: float) -> tuple[Problem, int]:
+    """The problem at ``fraction`` of its own keep-all peak (in training the
+    executor holds tangents through the backward, so that peak can sit a little
+    above the analysis timeline's), and the timeline's peak."""
     analysis = _analysis(source, mode)
-    budget = int(analysis.unplanned_peak_bytes * fraction)
-    problem = from_program(analysis.program, budget, analysis.profile,
-                           min_movable_bytes=MIN_MOVABLE)
-    return problem, analysis.unplanned_peak_bytes
+    problem = from_program(analysis.program, analysis.unplanned_peak_bytes,
+                           analysis.profile, min_movable_bytes=MIN_MOVABLE)
+    return with_budget(problem, int(unplanned_peak(problem) * fraction)), \
+        analysis.unplanned_peak_bytes
 
 
 def check_plan(problem: Problem, plan: Plan, tmp_path: Path) -> None:
@@ -98,8 +102,11 @@ def solve_and_check(problem: Problem, tmp_path: Path) -> Plan | None:
 @pytest.mark.parametrize("mode", ["infer", "train"])
 @pytest.mark.parametrize("kind", ["chain", "diamond", "residual", "mlp"])
 def test_toy_plans(kind: str, mode: str, fraction: float, tmp_path: Path) -> None:
-    problem, peak = _problem(kind, mode, fraction)
-    assert unplanned_peak(problem) == peak  # the IR's timeline and the replay agree
+    problem, timeline_peak = _problem(kind, mode, fraction)
+    if mode == "infer":  # the IR's timeline and the replay agree
+        assert unplanned_peak(problem) == timeline_peak
+    else:  # plus the tangents the executor holds through the backward
+        assert timeline_peak <= unplanned_peak(problem)
     plan = solve_and_check(problem, tmp_path)
     if fraction == 1.0:
         assert plan is not None and plan.solver.status == "FITS_UNPLANNED"
@@ -108,11 +115,11 @@ def test_toy_plans(kind: str, mode: str, fraction: float, tmp_path: Path) -> Non
 
 
 def test_toys_have_something_to_plan() -> None:
-    """Guard the test above: at 75% some toy in each mode needs the solver."""
+    """Guard the test above: in each mode some toy needs the solver at 90%."""
     for mode in ("infer", "train"):
         statuses = set()
         for kind in ("chain", "residual", "mlp"):
-            problem, _ = _problem(kind, mode, 0.75)
+            problem, _ = _problem(kind, mode, 0.9)
             try:
                 statuses.add(solve(problem, time_limit=TIME_LIMIT).solver.name)
             except BudgetTooSmall:
@@ -143,13 +150,13 @@ def _strip_timing(plan: Plan) -> dict:
 
 
 @pytest.mark.parametrize("source, repeats", [
-    pytest.param("residual", 10, marks=pytest.mark.xfail(strict=True, reason=(
+    pytest.param("residual", 20, marks=pytest.mark.xfail(strict=True, reason=(
         "model.py PlacementModel.solve: num_workers=2 without interleave_search; "
         "parallel CP-SAT returns different optimal solutions run to run"))),
     ("synthetic", 2),
 ])
 def test_deterministic(source: str, repeats: int) -> None:
-    """Solving the same problem again gives the very same plan (10 repeats where
+    """Solving the same problem again gives the very same plan (20 repeats where
     the model has many tied optima, so a nondeterministic search shows)."""
     if source == "synthetic":
         base = problem_from_dag(layered_dag(120, seed=3), 1, backward=False)
@@ -175,10 +182,6 @@ def test_time_limit_respected() -> None:
     assert wall <= limit + 2.0, f"solve took {wall:.1f}s for a {limit}s limit"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "model.py _add_memory_constraints: `worst` omits the HOME option's presence "
-    "outside [0, first use) of persistent tensors, so steps that can exceed the "
-    "budget get no constraint and CP-SAT may return over-budget choices"))
 @pytest.mark.parametrize("source", ["residual", "synthetic"])
 def test_model_rejects_keep_all_over_budget(source: str) -> None:
     """Where keep-all does not fit, the model with every gap forced to keep/home

@@ -1,0 +1,142 @@
+"""planner.plan(mode="train"): forward + backward under one budget, exact gradients.
+
+The loss is computed inside the planned module (``WithLoss``), so every byte of the
+step is planned; the meter then checks the whole forward + backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import load_example
+from torch import nn
+
+import planner
+from planner.runtime.meter import measure
+
+
+class WithLoss(nn.Module):
+    """The model plus a scalar loss, so the planned step is the whole step."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        out = self.model(*args)
+        return out.float().pow(2).mean()
+
+
+def _fresh(name: str):
+    torch.manual_seed(0)
+    model, inputs = load_example(name)
+    return WithLoss(model), inputs
+
+
+def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _planned_step(name: str, budget: int | str):
+    model, inputs = _fresh(name)
+    pm = planner.plan(model, budget, inputs, mode="train", profile="cpu", time_limit=5)
+
+    def step() -> torch.Tensor:
+        loss = pm(*inputs)
+        loss.backward()
+        return loss
+
+    loss, measured = measure(step, pm, inputs)
+    return pm, model, loss, measured
+
+
+@pytest.mark.parametrize("fraction", [0.75, 0.5, 0.3])
+@pytest.mark.parametrize("name", ["mlp", "resnet", "unet", "gpt2"])
+def test_train_step_fits_and_gradients_are_exact(name: str, fraction: float) -> None:
+    eager, inputs = _fresh(name)
+    eager_loss = eager(*inputs)
+    eager_loss.backward()
+    eager_grads = _grads(eager)
+
+    reference, ref_model, ref_loss, _ = _planned_step(name, "100%")  # captured graph, unplanned
+    ref_grads = _grads(ref_model)
+    reference.close()
+
+    peak = planner.analyze(*_fresh(name), mode="train", profile="cpu").unplanned_peak_bytes
+    budget = int(peak * fraction)
+    try:
+        pm, model, loss, measured = _planned_step(name, budget)
+    except planner.BudgetTooSmall as exc:
+        assert exc.min_budget is not None and exc.min_budget > budget
+        budget = exc.min_budget
+        pm, model, loss, measured = _planned_step(name, budget)
+    try:
+        assert measured.peak_bytes <= budget, f"measured {measured.peak_bytes} > {budget}"
+        assert torch.equal(loss, ref_loss)
+        grads = _grads(model)
+        assert grads.keys() == ref_grads.keys() == eager_grads.keys()
+        for key, grad in grads.items():
+            assert torch.equal(grad, ref_grads[key]), f"{key}: differs from the unplanned graph"
+            torch.testing.assert_close(grad, eager_grads[key])
+        torch.testing.assert_close(loss, eager_loss)
+    finally:
+        pm.close()
+
+
+def test_batchnorm_running_stats_update_once() -> None:
+    eager, inputs = _fresh("resnet")
+    eager(*inputs).backward()
+    planned_model, inputs = _fresh("resnet")
+    pm = planner.plan(planned_model, "60%", inputs, mode="train", profile="cpu", time_limit=5)
+    try:
+        pm(*inputs).backward()
+        for (name, a), (_, b) in zip(eager.named_buffers(), planned_model.named_buffers()):
+            assert torch.equal(a, b), f"{name} differs after one step"
+    finally:
+        pm.close()
+
+
+class Dropout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(256, 512)
+        self.b = nn.Linear(512, 256)
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.drop(torch.relu(self.a(x)))).pow(2).mean()
+
+
+def test_dropout_gradients_match_eager_with_the_same_seed() -> None:
+    torch.manual_seed(1)
+    model = Dropout()
+    x = torch.randn(512, 256)
+    torch.manual_seed(7)
+    model(x).backward()
+    expected = _grads(model)
+    model.zero_grad(set_to_none=True)
+    pm = planner.plan(model, "70%", (x,), mode="train", profile="cpu", time_limit=5)
+    try:
+        torch.manual_seed(7)
+        pm(x).backward()
+        for key, grad in _grads(model).items():
+            torch.testing.assert_close(grad, expected[key], rtol=0, atol=0)
+    finally:
+        pm.close()
+
+
+def test_optimizer_loop_on_planned_module() -> None:
+    model, inputs = _fresh("mlp")
+    pm = planner.plan(model, "100%", inputs, mode="train", profile="cpu", time_limit=5)
+    opt = torch.optim.SGD(pm.parameters(), lr=0.1)
+    losses = []
+    try:
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            loss = pm(*inputs)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0]
+        assert {id(p) for p in pm.parameters()} == {id(p) for p in model.parameters()}
+    finally:
+        pm.close()
