@@ -63,10 +63,23 @@ class GPT2Logits(nn.Module):
         return self.model(input_ids=input_ids, use_cache=False).logits
 
 
-def _build() -> tuple[GPT2LMHeadModel, tuple[torch.Tensor, ...]]:
+class GPT2LMLoss(nn.Module):
+    """``GPT2LMHeadModel`` whose forward returns the language-modelling loss (labels
+    are the inputs, shifted inside the model), so a training step plans the loss
+    too and its incoming gradient is one scalar."""
+
+    def __init__(self, model: GPT2LMHeadModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+
+
+def _build(batch: int = BATCH) -> tuple[GPT2LMHeadModel, tuple[torch.Tensor, ...]]:
     torch.manual_seed(0)
     model = GPT2LMHeadModel(gpt2_config())
-    input_ids = torch.randint(0, VOCAB_SIZE, (BATCH, SEQ_LEN))
+    input_ids = torch.randint(0, VOCAB_SIZE, (batch, SEQ_LEN))
     return model, (input_ids,)
 
 
@@ -74,6 +87,13 @@ def make_gpt2() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """GPT-2 returning logits of shape (batch, seq, vocab), and one batch of ids."""
     model, inputs = _build()
     return GPT2Logits(model), inputs
+
+
+def make_gpt2_train() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """GPT-2 returning its LM loss on a batch of 8 sequences: the training example
+    (activations, not weights, dominate its memory, as in real training)."""
+    model, inputs = _build(batch=8)
+    return GPT2LMLoss(model), inputs
 
 
 def make_gpt2_full() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:

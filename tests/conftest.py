@@ -104,6 +104,7 @@ EXAMPLE_FACTORIES = {
     "unet": ("unet.py", "make_unet"),
     "gpt2": ("gpt2.py", "make_gpt2"),
     "gpt2_full": ("gpt2.py", "make_gpt2_full"),
+    "gpt2_train": ("gpt2.py", "make_gpt2_train"),
 }
 
 

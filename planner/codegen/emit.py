@@ -125,6 +125,11 @@ class _Emitter:
         if value in self.var:
             return self.var[value]
         v = self.program.values[value]
+        base = self.program.storages[v.storage].base
+        if v.is_view and v.producer is None and base in self.var:
+            # a second graph input over the same storage (a tied weight): same tensor
+            self._bind(value, self.var[base])
+            return self.var[value]
         if not v.is_view or v.producer is None:
             raise AssertionError(
                 f"codegen: {v.name} is not resident (the plan was validated, so this is a "

@@ -38,6 +38,7 @@ class Entry:
     stride: tuple[int, ...]
     offset: int
     crc32: int | None  # None: not yet known (write still in flight)
+    mtime_ns: int | None = None  # the file's modification time when last verified
 
 
 def describe(tensor: torch.Tensor, crc32: int | None = None) -> Entry:
@@ -106,6 +107,8 @@ class DiskStore:
             path.unlink(missing_ok=True)
             raise StoreError(f"writing {key!r} to {path} failed: {exc}") from exc
         entry = describe(tensor, zlib.crc32(data))
+        entry = Entry(entry.nbytes, entry.dtype, entry.shape, entry.stride, entry.offset,
+                      entry.crc32, None)
         self.entries[key] = entry
         return entry
 
@@ -119,6 +122,7 @@ class DiskStore:
         view = _storage_bytes(out)
         try:
             with open(path, "rb") as f:
+                mtime = os.fstat(f.fileno()).st_mtime_ns
                 n = f.readinto(view)
                 extra = f.read(1)
         except FileNotFoundError as exc:
@@ -129,9 +133,14 @@ class DiskStore:
         if n != entry.nbytes or extra:
             raise StoreError(f"offload file for {key!r} has the wrong size ({path}): "
                              f"expected {entry.nbytes} bytes; plan the model again")
-        if entry.crc32 is not None and zlib.crc32(view) != entry.crc32:
-            raise StoreError(f"offload file for {key!r} is corrupted (checksum mismatch, "
-                             f"{path}); plan the model again")
+        # The checksum costs a pass over the bytes: verify once per write, and again
+        # whenever the file was modified since (another writer, a corrupting tool).
+        if entry.crc32 is not None and entry.mtime_ns != mtime:
+            if zlib.crc32(view) != entry.crc32:
+                raise StoreError(f"offload file for {key!r} is corrupted (checksum mismatch, "
+                                 f"{path}); plan the model again")
+            self.entries[key] = Entry(entry.nbytes, entry.dtype, entry.shape, entry.stride,
+                                      entry.offset, entry.crc32, mtime)
         return out
 
     def close(self) -> None:
