@@ -60,23 +60,50 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from planner.api import make_plan, report
     from planner.report import Report
 
+    from planner.api import analyze, plan as plan_module
+
     model, example_inputs = load_factory(args.factory)
     if args.budget is not None:
-        analysis, plan = make_plan(model, args.budget, example_inputs, mode=args.mode,
-                                   profile=args.profile, quantize=args.quantize,
-                                   time_limit=args.time_limit)
-        result = Report.from_plan(analysis, plan)
-        if args.save_plan:
-            plan.save(args.save_plan)
+        pm = plan_module(model, args.budget, example_inputs, mode=args.mode,
+                         profile=args.profile, quantize=args.quantize,
+                         time_limit=args.time_limit)
+        try:
+            args_, kwargs_ = _split_inputs(example_inputs)
+            if args.mode == "train":
+                pm.run_measured_step(*args_, **kwargs_)
+            else:
+                pm.run_measured(*args_, **kwargs_)
+                pm.time_call(*args_, repeats=3, **kwargs_)
+            result = pm.report
+            if args.save_plan:
+                pm.plan.save(args.save_plan)
+            if args.plot:
+                from planner.plot import plot_timeline
+
+                plot_timeline(pm.analysis, pm.plan, args.plot,
+                              pm.measured.peak_bytes if pm.measured else None)
+        finally:
+            pm.close()
     else:
         result = report(
             model, example_inputs, mode=args.mode, profile=args.profile, measure_peak=args.measure
         )
+        if args.plot:
+            from planner.plot import plot_timeline
+
+            plot_timeline(analyze(model, example_inputs, args.mode, args.profile), None,
+                          args.plot, result.measured["peak_bytes"] if result.measured else None)
     if args.json:
         print(result.to_json())
     else:
         print(result, end="")
     return 0
+
+
+def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    from planner.ir.capture import normalize_example_inputs
+
+    return normalize_example_inputs(example_inputs)
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
@@ -119,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--time-limit", type=float, default=20.0,
                      help="seconds of solver search (default 20)")
     rep.add_argument("--save-plan", default=None, help="write the plan as JSON here")
+    rep.add_argument("--plot", default=None, metavar="PNG",
+                     help="draw planned (and unplanned) residency per step against the budget")
     rep.set_defaults(run=_cmd_report)
 
     cal = sub.add_parser("calibrate", help="measure this machine and save a device profile")

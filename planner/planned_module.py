@@ -82,6 +82,7 @@ class PlannedModule(torch.nn.Module):
             self._finalizer()
             raise
         self.measured: Measurement | None = None
+        self.measured_seconds: float | None = None  # set by time_call
 
     def _place_state(self, model: torch.nn.Module, ep: Any, engine: CopyEngine) -> None:
         """Device-home weights become this module's buffers; tier-home weights are
@@ -135,7 +136,8 @@ class PlannedModule(torch.nn.Module):
         report = Report.from_plan(self.analysis, self.plan)
         if self.measured is not None:
             report.measured = {"peak_bytes": self.measured.peak_bytes,
-                               "seconds": self.measured.seconds}
+                               "seconds": self.measured.seconds,
+                               "wall_seconds": self.measured_seconds}
         return report
 
     def _flat_inputs(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -211,7 +213,22 @@ class PlannedModule(torch.nn.Module):
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        self.measured_seconds = statistics.median(times)
+        return self.measured_seconds
+
+    def run_measured_step(self, *args: Any, **kwargs: Any) -> Any:
+        """Training: one forward + backward (of the sum of the floating outputs)
+        under the independent meter; ``report`` then shows it."""
+
+        def step() -> Any:
+            out = self(*args, **kwargs)
+            leaves = [t for t in pytree.tree_leaves(out)
+                      if isinstance(t, torch.Tensor) and t.requires_grad]
+            sum(t.sum() for t in leaves).backward()  # type: ignore[union-attr]
+            return out
+
+        out, self.measured = measure(step, self, (args, kwargs), device=self.device.type)
+        return out
 
     def close(self) -> None:
         """Remove the offload files now (also done when the module is collected)."""

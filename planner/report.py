@@ -215,17 +215,25 @@ def summary_lines(report: Report) -> list[str]:
         f"(unplanned {report.unplanned_estimated_seconds * 1e3:.2f} ms, profile {report.profile})",
         _solver_line(report.solver),
     ]
+    if report.baselines:
+        lines.append("plans compared (estimated time, peak):")
     for name, result in report.baselines.items():
         if result.get("fits"):
-            lines.append(f"  baseline {name + ':':17s}{result['seconds'] * 1e3:.2f} ms, "
-                         f"peak {format_bytes(result['peak_bytes'])}")
+            lines.append(f"  {name + ':':20s}{result['seconds'] * 1e3:9.2f} ms  "
+                         f"{format_bytes(result['peak_bytes'])}")
         else:
-            lines.append(f"  baseline {name + ':':17s}does not fit")
+            lines.append(f"  {name + ':':20s}does not fit the budget")
     if report.measured:
         m = report.measured
-        lines.append(
-            f"measured peak:      {format_bytes(m['peak_bytes'])} "
-            f"(predicted/measured {report.unplanned_peak_bytes / m['peak_bytes']:.3f}), "
-            f"{m['seconds'] * 1e3:.2f} ms"
-        )
+        predicted = report.planned_peak_bytes
+        line = (f"measured peak:      {format_bytes(m['peak_bytes'])} "
+                f"(predicted/measured {predicted / m['peak_bytes']:.3f}, independent meter)")
+        if report.budget_bytes:
+            line += " within budget" if m["peak_bytes"] <= report.budget_bytes else \
+                " OVER BUDGET"
+        lines.append(line)
+        if m.get("wall_seconds"):
+            lines.append(f"measured time:      {m['wall_seconds'] * 1e3:.2f} ms "
+                         f"(median, unmetered; estimate/measured "
+                         f"{report.estimated_seconds / m['wall_seconds']:.2f})")
     return lines

@@ -80,7 +80,7 @@ def test_cli_bad_factory(spec: str, message: str) -> None:
 
 def test_cli_budget_plans(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
     plan_path = tmp_path / "plan.json"
-    code = main(["report", f"{EXAMPLES}/mlp.py:make_mlp", "--mode", "train", "--budget", "60%",
+    code = main(["report", f"{EXAMPLES}/mlp.py:make_mlp", "--budget", "60%",
                  "--json", "--profile", "cpu", "--time-limit", "10", "--save-plan",
                  str(plan_path)])
     assert code == 0

@@ -55,12 +55,18 @@ def offload_weights(cands: Candidates) -> Choices:
     return choices
 
 
-def greedy(cands: Candidates, budget: int | None = None) -> Choices:
+def greedy(cands: Candidates, budget: int | None = None,
+           deadline: float | None = None) -> Choices:
     """Greedy descent on the peak. ``budget`` defaults to the problem's; 0 means
-    "as low as it goes" (ties broken by added time)."""
+    "as low as it goes" (ties broken by added time). ``deadline``
+    (``time.perf_counter()`` value): stop there with what it has."""
+    import time
+
     target = cands.problem.budget_bytes if budget is None else budget
     state = _GreedyState(cands)
     for _ in range(4 * len(cands.gaps) + 1):
+        if deadline is not None and time.perf_counter() > deadline:
+            break
         t = int(np.argmax(state.memory))
         if state.memory[t] <= target:
             break
@@ -75,6 +81,8 @@ class _GreedyState:
     def __init__(self, cands: Candidates) -> None:
         self.cands = cands
         self.problem = cands.problem
+        self._contrib_cache: dict[tuple[int, str], list[tuple[int, int, int]]] = {}
+        self._transfer_cache: dict[tuple[int, str], list] = {}
         T = self.problem.num_steps
         self.seconds = np.array([s.seconds for s in self.problem.steps], dtype=float)
         self.choices = keep_all(cands)
@@ -92,7 +100,14 @@ class _GreedyState:
                 self.covering[t].append(gi)
 
     def _contribution(self, gi: int, option: Option) -> list[tuple[int, int, int]]:
-        """(lo, hi, bytes) intervals this option holds."""
+        """(lo, hi, bytes) intervals this option holds (cached: options are fixed)."""
+        key = (gi, option.choice)
+        cached = self._contrib_cache.get(key)
+        if cached is None:
+            cached = self._contrib_cache[key] = self._compute_contribution(gi, option)
+        return cached
+
+    def _compute_contribution(self, gi: int, option: Option) -> list[tuple[int, int, int]]:
         gap = self.cands.gaps[gi]
         nbytes = self.problem.tensors[gap.tensor].nbytes
         out = [(lo, hi, nbytes) for lo, hi in option.present]
@@ -117,18 +132,34 @@ class _GreedyState:
         covered = secs.sum()
         return secs * min(1.0, need / covered) if covered > 0 else secs * 0
 
+    def _transfers(self, gi: int, option: Option) -> list:
+        """Per transfer: channel, window, its load shares and the uncovered seconds
+        (fixed facts, cached)."""
+        key = (gi, option.choice)
+        cached = self._transfer_cache.get(key)
+        if cached is None:
+            cached = []
+            for tr in option.transfers:
+                lo, hi = tr.window
+                need = tr.nbytes / _bandwidth(self.problem, tr.channel)
+                covered = float(self.seconds[lo : hi + 1].sum()) if lo <= hi else 0.0
+                shares = self._shares(tr) if lo <= hi else None
+                cached.append((tr.channel, lo, hi, shares, max(0.0, need - covered)))
+            self._transfer_cache[key] = cached
+        return cached
+
     def _added_time(self, gi: int, option: Option) -> float:
         cost = option.seconds
-        for tr in option.transfers:
-            lo, hi = tr.window
-            need = tr.nbytes / _bandwidth(self.problem, tr.channel)
-            covered = float(self.seconds[lo : hi + 1].sum()) if lo <= hi else 0.0
-            cost += max(0.0, need - covered)
-            if lo <= hi:
-                load = self.loads.get(tr.channel, np.zeros(self.problem.num_steps))[lo : hi + 1]
+        for channel, lo, hi, shares, uncovered in self._transfers(gi, option):
+            cost += uncovered
+            if shares is not None:
+                load = self.loads.get(channel)
+                if load is None:
+                    continue  # an idle channel: the window hides the copy
+                window = load[lo : hi + 1]
                 secs = self.seconds[lo : hi + 1]
-                before = np.maximum(load - secs, 0).sum()
-                after = np.maximum(load + self._shares(tr) - secs, 0).sum()
+                before = np.maximum(window - secs, 0).sum()
+                after = np.maximum(window + shares - secs, 0).sum()
                 cost += float(after - before)
         return cost
 
@@ -151,6 +182,8 @@ class _GreedyState:
                 saved = held - self._held_at(gi, option, t)
                 if saved <= 0:
                     continue
+                if minimize_memory and best is not None and saved < best[0] - 1:
+                    continue  # cannot win: time only breaks ties here
                 cost = self._added_time(gi, option)
                 score = saved / (cost + 1e-9) if not minimize_memory else saved - cost * 1e-3
                 if best is None or score > best[0]:

@@ -137,7 +137,9 @@ def _first_gap_options(problem: Problem, tensor: Tensor, events: list[int]) -> l
     """Persistent tensors: on the device for good (``home``) or fetched from a
     tier before the first use (and freed after the last)."""
     T = problem.num_steps
-    outside = _complement(events, 0, T - 1)
+    # before the first use and after the last; between uses the gaps' own ``keep``
+    # holds it (the model forces keep there when home is the device)
+    outside = [(lo, hi) for lo, hi in ((0, events[0] - 1), (events[-1] + 1, T - 1)) if lo <= hi]
     options = [Option(HOME, present=tuple(outside))]
     for tier in problem.tiers:
         window = _read_window(problem, tensor.nbytes, tier, 0, events[0])

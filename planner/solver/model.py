@@ -112,7 +112,9 @@ class PlacementModel:
             if worst[t] <= threshold:
                 continue
             fixed = math.ceil(self.cands.fixed[t] / self.unit)
-            expr = sum(math.ceil(b / self.unit) * v for v, b in terms[t])
+            row = terms[t]
+            expr = cp_model.LinearExpr.weighted_sum(
+                [v for v, _ in row], [math.ceil(b / self.unit) for _, b in row])
             self.model.add(expr + fixed <= budget_units)
             self.constrained_steps += 1
 
@@ -133,7 +135,8 @@ class PlacementModel:
         for (_, t), terms in loads.items():
             if t not in self.stall:
                 self.stall[t] = self.model.new_int_var(0, bound, f"stall{t}")
-            expr = sum(_time(share) * v for v, share in terms)
+            expr = cp_model.LinearExpr.weighted_sum(
+                [v for v, _ in terms], [_time(share) for _, share in terms])
             self.model.add(expr <= _time(steps[t].seconds) + self.stall[t])
 
     def _add_home_constraints(self) -> None:
@@ -222,6 +225,8 @@ class PlacementModel:
         solver.parameters.max_time_in_seconds = time_limit
         solver.parameters.max_deterministic_time = time_limit
         solver.parameters.num_workers = workers
+        # interleaved workers: the same portfolio, run deterministically
+        solver.parameters.interleave_search = True
         solver.parameters.random_seed = 0
         solver.parameters.relative_gap_limit = relative_gap
         solver.parameters.log_search_progress = log.isEnabledFor(logging.DEBUG)

@@ -107,6 +107,8 @@ class Plan:
     unplanned_estimated_seconds: float
     solver: SolverStats
     baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: resident bytes per step, as the validator replayed the plan
+    timeline: list[int] = field(default_factory=list)
     version: int = PLAN_VERSION
 
     def decision_of(self, name: str) -> TensorDecision:

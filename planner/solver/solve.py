@@ -36,7 +36,8 @@ class Candidate:
 
 def solve(problem: Problem, time_limit: float = DEFAULT_TIME_LIMIT,
           use_model: bool = True) -> Plan:
-    """Best plan for ``problem`` within ``time_limit`` seconds of CP-SAT search.
+    """Best plan for ``problem`` in about ``time_limit`` seconds (baselines, then
+    CP-SAT for what is left, at least a fifth of the limit).
 
     Raises BudgetTooSmall when not even the memory-minimizing plan fits; its
     ``min_budget`` is that plan's validated peak."""
@@ -44,12 +45,19 @@ def solve(problem: Problem, time_limit: float = DEFAULT_TIME_LIMIT,
     cands = build_candidates(problem)
     unplanned = _evaluate(cands, "keep-all", keep_all(cands), None)
     unplanned_peak, unplanned_seconds = _unplanned_figures(cands, unplanned)
-    results = [unplanned] + [
-        _evaluate(cands, name, fn(cands), None) for name, fn in BASELINES.items()
-        if name != "keep-all"
-    ]
-    # the memory-minimizing greedy: what makes a reported min_budget always plannable
-    results.append(_evaluate(cands, "greedy-min-memory", greedy(cands, budget=0), None))
+    results = [unplanned]
+    for name, fn in BASELINES.items():
+        if name == "greedy":
+            choices = greedy(cands, deadline=start + 0.5 * time_limit)
+        elif name != "keep-all":
+            choices = fn(cands)
+        else:
+            continue
+        results.append(_evaluate(cands, name, choices, None))
+    if not any(r.replay is not None for r in results):
+        # the memory-minimizing greedy (deterministic, budget-independent, no
+        # deadline): what makes a reported min_budget always plannable
+        results.append(_evaluate(cands, "greedy-min-memory", greedy(cands, budget=0), None))
     fitting = [r for r in results if r.replay is not None]
     best = min(fitting, key=lambda r: r.replay.seconds) if fitting else None  # type: ignore[union-attr]
     if best is not None and best.name == "keep-all":
@@ -61,10 +69,11 @@ def solve(problem: Problem, time_limit: float = DEFAULT_TIME_LIMIT,
         stats = SolverStats(name="baseline:" + best.name, status="BASELINE", seconds=0.0)  # type: ignore[union-attr]
     else:
         model = PlacementModel(cands)
-        hint = best.choices if best is not None else greedy(cands, budget=0)
+        hint = best.choices if best is not None else results[-1].choices
         log.info("solver: %d gaps, %d memory constraints; warm start %s",
                  len(cands.gaps), model.constrained_steps, best.name if best else "min-memory")
-        result = model.solve(max(0.1, time_limit - (time.perf_counter() - start)), hint=hint)
+        remaining = time_limit - (time.perf_counter() - start)
+        result = model.solve(max(0.2 * time_limit, remaining), hint=hint)
         stats = SolverStats(
             name="cp-sat", status=result.status, seconds=result.seconds,
             objective=result.objective_seconds, bound=result.bound_seconds,
@@ -118,6 +127,7 @@ def _evaluate(cands: Candidates, name: str, choices: list[str],
         return Candidate(name, choices, plan, None, str(exc))
     plan.predicted_peak_bytes = replay.peak_bytes
     plan.estimated_seconds = replay.seconds
+    plan.timeline = list(replay.resident_bytes)
     return Candidate(name, choices, plan, replay)
 
 
@@ -130,15 +140,12 @@ def _unplanned_figures(cands: Candidates, keep: Candidate) -> tuple[int, float]:
 
 
 def _raise_too_small(cands: Candidates, time_limit: float, proven: bool = False) -> None:
-    """Find the smallest budget we can plan for (the memory-minimizing model,
-    warm-started from the memory-minimizing greedy) and say so."""
+    """Say how small a budget we can plan for, and the bound below which none can."""
     problem = cands.problem
+    # The memory-minimizing greedy is deterministic and does not depend on the
+    # budget, and solve() always evaluates it: a budget of its peak is always
+    # plannable, which is what min_budget promises.
     lowest = _replay_unbounded(cands, greedy(cands, budget=0)).peak_bytes
-    result = PlacementModel(cands, minimize_peak=True).solve(min(time_limit, 15.0))
-    if result.objective_seconds is not None:
-        # the model's own (conservative) accounting of its best plan: a budget of
-        # this many bytes admits that plan again, so the caller can use it
-        lowest = min(lowest, int(round(result.objective_seconds)))
     lower_bound = lower_bound_bytes(cands)
     why = "no plan exists" if proven else "no plan was found"
     msg = (

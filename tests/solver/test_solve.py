@@ -150,9 +150,7 @@ def _strip_timing(plan: Plan) -> dict:
 
 
 @pytest.mark.parametrize("source, repeats", [
-    pytest.param("residual", 20, marks=pytest.mark.xfail(strict=True, reason=(
-        "model.py PlacementModel.solve: num_workers=2 without interleave_search; "
-        "parallel CP-SAT returns different optimal solutions run to run"))),
+    ("residual", 20),
     ("synthetic", 2),
 ])
 def test_deterministic(source: str, repeats: int) -> None:
@@ -200,10 +198,6 @@ def test_model_rejects_keep_all_over_budget(source: str) -> None:
     assert result.choices is None, "the model accepts keep-all above the budget"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "candidates.py _first_gap_options: HOME's `present` is every step outside the "
-    "weight's uses, so inside a later gap the model counts a device-homed weight "
-    "twice (HOME and that gap's KEEP)"))
 def test_model_accounts_keep_all_like_the_validator() -> None:
     """With every gap at keep/home the model's bytes per step equal the replay's."""
     from planner.solver.model import _bytes_by_step

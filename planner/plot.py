@@ -1,0 +1,45 @@
+"""Residency over the steps against the budget, as a PNG (matplotlib)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from planner.passes.pipeline import Analysis
+from planner.solver.plan import Plan
+
+
+def plot_timeline(analysis: Analysis, plan: Plan | None, path: str | Path,
+                  measured_peak: int | None = None) -> Path:
+    """Unplanned and planned resident bytes per step, the budget, and the peak the
+    independent meter measured (a line: the meter sees the whole call, not steps)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - matplotlib is a test dependency
+        raise RuntimeError("--plot needs matplotlib: pip install 'planner[plot]'") from exc
+    mib = 2**20
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    steps = range(len(analysis.timeline.resident_bytes))
+    ax.plot(steps, [b / mib for b in analysis.timeline.resident_bytes], color="0.6",
+            label="unplanned")
+    if plan is not None and plan.timeline:
+        ax.plot(range(len(plan.timeline)), [b / mib for b in plan.timeline], color="C0",
+                label="planned")
+        ax.axhline(plan.budget_bytes / mib, color="C3", linestyle="--", label="budget")
+    if measured_peak is not None:
+        ax.axhline(measured_peak / mib, color="C2", linestyle=":", label="measured peak")
+    backward = analysis.program.backward_start()
+    if backward < analysis.program.num_steps:
+        ax.axvline(backward, color="0.8", linewidth=0.8)
+        ax.text(backward, ax.get_ylim()[1] * 0.97, " backward", va="top", fontsize=8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("resident MiB")
+    ax.set_title(f"planner: {analysis.program.mode}, {analysis.program.num_steps} steps")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
