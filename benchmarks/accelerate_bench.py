@@ -61,6 +61,7 @@ MiB = 1 << 20
 
 # ----------------------------------------------------------------------------- model
 
+
 def make_model(blocks: int, width: int, device: str | None = None) -> torch.nn.Sequential:
     layers: list[torch.nn.Module] = []
     with torch.device(device) if device else contextlib.nullcontext():
@@ -80,6 +81,7 @@ def fresh_model(blocks: int, width: int, state: dict[str, torch.Tensor]) -> torc
 
 
 # ----------------------------------------------------------------------- page cache
+
 
 def drop_page_cache(directory: str | os.PathLike[str] | None) -> int:
     """Write back and drop the cached pages of every file under ``directory``."""
@@ -105,11 +107,11 @@ def drop_page_cache(directory: str | os.PathLike[str] | None) -> int:
 def dir_bytes(directory: str | os.PathLike[str] | None) -> int:
     if directory is None:
         return 0
-    return sum(os.path.getsize(os.path.join(r, f))
-               for r, _, fs in os.walk(directory) for f in fs)
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(directory) for f in fs)
 
 
 # ------------------------------------------------------------------------- systems
+
 
 @dataclass
 class System:
@@ -140,14 +142,23 @@ def eager_system(model: torch.nn.Module) -> System:
     def fn(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return model(x)
+
     return System("eager (all weights resident, no budget)", fn, model, None, 0.0)
 
 
-def planner_system(name: str, model: torch.nn.Module, budget: int, x: torch.Tensor,
-                   root: str, profile: Any, time_limit: float) -> System:
+def planner_system(
+    name: str,
+    model: torch.nn.Module,
+    budget: int,
+    x: torch.Tensor,
+    root: str,
+    profile: Any,
+    time_limit: float,
+) -> System:
     start = time.perf_counter()
-    pm = planner.plan(model, budget, (x,), mode="infer", offload_dir=root, profile=profile,
-                      time_limit=time_limit)
+    pm = planner.plan(
+        model, budget, (x,), mode="infer", offload_dir=root, profile=profile, time_limit=time_limit
+    )
     setup = time.perf_counter() - start
     sysm = System(name, pm, pm, str(pm.offload_dir), setup, close=pm.close)
     # count the seconds the executor blocks in rt.wait (prefetch not yet done): the
@@ -191,12 +202,16 @@ def planner_system(name: str, model: torch.nn.Module, budget: int, x: torch.Tens
         "solver": f"{plan.solver.name} {plan.solver.status} {plan.solver.seconds:.2f}s",
         "homes": homes,
         "prefetches": sum(1 for a in plan.actions if a.kind == "prefetch"),
-        "baselines (est. s)": {k: (round(v["seconds"], 3) if v.get("fits") else "no fit")
-                               for k, v in plan.baselines.items()},
+        "baselines (est. s)": {
+            k: (round(v["seconds"], 3) if v.get("fits") else "no fit")
+            for k, v in plan.baselines.items()
+        },
     }
-    sysm.note = (f"budget {plan.budget_bytes / MiB:.0f} MiB; predicted peak "
-                 f"{plan.predicted_peak_bytes / MiB:.0f} MiB; estimated "
-                 f"{plan.estimated_seconds:.2f} s; weights by home {homes}")
+    sysm.note = (
+        f"budget {plan.budget_bytes / MiB:.0f} MiB; predicted peak "
+        f"{plan.predicted_peak_bytes / MiB:.0f} MiB; estimated "
+        f"{plan.estimated_seconds:.2f} s; weights by home {homes}"
+    )
     return sysm
 
 
@@ -237,9 +252,15 @@ def accelerate_disk_system(model: torch.nn.Module, root: str) -> System:
         with torch.no_grad():
             return model(x)
 
-    s = System("accelerate disk_offload", fn, model, d, setup,
-               note="every weight on disk; loaded by a pre-forward hook, no prefetch",
-               close=lambda: shutil.rmtree(d, ignore_errors=True))
+    s = System(
+        "accelerate disk_offload",
+        fn,
+        model,
+        d,
+        setup,
+        note="every weight on disk; loaded by a pre-forward hook, no prefetch",
+        close=lambda: shutil.rmtree(d, ignore_errors=True),
+    )
     s.blocked = _ACCEL_LOAD
     s.loading = _ACCEL_LOAD_CPU
     return s
@@ -263,9 +284,15 @@ def accelerate_map_system(model: torch.nn.Module, budget: int, root: str) -> Sys
         with torch.no_grad():
             return model(x)
 
-    s = System(f'accelerate max_memory={{"cpu": {budget / MiB:.0f} MiB}} + disk', fn, model,
-               d, setup, note=f"device map (modules per device): {where}",
-               close=lambda: shutil.rmtree(d, ignore_errors=True))
+    s = System(
+        f'accelerate max_memory={{"cpu": {budget / MiB:.0f} MiB}} + disk',
+        fn,
+        model,
+        d,
+        setup,
+        note=f"device map (modules per device): {where}",
+        close=lambda: shutil.rmtree(d, ignore_errors=True),
+    )
     s.extra = {"device_map": device_map}
     s.blocked = _ACCEL_LOAD
     s.loading = _ACCEL_LOAD_CPU
@@ -274,14 +301,22 @@ def accelerate_map_system(model: torch.nn.Module, budget: int, root: str) -> Sys
 
 # --------------------------------------------------------------------- measurement
 
+
 def check_and_meter(s: System, x: torch.Tensor, ref: torch.Tensor) -> None:
     out, m = measure(lambda: s.fn(x), s.module, x)
     s.peak, s.resident, s.metered_seconds = m.peak_bytes, m.resident_bytes, m.seconds
     s.equal = bool(torch.equal(out, ref))
     s.allclose = bool(torch.allclose(out, ref, rtol=1e-5, atol=1e-5))
     s.max_abs_diff = float((out - ref).abs().max())
-    log.info("%s: peak %.1f MiB (resident %.1f), equal=%s allclose=%s max|diff|=%.3g",
-             s.name, s.peak / MiB, s.resident / MiB, s.equal, s.allclose, s.max_abs_diff)
+    log.info(
+        "%s: peak %.1f MiB (resident %.1f), equal=%s allclose=%s max|diff|=%.3g",
+        s.name,
+        s.peak / MiB,
+        s.resident / MiB,
+        s.equal,
+        s.allclose,
+        s.max_abs_diff,
+    )
 
 
 def timed_call(s: System, x: torch.Tensor, cold: bool) -> float:
@@ -320,6 +355,7 @@ def fmt_s(v: float | None) -> str:
 
 # --------------------------------------------------------------------------- report
 
+
 def render(args: argparse.Namespace, systems: list[System], info: dict[str, Any]) -> str:
     eager = systems[0]
     planner_main = next((s for s in systems if s.name.startswith("planner")), None)
@@ -357,8 +393,11 @@ def render(args: argparse.Namespace, systems: list[System], info: dict[str, Any]
     for s in systems:
         c, w = med(s.cold), med(s.warm)
         e_warm = med(eager.warm)
-        vs = ("-" if c is None or not e_cold or not w or not e_warm
-              else f"{c / e_cold:.2f}x / {w / e_warm:.2f}x")
+        vs = (
+            "-"
+            if c is None or not e_cold or not w or not e_warm
+            else f"{c / e_cold:.2f}x / {w / e_warm:.2f}x"
+        )
         sp = "-"
         if planner_main is not None and s.name.startswith("accelerate") and c and w:
             pc, pw = med(planner_main.cold), med(planner_main.warm)
@@ -373,14 +412,18 @@ def render(args: argparse.Namespace, systems: list[System], info: dict[str, Any]
         peak = "-" if s.peak is None else f"{s.peak / MiB:.2f}"
         ratio = "-" if s.peak is None or s is eager else f"{s.peak / info['budget']:.2f}"
         wait = "-" if not s.waits else f"{statistics.median(s.waits):.2f}"
-        lines.append(f"| {s.name} | {fmt_s(c)} | {fmt_s(w)} | {wait} | {fmt_s(med(s.cpu))} | "
-                     f"{fmt_s(med(s.load_cpu))} | {vs} | {sp} | {peak} | "
-                     f"{ratio} | {outcome} | {s.setup_seconds:.1f} |")
+        lines.append(
+            f"| {s.name} | {fmt_s(c)} | {fmt_s(w)} | {wait} | {fmt_s(med(s.cpu))} | "
+            f"{fmt_s(med(s.load_cpu))} | {vs} | {sp} | {peak} | "
+            f"{ratio} | {outcome} | {s.setup_seconds:.1f} |"
+        )
     lines += ["", "All timings (s):", ""]
     for s in systems:
-        lines.append(f"- {s.name}: cold {[round(v, 2) for v in s.cold]}, warm "
-                     f"{[round(v, 2) for v in s.warm]}; metered run {s.metered_seconds or 0:.2f} s"
-                     + (f"; {s.note}" if s.note else ""))
+        lines.append(
+            f"- {s.name}: cold {[round(v, 2) for v in s.cold]}, warm "
+            f"{[round(v, 2) for v in s.warm]}; metered run {s.metered_seconds or 0:.2f} s"
+            + (f"; {s.note}" if s.note else "")
+        )
     for s in systems:
         if s.name.startswith("planner") and s.extra:
             lines += ["", f"{s.name}: plan says {s.extra}"]
@@ -391,19 +434,27 @@ def render(args: argparse.Namespace, systems: list[System], info: dict[str, Any]
 
 # ----------------------------------------------------------------------------- main
 
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--blocks", type=int, default=16)
     ap.add_argument("--width", type=int, default=4096)
     ap.add_argument("--tokens", type=int, default=512)
-    ap.add_argument("--budget", default="256MiB", help='bytes, "256MiB", or a share "25%%" '
-                    "of the weights")
+    ap.add_argument(
+        "--budget", default="256MiB", help='bytes, "256MiB", or a share "25%%" of the weights'
+    )
     ap.add_argument("--repeats", type=int, default=3, help="timed forwards per mode")
     ap.add_argument("--time-limit", type=float, default=10.0, help="planner solver seconds")
-    ap.add_argument("--calibrate", action="store_true",
-                    help="calibrate (quick) now instead of using the saved profile")
-    ap.add_argument("--no-match", action="store_true",
-                    help="skip planner at Accelerate disk_offload's measured peak")
+    ap.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="calibrate (quick) now instead of using the saved profile",
+    )
+    ap.add_argument(
+        "--no-match",
+        action="store_true",
+        help="skip planner at Accelerate disk_offload's measured peak",
+    )
     ap.add_argument("--offload-root", default=None, help="parent of all offload dirs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write the markdown here")
@@ -414,12 +465,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import accelerate
 
-    info: dict[str, Any] = {"accelerate": accelerate.__version__,
-                            "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
-                            "load_start": load_line()}
+    info: dict[str, Any] = {
+        "accelerate": accelerate.__version__,
+        "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+        "load_start": load_line(),
+    }
     log.info("load: %s", info["load_start"])
     if args.calibrate or not default_profile_path().is_file():
         from planner.runtime.calibrate import calibrate
+
         profile: Any = calibrate(quick=True)
         info["profile"] = "calibrate(quick=True), this run"
     else:
@@ -445,43 +499,70 @@ def main(argv: list[str] | None = None) -> int:
         systems.append(eager)
         _instrument_accelerate()
         log.info("planning (budget %d MiB)...", budget // MiB)
-        systems.append(planner_system(f"planner @ {budget / MiB:.0f} MiB budget",
-                                      fresh_model(args.blocks, args.width, state), budget, x,
-                                      root, profile, args.time_limit))
+        systems.append(
+            planner_system(
+                f"planner @ {budget / MiB:.0f} MiB budget",
+                fresh_model(args.blocks, args.width, state),
+                budget,
+                x,
+                root,
+                profile,
+                args.time_limit,
+            )
+        )
         log.info("accelerate disk_offload...")
         acc_disk = accelerate_disk_system(fresh_model(args.blocks, args.width, state), root)
         systems.append(acc_disk)
         log.info("accelerate max_memory map...")
-        systems.append(accelerate_map_system(fresh_model(args.blocks, args.width, state),
-                                             budget, root))
+        systems.append(
+            accelerate_map_system(fresh_model(args.blocks, args.width, state), budget, root)
+        )
         for s in systems:
             s.fn(x)  # warm-up (also builds any lazy state)
             check_and_meter(s, x, ref)
         if not args.no_match and acc_disk.peak is not None:
             target = acc_disk.peak
             try:
-                s = planner_system(f"planner @ {target / MiB:.0f} MiB (= disk_offload's peak)",
-                                   fresh_model(args.blocks, args.width, state), target, x, root,
-                                   profile, args.time_limit)
+                s = planner_system(
+                    f"planner @ {target / MiB:.0f} MiB (= disk_offload's peak)",
+                    fresh_model(args.blocks, args.width, state),
+                    target,
+                    x,
+                    root,
+                    profile,
+                    args.time_limit,
+                )
                 s.fn(x)
                 check_and_meter(s, x, ref)
                 systems.append(s)
             except BudgetTooSmall as exc:
-                info["match_note"] = (f"planner at Accelerate disk_offload's measured peak "
-                                      f"({target / MiB:.1f} MiB): BudgetTooSmall, min_budget="
-                                      f"{exc.min_budget}: {exc}")
+                info["match_note"] = (
+                    f"planner at Accelerate disk_offload's measured peak "
+                    f"({target / MiB:.1f} MiB): BudgetTooSmall, min_budget="
+                    f"{exc.min_budget}: {exc}"
+                )
                 log.info(info["match_note"])
                 if exc.min_budget:
                     low = int(exc.min_budget)
-                    s = planner_system(f"planner @ {low / MiB:.1f} MiB (its smallest budget)",
-                                       fresh_model(args.blocks, args.width, state), low, x,
-                                       root, profile, args.time_limit)
+                    s = planner_system(
+                        f"planner @ {low / MiB:.1f} MiB (its smallest budget)",
+                        fresh_model(args.blocks, args.width, state),
+                        low,
+                        x,
+                        root,
+                        profile,
+                        args.time_limit,
+                    )
                     s.fn(x)
                     check_and_meter(s, x, ref)
                     systems.append(s)
         for s in systems:
-            log.info("offload dir of %s: %s (%.0f MiB)", s.name, s.offload_dir,
-                     dir_bytes(s.offload_dir) / MiB)
+            log.info(
+                "offload dir of %s: %s (%.0f MiB)",
+                s.name,
+                s.offload_dir,
+                dir_bytes(s.offload_dir) / MiB,
+            )
         for r in range(args.repeats):
             for cold in (True, False):
                 for s in systems:

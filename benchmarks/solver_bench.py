@@ -75,8 +75,11 @@ def exact_solve(problem: Problem, time_limit: float) -> tuple[str, float | None,
     cands = build_candidates(problem)
     fitting = [_evaluate(cands, name, fn(cands), None) for name, fn in BASELINES.items()]
     fitting = [c for c in fitting if c.replay is not None]
-    hint = (min(fitting, key=lambda c: c.replay.seconds).choices  # type: ignore[union-attr]
-            if fitting else greedy(cands, budget=0))
+    hint = (
+        min(fitting, key=lambda c: c.replay.seconds).choices  # type: ignore[union-attr]
+        if fitting
+        else greedy(cands, budget=0)
+    )
     result = PlacementModel(cands).solve(time_limit, hint=hint, relative_gap=0.0)
     seconds = None
     if result.choices is not None:
@@ -86,13 +89,18 @@ def exact_solve(problem: Problem, time_limit: float) -> tuple[str, float | None,
     return result.status, seconds, time.perf_counter() - start
 
 
-def run_case(name: str, base: Problem, fraction: float, time_limit: float,
-             exact_limit: float | None) -> dict:
+def run_case(
+    name: str, base: Problem, fraction: float, time_limit: float, exact_limit: float | None
+) -> dict:
     peak, plain = unplanned_peak(base), unplanned_seconds(base)
     problem = with_budget(base, int(peak * fraction))
     cands_gaps = len(build_candidates(problem).gaps)
-    row: dict[str, str] = {"graph": name, "steps": str(problem.num_steps),
-                           "gaps": str(cands_gaps), "budget": f"{fraction:.0%}"}
+    row: dict[str, str] = {
+        "graph": name,
+        "steps": str(problem.num_steps),
+        "gaps": str(cands_gaps),
+        "budget": f"{fraction:.0%}",
+    }
     start = time.perf_counter()
     try:
         plan = solve(problem, time_limit=time_limit)
@@ -100,9 +108,19 @@ def run_case(name: str, base: Problem, fraction: float, time_limit: float,
         wall = time.perf_counter() - start
         for b in BASELINE_NAMES:
             row[b] = "-"
-        row.update({"plan": f"too small (min {exc.min_budget / peak:.0%})", "kept": "",
-                    "status": "", "objective": "", "bound": "", "gap": "",
-                    "wall s": f"{wall:.1f}", "exact": "", "vs exact": ""})
+        row.update(
+            {
+                "plan": f"too small (min {exc.min_budget / peak:.0%})",
+                "kept": "",
+                "status": "",
+                "objective": "",
+                "bound": "",
+                "gap": "",
+                "wall s": f"{wall:.1f}",
+                "exact": "",
+                "vs exact": "",
+            }
+        )
         return row
     wall = time.perf_counter() - start
     for b in BASELINE_NAMES:
@@ -110,8 +128,13 @@ def run_case(name: str, base: Problem, fraction: float, time_limit: float,
         row[b] = f"{entry['seconds'] / plain:.3f}" if entry["fits"] else "-"
     s = plan.solver
     row["plan"] = f"{plan.estimated_seconds / plain:.3f}"
-    row["kept"] = ("cp-sat" if s.name == "cp-sat" else
-                   s.name.split("kept baseline ")[-1].rstrip(")") if "kept" in s.name else s.name)
+    row["kept"] = (
+        "cp-sat"
+        if s.name == "cp-sat"
+        else s.name.split("kept baseline ")[-1].rstrip(")")
+        if "kept" in s.name
+        else s.name
+    )
     row["status"] = s.status
     row["objective"] = "" if s.objective is None else f"{s.objective * 1e3:.3f}ms"
     row["bound"] = "" if s.bound is None else f"{s.bound * 1e3:.3f}ms"
@@ -149,10 +172,16 @@ def cases(quick: bool) -> list[tuple[str, Callable[[], Problem], float, bool]]:
         for kind in KINDS:
             fractions = budgets if n <= 500 else (0.7,)
             for f in fractions:
-                out.append((f"{kind} {n}", lambda k=kind, m=n: synthetic_problem(k, m), f,
-                            n <= (100 if quick else 1000)))
+                out.append(
+                    (
+                        f"{kind} {n}",
+                        lambda k=kind, m=n: synthetic_problem(k, m),
+                        f,
+                        n <= (100 if quick else 1000),
+                    )
+                )
     for name in EXAMPLES:
-        for f in ((0.7, 0.5) if quick else budgets):
+        for f in (0.7, 0.5) if quick else budgets:
             out.append((f"{name} train", lambda e=name: example_problem(e), f, True))
     return out
 
@@ -162,8 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="sizes 100 and 500, fewer budgets")
     ap.add_argument("--out", type=Path, help="also write the markdown table here")
     ap.add_argument("--time-limit", type=float, default=DEFAULT_TIME_LIMIT)
-    ap.add_argument("--exact-limit", type=float, default=None,
-                    help="seconds for the exact solve (default 30 with --quick, else 120)")
+    ap.add_argument(
+        "--exact-limit",
+        type=float,
+        default=None,
+        help="seconds for the exact solve (default 30 with --quick, else 120)",
+    )
     ap.add_argument("--only", default="", help="run only cases whose name contains this")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -175,8 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if name not in built:
             built[name] = factory()
-        row = run_case(name, built[name], fraction, args.time_limit,
-                       exact_limit if exact else None)
+        row = run_case(name, built[name], fraction, args.time_limit, exact_limit if exact else None)
         rows.append(row)
         print(" | ".join(f"{k}={v}" for k, v in row.items()), file=sys.stderr, flush=True)
         if args.out:  # rewrite as we go, so a long run leaves its finished rows

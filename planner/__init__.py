@@ -6,12 +6,12 @@ See README.md. The stages: ``planner.ir`` (capture, IR) -> ``planner.passes``
 """
 
 from planner.api import analyze, make_plan, measure_unplanned, plan, report
-from planner.planned_module import PlannedModule
-from planner.solver.plan import Plan
 from planner.budget import parse_budget
 from planner.errors import BudgetTooSmall, CaptureError, InvalidPlan, PlannerError
 from planner.passes.device_profile import DeviceProfile, get_profile
+from planner.planned_module import PlannedModule
 from planner.report import Report
+from planner.solver.plan import Plan
 
 __version__ = "0.1.0"
 

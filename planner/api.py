@@ -5,19 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
+from planner.budget import parse_budget
 from planner.ir.capture import capture, normalize_example_inputs
 from planner.passes.device_profile import DeviceProfile, get_profile
 from planner.passes.pipeline import Analysis
 from planner.passes.pipeline import analyze as analyze_captured
-from torch.utils import _pytree as pytree
-
-from planner.budget import parse_budget
-from planner.errors import PlannerError
 from planner.planned_module import PlannedModule
-from planner.runtime.store import check_offload_dir
 from planner.report import Report
 from planner.runtime.meter import Measurement, measure, measure_training_step
+from planner.runtime.store import check_offload_dir
 from planner.solver import DEFAULT_TIME_LIMIT, Plan, from_program, solve
 from planner.solver.solve import keep_all_peak
 
@@ -73,10 +71,12 @@ def make_plan(
     analysis = analyze(model, example_inputs, mode, profile)
     if isinstance(budget, str) and budget.strip().endswith("%"):
         # a share of what the executor would hold with nothing moved
-        probe = from_program(analysis.program, analysis.unplanned_peak_bytes,
-                             analysis.profile, quantize)
-        budget_bytes = parse_budget(budget, max(keep_all_peak(probe),
-                                                analysis.unplanned_peak_bytes))
+        probe = from_program(
+            analysis.program, analysis.unplanned_peak_bytes, analysis.profile, quantize
+        )
+        budget_bytes = parse_budget(
+            budget, max(keep_all_peak(probe), analysis.unplanned_peak_bytes)
+        )
     else:
         budget_bytes = parse_budget(budget, analysis.unplanned_peak_bytes)
     problem = from_program(analysis.program, budget_bytes, analysis.profile, quantize)
@@ -102,12 +102,13 @@ def plan(
     """
     if offload_dir is not None:
         check_offload_dir(offload_dir)
-    analysis, solved = make_plan(model, budget, example_inputs, mode, profile, quantize,
-                                 time_limit)
+    analysis, solved = make_plan(model, budget, example_inputs, mode, profile, quantize, time_limit)
     problem = from_program(analysis.program, solved.budget_bytes, analysis.profile, quantize)
     args, kwargs = normalize_example_inputs(example_inputs)
-    device = next((t.device for t in pytree.tree_leaves((args, kwargs))
-                   if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    device = next(
+        (t.device for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)),
+        torch.device("cpu"),
+    )
     return PlannedModule(model, analysis, problem, solved, offload_dir, device)
 
 

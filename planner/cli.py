@@ -57,16 +57,20 @@ def load_factory(spec: str) -> tuple[Any, Any]:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from planner.api import make_plan, report
-    from planner.report import Report
-
-    from planner.api import analyze, plan as plan_module
+    from planner.api import analyze, report
+    from planner.api import plan as plan_module
 
     model, example_inputs = load_factory(args.factory)
     if args.budget is not None:
-        pm = plan_module(model, args.budget, example_inputs, mode=args.mode,
-                         profile=args.profile, quantize=args.quantize,
-                         time_limit=args.time_limit)
+        pm = plan_module(
+            model,
+            args.budget,
+            example_inputs,
+            mode=args.mode,
+            profile=args.profile,
+            quantize=args.quantize,
+            time_limit=args.time_limit,
+        )
         try:
             args_, kwargs_ = _split_inputs(example_inputs)
             if args.mode == "train":
@@ -80,8 +84,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
             if args.plot:
                 from planner.plot import plot_timeline
 
-                plot_timeline(pm.analysis, pm.plan, args.plot,
-                              pm.measured.peak_bytes if pm.measured else None)
+                plot_timeline(
+                    pm.analysis, pm.plan, args.plot, pm.measured.peak_bytes if pm.measured else None
+                )
         finally:
             pm.close()
     else:
@@ -91,8 +96,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
         if args.plot:
             from planner.plot import plot_timeline
 
-            plot_timeline(analyze(model, example_inputs, args.mode, args.profile), None,
-                          args.plot, result.measured["peak_bytes"] if result.measured else None)
+            plot_timeline(
+                analyze(model, example_inputs, args.mode, args.profile),
+                None,
+                args.plot,
+                result.measured["peak_bytes"] if result.measured else None,
+            )
     if args.json:
         print(result.to_json())
     else:
@@ -138,16 +147,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="device profile: h100, a100, rtx4090, t4, cpu, or a JSON path "
         "(default: the calibrated one, else this machine's built-in)",
     )
-    rep.add_argument("--budget", default=None,
-                     help="plan under this budget: bytes, '512MiB', '2GB' or '60%%' of the "
-                          "unplanned peak")
-    rep.add_argument("--quantize", default=None, choices=("int8", "int4"),
-                     help="allow lossy quantized storage in this format")
-    rep.add_argument("--time-limit", type=float, default=20.0,
-                     help="seconds of solver search (default 20)")
+    rep.add_argument(
+        "--budget",
+        default=None,
+        help="plan under this budget: bytes, '512MiB', '2GB' or '60%%' of the unplanned peak",
+    )
+    rep.add_argument(
+        "--quantize",
+        default=None,
+        choices=("int8", "int4"),
+        help="allow lossy quantized storage in this format",
+    )
+    rep.add_argument(
+        "--time-limit", type=float, default=20.0, help="seconds of solver search (default 20)"
+    )
     rep.add_argument("--save-plan", default=None, help="write the plan as JSON here")
-    rep.add_argument("--plot", default=None, metavar="PNG",
-                     help="draw planned (and unplanned) residency per step against the budget")
+    rep.add_argument(
+        "--plot",
+        default=None,
+        metavar="PNG",
+        help="draw planned (and unplanned) residency per step against the budget",
+    )
     rep.set_defaults(run=_cmd_report)
 
     cal = sub.add_parser("calibrate", help="measure this machine and save a device profile")
@@ -169,9 +189,6 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore")
     try:
         return args.run(args)
-    except BudgetTooSmall as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
     except BudgetTooSmall as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3

@@ -40,9 +40,15 @@ def _close(engine: CopyEngine, disk: DiskStore) -> None:
 
 
 class PlannedModule(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module, analysis: Analysis, problem: Problem,
-                 plan: Plan, offload_dir: str | None = None,
-                 device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        analysis: Analysis,
+        problem: Problem,
+        plan: Plan,
+        offload_dir: str | None = None,
+        device: torch.device | None = None,
+    ) -> None:
         super().__init__()
         captured = analysis.captured
         self.mode = captured.mode
@@ -53,13 +59,20 @@ class PlannedModule(torch.nn.Module):
         self._in_spec = captured.in_spec
         self._out_spec = captured.out_spec
         program = analysis.program
-        self._input_meta = [(program.values[v].shape, program.values[v].dtype)
-                            for v in program.inputs if program.values[v].kind is ValueKind.INPUT]
+        self._input_meta = [
+            (program.values[v].shape, program.values[v].dtype)
+            for v in program.inputs
+            if program.values[v].kind is ValueKind.INPUT
+        ]
         self._num_buffer_updates = sum(
-            1 for r in captured.output_roles if r is not None and r.source
-            and r.source.endswith("(updated)"))
-        self._buffer_updates = [r.source.removesuffix(" (updated)")  # type: ignore[union-attr]
-                                for r in captured.output_roles[: self._num_buffer_updates]]
+            1
+            for r in captured.output_roles
+            if r is not None and r.source and r.source.endswith("(updated)")
+        )
+        self._buffer_updates = [
+            r.source.removesuffix(" (updated)")  # type: ignore[union-attr]
+            for r in captured.output_roles[: self._num_buffer_updates]
+        ]
         self.executor: Executor = emit_executor(program, captured.graph_module, problem, plan)
         disk = DiskStore(offload_dir)
         try:
@@ -135,9 +148,11 @@ class PlannedModule(torch.nn.Module):
     def report(self) -> Report:
         report = Report.from_plan(self.analysis, self.plan)
         if self.measured is not None:
-            report.measured = {"peak_bytes": self.measured.peak_bytes,
-                               "seconds": self.measured.seconds,
-                               "wall_seconds": self.measured_seconds}
+            report.measured = {
+                "peak_bytes": self.measured.peak_bytes,
+                "seconds": self.measured.seconds,
+                "wall_seconds": self.measured_seconds,
+            }
         return report
 
     def _flat_inputs(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -159,7 +174,8 @@ class PlannedModule(torch.nn.Module):
         captured = self.analysis.captured
         forward_values = program.outputs[: program.num_forward_outputs]
         self._tangent_positions = [
-            i for i, v in enumerate(forward_values)
+            i
+            for i, v in enumerate(forward_values)
             if i >= self._num_buffer_updates
             and program.values[v].dtype.startswith(("float", "bfloat", "complex"))
         ]
@@ -167,12 +183,13 @@ class PlannedModule(torch.nn.Module):
             raise PlannerError(
                 f"cannot match the model's {len(self._tangent_positions)} floating-point "
                 f"outputs to the {len(self.executor.tangent_values)} gradients the captured "
-                f"backward expects; return only tensors that need gradients from forward()")
+                f"backward expects; return only tensors that need gradients from forward()"
+            )
         out_node = next(n for n in reversed(captured.graph_module.graph.nodes) if n.op == "output")
         flat = pytree.tree_leaves(out_node.args[0], is_leaf=lambda x: x is None)
         self._grad_slots: list[int | None] = []
         k = 0
-        for node in flat[captured.num_forward_outputs:]:
+        for node in flat[captured.num_forward_outputs :]:
             if isinstance(node, torch.fx.Node):
                 self._grad_slots.append(k)
                 k += 1
@@ -186,18 +203,19 @@ class PlannedModule(torch.nn.Module):
             with torch.no_grad():
                 for name, new in zip(self._buffer_updates, outs[: self._num_buffer_updates]):
                     self._state[self._state_names.index(name)].copy_(new)
-            return pytree.tree_unflatten(outs[self._num_buffer_updates:], self._out_spec)
+            return pytree.tree_unflatten(outs[self._num_buffer_updates :], self._out_spec)
         with torch.no_grad():
             outs = self._fn(self._runtime, self._state, inputs)
             for name, new in zip(self._buffer_updates, outs[: self._num_buffer_updates]):
                 self._state[self._state_names.index(name)].copy_(new)
-        user = outs[self._num_buffer_updates:]
+        user = outs[self._num_buffer_updates :]
         return pytree.tree_unflatten(user, self._out_spec)
 
     def run_measured(self, *args: Any, **kwargs: Any) -> Any:
         """Call once under the independent memory meter; ``report`` then shows it."""
-        out, self.measured = measure(lambda: self(*args, **kwargs), self, (args, kwargs),
-                                     device=self.device.type)
+        out, self.measured = measure(
+            lambda: self(*args, **kwargs), self, (args, kwargs), device=self.device.type
+        )
         return out
 
     def time_call(self, *args: Any, repeats: int = 5, **kwargs: Any) -> float:
@@ -222,8 +240,11 @@ class PlannedModule(torch.nn.Module):
 
         def step() -> Any:
             out = self(*args, **kwargs)
-            leaves = [t for t in pytree.tree_leaves(out)
-                      if isinstance(t, torch.Tensor) and t.requires_grad]
+            leaves = [
+                t
+                for t in pytree.tree_leaves(out)
+                if isinstance(t, torch.Tensor) and t.requires_grad
+            ]
             sum(t.sum() for t in leaves).backward()  # type: ignore[union-attr]
             return out
 
@@ -245,7 +266,8 @@ def _release(model: torch.nn.Module, fqn: str) -> None:
     if leaf in owner._parameters and owner._parameters[leaf] is not None:
         old = owner._parameters[leaf]
         owner._parameters[leaf] = torch.nn.Parameter(
-            torch.empty_like(old, device="meta"), requires_grad=old.requires_grad)
+            torch.empty_like(old, device="meta"), requires_grad=old.requires_grad
+        )
     elif leaf in owner._buffers and owner._buffers[leaf] is not None:
         owner._buffers[leaf] = torch.empty_like(owner._buffers[leaf], device="meta")
 
@@ -268,8 +290,10 @@ class _PlannedStep(torch.autograd.Function):
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple:  # type: ignore[override]
         pm: PlannedModule = ctx.pm
         if ctx.carry is None:
-            raise PlannerError("backward through a planned step twice is not supported "
-                               "(its saved tensors were freed by the first backward)")
+            raise PlannerError(
+                "backward through a planned step twice is not supported "
+                "(its saved tensors were freed by the first backward)"
+            )
         tangents = []
         forward_values = pm.analysis.program.outputs[: pm.analysis.program.num_forward_outputs]
         for i in pm._tangent_positions:

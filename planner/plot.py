@@ -8,8 +8,9 @@ from planner.passes.pipeline import Analysis
 from planner.solver.plan import Plan
 
 
-def plot_timeline(analysis: Analysis, plan: Plan | None, path: str | Path,
-                  measured_peak: int | None = None) -> Path:
+def plot_timeline(
+    analysis: Analysis, plan: Plan | None, path: str | Path, measured_peak: int | None = None
+) -> Path:
     """Unplanned and planned resident bytes per step, the budget, and the peak the
     independent meter measured (a line: the meter sees the whole call, not steps)."""
     try:
@@ -22,11 +23,13 @@ def plot_timeline(analysis: Analysis, plan: Plan | None, path: str | Path,
     mib = 2**20
     fig, ax = plt.subplots(figsize=(10, 4.5))
     steps = range(len(analysis.timeline.resident_bytes))
-    ax.plot(steps, [b / mib for b in analysis.timeline.resident_bytes], color="0.6",
-            label="unplanned")
+    ax.plot(
+        steps, [b / mib for b in analysis.timeline.resident_bytes], color="0.6", label="unplanned"
+    )
     if plan is not None and plan.timeline:
-        ax.plot(range(len(plan.timeline)), [b / mib for b in plan.timeline], color="C0",
-                label="planned")
+        ax.plot(
+            range(len(plan.timeline)), [b / mib for b in plan.timeline], color="C0", label="planned"
+        )
         ax.axhline(plan.budget_bytes / mib, color="C3", linestyle="--", label="budget")
     if measured_peak is not None:
         ax.axhline(measured_peak / mib, color="C2", linestyle=":", label="measured peak")

@@ -195,8 +195,10 @@ def _solver_line(solver: dict[str, Any]) -> str:
     if solver.get("seconds"):
         line += f" in {solver['seconds']:.1f} s"
     if solver.get("objective") is not None and solver.get("bound") is not None:
-        line += (f", objective {solver['objective'] * 1e3:.3f} ms added, "
-                 f"bound {solver['bound'] * 1e3:.3f} ms")
+        line += (
+            f", objective {solver['objective'] * 1e3:.3f} ms added, "
+            f"bound {solver['bound'] * 1e3:.3f} ms"
+        )
         if solver.get("gap") is not None:
             line += f", gap {solver['gap'] * 100:.1f}%"
     return line
@@ -219,21 +221,26 @@ def summary_lines(report: Report) -> list[str]:
         lines.append("plans compared (estimated time, peak):")
     for name, result in report.baselines.items():
         if result.get("fits"):
-            lines.append(f"  {name + ':':20s}{result['seconds'] * 1e3:9.2f} ms  "
-                         f"{format_bytes(result['peak_bytes'])}")
+            lines.append(
+                f"  {name + ':':20s}{result['seconds'] * 1e3:9.2f} ms  "
+                f"{format_bytes(result['peak_bytes'])}"
+            )
         else:
             lines.append(f"  {name + ':':20s}does not fit the budget")
     if report.measured:
         m = report.measured
         predicted = report.planned_peak_bytes
-        line = (f"measured peak:      {format_bytes(m['peak_bytes'])} "
-                f"(predicted/measured {predicted / m['peak_bytes']:.3f}, independent meter)")
+        line = (
+            f"measured peak:      {format_bytes(m['peak_bytes'])} "
+            f"(predicted/measured {predicted / m['peak_bytes']:.3f}, independent meter)"
+        )
         if report.budget_bytes:
-            line += " within budget" if m["peak_bytes"] <= report.budget_bytes else \
-                " OVER BUDGET"
+            line += " within budget" if m["peak_bytes"] <= report.budget_bytes else " OVER BUDGET"
         lines.append(line)
         if m.get("wall_seconds"):
-            lines.append(f"measured time:      {m['wall_seconds'] * 1e3:.2f} ms "
-                         f"(median, unmetered; estimate/measured "
-                         f"{report.estimated_seconds / m['wall_seconds']:.2f})")
+            lines.append(
+                f"measured time:      {m['wall_seconds'] * 1e3:.2f} ms "
+                f"(median, unmetered; estimate/measured "
+                f"{report.estimated_seconds / m['wall_seconds']:.2f})"
+            )
     return lines

@@ -80,9 +80,21 @@ def test_cli_bad_factory(spec: str, message: str) -> None:
 
 def test_cli_budget_plans(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
     plan_path = tmp_path / "plan.json"
-    code = main(["report", f"{EXAMPLES}/mlp.py:make_mlp", "--budget", "60%",
-                 "--json", "--profile", "cpu", "--time-limit", "10", "--save-plan",
-                 str(plan_path)])
+    code = main(
+        [
+            "report",
+            f"{EXAMPLES}/mlp.py:make_mlp",
+            "--budget",
+            "60%",
+            "--json",
+            "--profile",
+            "cpu",
+            "--time-limit",
+            "10",
+            "--save-plan",
+            str(plan_path),
+        ]
+    )
     assert code == 0
     data = json.loads(capsys.readouterr().out)
     assert data["budget_bytes"] == int(data["unplanned_peak_bytes"] * 0.6)
@@ -93,8 +105,18 @@ def test_cli_budget_plans(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
 
 
 def test_cli_budget_too_small(capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["report", f"{EXAMPLES}/mlp.py:make_mlp", "--budget", "1KiB",
-                 "--profile", "cpu", "--time-limit", "5"])
+    code = main(
+        [
+            "report",
+            f"{EXAMPLES}/mlp.py:make_mlp",
+            "--budget",
+            "1KiB",
+            "--profile",
+            "cpu",
+            "--time-limit",
+            "5",
+        ]
+    )
     assert code == 3
     assert "smallest budget a plan was found for" in capsys.readouterr().err
 

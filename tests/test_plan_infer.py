@@ -51,7 +51,8 @@ def test_examples_fit_and_match_eager(name: str, fraction: float) -> None:
         out = pm.run_measured(*inputs)
         assert _same(out, expected), "planned outputs differ from eager"
         assert pm.measured.peak_bytes <= budget, (
-            f"measured {pm.measured.peak_bytes} > budget {budget}")
+            f"measured {pm.measured.peak_bytes} > budget {budget}"
+        )
         assert pm.plan.predicted_peak_bytes <= budget
         if fraction < 1.0:
             assert any(t.decision != "keep" for t in pm.plan.tensors)
@@ -114,5 +115,6 @@ def test_wrong_input_shape_is_a_clear_error() -> None:
 def test_offload_dir_must_exist(tmp_path) -> None:
     model, inputs = load_example("mlp")
     with pytest.raises(planner.PlannerError, match="does not exist"):
-        planner.plan(model, "80%", inputs, profile="cpu", time_limit=5,
-                     offload_dir=tmp_path / "missing")
+        planner.plan(
+            model, "80%", inputs, profile="cpu", time_limit=5, offload_dir=tmp_path / "missing"
+        )

@@ -120,10 +120,10 @@ def test_dropout_gradients_match_eager_with_the_same_seed() -> None:
     try:
         pm = planner.plan(model, "70%", (x,), mode="train", profile="cpu", time_limit=5)
     except planner.BudgetTooSmall as exc:
-        pm = planner.plan(model, exc.min_budget, (x,), mode="train", profile="cpu",
-                          time_limit=5)
-    assert any(t.decision != "keep" and t.kind == "saved-for-backward"
-               for t in pm.plan.tensors), "nothing planned: the test would prove nothing"
+        pm = planner.plan(model, exc.min_budget, (x,), mode="train", profile="cpu", time_limit=5)
+    assert any(t.decision != "keep" and t.kind == "saved-for-backward" for t in pm.plan.tensors), (
+        "nothing planned: the test would prove nothing"
+    )
     try:
         torch.manual_seed(7)
         pm(x).backward()

@@ -73,8 +73,9 @@ def format_arg(x: Any, name_of: Any) -> str:
 
 
 class _Emitter:
-    def __init__(self, program: Program, gm: torch.fx.GraphModule, problem: Problem,
-                 plan: Plan) -> None:
+    def __init__(
+        self, program: Program, gm: torch.fx.GraphModule, problem: Problem, plan: Plan
+    ) -> None:
         self.program = program
         self.problem = problem
         self.plan = plan
@@ -133,9 +134,11 @@ class _Emitter:
         if not v.is_view or v.producer is None:
             raise AssertionError(
                 f"codegen: {v.name} is not resident (the plan was validated, so this is a "
-                f"codegen bug)")
-        self._emit_call(v.producer, only_storage=v.storage, indent="    ",
-                        comment=f"re-derive view {v.name}")
+                f"codegen bug)"
+            )
+        self._emit_call(
+            v.producer, only_storage=v.storage, indent="    ", comment=f"re-derive view {v.name}"
+        )
         return self.var[value]
 
     # -- emission -----------------------------------------------------------
@@ -159,11 +162,17 @@ class _Emitter:
         body = self.lines
         train = program.mode == "train"
         split = program.backward_start() if train else len(program.ops)
-        header = "def planned_forward(rt, state, inputs):" if train else \
-            "def planned(rt, state, inputs):"
+        header = (
+            "def planned_forward(rt, state, inputs):"
+            if train
+            else "def planned(rt, state, inputs):"
+        )
         body.append(header)
-        body.append(f'    """Planned executor: {len(program.ops)} steps, budget '
-                    f'{plan.budget_bytes:,} bytes, predicted peak {plan.predicted_peak_bytes:,}."""')
+        body.append(
+            f'    """Planned executor: {len(program.ops)} steps, budget '
+            f"{plan.budget_bytes:,} bytes, predicted peak "
+            f'{plan.predicted_peak_bytes:,}."""'
+        )
         for group, values in (("state", state_values), ("inputs", input_values)):
             if values:
                 names = [self._fresh(program.values[vi].name) for vi in values]
@@ -174,19 +183,31 @@ class _Emitter:
         if not train:
             outs = [self._expr(v) for v in program.outputs]
             body.append(f"    return [{', '.join(outs)}]")
-            return Executor("\n".join(body) + "\n", "planned", self.ops, state_values,
-                            input_values, tangent_values)
+            return Executor(
+                "\n".join(body) + "\n",
+                "planned",
+                self.ops,
+                state_values,
+                input_values,
+                tangent_values,
+            )
         forward_outs = [self._expr(v) for v in program.outputs[: program.num_forward_outputs]]
-        carry = list(dict.fromkeys(
-            [n for names in self.storage_vars.values() for n in names]
-            + list(self.handles.values()) + list(self.quantized.values())))
+        carry = list(
+            dict.fromkeys(
+                [n for names in self.storage_vars.values() for n in names]
+                + list(self.handles.values())
+                + list(self.quantized.values())
+            )
+        )
         body.append("    # forward done: what the backward needs crosses in `carry`")
         body.append(f"    return [{', '.join(forward_outs)}], [{', '.join(carry)}]")
         body.append("")
         body.append("")
         body.append("def planned_backward(rt, carry, tangents):")
-        body.append('    """The backward half: carry from planned_forward, tangents = incoming '
-                    'output gradients."""')
+        body.append(
+            '    """The backward half: carry from planned_forward, tangents = incoming '
+            'output gradients."""'
+        )
         if carry:
             body.append(f"    {', '.join(carry)}{',' if len(carry) == 1 else ''} = carry")
         body.append("    carry.clear()  # the caller's list must not keep freed tensors alive")
@@ -196,13 +217,21 @@ class _Emitter:
                 self._bind(vi, n)
             body.append(f"    {', '.join(names)}{',' if len(names) == 1 else ''} = tangents")
         self._emit_steps(range(split, len(program.ops)), before, after)
-        grads = [self._expr(v) for v in program.outputs[program.num_forward_outputs:]]
+        grads = [self._expr(v) for v in program.outputs[program.num_forward_outputs :]]
         body.append(f"    return [{', '.join(grads)}]")
-        return Executor("\n".join(body) + "\n", "planned_forward", self.ops, state_values,
-                        input_values, tangent_values, "planned_backward")
+        return Executor(
+            "\n".join(body) + "\n",
+            "planned_forward",
+            self.ops,
+            state_values,
+            input_values,
+            tangent_values,
+            "planned_backward",
+        )
 
-    def _emit_steps(self, steps: range, before: dict[int, list[Action]],
-                    after: dict[int, list[Action]]) -> None:
+    def _emit_steps(
+        self, steps: range, before: dict[int, list[Action]], after: dict[int, list[Action]]
+    ) -> None:
         for t in steps:
             op = self.program.ops[t]
             where = f"  # {op.stack}" if op.stack else ""
@@ -213,8 +242,9 @@ class _Emitter:
             for action in after.get(t, []):
                 self._emit_action(action)
 
-    def _emit_call(self, step: int, only_storage: int | None, indent: str,
-                   comment: str | None = None) -> None:
+    def _emit_call(
+        self, step: int, only_storage: int | None, indent: str, comment: str | None = None
+    ) -> None:
         """Emit op ``step``; with ``only_storage``, keep just its outputs in that
         storage (a recompute or a view re-derivation), dropping the rest."""
         op = self.program.ops[step]
@@ -226,8 +256,11 @@ class _Emitter:
         args = [format_arg(a, name_of) for a in node.args]
         args += [f"{k}={format_arg(v, name_of)}" for k, v in node.kwargs.items()]
         call = f"{self._op_name(node.target)}({', '.join(args)})"
-        outputs = [vi for vi in op.outputs
-                   if only_storage is None or self.program.values[vi].storage == only_storage]
+        outputs = [
+            vi
+            for vi in op.outputs
+            if only_storage is None or self.program.values[vi].storage == only_storage
+        ]
         note = f"  # {comment}" if comment else ""
         fake = node.meta.get("val")
         if isinstance(fake, (tuple, list)):
@@ -235,8 +268,11 @@ class _Emitter:
             self.lines.append(f"{indent}{tmp} = {call}{note}")
             for vi in outputs:
                 v = self.program.values[vi]
-                position = int(v.name.rsplit("[", 1)[1][:-1]) if v.name.endswith("]") else \
-                    self._element_position(node, v.name)
+                position = (
+                    int(v.name.rsplit("[", 1)[1][:-1])
+                    if v.name.endswith("]")
+                    else self._element_position(node, v.name)
+                )
                 var = self._fresh(v.name)
                 self.lines.append(f"{indent}{var} = {tmp}[{position}]")
                 self._bind(vi, var)
@@ -278,8 +314,12 @@ class _Emitter:
         elif a.kind == "free":
             self._free(s, f"free {a.tensor}")
         elif a.kind == "recompute":
-            self._emit_call(self.program.values[base].producer, only_storage=s,  # type: ignore[arg-type]
-                            indent="    ", comment=f"recompute {a.tensor}")
+            self._emit_call(
+                self.program.values[base].producer,
+                only_storage=s,  # type: ignore[arg-type]
+                indent="    ",
+                comment=f"recompute {a.tensor}",
+            )
         elif a.kind == "quantize":
             q = self._fresh(f"q_{self.program.values[base].name}")
             L.append(f"    {q} = rt.quantize({self._expr(base)}, {a.tier!r})")
@@ -301,6 +341,7 @@ class _Emitter:
             self.lines.append(f"    del {', '.join(dict.fromkeys(names))}  # {why}")
 
 
-def emit_executor(program: Program, gm: torch.fx.GraphModule, problem: Problem,
-                  plan: Plan) -> Executor:
+def emit_executor(
+    program: Program, gm: torch.fx.GraphModule, problem: Problem, plan: Plan
+) -> Executor:
     return _Emitter(program, gm, problem, plan).emit()

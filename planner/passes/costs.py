@@ -47,7 +47,8 @@ def annotate_costs(
         op.cost.bytes_written = written
         estimate = profile.op_overhead_seconds + max(compute_s, memory_s)
         measured = op.cost.measured_seconds
-        op.cost.seconds = estimate if measured is None else max(measured, profile.op_overhead_seconds)
+        floor = profile.op_overhead_seconds
+        op.cost.seconds = estimate if measured is None else max(measured, floor)
 
 
 def op_flops(node: torch.fx.Node) -> float:

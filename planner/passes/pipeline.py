@@ -67,14 +67,14 @@ def analyze(
     timed("lifetimes", annotate_lifetimes, program)
     # Op wall times on this machine, when the profile describes it.
     if measure_time:
-        timed("timing", annotate_measured_seconds, program, captured.graph_module,
-              profile.device_type)
+        timed(
+            "timing", annotate_measured_seconds, program, captured.graph_module, profile.device_type
+        )
     # FLOPs, bytes and seconds per op on the target device.
     timed("costs", annotate_costs, program, captured.graph_module, profile)
     # Scratch memory each op allocates beyond its outputs, measured on this device.
     if measure_workspace:
-        timed("workspace", annotate_workspace, program, captured.graph_module,
-              profile.device_type)
+        timed("workspace", annotate_workspace, program, captured.graph_module, profile.device_type)
     # Resident bytes per step; the unplanned peak.
     timeline = timed("timeline", memory_timeline, program)
     return Analysis(captured, program, profile, timeline, timings)

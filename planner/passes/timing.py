@@ -24,8 +24,9 @@ from planner.passes.workspace import _materialize, _signature
 log = logging.getLogger(__name__)
 
 
-def annotate_measured_seconds(program: Program, graph_module: torch.fx.GraphModule,
-                              device: str = "cpu", repeats: int = 3) -> None:
+def annotate_measured_seconds(
+    program: Program, graph_module: torch.fx.GraphModule, device: str = "cpu", repeats: int = 3
+) -> None:
     nodes = {n.name: n for n in graph_module.graph.nodes}
     measured: dict[str, float | None] = {}
     for op, name in zip(program.ops, program.meta[FX_NODE_NAMES]):

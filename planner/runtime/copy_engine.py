@@ -115,7 +115,8 @@ class CudaCopyEngine(CopyEngine):
         if buf is None or buf.untyped_storage().nbytes() != entry.nbytes:
             raw = torch.empty(entry.nbytes, dtype=torch.uint8, pin_memory=True)
             buf = torch.empty(0, dtype=entry.dtype).set_(
-                raw.untyped_storage(), entry.offset, entry.shape, entry.stride)
+                raw.untyped_storage(), entry.offset, entry.shape, entry.stride
+            )
             self.host[key] = buf
         return buf
 

@@ -39,8 +39,9 @@ def quantize(x: torch.Tensor, fmt: str) -> Quantized:
         scale = ((groups.amax(dim=1, keepdim=True) - lo) / 15).clamp_min(1e-12)
         codes = torch.round((groups - lo) / scale).clamp_(0, 15).to(torch.uint8).reshape(-1)
         packed = codes[0::2] | (codes[1::2] << 4)
-        return Quantized(packed, scale.to(torch.float16), lo.to(torch.float16), fmt,
-                         tuple(x.shape), x.dtype)
+        return Quantized(
+            packed, scale.to(torch.float16), lo.to(torch.float16), fmt, tuple(x.shape), x.dtype
+        )
     raise ValueError(f"unknown quantized format {fmt!r}: use 'int8' or 'int4'")
 
 

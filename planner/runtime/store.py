@@ -76,8 +76,10 @@ def check_offload_dir(parent: str | os.PathLike[str]) -> None:
             f"create it first, or pass offload_dir=None for a temporary directory"
         )
     if not os.access(path, os.W_OK | os.X_OK):
-        raise StoreError(f"offload_dir {str(path)!r} is not writable: choose a directory "
-                         f"you can write to, or pass offload_dir=None")
+        raise StoreError(
+            f"offload_dir {str(path)!r} is not writable: choose a directory "
+            f"you can write to, or pass offload_dir=None"
+        )
 
 
 class DiskStore:
@@ -107,8 +109,9 @@ class DiskStore:
             path.unlink(missing_ok=True)
             raise StoreError(f"writing {key!r} to {path} failed: {exc}") from exc
         entry = describe(tensor, zlib.crc32(data))
-        entry = Entry(entry.nbytes, entry.dtype, entry.shape, entry.stride, entry.offset,
-                      entry.crc32, None)
+        entry = Entry(
+            entry.nbytes, entry.dtype, entry.shape, entry.stride, entry.offset, entry.crc32, None
+        )
         self.entries[key] = entry
         return entry
 
@@ -131,16 +134,27 @@ class DiskStore:
                 f"planned module still needs it; plan the model again"
             ) from exc
         if n != entry.nbytes or extra:
-            raise StoreError(f"offload file for {key!r} has the wrong size ({path}): "
-                             f"expected {entry.nbytes} bytes; plan the model again")
+            raise StoreError(
+                f"offload file for {key!r} has the wrong size ({path}): "
+                f"expected {entry.nbytes} bytes; plan the model again"
+            )
         # The checksum costs a pass over the bytes: verify once per write, and again
         # whenever the file was modified since (another writer, a corrupting tool).
         if entry.crc32 is not None and entry.mtime_ns != mtime:
             if zlib.crc32(view) != entry.crc32:
-                raise StoreError(f"offload file for {key!r} is corrupted (checksum mismatch, "
-                                 f"{path}); plan the model again")
-            self.entries[key] = Entry(entry.nbytes, entry.dtype, entry.shape, entry.stride,
-                                      entry.offset, entry.crc32, mtime)
+                raise StoreError(
+                    f"offload file for {key!r} is corrupted (checksum mismatch, "
+                    f"{path}); plan the model again"
+                )
+            self.entries[key] = Entry(
+                entry.nbytes,
+                entry.dtype,
+                entry.shape,
+                entry.stride,
+                entry.offset,
+                entry.crc32,
+                mtime,
+            )
         return out
 
     def close(self) -> None:

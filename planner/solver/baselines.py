@@ -55,8 +55,7 @@ def offload_weights(cands: Candidates) -> Choices:
     return choices
 
 
-def greedy(cands: Candidates, budget: int | None = None,
-           deadline: float | None = None) -> Choices:
+def greedy(cands: Candidates, budget: int | None = None, deadline: float | None = None) -> Choices:
     """Greedy descent on the peak. ``budget`` defaults to the problem's; 0 means
     "as low as it goes" (ties broken by added time). ``deadline``
     (``time.perf_counter()`` value): stop there with what it has."""
@@ -89,15 +88,16 @@ class _GreedyState:
         self.locked: set[int] = set()
         self.memory = np.array(cands.fixed, dtype=np.int64)
         self.loads: dict[tuple[str, str], np.ndarray] = {}
-        self.covering: list[list[int]] = [[] for _ in range(T)]
+        # each gap's overall span (over all its options): the gaps a move at step t
+        # can change are those whose span contains t
+        self.gap_lo = np.full(len(cands.gaps), T, dtype=np.int64)
+        self.gap_hi = np.full(len(cands.gaps), -1, dtype=np.int64)
         for gi, gap in enumerate(cands.gaps):
             self._add(gi, gap.option(self.choices[gi]), +1)
-            steps: set[int] = set()
             for o in gap.options:
                 for lo, hi, _ in self._contribution(gi, o):
-                    steps.update(range(lo, hi + 1))
-            for t in sorted(steps):
-                self.covering[t].append(gi)
+                    self.gap_lo[gi] = min(self.gap_lo[gi], lo)
+                    self.gap_hi[gi] = max(self.gap_hi[gi], hi)
 
     def _contribution(self, gi: int, option: Option) -> list[tuple[int, int, int]]:
         """(lo, hi, bytes) intervals this option holds (cached: options are fixed)."""
@@ -168,7 +168,7 @@ class _GreedyState:
 
     def best_move(self, t: int, minimize_memory: bool) -> tuple[int, str] | None:
         best: tuple[float, int, str] | None = None
-        for gi in self.covering[t]:
+        for gi in np.nonzero((self.gap_lo <= t) & (self.gap_hi >= t))[0].tolist():
             if gi in self.locked:
                 continue
             gap = self.cands.gaps[gi]
@@ -201,23 +201,32 @@ class _GreedyState:
             home = self.cands.home_gap.get(gap.tensor)
             return home is not None and (
                 self.choices[home] == option.choice
-                or (self.choices[home] == HOME and home not in self.locked
-                    and _has(self.cands.gaps[home], option.choice))
+                or (
+                    self.choices[home] == HOME
+                    and home not in self.locked
+                    and _has(self.cands.gaps[home], option.choice)
+                )
             )
         if kind == "fetch" and gap.start == -1:
             return True
         if kind == "recompute":
             holders = _holders(self.cands, option)
-            return holders is not None and gi not in holders and all(
-                self.choices[h] == _default(self.cands.gaps[h]) for h in holders
+            return (
+                holders is not None
+                and gi not in holders
+                and all(self.choices[h] == _default(self.cands.gaps[h]) for h in holders)
             )
         return True
 
     def apply(self, gi: int, choice: str) -> None:
         gap = self.cands.gaps[gi]
         home = self.cands.home_gap.get(gap.tensor)
-        if choice.startswith("fetch:") and gap.start >= 0 and home is not None \
-                and self.choices[home] == HOME:
+        if (
+            choice.startswith("fetch:")
+            and gap.start >= 0
+            and home is not None
+            and self.choices[home] == HOME
+        ):
             self.apply(home, choice)  # a weight fetched between uses lives in that tier
         self._add(gi, gap.option(self.choices[gi]), -1)
         self.choices[gi] = choice

@@ -163,8 +163,11 @@ def _gap_options(problem: Problem, tensor: Tensor, a: int, b: int) -> list[Optio
         fetch_present = ((read[0], b - 1),) if read[0] < b else ()
         if tensor.persistent:
             if read[0] > a + 1:
-                options.append(Option(f"fetch:{tier}", present=fetch_present,
-                                      transfers=reads, prefetch_at=read[0]))
+                options.append(
+                    Option(
+                        f"fetch:{tier}", present=fetch_present, transfers=reads, prefetch_at=read[0]
+                    )
+                )
             continue
         write_end = _write_window_end(problem, tensor.nbytes, tier, a)
         if write_end + 1 < read[0]:
@@ -180,20 +183,28 @@ def _gap_options(problem: Problem, tensor: Tensor, a: int, b: int) -> list[Optio
                 )
             )
         if read[0] > a + 1:
-            options.append(Option(f"reload:{tier}", present=fetch_present, transfers=reads,
-                                  prefetch_at=read[0]))
+            options.append(
+                Option(
+                    f"reload:{tier}", present=fetch_present, transfers=reads, prefetch_at=read[0]
+                )
+            )
     if tensor.recompute is not None:
         r = tensor.recompute
         options.append(
-            Option("recompute", extras=((b, r.extra_bytes),) if r.extra_bytes else (),
-                   seconds=r.seconds, needs=tuple((i, b) for i in r.inputs))
+            Option(
+                "recompute",
+                extras=((b, r.extra_bytes),) if r.extra_bytes else (),
+                seconds=r.seconds,
+                needs=tuple((i, b) for i in r.inputs),
+            )
         )
     if tensor.quantizable and problem.quantize:
         fmt = problem.quantize
         q = quantized_bytes(tensor.nbytes, _itemsize(tensor.dtype), fmt)
         seconds = 2 * (tensor.nbytes + q) / problem.bandwidths.memory
-        options.append(Option(f"quantize:{fmt}", partial=q, extras=((a, q), (b, q)),
-                              seconds=seconds))
+        options.append(
+            Option(f"quantize:{fmt}", partial=q, extras=((a, q), (b, q)), seconds=seconds)
+        )
     return options
 
 
@@ -266,13 +277,32 @@ def _complement(events: list[int], lo: int, hi: int) -> list[tuple[int, int]]:
     return out
 
 
-_ITEMSIZE = {"float64": 8, "int64": 8, "float32": 4, "int32": 4, "float16": 2,
-             "bfloat16": 2, "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
+_ITEMSIZE = {
+    "float64": 8,
+    "int64": 8,
+    "float32": 4,
+    "int32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
+}
 
 
 def _itemsize(dtype: str) -> int:
     return _ITEMSIZE.get(dtype, 4)
 
 
-__all__ = ["DISK", "HOME", "KEEP", "Candidates", "Gap", "Option", "Transfer",
-           "build_candidates", "covering_gap"]
+__all__ = [
+    "DISK",
+    "HOME",
+    "KEEP",
+    "Candidates",
+    "Gap",
+    "Option",
+    "Transfer",
+    "build_candidates",
+    "covering_gap",
+]

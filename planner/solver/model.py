@@ -60,7 +60,8 @@ class PlacementModel:
         # the unit depends on the problem, never on the budget, so a min_budget found
         # by minimizing the peak is accounted the same way when planned again
         total = sum(t.nbytes for t in self.problem.tensors) + max(
-            (s.workspace_bytes for s in self.problem.steps), default=0)
+            (s.workspace_bytes for s in self.problem.steps), default=0
+        )
         self.unit = max(1, total // MEMORY_UNITS)
         self.cost_terms: list = []
         self.peak: cp_model.IntVar | None = None
@@ -87,8 +88,54 @@ class PlacementModel:
                     self.cost_terms.append(_time(cost) * xs[o.choice])
 
     def _add_memory_constraints(self) -> None:
-        """Only steps whose worst case (every gap at its largest option) exceeds the
-        budget can be violated; the others need no constraint."""
+        """Time-indexed rows where they stay small; on long graphs, where a row per
+        step would repeat every long-lived gap at each step it spans, one
+        cumulative constraint over optional intervals (Moccasin's formulation)."""
+        size = sum(
+            hi - lo + 1 for g in self.cands.gaps for o in g.options for lo, hi in _intervals(o, g)
+        )
+        if size > LINEAR_MEMORY_TERMS:
+            self._add_memory_cumulative()
+        else:
+            self._add_memory_rows()
+
+    def _add_memory_cumulative(self) -> None:
+        """sum of the demands of the present intervals at any step <= the budget."""
+        T = self.problem.num_steps
+        fixed = self.cands.fixed
+        intervals, demands = [], []
+        start = 0
+        for t in range(1, T + 1):
+            if t == T or fixed[t] != fixed[start]:
+                if fixed[start] > 0:
+                    intervals.append(
+                        self.model.new_fixed_size_interval_var(start, t - start, f"fixed{start}")
+                    )
+                    demands.append(math.ceil(fixed[start] / self.unit))
+                start = t
+        for gi, gap in enumerate(self.cands.gaps):
+            nbytes = self.problem.tensors[gap.tensor].nbytes
+            for o in gap.options:
+                var = self.x[gi][o.choice]
+                for lo, hi, b in _demands(o, gap, nbytes):
+                    intervals.append(
+                        self.model.new_optional_fixed_size_interval_var(
+                            lo, hi - lo + 1, var, f"m{gi}_{o.choice}_{lo}"
+                        )
+                    )
+                    demands.append(math.ceil(b / self.unit))
+        if self.minimize_peak:
+            top = sum(demands) + 1
+            self.peak = self.model.new_int_var(0, top, "peak")
+            capacity: int | cp_model.IntVar = self.peak
+        else:
+            capacity = self.problem.budget_bytes // self.unit
+        self.model.add_cumulative(intervals, demands, capacity)
+        self.constrained_steps = T
+
+    def _add_memory_rows(self) -> None:
+        """One row per step; only steps whose worst case (every gap at its largest
+        option) exceeds the budget can be violated, the others need none."""
         T = self.problem.num_steps
         terms: dict[int, list[tuple[cp_model.IntVar, int]]] = defaultdict(list)
         worst = list(self.cands.fixed)
@@ -114,7 +161,8 @@ class PlacementModel:
             fixed = math.ceil(self.cands.fixed[t] / self.unit)
             row = terms[t]
             expr = cp_model.LinearExpr.weighted_sum(
-                [v for v, _ in row], [math.ceil(b / self.unit) for _, b in row])
+                [v for v, _ in row], [math.ceil(b / self.unit) for _, b in row]
+            )
             self.model.add(expr + fixed <= budget_units)
             self.constrained_steps += 1
 
@@ -136,7 +184,8 @@ class PlacementModel:
             if t not in self.stall:
                 self.stall[t] = self.model.new_int_var(0, bound, f"stall{t}")
             expr = cp_model.LinearExpr.weighted_sum(
-                [v for v, _ in terms], [_time(share) for _, share in terms])
+                [v for v, _ in terms], [_time(share) for _, share in terms]
+            )
             self.model.add(expr <= _time(steps[t].seconds) + self.stall[t])
 
     def _add_home_constraints(self) -> None:
@@ -161,12 +210,13 @@ class PlacementModel:
                     if not choice.startswith("reload:"):
                         continue
                     tier = choice.split(":", 1)[1]
-                    sources = [] if previous is None else [
-                        self.x[previous][c] for c in (f"offload:{tier}", f"reload:{tier}")
-                        if c in self.x[previous]
-                    ]
+                    sources: list[cp_model.IntVar] = []
+                    if previous is not None:
+                        for c in (f"offload:{tier}", f"reload:{tier}"):
+                            if c in self.x[previous]:
+                                sources.append(self.x[previous][c])
                     if sources:
-                        self.model.add(var <= sum(sources))
+                        self.model.add(var <= cp_model.LinearExpr.sum(sources))
                     else:
                         self.model.add(var == 0)
                 previous = gi
@@ -207,7 +257,9 @@ class PlacementModel:
     def _bandwidth_free_total(self) -> list[float]:
         return [s.seconds for s in self.problem.steps] + [
             tr.nbytes / self._bandwidth(tr.channel)
-            for g in self.cands.gaps for o in g.options for tr in o.transfers
+            for g in self.cands.gaps
+            for o in g.options
+            for tr in o.transfers
         ]
 
     def _uncovered(self, tr) -> float:  # type: ignore[no-untyped-def]
@@ -215,8 +267,13 @@ class PlacementModel:
         covered = sum(self.problem.steps[t].seconds for t in range(lo, hi + 1))
         return max(0.0, tr.nbytes / self._bandwidth(tr.channel) - covered)
 
-    def solve(self, time_limit: float, hint: list[str] | None = None, workers: int = 2,
-              relative_gap: float = 0.002) -> ModelResult:
+    def solve(
+        self,
+        time_limit: float,
+        hint: list[str] | None = None,
+        workers: int = 2,
+        relative_gap: float = 0.002,
+    ) -> ModelResult:
         if hint is not None:
             for xs, choice in zip(self.x, hint):
                 for c, v in xs.items():
@@ -262,6 +319,26 @@ class _Progress(cp_model.CpSolverSolutionCallback):
             self.objective_value * TIME_UNIT,
             self.best_objective_bound * TIME_UNIT,
         )
+
+
+#: Above this many (step, option) terms, memory uses one cumulative constraint.
+LINEAR_MEMORY_TERMS = 1_500_000
+
+
+def _intervals(o: Option, gap) -> list[tuple[int, int]]:  # type: ignore[no-untyped-def]
+    return [(lo, hi) for lo, hi, _ in _demands(o, gap, 0)]
+
+
+def _demands(o: Option, gap, nbytes: int) -> list[tuple[int, int, int]]:  # type: ignore[no-untyped-def]
+    """(lo, hi, bytes) step intervals this option holds beyond the fixed presence
+    (the same facts as ``_bytes_by_step``, as intervals)."""
+    out = [(lo, hi, nbytes) for lo, hi in o.present if lo <= hi]
+    if o.partial and not o.present:
+        lo, hi = max(gap.start + 1, 0), gap.end - 1
+        if lo <= hi:
+            out.append((lo, hi, o.partial))
+    out += [(t, t, b) for t, b in o.extras if b]
+    return out
 
 
 def _time(seconds: float) -> int:

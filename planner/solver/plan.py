@@ -132,8 +132,9 @@ class Plan:
         solver.pop("gap", None)
         return cls(
             tensors=[
-                TensorDecision(**{**t, "live": tuple(t["live"]),
-                                  "gaps": [tuple(g) for g in t["gaps"]]})
+                TensorDecision(
+                    **{**t, "live": tuple(t["live"]), "gaps": [tuple(g) for g in t["gaps"]]}
+                )
                 for t in data.pop("tensors")
             ],
             actions=[Action(**a) for a in data.pop("actions")],

@@ -152,9 +152,20 @@ class Problem:
             "tiers": list(self.tiers),
             "quantize": self.quantize,
             "tensors": [
-                (t.name, t.nbytes, t.kind, t.dtype, t.appears_at, t.by_op, list(t.uses),
-                 t.until_end, t.persistent, t.pinned, t.quantizable,
-                 None if t.recompute is None else (t.recompute.step, list(t.recompute.inputs)))
+                (
+                    t.name,
+                    t.nbytes,
+                    t.kind,
+                    t.dtype,
+                    t.appears_at,
+                    t.by_op,
+                    list(t.uses),
+                    t.until_end,
+                    t.persistent,
+                    t.pinned,
+                    t.quantizable,
+                    None if t.recompute is None else (t.recompute.step, list(t.recompute.inputs)),
+                )
                 for t in self.tensors
             ],
         }

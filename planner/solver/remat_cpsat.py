@@ -160,8 +160,9 @@ class CheckmateModel:
                     f = m.new_bool_var(f"F{t}_{i}_{k}")
                     self.F[(t, i, k)] = f
                     m.add(f <= r[k])
-                    if later[a] is not None:
-                        m.add(f + later[a] <= 1)
+                    other = later[a]
+                    if other is not None:
+                        m.add(f + other <= 1)
                     if i in s_next:
                         m.add(f + s_next[i] <= 1)
                     freed[k].append((i, f))
@@ -234,7 +235,7 @@ def _assignment(model: CheckmateModel, stages: Sequence[Sequence[int]]) -> dict 
         if not run[t] <= set(model.R[t]):
             return None
     # S from reads: a read in stage t_r not served in-stage is served by the last copy.
-    keep = [set() for _ in range(n + 1)]
+    keep: list[set[int]] = [set() for _ in range(n + 1)]
     last_copy = [-1] * (n + 1)
     for t in range(n + 1):
         for j in sorted(run[t]):

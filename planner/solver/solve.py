@@ -34,8 +34,7 @@ class Candidate:
     error: str | None = None
 
 
-def solve(problem: Problem, time_limit: float = DEFAULT_TIME_LIMIT,
-          use_model: bool = True) -> Plan:
+def solve(problem: Problem, time_limit: float = DEFAULT_TIME_LIMIT, use_model: bool = True) -> Plan:
     """Best plan for ``problem`` in about ``time_limit`` seconds (baselines, then
     CP-SAT for what is left, at least a fifth of the limit).
 
@@ -61,8 +60,9 @@ def solve(problem: Problem, time_limit: float = DEFAULT_TIME_LIMIT,
     fitting = [r for r in results if r.replay is not None]
     best = min(fitting, key=lambda r: r.replay.seconds) if fitting else None  # type: ignore[union-attr]
     if best is not None and best.name == "keep-all":
-        stats = SolverStats(name="none", status="FITS_UNPLANNED", seconds=0.0,
-                            objective=0.0, bound=0.0)
+        stats = SolverStats(
+            name="none", status="FITS_UNPLANNED", seconds=0.0, objective=0.0, bound=0.0
+        )
     elif not use_model:
         if best is None:
             _raise_too_small(cands, time_limit)
@@ -70,13 +70,20 @@ def solve(problem: Problem, time_limit: float = DEFAULT_TIME_LIMIT,
     else:
         model = PlacementModel(cands)
         hint = best.choices if best is not None else results[-1].choices
-        log.info("solver: %d gaps, %d memory constraints; warm start %s",
-                 len(cands.gaps), model.constrained_steps, best.name if best else "min-memory")
+        log.info(
+            "solver: %d gaps, %d memory constraints; warm start %s",
+            len(cands.gaps),
+            model.constrained_steps,
+            best.name if best else "min-memory",
+        )
         remaining = time_limit - (time.perf_counter() - start)
         result = model.solve(max(0.2 * time_limit, remaining), hint=hint)
         stats = SolverStats(
-            name="cp-sat", status=result.status, seconds=result.seconds,
-            objective=result.objective_seconds, bound=result.bound_seconds,
+            name="cp-sat",
+            status=result.status,
+            seconds=result.seconds,
+            objective=result.objective_seconds,
+            bound=result.bound_seconds,
         )
         if result.choices is not None:
             solved = _evaluate(cands, "cp-sat", result.choices, stats)
@@ -89,24 +96,42 @@ def solve(problem: Problem, time_limit: float = DEFAULT_TIME_LIMIT,
             _raise_too_small(cands, time_limit, proven=result.status == "INFEASIBLE")
     assert best is not None
     plan = best.plan
-    plan.solver = stats if best.name == "cp-sat" or best.name == "keep-all" else SolverStats(
-        name=f"{stats.name} (kept baseline {best.name})", status=stats.status,
-        seconds=stats.seconds, objective=stats.objective, bound=stats.bound)
+    plan.solver = (
+        stats
+        if best.name == "cp-sat" or best.name == "keep-all"
+        else SolverStats(
+            name=f"{stats.name} (kept baseline {best.name})",
+            status=stats.status,
+            seconds=stats.seconds,
+            objective=stats.objective,
+            bound=stats.bound,
+        )
+    )
     plan.unplanned_peak_bytes = unplanned_peak
     plan.unplanned_estimated_seconds = unplanned_seconds
     plan.baselines = {
-        r.name: ({"fits": True, "peak_bytes": r.replay.peak_bytes, "seconds": r.replay.seconds}
-                 if r.replay else {"fits": False, "why": r.error})
+        r.name: (
+            {"fits": True, "peak_bytes": r.replay.peak_bytes, "seconds": r.replay.seconds}
+            if r.replay
+            else {"fits": False, "why": r.error}
+        )
         for r in results
     }
-    log.info("plan: %s, peak %d of %d, %.4fs (unplanned %.4fs), %.1fs to solve",
-             best.name, plan.predicted_peak_bytes, problem.budget_bytes,
-             plan.estimated_seconds, unplanned_seconds, time.perf_counter() - start)
+    log.info(
+        "plan: %s, peak %d of %d, %.4fs (unplanned %.4fs), %.1fs to solve",
+        best.name,
+        plan.predicted_peak_bytes,
+        problem.budget_bytes,
+        plan.estimated_seconds,
+        unplanned_seconds,
+        time.perf_counter() - start,
+    )
     return plan
 
 
-def _evaluate(cands: Candidates, name: str, choices: list[str],
-              stats: SolverStats | None) -> Candidate:
+def _evaluate(
+    cands: Candidates, name: str, choices: list[str], stats: SolverStats | None
+) -> Candidate:
     problem = cands.problem
     actions, decisions = build_schedule(cands, choices)
     plan = Plan(

@@ -92,8 +92,17 @@ def problem_from_dag(
             nbytes = max(1, int(graph.nodes[owner]["cost_ram"] * rng.uniform(0.25, 2.0)))
             index = len(tensors)
             tensors.append(
-                Tensor(index, f"{owner}.weight", nbytes, "param", "float32", 0, False,
-                       tuple(sorted(users)), persistent=True)
+                Tensor(
+                    index,
+                    f"{owner}.weight",
+                    nbytes,
+                    "param",
+                    "float32",
+                    0,
+                    False,
+                    tuple(sorted(users)),
+                    persistent=True,
+                )
             )
             for i in users:
                 weight_of[str(order[i])] = index
@@ -129,9 +138,14 @@ def keep_all_plan(problem: Problem) -> Plan:
     cands = build_candidates(problem)
     actions, decisions = build_schedule(cands, keep_all(cands))
     return Plan(
-        mode=problem.mode, budget_bytes=problem.budget_bytes,
-        fingerprint=problem.fingerprint(), tensors=decisions, actions=actions,
-        predicted_peak_bytes=0, estimated_seconds=0.0, unplanned_peak_bytes=0,
+        mode=problem.mode,
+        budget_bytes=problem.budget_bytes,
+        fingerprint=problem.fingerprint(),
+        tensors=decisions,
+        actions=actions,
+        predicted_peak_bytes=0,
+        estimated_seconds=0.0,
+        unplanned_peak_bytes=0,
         unplanned_estimated_seconds=0.0,
         solver=SolverStats(name="keep-all", status="BASELINE", seconds=0.0),
     )
@@ -159,12 +173,16 @@ def _with_backward(graph: nx.DiGraph) -> nx.DiGraph:
     g = nx.DiGraph()
     g.add_nodes_from(graph.nodes(data=True))
     g.add_edges_from(graph.edges)
-    forward = list(nx.lexicographical_topological_sort(
-        g, key={v: k for k, v in enumerate(g.nodes)}.__getitem__))
+    forward = list(
+        nx.lexicographical_topological_sort(
+            g, key={v: k for k, v in enumerate(g.nodes)}.__getitem__
+        )
+    )
     for v in reversed(forward):
         gv = f"grad_{v}"
-        g.add_node(gv, cost_cpu=2 * float(g.nodes[v]["cost_cpu"]),
-                   cost_ram=int(g.nodes[v]["cost_ram"]))
+        g.add_node(
+            gv, cost_cpu=2 * float(g.nodes[v]["cost_cpu"]), cost_ram=int(g.nodes[v]["cost_ram"])
+        )
         g.add_edge(v, gv)
         for w in graph.successors(v):
             g.add_edge(f"grad_{w}", gv)

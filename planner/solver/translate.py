@@ -28,9 +28,7 @@ def from_program(
     quantize: str | dict[str, str] | None = None,
     min_movable_bytes: int = MIN_MOVABLE_BYTES,
 ) -> Problem:
-    steps = [
-        Step(op.index, op.name, op.cost.seconds, op.workspace_bytes) for op in program.ops
-    ]
+    steps = [Step(op.index, op.name, op.cost.seconds, op.workspace_bytes) for op in program.ops]
     fmt, kinds = _quantize_spec(quantize)
     # tiny tensors stay put: moving them costs more bookkeeping than it saves
     # (scaled to the program, not the budget, so the same model always yields the
@@ -62,7 +60,8 @@ def from_program(
             or storage.nbytes < min_movable
         )
         caller_held = kind in (ValueKind.INPUT, ValueKind.TANGENT) or (
-            weight and program.mode == "train")
+            weight and program.mode == "train"
+        )
         floating = base.dtype.startswith(("float", "bfloat"))
         tensors.append(
             Tensor(
@@ -125,9 +124,9 @@ def _recompute_recipe(program: Program, storage_index: int) -> Recompute | None:
     if any(word in op.target for word in _RANDOM_OPS):
         return None
     inputs = tuple(sorted({program.values[v].storage for v in op.inputs} - {storage_index}))
-    other = {
-        program.values[v].storage for v in op.outputs if not program.values[v].is_view
-    } - {storage_index}
+    other = {program.values[v].storage for v in op.outputs if not program.values[v].is_view} - {
+        storage_index
+    }
     extra = sum(program.storages[s].nbytes for s in other) + op.workspace_bytes
     return Recompute(step=op.index, inputs=inputs, seconds=op.cost.seconds, extra_bytes=extra)
 

@@ -19,12 +19,15 @@ def store(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("make", [
-    lambda: torch.randn(17, 33),
-    lambda: torch.randn(8, 8).t(),
-    lambda: torch.arange(100, dtype=torch.int64)[10:50:3],
-    lambda: torch.randn(4, 4).to(torch.bfloat16),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randn(17, 33),
+        lambda: torch.randn(8, 8).t(),
+        lambda: torch.arange(100, dtype=torch.int64)[10:50:3],
+        lambda: torch.randn(4, 4).to(torch.bfloat16),
+    ],
+)
 def test_round_trip_keeps_layout(store: DiskStore, make) -> None:
     x = make()
     store.write("x", x)

@@ -19,6 +19,7 @@ from planner.solver.baselines import keep_all
 from planner.solver.candidates import build_candidates
 from planner.solver.model import PlacementModel
 from planner.solver.remat_graphs import layered_dag
+from planner.solver.solve import _evaluate
 from planner.solver.synthetic import (
     lower_bound,
     problem_from_dag,
@@ -49,10 +50,15 @@ def _problem(source: str, mode: str, fraction: float) -> tuple[Problem, int]:
     executor holds tangents through the backward, so that peak can sit a little
     above the analysis timeline's), and the timeline's peak."""
     analysis = _analysis(source, mode)
-    problem = from_program(analysis.program, analysis.unplanned_peak_bytes,
-                           analysis.profile, min_movable_bytes=MIN_MOVABLE)
-    return with_budget(problem, int(unplanned_peak(problem) * fraction)), \
-        analysis.unplanned_peak_bytes
+    problem = from_program(
+        analysis.program,
+        analysis.unplanned_peak_bytes,
+        analysis.profile,
+        min_movable_bytes=MIN_MOVABLE,
+    )
+    return with_budget(
+        problem, int(unplanned_peak(problem) * fraction)
+    ), analysis.unplanned_peak_bytes
 
 
 def check_plan(problem: Problem, plan: Plan, tmp_path: Path) -> None:
@@ -149,10 +155,13 @@ def _strip_timing(plan: Plan) -> dict:
     return data
 
 
-@pytest.mark.parametrize("source, repeats", [
-    ("residual", 20),
-    ("synthetic", 2),
-])
+@pytest.mark.parametrize(
+    "source, repeats",
+    [
+        ("residual", 20),
+        ("synthetic", 2),
+    ],
+)
 def test_deterministic(source: str, repeats: int) -> None:
     """Solving the same problem again gives the very same plan (20 repeats where
     the model has many tied optima, so a nondeterministic search shows)."""
@@ -213,3 +222,21 @@ def test_model_accounts_keep_all_like_the_validator() -> None:
             held[t] += b
     replay = validate(problem, keep_all_plan(problem))
     assert held == replay.resident_bytes
+
+
+def test_cumulative_memory_matches_time_indexed_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two memory formulations (rows per step; one cumulative constraint used
+    on long graphs) accept the same plans: equal optimal objectives."""
+    import planner.solver.model as model_module
+
+    base = problem_from_dag(layered_dag(30, seed=4), 1, backward=True)
+    problem = with_budget(base, int(unplanned_peak(base) * 0.7))
+    cands = build_candidates(problem)
+    rows = PlacementModel(cands).solve(60, relative_gap=0.0)
+    monkeypatch.setattr(model_module, "LINEAR_MEMORY_TERMS", 0)
+    cumulative = PlacementModel(cands).solve(60, relative_gap=0.0)
+    assert rows.status == cumulative.status == "OPTIMAL"
+    assert rows.objective_seconds == pytest.approx(cumulative.objective_seconds, abs=1e-7)
+    for result in (rows, cumulative):
+        plan = _evaluate(cands, "x", result.choices, None).plan
+        assert validate(problem, plan).peak_bytes <= problem.budget_bytes
