@@ -14,6 +14,7 @@ from planner.passes.pipeline import Analysis
 from planner.passes.pipeline import analyze as analyze_captured
 from planner.planned_module import PlannedModule
 from planner.report import Report
+from planner.runtime.checkpoint import attach_checkpoint
 from planner.runtime.meter import Measurement, measure, measure_training_step
 from planner.runtime.store import check_offload_dir
 from planner.solver import DEFAULT_TIME_LIMIT, Plan, from_program, solve
@@ -92,6 +93,7 @@ def plan(
     profile: str | DeviceProfile | None = None,
     quantize: str | dict[str, str] | None = None,
     time_limit: float = DEFAULT_TIME_LIMIT,
+    checkpoint: str | None = None,
 ) -> PlannedModule:
     """Plan ``model`` under ``budget`` and return a module that runs the plan.
 
@@ -99,7 +101,16 @@ def plan(
     more than ``budget`` bytes on the device. ``offload_dir``: where disk-tier files
     go (a fresh subdirectory is made there and removed with the module; default: a
     temporary directory). Tier-home weights are released from ``model``.
+    ``checkpoint``: a safetensors file to take the weights of a model built on the
+    meta device from (memory-mapped: for models larger than RAM).
     """
+    if checkpoint is not None:
+        if mode != "infer":
+            raise PlannerError(
+                "checkpoint= streams weights for inference; for training, "
+                "load the weights into the model first"
+            )
+        attach_checkpoint(model, checkpoint)
     if offload_dir is not None:
         check_offload_dir(offload_dir)
     analysis, solved = make_plan(model, budget, example_inputs, mode, profile, quantize, time_limit)

@@ -22,6 +22,7 @@ from planner.errors import PlannerError
 from planner.ir.program import ValueKind
 from planner.passes.pipeline import Analysis
 from planner.report import Report
+from planner.runtime.checkpoint import is_file_backed
 from planner.runtime.copy_engine import CopyEngine, make_engine
 from planner.runtime.meter import Measurement, measure
 from planner.runtime.runtime import Runtime
@@ -119,10 +120,13 @@ class PlannedModule(torch.nn.Module):
             name = self.problem.tensors[value.storage].name
             if vi in state_values:
                 continue
-            engine.store_now(name, homes[name], tensor.detach())
+            engine.store_now(name, homes[name], _compact(tensor.detach()))
             released.append(value.source)  # type: ignore[arg-type]
         for vi in self.executor.state_values:
             source = program.values[vi].source
+            if is_file_backed(tensors[source]):  # a checkpoint map: bring it into memory
+                tensors[source] = _materialize(tensors[source])
+                _replace(model, source, tensors[source])  # type: ignore[arg-type]
             state.append(tensors[source])
             self._state_names.append(source)  # type: ignore[arg-type]
             tensor = tensors[source]
@@ -254,6 +258,32 @@ class PlannedModule(torch.nn.Module):
     def close(self) -> None:
         """Remove the offload files now (also done when the module is collected)."""
         self._finalizer()
+
+
+def _compact(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor itself if it owns its storage, else a copy of just its elements
+    (a slice of a memory-mapped checkpoint must not drag the whole file along)."""
+    if tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
+def _materialize(tensor: torch.Tensor) -> torch.Tensor:
+    copy = tensor.detach().clone()
+    if isinstance(tensor, torch.nn.Parameter):
+        return torch.nn.Parameter(copy, requires_grad=tensor.requires_grad)
+    return copy
+
+
+def _replace(model: torch.nn.Module, fqn: str, tensor: torch.Tensor) -> None:
+    owner_name, _, leaf = fqn.rpartition(".")
+    try:
+        owner = model.get_submodule(owner_name) if owner_name else model
+    except AttributeError:
+        return
+    slots = owner._parameters if leaf in owner._parameters else owner._buffers
+    if leaf in slots:
+        slots[leaf] = tensor  # type: ignore[assignment]
 
 
 def _release(model: torch.nn.Module, fqn: str) -> None:

@@ -26,7 +26,9 @@ class _Builder:
         self.values: list[Value] = []
         self.storages: list[Storage] = []
         self.ops: list[Op] = []
-        self.storage_by_key: dict[int, int] = {}
+        # storage identity -> [(byte span, IR storage)]: one entry per storage
+        # normally; several when graph inputs are disjoint slices of one storage
+        self.storage_by_key: dict[int, list[tuple[tuple[int, int], int]]] = {}
         # fx node -> value index (tensor nodes) or list of value indices (tuples)
         self.node_values: dict[torch.fx.Node, Any] = {}
         self.op_nodes: list[torch.fx.Node] = []
@@ -41,11 +43,22 @@ class _Builder:
     ) -> int:
         storage = fake.untyped_storage()
         key = storage._cdata
-        is_view = key in self.storage_by_key
-        if not is_view:
-            self.storage_by_key[key] = len(self.storages)
-            self.storages.append(Storage(len(self.storages), int(storage.nbytes())))
-        sid = self.storage_by_key[key]
+        span = _byte_span(fake)
+        entries = self.storage_by_key.setdefault(key, [])
+        sid = next((s for (lo, hi), s in entries if lo <= span[0] and span[1] <= hi), None)
+        is_view = sid is not None
+        if sid is None:
+            whole = (0, int(storage.nbytes()))
+            # Graph inputs that are disjoint slices of one storage (weights memory-
+            # mapped from one checkpoint file, flat parameter buffers) are planned as
+            # separate tensors of their own bytes; anything else owns its storage.
+            sliced = producer is None and span != whole and not entries
+            if producer is None and entries:
+                sliced = True
+            own = span if sliced else whole
+            sid = len(self.storages)
+            entries.append((own, sid))
+            self.storages.append(Storage(sid, own[1] - own[0]))
         value = Value(
             index=len(self.values),
             name=name,
@@ -219,3 +232,14 @@ def _assign_kinds(program: Program, captured: CapturedGraph) -> None:
             kind = ValueKind.ACTIVATION
         for vi in storage.values:
             program.values[vi].kind = kind
+
+
+def _byte_span(fake: torch.Tensor) -> tuple[int, int]:
+    """[first, last+1) bytes of its storage a tensor can touch."""
+    size = fake.element_size()
+    if fake.numel() == 0:
+        start = fake.storage_offset() * size
+        return (start, start)
+    extent = sum((int(d) - 1) * abs(int(s)) for d, s in zip(fake.shape, fake.stride()))
+    start = int(fake.storage_offset()) * size
+    return (start, start + (extent + 1) * size)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from planner.solver.candidates import HOME, KEEP, Candidates, Gap, Option
+from planner.solver.candidates import HOME, KEEP, Candidates, Gap, Option, parse_choice
 
 Choices = list[str]
 
@@ -169,15 +169,17 @@ class _GreedyState:
     def best_move(self, t: int, minimize_memory: bool) -> tuple[int, str] | None:
         best: tuple[float, int, str] | None = None
         for gi in np.nonzero((self.gap_lo <= t) & (self.gap_hi >= t))[0].tolist():
-            if gi in self.locked:
-                continue
             gap = self.cands.gaps[gi]
             current = gap.option(self.choices[gi])
-            if current.choice not in (KEEP, HOME):
-                continue
+            if current.choice in (KEEP, HOME):
+                if gi in self.locked:
+                    continue
+                choices = [o for o in gap.options if o.choice != current.choice]
+            else:  # a move already made may still turn into its late-read variant
+                choices = [o for o in gap.options if o.choice == current.choice + ":late"]
             held = self._held_at(gi, current, t)
-            for option in gap.options:
-                if option.choice == current.choice or not self._allowed(gi, gap, option):
+            for option in choices:
+                if not self._allowed(gi, gap, option):
                     continue
                 saved = held - self._held_at(gi, option, t)
                 if saved <= 0:
@@ -191,16 +193,17 @@ class _GreedyState:
         return None if best is None else (best[1], best[2])
 
     def _allowed(self, gi: int, gap: Gap, option: Option) -> bool:
-        kind, _, tier = option.choice.partition(":")
+        kind, tier = parse_choice(option.choice)
         own = self.cands.gaps_of[gap.tensor]
         if kind == "reload":
             pos = own.index(gi)
-            return pos > 0 and self.choices[own[pos - 1]] in (f"offload:{tier}", f"reload:{tier}")
+            previous = parse_choice(self.choices[own[pos - 1]])
+            return pos > 0 and previous in (("offload", tier), ("reload", tier))
         if kind == "fetch" and gap.start >= 0:
             # allowed if the home is that tier already, or can move there with it
             home = self.cands.home_gap.get(gap.tensor)
             return home is not None and (
-                self.choices[home] == option.choice
+                parse_choice(self.choices[home]) == ("fetch", tier)
                 or (
                     self.choices[home] == HOME
                     and home not in self.locked

@@ -151,7 +151,32 @@ def _first_gap_options(problem: Problem, tensor: Tensor, events: list[int]) -> l
                 prefetch_at=window[0],
             )
         )
+        if window[0] < events[0]:
+            options.append(_late(f"fetch:{tier}", tier, tensor.nbytes, events[0]))
     return options
+
+
+def _late(
+    choice: str,
+    tier: str,
+    nbytes: int,
+    b: int,
+    write: Transfer | None = None,
+    write_end: int | None = None,
+) -> Option:
+    """Read just before the use ``b``: nothing held before it, the whole read a
+    stall. What makes budgets below the hidden-prefetch ones feasible."""
+    present = ((write.window[0], write_end),) if write is not None else ()
+    transfers = ((write,) if write is not None else ()) + (
+        Transfer((tier, "read"), nbytes, (b, b - 1)),
+    )
+    return Option(
+        f"{choice}:late",
+        present=present,
+        transfers=transfers,
+        prefetch_at=b,
+        write_done_at=write_end,
+    )
 
 
 def _gap_options(problem: Problem, tensor: Tensor, a: int, b: int) -> list[Option]:
@@ -168,8 +193,13 @@ def _gap_options(problem: Problem, tensor: Tensor, a: int, b: int) -> list[Optio
                         f"fetch:{tier}", present=fetch_present, transfers=reads, prefetch_at=read[0]
                     )
                 )
+            if read[0] < b:
+                options.append(_late(f"fetch:{tier}", tier, tensor.nbytes, b))
             continue
         write_end = _write_window_end(problem, tensor.nbytes, tier, a)
+        if write_end + 1 < b:
+            write = Transfer((tier, "write"), tensor.nbytes, (a + 1, write_end))
+            options.append(_late(f"offload:{tier}", tier, tensor.nbytes, b, write, write_end))
         if write_end + 1 < read[0]:
             read_from = max(read[0], write_end + 1)
             options.append(
@@ -188,6 +218,8 @@ def _gap_options(problem: Problem, tensor: Tensor, a: int, b: int) -> list[Optio
                     f"reload:{tier}", present=fetch_present, transfers=reads, prefetch_at=read[0]
                 )
             )
+        if read[0] < b:
+            options.append(_late(f"reload:{tier}", tier, tensor.nbytes, b))
     if tensor.recompute is not None:
         r = tensor.recompute
         options.append(
@@ -295,6 +327,12 @@ def _itemsize(dtype: str) -> int:
     return _ITEMSIZE.get(dtype, 4)
 
 
+def parse_choice(choice: str) -> tuple[str, str | None]:
+    """``"offload:disk:late"`` -> ``("offload", "disk")``; ``"keep"`` -> ``("keep", None)``."""
+    parts = choice.split(":")
+    return parts[0], (parts[1] if len(parts) > 1 else None)
+
+
 __all__ = [
     "DISK",
     "HOME",
@@ -304,5 +342,6 @@ __all__ = [
     "Option",
     "Transfer",
     "build_candidates",
+    "parse_choice",
     "covering_gap",
 ]

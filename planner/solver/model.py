@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from ortools.sat.python import cp_model
 
-from planner.solver.candidates import HOME, KEEP, Candidates, Option
+from planner.solver.candidates import HOME, KEEP, Candidates, Option, parse_choice
 
 log = logging.getLogger(__name__)
 
@@ -199,22 +199,28 @@ class PlacementModel:
                 if KEEP in self.x[gi]:
                     self.model.add_implication(home, self.x[gi][KEEP])
                 for choice, var in self.x[gi].items():
-                    if choice.startswith("fetch:"):  # only from the home tier
-                        self.model.add(var <= self.x[home_gi].get(choice, 0))
+                    kind, tier = parse_choice(choice)
+                    if kind == "fetch":  # only from the home tier
+                        homes = [
+                            v
+                            for c, v in self.x[home_gi].items()
+                            if parse_choice(c) == ("fetch", tier)
+                        ]
+                        self.model.add(var <= cp_model.LinearExpr.sum(homes) if homes else 0)
 
     def _add_reload_constraints(self) -> None:
         for gaps in self.cands.gaps_of.values():
             previous = None
             for gi in gaps:
                 for choice, var in self.x[gi].items():
-                    if not choice.startswith("reload:"):
+                    kind, tier = parse_choice(choice)
+                    if kind != "reload":
                         continue
-                    tier = choice.split(":", 1)[1]
                     sources: list[cp_model.IntVar] = []
                     if previous is not None:
-                        for c in (f"offload:{tier}", f"reload:{tier}"):
-                            if c in self.x[previous]:
-                                sources.append(self.x[previous][c])
+                        for c, v in self.x[previous].items():
+                            if parse_choice(c) in (("offload", tier), ("reload", tier)):
+                                sources.append(v)
                     if sources:
                         self.model.add(var <= cp_model.LinearExpr.sum(sources))
                     else:

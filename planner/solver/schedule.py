@@ -3,8 +3,8 @@ per-tensor decisions the report prints. See ``plan.py`` for the semantics."""
 
 from __future__ import annotations
 
-from planner.solver.candidates import HOME, KEEP, Candidates
-from planner.solver.plan import Action, TensorDecision
+from planner.solver.candidates import HOME, KEEP, Candidates, parse_choice
+from planner.solver.plan import Action, Plan, SolverStats, TensorDecision
 
 #: Order of actions that share a step and a side: allocations before the waits
 #: that complete them, and those before the recomputes that read them.
@@ -48,7 +48,7 @@ def build_schedule(
                 choice = choices[gi]
                 option = gap.option(choice)
                 gaps_out.append((gap.start, gap.end, choice))
-                kind, _, tier = choice.partition(":")
+                kind, tier = parse_choice(choice)  # type: ignore[assignment]
                 if choice in (KEEP, HOME):
                     continue
                 used.append(choice)
@@ -100,8 +100,27 @@ def build_schedule(
 def _summary(choices: list[str]) -> str:
     labels: list[str] = []
     for choice in choices:
-        kind, _, tier = choice.partition(":")
+        kind, tier = parse_choice(choice)
         label = f"offload:{tier}" if kind in ("offload", "reload", "fetch") else choice
         if label not in labels:
             labels.append(label)
     return "+".join(labels) if labels else "keep"
+
+
+def plan_from_choices(cands: Candidates, choices: list[str], solver: SolverStats) -> Plan:
+    """An unvalidated Plan for ``choices``: its figures (peak, time) are filled in
+    by whoever replays it."""
+    problem = cands.problem
+    actions, decisions = build_schedule(cands, choices)
+    return Plan(
+        mode=problem.mode,
+        budget_bytes=problem.budget_bytes,
+        fingerprint=problem.fingerprint(),
+        tensors=decisions,
+        actions=actions,
+        predicted_peak_bytes=0,
+        estimated_seconds=0.0,
+        unplanned_peak_bytes=0,
+        unplanned_estimated_seconds=0.0,
+        solver=solver,
+    )

@@ -17,7 +17,7 @@ from planner.solver.candidates import Candidates, build_candidates
 from planner.solver.model import PlacementModel
 from planner.solver.plan import Plan, SolverStats
 from planner.solver.problem import Problem
-from planner.solver.schedule import build_schedule
+from planner.solver.schedule import plan_from_choices
 from planner.solver.validate import Replay, validate
 
 log = logging.getLogger(__name__)
@@ -133,18 +133,8 @@ def _evaluate(
     cands: Candidates, name: str, choices: list[str], stats: SolverStats | None
 ) -> Candidate:
     problem = cands.problem
-    actions, decisions = build_schedule(cands, choices)
-    plan = Plan(
-        mode=problem.mode,
-        budget_bytes=problem.budget_bytes,
-        fingerprint=problem.fingerprint(),
-        tensors=decisions,
-        actions=actions,
-        predicted_peak_bytes=0,
-        estimated_seconds=0.0,
-        unplanned_peak_bytes=0,
-        unplanned_estimated_seconds=0.0,
-        solver=stats or SolverStats(name=name, status="BASELINE", seconds=0.0),
+    plan = plan_from_choices(
+        cands, choices, stats or SolverStats(name=name, status="BASELINE", seconds=0.0)
     )
     try:
         replay = validate(problem, plan)

@@ -18,7 +18,7 @@ from planner.solver.baselines import keep_all
 from planner.solver.candidates import build_candidates
 from planner.solver.plan import Plan, SolverStats
 from planner.solver.problem import DISK, HOST, Bandwidths, Problem, Recompute, Step, Tensor
-from planner.solver.schedule import build_schedule
+from planner.solver.schedule import plan_from_choices
 from planner.solver.solve import lower_bound_bytes
 from planner.solver.validate import validate
 
@@ -136,18 +136,8 @@ def with_budget(problem: Problem, budget_bytes: int) -> Problem:
 def keep_all_plan(problem: Problem) -> Plan:
     """The unplanned plan (nothing moves) as an explicit schedule."""
     cands = build_candidates(problem)
-    actions, decisions = build_schedule(cands, keep_all(cands))
-    return Plan(
-        mode=problem.mode,
-        budget_bytes=problem.budget_bytes,
-        fingerprint=problem.fingerprint(),
-        tensors=decisions,
-        actions=actions,
-        predicted_peak_bytes=0,
-        estimated_seconds=0.0,
-        unplanned_peak_bytes=0,
-        unplanned_estimated_seconds=0.0,
-        solver=SolverStats(name="keep-all", status="BASELINE", seconds=0.0),
+    return plan_from_choices(
+        cands, keep_all(cands), SolverStats(name="keep-all", status="BASELINE", seconds=0.0)
     )
 
 

@@ -1,0 +1,41 @@
+"""examples/train_gpt2.py: an AdamW loop on the planned GPT-2 training step.
+
+Two steps at a tight budget (below the smallest feasible one, so the example's
+BudgetTooSmall fallback runs too), against the same loop run eagerly from the same
+seed: each step's loss must match eager's, be finite, and go down; the metered peak
+of a step must stay within the budget the example planned at."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+
+import torch
+from conftest import EXAMPLES
+
+
+def _load_train_example():
+    spec = importlib.util.spec_from_file_location("train_gpt2", EXAMPLES / "train_gpt2.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_gpt2"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_planned_training_loop_matches_eager() -> None:
+    main = _load_train_example().main
+    # batch 4 keeps the test short; 40% is below GPT-2's smallest feasible budget
+    result = main(
+        ["--steps", "2", "--budget", "40%", "--batch", "4", "--time-limit", "5", "--quiet"]
+    )
+    planned, eager = result["planned"], result["eager"]
+    assert result["budget_too_small"], "40% was feasible: the fallback path went untested"
+    assert result["budget_bytes"] < result["unplanned_peak_bytes"]
+    assert len(planned["losses"]) == len(eager["losses"]) == 2
+    assert all(math.isfinite(x) for x in planned["losses"])
+    torch.testing.assert_close(torch.tensor(planned["losses"]), torch.tensor(eager["losses"]))
+    assert planned["losses"][1] < planned["losses"][0]
+    assert planned["peak_bytes"] <= result["budget_bytes"], (
+        f"measured {planned['peak_bytes']} > budget {result['budget_bytes']}"
+    )
