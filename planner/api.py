@@ -8,6 +8,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from planner.budget import parse_budget
+from planner.errors import PlannerError
 from planner.ir.capture import capture, normalize_example_inputs
 from planner.passes.device_profile import DeviceProfile, get_profile
 from planner.passes.pipeline import Analysis
