@@ -9,6 +9,8 @@ storages are the same object, which is how PyTorch itself models views.
 from __future__ import annotations
 
 import operator
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -197,12 +199,20 @@ def _add_op(b: _Builder, node: torch.fx.Node, phase: Phase) -> None:
     b.op_nodes.append(node)
 
 
+_FRAME = re.compile(r'File "(?P<path>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)')
+
+
 def _last_user_line(stack: str | None) -> str | None:
-    """The innermost ``File ..., line N`` entry of an FX stack trace."""
+    """``model.py:42 in forward``: the innermost frame of an FX stack trace outside
+    torch itself (the model's own code, not ``nn.Linear.forward``)."""
     if not stack:
         return None
-    lines = [ln.strip() for ln in stack.strip().splitlines() if ln.strip().startswith("File ")]
-    return lines[-1] if lines else None
+    frames = [m for m in _FRAME.finditer(stack)]
+    if not frames:
+        return None
+    outside = [m for m in frames if "/torch/" not in m["path"]]
+    m = (outside or frames)[-1]
+    return f"{Path(m['path']).name}:{m['line']} in {m['func']}"
 
 
 def _assign_kinds(program: Program, captured: CapturedGraph) -> None:
