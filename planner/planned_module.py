@@ -313,7 +313,14 @@ class _PlannedStep(torch.autograd.Function):
         outs, carry = pm._fn(pm._runtime, list(flat[:n_state]), list(flat[n_state:]))
         ctx.pm = pm
         ctx.carry = carry
-        ctx.mark_non_differentiable(*[o for o in outs if not o.is_floating_point()])
+        # Buffer updates (BatchNorm statistics) and integer outputs get no gradient;
+        # and autograd must not allocate zero gradients for outputs the loss did
+        # not use: the plan has no room for them.
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(*[
+            o for i, o in enumerate(outs)
+            if i < pm._num_buffer_updates or not o.is_floating_point()
+        ])
         return tuple(outs)
 
     @staticmethod

@@ -1,0 +1,576 @@
+"""Training steps under memory pressure: planner vs checkpointing vs torch.compile.
+
+Two workloads, each a module that returns its loss (so a step is ``loss =
+m(*inputs); loss.backward()``, no optimizer):
+
+- gpt2: ``examples/gpt2.py:make_gpt2_train`` (4 layers, width 256, batch 8 x 128
+  tokens, vocabulary 8192, the LM loss inside);
+- cnn: ``examples/resnet_cnn.py:make_resnet`` plus a cross-entropy loss on fixed
+  labels (batch ``--cnn-batch``, 32x32 images).
+
+Systems, all in one process, each on a freshly built (identically seeded) model:
+
+- eager: the model as is;
+- checkpoint: ``torch.utils.checkpoint.checkpoint(use_reentrant=False)`` around every
+  block (GPT-2: each ``transformer.h[i]``; CNN: the stem and each residual block);
+- compile@b: ``torch.compile`` (Inductor) with
+  ``torch._functorch.config.activation_memory_budget = b`` for b in ``--compile-budgets``
+  (the min-cut partitioner's memory/recompute knob; 1 = its default);
+- planner@x: ``planner.plan(model, x, mode="train")`` at 75%, 60% and 50% of the
+  unplanned peak, and at the smallest feasible budget (``BudgetTooSmall.min_budget``),
+  with a profile calibrated once (``calibrate(quick=True)``).
+
+Peak: planner's independent meter (``planner.runtime.meter.measure``) over one step,
+gradients cleared first, the module and inputs passed as resident (parameters,
+buffers, inputs) plus every allocation during forward + backward (gradients
+included). Time: seconds per step after warm-up. This machine is shared (see the load
+average in the output), so timing is interleaved: eager, checkpoint and the planner
+rows take one step each per round, in rotating order; each compile row (which cannot
+share a process-wide compile cache with the others) alternates its steps with eager
+steps. ``x eager`` is the median of a row over the median of the eager steps taken in
+the same rounds; ``min`` is the fastest step (the least disturbed by other load).
+
+    python benchmarks/training_bench.py --out BENCHMARKS_training.md
+
+A full run takes several minutes on a 2-core CPU (most of it Inductor compiling; a
+second run reuses Inductor's on-disk cache and is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
+
+import planner  # noqa: E402
+from planner.runtime.meter import measure  # noqa: E402
+
+log = logging.getLogger("training_bench")
+MiB = 1 << 20
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+class CNNLoss(nn.Module):
+    """The residual CNN plus cross-entropy on the given labels."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.model(x), labels)
+
+
+def make_gpt2() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    from gpt2 import make_gpt2_train
+
+    return make_gpt2_train()
+
+
+def make_cnn(batch: int) -> Callable[[], tuple[nn.Module, tuple[torch.Tensor, ...]]]:
+    def factory() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+        import resnet_cnn
+
+        torch.manual_seed(0)
+        model = resnet_cnn.ResNetCNN()
+        x = torch.randn(batch, 3, resnet_cnn.IMAGE_SIZE, resnet_cnn.IMAGE_SIZE)
+        labels = torch.randint(0, resnet_cnn.NUM_CLASSES, (batch,))
+        return CNNLoss(model), (x, labels)
+
+    return factory
+
+
+def _checkpoint_module(block: nn.Module) -> None:
+    """Route ``block``'s forward through non-reentrant activation checkpointing."""
+    inner = block.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+
+    block.forward = forward  # type: ignore[method-assign]
+
+
+def checkpoint_blocks(workload: str, model: nn.Module) -> int:
+    if workload == "gpt2":
+        blocks = list(model.model.transformer.h)
+    else:
+        blocks = [model.model.stem, *model.model.stages]
+    for block in blocks:
+        _checkpoint_module(block)
+    return len(blocks)
+
+
+# --------------------------------------------------------------------------- rows
+
+
+@dataclass
+class Row:
+    workload: str
+    system: str
+    label: str
+    fn: Callable[..., torch.Tensor] | None = None
+    model: nn.Module | None = None
+    inputs: tuple[torch.Tensor, ...] = ()
+    resident: tuple[Any, ...] = ()
+    times: list[float] = field(default_factory=list)
+    ref_times: list[float] = field(default_factory=list)  # eager steps paired with these
+    peak: int | None = None
+    loss: float | None = None
+    error: str | None = None
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    pm: Any = None
+
+    def step(self) -> torch.Tensor:
+        assert self.fn is not None and self.model is not None
+        for p in self.model.parameters():
+            p.grad = None
+        loss = self.fn(*self.inputs)
+        loss.backward()
+        return loss
+
+    def timed_step(self) -> float:
+        start = time.perf_counter()
+        self.step()
+        seconds = time.perf_counter() - start
+        self.times.append(seconds)
+        return seconds
+
+    def meter(self) -> None:
+        for p in self.model.parameters():
+            p.grad = None
+        loss, m = measure(self.step, *self.resident)
+        self.peak = m.peak_bytes
+        self.loss = float(loss.detach())
+
+    def release(self) -> None:
+        if self.pm is not None:
+            self.pm.close()
+        self.fn = self.model = self.pm = None
+        self.inputs = self.resident = ()
+
+
+def _short_error(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    return " ".join(line.strip() for line in text[:3])[:300]
+
+
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+# --------------------------------------------------------------------------- systems
+
+
+def eager_row(workload: str, factory: Callable) -> Row:
+    model, inputs = factory()
+    return Row(workload, "eager", "eager", model, model, inputs, (model, inputs))
+
+
+def checkpoint_row(workload: str, factory: Callable) -> Row:
+    model, inputs = factory()
+    n = checkpoint_blocks(workload, model)
+    row = Row(workload, "checkpoint", "checkpoint every block", model, model, inputs,
+              (model, inputs))
+    row.notes = f"{n} blocks"
+    if workload == "cnn":
+        row.notes += "; BatchNorm stats update twice per step (forward replay)"
+    return row
+
+
+def planner_rows(workload: str, factory: Callable, profile: Any, time_limit: float,
+                 unplanned_peak: int) -> list[Row]:
+    """Rows at 75%, 60%, 50% and the smallest feasible budget. When 50% fits, budgets
+    are scanned downwards in steps of 5% until BudgetTooSmall; the smallest budget
+    that planned is the "min" row (its ``min_budget`` is checked against it)."""
+    rows: list[Row] = []
+    min_budget: int | None = None
+    lowest_ok: Row | None = None
+    for spec in ("75%", "60%", "50%"):
+        row = _plan_row(workload, factory, spec, f"planner {spec}", profile, time_limit,
+                        unplanned_peak)
+        if isinstance(row, int):  # BudgetTooSmall: the smallest feasible budget
+            min_budget = row
+            rows.append(Row(workload, "planner", f"planner {spec}",
+                            error=f"BudgetTooSmall: min_budget {min_budget / MiB:.2f} MiB "
+                                  f"= {min_budget / unplanned_peak:.1%} of the unplanned peak"))
+            break
+        rows.append(row)
+        lowest_ok = row
+    share = 45
+    while min_budget is None and share > 0:
+        row = _plan_row(workload, factory, f"{share}%", f"planner {share}%", profile,
+                        time_limit, unplanned_peak)
+        if isinstance(row, int):
+            min_budget = row
+        else:
+            if lowest_ok is not None and lowest_ok.label not in [r.label for r in rows]:
+                lowest_ok.release()
+            lowest_ok = row
+        share -= 5
+    if (lowest_ok is not None and min_budget is not None
+            and min_budget > lowest_ok.extra["budget_bytes"]):
+        # BudgetTooSmall's min_budget is above a budget that planned: keep the lower one
+        lowest_ok.extra["min_budget_bug"] = min_budget
+        if lowest_ok.label not in [r.label for r in rows]:
+            lowest_ok.label = (f"planner min found ({lowest_ok.extra['budget_share']:.1%})")
+            lowest_ok.extra["is_min"] = True
+            rows.append(lowest_ok)
+        else:
+            lowest_ok.extra["is_min"] = True
+        lowest_ok.notes = (f"BudgetTooSmall below this reported min_budget "
+                           f"{min_budget / MiB:.2f} MiB ({min_budget / unplanned_peak:.1%}), "
+                           f"above this feasible budget (planner bug)")
+        return rows
+    if min_budget is not None:
+        row = _plan_row(workload, factory, min_budget,
+                        f"planner min ({min_budget / unplanned_peak:.1%})", profile,
+                        time_limit, unplanned_peak)
+        if isinstance(row, int):
+            rows.append(Row(workload, "planner", "planner min",
+                            error=f"BudgetTooSmall at its own min_budget {min_budget}: "
+                                  f"now says {row}"))
+        else:
+            row.extra["is_min"] = True
+            rows.append(row)
+    return rows
+
+
+def _plan_row(workload: str, factory: Callable, budget: str | int, label: str,
+              profile: Any, time_limit: float, unplanned_peak: int) -> Row | int:
+    model, inputs = factory()
+    start = time.perf_counter()
+    try:
+        pm = planner.plan(model, budget, inputs, mode="train", profile=profile,
+                          time_limit=time_limit)
+    except planner.BudgetTooSmall as exc:
+        log.info("%s %s: BudgetTooSmall (min %s)", workload, budget, exc.min_budget)
+        return int(exc.min_budget)
+    except Exception as exc:  # report, don't abort the benchmark
+        traceback.print_exc()
+        return Row(workload, "planner", label, error=_short_error(exc))
+    seconds = time.perf_counter() - start
+    plan = pm.plan
+    decisions = Counter()
+    moved = Counter()
+    for t in plan.tensors:
+        if t.decision != "keep":
+            for part in t.decision.split("+"):
+                if part != "keep":
+                    decisions[part] += 1
+                    moved[part] += t.nbytes
+    row = Row(workload, "planner", label, pm, model, inputs, (pm, inputs), pm=pm)
+    row.extra.update(
+        budget_bytes=plan.budget_bytes,
+        budget_share=plan.budget_bytes / unplanned_peak,
+        predicted_peak=plan.predicted_peak_bytes,
+        est=plan.estimated_seconds,
+        est_unplanned=plan.unplanned_estimated_seconds,
+        solver=f"{plan.solver.status} {plan.solver.seconds:.1f}s",
+        plan_seconds=seconds,
+        decisions=dict(decisions),
+        moved_bytes=dict(moved),
+        actions=Counter(a.kind for a in plan.actions),
+    )
+    log.info("%s %s: planned in %.1f s (%s)", workload, label, seconds, row.extra["solver"])
+    return row
+
+
+def run_compile_rows(workload: str, factory: Callable, budgets: list[float],
+                     eager: Row, warmup: int, repeats: int) -> list[Row]:
+    import torch._functorch.config as functorch_config
+
+    rows = []
+    original = functorch_config.activation_memory_budget
+    try:
+        for b in budgets:
+            torch._dynamo.reset()
+            functorch_config.activation_memory_budget = b
+            model, inputs = factory()
+            compiled = torch.compile(model)
+            row = Row(workload, "compile", f"compile amb={b:g}", compiled, model, inputs,
+                      (model, inputs))
+            try:
+                start = time.perf_counter()
+                row.step()  # compiles forward and backward
+                row.extra["compile_seconds"] = time.perf_counter() - start
+                for _ in range(warmup):
+                    row.step()
+                for _ in range(repeats):
+                    row.ref_times.append(eager.timed_step())
+                    eager.times.pop()  # kept with this row, not the eager row
+                    row.timed_step()
+                row.meter()
+                log.info("%s %s: compile %.1f s, median %.3f s", workload, row.label,
+                         row.extra["compile_seconds"], statistics.median(row.times))
+            except Exception as exc:  # e.g. no C++ compiler: report why
+                traceback.print_exc()
+                row.error = _short_error(exc)
+            rows.append(row)
+            row.fn = compiled = None  # type: ignore[assignment]
+            row.model = None
+            gc.collect()
+    finally:
+        functorch_config.activation_memory_budget = original
+        torch._dynamo.reset()
+    return rows
+
+
+def run_interleaved(rows: list[Row], warmup: int, repeats: int) -> None:
+    live = [r for r in rows if r.error is None]
+    for r in live:
+        try:
+            for _ in range(warmup):
+                r.step()
+        except Exception as exc:
+            traceback.print_exc()
+            r.error = _short_error(exc)
+    live = [r for r in live if r.error is None]
+    for i in range(repeats):
+        order = live[i % len(live):] + live[: i % len(live)]
+        for r in order:
+            r.timed_step()
+    eager = next(r for r in live if r.system == "eager")
+    for r in live:
+        r.ref_times = list(eager.times)
+        r.meter()
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _mib(x: int | None) -> str:
+    return "-" if x is None else f"{x / MiB:.1f}"
+
+
+def render_table(rows: list[Row], unplanned_peak: int, eager_peak: int | None) -> str:
+    lines = [
+        "| system | measured peak MiB | / unplanned peak | median s/step | min s/step "
+        "| x eager (median) | x eager (min) | notes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r.error:
+            lines.append(f"| {r.label} | - | - | - | - | - | - | {r.error} |")
+            continue
+        med = statistics.median(r.times)
+        ref = statistics.median(r.ref_times) if r.ref_times else float("nan")
+        ratio_min = min(r.times) / min(r.ref_times) if r.ref_times else float("nan")
+        notes = r.notes
+        if r.system == "planner":
+            e = r.extra
+            dec = ", ".join(f"{k} {v} ({e['moved_bytes'][k] / MiB:.0f} MiB)"
+                            for k, v in sorted(e["decisions"].items())) or "all kept"
+            notes = (f"budget {_mib(e['budget_bytes'])} MiB ({e['budget_share']:.1%}); "
+                     f"predicted peak {_mib(e['predicted_peak'])}; est. {e['est']:.3f} s = "
+                     f"{e['est'] / e['est_unplanned']:.2f}x unplanned; {dec}; "
+                     f"solver {e['solver']}, plan {e['plan_seconds']:.0f} s")
+            if r.peak is not None and r.peak > e["budget_bytes"]:
+                notes += (f"; **measured peak OVER budget by {r.peak - e['budget_bytes']:,}"
+                          " B**")
+            if r.notes:
+                notes += "; " + r.notes
+        elif r.system == "compile":
+            notes = f"compile {r.extra.get('compile_seconds', float('nan')):.0f} s"
+        lines.append(
+            f"| {r.label} | {_mib(r.peak)} | {r.peak / unplanned_peak:.2f} | {med:.3f} | "
+            f"{min(r.times):.3f} | {med / ref:.2f} | {ratio_min:.2f} | {notes} |")
+    return "\n".join(lines)
+
+
+def target_check(rows: list[Row], ratio_limit: float = 1.2) -> list[str]:
+    """The 50% target: planner at 50% (or, if infeasible, the smallest feasible budget)
+    within ``ratio_limit`` x eager, and faster than checkpointing and compile at an
+    equal or higher measured peak."""
+    ok_rows = [r for r in rows if r.error is None and r.peak is not None]
+    fifty = next((r for r in ok_rows if r.label == "planner 50%"), None)
+    used = fifty or next((r for r in ok_rows if r.extra.get("is_min")), None)
+    out: list[str] = []
+    if used is None:
+        return ["- no planner row at 50% or the minimum budget: target not evaluated"]
+    if fifty is None:
+        out.append(f"- 50% is infeasible; evaluated at the smallest feasible budget "
+                   f"instead ({used.label}).")
+    med = statistics.median(used.times)
+    ratio = med / statistics.median(used.ref_times)
+    out.append(f"- {used.label}: {ratio:.2f}x eager (median), limit {ratio_limit}x -> "
+               f"**{'met' if ratio <= ratio_limit else 'NOT met'}**; measured peak "
+               f"{_mib(used.peak)} MiB.")
+    for system in ("checkpoint", "compile"):
+        alts = [r for r in ok_rows if r.system == system]
+        if not alts:
+            out.append(f"- {system}: no successful row, not comparable")
+            continue
+        # time relative to eager (the same-rounds reference) to cancel load drift
+        at_or_above = [r for r in alts if r.peak >= used.peak]
+        below = [r for r in alts if r.peak < used.peak]
+        for r in sorted(at_or_above, key=lambda r: r.peak)[:1]:
+            r_ratio = statistics.median(r.times) / statistics.median(r.ref_times)
+            verdict = "planner faster" if ratio < r_ratio else "planner NOT faster"
+            out.append(f"- vs {r.label} (lowest {system} peak >= planner's: {_mib(r.peak)} "
+                       f"MiB): {r_ratio:.2f}x eager -> {verdict}")
+        if not at_or_above:
+            out.append(f"- {system}: every row peaks below the planner's "
+                       f"({', '.join(f'{r.label} {_mib(r.peak)}' for r in below)} MiB)")
+        for r in below:
+            r_ratio = statistics.median(r.times) / statistics.median(r.ref_times)
+            out.append(f"  - (lower peak) {r.label}: {_mib(r.peak)} MiB at {r_ratio:.2f}x "
+                       f"eager")
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+
+def bench_workload(name: str, factory: Callable, args: argparse.Namespace,
+                   profile: Any) -> dict[str, Any]:
+    log.info("=== %s", name)
+    model, inputs = factory()
+    analysis = planner.analyze(model, inputs, mode="train", profile=profile)
+    unplanned = analysis.unplanned_peak_bytes
+    del model, analysis
+    eager = eager_row(name, factory)
+    rows: list[Row] = [eager]
+    if "checkpoint" in args.systems:
+        rows.append(checkpoint_row(name, factory))
+    if "planner" in args.systems:
+        rows.extend(planner_rows(name, factory, profile, args.time_limit, unplanned))
+    log.info("%s: interleaved timing of %d rows", name, len(rows))
+    run_interleaved(rows, args.warmup, args.repeats)
+    compile_rows: list[Row] = []
+    if "compile" in args.systems:
+        compile_rows = run_compile_rows(name, factory, args.compile_budgets, eager,
+                                        args.warmup, args.repeats)
+    # losses must agree (same seed, same data): a sanity check on every system
+    for r in rows + compile_rows:
+        if r.error is None and r.loss is not None and eager.loss is not None:
+            if abs(r.loss - eager.loss) > 1e-4 * max(1.0, abs(eager.loss)):
+                r.notes += f"; loss {r.loss:.6f} != eager {eager.loss:.6f}"
+    ordered = ([eager] + [r for r in rows if r.system == "checkpoint"] + compile_rows
+               + [r for r in rows if r.system == "planner"])
+    result = {"name": name, "rows": ordered, "unplanned": unplanned, "eager_peak": eager.peak}
+    for r in rows:
+        r.release()
+    gc.collect()
+    return result
+
+
+def render(results: list[dict[str, Any]], info: dict[str, Any], args) -> str:
+    out = ["# Training benchmark: planner vs checkpointing vs torch.compile", ""]
+    out.append(f"Command: `python benchmarks/training_bench.py {' '.join(info['argv'])}`  ")
+    out.append(f"Machine: {info['machine']}; torch {torch.__version__}, "
+               f"{torch.get_num_threads()} threads.  ")
+    out.append(f"Load before: `{info['load_before']}`  ")
+    out.append(f"Load after: `{info['load_after']}`  ")
+    out.append(f"Wall time of the run: {info['wall']:.0f} s; calibrated profile: "
+               f"{info['profile']}.")
+    out.append("")
+    out.append("One step = forward + backward of a module that returns its loss (no "
+               "optimizer). Peak: the independent meter, module state + inputs + every "
+               "allocation during the step (gradients included). Time: "
+               f"{args.repeats} timed steps after {args.warmup} warm-up, interleaved "
+               "with eager (see the docstring); `x eager` divides by eager's median "
+               "(or min) over the same rounds.")
+    for res in results:
+        out.append("")
+        out.append(f"## {res['name']}")
+        out.append("")
+        out.append(f"Unplanned peak (planner.analyze): {_mib(res['unplanned'])} MiB; eager "
+                   f"measured peak: {_mib(res['eager_peak'])} MiB.")
+        out.append("")
+        out.append(render_table(res["rows"], res["unplanned"], res["eager_peak"]))
+        out.append("")
+        out.append("Target (50% of the unplanned peak, <= 1.2x eager, faster than both "
+                   "alternatives at an equal or higher measured peak):")
+        out.append("")
+        out.extend(target_check(res["rows"]))
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workloads", nargs="+", default=["gpt2", "cnn"],
+                    choices=["gpt2", "cnn"])
+    ap.add_argument("--systems", nargs="+", default=["checkpoint", "compile", "planner"],
+                    choices=["checkpoint", "compile", "planner"])
+    ap.add_argument("--compile-budgets", nargs="+", type=float,
+                    default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    ap.add_argument("--cnn-batch", type=int, default=8,
+                    help="images per CNN batch (8 = examples/resnet_cnn.py)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5, help="timed steps per row")
+    ap.add_argument("--time-limit", type=float, default=10.0, help="planner solver seconds")
+    ap.add_argument("--out", type=Path, default=None, help="write the markdown here")
+    args = ap.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("torch").setLevel(logging.ERROR)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    info: dict[str, Any] = {
+        "argv": argv if argv is not None else sys.argv[1:],
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU"
+        if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+        "load_before": uptime(),
+    }
+    profile: Any = "cpu"
+    if "planner" in args.systems:
+        from planner.runtime.calibrate import calibrate
+
+        with contextlib.redirect_stderr(sys.stderr):
+            profile = calibrate(quick=True)
+        info["profile"] = (f"matmul {profile.matmul_flops['float32'] / 1e9:.0f} GFLOP/s fp32, "
+                           f"memory {profile.memory_bandwidth / 1e9:.1f} GB/s, disk read "
+                           f"{profile.disk_read_bandwidth / 1e9:.2f} GB/s, write "
+                           f"{profile.disk_write_bandwidth / 1e9:.2f} GB/s")
+    else:
+        info["profile"] = "none (planner not run)"
+    factories = {"gpt2": make_gpt2, "cnn": make_cnn(args.cnn_batch)}
+    results = [bench_workload(w, factories[w], args, profile) for w in args.workloads]
+    info["load_after"] = uptime()
+    info["wall"] = time.perf_counter() - start
+    text = render(results, info, args)
+    print(text)
+    if args.out:
+        # a hand-written analysis section below the tables survives a re-run
+        if args.out.exists():
+            old = args.out.read_text()
+            marker = old.find("\n## Analysis")
+            if marker >= 0:
+                text += old[marker:]
+        args.out.write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
