@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 
 from planner.budget import parse_budget
-from planner.errors import PlannerError
+from planner.errors import InvalidPlan, PlannerError
 from planner.ir.capture import capture, normalize_example_inputs
 from planner.passes.device_profile import DeviceProfile, get_profile
 from planner.passes.pipeline import Analysis
@@ -18,7 +19,7 @@ from planner.report import Report
 from planner.runtime.checkpoint import attach_checkpoint
 from planner.runtime.meter import Measurement, measure, measure_training_step
 from planner.runtime.store import check_offload_dir
-from planner.solver import DEFAULT_TIME_LIMIT, Plan, from_program, solve
+from planner.solver import DEFAULT_TIME_LIMIT, Plan, Problem, from_program, solve, validate
 from planner.solver.solve import keep_all_peak
 
 
@@ -62,13 +63,16 @@ def make_plan(
     profile: str | DeviceProfile | None = None,
     quantize: str | dict[str, str] | None = None,
     time_limit: float = DEFAULT_TIME_LIMIT,
+    reuse: str | Path | Plan | None = None,
 ) -> tuple[Analysis, Plan]:
     """Capture, analyze and solve: the Plan for ``model`` under ``budget``.
 
     ``budget``: bytes, a size ("512MiB", "2GB") or a share of the unplanned peak
     ("60%"). Raises BudgetTooSmall (with ``min_budget``) when no plan fits.
     ``time_limit``: seconds of optimization search; the best plan found by then is
-    returned with its bound (see ``plan.solver``).
+    returned with its bound (see ``plan.solver``). ``reuse``: a saved Plan (or its
+    path) to use instead of solving; refused unless it was made for this graph and
+    this budget, and replayed by the validator first.
     """
     analysis = analyze(model, example_inputs, mode, profile)
     if isinstance(budget, str) and budget.strip().endswith("%"):
@@ -82,7 +86,31 @@ def make_plan(
     else:
         budget_bytes = parse_budget(budget, analysis.unplanned_peak_bytes)
     problem = from_program(analysis.program, budget_bytes, analysis.profile, quantize)
+    if reuse is not None:
+        return analysis, _reuse_plan(problem, reuse)
     return analysis, solve(problem, time_limit=time_limit)
+
+
+def _reuse_plan(problem: Problem, reuse: str | Path | Plan) -> Plan:
+    try:
+        saved = reuse if isinstance(reuse, Plan) else Plan.load(reuse)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PlannerError(f"cannot load plan {str(reuse)!r}: {exc}") from exc
+    if saved.fingerprint != problem.fingerprint():
+        raise PlannerError(
+            "the saved plan was made for a different graph (model, input shapes, mode or "
+            "quantize setting differ): plan again without plan=, then save the new plan"
+        )
+    if saved.budget_bytes != problem.budget_bytes:
+        raise PlannerError(
+            f"the saved plan was made for a budget of {saved.budget_bytes:,} bytes, not "
+            f"{problem.budget_bytes:,}: pass that budget, or plan again"
+        )
+    try:
+        validate(problem, saved)
+    except InvalidPlan as exc:
+        raise PlannerError(f"the saved plan does not replay on this graph: {exc}") from exc
+    return saved
 
 
 def plan(
@@ -95,6 +123,7 @@ def plan(
     quantize: str | dict[str, str] | None = None,
     time_limit: float = DEFAULT_TIME_LIMIT,
     checkpoint: str | None = None,
+    plan: str | Path | Plan | None = None,
 ) -> PlannedModule:
     """Plan ``model`` under ``budget`` and return a module that runs the plan.
 
@@ -103,7 +132,9 @@ def plan(
     go (a fresh subdirectory is made there and removed with the module; default: a
     temporary directory). Tier-home weights are released from ``model``.
     ``checkpoint``: a safetensors file to take the weights of a model built on the
-    meta device from (memory-mapped: for models larger than RAM).
+    meta device from (memory-mapped: for models larger than RAM). ``plan``: a saved
+    plan (``pm.plan.save(path)``) to reuse without solving again; it must have been
+    made for this graph and budget.
     """
     if checkpoint is not None:
         if mode != "infer":
@@ -114,7 +145,9 @@ def plan(
         attach_checkpoint(model, checkpoint)
     if offload_dir is not None:
         check_offload_dir(offload_dir)
-    analysis, solved = make_plan(model, budget, example_inputs, mode, profile, quantize, time_limit)
+    analysis, solved = make_plan(
+        model, budget, example_inputs, mode, profile, quantize, time_limit, reuse=plan
+    )
     problem = from_program(analysis.program, solved.budget_bytes, analysis.profile, quantize)
     args, kwargs = normalize_example_inputs(example_inputs)
     device = next(

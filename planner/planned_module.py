@@ -317,10 +317,13 @@ class _PlannedStep(torch.autograd.Function):
         # and autograd must not allocate zero gradients for outputs the loss did
         # not use: the plan has no room for them.
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(*[
-            o for i, o in enumerate(outs)
-            if i < pm._num_buffer_updates or not o.is_floating_point()
-        ])
+        ctx.mark_non_differentiable(
+            *[
+                o
+                for i, o in enumerate(outs)
+                if i < pm._num_buffer_updates or not o.is_floating_point()
+            ]
+        )
         return tuple(outs)
 
     @staticmethod
