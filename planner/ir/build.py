@@ -248,7 +248,7 @@ def _byte_span(fake: torch.Tensor) -> tuple[int, int]:
     """[first, last+1) bytes of its storage a tensor can touch."""
     size = fake.element_size()
     if fake.numel() == 0:
-        start = fake.storage_offset() * size
+        start = int(fake.storage_offset()) * size
         return (start, start)
     extent = sum((int(d) - 1) * abs(int(s)) for d, s in zip(fake.shape, fake.stride()))
     start = int(fake.storage_offset()) * size

@@ -166,7 +166,9 @@ def _late(
 ) -> Option:
     """Read just before the use ``b``: nothing held before it, the whole read a
     stall. What makes budgets below the hidden-prefetch ones feasible."""
-    present = ((write.window[0], write_end),) if write is not None else ()
+    present: tuple[tuple[int, int], ...] = ()
+    if write is not None and write_end is not None:
+        present = ((write.window[0], write_end),)
     transfers = ((write,) if write is not None else ()) + (
         Transfer((tier, "read"), nbytes, (b, b - 1)),
     )

@@ -206,7 +206,10 @@ class PlacementModel:
                             for c, v in self.x[home_gi].items()
                             if parse_choice(c) == ("fetch", tier)
                         ]
-                        self.model.add(var <= cp_model.LinearExpr.sum(homes) if homes else 0)
+                        if homes:
+                            self.model.add(var <= cp_model.LinearExpr.sum(homes))
+                        else:
+                            self.model.add(var == 0)
 
     def _add_reload_constraints(self) -> None:
         for gaps in self.cands.gaps_of.values():

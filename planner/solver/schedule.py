@@ -57,7 +57,7 @@ def build_schedule(
                     if a >= 0:
                         add(a, "after", "free", name)
                     else:
-                        home = tier
+                        home = tier or home
                     add(option.prefetch_at, "before", "prefetch", name, tier)  # type: ignore[arg-type]
                     add(b, "before", "wait", name)
                 elif kind == "offload":
