@@ -26,6 +26,7 @@ to run on the CPU: `triton.jit` picks the interpreter at decoration time.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -349,16 +350,9 @@ def dequantize_int4(q: Quantized) -> torch.Tensor:
     out = torch.empty(numel, dtype=q.dtype, device=q.codes.device)
     n_bytes = q.codes.numel()
     if numel:
+        args = (q.codes.contiguous(), q.scale.contiguous(), q.zero.contiguous(), out)
         _dequant_int4_kernel[(_cdiv(n_bytes, _BLOCK_ELEMS),)](
-            q.codes.contiguous(),
-            q.scale.contiguous(),
-            q.zero.contiguous(),
-            out,
-            numel,
-            n_bytes,
-            BLOCK=_BLOCK_ELEMS,
-            GROUP_SIZE=GROUP,
-            enable_fp_fusion=False,
+            *args, numel, n_bytes, BLOCK=_BLOCK_ELEMS, GROUP_SIZE=GROUP, enable_fp_fusion=False
         )
     return out.reshape(q.shape)
 
@@ -386,8 +380,18 @@ def _dot_options(a: torch.Tensor) -> dict[str, object]:
     return {"PRECISION": "ieee" if ieee else "tf32", "UPCAST": upcast}
 
 
-def _launch_grid(m: int, n: int, block_m: int, block_n: int) -> tuple[int, int]:
-    return (_cdiv(m, block_m), _cdiv(n, block_n))
+def _matmul(
+    kernel: Any, a: torch.Tensor, q: Quantized, operands: tuple[torch.Tensor, ...], **opts: Any
+) -> torch.Tensor:
+    """Launch a dequant-matmul kernel over (16 x 32) output tiles; result in `a.dtype`."""
+    a2, n, k = _matmul_args(a, q, q.fmt)
+    m = a2.shape[0]
+    out = torch.zeros((m, n), dtype=a.dtype, device=a.device)
+    if m and n and k:
+        grid = (_cdiv(m, 16), _cdiv(n, 32))
+        args = (a2, *(t.contiguous() for t in operands), out, m, n, k)
+        kernel[grid](*args, BLOCK_M=16, BLOCK_N=32, **opts, **_dot_options(a))
+    return out.reshape(*a.shape[:-1], n)
 
 
 def dequant_matmul_int8(a: torch.Tensor, q: Quantized) -> torch.Tensor:
@@ -398,60 +402,22 @@ def dequant_matmul_int8(a: torch.Tensor, q: Quantized) -> torch.Tensor:
     the last bits of `a.dtype` (the reference rounds the weight to `q.dtype` first).
     fp32 activations use IEEE dot products (no TF32) to stay close to torch.
     """
-    a2, n, k = _matmul_args(a, q, "int8")
-    m = a2.shape[0]
-    out = torch.empty((m, n), dtype=a.dtype, device=a.device)
-    if m and n and k:
-        bm, bn, bk = 16, 32, 64
-        _dqmm_int8_kernel[_launch_grid(m, n, bm, bn)](
-            a2,
-            q.codes.contiguous(),
-            q.scale.contiguous(),
-            out,
-            m,
-            n,
-            k,
-            BLOCK_M=bm,
-            BLOCK_N=bn,
-            BLOCK_K=bk,
-            **_dot_options(a),
-        )
-    elif m and n:
-        out.zero_()
-    return out.reshape(*a.shape[:-1], n)
+    if q.fmt != "int8":
+        raise ValueError(f"expected a int8 Quantized weight, got {q.fmt!r}")
+    return _matmul(_dqmm_int8_kernel, a, q, (q.codes, q.scale), BLOCK_K=64)
 
 
 def dequant_matmul_int4(a: torch.Tensor, q: Quantized) -> torch.Tensor:
     """`a @ dequantize(q).T` for an int4 nn.Linear weight, in `a.dtype`.
 
     When in_features is a multiple of the group size (64) every group lies inside
-    one weight row and the kernel dequantizes each group in registers. Otherwise
-    groups straddle rows and this falls back to the torch reference (full dequant
-    then matmul), which materializes the weight.
+    one weight row and the kernel dequantizes each group in registers (without FMA
+    contraction, so the weight values equal the reference's). Otherwise groups
+    straddle rows and this falls back to the torch reference (full dequant then
+    matmul), which materializes the weight.
     """
-    a2, n, k = _matmul_args(a, q, "int4")
+    _, _, k = _matmul_args(a, q, "int4")
     if k % GROUP or q.zero is None:
-        w = dequantize(q).to(a.dtype)
-        return a @ w.T
-    m = a2.shape[0]
-    out = torch.empty((m, n), dtype=a.dtype, device=a.device)
-    if m and n and k:
-        bm, bn = 16, 32
-        _dqmm_int4_kernel[_launch_grid(m, n, bm, bn)](
-            a2,
-            q.codes.contiguous(),
-            q.scale.contiguous(),
-            q.zero.contiguous(),
-            out,
-            m,
-            n,
-            k,
-            BLOCK_M=bm,
-            BLOCK_N=bn,
-            GROUP_SIZE=GROUP,
-            **_dot_options(a),
-            enable_fp_fusion=False,
-        )
-    elif m and n:
-        out.zero_()
-    return out.reshape(*a.shape[:-1], n)
+        return a @ dequantize(q).to(a.dtype).T
+    operands = (q.codes, q.scale, q.zero)
+    return _matmul(_dqmm_int4_kernel, a, q, operands, GROUP_SIZE=GROUP, enable_fp_fusion=False)

@@ -1,0 +1,192 @@
+"""Triton quantization kernels vs the torch references in planner.runtime.quant.
+
+Runs the kernels on the CPU through the Triton interpreter: TRITON_INTERPRET must be
+set before triton is imported (triton.jit picks the interpreter at decoration time).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton", reason="triton is not installed: the kernels cannot be tested")
+
+from planner.codegen import kernels  # noqa: E402
+from planner.runtime.quant import GROUP, dequantize, quantize  # noqa: E402
+
+SHAPES = [(1, 1), (3, 5), (7, 64), (33, 130), (2, 3, 65), (4, 600), ()]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _data(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 3
+    if x.dim() >= 2:
+        x[0] *= 0.01  # one row / group with a much smaller range
+    return x.to(dtype)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """View a float tensor as integers, so equality is bit-exact (signs of zero too)."""
+    return t.contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def _fp32_step(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The reference's fp32 scale (before the fp16 store), broadcast to x's layout."""
+    if fmt == "int8":
+        rows = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
+        return (
+            (rows.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12) / 127)
+            .expand(rows.shape)
+            .reshape(-1)
+        )
+    flat = x.reshape(-1).float()
+    groups = torch.nn.functional.pad(flat, (0, (-flat.numel()) % GROUP)).reshape(-1, GROUP)
+    lo = groups.amin(dim=1, keepdim=True)
+    scale = ((groups.amax(dim=1, keepdim=True) - lo) / 15).clamp_min(1e-12)
+    return scale.expand(groups.shape).reshape(-1)[: flat.numel()]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_int8_matches_reference(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    x = _data(shape, dtype)
+    ref = quantize(x, "int8")
+    got = kernels.quantize_int8(x)
+    assert got.codes.dtype == torch.int8 and got.codes.shape == ref.codes.shape
+    assert torch.equal(got.codes, ref.codes)
+    assert torch.equal(_bits(got.scale), _bits(ref.scale))
+    assert (got.zero, got.fmt, got.shape, got.dtype) == (None, "int8", ref.shape, ref.dtype)
+
+    deq = kernels.dequantize_int8(got)
+    assert deq.dtype == dtype and deq.shape == x.shape
+    assert torch.equal(_bits(deq), _bits(dequantize(ref)))
+
+    # codes are the nearest multiple of the fp32 step: within half a step exactly
+    step = _fp32_step(x, "int8")
+    xf = x.float().reshape(-1)
+    codes = ref.codes.float().reshape(-1)
+    # x / step is itself rounded in fp32 (a near-tie can round onto .5): one ulp of slack
+    half = 0.5 * step + (codes.abs() + 1) * step * 2**-23
+    assert ((xf - codes * step).abs() <= half).all()
+    # the stored value uses the fp16-rounded step and is rounded to `dtype`: allow both
+    s16 = ref.scale.float().expand(ref.codes.shape).reshape(-1)
+    bound = half + codes.abs() * (step - s16).abs()
+    bound = bound + xf.abs() * torch.finfo(dtype).eps + 1e-30
+    assert ((xf - deq.float().reshape(-1)).abs() <= bound * (1 + 1e-5)).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_int4_matches_reference(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    x = _data(shape, dtype)
+    ref = quantize(x, "int4")
+    got = kernels.quantize_int4(x)
+    assert got.codes.dtype == torch.uint8 and got.codes.shape == ref.codes.shape
+    assert torch.equal(got.codes, ref.codes)
+    assert torch.equal(_bits(got.scale), _bits(ref.scale))
+    assert got.zero is not None and ref.zero is not None
+    assert torch.equal(_bits(got.zero), _bits(ref.zero))
+    assert (got.fmt, got.shape, got.dtype) == ("int4", ref.shape, ref.dtype)
+
+    deq = kernels.dequantize_int4(got)
+    assert deq.dtype == dtype and deq.shape == x.shape
+    assert torch.equal(_bits(deq), _bits(dequantize(ref)))
+
+    n = x.numel()
+    codes = torch.stack((ref.codes & 0xF, ref.codes >> 4), dim=1).reshape(-1)[:n].float()
+    step = _fp32_step(x, "int4")
+    flat = x.float().reshape(-1)
+    groups = torch.nn.functional.pad(flat, (0, (-n) % GROUP)).reshape(-1, GROUP)
+    lo32 = groups.amin(dim=1, keepdim=True).expand(groups.shape).reshape(-1)[:n]
+    half = 0.5 * step + (codes + 1) * step * 2**-23 + lo32.abs() * 2**-23
+    assert ((flat - (codes * step + lo32)).abs() <= half * (1 + 1e-6)).all()
+    # stored: fp16 step and fp16 minimum, then rounded to `dtype`
+    s16 = ref.scale.float().expand(-1, GROUP).reshape(-1)[:n]
+    z16 = ref.zero.float().expand(-1, GROUP).reshape(-1)[:n]
+    bound = half + codes * (step - s16).abs() + (lo32 - z16).abs()
+    bound = bound + flat.abs() * torch.finfo(dtype).eps + 1e-30
+    assert ((flat - deq.float().reshape(-1)).abs() <= bound * (1 + 1e-5)).all()
+
+
+def test_rounding_is_half_to_even() -> None:
+    # scale is exactly 1.0 (127 / 127 and 15 / 15): codes are round(x) on exact ties
+    ties = [0.5, 1.5, 2.5, -0.5, -2.5, 0.49999997, 126.5]
+    x8 = torch.tensor([[127.0, *ties]])
+    got8 = kernels.quantize_int8(x8)
+    assert torch.equal(got8.codes, quantize(x8, "int8").codes)
+    assert got8.codes.tolist() == [[127, 0, 2, 2, 0, -2, 0, 126]]
+
+    x4 = torch.zeros(GROUP)
+    x4[:7] = torch.tensor([15.0, 0.5, 1.5, 2.5, 14.5, 0.49999997, 3.5])
+    got4 = kernels.quantize_int4(x4)
+    assert torch.equal(got4.codes, quantize(x4, "int4").codes)
+    assert got4.codes[:4].tolist() == [15 | 0 << 4, 2 | 2 << 4, 14 | 0 << 4, 4]
+
+
+def test_constant_and_zero_inputs() -> None:
+    for x in (torch.zeros(3, 70), torch.full((2, 65), -1.25), torch.tensor(2.0)):
+        for fmt, qf in (("int8", kernels.quantize_int8), ("int4", kernels.quantize_int4)):
+            ref, got = quantize(x, fmt), qf(x)
+            assert torch.equal(got.codes, ref.codes)
+            assert torch.equal(_bits(got.scale), _bits(ref.scale))
+
+
+MATMUL_SHAPES = [(5, 7, 64), (17, 33, 128), (3, 4, 70), (1, 40, 192)]
+TOL = {
+    torch.float32: {"atol": 1e-4, "rtol": 1e-4},
+    torch.float16: {"atol": 1e-2, "rtol": 1e-2},
+    torch.bfloat16: {"atol": 5e-2, "rtol": 3e-2},
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mnk", MATMUL_SHAPES, ids=str)
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_dequant_matmul(fmt: str, mnk: tuple[int, int, int], dtype: torch.dtype) -> None:
+    m, n, k = mnk
+    g = torch.Generator().manual_seed(m * 1000 + n)
+    a = torch.randn(m, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    q = quantize(w, fmt)
+    matmul = kernels.dequant_matmul_int8 if fmt == "int8" else kernels.dequant_matmul_int4
+    got = matmul(a, q)
+    expected = a @ dequantize(q).T
+    assert got.dtype == dtype and got.shape == (m, n)
+    torch.testing.assert_close(got, expected, **TOL[dtype])
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_dequant_matmul_batched_activations(fmt: str) -> None:
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(2, 3, 64, generator=g)
+    q = quantize(torch.randn(9, 64, generator=g), fmt)
+    matmul = kernels.dequant_matmul_int8 if fmt == "int8" else kernels.dequant_matmul_int4
+    got = matmul(a, q)
+    assert got.shape == (2, 3, 9)
+    torch.testing.assert_close(got, a @ dequantize(q).T, atol=1e-4, rtol=1e-4)
+
+
+def test_dequant_matmul_rejects_bad_inputs() -> None:
+    q = quantize(torch.randn(4, 64), "int8")
+    with pytest.raises(ValueError, match="features"):
+        kernels.dequant_matmul_int8(torch.randn(2, 32), q)
+    with pytest.raises(ValueError, match="int4"):
+        kernels.dequant_matmul_int4(torch.randn(2, 64), q)
+    with pytest.raises(ValueError, match="2-D"):
+        kernels.dequant_matmul_int8(torch.randn(2, 64), quantize(torch.randn(2, 2, 64), "int8"))
+
+
+def test_use_triton_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert kernels.HAS_TRITON
+    assert kernels.use_triton("cpu")
+    assert kernels.use_triton(torch.device("cuda"))
+    assert not kernels.use_triton("meta")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not kernels.use_triton("cpu")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernels.quantize_int8(torch.randn(2, 3))
