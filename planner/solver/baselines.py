@@ -16,7 +16,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from planner.solver.candidates import HOME, KEEP, Candidates, Gap, Option, parse_choice
+from planner.solver.candidates import (
+    HOME,
+    KEEP,
+    Candidates,
+    Gap,
+    Option,
+    holder_gap,
+    holdings,
+    parse_choice,
+    transfer_load,
+)
 
 Choices = list[str]
 
@@ -109,42 +119,28 @@ class _GreedyState:
 
     def _compute_contribution(self, gi: int, option: Option) -> list[tuple[int, int, int]]:
         gap = self.cands.gaps[gi]
-        nbytes = self.problem.tensors[gap.tensor].nbytes
-        out = [(lo, hi, nbytes) for lo, hi in option.present]
-        if option.partial:
-            out.append((max(gap.start + 1, 0), gap.end - 1, option.partial))
-        out += [(t, t, b) for t, b in option.extras]
-        return out
+        return holdings(option, gap, self.problem.tensors[gap.tensor].nbytes)
 
     def _add(self, gi: int, option: Option, sign: int) -> None:
         for lo, hi, b in self._contribution(gi, option):
             self.memory[lo : hi + 1] += sign * b
-        for tr in option.transfers:
-            load = self.loads.setdefault(tr.channel, np.zeros(self.problem.num_steps))
-            lo, hi = tr.window
-            if lo <= hi:
-                load[lo : hi + 1] += sign * self._shares(tr)
-
-    def _shares(self, tr) -> np.ndarray:  # type: ignore[no-untyped-def]
-        lo, hi = tr.window
-        secs = self.seconds[lo : hi + 1]
-        need = tr.nbytes / _bandwidth(self.problem, tr.channel)
-        covered = secs.sum()
-        return secs * min(1.0, need / covered) if covered > 0 else secs * 0
+        for channel, lo, hi, shares, _ in self._transfers(gi, option):
+            if shares is not None:
+                load = self.loads.setdefault(channel, np.zeros(self.problem.num_steps))
+                load[lo : hi + 1] += sign * shares
 
     def _transfers(self, gi: int, option: Option) -> list:
-        """Per transfer: channel, window, its load shares and the uncovered seconds
-        (fixed facts, cached)."""
+        """Per transfer: channel, window, its load shares (None if it loads no step)
+        and the uncovered seconds (``transfer_load``'s facts, cached)."""
         key = (gi, option.choice)
         cached = self._transfer_cache.get(key)
         if cached is None:
             cached = []
             for tr in option.transfers:
+                shares, uncovered = transfer_load(self.problem, tr)
                 lo, hi = tr.window
-                need = tr.nbytes / _bandwidth(self.problem, tr.channel)
-                covered = float(self.seconds[lo : hi + 1].sum()) if lo <= hi else 0.0
-                shares = self._shares(tr) if lo <= hi else None
-                cached.append((tr.channel, lo, hi, shares, max(0.0, need - covered)))
+                array = np.array(shares) if shares else None
+                cached.append((tr.channel, lo, hi, array, uncovered))
             self._transfer_cache[key] = cached
         return cached
 
@@ -250,13 +246,7 @@ def _holders(cands: Candidates, option: Option) -> list[int] | None:
         tensor = problem.tensors[r]
         if step in tensor.events(T) or tensor.pinned:
             continue
-        found = None
-        for gi in cands.gaps_of.get(r, []):
-            g = cands.gaps[gi]
-            if g.start >= 0 and g.start < step < g.end:
-                found = gi
-        if found is None and r in cands.home_gap:
-            found = cands.home_gap[r]
+        found = holder_gap(cands, r, step)
         if found is None:
             return None
         holders.append(found)
@@ -269,12 +259,6 @@ def _default(gap: Gap) -> str:
 
 def _has(gap: Gap, choice: str) -> bool:
     return any(o.choice == choice for o in gap.options)
-
-
-def _bandwidth(problem, channel: tuple[str, str]) -> float:  # type: ignore[no-untyped-def]
-    tier, direction = channel
-    bw = problem.bandwidths
-    return bw.read(tier) if direction == "read" else bw.write(tier)
 
 
 BASELINES = {

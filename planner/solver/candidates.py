@@ -265,19 +265,44 @@ def _can_hold(cands: Candidates, tensor: Tensor, step: int, T: int) -> bool:
         return True
     if tensor.pinned:
         return tensor.appears_at <= step <= tensor.last_step(T)
-    return covering_gap(cands, tensor.index, step) is not None
+    return holder_gap(cands, tensor.index, step) is not None
 
 
-def covering_gap(cands: Candidates, tensor: int, step: int) -> Gap | None:
-    """The gap of ``tensor`` strictly containing ``step``, if any (the home gap of
-    a persistent tensor covers every step outside its uses)."""
+def holder_gap(cands: Candidates, tensor: int, step: int) -> int | None:
+    """The gap whose choice decides whether ``tensor`` is on the device at ``step``
+    (a step that is not one of its own): the gap between two uses around it, whose
+    ``keep`` holds it, else the home gap of a persistent tensor, whose ``home``
+    holds it before its first and after its last use. None if no choice can."""
     for gi in cands.gaps_of.get(tensor, []):
         gap = cands.gaps[gi]
-        if gap.start < step < gap.end:
-            return gap
-    if tensor in cands.home_gap:
-        return cands.gaps[cands.home_gap[tensor]]
-    return None
+        if gap.start >= 0 and gap.start < step < gap.end:
+            return gi
+    return cands.home_gap.get(tensor)
+
+
+def holdings(option: Option, gap: Gap, nbytes: int) -> list[tuple[int, int, int]]:
+    """``(lo, hi, bytes)``: the step intervals ``option`` holds bytes in, beyond the
+    steps where the tensor is needed anyway (the one reading of an option's memory
+    that the model, the baselines and the bounds all use)."""
+    out = [(lo, hi, nbytes) for lo, hi in option.present if lo <= hi]
+    if option.partial and not option.present:
+        lo, hi = max(gap.start + 1, 0), gap.end - 1
+        if lo <= hi:
+            out.append((lo, hi, option.partial))
+    out += [(t, t, b) for t, b in option.extras if b]
+    return out
+
+
+def transfer_load(problem: Problem, tr: Transfer) -> tuple[list[float], float]:
+    """How a copy loads its channel: per step of its window, the seconds of channel
+    time it takes there (spread in proportion to the steps' compute), and the
+    seconds its window's compute cannot hide (a stall however idle the channel)."""
+    lo, hi = tr.window
+    seconds = [problem.steps[t].seconds for t in range(lo, hi + 1)]
+    covered = sum(seconds)
+    need = tr.nbytes / problem.bandwidths.of(tr.channel)
+    shares = [s * min(1.0, need / covered) for s in seconds] if covered > 0 else []
+    return shares, max(0.0, need - covered)
 
 
 def _read_window(problem: Problem, nbytes: int, tier: str, lo: int, b: int) -> tuple[int, int]:
@@ -344,6 +369,8 @@ __all__ = [
     "Option",
     "Transfer",
     "build_candidates",
+    "holder_gap",
+    "holdings",
     "parse_choice",
-    "covering_gap",
+    "transfer_load",
 ]

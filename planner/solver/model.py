@@ -28,7 +28,16 @@ from dataclasses import dataclass
 
 from ortools.sat.python import cp_model
 
-from planner.solver.candidates import HOME, KEEP, Candidates, Option, parse_choice
+from planner.solver.candidates import (
+    HOME,
+    KEEP,
+    Candidates,
+    Option,
+    holder_gap,
+    holdings,
+    parse_choice,
+    transfer_load,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +92,7 @@ class PlacementModel:
             self.model.add_exactly_one(xs.values())
             self.x.append(xs)
             for o in gap.options:
-                cost = o.seconds + sum(self._uncovered(tr) for tr in o.transfers)
+                cost = o.seconds + sum(transfer_load(self.problem, tr)[1] for tr in o.transfers)
                 if cost > 0:
                     self.cost_terms.append(_time(cost) * xs[o.choice])
 
@@ -117,7 +126,7 @@ class PlacementModel:
             nbytes = self.problem.tensors[gap.tensor].nbytes
             for o in gap.options:
                 var = self.x[gi][o.choice]
-                for lo, hi, b in _demands(o, gap, nbytes):
+                for lo, hi, b in holdings(o, gap, nbytes):
                     intervals.append(
                         self.model.new_optional_fixed_size_interval_var(
                             lo, hi - lo + 1, var, f"m{gi}_{o.choice}_{lo}"
@@ -172,11 +181,8 @@ class PlacementModel:
         for gi, gap in enumerate(self.cands.gaps):
             for o in gap.options:
                 for tr in o.transfers:
-                    lo, hi = tr.window
-                    covered = sum(steps[t].seconds for t in range(lo, hi + 1))
-                    need = tr.nbytes / self._bandwidth(tr.channel)
-                    for t in range(lo, hi + 1):
-                        share = steps[t].seconds * min(1.0, need / covered) if covered else 0
+                    shares, _ = transfer_load(self.problem, tr)
+                    for t, share in enumerate(shares, start=tr.window[0]):
                         if share > 0:
                             loads[(tr.channel, t)].append((self.x[gi][o.choice], share))
         bound = _time(sum(self._bandwidth_free_total()))
@@ -243,38 +249,23 @@ class PlacementModel:
                 tensor = self.problem.tensors[r]
                 if step in tensor.events(T) or tensor.pinned:
                     continue
-                holder = self._keeping_var(r, step)
+                held_by = holder_gap(self.cands, r, step)
+                holder = None
+                if held_by is not None:
+                    keeps = HOME if self.cands.gaps[held_by].start == -1 else KEEP
+                    holder = self.x[held_by].get(keeps)
                 if holder is None:
                     self.model.add(var == 0)
                 else:
                     self.model.add_implication(var, holder)
 
-    def _keeping_var(self, tensor: int, step: int) -> cp_model.IntVar | None:
-        for gi in self.cands.gaps_of.get(tensor, []):
-            gap = self.cands.gaps[gi]
-            if gap.start >= 0 and gap.start < step < gap.end:
-                return self.x[gi].get(KEEP)
-        if tensor in self.cands.home_gap:
-            return self.x[self.cands.home_gap[tensor]].get(HOME)
-        return None
-
-    def _bandwidth(self, channel: tuple[str, str]) -> float:
-        tier, direction = channel
-        bw = self.problem.bandwidths
-        return bw.read(tier) if direction == "read" else bw.write(tier)
-
     def _bandwidth_free_total(self) -> list[float]:
         return [s.seconds for s in self.problem.steps] + [
-            tr.nbytes / self._bandwidth(tr.channel)
+            tr.nbytes / self.problem.bandwidths.of(tr.channel)
             for g in self.cands.gaps
             for o in g.options
             for tr in o.transfers
         ]
-
-    def _uncovered(self, tr) -> float:  # type: ignore[no-untyped-def]
-        lo, hi = tr.window
-        covered = sum(self.problem.steps[t].seconds for t in range(lo, hi + 1))
-        return max(0.0, tr.nbytes / self._bandwidth(tr.channel) - covered)
 
     def solve(
         self,
@@ -335,19 +326,7 @@ LINEAR_MEMORY_TERMS = 1_500_000
 
 
 def _intervals(o: Option, gap) -> list[tuple[int, int]]:  # type: ignore[no-untyped-def]
-    return [(lo, hi) for lo, hi, _ in _demands(o, gap, 0)]
-
-
-def _demands(o: Option, gap, nbytes: int) -> list[tuple[int, int, int]]:  # type: ignore[no-untyped-def]
-    """(lo, hi, bytes) step intervals this option holds beyond the fixed presence
-    (the same facts as ``_bytes_by_step``, as intervals)."""
-    out = [(lo, hi, nbytes) for lo, hi in o.present if lo <= hi]
-    if o.partial and not o.present:
-        lo, hi = max(gap.start + 1, 0), gap.end - 1
-        if lo <= hi:
-            out.append((lo, hi, o.partial))
-    out += [(t, t, b) for t, b in o.extras if b]
-    return out
+    return [(lo, hi) for lo, hi, _ in holdings(o, gap, 0)]
 
 
 def _time(seconds: float) -> int:
@@ -355,17 +334,9 @@ def _time(seconds: float) -> int:
 
 
 def _bytes_by_step(o: Option, gap, nbytes: int, T: int) -> list[tuple[int, int]]:  # type: ignore[no-untyped-def]
-    """(step, bytes) this option holds at each step, beyond the fixed presence."""
+    """(step, bytes) this option holds at each step: ``holdings``, step by step."""
     held: dict[int, int] = defaultdict(int)
-    covered: set[int] = set()
-    for lo, hi in o.present:
-        for t in range(lo, hi + 1):
-            held[t] += nbytes
-            covered.add(t)
-    if o.partial:
-        for t in range(max(gap.start + 1, 0), min(gap.end, T)):
-            if t not in covered:
-                held[t] += o.partial
-    for t, b in o.extras:
-        held[t] += b
+    for lo, hi, b in holdings(o, gap, nbytes):
+        for t in range(lo, min(hi, T - 1) + 1):
+            held[t] += b
     return list(held.items())

@@ -110,6 +110,11 @@ class Bandwidths:
             raise ValueError(f"no {tier} tier on this device")
         return bw
 
+    def of(self, channel: tuple[str, str]) -> float:
+        """Bytes/s of a copy channel ``(tier, "read" | "write")``."""
+        tier, direction = channel
+        return self.read(tier) if direction == "read" else self.write(tier)
+
 
 def _check_tier(tier: str) -> None:
     if tier not in TIERS:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from planner.errors import BudgetTooSmall, InvalidPlan
 from planner.solver.baselines import BASELINES, greedy, keep_all
-from planner.solver.candidates import Candidates, build_candidates
+from planner.solver.candidates import Candidates, build_candidates, holdings
 from planner.solver.model import PlacementModel
 from planner.solver.plan import Plan, SolverStats
 from planner.solver.problem import Problem
@@ -183,23 +183,23 @@ def _replay_unbounded(cands: Candidates, choices: list[str]) -> Replay:
 
 def lower_bound_bytes(cands: Candidates) -> int:
     """No plan can hold less than, at each step, what is fixed plus each gap's
-    cheapest option there."""
+    cheapest option there. (Per gap, only the span its options touch is compared.)"""
     import numpy as np
 
-    T = cands.problem.num_steps
     low = np.array(cands.fixed, dtype=np.int64)
     for gap in cands.gaps:
         nbytes = cands.problem.tensors[gap.tensor].nbytes
-        per_option = []
-        for o in gap.options:
-            held = np.zeros(T, dtype=np.int64)
-            for lo, hi in o.present:
-                held[lo : hi + 1] += nbytes
-            for t, b in o.extras:
-                held[t] += b
-            per_option.append(held)
-        if per_option:
-            low += np.min(np.stack(per_option), axis=0)
+        held = [holdings(o, gap, nbytes) for o in gap.options]
+        spans = [(lo, hi) for h in held for lo, hi, _ in h]
+        if not spans:
+            continue
+        first = min(lo for lo, _ in spans)
+        last = max(hi for _, hi in spans)
+        per_option = np.zeros((len(held), last - first + 1), dtype=np.int64)
+        for row, intervals in enumerate(held):
+            for lo, hi, b in intervals:
+                per_option[row, lo - first : hi - first + 1] += b
+        low[first : last + 1] += per_option.min(axis=0)
     return int(low.max())
 
 
