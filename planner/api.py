@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -74,21 +75,36 @@ def make_plan(
     path) to use instead of solving; refused unless it was made for this graph and
     this budget, and replayed by the validator first.
     """
+    analysis, _, solved = _analyze_and_solve(
+        model, budget, example_inputs, mode, profile, quantize, time_limit, reuse
+    )
+    return analysis, solved
+
+
+def _analyze_and_solve(
+    model: torch.nn.Module,
+    budget: int | str,
+    example_inputs: Any,
+    mode: str,
+    profile: str | DeviceProfile | None,
+    quantize: str | dict[str, str] | None,
+    time_limit: float,
+    reuse: str | Path | Plan | None,
+) -> tuple[Analysis, Problem, Plan]:
+    """make_plan's work, also returning the Problem (the executor needs it)."""
     analysis = analyze(model, example_inputs, mode, profile)
+    # The problem does not depend on the budget: translate once, set the budget.
+    problem = from_program(
+        analysis.program, analysis.unplanned_peak_bytes, analysis.profile, quantize
+    )
+    reference = analysis.unplanned_peak_bytes
     if isinstance(budget, str) and budget.strip().endswith("%"):
         # a share of what the executor would hold with nothing moved
-        probe = from_program(
-            analysis.program, analysis.unplanned_peak_bytes, analysis.profile, quantize
-        )
-        budget_bytes = parse_budget(
-            budget, max(keep_all_peak(probe), analysis.unplanned_peak_bytes)
-        )
-    else:
-        budget_bytes = parse_budget(budget, analysis.unplanned_peak_bytes)
-    problem = from_program(analysis.program, budget_bytes, analysis.profile, quantize)
+        reference = max(keep_all_peak(problem), reference)
+    problem = dataclasses.replace(problem, budget_bytes=parse_budget(budget, reference))
     if reuse is not None:
-        return analysis, _reuse_plan(problem, reuse)
-    return analysis, solve(problem, time_limit=time_limit)
+        return analysis, problem, _reuse_plan(problem, reuse)
+    return analysis, problem, solve(problem, time_limit=time_limit)
 
 
 def _reuse_plan(problem: Problem, reuse: str | Path | Plan) -> Plan:
@@ -145,10 +161,9 @@ def plan(
         attach_checkpoint(model, checkpoint)
     if offload_dir is not None:
         check_offload_dir(offload_dir)
-    analysis, solved = make_plan(
-        model, budget, example_inputs, mode, profile, quantize, time_limit, reuse=plan
+    analysis, problem, solved = _analyze_and_solve(
+        model, budget, example_inputs, mode, profile, quantize, time_limit, plan
     )
-    problem = from_program(analysis.program, solved.budget_bytes, analysis.profile, quantize)
     args, kwargs = normalize_example_inputs(example_inputs)
     device = next(
         (t.device for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)),

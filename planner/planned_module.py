@@ -275,31 +275,37 @@ def _materialize(tensor: torch.Tensor) -> torch.Tensor:
     return copy
 
 
-def _replace(model: torch.nn.Module, fqn: str, tensor: torch.Tensor) -> None:
+def _slot(model: torch.nn.Module, fqn: str) -> tuple[dict, str] | None:
+    """The parameter or buffer dict holding ``fqn`` in its owner, and the key."""
     owner_name, _, leaf = fqn.rpartition(".")
     try:
         owner = model.get_submodule(owner_name) if owner_name else model
     except AttributeError:
-        return
-    slots = owner._parameters if leaf in owner._parameters else owner._buffers
-    if leaf in slots:
-        slots[leaf] = tensor  # type: ignore[assignment]
+        return None
+    for slots in (owner._parameters, owner._buffers):
+        if slots.get(leaf) is not None:
+            return slots, leaf
+    return None
+
+
+def _replace(model: torch.nn.Module, fqn: str, tensor: torch.Tensor) -> None:
+    found = _slot(model, fqn)
+    if found is not None:
+        slots, leaf = found
+        slots[leaf] = tensor
 
 
 def _release(model: torch.nn.Module, fqn: str) -> None:
     """Replace parameter or buffer ``fqn`` of ``model`` by a meta tensor."""
-    owner_name, _, leaf = fqn.rpartition(".")
-    try:
-        owner = model.get_submodule(owner_name) if owner_name else model
-    except AttributeError:
+    found = _slot(model, fqn)
+    if found is None:
         return
-    if leaf in owner._parameters and owner._parameters[leaf] is not None:
-        old = owner._parameters[leaf]
-        owner._parameters[leaf] = torch.nn.Parameter(
-            torch.empty_like(old, device="meta"), requires_grad=old.requires_grad
-        )
-    elif leaf in owner._buffers and owner._buffers[leaf] is not None:
-        owner._buffers[leaf] = torch.empty_like(owner._buffers[leaf], device="meta")
+    slots, leaf = found
+    old = slots[leaf]
+    meta = torch.empty_like(old, device="meta")
+    if isinstance(old, torch.nn.Parameter):
+        meta = torch.nn.Parameter(meta, requires_grad=old.requires_grad)
+    slots[leaf] = meta
 
 
 class _PlannedStep(torch.autograd.Function):

@@ -16,9 +16,8 @@ import time
 import torch
 import torch.fx
 
-from planner.ir.meta import FX_NODE_NAMES
 from planner.ir.program import Program
-from planner.passes.workspace import _materialize, _signature
+from planner.passes.workspace import _materialize, distinct_calls
 
 log = logging.getLogger(__name__)
 
@@ -26,20 +25,12 @@ log = logging.getLogger(__name__)
 def annotate_measured_seconds(
     program: Program, graph_module: torch.fx.GraphModule, device: str = "cpu", repeats: int = 5
 ) -> None:
-    nodes = {n.name: n for n in graph_module.graph.nodes}
-    measured: dict[str, float | None] = {}
-    for op, name in zip(program.ops, program.meta[FX_NODE_NAMES]):
-        node = nodes[name]
-        if not isinstance(node.target, torch._ops.OpOverload):
-            continue
-        if not op.outputs or all(program.values[v].is_view for v in op.outputs):
-            continue
-        sig = _signature(node)
-        if sig not in measured:
-            measured[sig] = _time_call(node, device, repeats)
+    signature_of, calls = distinct_calls(program, graph_module)
+    measured = {sig: _time_call(node, device, repeats) for sig, node in calls.items()}
+    for index, sig in signature_of.items():
         seconds = measured[sig]
         if seconds is not None:
-            op.cost.measured_seconds = seconds
+            program.ops[index].cost.measured_seconds = seconds
 
 
 def _time_call(node: torch.fx.Node, device: str, repeats: int) -> float | None:

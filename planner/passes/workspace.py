@@ -32,18 +32,7 @@ _MARK = "planner.workspace#"
 def annotate_workspace(
     program: Program, graph_module: torch.fx.GraphModule, device: str = "cpu"
 ) -> None:
-    nodes = {n.name: n for n in graph_module.graph.nodes}
-    signature_of: dict[int, str] = {}
-    calls: dict[str, torch.fx.Node] = {}
-    for op, name in zip(program.ops, program.meta[FX_NODE_NAMES]):
-        node = nodes[name]
-        if not op.outputs or all(program.values[v].is_view for v in op.outputs):
-            continue
-        if not isinstance(node.target, torch._ops.OpOverload):
-            continue
-        sig = _signature(node)
-        signature_of[op.index] = sig
-        calls.setdefault(sig, node)
+    signature_of, calls = distinct_calls(program, graph_module)
     if not calls:
         return
     keys = list(calls)
@@ -58,10 +47,29 @@ def annotate_workspace(
         peak, final = peak_and_final(allocations([event], device))
         workspace[int(event.name[len(_MARK) :])] = max(0, peak - final)
     index = {sig: i for i, sig in enumerate(keys)}
-    for op in program.ops:
-        found = signature_of.get(op.index)
-        if found is not None:
-            op.workspace_bytes = workspace.get(index[found], 0)
+    for op_index, sig in signature_of.items():
+        program.ops[op_index].workspace_bytes = workspace.get(index[sig], 0)
+
+
+def distinct_calls(
+    program: Program, graph_module: torch.fx.GraphModule
+) -> tuple[dict[int, str], dict[str, torch.fx.Node]]:
+    """The ops worth running to measure: ATen calls that allocate (not views),
+    keyed by call signature so that repeated layers run once. Returns each such op's
+    signature, and one FX node per signature."""
+    nodes = {n.name: n for n in graph_module.graph.nodes}
+    signature_of: dict[int, str] = {}
+    calls: dict[str, torch.fx.Node] = {}
+    for op, name in zip(program.ops, program.meta[FX_NODE_NAMES]):
+        node = nodes[name]
+        if not op.outputs or all(program.values[v].is_view for v in op.outputs):
+            continue
+        if not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        sig = _signature(node)
+        signature_of[op.index] = sig
+        calls.setdefault(sig, node)
+    return signature_of, calls
 
 
 def _run_marked(node: torch.fx.Node, mark: str, device: str) -> None:

@@ -14,8 +14,6 @@ calling thread, so the budget and the meter see them when the plan says.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,7 +58,6 @@ class ThreadCopyEngine(CopyEngine):
         self.disk = disk
         self._read = ThreadPoolExecutor(1, thread_name_prefix="planner-disk-read")
         self._write = ThreadPoolExecutor(1, thread_name_prefix="planner-disk-write")
-        self._entries_lock = threading.Lock()
 
     def _check_tier(self, tier: str) -> None:
         if tier != "disk":
@@ -76,8 +73,7 @@ class ThreadCopyEngine(CopyEngine):
         self._check_tier(tier)
         # record the layout now so a prefetch issued before this write ends can
         # allocate its destination; the checksum arrives with the write
-        with self._entries_lock:
-            self.disk.entries[key] = describe(tensor)
+        self.disk.entries[key] = describe(tensor)
         return Pending(tensor, self._write.submit(self.disk.write, key, tensor))
 
     def wait(self, pending: Pending) -> torch.Tensor:
@@ -201,6 +197,3 @@ def make_engine(device: torch.device, disk: DiskStore) -> CopyEngine:
     if device.type == "cuda":
         return CudaCopyEngine(disk, device)
     return ThreadCopyEngine(disk)
-
-
-Factory = Callable[[torch.device, DiskStore], CopyEngine]

@@ -12,6 +12,7 @@ path, where the destination is allocated when the prefetch is issued.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -108,10 +109,7 @@ class DiskStore:
             tmp.unlink(missing_ok=True)
             path.unlink(missing_ok=True)
             raise StoreError(f"writing {key!r} to {path} failed: {exc}") from exc
-        entry = describe(tensor, zlib.crc32(data))
-        entry = Entry(
-            entry.nbytes, entry.dtype, entry.shape, entry.stride, entry.offset, entry.crc32, None
-        )
+        entry = describe(tensor, zlib.crc32(data))  # mtime_ns None: verify on first read
         self.entries[key] = entry
         return entry
 
@@ -146,15 +144,7 @@ class DiskStore:
                     f"offload file for {key!r} is corrupted (checksum mismatch, "
                     f"{path}); plan the model again"
                 )
-            self.entries[key] = Entry(
-                entry.nbytes,
-                entry.dtype,
-                entry.shape,
-                entry.stride,
-                entry.offset,
-                entry.crc32,
-                mtime,
-            )
+            self.entries[key] = dataclasses.replace(entry, mtime_ns=mtime)
         return out
 
     def close(self) -> None:
