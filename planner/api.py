@@ -75,6 +75,7 @@ def make_plan(
     path) to use instead of solving; refused unless it was made for this graph and
     this budget, and replayed by the validator first.
     """
+    _check_time_limit(time_limit)
     analysis, _, solved = _analyze_and_solve(
         model, budget, example_inputs, mode, profile, quantize, time_limit, reuse
     )
@@ -129,6 +130,15 @@ def _reuse_plan(problem: Problem, reuse: str | Path | Plan) -> Plan:
     return saved
 
 
+def _check_time_limit(time_limit: float) -> None:
+    number = isinstance(time_limit, (int, float)) and not isinstance(time_limit, bool)
+    if not number or not time_limit >= 0:
+        raise ValueError(
+            f"time_limit must be seconds of solver search, a number >= 0, got {time_limit!r}: "
+            f"pass e.g. time_limit={DEFAULT_TIME_LIMIT} (0 keeps the best baseline plan)"
+        )
+
+
 def plan(
     model: torch.nn.Module,
     budget: int | str,
@@ -152,6 +162,7 @@ def plan(
     plan (``pm.plan.save(path)``) to reuse without solving again; it must have been
     made for this graph and budget.
     """
+    _check_time_limit(time_limit)
     if checkpoint is not None:
         if mode != "infer":
             raise PlannerError(

@@ -49,8 +49,17 @@ class CopyEngine:
         """Synchronous write (weights at plan time)."""
         raise NotImplementedError
 
+    def drain(self) -> None:
+        """Block until every copy issued so far has finished (successfully or not);
+        their errors are dropped. For a run that stopped half-way: afterwards no
+        copy is still touching its tensors or files."""
+
     def close(self) -> None:
         pass
+
+
+def _noop() -> None:
+    pass
 
 
 class ThreadCopyEngine(CopyEngine):
@@ -84,6 +93,11 @@ class ThreadCopyEngine(CopyEngine):
     def store_now(self, key: str, tier: str, tensor: torch.Tensor) -> None:
         self._check_tier(tier)
         self.disk.write(key, tensor)
+
+    def drain(self) -> None:
+        # one worker per channel, first in first out: a no-op queued now runs last
+        for channel in (self._read, self._write):
+            channel.submit(_noop).result()
 
     def close(self) -> None:
         self._read.shutdown(wait=True, cancel_futures=True)
@@ -187,6 +201,11 @@ class CudaCopyEngine(CopyEngine):
             self.host_entries[key] = entry
         else:
             self.disk.write(key, tensor)
+
+    def drain(self) -> None:
+        self._io.submit(_noop).result()  # one worker: runs after every queued copy
+        self.h2d.synchronize()
+        self.d2h.synchronize()
 
     def close(self) -> None:
         self._io.shutdown(wait=True, cancel_futures=True)

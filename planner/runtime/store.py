@@ -13,6 +13,7 @@ path, where the destination is allocated when the prefetch is issued.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import shutil
 import tempfile
@@ -39,7 +40,9 @@ class Entry:
     stride: tuple[int, ...]
     offset: int
     crc32: int | None  # None: not yet known (write still in flight)
-    mtime_ns: int | None = None  # the file's modification time when last verified
+    # (inode, mtime, ctime) of the file when last verified; ctime changes on every
+    # write and on any metadata change (even one that restores mtime)
+    stamp: tuple[int, int, int] | None = None
 
 
 def describe(tensor: torch.Tensor, crc32: int | None = None) -> Entry:
@@ -69,27 +72,40 @@ def _storage_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def check_offload_dir(parent: str | os.PathLike[str]) -> None:
-    """Fail early, with what to do, if ``parent`` cannot hold offload files."""
-    path = Path(parent)
-    if not path.is_dir():
+    """Fail early, with what to do, if ``parent`` cannot hold offload files.
+
+    Writability is probed by creating (and removing) a directory there:
+    permission bits do not tell for root, read-only mounts or pseudo file systems."""
+    os.rmdir(_make_root(parent))
+
+
+def _make_root(parent: str | os.PathLike[str] | None) -> str:
+    """A fresh directory under ``parent`` (None: the system's temporary directory)."""
+    if parent is not None and not Path(parent).is_dir():
         raise StoreError(
-            f"offload_dir {str(path)!r} does not exist or is not a directory: "
+            f"offload_dir {str(parent)!r} does not exist or is not a directory: "
             f"create it first, or pass offload_dir=None for a temporary directory"
         )
-    if not os.access(path, os.W_OK | os.X_OK):
+    try:
+        return tempfile.mkdtemp(prefix="planner-offload-", dir=parent)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        if parent is None:
+            raise StoreError(
+                f"cannot create offload files in the temporary directory ({why}): "
+                f"pass offload_dir= a directory you can write to"
+            ) from exc
         raise StoreError(
-            f"offload_dir {str(path)!r} is not writable: choose a directory "
-            f"you can write to, or pass offload_dir=None"
-        )
+            f"offload_dir {str(parent)!r} is not writable ({why}): choose a directory "
+            f"you can write to, or pass offload_dir=None for a temporary directory"
+        ) from exc
 
 
 class DiskStore:
     """Files under ``root`` (created here; removed by ``close``)."""
 
     def __init__(self, parent: str | os.PathLike[str] | None = None) -> None:
-        if parent is not None:
-            check_offload_dir(parent)
-        self.root = Path(tempfile.mkdtemp(prefix="planner-offload-", dir=parent))
+        self.root = Path(_make_root(parent))
         self.entries: dict[str, Entry] = {}
 
     def path(self, key: str) -> Path:
@@ -105,11 +121,26 @@ class DiskStore:
             with open(tmp, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)  # no half-written file, and no stale one
             path.unlink(missing_ok=True)
-            raise StoreError(f"writing {key!r} to {path} failed: {exc}") from exc
-        entry = describe(tensor, zlib.crc32(data))  # mtime_ns None: verify on first read
+            if not isinstance(exc, OSError):
+                raise
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                what = (
+                    "the disk is full: free space on it, or plan again with offload_dir= "
+                    "a directory on a disk with more room"
+                )
+            else:
+                what = (
+                    "check that the directory is writable and its disk healthy, or plan "
+                    "again with offload_dir= another directory"
+                )
+            raise StoreError(
+                f"writing {key!r} ({len(data):,} bytes) to the offload directory "
+                f"{self.root} failed: {exc.strerror or exc}; {what}"
+            ) from exc
+        entry = describe(tensor, zlib.crc32(data))  # stamp None: verify on first read
         self.entries[key] = entry
         return entry
 
@@ -123,7 +154,8 @@ class DiskStore:
         view = _storage_bytes(out)
         try:
             with open(path, "rb") as f:
-                mtime = os.fstat(f.fileno()).st_mtime_ns
+                st = os.fstat(f.fileno())
+                stamp = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
                 n = f.readinto(view)
                 extra = f.read(1)
         except FileNotFoundError as exc:
@@ -137,15 +169,23 @@ class DiskStore:
                 f"expected {entry.nbytes} bytes; plan the model again"
             )
         # The checksum costs a pass over the bytes: verify once per write, and again
-        # whenever the file was modified since (another writer, a corrupting tool).
-        if entry.crc32 is not None and entry.mtime_ns != mtime:
+        # whenever the file was replaced or touched since (another writer, a
+        # corrupting tool, even one that puts the old mtime back).
+        if entry.crc32 is not None and entry.stamp != stamp:
             if zlib.crc32(view) != entry.crc32:
                 raise StoreError(
                     f"offload file for {key!r} is corrupted (checksum mismatch, "
                     f"{path}); plan the model again"
                 )
-            self.entries[key] = dataclasses.replace(entry, mtime_ns=mtime)
+            self.entries[key] = dataclasses.replace(entry, stamp=stamp)
         return out
+
+    def discard(self, key: str) -> None:
+        """Forget ``key`` and remove its file (and any half-written one)."""
+        self.entries.pop(key, None)
+        path = self.path(key)
+        path.with_suffix(".tmp").unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
 
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
