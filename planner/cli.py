@@ -62,6 +62,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     model, example_inputs = load_factory(args.factory)
     if args.budget is not None:
+        reference = None
+        if args.quantize and args.mode == "infer":  # the lossless outputs, to report the error
+            import torch
+
+            args_, kwargs_ = _split_inputs(example_inputs)
+            with torch.no_grad():
+                reference = model(*args_, **kwargs_)
         pm = plan_module(
             model,
             args.budget,
@@ -78,6 +85,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
             else:
                 pm.run_measured(*args_, **kwargs_)
                 pm.time_call(*args_, repeats=3, **kwargs_)
+            if args.quantize:
+                pm.measure_quantization_error(*args_, reference=reference, **kwargs_)
             result = pm.report
             if args.save_plan:
                 pm.plan.save(args.save_plan)

@@ -19,13 +19,13 @@ from torch.utils import _pytree as pytree
 
 from planner.codegen.emit import Executor, emit_executor
 from planner.errors import PlannerError
-from planner.ir.program import ValueKind
+from planner.ir.program import Phase, ValueKind
 from planner.passes.pipeline import Analysis
 from planner.report import Report
 from planner.runtime.checkpoint import is_file_backed
 from planner.runtime.copy_engine import CopyEngine, make_engine
 from planner.runtime.meter import Measurement, measure
-from planner.runtime.runtime import Runtime
+from planner.runtime.runtime import Runtime, output_error
 from planner.runtime.store import DiskStore
 from planner.solver.plan import Plan
 from planner.solver.problem import Problem
@@ -75,6 +75,14 @@ class PlannedModule(torch.nn.Module):
             for r in captured.output_roles[: self._num_buffer_updates]
         ]
         self.executor: Executor = emit_executor(program, captured.graph_module, problem, plan)
+        # Training: forward tensors the plan moves to a tier wait there, in one slot per
+        # tensor, for the backward; a second forward before that backward overwrites
+        # them. Each forward is numbered so such a backward fails instead of misreading.
+        forward_steps = {i for i, op in enumerate(program.ops) if op.phase is Phase.FORWARD}
+        self._forward_spills = self.mode == "train" and any(
+            a.kind == "offload" and a.step in forward_steps for a in plan.actions
+        )
+        self._forward_count = 0
         disk = DiskStore(offload_dir)
         try:
             engine = make_engine(self.device, disk)
@@ -82,6 +90,12 @@ class PlannedModule(torch.nn.Module):
             disk.close()
             raise
         self._runtime = Runtime(engine)
+        self._engine = engine
+        self._disk = disk
+        self._weight_keys: set[str] = set()  # files written at plan time (the rest: spills)
+        #: per quantized tensor, its round-trip error (weights at plan time,
+        #: activations by measure_quantization_error)
+        self.quantization_errors: dict[str, dict[str, float]] = {}
         self._finalizer = weakref.finalize(self, _close, engine, disk)
         self.offload_dir = disk.root
         try:
@@ -96,6 +110,7 @@ class PlannedModule(torch.nn.Module):
             self._finalizer()
             raise
         self.measured: Measurement | None = None
+        self.output_error: dict[str, float] | None = None  # see measure_quantization_error
         self.measured_seconds: float | None = None  # set by time_call
 
     def _place_state(self, model: torch.nn.Module, ep: Any, engine: CopyEngine) -> None:
@@ -120,7 +135,11 @@ class PlannedModule(torch.nn.Module):
             name = self.problem.tensors[value.storage].name
             if vi in state_values:
                 continue
+            if homes[name].startswith("device:"):  # stored quantized (see _store_quantized)
+                released.append(value.source)  # type: ignore[arg-type]
+                continue
             engine.store_now(name, homes[name], _compact(tensor.detach()))
+            self._weight_keys.add(name)
             released.append(value.source)  # type: ignore[arg-type]
         for vi in self.executor.state_values:
             source = program.values[vi].source
@@ -135,6 +154,7 @@ class PlannedModule(torch.nn.Module):
                 self.register_parameter(slot, tensor)
             else:
                 self.register_buffer(slot, tensor, persistent=False)
+        state += self._store_quantized(tensors)  # type: ignore[arg-type]
         self._state = state
         for source in released:
             _release(model, source)
@@ -142,6 +162,46 @@ class PlannedModule(torch.nn.Module):
                 ep.state_dict[source] = ep.state_dict[source].to("meta")
         if released:
             log.info("released %d offloaded weights from the model", len(released))
+
+    def _store_quantized(self, tensors: dict[str, torch.Tensor]) -> list[Any]:
+        """Quantize the weights the plan stores quantized, once, in the executor's
+        order, and record each one's error against the original (the report's
+        measured error: relative L2 and largest absolute difference)."""
+        program = self.analysis.program
+        stored = []
+        for vi, fmt in self.executor.stored_values:
+            value = program.values[vi]
+            weight = tensors[value.source].detach().to(self.device)  # type: ignore[index]
+            name = self.problem.tensors[value.storage].name
+            self._runtime.errors = self.quantization_errors
+            try:
+                q = self._runtime.quantize(weight, fmt, name)
+            finally:
+                self._runtime.errors = None
+            # buffers, so that the module (and the meter, which reads modules) holds them
+            for part in ("codes", "scale", "zero"):
+                tensor = getattr(q, part)
+                if tensor is not None:
+                    self.register_buffer(f"stored_{len(stored)}_{part}", tensor, persistent=False)
+            stored.append(q)
+        return stored
+
+    def measure_quantization_error(
+        self, *args: Any, reference: Any = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        """Run once (unmetered) recording the round-trip error of every tensor the
+        plan quantizes on the way; with ``reference`` (the lossless outputs for
+        these inputs, e.g. the eager model's) also the outputs' error. The report
+        shows both."""
+        self._runtime.errors = self.quantization_errors
+        try:
+            with torch.no_grad():
+                out = self(*args, **kwargs)
+        finally:
+            self._runtime.errors = None
+        if reference is not None:
+            self.output_error = output_error(out, reference)
+        return {"tensors": dict(self.quantization_errors), "output": self.output_error}
 
     @property
     def code(self) -> str:
@@ -151,6 +211,7 @@ class PlannedModule(torch.nn.Module):
     @property
     def report(self) -> Report:
         report = Report.from_plan(self.analysis, self.plan)
+        report.add_quantization_errors(self.quantization_errors, self.output_error)
         if self.measured is not None:
             report.measured = {
                 "peak_bytes": self.measured.peak_bytes,
@@ -166,8 +227,8 @@ class PlannedModule(torch.nn.Module):
         if spec != self._in_spec or got != self._input_meta:
             raise PlannerError(
                 f"this module was planned for inputs {self._input_meta} (shape, dtype); got "
-                f"{got}. A plan is specific to its input shapes: call planner.plan again with "
-                f"example inputs of the new shape (and keep one planned module per shape)"
+                f"{got}. A plan is specific to its input shapes and dtypes: call planner.plan "
+                f"again with example inputs like these (and keep one planned module per shape)"
             )
         return tensors
 
@@ -200,7 +261,29 @@ class PlannedModule(torch.nn.Module):
             else:
                 self._grad_slots.append(None)
 
+    def _check_open(self) -> None:
+        if not self._finalizer.alive:
+            raise PlannerError(
+                "this planned module was closed (its offload files are removed): "
+                "call planner.plan again for a new one"
+            )
+
+    def _run(self, fn: Any, *args: Any) -> Any:
+        """Call the generated executor; if the run stops half-way (an error, a
+        KeyboardInterrupt), wait out the copies it issued and remove the files it
+        spilled before re-raising, so the next call starts from a clean store."""
+        try:
+            return fn(self._runtime, *args)
+        except BaseException:
+            try:
+                self._engine.drain()
+            finally:
+                for key in [k for k in self._disk.entries if k not in self._weight_keys]:
+                    self._disk.discard(key)
+            raise
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_open()
         inputs = self._flat_inputs(args, kwargs)
         if self.mode == "train":
             outs = list(_PlannedStep.apply(self, *self._state, *inputs))
@@ -209,7 +292,7 @@ class PlannedModule(torch.nn.Module):
                     self._state[self._state_names.index(name)].copy_(new)
             return pytree.tree_unflatten(outs[self._num_buffer_updates :], self._out_spec)
         with torch.no_grad():
-            outs = self._fn(self._runtime, self._state, inputs)
+            outs = self._run(self._fn, self._state, inputs)
             for name, new in zip(self._buffer_updates, outs[: self._num_buffer_updates]):
                 self._state[self._state_names.index(name)].copy_(new)
         user = outs[self._num_buffer_updates :]
@@ -316,7 +399,9 @@ class _PlannedStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, pm: PlannedModule, *flat: torch.Tensor) -> tuple:  # type: ignore[override]
         n_state = len(pm._state)
-        outs, carry = pm._fn(pm._runtime, list(flat[:n_state]), list(flat[n_state:]))
+        pm._forward_count += 1
+        ctx.forward_number = pm._forward_count
+        outs, carry = pm._run(pm._fn, list(flat[:n_state]), list(flat[n_state:]))
         ctx.pm = pm
         ctx.carry = carry
         # Buffer updates (BatchNorm statistics) and integer outputs get no gradient;
@@ -348,6 +433,14 @@ class _PlannedStep(torch.autograd.Function):
                 v = pm.analysis.program.values[forward_values[i]]
                 g = torch.zeros(v.shape, dtype=getattr(torch, v.dtype), device=pm.device)
             tangents.append(g.contiguous())
+        if pm._forward_spills and ctx.forward_number != pm._forward_count:
+            raise PlannerError(
+                "this backward needs activations the planned module moved to its offload "
+                "store, and a later forward of the same module has overwritten them: call "
+                "backward() after each forward before the next one (several inputs: one "
+                "batch, or one planned module each), or plan with a budget that spills nothing"
+            )
         carry, ctx.carry = ctx.carry, None
-        grads = pm._bw(pm._runtime, carry, tangents)
+        pm._check_open()
+        grads = pm._run(pm._bw, carry, tangents)
         return (None, *[None if k is None else grads[k] for k in pm._grad_slots])

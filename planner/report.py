@@ -62,6 +62,11 @@ class Report:
     peak_op: str | None = None
     measured: dict[str, Any] | None = None
     baselines: dict[str, Any] = field(default_factory=dict)
+    #: per tensor stored or moved quantized: format, bytes, bytes saved while
+    #: quantized, and the round-trip error measured on the example (when known)
+    quantized: list[dict[str, Any]] = field(default_factory=list)
+    #: lossy outputs against the lossless run (relative_l2, max_abs, top1_agreement)
+    output_error: dict[str, float] | None = None
 
     @classmethod
     def from_analysis(cls, analysis: Analysis) -> Report:
@@ -116,7 +121,15 @@ class Report:
             "gap": plan.solver.gap,
         }
         report.baselines = dict(plan.baselines)
+        report.quantized = quantized_rows(plan, report.tensors)
         return report
+
+    def add_quantization_errors(
+        self, errors: dict[str, dict[str, float]], output: dict[str, float] | None
+    ) -> None:
+        for row in self.quantized:
+            row.update(errors.get(row["tensor"], {}))
+        self.output_error = output
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -130,6 +143,34 @@ class Report:
 
     def __str__(self) -> str:
         return render_text(self)
+
+
+def quantized_rows(plan: Plan, tensors: list[TensorRow]) -> list[dict[str, Any]]:
+    """One row per tensor the plan quantizes (stored quantized, or quantized in
+    some gap between uses), with the bytes it saves while quantized."""
+    from planner.solver.problem import QUANT_BITS, quantized_bytes
+    from planner.solver.validate import ITEMSIZE
+
+    dtypes = {row.name: row.dtype for row in tensors}
+    last_dims = {row.name: (row.shape[-1] if row.shape else 1) for row in tensors}
+    rows = []
+    for d in plan.tensors:
+        formats = [p.split(":", 1)[1] for p in d.decision.split("+") if p.startswith("quantize:")]
+        if not formats or formats[0] not in QUANT_BITS:
+            continue
+        fmt = formats[0]
+        size = ITEMSIZE.get(dtypes.get(d.name, "float32").removeprefix("torch."), 4)
+        q = quantized_bytes(d.nbytes, size, fmt, last_dims.get(d.name))
+        rows.append(
+            {
+                "tensor": d.name,
+                "kind": d.kind,
+                "format": fmt,
+                "bytes": d.nbytes,
+                "saved_bytes": d.nbytes - q,
+            }
+        )
+    return rows
 
 
 def tensor_rows(program: Program) -> list[TensorRow]:
@@ -227,6 +268,20 @@ def summary_lines(report: Report) -> list[str]:
             )
         else:
             lines.append(f"  {name + ':':20s}does not fit the budget")
+    for row in report.quantized:
+        line = (
+            f"quantized:          {row['tensor']} {row['format']}, saves "
+            f"{format_bytes(row['saved_bytes'])} of {format_bytes(row['bytes'])}"
+        )
+        if "relative_l2" in row:
+            line += f", error {row['relative_l2']:.2e} rel L2, {row['max_abs']:.2e} max"
+        lines.append(line)
+    if report.output_error:
+        e = report.output_error
+        line = f"output error:       {e['relative_l2']:.2e} rel L2, {e['max_abs']:.2e} max"
+        if "top1_agreement" in e:
+            line += f", top-1 agreement {e['top1_agreement'] * 100:.2f}%"
+        lines.append(line + " (vs the lossless run)")
     if report.measured:
         m = report.measured
         predicted = report.planned_peak_bytes

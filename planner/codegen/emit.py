@@ -39,6 +39,9 @@ class Executor:
     tangent_values: list[int] = field(default_factory=list)
     #: training: the backward function (the forward one returns its carry)
     backward_function_name: str | None = None
+    #: weights stored quantized on the device: (value index, format); their
+    #: ``Quantized`` objects follow the tensors of ``state_values`` in ``state``
+    stored_values: list[tuple[int, str]] = field(default_factory=list)
 
 
 def _ident(name: str) -> str:
@@ -88,6 +91,7 @@ class _Emitter:
         self.storage_vars: dict[int, list[str]] = defaultdict(list)
         self.handles: dict[int, str] = {}  # storage -> pending copy variable
         self.quantized: dict[int, str] = {}
+        self.stored: dict[int, str] = {}  # storage -> variable of its stored codes
         self.versions: dict[str, int] = defaultdict(int)
         # every value's own name is reserved up front so versions cannot collide
         self.used: set[str] = {"rt", "state", "inputs", "carry", "tangents", "torch"}
@@ -150,15 +154,21 @@ class _Emitter:
             (before if a.when == "before" else after)[a.step].append(a)
         homes = {d.name: d.home for d in plan.tensors}
         state_values, input_values, tangent_values = [], [], []
+        stored_values: list[tuple[int, str]] = []
         for vi in program.inputs:
             v = program.values[vi]
             name = self.problem.tensors[v.storage].name
+            home = homes.get(name, "device")
             if v.kind is ValueKind.TANGENT:
                 tangent_values.append(vi)
             elif v.kind is ValueKind.INPUT:
                 input_values.append(vi)
-            elif homes.get(name, "device") == "device":
+            elif home == "device":
                 state_values.append(vi)
+            elif home.startswith("device:") and v.storage not in {
+                program.values[s].storage for s, _ in stored_values
+            }:
+                stored_values.append((vi, home.split(":", 1)[1]))
         body = self.lines
         train = program.mode == "train"
         split = program.backward_start() if train else len(program.ops)
@@ -173,12 +183,21 @@ class _Emitter:
             f"{plan.budget_bytes:,} bytes, predicted peak "
             f'{plan.predicted_peak_bytes:,}."""'
         )
-        for group, values in (("state", state_values), ("inputs", input_values)):
+        state_group = f"state[:{len(state_values)}]" if stored_values else "state"
+        for group, values in ((state_group, state_values), ("inputs", input_values)):
             if values:
                 names = [self._fresh(program.values[vi].name) for vi in values]
                 for vi, n in zip(values, names):
                     self._bind(vi, n)
                 body.append(f"    {', '.join(names)}{',' if len(names) == 1 else ''} = {group}")
+        if stored_values:
+            names = [self._fresh(f"q_{program.values[vi].name}") for vi, _ in stored_values]
+            for (vi, _), n in zip(stored_values, names):
+                self.stored[program.values[vi].storage] = n
+            body.append(
+                f"    {', '.join(names)}{',' if len(names) == 1 else ''} = "
+                f"state[{len(state_values)}:]  # weights stored quantized"
+            )
         self._emit_steps(range(0, split), before, after)
         if not train:
             outs = [self._expr(v) for v in program.outputs]
@@ -190,6 +209,7 @@ class _Emitter:
                 state_values,
                 input_values,
                 tangent_values,
+                stored_values=stored_values,
             )
         forward_outs = [self._expr(v) for v in program.outputs[: program.num_forward_outputs]]
         carry = list(
@@ -250,12 +270,22 @@ class _Emitter:
         op = self.program.ops[step]
         node = self.op_nodes[step]
 
+        fused: list[str] = []
+
         def name_of(n: torch.fx.Node) -> str:
-            return self._expr(self.value_by_name[n.name])
+            vi = self.value_by_name[n.name]
+            storage = self.program.values[vi].storage
+            if vi not in self.var and storage in self.stored:
+                fused.append(self.stored[storage])  # no full copy: the op reads the codes
+                return self.stored[storage]
+            return self._expr(vi)
 
         args = [format_arg(a, name_of) for a in node.args]
         args += [f"{k}={format_arg(v, name_of)}" for k, v in node.kwargs.items()]
-        call = f"{self._op_name(node.target)}({', '.join(args)})"
+        if fused:  # the plan validated this op as a fused use of the stored weight
+            call = f"rt.fused({op.target!r}, {', '.join(args)})"
+        else:
+            call = f"{self._op_name(node.target)}({', '.join(args)})"
         outputs = [
             vi
             for vi in op.outputs
@@ -322,9 +352,13 @@ class _Emitter:
             )
         elif a.kind == "quantize":
             q = self._fresh(f"q_{self.program.values[base].name}")
-            L.append(f"    {q} = rt.quantize({self._expr(base)}, {a.tier!r})")
+            L.append(f"    {q} = rt.quantize({self._expr(base)}, {a.tier!r}, {key})")
             self.quantized[s] = q
             self._free(s, f"keep {a.tensor} as {a.tier}")
+        elif a.kind == "dequantize" and s in self.stored:
+            var = self._fresh(self.program.values[base].name)
+            L.append(f"    {var} = rt.dequantize({self.stored[s]})  # full copy for this use")
+            self._bind(base, var)
         elif a.kind == "dequantize":
             q = self.quantized.pop(s)
             var = self._fresh(self.program.values[base].name)

@@ -1,9 +1,14 @@
-"""Quantized storage: torch reference implementations (the Triton kernels of the
-quantization work replace these on CUDA; both must agree).
+"""Quantized storage: torch reference implementations (the Triton kernels of
+``planner.codegen.kernels`` replace these on CUDA; both agree bit for bit).
 
 int8: per-row absmax (rows = all but the last dim), symmetric, codes in [-127, 127].
 int4: group-wise asymmetric over groups of 64 consecutive elements (FlexGen's
 scheme): per group a min and a scale, codes in [0, 15], two per byte.
+
+Both work through the tensor a block of ``QUANT_BLOCK_ELEMS`` elements at a time,
+so that beyond the result they allocate only a few block-sized temporaries
+(``quantize_scratch_bytes``, which plans charge): a quantized copy must save
+memory, not spike it. Blocking does not change any element's arithmetic.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from planner.solver.problem import QUANT_BLOCK_ELEMS
 
 GROUP = 64
 
@@ -27,33 +34,93 @@ class Quantized:
 
 def quantize(x: torch.Tensor, fmt: str) -> Quantized:
     if fmt == "int8":
-        rows = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
-        scale = rows.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12) / 127
-        codes = torch.round(rows.float() / scale).clamp_(-127, 127).to(torch.int8)
-        return Quantized(codes, scale.to(torch.float16), None, fmt, tuple(x.shape), x.dtype)
+        return _quantize_int8(x)
     if fmt == "int4":
-        flat = x.reshape(-1).float()
-        pad = (-flat.numel()) % GROUP
-        groups = torch.nn.functional.pad(flat, (0, pad)).reshape(-1, GROUP)
-        lo = groups.amin(dim=1, keepdim=True)
-        scale = ((groups.amax(dim=1, keepdim=True) - lo) / 15).clamp_min(1e-12)
-        codes = torch.round((groups - lo) / scale).clamp_(0, 15).to(torch.uint8).reshape(-1)
-        packed = codes[0::2] | (codes[1::2] << 4)
-        return Quantized(
-            packed, scale.to(torch.float16), lo.to(torch.float16), fmt, tuple(x.shape), x.dtype
-        )
+        return _quantize_int4(x)
     raise ValueError(f"unknown quantized format {fmt!r}: use 'int8' or 'int4'")
 
 
 def dequantize(q: Quantized) -> torch.Tensor:
     if q.fmt == "int8":
-        out = q.codes.float() * q.scale.float()
-        return out.to(q.dtype).reshape(q.shape)
-    low = q.codes & 0xF
-    high = q.codes >> 4
-    codes = torch.stack((low, high), dim=1).reshape(-1, GROUP).float()
-    values = codes * q.scale.float() + q.zero.float()  # type: ignore[union-attr]
+        return _dequantize_int8(q)
+    return _dequantize_int4(q)
+
+
+def _blocks(total: int, step: int) -> list[tuple[int, int]]:
+    return [(i, min(i + step, total)) for i in range(0, total, max(step, 1))]
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as (rows, last dim), a view whenever the layout allows."""
+    if x.dim() == 0:
+        return x.reshape(1, 1)
+    return x.view(-1, x.shape[-1]) if x.is_contiguous() else x.reshape(-1, x.shape[-1])
+
+
+def _quantize_int8(x: torch.Tensor) -> Quantized:
+    rows = _rows(x)
+    n, c = rows.shape
+    codes = torch.empty((n, c), dtype=torch.int8, device=x.device)
+    scale16 = torch.empty((n, 1), dtype=torch.float16, device=x.device)
+    row_step = max(1, QUANT_BLOCK_ELEMS // max(c, 1))
+    col_step = min(c, QUANT_BLOCK_ELEMS) or 1
+    for r0, r1 in _blocks(n, row_step):
+        amax = torch.zeros((r1 - r0, 1), dtype=torch.float32, device=x.device)
+        for c0, c1 in _blocks(c, col_step):  # a max is exact in any order
+            amax = torch.maximum(amax, rows[r0:r1, c0:c1].abs().amax(dim=1, keepdim=True).float())
+        scale = amax.clamp_min(1e-12) / 127
+        for c0, c1 in _blocks(c, col_step):
+            block = torch.round(rows[r0:r1, c0:c1].float() / scale).clamp_(-127, 127)
+            codes[r0:r1, c0:c1] = block.to(torch.int8)
+        scale16[r0:r1] = scale.to(torch.float16)
+    return Quantized(codes, scale16, None, "int8", tuple(x.shape), x.dtype)
+
+
+def _dequantize_int8(q: Quantized) -> torch.Tensor:
+    n, c = q.codes.shape
+    out = torch.empty((n, c), dtype=q.dtype, device=q.codes.device)
+    row_step = max(1, QUANT_BLOCK_ELEMS // max(c, 1))
+    col_step = min(c, QUANT_BLOCK_ELEMS) or 1
+    for r0, r1 in _blocks(n, row_step):
+        scale = q.scale[r0:r1].float()
+        for c0, c1 in _blocks(c, col_step):
+            out[r0:r1, c0:c1] = (q.codes[r0:r1, c0:c1].float() * scale).to(q.dtype)
+    return out.reshape(q.shape)
+
+
+def _quantize_int4(x: torch.Tensor) -> Quantized:
+    flat = x.reshape(-1)
+    numel = flat.numel()
+    groups = (numel + GROUP - 1) // GROUP
+    packed = torch.empty(groups * GROUP // 2, dtype=torch.uint8, device=x.device)
+    lo16 = torch.empty((groups, 1), dtype=torch.float16, device=x.device)
+    scale16 = torch.empty((groups, 1), dtype=torch.float16, device=x.device)
+    step = max(GROUP, QUANT_BLOCK_ELEMS // GROUP * GROUP)
+    for e0, e1 in _blocks(numel, step):
+        chunk = flat[e0:e1].float()
+        pad = (-chunk.numel()) % GROUP
+        g = torch.nn.functional.pad(chunk, (0, pad)).reshape(-1, GROUP)
+        lo = g.amin(dim=1, keepdim=True)
+        scale = ((g.amax(dim=1, keepdim=True) - lo) / 15).clamp_min(1e-12)
+        codes = torch.round((g - lo) / scale).clamp_(0, 15).to(torch.uint8).reshape(-1)
+        g0, g1 = e0 // GROUP, e0 // GROUP + g.shape[0]
+        packed[g0 * GROUP // 2 : g1 * GROUP // 2] = codes[0::2] | (codes[1::2] << 4)
+        lo16[g0:g1] = lo.to(torch.float16)
+        scale16[g0:g1] = scale.to(torch.float16)
+    return Quantized(packed, scale16, lo16, "int4", tuple(x.shape), x.dtype)
+
+
+def _dequantize_int4(q: Quantized) -> torch.Tensor:
     numel = 1
     for d in q.shape:
         numel *= d
-    return values.reshape(-1)[:numel].to(q.dtype).reshape(q.shape)
+    out = torch.empty(numel, dtype=q.dtype, device=q.codes.device)
+    step = max(GROUP, QUANT_BLOCK_ELEMS // GROUP * GROUP)
+    assert q.zero is not None
+    for e0, e1 in _blocks(numel, step):
+        g0, g1 = e0 // GROUP, (e1 + GROUP - 1) // GROUP
+        packed = q.codes[g0 * GROUP // 2 : g1 * GROUP // 2]
+        codes = torch.stack((packed & 0xF, packed >> 4), dim=1).reshape(-1, GROUP).float()
+        values = codes * q.scale[g0:g1].float() + q.zero[g0:g1].float()
+        out[e0:e1] = values.reshape(-1)[: e1 - e0].to(q.dtype)
+    return out.reshape(q.shape)

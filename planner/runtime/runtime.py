@@ -1,11 +1,15 @@
 """What the generated executor calls: ``rt.prefetch``, ``rt.offload``, ``rt.wait``,
-``rt.quantize``, ``rt.dequantize``. A thin layer over a copy engine, kept out of
+``rt.quantize``, ``rt.dequantize``, ``rt.fused``. A thin layer over a copy engine, kept out of
 the generated code so that code stays a readable list of steps."""
 
 from __future__ import annotations
 
-import torch
+from typing import Any
 
+import torch
+from torch.utils import _pytree as pytree
+
+from planner.runtime import fused
 from planner.runtime.copy_engine import CopyEngine, Pending
 from planner.runtime.quant import Quantized, dequantize, quantize
 
@@ -13,6 +17,9 @@ from planner.runtime.quant import Quantized, dequantize, quantize
 class Runtime:
     def __init__(self, engine: CopyEngine) -> None:
         self.engine = engine
+        #: when a dict, ``quantize`` records each tensor's round-trip error in it
+        #: (costs a full-size temporary: set only outside metered runs)
+        self.errors: dict[str, dict[str, float]] | None = None
 
     def prefetch(self, key: str, tier: str) -> Pending:
         return self.engine.prefetch(key, tier)
@@ -23,14 +30,23 @@ class Runtime:
     def wait(self, pending: Pending) -> torch.Tensor:
         return self.engine.wait(pending)
 
-    def quantize(self, tensor: torch.Tensor, fmt: str) -> Quantized:
+    def quantize(self, tensor: torch.Tensor, fmt: str, name: str | None = None) -> Quantized:
         """Triton kernels on CUDA, the torch reference elsewhere (they agree bit
         for bit on the codes; see tests/codegen/test_kernels.py)."""
         if tensor.is_cuda and _triton_ready(tensor.device):
             from planner.codegen import kernels
 
-            return kernels.quantize_int8(tensor) if fmt == "int8" else kernels.quantize_int4(tensor)
-        return quantize(tensor, fmt)
+            q = kernels.quantize_int8(tensor) if fmt == "int8" else kernels.quantize_int4(tensor)
+        else:
+            q = quantize(tensor, fmt)
+        if self.errors is not None and name is not None:
+            self.errors[name] = round_trip_error(tensor, self.dequantize(q))
+        return q
+
+    def fused(self, target: str, *args: object, **kwargs: object) -> torch.Tensor:
+        """Op ``target`` with a weight argument stored quantized (a ``Quantized``),
+        without materializing the full weight (see ``planner.runtime.fused``)."""
+        return fused.call(target, *args, **kwargs)
 
     def dequantize(self, q: Quantized) -> torch.Tensor:
         if q.codes.is_cuda and _triton_ready(q.codes.device):
@@ -38,6 +54,41 @@ class Runtime:
 
             return kernels.dequantize_int8(q) if q.fmt == "int8" else kernels.dequantize_int4(q)
         return dequantize(q)
+
+
+def round_trip_error(original: torch.Tensor, restored: torch.Tensor) -> dict[str, float]:
+    """Relative L2 and largest absolute error of a quantize/dequantize round trip."""
+    diff = restored.float() - original.float()
+    norm = original.float().norm().clamp_min(1e-30)
+    return {
+        "relative_l2": float(diff.norm() / norm),
+        "max_abs": float(diff.abs().max()) if diff.numel() else 0.0,
+    }
+
+
+def output_error(out: Any, reference: Any) -> dict[str, float]:
+    """How far lossy outputs are from lossless ones, over all floating-point
+    leaves of the two pytrees: relative L2, largest absolute error, and for leaves
+    of two or more dims the share of positions whose argmax over the last dim
+    agrees (top-1 agreement, for logits)."""
+    pairs = [
+        (o.detach().float(), r.detach().float())
+        for o, r in zip(pytree.tree_leaves(out), pytree.tree_leaves(reference), strict=True)
+        if isinstance(o, torch.Tensor) and o.is_floating_point()
+    ]
+    if not pairs:
+        return {}
+    diff2 = sum(float((o - r).pow(2).sum()) for o, r in pairs)
+    ref2 = sum(float(r.pow(2).sum()) for _, r in pairs)
+    result = {
+        "relative_l2": (diff2 / max(ref2, 1e-30)) ** 0.5,
+        "max_abs": max(float((o - r).abs().max()) if o.numel() else 0.0 for o, r in pairs),
+    }
+    ranked = [(o, r) for o, r in pairs if o.dim() >= 2 and o.shape[-1] > 1]
+    if ranked:
+        same = sum(int((o.argmax(-1) == r.argmax(-1)).sum()) for o, r in ranked)
+        result["top1_agreement"] = same / sum(o[..., 0].numel() for o, _ in ranked)
+    return result
 
 
 def _triton_ready(device: torch.device) -> bool:

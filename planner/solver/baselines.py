@@ -19,6 +19,7 @@ import numpy as np
 from planner.solver.candidates import (
     HOME,
     KEEP,
+    STORED,
     Candidates,
     Gap,
     Option,
@@ -178,6 +179,12 @@ class _GreedyState:
                 if not self._allowed(gi, gap, option):
                     continue
                 saved = held - self._held_at(gi, option, t)
+                if parse_choice(option.choice)[0] == STORED:  # moves all the tensor's gaps
+                    saved += sum(
+                        self._held_at(g, self.cands.gaps[g].option(self.choices[g]), t)
+                        for g in self.cands.gaps_of[gap.tensor]
+                        if g != gi
+                    )
                 if saved <= 0:
                     continue
                 if minimize_memory and best is not None and saved < best[0] - 1:
@@ -208,6 +215,12 @@ class _GreedyState:
             )
         if kind == "fetch" and gap.start == -1:
             return True
+        if kind == STORED:  # chosen on the home gap for all the tensor's gaps at once
+            own = self.cands.gaps_of[gap.tensor]
+            return gap.start == -1 and all(
+                g not in self.locked and self.choices[g] == _default(self.cands.gaps[g])
+                for g in own
+            )
         if kind == "recompute":
             holders = _holders(self.cands, option)
             return (
@@ -227,6 +240,10 @@ class _GreedyState:
             and self.choices[home] == HOME
         ):
             self.apply(home, choice)  # a weight fetched between uses lives in that tier
+        if parse_choice(choice)[0] == STORED and gap.start == -1:
+            for g in self.cands.gaps_of[gap.tensor]:
+                if g != gi:
+                    self.apply(g, choice)
         self._add(gi, gap.option(self.choices[gi]), -1)
         self.choices[gi] = choice
         option = gap.option(choice)

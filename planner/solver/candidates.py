@@ -9,7 +9,10 @@ facts:
   the device (outside the steps where it is needed, which are always counted);
 - ``partial``: bytes held inside the gap outside ``present`` (a quantized copy);
 - ``extras``: transient bytes at a step (a recompute's side outputs, a quantized
-  copy beside the full one while (de)quantizing);
+  copy beside the full one while (de)quantizing, a fused op's scratch);
+- ``spans``: other ``(lo, hi, bytes)`` holdings (a weight stored quantized holds
+  its codes for the whole run; at a fused use its full copy is charged to the
+  options that have one);
 - ``seconds``: compute it adds (recompute, (de)quantize);
 - ``transfers``: bytes moved on a copy channel over a window of steps.
 
@@ -21,12 +24,23 @@ whether, not when, which keeps it linear (FlexGen's cost model does the same).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
-from planner.solver.problem import DISK, Problem, Tensor, quantized_bytes
+from planner.solver.problem import (
+    DISK,
+    Problem,
+    Tensor,
+    quantize_scratch_bytes,
+    quantized_bytes,
+)
 
 KEEP = "keep"
 HOME = "home"  # persistent tensor kept on the device across calls
+#: ``stored:<format>``: a weight kept on the device quantized for good; each use
+#: dequantizes it, or reads it quantized when the op is fused (``fused_uses``). Its
+#: home gap and all its gaps between uses carry this option, chosen together.
+STORED = "stored"
 
 
 @dataclass(frozen=True)
@@ -42,6 +56,7 @@ class Option:
     present: tuple[tuple[int, int], ...] = ()
     partial: int = 0
     extras: tuple[tuple[int, int], ...] = ()  # (step, bytes)
+    spans: tuple[tuple[int, int, int], ...] = ()  # (lo, hi, bytes)
     seconds: float = 0.0
     transfers: tuple[Transfer, ...] = ()
     #: (tensor, step): recompute needs that tensor resident (kept) at that step
@@ -105,12 +120,17 @@ def build_candidates(problem: Problem) -> Candidates:
                 hi = tensor.last_step(T)
             hold(lo, hi, tensor.nbytes)
             continue
+        stored = _stored_format(problem, tensor)
+        fused = {step for step, _ in tensor.fused_uses} if stored else set()
         for e in events:
-            hold(e, e, tensor.nbytes)
+            if e not in fused:  # at a fused use the home gap's options say what is held
+                hold(e, e, tensor.nbytes)
         own = []
         if tensor.persistent:
             first = Gap(tensor.index, 0, -1, events[0])
             first.options = _first_gap_options(problem, tensor, events)
+            if stored:
+                first.options = _with_stored_option(problem, tensor, events, first.options)
             home_gap[tensor.index] = len(gaps)
             own.append(len(gaps))
             gaps.append(first)
@@ -121,6 +141,8 @@ def build_candidates(problem: Problem) -> Candidates:
                 continue  # adjacent steps: nothing to decide
             gap = Gap(tensor.index, len(own), a, b)
             gap.options = _gap_options(problem, tensor, a, b)
+            if stored:
+                gap.options.append(Option(f"{STORED}:{stored}"))
             own.append(len(gaps))
             gaps.append(gap)
         gaps_of[tensor.index] = own
@@ -154,6 +176,40 @@ def _first_gap_options(problem: Problem, tensor: Tensor, events: list[int]) -> l
         if window[0] < events[0]:
             options.append(_late(f"fetch:{tier}", tier, tensor.nbytes, events[0]))
     return options
+
+
+def _stored_format(problem: Problem, tensor: Tensor) -> str | None:
+    """The format a weight may be stored in on the device, or None."""
+    if tensor.persistent and tensor.quantizable and problem.quantize:
+        return problem.quantize
+    return None
+
+
+def _with_stored_option(
+    problem: Problem, tensor: Tensor, events: list[int], options: list[Option]
+) -> list[Option]:
+    """Add ``stored:<format>`` to a weight's home gap: its codes are held at every
+    step; a fused use holds the op's scratch, any other use a full copy that is
+    dequantized before it (``seconds``) and freed after. The other options hold the
+    full copy at fused uses too (those steps are left out of the fixed bytes)."""
+    fmt = problem.quantize
+    assert fmt is not None
+    T = problem.num_steps
+    size = _itemsize(tensor.dtype)
+    q = quantized_bytes(tensor.nbytes, size, fmt, tensor.last_dim)
+    scratch = quantize_scratch_bytes(tensor.nbytes, size)
+    fused = dict(tensor.fused_uses)
+    full_at = tuple((e, e, tensor.nbytes) for e in events if e in fused)
+    others = [dataclasses.replace(o, spans=o.spans + full_at) for o in options]
+    # every use dequantizes the codes: into a full copy, or block by block inside a
+    # fused op (which also keeps a free choice from going lossy for nothing)
+    stored = Option(
+        f"{STORED}:{fmt}",
+        spans=((0, T - 1, q),),
+        extras=tuple((e, fused.get(e, scratch)) for e in events),
+        seconds=len(events) * (tensor.nbytes + q) / problem.bandwidths.memory,
+    )
+    return [*others, stored]
 
 
 def _late(
@@ -234,10 +290,12 @@ def _gap_options(problem: Problem, tensor: Tensor, a: int, b: int) -> list[Optio
         )
     if tensor.quantizable and problem.quantize:
         fmt = problem.quantize
-        q = quantized_bytes(tensor.nbytes, _itemsize(tensor.dtype), fmt)
+        size = _itemsize(tensor.dtype)
+        q = quantized_bytes(tensor.nbytes, size, fmt, tensor.last_dim)
+        both = q + quantize_scratch_bytes(tensor.nbytes, size)  # beside the full copy
         seconds = 2 * (tensor.nbytes + q) / problem.bandwidths.memory
         options.append(
-            Option(f"quantize:{fmt}", partial=q, extras=((a, q), (b, q)), seconds=seconds)
+            Option(f"quantize:{fmt}", partial=q, extras=((a, both), (b, both)), seconds=seconds)
         )
     return options
 
@@ -290,6 +348,7 @@ def holdings(option: Option, gap: Gap, nbytes: int) -> list[tuple[int, int, int]
         if lo <= hi:
             out.append((lo, hi, option.partial))
     out += [(t, t, b) for t, b in option.extras if b]
+    out += [(lo, hi, b) for lo, hi, b in option.spans if b and lo <= hi]
     return out
 
 
@@ -364,6 +423,7 @@ __all__ = [
     "DISK",
     "HOME",
     "KEEP",
+    "STORED",
     "Candidates",
     "Gap",
     "Option",

@@ -10,7 +10,8 @@ Constraints (each family in its own method)
     channels: for each copy channel c and step t, the share of every chosen copy
               whose window covers t, sum x * load(t), <= seconds[t] + stall[t];
     home:     a persistent tensor kept on the device for good keeps every gap, and
-              one fetched from a tier is fetched from that tier only;
+              one fetched from a tier is fetched from that tier only; one stored
+              quantized (``stored:F``) is so in all its gaps;
     reload:   reading back an offloaded tensor without writing it again needs the
               previous gap to have written (or reloaded) it from the same tier;
     needs:    a recompute at step b needs each input kept on the device at b.
@@ -31,6 +32,7 @@ from ortools.sat.python import cp_model
 from planner.solver.candidates import (
     HOME,
     KEEP,
+    STORED,
     Candidates,
     Option,
     holder_gap,
@@ -196,6 +198,11 @@ class PlacementModel:
 
     def _add_home_constraints(self) -> None:
         for tensor, home_gi in self.cands.home_gap.items():
+            for choice, var in self.x[home_gi].items():
+                if parse_choice(choice)[0] == STORED:  # stored quantized: every gap agrees
+                    for gi in self.cands.gaps_of[tensor]:
+                        if gi != home_gi:
+                            self.model.add(self.x[gi][choice] == var)
             home = self.x[home_gi].get(HOME)
             if home is None:
                 continue
@@ -273,13 +280,18 @@ class PlacementModel:
         hint: list[str] | None = None,
         workers: int = 2,
         relative_gap: float = 0.002,
+        wall_limit: float | None = None,
     ) -> ModelResult:
+        """Solve within ``time_limit`` seconds of CP-SAT's deterministic time (a
+        count of work, so the same problem gives the same plan however loaded the
+        machine is), and ``wall_limit`` seconds of wall time (default: the same) as
+        a backstop."""
         if hint is not None:
             for xs, choice in zip(self.x, hint):
                 for c, v in xs.items():
                     self.model.add_hint(v, c == choice)
         solver = cp_model.CpSolver()
-        solver.parameters.max_time_in_seconds = time_limit
+        solver.parameters.max_time_in_seconds = wall_limit or time_limit
         solver.parameters.max_deterministic_time = time_limit
         solver.parameters.num_workers = workers
         # interleaved workers: the same portfolio, run deterministically

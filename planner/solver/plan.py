@@ -25,10 +25,14 @@ Action kinds (``tensor`` names a Problem tensor):
   it costs the op's seconds and briefly holds the op's other outputs and workspace.
 - ``quantize`` (format): replace the device copy with a quantized one.
 - ``dequantize``: restore the full-precision device copy from the quantized one
-  (both exist while it runs).
+  (both exist while it runs). For a weight stored quantized (below) the quantized
+  copy stays: ``dequantize`` makes a full copy for one use, ``free`` drops it.
 
 Initial state: weights and buffers with ``home == "device"`` and user inputs are
-resident; weights with another home have a complete copy in that tier and none on
+resident; weights with ``home == "device:<format>"`` are stored quantized on the
+device (the codes stay resident throughout; an op listed in the tensor's
+``fused_uses`` reads them directly, any other use needs a ``dequantize`` first);
+weights with another home have a complete copy in that tier and none on
 the device. At the end, tensors returned to the caller must be resident, and no
 fetched weight may remain (the next call starts from the same state).
 """

@@ -19,6 +19,19 @@ TIERS = (HOST, DISK)
 #: original's, plus per-row/group scales (see ``quantized_bytes``).
 QUANT_BITS = {"int8": 8, "int4": 4}
 
+#: Elements the torch (de)quantizers process at a time, so their temporaries stay
+#: small; ``quantize_scratch_bytes`` bounds those temporaries, which plans charge
+#: to each (de)quantize.
+QUANT_BLOCK_ELEMS = 16384
+
+
+def quantize_scratch_bytes(nbytes: int, itemsize: int) -> int:
+    """Up to five fp32 copies of one block (measured: 8-16 bytes per element; a
+    block is at least one int4 group of 64)."""
+    numel = nbytes // max(itemsize, 1)
+    block = min(QUANT_BLOCK_ELEMS, (numel + 63) // 64 * 64)
+    return 20 * block + 256
+
 
 @dataclass(frozen=True)
 class Step:
@@ -68,6 +81,12 @@ class Tensor:
     pinned: bool = False
     recompute: Recompute | None = None
     quantizable: bool = False
+    #: elements along the last dim (rows for per-row int8 scales); None if unknown
+    last_dim: int | None = None
+    #: (step, scratch bytes): uses whose op can read the tensor stored quantized
+    #: (a fused dequant-matmul or lookup), so a weight stored quantized is never
+    #: materialized in full there; the bytes are the fused op's extra scratch.
+    fused_uses: tuple[tuple[int, int], ...] = ()
 
     def last_step(self, num_steps: int) -> int:
         """The last step at which it must exist: its last use, or the end."""
@@ -169,6 +188,8 @@ class Problem:
                     t.persistent,
                     t.pinned,
                     t.quantizable,
+                    t.last_dim,
+                    [list(f) for f in t.fused_uses],
                     None if t.recompute is None else (t.recompute.step, list(t.recompute.inputs)),
                 )
                 for t in self.tensors
@@ -182,12 +203,18 @@ class Problem:
         return asdict(self)
 
 
-def quantized_bytes(nbytes: int, itemsize: int, fmt: str, group: int = 64) -> int:
-    """Bytes of a tensor stored as ``fmt``: packed codes plus one fp16 scale (int8,
-    per row approximated per 64 elements) or a scale and a minimum per group of 64
-    (int4, FlexGen's scheme)."""
+def quantized_bytes(nbytes: int, itemsize: int, fmt: str, last_dim: int | None = None) -> int:
+    """Bytes of a tensor stored as ``fmt``, as the kernels lay it out.
+
+    int8: one code per element and one fp16 scale per row (rows run along the last
+    dim, ``last_dim`` elements each; when unknown, one per 64 elements is assumed).
+    int4: groups of 64 elements (the last one padded), 32 bytes of codes and an fp16
+    scale and minimum per group (FlexGen's scheme)."""
+    if fmt not in QUANT_BITS:
+        raise KeyError(f"unknown quantized format {fmt!r}")
     numel = nbytes // max(itemsize, 1)
-    codes = (numel * QUANT_BITS[fmt] + 7) // 8
-    groups = (numel + group - 1) // group
-    scales = groups * 2 * (2 if fmt == "int4" else 1)
-    return codes + scales
+    groups = (numel + 63) // 64
+    if fmt == "int4":
+        return groups * 32 + groups * 4
+    row = max(last_dim or 64, 1)
+    return numel + 2 * ((numel + row - 1) // row)

@@ -3,7 +3,7 @@ per-tensor decisions the report prints. See ``plan.py`` for the semantics."""
 
 from __future__ import annotations
 
-from planner.solver.candidates import HOME, KEEP, Candidates, parse_choice
+from planner.solver.candidates import HOME, KEEP, STORED, Candidates, parse_choice
 from planner.solver.plan import Action, Plan, SolverStats, TensorDecision
 
 #: Order of actions that share a step and a side: allocations before the waits
@@ -42,6 +42,18 @@ def build_schedule(
         if gap_ids is None:  # pinned or never needed: alive from appearance to its end
             if not tensor.until_end and not tensor.persistent and not caller_held and events:
                 add(tensor.last_step(T), "after", "free", name)
+        elif tensor.persistent and parse_choice(choices[gap_ids[0]])[0] == STORED:
+            fmt = parse_choice(choices[gap_ids[0]])[1]
+            home = f"device:{fmt}"
+            used.append(f"quantize:{fmt}")
+            fused = {step for step, _ in tensor.fused_uses}
+            for gi in gap_ids:
+                gap = cands.gaps[gi]
+                gaps_out.append((gap.start, gap.end, choices[gi]))
+            for e in events:
+                if e not in fused:  # a full copy for this use only
+                    add(e, "before", "dequantize", name)
+                    add(e, "after", "free", name)
         else:
             for gi in gap_ids:
                 gap = cands.gaps[gi]

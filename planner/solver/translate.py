@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from planner.ir.program import Program, ValueKind
 from planner.passes.device_profile import DeviceProfile
+from planner.runtime import fused
 from planner.solver.problem import DISK, HOST, Bandwidths, Problem, Recompute, Step, Tensor
 
 #: Ops whose replay would draw new random numbers: never recomputed (until RNG
 #: state replay lands with training).
 _RANDOM_OPS = ("rand", "bernoulli", "dropout", "normal", "uniform", "multinomial", "poisson")
+
+#: Ops that read a tensor for its sign (ReLU's backward masks the gradient where
+#: the saved output is zero): quantization rounds small positives to zero and
+#: flips the mask, so tensors they read are never quantized.
+_SIGN_READERS = ("aten.threshold_backward.default",)
 
 #: Tensors smaller than this are pinned: moving them costs more in bookkeeping
 #: than it saves, and pinning keeps the optimization model small.
@@ -63,6 +69,13 @@ def from_program(
             weight and program.mode == "train"
         )
         floating = base.dtype.startswith(("float", "bfloat"))
+        quantizable = (
+            bool(fmt)
+            and floating
+            and kind.value in kinds
+            and not pinned
+            and not any(program.ops[u].target in _SIGN_READERS for u in uses)
+        )
         tensors.append(
             Tensor(
                 index=storage.index,
@@ -77,7 +90,11 @@ def from_program(
                 persistent=persistent,
                 pinned=pinned,
                 recompute=_recompute_recipe(program, storage.index) if by_op else None,
-                quantizable=bool(fmt) and floating and kind.value in kinds and not pinned,
+                quantizable=quantizable,
+                last_dim=base.shape[-1] if base.shape else 1,
+                fused_uses=_fused_uses(program, storage.index, fmt)
+                if quantizable and persistent
+                else (),
             )
         )
     bandwidths = Bandwidths(
@@ -113,6 +130,36 @@ def _unique_names(program: Program) -> dict[int, str]:
         seen.add(candidate)
         names[storage.index] = candidate
     return names
+
+
+def _fused_uses(
+    program: Program, storage_index: int, fmt: str | None
+) -> tuple[tuple[int, int], ...]:
+    """Uses at which a weight stored quantized is read by a fused op (see
+    ``planner.runtime.fused``): the op reads the whole storage (its base, or a tied
+    weight's second name for it) once, at the op's weight position. Each comes with
+    the fused op's scratch bytes."""
+    storage = program.storages[storage_index]
+    base = program.values[storage.base]
+    if fmt is None:
+        return ()
+    out = []
+    for step in sorted({u for v in storage.values for u in program.values[v].uses}):
+        op = program.ops[step]
+        position = fused.WEIGHT_POSITION.get(op.target)
+        if position is None or not fused.fusable(op.target, base.shape, fmt):
+            continue
+        reads = [v for v in op.inputs if program.values[v].storage == storage_index]
+        if len(reads) != 1 or op.inputs.index(reads[0]) != position:
+            continue
+        read = program.values[reads[0]]
+        if read.index != base.index and (read.producer is not None or read.shape != base.shape):
+            continue  # a view of part of it
+        other = program.values[op.inputs[1 if position == 0 else position - 1]]
+        rows = other.numel if position == 0 else other.numel // max(other.shape[-1], 1)
+        temp = fused.temp_bytes(op.target, base.shape, rows, base.itemsize, fmt)
+        out.append((step, temp))
+    return tuple(out)
 
 
 def _recompute_recipe(program: Program, storage_index: int) -> Recompute | None:

@@ -17,7 +17,15 @@ from dataclasses import dataclass, field
 
 from planner.errors import InvalidPlan
 from planner.solver.plan import Action, Plan
-from planner.solver.problem import DEVICE, DISK, QUANT_BITS, Problem, Tensor, quantized_bytes
+from planner.solver.problem import (
+    DEVICE,
+    DISK,
+    QUANT_BITS,
+    Problem,
+    Tensor,
+    quantize_scratch_bytes,
+    quantized_bytes,
+)
 
 #: Bytes per element by dtype name (with or without the ``torch.`` prefix).
 ITEMSIZE = {
@@ -122,6 +130,10 @@ class _Replayer:
                 self.outputs[t.appears_at].append(i)
             elif not t.by_op and not t.persistent and 0 < t.appears_at < steps:
                 self.arrivals[t.appears_at].append(i)
+        #: weights stored quantized on the device: their codes' bytes, and the steps
+        #: (with scratch bytes) whose op reads the codes directly
+        self.stored: dict[int, int] = {}
+        self.fused: dict[int, dict[int, int]] = {}
         self.actions: dict[tuple[int, str], list[tuple[int, Action]]] = {}
         for k, a in enumerate(plan.actions):
             if not 0 <= a.step < steps:
@@ -149,6 +161,18 @@ class _Replayer:
                 raise InvalidPlan(
                     f"persistent tensor {t.name!r} has no decision (home) in the plan"
                 )
+            if home.startswith(DEVICE + ":"):
+                fmt = home.split(":", 1)[1]
+                if fmt != self.problem.quantize or not t.quantizable:
+                    raise InvalidPlan(
+                        f"tensor {t.name!r}: home {home!r} stores it quantized, but it is not "
+                        f"quantizable as {fmt!r} in this problem (quantize="
+                        f"{self.problem.quantize!r})"
+                    )
+                self.stored[i] = self.qbytes(t, fmt)
+                self.fused[i] = dict(t.fused_uses)
+                homes[i] = home
+                continue
             if home != DEVICE and home not in self.problem.tiers:
                 raise InvalidPlan(
                     f"tensor {t.name!r}: home {home!r} is not 'device' nor a tier of this "
@@ -191,7 +215,11 @@ class _Replayer:
             size = itemsize(t.dtype)
         except KeyError:
             raise self.fail(f"cannot quantize {t.name!r}: unknown dtype {t.dtype!r}") from None
-        return quantized_bytes(t.nbytes, size, fmt)
+        return quantized_bytes(t.nbytes, size, fmt, t.last_dim)
+
+    def scratch(self, t: Tensor) -> int:
+        """Temporaries of one (de)quantize of ``t`` (the blocked torch kernels')."""
+        return quantize_scratch_bytes(t.nbytes, itemsize(t.dtype))
 
     def readable(self, i: int) -> str | None:
         """Why tensor ``i`` cannot be read now, or None if it can."""
@@ -224,7 +252,9 @@ class _Replayer:
         for i, t in enumerate(p.tensors):
             if t.persistent:
                 self.appeared[i] = True
-                if self.home[i] == DEVICE:
+                if i in self.stored:
+                    self.used += self.stored[i]
+                elif self.home[i] == DEVICE:
                     self.place(i, t.nbytes, READY)
                 else:
                     self.copies[i][self.home[i]] = None
@@ -262,23 +292,26 @@ class _Replayer:
     def run_op(self, s: int) -> None:
         step, tensors = self.problem.steps[s], self.problem.tensors
         self.where = f"op {step.name!r}"
+        scratch = step.workspace_bytes
         for i in self.reads[s]:
             why = self.readable(i)
-            if why is not None:
+            if why is not None and s in self.fused.get(i, {}):
+                scratch += self.fused[i][s]  # reads the stored codes in a fused op
+            elif why is not None:
                 raise self.fail(f"reads {tensors[i].name!r}, which is {why}")
         for i in self.outputs[s]:
             if self.status[i] != ABSENT:
                 raise self.fail(f"output {tensors[i].name!r} is already on the device")
             self.appeared[i] = True
             self.place(i, tensors[i].nbytes, READY)
-        if self.used + step.workspace_bytes > self.problem.budget_bytes:
+        if self.used + scratch > self.problem.budget_bytes:
             outs = [tensors[i].name for i in self.outputs[s]]
             raise self.fail(
-                f"outputs {outs} + workspace {step.workspace_bytes} B bring resident bytes to "
-                f"{self.used + step.workspace_bytes} B, over the budget of "
+                f"outputs {outs} + workspace {scratch} B bring resident bytes to "
+                f"{self.used + scratch} B, over the budget of "
                 f"{self.problem.budget_bytes} B"
             )
-        self.note(self.used + step.workspace_bytes)
+        self.note(self.used + scratch)
         self.clock += step.seconds
         self.compute += step.seconds
 
@@ -347,16 +380,20 @@ class _Replayer:
             raise self.fail(f"{t.name!r} cannot be recomputed before its producer first runs")
         if self.status[i] != ABSENT:
             raise self.fail(f"{t.name!r} is already on the device")
+        scratch = r.extra_bytes
         for j in r.inputs:
             if j not in self.by_index:
                 raise self.fail(f"recipe of {t.name!r} reads unknown tensor index {j}")
             why = self.readable(self.by_index[j])
-            if why is not None:
+            fused = self.fused.get(self.by_index[j], {})
+            if why is not None and r.step in fused:
+                scratch += fused[r.step]  # the replayed op reads the stored codes
+            elif why is not None:
                 raise self.fail(
                     f"recipe of {t.name!r} reads {tensors[self.by_index[j]].name!r}, which is {why}"
                 )
         self.place(i, t.nbytes, READY)
-        self.note(self.used + r.extra_bytes)
+        self.note(self.used + scratch)
         self.clock += r.seconds
         self.recompute += r.seconds
 
@@ -373,19 +410,26 @@ class _Replayer:
         if self.pending[i]:
             raise self.fail(f"{t.name!r} has a transfer pending; wait before quantizing it")
         q = self.qbytes(t, fmt)
-        self.note(self.used + q)  # both copies exist while it runs
+        self.note(self.used + q + self.scratch(t))  # both copies exist while it runs
         self.drop(i)
         self.place(i, q, READY, fmt)
         self.spend_memory_time(t.nbytes + q)
 
     def do_dequantize(self, i: int, a: Action) -> None:
         t = self.problem.tensors[i]
+        if i in self.stored:  # a full copy for one use; the stored codes stay
+            if self.status[i] != ABSENT:
+                raise self.fail(f"{t.name!r} already has a full-precision copy")
+            self.place(i, t.nbytes, READY)
+            self.note(self.used + self.scratch(t))
+            self.spend_memory_time(t.nbytes + self.stored[i])
+            return
         if self.status[i] != READY or self.dev_fmt[i] is None:
             raise self.fail(f"{t.name!r} is not resident quantized, so cannot be dequantized")
         if self.pending[i]:
             raise self.fail(f"{t.name!r} has a transfer pending; wait before dequantizing it")
         q = self.dev_bytes[i]
-        self.note(self.used + t.nbytes)  # both copies exist while it runs
+        self.note(self.used + t.nbytes + self.scratch(t))  # both copies exist while it runs
         self.drop(i)
         self.place(i, t.nbytes, READY)
         self.spend_memory_time(t.nbytes + q)

@@ -240,3 +240,47 @@ def test_cumulative_memory_matches_time_indexed_rows(monkeypatch: pytest.MonkeyP
     for result in (rows, cumulative):
         plan = _evaluate(cands, "x", result.choices, None).plan
         assert validate(problem, plan).peak_bytes <= problem.budget_bytes
+
+
+def _stored_problem(fraction: float) -> Problem:
+    """The MLP example's inference (weights are most of its memory) with int8
+    allowed, at ``fraction`` of its weight bytes."""
+    analysis = _analysis("example:mlp", "infer")
+    problem = from_program(
+        analysis.program, 1, analysis.profile, quantize="int8", min_movable_bytes=MIN_MOVABLE
+    )
+    weights = sum(t.nbytes for t in problem.tensors if t.persistent)
+    return with_budget(problem, int(weights * fraction))
+
+
+def test_weights_stored_quantized_replay_and_agree_across_gaps() -> None:
+    """At 30% of its weight bytes, reading a weight from disk for every linear stalls,
+    storing it int8 on the device (read fused) does not: the solver stores weights;
+    the plan replays within the budget, and every gap of a stored weight agrees
+    with its home."""
+    problem = _stored_problem(0.3)
+    fused = [t for t in problem.tensors if t.fused_uses]
+    assert fused and all(t.persistent for t in fused)
+    plan = solve(problem, time_limit=TIME_LIMIT)
+    replay = validate(problem, plan)
+    assert replay.peak_bytes <= problem.budget_bytes
+    stored = [d for d in plan.tensors if d.home == "device:int8"]
+    assert stored
+    for d in stored:
+        assert d.decision == "quantize:int8"
+        assert all(choice == "stored:int8" for _, _, choice in d.gaps)
+
+
+def test_greedy_stores_all_gaps_of_a_weight_at_once() -> None:
+    from planner.solver.baselines import greedy
+    from planner.solver.solve import _replay_unbounded
+
+    problem = _stored_problem(0.3)
+    cands = build_candidates(problem)
+    choices = greedy(cands)
+    for tensor, gaps in cands.gaps_of.items():
+        picked = {choices[g] for g in gaps}
+        if any(c.startswith("stored:") for c in picked):
+            assert picked == {"stored:int8"}, problem.tensors[tensor].name
+    assert any(c.startswith("stored:") for c in choices)
+    _replay_unbounded(cands, choices)  # a valid schedule (raises otherwise)

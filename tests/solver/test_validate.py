@@ -4,6 +4,7 @@ is summed independently here."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -21,6 +22,7 @@ from planner.solver.problem import (
     Recompute,
     Step,
     Tensor,
+    quantize_scratch_bytes,
     quantized_bytes,
 )
 from planner.solver.validate import itemsize, validate
@@ -230,18 +232,87 @@ def test_quantize_and_dequantize_time_and_bytes() -> None:
         T(0, "a", 400, 0, True, (2,), quantizable=True),
         T(1, "y", 4, 2, True, (), until_end=True),
     ]
-    p = make_problem(steps, tensors, budget=1000, quantize="int8")
+    p = make_problem(steps, tensors, budget=4000, quantize="int8")
     q = quantized_bytes(400, 4, "int8")
     assert q == 100 + 2 * 2  # 100 codes + two fp16 scales (groups of 64)
+    scratch = quantize_scratch_bytes(400, 4)  # the blocked kernels' temporaries
+    assert scratch == 20 * 128 + 256  # 100 elements: two groups of 64
     actions = [
         A(0, "after", "quantize", "a", "int8"),
         A(2, "before", "dequantize", "a"),
         A(2, "after", "free", "a"),
     ]
     r = validate(p, make_plan(p, actions))
-    assert r.resident_bytes == [400 + q, q, 400 + q]
+    assert r.resident_bytes == [400 + q + scratch, q, 400 + q + scratch]
+    assert r.peak_bytes == 400 + q + scratch
+    with pytest.raises(InvalidPlan, match="exceeds the budget"):
+        tight = dataclasses.replace(p, budget_bytes=400 + q + scratch - 1)
+        validate(tight, make_plan(tight, actions))
     assert r.quantize_seconds == pytest.approx(2 * (400 + q) / 1000.0)
     assert r.seconds == pytest.approx(3.0 + r.quantize_seconds)
+
+
+def _stored_weight_problem(budget: int) -> Problem:
+    """w (6400 B fp32) is read by a fused op at step 1 and a plain op at step 3."""
+    steps = [Step(i, f"s{i}", 1.0) for i in range(4)]
+    tensors = [
+        T(0, "x", 40, 0, False, (1,), kind="input"),
+        T(
+            1,
+            "w",
+            6400,
+            0,
+            False,
+            (1, 3),
+            kind="param",
+            persistent=True,
+            quantizable=True,
+            fused_uses=((1, 300),),
+        ),
+        T(2, "h", 40, 1, True, (3,)),
+        T(3, "y", 40, 3, True, (), until_end=True),
+    ]
+    return make_problem(steps, tensors, budget=budget, quantize="int8")
+
+
+STORED_ACTIONS = [
+    A(1, "after", "free", "x"),
+    A(3, "before", "dequantize", "w"),
+    A(3, "after", "free", "w"),
+    A(3, "after", "free", "h"),
+]
+
+
+def test_weight_stored_quantized_fused_and_dequantized_uses() -> None:
+    p = _stored_weight_problem(budget=100_000)
+    q = quantized_bytes(6400, 4, "int8")
+    scratch = quantize_scratch_bytes(6400, 4)
+    r = validate(p, make_plan(p, STORED_ACTIONS, homes={"w": "device:int8"}))
+    # the codes stay for the whole run; step 1 reads them (fused: 300 B scratch, no
+    # full copy), step 3 a full copy made just before it and freed after
+    assert r.resident_bytes == [40 + q, 40 + q + 40 + 300, q + 40, q + 40 + 6400 + scratch]
+    assert r.quantize_seconds == pytest.approx((6400 + q) / 1000.0)
+    tight = dataclasses.replace(p, budget_bytes=r.peak_bytes - 1)
+    with pytest.raises(InvalidPlan, match="exceeds the budget"):
+        validate(tight, make_plan(tight, STORED_ACTIONS, homes={"w": "device:int8"}))
+
+
+def test_weight_stored_quantized_misuse_is_caught() -> None:
+    p = _stored_weight_problem(budget=100_000)
+    stored = {"w": "device:int8"}
+    no_dequantize = [a for a in STORED_ACTIONS if a.kind != "dequantize" and a.tensor != "w"]
+    with pytest.raises(InvalidPlan, match="reads 'w', which is not resident"):
+        validate(p, make_plan(p, no_dequantize, homes=stored))
+    kept = [a for a in STORED_ACTIONS if not (a.kind == "free" and a.tensor == "w")]
+    with pytest.raises(InvalidPlan, match="still on the device"):
+        validate(p, make_plan(p, kept, homes=stored))
+    with pytest.raises(InvalidPlan, match="not quantizable as 'int4'"):
+        validate(p, make_plan(p, STORED_ACTIONS, homes={"w": "device:int4"}))
+    unfused = dataclasses.replace(
+        p, tensors=[dataclasses.replace(t, fused_uses=()) for t in p.tensors]
+    )
+    with pytest.raises(InvalidPlan, match="reads 'w', which is not resident"):
+        validate(unfused, make_plan(unfused, STORED_ACTIONS, homes=stored))
 
 
 def test_itemsize() -> None:
@@ -324,19 +395,28 @@ def test_valid_recompute_and_quantize_variants_of_base() -> None:
         A(2, "before", "dequantize", "a"),
         A(2, "after", "free", "a"),
     ]
-    validate(p := _base_problem(175), make_plan(p, quant, homes={"w": DISK}))
+    # the quantize briefly holds both copies and the kernels' scratch
+    budget = 175 + quantize_scratch_bytes(100, 4)
+    validate(p := _base_problem(budget), make_plan(p, quant, homes={"w": DISK}))
 
 
 NO_PREFETCH_A = _without((2, "prefetch", "a"), (2, "wait", "a"))
 NO_A = [a for a in BASE if a.tensor != "a"]
 QUANTIZE_A = A(0, "after", "quantize", "a", "int8")
+A_SCRATCH = quantize_scratch_bytes(100, 4)  # (de)quantizing a: the kernels' temporaries
 
 # case: (actions, step and tensor the message must name, words in it, budget).
 # Actions of one (step, when) run in list order; their place among other steps' is moot.
 VIOLATIONS: dict[str, tuple[Any, ...]] = {
     "read not resident": (NO_PREFETCH_A, 2, "a", "op 's2': reads 'a', which is not resident"),
     "read before wait": (_without((2, "wait", "a")), 2, "a", "still waiting on its prefetch"),
-    "read quantized": (NO_A + [QUANTIZE_A, A(2, "after", "free", "a")], 2, "a", "quantized"),
+    "read quantized": (
+        NO_A + [QUANTIZE_A, A(2, "after", "free", "a")],
+        2,
+        "a",
+        "quantized",
+        200 + A_SCRATCH,
+    ),
     "prefetch no copy": (_without((0, "offload", "a"), (1, "wait", "a")), 2, "a", "disk holds"),
     "prefetch wrong tier": ([A(0, "after", "prefetch", "w", HOST)] + BASE, 0, "w", "host holds no"),
     "prefetch resident": ([A(1, "before", "prefetch", "v", DISK)] + BASE, 1, "v", "already"),
@@ -376,7 +456,7 @@ VIOLATIONS: dict[str, tuple[Any, ...]] = {
         2,
         "a",
         "exceeds the budget",
-        160,
+        160 + A_SCRATCH,
     ),
 }
 

@@ -1,0 +1,106 @@
+"""Lossy storage end to end (``quantize=``): the solver stores tensors quantized
+only where the budget needs it, the executor reads quantized weights through
+fused ops, the meter stays within the budget, and the error is reported."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import load_example
+
+import planner
+from planner.solver.validate import validate
+
+#: Top-1 agreement of the planned GPT-2 logits with the lossless run, over random
+#: token batches. Measured: int8 98.9% (int4 85.8%). The example's weights are
+#: random (std 0.02), so its logits are nearly flat over 8192 tokens and the top two
+#: often differ by less than the quantization noise; these floors guard the numbers
+#: (see BENCHMARKS_quantize.md), they do not meet the 99% of trained models.
+AGREEMENT_FLOOR = {"int8": 0.98, "int4": 0.80}
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_gpt2_below_its_weight_bytes(fmt: str) -> None:
+    reference, inputs = load_example("gpt2")
+    model, _ = load_example("gpt2")
+    budget = int(0.95 * _weight_bytes(model))  # below the fp32 weights alone
+    with pytest.raises(planner.BudgetTooSmall):
+        planner.make_plan(model, budget, example_inputs=inputs, time_limit=5)
+    pm = planner.plan(model, budget, example_inputs=inputs, quantize=fmt, time_limit=10)
+    try:
+        validate(pm.problem, pm.plan)
+        stored = [d for d in pm.plan.tensors if d.home == f"device:{fmt}"]
+        assert stored and all(d.decision == f"quantize:{fmt}" for d in stored)
+        assert "rt.fused('aten.linear.default'" in pm.code  # no full weight for the head
+        out = pm.run_measured(*inputs)
+        assert pm.measured is not None and pm.measured.peak_bytes <= budget
+        agreements = []
+        for seed in range(3):
+            ids = torch.randint(
+                0, 8192, inputs[0].shape, generator=torch.Generator().manual_seed(seed)
+            )
+            with torch.no_grad():
+                expected = reference(ids)
+            agreements.append(float((pm(ids).argmax(-1) == expected.argmax(-1)).float().mean()))
+        assert sum(agreements) / len(agreements) >= AGREEMENT_FLOOR[fmt], agreements
+        with torch.no_grad():
+            lossless = reference(*inputs)
+        assert out.shape == lossless.shape
+        errors = pm.measure_quantization_error(*inputs, reference=lossless)
+        report = pm.report
+        rows = {row["tensor"]: row for row in report.quantized}
+        assert set(rows) == {d.name for d in stored}
+        for row in rows.values():
+            assert row["format"] == fmt and 0 < row["saved_bytes"] < row["bytes"]
+            assert 0 < row["relative_l2"] < (0.02 if fmt == "int8" else 0.2)
+        assert errors["output"]["top1_agreement"] >= AGREEMENT_FLOOR[fmt]
+        text = str(report)
+        assert "output error:" in text and f"{fmt}, saves" in text
+    finally:
+        pm.close()
+
+
+def test_no_quantization_when_the_budget_does_not_need_it() -> None:
+    """Lossy options cost time in the model (every use dequantizes), so a budget
+    that lossless placement meets leaves every tensor in full precision."""
+    model, inputs = load_example("gpt2")
+    budget = int(1.5 * _weight_bytes(model))
+    _, plan = planner.make_plan(
+        model, budget, example_inputs=inputs, quantize="int8", time_limit=10
+    )
+    assert not any("quantize" in d.decision for d in plan.tensors)
+
+
+def test_training_with_int8_saved_activations() -> None:
+    """Below where lossless placement plans, int8 storage of saved activations
+    fits; the forward is untouched (loss exact) and every gradient stays close."""
+    reference, inputs = load_example("resnet")
+    model, _ = load_example("resnet")
+    peak = planner.analyze(model, inputs, mode="train").unplanned_peak_bytes
+    budget = int(0.38 * peak)
+    pm = planner.plan(
+        model, budget, example_inputs=inputs, mode="train", quantize="int8", time_limit=20
+    )
+    try:
+        assert any("quantize:int8" in d.decision for d in pm.plan.tensors)
+        assert not any(d.home.startswith("device:") for d in pm.plan.tensors)  # weights: train
+        loss = pm(*inputs).pow(2).mean()
+        loss.backward()
+        expected = reference(*inputs).pow(2).mean()
+        expected.backward()
+        torch.testing.assert_close(loss, expected)
+        for (name, p), r in zip(model.named_parameters(), reference.parameters(), strict=True):
+            cos = torch.nn.functional.cosine_similarity(
+                p.grad.flatten().double(), r.grad.flatten().double(), dim=0
+            )
+            assert cos >= 0.99, name
+        for p in model.parameters():
+            p.grad = None
+        pm.run_measured_step(*inputs)
+        assert pm.measured is not None and pm.measured.peak_bytes <= budget
+    finally:
+        pm.close()
