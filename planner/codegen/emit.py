@@ -282,8 +282,13 @@ class _Emitter:
 
         args = [format_arg(a, name_of) for a in node.args]
         args += [f"{k}={format_arg(v, name_of)}" for k, v in node.kwargs.items()]
+        reuse = self.problem.steps[step].reuse if only_storage is None else None
         if fused:  # the plan validated this op as a fused use of the stored weight
             call = f"rt.fused({op.target!r}, {', '.join(args)})"
+        elif reuse is not None:  # write the output into the dying input's buffer
+            variant, out_arg = out_variant(node.target)
+            into = self._expr(self.program.storages[reuse[0]].base)
+            call = f"{self._op_name(variant)}({', '.join(args)}, {out_arg}={into})"
         else:
             call = f"{self._op_name(node.target)}({', '.join(args)})"
         outputs = [
@@ -310,6 +315,8 @@ class _Emitter:
         elif outputs:
             var = self._fresh(self.program.values[outputs[0]].name)
             self.lines.append(f"{indent}{var} = {call}{note}")
+            if reuse is not None:
+                self._free(reuse[0], f"its buffer now holds {self.program.values[outputs[0]].name}")
             self._bind(outputs[0], var)
         else:
             self.lines.append(f"{indent}{call}{note}")
@@ -373,6 +380,20 @@ class _Emitter:
             self.var.pop(vi, None)
         if names:
             self.lines.append(f"    del {', '.join(dict.fromkeys(names))}  # {why}")
+
+
+def out_variant(target: torch._ops.OpOverload) -> tuple[torch._ops.OpOverload, str]:
+    """The ``out=`` overload of ``target`` (same arguments plus one written output)
+    and the name of that output argument (``out``, ``grad_input``, ...)."""
+    schema = [(a.name, str(a.type)) for a in target._schema.arguments]
+    packet = target.overloadpacket
+    for name in packet.overloads():
+        overload = getattr(packet, name)
+        args = overload._schema.arguments
+        outs = [a.name for a in args if a.is_out]
+        if len(outs) == 1 and [(a.name, str(a.type)) for a in args if not a.is_out] == schema:
+            return overload, outs[0]
+    raise ValueError(f"{target} has no out= overload")
 
 
 def emit_executor(

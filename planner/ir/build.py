@@ -72,6 +72,7 @@ class _Builder:
             producer=producer,
             is_view=is_view,
             source=source,
+            contiguous=bool(fake.is_contiguous()),
         )
         self.values.append(value)
         self.storages[sid].values.append(value.index)

@@ -57,6 +57,7 @@ class Value:
     uses: list[int] = field(default_factory=list)
     is_view: bool = False
     source: str | None = None  # parameter / buffer FQN, or the input's pytree path
+    contiguous: bool = True  # row-major dense layout (traced strides)
 
     @property
     def numel(self) -> int:

@@ -107,6 +107,8 @@ def build_candidates(problem: Problem) -> Candidates:
 
     for step in problem.steps:
         hold(step.index, step.index, step.workspace_bytes)
+        if step.reuse is not None:  # the output is written into the dying input
+            hold(step.index, step.index, -problem.tensors[step.reuse[1]].nbytes)
     gaps: list[Gap] = []
     gaps_of: dict[int, list[int]] = {}
     home_gap: dict[int, int] = {}

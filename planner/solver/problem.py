@@ -35,12 +35,18 @@ def quantize_scratch_bytes(nbytes: int, itemsize: int) -> int:
 
 @dataclass(frozen=True)
 class Step:
-    """One op: its compute seconds and the scratch bytes it allocates."""
+    """One op: its compute seconds and the scratch bytes it allocates.
+
+    ``reuse``: (input tensor, output tensor) when the op writes its output into the
+    buffer of an input that dies at this step (an ``out=`` call on it), so the
+    output takes no new bytes: the input is gone after the op, the output lives on
+    in its memory."""
 
     index: int
     name: str
     seconds: float
     workspace_bytes: int = 0
+    reuse: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -173,6 +179,7 @@ class Problem:
         body = {
             "mode": self.mode,
             "steps": [s.name for s in self.steps],
+            "reuse": [list(s.reuse) for s in self.steps if s.reuse],
             "tiers": list(self.tiers),
             "quantize": self.quantize,
             "tensors": [

@@ -30,6 +30,8 @@ def build_schedule(
         else:
             after.append((step, _AFTER_ORDER[kind], seq, action))
 
+    # inputs whose buffer an op's output takes over: they leave with that op
+    consumed = {s.reuse[0] for s in problem.steps if s.reuse is not None}
     decisions = []
     for tensor in problem.tensors:
         name = tensor.name
@@ -40,7 +42,13 @@ def build_schedule(
         gaps_out: list[tuple[int, int, str]] = []
         caller_held = not tensor.by_op and not tensor.persistent and tensor.appears_at == 0
         if gap_ids is None:  # pinned or never needed: alive from appearance to its end
-            if not tensor.until_end and not tensor.persistent and not caller_held and events:
+            if (
+                not tensor.until_end
+                and not tensor.persistent
+                and not caller_held
+                and events
+                and tensor.index not in consumed
+            ):
                 add(tensor.last_step(T), "after", "free", name)
         elif tensor.persistent and parse_choice(choices[gap_ids[0]])[0] == STORED:
             fmt = parse_choice(choices[gap_ids[0]])[1]
@@ -91,7 +99,7 @@ def build_schedule(
                 else:
                     raise ValueError(f"unknown choice {choice!r} for {name}")
             freed_at_end = tensor.until_end or (tensor.persistent and home == "device")
-            if not freed_at_end and not caller_held:
+            if not freed_at_end and not caller_held and tensor.index not in consumed:
                 add(events[-1], "after", "free", name)
         decisions.append(
             TensorDecision(

@@ -11,6 +11,19 @@ from planner.solver.problem import DISK, HOST, Bandwidths, Problem, Recompute, S
 #: state replay lands with training).
 _RANDOM_OPS = ("rand", "bernoulli", "dropout", "normal", "uniform", "multinomial", "poisson")
 
+#: Ops that may write their output into the buffer of their input at this position
+#: when that input dies at the op (``out=`` aliasing it; bit-identical, see
+#: tests/solver/test_translate.py): each reads an element (softmax backwards: a
+#: row, reduced before any write) before writing it.
+REUSE_INPUT = {
+    "aten._log_softmax_backward_data.default": 0,
+    "aten._softmax_backward_data.default": 0,
+    "aten.add.Tensor": 0,
+    "aten.mul.Tensor": 0,
+    "aten.gelu_backward.default": 0,
+    "aten.threshold_backward.default": 0,
+}
+
 #: Ops that read a tensor for its sign (ReLU's backward masks the gradient where
 #: the saved output is zero): quantization rounds small positives to zero and
 #: flips the mask, so tensors they read are never quantized.
@@ -34,7 +47,17 @@ def from_program(
     quantize: str | dict[str, str] | None = None,
     min_movable_bytes: int = MIN_MOVABLE_BYTES,
 ) -> Problem:
-    steps = [Step(op.index, op.name, op.cost.seconds, op.workspace_bytes) for op in program.ops]
+    returned_storages = {program.values[v].storage for v in program.outputs}
+    steps = [
+        Step(
+            op.index,
+            op.name,
+            op.cost.seconds,
+            op.workspace_bytes,
+            reuse=_reused_input(program, op.index, returned_storages),
+        )
+        for op in program.ops
+    ]
     fmt, kinds = _quantize_spec(quantize)
     # tiny tensors stay put: moving them costs more bookkeeping than it saves
     # (scaled to the program, not the budget, so the same model always yields the
@@ -115,6 +138,32 @@ def from_program(
         quantize_kinds=tuple(sorted(kinds)),
         meta={"backward_start": backward_start},
     )
+
+
+def _reused_input(program: Program, step: int, returned: set[int]) -> tuple[int, int] | None:
+    """(input storage, output storage) if op ``step`` can write its output into
+    that input's buffer: the input is an op's dense output of the same shape and
+    dtype, read for the last time here, by no other argument, and not returned."""
+    op = program.ops[step]
+    position = REUSE_INPUT.get(op.target)
+    if position is None or len(op.outputs) != 1 or position >= len(op.inputs):
+        return None
+    vin, vout = program.values[op.inputs[position]], program.values[op.outputs[0]]
+    source = program.storages[vin.storage]
+    if (
+        vin.is_view
+        or vout.is_view
+        or vin.producer is None
+        or not (vin.contiguous and vout.contiguous)
+        or (vin.shape, vin.dtype) != (vout.shape, vout.dtype)
+        or source.nbytes != program.storages[vout.storage].nbytes
+        or vin.storage in returned
+        or vin.storage == vout.storage
+        or sum(program.values[v].storage == vin.storage for v in op.inputs) != 1
+        or max(u for v in source.values for u in program.values[v].uses) != step
+    ):
+        return None
+    return vin.storage, vout.storage
 
 
 def _unique_names(program: Program) -> dict[int, str]:

@@ -299,9 +299,12 @@ class _Replayer:
                 scratch += self.fused[i][s]  # reads the stored codes in a fused op
             elif why is not None:
                 raise self.fail(f"reads {tensors[i].name!r}, which is {why}")
+        reuse = step.reuse
         for i in self.outputs[s]:
             if self.status[i] != ABSENT:
                 raise self.fail(f"output {tensors[i].name!r} is already on the device")
+            if reuse is not None and tensors[i].index == reuse[1]:
+                self.hand_over(self.by_index[reuse[0]], i)
             self.appeared[i] = True
             self.place(i, tensors[i].nbytes, READY)
         if self.used + scratch > self.problem.budget_bytes:
@@ -314,6 +317,20 @@ class _Replayer:
         self.note(self.used + scratch)
         self.clock += step.seconds
         self.compute += step.seconds
+
+    def hand_over(self, j: int, i: int) -> None:
+        """The op writes output ``i`` into the buffer of input ``j``, which it read
+        for the last time: ``j`` leaves the device as ``i`` arrives in its bytes."""
+        t, out = self.problem.tensors[j], self.problem.tensors[i]
+        why = self.readable(j)
+        if why is not None or self.pending[j]:
+            raise self.fail(
+                f"output {out.name!r} reuses the buffer of {t.name!r}, which is "
+                f"{why or 'still being copied'}"
+            )
+        if t.nbytes != out.nbytes or t.pinned and t.last_step(self.problem.num_steps) > self.step:
+            raise self.fail(f"{out.name!r} cannot take over the buffer of {t.name!r}")
+        self.drop(j)
 
     def act(self, k: int, a: Action) -> None:
         """Apply one action, checking its preconditions first."""

@@ -109,9 +109,12 @@ def solve_and_check(problem: Problem, tmp_path: Path) -> Plan | None:
 @pytest.mark.parametrize("kind", ["chain", "diamond", "residual", "mlp"])
 def test_toy_plans(kind: str, mode: str, fraction: float, tmp_path: Path) -> None:
     problem, timeline_peak = _problem(kind, mode, fraction)
-    if mode == "infer":  # the IR's timeline and the replay agree
-        assert unplanned_peak(problem) == timeline_peak
-    else:  # plus the tangents the executor holds through the backward
+    # the IR's timeline and the keep-all replay agree, except that the executor
+    # holds tangents through the backward (training) and writes some outputs into
+    # dying inputs (REUSE_INPUT), which can only lower its peak
+    tangents = sum(t.nbytes for t in problem.tensors if t.kind == "tangent")
+    assert unplanned_peak(problem) <= timeline_peak + tangents
+    if not any(s.reuse for s in problem.steps):
         assert timeline_peak <= unplanned_peak(problem)
     plan = solve_and_check(problem, tmp_path)
     if fraction == 1.0:
