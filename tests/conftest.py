@@ -7,11 +7,19 @@ lifetimes, kinds) can be checked by hand-derivable rules.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import os
 import sys
 import warnings
 from pathlib import Path
 
+# Triton kernels run in its interpreter on the CPU. The variable must be set before
+# anything imports triton (torch.utils.flop_counter does, via planner), whichever
+# test file runs first; on a GPU machine run with TRITON_INTERPRET=0.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import property_cases  # noqa: E402
 import pytest
 import torch
 from torch import nn
@@ -122,3 +130,52 @@ def load_example(name: str) -> tuple[nn.Module, tuple]:
 @pytest.fixture
 def toy_factory():
     return toy
+
+
+# ---- property-case counter (see property_cases.py) ----------------------------------
+
+
+def _counting(test):
+    """``test`` (a @given test's inner function) counting each example it runs."""
+
+    @functools.wraps(test)
+    def counted(*args, **kwargs):
+        property_cases.count_case()
+        return test(*args, **kwargs)
+
+    counted.counts_property_cases = True
+    return counted
+
+
+def pytest_collection_modifyitems(items):
+    # Every @given test counts its examples: hypothesis runs each one through the
+    # reassignable ``.hypothesis.inner_test``, so no test needs to call count_case().
+    for item in items:
+        handle = getattr(getattr(item, "obj", None), "hypothesis", None)
+        inner = getattr(handle, "inner_test", None)
+        if inner is not None and not getattr(inner, "counts_property_cases", False):
+            handle.inner_test = _counting(inner)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    property_cases.CURRENT[0] = item.nodeid
+    try:
+        yield
+    finally:
+        property_cases.CURRENT[0] = ""
+
+
+def pytest_runtest_logreport(report):
+    if report.failed and report.nodeid in property_cases.GENERATED:
+        property_cases.VIOLATIONS.add(report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not property_cases.GENERATED:
+        return
+    terminalreporter.write_line(
+        f"property cases: {property_cases.total()} generated, "
+        f"{len(property_cases.VIOLATIONS)} violations "
+        f"(in {len(property_cases.GENERATED)} property tests)"
+    )
