@@ -49,7 +49,7 @@ KINDS: dict[str, Callable[[int], nx.DiGraph]] = {
     "unet": lambda n: unet_of_size(n),
     "layered": lambda n: layered_dag(n, seed=n),
 }
-EXAMPLES = ("mlp", "resnet", "unet", "gpt2")
+EXAMPLES = ("mlp", "resnet", "unet", "gpt2", "gpt2_train")
 BASELINE_NAMES = tuple(BASELINES)
 
 
