@@ -19,6 +19,7 @@ BENCHES = {
     "solver": ["benchmarks/solver_bench.py", "--out", "BENCHMARKS_solver.md"],
     "accelerate": ["benchmarks/accelerate_bench.py", "--out", "BENCHMARKS_accelerate.md"],
     "training": ["benchmarks/training_bench.py", "--out", "BENCHMARKS_training.md"],
+    "quantize": ["benchmarks/quantize_bench.py", "--out", "BENCHMARKS_quantize.md"],
 }
 QUICK = {"remat", "solver"}  # the ones with a --quick mode
 
