@@ -139,6 +139,8 @@ class PlannedModule(torch.nn.Module):
                 released.append(value.source)  # type: ignore[arg-type]
                 continue
             engine.store_now(name, homes[name], _compact(tensor.detach()))
+            if tensor.requires_grad and self.mode == "infer":
+                self._runtime.grad_keys.add(name)
             self._weight_keys.add(name)
             released.append(value.source)  # type: ignore[arg-type]
         for vi in self.executor.state_values:

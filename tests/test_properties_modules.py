@@ -47,16 +47,10 @@ import planner
 from planner.runtime.meter import measure
 from planner.solver import Problem, from_program, solve, validate
 
-# Known planner bugs (minimal reproducers in test_known_bug_* below and in
-# /tmp/property_bugs.md). The generated modules steer around them while the flags are
-# set; the strict xfail reproducers fail loudly once a bug is fixed, and then the flag
-# should go.
-#: 1: workspace of aten.linear on a strided 3-D input is measured with weights that do
-#: not require grad (matmul's bmm path, no copy) but runs with ones that do (fold
-#: path, a copy of the input): the measured peak exceeds the budget.
-#: 2: a weight reloaded from disk no longer requires grad, so the same linear takes the
-#: other matmul path and outputs differ from eager in the last bits.
-AVOID_BUGS_1_2 = True
+# Known planner bug (minimal reproducer in test_known_bug_* below). The generated
+# modules steer around it while the flag is set; the strict xfail reproducer fails
+# loudly once the bug is fixed, and then the flag should go. (Bugs 1 and 2, found
+# here and fixed, keep their reproducers as regression tests.)
 #: 3: training: BatchNorm on a transposed input; the fake kernel keeps the input's
 #: strides, the CPU kernel returns a contiguous output, and the captured joint graph's
 #: aten.view of the transposed-back output fails at run time.
@@ -158,11 +152,10 @@ class RandomNet(nn.Module):
 
     def _apply(self, op: Op, block: nn.ModuleDict, h: torch.Tensor, taps: list) -> torch.Tensor:
         k, a = op.kind, op.args
-        train = self.arch.train
         if k == "conv":
             return block["conv"](h)
         if k == "linear":
-            return block["fc"](_linear_input(h, train))
+            return block["fc"](h)
         if k == "conv_res":
             return h + block["conv"](_act(a[3], h))
         if k == "bn":
@@ -179,10 +172,10 @@ class RandomNet(nn.Module):
                 channels_first = channels_first.contiguous()
             return block["bn"](channels_first).transpose(1, 2)
         if k == "residual":
-            return h + block["down"](_act(a[2], block["up"](_linear_input(h, train))))
+            return h + block["down"](_act(a[2], block["up"](h)))
         if k == "concat":
-            left = block["a"](_linear_input(h, train))
-            right = _act(a[4], block["b"](_linear_input(h, train)))
+            left = block["a"](h)
+            right = _act(a[4], block["b"](h))
             return block["proj"](torch.cat([left, right], dim=-1))
         if k == "inplace":  # (op, how): on all of h, its leading slice, or a strided slice
             name, how = a
@@ -199,15 +192,6 @@ class RandomNet(nn.Module):
         if k == "view":
             return _view(a, h)
         raise AssertionError(op)
-
-
-def _linear_input(h: torch.Tensor, train: bool) -> torch.Tensor:
-    # Known bugs 1 and 2: nn.Linear on a non-contiguous input of 3+ dims (in
-    # inference, where aten.linear stays whole) is avoided by a copy; training
-    # decomposes linear into view/mm, which is not affected.
-    if AVOID_BUGS_1_2 and h.dim() >= 3 and not train:
-        return h.contiguous()
-    return h
 
 
 def _view(a: tuple, h: torch.Tensor) -> torch.Tensor:
@@ -646,9 +630,7 @@ def test_generator_covers_every_op_kind(train: bool) -> None:
     assert kinds <= seen, sorted(kinds - seen)
 
 
-# ---- known planner bugs: minimal reproducers (strict xfail: they pass once fixed) -----
-
-BUGS = "/tmp/property_bugs.md"
+# ---- planner bugs found by this suite: minimal reproducers -------------------------
 
 
 class _StridedLinear(nn.Module):
@@ -666,8 +648,10 @@ class _StridedLinear(nn.Module):
         return h
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=f"planner bug 1, see {BUGS}")
-def test_known_bug_1_strided_linear_workspace_within_budget() -> None:
+def test_bug_1_strided_linear_workspace_within_budget() -> None:
+    """Fixed. aten.linear on a 3-D input that is not viewable as a matrix: matmul
+    copies the input when the weight requires grad (even under no_grad), so the
+    workspace pass must measure with the parameters' requires_grad."""
     x = torch.randn(2, 4, 4)
     peak = planner.analyze(_StridedLinear((4, 4, 6)), (x,), profile=PROFILE).unplanned_peak_bytes
     pm = planner.plan(_StridedLinear((4, 4, 6)), peak, (x,), profile=PROFILE, time_limit=1)
@@ -678,8 +662,10 @@ def test_known_bug_1_strided_linear_workspace_within_budget() -> None:
         pm.close()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=f"planner bug 2, see {BUGS}")
-def test_known_bug_2_reloaded_weight_keeps_outputs_bit_identical() -> None:
+def test_bug_2_reloaded_weight_keeps_outputs_bit_identical() -> None:
+    """Fixed. The same linear with its weight read back from disk: the weight must
+    come back requiring grad, or matmul takes its other path and the last bits
+    differ from eager."""
     x = torch.randn(2, 4, 4)
     widths = (4, 34, 60, 18)
     with torch.no_grad():
@@ -709,7 +695,13 @@ class _TransposedBatchNorm(nn.Module):
         return self.fc(h).pow(2).mean()
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=f"planner bug 3, see {BUGS}")
+@pytest.mark.xfail(
+    strict=True,
+    raises=RuntimeError,
+    reason="planner bug 3: the fake kernel of _native_batch_norm_legit_functional keeps "
+    "a transposed input's strides, the CPU kernel returns a contiguous output, so the "
+    "captured joint graph's aten.view of the transposed-back output fails at run time",
+)
 def test_known_bug_3_batchnorm_on_transposed_input_trains() -> None:
     x = torch.randn(2, 2, 4)
     eager = _TransposedBatchNorm()

@@ -97,7 +97,7 @@ def _signature(node: torch.fx.Node) -> str:
         if isinstance(x, torch.fx.Node):
             v = fake_value(x)
             if isinstance(v, torch.Tensor):
-                return ("T", tuple(v.shape), tuple(v.stride()), str(v.dtype))
+                return ("T", tuple(v.shape), tuple(v.stride()), str(v.dtype), v.requires_grad)
             return ("N", repr(v))
         return repr(x)
 
@@ -105,8 +105,10 @@ def _signature(node: torch.fx.Node) -> str:
 
 
 def _materialize(node: torch.fx.Node, device: str) -> tuple[tuple, dict]:
-    """Real tensors with the traced shapes, strides and dtypes: random floats, zero
-    integers (valid as indices), so the op takes its usual code path."""
+    """Real tensors with the traced shapes, strides, dtypes and ``requires_grad``:
+    random floats, zero integers (valid as indices), so the op takes its usual code
+    path (even under no_grad, matmul copies a non-contiguous input or not depending
+    on whether the weight requires grad)."""
 
     def real(x: Any) -> Any:
         if not isinstance(x, torch.fx.Node):
@@ -117,6 +119,7 @@ def _materialize(node: torch.fx.Node, device: str) -> tuple[tuple, dict]:
         t = torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=device)
         if v.dtype.is_floating_point or v.dtype.is_complex:
             t.normal_()
+            t.requires_grad_(v.requires_grad)
         else:
             t.zero_()
         return t

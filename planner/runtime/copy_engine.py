@@ -31,6 +31,8 @@ class Pending:
     future: Future | None = None
     event: Any = None
     extra: list = field(default_factory=list)
+    #: set on the tensor once the read completes (a parameter comes back as one)
+    requires_grad: bool = False
 
 
 class CopyEngine:

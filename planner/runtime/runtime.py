@@ -20,15 +20,21 @@ class Runtime:
         #: when a dict, ``quantize`` records each tensor's round-trip error in it
         #: (costs a full-size temporary: set only outside metered runs)
         self.errors: dict[str, dict[str, float]] | None = None
+        #: keys of weights that require grad in the model: read back as such, so ops
+        #: take the same kernel path as eager (matmul's depends on it)
+        self.grad_keys: set[str] = set()
 
     def prefetch(self, key: str, tier: str) -> Pending:
-        return self.engine.prefetch(key, tier)
+        pending = self.engine.prefetch(key, tier)
+        pending.requires_grad = key in self.grad_keys
+        return pending
 
     def offload(self, key: str, tier: str, tensor: torch.Tensor) -> Pending:
         return self.engine.offload(key, tier, tensor)
 
     def wait(self, pending: Pending) -> torch.Tensor:
-        return self.engine.wait(pending)
+        tensor = self.engine.wait(pending)
+        return tensor.requires_grad_() if pending.requires_grad else tensor
 
     def quantize(self, tensor: torch.Tensor, fmt: str, name: str | None = None) -> Quantized:
         """Triton kernels on CUDA, the torch reference elsewhere (they agree bit
