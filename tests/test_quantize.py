@@ -104,3 +104,42 @@ def test_training_with_int8_saved_activations() -> None:
         assert pm.measured is not None and pm.measured.peak_bytes <= budget
     finally:
         pm.close()
+
+
+def test_training_with_int8_transfers() -> None:
+    """``{"transfers": "int8"}``: activations may only travel quantized (offload
+    and read back int8), never stay quantized on the device; at a budget below the
+    lossless plans' reach some do, and gradients stay close."""
+    reference, inputs = load_example("resnet")
+    model, _ = load_example("resnet")
+    budget = int(0.36 * planner.analyze(model, inputs, mode="train").unplanned_peak_bytes)
+    pm = planner.plan(
+        model,
+        budget,
+        example_inputs=inputs,
+        mode="train",
+        quantize={"transfers": "int8"},
+        time_limit=20,
+    )
+    try:
+        validate(pm.problem, pm.plan)
+        decisions = {d.decision for d in pm.plan.tensors}
+        assert "offload:disk+quantize:int8" in decisions
+        assert "quantize:int8" not in decisions  # not kept quantized on the device
+        assert "rt.offload(" in pm.code and ", q_" in pm.code  # a Quantized is written
+        loss = pm(*inputs).pow(2).mean()
+        loss.backward()
+        expected = reference(*inputs).pow(2).mean()
+        expected.backward()
+        torch.testing.assert_close(loss, expected)
+        for (name, p), r in zip(model.named_parameters(), reference.parameters(), strict=True):
+            cos = torch.nn.functional.cosine_similarity(
+                p.grad.flatten().double(), r.grad.flatten().double(), dim=0
+            )
+            assert cos >= 0.99, name
+        for p in model.parameters():
+            p.grad = None
+        pm.run_measured_step(*inputs)
+        assert pm.measured is not None and pm.measured.peak_bytes <= budget
+    finally:
+        pm.close()

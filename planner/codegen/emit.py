@@ -92,6 +92,8 @@ class _Emitter:
         self.handles: dict[int, str] = {}  # storage -> pending copy variable
         self.quantized: dict[int, str] = {}
         self.stored: dict[int, str] = {}  # storage -> variable of its stored codes
+        self.writing: set[int] = set()  # storages with an offload's write in flight
+        self.tier_format: dict[int, str | None] = {}  # what the tier copy is: quantized?
         self.versions: dict[str, int] = defaultdict(int)
         # every value's own name is reserved up front so versions cannot collide
         self.used: set[str] = {"rt", "state", "inputs", "carry", "tangents", "torch"}
@@ -338,8 +340,13 @@ class _Emitter:
             L.append(f"    {h} = rt.prefetch({key}, {a.tier!r})  # {a.kind} from {a.tier}")
         elif a.kind == "wait":
             h = self.handles.pop(s)
-            if base in self.var:  # an offload's write: the device copy stays until free
+            if s in self.writing:  # an offload's write: the device copy stays until free
+                self.writing.discard(s)
                 L.append(f"    rt.wait({h}); del {h}  # {a.tensor} written")
+            elif self.tier_format.get(s):  # the tier holds it quantized
+                q = self._fresh(f"q_{self.program.values[base].name}")
+                L.append(f"    {q} = rt.wait({h}); del {h}  # {a.tensor} back, quantized")
+                self.quantized[s] = q
             else:
                 var = self._fresh(self.program.values[base].name)
                 L.append(f"    {var} = rt.wait({h}); del {h}  # {a.tensor} back on the device")
@@ -347,7 +354,12 @@ class _Emitter:
         elif a.kind == "offload":
             h = self._fresh(f"pending_{self.program.values[base].name}")
             self.handles[s] = h
-            L.append(f"    {h} = rt.offload({key}, {a.tier!r}, {self._expr(base)})")
+            self.writing.add(s)
+            source = self.quantized.get(s)  # a quantized copy travels as such
+            self.tier_format[s] = None if source is None else "quantized"
+            L.append(f"    {h} = rt.offload({key}, {a.tier!r}, {source or self._expr(base)})")
+        elif a.kind == "free" and s in self.quantized:
+            L.append(f"    del {self.quantized.pop(s)}  # free {a.tensor} (quantized)")
         elif a.kind == "free":
             self._free(s, f"free {a.tensor}")
         elif a.kind == "recompute":

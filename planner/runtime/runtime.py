@@ -4,6 +4,7 @@ the generated code so that code stays a readable list of steps."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,6 +13,25 @@ from torch.utils import _pytree as pytree
 from planner.runtime import fused
 from planner.runtime.copy_engine import CopyEngine, Pending
 from planner.runtime.quant import Quantized, dequantize, quantize
+
+
+@dataclass(frozen=True)
+class QuantizedLayout:
+    """What a quantized tensor is, without its data (kept per offloaded key)."""
+
+    fmt: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    parts: tuple[str, ...]
+
+
+@dataclass
+class QuantizedCopy:
+    """The copies of a quantized tensor's parts, issued together; ``layout`` is
+    set for reads (to rebuild the ``Quantized``), None for writes."""
+
+    parts: dict[str, Pending]
+    layout: QuantizedLayout | None
 
 
 class Runtime:
@@ -23,16 +43,45 @@ class Runtime:
         #: keys of weights that require grad in the model: read back as such, so ops
         #: take the same kernel path as eager (matmul's depends on it)
         self.grad_keys: set[str] = set()
+        #: keys whose tier copy was written quantized: its layout, to read it back
+        self._quantized_copies: dict[str, QuantizedLayout] = {}
 
-    def prefetch(self, key: str, tier: str) -> Pending:
+    def prefetch(self, key: str, tier: str) -> Pending | QuantizedCopy:
+        layout = self._quantized_copies.get(key)
+        if layout is not None:
+            parts = {p: self.engine.prefetch(f"{key}#{p}", tier) for p in layout.parts}
+            return QuantizedCopy(parts, layout)
         pending = self.engine.prefetch(key, tier)
         pending.requires_grad = key in self.grad_keys
         return pending
 
-    def offload(self, key: str, tier: str, tensor: torch.Tensor) -> Pending:
+    def offload(
+        self, key: str, tier: str, tensor: torch.Tensor | Quantized
+    ) -> Pending | QuantizedCopy:
+        if isinstance(tensor, Quantized):  # each part is a tensor of its own in the tier
+            names = ("codes", "scale") + (("zero",) if tensor.zero is not None else ())
+            parts = {p: self.engine.offload(f"{key}#{p}", tier, getattr(tensor, p)) for p in names}
+            self._quantized_copies[key] = QuantizedLayout(
+                tensor.fmt, tensor.shape, tensor.dtype, names
+            )
+            return QuantizedCopy(parts, None)
+        self._quantized_copies.pop(key, None)
         return self.engine.offload(key, tier, tensor)
 
-    def wait(self, pending: Pending) -> torch.Tensor:
+    def wait(self, pending: Pending | QuantizedCopy) -> torch.Tensor | Quantized | None:
+        if isinstance(pending, QuantizedCopy):
+            done = {p: self.engine.wait(part) for p, part in pending.parts.items()}
+            if pending.layout is None:  # a write
+                return None
+            layout = pending.layout
+            return Quantized(
+                done["codes"],
+                done["scale"],
+                done.get("zero"),
+                layout.fmt,
+                layout.shape,
+                layout.dtype,
+            )
         tensor = self.engine.wait(pending)
         return tensor.requires_grad_() if pending.requires_grad else tensor
 

@@ -41,6 +41,8 @@ HOME = "home"  # persistent tensor kept on the device across calls
 #: dequantizes it, or reads it quantized when the op is fused (``fused_uses``). Its
 #: home gap and all its gaps between uses carry this option, chosen together.
 STORED = "stored"
+#: ``qoffload:<tier>``: an activation offloaded, and read back, quantized.
+QOFFLOAD = "qoffload"
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,9 @@ class Transfer:
 
 @dataclass(frozen=True)
 class Option:
-    choice: str  # keep | home | offload:T | reload:T | fetch:T | recompute | quantize:F
+    # keep | home | offload:T | reload:T | fetch:T | recompute | quantize:F | stored:F |
+    # qoffload:T (plus :late read variants)
+    choice: str
     present: tuple[tuple[int, int], ...] = ()
     partial: int = 0
     extras: tuple[tuple[int, int], ...] = ()  # (step, bytes)
@@ -182,7 +186,8 @@ def _first_gap_options(problem: Problem, tensor: Tensor, events: list[int]) -> l
 
 def _stored_format(problem: Problem, tensor: Tensor) -> str | None:
     """The format a weight may be stored in on the device, or None."""
-    if tensor.persistent and tensor.quantizable and problem.quantize:
+    allowed = "weights" in problem.quantize_uses
+    if tensor.persistent and tensor.quantizable and problem.quantize and allowed:
         return problem.quantize
     return None
 
@@ -296,10 +301,42 @@ def _gap_options(problem: Problem, tensor: Tensor, a: int, b: int) -> list[Optio
         q = quantized_bytes(tensor.nbytes, size, fmt, tensor.last_dim)
         both = q + quantize_scratch_bytes(tensor.nbytes, size)  # beside the full copy
         seconds = 2 * (tensor.nbytes + q) / problem.bandwidths.memory
-        options.append(
-            Option(f"quantize:{fmt}", partial=q, extras=((a, both), (b, both)), seconds=seconds)
-        )
+        uses = "weights" if tensor.persistent else "activations"
+        if uses in problem.quantize_uses:
+            options.append(
+                Option(f"quantize:{fmt}", partial=q, extras=((a, both), (b, both)), seconds=seconds)
+            )
+        if not tensor.persistent and "transfers" in problem.quantize_uses:
+            for tier in problem.tiers:
+                option = _quantized_offload(problem, tier, q, a, b, both, seconds)
+                if option is not None:
+                    options.append(option)
     return options
+
+
+def _quantized_offload(
+    problem: Problem, tier: str, q: int, a: int, b: int, both: int, seconds: float
+) -> Option | None:
+    """``qoffload:T``: quantize after ``a``, write the ``q`` quantized bytes to ``T``,
+    read them back before ``b`` and dequantize (FlexGen's compressed transfers): a
+    fraction of the bytes on the slow channel, for two passes over memory."""
+    write_end = _write_window_end(problem, q, tier, a)
+    read = _read_window(problem, q, tier, a + 1, b)
+    if write_end + 1 >= read[0]:
+        return None
+    read_from = max(read[0], write_end + 1)
+    return Option(
+        f"{QOFFLOAD}:{tier}",
+        spans=((a + 1, write_end, q), (read_from, b - 1, q)),
+        extras=((a, both), (b, both)),
+        seconds=seconds,
+        transfers=(
+            Transfer((tier, "write"), q, (a + 1, write_end)),
+            Transfer((tier, "read"), q, read),
+        ),
+        prefetch_at=read_from,
+        write_done_at=write_end,
+    )
 
 
 def _link_recompute_needs(cands: Candidates) -> None:
@@ -425,6 +462,7 @@ __all__ = [
     "DISK",
     "HOME",
     "KEEP",
+    "QOFFLOAD",
     "STORED",
     "Candidates",
     "Gap",

@@ -158,6 +158,9 @@ class Problem:
     tiers: tuple[str, ...] = (DISK,)
     quantize: str | None = None
     quantize_kinds: tuple[str, ...] = ()
+    #: which lossy options are on: "weights" (stored quantized), "activations"
+    #: (kept quantized between uses), "transfers" (offloaded quantized)
+    quantize_uses: tuple[str, ...] = ("weights", "activations", "transfers")
     meta: dict = field(default_factory=dict)
 
     @property
@@ -182,6 +185,7 @@ class Problem:
             "reuse": [list(s.reuse) for s in self.steps if s.reuse],
             "tiers": list(self.tiers),
             "quantize": self.quantize,
+            "quantize_uses": list(self.quantize_uses),
             "tensors": [
                 (
                     t.name,

@@ -3,13 +3,13 @@ per-tensor decisions the report prints. See ``plan.py`` for the semantics."""
 
 from __future__ import annotations
 
-from planner.solver.candidates import HOME, KEEP, STORED, Candidates, parse_choice
+from planner.solver.candidates import HOME, KEEP, QOFFLOAD, STORED, Candidates, parse_choice
 from planner.solver.plan import Action, Plan, SolverStats, TensorDecision
 
 #: Order of actions that share a step and a side: allocations before the waits
 #: that complete them, and those before the recomputes that read them.
 _BEFORE_ORDER = {"prefetch": 0, "wait": 1, "dequantize": 2, "recompute": 3}
-_AFTER_ORDER = {"offload": 0, "quantize": 1, "free": 2, "wait": 2}
+_AFTER_ORDER = {"quantize": 0, "offload": 1, "free": 2, "wait": 2}
 
 
 def build_schedule(
@@ -96,6 +96,14 @@ def build_schedule(
                 elif kind == "quantize":
                     add(a, "after", "quantize", name, tier)
                     add(b, "before", "dequantize", name)
+                elif kind == QOFFLOAD:  # quantize, write, free; read, dequantize
+                    add(a, "after", "quantize", name, problem.quantize)
+                    add(a, "after", "offload", name, tier)
+                    add(option.write_done_at, "after", "wait", name)  # type: ignore[arg-type]
+                    add(option.write_done_at, "after", "free", name)  # type: ignore[arg-type]
+                    add(option.prefetch_at, "before", "prefetch", name, tier)  # type: ignore[arg-type]
+                    add(b, "before", "wait", name)
+                    add(b, "before", "dequantize", name)
                 else:
                     raise ValueError(f"unknown choice {choice!r} for {name}")
             freed_at_end = tensor.until_end or (tensor.persistent and home == "device")
@@ -107,7 +115,7 @@ def build_schedule(
                 nbytes=tensor.nbytes,
                 kind=tensor.kind,
                 home=home,
-                decision=_summary(used),
+                decision=_summary(used, problem.quantize),
                 live=(tensor.appears_at, tensor.last_step(T)),
                 gaps=gaps_out,
             )
@@ -117,13 +125,17 @@ def build_schedule(
     return [e[3] for e in ordered], decisions
 
 
-def _summary(choices: list[str]) -> str:
+def _summary(choices: list[str], fmt: str | None) -> str:
     labels: list[str] = []
     for choice in choices:
         kind, tier = parse_choice(choice)
-        label = f"offload:{tier}" if kind in ("offload", "reload", "fetch") else choice
-        if label not in labels:
-            labels.append(label)
+        if kind == QOFFLOAD:  # travels quantized
+            new = [f"offload:{tier}", f"quantize:{fmt}"]
+        else:
+            new = [f"offload:{tier}" if kind in ("offload", "reload", "fetch") else choice]
+        for label in new:
+            if label not in labels:
+                labels.append(label)
     return "+".join(labels) if labels else "keep"
 
 

@@ -13,7 +13,7 @@ _RANDOM_OPS = ("rand", "bernoulli", "dropout", "normal", "uniform", "multinomial
 
 #: Ops that may write their output into the buffer of their input at this position
 #: when that input dies at the op (``out=`` aliasing it; bit-identical, see
-#: tests/solver/test_translate.py): each reads an element (softmax backwards: a
+#: tests/solver/test_reuse.py): each reads an element (softmax backwards: a
 #: row, reduced before any write) before writing it.
 REUSE_INPUT = {
     "aten._log_softmax_backward_data.default": 0,
@@ -33,10 +33,13 @@ _SIGN_READERS = ("aten.threshold_backward.default",)
 #: than it saves, and pinning keeps the optimization model small.
 MIN_MOVABLE_BYTES = 64 * 1024
 
-#: Kinds a ``quantize=`` mapping may name, and which tensor kinds each covers.
+#: What a ``quantize=`` mapping may name, and which tensor kinds each covers:
+#: weights stored quantized, activations kept quantized on the device between
+#: uses, and transfers (activations offloaded, and read back, quantized).
 QUANTIZE_KINDS = {
     "weights": (ValueKind.PARAM.value, ValueKind.BUFFER.value),
     "activations": (ValueKind.SAVED.value, ValueKind.ACTIVATION.value),
+    "transfers": (ValueKind.SAVED.value, ValueKind.ACTIVATION.value),
 }
 
 
@@ -58,7 +61,7 @@ def from_program(
         )
         for op in program.ops
     ]
-    fmt, kinds = _quantize_spec(quantize)
+    fmt, kinds, lossy_uses = _quantize_spec(quantize)
     # tiny tensors stay put: moving them costs more bookkeeping than it saves
     # (scaled to the program, not the budget, so the same model always yields the
     # same problem and a reported min_budget stays plannable)
@@ -136,6 +139,7 @@ def from_program(
         tiers=(HOST, DISK) if profile.has_host_tier else (DISK,),
         quantize=fmt,
         quantize_kinds=tuple(sorted(kinds)),
+        quantize_uses=tuple(sorted(lossy_uses)),
         meta={"backward_start": backward_start},
     )
 
@@ -227,12 +231,19 @@ def _recompute_recipe(program: Program, storage_index: int) -> Recompute | None:
     return Recompute(step=op.index, inputs=inputs, seconds=op.cost.seconds, extra_bytes=extra)
 
 
-def _quantize_spec(quantize: str | dict[str, str] | None) -> tuple[str | None, set[str]]:
+def _quantize_spec(
+    quantize: str | dict[str, str] | None,
+) -> tuple[str | None, set[str], set[str]]:
+    """(format, tensor kinds that may be quantized, QUANTIZE_KINDS keys allowed)."""
     if quantize is None:
-        return None, set()
+        return None, set(), set()
     if isinstance(quantize, str):
         _check_format(quantize)
-        return quantize, {k for kinds in QUANTIZE_KINDS.values() for k in kinds}
+        return (
+            quantize,
+            {k for kinds in QUANTIZE_KINDS.values() for k in kinds},
+            set(QUANTIZE_KINDS),
+        )
     formats = set(quantize.values())
     if len(formats) != 1:
         raise ValueError("quantize: one format for all kinds for now, e.g. {'weights': 'int8'}")
@@ -243,7 +254,7 @@ def _quantize_spec(quantize: str | dict[str, str] | None) -> tuple[str | None, s
         if key not in QUANTIZE_KINDS:
             raise ValueError(f"quantize: unknown kind {key!r}; use {sorted(QUANTIZE_KINDS)}")
         kinds.update(QUANTIZE_KINDS[key])
-    return fmt, kinds
+    return fmt, kinds, set(quantize)
 
 
 def _check_format(fmt: str) -> None:

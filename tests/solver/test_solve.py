@@ -287,3 +287,28 @@ def test_greedy_stores_all_gaps_of_a_weight_at_once() -> None:
             assert picked == {"stored:int8"}, problem.tensors[tensor].name
     assert any(c.startswith("stored:") for c in choices)
     _replay_unbounded(cands, choices)  # a valid schedule (raises otherwise)
+
+
+@pytest.mark.parametrize(
+    "quantize, allowed",
+    [
+        ({"transfers": "int8"}, {"qoffload"}),
+        ({"activations": "int8"}, {"quantize"}),
+        ("int8", {"qoffload", "quantize"}),
+    ],
+)
+def test_quantize_mapping_selects_the_lossy_options(quantize: object, allowed: set) -> None:
+    analysis = _analysis("example:resnet", "train")
+    problem = from_program(
+        analysis.program, 1, analysis.profile, quantize=quantize, min_movable_bytes=MIN_MOVABLE
+    )
+    cands = build_candidates(problem)
+    lossy = {
+        o.choice.split(":")[0]
+        for g in cands.gaps
+        for o in g.options
+        if o.choice.startswith(("quantize", "qoffload", "stored"))
+    }
+    assert lossy == allowed
+    plan = solve(with_budget(problem, int(0.5 * unplanned_peak(problem))), time_limit=TIME_LIMIT)
+    validate(with_budget(problem, plan.budget_bytes), plan)
