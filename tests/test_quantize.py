@@ -30,7 +30,9 @@ def test_gpt2_below_its_weight_bytes(fmt: str) -> None:
     budget = int(0.95 * _weight_bytes(model))  # below the fp32 weights alone
     with pytest.raises(planner.BudgetTooSmall):
         planner.make_plan(model, budget, example_inputs=inputs, time_limit=5)
-    pm = planner.plan(model, budget, example_inputs=inputs, quantize=fmt, time_limit=10)
+    pm = planner.plan(
+        model, budget, example_inputs=inputs, quantize=fmt, time_limit=10, profile="cpu"
+    )
     try:
         validate(pm.problem, pm.plan)
         stored = [d for d in pm.plan.tensors if d.home == f"device:{fmt}"]
@@ -57,7 +59,8 @@ def test_gpt2_below_its_weight_bytes(fmt: str) -> None:
         for row in rows.values():
             assert row["format"] == fmt and 0 < row["saved_bytes"] < row["bytes"]
             assert 0 < row["relative_l2"] < (0.02 if fmt == "int8" else 0.2)
-        assert errors["output"]["top1_agreement"] >= AGREEMENT_FLOOR[fmt]
+        direct = float((out.argmax(-1) == lossless.argmax(-1)).float().mean())
+        assert errors["output"]["top1_agreement"] == pytest.approx(direct)
         text = str(report)
         assert "output error:" in text and f"{fmt}, saves" in text
     finally:
@@ -80,10 +83,16 @@ def test_training_with_int8_saved_activations() -> None:
     fits; the forward is untouched (loss exact) and every gradient stays close."""
     reference, inputs = load_example("resnet")
     model, _ = load_example("resnet")
-    peak = planner.analyze(model, inputs, mode="train").unplanned_peak_bytes
+    peak = planner.analyze(model, inputs, mode="train", profile="cpu").unplanned_peak_bytes
     budget = int(0.38 * peak)
     pm = planner.plan(
-        model, budget, example_inputs=inputs, mode="train", quantize="int8", time_limit=20
+        model,
+        budget,
+        example_inputs=inputs,
+        mode="train",
+        quantize="int8",
+        time_limit=20,
+        profile="cpu",
     )
     try:
         assert any("quantize:int8" in d.decision for d in pm.plan.tensors)
@@ -112,7 +121,8 @@ def test_training_with_int8_transfers() -> None:
     lossless plans' reach some do, and gradients stay close."""
     reference, inputs = load_example("resnet")
     model, _ = load_example("resnet")
-    budget = int(0.36 * planner.analyze(model, inputs, mode="train").unplanned_peak_bytes)
+    peak = planner.analyze(model, inputs, mode="train", profile="cpu").unplanned_peak_bytes
+    budget = int(0.36 * peak)
     pm = planner.plan(
         model,
         budget,
@@ -120,6 +130,7 @@ def test_training_with_int8_transfers() -> None:
         mode="train",
         quantize={"transfers": "int8"},
         time_limit=20,
+        profile="cpu",
     )
     try:
         validate(pm.problem, pm.plan)

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -244,6 +245,43 @@ def measure_disk_bandwidth(disk_dir: str | None, sizes: CalibrationSizes) -> tup
     return read_bw, write_bw
 
 
+#: A copy this small is nearly all fixed cost; the store's latency is measured on it.
+_SMALL_COPY_BYTES = 16 * 1024
+
+
+def measure_store_latency(
+    disk_dir: str | None, read_bw: float, write_bw: float, repeats: int = 30
+) -> tuple[float, float]:
+    """(read, write) fixed seconds per copy through the offload store and its copy
+    thread, the way the executor pays them: the median round trip of a 16 KiB
+    tensor minus its bytes at the measured bandwidths (never below 0)."""
+    from planner.runtime.copy_engine import make_engine
+    from planner.runtime.store import DiskStore
+
+    tensor = torch.zeros(_SMALL_COPY_BYTES // 4)
+    store = DiskStore(disk_dir)
+    engine = make_engine(torch.device("cpu"), store)
+    writes, reads = [], []
+    try:
+        for i in range(repeats + 2):  # the first two warm the thread and the files
+            key = f"latency{i % 2}"
+            start = time.perf_counter()
+            engine.wait(engine.offload(key, "disk", tensor))
+            middle = time.perf_counter()
+            engine.wait(engine.prefetch(key, "disk"))
+            end = time.perf_counter()
+            if i >= 2:
+                writes.append(middle - start)
+                reads.append(end - middle)
+    finally:
+        engine.close()
+        store.close()
+    read = max(0.0, statistics.median(reads) - _SMALL_COPY_BYTES / read_bw)
+    write = max(0.0, statistics.median(writes) - _SMALL_COPY_BYTES / write_bw)
+    logger.info("store latency per copy: read %.3g s, write %.3g s", read, write)
+    return read, write
+
+
 def _memory_capacity(device: torch.device) -> int | None:
     """Device memory in bytes: the GPU's, or physical RAM for the CPU."""
     if device.type == "cuda":
@@ -276,6 +314,7 @@ def calibrate(
     host_bandwidth = measure_host_bandwidth(dev, sizes, sync) if dev.type == "cuda" else None
     op_overhead = measure_op_overhead(dev, sizes, sync)
     disk_read, disk_write = measure_disk_bandwidth(disk_dir, sizes)
+    read_latency, write_latency = measure_store_latency(disk_dir, disk_read, disk_write)
     name = (
         f"calibrated-{torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else "calibrated-cpu"
     )
@@ -290,6 +329,8 @@ def calibrate(
         disk_write_bandwidth=disk_write,
         op_overhead_seconds=op_overhead,
         memory_bytes=_memory_capacity(dev),
+        disk_write_latency_seconds=write_latency,
+        disk_read_latency_seconds=read_latency,
     )
 
 

@@ -265,6 +265,14 @@ def _gap_options(problem: Problem, tensor: Tensor, a: int, b: int) -> list[Optio
         if write_end + 1 < b:
             write = Transfer((tier, "write"), tensor.nbytes, (a + 1, write_end))
             options.append(_late(f"offload:{tier}", tier, tensor.nbytes, b, write, write_end))
+        if write_end > a + 1:  # the write outlasts the next step: also wait for it at once
+            sync = Transfer((tier, "write"), tensor.nbytes, (a + 1, a))
+            options.append(
+                dataclasses.replace(
+                    _late(f"offload:{tier}", tier, tensor.nbytes, b, sync, a),
+                    choice=f"offload:{tier}:sync",
+                )
+            )
         if write_end + 1 < read[0]:
             read_from = max(read[0], write_end + 1)
             options.append(
@@ -398,7 +406,7 @@ def transfer_load(problem: Problem, tr: Transfer) -> tuple[list[float], float]:
     lo, hi = tr.window
     seconds = [problem.steps[t].seconds for t in range(lo, hi + 1)]
     covered = sum(seconds)
-    need = tr.nbytes / problem.bandwidths.of(tr.channel)
+    need = problem.bandwidths.copy_seconds(tr.channel, tr.nbytes)
     shares = [s * min(1.0, need / covered) for s in seconds] if covered > 0 else []
     return shares, max(0.0, need - covered)
 
@@ -406,7 +414,7 @@ def transfer_load(problem: Problem, tr: Transfer) -> tuple[list[float], float]:
 def _read_window(problem: Problem, nbytes: int, tier: str, lo: int, b: int) -> tuple[int, int]:
     """Steps [p, b-1] whose compute hides a read of ``nbytes`` finishing by ``b``;
     p never before ``lo``. Returns (p, b-1)."""
-    need = nbytes / problem.bandwidths.read(tier)
+    need = problem.bandwidths.copy_seconds((tier, "read"), nbytes)
     p, covered = b, 0.0
     while p > lo and covered < need:
         p -= 1
@@ -415,7 +423,7 @@ def _read_window(problem: Problem, nbytes: int, tier: str, lo: int, b: int) -> t
 
 
 def _write_window_end(problem: Problem, nbytes: int, tier: str, a: int) -> int:
-    need = nbytes / problem.bandwidths.write(tier)
+    need = problem.bandwidths.copy_seconds((tier, "write"), nbytes)
     e, covered = a, 0.0
     while e + 1 < problem.num_steps and covered < need:
         e += 1

@@ -268,7 +268,7 @@ class PlacementModel:
 
     def _bandwidth_free_total(self) -> list[float]:
         return [s.seconds for s in self.problem.steps] + [
-            tr.nbytes / self.problem.bandwidths.of(tr.channel)
+            self.problem.bandwidths.copy_seconds(tr.channel, tr.nbytes)
             for g in self.cands.gaps
             for o in g.options
             for tr in o.transfers

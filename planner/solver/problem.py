@@ -120,6 +120,8 @@ class Bandwidths:
     host_to_device: float | None = None
     device_to_host: float | None = None
     memory: float = 1e11  # device memory bandwidth, for (de)quantize cost
+    disk_read_latency: float = 0.0  # fixed seconds per copy from / to disk
+    disk_write_latency: float = 0.0
 
     def read(self, tier: str) -> float:
         _check_tier(tier)
@@ -139,6 +141,15 @@ class Bandwidths:
         """Bytes/s of a copy channel ``(tier, "read" | "write")``."""
         tier, direction = channel
         return self.read(tier) if direction == "read" else self.write(tier)
+
+    def copy_seconds(self, channel: tuple[str, str], nbytes: int) -> float:
+        """Channel time of one copy: its bytes at the channel's rate, plus the fixed
+        cost of a disk copy."""
+        tier, direction = channel
+        fixed = 0.0
+        if tier == DISK:
+            fixed = self.disk_read_latency if direction == "read" else self.disk_write_latency
+        return nbytes / self.of(channel) + fixed
 
 
 def _check_tier(tier: str) -> None:

@@ -129,6 +129,8 @@ def from_program(
         host_to_device=profile.host_bandwidth,
         device_to_host=profile.host_bandwidth,
         memory=profile.memory_bandwidth,
+        disk_read_latency=profile.disk_read_latency_seconds,
+        disk_write_latency=profile.disk_write_latency_seconds,
     )
     return Problem(
         mode=program.mode,

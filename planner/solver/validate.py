@@ -240,7 +240,8 @@ class _Replayer:
             raise self.fail(str(e)) from None
         channel = _channel(tier, read)
         start = max(self.clock, self.free_at.get(channel, 0.0))
-        end = start + nbytes / rate
+        fixed = (bw.disk_read_latency if read else bw.disk_write_latency) if tier == DISK else 0.0
+        end = start + nbytes / rate + fixed
         self.free_at[channel] = end
         self.moved[channel] += nbytes
         self.pending[i].append(_Transfer(tier, read, fmt, end))

@@ -52,6 +52,20 @@ def test_quick_calibration_is_plausible(quick_profile: DeviceProfile) -> None:
     assert 1e8 < quick_profile.flops_per_second("float32") < 1e14
     assert 1e8 < quick_profile.memory_bandwidth < 1e13
     assert 1e-8 < quick_profile.op_overhead_seconds < 1e-2
+    # a copy through the store costs something fixed, and well under 50 ms
+    for latency in (
+        quick_profile.disk_read_latency_seconds,
+        quick_profile.disk_write_latency_seconds,
+    ):
+        assert 0 <= latency < 5e-2
+    assert quick_profile.disk_write_latency_seconds > 0
+
+
+def test_profiles_saved_before_copy_latencies_still_load(tmp_path: Path) -> None:
+    data = get_profile("cpu").to_dict()
+    del data["disk_read_latency_seconds"], data["disk_write_latency_seconds"]
+    old = DeviceProfile.from_dict(data)
+    assert old.disk_read_latency_seconds == old.disk_write_latency_seconds == 0.0
 
 
 def test_calibrated_profile_round_trips_through_json(

@@ -590,3 +590,37 @@ def test_5000_steps_validate_fast() -> None:
         elapsed = min(elapsed, time.perf_counter() - start)
     assert len(actions) > 20_000 and r.stall_seconds == 0.0
     assert elapsed < 1.0, f"validate took {elapsed:.2f}s"
+
+
+def test_disk_copies_pay_a_fixed_latency() -> None:
+    """Each disk copy costs its bytes at the bandwidth plus the store's fixed cost;
+    the candidates' windows (copy_seconds) and the validator agree on it."""
+    from planner.solver.candidates import transfer_load
+
+    slow = dataclasses.replace(BW, disk_read_latency=0.5, disk_write_latency=0.25)
+    assert slow.copy_seconds((DISK, "read"), 100) == pytest.approx(100 / 50 + 0.5)
+    assert slow.copy_seconds((DISK, "write"), 100) == pytest.approx(100 / 100 + 0.25)
+    assert slow.copy_seconds((HOST, "read"), 100) == pytest.approx(100 / 200)
+    steps = [Step(0, "s0", 1.0), Step(1, "s1", 1.0)]
+    tensors = [
+        T(0, "x", 10, 0, False, (0,), kind="input"),
+        T(1, "w", 100, 0, False, (1,), kind="param", persistent=True),
+        T(2, "h", 10, 0, True, (1,)),
+        T(3, "y", 10, 1, True, (), until_end=True),
+    ]
+    actions = [
+        A(0, "before", "prefetch", "w", DISK),
+        A(0, "after", "free", "x"),
+        A(1, "before", "wait", "w"),
+        A(1, "after", "free", "w"),
+        A(1, "after", "free", "h"),
+    ]
+    fast = make_problem(steps, tensors, budget=130)
+    p = make_problem(steps, tensors, budget=130, bandwidths=slow)
+    base = validate(fast, make_plan(fast, actions, homes={"w": DISK}))
+    r = validate(p, make_plan(p, actions, homes={"w": DISK}))
+    assert r.stall_seconds == pytest.approx(base.stall_seconds + 0.5)
+    from planner.solver.candidates import Transfer
+
+    _, uncovered = transfer_load(p, Transfer((DISK, "read"), 100, (0, 0)))
+    assert uncovered == pytest.approx(2.5 - 1.0)
