@@ -18,7 +18,9 @@ Action kinds (``tensor`` names a Problem tensor):
 - ``prefetch`` (tier): allocate the tensor on the device now and start an async copy
   from ``tier``, which must hold a complete copy. Not resident until ``wait``.
 - ``offload`` (tier): start an async copy of a resident tensor to ``tier``. The
-  device copy stays until ``free``; the tier copy is complete after ``wait``.
+  device copy stays until ``free``; the tier copy is complete after ``wait``. A
+  quantized device copy travels quantized, and a later ``prefetch`` brings back
+  whatever the tier holds (then ``dequantize`` before a use).
 - ``wait``: block until the tensor's pending copy finishes.
 - ``free``: drop the device copy. Not allowed while an offload of it is pending.
 - ``recompute``: run the tensor's producer op again (its inputs must be resident);
