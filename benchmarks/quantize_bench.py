@@ -44,7 +44,6 @@ import logging
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -59,24 +58,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
+from bench_common import short_error, uptime, write_report  # noqa: E402
+
 import planner  # noqa: E402
 from planner.passes.device_profile import get_profile  # noqa: E402
 
 log = logging.getLogger("quantize_bench")
 MiB = 1 << 20
 GAP_EDGES = (0.01, 0.03, 0.1)  # top-1 minus top-2 logit buckets (part B)
-
-
-def uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def _short_error(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
-    return " ".join(line.strip() for line in text[:3])[:300]
 
 
 def _mib(x: float | None) -> str:
@@ -203,7 +192,7 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
             return row, agree_pos
         except Exception as exc:  # report, don't abort the benchmark
             traceback.print_exc()
-            row.error = _short_error(exc)
+            row.error = short_error(exc)
             return row, agree_pos
         try:
             row.extra = plan_summary(pm, time.perf_counter() - start)
@@ -228,7 +217,7 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
             )
         except Exception as exc:
             traceback.print_exc()
-            row.error = _short_error(exc)
+            row.error = short_error(exc)
         finally:
             pm.close()
         return row, agree_pos
@@ -444,7 +433,7 @@ def bench_training(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             except Exception as exc:
                 traceback.print_exc()
-                row.error = _short_error(exc)
+                row.error = short_error(exc)
                 continue
             try:
                 row.extra = plan_summary(pm, time.perf_counter() - start)
@@ -487,7 +476,7 @@ def bench_training(args: argparse.Namespace) -> dict[str, Any]:
                 )
             except Exception as exc:
                 traceback.print_exc()
-                row.error = _short_error(exc)
+                row.error = short_error(exc)
             finally:
                 pm.close()
                 del pm, model
@@ -677,13 +666,7 @@ def main(argv: list[str] | None = None) -> str:
     text = render(info, inf, tr, args)
     print(text)
     if args.out:
-        # a hand-written analysis section below the tables survives a re-run
-        if args.out.exists():
-            old = args.out.read_text()
-            marker = old.find("\n## Analysis")
-            if marker >= 0:
-                text += old[marker:]
-        args.out.write_text(text)
+        write_report(args.out, text)
     return text
 
 

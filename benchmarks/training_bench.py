@@ -45,7 +45,6 @@ import logging
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -64,6 +63,8 @@ from torch.utils.checkpoint import checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
+
+from bench_common import short_error, uptime, write_report  # noqa: E402
 
 import planner  # noqa: E402
 from planner.runtime.meter import measure  # noqa: E402
@@ -175,19 +176,6 @@ class Row:
         self.inputs = self.resident = ()
 
 
-def _short_error(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
-    return " ".join(line.strip() for line in text[:3])[:300]
-
-
-def uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 # --------------------------------------------------------------------------- systems
 
 
@@ -277,7 +265,7 @@ def _plan_row(workload: str, factory: Callable, budget: str | int, label: str,
         return int(exc.min_budget)
     except Exception as exc:  # report, don't abort the benchmark
         traceback.print_exc()
-        return Row(workload, "planner", label, error=_short_error(exc))
+        return Row(workload, "planner", label, error=short_error(exc))
     seconds = time.perf_counter() - start
     plan = pm.plan
     decisions = Counter()
@@ -334,7 +322,7 @@ def run_compile_rows(workload: str, factory: Callable, budgets: list[float],
                          row.extra["compile_seconds"], statistics.median(row.times))
             except Exception as exc:  # e.g. no C++ compiler: report why
                 traceback.print_exc()
-                row.error = _short_error(exc)
+                row.error = short_error(exc)
             rows.append(row)
             row.fn = compiled = None  # type: ignore[assignment]
             row.model = None
@@ -353,7 +341,7 @@ def run_interleaved(rows: list[Row], warmup: int, repeats: int) -> None:
                 r.step()
         except Exception as exc:
             traceback.print_exc()
-            r.error = _short_error(exc)
+            r.error = short_error(exc)
     live = [r for r in live if r.error is None]
     for i in range(repeats):
         order = live[i % len(live):] + live[: i % len(live)]
@@ -562,13 +550,7 @@ def main(argv: list[str] | None = None) -> str:
     text = render(results, info, args)
     print(text)
     if args.out:
-        # a hand-written analysis section below the tables survives a re-run
-        if args.out.exists():
-            old = args.out.read_text()
-            marker = old.find("\n## Analysis")
-            if marker >= 0:
-                text += old[marker:]
-        args.out.write_text(text)
+        write_report(args.out, text)
     return text
 
 
