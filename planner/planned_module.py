@@ -175,16 +175,11 @@ class PlannedModule(torch.nn.Module):
             value = program.values[vi]
             weight = tensors[value.source].detach().to(self.device)  # type: ignore[index]
             name = self.problem.tensors[value.storage].name
-            self._runtime.errors = self.quantization_errors
-            try:
+            with self._runtime.recording_errors(self.quantization_errors):
                 q = self._runtime.quantize(weight, fmt, name)
-            finally:
-                self._runtime.errors = None
             # buffers, so that the module (and the meter, which reads modules) holds them
-            for part in ("codes", "scale", "zero"):
-                tensor = getattr(q, part)
-                if tensor is not None:
-                    self.register_buffer(f"stored_{len(stored)}_{part}", tensor, persistent=False)
+            for part, tensor in q.parts().items():
+                self.register_buffer(f"stored_{len(stored)}_{part}", tensor, persistent=False)
             stored.append(q)
         return stored
 
@@ -195,12 +190,8 @@ class PlannedModule(torch.nn.Module):
         plan quantizes on the way; with ``reference`` (the lossless outputs for
         these inputs, e.g. the eager model's) also the outputs' error. The report
         shows both."""
-        self._runtime.errors = self.quantization_errors
-        try:
-            with torch.no_grad():
-                out = self(*args, **kwargs)
-        finally:
-            self._runtime.errors = None
+        with self._runtime.recording_errors(self.quantization_errors), torch.no_grad():
+            out = self(*args, **kwargs)
         if reference is not None:
             self.output_error = output_error(out, reference)
         return {"tensors": dict(self.quantization_errors), "output": self.output_error}

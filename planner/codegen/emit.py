@@ -93,7 +93,7 @@ class _Emitter:
         self.quantized: dict[int, str] = {}
         self.stored: dict[int, str] = {}  # storage -> variable of its stored codes
         self.writing: set[int] = set()  # storages with an offload's write in flight
-        self.tier_format: dict[int, str | None] = {}  # what the tier copy is: quantized?
+        self.quantized_in_tier: set[int] = set()  # storages whose tier copy is quantized
         self.versions: dict[str, int] = defaultdict(int)
         # every value's own name is reserved up front so versions cannot collide
         self.used: set[str] = {"rt", "state", "inputs", "carry", "tangents", "torch"}
@@ -157,6 +157,7 @@ class _Emitter:
         homes = {d.name: d.home for d in plan.tensors}
         state_values, input_values, tangent_values = [], [], []
         stored_values: list[tuple[int, str]] = []
+        stored_storages: set[int] = set()
         for vi in program.inputs:
             v = program.values[vi]
             name = self.problem.tensors[v.storage].name
@@ -167,10 +168,10 @@ class _Emitter:
                 input_values.append(vi)
             elif home == "device":
                 state_values.append(vi)
-            elif home.startswith("device:") and v.storage not in {
-                program.values[s].storage for s, _ in stored_values
-            }:
+            elif home.startswith("device:") and v.storage not in stored_storages:
+                # stored quantized: once per storage (a tied weight has two names)
                 stored_values.append((vi, home.split(":", 1)[1]))
+                stored_storages.add(v.storage)
         body = self.lines
         train = program.mode == "train"
         split = program.backward_start() if train else len(program.ops)
@@ -343,7 +344,7 @@ class _Emitter:
             if s in self.writing:  # an offload's write: the device copy stays until free
                 self.writing.discard(s)
                 L.append(f"    rt.wait({h}); del {h}  # {a.tensor} written")
-            elif self.tier_format.get(s):  # the tier holds it quantized
+            elif s in self.quantized_in_tier:  # the tier holds it quantized
                 q = self._fresh(f"q_{self.program.values[base].name}")
                 L.append(f"    {q} = rt.wait({h}); del {h}  # {a.tensor} back, quantized")
                 self.quantized[s] = q
@@ -356,7 +357,10 @@ class _Emitter:
             self.handles[s] = h
             self.writing.add(s)
             source = self.quantized.get(s)  # a quantized copy travels as such
-            self.tier_format[s] = None if source is None else "quantized"
+            if source is None:
+                self.quantized_in_tier.discard(s)
+            else:
+                self.quantized_in_tier.add(s)
             L.append(f"    {h} = rt.offload({key}, {a.tier!r}, {source or self._expr(base)})")
         elif a.kind == "free" and s in self.quantized:
             L.append(f"    del {self.quantized.pop(s)}  # free {a.tensor} (quantized)")

@@ -31,6 +31,11 @@ class Quantized:
     shape: tuple[int, ...]
     dtype: torch.dtype
 
+    def parts(self) -> dict[str, torch.Tensor]:
+        """Its tensors by name (``zero`` only for int4): what is stored or moved."""
+        named = {"codes": self.codes, "scale": self.scale, "zero": self.zero}
+        return {name: t for name, t in named.items() if t is not None}
+
 
 def quantize(x: torch.Tensor, fmt: str) -> Quantized:
     if fmt == "int8":

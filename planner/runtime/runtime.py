@@ -4,6 +4,8 @@ the generated code so that code stays a readable list of steps."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,8 +39,7 @@ class QuantizedCopy:
 class Runtime:
     def __init__(self, engine: CopyEngine) -> None:
         self.engine = engine
-        #: when a dict, ``quantize`` records each tensor's round-trip error in it
-        #: (costs a full-size temporary: set only outside metered runs)
+        #: set by ``recording_errors``: where ``quantize`` records round-trip errors
         self.errors: dict[str, dict[str, float]] | None = None
         #: keys of weights that require grad in the model: read back as such, so ops
         #: take the same kernel path as eager (matmul's depends on it)
@@ -59,10 +60,11 @@ class Runtime:
         self, key: str, tier: str, tensor: torch.Tensor | Quantized
     ) -> Pending | QuantizedCopy:
         if isinstance(tensor, Quantized):  # each part is a tensor of its own in the tier
-            names = ("codes", "scale") + (("zero",) if tensor.zero is not None else ())
-            parts = {p: self.engine.offload(f"{key}#{p}", tier, getattr(tensor, p)) for p in names}
+            parts = {
+                p: self.engine.offload(f"{key}#{p}", tier, t) for p, t in tensor.parts().items()
+            }
             self._quantized_copies[key] = QuantizedLayout(
-                tensor.fmt, tensor.shape, tensor.dtype, names
+                tensor.fmt, tensor.shape, tensor.dtype, tuple(parts)
             )
             return QuantizedCopy(parts, None)
         self._quantized_copies.pop(key, None)
@@ -84,6 +86,16 @@ class Runtime:
             )
         tensor = self.engine.wait(pending)
         return tensor.requires_grad_() if pending.requires_grad else tensor
+
+    @contextlib.contextmanager
+    def recording_errors(self, errors: dict[str, dict[str, float]]) -> Iterator[None]:
+        """Within the block, ``quantize`` records each named tensor's round-trip
+        error in ``errors`` (a full-size temporary each: not for metered runs)."""
+        self.errors = errors
+        try:
+            yield
+        finally:
+            self.errors = None
 
     def quantize(self, tensor: torch.Tensor, fmt: str, name: str | None = None) -> Quantized:
         """Triton kernels on CUDA, the torch reference elsewhere (they agree bit

@@ -50,7 +50,7 @@ def build_schedule(
                 and tensor.index not in consumed
             ):
                 add(tensor.last_step(T), "after", "free", name)
-        elif tensor.persistent and parse_choice(choices[gap_ids[0]])[0] == STORED:
+        elif tensor.persistent and choices[gap_ids[0]].startswith(f"{STORED}:"):
             fmt = parse_choice(choices[gap_ids[0]])[1]
             home = f"device:{fmt}"
             used.append(f"quantize:{fmt}")
