@@ -78,39 +78,53 @@ def test_no_quantization_when_the_budget_does_not_need_it() -> None:
     assert not any("quantize" in d.decision for d in plan.tensors)
 
 
-def test_training_with_int8_saved_activations() -> None:
-    """Below where lossless placement plans, int8 storage of saved activations
-    fits; the forward is untouched (loss exact) and every gradient stays close."""
+def _resnet_lossy_training(fraction: float, quantize: object):  # type: ignore[no-untyped-def]
+    """A planned CNN training step at ``fraction`` of its unplanned peak, with an
+    untouched twin of the model as the reference."""
     reference, inputs = load_example("resnet")
     model, _ = load_example("resnet")
     peak = planner.analyze(model, inputs, mode="train", profile="cpu").unplanned_peak_bytes
-    budget = int(0.38 * peak)
+    budget = int(fraction * peak)
     pm = planner.plan(
         model,
         budget,
         example_inputs=inputs,
         mode="train",
-        quantize="int8",
+        quantize=quantize,
         time_limit=20,
         profile="cpu",
     )
+    return pm, model, reference, inputs, budget
+
+
+def _check_lossy_step(pm, model, reference, inputs, budget: int) -> None:  # type: ignore[no-untyped-def]
+    """Lossy storage of saved activations leaves the forward exact (loss equal to
+    eager's), keeps every gradient within cosine 0.99 of eager's, and the step
+    stays within the budget under the meter."""
+    loss = pm(*inputs).pow(2).mean()
+    loss.backward()
+    expected = reference(*inputs).pow(2).mean()
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    for (name, p), r in zip(model.named_parameters(), reference.parameters(), strict=True):
+        cos = torch.nn.functional.cosine_similarity(
+            p.grad.flatten().double(), r.grad.flatten().double(), dim=0
+        )
+        assert cos >= 0.99, name
+    for p in model.parameters():
+        p.grad = None
+    pm.run_measured_step(*inputs)
+    assert pm.measured is not None and pm.measured.peak_bytes <= budget
+
+
+def test_training_with_int8_saved_activations() -> None:
+    """Below where lossless placement plans, int8 storage of saved activations
+    fits; the forward is untouched (loss exact) and every gradient stays close."""
+    pm, model, reference, inputs, budget = _resnet_lossy_training(0.38, "int8")
     try:
         assert any("quantize:int8" in d.decision for d in pm.plan.tensors)
         assert not any(d.home.startswith("device:") for d in pm.plan.tensors)  # weights: train
-        loss = pm(*inputs).pow(2).mean()
-        loss.backward()
-        expected = reference(*inputs).pow(2).mean()
-        expected.backward()
-        torch.testing.assert_close(loss, expected)
-        for (name, p), r in zip(model.named_parameters(), reference.parameters(), strict=True):
-            cos = torch.nn.functional.cosine_similarity(
-                p.grad.flatten().double(), r.grad.flatten().double(), dim=0
-            )
-            assert cos >= 0.99, name
-        for p in model.parameters():
-            p.grad = None
-        pm.run_measured_step(*inputs)
-        assert pm.measured is not None and pm.measured.peak_bytes <= budget
+        _check_lossy_step(pm, model, reference, inputs, budget)
     finally:
         pm.close()
 
@@ -119,38 +133,13 @@ def test_training_with_int8_transfers() -> None:
     """``{"transfers": "int8"}``: activations may only travel quantized (offload
     and read back int8), never stay quantized on the device; at a budget below the
     lossless plans' reach some do, and gradients stay close."""
-    reference, inputs = load_example("resnet")
-    model, _ = load_example("resnet")
-    peak = planner.analyze(model, inputs, mode="train", profile="cpu").unplanned_peak_bytes
-    budget = int(0.36 * peak)
-    pm = planner.plan(
-        model,
-        budget,
-        example_inputs=inputs,
-        mode="train",
-        quantize={"transfers": "int8"},
-        time_limit=20,
-        profile="cpu",
-    )
+    pm, model, reference, inputs, budget = _resnet_lossy_training(0.36, {"transfers": "int8"})
     try:
         validate(pm.problem, pm.plan)
         decisions = {d.decision for d in pm.plan.tensors}
         assert "offload:disk+quantize:int8" in decisions
         assert "quantize:int8" not in decisions  # not kept quantized on the device
         assert "rt.offload(" in pm.code and ", q_" in pm.code  # a Quantized is written
-        loss = pm(*inputs).pow(2).mean()
-        loss.backward()
-        expected = reference(*inputs).pow(2).mean()
-        expected.backward()
-        torch.testing.assert_close(loss, expected)
-        for (name, p), r in zip(model.named_parameters(), reference.parameters(), strict=True):
-            cos = torch.nn.functional.cosine_similarity(
-                p.grad.flatten().double(), r.grad.flatten().double(), dim=0
-            )
-            assert cos >= 0.99, name
-        for p in model.parameters():
-            p.grad = None
-        pm.run_measured_step(*inputs)
-        assert pm.measured is not None and pm.measured.peak_bytes <= budget
+        _check_lossy_step(pm, model, reference, inputs, budget)
     finally:
         pm.close()

@@ -203,7 +203,8 @@ def test_recompute_plan() -> None:
         validate(q, make_plan(q, actions))
 
 
-def test_fetched_weight_home_disk() -> None:
+def _fetched_weight_problem(bandwidths: Bandwidths = BW) -> Problem:
+    """w (home disk) is read once, for step 1."""
     steps = [Step(0, "s0", 1.0), Step(1, "s1", 1.0)]
     tensors = [
         T(0, "x", 10, 0, False, (0,), kind="input"),
@@ -211,15 +212,21 @@ def test_fetched_weight_home_disk() -> None:
         T(2, "h", 10, 0, True, (1,)),
         T(3, "y", 10, 1, True, (), until_end=True),
     ]
-    p = make_problem(steps, tensors, budget=130)
-    actions = [
-        A(0, "before", "prefetch", "w", DISK),
-        A(0, "after", "free", "x"),
-        A(1, "before", "wait", "w"),
-        A(1, "after", "free", "w"),
-        A(1, "after", "free", "h"),
-    ]
-    r = validate(p, make_plan(p, actions, homes={"w": DISK}))
+    return make_problem(steps, tensors, budget=130, bandwidths=bandwidths)
+
+
+FETCH_W = [
+    A(0, "before", "prefetch", "w", DISK),
+    A(0, "after", "free", "x"),
+    A(1, "before", "wait", "w"),
+    A(1, "after", "free", "w"),
+    A(1, "after", "free", "h"),
+]
+
+
+def test_fetched_weight_home_disk() -> None:
+    p = _fetched_weight_problem()
+    r = validate(p, make_plan(p, FETCH_W, homes={"w": DISK}))
     # w is not resident at the start; its 2 s read overlaps step 0 and stalls 1 s.
     assert r.resident_bytes == [120, 120]
     assert r.stall_seconds == pytest.approx(1.0) and r.seconds == pytest.approx(3.0)
@@ -601,24 +608,9 @@ def test_disk_copies_pay_a_fixed_latency() -> None:
     assert slow.copy_seconds((DISK, "read"), 100) == pytest.approx(100 / 50 + 0.5)
     assert slow.copy_seconds((DISK, "write"), 100) == pytest.approx(100 / 100 + 0.25)
     assert slow.copy_seconds((HOST, "read"), 100) == pytest.approx(100 / 200)
-    steps = [Step(0, "s0", 1.0), Step(1, "s1", 1.0)]
-    tensors = [
-        T(0, "x", 10, 0, False, (0,), kind="input"),
-        T(1, "w", 100, 0, False, (1,), kind="param", persistent=True),
-        T(2, "h", 10, 0, True, (1,)),
-        T(3, "y", 10, 1, True, (), until_end=True),
-    ]
-    actions = [
-        A(0, "before", "prefetch", "w", DISK),
-        A(0, "after", "free", "x"),
-        A(1, "before", "wait", "w"),
-        A(1, "after", "free", "w"),
-        A(1, "after", "free", "h"),
-    ]
-    fast = make_problem(steps, tensors, budget=130)
-    p = make_problem(steps, tensors, budget=130, bandwidths=slow)
-    base = validate(fast, make_plan(fast, actions, homes={"w": DISK}))
-    r = validate(p, make_plan(p, actions, homes={"w": DISK}))
+    fast, p = _fetched_weight_problem(), _fetched_weight_problem(slow)
+    base = validate(fast, make_plan(fast, FETCH_W, homes={"w": DISK}))
+    r = validate(p, make_plan(p, FETCH_W, homes={"w": DISK}))
     assert r.stall_seconds == pytest.approx(base.stall_seconds + 0.5)
     from planner.solver.candidates import Transfer
 
