@@ -226,9 +226,11 @@ def _late(
     b: int,
     write: Transfer | None = None,
     write_end: int | None = None,
+    variant: str = "late",
 ) -> Option:
     """Read just before the use ``b``: nothing held before it, the whole read a
-    stall. What makes budgets below the hidden-prefetch ones feasible."""
+    stall. What makes budgets below the hidden-prefetch ones feasible. (``sync``:
+    the write before it is waited for at once too.)"""
     present: tuple[tuple[int, int], ...] = ()
     if write is not None and write_end is not None:
         present = ((write.window[0], write_end),)
@@ -236,7 +238,7 @@ def _late(
         Transfer((tier, "read"), nbytes, (b, b - 1)),
     )
     return Option(
-        f"{choice}:late",
+        f"{choice}:{variant}",
         present=present,
         transfers=transfers,
         prefetch_at=b,
@@ -267,12 +269,7 @@ def _gap_options(problem: Problem, tensor: Tensor, a: int, b: int) -> list[Optio
             options.append(_late(f"offload:{tier}", tier, tensor.nbytes, b, write, write_end))
         if write_end > a + 1:  # the write outlasts the next step: also wait for it at once
             sync = Transfer((tier, "write"), tensor.nbytes, (a + 1, a))
-            options.append(
-                dataclasses.replace(
-                    _late(f"offload:{tier}", tier, tensor.nbytes, b, sync, a),
-                    choice=f"offload:{tier}:sync",
-                )
-            )
+            options.append(_late(f"offload:{tier}", tier, tensor.nbytes, b, sync, a, "sync"))
         if write_end + 1 < read[0]:
             read_from = max(read[0], write_end + 1)
             options.append(
