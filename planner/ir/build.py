@@ -18,7 +18,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from planner.ir.capture import CapturedGraph
-from planner.ir.meta import FX_NODE_NAMES, fake_value
+from planner.ir.meta import FX_NODE_NAMES, PARAM_GRADS, fake_value
 from planner.ir.program import Op, Phase, Program, Storage, Value, ValueKind
 
 
@@ -117,7 +117,21 @@ def build_program(captured: CapturedGraph) -> Program:
     )
     _assign_kinds(program, captured)
     program.meta[FX_NODE_NAMES] = [n.name for n in b.op_nodes]
+    program.meta[PARAM_GRADS] = _param_grads(captured, flat_outputs, b.node_values)
     return program
+
+
+def _param_grads(captured: CapturedGraph, flat_outputs: list, node_values: dict) -> dict[int, str]:
+    """Returned gradient value -> the parameter it belongs to (by qualified name)."""
+    params = {r.source for r in captured.input_roles if r.kind is ValueKind.PARAM}
+    out: dict[int, str] = {}
+    for node, role in zip(flat_outputs, captured.output_roles):
+        if role is None or role.kind is not ValueKind.GRAD or not role.source:
+            continue
+        source = role.source.removeprefix("grad of ")
+        if source in params and isinstance(node_values.get(node), int):
+            out[node_values[node]] = source
+    return out
 
 
 def _forward_region(forward_outputs: list) -> set[torch.fx.Node]:

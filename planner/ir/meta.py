@@ -15,6 +15,9 @@ import torch.fx
 FX_VAL = "val"
 #: ``Program.meta`` key: the FX node name of each op, in schedule order.
 FX_NODE_NAMES = "fx_node_names"
+#: ``Program.meta`` key (training): {value index of a returned gradient: the
+#: qualified name of the parameter it is the gradient of}.
+PARAM_GRADS = "param_grads"
 
 
 def fake_value(node: torch.fx.Node) -> Any:

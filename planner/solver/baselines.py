@@ -25,6 +25,7 @@ from planner.solver.candidates import (
     Option,
     holder_gap,
     holdings,
+    own_steps,
     parse_choice,
     transfer_load,
 )
@@ -261,7 +262,7 @@ def _holders(cands: Candidates, option: Option) -> list[int] | None:
     holders = []
     for r, step in option.needs:
         tensor = problem.tensors[r]
-        if step in tensor.events(T) or tensor.pinned:
+        if step in own_steps(tensor, T) or tensor.pinned:
             continue
         found = holder_gap(cands, r, step)
         if found is None:

@@ -43,6 +43,10 @@ HOME = "home"  # persistent tensor kept on the device across calls
 STORED = "stored"
 #: ``qoffload:<tier>``: an activation offloaded, and read back, quantized.
 QOFFLOAD = "qoffload"
+#: ``deliver:disk``: a parameter's gradient written into the parameter's
+#: file-backed ``.grad`` right after its last event, instead of staying on the
+#: device until the step returns it (the gap from there to the end offers it).
+DELIVER = "deliver"
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,8 @@ def build_candidates(problem: Problem) -> Candidates:
     gaps_of: dict[int, list[int]] = {}
     home_gap: dict[int, int] = {}
     for tensor in problem.tensors:
-        events = tensor.events(T)
+        events = own_steps(tensor, T)
+        deliver_from = _delivery_start(tensor, T)
         if tensor.pinned or not events:
             lo = 0 if not tensor.by_op and not events else tensor.appears_at
             if tensor.persistent or (not tensor.by_op and tensor.appears_at == 0):
@@ -151,6 +156,17 @@ def build_candidates(problem: Problem) -> Candidates:
                 gap.options.append(Option(f"{STORED}:{stored}"))
             own.append(len(gaps))
             gaps.append(gap)
+        if deliver_from is not None:
+            final = Gap(tensor.index, len(own), deliver_from, T)
+            final.options = [
+                Option(KEEP, present=((deliver_from + 1, T - 1),)),
+                Option(
+                    f"{DELIVER}:{DISK}",
+                    seconds=problem.bandwidths.deliver_seconds(tensor.nbytes),
+                ),
+            ]
+            own.append(len(gaps))
+            gaps.append(final)
         gaps_of[tensor.index] = own
     fixed, running = [], 0
     for t in range(T):
@@ -159,6 +175,25 @@ def build_candidates(problem: Problem) -> Candidates:
     cands = Candidates(problem, gaps, fixed, gaps_of, home_gap)
     _link_recompute_needs(cands)
     return cands
+
+
+def own_steps(tensor: Tensor, T: int) -> list[int]:
+    """The steps at which ``tensor`` is on the device whatever is chosen: its
+    events, less the end for a gradient that may be delivered before it."""
+    events = tensor.events(T)
+    deliver_from = _delivery_start(tensor, T)
+    if deliver_from is not None:  # the end is the final gap's to decide
+        return [e for e in events if e <= deliver_from]
+    return events
+
+
+def _delivery_start(tensor: Tensor, T: int) -> int | None:
+    """The last step a deliverable gradient is needed at, if it can leave before
+    the end (else None): the final gap, from there to the end, decides."""
+    if not tensor.deliverable or tensor.pinned or not tensor.until_end:
+        return None
+    last = max([tensor.appears_at, *tensor.uses])
+    return last if last < T - 1 else None
 
 
 def _first_gap_options(problem: Problem, tensor: Tensor, events: list[int]) -> list[Option]:
@@ -362,7 +397,7 @@ def _link_recompute_needs(cands: Candidates) -> None:
 
 
 def _can_hold(cands: Candidates, tensor: Tensor, step: int, T: int) -> bool:
-    events = tensor.events(T)
+    events = own_steps(tensor, T)
     if step in events:
         return True
     if tensor.pinned:
@@ -464,6 +499,7 @@ def parse_choice(choice: str) -> tuple[str, str | None]:
 
 
 __all__ = [
+    "DELIVER",
     "DISK",
     "HOME",
     "KEEP",
@@ -475,6 +511,7 @@ __all__ = [
     "Transfer",
     "build_candidates",
     "holder_gap",
+    "own_steps",
     "holdings",
     "parse_choice",
     "transfer_load",

@@ -37,6 +37,7 @@ from planner.solver.candidates import (
     Option,
     holder_gap,
     holdings,
+    own_steps,
     parse_choice,
     transfer_load,
 )
@@ -254,7 +255,7 @@ class PlacementModel:
             var = self.x[gi]["recompute"]
             for r, step in gap.option("recompute").needs:
                 tensor = self.problem.tensors[r]
-                if step in tensor.events(T) or tensor.pinned:
+                if step in own_steps(tensor, T) or tensor.pinned:
                     continue
                 held_by = holder_gap(self.cands, r, step)
                 holder = None

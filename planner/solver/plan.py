@@ -29,13 +29,18 @@ Action kinds (``tensor`` names a Problem tensor):
 - ``dequantize``: restore the full-precision device copy from the quantized one
   (both exist while it runs). For a weight stored quantized (below) the quantized
   copy stays: ``dequantize`` makes a full copy for one use, ``free`` drops it.
+- ``deliver`` (tier): a parameter's gradient (a ``deliverable`` tensor, resident
+  in full precision, no copy pending) is written into the parameter's ``.grad``,
+  which lives in ``tier`` (a file-backed map), and leaves the device at once; it
+  then counts as returned.
 
 Initial state: weights and buffers with ``home == "device"`` and user inputs are
 resident; weights with ``home == "device:<format>"`` are stored quantized on the
 device (the codes stay resident throughout; an op listed in the tensor's
 ``fused_uses`` reads them directly, any other use needs a ``dequantize`` first);
 weights with another home have a complete copy in that tier and none on
-the device. At the end, tensors returned to the caller must be resident, and no
+the device. At the end, tensors returned to the caller must be resident (or
+delivered), and no
 fetched weight may remain (the next call starts from the same state).
 """
 
@@ -46,7 +51,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-ACTION_KINDS = ("prefetch", "offload", "wait", "free", "recompute", "quantize", "dequantize")
+ACTION_KINDS = (
+    "prefetch",
+    "offload",
+    "wait",
+    "free",
+    "recompute",
+    "quantize",
+    "dequantize",
+    "deliver",
+)
 PLAN_VERSION = 1
 
 

@@ -93,6 +93,10 @@ class Tensor:
     #: (a fused dequant-matmul or lookup), so a weight stored quantized is never
     #: materialized in full there; the bytes are the fused op's extra scratch.
     fused_uses: tuple[tuple[int, int], ...] = ()
+    #: a parameter's gradient that may leave the device as soon as it is made:
+    #: written into the parameter's ``.grad`` in its disk tier (file-backed memory
+    #: the optimizer reads there) instead of being returned at the end of the step
+    deliverable: bool = False
 
     def last_step(self, num_steps: int) -> int:
         """The last step at which it must exist: its last use, or the end."""
@@ -150,6 +154,12 @@ class Bandwidths:
         if tier == DISK:
             fixed = self.disk_read_latency if direction == "read" else self.disk_write_latency
         return nbytes / self.of(channel) + fixed
+
+    def deliver_seconds(self, nbytes: int) -> float:
+        """Compute time of delivering a gradient: one synchronous pass that reads
+        it and writes it into the file-backed ``.grad`` (the page cache writes it
+        back to disk in the background)."""
+        return 2 * nbytes / self.memory
 
 
 def _check_tier(tier: str) -> None:

@@ -3,13 +3,21 @@ per-tensor decisions the report prints. See ``plan.py`` for the semantics."""
 
 from __future__ import annotations
 
-from planner.solver.candidates import HOME, KEEP, QOFFLOAD, STORED, Candidates, parse_choice
+from planner.solver.candidates import (
+    DELIVER,
+    HOME,
+    KEEP,
+    QOFFLOAD,
+    STORED,
+    Candidates,
+    parse_choice,
+)
 from planner.solver.plan import Action, Plan, SolverStats, TensorDecision
 
 #: Order of actions that share a step and a side: allocations before the waits
 #: that complete them, and those before the recomputes that read them.
 _BEFORE_ORDER = {"prefetch": 0, "wait": 1, "dequantize": 2, "recompute": 3}
-_AFTER_ORDER = {"quantize": 0, "offload": 1, "free": 2, "wait": 2}
+_AFTER_ORDER = {"quantize": 0, "offload": 1, "free": 2, "wait": 2, "deliver": 2}
 
 
 def build_schedule(
@@ -104,6 +112,8 @@ def build_schedule(
                     add(option.prefetch_at, "before", "prefetch", name, tier)  # type: ignore[arg-type]
                     add(b, "before", "wait", name)
                     add(b, "before", "dequantize", name)
+                elif kind == DELIVER:  # leaves the device for the parameter's .grad
+                    add(a, "after", "deliver", name, tier)
                 else:
                     raise ValueError(f"unknown choice {choice!r} for {name}")
             freed_at_end = tensor.until_end or (tensor.persistent and home == "device")
@@ -132,7 +142,8 @@ def _summary(choices: list[str], fmt: str | None) -> str:
         if kind == QOFFLOAD:  # travels quantized
             new = [f"offload:{tier}", f"quantize:{fmt}"]
         else:
-            new = [f"offload:{tier}" if kind in ("offload", "reload", "fetch") else choice]
+            moved = kind in ("offload", "reload", "fetch", DELIVER)
+            new = [f"offload:{tier}" if moved else choice]
         for label in new:
             if label not in labels:
                 labels.append(label)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from planner.ir.meta import PARAM_GRADS
 from planner.ir.program import Program, ValueKind
 from planner.passes.device_profile import DeviceProfile
 from planner.runtime import fused
@@ -70,6 +71,12 @@ def from_program(
     backward_start = program.backward_start()
     returned = {program.values[v].storage for v in program.outputs}
     names = _unique_names(program)
+    # Training on a CPU device: parameters get a home tier like inference weights
+    # (the disk: the model's parameter becomes a file-backed map the optimizer
+    # updates in place) and their gradients may be delivered there as soon as they
+    # are made (ZeRO-Offload's idea). Elsewhere parameters stay on the device.
+    movable_params = program.mode == "train" and profile.device_type == "cpu"
+    grad_storages = _deliverable_grads(program) if movable_params else set()
     tensors = []
     for storage in program.storages:
         base = program.values[storage.base]
@@ -82,24 +89,28 @@ def from_program(
         else:
             appears_at, by_op = 0, False
         weight = kind in (ValueKind.PARAM, ValueKind.BUFFER)
-        # Training: the module holds its parameters (autograd leaves) and the autograd
-        # engine holds the tangents for the whole backward, so neither can leave the
-        # device during a step. Inference weights have a home tier instead.
-        persistent = weight and program.mode == "infer"
+        # Training: the autograd engine holds the tangents for the whole backward, and
+        # buffers (BatchNorm statistics) are updated in place after the step, so
+        # neither leaves the device; parameters too unless ``movable_params``.
+        # Inference weights have a home tier.
+        train_held = (
+            weight and program.mode == "train" and not (movable_params and kind is ValueKind.PARAM)
+        )
+        persistent = weight and not train_held
         pinned = (
             kind in (ValueKind.INPUT, ValueKind.TANGENT)
-            or (weight and program.mode == "train")
+            or train_held
             or storage.nbytes < min_movable
         )
-        caller_held = kind in (ValueKind.INPUT, ValueKind.TANGENT) or (
-            weight and program.mode == "train"
-        )
+        caller_held = kind in (ValueKind.INPUT, ValueKind.TANGENT) or train_held
         floating = base.dtype.startswith(("float", "bfloat"))
         quantizable = (
             bool(fmt)
             and floating
             and kind.value in kinds
             and not pinned
+            # a parameter being trained changes every step: never stored quantized
+            and not (program.mode == "train" and weight)
             and not any(program.ops[u].target in _SIGN_READERS for u in uses)
         )
         tensors.append(
@@ -121,6 +132,7 @@ def from_program(
                 fused_uses=_fused_uses(program, storage.index, fmt)
                 if quantizable and persistent
                 else (),
+                deliverable=storage.index in grad_storages and not pinned,
             )
         )
     bandwidths = Bandwidths(
@@ -170,6 +182,25 @@ def _reused_input(program: Program, step: int, returned: set[int]) -> tuple[int,
     ):
         return None
     return vin.storage, vout.storage
+
+
+def _deliverable_grads(program: Program) -> set[int]:
+    """Storages holding exactly one returned value, a parameter's gradient, that
+    nothing else returns and no op reads after that value is made (a view of an
+    op's output, such as a transposed matmul result, may be the gradient)."""
+    returned: dict[int, int] = {}
+    for v in program.outputs:
+        s = program.values[v].storage
+        returned[s] = returned.get(s, 0) + 1
+    out = set()
+    for v in program.meta.get(PARAM_GRADS, {}):
+        value = program.values[v]
+        storage = program.storages[value.storage]
+        uses = [u for vi in storage.values for u in program.values[vi].uses]
+        made = value.producer
+        if returned[value.storage] == 1 and made is not None and all(u <= made for u in uses):
+            out.add(value.storage)
+    return out
 
 
 def _unique_names(program: Program) -> dict[int, str]:

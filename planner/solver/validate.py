@@ -111,6 +111,7 @@ class _Replayer:
         self.appeared = [False] * n
         self.copies: list[dict[str, str | None]] = [{} for _ in range(n)]  # complete tier copies
         self.pending: list[list[_Transfer]] = [[] for _ in range(n)]
+        self.delivered: set[int] = set()  # gradients handed to their parameter's .grad
         self.used = 0
         self.clock = self.stall = self.compute = self.recompute = self.quant = 0.0
         self.free_at: dict[str, float] = {}
@@ -452,6 +453,19 @@ class _Replayer:
         self.place(i, t.nbytes, READY)
         self.spend_memory_time(t.nbytes + q)
 
+    def do_deliver(self, i: int, a: Action) -> None:
+        t = self.problem.tensors[i]
+        self.check_tier(a)
+        if not t.deliverable:
+            raise self.fail(f"{t.name!r} is not a parameter's gradient that can be delivered")
+        if self.status[i] != READY or self.dev_fmt[i] is not None:
+            raise self.fail(f"{t.name!r} is not resident in full precision, so cannot be delivered")
+        if self.pending[i]:
+            raise self.fail(f"{t.name!r} has a transfer pending; wait before delivering it")
+        self.clock += self.problem.bandwidths.deliver_seconds(t.nbytes)
+        self.drop(i)
+        self.delivered.add(i)
+
     def spend_memory_time(self, nbytes: int) -> None:
         seconds = nbytes / self.problem.bandwidths.memory
         self.clock += seconds
@@ -466,7 +480,7 @@ class _Replayer:
             if self.pending[i]:
                 raise self.fail(f"a transfer of {t.name!r} is still pending (no wait)")
             home = self.home.get(i)
-            if t.until_end and self.readable(i) is not None:
+            if t.until_end and i not in self.delivered and self.readable(i) is not None:
                 raise self.fail(f"{t.name!r} is returned to the caller but is {self.readable(i)}")
             if home is not None and home != DEVICE and self.status[i] != ABSENT:
                 raise self.fail(f"{t.name!r} (home {home}) is still on the device")

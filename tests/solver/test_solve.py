@@ -312,3 +312,32 @@ def test_quantize_mapping_selects_the_lossy_options(quantize: object, allowed: s
     assert lossy == allowed
     plan = solve(with_budget(problem, int(0.5 * unplanned_peak(problem))), time_limit=TIME_LIMIT)
     validate(with_budget(problem, plan.budget_bytes), plan)
+
+
+def test_training_on_cpu_moves_parameters_and_delivers_gradients(tmp_path: Path) -> None:
+    """The MLP's training floor was 99% of its peak while parameters and gradients
+    had to stay on the device; with parameter homes on disk and gradients
+    delivered there, 30% plans, and the plan uses both."""
+    problem, _ = _problem("example:mlp", "train", 0.3)
+    params = [t for t in problem.tensors if t.kind == "param" and not t.pinned]
+    grads = [t for t in problem.tensors if t.deliverable]
+    assert params and all(t.persistent for t in params)
+    assert grads and all(t.kind == "grad" and t.until_end for t in grads)
+    plan = solve_and_check(problem, tmp_path)
+    assert plan is not None
+    homes = {d.name: d.home for d in plan.tensors}
+    assert any(homes[t.name] == "disk" for t in params)
+    delivered = {a.tensor for a in plan.actions if a.kind == "deliver"}
+    assert delivered and delivered <= {t.name for t in grads}
+    # a delivered gradient is made once and never freed or read again
+    assert not any(a.tensor in delivered and a.kind == "free" for a in plan.actions)
+
+
+def test_parameters_stay_on_a_cuda_device_in_training() -> None:
+    """Delivering into a file-backed .grad is the CPU executor's: on a CUDA profile
+    parameters keep their device home in training, as before."""
+    analysis = _analysis("example:mlp", "train")
+    problem = from_program(analysis.program, 1 << 30, planner.get_profile("h100"))
+    params = [t for t in problem.tensors if t.kind == "param"]
+    assert params and all(t.pinned and not t.persistent for t in params)
+    assert not any(t.deliverable for t in problem.tensors)

@@ -616,3 +616,55 @@ def test_disk_copies_pay_a_fixed_latency() -> None:
 
     _, uncovered = transfer_load(p, Transfer((DISK, "read"), 100, (0, 0)))
     assert uncovered == pytest.approx(2.5 - 1.0)
+
+
+def _gradient_problem(deliverable: bool = True) -> Problem:
+    """Training in miniature: ``g`` (100 B, a parameter's gradient) is made at step
+    1 and returned; steps 2-3 make ``h`` (60 B) and the returned ``y``."""
+    steps = [Step(i, f"s{i}", 1.0) for i in range(4)]
+    tensors = [
+        T(0, "x", 10, 0, False, (0, 1, 2), kind="input"),
+        T(1, "g", 100, 1, True, (), kind="grad", until_end=True, deliverable=deliverable),
+        T(2, "h", 60, 2, True, (3,)),
+        T(3, "y", 10, 3, True, (), until_end=True),
+    ]
+    return make_problem(steps, tensors, budget=200)
+
+
+DELIVER_G = [A(1, "after", "deliver", "g", DISK), A(3, "after", "free", "h")]
+
+
+def test_delivered_gradient_leaves_the_device_and_counts_as_returned() -> None:
+    p = _gradient_problem()
+    r = validate(p, make_plan(p, DELIVER_G))
+    # x stays (caller's); g is there while step 1 runs, then delivered
+    assert r.resident_bytes == [10, 110, 70, 80]
+    assert r.peak_bytes == 110
+    # one pass reading and writing 100 B at 1000 B/s on top of 4 s of compute
+    assert r.seconds == pytest.approx(4.0 + 2 * 100 / 1000)
+    kept = validate(p, make_plan(p, [A(3, "after", "free", "h")]))
+    assert kept.peak_bytes == 180  # x + g + h + y at step 3 (h freed after it)
+
+
+@pytest.mark.parametrize(
+    "actions, match",
+    [
+        ([A(0, "after", "deliver", "g", DISK)], "not resident"),
+        ([A(1, "after", "deliver", "g", "moon")], "unknown tier"),
+        (
+            [A(1, "after", "deliver", "g", DISK), A(2, "before", "deliver", "g", DISK)],
+            "not resident",
+        ),
+        ([A(1, "after", "deliver", "h", DISK)], "not a parameter's gradient"),
+    ],
+)
+def test_delivery_misuse_is_caught(actions: list[Action], match: str) -> None:
+    p = _gradient_problem()
+    with pytest.raises(InvalidPlan, match=match):
+        validate(p, make_plan(p, actions))
+
+
+def test_only_deliverable_gradients_may_be_delivered() -> None:
+    p = _gradient_problem(deliverable=False)
+    with pytest.raises(InvalidPlan, match="not a parameter's gradient"):
+        validate(p, make_plan(p, DELIVER_G))
