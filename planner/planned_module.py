@@ -19,6 +19,7 @@ from torch.utils import _pytree as pytree
 
 from planner.codegen.emit import Executor, emit_executor
 from planner.errors import PlannerError
+from planner.ir.meta import PARAM_GRADS
 from planner.ir.program import Phase, ValueKind
 from planner.passes.pipeline import Analysis
 from planner.report import Report
@@ -115,7 +116,9 @@ class PlannedModule(torch.nn.Module):
 
     def _place_state(self, model: torch.nn.Module, ep: Any, engine: CopyEngine) -> None:
         """Device-home weights become this module's buffers; tier-home weights are
-        written to their tier and released everywhere else."""
+        written to their tier and released everywhere else. In training a tier-home
+        parameter stays the model's, its data now a shared map of its file (the
+        optimizer updates it there; each step reads it from there)."""
         program = self.analysis.program
         if self.mode == "train":  # autograd needs the model's own parameter objects
             tensors = dict(model.named_parameters(remove_duplicate=False))
@@ -127,25 +130,42 @@ class PlannedModule(torch.nn.Module):
         state: list[torch.Tensor] = []
         state_values = set(self.executor.state_values)
         released: list[str] = []
+        #: training: every parameter and buffer, in the captured graph's order (the
+        #: autograd node's inputs, so that gradients reach them)
+        self._primals: list[torch.Tensor] = []
+        primal_of: dict[int, int] = {}
+        written: set[str] = set()
         for vi in program.inputs:
             value = program.values[vi]
             if value.kind not in (ValueKind.PARAM, ValueKind.BUFFER):
                 continue
             tensor = tensors[value.source]
+            primal_of[vi] = len(self._primals)
+            self._primals.append(tensor)
             name = self.problem.tensors[value.storage].name
-            if vi in state_values:
+            if vi in state_values or name in written:
                 continue
+            written.add(name)
             if homes[name].startswith("device:"):  # stored quantized (see _store_quantized)
                 released.append(value.source)  # type: ignore[arg-type]
                 continue
             engine.store_now(name, homes[name], _compact(tensor.detach()))
-            if tensor.requires_grad and self.mode == "infer":
+            if tensor.requires_grad:
                 self._runtime.grad_keys.add(name)
             self._weight_keys.add(name)
-            released.append(value.source)  # type: ignore[arg-type]
+            if self.mode == "train":
+                tensor.data = self._disk.map_shared(name)
+            else:
+                released.append(value.source)  # type: ignore[arg-type]
+        self._state_positions = [primal_of[vi] for vi in self.executor.state_values]
+        if self.mode == "train":
+            self._prepare_deliveries(tensors)
         for vi in self.executor.state_values:
             source = program.values[vi].source
-            if is_file_backed(tensors[source]):  # a checkpoint map: bring it into memory
+            if is_file_backed(tensors[source]) and self.mode == "train":
+                # mapped by an earlier plan of this model: same parameter, data in memory
+                tensors[source].data = tensors[source].detach().clone()
+            elif is_file_backed(tensors[source]):  # a checkpoint map: bring it into memory
                 tensors[source] = _materialize(tensors[source])
                 _replace(model, source, tensors[source])  # type: ignore[arg-type]
             state.append(tensors[source])
@@ -156,6 +176,12 @@ class PlannedModule(torch.nn.Module):
                 self.register_parameter(slot, tensor)
             else:
                 self.register_buffer(slot, tensor, persistent=False)
+        if self.mode == "train":  # pm.parameters() lists every parameter, as the model's
+            held = {id(t) for t in state}
+            for k, tensor in enumerate(self._primals):
+                if id(tensor) not in held and isinstance(tensor, torch.nn.Parameter):
+                    self.register_parameter(f"home_{k}", tensor)  # file-backed: see above
+                    held.add(id(tensor))
         state += self._store_quantized(tensors)  # type: ignore[arg-type]
         self._state = state
         for source in released:
@@ -164,6 +190,21 @@ class PlannedModule(torch.nn.Module):
                 ep.state_dict[source] = ep.state_dict[source].to("meta")
         if released:
             log.info("released %d offloaded weights from the model", len(released))
+
+    def _prepare_deliveries(self, tensors: dict[str, torch.Tensor]) -> None:
+        """A file-backed buffer, shaped like its parameter, for each gradient the
+        plan delivers early (``Runtime.deliver`` makes it the parameter's .grad)."""
+        program = self.analysis.program
+        param_of = {program.values[v].storage: fqn for v, fqn in program.meta[PARAM_GRADS].items()}
+        delivered = {a.tensor for a in self.plan.actions if a.kind == "deliver"}
+        for tensor in self.problem.tensors:
+            if tensor.name not in delivered:
+                continue
+            param = tensors[param_of[tensor.index]]
+            key = f"grad:{tensor.name}"
+            buffer = self._disk.create_mapped(key, param.detach())
+            self._weight_keys.add(key)
+            self._runtime.deliveries[tensor.name] = (param, buffer)
 
     def _store_quantized(self, tensors: dict[str, torch.Tensor]) -> list[Any]:
         """Quantize the weights the plan stores quantized, once, in the executor's
@@ -279,7 +320,7 @@ class PlannedModule(torch.nn.Module):
         self._check_open()
         inputs = self._flat_inputs(args, kwargs)
         if self.mode == "train":
-            outs = list(_PlannedStep.apply(self, *self._state, *inputs))
+            outs = list(_PlannedStep.apply(self, *self._primals, *inputs))
             with torch.no_grad():
                 for name, new in zip(self._buffer_updates, outs[: self._num_buffer_updates]):
                     self._state[self._state_names.index(name)].copy_(new)
@@ -391,10 +432,11 @@ class _PlannedStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, pm: PlannedModule, *flat: torch.Tensor) -> tuple:  # type: ignore[override]
-        n_state = len(pm._state)
+        n_primals = len(pm._primals)
         pm._forward_count += 1
         ctx.forward_number = pm._forward_count
-        outs, carry = pm._run(pm._fn, list(flat[:n_state]), list(flat[n_state:]))
+        state = [flat[j] for j in pm._state_positions]  # tier-home ones are read there
+        outs, carry = pm._run(pm._fn, state, list(flat[n_primals:]))
         ctx.pm = pm
         ctx.carry = carry
         # Buffer updates (BatchNorm statistics) and integer outputs get no gradient;

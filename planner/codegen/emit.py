@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from planner.ir.meta import FX_NODE_NAMES
+from planner.ir.meta import FX_NODE_NAMES, PARAM_GRADS
 from planner.ir.program import Program, ValueKind
 from planner.solver.plan import Action, Plan
 from planner.solver.problem import Problem
@@ -94,6 +94,9 @@ class _Emitter:
         self.stored: dict[int, str] = {}  # storage -> variable of its stored codes
         self.writing: set[int] = set()  # storages with an offload's write in flight
         self.quantized_in_tier: set[int] = set()  # storages whose tier copy is quantized
+        self.delivered: set[int] = set()  # gradients handed to their parameter already
+        # the returned value (a gradient) held by each storage, for ``deliver``
+        self.returned_value = {program.values[v].storage: v for v in program.outputs}
         self.versions: dict[str, int] = defaultdict(int)
         # every value's own name is reserved up front so versions cannot collide
         self.used: set[str] = {"rt", "state", "inputs", "carry", "tangents", "torch"}
@@ -240,7 +243,12 @@ class _Emitter:
                 self._bind(vi, n)
             body.append(f"    {', '.join(names)}{',' if len(names) == 1 else ''} = tangents")
         self._emit_steps(range(split, len(program.ops)), before, after)
-        grads = [self._expr(v) for v in program.outputs[program.num_forward_outputs :]]
+        grads = [
+            "None" if program.values[v].storage in self.delivered else self._expr(v)
+            for v in program.outputs[program.num_forward_outputs :]
+        ]
+        if self.delivered:
+            body.append("    # None: a gradient already delivered to its parameter's .grad")
         body.append(f"    return [{', '.join(grads)}]")
         return Executor(
             "\n".join(body) + "\n",
@@ -382,6 +390,12 @@ class _Emitter:
             var = self._fresh(self.program.values[base].name)
             L.append(f"    {var} = rt.dequantize({self.stored[s]})  # full copy for this use")
             self._bind(base, var)
+        elif a.kind == "deliver":
+            value = self.returned_value[s]
+            param = self.program.meta.get(PARAM_GRADS, {}).get(value, "its parameter")
+            L.append(f"    rt.deliver({key}, {self._expr(value)})  # into {param}.grad ({a.tier})")
+            self.delivered.add(s)
+            self._free(s, f"{a.tensor} delivered")
         elif a.kind == "dequantize":
             q = self.quantized.pop(s)
             var = self._fresh(self.program.values[base].name)

@@ -46,6 +46,9 @@ class Runtime:
         self.grad_keys: set[str] = set()
         #: keys whose tier copy was written quantized: its layout, to read it back
         self._quantized_copies: dict[str, QuantizedLayout] = {}
+        #: training: gradient key -> (its parameter, the file-backed buffer that
+        #: becomes the parameter's .grad), for ``deliver``
+        self.deliveries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def prefetch(self, key: str, tier: str) -> Pending | QuantizedCopy:
         layout = self._quantized_copies.get(key)
@@ -86,6 +89,18 @@ class Runtime:
             )
         tensor = self.engine.wait(pending)
         return tensor.requires_grad_() if pending.requires_grad else tensor
+
+    def deliver(self, key: str, grad: torch.Tensor) -> None:
+        """Hand a parameter its gradient now, as autograd's accumulation would at
+        the end of the backward: the first gradient is copied into the parameter's
+        file-backed buffer, which becomes its ``.grad``; a later one is added to the
+        existing ``.grad`` in place. The device copy can then be freed."""
+        param, buffer = self.deliveries[key]
+        if param.grad is None:
+            buffer.copy_(grad)
+            param.grad = buffer
+        else:
+            param.grad += grad
 
     @contextlib.contextmanager
     def recording_errors(self, errors: dict[str, dict[str, float]]) -> Iterator[None]:

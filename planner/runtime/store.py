@@ -39,7 +39,9 @@ class Entry:
     shape: tuple[int, ...]
     stride: tuple[int, ...]
     offset: int
-    crc32: int | None  # None: not yet known (write still in flight)
+    # None: not known (a write still in flight), or not fixed (a file mapped for
+    # writing through, see ``DiskStore.map_shared``): reads check the size only
+    crc32: int | None
     # (inode, mtime, ctime) of the file when last verified; ctime changes on every
     # write and on any metadata change (even one that restores mtime)
     stamp: tuple[int, int, int] | None = None
@@ -60,6 +62,12 @@ def empty_like_entry(entry: Entry, device: torch.device | str = "cpu") -> torch.
     """A tensor with the entry's layout over a fresh storage (contents undefined)."""
     raw = torch.empty(entry.nbytes, dtype=torch.uint8, device=device)
     out = torch.empty(0, dtype=entry.dtype, device=device)
+    out.set_(raw.untyped_storage(), entry.offset, entry.shape, entry.stride)
+    return out
+
+
+def _with_layout(raw: torch.Tensor, entry: Entry) -> torch.Tensor:
+    out = torch.empty(0, dtype=entry.dtype, device=raw.device)
     out.set_(raw.untyped_storage(), entry.offset, entry.shape, entry.stride)
     return out
 
@@ -179,6 +187,39 @@ class DiskStore:
                 )
             self.entries[key] = dataclasses.replace(entry, stamp=stamp)
         return out
+
+    def map_shared(self, key: str) -> torch.Tensor:
+        """The tensor stored under ``key`` as a shared map of its file: writes
+        through it (an optimizer updating a trained parameter in place) change the
+        file, and reads see them. Its bytes are file-backed (the page cache), not
+        process memory. The entry keeps no checksum from now on."""
+        entry = self.entries.get(key)
+        if entry is None:
+            raise StoreError(f"nothing stored under {key!r}")
+        raw = torch.from_file(
+            str(self.path(key)), shared=True, size=entry.nbytes, dtype=torch.uint8
+        )
+        self.entries[key] = dataclasses.replace(entry, crc32=None, stamp=None)
+        return _with_layout(raw, entry)
+
+    def create_mapped(self, key: str, like: torch.Tensor) -> torch.Tensor:
+        """A new zero-filled file the size of ``like``'s storage, mapped shared, as a
+        tensor with ``like``'s layout (a gradient's home: see ``map_shared``)."""
+        entry = describe(like)
+        path = self.path(key)
+        try:
+            with open(path, "wb") as f:
+                f.truncate(entry.nbytes)
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            raise StoreError(
+                f"creating {key!r} ({entry.nbytes:,} bytes) in the offload directory "
+                f"{self.root} failed: {exc.strerror or exc}; plan again with offload_dir= "
+                f"a writable directory with room"
+            ) from exc
+        self.entries[key] = entry
+        raw = torch.from_file(str(path), shared=True, size=entry.nbytes, dtype=torch.uint8)
+        return _with_layout(raw, entry)
 
     def discard(self, key: str) -> None:
         """Forget ``key`` and remove its file (and any half-written one)."""
