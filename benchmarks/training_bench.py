@@ -16,7 +16,7 @@ Systems, all in one process, each on a freshly built (identically seeded) model:
 - compile@b: ``torch.compile`` (Inductor) with
   ``torch._functorch.config.activation_memory_budget = b`` for b in ``--compile-budgets``
   (the min-cut partitioner's memory/recompute knob; 1 = its default);
-- planner@x: ``planner.plan(model, x, mode="train")`` at 75%, 60% and 50% of the
+- planner@x: ``planner.plan(model, x, mode="train")`` at 75%, 60%, 50% and 30% of the
   unplanned peak, and at the smallest feasible budget (``BudgetTooSmall.min_budget``),
   with a profile calibrated once (``calibrate(quick=True)``).
 
@@ -197,13 +197,13 @@ def checkpoint_row(workload: str, factory: Callable) -> Row:
 
 def planner_rows(workload: str, factory: Callable, profile: Any, time_limit: float,
                  unplanned_peak: int) -> list[Row]:
-    """Rows at 75%, 60%, 50% and the smallest feasible budget. When 50% fits, budgets
-    are scanned downwards in steps of 5% until BudgetTooSmall; the smallest budget
-    that planned is the "min" row (its ``min_budget`` is checked against it)."""
+    """Rows at 75%, 60%, 50%, 30% and the smallest feasible budget. When 30% fits,
+    budgets are scanned downwards in steps of 5% until BudgetTooSmall; the smallest
+    budget that planned is the "min" row (its ``min_budget`` is checked against it)."""
     rows: list[Row] = []
     min_budget: int | None = None
     lowest_ok: Row | None = None
-    for spec in ("75%", "60%", "50%"):
+    for spec in ("75%", "60%", "50%", "30%"):
         row = _plan_row(workload, factory, spec, f"planner {spec}", profile, time_limit,
                         unplanned_peak)
         if isinstance(row, int):  # BudgetTooSmall: the smallest feasible budget
@@ -214,7 +214,7 @@ def planner_rows(workload: str, factory: Callable, profile: Any, time_limit: flo
             break
         rows.append(row)
         lowest_ok = row
-    share = 45
+    share = 25
     while min_budget is None and share > 0:
         row = _plan_row(workload, factory, f"{share}%", f"planner {share}%", profile,
                         time_limit, unplanned_peak)
