@@ -82,6 +82,14 @@ class DeviceProfile:
     #: the hand-off to the copy thread. What makes many small offloads slow.
     disk_write_latency_seconds: float = 0.0
     disk_read_latency_seconds: float = 0.0
+    #: share (0..1) of a copy's time that the ops lose to it; None: by device type,
+    #: 1 on a CPU (its copy threads run the memcpy and syscalls on the cores the ops
+    #: use), 0 on CUDA (copy engines). See ``compute_lost_to_copies``.
+    copy_compute_share: float | None = None
+    #: bytes/s at which the runtime's (de)quantize kernels process a tensor (its
+    #: full-precision bytes plus its codes); None: ``memory_bandwidth`` (Triton
+    #: kernels on a GPU stream at about memory speed). See ``quantize_throughput``.
+    quantize_bandwidth: float | None = None
 
     def __post_init__(self) -> None:
         if self.device_type not in DEVICE_TYPES:
@@ -107,6 +115,11 @@ class DeviceProfile:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"DeviceProfile.{name} must be >= 0, got {value!r}")
+        if self.quantize_bandwidth is not None:
+            _check_positive("quantize_bandwidth", self.quantize_bandwidth)
+        share = self.copy_compute_share
+        if share is not None and not (math.isfinite(share) and 0 <= share <= 1):
+            raise ValueError(f"DeviceProfile.copy_compute_share must be in [0, 1], got {share!r}")
         if self.memory_bytes is not None and self.memory_bytes <= 0:
             raise ValueError(
                 f"DeviceProfile.memory_bytes must be positive, got {self.memory_bytes}"
@@ -127,8 +140,27 @@ class DeviceProfile:
                 self.memory_bytes,
                 self.disk_write_latency_seconds,
                 self.disk_read_latency_seconds,
+                self.copy_compute_share,
+                self.quantize_bandwidth,
             )
         )
+
+    @property
+    def quantize_throughput(self) -> float:
+        """Bytes/s of one (de)quantize pass: ``quantize_bandwidth`` or, unset, the
+        memory bandwidth."""
+        return self.quantize_bandwidth or self.memory_bandwidth
+
+    @property
+    def compute_lost_to_copies(self) -> float:
+        """``copy_compute_share``, or its default for the device type. On a CPU the
+        default is measured: in BENCHMARKS_accelerate.md the reader thread's CPU
+        time (0.96 s per forward) and more came off the forward with no wait on the
+        disk, and with copies modelled as free, training plans moved tensors they
+        had room to keep."""
+        if self.copy_compute_share is not None:
+            return self.copy_compute_share
+        return 1.0 if self.device_type == "cpu" else 0.0
 
     def flops_per_second(self, dtype: object) -> float:
         """Peak matmul FLOP/s for ``dtype``.
@@ -263,7 +295,10 @@ BUILTIN_PROFILES: dict[str, DeviceProfile] = {
     # on a 2-core EPYC VM that does 190 GFLOP/s in fp32). ~10 GB/s is what one
     # process's tensor copy reaches on commodity DDR4; ~1 GB/s read / 0.5 GB/s write
     # is a modest cloud SSD volume. Eager ops on CPU
-    # cost a few microseconds of dispatch each. Calibrate for real numbers.
+    # cost a few microseconds of dispatch each. The blocked torch (de)quantizers
+    # (planner/runtime/quant.py, 16K-element blocks: dispatch-bound) do an int8
+    # quantize + dequantize round trip at ~0.1-0.3 GB/s on that VM, far below its
+    # memory bandwidth. Calibrate for real numbers.
     "cpu": DeviceProfile(
         name="cpu",
         device_type="cpu",
@@ -276,6 +311,7 @@ BUILTIN_PROFILES: dict[str, DeviceProfile] = {
         # measured through the store on a 2-core VM: ~0.35 ms per write, ~0.1 per read
         disk_write_latency_seconds=3e-4,
         disk_read_latency_seconds=1e-4,
+        quantize_bandwidth=0.2 * _GB,
     ),
 }
 

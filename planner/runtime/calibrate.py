@@ -145,6 +145,27 @@ def measure_memory_bandwidth(
     return bandwidth
 
 
+def measure_quantize_bandwidth(
+    device: torch.device, sizes: CalibrationSizes, sync: Callable[[], None]
+) -> float:
+    """Bytes/s of the runtime's own int8 quantize and dequantize (Triton on CUDA,
+    the blocked torch reference elsewhere), counted as the solver charges a pass:
+    the full-precision bytes plus the codes."""
+    from planner.runtime.copy_engine import CopyEngine
+    from planner.runtime.runtime import Runtime
+
+    rt = Runtime(CopyEngine())  # only its kernels: no copies are made
+    nbytes = min(sizes.copy_bytes, 4 * 2**20)
+    x = torch.randn(nbytes // 4096, 1024, device=device)
+    q = rt.quantize(x, "int8")
+    codes = sum(t.numel() * t.element_size() for t in q.parts().values())
+    quantize_s = _best_seconds(lambda: rt.quantize(x, "int8"), sync, sizes.repeats)
+    dequantize_s = _best_seconds(lambda: rt.dequantize(q), sync, sizes.repeats)
+    bandwidth = 2 * (nbytes + codes) / (quantize_s + dequantize_s)
+    logger.info("int8 (de)quantize: %.3g B/s", bandwidth)
+    return bandwidth
+
+
 def measure_host_bandwidth(
     device: torch.device, sizes: CalibrationSizes, sync: Callable[[], None]
 ) -> float:
@@ -313,6 +334,7 @@ def calibrate(
     memory_bandwidth = measure_memory_bandwidth(dev, sizes, sync)
     host_bandwidth = measure_host_bandwidth(dev, sizes, sync) if dev.type == "cuda" else None
     op_overhead = measure_op_overhead(dev, sizes, sync)
+    quantize_bandwidth = measure_quantize_bandwidth(dev, sizes, sync)
     disk_read, disk_write = measure_disk_bandwidth(disk_dir, sizes)
     read_latency, write_latency = measure_store_latency(disk_dir, disk_read, disk_write)
     name = (
@@ -331,6 +353,7 @@ def calibrate(
         memory_bytes=_memory_capacity(dev),
         disk_write_latency_seconds=write_latency,
         disk_read_latency_seconds=read_latency,
+        quantize_bandwidth=quantize_bandwidth,
     )
 
 

@@ -172,6 +172,9 @@ def build_candidates(problem: Problem) -> Candidates:
     for t in range(T):
         running += delta[t]
         fixed.append(running)
+    if problem.bandwidths.copy_compute_share:
+        for gap in gaps:
+            gap.options = [_with_copy_compute(problem, o) for o in gap.options]
     cands = Candidates(problem, gaps, fixed, gaps_of, home_gap)
     _link_recompute_needs(cands)
     return cands
@@ -194,6 +197,15 @@ def _delivery_start(tensor: Tensor, T: int) -> int | None:
         return None
     last = max([tensor.appears_at, *tensor.uses])
     return last if last < T - 1 else None
+
+
+def _with_copy_compute(problem: Problem, option: Option) -> Option:
+    """The option with the compute time its copies take (``copy_compute_share``)."""
+    if not option.transfers:
+        return option
+    bw = problem.bandwidths
+    extra = sum(bw.copy_compute_seconds(tr.channel, tr.nbytes) for tr in option.transfers)
+    return dataclasses.replace(option, seconds=option.seconds + extra)
 
 
 def _first_gap_options(problem: Problem, tensor: Tensor, events: list[int]) -> list[Option]:
@@ -249,7 +261,7 @@ def _with_stored_option(
         f"{STORED}:{fmt}",
         spans=((0, T - 1, q),),
         extras=tuple((e, fused.get(e, scratch)) for e in events),
-        seconds=len(events) * (tensor.nbytes + q) / problem.bandwidths.memory,
+        seconds=len(events) * problem.bandwidths.quantize_seconds(tensor.nbytes + q),
     )
     return [*others, stored]
 
@@ -340,7 +352,7 @@ def _gap_options(problem: Problem, tensor: Tensor, a: int, b: int) -> list[Optio
         size = _itemsize(tensor.dtype)
         q = quantized_bytes(tensor.nbytes, size, fmt, tensor.last_dim)
         both = q + quantize_scratch_bytes(tensor.nbytes, size)  # beside the full copy
-        seconds = 2 * (tensor.nbytes + q) / problem.bandwidths.memory
+        seconds = 2 * problem.bandwidths.quantize_seconds(tensor.nbytes + q)
         uses = "weights" if tensor.persistent else "activations"
         if uses in problem.quantize_uses:
             options.append(

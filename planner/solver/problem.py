@@ -123,9 +123,15 @@ class Bandwidths:
     disk_write: float
     host_to_device: float | None = None
     device_to_host: float | None = None
-    memory: float = 1e11  # device memory bandwidth, for (de)quantize cost
+    memory: float = 1e11  # device memory bandwidth (copies on the device)
+    #: bytes/s of a (de)quantize pass (full-precision bytes + codes); None: ``memory``
+    quantize: float | None = None
     disk_read_latency: float = 0.0  # fixed seconds per copy from / to disk
     disk_write_latency: float = 0.0
+    #: share of a copy's channel time that compute loses to it: 0 where copy
+    #: engines do the work (CUDA), 1 on a CPU device, whose copy threads run the
+    #: memcpy and syscalls on the cores the ops use
+    copy_compute_share: float = 0.0
 
     def read(self, tier: str) -> float:
         _check_tier(tier)
@@ -154,6 +160,16 @@ class Bandwidths:
         if tier == DISK:
             fixed = self.disk_read_latency if direction == "read" else self.disk_write_latency
         return nbytes / self.of(channel) + fixed
+
+    def copy_compute_seconds(self, channel: tuple[str, str], nbytes: int) -> float:
+        """Compute time one copy takes from the ops (see ``copy_compute_share``)."""
+        if not self.copy_compute_share:
+            return 0.0
+        return self.copy_compute_share * self.copy_seconds(channel, nbytes)
+
+    def quantize_seconds(self, nbytes: int) -> float:
+        """One (de)quantize pass over ``nbytes`` (the tensor's and its codes')."""
+        return nbytes / (self.quantize or self.memory)
 
     def deliver_seconds(self, nbytes: int) -> float:
         """Compute time of delivering a gradient: one synchronous pass that reads

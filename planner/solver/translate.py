@@ -141,8 +141,10 @@ def from_program(
         host_to_device=profile.host_bandwidth,
         device_to_host=profile.host_bandwidth,
         memory=profile.memory_bandwidth,
+        quantize=profile.quantize_throughput,
         disk_read_latency=profile.disk_read_latency_seconds,
         disk_write_latency=profile.disk_write_latency_seconds,
+        copy_compute_share=profile.compute_lost_to_copies,
     )
     return Problem(
         mode=program.mode,

@@ -50,7 +50,9 @@ class Replay:
     """What a replay measured: memory per step and a time breakdown.
 
     ``seconds == compute_seconds + recompute_seconds + quantize_seconds +
-    stall_seconds``; ``bytes_moved`` is keyed by channel (disk_read, disk_write,
+    copy_seconds + stall_seconds``, where ``copy_seconds`` is what copies take from
+    the ops on a device whose cores run them (``Bandwidths.copy_compute_share``) and
+    the delivery of gradients; ``bytes_moved`` is keyed by channel (disk_read, disk_write,
     host_to_device, device_to_host), as in ``Bandwidths``.
     """
 
@@ -62,6 +64,7 @@ class Replay:
     recompute_seconds: float
     quantize_seconds: float
     bytes_moved: dict[str, int]
+    copy_seconds: float = 0.0
     resident_bytes: list[int] = field(default_factory=list)
 
 
@@ -114,6 +117,7 @@ class _Replayer:
         self.delivered: set[int] = set()  # gradients handed to their parameter's .grad
         self.used = 0
         self.clock = self.stall = self.compute = self.recompute = self.quant = 0.0
+        self.copying = 0.0
         self.free_at: dict[str, float] = {}
         self.moved = {c: 0 for c in ("disk_read", "disk_write", "host_to_device", "device_to_host")}
         self.resident = [0] * steps
@@ -245,6 +249,10 @@ class _Replayer:
         end = start + nbytes / rate + fixed
         self.free_at[channel] = end
         self.moved[channel] += nbytes
+        # a copy the ops' cores carry out (a CPU device) also takes that compute
+        lost = bw.copy_compute_seconds((tier, "read" if read else "write"), nbytes)
+        self.clock += lost
+        self.copying += lost
         self.pending[i].append(_Transfer(tier, read, fmt, end))
 
     # -- the walk ---------------------------------------------------------------
@@ -287,6 +295,7 @@ class _Replayer:
             compute_seconds=self.compute,
             recompute_seconds=self.recompute,
             quantize_seconds=self.quant,
+            copy_seconds=self.copying,
             bytes_moved=dict(self.moved),
             resident_bytes=self.resident,
         )
@@ -432,7 +441,7 @@ class _Replayer:
         self.note(self.used + q + self.scratch(t))  # both copies exist while it runs
         self.drop(i)
         self.place(i, q, READY, fmt)
-        self.spend_memory_time(t.nbytes + q)
+        self.spend_quantize_time(t.nbytes + q)
 
     def do_dequantize(self, i: int, a: Action) -> None:
         t = self.problem.tensors[i]
@@ -441,7 +450,7 @@ class _Replayer:
                 raise self.fail(f"{t.name!r} already has a full-precision copy")
             self.place(i, t.nbytes, READY)
             self.note(self.used + self.scratch(t))
-            self.spend_memory_time(t.nbytes + self.stored[i])
+            self.spend_quantize_time(t.nbytes + self.stored[i])
             return
         if self.status[i] != READY or self.dev_fmt[i] is None:
             raise self.fail(f"{t.name!r} is not resident quantized, so cannot be dequantized")
@@ -451,7 +460,7 @@ class _Replayer:
         self.note(self.used + t.nbytes + self.scratch(t))  # both copies exist while it runs
         self.drop(i)
         self.place(i, t.nbytes, READY)
-        self.spend_memory_time(t.nbytes + q)
+        self.spend_quantize_time(t.nbytes + q)
 
     def do_deliver(self, i: int, a: Action) -> None:
         t = self.problem.tensors[i]
@@ -462,12 +471,14 @@ class _Replayer:
             raise self.fail(f"{t.name!r} is not resident in full precision, so cannot be delivered")
         if self.pending[i]:
             raise self.fail(f"{t.name!r} has a transfer pending; wait before delivering it")
-        self.clock += self.problem.bandwidths.deliver_seconds(t.nbytes)
+        seconds = self.problem.bandwidths.deliver_seconds(t.nbytes)
+        self.clock += seconds
+        self.copying += seconds
         self.drop(i)
         self.delivered.add(i)
 
-    def spend_memory_time(self, nbytes: int) -> None:
-        seconds = nbytes / self.problem.bandwidths.memory
+    def spend_quantize_time(self, nbytes: int) -> None:
+        seconds = self.problem.bandwidths.quantize_seconds(nbytes)
         self.clock += seconds
         self.quant += seconds
 

@@ -642,6 +642,7 @@ def test_delivered_gradient_leaves_the_device_and_counts_as_returned() -> None:
     assert r.peak_bytes == 110
     # one pass reading and writing 100 B at 1000 B/s on top of 4 s of compute
     assert r.seconds == pytest.approx(4.0 + 2 * 100 / 1000)
+    assert r.copy_seconds == pytest.approx(2 * 100 / 1000)
     kept = validate(p, make_plan(p, [A(3, "after", "free", "h")]))
     assert kept.peak_bytes == 180  # x + g + h + y at step 3 (h freed after it)
 
