@@ -4,6 +4,8 @@ fused ops, the meter stays within the budget, and the error is reported."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import load_example
@@ -78,9 +80,20 @@ def test_no_quantization_when_the_budget_does_not_need_it() -> None:
     assert not any("quantize" in d.decision for d in plan.tensors)
 
 
+#: The CPU profile with (de)quantization priced at memory speed, as the Triton
+#: kernels run on a GPU. The torch kernels on this CPU are slow enough (about 0.2
+#: GB/s) that the solver rightly prefers a lossless plan wherever one fits, now
+#: down to ~27% of the CNN's training peak; the training tests below exercise the
+#: lossy path itself, so they price it as a GPU would.
+FAST_QUANTIZE = dataclasses.replace(
+    planner.get_profile("cpu"), quantize_bandwidth=planner.get_profile("cpu").memory_bandwidth
+)
+
+
 def _resnet_lossy_training(fraction: float, quantize: object):  # type: ignore[no-untyped-def]
-    """A planned CNN training step at ``fraction`` of its unplanned peak, with an
-    untouched twin of the model as the reference."""
+    """A planned CNN training step at ``fraction`` of its unplanned peak (the
+    quantizers priced as on a GPU: ``FAST_QUANTIZE``), with an untouched twin of
+    the model as the reference."""
     reference, inputs = load_example("resnet")
     model, _ = load_example("resnet")
     peak = planner.analyze(model, inputs, mode="train", profile="cpu").unplanned_peak_bytes
@@ -92,7 +105,7 @@ def _resnet_lossy_training(fraction: float, quantize: object):  # type: ignore[n
         mode="train",
         quantize=quantize,
         time_limit=20,
-        profile="cpu",
+        profile=FAST_QUANTIZE,
     )
     return pm, model, reference, inputs, budget
 
@@ -124,6 +137,22 @@ def test_training_with_int8_saved_activations() -> None:
     try:
         assert any("quantize:int8" in d.decision for d in pm.plan.tensors)
         assert not any(d.home.startswith("device:") for d in pm.plan.tensors)  # weights: train
+        _check_lossy_step(pm, model, reference, inputs, budget)
+    finally:
+        pm.close()
+
+
+def test_training_at_30_percent_with_int8_saved_activations() -> None:
+    """int8 saved activations at 30% of the CNN's training peak (where a lossless
+    plan also fits, now that parameters and gradients can leave the device): some
+    saved activations are stored int8, the loss stays within 1% of eager (here:
+    equal, only the backward reads them) and every gradient within cosine 0.99,
+    under the meter."""
+    pm, model, reference, inputs, budget = _resnet_lossy_training(0.30, {"activations": "int8"})
+    try:
+        validate(pm.problem, pm.plan)
+        lossy = [d for d in pm.plan.tensors if "quantize:int8" in d.decision]
+        assert lossy and all(d.kind in ("saved-for-backward", "activation") for d in lossy)
         _check_lossy_step(pm, model, reference, inputs, budget)
     finally:
         pm.close()
