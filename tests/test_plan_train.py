@@ -39,14 +39,19 @@ def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
 def _planned_step(name: str, budget: int | str):
     model, inputs = _fresh(name)
     pm = planner.plan(model, budget, inputs, mode="train", profile="cpu", time_limit=5)
+    loss, measured = _measured_step(pm, inputs)
+    return pm, model, loss, measured
+
+
+def _measured_step(pm: planner.PlannedModule, inputs: tuple):  # type: ignore[no-untyped-def]
+    """One forward + backward of ``pm`` under the meter: (loss, measurement)."""
 
     def step() -> torch.Tensor:
         loss = pm(*inputs)
         loss.backward()
         return loss
 
-    loss, measured = measure(step, pm, inputs)
-    return pm, model, loss, measured
+    return measure(step, pm, inputs)
 
 
 @pytest.mark.parametrize("fraction", [0.75, 0.5, 0.3])
@@ -166,12 +171,7 @@ def test_gpt2_training_example_at_half_its_peak() -> None:
     try:
         assert pm.plan.predicted_peak_bytes <= budget
 
-        def step() -> torch.Tensor:
-            loss = pm(*inputs)
-            loss.backward()
-            return loss
-
-        loss, measured = measure(step, pm, inputs)
+        loss, measured = _measured_step(pm, inputs)
         assert measured.peak_bytes <= budget, f"measured {measured.peak_bytes} > {budget}"
         assert torch.equal(loss, eager_loss)
         for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
@@ -202,12 +202,7 @@ def test_parameters_and_gradients_leave_the_device_zero_offload_style() -> None:
         mapped = [n for n, p in model.named_parameters() if _file_backed(p)]
         assert len(mapped) == sum(h == "disk" for h in homes.values())
 
-        def step() -> torch.Tensor:
-            loss = pm(*inputs)
-            loss.backward()
-            return loss
-
-        loss, measured = measure(step, pm, inputs)
+        loss, measured = _measured_step(pm, inputs)
         assert measured.peak_bytes <= budget, f"measured {measured.peak_bytes} > {budget}"
         eager_loss = eager(*inputs)
         eager_loss.backward()

@@ -433,15 +433,21 @@ class _Replayer:
             )
         if not t.quantizable:
             raise self.fail(f"{t.name!r} is not quantizable")
-        if self.status[i] != READY or self.dev_fmt[i] is not None:
-            raise self.fail(f"{t.name!r} is not resident in full precision, so cannot be quantized")
-        if self.pending[i]:
-            raise self.fail(f"{t.name!r} has a transfer pending; wait before quantizing it")
+        self.require_full_copy(i, "quantiz")
         q = self.qbytes(t, fmt)
         self.note(self.used + q + self.scratch(t))  # both copies exist while it runs
         self.drop(i)
         self.place(i, q, READY, fmt)
         self.spend_quantize_time(t.nbytes + q)
+
+    def require_full_copy(self, i: int, verb: str) -> None:
+        """Tensor ``i`` must be resident in full precision with no copy pending
+        (``verb``: the action's stem, "quantiz" or "deliver")."""
+        name = self.problem.tensors[i].name
+        if self.status[i] != READY or self.dev_fmt[i] is not None:
+            raise self.fail(f"{name!r} is not resident in full precision, so cannot be {verb}ed")
+        if self.pending[i]:
+            raise self.fail(f"{name!r} has a transfer pending; wait before {verb}ing it")
 
     def do_dequantize(self, i: int, a: Action) -> None:
         t = self.problem.tensors[i]
@@ -467,10 +473,7 @@ class _Replayer:
         self.check_tier(a)
         if not t.deliverable:
             raise self.fail(f"{t.name!r} is not a parameter's gradient that can be delivered")
-        if self.status[i] != READY or self.dev_fmt[i] is not None:
-            raise self.fail(f"{t.name!r} is not resident in full precision, so cannot be delivered")
-        if self.pending[i]:
-            raise self.fail(f"{t.name!r} has a transfer pending; wait before delivering it")
+        self.require_full_copy(i, "deliver")
         seconds = self.problem.bandwidths.deliver_seconds(t.nbytes)
         self.clock += seconds
         self.copying += seconds
