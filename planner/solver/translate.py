@@ -206,11 +206,17 @@ def _deliverable_grads(program: Program) -> set[int]:
 
 
 def _unique_names(program: Program) -> dict[int, str]:
+    """Each storage's name in plans and reports: its source (a parameter's name),
+    ``grad of <parameter>`` for a parameter's gradient, else its value's name."""
+    grads = {
+        program.values[v].storage: f"grad of {fqn}"
+        for v, fqn in program.meta.get(PARAM_GRADS, {}).items()
+    }
     names: dict[int, str] = {}
     seen: set[str] = set()
     for storage in program.storages:
         base = program.values[storage.base]
-        name = base.source or base.name
+        name = base.source or grads.get(storage.index) or base.name
         candidate, n = name, 1
         while candidate in seen:
             n += 1
