@@ -95,6 +95,7 @@ class _Emitter:
         self.writing: set[int] = set()  # storages with an offload's write in flight
         self.quantized_in_tier: set[int] = set()  # storages whose tier copy is quantized
         self.delivered: set[int] = set()  # gradients handed to their parameter already
+        self.read_at_once: set[int] = set()  # this step's reads waited for right away
         # the returned value (a gradient) held by each storage, for ``deliver``
         self.returned_value = {program.values[v].storage: v for v in program.outputs}
         self.versions: dict[str, int] = defaultdict(int)
@@ -267,7 +268,14 @@ class _Emitter:
             op = self.program.ops[t]
             where = f"  # {op.stack}" if op.stack else ""
             self.lines.append(f"    # step {t}: {op.name} = {op.target}{where}")
-            for action in before.get(t, []):
+            actions = before.get(t, [])
+            waited = {a.tensor for a in actions if a.kind == "wait"}
+            self.read_at_once = {
+                self.storage_by_name[a.tensor]
+                for a in actions
+                if a.kind == "prefetch" and a.tensor in waited
+            }
+            for action in actions:
                 self._emit_action(action)
             self._emit_call(t, only_storage=None, indent="    ")
             for action in after.get(t, []):
@@ -343,7 +351,13 @@ class _Emitter:
         base = self.program.storages[s].base
         key = repr(a.tensor)
         L = self.lines
-        if a.kind == "prefetch":
+        if a.kind == "prefetch" and s in self.read_at_once and s not in self.quantized_in_tier:
+            var = self._fresh(self.program.values[base].name)
+            L.append(f"    {var} = rt.read_now({key}, {a.tier!r})  # from {a.tier}, needed now")
+            self._bind(base, var)
+        elif a.kind == "wait" and s in self.read_at_once and s not in self.handles:
+            self.read_at_once.discard(s)  # read above, at once
+        elif a.kind == "prefetch":
             h = self._fresh(f"pending_{self.program.values[base].name}")
             self.handles[s] = h
             L.append(f"    {h} = rt.prefetch({key}, {a.tier!r})  # {a.kind} from {a.tier}")

@@ -59,6 +59,13 @@ class Runtime:
         pending.requires_grad = key in self.grad_keys
         return pending
 
+    def read_now(self, key: str, tier: str) -> torch.Tensor | Quantized | None:
+        """``wait(prefetch(key, tier))`` for a read the plan waits for at once."""
+        if key in self._quantized_copies:
+            return self.wait(self.prefetch(key, tier))
+        tensor = self.engine.read_now(key, tier)
+        return tensor.requires_grad_() if key in self.grad_keys else tensor
+
     def offload(
         self, key: str, tier: str, tensor: torch.Tensor | Quantized
     ) -> Pending | QuantizedCopy:

@@ -63,3 +63,38 @@ def test_offload_dir_errors(tmp_path) -> None:
     f.write_text("x")
     with pytest.raises(StoreError, match="not a directory"):
         DiskStore(f)
+
+
+def test_read_now_equals_prefetch_then_wait(store: DiskStore) -> None:
+    """A read waited for at once runs on the calling thread: same tensor, same
+    layout, and the same checks as a prefetch through the reader thread."""
+    from planner.runtime.copy_engine import ThreadCopyEngine
+
+    engine = ThreadCopyEngine(store)
+    try:
+        x = torch.randn(64, 48).t()  # a non-contiguous layout
+        engine.wait(engine.offload("x", "disk", x))
+        now = engine.read_now("x", "disk")
+        later = engine.wait(engine.prefetch("x", "disk"))
+        assert torch.equal(now, x) and torch.equal(later, x)
+        assert now.stride() == later.stride() == x.stride()
+        store.path("x").write_bytes(b"short")
+        with pytest.raises(StoreError, match="wrong size"):
+            engine.read_now("x", "disk")
+    finally:
+        engine.close()
+
+
+def test_map_shared_writes_through_and_create_mapped_starts_at_zero(store: DiskStore) -> None:
+    """A trained parameter's home: writes through the map reach the file (and the
+    next read), and the entry stops checking a checksum the writes would break."""
+    w = torch.randn(8, 16)
+    store.write("w", w)
+    mapped = store.map_shared("w")
+    assert torch.equal(mapped, w) and mapped.untyped_storage().filename
+    mapped.mul_(3)
+    back = empty_like_entry(store.entries["w"])
+    assert torch.equal(store.read_into("w", back), w * 3)
+    grad = store.create_mapped("g", w.t())
+    assert grad.shape == (16, 8) and grad.stride() == w.t().stride()
+    assert not grad.any() and grad.untyped_storage().filename
