@@ -236,3 +236,29 @@ def test_parameters_and_gradients_leave_the_device_zero_offload_style() -> None:
         assert torch.equal(model(*inputs), eager(*inputs))
     finally:
         pm.close()
+
+
+def test_replanning_a_model_whose_parameters_live_in_files() -> None:
+    """Planning again (another budget) a model an earlier plan moved to files: a
+    device home brings the data back into memory, a disk home maps a new file, and
+    gradients stay eager's; the model outlives every planned module."""
+    eager, inputs = _fresh("mlp")
+    eager(*inputs).backward()
+    expected = _grads(eager)
+    model, _ = _fresh("mlp")
+    first = planner.plan(model, "30%", inputs, mode="train", profile="cpu", time_limit=5)
+    assert any(_file_backed(p) for p in model.parameters())
+    for budget in ("100%", "50%"):
+        pm = planner.plan(model, budget, inputs, mode="train", profile="cpu", time_limit=5)
+        try:
+            homes = [d.home for d in pm.plan.tensors if d.kind == "param"]
+            mapped = sum(_file_backed(p) for p in model.parameters())
+            assert mapped == homes.count("disk")
+            pm(*inputs).backward()
+            for key, grad in _grads(model).items():
+                torch.testing.assert_close(grad, expected[key])
+            model.zero_grad(set_to_none=True)
+        finally:
+            pm.close()
+    first.close()
+    torch.testing.assert_close(model(*inputs), eager(*inputs))
