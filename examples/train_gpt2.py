@@ -19,11 +19,12 @@ What the metered peak covers: parameters, inputs, gradients and everything the
 planned forward and backward allocate. At tight budgets the plan may give a
 parameter a home on disk (the model keeps the parameter; its data becomes a shared
 map of its file, which AdamW updates in place) and deliver its gradient into a
-file-backed ``.grad``: file pages, which the meter does not count. AdamW's state (two tensors per parameter,
-created by the first ``opt.step()``) is the caller's memory, outside the planned
-module; it is printed separately. Deterministic: the model, the batch and the
-optimizer are seeded, and the planned step computes bit-for-bit what the captured
-graph computes, so its losses match the eager loop's to float rounding.
+file-backed ``.grad``: file pages, which the meter does not count. AdamW's state
+(two tensors per parameter, created by the first ``opt.step()``) is the caller's
+memory, outside the planned module; it is printed separately. Deterministic: the
+model, the batch and the optimizer are seeded, and the planned step computes
+bit-for-bit what the captured graph computes, so its losses match the eager loop's
+to float rounding.
 """
 
 from __future__ import annotations
