@@ -153,8 +153,8 @@ class PlannedModule(torch.nn.Module):
             if tensor.requires_grad:
                 self._runtime.grad_keys.add(name)
             self._weight_keys.add(name)
-            if self.mode == "train":
-                tensor.data = self._disk.map_shared(name)
+            if self.mode == "train":  # CUDA: the parameter now lives on the host
+                tensor.data = engine.home_tensor(name, homes[name])
             else:
                 released.append(value.source)  # type: ignore[arg-type]
         self._state_positions = [primal_of[vi] for vi in self.executor.state_values]
@@ -437,6 +437,7 @@ class _PlannedStep(torch.autograd.Function):
         ctx.forward_number = pm._forward_count
         state = [flat[j] for j in pm._state_positions]  # tier-home ones are read there
         outs, carry = pm._run(pm._fn, state, list(flat[n_primals:]))
+        ctx.devices = [t.device for t in flat]  # a tier-home parameter's is the host's
         ctx.pm = pm
         ctx.carry = carry
         # Buffer updates (BatchNorm statistics) and integer outputs get no gradient;
@@ -478,4 +479,9 @@ class _PlannedStep(torch.autograd.Function):
         carry, ctx.carry = ctx.carry, None
         pm._check_open()
         grads = pm._run(pm._bw, carry, tangents)
-        return (None, *[None if k is None else grads[k] for k in pm._grad_slots])
+        out = []
+        for k, device in zip(pm._grad_slots, ctx.devices):
+            g = None if k is None else grads[k]
+            # a parameter whose home is the host (CUDA) gets its gradient there
+            out.append(g if g is None or g.device == device else g.to(device))
+        return (None, *out)

@@ -55,6 +55,12 @@ class CopyEngine:
         """A read the caller waits for at once (``prefetch`` then ``wait``)."""
         return self.wait(self.prefetch(key, tier))
 
+    def home_tensor(self, key: str, tier: str) -> torch.Tensor:
+        """The tensor that holds ``key``'s copy in ``tier`` (stored by ``store_now``)
+        and that later reads of ``key`` read: a trained parameter's data becomes
+        it, so the optimizer's in-place updates reach the next step."""
+        raise NotImplementedError
+
     def drain(self) -> None:
         """Block until every copy issued so far has finished (successfully or not);
         their errors are dropped. For a run that stopped half-way: afterwards no
@@ -83,6 +89,10 @@ class ThreadCopyEngine(CopyEngine):
         entry = self.disk.entries[key]
         out = empty_like_entry(entry)
         return Pending(out, self._read.submit(self.disk.read_into, key, out))
+
+    def home_tensor(self, key: str, tier: str) -> torch.Tensor:
+        self._check_tier(tier)
+        return self.disk.map_shared(key)
 
     def read_now(self, key: str, tier: str) -> torch.Tensor:
         # on the calling thread: handing a read to the reader thread and waiting
@@ -205,6 +215,11 @@ class CudaCopyEngine(CopyEngine):
             if pending.tensor.device.type == "cuda":
                 pending.tensor.record_stream(torch.cuda.current_stream(self.device))
         return pending.tensor
+
+    def home_tensor(self, key: str, tier: str) -> torch.Tensor:
+        # the pinned buffer a host prefetch uploads from, or the disk file's map
+        # (a disk prefetch reads the file, which sees writes through the map)
+        return self.host[key] if tier == "host" else self.disk.map_shared(key)
 
     def store_now(self, key: str, tier: str, tensor: torch.Tensor) -> None:
         if tier == "host":

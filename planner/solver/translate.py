@@ -71,12 +71,14 @@ def from_program(
     backward_start = program.backward_start()
     returned = {program.values[v].storage for v in program.outputs}
     names = _unique_names(program)
-    # Training on a CPU device: parameters get a home tier like inference weights
-    # (the disk: the model's parameter becomes a file-backed map the optimizer
-    # updates in place) and their gradients may be delivered there as soon as they
-    # are made (ZeRO-Offload's idea). Elsewhere parameters stay on the device.
-    movable_params = program.mode == "train" and profile.device_type == "cpu"
-    grad_storages = _deliverable_grads(program) if movable_params else set()
+    # Training: parameters get a home tier like inference weights (ZeRO-Offload's
+    # idea): the model's parameter becomes the tier's copy (a file-backed map, or on
+    # CUDA a pinned host buffer), which the optimizer updates in place. On a CPU
+    # device their gradients may also be delivered there as soon as they are made;
+    # on CUDA they come back to the device and move to the host at the end.
+    movable_params = program.mode == "train"
+    deliver = movable_params and profile.device_type == "cpu"
+    grad_storages = _deliverable_grads(program) if deliver else set()
     tensors = []
     for storage in program.storages:
         base = program.values[storage.base]

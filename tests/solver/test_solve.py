@@ -339,11 +339,13 @@ def test_training_on_cpu_moves_parameters_and_delivers_gradients(tmp_path: Path)
     assert not any(a.tensor in delivered and a.kind == "free" for a in plan.actions)
 
 
-def test_parameters_stay_on_a_cuda_device_in_training() -> None:
-    """Delivering into a file-backed .grad is the CPU executor's: on a CUDA profile
-    parameters keep their device home in training, as before."""
+def test_on_cuda_parameters_get_a_home_tier_but_gradients_are_not_delivered() -> None:
+    """On a CUDA profile a parameter may live on the host or disk between uses
+    (host or disk home), but delivering into a file-backed .grad is the CPU
+    executor's: gradients come back to the device and move at the end."""
     analysis = _analysis("example:mlp", "train")
     problem = from_program(analysis.program, 1 << 30, planner.get_profile("h100"))
-    params = [t for t in problem.tensors if t.kind == "param"]
-    assert params and all(t.pinned and not t.persistent for t in params)
+    params = [t for t in problem.tensors if t.kind == "param" and not t.pinned]
+    assert params and all(t.persistent and not t.until_end for t in params)
+    assert problem.tiers == ("host", "disk")
     assert not any(t.deliverable for t in problem.tensors)
