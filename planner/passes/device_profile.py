@@ -297,7 +297,7 @@ BUILTIN_PROFILES: dict[str, DeviceProfile] = {
     # is a modest cloud SSD volume. Eager ops on CPU
     # cost a few microseconds of dispatch each. The blocked torch (de)quantizers
     # (planner/runtime/quant.py, 16K-element blocks: dispatch-bound) do an int8
-    # quantize + dequantize round trip at ~0.1-0.3 GB/s on that VM, far below its
+    # quantize + dequantize round trip at ~0.02-0.2 GB/s on that VM (load-dependent), far below its
     # memory bandwidth. Calibrate for real numbers.
     "cpu": DeviceProfile(
         name="cpu",
