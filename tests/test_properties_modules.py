@@ -47,14 +47,8 @@ import planner
 from planner.runtime.meter import measure
 from planner.solver import Problem, from_program, solve, validate
 
-# Known planner bug (minimal reproducer in test_known_bug_* below). The generated
-# modules steer around it while the flag is set; the strict xfail reproducer fails
-# loudly once the bug is fixed, and then the flag should go. (Bugs 1 and 2, found
-# here and fixed, keep their reproducers as regression tests.)
-#: 3: training: BatchNorm on a transposed input; the fake kernel keeps the input's
-#: strides, the CPU kernel returns a contiguous output, and the captured joint graph's
-#: aten.view of the transposed-back output fails at run time.
-AVOID_BUG_3 = True
+# Bugs 1-3, found here and fixed, keep their reproducers as regression tests (bug 3:
+# training with BatchNorm on a transposed input, fixed by planner/ir/layout.py).
 
 TIME_LIMIT = 1.0
 PROFILE = "cpu"
@@ -167,10 +161,7 @@ class RandomNet(nn.Module):
         if k == "batchnorm":  # over the last dim: BatchNorm1d wants channels at dim 1
             if h.dim() == 2:
                 return block["bn"](h)
-            channels_first = h.transpose(1, 2)
-            if AVOID_BUG_3:
-                channels_first = channels_first.contiguous()
-            return block["bn"](channels_first).transpose(1, 2)
+            return block["bn"](h.transpose(1, 2)).transpose(1, 2)
         if k == "residual":
             return h + block["down"](_act(a[2], block["up"](h)))
         if k == "concat":
@@ -695,21 +686,18 @@ class _TransposedBatchNorm(nn.Module):
         return self.fc(h).pow(2).mean()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="planner bug 3: the fake kernel of _native_batch_norm_legit_functional keeps "
-    "a transposed input's strides, the CPU kernel returns a contiguous output, so the "
-    "captured joint graph's aten.view of the transposed-back output fails at run time",
-)
-def test_known_bug_3_batchnorm_on_transposed_input_trains() -> None:
+def test_bug_3_batchnorm_on_transposed_input_trains() -> None:
+    """Was: the fake kernel of _native_batch_norm_legit_functional keeps a transposed
+    input's strides, the CPU kernel returns a contiguous output, so the captured
+    joint graph's aten.view of the transposed-back output failed at run time. The
+    capture now restrides such outputs (planner/ir/layout.py)."""
     x = torch.randn(2, 2, 4)
     eager = _TransposedBatchNorm()
     eager(x).backward()
     model = _TransposedBatchNorm()
     pm = planner.plan(model, "100%", (x,), mode="train", profile=PROFILE, time_limit=1)
     try:
-        pm(x).backward()  # RuntimeError: view size is not compatible with ... stride
+        pm(x).backward()  # was: RuntimeError: view size is not compatible with ... stride
         for key, grad in _grads(model).items():
             torch.testing.assert_close(grad, _grads(eager)[key])
     finally:

@@ -21,6 +21,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from planner.errors import CaptureError
+from planner.ir.layout import fix_layouts
 from planner.ir.program import ValueKind
 
 log = logging.getLogger(__name__)
@@ -239,6 +240,7 @@ def _capture_joint(
             f"or check that parameters require grad."
         )
     joint: torch.fx.GraphModule = seen["joint"]
+    fix_layouts(joint)  # where a CPU kernel's output layout breaks the fake one
     num_fwd = seen["num_fwd_outputs"]
     input_roles = _joint_input_roles(joint, flat_module, args, kwargs)
     output_roles = _joint_output_roles(joint, input_roles, num_fwd, ep)
