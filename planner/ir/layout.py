@@ -63,12 +63,13 @@ def _dense_permutation(fake: object) -> list[int] | None:
     """The dim order (outermost first) in which ``fake`` is dense, or None."""
     if not isinstance(fake, torch.Tensor) or fake.dim() < 2:
         return None
-    order = sorted(range(fake.dim()), key=lambda d: (-fake.stride(d), d))
+    sizes, strides = fake.shape, fake.stride()
+    order = sorted(range(fake.dim()), key=lambda d: (-strides[d], d))
     expected = 1
     for d in reversed(order):
-        if fake.size(d) != 1 and fake.stride(d) != expected:
+        if sizes[d] != 1 and strides[d] != expected:
             return None
-        expected *= fake.size(d)
+        expected *= sizes[d]
     return order
 
 
