@@ -60,16 +60,20 @@ def describe(tensor: torch.Tensor, crc32: int | None = None) -> Entry:
 
 def empty_like_entry(entry: Entry, device: torch.device | str = "cpu") -> torch.Tensor:
     """A tensor with the entry's layout over a fresh storage (contents undefined)."""
-    raw = torch.empty(entry.nbytes, dtype=torch.uint8, device=device)
-    out = torch.empty(0, dtype=entry.dtype, device=device)
-    out.set_(raw.untyped_storage(), entry.offset, entry.shape, entry.stride)
-    return out
+    return _with_layout(torch.empty(entry.nbytes, dtype=torch.uint8, device=device), entry)
 
 
 def _with_layout(raw: torch.Tensor, entry: Entry) -> torch.Tensor:
+    """The entry's tensor over the bytes of ``raw`` (a uint8 storage)."""
     out = torch.empty(0, dtype=entry.dtype, device=raw.device)
     out.set_(raw.untyped_storage(), entry.offset, entry.shape, entry.stride)
     return out
+
+
+def _map_shared(path: Path, entry: Entry) -> torch.Tensor:
+    """The entry's tensor over a shared map of ``path``: writes reach the file."""
+    raw = torch.from_file(str(path), shared=True, size=entry.nbytes, dtype=torch.uint8)
+    return _with_layout(raw, entry)
 
 
 def _storage_bytes(tensor: torch.Tensor) -> memoryview:
@@ -196,11 +200,8 @@ class DiskStore:
         entry = self.entries.get(key)
         if entry is None:
             raise StoreError(f"nothing stored under {key!r}")
-        raw = torch.from_file(
-            str(self.path(key)), shared=True, size=entry.nbytes, dtype=torch.uint8
-        )
         self.entries[key] = dataclasses.replace(entry, crc32=None, stamp=None)
-        return _with_layout(raw, entry)
+        return _map_shared(self.path(key), entry)
 
     def create_mapped(self, key: str, like: torch.Tensor) -> torch.Tensor:
         """A new zero-filled file the size of ``like``'s storage, mapped shared, as a
@@ -218,8 +219,7 @@ class DiskStore:
                 f"a writable directory with room"
             ) from exc
         self.entries[key] = entry
-        raw = torch.from_file(str(path), shared=True, size=entry.nbytes, dtype=torch.uint8)
-        return _with_layout(raw, entry)
+        return _map_shared(path, entry)
 
     def discard(self, key: str) -> None:
         """Forget ``key`` and remove its file (and any half-written one)."""

@@ -76,8 +76,7 @@ def from_program(
     # CUDA a pinned host buffer), which the optimizer updates in place. On a CPU
     # device their gradients may also be delivered there as soon as they are made;
     # on CUDA they come back to the device and move to the host at the end.
-    movable_params = program.mode == "train"
-    deliver = movable_params and profile.device_type == "cpu"
+    deliver = program.mode == "train" and profile.device_type == "cpu"
     grad_storages = _deliverable_grads(program) if deliver else set()
     tensors = []
     for storage in program.storages:
@@ -93,11 +92,8 @@ def from_program(
         weight = kind in (ValueKind.PARAM, ValueKind.BUFFER)
         # Training: the autograd engine holds the tangents for the whole backward, and
         # buffers (BatchNorm statistics) are updated in place after the step, so
-        # neither leaves the device; parameters too unless ``movable_params``.
-        # Inference weights have a home tier.
-        train_held = (
-            weight and program.mode == "train" and not (movable_params and kind is ValueKind.PARAM)
-        )
+        # neither leaves the device. Parameters (and inference weights) have a home.
+        train_held = program.mode == "train" and kind is ValueKind.BUFFER
         persistent = weight and not train_held
         pinned = (
             kind in (ValueKind.INPUT, ValueKind.TANGENT)
