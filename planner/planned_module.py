@@ -23,6 +23,7 @@ from planner.ir.meta import PARAM_GRADS
 from planner.ir.program import Phase, ValueKind
 from planner.passes.pipeline import Analysis
 from planner.report import Report
+from planner.runtime import fused
 from planner.runtime.checkpoint import is_file_backed
 from planner.runtime.copy_engine import CopyEngine, make_engine
 from planner.runtime.meter import Measurement, measure
@@ -94,6 +95,8 @@ class PlannedModule(torch.nn.Module):
         self._engine = engine
         self._disk = disk
         self._weight_keys: set[str] = set()  # files written at plan time (the rest: spills)
+        #: weights stored quantized whose lookups read exact rows from their file
+        self._exact_lookups: set[str] = set()
         #: per quantized tensor, its round-trip error (weights at plan time,
         #: activations by measure_quantization_error)
         self.quantization_errors: dict[str, dict[str, float]] = {}
@@ -209,15 +212,25 @@ class PlannedModule(torch.nn.Module):
     def _store_quantized(self, tensors: dict[str, torch.Tensor]) -> list[Any]:
         """Quantize the weights the plan stores quantized, once, in the executor's
         order, and record each one's error against the original (the report's
-        measured error: relative L2 and largest absolute difference)."""
+        measured error: relative L2 and largest absolute difference). A weight that
+        a lookup reads also gets its full-precision copy written to the offload
+        directory, where the lookup gathers exact rows (``fused.reads_exact_rows``)."""
         program = self.analysis.program
         stored = []
         for vi, fmt in self.executor.stored_values:
             value = program.values[vi]
             weight = tensors[value.source].detach().to(self.device)  # type: ignore[index]
-            name = self.problem.tensors[value.storage].name
+            tensor = self.problem.tensors[value.storage]
+            name = tensor.name
             with self._runtime.recording_errors(self.quantization_errors):
                 q = self._runtime.quantize(weight, fmt, name)
+            targets = {program.ops[step].target for step, _ in tensor.fused_uses}
+            if any(fused.reads_exact_rows(t, self.problem.tiers) for t in targets):
+                key = f"rows:{name}"
+                self._disk.write(key, _compact(weight.cpu()))
+                self._weight_keys.add(key)
+                q.exact_rows = self._disk.map_shared(key)
+                self._exact_lookups.add(name)
             # buffers, so that the module (and the meter, which reads modules) holds them
             for part, tensor in q.parts().items():
                 self.register_buffer(f"stored_{len(stored)}_{part}", tensor, persistent=False)
@@ -246,6 +259,8 @@ class PlannedModule(torch.nn.Module):
     def report(self) -> Report:
         report = Report.from_plan(self.analysis, self.plan)
         report.add_quantization_errors(self.quantization_errors, self.output_error)
+        for row in report.quantized:
+            row["exact_lookups"] = row["tensor"] in self._exact_lookups
         if self.measured is not None:
             report.measured = {
                 "peak_bytes": self.measured.peak_bytes,

@@ -276,6 +276,8 @@ def summary_lines(report: Report) -> list[str]:
         if "relative_l2" in row:
             line += f", error {row['relative_l2']:.2e} rel L2, {row['max_abs']:.2e} max"
         lines.append(line)
+        if row.get("exact_lookups"):
+            lines.append("  lookups:          exact rows, read from its full copy on disk")
     if report.output_error:
         e = report.output_error
         line = f"output error:       {e['relative_l2']:.2e} rel L2, {e['max_abs']:.2e} max"

@@ -11,14 +11,17 @@ import torch
 from conftest import load_example
 
 import planner
+from planner.runtime.checkpoint import is_file_backed
 from planner.solver.validate import validate
 
-#: Top-1 agreement of the planned GPT-2 logits with the lossless run, over random
-#: token batches. Measured: int8 98.9% (int4 85.8%). The example's weights are
-#: random (std 0.02), so its logits are nearly flat over 8192 tokens and the top two
-#: often differ by less than the quantization noise; these floors guard the numbers
-#: (see BENCHMARKS_quantize.md), they do not meet the 99% of trained models.
-AGREEMENT_FLOOR = {"int8": 0.98, "int4": 0.80}
+#: Top-1 agreement of the planned GPT-2 logits with the lossless run over the
+#: benchmark's 32 random token batches (seeds 100-131, 16,384 positions); int8 must
+#: reach the issue's 99% (measured 99.04%; 98.9% before lookups read exact rows),
+#: int4 is reported (87.8%). The example's weights are random (std 0.02), so its
+#: logits are nearly flat over 8192 tokens and 7% of positions have a top-1/top-2
+#: gap under 0.01 (see BENCHMARKS_quantize.md): a few batches alone vary by +-0.3%.
+AGREEMENT_FLOOR = {"int8": 0.99, "int4": 0.85}
+AGREEMENT_SEEDS = range(100, 132)
 
 
 def _weight_bytes(model: torch.nn.Module) -> int:
@@ -40,10 +43,18 @@ def test_gpt2_below_its_weight_bytes(fmt: str) -> None:
         stored = [d for d in pm.plan.tensors if d.home == f"device:{fmt}"]
         assert stored and all(d.decision == f"quantize:{fmt}" for d in stored)
         assert "rt.fused('aten.linear.default'" in pm.code  # no full weight for the head
+        # the tied embedding looks up exact rows from the weight's copy on disk
+        lookup = next(line for line in pm.code.splitlines() if "rt.fused('aten.embedding" in line)
+        assert "exact rows" in lookup
         out = pm.run_measured(*inputs)
         assert pm.measured is not None and pm.measured.peak_bytes <= budget
+        quantized = [s for s in pm._state if hasattr(s, "exact_rows")]
+        assert len(quantized) == 1 and quantized[0].exact_rows is not None
+        exact = quantized[0].exact_rows
+        assert is_file_backed(exact)  # in the offload directory, not device memory
+        assert torch.equal(exact, reference.model.transformer.wte.weight)
         agreements = []
-        for seed in range(3):
+        for seed in AGREEMENT_SEEDS:
             ids = torch.randint(
                 0, 8192, inputs[0].shape, generator=torch.Generator().manual_seed(seed)
             )
@@ -65,6 +76,8 @@ def test_gpt2_below_its_weight_bytes(fmt: str) -> None:
         assert errors["output"]["top1_agreement"] == pytest.approx(direct)
         text = str(report)
         assert "output error:" in text and f"{fmt}, saves" in text
+        assert [row["exact_lookups"] for row in rows.values()] == [True]
+        assert "lookups:          exact rows, read from its full copy on disk" in text
     finally:
         pm.close()
 

@@ -23,6 +23,7 @@ import torch.fx
 
 from planner.ir.meta import FX_NODE_NAMES, PARAM_GRADS
 from planner.ir.program import Program, ValueKind
+from planner.runtime.fused import reads_exact_rows
 from planner.solver.plan import Action, Plan
 from planner.solver.problem import Problem
 
@@ -304,6 +305,8 @@ class _Emitter:
         reuse = self.problem.steps[step].reuse if only_storage is None else None
         if fused:  # the plan validated this op as a fused use of the stored weight
             call = f"rt.fused({op.target!r}, {', '.join(args)})"
+            if reads_exact_rows(op.target, self.problem.tiers):
+                comment = comment or "exact rows from its full copy on disk"
         elif reuse is not None:  # write the output into the dying input's buffer
             variant, out_arg = out_variant(node.target)
             into = self._expr(self.program.storages[reuse[0]].base)

@@ -140,11 +140,25 @@ def mm(x: torch.Tensor, q: Quantized) -> torch.Tensor:
 
 
 def embedding(q: Quantized, ids: torch.Tensor, *args: object) -> torch.Tensor:
-    """``W[ids]``: only the looked-up rows are dequantized (padding_idx and the
-    other arguments only matter for the backward)."""
+    """``W[ids]``: only the looked-up rows are read (padding_idx and the other
+    arguments only matter for the backward). From the weight's full-precision copy
+    off the device when it has one (``exact_rows``): the rows bit-identical to the
+    unquantized lookup, for the bytes of the rows alone; else dequantized."""
     flat = ids.reshape(-1)
-    rows = _dequant_block(q, flat, slice(None), q.dtype)
+    if q.exact_rows is not None:
+        source = q.exact_rows
+        rows = source.index_select(0, flat.to(source.device)).to(ids.device)
+    else:
+        rows = _dequant_block(q, flat, slice(None), q.dtype)
     return rows.view(*ids.shape, q.shape[1])
+
+
+def reads_exact_rows(target: str, tiers: tuple[str, ...]) -> bool:
+    """Whether a fused use by op ``target`` of a weight stored quantized reads
+    full-precision values: a lookup does when the plan may use the disk, where the
+    weight's full copy is then written at plan time (a lookup touches a few rows, so
+    a quantized table would lose precision for no memory: the rows are the output)."""
+    return target == "aten.embedding.default" and "disk" in tiers
 
 
 #: Op target -> the fused implementation, called with the op's own arguments.

@@ -30,6 +30,10 @@ class Quantized:
     fmt: str
     shape: tuple[int, ...]
     dtype: torch.dtype
+    #: a weight's full-precision copy off the device (a map of its file in the
+    #: offload directory), if it has one: a lookup (``aten.embedding``) gathers its
+    #: rows from there, exactly, instead of dequantizing them. Not a stored part.
+    exact_rows: torch.Tensor | None = None
 
     def parts(self) -> dict[str, torch.Tensor]:
         """Its tensors by name (``zero`` only for int4): what is stored or moved."""

@@ -51,6 +51,40 @@ def test_embedding_is_exact_on_the_dequantized_rows(fmt: str) -> None:
     assert torch.equal(fused.embedding(q, ids), F.embedding(ids, dequantize(q)))
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_embedding_reads_exact_rows_from_a_full_copy_off_the_device(
+    fmt: str, tmp_path: object
+) -> None:
+    """A stored weight with its full-precision copy in a file: the lookup gathers
+    the original rows bit for bit, allocating only the rows (the dequantize path
+    allocates an fp32 block per row and differs from the original)."""
+    from planner.runtime.store import DiskStore
+
+    w, ids = (
+        _data(50, 128),
+        torch.randint(0, 50, (4, 7), generator=torch.Generator().manual_seed(3)),
+    )
+    store = DiskStore(tmp_path)  # type: ignore[arg-type]
+    try:
+        q = quantize(w, fmt)
+        lossy = fused.embedding(q, ids)
+        store.write("rows", w)
+        q.exact_rows = store.map_shared("rows")
+        exact = fused.embedding(q, ids)
+        assert torch.equal(exact, F.embedding(ids, w)) and not torch.equal(lossy, exact)
+        assert "rows" not in q.parts()  # not a stored part: it lives in the file
+        _, m = measure(lambda: fused.embedding(q, ids), device="cpu")
+        assert m.peak_allocated_bytes <= ids.numel() * 128 * 4 + ids.numel() * 8 + 4096
+    finally:
+        store.close()
+
+
+def test_only_lookups_read_exact_rows_and_only_with_a_disk() -> None:
+    assert fused.reads_exact_rows("aten.embedding.default", ("disk",))
+    assert not fused.reads_exact_rows("aten.embedding.default", ())
+    assert not fused.reads_exact_rows("aten.linear.default", ("disk",))
+
+
 def test_fusable_needs_a_2d_weight_and_whole_int4_groups() -> None:
     assert fused.fusable("aten.linear.default", (10, 128), "int4")
     assert not fused.fusable("aten.linear.default", (10, 100), "int4")  # groups span rows
