@@ -152,6 +152,11 @@ class PlannedModule(torch.nn.Module):
             if homes[name].startswith("device:"):  # stored quantized (see _store_quantized)
                 released.append(value.source)  # type: ignore[arg-type]
                 continue
+            tier, _, fmt = homes[name].partition(":")
+            if fmt:  # its tier holds it quantized
+                self._store_quantized_in_tier(name, tier, fmt, tensor.detach())
+                released.append(value.source)  # type: ignore[arg-type]
+                continue
             engine.store_now(name, homes[name], _compact(tensor.detach()))
             if tensor.requires_grad:
                 self._runtime.grad_keys.add(name)
@@ -209,6 +214,32 @@ class PlannedModule(torch.nn.Module):
             self._weight_keys.add(key)
             self._runtime.deliveries[tensor.name] = (param, buffer)
 
+    def _store_quantized_in_tier(
+        self, name: str, tier: str, fmt: str, weight: torch.Tensor
+    ) -> None:
+        """Write a weight its plan reads quantized (home ``<tier>:<format>``) to the
+        tier as codes, once, recording its round-trip error; plus its full copy if a
+        lookup reads it (exact rows, as for a weight stored on the device)."""
+        with self._runtime.recording_errors(self.quantization_errors):
+            q = self._runtime.quantize(weight.to(self.device), fmt, name)
+        self._weight_keys.update(self._runtime.store_quantized_now(name, tier, q))
+        rows = self._exact_rows_copy(name, weight)
+        if rows is not None:
+            self._runtime.exact_rows[name] = rows
+
+    def _exact_rows_copy(self, name: str, weight: torch.Tensor) -> torch.Tensor | None:
+        """The weight's full copy as a map of a file in the offload directory, if a
+        lookup of it reads exact rows (``fused.reads_exact_rows``), else None."""
+        tensor = next(t for t in self.problem.tensors if t.name == name)
+        targets = {self.analysis.program.ops[step].target for step, _ in tensor.fused_uses}
+        if not any(fused.reads_exact_rows(t, self.problem.tiers) for t in targets):
+            return None
+        key = f"rows:{name}"
+        self._disk.write(key, _compact(weight.detach().cpu()))
+        self._weight_keys.add(key)
+        self._exact_lookups.add(name)
+        return self._disk.map_shared(key)
+
     def _store_quantized(self, tensors: dict[str, torch.Tensor]) -> list[Any]:
         """Quantize the weights the plan stores quantized, once, in the executor's
         order, and record each one's error against the original (the report's
@@ -220,17 +251,10 @@ class PlannedModule(torch.nn.Module):
         for vi, fmt in self.executor.stored_values:
             value = program.values[vi]
             weight = tensors[value.source].detach().to(self.device)  # type: ignore[index]
-            tensor = self.problem.tensors[value.storage]
-            name = tensor.name
+            name = self.problem.tensors[value.storage].name
             with self._runtime.recording_errors(self.quantization_errors):
                 q = self._runtime.quantize(weight, fmt, name)
-            targets = {program.ops[step].target for step, _ in tensor.fused_uses}
-            if any(fused.reads_exact_rows(t, self.problem.tiers) for t in targets):
-                key = f"rows:{name}"
-                self._disk.write(key, _compact(weight.cpu()))
-                self._weight_keys.add(key)
-                q.exact_rows = self._disk.map_shared(key)
-                self._exact_lookups.add(name)
+            q.exact_rows = self._exact_rows_copy(name, weight)
             # buffers, so that the module (and the meter, which reads modules) holds them
             for part, tensor in q.parts().items():
                 self.register_buffer(f"stored_{len(stored)}_{part}", tensor, persistent=False)

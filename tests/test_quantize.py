@@ -103,6 +103,45 @@ FAST_QUANTIZE = dataclasses.replace(
 )
 
 
+def test_weights_travel_quantized_from_disk() -> None:
+    """MLP inference at 20% of its weight bytes, quantizers priced as on a GPU: the
+    plan gives some weights a disk home holding their int8 codes (written once at
+    plan time, no full copy), reads the codes before each use and feeds them to the
+    fused linear. Within budget under the meter, output close to eager's, each such
+    weight's error in the report, and the files gone after ``close``."""
+    reference, inputs = load_example("mlp")
+    model, _ = load_example("mlp")
+    budget = int(0.2 * _weight_bytes(model))
+    pm = planner.plan(
+        model, budget, example_inputs=inputs, quantize="int8", time_limit=10, profile=FAST_QUANTIZE
+    )
+    root = pm._disk.root
+    try:
+        validate(pm.problem, pm.plan)
+        fetched = [d for d in pm.plan.tensors if d.home == "disk:int8"]
+        assert fetched and all(d.decision == "offload:disk+quantize:int8" for d in fetched)
+        files = {path.name for path in root.iterdir()}
+        for d in fetched:
+            safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in d.name)
+            assert any(f.startswith(f"{safe}_codes") for f in files), (d.name, files)
+            assert not any(f.startswith(f"{safe}-") for f in files)  # no full copy
+        code = pm.code
+        assert "back, quantized" in code and "rt.fused('aten.linear.default'" in code
+        out = pm.run_measured(*inputs)
+        assert pm.measured is not None and pm.measured.peak_bytes <= budget
+        with torch.no_grad():
+            expected = reference(*inputs)
+        rel = float((out - expected).norm() / expected.norm())
+        assert 0 < rel < 0.02
+        pm.measure_quantization_error(*inputs, reference=expected)
+        rows = {row["tensor"]: row for row in pm.report.quantized}
+        for d in fetched:
+            assert 0 < rows[d.name]["relative_l2"] < 0.01 and not rows[d.name]["exact_lookups"]
+    finally:
+        pm.close()
+    assert not root.exists()
+
+
 def _resnet_lossy_training(fraction: float, quantize: object):  # type: ignore[no-untyped-def]
     """A planned CNN training step at ``fraction`` of its unplanned peak (the
     quantizers priced as on a GPU: ``FAST_QUANTIZE``), with an untouched twin of

@@ -177,6 +177,8 @@ class _Emitter:
                 # stored quantized: once per storage (a tied weight has two names)
                 stored_values.append((vi, home.split(":", 1)[1]))
                 stored_storages.add(v.storage)
+            elif ":" in home:  # its tier holds it quantized: reads bring codes
+                self.quantized_in_tier.add(v.storage)
         body = self.lines
         train = program.mode == "train"
         split = program.backward_start() if train else len(program.ops)
@@ -295,9 +297,10 @@ class _Emitter:
         def name_of(n: torch.fx.Node) -> str:
             vi = self.value_by_name[n.name]
             storage = self.program.values[vi].storage
-            if vi not in self.var and storage in self.stored:
-                fused.append(self.stored[storage])  # no full copy: the op reads the codes
-                return self.stored[storage]
+            codes = self.stored.get(storage) or self.quantized.get(storage)
+            if vi not in self.var and codes is not None:
+                fused.append(codes)  # no full copy: the op reads the codes
+                return codes
             return self._expr(vi)
 
         args = [format_arg(a, name_of) for a in node.args]

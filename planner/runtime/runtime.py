@@ -34,6 +34,9 @@ class QuantizedCopy:
 
     parts: dict[str, Pending]
     layout: QuantizedLayout | None
+    #: a read weight's full copy that lookups gather exact rows from (see
+    #: ``Quantized.exact_rows``)
+    exact_rows: torch.Tensor | None = None
 
 
 class Runtime:
@@ -46,6 +49,8 @@ class Runtime:
         self.grad_keys: set[str] = set()
         #: keys whose tier copy was written quantized: its layout, to read it back
         self._quantized_copies: dict[str, QuantizedLayout] = {}
+        #: weights read quantized whose lookups gather exact rows: key -> full copy
+        self.exact_rows: dict[str, torch.Tensor] = {}
         #: training: gradient key -> (its parameter, the file-backed buffer that
         #: becomes the parameter's .grad), for ``deliver``
         self.deliveries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -54,7 +59,7 @@ class Runtime:
         layout = self._quantized_copies.get(key)
         if layout is not None:
             parts = {p: self.engine.prefetch(f"{key}#{p}", tier) for p in layout.parts}
-            return QuantizedCopy(parts, layout)
+            return QuantizedCopy(parts, layout, self.exact_rows.get(key))
         pending = self.engine.prefetch(key, tier)
         pending.requires_grad = key in self.grad_keys
         return pending
@@ -65,6 +70,17 @@ class Runtime:
             return self.wait(self.prefetch(key, tier))
         tensor = self.engine.read_now(key, tier)
         return tensor.requires_grad_() if key in self.grad_keys else tensor
+
+    def store_quantized_now(self, key: str, tier: str, q: Quantized) -> list[str]:
+        """Write a weight's quantized copy to its home tier, once, at plan time
+        (each part under a key of its own; returned): ``prefetch(key)`` then reads
+        the codes."""
+        keys = []
+        for part, tensor in q.parts().items():
+            keys.append(f"{key}#{part}")
+            self.engine.store_now(keys[-1], tier, tensor)
+        self._quantized_copies[key] = QuantizedLayout(q.fmt, q.shape, q.dtype, tuple(q.parts()))
+        return keys
 
     def offload(
         self, key: str, tier: str, tensor: torch.Tensor | Quantized
@@ -93,6 +109,7 @@ class Runtime:
                 layout.fmt,
                 layout.shape,
                 layout.dtype,
+                pending.exact_rows,
             )
         tensor = self.engine.wait(pending)
         return tensor.requires_grad_() if pending.requires_grad else tensor

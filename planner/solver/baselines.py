@@ -19,7 +19,7 @@ import numpy as np
 from planner.solver.candidates import (
     HOME,
     KEEP,
-    STORED,
+    WHOLE_TENSOR_CHOICES,
     Candidates,
     Gap,
     Option,
@@ -180,7 +180,7 @@ class _GreedyState:
                 if not self._allowed(gi, gap, option):
                     continue
                 saved = held - self._held_at(gi, option, t)
-                if parse_choice(option.choice)[0] == STORED:  # moves all the tensor's gaps
+                if parse_choice(option.choice)[0] in WHOLE_TENSOR_CHOICES:  # all its gaps
                     saved += sum(
                         self._held_at(g, self.cands.gaps[g].option(self.choices[g]), t)
                         for g in self.cands.gaps_of[gap.tensor]
@@ -216,7 +216,7 @@ class _GreedyState:
             )
         if kind == "fetch" and gap.start == -1:
             return True
-        if kind == STORED:  # chosen on the home gap for all the tensor's gaps at once
+        if kind in WHOLE_TENSOR_CHOICES:  # on the home gap for all the tensor's gaps at once
             own = self.cands.gaps_of[gap.tensor]
             return gap.start == -1 and all(
                 g not in self.locked and self.choices[g] == _default(self.cands.gaps[g])
@@ -241,7 +241,7 @@ class _GreedyState:
             and self.choices[home] == HOME
         ):
             self.apply(home, choice)  # a weight fetched between uses lives in that tier
-        if parse_choice(choice)[0] == STORED and gap.start == -1:
+        if parse_choice(choice)[0] in WHOLE_TENSOR_CHOICES and gap.start == -1:
             for g in self.cands.gaps_of[gap.tensor]:
                 if g != gi:
                     self.apply(g, choice)

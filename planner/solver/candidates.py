@@ -43,6 +43,14 @@ HOME = "home"  # persistent tensor kept on the device across calls
 STORED = "stored"
 #: ``qoffload:<tier>``: an activation offloaded, and read back, quantized.
 QOFFLOAD = "qoffload"
+#: ``qfetch:<tier>``: a weight whose home is the tier, holding it quantized (written
+#: once at plan time): before each run of uses its codes are read (a fraction of
+#: the bytes on the slow channel, FlexGen's compressed weights), then read by fused
+#: ops directly or dequantized once for the run, and freed after it. Like
+#: ``stored``, chosen on the home gap for all the tensor's gaps together.
+QFETCH = "qfetch"
+#: Choices a weight makes once, on its home gap, for every gap it has.
+WHOLE_TENSOR_CHOICES = (STORED, QFETCH)
 #: ``deliver:disk``: a parameter's gradient written into the parameter's
 #: file-backed ``.grad`` right after its last event, instead of staying on the
 #: device until the step returns it (the gap from there to the end offers it).
@@ -142,6 +150,9 @@ def build_candidates(problem: Problem) -> Candidates:
             first.options = _first_gap_options(problem, tensor, events)
             if stored:
                 first.options = _with_stored_option(problem, tensor, events, first.options)
+                first.options += [
+                    _quantized_fetch_option(problem, tensor, events, tier) for tier in problem.tiers
+                ]
             home_gap[tensor.index] = len(gaps)
             own.append(len(gaps))
             gaps.append(first)
@@ -152,8 +163,9 @@ def build_candidates(problem: Problem) -> Candidates:
                 continue  # adjacent steps: nothing to decide
             gap = Gap(tensor.index, len(own), a, b)
             gap.options = _gap_options(problem, tensor, a, b)
-            if stored:
+            if stored:  # decided on the home gap (see WHOLE_TENSOR_CHOICES)
                 gap.options.append(Option(f"{STORED}:{stored}"))
+                gap.options += [Option(f"{QFETCH}:{tier}") for tier in problem.tiers]
             own.append(len(gaps))
             gaps.append(gap)
         if deliver_from is not None:
@@ -264,6 +276,63 @@ def _with_stored_option(
         seconds=len(events) * problem.bandwidths.quantize_seconds(tensor.nbytes + q),
     )
     return [*others, stored]
+
+
+def use_runs(events: list[int]) -> list[list[int]]:
+    """``events`` split where a gap lies between two of them (two or more steps
+    apart, as ``build_candidates`` makes gaps): within a run nothing can be moved."""
+    runs: list[list[int]] = []
+    for e in events:
+        if runs and e - runs[-1][-1] < 2:
+            runs[-1].append(e)
+        else:
+            runs.append([e])
+    return runs
+
+
+def _quantized_fetch_option(
+    problem: Problem, tensor: Tensor, events: list[int], tier: str
+) -> Option:
+    """``qfetch:<tier>`` for a weight's home gap (see ``QFETCH``). Per run of uses:
+    the codes are read over the compute before it (one transfer each, the window
+    opening after the previous run) and held from the read to the run's end. A run
+    of fused uses reads them in place (each use's scratch); any other run
+    dequantizes them once before its first use into a full copy for the run (codes,
+    full copy and scratch coexist then), and its fused uses hold that copy too,
+    since the fixed bytes leave them out."""
+    fmt = problem.quantize
+    assert fmt is not None
+    bw = problem.bandwidths
+    size = _itemsize(tensor.dtype)
+    q = quantized_bytes(tensor.nbytes, size, fmt, tensor.last_dim)
+    scratch = quantize_scratch_bytes(tensor.nbytes, size)
+    fused = dict(tensor.fused_uses)
+    spans: list[tuple[int, int, int]] = []
+    extras: list[tuple[int, int]] = []
+    transfers: list[Transfer] = []
+    seconds, lo = 0.0, 0
+    for run in use_runs(events):
+        first, last = run[0], run[-1]
+        window = _read_window(problem, q, tier, lo, first)
+        transfers.append(Transfer((tier, "read"), q, window))
+        spans.append((window[0], first - 1, q))
+        if all(e in fused for e in run):
+            spans.append((first, last, q))
+            extras += [(e, fused[e]) for e in run]
+            seconds += len(run) * bw.quantize_seconds(tensor.nbytes + q)
+        else:
+            extras.append((first, q + scratch))
+            spans += [(e, e, tensor.nbytes) for e in run if e in fused]
+            seconds += bw.quantize_seconds(tensor.nbytes + q)
+        lo = last + 1
+    return Option(
+        f"{QFETCH}:{tier}",
+        spans=tuple(spans),
+        extras=tuple(extras),
+        seconds=seconds,
+        transfers=tuple(transfers),
+        prefetch_at=transfers[0].window[0],
+    )
 
 
 def _late(
@@ -515,8 +584,10 @@ __all__ = [
     "DISK",
     "HOME",
     "KEEP",
+    "QFETCH",
     "QOFFLOAD",
     "STORED",
+    "WHOLE_TENSOR_CHOICES",
     "Candidates",
     "Gap",
     "Option",
@@ -527,4 +598,5 @@ __all__ = [
     "holdings",
     "parse_choice",
     "transfer_load",
+    "use_runs",
 ]

@@ -11,7 +11,8 @@ Constraints (each family in its own method)
               whose window covers t, sum x * load(t), <= seconds[t] + stall[t];
     home:     a persistent tensor kept on the device for good keeps every gap, and
               one fetched from a tier is fetched from that tier only; one stored
-              quantized (``stored:F``) is so in all its gaps;
+              quantized (``stored:F``), or fetched quantized (``qfetch:T``), is so
+              in all its gaps;
     reload:   reading back an offloaded tensor without writing it again needs the
               previous gap to have written (or reloaded) it from the same tier;
     needs:    a recompute at step b needs each input kept on the device at b.
@@ -32,7 +33,7 @@ from ortools.sat.python import cp_model
 from planner.solver.candidates import (
     HOME,
     KEEP,
-    STORED,
+    WHOLE_TENSOR_CHOICES,
     Candidates,
     Option,
     holder_gap,
@@ -200,7 +201,7 @@ class PlacementModel:
     def _add_home_constraints(self) -> None:
         for tensor, home_gi in self.cands.home_gap.items():
             for choice, var in self.x[home_gi].items():
-                if parse_choice(choice)[0] == STORED:  # stored quantized: every gap agrees
+                if parse_choice(choice)[0] in WHOLE_TENSOR_CHOICES:  # every gap agrees
                     for gi in self.cands.gaps_of[tensor]:
                         if gi != home_gi:
                             self.model.add(self.x[gi][choice] == var)

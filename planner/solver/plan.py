@@ -38,8 +38,10 @@ Initial state: weights and buffers with ``home == "device"`` and user inputs are
 resident; weights with ``home == "device:<format>"`` are stored quantized on the
 device (the codes stay resident throughout; an op listed in the tensor's
 ``fused_uses`` reads them directly, any other use needs a ``dequantize`` first);
-weights with another home have a complete copy in that tier and none on
-the device. At the end, tensors returned to the caller must be resident (or
+weights with ``home == "<tier>:<format>"`` have a quantized copy in that tier: a
+``prefetch`` reads the codes, which fused uses read directly and a ``dequantize``
+turns into a full copy; weights with another home have a complete copy in that
+tier and none on the device. At the end, tensors returned to the caller must be resident (or
 delivered), and no
 fetched weight may remain (the next call starts from the same state).
 """

@@ -7,10 +7,13 @@ from planner.solver.candidates import (
     DELIVER,
     HOME,
     KEEP,
+    QFETCH,
     QOFFLOAD,
     STORED,
     Candidates,
+    own_steps,
     parse_choice,
+    use_runs,
 )
 from planner.solver.plan import Action, Plan, SolverStats, TensorDecision
 
@@ -70,6 +73,19 @@ def build_schedule(
                 if e not in fused:  # a full copy for this use only
                     add(e, "before", "dequantize", name)
                     add(e, "after", "free", name)
+        elif tensor.persistent and choices[gap_ids[0]].startswith(f"{QFETCH}:"):
+            tier = parse_choice(choices[gap_ids[0]])[1]
+            home = f"{tier}:{problem.quantize}"
+            used += [f"fetch:{tier}", f"quantize:{problem.quantize}"]
+            gaps_out = [(cands.gaps[gi].start, cands.gaps[gi].end, choices[gi]) for gi in gap_ids]
+            option = cands.gaps[gap_ids[0]].option(choices[gap_ids[0]])
+            fused = {step for step, _ in tensor.fused_uses}
+            for run, read in zip(use_runs(own_steps(tensor, T)), option.transfers):
+                add(read.window[0], "before", "prefetch", name, tier)
+                add(run[0], "before", "wait", name)
+                if any(e not in fused for e in run):  # one full copy for the whole run
+                    add(run[0], "before", "dequantize", name)
+                add(run[-1], "after", "free", name)
         else:
             for gi in gap_ids:
                 gap = cands.gaps[gi]

@@ -139,6 +139,8 @@ class _Replayer:
         #: (with scratch bytes) whose op reads the codes directly
         self.stored: dict[int, int] = {}
         self.fused: dict[int, dict[int, int]] = {}
+        #: weights whose home tier holds them quantized: the format
+        self.home_format: dict[int, str] = {}
         self.actions: dict[tuple[int, str], list[tuple[int, Action]]] = {}
         for k, a in enumerate(plan.actions):
             if not 0 <= a.step < steps:
@@ -178,6 +180,17 @@ class _Replayer:
                 self.fused[i] = dict(t.fused_uses)
                 homes[i] = home
                 continue
+            tier, _, fmt = home.partition(":")
+            if fmt:  # the tier holds it quantized
+                if fmt != self.problem.quantize or not t.quantizable:
+                    raise InvalidPlan(
+                        f"tensor {t.name!r}: home {home!r} holds it quantized, but it is not "
+                        f"quantizable as {fmt!r} in this problem (quantize="
+                        f"{self.problem.quantize!r})"
+                    )
+                self.home_format[i] = fmt
+                self.fused[i] = dict(t.fused_uses)
+                home = tier
             if home != DEVICE and home not in self.problem.tiers:
                 raise InvalidPlan(
                     f"tensor {t.name!r}: home {home!r} is not 'device' nor a tier of this "
@@ -236,6 +249,13 @@ class _Replayer:
             return f"stored quantized ({self.dev_fmt[i]})"
         return None
 
+    def reads_codes(self, i: int, s: int) -> bool:
+        """Whether op ``s`` can read weight ``i`` quantized (a fused use): its codes
+        are stored on the device for good, or fetched and resident now."""
+        if s not in self.fused.get(i, {}):
+            return False
+        return i in self.stored or (self.status[i] == READY and self.dev_fmt[i] is not None)
+
     def transfer(self, i: int, tier: str, read: bool, fmt: str | None, nbytes: int) -> None:
         """Queue a copy on its channel (FIFO behind earlier copies on that channel)."""
         bw = self.problem.bandwidths
@@ -267,7 +287,7 @@ class _Replayer:
                 elif self.home[i] == DEVICE:
                     self.place(i, t.nbytes, READY)
                 else:
-                    self.copies[i][self.home[i]] = None
+                    self.copies[i][self.home[i]] = self.home_format.get(i)
             elif not t.by_op and t.appears_at <= 0:
                 self.appeared[i] = True
                 self.place(i, t.nbytes, READY)
@@ -306,8 +326,8 @@ class _Replayer:
         scratch = step.workspace_bytes
         for i in self.reads[s]:
             why = self.readable(i)
-            if why is not None and s in self.fused.get(i, {}):
-                scratch += self.fused[i][s]  # reads the stored codes in a fused op
+            if why is not None and self.reads_codes(i, s):
+                scratch += self.fused[i][s]  # reads the quantized codes in a fused op
             elif why is not None:
                 raise self.fail(f"reads {tensors[i].name!r}, which is {why}")
         reuse = step.reuse
@@ -413,9 +433,8 @@ class _Replayer:
             if j not in self.by_index:
                 raise self.fail(f"recipe of {t.name!r} reads unknown tensor index {j}")
             why = self.readable(self.by_index[j])
-            fused = self.fused.get(self.by_index[j], {})
-            if why is not None and r.step in fused:
-                scratch += fused[r.step]  # the replayed op reads the stored codes
+            if why is not None and self.reads_codes(self.by_index[j], r.step):
+                scratch += self.fused[self.by_index[j]][r.step]  # reads the codes
             elif why is not None:
                 raise self.fail(
                     f"recipe of {t.name!r} reads {tensors[self.by_index[j]].name!r}, which is {why}"

@@ -322,6 +322,56 @@ def test_weight_stored_quantized_misuse_is_caught() -> None:
         validate(unfused, make_plan(unfused, STORED_ACTIONS, homes=stored))
 
 
+#: w's home is disk holding it int8: its codes are read before each use; step 1
+#: reads them fused, step 3 dequantizes them into a full copy first.
+QFETCH_ACTIONS = [
+    A(0, "before", "prefetch", "w", "disk"),
+    A(1, "before", "wait", "w"),
+    A(1, "after", "free", "x"),
+    A(1, "after", "free", "w"),
+    A(2, "before", "prefetch", "w", "disk"),
+    A(3, "before", "wait", "w"),
+    A(3, "before", "dequantize", "w"),
+    A(3, "after", "free", "w"),
+    A(3, "after", "free", "h"),
+]
+
+
+def test_weight_read_quantized_from_its_tier() -> None:
+    p = _stored_weight_problem(budget=100_000)
+    q = quantized_bytes(6400, 4, "int8")
+    scratch = quantize_scratch_bytes(6400, 4)
+    r = validate(p, make_plan(p, QFETCH_ACTIONS, homes={"w": "disk:int8"}))
+    # only the codes travel and sit on the device between the read and the use;
+    # the fused step holds no full copy, the other a full copy beside the codes
+    # while it is made
+    assert r.bytes_moved["disk_read"] == 2 * q
+    assert r.resident_bytes == [40 + q, 40 + q + 40 + 300, 40 + q, 40 + q + 6400 + scratch]
+    assert r.quantize_seconds == pytest.approx((6400 + q) / 1000.0)
+    tight = dataclasses.replace(p, budget_bytes=r.peak_bytes - 1)
+    with pytest.raises(InvalidPlan, match="exceeds the budget"):
+        validate(tight, make_plan(tight, QFETCH_ACTIONS, homes={"w": "disk:int8"}))
+
+
+def test_weight_read_quantized_misuse_is_caught() -> None:
+    p = _stored_weight_problem(budget=100_000)
+    home = {"w": "disk:int8"}
+    no_dequantize = [a for a in QFETCH_ACTIONS if a.kind != "dequantize"]
+    with pytest.raises(InvalidPlan, match="reads 'w', which is stored quantized"):
+        validate(p, make_plan(p, no_dequantize, homes=home))
+    early = [a for a in QFETCH_ACTIONS if not (a.kind == "wait" and a.step == 1)]
+    early.insert(2, A(1, "after", "wait", "w"))  # the fused op ran before the codes came
+    with pytest.raises(InvalidPlan, match="reads 'w', which is still waiting on its prefetch"):
+        validate(p, make_plan(p, early, homes=home))
+    with pytest.raises(InvalidPlan, match="not quantizable as 'int4'"):
+        validate(p, make_plan(p, QFETCH_ACTIONS, homes={"w": "disk:int4"}))
+    unfused = dataclasses.replace(
+        p, tensors=[dataclasses.replace(t, fused_uses=()) for t in p.tensors]
+    )
+    with pytest.raises(InvalidPlan, match="reads 'w', which is stored quantized"):
+        validate(unfused, make_plan(unfused, QFETCH_ACTIONS, homes=home))
+
+
 def test_itemsize() -> None:
     assert [itemsize(d) for d in ("float32", "torch.bfloat16", "int64", "bool")] == [4, 2, 8, 1]
 
