@@ -269,11 +269,15 @@ def _with_stored_option(
     others = [dataclasses.replace(o, spans=o.spans + full_at) for o in options]
     # every use dequantizes the codes: into a full copy, or block by block inside a
     # fused op (which also keeps a free choice from going lossy for nothing)
+    bw = problem.bandwidths
     stored = Option(
         f"{STORED}:{fmt}",
         spans=((0, T - 1, q),),
         extras=tuple((e, fused.get(e, scratch)) for e in events),
-        seconds=len(events) * problem.bandwidths.quantize_seconds(tensor.nbytes + q),
+        seconds=sum(
+            bw.quantize_seconds(tensor.fused_work_bytes(e, q) if e in fused else tensor.nbytes + q)
+            for e in events
+        ),
     )
     return [*others, stored]
 
@@ -319,7 +323,7 @@ def _quantized_fetch_option(
         if all(e in fused for e in run):
             spans.append((first, last, q))
             extras += [(e, fused[e]) for e in run]
-            seconds += len(run) * bw.quantize_seconds(tensor.nbytes + q)
+            seconds += sum(bw.quantize_seconds(tensor.fused_work_bytes(e, q)) for e in run)
         else:
             extras.append((first, q + scratch))
             spans += [(e, e, tensor.nbytes) for e in run if e in fused]

@@ -93,10 +93,21 @@ class Tensor:
     #: (a fused dequant-matmul or lookup), so a weight stored quantized is never
     #: materialized in full there; the bytes are the fused op's extra scratch.
     fused_uses: tuple[tuple[int, int], ...] = ()
+    #: (step, bytes of the rows): the fused uses that are lookups (``embedding``);
+    #: they read only those rows, where the others dequantize the whole weight
+    fused_lookups: tuple[tuple[int, int], ...] = ()
     #: a parameter's gradient that may leave the device as soon as it is made:
     #: written into the parameter's ``.grad`` in its disk tier (file-backed memory
     #: the optimizer reads there) instead of being returned at the end of the step
     deliverable: bool = False
+
+    def fused_work_bytes(self, step: int, quantized_nbytes: int) -> int:
+        """Bytes a fused use at ``step`` dequantizes (codes read plus values made):
+        a lookup's rows, else the whole weight, block by block."""
+        for s, rows in self.fused_lookups:
+            if s == step:
+                return rows
+        return self.nbytes + quantized_nbytes
 
     def last_step(self, num_steps: int) -> int:
         """The last step at which it must exist: its last use, or the end."""

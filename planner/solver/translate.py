@@ -111,6 +111,7 @@ def from_program(
             and not (program.mode == "train" and weight)
             and not any(program.ops[u].target in _SIGN_READERS for u in uses)
         )
+        fused_uses = _fused_uses(program, storage.index, fmt) if quantizable and persistent else ()
         tensors.append(
             Tensor(
                 index=storage.index,
@@ -127,9 +128,8 @@ def from_program(
                 recompute=_recompute_recipe(program, storage.index) if by_op else None,
                 quantizable=quantizable,
                 last_dim=base.shape[-1] if base.shape else 1,
-                fused_uses=_fused_uses(program, storage.index, fmt)
-                if quantizable and persistent
-                else (),
+                fused_uses=fused_uses,
+                fused_lookups=_lookup_rows(program, storage.index, fused_uses),
                 deliverable=storage.index in grad_storages and not pinned,
             )
         )
@@ -251,6 +251,20 @@ def _fused_uses(
         rows = other.numel if position == 0 else other.numel // max(other.shape[-1], 1)
         temp = fused.temp_bytes(op.target, base.shape, rows, base.itemsize, fmt)
         out.append((step, temp))
+    return tuple(out)
+
+
+def _lookup_rows(
+    program: Program, storage_index: int, fused_uses: tuple[tuple[int, int], ...]
+) -> tuple[tuple[int, int], ...]:
+    """(step, bytes of the rows looked up) for the fused uses that are lookups."""
+    base = program.values[program.storages[storage_index].base]
+    out = []
+    for step, _ in fused_uses:
+        op = program.ops[step]
+        if op.target == "aten.embedding.default":
+            ids = program.values[op.inputs[1]]
+            out.append((step, ids.numel * base.shape[-1] * base.itemsize))
     return tuple(out)
 
 

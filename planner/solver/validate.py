@@ -328,6 +328,7 @@ class _Replayer:
             why = self.readable(i)
             if why is not None and self.reads_codes(i, s):
                 scratch += self.fused[i][s]  # reads the quantized codes in a fused op
+                self.spend_fused_time(i, s)
             elif why is not None:
                 raise self.fail(f"reads {tensors[i].name!r}, which is {why}")
         reuse = step.reuse
@@ -435,6 +436,7 @@ class _Replayer:
             why = self.readable(self.by_index[j])
             if why is not None and self.reads_codes(self.by_index[j], r.step):
                 scratch += self.fused[self.by_index[j]][r.step]  # reads the codes
+                self.spend_fused_time(self.by_index[j], r.step)
             elif why is not None:
                 raise self.fail(
                     f"recipe of {t.name!r} reads {tensors[self.by_index[j]].name!r}, which is {why}"
@@ -498,6 +500,11 @@ class _Replayer:
         self.copying += seconds
         self.drop(i)
         self.delivered.add(i)
+
+    def spend_fused_time(self, i: int, s: int) -> None:
+        """A fused op dequantizes what it reads of weight ``i`` as it runs."""
+        q = self.stored.get(i, self.dev_bytes[i])
+        self.spend_quantize_time(self.problem.tensors[i].fused_work_bytes(s, q))
 
     def spend_quantize_time(self, nbytes: int) -> None:
         seconds = self.problem.bandwidths.quantize_seconds(nbytes)

@@ -298,10 +298,27 @@ def test_weight_stored_quantized_fused_and_dequantized_uses() -> None:
     # the codes stay for the whole run; step 1 reads them (fused: 300 B scratch, no
     # full copy), step 3 a full copy made just before it and freed after
     assert r.resident_bytes == [40 + q, 40 + q + 40 + 300, q + 40, q + 40 + 6400 + scratch]
-    assert r.quantize_seconds == pytest.approx((6400 + q) / 1000.0)
+    # the fused step dequantizes the whole weight block by block, the other one copy
+    assert r.quantize_seconds == pytest.approx(2 * (6400 + q) / 1000.0)
     tight = dataclasses.replace(p, budget_bytes=r.peak_bytes - 1)
     with pytest.raises(InvalidPlan, match="exceeds the budget"):
         validate(tight, make_plan(tight, STORED_ACTIONS, homes={"w": "device:int8"}))
+
+
+def test_a_fused_lookup_costs_its_rows_not_the_weight() -> None:
+    """A lookup reads only the rows its ids select: the replay charges those bytes,
+    where a fused matmul dequantizes the whole weight."""
+    p = _stored_weight_problem(budget=100_000)
+    p = dataclasses.replace(
+        p,
+        tensors=[
+            dataclasses.replace(t, fused_lookups=((1, 500),)) if t.name == "w" else t
+            for t in p.tensors
+        ],
+    )
+    q = quantized_bytes(6400, 4, "int8")
+    r = validate(p, make_plan(p, STORED_ACTIONS, homes={"w": "device:int8"}))
+    assert r.quantize_seconds == pytest.approx((500 + 6400 + q) / 1000.0)
 
 
 def test_weight_stored_quantized_misuse_is_caught() -> None:
@@ -347,7 +364,7 @@ def test_weight_read_quantized_from_its_tier() -> None:
     # while it is made
     assert r.bytes_moved["disk_read"] == 2 * q
     assert r.resident_bytes == [40 + q, 40 + q + 40 + 300, 40 + q, 40 + q + 6400 + scratch]
-    assert r.quantize_seconds == pytest.approx((6400 + q) / 1000.0)
+    assert r.quantize_seconds == pytest.approx(2 * (6400 + q) / 1000.0)
     tight = dataclasses.replace(p, budget_bytes=r.peak_bytes - 1)
     with pytest.raises(InvalidPlan, match="exceeds the budget"):
         validate(tight, make_plan(tight, QFETCH_ACTIONS, homes={"w": "disk:int8"}))
