@@ -366,7 +366,8 @@ class _Emitter:
         elif a.kind == "prefetch":
             h = self._fresh(f"pending_{self.program.values[base].name}")
             self.handles[s] = h
-            L.append(f"    {h} = rt.prefetch({key}, {a.tier!r})  # {a.kind} from {a.tier}")
+            codes = " (its codes)" if s in self.quantized_in_tier else ""
+            L.append(f"    {h} = rt.prefetch({key}, {a.tier!r})  # {a.kind} from {a.tier}{codes}")
         elif a.kind == "wait":
             h = self.handles.pop(s)
             if s in self.writing:  # an offload's write: the device copy stays until free
