@@ -1,6 +1,6 @@
 """Lossy storage (``quantize=``): memory, time and accuracy of quantized plans.
 
-Three parts, all in one process, each plan on a freshly built (identically seeded)
+Four parts, all in one process, each plan on a freshly built (identically seeded)
 model; planning releases offloaded / quantized weights from the model it is given,
 so every comparison is against a separate, untouched reference model:
 
@@ -10,7 +10,7 @@ so every comparison is against a separate, untouched reference model:
   ``planner.plan(model, budget, inputs, quantize=q)``; measured peak
   (``run_measured``), seconds per forward (``time_call``, median of 5), the weights
   the plan stores quantized (home ``device:<format>``: count, fp32 bytes, stored
-  bytes), and the logits against the reference model over 8 random token batches:
+  bytes), and the logits against the reference model over 32 random token batches:
   top-1 agreement (mean and min over batches) and relative L2 error (mean). The
   first row is the eager model (median of 5 forwards under ``no_grad``; peak from
   ``planner.measure_unplanned``). When no lossless plan fits at any of these
@@ -30,6 +30,18 @@ so every comparison is against a separate, untouched reference model:
   budget plans int8 with (de)quantization priced at memory speed (as the Triton
   kernels run on a GPU): on a CPU whose torch kernels are slow, the solver prefers a
   lossless plan wherever one fits, and that row shows int8 storage itself.
+- D. weights read quantized from disk, inference, ``examples/mlp.py:make_mlp``
+  (8 Linear(512, 512) + GELU and a head, batch 64). W = fp32 weight bytes. For
+  budgets 0.3 W, 0.2 W and 0.15 W, three rows: ``quantize=None`` and "int8" with
+  the "cpu" profile, and "int8" with (de)quantization priced at memory speed (as in
+  C). Per row: measured peak (``run_measured``), seconds per forward (``time_call``,
+  median of 5) and the eager reference timed right after it, the number of weights
+  with home "disk:int8" (int8 codes on disk, read before each run of uses),
+  "device:int8" and "disk" (full fp32 copy on disk), the disk bytes one forward
+  reads as the plan's replay predicts
+  (``planner.solver.validate.validate(...).bytes_moved["disk_read"]``), and the
+  output's relative L2 error against the reference model. A budget no plan of a row
+  meets is reported with ``BudgetTooSmall``'s ``min_budget``.
 
 The machine is shared, so the eager reference is timed again next to every plan
 (inference: right after the plan's forwards; training: its steps alternating with
@@ -37,7 +49,8 @@ the plan's) and ``x eager`` divides by that nearby time.
 
     python benchmarks/quantize_bench.py --out BENCHMARKS_quantize.md
 
-A full run takes 1-4 minutes on a loaded 2-core CPU (most of it planning).
+A full run takes about 1.5 minutes on an idle 2-core CPU and over 5 minutes when
+other jobs share it (most of it planning).
 """
 
 from __future__ import annotations
@@ -52,6 +65,7 @@ import sys
 import time
 import traceback
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +80,7 @@ from bench_common import short_error, uptime, write_report  # noqa: E402
 
 import planner  # noqa: E402
 from planner.passes.device_profile import get_profile  # noqa: E402
+from planner.solver.validate import validate  # noqa: E402
 
 log = logging.getLogger("quantize_bench")
 MiB = 1 << 20
@@ -97,11 +112,9 @@ def plan_summary(pm: Any, plan_seconds: float) -> dict[str, Any]:
     stored = sum(
         b.numel() * b.element_size() for n, b in pm.named_buffers() if n.startswith("stored_")
     )
-    tiers = sum(
-        1
-        for d in plan.tensors
-        if d.kind in ("param", "buffer") and ":" in d.home and not d.home.startswith("device")
-    )
+    homes = Counter(d.home for d in plan.tensors if d.kind in ("param", "buffer"))
+    # weights whose home is a tier (host, disk, or a quantized copy there)
+    tiers = sum(n for home, n in homes.items() if home.split(":", 1)[0] != "device")
     decisions = [d for d in plan.tensors if "quantize" in d.decision]
     return {
         "solver": f"{plan.solver.status} {plan.solver.seconds:.1f} s",
@@ -111,6 +124,7 @@ def plan_summary(pm: Any, plan_seconds: float) -> dict[str, Any]:
         "stored_fp32_bytes": sum(d.nbytes for d in quantized),
         "stored_bytes": stored,
         "n_tier_weights": tiers,
+        "homes": dict(homes),
         "n_quantize_decisions": len(decisions),
         "quantize_decision_bytes": sum(d.nbytes for d in decisions),
         "formats": sorted(
@@ -530,6 +544,179 @@ def render_training(res: dict[str, Any]) -> list[str]:
     return lines
 
 
+# --------------------------------------------------------------------------- D
+
+DISK_HOMES = ("disk:int8", "device:int8", "disk")  # the homes part D counts
+
+
+@dataclass
+class DiskRow:
+    label: str
+    budget: int
+    quantize: str | None
+    error: str | None = None
+    min_budget: int | None = None
+    peak: int | None = None
+    seconds: float | None = None
+    eager_seconds: float | None = None
+    disk_read: int | None = None  # bytes per forward, as the plan's replay predicts
+    rel_l2: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def bench_disk(args: argparse.Namespace) -> dict[str, Any]:
+    from mlp import make_mlp
+
+    reference, inputs = make_mlp()
+    reference.eval()
+    W = weight_bytes(reference)
+    with torch.no_grad():
+        ref_out = reference(*inputs).float()
+
+    def eager_forward() -> None:
+        with torch.no_grad():
+            reference(*inputs)
+
+    cpu = get_profile("cpu")
+    fast = dataclasses.replace(cpu, quantize_bandwidth=cpu.memory_bandwidth)
+    configs = ((None, cpu, ""), ("int8", cpu, ""), ("int8", fast, ", GPU-priced"))
+    rows = []
+    for share in args.mlp_budgets:
+        budget = int(share * W)
+        for q, row_profile, note in configs:
+            row = DiskRow(f"{q or 'none'}{note} @ {share:g} W", budget, q)
+            rows.append(row)
+            model, _ = make_mlp()
+            model.eval()
+            start = time.perf_counter()
+            try:
+                pm = planner.plan(
+                    model,
+                    budget,
+                    example_inputs=inputs,
+                    quantize=q,
+                    time_limit=args.time_limit,
+                    profile=row_profile,
+                )
+            except planner.BudgetTooSmall as exc:
+                row.error = "does not fit"
+                row.min_budget = int(exc.min_budget)
+                log.info("%s: BudgetTooSmall (min %s)", row.label, exc.min_budget)
+                continue
+            except Exception as exc:
+                traceback.print_exc()
+                row.error = short_error(exc)
+                continue
+            try:
+                row.extra = plan_summary(pm, time.perf_counter() - start)
+                row.disk_read = validate(pm.problem, pm.plan).bytes_moved["disk_read"]
+                pm.run_measured(*inputs)
+                row.peak = pm.measured.peak_bytes
+                row.seconds = pm.time_call(*inputs, repeats=args.repeats)
+                row.eager_seconds = median_seconds(eager_forward, args.repeats)
+                with torch.no_grad():
+                    out = pm(*inputs).float()
+                row.rel_l2 = ((out - ref_out).norm() / ref_out.norm()).item()
+                log.info(
+                    "%s: %s, homes %s, peak %.2f MiB, %.4f s/forward, disk read %.2f MiB, "
+                    "rel L2 %.2e",
+                    row.label,
+                    row.extra["solver"],
+                    row.extra["homes"],
+                    row.peak / MiB,
+                    row.seconds,
+                    row.disk_read / MiB,
+                    row.rel_l2,
+                )
+            except Exception as exc:
+                traceback.print_exc()
+                row.error = short_error(exc)
+            finally:
+                pm.close()
+                del pm, model
+    return {"W": W, "rows": rows, "shape": tuple(inputs[0].shape)}
+
+
+def render_disk(res: dict[str, Any]) -> list[str]:
+    W = res["W"]
+    lines = [
+        "| config | budget MiB (x W) | solver (status, s) | measured peak MiB | peak / budget "
+        "| s/forward | eager s (nearby) | x eager | weights with home disk:int8 / "
+        "device:int8 / disk | disk MiB read per forward (replay) | rel. L2 error of output |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        budget = f"{_mib(r.budget)} ({r.budget / W:.2f})"
+        if r.error:
+            detail = r.error
+            if r.min_budget is not None:
+                detail += f" (min_budget {_mib(r.min_budget)} MiB = {r.min_budget / W:.3f} W)"
+            lines.append(f"| {r.label} | {budget} | - | - | - | - | - | - | {detail} | - | - |")
+            continue
+        homes = r.extra.get("homes", {})
+        counts = " / ".join(str(homes.get(h, 0)) for h in DISK_HOMES)
+        lines.append(
+            f"| {r.label} | {budget} | {r.extra.get('solver', '-')} | {_mib(r.peak)} | "
+            f"{r.peak / r.budget:.3f} | {r.seconds:.4f} | {r.eager_seconds:.4f} | "
+            f"{r.seconds / r.eager_seconds:.2f} | {counts} | {_mib(r.disk_read)} | "
+            f"{r.rel_l2:.2e} |"
+        )
+    return lines
+
+
+def disk_facts(res: dict[str, Any]) -> str:
+    """One paragraph of what part D measured, read off its rows."""
+    W = res["W"]
+    ran = [r for r in res["rows"] if not r.error]
+    facts = []
+    qfetch = [r for r in ran if r.extra.get("homes", {}).get("disk:int8")]
+    if qfetch:
+        facts.append(
+            "Plans with int8 codes at home on disk: "
+            + "; ".join(f"{r.label} ({r.extra['homes']['disk:int8']} weights)" for r in qfetch)
+            + "."
+        )
+    else:
+        facts.append("No plan put a weight's int8 codes at home on disk.")
+    no_fit = [r for r in res["rows"] if r.min_budget is not None]
+    if no_fit:
+        facts.append(
+            "Did not fit: "
+            + "; ".join(f"{r.label} (min_budget {r.min_budget / W:.3f} W)" for r in no_fit)
+            + "."
+        )
+    by_budget: dict[int, list[DiskRow]] = {}
+    for r in ran:
+        by_budget.setdefault(r.budget, []).append(r)
+    reads = []
+    for budget, rs in by_budget.items():
+        reads.append(
+            f"{budget / W:.2g} W: "
+            + ", ".join(f"`{r.label.split(' @ ')[0]}` {_mib(r.disk_read)}" for r in rs)
+        )
+    if reads:
+        facts.append("Disk MiB read per forward (replay) at " + "; ".join(reads) + ".")
+    exact = [r for r in ran if r.rel_l2 == 0.0]
+    lossy = [r for r in ran if r.rel_l2 != 0.0]
+    if exact:
+        facts.append(
+            f"Output identical to the reference (rel. L2 error 0): {len(exact)} of "
+            f"{len(ran)} plans that ran"
+            + (f" ({', '.join(r.label for r in exact)})" if len(exact) <= 4 else "")
+            + "."
+        )
+    if lossy:
+        errs = [r.rel_l2 for r in lossy]
+        facts.append(
+            f"Other plans: rel. L2 error {min(errs):.2e} to {max(errs):.2e}."
+            if min(errs) != max(errs)
+            else f"Other plans: rel. L2 error {errs[0]:.2e}."
+        )
+    within = [r for r in ran if r.peak is not None and r.peak <= r.budget]
+    facts.append(f"Measured peak within the budget: {len(within)} of {len(ran)} plans.")
+    return " ".join(facts)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -537,6 +724,7 @@ def render(
     info: dict[str, Any],
     inf: dict[str, Any] | None,
     tr: dict[str, Any] | None,
+    dk: dict[str, Any] | None,
     args: argparse.Namespace,
 ) -> str:
     out = ["# Lossy storage benchmark: `quantize=` plans", ""]
@@ -603,6 +791,32 @@ def render(
         )
         out.append("")
         out += render_training(tr)
+    if dk is not None:
+        W = dk["W"]
+        out += [
+            "",
+            "## D. Weights read quantized from disk: MLP example inference "
+            "(`examples/mlp.py:make_mlp`)",
+            "",
+        ]
+        out.append(
+            f"W = fp32 weight bytes = {_mib(W)} MiB (8 Linear(512, 512) + GELU, a "
+            f"Linear(512, 10) head; batch {dk['shape'][0]} x {dk['shape'][1]}). Rows: "
+            '`quantize=None` and `"int8"` with the `cpu` profile (torch (de)quantizers '
+            'priced at its `quantize_bandwidth`), and `"int8"` with (de)quantization '
+            "priced at memory speed (`GPU-priced`, as in C). Weight homes from "
+            "`pm.plan.tensors`: `disk:int8` = the weight's int8 codes live on disk and "
+            "each run of uses reads only them; `device:int8` = codes + scales held on "
+            "the device; `disk` = a full fp32 copy on disk. Disk bytes per forward: "
+            '`validate(pm.problem, pm.plan).bytes_moved["disk_read"]` (the plan\'s '
+            "replay, not a measurement). Peak: `pm.run_measured`. Time: median of "
+            f"{args.repeats} forwards (`pm.time_call`), then the eager reference (median "
+            f"of {args.repeats} under `no_grad`) right after it. Error: "
+            "||planned - ref|| / ||ref|| of the output on the example batch."
+        )
+        out.append("")
+        out += render_disk(dk)
+        out += ["", disk_facts(dk)]
     out += [
         "",
         "## How to read",
@@ -612,7 +826,10 @@ def render(
         "and recomputation only, and `does not fit` gives the smallest budget that can. "
         "Inference (A): `weights stored quantized` are weights the planned module holds "
         "only as codes + scales (home `device:<format>`); the accuracy columns are what "
-        "that costs, the time column what the fused dequantizing reads cost. A lossless "
+        "that costs, the time column what the fused dequantizing reads cost; a lookup "
+        "(`aten.embedding`) of such a weight gathers exact fp32 rows from the weight's "
+        "full copy in the offload directory, so only its other reads see the codes. "
+        "`weights offloaded`: weights whose home is a tier (host, disk). A lossless "
         "plan that fits is bit-identical to eager (100% agreement, zero error). Top-1 "
         "agreement on this random-weight GPT-2 is a pessimistic figure: its logits are "
         "nearly flat, and table B shows how many positions have a top-1/top-2 gap "
@@ -620,7 +837,10 @@ def render(
         "(C): a `quantize:` decision there stores a tensor quantized between its uses "
         "(typically an activation saved for the backward), so the forward, hence the "
         "loss, can be exact while gradients move slightly; the min cosine column is the "
-        "worst parameter. Numbers come from a shared, noisy 2-core VM (see the load "
+        "worst parameter. Disk (D): a `disk:int8` home is a weight kept only as int8 "
+        "codes on disk, read before each run of its uses; the disk column is what the "
+        "plan's replay moves, the error column what the codes cost. Numbers come from "
+        "a shared, noisy 2-core VM (see the load "
         "above): time ratios within ~20% are noise, and the CNN's steps take tens of "
         "milliseconds, where fixed per-call costs dominate.",
         "",
@@ -635,7 +855,12 @@ def render(
 
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", nargs="+", default=["infer", "train"], choices=["infer", "train"])
+    ap.add_argument(
+        "--parts",
+        nargs="+",
+        default=["infer", "train", "disk"],
+        choices=["infer", "train", "disk"],
+    )
     ap.add_argument(
         "--gpt2-budgets",
         nargs="+",
@@ -650,7 +875,14 @@ def main(argv: list[str] | None = None) -> str:
         default=[0.3, 0.45, 0.6],
         help="budgets as multiples of the unplanned training peak P",
     )
-    ap.add_argument("--batches", type=int, default=8, help="token batches for accuracy")
+    ap.add_argument(
+        "--mlp-budgets",
+        nargs="+",
+        type=float,
+        default=[0.3, 0.2, 0.15],
+        help="part D budgets as multiples of the MLP's fp32 weight bytes W",
+    )
+    ap.add_argument("--batches", type=int, default=32, help="token batches for accuracy")
     ap.add_argument("--repeats", type=int, default=5, help="timed forwards per row")
     ap.add_argument("--step-repeats", type=int, default=3, help="timed train steps per row")
     ap.add_argument("--time-limit", type=float, default=20.0, help="solver seconds per plan")
@@ -672,9 +904,10 @@ def main(argv: list[str] | None = None) -> str:
     }
     inf = bench_inference(args) if "infer" in args.parts else None
     tr = bench_training(args) if "train" in args.parts else None
+    dk = bench_disk(args) if "disk" in args.parts else None
     info["load_after"] = uptime()
     info["wall"] = time.perf_counter() - start
-    text = render(info, inf, tr, args)
+    text = render(info, inf, tr, dk, args)
     print(text)
     if args.out:
         write_report(args.out, text)
