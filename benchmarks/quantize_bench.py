@@ -106,6 +106,22 @@ def median_seconds(fn: Any, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def plan_or_record(row: Any, model: torch.nn.Module, budget: int, inputs: tuple, **kw: Any) -> Any:
+    """``planner.plan(model, budget, example_inputs=inputs, **kw)``, or None with the
+    failure recorded on ``row`` (``does not fit`` and its min_budget, or the error):
+    a row that cannot plan is reported, it does not abort the benchmark."""
+    try:
+        return planner.plan(model, budget, example_inputs=inputs, **kw)
+    except planner.BudgetTooSmall as exc:
+        row.error = "does not fit"
+        row.min_budget = int(exc.min_budget)
+        log.info("%s: BudgetTooSmall (min %s)", row.label, exc.min_budget)
+    except Exception as exc:  # report, don't abort the benchmark
+        traceback.print_exc()
+        row.error = short_error(exc)
+    return None
+
+
 def plan_summary(pm: Any, plan_seconds: float) -> dict[str, Any]:
     plan = pm.plan
     quantized = [d for d in plan.tensors if d.home.startswith("device:")]
@@ -199,18 +215,8 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
         model, _ = make_gpt2()
         model.eval()
         start = time.perf_counter()
-        try:
-            pm = planner.plan(
-                model, budget, example_inputs=inputs, quantize=q, time_limit=args.time_limit
-            )
-        except planner.BudgetTooSmall as exc:
-            row.error = "does not fit"
-            row.min_budget = int(exc.min_budget)
-            log.info("%s: BudgetTooSmall (min %s)", row.label, exc.min_budget)
-            return row, agree_pos
-        except Exception as exc:  # report, don't abort the benchmark
-            traceback.print_exc()
-            row.error = short_error(exc)
+        pm = plan_or_record(row, model, budget, inputs, quantize=q, time_limit=args.time_limit)
+        if pm is None:
             return row, agree_pos
         try:
             row.extra = plan_summary(pm, time.perf_counter() - start)
@@ -441,24 +447,17 @@ def bench_training(args: argparse.Namespace) -> dict[str, Any]:
             model, _ = make_resnet()
             params = dict(model.named_parameters())  # before planning (it may release them)
             start = time.perf_counter()
-            try:
-                pm = planner.plan(
-                    model,
-                    budget,
-                    example_inputs=inputs,
-                    mode="train",
-                    quantize=q,
-                    time_limit=args.time_limit,
-                    profile=row_profile,
-                )
-            except planner.BudgetTooSmall as exc:
-                row.error = "does not fit"
-                row.min_budget = int(exc.min_budget)
-                log.info("%s: BudgetTooSmall (min %s)", row.label, exc.min_budget)
-                continue
-            except Exception as exc:
-                traceback.print_exc()
-                row.error = short_error(exc)
+            pm = plan_or_record(
+                row,
+                model,
+                budget,
+                inputs,
+                mode="train",
+                quantize=q,
+                time_limit=args.time_limit,
+                profile=row_profile,
+            )
+            if pm is None:
                 continue
             try:
                 row.extra = plan_summary(pm, time.perf_counter() - start)
@@ -589,23 +588,16 @@ def bench_disk(args: argparse.Namespace) -> dict[str, Any]:
             model, _ = make_mlp()
             model.eval()
             start = time.perf_counter()
-            try:
-                pm = planner.plan(
-                    model,
-                    budget,
-                    example_inputs=inputs,
-                    quantize=q,
-                    time_limit=args.time_limit,
-                    profile=row_profile,
-                )
-            except planner.BudgetTooSmall as exc:
-                row.error = "does not fit"
-                row.min_budget = int(exc.min_budget)
-                log.info("%s: BudgetTooSmall (min %s)", row.label, exc.min_budget)
-                continue
-            except Exception as exc:
-                traceback.print_exc()
-                row.error = short_error(exc)
+            pm = plan_or_record(
+                row,
+                model,
+                budget,
+                inputs,
+                quantize=q,
+                time_limit=args.time_limit,
+                profile=row_profile,
+            )
+            if pm is None:
                 continue
             try:
                 row.extra = plan_summary(pm, time.perf_counter() - start)
