@@ -437,7 +437,11 @@ def bench_training(args: argparse.Namespace) -> dict[str, Any]:
     # the same profile with (de)quantization priced at memory speed, as the Triton
     # kernels run on a GPU: where this CPU's slow torch kernels make the solver
     # prefer a lossless plan, these rows show what int8 storage itself costs
-    fast = dataclasses.replace(profile, quantize_bandwidth=profile.memory_bandwidth)
+    fast = dataclasses.replace(
+        profile,
+        quantize_bandwidth=profile.memory_bandwidth,
+        dequantize_bandwidth=profile.memory_bandwidth,
+    )
     configs = ((None, profile, ""), ("int8", profile, ""), ("int8", fast, ", GPU-priced"))
     for share in args.cnn_budgets:
         budget = int(share * P)
@@ -577,7 +581,9 @@ def bench_disk(args: argparse.Namespace) -> dict[str, Any]:
             reference(*inputs)
 
     cpu = get_profile("cpu")
-    fast = dataclasses.replace(cpu, quantize_bandwidth=cpu.memory_bandwidth)
+    fast = dataclasses.replace(
+        cpu, quantize_bandwidth=cpu.memory_bandwidth, dequantize_bandwidth=cpu.memory_bandwidth
+    )
     configs = ((None, cpu, ""), ("int8", cpu, ""), ("int8", fast, ", GPU-priced"))
     rows = []
     for share in args.mlp_budgets:

@@ -99,7 +99,9 @@ def test_no_quantization_when_the_budget_does_not_need_it() -> None:
 #: down to ~27% of the CNN's training peak; the training tests below exercise the
 #: lossy path itself, so they price it as a GPU would.
 FAST_QUANTIZE = dataclasses.replace(
-    planner.get_profile("cpu"), quantize_bandwidth=planner.get_profile("cpu").memory_bandwidth
+    planner.get_profile("cpu"),
+    quantize_bandwidth=planner.get_profile("cpu").memory_bandwidth,
+    dequantize_bandwidth=planner.get_profile("cpu").memory_bandwidth,
 )
 
 

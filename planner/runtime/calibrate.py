@@ -147,10 +147,10 @@ def measure_memory_bandwidth(
 
 def measure_quantize_bandwidth(
     device: torch.device, sizes: CalibrationSizes, sync: Callable[[], None]
-) -> float:
-    """Bytes/s of the runtime's own int8 quantize and dequantize (Triton on CUDA,
-    the blocked torch reference elsewhere), counted as the solver charges a pass:
-    the full-precision bytes plus the codes."""
+) -> tuple[float, float]:
+    """Bytes/s of the runtime's own int8 quantize, and of its dequantize (Triton on
+    CUDA, the blocked torch reference elsewhere), counted as the solver charges a
+    pass: the full-precision bytes plus the codes."""
     from planner.runtime.copy_engine import CopyEngine
     from planner.runtime.runtime import Runtime
 
@@ -161,9 +161,9 @@ def measure_quantize_bandwidth(
     codes = sum(t.numel() * t.element_size() for t in q.parts().values())
     quantize_s = _best_seconds(lambda: rt.quantize(x, "int8"), sync, sizes.repeats)
     dequantize_s = _best_seconds(lambda: rt.dequantize(q), sync, sizes.repeats)
-    bandwidth = 2 * (nbytes + codes) / (quantize_s + dequantize_s)
-    logger.info("int8 (de)quantize: %.3g B/s", bandwidth)
-    return bandwidth
+    quantize_bw, dequantize_bw = (nbytes + codes) / quantize_s, (nbytes + codes) / dequantize_s
+    logger.info("int8 quantize: %.3g B/s, dequantize: %.3g B/s", quantize_bw, dequantize_bw)
+    return quantize_bw, dequantize_bw
 
 
 def measure_host_bandwidth(
@@ -334,7 +334,7 @@ def calibrate(
     memory_bandwidth = measure_memory_bandwidth(dev, sizes, sync)
     host_bandwidth = measure_host_bandwidth(dev, sizes, sync) if dev.type == "cuda" else None
     op_overhead = measure_op_overhead(dev, sizes, sync)
-    quantize_bandwidth = measure_quantize_bandwidth(dev, sizes, sync)
+    quantize_bandwidth, dequantize_bandwidth = measure_quantize_bandwidth(dev, sizes, sync)
     disk_read, disk_write = measure_disk_bandwidth(disk_dir, sizes)
     read_latency, write_latency = measure_store_latency(disk_dir, disk_read, disk_write)
     name = (
@@ -354,6 +354,7 @@ def calibrate(
         disk_write_latency_seconds=write_latency,
         disk_read_latency_seconds=read_latency,
         quantize_bandwidth=quantize_bandwidth,
+        dequantize_bandwidth=dequantize_bandwidth,
     )
 
 

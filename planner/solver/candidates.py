@@ -275,7 +275,9 @@ def _with_stored_option(
         spans=((0, T - 1, q),),
         extras=tuple((e, fused.get(e, scratch)) for e in events),
         seconds=sum(
-            bw.quantize_seconds(tensor.fused_work_bytes(e, q) if e in fused else tensor.nbytes + q)
+            bw.dequantize_seconds(
+                tensor.fused_work_bytes(e, q) if e in fused else tensor.nbytes + q
+            )
             for e in events
         ),
     )
@@ -323,11 +325,11 @@ def _quantized_fetch_option(
         if all(e in fused for e in run):
             spans.append((first, last, q))
             extras += [(e, fused[e]) for e in run]
-            seconds += sum(bw.quantize_seconds(tensor.fused_work_bytes(e, q)) for e in run)
+            seconds += sum(bw.dequantize_seconds(tensor.fused_work_bytes(e, q)) for e in run)
         else:
             extras.append((first, q + scratch))
             spans += [(e, e, tensor.nbytes) for e in run if e in fused]
-            seconds += bw.quantize_seconds(tensor.nbytes + q)
+            seconds += bw.dequantize_seconds(tensor.nbytes + q)
         lo = last + 1
     return Option(
         f"{QFETCH}:{tier}",
@@ -425,7 +427,8 @@ def _gap_options(problem: Problem, tensor: Tensor, a: int, b: int) -> list[Optio
         size = _itemsize(tensor.dtype)
         q = quantized_bytes(tensor.nbytes, size, fmt, tensor.last_dim)
         both = q + quantize_scratch_bytes(tensor.nbytes, size)  # beside the full copy
-        seconds = 2 * problem.bandwidths.quantize_seconds(tensor.nbytes + q)
+        bw = problem.bandwidths
+        seconds = bw.quantize_seconds(tensor.nbytes + q) + bw.dequantize_seconds(tensor.nbytes + q)
         uses = "weights" if tensor.persistent else "activations"
         if uses in problem.quantize_uses:
             options.append(

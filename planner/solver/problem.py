@@ -137,6 +137,7 @@ class Bandwidths:
     memory: float = 1e11  # device memory bandwidth (copies on the device)
     #: bytes/s of a (de)quantize pass (full-precision bytes + codes); None: ``memory``
     quantize: float | None = None
+    dequantize: float | None = None
     disk_read_latency: float = 0.0  # fixed seconds per copy from / to disk
     disk_write_latency: float = 0.0
     #: share of a copy's channel time that compute loses to it: 0 where copy
@@ -179,8 +180,12 @@ class Bandwidths:
         return self.copy_compute_share * self.copy_seconds(channel, nbytes)
 
     def quantize_seconds(self, nbytes: int) -> float:
-        """One (de)quantize pass over ``nbytes`` (the tensor's and its codes')."""
+        """One quantize pass over ``nbytes`` (the tensor's and its codes')."""
         return nbytes / (self.quantize or self.memory)
+
+    def dequantize_seconds(self, nbytes: int) -> float:
+        """One dequantize pass over ``nbytes`` (``dequantize``, else as quantizing)."""
+        return nbytes / (self.dequantize or self.quantize or self.memory)
 
     def deliver_seconds(self, nbytes: int) -> float:
         """Compute time of delivering a gradient: one synchronous pass that reads

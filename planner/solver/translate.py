@@ -140,6 +140,7 @@ def from_program(
         device_to_host=profile.host_bandwidth,
         memory=profile.memory_bandwidth,
         quantize=profile.quantize_throughput,
+        dequantize=profile.dequantize_throughput,
         disk_read_latency=profile.disk_read_latency_seconds,
         disk_write_latency=profile.disk_write_latency_seconds,
         copy_compute_share=profile.compute_lost_to_copies,

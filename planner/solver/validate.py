@@ -477,7 +477,7 @@ class _Replayer:
                 raise self.fail(f"{t.name!r} already has a full-precision copy")
             self.place(i, t.nbytes, READY)
             self.note(self.used + self.scratch(t))
-            self.spend_quantize_time(t.nbytes + self.stored[i])
+            self.spend_quantize_time(dequantize=True, nbytes=t.nbytes + self.stored[i])
             return
         if self.status[i] != READY or self.dev_fmt[i] is None:
             raise self.fail(f"{t.name!r} is not resident quantized, so cannot be dequantized")
@@ -487,7 +487,7 @@ class _Replayer:
         self.note(self.used + t.nbytes + self.scratch(t))  # both copies exist while it runs
         self.drop(i)
         self.place(i, t.nbytes, READY)
-        self.spend_quantize_time(t.nbytes + q)
+        self.spend_quantize_time(dequantize=True, nbytes=t.nbytes + q)
 
     def do_deliver(self, i: int, a: Action) -> None:
         t = self.problem.tensors[i]
@@ -504,10 +504,13 @@ class _Replayer:
     def spend_fused_time(self, i: int, s: int) -> None:
         """A fused op dequantizes what it reads of weight ``i`` as it runs."""
         q = self.stored.get(i, self.dev_bytes[i])
-        self.spend_quantize_time(self.problem.tensors[i].fused_work_bytes(s, q))
+        self.spend_quantize_time(
+            dequantize=True, nbytes=self.problem.tensors[i].fused_work_bytes(s, q)
+        )
 
-    def spend_quantize_time(self, nbytes: int) -> None:
-        seconds = self.problem.bandwidths.quantize_seconds(nbytes)
+    def spend_quantize_time(self, nbytes: int, dequantize: bool = False) -> None:
+        bw = self.problem.bandwidths
+        seconds = bw.dequantize_seconds(nbytes) if dequantize else bw.quantize_seconds(nbytes)
         self.clock += seconds
         self.quant += seconds
 

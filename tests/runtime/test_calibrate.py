@@ -59,6 +59,9 @@ def test_quick_calibration_is_plausible(quick_profile: DeviceProfile) -> None:
     ):
         assert 0 <= latency < 5e-2
     assert quick_profile.disk_write_latency_seconds > 0
+    # both int8 passes measured, and neither far above what memory could stream
+    for bandwidth in (quick_profile.quantize_bandwidth, quick_profile.dequantize_bandwidth):
+        assert bandwidth is not None and 1e6 < bandwidth < 10 * quick_profile.memory_bandwidth
 
 
 def test_profiles_saved_before_copy_latencies_still_load(tmp_path: Path) -> None:

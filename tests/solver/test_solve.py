@@ -253,7 +253,9 @@ def _stored_problem(fraction: float) -> Problem:
     make streaming from disk the cheaper choice there)."""
     analysis = _analysis("example:mlp", "infer")
     profile = dataclasses.replace(
-        analysis.profile, quantize_bandwidth=analysis.profile.memory_bandwidth
+        analysis.profile,
+        quantize_bandwidth=analysis.profile.memory_bandwidth,
+        dequantize_bandwidth=analysis.profile.memory_bandwidth,
     )
     problem = from_program(
         analysis.program, 1, profile, quantize="int8", min_movable_bytes=MIN_MOVABLE

@@ -305,6 +305,17 @@ def test_weight_stored_quantized_fused_and_dequantized_uses() -> None:
         validate(tight, make_plan(tight, STORED_ACTIONS, homes={"w": "device:int8"}))
 
 
+def test_dequantizing_has_its_own_price() -> None:
+    """With a dequantize bandwidth of its own, the fused read and the full copy
+    made before the plain use are charged at it (weights are quantized at plan
+    time: nothing here is charged at the quantize price)."""
+    p = _stored_weight_problem(budget=100_000)
+    p = dataclasses.replace(p, bandwidths=dataclasses.replace(p.bandwidths, dequantize=4000.0))
+    q = quantized_bytes(6400, 4, "int8")
+    r = validate(p, make_plan(p, STORED_ACTIONS, homes={"w": "device:int8"}))
+    assert r.quantize_seconds == pytest.approx(2 * (6400 + q) / 4000.0)
+
+
 def test_a_fused_lookup_costs_its_rows_not_the_weight() -> None:
     """A lookup reads only the rows its ids select: the replay charges those bytes,
     where a fused matmul dequantizes the whole weight."""
