@@ -140,9 +140,9 @@ class Bandwidths:
     dequantize: float | None = None
     disk_read_latency: float = 0.0  # fixed seconds per copy from / to disk
     disk_write_latency: float = 0.0
-    #: share of a copy's channel time that compute loses to it: 0 where copy
-    #: engines do the work (CUDA), 1 on a CPU device, whose copy threads run the
-    #: memcpy and syscalls on the cores the ops use
+    #: share of a copy's CPU work that compute loses to it: 0 where copy engines do
+    #: the work (CUDA), 1 on a CPU device, whose copy threads run the memcpy and
+    #: syscalls on the cores the ops use (see ``copy_compute_seconds``)
     copy_compute_share: float = 0.0
 
     def read(self, tier: str) -> float:
@@ -174,10 +174,22 @@ class Bandwidths:
         return nbytes / self.of(channel) + fixed
 
     def copy_compute_seconds(self, channel: tuple[str, str], nbytes: int) -> float:
-        """Compute time one copy takes from the ops (see ``copy_compute_share``)."""
+        """Compute time one copy takes from the ops (see ``copy_compute_share``): its
+        CPU work. A write's is its channel time (the page cache takes the bytes at
+        about disk-write speed on the machines measured: 0.5 GB/s here). A read's is
+        its fixed cost plus a memcpy of its bytes, not the disk's time: the device
+        fills the page cache on its own (a wait the channel model charges as a
+        stall), and a file still in the page cache is a memcpy away (13-19 GB/s
+        here, where charging 2 GB/s made the MLP's estimates 2x high)."""
         if not self.copy_compute_share:
             return 0.0
-        return self.copy_compute_share * self.copy_seconds(channel, nbytes)
+        tier, direction = channel
+        if direction == "read":
+            fixed = self.disk_read_latency if tier == DISK else 0.0
+            work = fixed + nbytes / self.memory
+        else:
+            work = self.copy_seconds(channel, nbytes)
+        return self.copy_compute_share * work
 
     def quantize_seconds(self, nbytes: int) -> float:
         """One quantize pass over ``nbytes`` (the tensor's and its codes')."""

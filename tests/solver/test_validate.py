@@ -696,6 +696,23 @@ def test_disk_copies_pay_a_fixed_latency() -> None:
     assert uncovered == pytest.approx(2.5 - 1.0)
 
 
+def test_a_copy_costs_the_cpu_its_work_not_the_disk_wait() -> None:
+    """On a CPU device a read takes its fixed cost plus a memcpy of its bytes from
+    the ops (the disk's time is the channel's, a stall if nothing hides it); a
+    write takes its channel time. The validator charges the same."""
+    cpu = dataclasses.replace(
+        BW, disk_read_latency=0.5, disk_write_latency=0.25, copy_compute_share=1.0
+    )
+    assert cpu.copy_compute_seconds((DISK, "read"), 100) == pytest.approx(0.5 + 100 / 1000)
+    assert cpu.copy_compute_seconds((DISK, "write"), 100) == pytest.approx(100 / 100 + 0.25)
+    half = dataclasses.replace(cpu, copy_compute_share=0.5)
+    assert half.copy_compute_seconds((DISK, "read"), 100) == pytest.approx(0.5 * (0.5 + 0.1))
+    assert BW.copy_compute_seconds((DISK, "read"), 100) == 0.0  # copy engines: no share
+    p = _fetched_weight_problem(cpu)
+    r = validate(p, make_plan(p, FETCH_W, homes={"w": DISK}))
+    assert r.copy_seconds == pytest.approx(0.5 + 100 / 1000)
+
+
 def _gradient_problem(deliverable: bool = True) -> Problem:
     """Training in miniature: ``g`` (100 B, a parameter's gradient) is made at step
     1 and returned; steps 2-3 make ``h`` (60 B) and the returned ``y``."""
