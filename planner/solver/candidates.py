@@ -251,6 +251,16 @@ def _stored_format(problem: Problem, tensor: Tensor) -> str | None:
     return None
 
 
+def _quantized_sizes(problem: Problem, tensor: Tensor) -> tuple[str, int, int]:
+    """The problem's format, and a quantized copy's bytes and (de)quantize scratch
+    for ``tensor``."""
+    fmt = problem.quantize
+    assert fmt is not None
+    size = _itemsize(tensor.dtype)
+    q = quantized_bytes(tensor.nbytes, size, fmt, tensor.last_dim)
+    return fmt, q, quantize_scratch_bytes(tensor.nbytes, size)
+
+
 def _with_stored_option(
     problem: Problem, tensor: Tensor, events: list[int], options: list[Option]
 ) -> list[Option]:
@@ -258,12 +268,8 @@ def _with_stored_option(
     step; a fused use holds the op's scratch, any other use a full copy that is
     dequantized before it (``seconds``) and freed after. The other options hold the
     full copy at fused uses too (those steps are left out of the fixed bytes)."""
-    fmt = problem.quantize
-    assert fmt is not None
+    fmt, q, scratch = _quantized_sizes(problem, tensor)
     T = problem.num_steps
-    size = _itemsize(tensor.dtype)
-    q = quantized_bytes(tensor.nbytes, size, fmt, tensor.last_dim)
-    scratch = quantize_scratch_bytes(tensor.nbytes, size)
     fused = dict(tensor.fused_uses)
     full_at = tuple((e, e, tensor.nbytes) for e in events if e in fused)
     others = [dataclasses.replace(o, spans=o.spans + full_at) for o in options]
@@ -306,12 +312,8 @@ def _quantized_fetch_option(
     dequantizes them once before its first use into a full copy for the run (codes,
     full copy and scratch coexist then), and its fused uses hold that copy too,
     since the fixed bytes leave them out."""
-    fmt = problem.quantize
-    assert fmt is not None
+    fmt, q, scratch = _quantized_sizes(problem, tensor)
     bw = problem.bandwidths
-    size = _itemsize(tensor.dtype)
-    q = quantized_bytes(tensor.nbytes, size, fmt, tensor.last_dim)
-    scratch = quantize_scratch_bytes(tensor.nbytes, size)
     fused = dict(tensor.fused_uses)
     spans: list[tuple[int, int, int]] = []
     extras: list[tuple[int, int]] = []
@@ -423,10 +425,8 @@ def _gap_options(problem: Problem, tensor: Tensor, a: int, b: int) -> list[Optio
             )
         )
     if tensor.quantizable and problem.quantize:
-        fmt = problem.quantize
-        size = _itemsize(tensor.dtype)
-        q = quantized_bytes(tensor.nbytes, size, fmt, tensor.last_dim)
-        both = q + quantize_scratch_bytes(tensor.nbytes, size)  # beside the full copy
+        fmt, q, scratch = _quantized_sizes(problem, tensor)
+        both = q + scratch  # beside the full copy
         bw = problem.bandwidths
         seconds = bw.quantize_seconds(tensor.nbytes + q) + bw.dequantize_seconds(tensor.nbytes + q)
         uses = "weights" if tensor.persistent else "activations"
