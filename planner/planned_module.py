@@ -31,6 +31,7 @@ from planner.runtime.runtime import Runtime, output_error
 from planner.runtime.store import DiskStore
 from planner.solver.plan import Plan
 from planner.solver.problem import Problem
+from planner.solver.problem import Tensor as ProblemTensor
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,8 @@ class PlannedModule(torch.nn.Module):
                 continue
             tier, _, fmt = homes[name].partition(":")
             if fmt:  # its tier holds it quantized
-                self._store_quantized_in_tier(name, tier, fmt, tensor.detach())
+                problem_tensor = self.problem.tensors[value.storage]
+                self._store_quantized_in_tier(problem_tensor, tier, fmt, tensor.detach())
                 released.append(value.source)  # type: ignore[arg-type]
                 continue
             engine.store_now(name, homes[name], _compact(tensor.detach()))
@@ -215,22 +217,23 @@ class PlannedModule(torch.nn.Module):
             self._runtime.deliveries[tensor.name] = (param, buffer)
 
     def _store_quantized_in_tier(
-        self, name: str, tier: str, fmt: str, weight: torch.Tensor
+        self, tensor: ProblemTensor, tier: str, fmt: str, weight: torch.Tensor
     ) -> None:
         """Write a weight its plan reads quantized (home ``<tier>:<format>``) to the
         tier as codes, once, recording its round-trip error; plus its full copy if a
         lookup reads it (exact rows, as for a weight stored on the device)."""
+        name = tensor.name
         with self._runtime.recording_errors(self.quantization_errors):
             q = self._runtime.quantize(weight.to(self.device), fmt, name)
         self._weight_keys.update(self._runtime.store_quantized_now(name, tier, q))
-        rows = self._exact_rows_copy(name, weight)
+        rows = self._exact_rows_copy(tensor, weight)
         if rows is not None:
             self._runtime.exact_rows[name] = rows
 
-    def _exact_rows_copy(self, name: str, weight: torch.Tensor) -> torch.Tensor | None:
+    def _exact_rows_copy(self, tensor: ProblemTensor, weight: torch.Tensor) -> torch.Tensor | None:
         """The weight's full copy as a map of a file in the offload directory, if a
         lookup of it reads exact rows (``fused.reads_exact_rows``), else None."""
-        tensor = next(t for t in self.problem.tensors if t.name == name)
+        name = tensor.name
         targets = {self.analysis.program.ops[step].target for step, _ in tensor.fused_uses}
         if not any(fused.reads_exact_rows(t, self.problem.tiers) for t in targets):
             return None
@@ -251,10 +254,10 @@ class PlannedModule(torch.nn.Module):
         for vi, fmt in self.executor.stored_values:
             value = program.values[vi]
             weight = tensors[value.source].detach().to(self.device)  # type: ignore[index]
-            name = self.problem.tensors[value.storage].name
+            problem_tensor = self.problem.tensors[value.storage]
             with self._runtime.recording_errors(self.quantization_errors):
-                q = self._runtime.quantize(weight, fmt, name)
-            q.exact_rows = self._exact_rows_copy(name, weight)
+                q = self._runtime.quantize(weight, fmt, problem_tensor.name)
+            q.exact_rows = self._exact_rows_copy(problem_tensor, weight)
             # buffers, so that the module (and the meter, which reads modules) holds them
             for part, tensor in q.parts().items():
                 self.register_buffer(f"stored_{len(stored)}_{part}", tensor, persistent=False)

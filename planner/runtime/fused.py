@@ -29,6 +29,9 @@ from planner.runtime.quant import GROUP, Quantized
 #: multiple of the int4 group so a block never splits a group.
 BLOCK = 64
 
+#: The lookup: reads only the rows its ids select (see ``reads_exact_rows``).
+LOOKUP = "aten.embedding.default"
+
 #: Op target -> position of the weight among the op's positional arguments.
 WEIGHT_POSITION = {
     "aten.linear.default": 1,
@@ -158,7 +161,7 @@ def reads_exact_rows(target: str, tiers: tuple[str, ...]) -> bool:
     full-precision values: a lookup does when the plan may use the disk, where the
     weight's full copy is then written at plan time (a lookup touches a few rows, so
     a quantized table would lose precision for no memory: the rows are the output)."""
-    return target == "aten.embedding.default" and "disk" in tiers
+    return target == LOOKUP and "disk" in tiers
 
 
 #: Op target -> the fused implementation, called with the op's own arguments.

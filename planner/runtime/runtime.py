@@ -39,6 +39,10 @@ class QuantizedCopy:
     exact_rows: torch.Tensor | None = None
 
 
+def _layout(q: Quantized) -> QuantizedLayout:
+    return QuantizedLayout(q.fmt, q.shape, q.dtype, tuple(q.parts()))
+
+
 class Runtime:
     def __init__(self, engine: CopyEngine) -> None:
         self.engine = engine
@@ -79,7 +83,7 @@ class Runtime:
         for part, tensor in q.parts().items():
             keys.append(f"{key}#{part}")
             self.engine.store_now(keys[-1], tier, tensor)
-        self._quantized_copies[key] = QuantizedLayout(q.fmt, q.shape, q.dtype, tuple(q.parts()))
+        self._quantized_copies[key] = _layout(q)
         return keys
 
     def offload(
@@ -89,9 +93,7 @@ class Runtime:
             parts = {
                 p: self.engine.offload(f"{key}#{p}", tier, t) for p, t in tensor.parts().items()
             }
-            self._quantized_copies[key] = QuantizedLayout(
-                tensor.fmt, tensor.shape, tensor.dtype, tuple(parts)
-            )
+            self._quantized_copies[key] = _layout(tensor)
             return QuantizedCopy(parts, None)
         self._quantized_copies.pop(key, None)
         return self.engine.offload(key, tier, tensor)

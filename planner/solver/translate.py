@@ -263,7 +263,7 @@ def _lookup_rows(
     out = []
     for step, _ in fused_uses:
         op = program.ops[step]
-        if op.target == "aten.embedding.default":
+        if op.target == fused.LOOKUP:
             ids = program.values[op.inputs[1]]
             out.append((step, ids.numel * base.shape[-1] * base.itemsize))
     return tuple(out)

@@ -168,28 +168,20 @@ class _Replayer:
                 raise InvalidPlan(
                     f"persistent tensor {t.name!r} has no decision (home) in the plan"
                 )
-            if home.startswith(DEVICE + ":"):
-                fmt = home.split(":", 1)[1]
-                if fmt != self.problem.quantize or not t.quantizable:
-                    raise InvalidPlan(
-                        f"tensor {t.name!r}: home {home!r} stores it quantized, but it is not "
-                        f"quantizable as {fmt!r} in this problem (quantize="
-                        f"{self.problem.quantize!r})"
-                    )
-                self.stored[i] = self.qbytes(t, fmt)
-                self.fused[i] = dict(t.fused_uses)
-                homes[i] = home
-                continue
             tier, _, fmt = home.partition(":")
-            if fmt:  # the tier holds it quantized
+            if fmt:  # "<where>:<format>": stored on the device, or its tier, quantized
                 if fmt != self.problem.quantize or not t.quantizable:
                     raise InvalidPlan(
                         f"tensor {t.name!r}: home {home!r} holds it quantized, but it is not "
                         f"quantizable as {fmt!r} in this problem (quantize="
                         f"{self.problem.quantize!r})"
                     )
-                self.home_format[i] = fmt
                 self.fused[i] = dict(t.fused_uses)
+                if tier == DEVICE:
+                    self.stored[i] = self.qbytes(t, fmt)
+                    homes[i] = home
+                    continue
+                self.home_format[i] = fmt
                 home = tier
             if home != DEVICE and home not in self.problem.tiers:
                 raise InvalidPlan(
