@@ -167,11 +167,14 @@ class Bandwidths:
     def copy_seconds(self, channel: tuple[str, str], nbytes: int) -> float:
         """Channel time of one copy: its bytes at the channel's rate, plus the fixed
         cost of a disk copy."""
+        return nbytes / self.of(channel) + self.fixed_seconds(channel)
+
+    def fixed_seconds(self, channel: tuple[str, str]) -> float:
+        """The fixed cost of one copy on ``channel``: the store's, for the disk."""
         tier, direction = channel
-        fixed = 0.0
-        if tier == DISK:
-            fixed = self.disk_read_latency if direction == "read" else self.disk_write_latency
-        return nbytes / self.of(channel) + fixed
+        if tier != DISK:
+            return 0.0
+        return self.disk_read_latency if direction == "read" else self.disk_write_latency
 
     def copy_compute_seconds(self, channel: tuple[str, str], nbytes: int) -> float:
         """Compute time one copy takes from the ops (see ``copy_compute_share``): its
@@ -183,10 +186,8 @@ class Bandwidths:
         here, where charging 2 GB/s made the MLP's estimates 2x high)."""
         if not self.copy_compute_share:
             return 0.0
-        tier, direction = channel
-        if direction == "read":
-            fixed = self.disk_read_latency if tier == DISK else 0.0
-            work = fixed + nbytes / self.memory
+        if channel[1] == "read":
+            work = self.fixed_seconds(channel) + nbytes / self.memory
         else:
             work = self.copy_seconds(channel, nbytes)
         return self.copy_compute_share * work

@@ -257,12 +257,12 @@ class _Replayer:
             raise self.fail(str(e)) from None
         channel = _channel(tier, read)
         start = max(self.clock, self.free_at.get(channel, 0.0))
-        fixed = (bw.disk_read_latency if read else bw.disk_write_latency) if tier == DISK else 0.0
-        end = start + nbytes / rate + fixed
+        copy = (tier, "read" if read else "write")
+        end = start + nbytes / rate + bw.fixed_seconds(copy)
         self.free_at[channel] = end
         self.moved[channel] += nbytes
         # a copy the ops' cores carry out (a CPU device) also takes that compute
-        lost = bw.copy_compute_seconds((tier, "read" if read else "write"), nbytes)
+        lost = bw.copy_compute_seconds(copy, nbytes)
         self.clock += lost
         self.copying += lost
         self.pending[i].append(_Transfer(tier, read, fmt, end))
