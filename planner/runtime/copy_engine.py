@@ -104,9 +104,10 @@ class ThreadCopyEngine(CopyEngine):
     def offload(self, key: str, tier: str, tensor: torch.Tensor) -> Pending:
         self._check_tier(tier)
         # record the layout now so a prefetch issued before this write ends can
-        # allocate its destination; the checksum arrives with the write
+        # allocate its destination; the file's stamp arrives with the write (a
+        # transient copy, read back this call: no checksum, see store.py)
         self.disk.entries[key] = describe(tensor)
-        return Pending(tensor, self._write.submit(self.disk.write, key, tensor))
+        return Pending(tensor, self._write.submit(self.disk.write, key, tensor, checksum=False))
 
     def wait(self, pending: Pending) -> torch.Tensor:
         if pending.future is not None:
@@ -201,7 +202,7 @@ class CudaCopyEngine(CopyEngine):
 
         def write_when_copied() -> None:
             event.synchronize()
-            self.disk.write(key, buf)
+            self.disk.write(key, buf, checksum=False)  # transient: read back this call
 
         return Pending(tensor, future=self._io.submit(write_when_copied), event=event)
 

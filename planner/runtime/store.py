@@ -2,8 +2,12 @@
 
 ``DiskStore`` keeps one file per tensor under a directory it owns. A file holds
 the tensor's whole storage (views are rebuilt from storage, offset, shape and
-stride). Every entry records its size and a CRC32 checksum, verified on read, so a
-deleted, truncated or corrupted file is an error, never silently wrong data.
+stride). Every entry records its size and the file's stamp (inode, mtime, ctime),
+checked on read, so a deleted, truncated or rewritten file is an error, never
+silently wrong data. Long-lived copies (weights written at plan time) also record a
+CRC32 checksum, verified on the first read and whenever the stamp changes; a copy
+written and read back within one call does not: on a CPU the checksum's two passes
+(2.9 GB/s here) cost more than the copy itself (a page-cache read: 15-19 GB/s).
 
 Reads fill a tensor the caller allocated: on the CPU that keeps every allocation
 on the calling thread, where the memory meter sees it, and it mirrors the CUDA
@@ -39,11 +43,12 @@ class Entry:
     shape: tuple[int, ...]
     stride: tuple[int, ...]
     offset: int
-    # None: not known (a write still in flight), or not fixed (a file mapped for
-    # writing through, see ``DiskStore.map_shared``): reads check the size only
+    # None: not computed (a transient copy, or a write still in flight), or not
+    # fixed (a file mapped for writing through, see ``DiskStore.map_shared``)
     crc32: int | None
-    # (inode, mtime, ctime) of the file when last verified; ctime changes on every
-    # write and on any metadata change (even one that restores mtime)
+    # (inode, mtime, ctime) of the file when written or last verified; ctime
+    # changes on every write and on any metadata change (even one that restores
+    # mtime). None: reads check the size only (a mapped file changes by design).
     stamp: tuple[int, int, int] | None = None
 
 
@@ -68,6 +73,10 @@ def _with_layout(raw: torch.Tensor, entry: Entry) -> torch.Tensor:
     out = torch.empty(0, dtype=entry.dtype, device=raw.device)
     out.set_(raw.untyped_storage(), entry.offset, entry.shape, entry.stride)
     return out
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _map_shared(path: Path, entry: Entry) -> torch.Tensor:
@@ -124,8 +133,9 @@ class DiskStore:
         safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in key)
         return self.root / f"{safe}-{zlib.crc32(key.encode()):08x}.bin"
 
-    def write(self, key: str, tensor: torch.Tensor) -> Entry:
-        """Write the tensor's storage; returns its entry (with checksum)."""
+    def write(self, key: str, tensor: torch.Tensor, checksum: bool = True) -> Entry:
+        """Write the tensor's storage; returns its entry. ``checksum=False`` for a
+        transient copy: its stamp alone guards it (see the module docstring)."""
         data = _storage_bytes(tensor.detach().cpu() if tensor.device.type != "cpu" else tensor)
         path = self.path(key)
         tmp = path.with_suffix(".tmp")
@@ -152,7 +162,10 @@ class DiskStore:
                 f"writing {key!r} ({len(data):,} bytes) to the offload directory "
                 f"{self.root} failed: {exc.strerror or exc}; {what}"
             ) from exc
-        entry = describe(tensor, zlib.crc32(data))  # stamp None: verify on first read
+        if checksum:
+            entry = describe(tensor, zlib.crc32(data))  # stamp None: verify on first read
+        else:
+            entry = dataclasses.replace(describe(tensor), stamp=_stamp(os.stat(path)))
         self.entries[key] = entry
         return entry
 
@@ -166,8 +179,7 @@ class DiskStore:
         view = _storage_bytes(out)
         try:
             with open(path, "rb") as f:
-                st = os.fstat(f.fileno())
-                stamp = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+                stamp = _stamp(os.fstat(f.fileno()))
                 n = f.readinto(view)
                 extra = f.read(1)
         except FileNotFoundError as exc:
@@ -182,7 +194,14 @@ class DiskStore:
             )
         # The checksum costs a pass over the bytes: verify once per write, and again
         # whenever the file was replaced or touched since (another writer, a
-        # corrupting tool, even one that puts the old mtime back).
+        # corrupting tool, even one that puts the old mtime back). Without one, a
+        # touched file cannot be verified: it is an error.
+        if entry.crc32 is None and entry.stamp is not None and entry.stamp != stamp:
+            raise StoreError(
+                f"offload file for {key!r} was changed after the planner wrote it "
+                f"({path}); nothing else may write to the offload directory: plan the "
+                f"model again"
+            )
         if entry.crc32 is not None and entry.stamp != stamp:
             if zlib.crc32(view) != entry.crc32:
                 raise StoreError(

@@ -98,3 +98,33 @@ def test_map_shared_writes_through_and_create_mapped_starts_at_zero(store: DiskS
     grad = store.create_mapped("g", w.t())
     assert grad.shape == (16, 8) and grad.stride() == w.t().stride()
     assert not grad.any() and grad.untyped_storage().filename
+
+
+def test_transient_copy_has_no_checksum_and_a_touched_file_is_an_error(store: DiskStore) -> None:
+    """A copy read back within one call skips the checksum's passes; its stamp,
+    taken at the write, still makes any later change to the file an error."""
+    x = torch.randn(1000)
+    entry = store.write("x", x, checksum=False)
+    assert entry.crc32 is None and entry.stamp is not None
+    assert torch.equal(store.read_into("x", empty_like_entry(entry)), x)
+    assert torch.equal(store.read_into("x", empty_like_entry(entry)), x)  # still unchanged
+    path = store.path("x")
+    data = bytearray(path.read_bytes())
+    data[10] ^= 0xFF
+    time.sleep(0.01)
+    path.write_bytes(bytes(data))  # same size: only the stamp tells
+    with pytest.raises(StoreError, match="changed after the planner wrote it"):
+        store.read_into("x", empty_like_entry(entry))
+
+
+def test_engine_offloads_are_transient_copies(store: DiskStore) -> None:
+    from planner.runtime.copy_engine import ThreadCopyEngine
+
+    engine = ThreadCopyEngine(store)
+    try:
+        engine.wait(engine.offload("a", "disk", torch.randn(10)))
+        engine.store_now("w", "disk", torch.randn(10))
+        assert store.entries["a"].crc32 is None and store.entries["a"].stamp is not None
+        assert store.entries["w"].crc32 is not None  # long-lived: checksummed
+    finally:
+        engine.close()
