@@ -288,6 +288,8 @@ class PlannedModule(torch.nn.Module):
         report.add_quantization_errors(self.quantization_errors, self.output_error)
         for row in report.quantized:
             row["exact_lookups"] = row["tensor"] in self._exact_lookups
+        if any("disk" in row.decision for row in report.tensors):
+            report.disk_rates = self.problem.meta.get("disk_rates")
         if self.measured is not None:
             report.measured = {
                 "peak_bytes": self.measured.peak_bytes,

@@ -67,6 +67,8 @@ class Report:
     quantized: list[dict[str, Any]] = field(default_factory=list)
     #: lossy outputs against the lossless run (relative_l2, max_abs, top1_agreement)
     output_error: dict[str, float] | None = None
+    #: which rates disk copies were priced at, and why (``DeviceProfile.disk_rates``)
+    disk_rates: str | None = None
 
     @classmethod
     def from_analysis(cls, analysis: Analysis) -> Report:
@@ -258,6 +260,8 @@ def summary_lines(report: Report) -> list[str]:
         f"(unplanned {report.unplanned_estimated_seconds * 1e3:.2f} ms, profile {report.profile})",
         _solver_line(report.solver),
     ]
+    if report.disk_rates:
+        lines.append(f"disk copies priced: {report.disk_rates}")
     if report.baselines:
         lines.append("plans compared (estimated time, peak):")
     for name, result in report.baselines.items():

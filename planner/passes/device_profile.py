@@ -59,6 +59,35 @@ def _check_positive(name: str, value: object) -> None:
         raise ValueError(f"DeviceProfile.{name} must be a positive finite number, got {value!r}")
 
 
+#: Share of free memory the offload directory's files may take and still be priced
+#: at page-cache rates: the kernel's default ``vm.dirty_ratio`` (20%).
+PAGE_CACHE_SHARE = 0.2
+
+
+@dataclass(frozen=True)
+class DiskRates:
+    """Bytes/s of the disk channel's reads and writes for one plan, the CPU's part
+    of a read (the copy out of the page cache), and why these rates."""
+
+    read: float
+    write: float
+    read_work: float
+    reason: str
+
+
+def free_memory_bytes() -> int | None:
+    """``MemAvailable`` of /proc/meminfo: what the kernel can hand out, page cache
+    included, without swapping. None where there is no such file (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 @dataclass(frozen=True)
 class DeviceProfile:
     """Throughputs of one machine, in base units (FLOP/s, bytes/s, seconds, bytes).
@@ -95,6 +124,12 @@ class DeviceProfile:
     #: Apart because on a CPU the torch dequantizer runs several times faster than
     #: the quantizer, and weights are quantized once at plan time, not per call.
     dequantize_bandwidth: float | None = None
+    #: bytes/s of the offload store's transient copies while the kernel's page cache
+    #: holds the files: a read of a file written a moment ago, a write that lands in
+    #: the page cache (no fsync). Measured by ``calibrate``; None: unknown, and disk
+    #: copies are priced at the disk's rates. See ``disk_rates``.
+    disk_cached_read_bandwidth: float | None = None
+    disk_cached_write_bandwidth: float | None = None
 
     def __post_init__(self) -> None:
         if self.device_type not in DEVICE_TYPES:
@@ -120,7 +155,12 @@ class DeviceProfile:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"DeviceProfile.{name} must be >= 0, got {value!r}")
-        for name in ("quantize_bandwidth", "dequantize_bandwidth"):
+        for name in (
+            "quantize_bandwidth",
+            "dequantize_bandwidth",
+            "disk_cached_read_bandwidth",
+            "disk_cached_write_bandwidth",
+        ):
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name))
         share = self.copy_compute_share
@@ -149,6 +189,8 @@ class DeviceProfile:
                 self.copy_compute_share,
                 self.quantize_bandwidth,
                 self.dequantize_bandwidth,
+                self.disk_cached_read_bandwidth,
+                self.disk_cached_write_bandwidth,
             )
         )
 
@@ -173,6 +215,46 @@ class DeviceProfile:
         if self.copy_compute_share is not None:
             return self.copy_compute_share
         return 1.0 if self.device_type == "cpu" else 0.0
+
+    def disk_rates(self, may_write_bytes: int, free_bytes: int | None) -> DiskRates:
+        """The rates disk copies will see when a plan may write ``may_write_bytes``
+        to the offload directory and the machine has ``free_bytes`` of memory free.
+
+        The store never fsyncs, and it deletes each transient file when it writes
+        the next, so while its files fit in the page cache no copy waits on the
+        disk: reads are a memcpy (15-19 GB/s here, where the disk's 2 GB/s made the
+        MLP's estimates 2x high) and writes fill page-cache pages (1.1-1.6 GB/s).
+        They fit when the bytes are at most ``PAGE_CACHE_SHARE`` of free memory, the
+        kernel's default ``vm.dirty_ratio``, past which it makes writers wait for
+        the disk. A model larger than that, the case disk offload is for, gets the
+        disk's rates.
+        """
+        read_work = self.disk_cached_read_bandwidth or self.memory_bandwidth
+        cached = (
+            self.disk_cached_read_bandwidth is not None
+            and self.disk_cached_write_bandwidth is not None
+            and free_bytes is not None
+            and may_write_bytes <= PAGE_CACHE_SHARE * free_bytes
+        )
+        if cached:
+            assert self.disk_cached_read_bandwidth and self.disk_cached_write_bandwidth
+            return DiskRates(
+                self.disk_cached_read_bandwidth,
+                self.disk_cached_write_bandwidth,
+                read_work,
+                f"page cache: the {may_write_bytes / 2**20:.1f} MiB a plan may write fit in "
+                f"{PAGE_CACHE_SHARE:.0%} of the {free_bytes / 2**30:.1f} GiB free",
+            )
+        if self.disk_cached_read_bandwidth is None:
+            reason = "disk (the profile has no page-cache rates: calibrate to measure them)"
+        elif free_bytes is None:
+            reason = "disk (free memory unknown)"
+        else:
+            reason = (
+                f"disk: the {may_write_bytes / 2**20:.1f} MiB a plan may write exceed "
+                f"{PAGE_CACHE_SHARE:.0%} of the {free_bytes / 2**30:.1f} GiB free"
+            )
+        return DiskRates(self.disk_read_bandwidth, self.disk_write_bandwidth, read_work, reason)
 
     def flops_per_second(self, dtype: object) -> float:
         """Peak matmul FLOP/s for ``dtype``.

@@ -140,6 +140,9 @@ class Bandwidths:
     dequantize: float | None = None
     disk_read_latency: float = 0.0  # fixed seconds per copy from / to disk
     disk_write_latency: float = 0.0
+    #: bytes/s of the CPU's part of a disk read, the copy out of the page cache
+    #: into the destination; None: ``memory``
+    disk_read_work: float | None = None
     #: share of a copy's CPU work that compute loses to it: 0 where copy engines do
     #: the work (CUDA), 1 on a CPU device, whose copy threads run the memcpy and
     #: syscalls on the cores the ops use (see ``copy_compute_seconds``)
@@ -180,14 +183,14 @@ class Bandwidths:
         """Compute time one copy takes from the ops (see ``copy_compute_share``): its
         CPU work. A write's is its channel time (the page cache takes the bytes at
         about disk-write speed on the machines measured: 0.5 GB/s here). A read's is
-        its fixed cost plus a memcpy of its bytes, not the disk's time: the device
-        fills the page cache on its own (a wait the channel model charges as a
-        stall), and a file still in the page cache is a memcpy away (13-19 GB/s
-        here, where charging 2 GB/s made the MLP's estimates 2x high)."""
+        its fixed cost plus a copy of its bytes out of the page cache
+        (``disk_read_work``), not the disk's time: the device fills the page cache
+        on its own (a wait the channel model charges as a stall)."""
         if not self.copy_compute_share:
             return 0.0
         if channel[1] == "read":
-            work = self.fixed_seconds(channel) + nbytes / self.memory
+            rate = (self.disk_read_work if channel[0] == DISK else None) or self.memory
+            work = self.fixed_seconds(channel) + nbytes / rate
         else:
             work = self.copy_seconds(channel, nbytes)
         return self.copy_compute_share * work

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from planner.ir.meta import PARAM_GRADS
 from planner.ir.program import Program, ValueKind
-from planner.passes.device_profile import DeviceProfile
+from planner.passes.device_profile import DeviceProfile, free_memory_bytes
 from planner.runtime import fused
 from planner.solver.problem import DISK, HOST, Bandwidths, Problem, Recompute, Step, Tensor
 
@@ -133,9 +133,11 @@ def from_program(
                 deliverable=storage.index in grad_storages and not pinned,
             )
         )
+    may_write = sum(t.nbytes for t in tensors if not t.pinned)
+    disk = profile.disk_rates(may_write, free_memory_bytes())
     bandwidths = Bandwidths(
-        disk_read=profile.disk_read_bandwidth,
-        disk_write=profile.disk_write_bandwidth,
+        disk_read=disk.read,
+        disk_write=disk.write,
         host_to_device=profile.host_bandwidth,
         device_to_host=profile.host_bandwidth,
         memory=profile.memory_bandwidth,
@@ -144,6 +146,7 @@ def from_program(
         disk_read_latency=profile.disk_read_latency_seconds,
         disk_write_latency=profile.disk_write_latency_seconds,
         copy_compute_share=profile.compute_lost_to_copies,
+        disk_read_work=disk.read_work,
     )
     return Problem(
         mode=program.mode,
@@ -155,7 +158,7 @@ def from_program(
         quantize=fmt,
         quantize_kinds=tuple(sorted(kinds)),
         quantize_uses=tuple(sorted(lossy_uses)),
-        meta={"backward_start": backward_start},
+        meta={"backward_start": backward_start, "disk_rates": disk.reason},
     )
 
 

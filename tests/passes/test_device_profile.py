@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,8 @@ def test_load_rejects_bad_files(tmp_path: Path) -> None:
         {"host_bandwidth": -5.0},
         {"op_overhead_seconds": -1e-6},
         {"memory_bytes": 0},
+        {"disk_cached_read_bandwidth": 0.0},
+        {"disk_cached_write_bandwidth": -1.0},
     ],
 )
 def test_validation_rejects_bad_numbers(overrides: dict[str, object]) -> None:
@@ -202,3 +205,34 @@ def test_get_profile_none_matches_the_gpu(
 )
 def test_builtin_for_gpu(device_name: str, key: str) -> None:
     assert dp.builtin_for_gpu(device_name) is BUILTIN_PROFILES[key]
+
+
+def test_disk_rates_use_the_page_cache_only_when_the_files_fit() -> None:
+    """Page-cache rates when what a plan may write fits in the share of free memory
+    the kernel lets dirty pages take; the disk's rates past it, when free memory is
+    unknown, and for profiles that never measured the page cache."""
+    base = BUILTIN_PROFILES["cpu"]
+    assert base.disk_cached_read_bandwidth is None
+    profile = dataclasses.replace(
+        base, disk_cached_read_bandwidth=15e9, disk_cached_write_bandwidth=1.5e9
+    )
+    free = 10 * 2**30
+    fits = profile.disk_rates(int(dp.PAGE_CACHE_SHARE * free), free)
+    assert (fits.read, fits.write, fits.read_work) == (15e9, 1.5e9, 15e9)
+    assert fits.reason.startswith("page cache")
+    too_big = profile.disk_rates(int(dp.PAGE_CACHE_SHARE * free) + 1, free)
+    assert (too_big.read, too_big.write) == (base.disk_read_bandwidth, base.disk_write_bandwidth)
+    assert too_big.read_work == 15e9  # a read still ends in a copy out of the page cache
+    assert "exceed" in too_big.reason
+    assert profile.disk_rates(1, None).read == base.disk_read_bandwidth
+    unmeasured = base.disk_rates(1, free)
+    assert unmeasured.read == base.disk_read_bandwidth
+    assert unmeasured.read_work == base.memory_bandwidth and "calibrate" in unmeasured.reason
+
+
+def test_free_memory_is_read_on_linux() -> None:
+    free = dp.free_memory_bytes()
+    if sys.platform.startswith("linux"):
+        assert free is not None and 0 < free
+    else:
+        assert free is None

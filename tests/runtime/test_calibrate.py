@@ -42,8 +42,10 @@ def test_quick_calibration_numbers_are_positive_and_finite(quick_profile: Device
         profile.disk_read_bandwidth,
         profile.disk_write_bandwidth,
         profile.op_overhead_seconds,
+        profile.disk_cached_read_bandwidth,
+        profile.disk_cached_write_bandwidth,
     ):
-        assert _positive_finite(value)
+        assert value is not None and _positive_finite(value)
     assert profile.memory_bytes is not None and profile.memory_bytes > 0
 
 
