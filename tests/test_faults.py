@@ -104,6 +104,19 @@ def _spills(pm: planner.PlannedModule) -> list[str]:
     return [t.name for t in pm.plan.tensors if t.home == "device" and t.decision == "offload:disk"]
 
 
+def _failing_pwrite(err: int):
+    """``os.pwrite`` for a transient copy (written over its open file in place):
+    takes half of the data, then fails with ``OSError(err)`` (a disk filling up)."""
+    real_pwrite = os.pwrite
+
+    def pwrite(fd: int, data, offset: int) -> int:
+        if offset == 0 and len(data) > 1:
+            return real_pwrite(fd, data[: len(data) // 2], offset)
+        raise OSError(err, os.strerror(err))
+
+    return pwrite
+
+
 def _failing_open(err: int, calls: list[str] | None = None):
     """``open`` for the store module: a file opened for writing takes half of the
     data, then the write fails with ``OSError(err)`` (a disk filling up mid-file)."""
@@ -276,7 +289,7 @@ def test_disk_write_fails_during_a_run(monkeypatch) -> None:
         assert _spills(pm), "the plan must spill an activation to disk at run time"
         weights = _weight_files(pm)
         assert set(os.listdir(pm.offload_dir)) == weights
-        monkeypatch.setattr(store_module, "open", _failing_open(errno.ENOSPC), raising=False)
+        monkeypatch.setattr(store_module.os, "pwrite", _failing_pwrite(errno.ENOSPC))
         with pytest.raises(StoreError, match="disk is full") as info:
             pm(*inputs)
         assert str(pm.offload_dir) in str(info.value)

@@ -5,9 +5,11 @@ the tensor's whole storage (views are rebuilt from storage, offset, shape and
 stride). Every entry records its size and the file's stamp (inode, mtime, ctime),
 checked on read, so a deleted, truncated or rewritten file is an error, never
 silently wrong data. Long-lived copies (weights written at plan time) also record a
-CRC32 checksum, verified on the first read and whenever the stamp changes; a copy
-written and read back within one call does not: on a CPU the checksum's two passes
-(2.9 GB/s here) cost more than the copy itself (a page-cache read: 15-19 GB/s).
+CRC32 checksum, verified on the first read and whenever the stamp changes, and are
+written to a new file renamed into place. A transient copy (written and read back
+within one call) has neither: on a CPU the checksum's two passes (2.9 GB/s here)
+cost more than the copy itself (a page-cache read: 15-19 GB/s), and it overwrites
+its key's file, kept open, in place.
 
 Reads fill a tensor the caller allocated: on the CPU that keeps every allocation
 on the calling thread, where the memory meter sees it, and it mirrors the CUDA
@@ -128,6 +130,10 @@ class DiskStore:
     def __init__(self, parent: str | os.PathLike[str] | None = None) -> None:
         self.root = Path(_make_root(parent))
         self.entries: dict[str, Entry] = {}
+        # a transient copy's file stays open, and its next write overwrites it in
+        # place: no create, rename or unlink, and no page-cache pages to allocate
+        # and free (512 KiB: 0.05 ms here, against 0.84 ms for a fresh file)
+        self._open_files: dict[str, int] = {}
 
     def path(self, key: str) -> Path:
         safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in key)
@@ -135,8 +141,15 @@ class DiskStore:
 
     def write(self, key: str, tensor: torch.Tensor, checksum: bool = True) -> Entry:
         """Write the tensor's storage; returns its entry. ``checksum=False`` for a
-        transient copy: its stamp alone guards it (see the module docstring)."""
+        transient copy: its stamp alone guards it (see the module docstring), and
+        it overwrites the key's file in place."""
         data = _storage_bytes(tensor.detach().cpu() if tensor.device.type != "cpu" else tensor)
+        if not checksum:
+            stamp = self._overwrite(key, data)
+            entry = dataclasses.replace(describe(tensor), stamp=stamp)
+            self.entries[key] = entry
+            return entry
+        self._close_file(key)  # the file is replaced: an open one would be stale
         path = self.path(key)
         tmp = path.with_suffix(".tmp")
         try:
@@ -148,26 +161,48 @@ class DiskStore:
             path.unlink(missing_ok=True)
             if not isinstance(exc, OSError):
                 raise
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                what = (
-                    "the disk is full: free space on it, or plan again with offload_dir= "
-                    "a directory on a disk with more room"
-                )
-            else:
-                what = (
-                    "check that the directory is writable and its disk healthy, or plan "
-                    "again with offload_dir= another directory"
-                )
-            raise StoreError(
-                f"writing {key!r} ({len(data):,} bytes) to the offload directory "
-                f"{self.root} failed: {exc.strerror or exc}; {what}"
-            ) from exc
-        if checksum:
-            entry = describe(tensor, zlib.crc32(data))  # stamp None: verify on first read
-        else:
-            entry = dataclasses.replace(describe(tensor), stamp=_stamp(os.stat(path)))
+            raise self._write_error(key, len(data), exc) from exc
+        entry = describe(tensor, zlib.crc32(data))  # stamp None: verify on first read
         self.entries[key] = entry
         return entry
+
+    def _overwrite(self, key: str, data: memoryview) -> tuple[int, int, int]:
+        """Write ``data`` over the key's open file (created on first use); its stamp."""
+        try:
+            fd = self._open_files.get(key)
+            if fd is None:
+                fd = os.open(self.path(key), os.O_RDWR | os.O_CREAT, 0o600)
+                self._open_files[key] = fd
+            if os.fstat(fd).st_size != len(data):
+                os.ftruncate(fd, len(data))
+            done = 0
+            while done < len(data):
+                done += os.pwrite(fd, data[done:], done)
+            return _stamp(os.fstat(fd))
+        except OSError as exc:
+            self.discard(key)  # no half-written file
+            raise self._write_error(key, len(data), exc) from exc
+
+    def _write_error(self, key: str, nbytes: int, exc: OSError) -> StoreError:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            what = (
+                "the disk is full: free space on it, or plan again with offload_dir= "
+                "a directory on a disk with more room"
+            )
+        else:
+            what = (
+                "check that the directory is writable and its disk healthy, or plan "
+                "again with offload_dir= another directory"
+            )
+        return StoreError(
+            f"writing {key!r} ({nbytes:,} bytes) to the offload directory "
+            f"{self.root} failed: {exc.strerror or exc}; {what}"
+        )
+
+    def _close_file(self, key: str) -> None:
+        fd = self._open_files.pop(key, None)
+        if fd is not None:
+            os.close(fd)
 
     def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
         """Fill ``out`` (allocated by ``empty_like_entry``) from the file; verify size
@@ -242,11 +277,14 @@ class DiskStore:
 
     def discard(self, key: str) -> None:
         """Forget ``key`` and remove its file (and any half-written one)."""
+        self._close_file(key)
         self.entries.pop(key, None)
         path = self.path(key)
         path.with_suffix(".tmp").unlink(missing_ok=True)
         path.unlink(missing_ok=True)
 
     def close(self) -> None:
+        for key in list(self._open_files):
+            self._close_file(key)
         shutil.rmtree(self.root, ignore_errors=True)
         self.entries.clear()

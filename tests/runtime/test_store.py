@@ -128,3 +128,21 @@ def test_engine_offloads_are_transient_copies(store: DiskStore) -> None:
         assert store.entries["w"].crc32 is not None  # long-lived: checksummed
     finally:
         engine.close()
+
+
+def test_transient_copies_overwrite_their_file_in_place(store: DiskStore) -> None:
+    """The next transient write of a key reuses its file (same inode), resized when
+    the storage changes size; a long-lived write of the key replaces it."""
+    store.write("x", torch.randn(256), checksum=False)
+    inode = store.path("x").stat().st_ino
+    y = torch.randn(64)
+    entry = store.write("x", y, checksum=False)
+    assert store.path("x").stat().st_ino == inode
+    assert store.path("x").stat().st_size == y.numel() * 4
+    assert torch.equal(store.read_into("x", empty_like_entry(entry)), y)
+    z = torch.randn(32)
+    store.write("x", z)  # checksummed: a new file renamed over the old one
+    assert torch.equal(store.read_into("x", empty_like_entry(store.entries["x"])), z)
+    store.write("t", torch.randn(8), checksum=False)
+    store.discard("t")
+    assert not store.path("t").exists()
