@@ -20,6 +20,7 @@ BENCHES = {
     "accelerate": ["benchmarks/accelerate_bench.py", "--out", "BENCHMARKS_accelerate.md"],
     "training": ["benchmarks/training_bench.py", "--out", "BENCHMARKS_training.md"],
     "quantize": ["benchmarks/quantize_bench.py", "--out", "BENCHMARKS_quantize.md"],
+    "estimates": ["benchmarks/estimate_bench.py", "--out", "BENCHMARKS_estimates.md"],
 }
 QUICK = {"remat", "solver"}  # the ones with a --quick mode
 

@@ -1,0 +1,89 @@
+"""A plan's estimated time predicts its measured time within +-25% on this
+machine's calibrated profile: every inference example at 100/75/50/30% of its
+unplanned peak (or the smallest feasible budget).
+
+Measured against the machine's speed at the time: the planned module and the eager
+model run alternately (nine calls each), and the planned module's time over eager's
+is compared with its estimate over the unplanned estimate. On a shared machine an
+absolute comparison measures the neighbours: on the 2-core VM this was written on,
+the eager ResNet example took 5.1-8.0 ms per call within one minute of one process
+(3.2 ms earlier the same day), more than the band. The absolute ratios are in
+BENCHMARKS.md (estimates). A case tries up to ``ATTEMPTS`` fresh plans and fails
+only if none lands within the band; a wrong cost model fails every attempt (before
+disk reads were priced at page-cache rates, the MLP at 50% ran in 0.38x its
+estimate, with eager as fast as its estimate said).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import torch
+from conftest import load_example
+
+import planner
+from planner.runtime.calibrate import calibrate
+
+FRACTIONS = [1.0, 0.75, 0.5, 0.3]
+TOLERANCE = 0.25
+ATTEMPTS = 3
+CALLS = 9
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return calibrate("cpu", quick=True)
+
+
+def _seconds(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def _measured_over_estimated(name: str, fraction: float, profile) -> float:
+    """(planned / eager measured side by side) / (planned / unplanned estimated),
+    for one fresh plan."""
+    reference, inputs = load_example(name)
+    model, _ = load_example(name)
+    budget = int(planner.analyze(model, inputs, profile=profile).unplanned_peak_bytes * fraction)
+    try:
+        pm = planner.plan(model, budget, inputs, profile=profile, time_limit=5)
+    except planner.BudgetTooSmall as exc:
+        assert exc.min_budget is not None and exc.min_budget > budget
+        model, inputs = load_example(name)
+        pm = planner.plan(model, exc.min_budget, inputs, profile=profile, time_limit=5)
+    try:
+        planned, eager = [], []
+        with torch.no_grad():
+            pm(*inputs), reference(*inputs)  # warm-up
+            for _ in range(CALLS):
+                planned.append(_seconds(pm, *inputs))
+                eager.append(_seconds(reference, *inputs))
+        measured = statistics.median(planned) / statistics.median(eager)
+        estimated = pm.plan.estimated_seconds / pm.plan.unplanned_estimated_seconds
+        return measured / estimated
+    finally:
+        pm.close()
+
+
+@pytest.mark.parametrize("fraction", FRACTIONS)
+@pytest.mark.parametrize("name", ["mlp", "resnet", "unet", "gpt2"])
+def test_measured_time_is_within_25_percent_of_the_estimate(
+    name: str, fraction: float, profile
+) -> None:
+    ratios = []
+    for _ in range(ATTEMPTS):
+        ratio = _measured_over_estimated(name, fraction, profile)
+        if abs(ratio - 1) <= TOLERANCE:
+            return
+        ratios.append(ratio)
+    pytest.fail(
+        f"{name} at {fraction:.0%}: measured/estimated time (each relative to eager) "
+        f"{', '.join(f'{r:.2f}' for r in ratios)} in {ATTEMPTS} plans, none within "
+        f"1 +- {TOLERANCE}"
+    )
