@@ -102,6 +102,9 @@ def test_cli_budget_plans(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
     decisions = {row["decision"] for row in data["tensors"]}
     assert decisions - {"keep"}, "a 60% budget must move something"
     assert plan_path.exists()
+    # the MLP's weights go to disk: the report says at which rates, and why
+    assert any("disk" in d for d in decisions)
+    assert "calibrate" in data["disk_rates"]  # a built-in profile knows no page cache
 
 
 def test_cli_budget_too_small(capsys: pytest.CaptureFixture[str]) -> None:

@@ -372,3 +372,30 @@ def test_on_cuda_parameters_get_a_home_tier_but_gradients_are_not_delivered() ->
     assert params and all(t.persistent and not t.until_end for t in params)
     assert problem.tiers == ("host", "disk")
     assert not any(t.deliverable for t in problem.tensors)
+
+
+def test_disk_priced_at_page_cache_rates_when_the_files_fit(monkeypatch) -> None:
+    """With page-cache rates in the profile, a problem whose tensors fit in the free
+    memory's dirty share prices disk copies at those rates, and at the disk's once
+    free memory is too small; a read's CPU work is the page-cache copy either way."""
+    import dataclasses
+
+    import planner.solver.translate as translate
+
+    analysis = _analysis("mlp", "infer")
+    profile = dataclasses.replace(
+        analysis.profile, disk_cached_read_bandwidth=12e9, disk_cached_write_bandwidth=9e9
+    )
+    monkeypatch.setattr(translate, "free_memory_bytes", lambda: 2**40)
+    cached = from_program(analysis.program, analysis.unplanned_peak_bytes, profile)
+    assert (cached.bandwidths.disk_read, cached.bandwidths.disk_write) == (12e9, 9e9)
+    assert cached.meta["disk_rates"].startswith("page cache")
+    monkeypatch.setattr(translate, "free_memory_bytes", lambda: 1024)
+    cold = from_program(analysis.program, analysis.unplanned_peak_bytes, profile)
+    assert cold.bandwidths.disk_read == profile.disk_read_bandwidth
+    assert cold.bandwidths.disk_read_work == cached.bandwidths.disk_read_work == 12e9
+    # the same read costs the ops less CPU work than its channel time when cold
+    channel = ("disk", "read")
+    assert cold.bandwidths.copy_compute_seconds(channel, 2**20) < cold.bandwidths.copy_seconds(
+        channel, 2**20
+    )
