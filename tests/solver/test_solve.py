@@ -399,3 +399,29 @@ def test_disk_priced_at_page_cache_rates_when_the_files_fit(monkeypatch) -> None
     assert cold.bandwidths.copy_compute_seconds(channel, 2**20) < cold.bandwidths.copy_seconds(
         channel, 2**20
     )
+
+
+def test_an_offload_can_wait_for_its_write_at_once_however_fast_the_disk() -> None:
+    """With copies one step hides, the windowed offload holds its tensor through
+    that step; the variant that waits for the write at once holds nothing after the
+    last use, which is what the lowest budgets need. It must exist at any speed."""
+    problem, _ = _problem("chain", "train", 0.5)
+    fast = dataclasses.replace(
+        problem,
+        bandwidths=dataclasses.replace(
+            problem.bandwidths,
+            disk_read=1e15,
+            disk_write=1e15,
+            disk_read_latency=0.0,
+            disk_write_latency=0.0,
+        ),
+    )
+    for p in (problem, fast):
+        cands = build_candidates(p)
+        offloads = [
+            {o.choice for o in gap.options}
+            for gap in cands.gaps
+            if any(o.choice.startswith("offload:disk") for o in gap.options)
+        ]
+        assert offloads, "the toy must have tensors to offload"
+        assert all("offload:disk:sync" in choices for choices in offloads)
