@@ -222,38 +222,29 @@ class DeviceProfile:
 
         The store never fsyncs, and it deletes each transient file when it writes
         the next, so while its files fit in the page cache no copy waits on the
-        disk: reads are a memcpy (15-19 GB/s here, where the disk's 2 GB/s made the
-        MLP's estimates 2x high) and writes fill page-cache pages (1.1-1.6 GB/s).
+        disk: reads and writes are memcpys (here ~17 and ~10 GB/s, where the disk's
+        2 GB/s made the MLP's estimates 2x high).
         They fit when the bytes are at most ``PAGE_CACHE_SHARE`` of free memory, the
         kernel's default ``vm.dirty_ratio``, past which it makes writers wait for
         the disk. A model larger than that, the case disk offload is for, gets the
         disk's rates.
         """
         read_work = self.disk_cached_read_bandwidth or self.memory_bandwidth
-        cached = (
-            self.disk_cached_read_bandwidth is not None
-            and self.disk_cached_write_bandwidth is not None
-            and free_bytes is not None
-            and may_write_bytes <= PAGE_CACHE_SHARE * free_bytes
-        )
-        if cached:
-            assert self.disk_cached_read_bandwidth and self.disk_cached_write_bandwidth
-            return DiskRates(
-                self.disk_cached_read_bandwidth,
-                self.disk_cached_write_bandwidth,
-                read_work,
-                f"page cache: the {may_write_bytes / 2**20:.1f} MiB a plan may write fit in "
-                f"{PAGE_CACHE_SHARE:.0%} of the {free_bytes / 2**30:.1f} GiB free",
-            )
-        if self.disk_cached_read_bandwidth is None:
+        cached_read = self.disk_cached_read_bandwidth
+        cached_write = self.disk_cached_write_bandwidth
+        if cached_read is None or cached_write is None:
             reason = "disk (the profile has no page-cache rates: calibrate to measure them)"
         elif free_bytes is None:
             reason = "disk (free memory unknown)"
         else:
-            reason = (
-                f"disk: the {may_write_bytes / 2**20:.1f} MiB a plan may write exceed "
+            share = (
+                f"{may_write_bytes / 2**20:.1f} MiB a plan may write {{}} "
                 f"{PAGE_CACHE_SHARE:.0%} of the {free_bytes / 2**30:.1f} GiB free"
             )
+            if may_write_bytes <= PAGE_CACHE_SHARE * free_bytes:
+                reason = "page cache: the " + share.format("fit in")
+                return DiskRates(cached_read, cached_write, read_work, reason)
+            reason = "disk: the " + share.format("exceed")
         return DiskRates(self.disk_read_bandwidth, self.disk_write_bandwidth, read_work, reason)
 
     def flops_per_second(self, dtype: object) -> float:
