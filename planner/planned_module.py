@@ -25,7 +25,7 @@ from planner.passes.pipeline import Analysis
 from planner.report import Report
 from planner.runtime import fused
 from planner.runtime.checkpoint import is_file_backed
-from planner.runtime.copy_engine import CopyEngine, make_engine
+from planner.runtime.copy_engine import CopyEngine, ThreadCopyEngine, make_engine
 from planner.runtime.meter import Measurement, measure
 from planner.runtime.runtime import Runtime, output_error
 from planner.runtime.store import DiskStore
@@ -167,6 +167,8 @@ class PlannedModule(torch.nn.Module):
                 tensor.data = engine.home_tensor(name, homes[name])
             else:
                 released.append(value.source)  # type: ignore[arg-type]
+                if isinstance(engine, ThreadCopyEngine):  # read by mapping its file
+                    engine.mapped.add(name)
         self._state_positions = [primal_of[vi] for vi in self.executor.state_values]
         if self.mode == "train":
             self._prepare_deliveries(tensors)

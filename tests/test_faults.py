@@ -311,7 +311,7 @@ def test_exception_in_the_middle_of_a_run(monkeypatch, exc) -> None:
         spilled = _spills(pm)
         assert spilled and set(os.listdir(pm.offload_dir)) == _weight_files(pm)
 
-        # slow disk reads, so a weight prefetch is still running when the run stops
+        # slow disk reads, so a read is still running when the run stops
         lock = threading.Lock()
         started, finished, in_flight_at_raise = [], [], []
         read_into = pm._disk.read_into

@@ -67,10 +67,10 @@ def describe(tensor: torch.Tensor, crc32: int | None = None) -> Entry:
 
 def empty_like_entry(entry: Entry, device: torch.device | str = "cpu") -> torch.Tensor:
     """A tensor with the entry's layout over a fresh storage (contents undefined)."""
-    return _with_layout(torch.empty(entry.nbytes, dtype=torch.uint8, device=device), entry)
+    return with_layout(torch.empty(entry.nbytes, dtype=torch.uint8, device=device), entry)
 
 
-def _with_layout(raw: torch.Tensor, entry: Entry) -> torch.Tensor:
+def with_layout(raw: torch.Tensor, entry: Entry) -> torch.Tensor:
     """The entry's tensor over the bytes of ``raw`` (a uint8 storage)."""
     out = torch.empty(0, dtype=entry.dtype, device=raw.device)
     out.set_(raw.untyped_storage(), entry.offset, entry.shape, entry.stride)
@@ -84,7 +84,7 @@ def _stamp(st: os.stat_result) -> tuple[int, int, int]:
 def _map_shared(path: Path, entry: Entry) -> torch.Tensor:
     """The entry's tensor over a shared map of ``path``: writes reach the file."""
     raw = torch.from_file(str(path), shared=True, size=entry.nbytes, dtype=torch.uint8)
-    return _with_layout(raw, entry)
+    return with_layout(raw, entry)
 
 
 def _storage_bytes(tensor: torch.Tensor) -> memoryview:
@@ -245,6 +245,53 @@ class DiskStore:
                 )
             self.entries[key] = dataclasses.replace(entry, stamp=stamp)
         return out
+
+    def map_private(self, key: str) -> torch.Tensor:
+        """The tensor stored under ``key`` as a private (copy-on-write) map of its
+        file, after the same checks as a read: its bytes are the page cache's, read
+        in by the kernel as they are touched, never copied into process memory, and
+        writes through the map would not reach the file. The checksum is verified
+        over the map once per write, like a read's."""
+        entry = self.entries.get(key)
+        if entry is None:
+            raise StoreError(f"nothing stored under {key!r}")
+        path = self.path(key)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError as exc:
+            raise StoreError(
+                f"offload file for {key!r} is missing ({path}): it was deleted while the "
+                f"planned module still needs it; plan the model again"
+            ) from exc
+        if st.st_size != entry.nbytes:
+            raise StoreError(
+                f"offload file for {key!r} has the wrong size ({path}): "
+                f"expected {entry.nbytes} bytes; plan the model again"
+            )
+        raw = torch.from_file(str(path), shared=False, size=entry.nbytes, dtype=torch.uint8)
+        stamp = _stamp(st)
+        if entry.crc32 is not None and entry.stamp != stamp:
+            if zlib.crc32(raw.numpy()) != entry.crc32:
+                raise StoreError(
+                    f"offload file for {key!r} is corrupted (checksum mismatch, "
+                    f"{path}); plan the model again"
+                )
+            self.entries[key] = dataclasses.replace(entry, stamp=stamp)
+        return with_layout(raw, entry)
+
+    def read_ahead(self, key: str) -> None:
+        """Ask the kernel to start reading ``key``'s file into the page cache
+        (``POSIX_FADV_WILLNEED``: it returns at once, the disk works on its own)."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            fd = os.open(self.path(key), os.O_RDONLY)
+        except OSError:  # only advice: the map's own checks report a bad file
+            return
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
 
     def map_shared(self, key: str) -> torch.Tensor:
         """The tensor stored under ``key`` as a shared map of its file: writes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import pytest
@@ -146,3 +147,52 @@ def test_transient_copies_overwrite_their_file_in_place(store: DiskStore) -> Non
     store.write("t", torch.randn(8), checksum=False)
     store.discard("t")
     assert not store.path("t").exists()
+
+
+def _is_mapped(path) -> bool:
+    """Whether this process maps ``path`` now (Linux: /proc/self/maps)."""
+    with open("/proc/self/maps") as f:
+        return str(path) in f.read()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_map_private_is_checked_like_a_read_and_never_writes_the_file(store: DiskStore) -> None:
+    """A weight read by mapping its file: equal to what was stored, file-backed,
+    verified once (a corrupted file is an error), and writes through the map stay
+    private to it."""
+    w = torch.randn(64, 32).t()
+    store.write("w", w)
+    mapped = store.map_private("w")
+    assert torch.equal(mapped, w) and mapped.stride() == w.stride()
+    assert _is_mapped(store.path("w"))  # the page cache's bytes, not a copy
+    mapped.mul_(2)
+    assert torch.equal(store.map_private("w"), w)  # the file is unchanged
+    path = store.path("w")
+    data = bytearray(path.read_bytes())
+    data[7] ^= 0xFF
+    time.sleep(0.01)
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="corrupted"):
+        store.map_private("w")
+    path.write_bytes(bytes(data[:10]))
+    with pytest.raises(StoreError, match="wrong size"):
+        store.map_private("w")
+    path.unlink()
+    with pytest.raises(StoreError, match="missing"):
+        store.map_private("w")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_engine_reads_mapped_keys_by_mapping(store: DiskStore) -> None:
+    from planner.runtime.copy_engine import ThreadCopyEngine
+
+    engine = ThreadCopyEngine(store)
+    try:
+        w = torch.randn(128, 16)
+        engine.store_now("w", "disk", w)
+        engine.mapped.add("w")
+        for got in (engine.wait(engine.prefetch("w", "disk")), engine.read_now("w", "disk")):
+            assert torch.equal(got, w) and _is_mapped(store.path("w"))
+            del got
+    finally:
+        engine.close()
