@@ -167,8 +167,8 @@ class PlannedModule(torch.nn.Module):
                 tensor.data = engine.home_tensor(name, homes[name])
             else:
                 released.append(value.source)  # type: ignore[arg-type]
-                if isinstance(engine, ThreadCopyEngine):  # read by mapping its file
-                    engine.mapped.add(name)
+                if isinstance(engine, ThreadCopyEngine):  # large ones read as maps
+                    engine.mappable.add(name)
         self._state_positions = [primal_of[vi] for vi in self.executor.state_values]
         if self.mode == "train":
             self._prepare_deliveries(tensors)

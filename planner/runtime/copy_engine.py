@@ -74,17 +74,26 @@ def _noop() -> None:
     pass
 
 
+#: Smallest copy read by mapping (see ``ThreadCopyEngine.mappable``): glibc serves
+#: allocations this large (its largest mmap threshold) from fresh pages every time.
+#: Below it a copy lands in recycled heap memory, and a map, whose pages fault in
+#: as the op reads them, is the slower: the MLP example's 1 MiB weights ran a
+#: forward in 3.3-3.7 ms mapped against 2.3-2.6 ms copied.
+MAP_MIN_BYTES = 32 * 2**20
+
+
 class ThreadCopyEngine(CopyEngine):
     def __init__(self, disk: DiskStore) -> None:
         self.disk = disk
         self._read = ThreadPoolExecutor(1, thread_name_prefix="planner-disk-read")
         self._write = ThreadPoolExecutor(1, thread_name_prefix="planner-disk-write")
-        #: keys read back as private maps of their files, not copies: weights that
-        #: nothing writes (inference). A copy of a 64 MiB weight costs the cores a
-        #: memcpy and 16k page faults (~25 ms here, 0.38 s per forward of the
-        #: Accelerate benchmark's model); a map costs neither, and the kernel's
-        #: read-ahead, asked for when the prefetch is issued, overlaps the disk.
-        self.mapped: set[str] = set()
+        #: keys nothing writes (weights, in inference): those of ``MAP_MIN_BYTES``
+        #: or more are read back as private maps of their files, not copies. A copy
+        #: of a 64 MiB weight costs the cores a memcpy and 16k page faults of a
+        #: fresh buffer (~25 ms here, 0.38 s per forward of the Accelerate
+        #: benchmark's model); a map costs neither, and the kernel's read-ahead,
+        #: asked for at the prefetch, overlaps the disk.
+        self.mappable: set[str] = set()
 
     def _check_tier(self, tier: str) -> None:
         if tier != "disk":
@@ -92,7 +101,7 @@ class ThreadCopyEngine(CopyEngine):
 
     def prefetch(self, key: str, tier: str) -> Pending:
         self._check_tier(tier)
-        if key in self.mapped:
+        if self._maps(key):
             mapped = self.disk.map_private(key)  # checked like a read
             self.disk.read_ahead(key)
             return Pending(mapped)
@@ -104,11 +113,14 @@ class ThreadCopyEngine(CopyEngine):
         self._check_tier(tier)
         return self.disk.map_shared(key)
 
+    def _maps(self, key: str) -> bool:
+        return key in self.mappable and self.disk.entries[key].nbytes >= MAP_MIN_BYTES
+
     def read_now(self, key: str, tier: str) -> torch.Tensor:
         # on the calling thread: handing a read to the reader thread and waiting
         # for it costs ~70 us more per copy (measured here), for no overlap
         self._check_tier(tier)
-        if key in self.mapped:
+        if self._maps(key):
             return self.disk.map_private(key)
         out = empty_like_entry(self.disk.entries[key])
         return self.disk.read_into(key, out)

@@ -183,16 +183,24 @@ def test_map_private_is_checked_like_a_read_and_never_writes_the_file(store: Dis
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
-def test_engine_reads_mapped_keys_by_mapping(store: DiskStore) -> None:
+def test_engine_maps_large_mappable_keys_and_copies_small_ones(
+    store: DiskStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from planner.runtime import copy_engine
     from planner.runtime.copy_engine import ThreadCopyEngine
 
+    monkeypatch.setattr(copy_engine, "MAP_MIN_BYTES", 4096)
     engine = ThreadCopyEngine(store)
     try:
-        w = torch.randn(128, 16)
-        engine.store_now("w", "disk", w)
-        engine.mapped.add("w")
-        for got in (engine.wait(engine.prefetch("w", "disk")), engine.read_now("w", "disk")):
-            assert torch.equal(got, w) and _is_mapped(store.path("w"))
+        large, small = torch.randn(128, 16), torch.randn(8)
+        engine.store_now("large", "disk", large)
+        engine.store_now("small", "disk", small)
+        engine.mappable.update({"large", "small"})
+        prefetched = engine.wait(engine.prefetch("large", "disk"))
+        for got in (prefetched, engine.read_now("large", "disk")):
+            assert torch.equal(got, large) and _is_mapped(store.path("large"))
             del got
+        got = engine.read_now("small", "disk")
+        assert torch.equal(got, small) and not _is_mapped(store.path("small"))
     finally:
         engine.close()
