@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from planner.runtime.store import DiskStore, Entry, describe, empty_like_entry
+from planner.runtime.store import DiskStore, Entry, describe, empty_like_entry, fault_in
 
 
 @dataclass
@@ -91,8 +91,8 @@ class ThreadCopyEngine(CopyEngine):
         #: or more are read back as private maps of their files, not copies. A copy
         #: of a 64 MiB weight costs the cores a memcpy and 16k page faults of a
         #: fresh buffer (~25 ms here, 0.38 s per forward of the Accelerate
-        #: benchmark's model); a map costs neither, and the kernel's read-ahead,
-        #: asked for at the prefetch, overlaps the disk.
+        #: benchmark's model); a map costs neither, and the reader thread faults its
+        #: pages in (``fault_in``), so the disk's reads overlap compute.
         self.mappable: set[str] = set()
 
     def _check_tier(self, tier: str) -> None:
@@ -103,8 +103,8 @@ class ThreadCopyEngine(CopyEngine):
         self._check_tier(tier)
         if self._maps(key):
             mapped = self.disk.map_private(key)  # checked like a read
-            self.disk.read_ahead(key)
-            return Pending(mapped)
+            # its pages read in on the reader thread, not inside the op
+            return Pending(mapped, self._read.submit(fault_in, mapped))
         entry = self.disk.entries[key]
         out = empty_like_entry(entry)
         return Pending(out, self._read.submit(self.disk.read_into, key, out))

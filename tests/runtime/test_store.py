@@ -204,3 +204,13 @@ def test_engine_maps_large_mappable_keys_and_copies_small_ones(
         assert torch.equal(got, small) and not _is_mapped(store.path("small"))
     finally:
         engine.close()
+
+
+def test_fault_in_leaves_a_mapped_tensor_unchanged(store: DiskStore) -> None:
+    from planner.runtime.store import fault_in
+
+    w = torch.randn(3, 5000)  # several pages
+    store.write("w", w)
+    mapped = store.map_private("w")
+    fault_in(mapped)
+    assert torch.equal(mapped, w)
