@@ -26,6 +26,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -205,24 +206,55 @@ class DiskStore:
             os.close(fd)
 
     def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
-        """Fill ``out`` (allocated by ``empty_like_entry``) from the file; verify size
-        and checksum."""
-        entry = self.entries.get(key)
-        if entry is None:
-            raise StoreError(f"nothing stored under {key!r}")
-        path = self.path(key)
+        """Fill ``out`` (allocated by ``empty_like_entry``) from the file; verify size,
+        stamp and checksum."""
+        entry, path = self._stored(key)
         view = _storage_bytes(out)
         try:
             with open(path, "rb") as f:
                 stamp = _stamp(os.fstat(f.fileno()))
-                n = f.readinto(view)
-                extra = f.read(1)
+                size = f.readinto(view) + len(f.read(1))  # one byte more: too long
         except FileNotFoundError as exc:
-            raise StoreError(
-                f"offload file for {key!r} is missing ({path}): it was deleted while the "
-                f"planned module still needs it; plan the model again"
-            ) from exc
-        if n != entry.nbytes or extra:
+            raise self._missing(key, path) from exc
+        self._verify(key, entry, path, size, stamp, view)
+        return out
+
+    def map_private(self, key: str) -> torch.Tensor:
+        """The tensor stored under ``key`` as a private (copy-on-write) map of its
+        file, after the same checks as a read: its bytes are the page cache's, read
+        in by the kernel as they are touched, never copied into process memory, and
+        writes through the map would not reach the file."""
+        entry, path = self._stored(key)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError as exc:
+            raise self._missing(key, path) from exc
+        size = st.st_size
+        raw = None  # mapped only at the right size; a wrong one fails the check first
+        if size == entry.nbytes:
+            raw = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
+        self._verify(key, entry, path, size, _stamp(st), raw.numpy() if raw is not None else None)
+        assert raw is not None
+        return with_layout(raw, entry)
+
+    def _stored(self, key: str) -> tuple[Entry, Path]:
+        entry = self.entries.get(key)
+        if entry is None:
+            raise StoreError(f"nothing stored under {key!r}")
+        return entry, self.path(key)
+
+    def _missing(self, key: str, path: Path) -> StoreError:
+        return StoreError(
+            f"offload file for {key!r} is missing ({path}): it was deleted while the "
+            f"planned module still needs it; plan the model again"
+        )
+
+    def _verify(
+        self, key: str, entry: Entry, path: Path, size: int, stamp: tuple[int, int, int], data: Any
+    ) -> None:
+        """The checks a read and a map share: the file's size, then its stamp or,
+        with a checksum, its bytes (``data``)."""
+        if size != entry.nbytes:
             raise StoreError(
                 f"offload file for {key!r} has the wrong size ({path}): "
                 f"expected {entry.nbytes} bytes; plan the model again"
@@ -238,46 +270,12 @@ class DiskStore:
                 f"model again"
             )
         if entry.crc32 is not None and entry.stamp != stamp:
-            if zlib.crc32(view) != entry.crc32:
+            if zlib.crc32(data) != entry.crc32:
                 raise StoreError(
                     f"offload file for {key!r} is corrupted (checksum mismatch, "
                     f"{path}); plan the model again"
                 )
             self.entries[key] = dataclasses.replace(entry, stamp=stamp)
-        return out
-
-    def map_private(self, key: str) -> torch.Tensor:
-        """The tensor stored under ``key`` as a private (copy-on-write) map of its
-        file, after the same checks as a read: its bytes are the page cache's, read
-        in by the kernel as they are touched, never copied into process memory, and
-        writes through the map would not reach the file. The checksum is verified
-        over the map once per write, like a read's."""
-        entry = self.entries.get(key)
-        if entry is None:
-            raise StoreError(f"nothing stored under {key!r}")
-        path = self.path(key)
-        try:
-            st = os.stat(path)
-        except FileNotFoundError as exc:
-            raise StoreError(
-                f"offload file for {key!r} is missing ({path}): it was deleted while the "
-                f"planned module still needs it; plan the model again"
-            ) from exc
-        if st.st_size != entry.nbytes:
-            raise StoreError(
-                f"offload file for {key!r} has the wrong size ({path}): "
-                f"expected {entry.nbytes} bytes; plan the model again"
-            )
-        raw = torch.from_file(str(path), shared=False, size=entry.nbytes, dtype=torch.uint8)
-        stamp = _stamp(st)
-        if entry.crc32 is not None and entry.stamp != stamp:
-            if zlib.crc32(raw.numpy()) != entry.crc32:
-                raise StoreError(
-                    f"offload file for {key!r} is corrupted (checksum mismatch, "
-                    f"{path}); plan the model again"
-                )
-            self.entries[key] = dataclasses.replace(entry, stamp=stamp)
-        return with_layout(raw, entry)
 
     def map_shared(self, key: str) -> torch.Tensor:
         """The tensor stored under ``key`` as a shared map of its file: writes
@@ -323,6 +321,9 @@ class DiskStore:
         self.entries.clear()
 
 
+_PAGE_BYTES = 4096
+
+
 def fault_in(mapped: torch.Tensor) -> None:
     """Touch one byte of every page of a mapped tensor's storage, so the disk reads
     (and the page-table entries) happen on the calling thread, not inside the op
@@ -330,6 +331,3 @@ def fault_in(mapped: torch.Tensor) -> None:
     file read as slowly 0.2 s after the advice as with none (58-64 ms)."""
     raw = torch.empty(0, dtype=torch.uint8).set_(mapped.untyped_storage())
     raw[::_PAGE_BYTES].sum()  # the sum is discarded; the reads are the point
-
-
-_PAGE_BYTES = 4096
