@@ -220,9 +220,9 @@ class DeviceProfile:
         """The rates disk copies will see when a plan may write ``may_write_bytes``
         to the offload directory and the machine has ``free_bytes`` of memory free.
 
-        The store never fsyncs, and it deletes each transient file when it writes
-        the next, so while its files fit in the page cache no copy waits on the
-        disk: reads and writes are memcpys (here ~17 and ~10 GB/s, where the disk's
+        The store never fsyncs, and a transient copy overwrites its key's file in
+        place, so while the files fit in the page cache no copy waits on the disk:
+        reads and writes are memcpys (here ~17 and ~10 GB/s, where the disk's
         2 GB/s made the MLP's estimates 2x high).
         They fit when the bytes are at most ``PAGE_CACHE_SHARE`` of free memory, the
         kernel's default ``vm.dirty_ratio``, past which it makes writers wait for

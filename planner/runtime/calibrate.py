@@ -276,9 +276,8 @@ def measure_page_cache_rates(disk_dir: str | None, repeats: int) -> tuple[float,
     cache holds its files, the way the executor makes them: write a tensor (no
     fsync, no checksum) over the file of the call before, then read it into a
     freshly allocated tensor. The median of ``repeats`` after two warm-up rounds:
-    the first write of a file is up to 4x faster than the steady state, where each
-    write also frees the pages of the file it replaces. The store's directory is
-    removed whatever happens."""
+    the first write also creates the file and its pages, which later writes
+    overwrite. The store's directory is removed whatever happens."""
     from planner.runtime.store import DiskStore, empty_like_entry
 
     tensor = torch.randn(_PAGE_CACHE_COPY_BYTES // 4)

@@ -181,8 +181,8 @@ class Bandwidths:
 
     def copy_compute_seconds(self, channel: tuple[str, str], nbytes: int) -> float:
         """Compute time one copy takes from the ops (see ``copy_compute_share``): its
-        CPU work. A write's is its channel time (the page cache takes the bytes at
-        about disk-write speed on the machines measured: 0.5 GB/s here). A read's is
+        CPU work. A write's is its channel time (the copy into the page cache, or
+        the wait for the disk past it: see ``DeviceProfile.disk_rates``). A read's is
         its fixed cost plus a copy of its bytes out of the page cache
         (``disk_read_work``), not the disk's time: the device fills the page cache
         on its own (a wait the channel model charges as a stall)."""
