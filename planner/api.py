@@ -10,6 +10,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from planner.budget import parse_budget
+from planner.codegen.emit import KERNELS
 from planner.errors import InvalidPlan, PlannerError
 from planner.ir.capture import capture, normalize_example_inputs
 from planner.passes.device_profile import DeviceProfile, get_profile
@@ -150,6 +151,7 @@ def plan(
     time_limit: float = DEFAULT_TIME_LIMIT,
     checkpoint: str | None = None,
     plan: str | Path | Plan | None = None,
+    kernels: str = "eager",
 ) -> PlannedModule:
     """Plan ``model`` under ``budget`` and return a module that runs the plan.
 
@@ -161,7 +163,20 @@ def plan(
     meta device from (memory-mapped: for models larger than RAM). ``plan``: a saved
     plan (``pm.plan.save(path)``) to reuse without solving again; it must have been
     made for this graph and budget.
+
+    ``kernels``: ``"eager"`` (default) runs each op as its own ATen call, so outputs
+    and gradients are bit-identical to the captured graph run unplanned.
+    ``"inductor"`` compiles each run of ops between the plan's memory steps with
+    TorchInductor (fused kernels, as ``torch.compile`` makes them): faster, with
+    outputs equal to eager within floating-point rounding instead of bit for bit.
+    The plan is the same; compiling takes seconds per distinct run on first use
+    (Inductor caches kernels across calls and processes). Random ops stay eager.
     """
+    if kernels not in KERNELS:
+        raise ValueError(
+            f"kernels must be one of {', '.join(map(repr, KERNELS))}, got {kernels!r}: "
+            f"'eager' for bit-identical results, 'inductor' for fused kernels"
+        )
     _check_time_limit(time_limit)
     if checkpoint is not None:
         if mode != "infer":
@@ -180,7 +195,7 @@ def plan(
         (t.device for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)),
         torch.device("cpu"),
     )
-    return PlannedModule(model, analysis, problem, solved, offload_dir, device)
+    return PlannedModule(model, analysis, problem, solved, offload_dir, device, kernels)
 
 
 def measure_unplanned(

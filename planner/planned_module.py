@@ -18,6 +18,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from planner.codegen.emit import Executor, emit_executor
+from planner.codegen.segments import Segment, compile_segments, kernels_summary
 from planner.errors import PlannerError
 from planner.ir.meta import PARAM_GRADS
 from planner.ir.program import Phase, ValueKind
@@ -52,6 +53,7 @@ class PlannedModule(torch.nn.Module):
         plan: Plan,
         offload_dir: str | None = None,
         device: torch.device | None = None,
+        kernels: str = "eager",
     ) -> None:
         super().__init__()
         captured = analysis.captured
@@ -77,7 +79,10 @@ class PlannedModule(torch.nn.Module):
             r.source.removesuffix(" (updated)")  # type: ignore[union-attr]
             for r in captured.output_roles[: self._num_buffer_updates]
         ]
-        self.executor: Executor = emit_executor(program, captured.graph_module, problem, plan)
+        self.kernels = kernels
+        self.executor: Executor = emit_executor(
+            program, captured.graph_module, problem, plan, kernels
+        )
         # Training: forward tensors the plan moves to a tier wait there, in one slot per
         # tensor, for the backward; a second forward before that backward overwrites
         # them. Each forward is numbered so such a backward fails instead of misreading.
@@ -106,6 +111,11 @@ class PlannedModule(torch.nn.Module):
         try:
             self._place_state(model, captured.extra.pop("exported_program"), engine)
             namespace: dict[str, Any] = {"torch": torch, **self.executor.ops}
+            namespace.update(
+                compile_segments(
+                    self.executor.segments, self.device, self.executor.ops, self._headroom
+                )
+            )
             exec(compile(self.executor.source, "<planner executor>", "exec"), namespace)
             self._fn = namespace[self.executor.function_name]
             if self.mode == "train":
@@ -117,6 +127,16 @@ class PlannedModule(torch.nn.Module):
         self.measured: Measurement | None = None
         self.output_error: dict[str, float] | None = None  # see measure_quantization_error
         self.measured_seconds: float | None = None  # set by time_call
+
+    def _headroom(self, segment: Segment) -> int:
+        """Half the bytes the plan leaves free under the budget over a compiled
+        run's steps: what Inductor's kernels may allocate beyond the eager run's
+        peak there (half: a margin for the replay's rounding)."""
+        first, last = segment.steps
+        timeline = self.plan.timeline
+        if first < 0 or last >= len(timeline):
+            return 0
+        return max(0, self.plan.budget_bytes - max(timeline[first : last + 1])) // 2
 
     def _place_state(self, model: torch.nn.Module, ep: Any, engine: CopyEngine) -> None:
         """Device-home weights become this module's buffers; tier-home weights are
@@ -292,6 +312,8 @@ class PlannedModule(torch.nn.Module):
             row["exact_lookups"] = row["tensor"] in self._exact_lookups
         if any("disk" in row.decision for row in report.tensors):
             report.disk_rates = self.problem.meta.get("disk_rates")
+        if self.kernels == "inductor":
+            report.kernels = kernels_summary(self.executor.segments, len(self.analysis.program.ops))
         if self.measured is not None:
             report.measured = {
                 "peak_bytes": self.measured.peak_bytes,

@@ -69,6 +69,8 @@ class Report:
     output_error: dict[str, float] | None = None
     #: which rates disk copies were priced at, and why (``DeviceProfile.disk_rates``)
     disk_rates: str | None = None
+    #: kernels="inductor": runs of ops compiled, left eager (and why), ops in each
+    kernels: dict[str, Any] | None = None
 
     @classmethod
     def from_analysis(cls, analysis: Analysis) -> Report:
@@ -262,6 +264,14 @@ def summary_lines(report: Report) -> list[str]:
     ]
     if report.disk_rates:
         lines.append(f"disk copies priced: {report.disk_rates}")
+    if report.kernels:
+        k = report.kernels
+        lines.append(
+            f"kernels:            inductor: {k['compiled']} of {k['runs']} runs of ops compiled "
+            f"({k['compiled_ops']} of {k['ops']} ops); the rest eager"
+        )
+        for reason, count in k["eager_reasons"].items():
+            lines.append(f"  left eager ({count}): {reason}")
     if report.baselines:
         lines.append("plans compared (estimated time, peak):")
     for name, result in report.baselines.items():

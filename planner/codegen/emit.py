@@ -21,11 +21,24 @@ from typing import Any
 import torch
 import torch.fx
 
-from planner.ir.meta import FX_NODE_NAMES, PARAM_GRADS
+from planner.codegen.segments import (
+    DelLine,
+    Layout,
+    OpLine,
+    Segment,
+    Var,
+    compilable_target,
+    fold_segments,
+)
+from planner.ir.meta import FX_NODE_NAMES, PARAM_GRADS, fake_value
 from planner.ir.program import Program, ValueKind
 from planner.runtime.fused import reads_exact_rows
 from planner.solver.plan import Action, Plan
 from planner.solver.problem import Problem
+
+#: How the executor runs ops: one eager ATen call each, or runs of them as
+#: TorchInductor graphs.
+KERNELS = ("eager", "inductor")
 
 
 @dataclass
@@ -43,6 +56,9 @@ class Executor:
     #: weights stored quantized on the device: (value index, format); their
     #: ``Quantized`` objects follow the tensors of ``state_values`` in ``state``
     stored_values: list[tuple[int, str]] = field(default_factory=list)
+    #: kernels="inductor": the runs of ops the source calls as compiled graphs
+    #: (``segment_0``, ...), to compile before the source runs
+    segments: list[Segment] = field(default_factory=list)
 
 
 def _ident(name: str) -> str:
@@ -56,6 +72,8 @@ def format_arg(x: Any, name_of: Any) -> str:
     """A Python expression for an FX argument."""
     if isinstance(x, torch.fx.Node):
         return name_of(x)
+    if isinstance(x, Var):
+        return x.name
     if isinstance(x, (list, tuple)):
         inner = ", ".join(format_arg(a, name_of) for a in x)
         return f"[{inner}]" if isinstance(x, list) else f"({inner}{',' if len(x) == 1 else ''})"
@@ -78,15 +96,25 @@ def format_arg(x: Any, name_of: Any) -> str:
 
 class _Emitter:
     def __init__(
-        self, program: Program, gm: torch.fx.GraphModule, problem: Problem, plan: Plan
+        self,
+        program: Program,
+        gm: torch.fx.GraphModule,
+        problem: Problem,
+        plan: Plan,
+        kernels: str = "eager",
     ) -> None:
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+        self.kernels = kernels
         self.program = program
         self.problem = problem
         self.plan = plan
         self.nodes = {n.name: n for n in gm.graph.nodes}
         self.op_nodes = [self.nodes[n] for n in program.meta[FX_NODE_NAMES]]
         self.value_by_name = {v.name: v.index for v in program.values}
-        self.lines: list[str] = []
+        #: source lines, op calls (``OpLine``) and frees (``DelLine``) in order;
+        #: ``_render`` turns them into the source
+        self.lines: list[Any] = []
         self.ops: dict[str, Any] = {}
         self.var: dict[int, str] = {}  # value -> variable holding it now
         self.storage_vars: dict[int, list[str]] = defaultdict(list)
@@ -99,6 +127,7 @@ class _Emitter:
         self.read_at_once: set[int] = set()  # this step's reads waited for right away
         # the returned value (a gradient) held by each storage, for ``deliver``
         self.returned_value = {program.values[v].storage: v for v in program.outputs}
+        self.returned_storages = set(self.returned_value)
         self.versions: dict[str, int] = defaultdict(int)
         # every value's own name is reserved up front so versions cannot collide
         self.used: set[str] = {"rt", "state", "inputs", "carry", "tangents", "torch"}
@@ -212,14 +241,16 @@ class _Emitter:
         if not train:
             outs = [self._expr(v) for v in program.outputs]
             body.append(f"    return [{', '.join(outs)}]")
+            source, segments = self._render()
             return Executor(
-                "\n".join(body) + "\n",
+                source,
                 "planned",
                 self.ops,
                 state_values,
                 input_values,
                 tangent_values,
                 stored_values=stored_values,
+                segments=segments,
             )
         forward_outs = [self._expr(v) for v in program.outputs[: program.num_forward_outputs]]
         carry = list(
@@ -254,14 +285,41 @@ class _Emitter:
         if self.delivered:
             body.append("    # None: a gradient already delivered to its parameter's .grad")
         body.append(f"    return [{', '.join(grads)}]")
+        source, segments = self._render()
         return Executor(
-            "\n".join(body) + "\n",
+            source,
             "planned_forward",
             self.ops,
             state_values,
             input_values,
             tangent_values,
             "planned_backward",
+            segments=segments,
+        )
+
+    def _render(self) -> tuple[str, list[Segment]]:
+        """The source, with runs of ops folded into compiled segments if asked."""
+        layout_of = self._layout if self.kernels == "inductor" else None
+        lines, segments = fold_segments(self.lines, layout_of)
+        return "\n".join(lines) + "\n", segments
+
+    def _layout(self, value: int) -> Layout:
+        """The traced layout of ``value``: what a compiled segment's input is
+        specialized to."""
+        name = self.program.values[value].name
+        position = None
+        if name not in self.nodes and name.endswith("]"):
+            name, _, rest = name.rpartition("[")
+            position = int(rest[:-1])
+        fake = fake_value(self.nodes[name])
+        if position is not None:
+            fake = fake[position]
+        return Layout(
+            tuple(fake.shape),
+            tuple(fake.stride()),
+            fake.dtype,
+            int(fake.storage_offset()),
+            self.program.values[value].storage,
         )
 
     def _emit_steps(
@@ -294,17 +352,19 @@ class _Emitter:
 
         fused: list[str] = []
 
-        def name_of(n: torch.fx.Node) -> str:
+        def name_of(n: torch.fx.Node) -> Var:
             vi = self.value_by_name[n.name]
             storage = self.program.values[vi].storage
             codes = self.stored.get(storage) or self.quantized.get(storage)
             if vi not in self.var and codes is not None:
                 fused.append(codes)  # no full copy: the op reads the codes
-                return codes
-            return self._expr(vi)
+                return Var(codes, vi)
+            return Var(self._expr(vi), vi)
 
-        args = [format_arg(a, name_of) for a in node.args]
-        args += [f"{k}={format_arg(v, name_of)}" for k, v in node.kwargs.items()]
+        arg_vars = torch.fx.node.map_arg(node.args, name_of)  # type: ignore[arg-type]
+        kwarg_vars = torch.fx.node.map_arg(node.kwargs, name_of)  # type: ignore[arg-type]
+        args = [format_arg(a, name_of) for a in arg_vars]
+        args += [f"{k}={format_arg(v, name_of)}" for k, v in kwarg_vars.items()]
         reuse = self.problem.steps[step].reuse if only_storage is None else None
         if fused:  # the plan validated this op as a fused use of the stored weight
             call = f"rt.fused({op.target!r}, {', '.join(args)})"
@@ -323,9 +383,11 @@ class _Emitter:
         ]
         note = f"  # {comment}" if comment else ""
         fake = node.meta.get("val")
+        source: list[str] = []
+        bound: list[tuple[int | None, str, int]] = []
         if isinstance(fake, (tuple, list)):
             tmp = self._fresh(f"{op.name}_out")
-            self.lines.append(f"{indent}{tmp} = {call}{note}")
+            source.append(f"{indent}{tmp} = {call}{note}")
             for vi in outputs:
                 v = self.program.values[vi]
                 position = (
@@ -334,17 +396,29 @@ class _Emitter:
                     else self._element_position(node, v.name)
                 )
                 var = self._fresh(v.name)
-                self.lines.append(f"{indent}{var} = {tmp}[{position}]")
-                self._bind(vi, var)
-            self.lines.append(f"{indent}del {tmp}")
+                source.append(f"{indent}{var} = {tmp}[{position}]")
+                bound.append((position, var, vi))
+            source.append(f"{indent}del {tmp}")
         elif outputs:
             var = self._fresh(self.program.values[outputs[0]].name)
-            self.lines.append(f"{indent}{var} = {call}{note}")
-            if reuse is not None:
-                self._free(reuse[0], f"its buffer now holds {self.program.values[outputs[0]].name}")
-            self._bind(outputs[0], var)
+            source.append(f"{indent}{var} = {call}{note}")
+            bound.append((None, var, outputs[0]))
         else:
-            self.lines.append(f"{indent}{call}{note}")
+            source.append(f"{indent}{call}{note}")
+        self.lines.append(
+            OpLine(
+                source,
+                node.target,
+                arg_vars,
+                kwarg_vars,
+                bound,
+                compilable=bool(bound) and not fused and compilable_target(node.target),
+            )
+        )
+        if reuse is not None and bound and bound[0][0] is None:
+            self._free(reuse[0], f"its buffer now holds {self.program.values[outputs[0]].name}")
+        for _, var, vi in bound:
+            self._bind(vi, var)
 
     def _element_position(self, node: torch.fx.Node, element_name: str) -> int:
         for user in node.users:
@@ -430,7 +504,14 @@ class _Emitter:
         for vi in self.program.storages[storage].values:
             self.var.pop(vi, None)
         if names:
-            self.lines.append(f"    del {', '.join(dict.fromkeys(names))}  # {why}")
+            unique = list(dict.fromkeys(names))
+            base = self.program.values[self.program.storages[storage].base]
+            donatable = (
+                base.producer is not None
+                and storage not in self.returned_storages
+                and storage not in self.writing
+            )
+            self.lines.append(DelLine(unique, f"    del {', '.join(unique)}  # {why}", donatable))
 
 
 def out_variant(target: torch._ops.OpOverload) -> tuple[torch._ops.OpOverload, str]:
@@ -448,6 +529,12 @@ def out_variant(target: torch._ops.OpOverload) -> tuple[torch._ops.OpOverload, s
 
 
 def emit_executor(
-    program: Program, gm: torch.fx.GraphModule, problem: Problem, plan: Plan
+    program: Program,
+    gm: torch.fx.GraphModule,
+    problem: Problem,
+    plan: Plan,
+    kernels: str = "eager",
 ) -> Executor:
-    return _Emitter(program, gm, problem, plan).emit()
+    """The executor for ``plan``. ``kernels="inductor"``: runs of ops between the
+    plan's memory steps become TorchInductor graphs (``Executor.segments``)."""
+    return _Emitter(program, gm, problem, plan, kernels).emit()

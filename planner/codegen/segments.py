@@ -1,0 +1,501 @@
+"""Straight-line runs of the executor's ops, compiled by TorchInductor.
+
+With ``kernels="inductor"`` the emitter records each op call as an ``OpLine``
+instead of a plain source line. ``fold_segments`` then walks the lines: a run of
+op calls and frees with no memory step of the plan between them (no prefetch,
+wait, offload, quantize or delivery) becomes one FX graph, and the run's source
+becomes one call of that graph compiled by Inductor (fused kernels, as
+``torch.compile`` builds them). The plan's memory steps stay where they were, so
+what the plan moves, when, is unchanged; inside a run Inductor frees each buffer
+at its last use and never materializes the intermediates it fuses away.
+
+Why the run's inputs are passed in a list (Inductor's boxed calling convention):
+the compiled code clears the list and frees each input after its last use, so
+an input the plan frees inside the run is freed there, not held to the run's
+end. The executor deletes its own names for those inputs before the call.
+
+Random ops (dropout) are never compiled: Inductor draws its own random numbers,
+and the executor's must be the ones eager draws.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, NamedTuple
+
+import torch
+import torch.fx
+
+log = logging.getLogger(__name__)
+
+#: A run is compiled only if it has at least this many ops that compute (views
+#: and getitems not counted): one op gains nothing from Inductor.
+MIN_COMPUTE_OPS = 2
+
+
+@dataclass(frozen=True)
+class Var:
+    """A variable of the generated source in an op's arguments, and the program
+    value it holds (whose traced layout a compiled run's example input copies)."""
+
+    name: str
+    value: int
+
+
+@dataclass
+class OpLine:
+    """One op call of the executor: its eager source and its structure."""
+
+    source: list[str]  # the lines that run it eagerly (an ``out=`` call, getitems)
+    target: Any
+    args: tuple
+    kwargs: dict
+    #: (position in a tuple result or None for a single result, variable, value)
+    outputs: list[tuple[int | None, str, int]]
+    compilable: bool
+
+
+@dataclass
+class DelLine:
+    """A ``del`` of the executor: the variables it frees, and its source line.
+
+    ``donatable``: the tensor they name is the executor's alone (an op's output or
+    a copy read back, not the caller's, a parameter, or a copy still being
+    written), so a compiled run that frees it may write its results into it."""
+
+    names: list[str]
+    source: str
+    donatable: bool = False
+
+
+class Layout(NamedTuple):
+    """A value's traced layout, and the storage it lives in: inputs of one
+    storage are views of one buffer (the run's example inputs share it too)."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    offset: int
+    storage: int
+
+
+@dataclass
+class Segment:
+    """One compiled run: an FX graph of ATen ops and its inputs' traced layouts."""
+
+    name: str
+    graph: torch.fx.GraphModule
+    #: each input's traced layout, in call order
+    input_layouts: list[Layout]
+    steps: tuple[int, int]  # first and last step of the run (for messages)
+    num_ops: int
+    #: positions of the inputs the run frees (the executor holds the others)
+    freed: list[int] = field(default_factory=list)
+    #: positions of those whose buffers the run may reuse (the executor's alone)
+    donated: list[int] = field(default_factory=list)
+    #: the run as the eager executor would run it: a function of the same list of
+    #: inputs (the fallback, and the reference the compiled run's memory must meet)
+    eager_source: str = ""
+    #: "inductor", or why the run is left eager (set by ``compile_segments``)
+    kernel: str = "inductor"
+
+
+@dataclass
+class _Run:
+    items: list[Any] = field(default_factory=list)
+
+    def compute_ops(self) -> int:
+        return sum(
+            1 for it in self.items if isinstance(it, OpLine) and not _is_view_like(it.target)
+        )
+
+
+def compilable_target(target: Any) -> bool:
+    """Whether Inductor may run ``target``: an ATen op that draws no random numbers."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    return torch.Tag.nondeterministic_seeded not in target.tags
+
+
+def _is_view_like(target: Any) -> bool:
+    if target is operator.getitem:
+        return True
+    return isinstance(target, torch._ops.OpOverload) and bool(
+        target._schema.returns and target._schema.returns[0].alias_info is not None
+    )
+
+
+def fold_segments(
+    lines: Sequence[Any],
+    layout_of: Callable[[int], Layout] | None,
+) -> tuple[list[str], list[Segment]]:
+    """Render ``lines`` (strings, ``OpLine``s, ``DelLine``s) as source. With
+    ``layout_of`` (a value's traced ``Layout``), each run of
+    compilable op calls is replaced by a call of a compiled ``Segment``; without,
+    every op runs eagerly."""
+    out: list[str] = []
+    segments: list[Segment] = []
+    run = _Run()
+
+    def flush() -> None:
+        # comments after the run's last free belong to the steps that follow it
+        trailing: list[str] = []
+        while run.items and isinstance(run.items[-1], str):
+            trailing.insert(0, run.items.pop())
+        _flush_run()
+        out.extend(trailing)
+
+    def _flush_run() -> None:
+        assert layout_of is not None
+        if run.compute_ops() >= MIN_COMPUTE_OPS:
+            name = f"segment_{len(segments)}"
+            built = _build(run.items, name, layout_of)
+            if built is not None:
+                segment, source = built
+                segments.append(segment)
+                out.extend(source)
+                run.items.clear()
+                return
+        out.extend(_eager_source(run.items))
+        run.items.clear()
+
+    if layout_of is None:
+        return _eager_source(lines), []
+    for item in lines:
+        if isinstance(item, OpLine) and item.compilable:
+            run.items.append(item)
+        elif isinstance(item, str) and _is_comment(item):
+            run.items.append(item)  # a step's comment opens the run its op may join
+        elif isinstance(item, DelLine):
+            if run.items:
+                run.items.append(item)
+            else:
+                out.extend(_eager_source([item]))
+        else:
+            flush()
+            out.extend(_eager_source([item]))
+    flush()
+    return out, segments
+
+
+_STEP_COMMENT = re.compile(r"\s*# step (\d+):")
+
+
+def _is_comment(line: str) -> bool:
+    return line.lstrip().startswith("#")
+
+
+def _eager_source(items: Sequence[Any]) -> list[str]:
+    src: list[str] = []
+    for it in items:
+        if isinstance(it, OpLine):
+            src.extend(it.source)
+        elif isinstance(it, DelLine):
+            src.append(it.source)
+        else:
+            src.append(it)
+    return src
+
+
+def _build(
+    items: list[Any],
+    name: str,
+    layout_of: Callable[[int], Layout],
+) -> tuple[Segment, list[str]] | None:
+    """The run's FX graph and the source that calls it (None: nothing it computes
+    outlives the run, so there is nothing to return and it runs eagerly).
+
+    Ops whose results nothing outside the run reads are dropped (a ``detach``
+    whose output is freed at once), and so are inputs only they read: an input
+    passed to the compiled graph but unused would be held to its end, where the
+    eager run frees it at once."""
+    graph = torch.fx.Graph()
+    defined: dict[str, torch.fx.Node] = {}
+    order: list[str] = []  # variables defined in the run, in definition order
+    placeholders: dict[str, torch.fx.Node] = {}
+    values: dict[str, int] = {}
+    freed: set[str] = set()  # variables the run frees (defined in it, or read by it)
+    donatable: set[str] = set()
+    comments: list[str] = []
+    steps: list[int] = []
+    op_nodes: list[tuple[OpLine, torch.fx.Node]] = []
+
+    def node_of(x: Any) -> Any:
+        if isinstance(x, Var):
+            if x.name in defined:
+                return defined[x.name]
+            if x.name not in placeholders:
+                placeholders[x.name] = graph.placeholder(f"in_{len(placeholders)}")
+                values[x.name] = x.value
+            return placeholders[x.name]
+        if isinstance(x, (list, tuple)):
+            return type(x)(node_of(a) for a in x)
+        if isinstance(x, dict):
+            return {k: node_of(v) for k, v in x.items()}
+        return x
+
+    for it in items:
+        if isinstance(it, OpLine):
+            node = graph.call_function(it.target, node_of(it.args), node_of(it.kwargs))
+            op_nodes.append((it, node))
+            for position, var, _value in it.outputs:
+                defined[var] = (
+                    node
+                    if position is None
+                    else graph.call_function(operator.getitem, (node, position))
+                )
+                order.append(var)
+        elif isinstance(it, DelLine):
+            freed.update(it.names)
+            if it.donatable:
+                donatable.update(it.names)
+        else:
+            comments.append(it)
+            match = _STEP_COMMENT.match(it)
+            if match:
+                steps.append(int(match.group(1)))
+    results = [v for v in order if v not in freed]
+    if not results:
+        return None
+    graph.output([defined[v] for v in results])
+    graph.eliminate_dead_code()
+    live_ops = [(it, node) for it, node in op_nodes if _alive(node)]
+    inputs = [n for n, node in placeholders.items() if node.users]
+    for node in placeholders.values():
+        if not node.users:
+            graph.erase_node(node)
+    live = set(inputs) | {var for it, _ in live_ops for _, var, _ in it.outputs}
+    # frees of variables made before the run that it no longer reads go before the
+    # call (variables of dropped ops are never made)
+    early = [
+        n
+        for it in items
+        if isinstance(it, DelLine)
+        for n in it.names
+        if n not in live and n not in defined
+    ]
+    freed_inputs = [n for n in inputs if n in freed]
+    eager: list[str] = []  # the run's eager lines, for the live ops
+    live_lines = {id(it) for it, _ in live_ops}
+    for it in items:
+        if isinstance(it, OpLine) and id(it) in live_lines:
+            eager.extend(it.source)
+        elif isinstance(it, DelLine) and (kept := [n for n in it.names if n in live]):
+            eager.append(f"    del {', '.join(kept)}")
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    unpack = [f"    {', '.join(inputs)}{',' if len(inputs) == 1 else ''} = args"] if inputs else []
+    eager_source = "\n".join(
+        [f"def {name}_eager(args):", *unpack, "    args.clear()"]
+        + eager
+        + [f"    return [{', '.join(results)}]", ""]
+    )
+    layouts = [layout_of(values[n]) for n in inputs]
+    shared = Counter(layout.storage for layout in layouts)
+    # an input is donated only if it is its storage's one view here: Inductor
+    # writes a donated input's buffer in place, which the other view still reads
+    donatable = {n for n, layout in zip(inputs, layouts) if shared[layout.storage] == 1} & donatable
+    segment = Segment(
+        name,
+        gm,
+        layouts,
+        (min(steps, default=-1), max(steps, default=-1)),
+        len(live_ops),
+        [i for i, n in enumerate(inputs) if n in freed],
+        [i for i, n in enumerate(inputs) if n in donatable],
+        eager_source,
+    )
+    ind = "    "
+    src = [
+        f"{ind}# {name}: steps {segment.steps[0]}-{segment.steps[1]}, {segment.num_ops} ops "
+        f"in one TorchInductor graph"
+    ]
+    src += comments
+    if early:
+        src.append(f"{ind}del {', '.join(early)}  # freed within the run, not read by it")
+    src.append(f"{ind}segment_args = [{', '.join(inputs)}{',' if len(inputs) == 1 else ''}]")
+    if freed_inputs:
+        src.append(f"{ind}del {', '.join(freed_inputs)}  # {name} frees them after their last use")
+    targets = ", ".join(results) + ("," if len(results) == 1 else "")
+    src.append(f"{ind}{targets} = {name}(segment_args)")
+    return segment, src
+
+
+def _alive(node: torch.fx.Node) -> bool:
+    """Whether ``node`` survived dead-code elimination (erased nodes are unlinked)."""
+    return node.graph is not None and node in node.graph.nodes
+
+
+def _examples(segment: Segment, device: torch.device, zero: bool = False) -> list:
+    """Tensors of the segment's input layouts, inputs of one storage views of one
+    buffer as in the executor (zeros: valid indices, no NaNs)."""
+    spans: dict[int, int] = {}
+    for layout in segment.input_layouts:
+        end = layout.offset + sum((n - 1) * s for n, s in zip(layout.shape, layout.stride)) + 1
+        nbytes = 0 if 0 in layout.shape else end * layout.dtype.itemsize
+        spans[layout.storage] = max(spans.get(layout.storage, 0), nbytes)
+    buffers = {
+        s: torch.empty(n, dtype=torch.uint8, device=device).untyped_storage()
+        for s, n in spans.items()
+    }
+    out = []
+    for layout in segment.input_layouts:
+        t = torch.empty(0, dtype=layout.dtype, device=device)
+        t.set_(buffers[layout.storage], layout.offset, layout.shape, layout.stride)
+        out.append(t.zero_() if zero else t)
+    return out
+
+
+def compile_segment(segment: Segment, device: torch.device) -> Callable[[list], list]:
+    """Compile ``segment`` with Inductor for inputs of its traced layouts on
+    ``device``; the result takes a list of inputs (which it empties) and returns
+    the run's outputs."""
+    from torch._inductor.compile_fx import compile_fx_inner
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    examples = _examples(segment, device)
+    traced = make_fx(segment.graph, decomposition_table=select_decomp_table(), tracing_mode="fake")(
+        *examples
+    )
+    # every output is read by the executor's next ops, which expect the traced
+    # layout: Inductor keeps a graph output's layout only if it is "user visible"
+    # (torch.compile marks them in compile_fx; this is compile_fx_inner's caller)
+    outputs = next(n for n in reversed(traced.graph.nodes) if n.op == "output")
+    outputs.meta["user_visible_output_idxs"] = list(range(len(outputs.args[0])))
+    if not segment.donated:
+        return compile_fx_inner(traced, examples)  # type: ignore[return-value]
+    # Inductor reuses the buffers of a backward graph's donated inputs; it reads
+    # them from the tracing context that AOTAutograd would set up. Its graph cache
+    # does not key on them, so a donating compile neither reads nor fills it.
+    from torch._inductor import config as inductor_config
+
+    context = torch._guards.TracingContext(None)
+    context.fw_metadata = SimpleNamespace(  # type: ignore[assignment]
+        bw_donated_idxs=list(segment.donated),
+        static_input_indices=[],
+        num_mutated_inp_runtime_indices=0,
+    )
+    with torch._guards.tracing(context), inductor_config.patch(fx_graph_cache=False):
+        return compile_fx_inner(traced, examples, is_backward=True)  # type: ignore[return-value]
+
+
+def eager_function(segment: Segment, ops: dict[str, Any]) -> Callable[[list], list]:
+    """The run as the eager executor runs it, called like the compiled one."""
+    namespace: dict[str, Any] = {"torch": torch, **ops}
+    exec(compile(segment.eager_source, f"<planner {segment.name}>", "exec"), namespace)
+    return namespace[f"{segment.name}_eager"]
+
+
+def run_allocations(
+    fn: Callable[[list], list], segment: Segment, device: torch.device
+) -> tuple[int, int]:
+    """(peak, final) bytes allocated during one call of ``fn`` on fresh inputs,
+    held as the executor holds them: those the run frees only by the call's list
+    (after a warm-up call: first calls allocate caches). Final counts the
+    outputs, held until the count is taken."""
+    fn(_examples(segment, device, zero=True))
+    held: list[torch.Tensor] = []
+    inputs_bytes = 0
+
+    def call() -> list:
+        nonlocal inputs_bytes
+        args = _examples(segment, device, zero=True)
+        held.extend(t for i, t in enumerate(args) if i not in segment.freed)
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in args}
+        inputs_bytes = sum(storages.values())
+        return fn(args)
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = call()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        final = torch.cuda.memory_allocated(device) - base
+    else:
+        from planner.alloc_trace import allocations, peak_and_final, profile_allocations
+
+        # made inside the profile: it does not see frees of blocks allocated before
+        out, events = profile_allocations(call)
+        peak, final = peak_and_final(allocations(events, device.type))
+    held.clear()
+    del out
+    return peak - inputs_bytes, final - inputs_bytes
+
+
+def compile_segments(
+    segments: Sequence[Segment],
+    device: torch.device,
+    ops: dict[str, Any],
+    headroom: Callable[[Segment], int] = lambda segment: 0,
+) -> dict[str, Callable[[list], list]]:
+    """A callable per segment: Inductor's, where it compiles and allocates no
+    more than the run does eagerly at its end, and at its peak no more than that
+    plus ``headroom(segment)`` (bytes the plan leaves free under the budget over
+    the run's steps), so the budget still holds; else the eager run, with the
+    reason in ``segment.kernel``. Inductor caches kernels by their code, so a
+    model's repeated blocks compile once."""
+    chosen: dict[str, Callable[[list], list]] = {}
+    start = time.perf_counter()
+    for i, segment in enumerate(segments):
+        eager = eager_function(segment, ops)
+        chosen[segment.name] = eager
+        try:
+            compiled = compile_segment(segment, device)
+        except Exception as exc:  # an op Inductor cannot take: this run stays eager
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            segment.kernel = f"eager: Inductor failed: {type(exc).__name__}: {first}"
+            log.warning(
+                "inductor: %s (steps %s) stays eager: %s",
+                segment.name,
+                segment.steps,
+                segment.kernel,
+            )
+            continue
+        peak_e, final_e = run_allocations(eager, segment, device)
+        peak_c, final_c = run_allocations(compiled, segment, device)
+        spare = headroom(segment)
+        if peak_c > peak_e + spare or final_c > final_e:
+            segment.kernel = (
+                f"eager: compiled it allocates more (peak {peak_c:,} vs {peak_e:,} bytes "
+                f"+ {spare:,} spare, end {final_c:,} vs {final_e:,})"
+            )
+        else:
+            segment.kernel = "inductor"
+            chosen[segment.name] = compiled
+        log.info(
+            "inductor: %s (%d of %d, %d ops): %s, %.1f s so far",
+            segment.name,
+            i + 1,
+            len(segments),
+            segment.num_ops,
+            segment.kernel,
+            time.perf_counter() - start,
+        )
+    return chosen
+
+
+def kernels_summary(segments: Sequence[Segment], num_ops: int) -> dict[str, Any]:
+    """What ran compiled, for the report: runs and ops, and why runs stayed eager
+    (reasons without their byte counts, so that like ones group)."""
+    compiled = [s for s in segments if s.kernel == "inductor"]
+    reasons = Counter(
+        re.sub(r" \(.*", "", s.kernel.removeprefix("eager: "))
+        for s in segments
+        if s.kernel != "inductor"
+    )
+    return {
+        "runs": len(segments),
+        "compiled": len(compiled),
+        "ops": num_ops,
+        "compiled_ops": sum(s.num_ops for s in compiled),
+        "eager_reasons": dict(reasons),
+    }
