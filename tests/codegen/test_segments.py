@@ -1,0 +1,176 @@
+"""Runs of executor ops folded into TorchInductor graphs (planner.codegen.segments)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from planner.codegen import segments
+from planner.codegen.segments import (
+    DelLine,
+    Layout,
+    OpLine,
+    Var,
+    compilable_target,
+    compile_segments,
+    fold_segments,
+)
+
+aten = torch.ops.aten
+
+
+def _op(out: str, value: int, target, *args) -> OpLine:  # type: ignore[no-untyped-def]
+    call = ", ".join(a.name if isinstance(a, Var) else repr(a) for a in args)
+    name = f"aten_{target.__name__.replace('.', '_')}"
+    return OpLine([f"    {out} = {name}({call})"], target, args, {}, [(None, out, value)], True)
+
+
+def _layout(value: int, storage: int | None = None) -> Layout:
+    return Layout((64,), (1,), torch.float32, 0, value if storage is None else storage)
+
+
+OPS = {
+    "aten_mul_Tensor": aten.mul.Tensor,
+    "aten_add_Tensor": aten.add.Tensor,
+    "aten_tanh_default": aten.tanh.default,
+}
+
+
+def test_a_run_between_memory_steps_becomes_one_segment_that_frees_its_dying_input() -> None:
+    lines = [
+        "    # step 0: b = aten.mul.Tensor",
+        _op("b", 1, aten.mul.Tensor, Var("a", 0), 2.0),
+        DelLine(["a"], "    del a  # free a", donatable=True),
+        "    # step 1: c = aten.add.Tensor",
+        _op("c", 2, aten.add.Tensor, Var("b", 1), 1.0),
+        "    h = rt.prefetch('w', 'disk')",  # a memory step ends the run
+        _op("d", 3, aten.tanh.default, Var("c", 2)),
+    ]
+    source, found = fold_segments(lines, lambda v: _layout(v))
+    assert len(found) == 1
+    seg = found[0]
+    assert seg.steps == (0, 1) and seg.num_ops == 2
+    assert seg.freed == [0] and seg.donated == [0]
+    text = "\n".join(source)
+    assert "segment_args = [a,]" in text
+    assert "del a  # segment_0 frees them after their last use" in text
+    assert "b, c = segment_0(segment_args)" in text
+    # the op after the memory step is alone: it stays an eager call
+    assert text.endswith("d = aten_tanh_default(c)")
+    assert text.index("rt.prefetch") > text.index("segment_0(")
+
+
+def test_without_a_layout_every_op_stays_eager() -> None:
+    lines = [
+        _op("b", 1, aten.mul.Tensor, Var("a", 0), 2.0),
+        _op("c", 2, aten.add.Tensor, Var("b", 1), 1.0),
+    ]
+    source, found = fold_segments(lines, None)
+    assert found == [] and source == [
+        "    b = aten_mul_Tensor(a, 2.0)",
+        "    c = aten_add_Tensor(b, 1.0)",
+    ]
+
+
+def test_two_views_of_one_storage_are_never_donated() -> None:
+    """Inductor writes a donated input in place; another input viewing the same
+    buffer would read the overwritten values."""
+    lines = [
+        _op("c", 2, aten.mul.Tensor, Var("a", 0), Var("a_t", 1)),
+        _op("d", 3, aten.add.Tensor, Var("c", 2), 1.0),
+        DelLine(["a", "a_t"], "    del a, a_t  # free a", donatable=True),
+    ]
+    _, found = fold_segments(lines, lambda v: _layout(v, storage=0))
+    assert found[0].freed == [0, 1] and found[0].donated == []
+
+
+def test_a_dead_op_is_dropped_and_its_input_freed_before_the_call() -> None:
+    """An input only a dropped op read would be held by the compiled graph to
+    its end; the eager run frees it at once."""
+    lines = [
+        _op("x", 5, aten.tanh.default, Var("r", 4)),
+        DelLine(["r", "x"], "    del r, x  # free r", donatable=True),
+        _op("b", 1, aten.mul.Tensor, Var("a", 0), 2.0),
+        _op("c", 2, aten.add.Tensor, Var("b", 1), 1.0),
+    ]
+    source, found = fold_segments(lines, lambda v: _layout(v))
+    text = "\n".join(source)
+    assert "del r  # freed within the run, not read by it" in text
+    assert "segment_args = [a,]" in text
+    assert found[0].num_ops == 2 and "aten_tanh" not in found[0].eager_source
+
+
+def test_random_ops_are_not_compiled() -> None:
+    assert compilable_target(aten.mul.Tensor)
+    assert not compilable_target(aten.native_dropout.default)
+    assert not compilable_target(aten.bernoulli.p)
+    assert not compilable_target(lambda x: x)
+
+
+def _segment():  # type: ignore[no-untyped-def]
+    lines = [
+        _op("b", 1, aten.mul.Tensor, Var("a", 0), 2.0),
+        DelLine(["a"], "    del a  # free a", donatable=True),
+        _op("c", 2, aten.tanh.default, Var("b", 1)),
+        _op("d", 3, aten.add.Tensor, Var("c", 2), 1.0),
+        DelLine(["c"], "    del c  # free c"),
+    ]
+    _, found = fold_segments(lines, lambda v: _layout(v))
+    return found[0]
+
+
+def test_a_compiled_segment_computes_what_its_eager_run_does() -> None:
+    seg = _segment()
+    chosen = compile_segments([seg], torch.device("cpu"), OPS)
+    assert seg.kernel == "inductor"
+    a = torch.randn(64)
+    b, d = chosen[seg.name]([a.clone()])
+    torch.testing.assert_close(b, a * 2)
+    torch.testing.assert_close(d, torch.tanh(a * 2) + 1)
+
+
+def test_a_compiled_run_that_allocates_more_than_eager_stays_eager(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    seg = _segment()
+    extra = 1 << 20
+
+    def greedy(segment, device):  # type: ignore[no-untyped-def]
+        def run(args: list) -> list:
+            scratch = torch.ones(extra, dtype=torch.uint8)  # a temporary eager never makes
+            (a,) = args
+            args.clear()
+            b = a * 2
+            del a
+            return [b, torch.tanh(b) + scratch[:1].float() * 0 + 1]
+
+        return run
+
+    monkeypatch.setattr(segments, "compile_segment", greedy)
+    chosen = compile_segments([seg], torch.device("cpu"), OPS)
+    assert seg.kernel.startswith("eager: compiled it allocates more")
+    assert chosen[seg.name].__name__ == f"{seg.name}_eager"
+    # the same extra bytes within the plan's headroom are allowed
+    seg = _segment()
+    compile_segments([seg], torch.device("cpu"), OPS, headroom=lambda s: 2 * extra)
+    assert seg.kernel == "inductor"
+
+
+def test_a_run_inductor_cannot_compile_stays_eager(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    seg = _segment()
+
+    def fail(segment, device):  # type: ignore[no-untyped-def]
+        raise RuntimeError("no lowering for this op\nmore detail")
+
+    monkeypatch.setattr(segments, "compile_segment", fail)
+    chosen = compile_segments([seg], torch.device("cpu"), OPS)
+    assert seg.kernel == "eager: Inductor failed: RuntimeError: no lowering for this op"
+    a = torch.randn(64)
+    b, d = chosen[seg.name]([a.clone()])
+    torch.testing.assert_close(d, torch.tanh(a * 2) + 1)
+
+
+@pytest.mark.parametrize("bad", ["Inductor", "compile", None])
+def test_plan_rejects_an_unknown_kernels_value_before_any_work(bad) -> None:  # type: ignore[no-untyped-def]
+    import planner
+
+    with pytest.raises(ValueError, match="kernels must be one of 'eager', 'inductor'"):
+        planner.plan(torch.nn.Linear(2, 2), "1MB", (torch.randn(1, 2),), kernels=bad)

@@ -1,0 +1,137 @@
+"""planner.plan(kernels="inductor"): the same plan, runs of ops compiled by Inductor.
+
+Outputs and gradients are not bit-identical to eager (fused kernels round
+differently); they must be as close as torch.compile's, and the independent
+meter must stay within the budget, which each compiled run's allocations are
+checked against when it is compiled."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import load_example
+from torch import nn
+
+import planner
+from planner.runtime.meter import measure
+
+
+class WithLoss(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.model(*args).float().pow(2).mean()
+
+
+def _fresh(name: str) -> tuple[nn.Module, tuple]:
+    torch.manual_seed(0)
+    model, inputs = load_example(name)
+    return WithLoss(model), inputs
+
+
+def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _eager_grads(name: str, compiled: bool = False) -> tuple[torch.Tensor, dict]:
+    model, inputs = _fresh(name)
+    step = torch.compile(model) if compiled else model
+    loss = step(*inputs)
+    loss.backward()
+    return loss.detach(), _grads(model)
+
+
+def _check_compiled(pm: planner.PlannedModule) -> None:
+    kernels = pm.report.kernels
+    assert kernels is not None and kernels["compiled"] >= 1, kernels
+    assert "kernels:            inductor:" in str(pm.report)
+    assert "segment_0(segment_args)" in pm.code
+
+
+@pytest.mark.parametrize("name", ["gpt2", "resnet"])
+def test_train_step_fits_and_gradients_are_as_close_as_torch_compile(name: str) -> None:
+    eager_loss, eager_grads = _eager_grads(name)
+    model, inputs = _fresh(name)
+    pm = planner.plan(
+        model, "50%", inputs, mode="train", profile="cpu", time_limit=5, kernels="inductor"
+    )
+    try:
+        _check_compiled(pm)
+
+        def step() -> torch.Tensor:
+            loss = pm(*inputs)
+            loss.backward()
+            return loss
+
+        loss, measured = measure(step, pm, inputs)
+        assert measured.peak_bytes <= pm.plan.budget_bytes, (
+            f"measured {measured.peak_bytes} > budget {pm.plan.budget_bytes}"
+        )
+        grads = _grads(model)
+        assert grads.keys() == eager_grads.keys()
+        torch.testing.assert_close(loss.detach(), eager_loss)
+        if name == "resnet":
+            # BatchNorm's fused reductions: torch.compile is this far from eager too
+            _, compile_grads = _eager_grads(name, compiled=True)
+            for key, grad in grads.items():
+                ours = (grad - eager_grads[key]).abs().max().item()
+                theirs = (compile_grads[key] - eager_grads[key]).abs().max().item()
+                limit = 2 * theirs + 1e-5 + 1.3e-6 * eager_grads[key].abs().max().item()
+                assert ours <= limit, f"{key}: {ours} from eager, torch.compile {theirs}"
+        else:
+            for key, grad in grads.items():
+                torch.testing.assert_close(grad, eager_grads[key], msg=key)
+    finally:
+        pm.close()
+
+
+class Dropout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(256, 256)
+        self.b = nn.Linear(256, 256)
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(torch.relu(self.a(x)))
+        return torch.tanh(self.b(h)).pow(2).mean()
+
+
+def test_random_ops_stay_eager_so_dropout_draws_what_eager_draws() -> None:
+    torch.manual_seed(0)
+    model, x = Dropout(), torch.randn(64, 256)
+    eager = Dropout()
+    eager.load_state_dict(model.state_dict())
+    pm = planner.plan(
+        model, "60%", (x,), mode="train", profile="cpu", time_limit=5, kernels="inductor"
+    )
+    try:
+        for segment in pm.executor.segments:
+            targets = {n.target for n in segment.graph.graph.nodes}
+            assert torch.ops.aten.native_dropout.default not in targets
+        torch.manual_seed(1)
+        pm(x).backward()
+        torch.manual_seed(1)
+        eager(x).backward()
+        for (key, a), (_, b) in zip(model.named_parameters(), eager.named_parameters()):
+            torch.testing.assert_close(a.grad, b.grad, msg=key)
+    finally:
+        pm.close()
+
+
+@pytest.mark.parametrize(("name", "budget"), [("mlp", "50%"), ("gpt2", "75%")])
+def test_inference_fits_and_matches_eager(name: str, budget: str) -> None:
+    model, inputs = load_example(name)
+    with torch.no_grad():
+        expected = model(*inputs)
+    pm = planner.plan(model, budget, inputs, profile="cpu", time_limit=5, kernels="inductor")
+    try:
+        _check_compiled(pm)
+        out = pm.run_measured(*inputs)
+        assert pm.measured.peak_bytes <= pm.plan.budget_bytes
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(pm(*inputs), expected)  # and again, from the same state
+    finally:
+        pm.close()
