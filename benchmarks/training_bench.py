@@ -18,7 +18,9 @@ Systems, all in one process, each on a freshly built (identically seeded) model:
   (the min-cut partitioner's memory/recompute knob; 1 = its default);
 - planner@x: ``planner.plan(model, x, mode="train")`` at 75%, 60%, 50% and 30% of the
   unplanned peak, and at the smallest feasible budget (``BudgetTooSmall.min_budget``),
-  with a profile calibrated once (``calibrate(quick=True)``).
+  with a profile calibrated once (``calibrate(quick=True)``);
+- planner+inductor@x: the same with ``kernels="inductor"`` (runs of ops between the
+  plan's memory steps compiled by Inductor) at ``--inductor-shares``.
 
 Peak: planner's independent meter (``planner.runtime.meter.measure``) over one step,
 gradients cleared first, the module and inputs passed as resident (parameters,
@@ -253,13 +255,29 @@ def planner_rows(workload: str, factory: Callable, profile: Any, time_limit: flo
     return rows
 
 
+def inductor_rows(workload: str, factory: Callable, profile: Any, time_limit: float,
+                  unplanned_peak: int, shares: list[str]) -> list[Row]:
+    """Rows of ``planner.plan(..., kernels="inductor")`` at each share."""
+    rows = []
+    for spec in shares:
+        label = f"planner+inductor {spec}"
+        row = _plan_row(workload, factory, spec, label, profile, time_limit, unplanned_peak,
+                        kernels="inductor")
+        if isinstance(row, int):
+            row = Row(workload, "planner", label,
+                      error=f"BudgetTooSmall: min_budget {row / MiB:.2f} MiB")
+        rows.append(row)
+    return rows
+
+
 def _plan_row(workload: str, factory: Callable, budget: str | int, label: str,
-              profile: Any, time_limit: float, unplanned_peak: int) -> Row | int:
+              profile: Any, time_limit: float, unplanned_peak: int,
+              kernels: str = "eager") -> Row | int:
     model, inputs = factory()
     start = time.perf_counter()
     try:
         pm = planner.plan(model, budget, inputs, mode="train", profile=profile,
-                          time_limit=time_limit)
+                          time_limit=time_limit, kernels=kernels)
     except planner.BudgetTooSmall as exc:
         log.info("%s %s: BudgetTooSmall (min %s)", workload, budget, exc.min_budget)
         return int(exc.min_budget)
@@ -289,6 +307,10 @@ def _plan_row(workload: str, factory: Callable, budget: str | int, label: str,
         moved_bytes=dict(moved),
         actions=Counter(a.kind for a in plan.actions),
     )
+    if kernels == "inductor":
+        k = pm.report.kernels
+        row.notes = (f"{k['compiled']} of {k['runs']} runs compiled "
+                     f"({k['compiled_ops']} of {k['ops']} ops)")
     log.info("%s %s: planned in %.1f s (%s)", workload, label, seconds, row.extra["solver"])
     return row
 
@@ -395,16 +417,19 @@ def render_table(rows: list[Row], unplanned_peak: int, eager_peak: int | None) -
     return "\n".join(lines)
 
 
-def target_check(rows: list[Row], ratio_limit: float = 1.2) -> list[str]:
-    """The 50% target: planner at 50% (or, if infeasible, the smallest feasible budget)
-    within ``ratio_limit`` x eager, and faster than checkpointing and compile at an
-    equal or higher measured peak."""
+def target_check(rows: list[Row], ratio_limit: float = 1.2,
+                 label: str = "planner 50%") -> list[str]:
+    """The 50% target: the planner row ``label`` (or, if infeasible and it is the
+    eager-kernel row, the smallest feasible budget) within ``ratio_limit`` x eager,
+    and faster than checkpointing and compile at an equal or higher measured peak."""
     ok_rows = [r for r in rows if r.error is None and r.peak is not None]
-    fifty = next((r for r in ok_rows if r.label == "planner 50%"), None)
-    used = fifty or next((r for r in ok_rows if r.extra.get("is_min")), None)
+    fifty = next((r for r in ok_rows if r.label == label), None)
+    used = fifty
+    if used is None and label == "planner 50%":
+        used = next((r for r in ok_rows if r.extra.get("is_min")), None)
     out: list[str] = []
     if used is None:
-        return ["- no planner row at 50% or the minimum budget: target not evaluated"]
+        return [f"- no {label} row (or minimum budget): target not evaluated"]
     if fifty is None:
         out.append(f"- 50% is infeasible; evaluated at the smallest feasible budget "
                    f"instead ({used.label}).")
@@ -452,6 +477,9 @@ def bench_workload(name: str, factory: Callable, args: argparse.Namespace,
         rows.append(checkpoint_row(name, factory))
     if "planner" in args.systems:
         rows.extend(planner_rows(name, factory, profile, args.time_limit, unplanned))
+    if "inductor" in args.systems:
+        rows.extend(inductor_rows(name, factory, profile, args.time_limit, unplanned,
+                                  args.inductor_shares))
     log.info("%s: interleaved timing of %d rows", name, len(rows))
     run_interleaved(rows, args.warmup, args.repeats)
     compile_rows: list[Row] = []
@@ -500,7 +528,9 @@ def render(results: list[dict[str, Any]], info: dict[str, Any], args) -> str:
         out.append("Target (50% of the unplanned peak, <= 1.2x eager, faster than both "
                    "alternatives at an equal or higher measured peak):")
         out.append("")
-        out.extend(target_check(res["rows"]))
+        for label in ("planner 50%", "planner+inductor 50%"):
+            if any(r.label == label for r in res["rows"]):
+                out.extend(target_check(res["rows"], label=label))
     return "\n".join(out) + "\n"
 
 
@@ -508,8 +538,11 @@ def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", nargs="+", default=["gpt2", "cnn"],
                     choices=["gpt2", "cnn"])
-    ap.add_argument("--systems", nargs="+", default=["checkpoint", "compile", "planner"],
-                    choices=["checkpoint", "compile", "planner"])
+    ap.add_argument("--systems", nargs="+",
+                    default=["checkpoint", "compile", "planner", "inductor"],
+                    choices=["checkpoint", "compile", "planner", "inductor"],
+                    help="inductor: planner.plan(kernels='inductor') at --inductor-shares")
+    ap.add_argument("--inductor-shares", nargs="+", default=["75%", "50%", "30%"])
     ap.add_argument("--compile-budgets", nargs="+", type=float,
                     default=[0.0, 0.25, 0.5, 0.75, 1.0])
     ap.add_argument("--cnn-batch", type=int, default=8,
@@ -532,7 +565,7 @@ def main(argv: list[str] | None = None) -> str:
         "load_before": uptime(),
     }
     profile: Any = "cpu"
-    if "planner" in args.systems:
+    if "planner" in args.systems or "inductor" in args.systems:
         from planner.runtime.calibrate import calibrate
 
         with contextlib.redirect_stderr(sys.stderr):

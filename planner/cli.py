@@ -77,6 +77,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
             profile=args.profile,
             quantize=args.quantize,
             time_limit=args.time_limit,
+            kernels=args.kernels,
         )
         try:
             args_, kwargs_ = _split_inputs(example_inputs)
@@ -169,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument(
         "--time-limit", type=float, default=20.0, help="seconds of solver search (default 20)"
+    )
+    rep.add_argument(
+        "--kernels",
+        default="eager",
+        choices=("eager", "inductor"),
+        help="with --budget: run ops eagerly (bit-identical, default) or runs of them "
+        "compiled by TorchInductor (fused, within rounding of eager)",
     )
     rep.add_argument("--save-plan", default=None, help="write the plan as JSON here")
     rep.add_argument(

@@ -107,6 +107,27 @@ def test_cli_budget_plans(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
     assert "calibrate" in data["disk_rates"]  # a built-in profile knows no page cache
 
 
+def test_cli_budget_with_inductor_kernels(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        [
+            "report",
+            f"{EXAMPLES}/mlp.py:make_mlp",
+            "--budget",
+            "60%",
+            "--kernels",
+            "inductor",
+            "--profile",
+            "cpu",
+            "--time-limit",
+            "5",
+        ]
+    )
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "kernels:            inductor:" in text
+    assert "measured peak" in text
+
+
 def test_cli_budget_too_small(capsys: pytest.CaptureFixture[str]) -> None:
     code = main(
         [
