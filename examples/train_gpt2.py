@@ -117,13 +117,13 @@ def plan_model(
     profile: Any,
     time_limit: float,
     verbose: bool,
+    kernels: str = "eager",
 ):
     """Plan at ``budget``; below the smallest feasible budget, say so and plan at it."""
+    options = {"mode": "train", "profile": profile, "time_limit": time_limit, "kernels": kernels}
     try:
         return (
-            planner.plan(
-                model, budget, inputs, mode="train", profile=profile, time_limit=time_limit
-            ),
+            planner.plan(model, budget, inputs, **options),
             budget,
             None,
         )
@@ -136,9 +136,7 @@ def plan_model(
                 f"budget is {exc.min_budget / MiB:.1f} MiB; using that",
                 flush=True,
             )
-        pm = planner.plan(
-            model, exc.min_budget, inputs, mode="train", profile=profile, time_limit=time_limit
-        )
+        pm = planner.plan(model, exc.min_budget, inputs, **options)
         return pm, exc.min_budget, exc
 
 
@@ -174,6 +172,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         action="store_true",
         help="skip the eager reference loop (no time or loss comparison)",
     )
+    ap.add_argument(
+        "--kernels",
+        default="eager",
+        choices=("eager", "inductor"),
+        help="inductor: runs of ops between the plan's memory steps compiled by "
+        "TorchInductor (faster; losses equal eager's within rounding, not bit for bit)",
+    )
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     verbose = not args.quiet
@@ -189,7 +194,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, inputs = build(args.batch, args.seed)
     start = time.perf_counter()
     pm, used_budget, too_small = plan_model(
-        model, inputs, parse_budget_arg(args.budget), profile, args.time_limit, verbose
+        model,
+        inputs,
+        parse_budget_arg(args.budget),
+        profile,
+        args.time_limit,
+        verbose,
+        args.kernels,
     )
     plan_seconds = time.perf_counter() - start
     budget_bytes = pm.plan.budget_bytes
