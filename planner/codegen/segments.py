@@ -104,17 +104,11 @@ class Segment:
     #: inputs (the fallback, and the reference the compiled run's memory must meet)
     eager_source: str = ""
     #: "inductor", or why the run is left eager (set by ``compile_segments``)
-    kernel: str = "inductor"
+    kernel: str = "not compiled yet"
 
 
-@dataclass
-class _Run:
-    items: list[Any] = field(default_factory=list)
-
-    def compute_ops(self) -> int:
-        return sum(
-            1 for it in self.items if isinstance(it, OpLine) and not _is_view_like(it.target)
-        )
+def _compute_ops(items: list[Any]) -> int:
+    return sum(1 for it in items if isinstance(it, OpLine) and not _is_view_like(it.target))
 
 
 def compilable_target(target: Any) -> bool:
@@ -137,45 +131,40 @@ def fold_segments(
     layout_of: Callable[[int], Layout] | None,
 ) -> tuple[list[str], list[Segment]]:
     """Render ``lines`` (strings, ``OpLine``s, ``DelLine``s) as source. With
-    ``layout_of`` (a value's traced ``Layout``), each run of
-    compilable op calls is replaced by a call of a compiled ``Segment``; without,
-    every op runs eagerly."""
+    ``layout_of`` (a value's traced ``Layout``), each run of compilable op calls
+    is replaced by a call of a compiled ``Segment``; without, every op runs
+    eagerly."""
     out: list[str] = []
     segments: list[Segment] = []
-    run = _Run()
+    run: list[Any] = []
 
     def flush() -> None:
+        assert layout_of is not None
         # comments after the run's last free belong to the steps that follow it
         trailing: list[str] = []
-        while run.items and isinstance(run.items[-1], str):
-            trailing.insert(0, run.items.pop())
-        _flush_run()
+        while run and isinstance(run[-1], str):
+            trailing.insert(0, run.pop())
+        built = None
+        if _compute_ops(run) >= MIN_COMPUTE_OPS:
+            built = _build(run, f"segment_{len(segments)}", layout_of)
+        if built is None:
+            out.extend(_eager_source(run))
+        else:
+            segments.append(built[0])
+            out.extend(built[1])
+        run.clear()
         out.extend(trailing)
-
-    def _flush_run() -> None:
-        assert layout_of is not None
-        if run.compute_ops() >= MIN_COMPUTE_OPS:
-            name = f"segment_{len(segments)}"
-            built = _build(run.items, name, layout_of)
-            if built is not None:
-                segment, source = built
-                segments.append(segment)
-                out.extend(source)
-                run.items.clear()
-                return
-        out.extend(_eager_source(run.items))
-        run.items.clear()
 
     if layout_of is None:
         return _eager_source(lines), []
     for item in lines:
         if isinstance(item, OpLine) and item.compilable:
-            run.items.append(item)
+            run.append(item)
         elif isinstance(item, str) and _is_comment(item):
-            run.items.append(item)  # a step's comment opens the run its op may join
+            run.append(item)  # a step's comment opens the run its op may join
         elif isinstance(item, DelLine):
-            if run.items:
-                run.items.append(item)
+            if run:
+                run.append(item)
             else:
                 out.extend(_eager_source([item]))
         else:
