@@ -1,7 +1,7 @@
 """Straight-line runs of the executor's ops, compiled by TorchInductor.
 
-With ``kernels="inductor"`` the emitter records each op call as an ``OpLine``
-instead of a plain source line. ``fold_segments`` then walks the lines: a run of
+The emitter records each op call as an ``OpLine`` and each free as a ``DelLine``.
+With ``kernels="inductor"``, ``fold_segments`` walks the lines: a run of
 op calls and frees with no memory step of the plan between them (no prefetch,
 wait, offload, quantize or delivery) becomes one FX graph, and the run's source
 becomes one call of that graph compiled by Inductor (fused kernels, as
@@ -13,6 +13,10 @@ Why the run's inputs are passed in a list (Inductor's boxed calling convention):
 the compiled code clears the list and frees each input after its last use, so
 an input the plan frees inside the run is freed there, not held to the run's
 end. The executor deletes its own names for those inputs before the call.
+
+Why the budget still holds: ``compile_segments`` runs each compiled run once
+beside its eager form and keeps it only if it allocates no more at its end, and
+at its peak no more than the plan's spare room over those steps allows.
 
 Random ops (dropout) are never compiled: Inductor draws its own random numbers,
 and the executor's must be the ones eager draws.
