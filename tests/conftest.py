@@ -116,6 +116,17 @@ EXAMPLE_FACTORIES = {
 }
 
 
+class WithLoss(nn.Module):
+    """A model plus a scalar loss, so that a planned training step is the whole step."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.model(*args).float().pow(2).mean()
+
+
 def load_example(name: str) -> tuple[nn.Module, tuple]:
     filename, factory = EXAMPLE_FACTORIES[name]
     path = EXAMPLES / filename

@@ -7,23 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import load_example
+from conftest import WithLoss, load_example
 from torch import nn
 
 import planner
 from planner.runtime.meter import measure
-
-
-class WithLoss(nn.Module):
-    """The model plus a scalar loss, so the planned step is the whole step."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        out = self.model(*args)
-        return out.float().pow(2).mean()
 
 
 def _fresh(name: str):
