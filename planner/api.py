@@ -10,7 +10,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from planner.budget import parse_budget
-from planner.codegen.emit import KERNELS
+from planner.codegen.emit import check_kernels
 from planner.errors import InvalidPlan, PlannerError
 from planner.ir.capture import capture, normalize_example_inputs
 from planner.passes.device_profile import DeviceProfile, get_profile
@@ -172,11 +172,7 @@ def plan(
     The plan is the same; compiling takes seconds per distinct run on first use
     (Inductor caches kernels across calls and processes). Random ops stay eager.
     """
-    if kernels not in KERNELS:
-        raise ValueError(
-            f"kernels must be one of {', '.join(map(repr, KERNELS))}, got {kernels!r}: "
-            f"'eager' for bit-identical results, 'inductor' for fused kernels"
-        )
+    check_kernels(kernels)  # before any work
     _check_time_limit(time_limit)
     if checkpoint is not None:
         if mode != "infer":

@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "--kernels",
         default="eager",
-        choices=("eager", "inductor"),
+        choices=("eager", "inductor"),  # planner.codegen.emit.KERNELS (torch-free import)
         help="with --budget: run ops eagerly (bit-identical, default) or runs of them "
         "compiled by TorchInductor (fused, within rounding of eager)",
     )

@@ -41,6 +41,15 @@ from planner.solver.problem import Problem
 KERNELS = ("eager", "inductor")
 
 
+def check_kernels(kernels: object) -> None:
+    """Refuse a ``kernels=`` value other than those of ``KERNELS``."""
+    if kernels not in KERNELS:
+        raise ValueError(
+            f"kernels must be one of {', '.join(map(repr, KERNELS))}, got {kernels!r}: "
+            f"'eager' for bit-identical results, 'inductor' for fused kernels"
+        )
+
+
 @dataclass
 class Executor:
     """Generated source and what calling it needs."""
@@ -103,8 +112,7 @@ class _Emitter:
         plan: Plan,
         kernels: str = "eager",
     ) -> None:
-        if kernels not in KERNELS:
-            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+        check_kernels(kernels)
         self.kernels = kernels
         self.program = program
         self.problem = problem
@@ -127,7 +135,6 @@ class _Emitter:
         self.read_at_once: set[int] = set()  # this step's reads waited for right away
         # the returned value (a gradient) held by each storage, for ``deliver``
         self.returned_value = {program.values[v].storage: v for v in program.outputs}
-        self.returned_storages = set(self.returned_value)
         self.versions: dict[str, int] = defaultdict(int)
         # every value's own name is reserved up front so versions cannot collide
         self.used: set[str] = {"rt", "state", "inputs", "carry", "tangents", "torch"}
@@ -508,7 +515,7 @@ class _Emitter:
             base = self.program.values[self.program.storages[storage].base]
             donatable = (
                 base.producer is not None
-                and storage not in self.returned_storages
+                and storage not in self.returned_value
                 and storage not in self.writing
             )
             self.lines.append(DelLine(unique, f"    del {', '.join(unique)}  # {why}", donatable))
