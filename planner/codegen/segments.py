@@ -274,7 +274,7 @@ def _build(
         for n in it.names
         if n not in live and n not in defined
     ]
-    freed_inputs = [n for n in inputs if n in freed]
+    freed_positions = [i for i, n in enumerate(inputs) if n in freed]
     eager: list[str] = []  # the run's eager lines, for the live ops
     live_lines = {id(it) for it, _ in live_ops}
     for it in items:
@@ -300,7 +300,7 @@ def _build(
         layouts,
         (min(steps, default=-1), max(steps, default=-1)),
         len(live_ops),
-        [i for i, n in enumerate(inputs) if n in freed],
+        freed_positions,
         [i for i, n in enumerate(inputs) if n in donatable],
         eager_source,
     )
@@ -313,8 +313,9 @@ def _build(
     if early:
         src.append(f"{ind}del {', '.join(early)}  # freed within the run, not read by it")
     src.append(f"{ind}segment_args = [{', '.join(inputs)}{',' if len(inputs) == 1 else ''}]")
-    if freed_inputs:
-        src.append(f"{ind}del {', '.join(freed_inputs)}  # {name} frees them after their last use")
+    if freed_positions:
+        freed_inputs = ", ".join(inputs[i] for i in freed_positions)
+        src.append(f"{ind}del {freed_inputs}  # {name} frees them after their last use")
     targets = ", ".join(results) + ("," if len(results) == 1 else "")
     src.append(f"{ind}{targets} = {name}(segment_args)")
     return segment, src
@@ -405,23 +406,17 @@ def run_allocations(
         inputs_bytes = sum(storages.values())
         return fn(args)
 
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        out = call()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-        final = torch.cuda.memory_allocated(device) - base
-    else:
-        from planner.alloc_trace import allocations, peak_and_final, profile_allocations
+    from planner.runtime.meter import measure
 
-        # made inside the profile: it does not see frees of blocks allocated before
-        out, events = profile_allocations(call)
-        peak, final = peak_and_final(allocations(events, device.type))
+    # the inputs are made inside the measured call: the CPU profiler does not see
+    # frees of blocks allocated before it started
+    out, measured = measure(call, device=device.type)
     held.clear()
     del out
-    return peak - inputs_bytes, final - inputs_bytes
+    return (
+        measured.peak_allocated_bytes - inputs_bytes,
+        measured.final_allocated_bytes - inputs_bytes,
+    )
 
 
 def compile_segments(

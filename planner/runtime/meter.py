@@ -32,6 +32,8 @@ class Measurement:
     resident_bytes: int
     peak_allocated_bytes: int
     seconds: float
+    #: bytes allocated during the call and still held at its end (its outputs)
+    final_allocated_bytes: int = 0
 
 
 def resident_bytes(*objects: Any, device: str | torch.device = "cpu") -> int:
@@ -83,8 +85,8 @@ def _measure_cpu(fn: Callable[[], Any], base: int) -> tuple[Any, Measurement]:
         return out
 
     result, events = profile_allocations(timed)
-    peak, _ = peak_and_final(allocations(events, "cpu"))
-    return result, Measurement(base + peak, base, peak, timing[0])
+    peak, final = peak_and_final(allocations(events, "cpu"))
+    return result, Measurement(base + peak, base, peak, timing[0], final)
 
 
 def _measure_cuda(fn: Callable[[], Any], base: int) -> tuple[Any, Measurement]:
@@ -96,7 +98,8 @@ def _measure_cuda(fn: Callable[[], Any], base: int) -> tuple[Any, Measurement]:
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() - before
-    return result, Measurement(base + peak, base, peak, seconds)
+    final = torch.cuda.memory_allocated() - before
+    return result, Measurement(base + peak, base, peak, seconds, final)
 
 
 def measure_inference(
