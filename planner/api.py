@@ -66,6 +66,7 @@ def make_plan(
     quantize: str | dict[str, str] | None = None,
     time_limit: float = DEFAULT_TIME_LIMIT,
     reuse: str | Path | Plan | None = None,
+    kernels: str = "eager",
 ) -> tuple[Analysis, Plan]:
     """Capture, analyze and solve: the Plan for ``model`` under ``budget``.
 
@@ -74,11 +75,13 @@ def make_plan(
     ``time_limit``: seconds of optimization search; the best plan found by then is
     returned with its bound (see ``plan.solver``). ``reuse``: a saved Plan (or its
     path) to use instead of solving; refused unless it was made for this graph and
-    this budget, and replayed by the validator first.
+    this budget, and replayed by the validator first. ``kernels``: how the ops
+    will run (as in ``plan``); "inductor" prices them as compiled runs run them.
     """
+    check_kernels(kernels)
     _check_time_limit(time_limit)
     analysis, _, solved = _analyze_and_solve(
-        model, budget, example_inputs, mode, profile, quantize, time_limit, reuse
+        model, budget, example_inputs, mode, profile, quantize, time_limit, reuse, kernels
     )
     return analysis, solved
 
@@ -92,12 +95,13 @@ def _analyze_and_solve(
     quantize: str | dict[str, str] | None,
     time_limit: float,
     reuse: str | Path | Plan | None,
+    kernels: str = "eager",
 ) -> tuple[Analysis, Problem, Plan]:
     """make_plan's work, also returning the Problem (the executor needs it)."""
     analysis = analyze(model, example_inputs, mode, profile)
     # The problem does not depend on the budget: translate once, set the budget.
     problem = from_program(
-        analysis.program, analysis.unplanned_peak_bytes, analysis.profile, quantize
+        analysis.program, analysis.unplanned_peak_bytes, analysis.profile, quantize, kernels=kernels
     )
     reference = analysis.unplanned_peak_bytes
     if isinstance(budget, str) and budget.strip().endswith("%"):
@@ -184,7 +188,7 @@ def plan(
     if offload_dir is not None:
         check_offload_dir(offload_dir)
     analysis, problem, solved = _analyze_and_solve(
-        model, budget, example_inputs, mode, profile, quantize, time_limit, plan
+        model, budget, example_inputs, mode, profile, quantize, time_limit, plan, kernels
     )
     args, kwargs = normalize_example_inputs(example_inputs)
     device = next(

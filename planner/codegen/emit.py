@@ -345,9 +345,22 @@ class _Emitter:
             }
             for action in actions:
                 self._emit_action(action)
-            self._emit_call(t, only_storage=None, indent="    ")
+            if self._view_of_absent(op):  # made from the storage when first read
+                self.lines.append(f"    # {op.name}: a view, made when first read")
+            else:
+                self._emit_call(t, only_storage=None, indent="    ")
             for action in after.get(t, []):
                 self._emit_action(action)
+
+    def _view_of_absent(self, op: Any) -> bool:
+        """Whether ``op`` only makes views of a storage the plan does not hold now
+        (view steps are not uses, see ``translate._view_steps``)."""
+        values = self.program.values
+        if not op.outputs or not all(values[v].is_view for v in op.outputs):
+            return False
+        return any(
+            vi not in self.var and values[vi].storage not in self.storage_vars for vi in op.inputs
+        )
 
     def _emit_call(
         self, step: int, only_storage: int | None, indent: str, comment: str | None = None
@@ -477,12 +490,7 @@ class _Emitter:
         elif a.kind == "free":
             self._free(s, f"free {a.tensor}")
         elif a.kind == "recompute":
-            self._emit_call(
-                self.program.values[base].producer,
-                only_storage=s,  # type: ignore[arg-type]
-                indent="    ",
-                comment=f"recompute {a.tensor}",
-            )
+            self._emit_recompute(s, a.tensor)
         elif a.kind == "quantize":
             q = self._fresh(f"q_{self.program.values[base].name}")
             L.append(f"    {q} = rt.quantize({self._expr(base)}, {a.tier!r}, {key})")
@@ -505,6 +513,19 @@ class _Emitter:
             self._bind(base, var)
         else:
             raise ValueError(f"unknown action {a.kind!r}")
+
+    def _emit_recompute(self, storage: int, name: str) -> None:
+        """Replay the recipe of ``storage``: its chain of dead inputs first (each
+        freed after its last reader in the replay), then its producer."""
+        recipe = self.problem.tensors[storage].recompute
+        assert recipe is not None, f"codegen: {name} has no recompute recipe"
+        for position, (step, kept) in enumerate(recipe.replayed):
+            why = f"recompute {name}" if kept < 0 else f"on the way to recompute {name}"
+            self._emit_call(
+                step, only_storage=storage if kept < 0 else kept, indent="    ", comment=why
+            )
+            for done in recipe.release[position] if recipe.release else ():
+                self._free(done, f"used by the recompute of {name}")
 
     def _free(self, storage: int, why: str) -> None:
         names = self.storage_vars.pop(storage, [])

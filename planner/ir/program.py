@@ -100,6 +100,9 @@ class OpCost:
     bytes_written: int = 0
     seconds: float = 0.0
     measured_seconds: float | None = None  # wall time measured on this machine, if any
+    #: the roofline alone (compute or memory traffic, no launch overhead): what a
+    #: fused kernel approaches, where an eager call may run slower (``tanh`` on a CPU)
+    roofline_seconds: float = 0.0
 
 
 @dataclass

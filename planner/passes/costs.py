@@ -45,6 +45,7 @@ def annotate_costs(
         op.cost.flops = float(flops)
         op.cost.bytes_read = read
         op.cost.bytes_written = written
+        op.cost.roofline_seconds = max(compute_s, memory_s)
         estimate = profile.op_overhead_seconds + max(compute_s, memory_s)
         measured = op.cost.measured_seconds
         floor = profile.op_overhead_seconds

@@ -492,6 +492,8 @@ def _can_hold(cands: Candidates, tensor: Tensor, step: int, T: int) -> bool:
     events = own_steps(tensor, T)
     if step in events:
         return True
+    if tensor.pinned and (tensor.persistent or (not tensor.by_op and tensor.appears_at == 0)):
+        return True  # held from the first step to the last (see ``holdings`` above)
     if tensor.pinned:
         return tensor.appears_at <= step <= tensor.last_step(T)
     return holder_gap(cands, tensor.index, step) is not None

@@ -53,12 +53,31 @@ class Step:
 class Recompute:
     """How to make a tensor again: replay step ``step`` (its producer), which
     reads ``inputs`` (tensor indices) and takes ``seconds``; while it runs it also
-    holds ``extra_bytes`` (its other outputs and workspace, freed right after)."""
+    holds ``extra_bytes`` (its other outputs and workspace, freed right after).
+
+    ``chain``: ``(step, tensor)`` pairs replayed first, in order, each remaking one
+    tensor the producer (or a later chain op) reads that is dead by the time the
+    tensor is made, so no plan could keep it for the replay: ReLU's input is a
+    BatchNorm output nothing else reads, a tanh-GELU's output comes from five
+    pointwise ops over one kept matmul output. Without a chain those tensors could
+    only be recomputed by replaying their expensive neighbours (the convolution
+    before them) instead. ``release[k]``: the chain tensors freed right after the
+    ``k``-th replayed op (the chain's, then the producer's at ``len(chain)``).
+    ``seconds`` and ``extra_bytes`` cover the whole replay; ``inputs`` are what it
+    reads from outside the chain."""
 
     step: int
     inputs: tuple[int, ...]
     seconds: float
     extra_bytes: int = 0
+    chain: tuple[tuple[int, int], ...] = ()
+    release: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def replayed(self) -> tuple[tuple[int, int], ...]:
+        """Every ``(step, tensor)`` the replay runs, the chain's first; the
+        producer's tensor is -1 (the recomputed tensor itself)."""
+        return (*self.chain, (self.step, -1))
 
 
 @dataclass(frozen=True)
@@ -270,7 +289,10 @@ class Problem:
                     t.quantizable,
                     t.last_dim,
                     [list(f) for f in t.fused_uses],
-                    None if t.recompute is None else (t.recompute.step, list(t.recompute.inputs)),
+                    None
+                    if t.recompute is None
+                    else [t.recompute.step, list(t.recompute.inputs)]
+                    + ([[list(c) for c in t.recompute.chain]] if t.recompute.chain else []),
                 )
                 for t in self.tensors
             ],

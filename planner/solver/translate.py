@@ -5,6 +5,7 @@ from __future__ import annotations
 from planner.ir.meta import PARAM_GRADS
 from planner.ir.program import Program, ValueKind
 from planner.passes.device_profile import DeviceProfile, free_memory_bytes
+from planner.passes.fused_costs import fused_replay_seconds, fused_step_seconds
 from planner.runtime import fused
 from planner.solver.problem import DISK, HOST, Bandwidths, Problem, Recompute, Step, Tensor
 
@@ -50,13 +51,19 @@ def from_program(
     profile: DeviceProfile,
     quantize: str | dict[str, str] | None = None,
     min_movable_bytes: int = MIN_MOVABLE_BYTES,
+    kernels: str = "eager",
 ) -> Problem:
+    """``kernels``: how the executor will run the ops (see ``planner.plan``); with
+    ``"inductor"`` fusible ops and recomputes are priced as compiled runs run
+    them (``planner.passes.fused_costs``)."""
     returned_storages = {program.values[v].storage for v in program.outputs}
+    compiled = kernels == "inductor"
+    fused_bandwidth = profile.memory_bandwidth if compiled else None
     steps = [
         Step(
             op.index,
             op.name,
-            op.cost.seconds,
+            fused_step_seconds(op) if compiled else op.cost.seconds,
             op.workspace_bytes,
             reuse=_reused_input(program, op.index, returned_storages),
         )
@@ -78,11 +85,17 @@ def from_program(
     # on CUDA they come back to the device and move to the host at the end.
     deliver = program.mode == "train" and profile.device_type == "cpu"
     grad_storages = _deliverable_grads(program) if deliver else set()
+    view_steps = _view_steps(program)
+    uses_of = [
+        sorted({u for vi in s.values for u in program.values[vi].uses} - view_steps)
+        for s in program.storages
+    ]
+    last_use = [u[-1] if u else -1 for u in uses_of]
     tensors = []
     for storage in program.storages:
         base = program.values[storage.base]
         kind = base.kind
-        uses = sorted({u for vi in storage.values for u in program.values[vi].uses})
+        uses = uses_of[storage.index]
         if base.producer is not None:
             appears_at, by_op = base.producer, True
         elif kind is ValueKind.TANGENT:
@@ -125,7 +138,11 @@ def from_program(
                 until_end=storage.index in returned or caller_held,
                 persistent=persistent,
                 pinned=pinned,
-                recompute=_recompute_recipe(program, storage.index) if by_op else None,
+                recompute=(
+                    _recompute_recipe(program, storage.index, last_use, fused_bandwidth)
+                    if by_op
+                    else None
+                ),
                 quantizable=quantizable,
                 last_dim=base.shape[-1] if base.shape else 1,
                 fused_uses=fused_uses,
@@ -160,6 +177,19 @@ def from_program(
         quantize_uses=tuple(sorted(lossy_uses)),
         meta={"backward_start": backward_start, "disk_rates": disk.reason},
     )
+
+
+def _view_steps(program: Program) -> set[int]:
+    """Steps whose op only makes views (``detach``, ``view``, ``t``): they read no
+    data, so they are not uses that need the storage on the device. The executor
+    makes such a view where the op stands if its storage is there, else when the
+    view is first read (AOTAutograd's ``detach`` of each saved ReLU output at the
+    end of the forward would otherwise hold every one of them until then)."""
+    return {
+        op.index
+        for op in program.ops
+        if op.outputs and all(program.values[v].is_view for v in op.outputs)
+    }
 
 
 def _reused_input(program: Program, step: int, returned: set[int]) -> tuple[int, int] | None:
@@ -272,20 +302,109 @@ def _lookup_rows(
     return tuple(out)
 
 
-def _recompute_recipe(program: Program, storage_index: int) -> Recompute | None:
+def _recompute_recipe(
+    program: Program, storage_index: int, last_use: list[int], fused_bandwidth: float | None
+) -> Recompute | None:
     """Replaying the producer remakes the storage if the op is deterministic and
-    the storage is the producer's own output (not a view of one of its inputs)."""
-    storage = program.storages[storage_index]
-    base = program.values[storage.base]
-    op = program.ops[base.producer]  # type: ignore[index]
-    if any(word in op.target for word in _RANDOM_OPS):
+    the storage is the producer's own output (not a view of one of its inputs).
+
+    An input of the replay that is dead once the storage is made (``last_use``:
+    each storage's last reading step) cannot be kept for it, so its producer is
+    replayed first, and so on back to inputs that live on (``Recompute.chain``),
+    at most ``MAX_REPLAYED_OPS`` ops. With ``fused_bandwidth`` (compiled runs) the
+    replay is priced as one fused loop (``fused_replay_seconds``)."""
+    final = program.ops[program.values[program.storages[storage_index].base].producer]  # type: ignore[index]
+    if _is_random(final.target):
         return None
-    inputs = tuple(sorted({program.values[v].storage for v in op.inputs} - {storage_index}))
-    other = {program.values[v].storage for v in op.outputs if not program.values[v].is_view} - {
-        storage_index
-    }
-    extra = sum(program.storages[s].nbytes for s in other) + op.workspace_bytes
-    return Recompute(step=op.index, inputs=inputs, seconds=op.cost.seconds, extra_bytes=extra)
+    made_at = final.index
+    chain: dict[int, int] = {}  # op index -> the storage it remakes
+    leaves: set[int] = set()
+    pending = [final.index]
+    while pending:
+        op = program.ops[pending.pop()]
+        for s in sorted({program.values[v].storage for v in op.inputs}):
+            if s == storage_index or s in leaves or s in chain.values():
+                continue
+            producer = _replayable_producer(program, s, made_at, last_use)
+            if producer is None or producer in chain or len(chain) + 1 >= MAX_REPLAYED_OPS:
+                leaves.add(s)  # lives on (or cannot be replayed): read as it is
+                continue
+            chain[producer] = s
+            pending.append(producer)
+    replayed = [*sorted(chain.items()), (final.index, storage_index)]
+    return Recompute(
+        step=final.index,
+        inputs=tuple(sorted(leaves)),
+        seconds=(
+            sum(program.ops[step].cost.seconds for step, _ in replayed)
+            if fused_bandwidth is None
+            else fused_replay_seconds(program, replayed, fused_bandwidth)
+        ),
+        extra_bytes=_replay_extra_bytes(program, replayed),
+        chain=tuple(replayed[:-1]),
+        release=_chain_release(program, replayed),
+    )
+
+
+#: Most ops one recompute replays (its producer and the dead tensors before it).
+MAX_REPLAYED_OPS = 8
+
+
+def _is_random(target: str) -> bool:
+    return any(word in target for word in _RANDOM_OPS)
+
+
+def _replayable_producer(
+    program: Program, storage_index: int, made_at: int, last_use: list[int]
+) -> int | None:
+    """The op that can remake ``storage_index`` inside a chain: one that is dead by
+    step ``made_at`` (nothing reads it later), made by a deterministic op."""
+    base = program.values[program.storages[storage_index].base]
+    if base.producer is None or last_use[storage_index] > made_at:
+        return None
+    if _is_random(program.ops[base.producer].target):
+        return None
+    return base.producer
+
+
+def _own_bytes(program: Program, step: int) -> int:
+    """Bytes op ``step`` allocates when it runs: its outputs that are not views,
+    and its workspace."""
+    op = program.ops[step]
+    made = {program.values[v].storage for v in op.outputs if not program.values[v].is_view}
+    return sum(program.storages[s].nbytes for s in made) + op.workspace_bytes
+
+
+def _chain_release(
+    program: Program, replayed: list[tuple[int, int]]
+) -> tuple[tuple[int, ...], ...]:
+    """For each replayed op, the chain storages whose last reader in the replay it
+    is (the executor frees them right after it)."""
+    last_reader: dict[int, int] = {}
+    chain_storages = {s for _, s in replayed[:-1]}
+    for position, (step, _) in enumerate(replayed):
+        for v in program.ops[step].inputs:
+            if program.values[v].storage in chain_storages:
+                last_reader[program.values[v].storage] = position
+    return tuple(
+        tuple(sorted(s for s, p in last_reader.items() if p == position))
+        for position in range(len(replayed))
+    )
+
+
+def _replay_extra_bytes(program: Program, replayed: list[tuple[int, int]]) -> int:
+    """Bytes the replay holds beyond the recomputed tensor, at its fullest: chain
+    tensors not yet released plus what the running op allocates (its other outputs
+    and workspace go when it returns)."""
+    target = replayed[-1][1]
+    release = _chain_release(program, replayed)
+    held, extra = 0, 0
+    for position, (step, kept) in enumerate(replayed):
+        extra = max(extra, held + _own_bytes(program, step) - program.storages[target].nbytes)
+        if kept != target:
+            held += program.storages[kept].nbytes
+        held -= sum(program.storages[s].nbytes for s in release[position])
+    return extra
 
 
 def _quantize_spec(

@@ -426,9 +426,10 @@ class _Replayer:
             if j not in self.by_index:
                 raise self.fail(f"recipe of {t.name!r} reads unknown tensor index {j}")
             why = self.readable(self.by_index[j])
-            if why is not None and self.reads_codes(self.by_index[j], r.step):
-                scratch += self.fused[self.by_index[j]][r.step]  # reads the codes
-                self.spend_fused_time(self.by_index[j], r.step)
+            fused_at = [s for s, _ in r.replayed if self.reads_codes(self.by_index[j], s)]
+            if why is not None and fused_at:
+                scratch += self.fused[self.by_index[j]][fused_at[0]]  # reads the codes
+                self.spend_fused_time(self.by_index[j], fused_at[0])
             elif why is not None:
                 raise self.fail(
                     f"recipe of {t.name!r} reads {tensors[self.by_index[j]].name!r}, which is {why}"
