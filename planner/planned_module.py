@@ -313,7 +313,7 @@ class PlannedModule(torch.nn.Module):
         if any("disk" in row.decision for row in report.tensors):
             report.disk_rates = self.problem.meta.get("disk_rates")
         if self.kernels == "inductor":
-            report.kernels = kernels_summary(self.executor.segments, len(self.analysis.program.ops))
+            report.kernels = kernels_summary(self.executor.segments, self.executor.op_calls)
         if self.measured is not None:
             report.measured = {
                 "peak_bytes": self.measured.peak_bytes,

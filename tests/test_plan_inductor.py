@@ -13,7 +13,17 @@ from conftest import WithLoss, load_example
 from torch import nn
 
 import planner
+from planner.codegen import segments
 from planner.runtime.meter import measure
+
+
+@pytest.fixture(autouse=True)
+def compiled_runs_never_lose_on_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests check what compiled runs compute and hold under the budget;
+    which form of a run is faster on this machine (``compile_segments`` times
+    both, tests/codegen/test_segments.py) is not theirs to decide, and on a loaded
+    machine could leave every run eager."""
+    monkeypatch.setattr(segments, "best_seconds", lambda fns, *a, **k: [0.0] * len(fns))
 
 
 def _fresh(name: str) -> tuple[nn.Module, tuple]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -119,7 +121,14 @@ def _segment():  # type: ignore[no-untyped-def]
     return found[0]
 
 
-def test_a_compiled_segment_computes_what_its_eager_run_does() -> None:
+@pytest.fixture
+def compiled_never_slower(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For tests about what a compiled run computes and holds: its speed against
+    eager on this machine (timed by ``compile_segments``) is not their question."""
+    monkeypatch.setattr(segments, "best_seconds", lambda fns, *a, **k: [0.0] * len(fns))
+
+
+def test_a_compiled_segment_computes_what_its_eager_run_does(compiled_never_slower) -> None:  # type: ignore[no-untyped-def]
     seg = _segment()
     chosen = compile_segments([seg], torch.device("cpu"), OPS)
     assert seg.kernel == "inductor"
@@ -129,7 +138,9 @@ def test_a_compiled_segment_computes_what_its_eager_run_does() -> None:
     torch.testing.assert_close(d, torch.tanh(a * 2) + 1)
 
 
-def test_a_compiled_run_that_allocates_more_than_eager_stays_eager(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_compiled_run_that_allocates_more_than_eager_stays_eager(  # type: ignore[no-untyped-def]
+    monkeypatch, compiled_never_slower
+) -> None:
     seg = _segment()
     extra = 1 << 20
 
@@ -152,6 +163,42 @@ def test_a_compiled_run_that_allocates_more_than_eager_stays_eager(monkeypatch) 
     seg = _segment()
     compile_segments([seg], torch.device("cpu"), OPS, headroom=lambda s: 2 * extra)
     assert seg.kernel == "inductor"
+
+
+def test_a_compiled_run_slower_than_eager_stays_eager(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    seg = _segment()
+
+    def slow(segment, device):  # type: ignore[no-untyped-def]
+        eager = segments.eager_function(segment, OPS)
+
+        def run(args: list) -> list:
+            time.sleep(0.01)  # the eager run takes microseconds
+            return eager(args)
+
+        return run
+
+    monkeypatch.setattr(segments, "compile_segment", slow)
+    chosen = compile_segments([seg], torch.device("cpu"), OPS)
+    assert seg.kernel.startswith("eager: compiled it runs slower"), seg.kernel
+    assert chosen[seg.name].__name__ == f"{seg.name}_eager"
+
+
+def test_best_seconds_times_each_form_on_fresh_inputs() -> None:
+    seg = _segment()
+    seen: list[int] = []
+
+    def fast(args: list) -> list:
+        seen.append(id(args))
+        return []
+
+    def slow(args: list) -> list:
+        seen.append(id(args))
+        time.sleep(0.005)
+        return []
+
+    best = segments.best_seconds([fast, slow], seg, torch.device("cpu"), repeats=2)
+    assert best[0] < 0.005 <= best[1]
+    assert len(seen) == 4
 
 
 def test_a_run_inductor_cannot_compile_stays_eager(monkeypatch) -> None:  # type: ignore[no-untyped-def]
