@@ -28,7 +28,6 @@ from planner.codegen.segments import (
     Segment,
     Var,
     compilable_target,
-    compute_ops,
     fold_segments,
 )
 from planner.ir.meta import FX_NODE_NAMES, PARAM_GRADS, fake_value
@@ -69,7 +68,7 @@ class Executor:
     #: kernels="inductor": the runs of ops the source calls as compiled graphs
     #: (``segment_0``, ...), to compile before the source runs
     segments: list[Segment] = field(default_factory=list)
-    #: op calls that compute, recomputes included (what ``segments`` take a share of)
+    #: op calls, recomputes and view re-derivations included (``segments`` hold a share)
     op_calls: int = 0
 
 
@@ -261,7 +260,7 @@ class _Emitter:
                 tangent_values,
                 stored_values=stored_values,
                 segments=segments,
-                op_calls=compute_ops(self.lines),
+                op_calls=sum(isinstance(line, OpLine) for line in self.lines),
             )
         forward_outs = [self._expr(v) for v in program.outputs[: program.num_forward_outputs]]
         carry = list(
@@ -306,7 +305,7 @@ class _Emitter:
             tangent_values,
             "planned_backward",
             segments=segments,
-            op_calls=compute_ops(self.lines),
+            op_calls=sum(isinstance(line, OpLine) for line in self.lines),
         )
 
     def _render(self) -> tuple[str, list[Segment]]:
