@@ -363,7 +363,7 @@ class _Emitter:
         if not op.outputs or not all(values[v].is_view for v in op.outputs):
             return False
         return any(
-            vi not in self.var and values[vi].storage not in self.storage_vars for vi in op.inputs
+            vi not in self.var and not self.storage_vars.get(values[vi].storage) for vi in op.inputs
         )
 
     def _emit_call(
@@ -519,17 +519,22 @@ class _Emitter:
             raise ValueError(f"unknown action {a.kind!r}")
 
     def _emit_recompute(self, storage: int, name: str) -> None:
-        """Replay the recipe of ``storage``: its chain of dead inputs first (each
-        freed after its last reader in the replay), then its producer."""
+        """Replay the recipe of ``storage``: its chain first (each tensor freed after
+        its last reader in the replay), then its producer. A chain tensor the plan
+        holds now (compiled runs' chains also pass through tensors that live on) is
+        read as it is, neither made again nor freed."""
         recipe = self.problem.tensors[storage].recompute
         assert recipe is not None, f"codegen: {name} has no recompute recipe"
+        held = {kept for _, kept in recipe.chain if self.storage_vars.get(kept)}
         for position, (step, kept) in enumerate(recipe.replayed):
             why = f"recompute {name}" if kept < 0 else f"on the way to recompute {name}"
-            self._emit_call(
-                step, only_storage=storage if kept < 0 else kept, indent="    ", comment=why
-            )
+            if kept not in held:
+                self._emit_call(
+                    step, only_storage=storage if kept < 0 else kept, indent="    ", comment=why
+                )
             for done in recipe.release[position] if recipe.release else ():
-                self._free(done, f"used by the recompute of {name}")
+                if done not in held:
+                    self._free(done, f"used by the recompute of {name}")
 
     def _free(self, storage: int, why: str) -> None:
         names = self.storage_vars.pop(storage, [])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from planner.ir.meta import PARAM_GRADS
 from planner.ir.program import Program, ValueKind
 from planner.passes.device_profile import DeviceProfile, free_memory_bytes
-from planner.passes.fused_costs import fused_replay_seconds, fused_step_seconds
+from planner.passes.fused_costs import fused_replay_seconds, fused_step_seconds, is_fusible
 from planner.runtime import fused
 from planner.solver.problem import DISK, HOST, Bandwidths, Problem, Recompute, Step, Tensor
 
@@ -312,7 +312,10 @@ def _recompute_recipe(
     each storage's last reading step) cannot be kept for it, so its producer is
     replayed first, and so on back to inputs that live on (``Recompute.chain``),
     at most ``MAX_REPLAYED_OPS`` ops. With ``fused_bandwidth`` (compiled runs) the
-    replay is priced as one fused loop (``fused_replay_seconds``)."""
+    replay is priced as one fused loop (``fused_replay_seconds``), and it also
+    remakes inputs that live on if a fusible op makes them: a compiled run remakes
+    a GELU's pieces from the matmul output in registers, so a plan need keep only
+    that (TorchInductor's min-cut partitioner saves the same way)."""
     final = program.ops[program.values[program.storages[storage_index].base].producer]  # type: ignore[index]
     if _is_random(final.target):
         return None
@@ -325,7 +328,9 @@ def _recompute_recipe(
         for s in sorted({program.values[v].storage for v in op.inputs}):
             if s == storage_index or s in leaves or s in chain.values():
                 continue
-            producer = _replayable_producer(program, s, made_at, last_use)
+            producer = _replayable_producer(
+                program, s, made_at, last_use, fused=fused_bandwidth is not None
+            )
             if producer is None or producer in chain or len(chain) + 1 >= MAX_REPLAYED_OPS:
                 leaves.add(s)  # lives on (or cannot be replayed): read as it is
                 continue
@@ -347,7 +352,7 @@ def _recompute_recipe(
 
 
 #: Most ops one recompute replays (its producer and the dead tensors before it).
-MAX_REPLAYED_OPS = 8
+MAX_REPLAYED_OPS = 12
 
 
 def _is_random(target: str) -> bool:
@@ -355,14 +360,18 @@ def _is_random(target: str) -> bool:
 
 
 def _replayable_producer(
-    program: Program, storage_index: int, made_at: int, last_use: list[int]
+    program: Program, storage_index: int, made_at: int, last_use: list[int], fused: bool
 ) -> int | None:
-    """The op that can remake ``storage_index`` inside a chain: one that is dead by
-    step ``made_at`` (nothing reads it later), made by a deterministic op."""
+    """The op that can remake ``storage_index`` inside a chain: made by a
+    deterministic op, and dead by step ``made_at`` (nothing reads it later) or, for
+    compiled runs (``fused``), made by an op they fuse."""
     base = program.values[program.storages[storage_index].base]
-    if base.producer is None or last_use[storage_index] > made_at:
+    if base.producer is None:
         return None
-    if _is_random(program.ops[base.producer].target):
+    target = program.ops[base.producer].target
+    if _is_random(target):
+        return None
+    if last_use[storage_index] > made_at and not (fused and is_fusible(target)):
         return None
     return base.producer
 

@@ -172,3 +172,41 @@ def test_compiled_runs_price_fusible_replays_below_eager(analysis) -> None:  # t
 )
 def test_library_kernels_and_random_ops_are_not_fusible(target: str, fusible: bool) -> None:
     assert is_fusible(target) is fusible
+
+
+class SiLUMlp(nn.Module):
+    """A matmul, then x * sigmoid(x) written out: the sigmoid output is saved for
+    the backward, so it lives on past the product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(256, 512)
+        self.down = nn.Linear(512, 256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        return self.down(h * torch.sigmoid(h))
+
+
+def test_compiled_runs_remake_live_fusible_inputs_from_the_matmul_output() -> None:
+    torch.manual_seed(0)
+    analysis = planner.analyze(
+        WithLoss(SiLUMlp()), (torch.randn(64, 256),), mode="train", profile="cpu"
+    )
+    program, profile = analysis.program, analysis.profile
+    eager = from_program(program, analysis.unplanned_peak_bytes, profile)
+    fused = from_program(program, analysis.unplanned_peak_bytes, profile, kernels="inductor")
+    product = next(
+        t.index
+        for t in eager.tensors
+        if t.recompute is not None and program.ops[t.recompute.step].target == "aten.mul.Tensor"
+    )
+    sigmoid = _tensor(eager, "sigmoid").index
+    matmul = _tensor(eager, "addmm").index
+    # eager: the product reads the sigmoid output, which the plan must then keep
+    assert sigmoid in eager.tensors[product].recompute.inputs
+    assert not eager.tensors[product].recompute.chain
+    # compiled: the sigmoid is remade on the way, from the matmul output alone
+    recipe = fused.tensors[product].recompute
+    assert [kept for _, kept in recipe.chain] == [sigmoid]
+    assert matmul in recipe.inputs and sigmoid not in recipe.inputs
