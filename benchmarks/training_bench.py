@@ -28,9 +28,11 @@ buffers, inputs) plus every allocation during forward + backward (gradients
 included). Time: seconds per step after warm-up. This machine is shared (see the load
 average in the output), so timing is interleaved: eager, checkpoint and the planner
 rows take one step each per round, in rotating order; each compile row (which cannot
-share a process-wide compile cache with the others) alternates its steps with eager
-steps. ``x eager`` is the median of a row over the median of the eager steps taken in
-the same rounds; ``min`` is the fastest step (the least disturbed by other load).
+share a process-wide compile cache with the others) takes its steps in rounds with
+eager and with the planner's 50% rows, so the target compares the planner's and
+compile's seconds per step from the same rounds. ``x eager`` is the median of a row
+over the median of the eager steps taken in the same rounds; ``min`` is the fastest
+step (the least disturbed by other load).
 
     python benchmarks/training_bench.py --out BENCHMARKS_training.md
 
@@ -316,8 +318,14 @@ def _plan_row(workload: str, factory: Callable, budget: str | int, label: str,
 
 
 def run_compile_rows(workload: str, factory: Callable, budgets: list[float],
-                     eager: Row, warmup: int, repeats: int) -> list[Row]:
+                     eager: Row, warmup: int, repeats: int,
+                     partners: list[Row] | None = None) -> list[Row]:
+    """Each compile row steps in turn with eager and with each of ``partners`` (the
+    planner rows the target compares with it), rotating the order per round, so
+    the target's planner-vs-compile comparison is of steps taken side by side."""
     import torch._functorch.config as functorch_config
+
+    partners = [p for p in partners or [] if p.error is None]
 
     rows = []
     original = functorch_config.activation_memory_budget
@@ -335,10 +343,15 @@ def run_compile_rows(workload: str, factory: Callable, budgets: list[float],
                 row.extra["compile_seconds"] = time.perf_counter() - start
                 for _ in range(warmup):
                     row.step()
-                for _ in range(repeats):
-                    row.ref_times.append(eager.timed_step())
-                    eager.times.pop()  # kept with this row, not the eager row
-                    row.timed_step()
+                side = row.extra["partner_times"] = {p.label: [] for p in partners}
+                for i in range(repeats):
+                    turn = [eager, row, *partners]
+                    for r in turn[i % len(turn):] + turn[: i % len(turn)]:
+                        r.timed_step()
+                        if r is eager:
+                            row.ref_times.append(eager.times.pop())  # kept with this row
+                        elif r is not row:
+                            side[r.label].append(r.times.pop())  # not the partner's own
                 row.meter()
                 log.info("%s %s: compile %.1f s, median %.3f s", workload, row.label,
                          row.extra["compile_seconds"], statistics.median(row.times))
@@ -448,6 +461,16 @@ def target_check(rows: list[Row], ratio_limit: float = 1.2,
         below = [r for r in alts if r.peak < used.peak]
         for r in sorted(at_or_above, key=lambda r: r.peak)[:1]:
             r_ratio = statistics.median(r.times) / statistics.median(r.ref_times)
+            side = r.extra.get("partner_times", {}).get(used.label)
+            if side:  # stepped in the same rounds: compare seconds directly
+                mine, theirs = statistics.median(side), statistics.median(r.times)
+                verdict = "planner faster" if mine < theirs else "planner NOT faster"
+                out.append(f"- vs {r.label} (lowest {system} peak >= planner's: "
+                           f"{_mib(r.peak)} MiB), stepped side by side in the same rounds: "
+                           f"planner {mine:.3f} s vs {theirs:.3f} s per step (median; "
+                           f"{mine / theirs:.2f}x; min {min(side):.3f} vs {min(r.times):.3f}) "
+                           f"-> {verdict}")
+                continue
             verdict = "planner faster" if ratio < r_ratio else "planner NOT faster"
             out.append(f"- vs {r.label} (lowest {system} peak >= planner's: {_mib(r.peak)} "
                        f"MiB): {r_ratio:.2f}x eager -> {verdict}")
@@ -484,8 +507,9 @@ def bench_workload(name: str, factory: Callable, args: argparse.Namespace,
     run_interleaved(rows, args.warmup, args.repeats)
     compile_rows: list[Row] = []
     if "compile" in args.systems:
+        partners = [r for r in rows if r.label in ("planner 50%", "planner+inductor 50%")]
         compile_rows = run_compile_rows(name, factory, args.compile_budgets, eager,
-                                        args.warmup, args.repeats)
+                                        args.warmup, args.repeats, partners)
     # losses must agree (same seed, same data): a sanity check on every system
     for r in rows + compile_rows:
         if r.error is None and r.loss is not None and eager.loss is not None:
