@@ -250,7 +250,7 @@ class _Emitter:
         if not train:
             outs = [self._expr(v) for v in program.outputs]
             body.append(f"    return [{', '.join(outs)}]")
-            source, segments = self._render()
+            source, segments, op_calls = self._render()
             return Executor(
                 source,
                 "planned",
@@ -260,7 +260,7 @@ class _Emitter:
                 tangent_values,
                 stored_values=stored_values,
                 segments=segments,
-                op_calls=sum(isinstance(line, OpLine) for line in self.lines),
+                op_calls=op_calls,
             )
         forward_outs = [self._expr(v) for v in program.outputs[: program.num_forward_outputs]]
         carry = list(
@@ -295,7 +295,7 @@ class _Emitter:
         if self.delivered:
             body.append("    # None: a gradient already delivered to its parameter's .grad")
         body.append(f"    return [{', '.join(grads)}]")
-        source, segments = self._render()
+        source, segments, op_calls = self._render()
         return Executor(
             source,
             "planned_forward",
@@ -305,14 +305,16 @@ class _Emitter:
             tangent_values,
             "planned_backward",
             segments=segments,
-            op_calls=sum(isinstance(line, OpLine) for line in self.lines),
+            op_calls=op_calls,
         )
 
-    def _render(self) -> tuple[str, list[Segment]]:
-        """The source, with runs of ops folded into compiled segments if asked."""
+    def _render(self) -> tuple[str, list[Segment], int]:
+        """The source, with runs of ops folded into compiled segments if asked,
+        and the number of op calls it makes."""
         layout_of = self._layout if self.kernels == "inductor" else None
         lines, segments = fold_segments(self.lines, layout_of)
-        return "\n".join(lines) + "\n", segments
+        op_calls = sum(isinstance(line, OpLine) for line in self.lines)
+        return "\n".join(lines) + "\n", segments, op_calls
 
     def _layout(self, value: int) -> Layout:
         """The traced layout of ``value``: what a compiled segment's input is
@@ -360,7 +362,7 @@ class _Emitter:
         """Whether ``op`` only makes views of a storage the plan does not hold now
         (view steps are not uses, see ``translate._view_steps``)."""
         values = self.program.values
-        if not op.outputs or not all(values[v].is_view for v in op.outputs):
+        if not self.program.makes_only_views(op):
             return False
         return any(
             vi not in self.var and not self.storage_vars.get(values[vi].storage) for vi in op.inputs

@@ -119,6 +119,16 @@ class Op:
     cost: OpCost = field(default_factory=OpCost)
     workspace_bytes: int = 0  # scratch the op allocates beyond its outputs (measured)
 
+    @property
+    def draws_random(self) -> bool:
+        """Whether a call draws random numbers (dropout): replaying it, or letting
+        Inductor run it, would not give eager's numbers."""
+        return any(word in self.target for word in RANDOM_OP_WORDS)
+
+
+#: Words in the names of the ATen ops that draw random numbers.
+RANDOM_OP_WORDS = ("rand", "bernoulli", "dropout", "normal", "uniform", "multinomial", "poisson")
+
 
 @dataclass
 class Program:
@@ -156,6 +166,11 @@ class Program:
     def storage_kind(self, storage: Storage) -> ValueKind:
         """A storage's kind is its base value's kind."""
         return self.values[storage.base].kind
+
+    def makes_only_views(self, op: Op) -> bool:
+        """Whether ``op`` only makes views (``detach``, ``view``, ``t``): it reads
+        no data of its inputs."""
+        return bool(op.outputs) and all(self.values[v].is_view for v in op.outputs)
 
     def backward_start(self) -> int:
         """First backward step (``num_steps`` when there is no backward)."""

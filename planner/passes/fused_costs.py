@@ -34,24 +34,21 @@ LIBRARY_KERNELS = frozenset(
 #: Name prefixes of the attention kernels, also library calls.
 LIBRARY_PREFIXES = ("_scaled_dot_product", "_flash_attention", "_efficient_attention", "_cudnn")
 
-#: Words of ops the executor never compiles (random draws stay eager).
-_EAGER_ONLY = ("rand", "bernoulli", "dropout", "normal", "uniform", "multinomial", "poisson")
 
-
-def is_fusible(target: str) -> bool:
-    """Whether a compiled run fuses op ``target`` (``"aten.add.Tensor"``) into
-    its neighbours' loops rather than calling a library kernel for it."""
-    parts = target.split(".")
-    name = parts[1] if len(parts) == 3 else target
-    if any(word in name for word in _EAGER_ONLY):
+def is_fusible(op: Op) -> bool:
+    """Whether a compiled run fuses ``op`` into its neighbours' loops rather than
+    calling a library kernel for it (random draws stay eager, never compiled)."""
+    if op.draws_random:
         return False
+    parts = op.target.split(".")
+    name = parts[1] if len(parts) == 3 else op.target
     return name not in LIBRARY_KERNELS and not name.startswith(LIBRARY_PREFIXES)
 
 
 def fused_step_seconds(op: Op) -> float:
     """Seconds of ``op`` in a compiled run: its roofline if fusible (never more
     than eager), else its eager time."""
-    if is_fusible(op.target):
+    if is_fusible(op):
         return min(op.cost.seconds, op.cost.roofline_seconds)
     return op.cost.seconds
 
@@ -71,7 +68,7 @@ def fused_replay_seconds(
     for step, _ in replayed:
         op = program.ops[step]
         reads = {values[v].storage for v in op.inputs}
-        if is_fusible(op.target):
+        if is_fusible(op):
             fused_reads |= reads - fused_made
             fused_made |= {values[v].storage for v in op.outputs if not values[v].is_view}
         else:

@@ -132,12 +132,7 @@ def build_candidates(problem: Problem) -> Candidates:
         events = own_steps(tensor, T)
         deliver_from = _delivery_start(tensor, T)
         if tensor.pinned or not events:
-            lo = 0 if not tensor.by_op and not events else tensor.appears_at
-            if tensor.persistent or (not tensor.by_op and tensor.appears_at == 0):
-                lo, hi = 0, T - 1
-            else:
-                hi = tensor.last_step(T)
-            hold(lo, hi, tensor.nbytes)
+            hold(*_fixed_span(tensor, events, T), tensor.nbytes)
             continue
         stored = _stored_format(problem, tensor)
         fused = {step for step, _ in tensor.fused_uses} if stored else set()
@@ -488,14 +483,23 @@ def _link_recompute_needs(cands: Candidates) -> None:
         gap.options = kept
 
 
+def _fixed_span(tensor: Tensor, events: list[int], T: int) -> tuple[int, int]:
+    """The steps a tensor without gaps (pinned, or never needed) is on the device:
+    every step for weights and what the caller hands in before the first step,
+    else from when it appears to its last step."""
+    if tensor.persistent or (not tensor.by_op and tensor.appears_at == 0):
+        return 0, T - 1
+    lo = 0 if not tensor.by_op and not events else tensor.appears_at
+    return lo, tensor.last_step(T)
+
+
 def _can_hold(cands: Candidates, tensor: Tensor, step: int, T: int) -> bool:
     events = own_steps(tensor, T)
     if step in events:
         return True
-    if tensor.pinned and (tensor.persistent or (not tensor.by_op and tensor.appears_at == 0)):
-        return True  # held from the first step to the last (see ``holdings`` above)
     if tensor.pinned:
-        return tensor.appears_at <= step <= tensor.last_step(T)
+        lo, hi = _fixed_span(tensor, events, T)
+        return lo <= step <= hi
     return holder_gap(cands, tensor.index, step) is not None
 
 

@@ -9,10 +9,6 @@ from planner.passes.fused_costs import fused_replay_seconds, fused_step_seconds,
 from planner.runtime import fused
 from planner.solver.problem import DISK, HOST, Bandwidths, Problem, Recompute, Step, Tensor
 
-#: Ops whose replay would draw new random numbers: never recomputed (until RNG
-#: state replay lands with training).
-_RANDOM_OPS = ("rand", "bernoulli", "dropout", "normal", "uniform", "multinomial", "poisson")
-
 #: Ops that may write their output into the buffer of their input at this position
 #: when that input dies at the op (``out=`` aliasing it; bit-identical, see
 #: tests/solver/test_reuse.py): each reads an element (softmax backwards: a
@@ -185,11 +181,7 @@ def _view_steps(program: Program) -> set[int]:
     makes such a view where the op stands if its storage is there, else when the
     view is first read (AOTAutograd's ``detach`` of each saved ReLU output at the
     end of the forward would otherwise hold every one of them until then)."""
-    return {
-        op.index
-        for op in program.ops
-        if op.outputs and all(program.values[v].is_view for v in op.outputs)
-    }
+    return {op.index for op in program.ops if program.makes_only_views(op)}
 
 
 def _reused_input(program: Program, step: int, returned: set[int]) -> tuple[int, int] | None:
@@ -317,7 +309,7 @@ def _recompute_recipe(
     a GELU's pieces from the matmul output in registers, so a plan need keep only
     that (TorchInductor's min-cut partitioner saves the same way)."""
     final = program.ops[program.values[program.storages[storage_index].base].producer]  # type: ignore[index]
-    if _is_random(final.target):
+    if final.draws_random:  # a replay would draw new numbers
         return None
     made_at = final.index
     chain: dict[int, int] = {}  # op index -> the storage it remakes
@@ -337,6 +329,7 @@ def _recompute_recipe(
             chain[producer] = s
             pending.append(producer)
     replayed = [*sorted(chain.items()), (final.index, storage_index)]
+    release = _chain_release(program, replayed)
     return Recompute(
         step=final.index,
         inputs=tuple(sorted(leaves)),
@@ -345,18 +338,14 @@ def _recompute_recipe(
             if fused_bandwidth is None
             else fused_replay_seconds(program, replayed, fused_bandwidth)
         ),
-        extra_bytes=_replay_extra_bytes(program, replayed),
+        extra_bytes=_replay_extra_bytes(program, replayed, release),
         chain=tuple(replayed[:-1]),
-        release=_chain_release(program, replayed),
+        release=release,
     )
 
 
 #: Most ops one recompute replays (its producer and the dead tensors before it).
 MAX_REPLAYED_OPS = 12
-
-
-def _is_random(target: str) -> bool:
-    return any(word in target for word in _RANDOM_OPS)
 
 
 def _replayable_producer(
@@ -368,10 +357,10 @@ def _replayable_producer(
     base = program.values[program.storages[storage_index].base]
     if base.producer is None:
         return None
-    target = program.ops[base.producer].target
-    if _is_random(target):
+    producer = program.ops[base.producer]
+    if producer.draws_random:
         return None
-    if last_use[storage_index] > made_at and not (fused and is_fusible(target)):
+    if last_use[storage_index] > made_at and not (fused and is_fusible(producer)):
         return None
     return base.producer
 
@@ -401,12 +390,13 @@ def _chain_release(
     )
 
 
-def _replay_extra_bytes(program: Program, replayed: list[tuple[int, int]]) -> int:
+def _replay_extra_bytes(
+    program: Program, replayed: list[tuple[int, int]], release: tuple[tuple[int, ...], ...]
+) -> int:
     """Bytes the replay holds beyond the recomputed tensor, at its fullest: chain
-    tensors not yet released plus what the running op allocates (its other outputs
-    and workspace go when it returns)."""
+    tensors not yet released (``release``, from ``_chain_release``) plus what the
+    running op allocates (its other outputs and workspace go when it returns)."""
     target = replayed[-1][1]
-    release = _chain_release(program, replayed)
     held, extra = 0, 0
     for position, (step, kept) in enumerate(replayed):
         extra = max(extra, held + _own_bytes(program, step) - program.storages[target].nbytes)
