@@ -358,6 +358,7 @@ def compile_segment(segment: Segment, device: torch.device) -> Callable[[list], 
     traced = make_fx(segment.graph, decomposition_table=select_decomp_table(), tracing_mode="fake")(
         *examples
     )
+    traced = _joint_graph_passes(traced, device)
     # every output is read by the executor's next ops, which expect the traced
     # layout: Inductor keeps a graph output's layout only if it is "user visible"
     # (torch.compile marks them in compile_fx; this is compile_fx_inner's caller)
@@ -378,6 +379,24 @@ def compile_segment(segment: Segment, device: torch.device) -> Callable[[list], 
     )
     with torch._guards.tracing(context), inductor_config.patch(fx_graph_cache=False):
         return compile_fx_inner(traced, examples, is_backward=True)  # type: ignore[return-value]
+
+
+def _joint_graph_passes(traced: torch.fx.GraphModule, device: torch.device) -> torch.fx.GraphModule:
+    """Inductor's joint-graph passes, as ``torch.compile`` runs them on the same ops
+    before compiling (``compile_fx_inner`` alone does not). They matter for memory:
+    one rewrites a scatter into a fresh zero tensor (``nll_loss_backward``) as a
+    pointwise select, so the loss gradient needs no full-size zero buffer (32 MiB
+    for GPT-2's logits, and on the CPU as many fresh pages to fault in). The
+    passes trace their replacements under the graph's fake mode."""
+    from torch._guards import detect_fake_mode
+    from torch._inductor.fx_passes.joint_graph import joint_graph_passes
+    from torch._inductor.virtualized import V
+
+    fake_mode = detect_fake_mode(
+        [n.meta["val"] for n in traced.graph.nodes if n.op == "placeholder"]
+    )
+    with V.set_fake_mode(fake_mode), fake_mode:
+        return joint_graph_passes(traced, device)
 
 
 def eager_function(segment: Segment, ops: dict[str, Any]) -> Callable[[list], list]:

@@ -138,6 +138,53 @@ def test_a_compiled_segment_computes_what_its_eager_run_does(compiled_never_slow
     torch.testing.assert_close(d, torch.tanh(a * 2) + 1)
 
 
+def test_the_loss_gradient_needs_no_full_size_zero_buffer() -> None:
+    """Inductor's joint-graph passes (run by torch.compile, not by
+    ``compile_fx_inner``) turn ``nll_loss_backward``'s scatter into a fresh zero
+    tensor into a pointwise select. Without them the run allocated a zero buffer
+    of the logits' size; with them it allocates only row sums and writes the
+    gradient into the donated log-softmax buffer."""
+    rows, classes = 64, 1024
+    full = Layout((rows, classes), (classes, 1), torch.float32, 0, 0)
+    layouts = {
+        0: full,
+        1: Layout((), (), torch.float32, 0, 1),
+        2: Layout((rows,), (1,), torch.int64, 0, 2),
+        3: Layout((), (), torch.float32, 0, 3),
+        4: full._replace(storage=4),
+        5: full._replace(storage=5),
+    }
+    g, log_probs, target, total = Var("g", 1), Var("ls", 0), Var("t", 2), Var("tw", 3)
+    lines = [
+        _op("nb", 4, aten.nll_loss_backward.default, g, log_probs, target, None, 1, -100, total),
+        _op(
+            "out",
+            5,
+            aten._log_softmax_backward_data.default,
+            Var("nb", 4),
+            log_probs,
+            1,
+            torch.float32,
+        ),
+        DelLine(["ls", "nb"], "    del ls, nb  # free ls", donatable=True),
+    ]
+    _, (seg,) = fold_segments(lines, layouts.__getitem__)
+    assert seg.donated == [1]  # inputs in first-read order: g, ls, t, tw
+    compiled = segments.compile_segment(seg, torch.device("cpu"))
+    peak, _ = segments.run_allocations(compiled, seg, torch.device("cpu"))
+    assert peak < rows * classes * 4 // 16, peak
+
+    logits = torch.randn(rows, classes)
+    labels = torch.randint(0, classes, (rows,))
+    ls = logits.log_softmax(1)
+    one, count = torch.tensor(1.0), torch.tensor(float(rows))
+    (grad,) = compiled([one, ls.clone(), labels, count])  # the call empties its list
+    expected = aten._log_softmax_backward_data.default(
+        aten.nll_loss_backward.default(one, ls, labels, None, 1, -100, count), ls, 1, torch.float32
+    )
+    torch.testing.assert_close(grad, expected)
+
+
 def test_a_compiled_run_that_allocates_more_than_eager_stays_eager(  # type: ignore[no-untyped-def]
     monkeypatch, compiled_never_slower
 ) -> None:
