@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import planner
+from planner.runtime import copy_engine
 from planner.runtime import store as store_module
 from planner.runtime.store import StoreError
 from planner.solver import validate
@@ -311,7 +312,9 @@ def test_exception_in_the_middle_of_a_run(monkeypatch, exc) -> None:
         spilled = _spills(pm)
         assert spilled and set(os.listdir(pm.offload_dir)) == _weight_files(pm)
 
-        # slow disk reads, so a read is still running when the run stops
+        # slow disk reads, so a read is still running when the run stops; every copy
+        # through the copy threads (small ones are otherwise made in place)
+        monkeypatch.setattr(copy_engine, "SYNC_MAX_BYTES", 0)
         lock = threading.Lock()
         started, finished, in_flight_at_raise = [], [], []
         read_into = pm._disk.read_into

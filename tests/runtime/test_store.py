@@ -206,6 +206,32 @@ def test_engine_maps_large_mappable_keys_and_copies_small_ones(
         engine.close()
 
 
+def test_engine_copies_small_tensors_in_place_and_large_ones_on_its_threads(
+    store: DiskStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small copy is done when ``offload`` or ``prefetch`` returns (nothing left to
+    wait for); a large one is handed to the channel's thread."""
+    from planner.runtime import copy_engine
+    from planner.runtime.copy_engine import ThreadCopyEngine
+
+    monkeypatch.setattr(copy_engine, "SYNC_MAX_BYTES", 4096)
+    engine = ThreadCopyEngine(store)
+    try:
+        small, large = torch.randn(16, 64).t(), torch.randn(64, 64)  # 4 KiB, 16 KiB
+        written = engine.offload("small", "disk", small)
+        assert written.future is None and store.entries["small"].stamp is not None
+        pending = engine.offload("large", "disk", large)
+        assert pending.future is not None
+        engine.wait(pending)
+        back = engine.prefetch("small", "disk")
+        assert back.future is None
+        assert torch.equal(back.tensor, small) and back.tensor.stride() == small.stride()
+        pending = engine.prefetch("large", "disk")
+        assert pending.future is not None and torch.equal(engine.wait(pending), large)
+    finally:
+        engine.close()
+
+
 def test_fault_in_leaves_a_mapped_tensor_unchanged(store: DiskStore) -> None:
     from planner.runtime.store import fault_in
 
