@@ -392,9 +392,8 @@ def _joint_graph_passes(traced: torch.fx.GraphModule, device: torch.device) -> t
     from torch._inductor.fx_passes.joint_graph import joint_graph_passes
     from torch._inductor.virtualized import V
 
-    fake_mode = detect_fake_mode(
-        [n.meta["val"] for n in traced.graph.nodes if n.op == "placeholder"]
-    )
+    fake_mode = detect_fake_mode([n.meta["val"] for n in traced.graph.nodes if "val" in n.meta])
+    assert fake_mode is not None, "make_fx(tracing_mode='fake') records fake values"
     with V.set_fake_mode(fake_mode), fake_mode:
         return joint_graph_passes(traced, device)
 
