@@ -2,7 +2,9 @@
 
 ``ThreadCopyEngine`` (CPU device): one background thread per channel (disk read,
 disk write), so copies run in issue order on each channel, as the cost model
-assumes, and overlap compute (file I/O and torch kernels release the GIL).
+assumes, and overlap compute (file I/O and torch kernels release the GIL). Copies
+of ``SYNC_MAX_BYTES`` or less are made on the calling thread when issued: for them
+the hand-off to a thread costs more than the copy.
 ``CudaCopyEngine`` (GPU device): side streams and events for host<->device copies
 through pinned host buffers that are reused across calls; disk goes through a
 pinned bounce buffer filled by a thread.
