@@ -118,9 +118,9 @@ class ThreadCopyEngine(CopyEngine):
             # its pages read in on the reader thread, not inside the op
             return Pending(mapped, self._read.submit(fault_in, mapped))
         entry = self.disk.entries[key]
-        out = empty_like_entry(entry)
         if entry.nbytes <= SYNC_MAX_BYTES:
-            return Pending(self.disk.read_into(key, out))
+            return Pending(self.read_now(key, tier))  # done when issued
+        out = empty_like_entry(entry)
         return Pending(out, self._read.submit(self.disk.read_into, key, out))
 
     def home_tensor(self, key: str, tier: str) -> torch.Tensor:

@@ -425,15 +425,16 @@ class _Replayer:
         for j in r.inputs:
             if j not in self.by_index:
                 raise self.fail(f"recipe of {t.name!r} reads unknown tensor index {j}")
-            why = self.readable(self.by_index[j])
-            fused_at = [s for s, _ in r.replayed if self.reads_codes(self.by_index[j], s)]
-            if why is not None and fused_at:
-                scratch += self.fused[self.by_index[j]][fused_at[0]]  # reads the codes
-                self.spend_fused_time(self.by_index[j], fused_at[0])
-            elif why is not None:
-                raise self.fail(
-                    f"recipe of {t.name!r} reads {tensors[self.by_index[j]].name!r}, which is {why}"
-                )
+            k = self.by_index[j]
+            why = self.readable(k)
+            if why is None:
+                continue
+            # not on the device: readable only as codes, by a replayed op that fuses them
+            fused_at = next((s for s, _ in r.replayed if self.reads_codes(k, s)), None)
+            if fused_at is None:
+                raise self.fail(f"recipe of {t.name!r} reads {tensors[k].name!r}, which is {why}")
+            scratch += self.fused[k][fused_at]  # reads the codes
+            self.spend_fused_time(k, fused_at)
         self.place(i, t.nbytes, READY)
         self.note(self.used + scratch)
         self.clock += r.seconds
