@@ -13,6 +13,7 @@ from planner.budget import parse_budget
 from planner.codegen.emit import check_kernels
 from planner.errors import InvalidPlan, PlannerError
 from planner.ir.capture import capture, normalize_example_inputs
+from planner.ir.conv_layout import channels_last_convolutions
 from planner.passes.device_profile import DeviceProfile, get_profile
 from planner.passes.pipeline import Analysis
 from planner.passes.pipeline import analyze as analyze_captured
@@ -30,13 +31,22 @@ def analyze(
     example_inputs: Any,
     mode: str = "infer",
     profile: str | DeviceProfile | None = None,
+    kernels: str = "eager",
 ) -> Analysis:
     """Capture ``model`` and run every analysis pass: the unplanned picture.
 
     ``profile``: a built-in name ("h100", "a100", "rtx4090", "t4", "cpu"), a path
     to a calibrated JSON profile, a DeviceProfile, or None for this machine's.
+    ``kernels``: the graph as plans with those kernels run it; with "inductor",
+    convolutions take channels-last inputs, as in ``torch.compile``
+    (``planner.ir.conv_layout``).
     """
+    check_kernels(kernels)
     captured = capture(model, example_inputs, mode)
+    if kernels == "inductor":
+        captured = dataclasses.replace(
+            captured, graph_module=channels_last_convolutions(captured.graph_module)
+        )
     return analyze_captured(captured, get_profile(profile))
 
 
@@ -98,7 +108,7 @@ def _analyze_and_solve(
     kernels: str = "eager",
 ) -> tuple[Analysis, Problem, Plan]:
     """make_plan's work, also returning the Problem (the executor needs it)."""
-    analysis = analyze(model, example_inputs, mode, profile)
+    analysis = analyze(model, example_inputs, mode, profile, kernels)
     # The problem does not depend on the budget: translate once, set the budget.
     problem = from_program(
         analysis.program, analysis.unplanned_peak_bytes, analysis.profile, quantize, kernels=kernels

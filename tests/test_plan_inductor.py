@@ -72,6 +72,8 @@ def test_train_step_fits_and_gradients_are_as_close_as_torch_compile(name: str) 
         )
         grads = _grads(model)
         assert grads.keys() == eager_grads.keys()
+        for key, grad in grads.items():  # channels-last convolutions inside, not in .grad
+            assert grad.stride() == eager_grads[key].stride(), key
         torch.testing.assert_close(loss.detach(), eager_loss)
         if name == "resnet":
             # BatchNorm's fused reductions: torch.compile is this far from eager too

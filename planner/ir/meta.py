@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.fx
+from torch.utils import _pytree as pytree
 
 #: ``node.meta`` key under which tracing stores the fake tensor(s) a node produces.
 FX_VAL = "val"
@@ -23,3 +25,27 @@ PARAM_GRADS = "param_grads"
 def fake_value(node: torch.fx.Node) -> Any:
     """The fake tensor (or tuple of them) a traced node produced."""
     return node.meta.get(FX_VAL)
+
+
+def random_inputs(node: torch.fx.Node, device: str) -> tuple[tuple, dict]:
+    """Real tensors with the traced shapes, strides, dtypes and ``requires_grad``:
+    random floats, zero integers (valid as indices), so the op takes its usual code
+    path (even under no_grad, matmul copies a non-contiguous input or not depending
+    on whether the weight requires grad)."""
+
+    def real(x: Any) -> Any:
+        if not isinstance(x, torch.fx.Node):
+            return x
+        v = fake_value(x)
+        if not isinstance(v, torch.Tensor):
+            return v
+        t = torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=device)
+        if v.dtype.is_floating_point or v.dtype.is_complex:
+            t.normal_()
+            t.requires_grad_(v.requires_grad)
+        else:
+            t.zero_()
+        return t
+
+    args, kwargs = pytree.tree_map(real, (node.args, node.kwargs))
+    return tuple(args), dict(kwargs)

@@ -25,8 +25,9 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
+from planner.ir.meta import random_inputs
 from planner.ir.program import Program
-from planner.passes.workspace import _materialize, distinct_calls
+from planner.passes.workspace import distinct_calls
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def time_calls(calls: dict[str, torch.fx.Node], device: str, repeats: int) -> di
 def _prepare(node: torch.fx.Node, device: str) -> tuple[tuple, dict] | None:
     """Random inputs for ``node``, after one warm-up call; None if it fails."""
     try:
-        args, kwargs = _materialize(node, device)
+        args, kwargs = random_inputs(node, device)
         with torch.no_grad():
             node.target(*args, **kwargs)  # type: ignore[operator]
     except Exception as exc:  # unusual inputs: keep the roofline estimate

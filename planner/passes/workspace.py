@@ -21,7 +21,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from planner.alloc_trace import allocations, find_events, peak_and_final, profile_allocations
-from planner.ir.meta import FX_NODE_NAMES, fake_value
+from planner.ir.meta import FX_NODE_NAMES, fake_value, random_inputs
 from planner.ir.program import Program
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def _run_marked(node: torch.fx.Node, mark: str, device: str) -> None:
     from torch.profiler import record_function
 
     try:
-        args, kwargs = _materialize(node, device)
+        args, kwargs = random_inputs(node, device)
     except Exception as exc:  # unusual argument types: assume no workspace
         log.debug("workspace: cannot build inputs for %s: %s", node.format_node(), exc)
         return
@@ -102,27 +102,3 @@ def _signature(node: torch.fx.Node) -> str:
         return repr(x)
 
     return repr((str(node.target), pytree.tree_map(describe, (node.args, node.kwargs))))
-
-
-def _materialize(node: torch.fx.Node, device: str) -> tuple[tuple, dict]:
-    """Real tensors with the traced shapes, strides, dtypes and ``requires_grad``:
-    random floats, zero integers (valid as indices), so the op takes its usual code
-    path (even under no_grad, matmul copies a non-contiguous input or not depending
-    on whether the weight requires grad)."""
-
-    def real(x: Any) -> Any:
-        if not isinstance(x, torch.fx.Node):
-            return x
-        v = fake_value(x)
-        if not isinstance(v, torch.Tensor):
-            return v
-        t = torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=device)
-        if v.dtype.is_floating_point or v.dtype.is_complex:
-            t.normal_()
-            t.requires_grad_(v.requires_grad)
-        else:
-            t.zero_()
-        return t
-
-    args, kwargs = pytree.tree_map(real, (node.args, node.kwargs))
-    return tuple(args), dict(kwargs)
