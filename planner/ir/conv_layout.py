@@ -15,9 +15,10 @@ without.
 
 What: ``channels_last_convolutions`` rewrites the captured graph so that every
 4-D convolution (forward and backward) takes a channels-last input. Where a
-convolution's input is not channels-last it inserts one copy,
-``clone(x, memory_format=channels_last)``, shared by the forward convolution and
-the backward one; the ops after a convolution then keep channels-last on their
+convolution's input is not channels-last it inserts a copy,
+``clone(x, memory_format=channels_last)``: one per use for a placeholder (a
+weight or the image, held anyway, so the copy lives for one call), else one shared
+by the forward convolution and the backward one; the ops after a convolution then keep channels-last on their
 own (BatchNorm, ReLU, pooling, additions follow their input's layout). Graph
 outputs (the parameters' gradients) are copied back to their traced layout, so
 ``.grad`` lands as in eager. The copies are ordinary ops that the plan places
@@ -70,7 +71,7 @@ def channels_last_convolutions(gm: torch.fx.GraphModule) -> torch.fx.GraphModule
     new = torch.fx.GraphModule(gm, graph)
     before = {copies[n]: _strides(fake_value(n)) for n in gm.graph.nodes if n.op != "output"}
     mode = _fake_mode(new)
-    inserted: dict[torch.fx.Node, torch.fx.Node] = {}
+    inserted: dict[tuple[torch.fx.Node, torch.fx.Node | None], torch.fx.Node] = {}
     # Placeholders' layouts (weights, the image) never change: all at once. Any
     # other input may turn channels-last once an earlier one is: the first alone,
     # then the layouts after it are propagated again.
@@ -81,12 +82,16 @@ def channels_last_convolutions(gm: torch.fx.GraphModule) -> torch.fx.GraphModule
         for conv, position in found:
             source = conv.args[position]
             assert isinstance(source, torch.fx.Node)
-            if source not in inserted:
+            # a placeholder (a weight, the image) is held anyway: a copy per use
+            # lives for that use alone. Another tensor's copy is shared, and its
+            # NCHW original may then die early.
+            key = (source, conv) if source.op == "placeholder" else (source, None)
+            if key not in inserted:
                 with new.graph.inserting_before(conv):
-                    inserted[source] = new.graph.call_function(
+                    inserted[key] = new.graph.call_function(
                         _aten.clone.default, (source,), {"memory_format": torch.channels_last}
                     )
-            conv.update_arg(position, inserted[source])
+            conv.update_arg(position, inserted[key])
         _propagate(new, mode)
     if not inserted:
         return gm
