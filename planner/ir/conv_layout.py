@@ -18,8 +18,9 @@ What: ``channels_last_convolutions`` rewrites the captured graph so that every
 convolution's input is not channels-last it inserts a copy,
 ``clone(x, memory_format=channels_last)``: one per use for a placeholder (a
 weight or the image, held anyway, so the copy lives for one call), else one shared
-by the forward convolution and the backward one; the ops after a convolution then keep channels-last on their
-own (BatchNorm, ReLU, pooling, additions follow their input's layout). Graph
+by the forward convolution and the backward one. The ops after a convolution
+then keep channels-last on their own (BatchNorm, ReLU, pooling, additions follow
+their input's layout). Graph
 outputs (the parameters' gradients) are copied back to their traced layout, so
 ``.grad`` lands as in eager. The copies are ordinary ops that the plan places
 and may recompute like any other.
