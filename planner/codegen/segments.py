@@ -37,6 +37,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.fx
 
+from planner.ir.meta import draws_random
+
 log = logging.getLogger(__name__)
 
 #: A run is compiled only if it has at least this many ops that compute (views
@@ -117,9 +119,7 @@ def _compute_ops(items: list[Any]) -> int:
 
 def compilable_target(target: Any) -> bool:
     """Whether Inductor may run ``target``: an ATen op that draws no random numbers."""
-    if not isinstance(target, torch._ops.OpOverload):
-        return False
-    return torch.Tag.nondeterministic_seeded not in target.tags
+    return isinstance(target, torch._ops.OpOverload) and not draws_random(target)
 
 
 def _is_view_like(target: Any) -> bool:

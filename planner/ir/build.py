@@ -18,7 +18,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from planner.ir.capture import CapturedGraph
-from planner.ir.meta import FX_NODE_NAMES, PARAM_GRADS, fake_value
+from planner.ir.meta import FX_NODE_NAMES, PARAM_GRADS, draws_random, fake_value
 from planner.ir.program import Op, Phase, Program, Storage, Value, ValueKind
 
 
@@ -209,6 +209,7 @@ def _add_op(b: _Builder, node: torch.fx.Node, phase: Phase) -> None:
             outputs=outputs,
             phase=phase,
             stack=_last_user_line(stack),
+            draws_random=draws_random(node.target),
         )
     )
     b.op_nodes.append(node)

@@ -22,6 +22,17 @@ FX_NODE_NAMES = "fx_node_names"
 PARAM_GRADS = "param_grads"
 
 
+def draws_random(target: Any) -> bool:
+    """Whether calling ``target`` draws random numbers: ATen tags every such op
+    (dropout, ``bernoulli``, ``rand*``, ``normal``, ``exponential``, ...)
+    ``nondeterministic_seeded``. The one test of it: the IR's ops, the solver's
+    replays and the compiled runs all ask here."""
+    return (
+        isinstance(target, torch._ops.OpOverload)
+        and torch.Tag.nondeterministic_seeded in target.tags
+    )
+
+
 def fake_value(node: torch.fx.Node) -> Any:
     """The fake tensor (or tuple of them) a traced node produced."""
     return node.meta.get(FX_VAL)

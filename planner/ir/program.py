@@ -118,16 +118,9 @@ class Op:
     stack: str | None = None  # the user's source line that produced the op, if known
     cost: OpCost = field(default_factory=OpCost)
     workspace_bytes: int = 0  # scratch the op allocates beyond its outputs (measured)
-
-    @property
-    def draws_random(self) -> bool:
-        """Whether a call draws random numbers (dropout): replaying it, or letting
-        Inductor run it, would not give eager's numbers."""
-        return any(word in self.target for word in RANDOM_OP_WORDS)
-
-
-#: Words in the names of the ATen ops that draw random numbers.
-RANDOM_OP_WORDS = ("rand", "bernoulli", "dropout", "normal", "uniform", "multinomial", "poisson")
+    #: whether a call draws random numbers (dropout): replaying it, or letting
+    #: Inductor run it, would not give eager's numbers (``meta.draws_random``)
+    draws_random: bool = False
 
 
 @dataclass
