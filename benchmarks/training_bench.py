@@ -467,20 +467,10 @@ def target_check(rows: list[Row], ratio_limit: float = 1.2,
         below = [r for r in alts if r.peak < used.peak]
         beaten = []
         for r in sorted(at_or_above, key=lambda r: r.peak):
-            r_ratio = statistics.median(r.times) / statistics.median(r.ref_times)
-            side = r.extra.get("partner_times", {}).get(used.label)
-            if side:  # stepped in the same rounds: compare seconds directly
-                mine, theirs = statistics.median(side), statistics.median(r.times)
-                beaten.append(mine < theirs)
-                out.append(f"- vs {r.label} ({_mib(r.peak)} MiB >= planner's), stepped side "
-                           f"by side in the same rounds: planner {mine:.3f} s vs {theirs:.3f} "
-                           f"s per step (median; {mine / theirs:.2f}x; min {min(side):.3f} vs "
-                           f"{min(r.times):.3f}) -> "
-                           f"{'planner faster' if beaten[-1] else 'planner NOT faster'}")
-                continue
-            beaten.append(ratio < r_ratio)
-            out.append(f"- vs {r.label} ({_mib(r.peak)} MiB >= planner's): {r_ratio:.2f}x "
-                       f"eager -> {'planner faster' if beaten[-1] else 'planner NOT faster'}")
+            faster, how = _versus(used, ratio, r)
+            beaten.append(faster)
+            out.append(f"- vs {r.label} ({_mib(r.peak)} MiB >= planner's){how} -> "
+                       f"{'planner faster' if faster else 'planner NOT faster'}")
         if beaten:
             out.append(f"- **{'faster' if all(beaten) else 'NOT faster'} than {system}** at an "
                        f"equal or higher peak ({sum(beaten)} of {len(beaten)} rows beaten)")
@@ -492,6 +482,22 @@ def target_check(rows: list[Row], ratio_limit: float = 1.2,
             out.append(f"  - (lower peak) {r.label}: {_mib(r.peak)} MiB at {r_ratio:.2f}x "
                        f"eager")
     return out
+
+
+def _versus(used: Row, ratio: float, r: Row) -> tuple[bool, str]:
+    """Whether the planner row ``used`` (``ratio`` x eager) is faster than ``r``, and
+    how that was measured: seconds side by side when the two were stepped in the
+    same rounds, else each one's ratio to eager over its own rounds."""
+    side = r.extra.get("partner_times", {}).get(used.label)
+    if side:
+        mine, theirs = statistics.median(side), statistics.median(r.times)
+        return mine < theirs, (
+            f", stepped side by side in the same rounds: planner {mine:.3f} s vs "
+            f"{theirs:.3f} s per step (median; {mine / theirs:.2f}x; min {min(side):.3f} "
+            f"vs {min(r.times):.3f})"
+        )
+    r_ratio = statistics.median(r.times) / statistics.median(r.ref_times)
+    return ratio < r_ratio, f": {r_ratio:.2f}x eager"
 
 
 # --------------------------------------------------------------------------- main
