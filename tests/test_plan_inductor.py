@@ -124,7 +124,7 @@ def test_random_ops_stay_eager_so_dropout_draws_what_eager_draws() -> None:
         pm.close()
 
 
-@pytest.mark.parametrize(("name", "budget"), [("mlp", "50%"), ("gpt2", "75%")])
+@pytest.mark.parametrize(("name", "budget"), [("mlp", "50%"), ("gpt2", "75%"), ("resnet", "75%")])
 def test_inference_fits_and_matches_eager(name: str, budget: str) -> None:
     model, inputs = load_example(name)
     with torch.no_grad():
@@ -135,6 +135,7 @@ def test_inference_fits_and_matches_eager(name: str, budget: str) -> None:
         out = pm.run_measured(*inputs)
         assert pm.measured.peak_bytes <= pm.plan.budget_bytes
         torch.testing.assert_close(out, expected)
+        assert out.stride() == expected.stride()  # convolutions inside are channels-last
         torch.testing.assert_close(pm(*inputs), expected)  # and again, from the same state
     finally:
         pm.close()

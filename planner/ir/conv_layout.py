@@ -55,7 +55,15 @@ _aten = torch.ops.aten
 #: oneDNN takes its channels-last path when the activation is channels-last, but
 #: reorders an NCHW weight on every call (a 64-channel 3x3 backward on 8x8
 #: images: 238 us with both channels-last, 289 us with the activation only)
-CONV_INPUTS = {_aten.convolution.default: (0, 1), _aten.convolution_backward.default: (1, 2)}
+CONV_INPUTS = {
+    _aten.convolution.default: (0, 1),
+    _aten.convolution_backward.default: (1, 2),
+    # an exported inference graph keeps these composites whole
+    _aten.conv2d.default: (0, 1),
+    _aten.conv_transpose2d.input: (0, 1),
+}
+#: the forward convolutions among them
+FORWARD_CONVS = (_aten.convolution.default, _aten.conv2d.default, _aten.conv_transpose2d.input)
 
 
 def channels_last_convolutions(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -122,10 +130,23 @@ def channels_last_convolutions(gm: torch.fx.GraphModule) -> torch.fx.GraphModule
 
 def _wants_channels_last(gm: torch.fx.GraphModule) -> bool:
     """Whether the graph has a 4-D convolution and Inductor would lay it out
-    channels-last."""
-    convs = [n for n in gm.graph.nodes if n.target is _aten.convolution.default]
-    if not any(getattr(fake_value(n), "dim", lambda: 0)() == 4 for n in convs):
+    channels-last. Inductor's heuristic counts only ``aten.convolution`` nodes,
+    which an exported graph's ``conv2d`` becomes only when Inductor decomposes it;
+    its first rule (on a CPU with oneDNN, always) is applied to those here."""
+    from torch._inductor import config
+
+    convs = [n for n in gm.graph.nodes if n.target in FORWARD_CONVS]
+    inputs = [fake_value(n.args[0]) for n in convs]
+    if not config.layout_optimization or not any(
+        isinstance(x, torch.Tensor) and x.dim() == 4 for x in inputs
+    ):
         return False
+    if (
+        torch.backends.mkldnn.enabled
+        and torch.backends.mkldnn.is_available()
+        and all(isinstance(x, torch.Tensor) and x.device.type == "cpu" for x in inputs)
+    ):
+        return True
     try:
         from torch._inductor.graph import GraphLowering
 

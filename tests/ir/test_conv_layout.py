@@ -100,3 +100,16 @@ def test_nothing_changes_where_inductor_would_not_use_channels_last(
     gm, _ = _captured()
     monkeypatch.setattr(config, "layout_optimization", False)
     assert channels_last_convolutions(gm) is gm
+
+
+def test_an_exported_inference_graph_keeps_conv2d_whole_and_is_rewritten_too() -> None:
+    model, x = _ConvNet(), torch.randn(2, 3, 8, 8)
+    gm = capture(model, (x,), "infer").graph_module
+    convs = [n for n in gm.graph.nodes if n.target is torch.ops.aten.conv2d.default]
+    assert len(convs) == 2  # not decomposed into aten.convolution
+    new = channels_last_convolutions(gm)
+    inputs = _conv_inputs(new)
+    assert len(inputs) == 4
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in inputs)
+    (out,) = _outputs(new)
+    assert out.meta[FX_VAL].stride() == _outputs(gm)[0].meta[FX_VAL].stride()
