@@ -62,6 +62,8 @@ CONV_INPUTS = {
     _aten.conv2d.default: (0, 1),
     _aten.conv_transpose2d.input: (0, 1),
 }
+#: Rounds of copying inputs and propagating layouts before the rest go at once.
+MAX_ROUNDS = 8
 #: the forward convolutions among them
 FORWARD_CONVS = (_aten.convolution.default, _aten.conv2d.default, _aten.conv_transpose2d.input)
 
@@ -83,9 +85,10 @@ def channels_last_convolutions(gm: torch.fx.GraphModule) -> torch.fx.GraphModule
     inserted: dict[tuple[torch.fx.Node, torch.fx.Node | None], torch.fx.Node] = {}
     # Placeholders' layouts (weights, the image) never change: all at once. Any
     # other input may turn channels-last once an earlier one is: the first alone,
-    # then the layouts after it are propagated again.
-    for _ in range(sum(1 for n in new.graph.nodes if n.target in CONV_INPUTS)):
-        found = _non_channels_last_inputs(new.graph)
+    # then the layouts after it are propagated again; after MAX_ROUNDS rounds (each
+    # propagates the whole graph), every one left at once.
+    for round_ in range(MAX_ROUNDS):
+        found = _non_channels_last_inputs(new.graph, every=round_ == MAX_ROUNDS - 1)
         if not found:
             break
         for conv, position in found:
@@ -156,9 +159,12 @@ def _wants_channels_last(gm: torch.fx.GraphModule) -> bool:
         return False
 
 
-def _non_channels_last_inputs(graph: torch.fx.Graph) -> list[tuple[torch.fx.Node, int]]:
+def _non_channels_last_inputs(
+    graph: torch.fx.Graph, every: bool = False
+) -> list[tuple[torch.fx.Node, int]]:
     """Convolution inputs (op, argument position) to copy channels-last in this
-    round: every one that is a placeholder, else the first other one."""
+    round: every one that is a placeholder, else the first other one (``every``:
+    all of them)."""
     found: list[tuple[torch.fx.Node, int]] = []
     for node in graph.nodes:
         for position in CONV_INPUTS.get(node.target, ()):  # type: ignore[arg-type]
@@ -170,7 +176,8 @@ def _non_channels_last_inputs(graph: torch.fx.Graph) -> list[tuple[torch.fx.Node
                 or value.is_contiguous(memory_format=torch.channels_last)
             ):
                 continue
-            if source.op != "placeholder":
+            if source.op != "placeholder" and not every:
+                # an earlier placeholder's copy may make this one channels-last
                 return found or [(node, position)]
             found.append((node, position))
     return found

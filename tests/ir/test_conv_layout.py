@@ -114,3 +114,17 @@ def test_an_exported_inference_graph_keeps_conv2d_whole_and_is_rewritten_too() -
     # BatchNorm's updated statistics, then the loss: all keep their traced layout
     for ours, traced in zip(_outputs(new), _outputs(gm)):
         assert ours.meta[FX_VAL].stride() == traced.meta[FX_VAL].stride()
+
+
+def test_after_its_rounds_the_rewrite_copies_every_input_left_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each round propagates layouts through the whole graph: their number is
+    bounded, and the last converts what is left in one go."""
+    gm, real = _captured()
+    monkeypatch.setattr(conv_layout, "MAX_ROUNDS", 1)
+    new = channels_last_convolutions(gm)
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in _conv_inputs(new))
+    for a, b in zip(_run(gm, real), _run(new, real)):
+        if a is not None:
+            torch.testing.assert_close(b, a)
