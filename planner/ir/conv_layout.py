@@ -14,20 +14,22 @@ at a 5 MiB budget, with compiled runs: 10.5 ms with this rewrite against 11.6 ms
 without.
 
 What: ``channels_last_convolutions`` rewrites the captured graph so that every
-4-D convolution (forward and backward) takes a channels-last input. Where a
-convolution's input is not channels-last it inserts a copy,
+4-D convolution (forward and backward) takes a channels-last activation and
+weight. Where one is not channels-last it inserts a copy,
 ``clone(x, memory_format=channels_last)``: one per use for a placeholder (a
 weight or the image, held anyway, so the copy lives for one call), else one shared
 by the forward convolution and the backward one. The ops after a convolution
 then keep channels-last on their own (BatchNorm, ReLU, pooling, additions follow
-their input's layout). Graph
-outputs (the parameters' gradients) are copied back to their traced layout, so
-``.grad`` lands as in eager. The copies are ordinary ops that the plan places
-and may recompute like any other.
+their input's layout). Graph outputs (the parameters' gradients, an inference
+output) are copied back to their traced layout, so ``.grad`` and outputs land as
+in eager. The copies are ordinary ops that the plan places and may recompute like
+any other. Memory drops too: NCHW convolutions on oneDNN allocate conversion
+buffers (the UNet example's smallest feasible budget: 5.5 MB for inference and
+8.8 MB for training in NCHW, 4.4 and 5.7 MB with this rewrite).
 
 When: only for ``kernels="inductor"`` (a compiled plan is not bit-identical to
 eager anyway; an eager-kernel plan must be), and only where Inductor itself would
-use channels-last for the graph (``GraphLowering.decide_layout_opt``).
+use channels-last for the graph (``_wants_channels_last``).
 
 Why it is checked against real kernels: the plan and the compiled runs trust the
 fake strides, and a kernel that returns another layout than its fake kernel
@@ -76,11 +78,11 @@ def channels_last_convolutions(gm: torch.fx.GraphModule) -> torch.fx.GraphModule
     if not _wants_channels_last(gm):
         return gm
     graph = torch.fx.Graph()
-    copies: dict[torch.fx.Node, torch.fx.Node] = {}
-    out_node = graph.graph_copy(gm.graph, copies)  # meta dicts are copied shallowly
+    old_to_new: dict[torch.fx.Node, torch.fx.Node] = {}
+    out_node = graph.graph_copy(gm.graph, old_to_new)  # meta dicts are copied shallowly
     graph.output(out_node)
     new = torch.fx.GraphModule(gm, graph)
-    before = {copies[n]: _strides(fake_value(n)) for n in gm.graph.nodes if n.op != "output"}
+    before = {old_to_new[n]: _strides(fake_value(n)) for n in gm.graph.nodes if n.op != "output"}
     mode = _fake_mode(new)
     inserted: dict[tuple[torch.fx.Node, torch.fx.Node | None], torch.fx.Node] = {}
     # Placeholders' layouts (weights, the image) never change: all at once. Any
