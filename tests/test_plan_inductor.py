@@ -139,3 +139,41 @@ def test_inference_fits_and_matches_eager(name: str, budget: str) -> None:
         torch.testing.assert_close(pm(*inputs), expected)  # and again, from the same state
     finally:
         pm.close()
+
+
+def test_quantized_channels_last_activations_come_back_as_compiled_runs_expect() -> None:
+    """Near the smallest budget the plan stores convolution outputs as int4: they
+    are channels-last here, and the compiled runs that read them back assert their
+    strides."""
+    model, inputs = _fresh("resnet")
+    with pytest.raises(planner.BudgetTooSmall) as info:
+        planner.make_plan(
+            model, 1, inputs, mode="train", profile="cpu", kernels="inductor", quantize="int4"
+        )
+    budget = int(info.value.min_budget * 1.03)
+    pm = planner.plan(
+        model,
+        budget,
+        inputs,
+        mode="train",
+        profile="cpu",
+        time_limit=5,
+        kernels="inductor",
+        quantize="int4",
+    )
+    try:
+        assert any("int4" in t.decision for t in pm.plan.tensors), "nothing quantized"
+
+        def step() -> torch.Tensor:
+            loss = pm(*inputs)
+            loss.backward()
+            return loss
+
+        _, measured = measure(step, pm, inputs)
+        assert measured.peak_bytes <= pm.plan.budget_bytes
+        _, eager_grads = _eager_grads("resnet")
+        for key, grad in _grads(model).items():
+            assert grad.stride() == eager_grads[key].stride(), key
+            assert torch.isfinite(grad).all(), key
+    finally:
+        pm.close()

@@ -34,11 +34,33 @@ class Quantized:
     #: offload directory), if it has one: a lookup (``aten.embedding``) gathers its
     #: rows from there, exactly, instead of dequantizing them. Not a stored part.
     exact_rows: torch.Tensor | None = None
+    #: for a tensor that was not contiguous (channels-last, a transpose's base):
+    #: the dim order of its memory layout. Its codes follow memory order (``shape``
+    #: is the permuted shape) and ``restore`` permutes the values back, so they
+    #: have the original strides, which compiled runs assert.
+    order: tuple[int, ...] | None = None
 
     def parts(self) -> dict[str, torch.Tensor]:
         """Its tensors by name (``zero`` only for int4): what is stored or moved."""
         named = {"codes": self.codes, "scale": self.scale, "zero": self.zero}
         return {name: t for name, t in named.items() if t is not None}
+
+
+def memory_order(x: torch.Tensor) -> tuple[int, ...] | None:
+    """The dims of ``x`` outermost first in memory, if ``x`` is a non-contiguous
+    permutation of a dense layout (so ``x.permute(order)`` is contiguous); None
+    for a contiguous tensor or any other layout."""
+    if x.is_contiguous() or x.dim() < 2:
+        return None
+    order = tuple(sorted(range(x.dim()), key=lambda d: (-x.stride(d), d)))
+    return order if x.permute(order).is_contiguous() else None
+
+
+def restore(q: Quantized, values: torch.Tensor) -> torch.Tensor:
+    """Dequantized ``values`` (of ``q.shape``) in the layout ``q`` was made from."""
+    if q.order is None:
+        return values
+    return values.permute(tuple(q.order.index(d) for d in range(len(q.order))))
 
 
 def quantize(x: torch.Tensor, fmt: str) -> Quantized:

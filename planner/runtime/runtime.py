@@ -14,7 +14,7 @@ from torch.utils import _pytree as pytree
 
 from planner.runtime import fused
 from planner.runtime.copy_engine import CopyEngine, Pending
-from planner.runtime.quant import Quantized, dequantize, quantize
+from planner.runtime.quant import Quantized, dequantize, memory_order, quantize, restore
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class QuantizedLayout:
     shape: tuple[int, ...]
     dtype: torch.dtype
     parts: tuple[str, ...]
+    order: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -40,7 +41,7 @@ class QuantizedCopy:
 
 
 def _layout(q: Quantized) -> QuantizedLayout:
-    return QuantizedLayout(q.fmt, q.shape, q.dtype, tuple(q.parts()))
+    return QuantizedLayout(q.fmt, q.shape, q.dtype, tuple(q.parts()), q.order)
 
 
 class Runtime:
@@ -112,6 +113,7 @@ class Runtime:
                 layout.shape,
                 layout.dtype,
                 pending.exact_rows,
+                layout.order,
             )
         tensor = self.engine.wait(pending)
         return tensor.requires_grad_() if pending.requires_grad else tensor
@@ -141,12 +143,15 @@ class Runtime:
     def quantize(self, tensor: torch.Tensor, fmt: str, name: str | None = None) -> Quantized:
         """Triton kernels on CUDA, the torch reference elsewhere (they agree bit
         for bit on the codes; see tests/codegen/test_kernels.py)."""
+        order = memory_order(tensor)
+        source = tensor if order is None else tensor.permute(order)  # contiguous
         if tensor.is_cuda and _triton_ready(tensor.device):
             from planner.codegen import kernels
 
-            q = kernels.quantize_int8(tensor) if fmt == "int8" else kernels.quantize_int4(tensor)
+            q = kernels.quantize_int8(source) if fmt == "int8" else kernels.quantize_int4(source)
         else:
-            q = quantize(tensor, fmt)
+            q = quantize(source, fmt)
+        q.order = order
         if self.errors is not None and name is not None:
             self.errors[name] = round_trip_error(tensor, self.dequantize(q))
         return q
@@ -157,11 +162,13 @@ class Runtime:
         return fused.call(target, *args, **kwargs)
 
     def dequantize(self, q: Quantized) -> torch.Tensor:
+        """The values, in the layout they were quantized from."""
         if q.codes.is_cuda and _triton_ready(q.codes.device):
             from planner.codegen import kernels
 
-            return kernels.dequantize_int8(q) if q.fmt == "int8" else kernels.dequantize_int4(q)
-        return dequantize(q)
+            fn = kernels.dequantize_int8 if q.fmt == "int8" else kernels.dequantize_int4
+            return restore(q, fn(q))
+        return restore(q, dequantize(q))
 
 
 def round_trip_error(original: torch.Tensor, restored: torch.Tensor) -> dict[str, float]:
