@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from planner.runtime.quant import GROUP, Quantized
+from planner.runtime.quant import GROUP, Quantized, dequantize, restore
 
 #: Columns (mm/addmm) or rows (linear) of the weight dequantized at a time; a
 #: multiple of the int4 group so a block never splits a group.
@@ -174,4 +174,13 @@ FUSED = {
 
 
 def call(target: str, *args: object, **kwargs: object) -> torch.Tensor:
+    position = WEIGHT_POSITION[target]
+    q = args[position]
+    if isinstance(q, Quantized) and q.order is not None:
+        # a weight quantized from a permuted layout (a transposed parameter): its
+        # codes are in memory order, not the (rows, cols) these blocks walk; the op
+        # takes the dequantized weight instead
+        weight = restore(q, dequantize(q))
+        args = (*args[:position], weight, *args[position + 1 :])
+        return getattr(torch.ops.aten, target.split(".")[1]).default(*args, **kwargs)
     return FUSED[target](*args, **kwargs)  # type: ignore[operator]

@@ -259,8 +259,8 @@ def _fused_uses(
     the fused op's scratch bytes."""
     storage = program.storages[storage_index]
     base = program.values[storage.base]
-    if fmt is None:
-        return ()
+    if fmt is None or not base.contiguous:
+        return ()  # a permuted weight's codes are in memory order (runtime.quant)
     out = []
     for step in sorted({u for v in storage.values for u in program.values[v].uses}):
         op = program.ops[step]

@@ -138,3 +138,19 @@ def test_blocked_quantizers_allocate_only_their_result_and_scratch(
     assert m.peak_allocated_bytes <= stored + scratch
     back, m = measure(lambda: dequantize(q))
     assert m.peak_allocated_bytes <= back.numel() * 4 + scratch
+
+
+def test_a_weight_quantized_from_a_transposed_parameter_is_used_dequantized() -> None:
+    """Its codes follow memory order, not the rows the blocked kernels walk: the op
+    gets the dequantized weight, in its own layout. (Plans do not fuse such a
+    weight's uses and charge its full dequantized copy; this is the fallback.)"""
+    from planner.runtime.quant import restore
+    from planner.runtime.runtime import Runtime
+
+    torch.manual_seed(0)
+    w = torch.randn(128, 64).t()  # (64, 128), a transposed layout
+    x = torch.randn(5, 128)
+    q = Runtime(engine=None).quantize(w, "int8")  # type: ignore[arg-type]
+    assert q.order is not None
+    expected = torch.nn.functional.linear(x, restore(q, dequantize(q)))
+    torch.testing.assert_close(fused.call("aten.linear.default", x, q), expected)
