@@ -52,7 +52,8 @@ def memory_order(x: torch.Tensor) -> tuple[int, ...] | None:
     for a contiguous tensor or any other layout."""
     if x.is_contiguous() or x.dim() < 2:
         return None
-    order = tuple(sorted(range(x.dim()), key=lambda d: (-x.stride(d), d)))
+    strides = x.stride()
+    order = tuple(sorted(range(x.dim()), key=lambda d: (-strides[d], d)))
     return order if x.permute(order).is_contiguous() else None
 
 
