@@ -46,9 +46,9 @@ from typing import Any
 
 import torch
 import torch.fx
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from planner.ir.meta import FX_VAL, fake_value, random_inputs
+from planner.ir.layout import propagate_fake_values
+from planner.ir.meta import fake_value, random_inputs
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +106,13 @@ def channels_last_convolutions(gm: torch.fx.GraphModule) -> torch.fx.GraphModule
                         _aten.clone.default, (source,), {"memory_format": torch.channels_last}
                     )
             conv.update_arg(position, inserted[key])
-        _propagate(new, mode)
+        propagate_fake_values(new, mode)
     if not inserted:
         return gm
     if not _restore_output_layouts(new, before):
         return gm
     new.graph.lint()
-    new.recompile()
-    _propagate(new, mode)
+    propagate_fake_values(new, mode)
     changed = [
         n
         for n in new.graph.nodes
@@ -239,12 +238,6 @@ def _fake_mode(gm: torch.fx.GraphModule) -> Any:
     mode = detect_fake_mode([fake_value(n) for n in gm.graph.nodes if n.op == "placeholder"])
     assert mode is not None, "captured graphs record fake values"
     return mode
-
-
-def _propagate(gm: torch.fx.GraphModule, mode: Any) -> None:
-    gm.recompile()
-    inputs = [n.meta[FX_VAL] for n in gm.graph.nodes if n.op == "placeholder"]
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
 
 
 def _first_real_layout_mismatch(nodes: list[torch.fx.Node]) -> str | None:

@@ -16,6 +16,7 @@ of ``y``, which the IR sees as an ordinary op and plans like any other.
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 import torch.fx
@@ -42,25 +43,33 @@ def fix_layouts(gm: torch.fx.GraphModule) -> int:
             if user.target is not operator.getitem or user.args[1] not in positions:
                 continue
             fake = user.meta.get(FX_VAL)
-            perm = _dense_permutation(fake)
+            perm = dense_permutation(fake)
             if perm is None or list(perm) == sorted(perm):
                 continue  # contiguous (or not a permuted dense layout): nothing to fix
             _restride(graph, user, perm)
             fixed, mode = fixed + 1, fake.fake_mode  # type: ignore[union-attr]
     if fixed:
         graph.lint()
-        gm.recompile()
         # the ops after a rewritten output were traced as views of the old storage:
         # propagate fake values again so that aliasing (which the IR reads) is right
-        from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
-        inputs = [n.meta[FX_VAL] for n in graph.nodes if n.op == "placeholder"]
-        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+        propagate_fake_values(gm, mode)
     return fixed
 
 
-def _dense_permutation(fake: object) -> list[int] | None:
-    """The dim order (outermost first) in which ``fake`` is dense, or None."""
+def propagate_fake_values(gm: torch.fx.GraphModule, mode: Any) -> None:
+    """Recompile ``gm`` after a rewrite and run its fake values through it again
+    (in fake mode ``mode``, from its placeholders' own), so every node's recorded
+    value, layout and aliasing match the rewritten graph."""
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    gm.recompile()
+    inputs = [n.meta[FX_VAL] for n in gm.graph.nodes if n.op == "placeholder"]
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+
+
+def dense_permutation(fake: object) -> list[int] | None:
+    """The dim order (outermost first) in which tensor ``fake`` (fake or real) is
+    dense, or None."""
     if not isinstance(fake, torch.Tensor) or fake.dim() < 2:
         return None
     sizes, strides = fake.shape, fake.stride()

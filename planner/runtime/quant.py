@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from planner.ir.layout import dense_permutation
 from planner.solver.problem import QUANT_BLOCK_ELEMS
 
 GROUP = 64
@@ -50,11 +51,10 @@ def memory_order(x: torch.Tensor) -> tuple[int, ...] | None:
     """The dims of ``x`` outermost first in memory, if ``x`` is a non-contiguous
     permutation of a dense layout (so ``x.permute(order)`` is contiguous); None
     for a contiguous tensor or any other layout."""
-    if x.is_contiguous() or x.dim() < 2:
+    if x.is_contiguous():
         return None
-    strides = x.stride()
-    order = tuple(sorted(range(x.dim()), key=lambda d: (-strides[d], d)))
-    return order if x.permute(order).is_contiguous() else None
+    order = dense_permutation(x)
+    return None if order is None else tuple(order)
 
 
 def restore(q: Quantized, values: torch.Tensor) -> torch.Tensor:
