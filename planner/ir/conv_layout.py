@@ -121,7 +121,7 @@ def channels_last_convolutions(gm: torch.fx.GraphModule) -> torch.fx.GraphModule
     mismatch = _first_real_layout_mismatch(changed)
     if mismatch is not None:
         log.info(
-            "channels-last convolutions dropped: %s returns other strides than traced", mismatch
+            "channels-last convolutions dropped: %s does not keep the traced strides", mismatch
         )
         return gm
     log.info(
@@ -243,7 +243,8 @@ def _fake_mode(gm: torch.fx.GraphModule) -> Any:
 def _first_real_layout_mismatch(nodes: list[torch.fx.Node]) -> str | None:
     """The first of ``nodes`` whose kernel, run on random inputs of the traced
     layouts, returns tensors of other strides than traced (dims of size one
-    aside); None if all agree."""
+    aside), or cannot run on such inputs (then its layout is unchecked); None if
+    all agree."""
     for node in nodes:
         if not isinstance(node.target, torch._ops.OpOverload):
             continue
@@ -251,9 +252,12 @@ def _first_real_layout_mismatch(nodes: list[torch.fx.Node]) -> str | None:
         first = value[0] if isinstance(value, (tuple, list)) else value
         if not isinstance(first, torch.Tensor):
             continue
-        args, kwargs = random_inputs(node, first.device.type)
-        with torch.no_grad():
-            real = node.target(*args, **kwargs)
+        try:
+            args, kwargs = random_inputs(node, first.device.type)
+            with torch.no_grad():
+                real = node.target(*args, **kwargs)
+        except Exception as exc:  # an op that needs real data: its layout is unchecked
+            return f"{node.format_node()} (failed on random inputs: {exc})"
         if not _same_layouts(real, fake_value(node)):
             return node.format_node()
     return None

@@ -128,3 +128,17 @@ def test_after_its_rounds_the_rewrite_copies_every_input_left_at_once(
     for a, b in zip(_run(gm, real), _run(new, real)):
         if a is not None:
             torch.testing.assert_close(b, a)
+
+
+def test_the_rewrite_is_dropped_if_a_changed_op_cannot_be_checked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An op that fails on random inputs leaves its layout unchecked: planning
+    goes on with the traced graph instead of failing."""
+    gm, _ = _captured()
+
+    def fail(node: torch.fx.Node, device: str) -> None:
+        raise RuntimeError("needs real data")
+
+    monkeypatch.setattr(conv_layout, "random_inputs", fail)
+    assert channels_last_convolutions(gm) is gm
