@@ -13,7 +13,7 @@ from conftest import WithLoss, load_example
 from torch import nn
 
 import planner
-from planner.codegen import segments
+from planner.codegen import emit, segments
 from planner.runtime.meter import measure
 
 
@@ -175,5 +175,54 @@ def test_quantized_channels_last_activations_come_back_as_compiled_runs_expect()
         for key, grad in _grads(model).items():
             assert grad.stride() == eager_grads[key].stride(), key
             assert torch.isfinite(grad).all(), key
+    finally:
+        pm.close()
+
+
+def test_small_reads_move_up_so_fewer_runs_are_compiled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A weight read back at once (1 MiB or less on a CPU) moves up to where the run
+    of ops before it starts, where the plan has room for it: one compiled run
+    instead of two, and the budget and the plan's predicted peak still hold."""
+    eager_loss, eager_grads = _eager_grads("mlp")
+    model, inputs = _fresh("mlp")
+    plan = planner.make_plan(
+        model, "50%", inputs, mode="train", profile="cpu", time_limit=5, kernels="inductor"
+    )[1]
+    with monkeypatch.context() as patch:
+        patch.setattr(emit._Emitter, "read_early", lambda self: None)
+        unmoved = planner.plan(
+            model,
+            plan.budget_bytes,
+            inputs,
+            mode="train",
+            plan=plan,
+            profile="cpu",
+            kernels="inductor",
+        )
+    runs_unmoved = len(unmoved.executor.segments)
+    assert unmoved.executor.timeline == plan.timeline
+    unmoved.close()
+    model, inputs = _fresh("mlp")
+    pm = planner.plan(
+        model, plan.budget_bytes, inputs, mode="train", plan=plan, profile="cpu", kernels="inductor"
+    )
+    try:
+        assert "rt.read_now(" in pm.code
+        timeline = pm.executor.timeline
+        assert timeline != plan.timeline, "no read moved"
+        assert all(a >= b for a, b in zip(timeline, plan.timeline))
+        assert max(timeline) <= plan.predicted_peak_bytes
+        assert len(pm.executor.segments) < runs_unmoved
+
+        def step() -> torch.Tensor:
+            loss = pm(*inputs)
+            loss.backward()
+            return loss
+
+        loss, measured = measure(step, pm, inputs)
+        assert measured.peak_bytes <= pm.plan.budget_bytes
+        torch.testing.assert_close(loss.detach(), eager_loss)
+        for key, grad in _grads(model).items():
+            torch.testing.assert_close(grad, eager_grads[key], msg=key)
     finally:
         pm.close()

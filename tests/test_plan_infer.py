@@ -14,6 +14,7 @@ from conftest import load_example
 from torch.utils import _pytree as pytree
 
 import planner
+from planner.runtime.copy_engine import completes_at_issue
 from planner.runtime.meter import resident_bytes
 
 FRACTIONS = [1.0, 0.75, 0.5, 0.3]
@@ -78,7 +79,15 @@ def test_generated_code_reads_as_a_schedule() -> None:
         code = pm.code
         assert code.startswith("def planned(rt, state, inputs")
         assert code.count("# step ") == len(pm.analysis.program.ops)
-        assert "rt.prefetch(" in code and "rt.wait(" in code
+        # each read of a weight: a copy made at once where the engine makes it on
+        # the calling thread (1 MiB or less on a CPU), else a prefetch then a wait
+        reads = [t for t in pm.plan.tensors if t.home == "disk"]
+        assert reads
+        for t in reads:
+            at_once = completes_at_issue(pm.device, t.nbytes)
+            assert (f"rt.read_now({t.name!r}" in code) == at_once, t.name
+            assert (f"rt.prefetch({t.name!r}" in code) != at_once, t.name
+        assert code.count("rt.wait(") == code.count("rt.prefetch(")
         assert "del " in code
     finally:
         pm.close()

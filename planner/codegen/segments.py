@@ -178,7 +178,7 @@ def fold_segments(
     return out, segments
 
 
-_STEP_COMMENT = re.compile(r"\s*# step (\d+):")
+STEP_COMMENT = re.compile(r"\s*# step (\d+):")
 
 
 def _is_comment(line: str) -> bool:
@@ -251,7 +251,7 @@ def _build(
                 donatable.update(it.names)
         else:
             comments.append(it)
-            match = _STEP_COMMENT.match(it)
+            match = STEP_COMMENT.match(it)
             if match:
                 steps.append(int(match.group(1)))
     results = [v for v in order if v not in freed]

@@ -57,6 +57,10 @@ class CopyEngine:
         """A read the caller waits for at once (``prefetch`` then ``wait``)."""
         return self.wait(self.prefetch(key, tier))
 
+    def write_now(self, key: str, tier: str, tensor: torch.Tensor) -> None:
+        """A write the caller waits for at once (``offload`` then ``wait``)."""
+        self.wait(self.offload(key, tier, tensor))
+
     def home_tensor(self, key: str, tier: str) -> torch.Tensor:
         """The tensor that holds ``key``'s copy in ``tier`` (stored by ``store_now``)
         and that later reads of ``key`` read: a trained parameter's data becomes
@@ -70,6 +74,9 @@ class CopyEngine:
 
     def close(self) -> None:
         pass
+
+
+CPU = torch.device("cpu")
 
 
 def _noop() -> None:
@@ -92,6 +99,14 @@ MAP_MIN_BYTES = 32 * 2**20
 #: buys no overlap for a copy this small; only larger ones, and reads of maps, whose
 #: pages may have to come from the disk, go to the threads.
 SYNC_MAX_BYTES = 2**20
+
+
+def completes_at_issue(device: torch.device, nbytes: int) -> bool:
+    """Whether a copy of ``nbytes`` between ``device`` and its disk tier is made
+    on the calling thread when issued (``SYNC_MAX_BYTES``): the generated code then
+    reads or writes it at once (``read_now``, ``write_now``) and has no wait to
+    make later, a wait that would split a compiled run of ops in two."""
+    return device.type == "cpu" and nbytes <= SYNC_MAX_BYTES
 
 
 class ThreadCopyEngine(CopyEngine):
@@ -118,7 +133,7 @@ class ThreadCopyEngine(CopyEngine):
             # its pages read in on the reader thread, not inside the op
             return Pending(mapped, self._read.submit(fault_in, mapped))
         entry = self.disk.entries[key]
-        if entry.nbytes <= SYNC_MAX_BYTES:
+        if completes_at_issue(CPU, entry.nbytes):
             return Pending(self.read_now(key, tier))  # done when issued
         out = empty_like_entry(entry)
         return Pending(out, self._read.submit(self.disk.read_into, key, out))
@@ -145,7 +160,7 @@ class ThreadCopyEngine(CopyEngine):
         # allocate its destination; the file's stamp arrives with the write (a
         # transient copy, read back this call: no checksum, see store.py)
         entry = self.disk.entries[key] = describe(tensor)
-        if entry.nbytes <= SYNC_MAX_BYTES:
+        if completes_at_issue(CPU, entry.nbytes):
             self.disk.write(key, tensor, checksum=False)
             return Pending(tensor)
         return Pending(tensor, self._write.submit(self.disk.write, key, tensor, checksum=False))

@@ -99,6 +99,12 @@ class Runtime:
         self._quantized_copies.pop(key, None)
         return self.engine.offload(key, tier, tensor)
 
+    def write_now(self, key: str, tier: str, tensor: torch.Tensor) -> None:
+        """``wait(offload(key, tier, tensor))`` for a write made at once (a full
+        copy: quantized copies go through ``offload``)."""
+        self._quantized_copies.pop(key, None)
+        self.engine.write_now(key, tier, tensor)
+
     def wait(self, pending: Pending | QuantizedCopy) -> torch.Tensor | Quantized | None:
         if isinstance(pending, QuantizedCopy):
             done = {p: self.engine.wait(part) for p, part in pending.parts.items()}

@@ -228,6 +228,12 @@ def test_engine_copies_small_tensors_in_place_and_large_ones_on_its_threads(
         assert torch.equal(back.tensor, small) and back.tensor.stride() == small.stride()
         pending = engine.prefetch("large", "disk")
         assert pending.future is not None and torch.equal(engine.wait(pending), large)
+        # the generated code reads and writes at once what the engine copies in place
+        assert copy_engine.completes_at_issue(torch.device("cpu"), small.nbytes)
+        assert not copy_engine.completes_at_issue(torch.device("cpu"), large.nbytes)
+        assert not copy_engine.completes_at_issue(torch.device("cuda"), small.nbytes)
+        engine.write_now("large", "disk", 2 * large)  # through the thread, waited for
+        assert torch.equal(engine.read_now("large", "disk"), 2 * large)
     finally:
         engine.close()
 
