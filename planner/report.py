@@ -270,6 +270,11 @@ def summary_lines(report: Report) -> list[str]:
             f"kernels:            inductor: {k['compiled']} of {k['runs']} runs of ops compiled "
             f"({k['compiled_ops']} of {k['ops']} ops); the rest eager"
         )
+        if k.get("in_parts"):
+            lines.append(
+                f"  compiled in parts ({k['in_parts']}): compiled whole, they allocate more "
+                f"than the plan has room for"
+            )
         for reason, count in k["eager_reasons"].items():
             lines.append(f"  left eager ({count}): {reason}")
     if report.baselines:

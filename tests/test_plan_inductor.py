@@ -44,6 +44,21 @@ def _eager_grads(name: str, compiled: bool = False) -> tuple[torch.Tensor, dict]
     return loss.detach(), _grads(model)
 
 
+def _step_within_budget(pm: planner.PlannedModule, inputs: tuple) -> torch.Tensor:
+    """One training step, its peak measured by the meter: within the budget."""
+
+    def step() -> torch.Tensor:
+        loss = pm(*inputs)
+        loss.backward()
+        return loss
+
+    loss, measured = measure(step, pm, inputs)
+    assert measured.peak_bytes <= pm.plan.budget_bytes, (
+        f"measured {measured.peak_bytes} > budget {pm.plan.budget_bytes}"
+    )
+    return loss
+
+
 def _check_compiled(pm: planner.PlannedModule) -> None:
     kernels = pm.report.kernels
     assert kernels is not None and kernels["compiled"] >= 1, kernels
@@ -61,15 +76,7 @@ def test_train_step_fits_and_gradients_are_as_close_as_torch_compile(name: str) 
     try:
         _check_compiled(pm)
 
-        def step() -> torch.Tensor:
-            loss = pm(*inputs)
-            loss.backward()
-            return loss
-
-        loss, measured = measure(step, pm, inputs)
-        assert measured.peak_bytes <= pm.plan.budget_bytes, (
-            f"measured {measured.peak_bytes} > budget {pm.plan.budget_bytes}"
-        )
+        loss = _step_within_budget(pm, inputs)
         grads = _grads(model)
         assert grads.keys() == eager_grads.keys()
         for key, grad in grads.items():  # channels-last convolutions inside, not in .grad
@@ -164,13 +171,7 @@ def test_quantized_channels_last_activations_come_back_as_compiled_runs_expect()
     try:
         assert any("int4" in t.decision for t in pm.plan.tensors), "nothing quantized"
 
-        def step() -> torch.Tensor:
-            loss = pm(*inputs)
-            loss.backward()
-            return loss
-
-        _, measured = measure(step, pm, inputs)
-        assert measured.peak_bytes <= pm.plan.budget_bytes
+        _step_within_budget(pm, inputs)
         _, eager_grads = _eager_grads("resnet")
         for key, grad in _grads(model).items():
             assert grad.stride() == eager_grads[key].stride(), key
@@ -214,13 +215,7 @@ def test_small_reads_move_up_so_fewer_runs_are_compiled(monkeypatch: pytest.Monk
         assert max(timeline) <= plan.predicted_peak_bytes
         assert len(pm.executor.segments) < runs_unmoved
 
-        def step() -> torch.Tensor:
-            loss = pm(*inputs)
-            loss.backward()
-            return loss
-
-        loss, measured = measure(step, pm, inputs)
-        assert measured.peak_bytes <= pm.plan.budget_bytes
+        loss = _step_within_budget(pm, inputs)
         torch.testing.assert_close(loss.detach(), eager_loss)
         for key, grad in _grads(model).items():
             torch.testing.assert_close(grad, eager_grads[key], msg=key)

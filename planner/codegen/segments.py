@@ -111,6 +111,23 @@ class Segment:
     eager_source: str = ""
     #: "inductor", or why the run is left eager (set by ``compile_segments``)
     kernel: str = "not compiled yet"
+    #: the executor's variables: the inputs (call order), what the run returns,
+    #: and those it frees without reading them (deleted before the call)
+    inputs: list[str] = field(default_factory=list)
+    results: list[str] = field(default_factory=list)
+    early: list[str] = field(default_factory=list)
+    #: the run's lines and the layouts of their values, to build parts of it from
+    items: list[Any] = field(default_factory=list, repr=False)
+    layout_of: Callable[[int], Layout] | None = field(default=None, repr=False)
+    #: a run compiled in parts (``split_run``): the parts, each compiled or eager
+    parts: list[Segment] = field(default_factory=list)
+
+    @property
+    def compiled_ops(self) -> int:
+        """Ops this run runs in compiled graphs."""
+        if self.parts:
+            return sum(p.compiled_ops for p in self.parts)
+        return self.num_ops if self.kernel == "inductor" else 0
 
 
 def _compute_ops(items: list[Any]) -> int:
@@ -303,6 +320,11 @@ def _build(
         freed_positions,
         [i for i, n in enumerate(inputs) if n in donatable],
         eager_source,
+        inputs=inputs,
+        results=results,
+        early=early,
+        items=list(items),
+        layout_of=layout_of,
     )
     ind = "    "
     src = [
@@ -467,6 +489,11 @@ def best_seconds(
     return best
 
 
+#: How many times a run whose compiled form allocates too much is cut in two
+#: (``split_run``): up to 2**MAX_SPLITS parts.
+MAX_SPLITS = 3
+
+
 def compile_segments(
     segments: Sequence[Segment],
     device: torch.device,
@@ -479,43 +506,26 @@ def compile_segments(
     run's steps), so the budget still holds, and is not slower than the eager run
     (a short run of a convolution and its neighbours can be: measured 0.68 ms
     compiled against 0.30 ms eager on a 2-core CPU); else the eager run, with the
-    reason in ``segment.kernel``. Inductor caches kernels by their code, so a
-    model's repeated blocks compile once."""
+    reason in ``segment.kernel``. A run whose compiled form allocates too much is
+    cut in parts, each compiled where it fits and eager where not (see
+    ``split_run``). Inductor caches kernels by their code, so a model's repeated
+    blocks compile once."""
     chosen: dict[str, Callable[[list], list]] = {}
     start = time.perf_counter()
     for i, segment in enumerate(segments):
         eager = eager_function(segment, ops)
         chosen[segment.name] = eager
-        try:
-            compiled = compile_segment(segment, device)
-        except Exception as exc:  # an op Inductor cannot take: this run stays eager
-            first = (str(exc).strip().splitlines() or [""])[0][:200]
-            segment.kernel = f"eager: Inductor failed: {type(exc).__name__}: {first}"
-            log.warning(
-                "inductor: %s (steps %s) stays eager: %s",
-                segment.name,
-                segment.steps,
-                segment.kernel,
-            )
-            continue
-        peak_e, final_e = run_allocations(eager, segment, device)
-        peak_c, final_c = run_allocations(compiled, segment, device)
-        spare = headroom(segment)
-        if peak_c > peak_e + spare or final_c > final_e:
-            segment.kernel = (
-                f"eager: compiled it allocates more (peak {peak_c:,} vs {peak_e:,} bytes "
-                f"+ {spare:,} spare, end {final_c:,} vs {final_e:,})"
-            )
-        else:  # timed only once it fits: a run that does not is eager anyway
-            compiled_s, eager_s = best_seconds((compiled, eager), segment, device)
+        fitting = _fitting_form(segment, eager, device, ops, headroom, MAX_SPLITS)
+        if fitting is not None:  # timed only once it fits: one that does not is eager
+            compiled_s, eager_s = best_seconds((fitting, eager), segment, device)
             if compiled_s > SLOWER_MARGIN * eager_s:
+                segment.parts = []
                 segment.kernel = (
                     f"eager: compiled it runs slower ({compiled_s * 1e3:.3f} ms vs "
                     f"{eager_s * 1e3:.3f} ms)"
                 )
             else:
-                segment.kernel = "inductor"
-                chosen[segment.name] = compiled
+                chosen[segment.name] = fitting
         log.info(
             "inductor: %s (%d of %d, %d ops): %s, %.1f s so far",
             segment.name,
@@ -528,19 +538,136 @@ def compile_segments(
     return chosen
 
 
+def _fitting_form(
+    segment: Segment,
+    eager: Callable[[list], list],
+    device: torch.device,
+    ops: dict[str, Any],
+    headroom: Callable[[Segment], int],
+    splits: int,
+) -> Callable[[list], list] | None:
+    """``segment`` compiled, or compiled in parts (up to ``splits`` cuts deep), in
+    a form that allocates no more than ``eager`` plus the headroom; None if there
+    is none (``segment.kernel`` says why)."""
+    try:
+        compiled = compile_segment(segment, device)
+    except Exception as exc:  # an op Inductor cannot take: this run stays eager
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        segment.kernel = f"eager: Inductor failed: {type(exc).__name__}: {first}"
+        log.warning(
+            "inductor: %s (steps %s) stays eager: %s", segment.name, segment.steps, segment.kernel
+        )
+        return None
+    peak_e, final_e = run_allocations(eager, segment, device)
+    peak_c, final_c = run_allocations(compiled, segment, device)
+    spare = headroom(segment)
+    if peak_c <= peak_e + spare and final_c <= final_e:
+        segment.kernel = "inductor"
+        return compiled
+    segment.kernel = (
+        f"eager: compiled it allocates more (peak {peak_c:,} vs {peak_e:,} bytes "
+        f"+ {spare:,} spare, end {final_c:,} vs {final_e:,})"
+    )
+    parts = split_run(segment) if splits > 0 else None
+    if parts is None:
+        return None
+    forms = []
+    for part in parts:
+        part_eager = eager_function(part, ops)
+        form = None
+        if _compute_ops(part.items) >= MIN_COMPUTE_OPS:
+            form = _fitting_form(part, part_eager, device, ops, headroom, splits - 1)
+        else:
+            part.kernel = "eager: too short to compile"
+        forms.append(form or part_eager)
+    compiled_ops = sum(p.compiled_ops for p in parts)
+    if compiled_ops == 0:
+        return None
+    segment.parts = parts
+    segment.kernel = (
+        f"inductor in {_leaves(segment)} parts ({compiled_ops} of {segment.num_ops} ops "
+        f"compiled; whole, it allocates {peak_c - peak_e - spare:,} bytes too many)"
+    )
+    return _run_parts(segment, forms)
+
+
+def _leaves(segment: Segment) -> int:
+    return sum(_leaves(p) for p in segment.parts) if segment.parts else 1
+
+
+def split_run(segment: Segment) -> list[Segment] | None:
+    """``segment`` cut in two at the step nearest the middle of its ops, each half
+    a run of its own; None if it cannot be (too few ops, or a half would read a
+    value the run does not have). Why: Inductor's buffer planning can hold a few
+    more buffers than the eager run around one op (a BatchNorm backward, whose
+    eager form writes into its dying input), and one such op left a whole 39-op
+    backward run of the CNN eager; cut in parts, the rest compiles. Donation is
+    off in the parts: a later part may read another view of a donated buffer."""
+    items, layout_of = segment.items, segment.layout_of
+    computing = [
+        i for i, it in enumerate(items) if isinstance(it, OpLine) and not _is_view_like(it.target)
+    ]
+    if layout_of is None or len(computing) < 2:
+        return None
+    middle = computing[len(computing) // 2]  # the first op of the second half
+    cut = middle
+    while cut > 0 and not (isinstance(items[cut], str) and STEP_COMMENT.match(items[cut])):
+        cut -= 1  # back to its step's comment, so a step's lines stay together
+    if cut <= computing[0]:
+        cut = middle
+    parts = []
+    for k, half in enumerate((items[:cut], items[cut:])):
+        built = _build(half, f"{segment.name}{'ab'[k]}", layout_of)
+        if built is None:
+            return None
+        part = built[0]
+        part.donated = []
+        parts.append(part)
+    available = set(segment.inputs)
+    for part in parts:
+        if not set(part.inputs) <= available:
+            return None
+        available |= set(part.results)
+    if not set(segment.results) <= available:
+        return None
+    return parts
+
+
+def _run_parts(segment: Segment, forms: list[Callable[[list], list]]) -> Callable[[list], list]:
+    """One callable, called like the run's (a list of its inputs, emptied), that
+    calls its parts in turn, each with its own inputs, dropping what a part frees
+    before calling it."""
+    parts = segment.parts
+
+    def run(args: list) -> list:
+        env = dict(zip(segment.inputs, args))
+        args.clear()
+        for part, form in zip(parts, forms):
+            for name in part.early:
+                env.pop(name, None)
+            part_args = [env[n] for n in part.inputs]
+            for i in part.freed:
+                del env[part.inputs[i]]
+            env.update(zip(part.results, form(part_args)))
+        return [env[n] for n in segment.results]
+
+    return run
+
+
 def kernels_summary(segments: Sequence[Segment], op_calls: int) -> dict[str, Any]:
     """What ran compiled, for the report: runs and ops, and why runs stayed eager
     (reasons without their byte counts, so that like ones group)."""
-    compiled = [s for s in segments if s.kernel == "inductor"]
+    compiled = [s for s in segments if s.compiled_ops]
     reasons = Counter(
         re.sub(r" \(.*", "", s.kernel.removeprefix("eager: "))
         for s in segments
-        if s.kernel != "inductor"
+        if not s.compiled_ops
     )
     return {
         "runs": len(segments),
         "compiled": len(compiled),
+        "in_parts": sum(1 for s in compiled if s.parts),
         "ops": op_calls,
-        "compiled_ops": sum(s.num_ops for s in compiled),
+        "compiled_ops": sum(s.compiled_ops for s in compiled),
         "eager_reasons": dict(reasons),
     }

@@ -212,6 +212,60 @@ def test_a_compiled_run_that_allocates_more_than_eager_stays_eager(  # type: ign
     assert seg.kernel == "inductor"
 
 
+def test_a_run_that_allocates_too_much_whole_is_compiled_in_parts(  # type: ignore[no-untyped-def]
+    monkeypatch, compiled_never_slower
+) -> None:
+    lines = [
+        "    # step 0: b = aten.mul.Tensor",
+        _op("b", 1, aten.mul.Tensor, Var("a", 0), 2.0),
+        DelLine(["a"], "    del a  # free a", donatable=True),
+        "    # step 1: c = aten.tanh.default",
+        _op("c", 2, aten.tanh.default, Var("b", 1)),
+        DelLine(["b"], "    del b  # free b", donatable=True),
+        "    # step 2: d = aten.add.Tensor",
+        _op("d", 3, aten.add.Tensor, Var("c", 2), 1.0),
+        DelLine(["c"], "    del c  # free c", donatable=True),
+        "    # step 3: e = aten.mul.Tensor",
+        _op("e", 4, aten.mul.Tensor, Var("d", 3), 3.0),
+    ]
+    _, (seg,) = fold_segments(lines, lambda v: _layout(v))
+    compiled_parts: list[str] = []
+
+    def whole_greedy(segment, device):  # type: ignore[no-untyped-def]
+        eager = segments.eager_function(segment, OPS)
+        if segment.name != seg.name:  # a part: as compact as its eager run
+            compiled_parts.append(segment.name)
+            return eager
+
+        def run(args: list) -> list:
+            scratch = torch.ones(1 << 20, dtype=torch.uint8)  # what eager never makes
+            out = eager(args)
+            del scratch
+            return out
+
+        return run
+
+    monkeypatch.setattr(segments, "compile_segment", whole_greedy)
+    chosen = compile_segments([seg], torch.device("cpu"), OPS)
+    assert seg.kernel.startswith("inductor in 2 parts (4 of 4 ops compiled"), seg.kernel
+    assert compiled_parts == ["segment_0a", "segment_0b"]
+    assert [p.steps for p in seg.parts] == [(0, 1), (2, 3)]  # cut between steps
+    assert seg.compiled_ops == 4
+    summary = segments.kernels_summary([seg], 4)
+    assert summary["in_parts"] == 1 and summary["compiled_ops"] == 4
+    a = torch.randn(64)
+    args = [a.clone()]
+    d, e = chosen[seg.name](args)
+    assert args == []  # the run's list is emptied, as a compiled run's is
+    torch.testing.assert_close(d, torch.tanh(a * 2) + 1)
+    torch.testing.assert_close(e, (torch.tanh(a * 2) + 1) * 3)
+    # no cuts allowed: the run stays eager
+    monkeypatch.setattr(segments, "MAX_SPLITS", 0)
+    _, (seg,) = fold_segments(lines, lambda v: _layout(v))
+    compile_segments([seg], torch.device("cpu"), OPS)
+    assert seg.kernel.startswith("eager: compiled it allocates more") and not seg.parts
+
+
 def test_a_compiled_run_slower_than_eager_stays_eager(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     seg = _segment()
 
