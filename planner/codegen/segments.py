@@ -465,6 +465,13 @@ TIMING_REPEATS = 3
 #: closer than that is timing noise, and in place (its inputs just written by the
 #: ops before it) the fused form reads memory less than in these isolated calls.
 SLOWER_MARGIN = 1.05
+#: A compiled run that times slower than its eager form, but by less than this
+#: factor, is timed again (``RETIME_REPEATS`` calls each) before it is left eager:
+#: on a loaded machine three calls can misjudge a close call (GPT-2's first 56-op
+#: run timed 4.07 against 3.59 ms in one benchmark run and compiled in the one
+#: before).
+RETIME_BELOW = 1.5
+RETIME_REPEATS = 7
 
 
 def best_seconds(
@@ -518,6 +525,9 @@ def compile_segments(
         fitting = _fitting_form(segment, eager, device, ops, headroom, MAX_SPLITS)
         if fitting is not None:  # timed only once it fits: one that does not is eager
             compiled_s, eager_s = best_seconds((fitting, eager), segment, device)
+            if SLOWER_MARGIN * eager_s < compiled_s <= RETIME_BELOW * eager_s:
+                again = best_seconds((fitting, eager), segment, device, RETIME_REPEATS)
+                compiled_s, eager_s = min(compiled_s, again[0]), min(eager_s, again[1])
             if compiled_s > SLOWER_MARGIN * eager_s:
                 segment.parts = []
                 segment.kernel = (

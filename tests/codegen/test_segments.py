@@ -284,6 +284,31 @@ def test_a_compiled_run_slower_than_eager_stays_eager(monkeypatch) -> None:  # t
     assert chosen[seg.name].__name__ == f"{seg.name}_eager"
 
 
+@pytest.mark.parametrize(
+    ("timings", "compiled"),
+    [
+        ([[1.2, 1.0], [0.9, 1.0]], True),  # close: timed again, faster then
+        ([[1.2, 1.0], [1.3, 1.1]], False),  # close, and slower again
+        ([[2.0, 1.0], [0.5, 1.0]], False),  # far slower: not timed again
+    ],
+)
+def test_a_close_call_is_timed_again_before_the_run_stays_eager(  # type: ignore[no-untyped-def]
+    monkeypatch, timings, compiled
+) -> None:
+    seg = _segment()
+    calls: list[int] = []
+
+    def timed(fns, segment, device, repeats=segments.TIMING_REPEATS):  # type: ignore[no-untyped-def]
+        calls.append(repeats)
+        return timings[len(calls) - 1]
+
+    monkeypatch.setattr(segments, "best_seconds", timed)
+    compile_segments([seg], torch.device("cpu"), OPS)
+    assert (seg.kernel == "inductor") is compiled, seg.kernel
+    far = timings[0][0] > segments.RETIME_BELOW * timings[0][1]
+    assert calls == ([3] if far else [3, segments.RETIME_REPEATS])
+
+
 def test_best_seconds_times_each_form_on_fresh_inputs() -> None:
     seg = _segment()
     seen: list[int] = []
