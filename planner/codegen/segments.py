@@ -467,9 +467,7 @@ TIMING_REPEATS = 3
 SLOWER_MARGIN = 1.05
 #: A compiled run that times slower than its eager form, but by less than this
 #: factor, is timed again (``RETIME_REPEATS`` calls each) before it is left eager:
-#: on a loaded machine three calls can misjudge a close call (GPT-2's first 56-op
-#: run timed 4.07 against 3.59 ms in one benchmark run and compiled in the one
-#: before).
+#: on a loaded machine three calls of each can misjudge a close call.
 RETIME_BELOW = 1.5
 RETIME_REPEATS = 7
 
