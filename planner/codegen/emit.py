@@ -22,7 +22,6 @@ import torch
 import torch.fx
 
 from planner.codegen.segments import (
-    STEP_COMMENT,
     DelLine,
     Layout,
     OpLine,
@@ -30,6 +29,8 @@ from planner.codegen.segments import (
     Var,
     compilable_target,
     fold_segments,
+    joins_run,
+    step_line_at_or_before,
 )
 from planner.ir.meta import FX_NODE_NAMES, PARAM_GRADS, fake_value
 from planner.ir.program import Program, ValueKind
@@ -362,24 +363,14 @@ class _Emitter:
         cap = self.plan.predicted_peak_bytes
 
         def step_at_or_before(i: int) -> tuple[int, int]:
-            """(line index, step) of the nearest step comment at or before ``i``."""
-            while i >= 0:
-                item = lines[i]
-                if isinstance(item, str) and (m := STEP_COMMENT.match(item)):
-                    return i, int(m.group(1))
-                i -= 1
-            return -1, 0
+            return step_line_at_or_before(lines, i) or (-1, 0)
 
         for i in range(len(lines)):
             read = lines[i]
             if not isinstance(read, ReadNow):
                 continue
             j = i - 1  # the nearest line that ends a run: where the read may go
-            while j >= 0 and (
-                (isinstance(lines[j], OpLine) and lines[j].compilable)
-                or isinstance(lines[j], DelLine)
-                or (isinstance(lines[j], str) and lines[j].lstrip().startswith("#"))
-            ):
+            while j >= 0 and joins_run(lines[j]):
                 j -= 1
             if not any(isinstance(lines[k], OpLine) for k in range(j + 1, i)):
                 continue  # no op to move across

@@ -130,8 +130,34 @@ class Segment:
         return self.num_ops if self.kernel == "inductor" else 0
 
 
+def _computes(item: Any) -> bool:
+    """Whether ``item`` is an op call that computes (not a view or a getitem)."""
+    return isinstance(item, OpLine) and not _is_view_like(item.target)
+
+
 def _compute_ops(items: list[Any]) -> int:
-    return sum(1 for it in items if isinstance(it, OpLine) and not _is_view_like(it.target))
+    return sum(1 for it in items if _computes(it))
+
+
+def joins_run(item: Any) -> bool:
+    """Whether ``item`` may be inside a compiled run: a compilable op call, a free,
+    or a comment; anything else (a memory step, an op Inductor must not run) ends
+    the run before it."""
+    return (
+        (isinstance(item, OpLine) and item.compilable)
+        or isinstance(item, DelLine)
+        or (isinstance(item, str) and _is_comment(item))
+    )
+
+
+def step_line_at_or_before(items: Sequence[Any], i: int) -> tuple[int, int] | None:
+    """(index, step) of the nearest step comment at ``items[i]`` or before it."""
+    while i >= 0:
+        item = items[i]
+        if isinstance(item, str) and (match := STEP_COMMENT.match(item)):
+            return i, int(match.group(1))
+        i -= 1
+    return None
 
 
 def compilable_target(target: Any) -> bool:
@@ -179,15 +205,10 @@ def fold_segments(
     if layout_of is None:
         return _eager_source(lines), []
     for item in lines:
-        if isinstance(item, OpLine) and item.compilable:
-            run.append(item)
-        elif isinstance(item, str) and _is_comment(item):
-            run.append(item)  # a step's comment opens the run its op may join
-        elif isinstance(item, DelLine):
-            if run:
-                run.append(item)
-            else:
-                out.extend(_eager_source([item]))
+        if isinstance(item, DelLine) and not run:
+            out.extend(_eager_source([item]))  # a free alone opens no run
+        elif joins_run(item):
+            run.append(item)  # a step's comment, too, opens the run its op may join
         else:
             flush()
             out.extend(_eager_source([item]))
@@ -612,17 +633,13 @@ def split_run(segment: Segment) -> list[Segment] | None:
     backward run of the CNN eager; cut in parts, the rest compiles. Donation is
     off in the parts: a later part may read another view of a donated buffer."""
     items, layout_of = segment.items, segment.layout_of
-    computing = [
-        i for i, it in enumerate(items) if isinstance(it, OpLine) and not _is_view_like(it.target)
-    ]
+    computing = [i for i, it in enumerate(items) if _computes(it)]
     if layout_of is None or len(computing) < 2:
         return None
     middle = computing[len(computing) // 2]  # the first op of the second half
-    cut = middle
-    while cut > 0 and not (isinstance(items[cut], str) and STEP_COMMENT.match(items[cut])):
-        cut -= 1  # back to its step's comment, so a step's lines stay together
-    if cut <= computing[0]:
-        cut = middle
+    # back to its step's comment, so a step's lines stay together
+    step_line = step_line_at_or_before(items, middle)
+    cut = step_line[0] if step_line is not None and step_line[0] > computing[0] else middle
     parts = []
     for k, half in enumerate((items[:cut], items[cut:])):
         built = _build(half, f"{segment.name}{'ab'[k]}", layout_of)
