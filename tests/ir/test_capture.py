@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from conftest import TOY_KINDS, TOY_SIZES, load_example, toy
@@ -156,3 +158,32 @@ def test_bad_example_inputs(inputs: object, match: str) -> None:
 def test_unknown_mode() -> None:
     with pytest.raises(ValueError, match="unknown mode 'training'"):
         capture(nn.Linear(2, 2), (torch.randn(1, 2),), "training")
+
+
+class _FloatHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(8, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x).float().log_softmax(-1).mean()
+
+
+def test_metadata_asserts_are_dropped_so_they_hold_no_tensor_into_the_backward(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A no-op ``.float()`` traces to ``_assert_tensor_metadata``, which the joint
+    graph places in the backward, where it would keep the logits alive."""
+    target = torch.ops.aten._assert_tensor_metadata.default
+    x = torch.randn(4, 8)
+
+    def targets() -> list:
+        gm = capture(_FloatHead(), (x,), "train").graph_module
+        return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+    # planner.ir.capture is also the name of the function planner.ir exports
+    capture_module = importlib.import_module("planner.ir.capture")
+    with monkeypatch.context() as patch:
+        patch.setattr(capture_module, "drop_metadata_asserts", lambda gm: 0)
+        assert target in targets()  # what the trace has
+    assert target not in targets()
