@@ -14,6 +14,7 @@ from planner.codegen.emit import check_kernels
 from planner.errors import InvalidPlan, PlannerError
 from planner.ir.capture import capture, normalize_example_inputs
 from planner.ir.conv_layout import channels_last_convolutions
+from planner.ir.fused_loss import fuse_cross_entropy_backward
 from planner.passes.device_profile import DeviceProfile, get_profile
 from planner.passes.pipeline import Analysis
 from planner.passes.pipeline import analyze as analyze_captured
@@ -38,8 +39,9 @@ def analyze(
     ``profile``: a built-in name ("h100", "a100", "rtx4090", "t4", "cpu"), a path
     to a calibrated JSON profile, a DeviceProfile, or None for this machine's.
     ``kernels``: the graph as plans with those kernels run it; with "inductor",
-    convolutions take channels-last inputs, as in ``torch.compile``
-    (``planner.ir.conv_layout``).
+    convolutions take channels-last inputs (``planner.ir.conv_layout``) and
+    cross-entropy's backward is one op (``planner.ir.fused_loss``), as in
+    ``torch.compile``.
     """
     check_kernels(kernels)
     captured = capture(model, example_inputs, mode)
@@ -47,6 +49,7 @@ def analyze(
         captured = dataclasses.replace(
             captured, graph_module=channels_last_convolutions(captured.graph_module)
         )
+        fuse_cross_entropy_backward(captured.graph_module)
     return analyze_captured(captured, get_profile(profile))
 
 

@@ -184,7 +184,8 @@ class _Emitter:
 
     def _op_name(self, target: Any) -> str:
         if isinstance(target, torch._ops.OpOverload):
-            name = _ident(f"aten_{target._schema.name.split('::')[-1]}_{target._overloadname}")
+            namespace, _, op = target._schema.name.rpartition("::")
+            name = _ident(f"{namespace or 'aten'}_{op}_{target._overloadname}")
         else:
             name = _ident("op_" + getattr(target, "__name__", "op"))
         while name in self.ops and self.ops[name] is not target:

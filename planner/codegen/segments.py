@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.fx
 
+from planner.ir.fused_loss import DECOMPOSITIONS as FUSED_LOSS_DECOMPOSITIONS
 from planner.ir.meta import draws_random
 
 log = logging.getLogger(__name__)
@@ -398,7 +399,8 @@ def compile_segment(segment: Segment, device: torch.device) -> Callable[[list], 
     from torch.fx.experimental.proxy_tensor import make_fx
 
     examples = _examples(segment, device)
-    traced = make_fx(segment.graph, decomposition_table=select_decomp_table(), tracing_mode="fake")(
+    decompositions = {**select_decomp_table(), **FUSED_LOSS_DECOMPOSITIONS}
+    traced = make_fx(segment.graph, decomposition_table=decompositions, tracing_mode="fake")(
         *examples
     )
     traced = _joint_graph_passes(traced, device)

@@ -160,7 +160,8 @@ def _schedule(graph: torch.fx.Graph, mode: str, forward: set[torch.fx.Node]) -> 
 def _target_name(node: torch.fx.Node) -> str:
     t = node.target
     if isinstance(t, torch._ops.OpOverload):
-        return f"aten.{t._schema.name.split('::')[-1]}.{t._overloadname}"
+        namespace, _, name = t._schema.name.rpartition("::")
+        return f"{namespace or 'aten'}.{name}.{t._overloadname}"
     return getattr(t, "__name__", str(t))
 
 
