@@ -28,6 +28,8 @@ other reader.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx
 
@@ -87,18 +89,9 @@ def _(grad_output, output, target, weight, reduction, ignore_index, total_weight
 FUSED_OP = torch.ops.planner.log_softmax_nll_backward.default
 
 
-def _as_pair(
-    grad_output: torch.Tensor,
-    output: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None,
-    reduction: int,
-    ignore_index: int,
-    total_weight: torch.Tensor,
-) -> torch.Tensor:
-    one_hot = _aten.nll_loss_backward.default(
-        grad_output, output, target, weight, reduction, ignore_index, total_weight
-    )
+def _as_pair(grad_output: torch.Tensor, output: torch.Tensor, *nll_args: Any) -> torch.Tensor:
+    """The fused op's arguments are ``nll_loss_backward``'s, in its order."""
+    one_hot = _aten.nll_loss_backward.default(grad_output, output, *nll_args)
     return _aten._log_softmax_backward_data.default(one_hot, output, 1, output.dtype)
 
 
