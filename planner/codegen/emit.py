@@ -32,7 +32,7 @@ from planner.codegen.segments import (
     joins_run,
     step_line_at_or_before,
 )
-from planner.ir.meta import FX_NODE_NAMES, PARAM_GRADS, fake_value
+from planner.ir.meta import FX_NODE_NAMES, PARAM_GRADS, fake_value, op_name_parts
 from planner.ir.program import Program, ValueKind
 from planner.runtime.copy_engine import CPU, completes_at_issue
 from planner.runtime.fused import reads_exact_rows
@@ -184,8 +184,7 @@ class _Emitter:
 
     def _op_name(self, target: Any) -> str:
         if isinstance(target, torch._ops.OpOverload):
-            namespace, _, op = target._schema.name.rpartition("::")
-            name = _ident(f"{namespace or 'aten'}_{op}_{target._overloadname}")
+            name = _ident("_".join(op_name_parts(target)))
         else:
             name = _ident("op_" + getattr(target, "__name__", "op"))
         while name in self.ops and self.ops[name] is not target:

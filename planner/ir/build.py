@@ -18,7 +18,13 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from planner.ir.capture import CapturedGraph
-from planner.ir.meta import FX_NODE_NAMES, PARAM_GRADS, draws_random, fake_value
+from planner.ir.meta import (
+    FX_NODE_NAMES,
+    PARAM_GRADS,
+    draws_random,
+    fake_value,
+    op_name_parts,
+)
 from planner.ir.program import Op, Phase, Program, Storage, Value, ValueKind
 
 
@@ -160,8 +166,7 @@ def _schedule(graph: torch.fx.Graph, mode: str, forward: set[torch.fx.Node]) -> 
 def _target_name(node: torch.fx.Node) -> str:
     t = node.target
     if isinstance(t, torch._ops.OpOverload):
-        namespace, _, name = t._schema.name.rpartition("::")
-        return f"{namespace or 'aten'}.{name}.{t._overloadname}"
+        return ".".join(op_name_parts(t))
     return getattr(t, "__name__", str(t))
 
 

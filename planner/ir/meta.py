@@ -33,6 +33,14 @@ def draws_random(target: Any) -> bool:
     )
 
 
+def op_name_parts(target: torch._ops.OpOverload) -> tuple[str, str, str]:
+    """(namespace, name, overload) of an ATen or custom op: ``("aten", "mm",
+    "default")``, ``("planner", "log_softmax_nll_backward", "default")``. The IR's
+    target names and the generated code's names both read them here."""
+    namespace, _, name = target._schema.name.rpartition("::")
+    return namespace or "aten", name, target._overloadname
+
+
 def fake_value(node: torch.fx.Node) -> Any:
     """The fake tensor (or tuple of them) a traced node produced."""
     return node.meta.get(FX_VAL)
