@@ -118,6 +118,54 @@ def test_transient_copy_has_no_checksum_and_a_touched_file_is_an_error(store: Di
         store.read_into("x", empty_like_entry(entry))
 
 
+@pytest.mark.parametrize("how", ["deleted", "replaced", "truncated", "extended"])
+@pytest.mark.parametrize("kind", ["transient", "mapped"])
+def test_reads_through_a_kept_open_file_check_it_like_a_fresh_open(
+    store: DiskStore, kind: str, how: str
+) -> None:
+    """Transient copies and files mapped for writing through are read through a
+    file kept open (no open per read): a file deleted, replaced by another, cut
+    short or made longer since is still an error, never a silent read."""
+    x = torch.randn(1000)
+    if kind == "transient":
+        entry = store.write("x", x, checksum=False)
+    else:
+        store.write("x", x)
+        store.map_shared("x")
+        entry = store.entries["x"]
+    assert "x" in store._open_files  # the path under test
+    assert torch.equal(store.read_into("x", empty_like_entry(entry)), x)
+    path = store.path("x")
+    if how == "deleted":
+        path.unlink()
+    elif how == "replaced":
+        other = path.with_name("other.bin")
+        other.write_bytes(path.read_bytes())
+        os.replace(other, path)
+    else:
+        size = entry.nbytes - 4 if how == "truncated" else entry.nbytes + 4
+        os.truncate(path, size)
+    with pytest.raises(StoreError, match="missing|wrong size|changed"):
+        store.read_into("x", empty_like_entry(entry))
+
+
+def test_keys_past_the_open_file_limit_open_their_file_per_copy(store: DiskStore) -> None:
+    """At most ``max_open_files`` stay open; copies of other keys open and close
+    their file each time, with the same results and checks."""
+    store.max_open_files = 1
+    xs = {k: torch.randn(100) for k in "abc"}
+    for k, x in xs.items():
+        store.write(k, x, checksum=False)
+    store.write("w", torch.randn(10))
+    store.map_shared("w")
+    assert list(store._open_files) == ["a"]
+    for k, x in xs.items():
+        assert torch.equal(store.read_into(k, empty_like_entry(store.entries[k])), x)
+    store.path("c").unlink()
+    with pytest.raises(StoreError, match="missing"):
+        store.read_into("c", empty_like_entry(store.entries["c"]))
+
+
 def test_engine_offloads_are_transient_copies(store: DiskStore) -> None:
     from planner.runtime.copy_engine import ThreadCopyEngine
 
