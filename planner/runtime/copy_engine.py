@@ -156,13 +156,13 @@ class ThreadCopyEngine(CopyEngine):
 
     def offload(self, key: str, tier: str, tensor: torch.Tensor) -> Pending:
         self._check_tier(tier)
-        # record the layout now so a prefetch issued before this write ends can
-        # allocate its destination; the file's stamp arrives with the write (a
-        # transient copy, read back this call: no checksum, see store.py)
-        entry = self.disk.entries[key] = describe(tensor)
-        if completes_at_issue(CPU, entry.nbytes):
+        # a transient copy, read back this call: no checksum (see store.py)
+        if completes_at_issue(CPU, tensor.untyped_storage().nbytes()):
             self.disk.write(key, tensor, checksum=False)
             return Pending(tensor)
+        # record the layout now so a prefetch issued before this write ends can
+        # allocate its destination; the file's stamp arrives with the write
+        self.disk.entries[key] = describe(tensor)
         return Pending(tensor, self._write.submit(self.disk.write, key, tensor, checksum=False))
 
     def wait(self, pending: Pending) -> torch.Tensor:

@@ -56,7 +56,9 @@ class Entry:
     stamp: tuple[int, int, int] | None = None
 
 
-def describe(tensor: torch.Tensor, crc32: int | None = None) -> Entry:
+def describe(
+    tensor: torch.Tensor, crc32: int | None = None, stamp: tuple[int, int, int] | None = None
+) -> Entry:
     return Entry(
         nbytes=tensor.untyped_storage().nbytes(),
         dtype=tensor.dtype,
@@ -64,6 +66,7 @@ def describe(tensor: torch.Tensor, crc32: int | None = None) -> Entry:
         stride=tuple(tensor.stride()),
         offset=tensor.storage_offset(),
         crc32=crc32,
+        stamp=stamp,
     )
 
 
@@ -168,8 +171,7 @@ class DiskStore:
         it overwrites the key's file in place."""
         data = _storage_bytes(tensor.detach().cpu() if tensor.device.type != "cpu" else tensor)
         if not checksum:
-            stamp = self._overwrite(key, data)
-            entry = dataclasses.replace(describe(tensor), stamp=stamp)
+            entry = describe(tensor, stamp=self._overwrite(key, data))
             self.entries[key] = entry
             return entry
         self._close_file(key)  # the file is replaced: an open one would be stale
