@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from planner.codegen.emit import Executor, emit_executor
-from planner.codegen.segments import Segment, compile_segments, kernels_summary
+from planner.codegen.assemble import Assembled, assemble
+from planner.codegen.emit import Executor
+from planner.codegen.segments import kernels_summary
 from planner.errors import PlannerError
 from planner.ir.meta import PARAM_GRADS
 from planner.ir.program import Phase, ValueKind
@@ -54,7 +55,10 @@ class PlannedModule(torch.nn.Module):
         offload_dir: str | None = None,
         device: torch.device | None = None,
         kernels: str = "eager",
+        assembled: Assembled | None = None,
     ) -> None:
+        """``assembled``: ``plan``'s executor, already built (``measured_room``
+        builds candidates to choose from); None: built here."""
         super().__init__()
         captured = analysis.captured
         self.mode = captured.mode
@@ -80,9 +84,19 @@ class PlannedModule(torch.nn.Module):
             for r in captured.output_roles[: self._num_buffer_updates]
         ]
         self.kernels = kernels
-        self.executor: Executor = emit_executor(
-            program, captured.graph_module, problem, plan, kernels, self.device
-        )
+        if assembled is None:
+            assembled = assemble(
+                program, captured.graph_module, problem, plan, kernels, self.device
+            )
+        if kernels == "inductor":
+            plan.compiled_peak_bytes = assembled.peak_bytes
+        if assembled.peak_bytes > plan.budget_bytes:
+            raise PlannerError(
+                f"assembled here the plan's executor holds {assembled.peak_bytes:,} bytes, "
+                f"over its budget of {plan.budget_bytes:,} (a saved plan whose compiled runs "
+                f"allocate more on this machine or version): plan again instead of reusing it"
+            )
+        self.executor: Executor = assembled.executor
         # Training: forward tensors the plan moves to a tier wait there, in one slot per
         # tensor, for the backward; a second forward before that backward overwrites
         # them. Each forward is numbered so such a backward fails instead of misreading.
@@ -110,12 +124,7 @@ class PlannedModule(torch.nn.Module):
         self.offload_dir = disk.root
         try:
             self._place_state(model, captured.extra.pop("exported_program"), engine)
-            namespace: dict[str, Any] = {"torch": torch, **self.executor.ops}
-            namespace.update(
-                compile_segments(
-                    self.executor.segments, self.device, self.executor.ops, self._headroom
-                )
-            )
+            namespace: dict[str, Any] = {"torch": torch, **self.executor.ops, **assembled.runs}
             exec(compile(self.executor.source, "<planner executor>", "exec"), namespace)
             self._fn = namespace[self.executor.function_name]
             if self.mode == "train":
@@ -127,21 +136,6 @@ class PlannedModule(torch.nn.Module):
         self.measured: Measurement | None = None
         self.output_error: dict[str, float] | None = None  # see measure_quantization_error
         self.measured_seconds: float | None = None  # set by time_call
-
-    def _headroom(self, segment: Segment) -> int:
-        """The bytes the plan leaves free under the budget over a compiled run's
-        steps, less an eighth (a margin for the replay's rounding): what Inductor's
-        kernels may allocate beyond the eager run's peak there. The replay's
-        timeline is what the meter measures, to the byte or a few (GPT-2's step at
-        50%: 121,732,108 predicted, 121,732,112 measured); half the room, as this
-        allowed before, left two of the CNN's backward runs at 50% eager, one of
-        them for 4.5 KB."""
-        first, last = segment.steps
-        timeline = self.executor.timeline
-        if first < 0 or last >= len(timeline):
-            return 0
-        room = max(0, self.plan.budget_bytes - max(timeline[first : last + 1]))
-        return room - room // HEADROOM_MARGIN
 
     def _place_state(self, model: torch.nn.Module, ep: Any, engine: CopyEngine) -> None:
         """Device-home weights become this module's buffers; tier-home weights are
@@ -448,10 +442,6 @@ class PlannedModule(torch.nn.Module):
     def close(self) -> None:
         """Remove the offload files now (also done when the module is collected)."""
         self._finalizer()
-
-
-#: A compiled run may use all but 1/HEADROOM_MARGIN of the plan's spare room.
-HEADROOM_MARGIN = 8
 
 
 def _compact(tensor: torch.Tensor) -> torch.Tensor:

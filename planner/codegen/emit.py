@@ -76,6 +76,9 @@ class Executor:
     #: resident bytes per step as this source runs the plan (the plan's timeline,
     #: plus reads it makes early); empty if the plan has none
     timeline: list[int] = field(default_factory=list)
+    #: the same while ops run, and between them (``Plan.op_timeline``, ...)
+    op_timeline: list[int] = field(default_factory=list)
+    between_ops_timeline: list[int] = field(default_factory=list)
 
 
 class ReadNow(str):
@@ -137,8 +140,12 @@ class _Emitter:
         check_kernels(kernels)
         self.kernels = kernels
         self.device = device
-        #: resident bytes per step: the plan's, plus reads moved up (``read_early``)
+        #: resident bytes per step: the plan's, plus reads moved up (``read_early``);
+        #: a plan saved before the validator told ops from the moments between has
+        #: only the overall timeline, which then stands for both
         self.timeline = list(plan.timeline)
+        self.op_timeline = list(plan.op_timeline or plan.timeline)
+        self.between_ops_timeline = list(plan.between_ops_timeline or plan.timeline)
         self.program = program
         self.problem = problem
         self.plan = plan
@@ -253,10 +260,15 @@ class _Emitter:
             else "def planned(rt, state, inputs):"
         )
         body.append(header)
+        op_level = (
+            f" (solved op by op for {plan.op_level_budget_bytes:,}: compiled runs hold less)"
+            if plan.op_level_budget_bytes
+            else ""
+        )
         body.append(
             f'    """Planned executor: {len(program.ops)} steps, budget '
-            f"{plan.budget_bytes:,} bytes, predicted peak "
-            f'{plan.predicted_peak_bytes:,}."""'
+            f"{plan.budget_bytes:,} bytes{op_level}, predicted peak "
+            f'{plan.predicted_peak_bytes:,} op by op."""'
         )
         state_group = f"state[:{len(state_values)}]" if stored_values else "state"
         for group, values in ((state_group, state_values), ("inputs", input_values)):
@@ -289,6 +301,8 @@ class _Emitter:
                 segments=segments,
                 op_calls=op_calls,
                 timeline=self.timeline,
+                op_timeline=self.op_timeline,
+                between_ops_timeline=self.between_ops_timeline,
             )
         forward_outs = [self._expr(v) for v in program.outputs[: program.num_forward_outputs]]
         carry = list(
@@ -335,6 +349,8 @@ class _Emitter:
             segments=segments,
             op_calls=op_calls,
             timeline=self.timeline,
+            op_timeline=self.op_timeline,
+            between_ops_timeline=self.between_ops_timeline,
         )
 
     def _render(self) -> tuple[str, list[Segment], int]:
@@ -353,14 +369,15 @@ class _Emitter:
         moves across: a memory step between two runs of ops splits what Inductor
         could compile as one graph, and each run is a call and a fusion boundary
         (the training benchmark's CNN at 50% of its peak: 11 runs instead of 15).
-        The room is the plan's predicted peak, so the plan's
+        The room is the plan's predicted peak (or its budget, if lower: a
+        plan solved op by op for more, ``planner.measured_room``), so the plan's
         numbers still hold; ``self.timeline`` (the plan's resident bytes per
         step) gains the moved bytes, for the compiled runs' spare room."""
         lines = self.lines
         timeline = self.timeline
         if not timeline:
             return
-        cap = self.plan.predicted_peak_bytes
+        cap = min(self.plan.predicted_peak_bytes, self.plan.budget_bytes)
 
         def step_at_or_before(i: int) -> tuple[int, int]:
             return step_line_at_or_before(lines, i) or (-1, 0)
@@ -381,8 +398,10 @@ class _Emitter:
             steps = range(first, last + 1)
             if not steps or max(timeline[t] for t in steps) + read.nbytes > cap:
                 continue
-            for t in steps:
+            for t in steps:  # held through the ops it moves across, and between them
                 timeline[t] += read.nbytes
+                self.op_timeline[t] += read.nbytes
+                self.between_ops_timeline[t] += read.nbytes
             lines.insert(j + 1, lines.pop(i))
 
     def _layout(self, value: int) -> Layout:
@@ -467,7 +486,10 @@ class _Emitter:
                 comment = comment or "exact rows from its full copy on disk"
         elif reuse is not None:  # write the output into the dying input's buffer
             variant, out_arg = out_variant(node.target)
-            into = self._expr(self.program.storages[reuse[0]].base)
+            # the op's own argument in that storage (all of it: the base or a
+            # whole alias such as a detach), so a compiled run passes it in
+            into_value = next(v for v in op.inputs if self.program.values[v].storage == reuse[0])
+            into = self._expr(into_value)
             call = f"{self._op_name(variant)}({', '.join(args)}, {out_arg}={into})"
         else:
             call = f"{self._op_name(node.target)}({', '.join(args)})"

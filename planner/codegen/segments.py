@@ -16,7 +16,10 @@ end. The executor deletes its own names for those inputs before the call.
 
 Why the budget still holds: ``compile_segments`` runs each compiled run once
 beside its eager form and keeps it only if it allocates no more at its end, and
-at its peak no more than the plan's spare room over those steps allows.
+at its peak no more than the plan's spare room over those steps allows (for a
+schedule solved op by op for more than the budget, ``planner.measured_room``,
+that room is negative: the run must save the excess); ``composed_levels`` then
+states what the executor holds at each step, as the meter sees it.
 
 Random ops (dropout) are never compiled: Inductor draws its own random numbers,
 and the executor's must be the ones eager draws.
@@ -122,6 +125,9 @@ class Segment:
     layout_of: Callable[[int], Layout] | None = field(default=None, repr=False)
     #: a run compiled in parts (``split_run``): the parts, each compiled or eager
     parts: list[Segment] = field(default_factory=list)
+    #: compiled: (eager, compiled) peak bytes the run allocated above its inputs
+    #: when measured (``run_allocations``), for ``composed_peak``
+    allocations: tuple[int, int] | None = None
 
     @property
     def compiled_ops(self) -> int:
@@ -534,23 +540,29 @@ def compile_segments(
     run's steps), so the budget still holds, and is not slower than the eager run
     (a short run of a convolution and its neighbours can be: measured 0.68 ms
     compiled against 0.30 ms eager on a 2-core CPU); else the eager run, with the
-    reason in ``segment.kernel``. A run whose compiled form allocates too much is
-    cut in parts, each compiled where it fits and eager where not (see
-    ``split_run``). Inductor caches kernels by their code, so a model's repeated
-    blocks compile once."""
+    reason in ``segment.kernel``. A negative headroom (a plan solved op by op for
+    more than the budget, ``planner.measured_room``) says the eager run would not
+    fit: the compiled form is then kept however it times, and where none fits
+    the eager run stays (``composed_peak`` then exceeds the budget). A run whose
+    compiled form allocates too much is cut in parts, each compiled where it
+    fits and eager where not (see ``split_run``). Inductor caches kernels by
+    their code, so a model's repeated blocks compile once."""
     chosen: dict[str, Callable[[list], list]] = {}
     start = time.perf_counter()
     for i, segment in enumerate(segments):
         eager = eager_function(segment, ops)
         chosen[segment.name] = eager
         fitting = _fitting_form(segment, eager, device, ops, headroom, MAX_SPLITS)
-        if fitting is not None:  # timed only once it fits: one that does not is eager
+        if fitting is not None and headroom(segment) < 0:  # eager would not fit
+            chosen[segment.name] = fitting
+        elif fitting is not None:  # timed only once it fits: one that does not is eager
             compiled_s, eager_s = best_seconds((fitting, eager), segment, device)
             if SLOWER_MARGIN * eager_s < compiled_s <= RETIME_BELOW * eager_s:
                 again = best_seconds((fitting, eager), segment, device, RETIME_REPEATS)
                 compiled_s, eager_s = min(compiled_s, again[0]), min(eager_s, again[1])
             if compiled_s > SLOWER_MARGIN * eager_s:
                 segment.parts = []
+                segment.allocations = None
                 segment.kernel = (
                     f"eager: compiled it runs slower ({compiled_s * 1e3:.3f} ms vs "
                     f"{eager_s * 1e3:.3f} ms)"
@@ -594,6 +606,7 @@ def _fitting_form(
     spare = headroom(segment)
     if peak_c <= peak_e + spare and final_c <= final_e:
         segment.kernel = "inductor"
+        segment.allocations = (peak_e, peak_c)
         return compiled
     segment.kernel = (
         f"eager: compiled it allocates more (peak {peak_c:,} vs {peak_e:,} bytes "
@@ -624,6 +637,48 @@ def _fitting_form(
 
 def _leaves(segment: Segment) -> int:
     return sum(_leaves(p) for p in segment.parts) if segment.parts else 1
+
+
+def leaf_runs(segments: Sequence[Segment]) -> list[Segment]:
+    """The runs as called: each segment, or its parts (recursively)."""
+    return [leaf for s in segments for leaf in (leaf_runs(s.parts) if s.parts else [s])]
+
+
+def composed_peak(
+    segments: Sequence[Segment], op_timeline: Sequence[int], between_ops_timeline: Sequence[int]
+) -> int:
+    """The peak bytes the executor holds with ``segments`` compiled as chosen
+    (the highest of ``composed_levels``)."""
+    return max(composed_levels(segments, op_timeline, between_ops_timeline), default=0)
+
+
+def composed_levels(
+    segments: Sequence[Segment], op_timeline: Sequence[int], between_ops_timeline: Sequence[int]
+) -> list[int]:
+    """The highest bytes the executor holds at each step with ``segments``
+    compiled as chosen.
+
+    Per step: the resident bytes between ops (memory steps, never in a compiled
+    run), and while its op runs: the replay's bytes (``op_timeline``) where no
+    compiled run covers the step, else the run's bytes before it (the replay's
+    highest over the run less what the run allocated eagerly) plus what it
+    allocated compiled. Why this is what the meter sees: the eager executor's
+    timeline is the meter's to a few bytes (see
+    ``planner.codegen.assemble.run_headroom``), and the compiled run was measured
+    on inputs of its layouts by the same meter."""
+    compiled: dict[int, int] = {}  # step -> the highest level of a compiled run there
+    for leaf in leaf_runs(segments):
+        first, last = leaf.steps
+        if leaf.kernel != "inductor" or leaf.allocations is None or first < 0:
+            continue
+        eager_peak, compiled_peak = leaf.allocations
+        level = max(op_timeline[first : last + 1]) - eager_peak + compiled_peak
+        for t in range(first, last + 1):
+            compiled[t] = max(level, compiled.get(t, level))
+    return [
+        max(compiled.get(t, at_op), between)
+        for t, (at_op, between) in enumerate(zip(op_timeline, between_ops_timeline))
+    ]
 
 
 def split_run(segment: Segment) -> list[Segment] | None:

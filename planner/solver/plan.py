@@ -131,7 +131,25 @@ class Plan:
     baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: resident bytes per step, as the validator replayed the plan
     timeline: list[int] = field(default_factory=list)
+    #: the same while an op (or a recompute) runs, and at the moments between
+    #: (memory actions): ``timeline`` is the higher of the two
+    op_timeline: list[int] = field(default_factory=list)
+    between_ops_timeline: list[int] = field(default_factory=list)
+    #: kernels="inductor" planned by measured room (``planner.measured_room``): the
+    #: higher budget the schedule was solved and replayed under, op by op; its
+    #: compiled runs hold less than their ops one by one, and ``budget_bytes`` is
+    #: what the module holds to. None: the schedule was solved for ``budget_bytes``.
+    op_level_budget_bytes: int | None = None
+    #: kernels="inductor": the peak the executor holds with its runs compiled: the
+    #: replay's bytes at eager steps, and at each compiled run its bytes before
+    #: the run plus what the run allocated when measured (``composed_peak``)
+    compiled_peak_bytes: int | None = None
     version: int = PLAN_VERSION
+
+    @property
+    def replay_budget_bytes(self) -> int:
+        """The budget the validator replays the schedule against."""
+        return self.op_level_budget_bytes or self.budget_bytes
 
     def decision_of(self, name: str) -> TensorDecision:
         for t in self.tensors:

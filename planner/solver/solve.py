@@ -166,6 +166,8 @@ def _evaluate(
     plan.predicted_peak_bytes = replay.peak_bytes
     plan.estimated_seconds = replay.seconds
     plan.timeline = list(replay.resident_bytes)
+    plan.op_timeline = list(replay.op_bytes)
+    plan.between_ops_timeline = list(replay.between_ops_bytes)
     return Candidate(name, choices, plan, replay)
 
 

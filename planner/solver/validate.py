@@ -66,6 +66,11 @@ class Replay:
     bytes_moved: dict[str, int]
     copy_seconds: float = 0.0
     resident_bytes: list[int] = field(default_factory=list)
+    #: per step, the highest resident bytes while an op (or a recompute) runs, and
+    #: at the moments between: arrivals and memory actions (copies, (de)quantizing,
+    #: deliveries), which a compiled run of ops never covers
+    op_bytes: list[int] = field(default_factory=list)
+    between_ops_bytes: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -84,9 +89,9 @@ def validate(problem: Problem, plan: Plan) -> Replay:
             f"plan fingerprint {plan.fingerprint} does not match the problem's "
             f"{problem.fingerprint()}: the plan was made for another graph; re-plan"
         )
-    if plan.budget_bytes != problem.budget_bytes:
+    if plan.replay_budget_bytes != problem.budget_bytes:
         raise InvalidPlan(
-            f"plan budget {plan.budget_bytes} B differs from the problem's "
+            f"plan budget {plan.replay_budget_bytes} B differs from the problem's "
             f"{problem.budget_bytes} B; re-plan for this budget"
         )
     return _Replayer(problem, plan).run()
@@ -121,6 +126,8 @@ class _Replayer:
         self.free_at: dict[str, float] = {}
         self.moved = {c: 0 for c in ("disk_read", "disk_write", "host_to_device", "device_to_host")}
         self.resident = [0] * steps
+        self.op_resident = [0] * steps
+        self.between_ops_resident = [0] * steps
         self.peak, self.peak_step, self.step = 0, 0, 0
         self.where = "initial state"
         # Per-step lists, built once so the walk never scans all tensors per step.
@@ -191,10 +198,14 @@ class _Replayer:
             homes[i] = home
         return homes
 
-    def note(self, level: int) -> None:
-        """Record ``level`` resident bytes at this moment; fail above the budget."""
+    def note(self, level: int, op: bool = False) -> None:
+        """Record ``level`` resident bytes at this moment (``op``: while an op or a
+        recompute runs); fail above the budget."""
         if level > self.resident[self.step]:
             self.resident[self.step] = level
+        by_kind = self.op_resident if op else self.between_ops_resident
+        if level > by_kind[self.step]:
+            by_kind[self.step] = level
         if level > self.peak:
             self.peak, self.peak_step = level, self.step
         if level > self.problem.budget_bytes:
@@ -310,6 +321,8 @@ class _Replayer:
             copy_seconds=self.copying,
             bytes_moved=dict(self.moved),
             resident_bytes=self.resident,
+            op_bytes=self.op_resident,
+            between_ops_bytes=self.between_ops_resident,
         )
 
     def run_op(self, s: int) -> None:
@@ -338,7 +351,7 @@ class _Replayer:
                 f"{self.used + scratch} B, over the budget of "
                 f"{self.problem.budget_bytes} B"
             )
-        self.note(self.used + scratch)
+        self.note(self.used + scratch, op=True)
         self.clock += step.seconds
         self.compute += step.seconds
 
@@ -436,7 +449,7 @@ class _Replayer:
             scratch += self.fused[k][fused_at]  # reads the codes
             self.spend_fused_time(k, fused_at)
         self.place(i, t.nbytes, READY)
-        self.note(self.used + scratch)
+        self.note(self.used + scratch, op=True)
         self.clock += r.seconds
         self.recompute += r.seconds
 

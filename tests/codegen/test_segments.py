@@ -284,6 +284,78 @@ def test_a_compiled_run_slower_than_eager_stays_eager(monkeypatch) -> None:  # t
     assert chosen[seg.name].__name__ == f"{seg.name}_eager"
 
 
+def test_a_run_whose_eager_form_would_not_fit_stays_compiled_however_it_times(  # type: ignore[no-untyped-def]
+    monkeypatch,
+) -> None:
+    """A negative headroom (a schedule solved op by op for more than the budget,
+    planner.measured_room) says the eager run does not fit: the compiled form is
+    kept even where it times slower, and only if it saves the excess."""
+
+    def slow_and_lean(segment, device):  # type: ignore[no-untyped-def]
+        eager = segments.eager_function(segment, OPS)
+
+        def run(args: list) -> list:
+            time.sleep(0.01)
+            return eager(args)
+
+        return run
+
+    monkeypatch.setattr(segments, "compile_segment", slow_and_lean)
+    seg = _segment()
+    chosen = compile_segments([seg], torch.device("cpu"), OPS, headroom=lambda s: -1)
+    # as lean as eager, not 1 byte leaner: does not save the excess
+    assert seg.kernel.startswith("eager: compiled it allocates more"), seg.kernel
+    assert chosen[seg.name].__name__ == f"{seg.name}_eager"
+    seg = _segment()
+    chosen = compile_segments([seg], torch.device("cpu"), OPS, headroom=lambda s: 0)
+    assert seg.kernel.startswith("eager: compiled it runs slower"), seg.kernel
+
+    def lean(segment, device):  # type: ignore[no-untyped-def]
+        def run(args: list) -> list:  # b and c never held: one fused kernel
+            (a,) = args
+            args.clear()
+            b = a * 2
+            del a
+            time.sleep(0.01)
+            return [b, torch.tanh(b).add_(1)]
+
+        return run
+
+    monkeypatch.setattr(segments, "compile_segment", lean)
+    seg = _segment()
+    chosen = compile_segments([seg], torch.device("cpu"), OPS, headroom=lambda s: -64)
+    assert seg.kernel == "inductor", seg.kernel
+    assert chosen[seg.name].__name__ == "run"
+    eager_peak, compiled_peak = seg.allocations  # type: ignore[misc]
+    assert compiled_peak <= eager_peak - 64
+
+
+def _run_at(steps: tuple[int, int], kernel: str, allocations=None):  # type: ignore[no-untyped-def]
+    graph = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
+    return segments.Segment(
+        f"run{steps}", graph, [], steps, 2, kernel=kernel, allocations=allocations
+    )
+
+
+def test_composed_levels_put_each_compiled_run_at_its_measured_bytes() -> None:
+    """Steps outside compiled runs keep the replay's bytes; over a compiled run,
+    its bytes before the run plus what it allocated compiled; between ops (memory
+    steps) the replay's bytes always."""
+    at_ops = [100, 180, 150, 120, 200, 90]
+    between = [100, 100, 160, 0, 0, 95]
+    runs = [
+        _run_at((1, 2), "inductor", (100, 40)),  # before it: 180 - 100; compiled: 80 + 40
+        _run_at((3, 4), "eager: compiled it runs slower"),
+    ]
+    levels = segments.composed_levels(runs, at_ops, between)
+    assert levels == [100, 120, 160, 120, 200, 95]
+    assert segments.composed_peak(runs, at_ops, between) == 200
+    # a run compiled in parts: each part at its own bytes
+    whole = _run_at((1, 4), "inductor in 2 parts")
+    whole.parts = [_run_at((1, 2), "inductor", (100, 40)), _run_at((3, 4), "inductor", (150, 30))]
+    assert segments.composed_levels([whole], at_ops, between) == [100, 120, 160, 80, 80, 95]
+
+
 @pytest.mark.parametrize(
     ("timings", "compiled"),
     [

@@ -165,6 +165,17 @@ def test_offload_and_prefetch_stall_follows_bandwidth(
     assert r.resident_bytes[1] == 120  # a and h0 plus h1
 
 
+def test_resident_bytes_split_into_ops_and_the_moments_between() -> None:
+    """While an op runs vs at memory steps (a compiled run of ops covers the
+    former only, planner.codegen.segments.composed_levels): the prefetch of
+    ``a`` after step 2 brings 120 bytes where step 2's op held 20."""
+    p = _skip_problem()
+    r = validate(p, _skip_plan(p, (2, "after")))
+    assert r.op_bytes == [120, 120, 20, 120, 120, 120]
+    assert r.between_ops_bytes == [10, 0, 120, 0, 0, 0]  # x alone at the start
+    assert r.resident_bytes == [max(pair) for pair in zip(r.op_bytes, r.between_ops_bytes)]
+
+
 def test_transfers_on_one_channel_queue_fifo() -> None:
     p = _skip_problem()
     # A second offload of a on the same channel queues behind the first: ends at 3.
