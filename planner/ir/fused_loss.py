@@ -57,7 +57,33 @@ def log_softmax_nll_backward(
     ``_log_softmax_backward_data(nll_loss_backward(...), output, 1, dtype)``
     returns, computed by those two kernels a block of rows at a time, so that the
     zero-filled gradient is one block (``CHUNK_BYTES``), not the logits' size."""
-    result = torch.empty_like(output)
+    return _log_softmax_nll_backward_into(
+        torch.empty_like(output),
+        grad_output,
+        output,
+        target,
+        weight,
+        reduction,
+        ignore_index,
+        total_weight,
+    )
+
+
+def _log_softmax_nll_backward_into(
+    result: torch.Tensor,
+    grad_output: torch.Tensor,
+    output: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    reduction: int,
+    ignore_index: int,
+    total_weight: torch.Tensor,
+) -> torch.Tensor:
+    """The fused op's kernel, writing into ``result``, which may be ``output``
+    itself: each block's zero-filled gradient is made from ``output``'s shape
+    only, and ``_log_softmax_backward_data`` reads an element of ``output`` only
+    to write the same element of the result (a row's sum is over the gradient,
+    not ``output``), so writing in place gives the same bits."""
     rows, row_bytes = output.shape[0], output.shape[1] * output.element_size()
     block = max(1, CHUNK_BYTES // max(1, row_bytes))
     one_hot = torch.empty(
@@ -79,6 +105,41 @@ def log_softmax_nll_backward(
         )
         _aten._log_softmax_backward_data.out(scratch, part, 1, output.dtype, out=result[start:stop])
     return result
+
+
+#: The fused op's ``out=`` overload: the executor writes the logits' gradient
+#: into the dying log-softmax's buffer (``planner.solver.translate.REUSE_INPUT``),
+#: so the training step's peak holds one logits-sized buffer there, not two.
+_LIBRARY = torch.library.Library("planner", "FRAGMENT")
+_LIBRARY.define(
+    "log_softmax_nll_backward.out(Tensor grad_output, Tensor output, Tensor target, "
+    "Tensor? weight, SymInt reduction, SymInt ignore_index, Tensor total_weight, *, "
+    "Tensor(a!) out) -> Tensor(a!)"
+)
+
+
+def _fused_out(
+    grad_output: torch.Tensor,
+    output: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    reduction: int,
+    ignore_index: int,
+    total_weight: torch.Tensor,
+    *,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    if out.shape != output.shape or out.dtype != output.dtype or not out.is_contiguous():
+        raise ValueError(
+            f"log_softmax_nll_backward.out: out must be a contiguous {output.dtype} tensor "
+            f"of shape {tuple(output.shape)}, got {out.dtype} {tuple(out.shape)}"
+        )
+    return _log_softmax_nll_backward_into(
+        out, grad_output, output, target, weight, reduction, ignore_index, total_weight
+    )
+
+
+_LIBRARY.impl("log_softmax_nll_backward.out", _fused_out, "CompositeExplicitAutograd")
 
 
 @log_softmax_nll_backward.register_fake

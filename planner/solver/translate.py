@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from planner.ir.meta import PARAM_GRADS
-from planner.ir.program import Program, ValueKind
+from planner.ir.program import Program, Value, ValueKind
 from planner.passes.device_profile import DeviceProfile, free_memory_bytes
 from planner.passes.fused_costs import fused_replay_seconds, fused_step_seconds, is_fusible
 from planner.runtime import fused
@@ -12,8 +12,10 @@ from planner.solver.problem import DISK, HOST, Bandwidths, Problem, Recompute, S
 #: Ops that may write their output into the buffer of their input at this position
 #: when that input dies at the op (``out=`` aliasing it; bit-identical, see
 #: tests/solver/test_reuse.py): each reads an element (softmax backwards: a
-#: row, reduced before any write) before writing it.
+#: row, reduced before any write) before writing it. The fused cross-entropy
+#: backward (``planner.ir.fused_loss``) writes into the saved log-softmax.
 REUSE_INPUT = {
+    "planner.log_softmax_nll_backward.default": 1,
     "aten._log_softmax_backward_data.default": 0,
     "aten._softmax_backward_data.default": 0,
     "aten.add.Tensor": 0,
@@ -187,15 +189,18 @@ def _view_steps(program: Program) -> set[int]:
 def _reused_input(program: Program, step: int, returned: set[int]) -> tuple[int, int] | None:
     """(input storage, output storage) if op ``step`` can write its output into
     that input's buffer: the input is an op's dense output of the same shape and
-    dtype, read for the last time here, by no other argument, and not returned."""
+    dtype (or a view of all of one, as ``detach`` makes: the joint graph passes
+    the saved log-softmax to the backward through two), read for the last time
+    here, by no other argument, and not returned."""
     op = program.ops[step]
     position = REUSE_INPUT.get(op.target)
     if position is None or len(op.outputs) != 1 or position >= len(op.inputs):
         return None
     vin, vout = program.values[op.inputs[position]], program.values[op.outputs[0]]
     source = program.storages[vin.storage]
+    base = program.values[source.base]
     if (
-        vin.is_view
+        (vin.is_view and not _whole_alias(vin, base))
         or vout.is_view
         or vin.producer is None
         or not (vin.contiguous and vout.contiguous)
@@ -208,6 +213,16 @@ def _reused_input(program: Program, step: int, returned: set[int]) -> tuple[int,
     ):
         return None
     return vin.storage, vout.storage
+
+
+def _whole_alias(view: Value, base: Value) -> bool:
+    """Whether ``view`` is all of ``base``'s storage, laid out as ``base`` is."""
+    return (
+        not base.is_view
+        and view.contiguous
+        and base.contiguous
+        and (view.shape, view.dtype) == (base.shape, base.dtype)
+    )
 
 
 def _deliverable_grads(program: Program) -> set[int]:

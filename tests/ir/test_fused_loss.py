@@ -85,6 +85,30 @@ def test_fused_op_is_bit_identical_to_the_pair_it_replaces(
     assert torch.equal(_bits(fused), _bits(pair))
 
 
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 3000, 1])
+def test_out_into_the_log_softmax_itself_is_bit_identical(
+    monkeypatch: pytest.MonkeyPatch, reduction: int, chunk_bytes: int
+) -> None:
+    """The ``out=`` overload the executor calls to write the logits' gradient into
+    the dying log-softmax's buffer: the same bits as the functional op."""
+    monkeypatch.setattr(fused_loss, "CHUNK_BYTES", chunk_bytes)
+    torch.manual_seed(0)
+    rows, classes = 67, 300
+    output = torch.log_softmax(torch.randn(rows, classes) * 3, 1)
+    target = torch.randint(0, classes, (rows,))
+    target[::5] = -100
+    grad = torch.rand(rows) if reduction == 0 else torch.rand(())
+    args = (target, torch.rand(classes), reduction, -100, torch.tensor(17.5))
+    expected = FUSED_OP(grad, output, *args)
+    into = output.clone()
+    result = torch.ops.planner.log_softmax_nll_backward.out(grad, into, *args, out=into)
+    assert result.data_ptr() == into.data_ptr()
+    assert torch.equal(_bits(into), _bits(expected))
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        torch.ops.planner.log_softmax_nll_backward.out(grad, output, *args, out=into.t())
+
+
 def test_fused_op_holds_one_block_of_scratch_not_a_logits_sized_buffer() -> None:
     """The meter sees the result plus one ``CHUNK_BYTES`` block, where the pair
     holds two logits-sized buffers at once."""

@@ -18,10 +18,15 @@ from planner.solver import from_program, solve, validate
 from planner.solver.candidates import build_candidates
 from planner.solver.plan import Action
 from planner.solver.solve import lower_bound_bytes
-from planner.solver.translate import REUSE_INPUT
+from planner.solver.translate import REUSE_INPUT, _reused_input
 
 
 def _call_args(target: str, x: torch.Tensor, y: torch.Tensor) -> tuple:
+    if target.startswith("planner.log_softmax_nll_backward"):  # into the log-softmax
+        log_probs = torch.log_softmax(y.reshape(-1, y.shape[-1]), -1)
+        labels = torch.arange(log_probs.shape[0]) % log_probs.shape[1]
+        total = torch.tensor(float(log_probs.shape[0]), dtype=y.dtype)
+        return (torch.tensor(0.5, dtype=y.dtype), log_probs, labels, None, 1, -100, total)
     if target.startswith("aten._log_softmax_backward_data"):
         return (x, torch.log_softmax(y, -1), -1, x.dtype)
     if target.startswith("aten._softmax_backward_data"):
@@ -34,16 +39,17 @@ def _call_args(target: str, x: torch.Tensor, y: torch.Tensor) -> tuple:
 @pytest.mark.parametrize("target", sorted(REUSE_INPUT))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_out_into_the_dying_input_is_bit_identical(target: str, dtype: torch.dtype) -> None:
-    name, overload = target.removeprefix("aten.").rsplit(".", 1)
-    op = getattr(getattr(torch.ops.aten, name), overload)
+    namespace, name, overload = target.split(".")
+    op = getattr(getattr(getattr(torch.ops, namespace), name), overload)
     variant, out_arg = out_variant(op)
+    position = REUSE_INPUT[target]
     g = torch.Generator().manual_seed(0)
     for shape in [(3, 5), (64, 1000), (2, 3, 130)]:
         x, y = (torch.randn(shape, generator=g).to(dtype) for _ in range(2))
         args = _call_args(target, x, y)
         expected = op(*args)
-        into = x.clone()
-        args = (into, *args[1:])
+        into = args[position].clone()
+        args = (*args[:position], into, *args[position + 1 :])
         result = variant(*args, **{out_arg: into})
         assert result.data_ptr() == into.data_ptr()  # no new buffer
         assert torch.equal(result, expected), (target, shape)
@@ -70,6 +76,33 @@ def test_gpt2_loss_backward_reuses_its_incoming_gradient(gpt2_train_problem) -> 
     # its three logits-sized buffers were half the peak; now two are
     floor = lower_bound_bytes(build_candidates(problem))
     assert floor < 0.40 * analysis.unplanned_peak_bytes
+
+
+def test_an_inductor_graph_writes_the_loss_gradient_into_the_saved_log_softmax() -> None:
+    """The fused cross-entropy backward (planner/ir/fused_loss.py) reads the saved
+    log-softmax through two ``detach`` views of all of it, and writes the logits'
+    gradient into its buffer: one logits-sized buffer at the step, not two."""
+    model, inputs = load_example("gpt2_train")
+    analysis = planner.analyze(model, inputs, mode="train", profile="cpu", kernels="inductor")
+    problem = from_program(
+        analysis.program, analysis.unplanned_peak_bytes, analysis.profile, kernels="inductor"
+    )
+    (step,) = [s for s in problem.steps if s.name.startswith("log_softmax_nll_backward")]
+    assert step.reuse is not None
+    reused, written = (problem.tensors[i] for i in step.reuse)
+    assert reused.name == "_log_softmax" and reused.nbytes == written.nbytes
+    program = analysis.program
+    op = program.ops[step.index]
+    assert program.values[op.inputs[1]].is_view  # a detach of a detach
+    # a view of part of a storage is never written into
+    view = program.values[op.inputs[1]]
+    program.values[op.inputs[1]] = dataclasses.replace(
+        view, shape=(view.shape[0] // 2, *view.shape[1:])
+    )
+    try:
+        assert _reused_input(program, step.index, set()) is None
+    finally:
+        program.values[op.inputs[1]] = view
 
 
 def test_validator_holds_the_reused_input_gone(gpt2_train_problem) -> None:  # type: ignore[no-untyped-def]
