@@ -304,7 +304,8 @@ def _plan_row(workload: str, factory: Callable, budget: str | int, label: str,
     row.extra.update(
         budget_bytes=plan.budget_bytes,
         budget_share=plan.budget_bytes / unplanned_peak,
-        predicted_peak=plan.predicted_peak_bytes,
+        # with compiled runs: the replay at eager steps, measured allocations in runs
+        predicted_peak=plan.compiled_peak_bytes or plan.predicted_peak_bytes,
         est=plan.estimated_seconds,
         est_unplanned=plan.unplanned_estimated_seconds,
         solver=f"{plan.solver.status} {plan.solver.seconds:.1f}s",
@@ -317,6 +318,9 @@ def _plan_row(workload: str, factory: Callable, budget: str | int, label: str,
         k = pm.report.kernels
         row.notes = (f"{k['compiled']} of {k['runs']} runs compiled "
                      f"({k['compiled_ops']} of {k['ops']} ops)")
+        if plan.op_level_budget_bytes:
+            row.notes += (f"; schedule solved op by op for "
+                          f"{plan.op_level_budget_bytes / MiB:.1f} MiB (measured room)")
     log.info("%s %s: planned in %.1f s (%s)", workload, label, seconds, row.extra["solver"])
     return row
 

@@ -15,6 +15,7 @@ from planner.errors import InvalidPlan, PlannerError
 from planner.ir.capture import capture, normalize_example_inputs
 from planner.ir.conv_layout import channels_last_convolutions
 from planner.ir.fused_loss import fuse_cross_entropy_backward
+from planner.measured_room import plan_by_measured_room
 from planner.passes.device_profile import DeviceProfile, get_profile
 from planner.passes.pipeline import Analysis
 from planner.passes.pipeline import analyze as analyze_captured
@@ -89,7 +90,9 @@ def make_plan(
     returned with its bound (see ``plan.solver``). ``reuse``: a saved Plan (or its
     path) to use instead of solving; refused unless it was made for this graph and
     this budget, and replayed by the validator first. ``kernels``: how the ops
-    will run (as in ``plan``); "inductor" prices them as compiled runs run them.
+    will run (as in ``plan``); "inductor" prices them as compiled runs run them,
+    and solves for ``budget`` op by op (planning by measured room compiles the
+    runs, which ``plan`` does).
     """
     check_kernels(kernels)
     _check_time_limit(time_limit)
@@ -122,15 +125,21 @@ def _analyze_and_solve(
         reference = max(keep_all_peak(problem), reference)
     problem = dataclasses.replace(problem, budget_bytes=parse_budget(budget, reference))
     if reuse is not None:
-        return analysis, problem, _reuse_plan(problem, reuse)
+        return analysis, problem, _reuse_plan(problem, reuse, kernels)
     return analysis, problem, solve(problem, time_limit=time_limit)
 
 
-def _reuse_plan(problem: Problem, reuse: str | Path | Plan) -> Plan:
+def _reuse_plan(problem: Problem, reuse: str | Path | Plan, kernels: str) -> Plan:
     try:
         saved = reuse if isinstance(reuse, Plan) else Plan.load(reuse)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise PlannerError(f"cannot load plan {str(reuse)!r}: {exc}") from exc
+    if saved.op_level_budget_bytes is not None and kernels != "inductor":
+        raise PlannerError(
+            f"the saved plan was made for kernels='inductor': op by op it holds up to "
+            f"{saved.op_level_budget_bytes:,} bytes, and only its compiled runs keep it "
+            f"within the budget; pass kernels='inductor', or plan again"
+        )
     if saved.fingerprint != problem.fingerprint():
         raise PlannerError(
             "the saved plan was made for a different graph (model, input shapes, mode or "
@@ -141,8 +150,8 @@ def _reuse_plan(problem: Problem, reuse: str | Path | Plan) -> Plan:
             f"the saved plan was made for a budget of {saved.budget_bytes:,} bytes, not "
             f"{problem.budget_bytes:,}: pass that budget, or plan again"
         )
-    try:
-        validate(problem, saved)
+    try:  # a plan planned by measured room replays op by op for its higher budget
+        validate(dataclasses.replace(problem, budget_bytes=saved.replay_budget_bytes), saved)
     except InvalidPlan as exc:
         raise PlannerError(f"the saved plan does not replay on this graph: {exc}") from exc
     return saved
@@ -169,6 +178,7 @@ def plan(
     checkpoint: str | None = None,
     plan: str | Path | Plan | None = None,
     kernels: str = "eager",
+    measure_room: bool = True,
 ) -> PlannedModule:
     """Plan ``model`` under ``budget`` and return a module that runs the plan.
 
@@ -186,8 +196,16 @@ def plan(
     ``"inductor"`` compiles each run of ops between the plan's memory steps with
     TorchInductor (fused kernels, as ``torch.compile`` makes them): faster, with
     outputs equal to eager within floating-point rounding instead of bit for bit.
-    The plan is the same; compiling takes seconds per distinct run on first use
-    (Inductor caches kernels across calls and processes). Random ops stay eager.
+    Compiling takes seconds per distinct run on first use (Inductor caches
+    kernels across calls and processes). Random ops stay eager.
+
+    ``measure_room`` (with ``"inductor"``): compiled runs hold less than their
+    ops one by one, so schedules are also solved op by op for budgets above
+    ``budget`` and assembled, each run compiled and its allocations measured;
+    the fastest by estimate whose compiled executor holds within ``budget``
+    is kept (``planner.measured_room``; ``pm.plan.op_level_budget_bytes`` says
+    which). It costs a solve and a compile per budget tried (GPT-2's example:
+    about a minute); False plans for ``budget`` alone.
     """
     check_kernels(kernels)  # before any work
     _check_time_limit(time_limit)
@@ -208,7 +226,10 @@ def plan(
         (t.device for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)),
         torch.device("cpu"),
     )
-    return PlannedModule(model, analysis, problem, solved, offload_dir, device, kernels)
+    assembled = None
+    if kernels == "inductor" and plan is None and measure_room:
+        solved, assembled = plan_by_measured_room(analysis, problem, solved, device, time_limit)
+    return PlannedModule(model, analysis, problem, solved, offload_dir, device, kernels, assembled)
 
 
 def measure_unplanned(

@@ -78,6 +78,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
             quantize=args.quantize,
             time_limit=args.time_limit,
             kernels=args.kernels,
+            measure_room=args.measure_room,
         )
         try:
             args_, kwargs_ = _split_inputs(example_inputs)
@@ -177,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("eager", "inductor"),  # planner.codegen.emit.KERNELS (torch-free import)
         help="with --budget: run ops eagerly (bit-identical, default) or runs of them "
         "compiled by TorchInductor (fused, within rounding of eager)",
+    )
+    rep.add_argument(
+        "--no-measured-room",
+        dest="measure_room",
+        action="store_false",
+        help="with --kernels inductor: solve for the budget only, not also for more "
+        "(schedules whose compiled runs hold within the budget; faster to plan)",
     )
     rep.add_argument("--save-plan", default=None, help="write the plan as JSON here")
     rep.add_argument(

@@ -71,6 +71,10 @@ class Report:
     disk_rates: str | None = None
     #: kernels="inductor": runs of ops compiled, left eager (and why), ops in each
     kernels: dict[str, Any] | None = None
+    #: kernels="inductor": the peak with runs compiled (``Plan.compiled_peak_bytes``),
+    #: and the budget the schedule was solved for op by op if above the budget
+    compiled_peak_bytes: int | None = None
+    op_level_budget_bytes: int | None = None
 
     @classmethod
     def from_analysis(cls, analysis: Analysis) -> Report:
@@ -114,6 +118,8 @@ class Report:
                 row.home = decision.home
         report.budget_bytes = plan.budget_bytes
         report.planned_peak_bytes = plan.predicted_peak_bytes
+        report.compiled_peak_bytes = plan.compiled_peak_bytes
+        report.op_level_budget_bytes = plan.op_level_budget_bytes
         report.estimated_seconds = plan.estimated_seconds
         report.unplanned_estimated_seconds = plan.unplanned_estimated_seconds
         report.solver = {
@@ -249,6 +255,19 @@ def _solver_line(solver: dict[str, Any]) -> str:
     return line
 
 
+def _planned_peak_line(report: Report) -> str:
+    line = f"planned peak:       {format_bytes(report.planned_peak_bytes)}"
+    if report.compiled_peak_bytes is None:
+        return line
+    line = (
+        f"planned peak:       {format_bytes(report.compiled_peak_bytes)} with runs compiled "
+        f"({format_bytes(report.planned_peak_bytes)} op by op"
+    )
+    if report.op_level_budget_bytes:
+        line += f"; schedule solved for {format_bytes(report.op_level_budget_bytes)}: measured room"
+    return line + ")"
+
+
 def summary_lines(report: Report) -> list[str]:
     kinds = ", ".join(f"{k} {format_bytes(b)}" for k, b in report.peak_by_kind.items())
     budget = format_bytes(report.budget_bytes) if report.budget_bytes else "none"
@@ -257,7 +276,7 @@ def summary_lines(report: Report) -> list[str]:
         f"unplanned peak:     {format_bytes(report.unplanned_peak_bytes)} at step "
         f"{report.unplanned_peak_step}" + (f": {report.peak_op}" if report.peak_op else ""),
         f"  resident then:    {kinds}",
-        f"planned peak:       {format_bytes(report.planned_peak_bytes)}",
+        _planned_peak_line(report),
         f"estimated time:     {report.estimated_seconds * 1e3:.2f} ms "
         f"(unplanned {report.unplanned_estimated_seconds * 1e3:.2f} ms, profile {report.profile})",
         _solver_line(report.solver),

@@ -125,7 +125,25 @@ def test_cli_budget_with_inductor_kernels(capsys: pytest.CaptureFixture[str]) ->
     assert code == 0
     text = capsys.readouterr().out
     assert "kernels:            inductor:" in text
+    assert "with runs compiled" in text  # the planned peak as compiled runs hold it
     assert "measured peak" in text
+
+
+def test_cli_inductor_without_measured_room(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--no-measured-room: only the schedule for the budget is solved."""
+    from planner import measured_room
+
+    def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("measured room searched")
+
+    monkeypatch.setattr(measured_room, "plan_by_measured_room", refuse)
+    monkeypatch.setattr("planner.api.plan_by_measured_room", refuse)
+    argv = ["report", f"{EXAMPLES}/mlp.py:make_mlp", "--budget", "60%", "--kernels", "inductor"]
+    code = main([*argv, "--profile", "cpu", "--time-limit", "5", "--no-measured-room"])
+    assert code == 0
+    assert "schedule solved for" not in capsys.readouterr().out
 
 
 def test_cli_budget_too_small(capsys: pytest.CaptureFixture[str]) -> None:
