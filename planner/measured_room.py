@@ -86,6 +86,9 @@ def plan_by_measured_room(
         (eager - compiled for eager, compiled in _run_allocations(best.executor)), default=0
     )
     never_compiled = {op.index for op in analysis.program.ops if op.draws_random}
+    #: per step, what the compiled runs of the schedule for the budget save there:
+    #: a schedule with more room is expected to save as much, step by step
+    saved = [max(0, at_op - level) for at_op, level in zip(best.executor.op_timeline, best.levels)]
     misses = 0
     for factor in ladder:
         op_budget = min(int(budget * factor), ceiling)
@@ -100,7 +103,7 @@ def plan_by_measured_room(
             )
             break
         found = _fitting_candidate(
-            analysis, problem, op_budget, device, time_limit, never_compiled, best_plan
+            analysis, problem, op_budget, device, time_limit, never_compiled, best_plan, saved
         )
         log.info(
             "measured room: schedule for %s bytes (%.2fx the budget): %s; %.1f s so far",
@@ -127,13 +130,15 @@ def _fitting_candidate(
     time_limit: float,
     held: set[int],
     best: Plan,
+    saved: list[int],
 ) -> tuple[Plan, Assembled] | None:
     """A plan solved op by op for ``op_budget``, estimated faster than ``best``,
     whose assembled executor holds no more than ``problem``'s budget; or None.
     The ops at ``held`` steps are held to the budget, and so, in each next try,
-    are those at the steps the last one held over it: first the steps no run of
-    ops covers (known before compiling), then those the compiled runs did not
-    bring within it."""
+    are those at the steps the last one held over it: first, before compiling,
+    the steps no run of ops covers and those over it by more than ``saved``
+    (per step, what compiled runs saved there in the schedule for the budget),
+    then those the compiled runs did not bring within it."""
     budget = problem.budget_bytes
     held = set(held)
     program, graph_module = analysis.program, analysis.captured.graph_module
@@ -146,7 +151,9 @@ def _fitting_candidate(
         if candidate.estimated_seconds > best.estimated_seconds * (1 - MIN_GAIN):
             return None
         executor = emit_executor(program, graph_module, problem, candidate, "inductor", device)
-        over = _over_outside_runs(executor, budget)
+        over = _over_outside_runs(executor, budget) | {
+            t for t, level in enumerate(executor.op_timeline) if level - saved[t] > budget
+        }
         if not over:  # every step over the budget is in a run: compile and measure
             assembled = assemble(
                 program, graph_module, problem, candidate, "inductor", device, executor
