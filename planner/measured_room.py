@@ -4,20 +4,23 @@ The solver prices each op's outputs as the eager executor holds them. A compiled
 run holds less: Inductor fuses chains of pointwise ops and never materializes
 their intermediates, and frees each buffer at its last use. A schedule solved for
 the budget op by op therefore spends time (recomputation, offload) on room the
-compiled runs did not need: GPT-2's training step planned for 50% of its peak
-peaks, compiled, where the plan's eager steps do, while schedules solved op by op
-for 57-59% measured within the 50% budget, 10% faster per step (BENCHMARKS.md).
+compiled runs did not need: GPT-2's training step solved for 50% of its peak
+holds 98.6 MB compiled under a 121.8 MB budget (BENCHMARKS_training.md).
 
 So this module solves the schedule again for budgets above the user's
-(``ROOM_LADDER``), assembles each candidate (``planner.codegen.assemble``: its
-runs compiled so that each holds no more than the *user's* budget allows; a run
+(``ROOM_LADDER``), assembles each promising candidate (``planner.codegen.assemble``:
+its runs compiled so that each holds no more than the *user's* budget allows; a run
 whose ops exceed it one by one must be compiled, and must save the excess), and
 keeps the candidate with the lowest estimated time whose composed peak
-(``planner.codegen.segments.composed_peak``: the replay at eager steps, the
-measured allocations of each compiled run) is within the budget. Why measured
-and not predicted: what Inductor saves is not monotone in the room given (a
-schedule with more room changes which runs exist and what they hold; GPT-2's
-schedules for 55% and 60% peaked over the 50% budget compiled, 57-59% within).
+(``planner.codegen.segments.composed_levels``: the replay at memory steps and at
+ops outside compiled runs, the measured allocations of each compiled run) is within
+the budget. Ops no compiled run covers save nothing; the next solve holds them to
+the budget (``_held_to_budget``). Why measured and not predicted: what a compiled
+run saves depends on which runs a schedule's memory steps cut, which is known only
+once it is emitted, and on Inductor's buffer planning, known only once compiled.
+GPT-2 at 50%: the schedule kept was solved for 1.2x the budget, peaks at its
+composed 115.3 MiB by the meter (budget 116.2), and steps faster than torch.compile
+at every activation memory budget that peaks as high or higher.
 """
 
 from __future__ import annotations
