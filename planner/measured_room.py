@@ -37,7 +37,7 @@ from planner.codegen.segments import leaf_runs
 from planner.errors import BudgetTooSmall
 from planner.passes.pipeline import Analysis
 from planner.solver import Plan, Problem, solve, validate
-from planner.solver.solve import keep_all_peak
+from planner.solver.solve import keep_all_peak, record_replay
 
 log = logging.getLogger(__name__)
 
@@ -191,9 +191,10 @@ def _over_outside_runs(executor: Executor, budget: int) -> set[int]:
     over = {
         t for t, level in enumerate(executor.op_timeline) if level > budget and t not in in_runs
     }
+    steps = len(executor.op_timeline)
     for t, level in enumerate(executor.between_ops_timeline):
         if level > budget:
-            over |= {t, t + 1} & set(range(len(executor.op_timeline)))
+            over.update(s for s in (t, t + 1) if s < steps)
     return over
 
 
@@ -220,16 +221,11 @@ def _restate(solved: Plan, problem: Problem, op_budget: int) -> Plan:
     for ``op_budget``: its timelines without the held steps' charge; its budget
     the user's."""
     replay = validate(dataclasses.replace(problem, budget_bytes=op_budget), solved)
-    return dataclasses.replace(
-        solved,
-        budget_bytes=problem.budget_bytes,
-        op_level_budget_bytes=op_budget,
-        predicted_peak_bytes=replay.peak_bytes,
-        estimated_seconds=replay.seconds,
-        timeline=list(replay.resident_bytes),
-        op_timeline=list(replay.op_bytes),
-        between_ops_timeline=list(replay.between_ops_bytes),
+    restated = dataclasses.replace(
+        solved, budget_bytes=problem.budget_bytes, op_level_budget_bytes=op_budget
     )
+    record_replay(restated, replay)
+    return restated
 
 
 def _assemble(analysis: Analysis, problem: Problem, plan: Plan, device: torch.device) -> Assembled:

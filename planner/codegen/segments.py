@@ -126,7 +126,7 @@ class Segment:
     #: a run compiled in parts (``split_run``): the parts, each compiled or eager
     parts: list[Segment] = field(default_factory=list)
     #: compiled: (eager, compiled) peak bytes the run allocated above its inputs
-    #: when measured (``run_allocations``), for ``composed_peak``
+    #: when measured (``run_allocations``), for ``composed_levels``
     allocations: tuple[int, int] | None = None
 
     @property
@@ -543,7 +543,7 @@ def compile_segments(
     reason in ``segment.kernel``. A negative headroom (a plan solved op by op for
     more than the budget, ``planner.measured_room``) says the eager run would not
     fit: the compiled form is then kept however it times, and where none fits
-    the eager run stays (``composed_peak`` then exceeds the budget). A run whose
+    the eager run stays (``composed_levels`` then exceed the budget). A run whose
     compiled form allocates too much is cut in parts, each compiled where it
     fits and eager where not (see ``split_run``). Inductor caches kernels by
     their code, so a model's repeated blocks compile once."""
@@ -629,27 +629,15 @@ def _fitting_form(
         return None
     segment.parts = parts
     segment.kernel = (
-        f"inductor in {_leaves(segment)} parts ({compiled_ops} of {segment.num_ops} ops "
+        f"inductor in {len(leaf_runs([segment]))} parts ({compiled_ops} of {segment.num_ops} ops "
         f"compiled; whole, it allocates {peak_c - peak_e - spare:,} bytes too many)"
     )
     return _run_parts(segment, forms)
 
 
-def _leaves(segment: Segment) -> int:
-    return sum(_leaves(p) for p in segment.parts) if segment.parts else 1
-
-
 def leaf_runs(segments: Sequence[Segment]) -> list[Segment]:
     """The runs as called: each segment, or its parts (recursively)."""
     return [leaf for s in segments for leaf in (leaf_runs(s.parts) if s.parts else [s])]
-
-
-def composed_peak(
-    segments: Sequence[Segment], op_timeline: Sequence[int], between_ops_timeline: Sequence[int]
-) -> int:
-    """The peak bytes the executor holds with ``segments`` compiled as chosen
-    (the highest of ``composed_levels``)."""
-    return max(composed_levels(segments, op_timeline, between_ops_timeline), default=0)
 
 
 def composed_levels(

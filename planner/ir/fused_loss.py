@@ -57,8 +57,7 @@ def log_softmax_nll_backward(
     ``_log_softmax_backward_data(nll_loss_backward(...), output, 1, dtype)``
     returns, computed by those two kernels a block of rows at a time, so that the
     zero-filled gradient is one block (``CHUNK_BYTES``), not the logits' size."""
-    return _log_softmax_nll_backward_into(
-        torch.empty_like(output),
+    return _fused_out(
         grad_output,
         output,
         target,
@@ -66,45 +65,8 @@ def log_softmax_nll_backward(
         reduction,
         ignore_index,
         total_weight,
+        out=torch.empty_like(output),
     )
-
-
-def _log_softmax_nll_backward_into(
-    result: torch.Tensor,
-    grad_output: torch.Tensor,
-    output: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None,
-    reduction: int,
-    ignore_index: int,
-    total_weight: torch.Tensor,
-) -> torch.Tensor:
-    """The fused op's kernel, writing into ``result``, which may be ``output``
-    itself: each block's zero-filled gradient is made from ``output``'s shape
-    only, and ``_log_softmax_backward_data`` reads an element of ``output`` only
-    to write the same element of the result (a row's sum is over the gradient,
-    not ``output``), so writing in place gives the same bits."""
-    rows, row_bytes = output.shape[0], output.shape[1] * output.element_size()
-    block = max(1, CHUNK_BYTES // max(1, row_bytes))
-    one_hot = torch.empty(
-        (min(block, rows), output.shape[1]), dtype=output.dtype, device=output.device
-    )
-    for start in range(0, rows, block):
-        stop = min(rows, start + block)
-        part = output[start:stop]
-        scratch = one_hot[: stop - start]
-        _aten.nll_loss_backward.grad_input(
-            grad_output[start:stop] if reduction == REDUCTION_NONE else grad_output,
-            part,
-            target[start:stop],
-            weight,
-            reduction,
-            ignore_index,
-            total_weight,
-            grad_input=scratch,
-        )
-        _aten._log_softmax_backward_data.out(scratch, part, 1, output.dtype, out=result[start:stop])
-    return result
 
 
 #: The fused op's ``out=`` overload: the executor writes the logits' gradient
@@ -129,14 +91,37 @@ def _fused_out(
     *,
     out: torch.Tensor,
 ) -> torch.Tensor:
+    """The fused op's kernel, writing into ``out``, which may be ``output``
+    itself: each block's zero-filled gradient is made from ``output``'s shape
+    only, and ``_log_softmax_backward_data`` reads an element of ``output`` only
+    to write the same element of the result (a row's sum is over the gradient,
+    not ``output``), so writing in place gives the same bits."""
     if out.shape != output.shape or out.dtype != output.dtype or not out.is_contiguous():
         raise ValueError(
             f"log_softmax_nll_backward.out: out must be a contiguous {output.dtype} tensor "
             f"of shape {tuple(output.shape)}, got {out.dtype} {tuple(out.shape)}"
         )
-    return _log_softmax_nll_backward_into(
-        out, grad_output, output, target, weight, reduction, ignore_index, total_weight
+    rows, row_bytes = output.shape[0], output.shape[1] * output.element_size()
+    block = max(1, CHUNK_BYTES // max(1, row_bytes))
+    one_hot = torch.empty(
+        (min(block, rows), output.shape[1]), dtype=output.dtype, device=output.device
     )
+    for start in range(0, rows, block):
+        stop = min(rows, start + block)
+        part = output[start:stop]
+        scratch = one_hot[: stop - start]
+        _aten.nll_loss_backward.grad_input(
+            grad_output[start:stop] if reduction == REDUCTION_NONE else grad_output,
+            part,
+            target[start:stop],
+            weight,
+            reduction,
+            ignore_index,
+            total_weight,
+            grad_input=scratch,
+        )
+        _aten._log_softmax_backward_data.out(scratch, part, 1, output.dtype, out=out[start:stop])
+    return out
 
 
 _LIBRARY.impl("log_softmax_nll_backward.out", _fused_out, "CompositeExplicitAutograd")

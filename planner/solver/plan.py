@@ -142,7 +142,7 @@ class Plan:
     op_level_budget_bytes: int | None = None
     #: kernels="inductor": the peak the executor holds with its runs compiled: the
     #: replay's bytes at eager steps, and at each compiled run its bytes before
-    #: the run plus what the run allocated when measured (``composed_peak``)
+    #: the run plus what the run allocated when measured (``composed_levels``)
     compiled_peak_bytes: int | None = None
     version: int = PLAN_VERSION
 

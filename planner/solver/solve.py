@@ -163,12 +163,17 @@ def _evaluate(
         replay = validate(problem, plan)
     except InvalidPlan as exc:
         return Candidate(name, choices, plan, None, str(exc))
+    record_replay(plan, replay)
+    return Candidate(name, choices, plan, replay)
+
+
+def record_replay(plan: Plan, replay: Replay) -> None:
+    """Set ``plan``'s predicted figures (peak, time, timelines) to ``replay``'s."""
     plan.predicted_peak_bytes = replay.peak_bytes
     plan.estimated_seconds = replay.seconds
     plan.timeline = list(replay.resident_bytes)
     plan.op_timeline = list(replay.op_bytes)
     plan.between_ops_timeline = list(replay.between_ops_bytes)
-    return Candidate(name, choices, plan, replay)
 
 
 def _unplanned_figures(cands: Candidates, keep: Candidate) -> tuple[int, float]:
