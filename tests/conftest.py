@@ -14,14 +14,17 @@ import sys
 import warnings
 from pathlib import Path
 
-# Triton kernels run in its interpreter on the CPU. The variable must be set before
-# anything imports triton (torch.utils.flop_counter does, via planner), whichever
-# test file runs first; on a GPU machine run with TRITON_INTERPRET=0.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # importing torch does not import triton
+
+# Without CUDA, Triton kernels run in its interpreter on the CPU. The variable must
+# be set before anything imports triton (torch.utils.flop_counter does, via
+# planner), whichever test file runs first. With CUDA it stays unset: the kernels
+# (ours and Inductor's) then compile for the GPU, which the interpreter cannot run.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import property_cases  # noqa: E402
 import pytest
-import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,22 +1,61 @@
 """Triton quantization kernels vs the torch references in planner.runtime.quant.
 
-Runs the kernels on the CPU through the Triton interpreter: TRITON_INTERPRET must be
-set before triton is imported (triton.jit picks the interpreter at decoration time).
+On a CUDA machine the kernels run compiled on the GPU; elsewhere on the CPU through
+the Triton interpreter, which tests/conftest.py enables (TRITON_INTERPRET must be
+set before triton is imported: triton.jit picks the interpreter at decoration time).
+Inputs are made and results compared on the CPU either way.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton", reason="triton is not installed: the kernels cannot be tested")
 
 from planner.codegen import kernels  # noqa: E402
-from planner.runtime.quant import GROUP, dequantize, quantize  # noqa: E402
+from planner.runtime.quant import GROUP, Quantized, dequantize, quantize  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _moved(q: Quantized, device: torch.device | str) -> Quantized:
+    zero = None if q.zero is None else q.zero.to(device)
+    return dataclasses.replace(q, codes=q.codes.to(device), scale=q.scale.to(device), zero=zero)
+
+
+class _OnDevice:
+    """``kernels``' entry points run on ``DEVICE``, taking and returning CPU data."""
+
+    @staticmethod
+    def quantize_int8(x: torch.Tensor) -> Quantized:
+        return _moved(kernels.quantize_int8(x.to(DEVICE)), "cpu")
+
+    @staticmethod
+    def quantize_int4(x: torch.Tensor) -> Quantized:
+        return _moved(kernels.quantize_int4(x.to(DEVICE)), "cpu")
+
+    @staticmethod
+    def dequantize_int8(q: Quantized) -> torch.Tensor:
+        return kernels.dequantize_int8(_moved(q, DEVICE)).cpu()
+
+    @staticmethod
+    def dequantize_int4(q: Quantized) -> torch.Tensor:
+        return kernels.dequantize_int4(_moved(q, DEVICE)).cpu()
+
+    @staticmethod
+    def dequant_matmul_int8(a: torch.Tensor, q: Quantized) -> torch.Tensor:
+        return kernels.dequant_matmul_int8(a.to(DEVICE), _moved(q, DEVICE)).cpu()
+
+    @staticmethod
+    def dequant_matmul_int4(a: torch.Tensor, q: Quantized) -> torch.Tensor:
+        return kernels.dequant_matmul_int4(a.to(DEVICE), _moved(q, DEVICE)).cpu()
+
+
+on_device = _OnDevice
 
 SHAPES = [(1, 1), (3, 5), (7, 64), (33, 130), (2, 3, 65), (4, 600), ()]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -56,13 +95,13 @@ def _fp32_step(x: torch.Tensor, fmt: str) -> torch.Tensor:
 def test_int8_matches_reference(shape: tuple[int, ...], dtype: torch.dtype) -> None:
     x = _data(shape, dtype)
     ref = quantize(x, "int8")
-    got = kernels.quantize_int8(x)
+    got = on_device.quantize_int8(x)
     assert got.codes.dtype == torch.int8 and got.codes.shape == ref.codes.shape
     assert torch.equal(got.codes, ref.codes)
     assert torch.equal(_bits(got.scale), _bits(ref.scale))
     assert (got.zero, got.fmt, got.shape, got.dtype) == (None, "int8", ref.shape, ref.dtype)
 
-    deq = kernels.dequantize_int8(got)
+    deq = on_device.dequantize_int8(got)
     assert deq.dtype == dtype and deq.shape == x.shape
     assert torch.equal(_bits(deq), _bits(dequantize(ref)))
 
@@ -85,7 +124,7 @@ def test_int8_matches_reference(shape: tuple[int, ...], dtype: torch.dtype) -> N
 def test_int4_matches_reference(shape: tuple[int, ...], dtype: torch.dtype) -> None:
     x = _data(shape, dtype)
     ref = quantize(x, "int4")
-    got = kernels.quantize_int4(x)
+    got = on_device.quantize_int4(x)
     assert got.codes.dtype == torch.uint8 and got.codes.shape == ref.codes.shape
     assert torch.equal(got.codes, ref.codes)
     assert torch.equal(_bits(got.scale), _bits(ref.scale))
@@ -93,7 +132,7 @@ def test_int4_matches_reference(shape: tuple[int, ...], dtype: torch.dtype) -> N
     assert torch.equal(_bits(got.zero), _bits(ref.zero))
     assert (got.fmt, got.shape, got.dtype) == ("int4", ref.shape, ref.dtype)
 
-    deq = kernels.dequantize_int4(got)
+    deq = on_device.dequantize_int4(got)
     assert deq.dtype == dtype and deq.shape == x.shape
     assert torch.equal(_bits(deq), _bits(dequantize(ref)))
 
@@ -117,20 +156,20 @@ def test_rounding_is_half_to_even() -> None:
     # scale is exactly 1.0 (127 / 127 and 15 / 15): codes are round(x) on exact ties
     ties = [0.5, 1.5, 2.5, -0.5, -2.5, 0.49999997, 126.5]
     x8 = torch.tensor([[127.0, *ties]])
-    got8 = kernels.quantize_int8(x8)
+    got8 = on_device.quantize_int8(x8)
     assert torch.equal(got8.codes, quantize(x8, "int8").codes)
     assert got8.codes.tolist() == [[127, 0, 2, 2, 0, -2, 0, 126]]
 
     x4 = torch.zeros(GROUP)
     x4[:7] = torch.tensor([15.0, 0.5, 1.5, 2.5, 14.5, 0.49999997, 3.5])
-    got4 = kernels.quantize_int4(x4)
+    got4 = on_device.quantize_int4(x4)
     assert torch.equal(got4.codes, quantize(x4, "int4").codes)
     assert got4.codes[:4].tolist() == [15 | 0 << 4, 2 | 2 << 4, 14 | 0 << 4, 4]
 
 
 def test_constant_and_zero_inputs() -> None:
     for x in (torch.zeros(3, 70), torch.full((2, 65), -1.25), torch.tensor(2.0)):
-        for fmt, qf in (("int8", kernels.quantize_int8), ("int4", kernels.quantize_int4)):
+        for fmt, qf in (("int8", on_device.quantize_int8), ("int4", on_device.quantize_int4)):
             ref, got = quantize(x, fmt), qf(x)
             assert torch.equal(got.codes, ref.codes)
             assert torch.equal(_bits(got.scale), _bits(ref.scale))
@@ -153,7 +192,7 @@ def test_dequant_matmul(fmt: str, mnk: tuple[int, int, int], dtype: torch.dtype)
     a = torch.randn(m, k, generator=g).to(dtype)
     w = torch.randn(n, k, generator=g).to(dtype)
     q = quantize(w, fmt)
-    matmul = kernels.dequant_matmul_int8 if fmt == "int8" else kernels.dequant_matmul_int4
+    matmul = on_device.dequant_matmul_int8 if fmt == "int8" else on_device.dequant_matmul_int4
     got = matmul(a, q)
     expected = a @ dequantize(q).T
     assert got.dtype == dtype and got.shape == (m, n)
@@ -165,7 +204,7 @@ def test_dequant_matmul_batched_activations(fmt: str) -> None:
     g = torch.Generator().manual_seed(1)
     a = torch.randn(2, 3, 64, generator=g)
     q = quantize(torch.randn(9, 64, generator=g), fmt)
-    matmul = kernels.dequant_matmul_int8 if fmt == "int8" else kernels.dequant_matmul_int4
+    matmul = on_device.dequant_matmul_int8 if fmt == "int8" else on_device.dequant_matmul_int4
     got = matmul(a, q)
     assert got.shape == (2, 3, 9)
     torch.testing.assert_close(got, a @ dequantize(q).T, atol=1e-4, rtol=1e-4)
@@ -174,16 +213,16 @@ def test_dequant_matmul_batched_activations(fmt: str) -> None:
 def test_dequant_matmul_rejects_bad_inputs() -> None:
     q = quantize(torch.randn(4, 64), "int8")
     with pytest.raises(ValueError, match="features"):
-        kernels.dequant_matmul_int8(torch.randn(2, 32), q)
+        on_device.dequant_matmul_int8(torch.randn(2, 32), q)
     with pytest.raises(ValueError, match="int4"):
-        kernels.dequant_matmul_int4(torch.randn(2, 64), q)
+        on_device.dequant_matmul_int4(torch.randn(2, 64), q)
     with pytest.raises(ValueError, match="2-D"):
-        kernels.dequant_matmul_int8(torch.randn(2, 64), quantize(torch.randn(2, 2, 64), "int8"))
+        on_device.dequant_matmul_int8(torch.randn(2, 64), quantize(torch.randn(2, 2, 64), "int8"))
 
 
 def test_use_triton_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     assert kernels.HAS_TRITON
-    assert kernels.use_triton("cpu")
+    assert kernels.use_triton("cpu") == (os.environ.get("TRITON_INTERPRET") == "1")
     assert kernels.use_triton(torch.device("cuda"))
     assert not kernels.use_triton("meta")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
