@@ -36,7 +36,9 @@ step (the least disturbed by other load).
 
     python benchmarks/training_bench.py --out BENCHMARKS_training.md
 
-A full run takes several minutes on a 2-core CPU (most of it Inductor compiling; a
+``--device cuda`` runs every system on the GPU (the meter then reads CUDA's
+allocator counters; each timed step is synchronized). A full run takes several
+minutes on a 2-core CPU (most of it Inductor compiling; a
 second run reuses Inductor's on-disk cache and is faster).
 """
 
@@ -75,6 +77,24 @@ from planner.runtime.meter import measure  # noqa: E402
 
 log = logging.getLogger("training_bench")
 MiB = 1 << 20
+#: Where every system runs (``--device``); set once in main().
+DEVICE = torch.device("cpu")
+
+
+def _sync() -> None:
+    """Wait for queued kernels, so a CUDA step's time is the step's, not its launch's."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+def on_device(factory: Callable) -> Callable:
+    """``factory`` with its model and inputs moved to ``DEVICE``."""
+
+    def moved() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+        model, inputs = factory()
+        return model.to(DEVICE), tuple(x.to(DEVICE) for x in inputs)
+
+    return moved
 
 
 # --------------------------------------------------------------------------- workloads
@@ -160,8 +180,10 @@ class Row:
         return loss
 
     def timed_step(self) -> float:
+        _sync()
         start = time.perf_counter()
         self.step()
+        _sync()
         seconds = time.perf_counter() - start
         self.times.append(seconds)
         return seconds
@@ -169,7 +191,7 @@ class Row:
     def meter(self) -> None:
         for p in self.model.parameters():
             p.grad = None
-        loss, m = measure(self.step, *self.resident)
+        loss, m = measure(self.step, *self.resident, device=DEVICE.type)
         self.peak = m.peak_bytes
         self.loss = float(loss.detach())
 
@@ -200,14 +222,15 @@ def checkpoint_row(workload: str, factory: Callable) -> Row:
 
 
 def planner_rows(workload: str, factory: Callable, profile: Any, time_limit: float,
-                 unplanned_peak: int) -> list[Row]:
-    """Rows at 75%, 60%, 50%, 30% and the smallest feasible budget. When 30% fits,
-    budgets are scanned downwards in steps of 5% until BudgetTooSmall; the smallest
-    budget that planned is the "min" row (its ``min_budget`` is checked against it)."""
+                 unplanned_peak: int, shares: list[str]) -> list[Row]:
+    """Rows at ``shares`` (default 75%, 60%, 50%, 30%) and, with "min" among them,
+    the smallest feasible budget: when the lowest share fits, budgets are scanned
+    downwards in steps of 5% until BudgetTooSmall; the smallest budget that planned
+    is the "min" row (its ``min_budget`` is checked against it)."""
     rows: list[Row] = []
     min_budget: int | None = None
     lowest_ok: Row | None = None
-    for spec in ("75%", "60%", "50%", "30%"):
+    for spec in [s for s in shares if s != "min"]:
         row = _plan_row(workload, factory, spec, f"planner {spec}", profile, time_limit,
                         unplanned_peak)
         if isinstance(row, int):  # BudgetTooSmall: the smallest feasible budget
@@ -218,6 +241,8 @@ def planner_rows(workload: str, factory: Callable, profile: Any, time_limit: flo
             break
         rows.append(row)
         lowest_ok = row
+    if "min" not in shares:
+        return rows
     share = 25
     while min_budget is None and share > 0:
         row = _plan_row(workload, factory, f"{share}%", f"planner {share}%", profile,
@@ -519,7 +544,8 @@ def bench_workload(name: str, factory: Callable, args: argparse.Namespace,
     if "checkpoint" in args.systems:
         rows.append(checkpoint_row(name, factory))
     if "planner" in args.systems:
-        rows.extend(planner_rows(name, factory, profile, args.time_limit, unplanned))
+        rows.extend(planner_rows(name, factory, profile, args.time_limit, unplanned,
+                                 args.planner_shares))
     if "inductor" in args.systems:
         rows.extend(inductor_rows(name, factory, profile, args.time_limit, unplanned,
                                   args.inductor_shares))
@@ -589,6 +615,10 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--inductor-shares", nargs="+", default=["75%", "50%", "30%"])
     ap.add_argument("--compile-budgets", nargs="+", type=float,
                     default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    ap.add_argument("--planner-shares", nargs="+", default=["75%", "60%", "50%", "30%", "min"],
+                    help="planner (eager kernels) budgets; min: scan down to the smallest "
+                         "feasible budget")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]: where every system runs")
     ap.add_argument("--cnn-batch", type=int, default=8,
                     help="images per CNN batch (8 = examples/resnet_cnn.py)")
     ap.add_argument("--warmup", type=int, default=1)
@@ -596,6 +626,8 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--time-limit", type=float, default=10.0, help="planner solver seconds")
     ap.add_argument("--out", type=Path, default=None, help="write the markdown here")
     args = ap.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     warnings.filterwarnings("ignore")
@@ -604,8 +636,8 @@ def main(argv: list[str] | None = None) -> str:
     start = time.perf_counter()
     info: dict[str, Any] = {
         "argv": argv if argv is not None else sys.argv[1:],
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU"
-        if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+        + (torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "no GPU used"),
         "load_before": uptime(),
     }
     profile: Any = "cpu"
@@ -613,21 +645,25 @@ def main(argv: list[str] | None = None) -> str:
         from planner.runtime.calibrate import calibrate
 
         with contextlib.redirect_stderr(sys.stderr):
-            profile = calibrate(quick=True)
+            profile = calibrate(args.device, quick=True)
+        host = (f"host {profile.host_bandwidth / 1e9:.1f} GB/s, "
+                if profile.host_bandwidth else "")
         info["profile"] = (f"matmul {profile.matmul_flops['float32'] / 1e9:.0f} GFLOP/s fp32, "
-                           f"memory {profile.memory_bandwidth / 1e9:.1f} GB/s, disk read "
+                           f"memory {profile.memory_bandwidth / 1e9:.1f} GB/s, {host}disk read "
                            f"{profile.disk_read_bandwidth / 1e9:.2f} GB/s, write "
                            f"{profile.disk_write_bandwidth / 1e9:.2f} GB/s")
     else:
         info["profile"] = "none (planner not run)"
-    factories = {"gpt2": make_gpt2, "cnn": make_cnn(args.cnn_batch)}
-    results = [bench_workload(w, factories[w], args, profile) for w in args.workloads]
-    info["load_after"] = uptime()
-    info["wall"] = time.perf_counter() - start
-    text = render(results, info, args)
+    factories = {"gpt2": on_device(make_gpt2), "cnn": on_device(make_cnn(args.cnn_batch))}
+    results = []
+    for w in args.workloads:
+        results.append(bench_workload(w, factories[w], args, profile))
+        info["load_after"] = uptime()
+        info["wall"] = time.perf_counter() - start
+        text = render(results, info, args)
+        if args.out:  # after each workload: a run cut short keeps what it finished
+            write_report(args.out, text)
     print(text)
-    if args.out:
-        write_report(args.out, text)
     return text
 
 
