@@ -37,7 +37,7 @@ def analyze(
 ) -> Analysis:
     """Capture ``model`` and run every analysis pass: the unplanned picture.
 
-    ``profile``: a built-in name ("h100", "a100", "rtx4090", "t4", "cpu"), a path
+    ``profile``: a built-in name ("h100", "h200", "a100", "rtx4090", "t4", "cpu"), a path
     to a calibrated JSON profile, a DeviceProfile, or None for this machine's.
     ``kernels``: the graph as plans with those kernels run it; with "inductor",
     convolutions take channels-last inputs (``planner.ir.conv_layout``) and

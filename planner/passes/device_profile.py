@@ -115,6 +115,12 @@ class DeviceProfile:
     #: 1 on a CPU (its copy threads run the memcpy and syscalls on the cores the ops
     #: use), 0 on CUDA (copy engines). See ``compute_lost_to_copies``.
     copy_compute_share: float | None = None
+    #: seconds of the issuing thread each copy between the device and a tier takes
+    #: (issuing it, its event, the wait for it), charged as compute time: the same
+    #: thread launches the ops, so on a step bound by kernel launches a copy delays
+    #: every op after it even when the copy engine hides its bytes. 0 on the CPU,
+    #: where ``copy_compute_share`` prices the copy's work instead.
+    copy_issue_seconds: float = 0.0
     #: bytes/s at which the runtime's (de)quantize kernels process a tensor (its
     #: full-precision bytes plus its codes); None: ``memory_bandwidth`` (Triton
     #: kernels on a GPU stream at about memory speed). See ``quantize_throughput``.
@@ -151,6 +157,7 @@ class DeviceProfile:
             "op_overhead_seconds",
             "disk_write_latency_seconds",
             "disk_read_latency_seconds",
+            "copy_issue_seconds",
         ):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -187,6 +194,7 @@ class DeviceProfile:
                 self.disk_write_latency_seconds,
                 self.disk_read_latency_seconds,
                 self.copy_compute_share,
+                self.copy_issue_seconds,
                 self.quantize_bandwidth,
                 self.dequantize_bandwidth,
                 self.disk_cached_read_bandwidth,
@@ -311,6 +319,12 @@ _TFLOPS = 1e12
 _NVME_READ = 7.0 * _GB
 _NVME_WRITE = 5.0 * _GB
 _GPU_OP_OVERHEAD = 10e-6
+# A copy to or from the host costs its issuing thread the Python and CUDA calls of
+# the copy, its event and its wait. Measured on an H200 VM (torch 2.11, BENCHMARKS.md,
+# "CUDA"): a GPT-2 training step ran 10.5 ms unplanned and 41-44 ms with 151-156
+# host/disk copies whose bytes the copy engines hid (est. 0.2 ms of transfers), a
+# ResNet step 7.8 ms and 23-24 ms with 97: 150-220 us per copy. The low end.
+_GPU_COPY_ISSUE = 150e-6
 
 BUILTIN_PROFILES: dict[str, DeviceProfile] = {
     # H100 SXM5 80GB datasheet: FP16/BF16 tensor 989 TFLOP/s dense, FP32 67 TFLOP/s
@@ -324,7 +338,22 @@ BUILTIN_PROFILES: dict[str, DeviceProfile] = {
         disk_read_bandwidth=_NVME_READ,
         disk_write_bandwidth=_NVME_WRITE,
         op_overhead_seconds=_GPU_OP_OVERHEAD,
+        copy_issue_seconds=_GPU_COPY_ISSUE,
         memory_bytes=80 * 2**30,
+    ),
+    # H200 SXM 141GB datasheet: the H100's compute (989 TFLOP/s BF16 dense, FP32 67
+    # TFLOP/s) with HBM3e at 4.8 TB/s; PCIe Gen5 x16.
+    "h200": DeviceProfile(
+        name="h200",
+        device_type="cuda",
+        matmul_flops={"float32": 67 * _TFLOPS, "float16": 989 * _TFLOPS, "bfloat16": 989 * _TFLOPS},
+        memory_bandwidth=4.8e12,
+        host_bandwidth=55 * _GB,
+        disk_read_bandwidth=_NVME_READ,
+        disk_write_bandwidth=_NVME_WRITE,
+        op_overhead_seconds=_GPU_OP_OVERHEAD,
+        copy_issue_seconds=_GPU_COPY_ISSUE,
+        memory_bytes=141 * 10**9,
     ),
     # A100 SXM4 80GB datasheet: FP16/BF16 tensor 312 TFLOP/s dense, FP32 19.5 TFLOP/s,
     # HBM2e 2,039 GB/s; PCIe Gen4 x16.
@@ -341,6 +370,7 @@ BUILTIN_PROFILES: dict[str, DeviceProfile] = {
         disk_read_bandwidth=_NVME_READ,
         disk_write_bandwidth=_NVME_WRITE,
         op_overhead_seconds=_GPU_OP_OVERHEAD,
+        copy_issue_seconds=_GPU_COPY_ISSUE,
         memory_bytes=80 * 2**30,
     ),
     # RTX 4090 (Ada whitepaper): FP16/BF16 tensor with FP32 accumulate 165.2 TFLOP/s
@@ -359,6 +389,7 @@ BUILTIN_PROFILES: dict[str, DeviceProfile] = {
         disk_read_bandwidth=_NVME_READ,
         disk_write_bandwidth=_NVME_WRITE,
         op_overhead_seconds=_GPU_OP_OVERHEAD,
+        copy_issue_seconds=_GPU_COPY_ISSUE,
         memory_bytes=24 * 2**30,
     ),
     # T4 datasheet: FP16 tensor 65 TFLOP/s, FP32 8.1 TFLOP/s, GDDR6 320 GB/s, 16 GB;
@@ -372,6 +403,7 @@ BUILTIN_PROFILES: dict[str, DeviceProfile] = {
         disk_read_bandwidth=_NVME_READ,
         disk_write_bandwidth=_NVME_WRITE,
         op_overhead_seconds=_GPU_OP_OVERHEAD,
+        copy_issue_seconds=_GPU_COPY_ISSUE,
         memory_bytes=16 * 2**30,
     ),
     # A conservative generic CPU: a few cores of AVX2 FMA (~100 GFLOP/s fp32). bf16
@@ -405,7 +437,7 @@ BUILTIN_PROFILES: dict[str, DeviceProfile] = {
 
 # Substrings of torch.cuda.get_device_name() ("NVIDIA H100 80GB HBM3", "Tesla T4")
 # that identify a built-in. "t4" must be a whole word: it is inside other names.
-_GPU_NAME_SUBSTRINGS = (("h100", "h100"), ("a100", "a100"), ("4090", "rtx4090"))
+_GPU_NAME_SUBSTRINGS = (("h100", "h100"), ("h200", "h200"), ("a100", "a100"), ("4090", "rtx4090"))
 _GPU_NAME_WORDS = (("t4", "t4"),)
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from planner.passes.device_profile import DeviceProfile, default_profile_path
+from planner.passes.device_profile import DeviceProfile, builtin_for_gpu, default_profile_path
 
 logger = logging.getLogger(__name__)
 
@@ -395,6 +395,12 @@ def calibrate(
         dequantize_bandwidth=dequantize_bandwidth,
         disk_cached_read_bandwidth=cached_read,
         disk_cached_write_bandwidth=cached_write,
+        # not measured yet: the built-in's figure for this GPU (0 on the CPU)
+        copy_issue_seconds=(
+            builtin_for_gpu(torch.cuda.get_device_name(dev)).copy_issue_seconds
+            if dev.type == "cuda"
+            else 0.0
+        ),
     )
 
 

@@ -179,7 +179,7 @@ def build_candidates(problem: Problem) -> Candidates:
     for t in range(T):
         running += delta[t]
         fixed.append(running)
-    if problem.bandwidths.copy_compute_share:
+    if problem.bandwidths.copy_compute_share or problem.bandwidths.copy_issue:
         for gap in gaps:
             gap.options = [_with_copy_compute(problem, o) for o in gap.options]
     cands = Candidates(problem, gaps, fixed, gaps_of, home_gap)
@@ -207,7 +207,8 @@ def _delivery_start(tensor: Tensor, T: int) -> int | None:
 
 
 def _with_copy_compute(problem: Problem, option: Option) -> Option:
-    """The option with the compute time its copies take (``copy_compute_share``)."""
+    """The option with the compute time its copies take (``copy_compute_share``,
+    ``copy_issue``)."""
     if not option.transfers:
         return option
     bw = problem.bandwidths

@@ -166,6 +166,9 @@ class Bandwidths:
     #: the work (CUDA), 1 on a CPU device, whose copy threads run the memcpy and
     #: syscalls on the cores the ops use (see ``copy_compute_seconds``)
     copy_compute_share: float = 0.0
+    #: compute seconds each copy costs the thread that issues it and launches the
+    #: ops (``DeviceProfile.copy_issue_seconds``), whatever its bytes
+    copy_issue: float = 0.0
 
     def read(self, tier: str) -> float:
         _check_tier(tier)
@@ -204,15 +207,16 @@ class Bandwidths:
         the wait for the disk past it: see ``DeviceProfile.disk_rates``). A read's is
         its fixed cost plus a copy of its bytes out of the page cache
         (``disk_read_work``), not the disk's time: the device fills the page cache
-        on its own (a wait the channel model charges as a stall)."""
+        on its own (a wait the channel model charges as a stall). Plus, on any
+        device, the copy's issue cost (``copy_issue``)."""
         if not self.copy_compute_share:
-            return 0.0
+            return self.copy_issue
         if channel[1] == "read":
             rate = (self.disk_read_work if channel[0] == DISK else None) or self.memory
             work = self.fixed_seconds(channel) + nbytes / rate
         else:
             work = self.copy_seconds(channel, nbytes)
-        return self.copy_compute_share * work
+        return self.copy_issue + self.copy_compute_share * work
 
     def quantize_seconds(self, nbytes: int) -> float:
         """One quantize pass over ``nbytes`` (the tensor's and its codes')."""

@@ -161,6 +161,7 @@ def from_program(
         disk_read_latency=profile.disk_read_latency_seconds,
         disk_write_latency=profile.disk_write_latency_seconds,
         copy_compute_share=profile.compute_lost_to_copies,
+        copy_issue=profile.copy_issue_seconds,
         disk_read_work=disk.read_work,
     )
     return Problem(

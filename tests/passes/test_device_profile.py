@@ -14,7 +14,7 @@ import torch
 from planner.passes import device_profile as dp
 from planner.passes.device_profile import BUILTIN_PROFILES, DeviceProfile, get_profile
 
-GPU_BUILTINS = ("h100", "a100", "rtx4090", "t4")
+GPU_BUILTINS = ("h100", "h200", "a100", "rtx4090", "t4")
 
 
 def _profile(**overrides: object) -> DeviceProfile:
@@ -58,8 +58,11 @@ def test_gpu_builtins_have_host_tier_and_cpu_does_not() -> None:
     for key in GPU_BUILTINS:
         assert BUILTIN_PROFILES[key].device_type == "cuda"
         assert BUILTIN_PROFILES[key].has_host_tier
+        # each copy costs the launching thread its issue (measured on an H200 VM)
+        assert BUILTIN_PROFILES[key].copy_issue_seconds == pytest.approx(150e-6)
     cpu = BUILTIN_PROFILES["cpu"]
     assert cpu.device_type == "cpu" and not cpu.has_host_tier and cpu.host_bandwidth is None
+    assert cpu.copy_issue_seconds == 0.0  # its copies are priced by copy_compute_share
 
 
 def test_builtin_datasheet_figures() -> None:
@@ -121,6 +124,7 @@ def test_load_rejects_bad_files(tmp_path: Path) -> None:
         {"disk_write_bandwidth": math.nan},
         {"host_bandwidth": -5.0},
         {"op_overhead_seconds": -1e-6},
+        {"copy_issue_seconds": -1e-6},
         {"memory_bytes": 0},
         {"disk_cached_read_bandwidth": 0.0},
         {"disk_cached_write_bandwidth": -1.0},
@@ -197,6 +201,7 @@ def test_get_profile_none_matches_the_gpu(
     [
         ("NVIDIA H100 80GB HBM3", "h100"),
         ("NVIDIA H100 PCIe", "h100"),
+        ("NVIDIA H200", "h200"),
         ("NVIDIA A100-SXM4-40GB", "a100"),
         ("NVIDIA GeForce RTX 4090", "rtx4090"),
         ("Tesla T4", "t4"),

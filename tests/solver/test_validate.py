@@ -724,6 +724,27 @@ def test_a_copy_costs_the_cpu_its_work_not_the_disk_wait() -> None:
     assert r.copy_seconds == pytest.approx(0.5 + 100 / 1000)
 
 
+def test_each_copy_costs_its_issue_whatever_its_bytes() -> None:
+    """``copy_issue`` (a CUDA profile's ``copy_issue_seconds``): every copy takes
+    that much compute from the thread that also launches the ops, on top of any
+    share of its work; the validator charges it per copy."""
+    issued = dataclasses.replace(BW, copy_issue=0.125)
+    for channel in ((DISK, "read"), (DISK, "write"), (HOST, "read"), (HOST, "write")):
+        assert issued.copy_compute_seconds(channel, 1) == 0.125
+        assert issued.copy_compute_seconds(channel, 10**6) == 0.125
+    cpu = dataclasses.replace(issued, copy_compute_share=1.0)
+    assert cpu.copy_compute_seconds((DISK, "read"), 100) == pytest.approx(0.125 + 100 / 1000)
+    p = _fetched_weight_problem(issued)
+    r = validate(p, make_plan(p, FETCH_W, homes={"w": DISK}))
+    assert r.copy_seconds == pytest.approx(0.125)  # one fetch
+    plain = _fetched_weight_problem()
+    base = validate(plain, make_plan(plain, FETCH_W, homes={"w": DISK}))
+    # issued at step 0, it delays the ops there, which hid the read's first second:
+    # the stall after shrinks by as much (the read takes its 2 s either way)
+    assert r.stall_seconds == pytest.approx(base.stall_seconds - 0.125)
+    assert r.seconds == pytest.approx(base.seconds)
+
+
 def _gradient_problem(deliverable: bool = True) -> Problem:
     """Training in miniature: ``g`` (100 B, a parameter's gradient) is made at step
     1 and returned; steps 2-3 make ``h`` (60 B) and the returned ``y``."""
