@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +23,15 @@ from planner.passes.device_profile import DeviceProfile, get_profile
 from planner.passes.pipeline import Analysis
 from planner.passes.pipeline import analyze as analyze_captured
 from planner.planned_module import PlannedModule
-from planner.report import Report
+from planner.report import Report, format_bytes
 from planner.runtime.checkpoint import attach_checkpoint
 from planner.runtime.meter import Measurement, measure, measure_training_step
 from planner.runtime.store import check_offload_dir
 from planner.solver import DEFAULT_TIME_LIMIT, Plan, Problem, from_program, solve, validate
 from planner.solver.solve import keep_all_peak
+from planner.verify import checked_peak
+
+log = logging.getLogger(__name__)
 
 
 def analyze(
@@ -206,6 +212,12 @@ def plan(
     is kept (``planner.measured_room``; ``pm.plan.op_level_budget_bytes`` says
     which). It costs a solve and a compile per budget tried (GPT-2's example:
     about a minute); False plans for ``budget`` alone.
+
+    With ``"inductor"`` the plan is checked by the meter before it is returned
+    (``planner.verify``): one call (training: one step) on ``example_inputs``, its
+    effects undone, must hold ``budget``; ``pm.measured`` says what it held. Over
+    the budget, training falls back to the schedule solved for ``budget`` alone;
+    otherwise PlannerError, with the model left whole.
     """
     check_kernels(kernels)  # before any work
     _check_time_limit(time_limit)
@@ -226,10 +238,73 @@ def plan(
         (t.device for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)),
         torch.device("cpu"),
     )
-    assembled = None
-    if kernels == "inductor" and plan is None and measure_room:
+    if kernels != "inductor":  # peaks predicted op by op: the validator's replay
+        return PlannedModule(model, analysis, problem, solved, offload_dir, device, kernels)
+    direct, assembled = solved, None
+    if plan is None and measure_room:
         solved, assembled = plan_by_measured_room(analysis, problem, solved, device, time_limit)
-    return PlannedModule(model, analysis, problem, solved, offload_dir, device, kernels, assembled)
+    pm = PlannedModule(
+        model,
+        analysis,
+        problem,
+        solved,
+        offload_dir,
+        device,
+        kernels,
+        assembled,
+        defer_release=True,
+    )
+    fallback: Callable[[], PlannedModule] | None = None
+    if solved is not direct and mode == "train":  # one training analysis makes more modules
+        fallback = functools.partial(
+            PlannedModule,
+            model,
+            analysis,
+            problem,
+            direct,
+            offload_dir,
+            device,
+            kernels,
+            defer_release=True,
+        )
+    pm = _checked_by_meter(pm, args, kwargs, fallback)
+    pm.release_offloaded(model)
+    return pm
+
+
+def _checked_by_meter(
+    pm: PlannedModule,
+    args: tuple,
+    kwargs: dict[str, Any],
+    fallback: Callable[[], PlannedModule] | None,
+) -> PlannedModule:
+    """``pm`` if one call of it on the example inputs holds its budget by the meter
+    (``planner.verify``; ``pm.measured`` then says how much); else ``fallback()``,
+    checked the same way (the plan solved for the budget alone, when measured room
+    chose another); else PlannerError. A refused module is closed."""
+    measured = checked_peak(pm, args, kwargs)
+    budget = pm.plan.budget_bytes
+    if measured.peak_bytes <= budget:
+        pm.measured = measured
+        return pm
+    over = measured.peak_bytes - budget
+    composed = pm.plan.compiled_peak_bytes
+    pm.close()
+    if fallback is not None:
+        log.warning(
+            "the plan with measured room held %s by the meter, %s over the budget "
+            "(composed: %s); using the plan solved for the budget alone",
+            format_bytes(measured.peak_bytes),
+            format_bytes(over),
+            format_bytes(composed) if composed else "?",
+        )
+        return _checked_by_meter(fallback(), args, kwargs, None)
+    raise PlannerError(
+        f"the compiled plan held {measured.peak_bytes:,} bytes by the meter on the example "
+        f"inputs, {over:,} over the budget of {budget:,} (its compiled runs' measured "
+        f"allocations composed to {composed or 0:,}). Plan with kernels='eager' (peaks "
+        f"predicted op by op), or a budget {over:,} bytes lower"
+    )
 
 
 def measure_unplanned(

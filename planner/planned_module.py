@@ -56,9 +56,13 @@ class PlannedModule(torch.nn.Module):
         device: torch.device | None = None,
         kernels: str = "eager",
         assembled: Assembled | None = None,
+        defer_release: bool = False,
     ) -> None:
         """``assembled``: ``plan``'s executor, already built (``measured_room``
-        builds candidates to choose from); None: built here."""
+        builds candidates to choose from); None: built here. ``defer_release``:
+        leave the weights homed off the device in ``model`` until
+        ``release_offloaded(model)`` (``plan()`` checks a compiled plan by the
+        meter first: a plan it refuses must leave the model whole)."""
         super().__init__()
         captured = analysis.captured
         self.mode = captured.mode
@@ -123,7 +127,11 @@ class PlannedModule(torch.nn.Module):
         self._finalizer = weakref.finalize(self, _close, engine, disk)
         self.offload_dir = disk.root
         try:
-            self._place_state(model, captured.extra.pop("exported_program"), engine)
+            # dropped from the analysis once used (its state dict holds the weights);
+            # a second module of one training analysis takes the model's own tensors
+            self._place_state(model, captured.extra.pop("exported_program", None), engine)
+            if not defer_release:
+                self.release_offloaded(model)
             namespace: dict[str, Any] = {"torch": torch, **self.executor.ops, **assembled.runs}
             exec(compile(self.executor.source, "<planner executor>", "exec"), namespace)
             self._fn = namespace[self.executor.function_name]
@@ -147,6 +155,8 @@ class PlannedModule(torch.nn.Module):
             tensors = dict(model.named_parameters(remove_duplicate=False))
             tensors.update(model.named_buffers(remove_duplicate=False))
         else:
+            if ep is None:
+                raise PlannerError("an inference analysis makes one planned module: plan again")
             tensors = {**ep.state_dict, **ep.constants}
         homes = {d.name: d.home for d in self.plan.tensors}
         self._state_names: list[str] = []
@@ -215,12 +225,19 @@ class PlannedModule(torch.nn.Module):
                     held.add(id(tensor))
         state += self._store_quantized(tensors)  # type: ignore[arg-type]
         self._state = state
+        self._unreleased: tuple[list[str], Any] = (released, ep)
+
+    def release_offloaded(self, model: torch.nn.Module) -> None:
+        """Release the weights homed off the device (or stored quantized) from
+        ``model`` and the exported program: this module reads them from their tier."""
+        released, ep = self._unreleased
         for source in released:
             _release(model, source)
-            if source in ep.state_dict:
+            if ep is not None and source in ep.state_dict:
                 ep.state_dict[source] = ep.state_dict[source].to("meta")
         if released:
             log.info("released %d offloaded weights from the model", len(released))
+        self._unreleased = ([], None)
 
     def _prepare_deliveries(self, tensors: dict[str, torch.Tensor]) -> None:
         """A file-backed buffer, shaped like its parameter, for each gradient the
@@ -398,6 +415,15 @@ class PlannedModule(torch.nn.Module):
                 self._state[self._state_names.index(name)].copy_(new)
         user = outs[self._num_buffer_updates :]
         return pytree.tree_unflatten(user, self._out_spec)
+
+    @property
+    def buffer_updates(self) -> list[str]:
+        """Names of the buffers each call updates in place (BatchNorm statistics)."""
+        return list(self._buffer_updates)
+
+    def state_tensor(self, name: str) -> torch.Tensor:
+        """The tensor the executor holds for the model's state entry ``name``."""
+        return self._state[self._state_names.index(name)]
 
     def run_measured(self, *args: Any, **kwargs: Any) -> Any:
         """Call once under the independent memory meter; ``report`` then shows it."""

@@ -324,7 +324,8 @@ def summary_lines(report: Report) -> list[str]:
         lines.append(line + " (vs the lossless run)")
     if report.measured:
         m = report.measured
-        predicted = report.planned_peak_bytes
+        # a compiled plan's prediction is its composed peak (runs compiled)
+        predicted = report.compiled_peak_bytes or report.planned_peak_bytes
         line = (
             f"measured peak:      {format_bytes(m['peak_bytes'])} "
             f"(predicted/measured {predicted / m['peak_bytes']:.3f}, independent meter)"
