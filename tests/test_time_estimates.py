@@ -9,7 +9,8 @@ absolute comparison measures the neighbours: on the 2-core VM this was written o
 the eager ResNet example took 5.1-8.0 ms per call within one minute of one process
 (3.2 ms earlier the same day), more than the band. The absolute ratios are in
 BENCHMARKS.md (estimates). A case tries up to ``ATTEMPTS`` fresh plans and fails
-only if none lands within the band; a wrong cost model fails every attempt (before
+only if none lands within the band, each attempt after the first on a fresh
+calibration; a wrong cost model fails every attempt (before
 disk reads were priced at page-cache rates, the MLP at 50% ran in 0.38x its
 estimate, with eager as fast as its estimate said).
 """
@@ -77,8 +78,13 @@ def test_measured_time_is_within_25_percent_of_the_estimate(
     name: str, fraction: float, profile
 ) -> None:
     ratios = []
-    for _ in range(ATTEMPTS):
-        ratio = _measured_over_estimated(name, fraction, profile)
+    for attempt in range(ATTEMPTS):
+        # the module's profile was measured once, perhaps in a burst of other load
+        # (in two full runs of one day, only the MLP at 75% missed, all 3 plans at
+        # 1.33-1.52, and passed alone): later attempts measure the machine again
+        ratio = _measured_over_estimated(
+            name, fraction, profile if attempt == 0 else calibrate("cpu", quick=True)
+        )
         if abs(ratio - 1) <= TOLERANCE:
             return
         ratios.append(ratio)
