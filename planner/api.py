@@ -240,34 +240,17 @@ def plan(
     )
     if kernels != "inductor":  # peaks predicted op by op: the validator's replay
         return PlannedModule(model, analysis, problem, solved, offload_dir, device, kernels)
+    module_of = functools.partial(
+        PlannedModule, model, analysis, problem,
+        offload_dir=offload_dir, device=device, kernels=kernels, defer_release=True,
+    )  # fmt: skip
     direct, assembled = solved, None
     if plan is None and measure_room:
         solved, assembled = plan_by_measured_room(analysis, problem, solved, device, time_limit)
-    pm = PlannedModule(
-        model,
-        analysis,
-        problem,
-        solved,
-        offload_dir,
-        device,
-        kernels,
-        assembled,
-        defer_release=True,
-    )
     fallback: Callable[[], PlannedModule] | None = None
     if solved is not direct and mode == "train":  # one training analysis makes more modules
-        fallback = functools.partial(
-            PlannedModule,
-            model,
-            analysis,
-            problem,
-            direct,
-            offload_dir,
-            device,
-            kernels,
-            defer_release=True,
-        )
-    pm = _checked_by_meter(pm, args, kwargs, fallback)
+        fallback = functools.partial(module_of, direct)
+    pm = _checked_by_meter(module_of(solved, assembled=assembled), args, kwargs, fallback)
     pm.release_offloaded(model)
     return pm
 
@@ -284,8 +267,7 @@ def _checked_by_meter(
     chose another); else PlannerError. A refused module is closed."""
     measured = checked_peak(pm, args, kwargs)
     budget = pm.plan.budget_bytes
-    if measured.peak_bytes <= budget:
-        pm.measured = measured
+    if measured.peak_bytes <= budget:  # pm.measured holds it (the metered call's)
         return pm
     over = measured.peak_bytes - budget
     composed = pm.plan.compiled_peak_bytes

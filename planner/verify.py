@@ -20,9 +20,8 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils import _pytree as pytree
 
-from planner.runtime.meter import Measurement, measure
+from planner.runtime.meter import Measurement
 
 if TYPE_CHECKING:
     from planner.planned_module import PlannedModule
@@ -49,24 +48,15 @@ def _untouched(pm: PlannedModule) -> Iterator[None]:
 
 
 def metered_call(pm: PlannedModule, args: tuple, kwargs: dict[str, Any]) -> Measurement:
-    """One call of ``pm`` (training: forward, then backward of the sum of its
-    outputs that require grad) under the meter, its effects undone."""
-
-    def call() -> Any:
-        out = pm(*args, **kwargs)
-        if pm.mode == "train":
-            leaves = [
-                t
-                for t in pytree.tree_leaves(out)
-                if isinstance(t, torch.Tensor) and t.requires_grad
-            ]
-            if leaves:
-                sum(t.sum() for t in leaves).backward()  # type: ignore[union-attr]
-        return None
-
+    """One call of ``pm`` under the meter (``run_measured``; training:
+    ``run_measured_step``, forward and backward), its effects undone."""
     with _untouched(pm):
-        _, measured = measure(call, pm, (args, kwargs), device=pm.device.type)
-    return measured
+        if pm.mode == "train":
+            pm.run_measured_step(*args, **kwargs)
+        else:
+            pm.run_measured(*args, **kwargs)
+    assert pm.measured is not None
+    return pm.measured
 
 
 def checked_peak(pm: PlannedModule, args: tuple, kwargs: dict[str, Any]) -> Measurement:

@@ -11,7 +11,6 @@ from torch import nn
 
 import planner
 from planner.codegen import segments
-from planner.runtime.meter import measure
 
 
 @pytest.fixture(autouse=True)
@@ -33,13 +32,9 @@ def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _measured_step(pm: planner.PlannedModule, inputs: tuple) -> tuple[torch.Tensor, int]:
-    def step() -> torch.Tensor:
-        loss = pm(*inputs)
-        loss.backward()
-        return loss
-
-    loss, measured = measure(step, pm, inputs)
-    return loss.detach(), measured.peak_bytes
+    loss = pm.run_measured_step(*inputs)  # forward + backward under the meter
+    assert pm.measured is not None
+    return loss.detach(), pm.measured.peak_bytes
 
 
 def test_gpt2_at_half_its_peak_runs_a_schedule_solved_for_more(tmp_path) -> None:  # type: ignore[no-untyped-def]

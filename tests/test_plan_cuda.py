@@ -24,7 +24,6 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 import planner
-from planner.runtime.meter import measure
 
 #: assert_close's tolerance against eager: ResNet's covers BatchNorm's two kernels
 #: (see above); GPT-2's is the default
@@ -71,16 +70,11 @@ def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _step(pm: nn.Module, inputs: tuple) -> tuple[torch.Tensor, int]:
-    """One forward + backward under the meter: (loss, measured peak bytes)."""
-
-    def step() -> torch.Tensor:
-        loss = pm(*inputs)
-        loss.backward()
-        return loss
-
-    loss, measured = measure(step, pm, inputs, device="cuda")
-    return loss.detach(), measured.peak_bytes
+def _step(pm: planner.PlannedModule, inputs: tuple) -> tuple[torch.Tensor, int]:
+    """One forward + backward under the meter (CUDA's): (loss, measured peak bytes)."""
+    loss = pm.run_measured_step(*inputs)
+    assert pm.measured is not None
+    return loss.detach(), pm.measured.peak_bytes
 
 
 def _check_against_eager(name: str, got: torch.Tensor, eager: torch.Tensor) -> None:

@@ -326,34 +326,26 @@ _GPU_OP_OVERHEAD = 10e-6
 # ResNet step 7.8 ms and 23-24 ms with 97: 150-220 us per copy. The low end.
 _GPU_COPY_ISSUE = 150e-6
 
+# H100 SXM5 80GB datasheet: FP16/BF16 tensor 989 TFLOP/s dense, FP32 67 TFLOP/s
+# (CUDA cores, no TF32), HBM3 3.35 TB/s; PCIe Gen5 x16.
+_H100 = DeviceProfile(
+    name="h100",
+    device_type="cuda",
+    matmul_flops={"float32": 67 * _TFLOPS, "float16": 989 * _TFLOPS, "bfloat16": 989 * _TFLOPS},
+    memory_bandwidth=3.35e12,
+    host_bandwidth=55 * _GB,
+    disk_read_bandwidth=_NVME_READ,
+    disk_write_bandwidth=_NVME_WRITE,
+    op_overhead_seconds=_GPU_OP_OVERHEAD,
+    copy_issue_seconds=_GPU_COPY_ISSUE,
+    memory_bytes=80 * 2**30,
+)
+
 BUILTIN_PROFILES: dict[str, DeviceProfile] = {
-    # H100 SXM5 80GB datasheet: FP16/BF16 tensor 989 TFLOP/s dense, FP32 67 TFLOP/s
-    # (CUDA cores, no TF32), HBM3 3.35 TB/s; PCIe Gen5 x16.
-    "h100": DeviceProfile(
-        name="h100",
-        device_type="cuda",
-        matmul_flops={"float32": 67 * _TFLOPS, "float16": 989 * _TFLOPS, "bfloat16": 989 * _TFLOPS},
-        memory_bandwidth=3.35e12,
-        host_bandwidth=55 * _GB,
-        disk_read_bandwidth=_NVME_READ,
-        disk_write_bandwidth=_NVME_WRITE,
-        op_overhead_seconds=_GPU_OP_OVERHEAD,
-        copy_issue_seconds=_GPU_COPY_ISSUE,
-        memory_bytes=80 * 2**30,
-    ),
-    # H200 SXM 141GB datasheet: the H100's compute (989 TFLOP/s BF16 dense, FP32 67
-    # TFLOP/s) with HBM3e at 4.8 TB/s; PCIe Gen5 x16.
-    "h200": DeviceProfile(
-        name="h200",
-        device_type="cuda",
-        matmul_flops={"float32": 67 * _TFLOPS, "float16": 989 * _TFLOPS, "bfloat16": 989 * _TFLOPS},
-        memory_bandwidth=4.8e12,
-        host_bandwidth=55 * _GB,
-        disk_read_bandwidth=_NVME_READ,
-        disk_write_bandwidth=_NVME_WRITE,
-        op_overhead_seconds=_GPU_OP_OVERHEAD,
-        copy_issue_seconds=_GPU_COPY_ISSUE,
-        memory_bytes=141 * 10**9,
+    "h100": _H100,
+    # H200 SXM 141GB datasheet: the H100's compute with HBM3e at 4.8 TB/s, 141 GB
+    "h200": dataclasses.replace(
+        _H100, name="h200", memory_bandwidth=4.8e12, memory_bytes=141 * 10**9
     ),
     # A100 SXM4 80GB datasheet: FP16/BF16 tensor 312 TFLOP/s dense, FP32 19.5 TFLOP/s,
     # HBM2e 2,039 GB/s; PCIe Gen4 x16.

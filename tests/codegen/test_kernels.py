@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -22,40 +24,23 @@ from planner.runtime.quant import GROUP, Quantized, dequantize, quantize  # noqa
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _moved(q: Quantized, device: torch.device | str) -> Quantized:
-    zero = None if q.zero is None else q.zero.to(device)
-    return dataclasses.replace(q, codes=q.codes.to(device), scale=q.scale.to(device), zero=zero)
+def _to(x: torch.Tensor | Quantized, device: torch.device | str) -> torch.Tensor | Quantized:
+    if isinstance(x, Quantized):
+        zero = None if x.zero is None else x.zero.to(device)
+        return dataclasses.replace(x, codes=x.codes.to(device), scale=x.scale.to(device), zero=zero)
+    return x.to(device)
 
 
 class _OnDevice:
-    """``kernels``' entry points run on ``DEVICE``, taking and returning CPU data."""
+    """``kernels``' entry points run on ``DEVICE``, taking and returning CPU data
+    (tensors and ``Quantized``)."""
 
-    @staticmethod
-    def quantize_int8(x: torch.Tensor) -> Quantized:
-        return _moved(kernels.quantize_int8(x.to(DEVICE)), "cpu")
-
-    @staticmethod
-    def quantize_int4(x: torch.Tensor) -> Quantized:
-        return _moved(kernels.quantize_int4(x.to(DEVICE)), "cpu")
-
-    @staticmethod
-    def dequantize_int8(q: Quantized) -> torch.Tensor:
-        return kernels.dequantize_int8(_moved(q, DEVICE)).cpu()
-
-    @staticmethod
-    def dequantize_int4(q: Quantized) -> torch.Tensor:
-        return kernels.dequantize_int4(_moved(q, DEVICE)).cpu()
-
-    @staticmethod
-    def dequant_matmul_int8(a: torch.Tensor, q: Quantized) -> torch.Tensor:
-        return kernels.dequant_matmul_int8(a.to(DEVICE), _moved(q, DEVICE)).cpu()
-
-    @staticmethod
-    def dequant_matmul_int4(a: torch.Tensor, q: Quantized) -> torch.Tensor:
-        return kernels.dequant_matmul_int4(a.to(DEVICE), _moved(q, DEVICE)).cpu()
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        kernel = getattr(kernels, name)
+        return lambda *args: _to(kernel(*(_to(a, DEVICE) for a in args)), "cpu")
 
 
-on_device = _OnDevice
+on_device = _OnDevice()
 
 SHAPES = [(1, 1), (3, 5), (7, 64), (33, 130), (2, 3, 65), (4, 600), ()]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
