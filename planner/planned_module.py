@@ -241,14 +241,18 @@ class PlannedModule(torch.nn.Module):
 
     def _prepare_deliveries(self, tensors: dict[str, torch.Tensor]) -> None:
         """A file-backed buffer, shaped like its parameter, for each gradient the
-        plan delivers early (``Runtime.deliver`` makes it the parameter's .grad)."""
+        plan delivers early (``Runtime.deliver`` makes it the parameter's .grad);
+        none for a delivery to the host tier (CUDA): each copies into new host memory."""
         program = self.analysis.program
         param_of = {program.values[v].storage: fqn for v, fqn in program.meta[PARAM_GRADS].items()}
-        delivered = {a.tensor for a in self.plan.actions if a.kind == "deliver"}
+        delivered = {a.tensor: a.tier for a in self.plan.actions if a.kind == "deliver"}
         for tensor in self.problem.tensors:
             if tensor.name not in delivered:
                 continue
             param = tensors[param_of[tensor.index]]
+            if delivered[tensor.name] == "host":  # CUDA: copied to new host memory
+                self._runtime.deliveries[tensor.name] = (param, None)
+                continue
             key = f"grad:{tensor.name}"
             buffer = self._disk.create_mapped(key, param.detach())
             self._weight_keys.add(key)
@@ -396,6 +400,7 @@ class PlannedModule(torch.nn.Module):
             try:
                 self._engine.drain()
             finally:
+                self._runtime.arriving.clear()  # half a backward delivers nothing
                 for key in [k for k in self._disk.entries if k not in self._weight_keys]:
                     self._disk.discard(key)
             raise
@@ -572,6 +577,7 @@ class _PlannedStep(torch.autograd.Function):
         carry, ctx.carry = ctx.carry, None
         pm._check_open()
         grads = pm._run(pm._bw, carry, tangents)
+        pm._runtime.finish_deliveries()  # CUDA: gradients copied to the host land in .grad
         out = []
         for k, device in zip(pm._grad_slots, ctx.devices):
             g = None if k is None else grads[k]

@@ -11,7 +11,10 @@ from conftest import WithLoss, load_example
 from torch import nn
 
 import planner
+from planner import planned_module
+from planner.runtime.copy_engine import Pending, ThreadCopyEngine
 from planner.runtime.meter import measure
+from planner.runtime.store import DiskStore
 
 
 def _fresh(name: str):
@@ -226,6 +229,97 @@ def test_parameters_and_gradients_leave_the_device_zero_offload_style() -> None:
         pm.close()
 
 
+class _HostTierInMemory(ThreadCopyEngine):
+    """CUDA's copy engine as the executor sees it, on the CPU: a ``host`` tier held
+    in a dict, copies made at once (no streams). Lets a plan solved for a GPU
+    profile run here, down to its deliveries to the host (``copy_to_host``)."""
+
+    def __init__(self, disk: DiskStore) -> None:
+        super().__init__(disk)
+        self.host: dict[str, torch.Tensor] = {}
+        self.copied_to_host = 0
+
+    def _check_tier(self, tier: str) -> None:
+        assert tier == "disk", tier
+
+    def prefetch(self, key: str, tier: str) -> Pending:
+        return Pending(self.host[key].clone()) if tier == "host" else super().prefetch(key, tier)
+
+    def read_now(self, key: str, tier: str) -> torch.Tensor:
+        return self.host[key].clone() if tier == "host" else super().read_now(key, tier)
+
+    def offload(self, key: str, tier: str, tensor: torch.Tensor) -> Pending:
+        if tier != "host":
+            return super().offload(key, tier, tensor)
+        self.host[key] = tensor.clone()
+        return Pending(tensor)
+
+    def write_now(self, key: str, tier: str, tensor: torch.Tensor) -> None:
+        self.wait(self.offload(key, tier, tensor))
+
+    def store_now(self, key: str, tier: str, tensor: torch.Tensor) -> None:
+        if tier == "host":
+            self.host[key] = tensor.clone()
+        else:
+            super().store_now(key, tier, tensor)
+
+    def home_tensor(self, key: str, tier: str) -> torch.Tensor:
+        return self.host[key] if tier == "host" else super().home_tensor(key, tier)
+
+    def copy_to_host(self, tensor: torch.Tensor) -> tuple[torch.Tensor, Pending]:
+        self.copied_to_host += 1
+        return tensor.clone(memory_format=torch.preserve_format), Pending(tensor)
+
+
+def test_gradients_delivered_to_the_host_as_planned_for_cuda(monkeypatch) -> None:
+    """A plan solved for a GPU profile at half the parameters' bytes (CUDA held
+    every gradient until the backward ended, so parameters + gradients was its
+    floor): parameters homed on the host, gradients of those delivered there as
+    soon as they are made (ZeRO-Offload's gradient offload). Run here through a
+    host tier in memory: the deliveries reach .grad, equal to the unplanned
+    graph's bit for bit, and accumulate like autograd's when not cleared."""
+    engines: list[_HostTierInMemory] = []
+
+    def engine(device: torch.device, disk: DiskStore) -> _HostTierInMemory:
+        engines.append(_HostTierInMemory(disk))
+        return engines[-1]
+
+    monkeypatch.setattr(planned_module, "make_engine", engine)
+    torch.manual_seed(0)
+    x = torch.randn(64, 256)
+
+    def fresh() -> nn.Module:
+        torch.manual_seed(0)
+        return WithLoss(nn.Sequential(*[nn.Linear(256, 256) for _ in range(6)]))
+
+    eager = fresh()
+    reference = planner.plan(eager, "100%", (x,), mode="train", profile="cpu")
+    reference(x).backward()  # the captured graph, unplanned
+    expected = _grads(eager)
+    reference.close()
+    model = fresh()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    pm = planner.plan(model, weights // 2, (x,), mode="train", profile="h100", time_limit=10)
+    try:
+        homes = {d.name: d.home for d in pm.plan.tensors if d.kind == "param"}
+        delivered = {a.tensor: a.tier for a in pm.plan.actions if a.kind == "deliver"}
+        assert delivered and set(delivered.values()) == {"host"}
+        for grad in delivered:  # only a parameter that lives off the device
+            assert homes[grad.removeprefix("grad of ")] in ("host", "disk"), grad
+        pm(x).backward()
+        assert engines[-1].copied_to_host == len(delivered)
+        grads = _grads(model)
+        assert grads.keys() == expected.keys()
+        for key, grad in grads.items():
+            assert torch.equal(grad, expected[key]), key
+            assert grad.stride() == dict(model.named_parameters())[key].stride(), key
+        pm(x).backward()  # not cleared: added, as autograd does
+        for key, grad in _grads(model).items():
+            assert torch.equal(grad, expected[key] * 2), key
+    finally:
+        pm.close()
+
+
 def test_replanning_a_model_whose_parameters_live_in_files() -> None:
     """Planning again (another budget) a model an earlier plan moved to files: a
     device home brings the data back into memory, a disk home maps a new file, and
@@ -255,12 +349,11 @@ def test_replanning_a_model_whose_parameters_live_in_files() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_parameters_live_on_the_host_between_uses() -> None:
-    """ZeRO-Offload on CUDA: at a budget below the parameters' and gradients' bytes
-    together, parameters the plan homes on the host become pinned CPU tensors (the
-    optimizer runs there), each step uploads them, and their gradients arrive on the
-    host; gradients equal eager's and the device's metered peak stays within the
-    budget. (On CUDA gradients are not delivered early: each is held on the device
-    until the backward ends, so the budget must hold them all.)"""
+    """ZeRO-Offload on CUDA: at half the parameters' bytes, parameters the plan
+    homes on the host become pinned CPU tensors (the optimizer runs there), each
+    step uploads them, and gradients of such parameters are delivered to the host
+    as they are made (copied in the background); gradients equal eager's and the
+    device's metered peak stays within the budget."""
     torch.manual_seed(0)
     eager = WithLoss(nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(8)])).cuda()
     x = torch.randn(256, 1024, device="cuda")
@@ -269,11 +362,12 @@ def test_cuda_parameters_live_on_the_host_between_uses() -> None:
     torch.manual_seed(0)
     model = WithLoss(nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(8)])).cuda()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    budget = weights + weights // 4
+    budget = weights // 2
     pm = planner.plan(model, budget, (x,), mode="train", profile="h100", time_limit=10)
     try:
         homes = [d.home for d in pm.plan.tensors if d.kind == "param"]
         assert "host" in homes or "disk" in homes
+        assert any(a.kind == "deliver" and a.tier == "host" for a in pm.plan.actions)
         moved = [p for p in model.parameters() if p.device.type == "cpu"]
         assert moved and all(p.is_pinned() or _file_backed(p) for p in moved)
         loss, measured = measure(lambda: pm(x).backward(), pm, (x,), device="cuda")

@@ -612,6 +612,16 @@ class _Emitter:
             var = self._fresh(self.program.values[base].name)
             L.append(f"    {var} = rt.dequantize({self.stored[s]})  # full copy for this use")
             self._bind(base, var)
+        elif a.kind == "deliver" and a.tier == "host":  # CUDA: copied in the background
+            value = self.returned_value[s]
+            param = self.program.meta.get(PARAM_GRADS, {}).get(value, "its parameter")
+            h = self._fresh(f"pending_{self.program.values[base].name}")
+            self.handles[s] = h
+            self.writing.add(s)  # the device copy stays until its wait and free
+            L.append(
+                f"    {h} = rt.deliver({key}, {self._expr(value)})  # into {param}.grad (host)"
+            )
+            self.delivered.add(s)
         elif a.kind == "deliver":
             value = self.returned_value[s]
             param = self.program.meta.get(PARAM_GRADS, {}).get(value, "its parameter")

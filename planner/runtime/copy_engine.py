@@ -67,6 +67,17 @@ class CopyEngine:
         it, so the optimizer's in-place updates reach the next step."""
         raise NotImplementedError
 
+    def copy_to_host(self, tensor: torch.Tensor) -> tuple[torch.Tensor, Pending]:
+        """Start copying a device tensor into new host memory of its layout (a
+        gradient delivered to its host-homed parameter): (the host tensor, the
+        pending write, which ``wait`` orders before later ops and ``synchronize``
+        completes for the host)."""
+        raise NotImplementedError(f"{type(self).__name__} has no host tier")
+
+    def synchronize(self, pending: Pending) -> None:
+        """Block the calling thread until ``pending``'s copy is complete."""
+        self.wait(pending)
+
     def drain(self) -> None:
         """Block until every copy issued so far has finished (successfully or not);
         their errors are dropped. For a run that stopped half-way: afterwards no
@@ -261,6 +272,25 @@ class CudaCopyEngine(CopyEngine):
             self.disk.write(key, buf, checksum=False)  # transient: read back this call
 
         return Pending(tensor, future=self._io.submit(write_when_copied), event=event)
+
+    def copy_to_host(self, tensor: torch.Tensor) -> tuple[torch.Tensor, Pending]:
+        entry = describe(tensor)
+        raw = torch.empty(entry.nbytes, dtype=torch.uint8, pin_memory=True)
+        host = torch.empty(0, dtype=entry.dtype).set_(
+            raw.untyped_storage(), entry.offset, entry.shape, entry.stride
+        )
+        compute = torch.cuda.current_stream(self.device)
+        self.d2h.wait_stream(compute)
+        with torch.cuda.stream(self.d2h):
+            host.untyped_storage().copy_(tensor.untyped_storage(), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.d2h)
+        tensor.record_stream(self.d2h)
+        return host, Pending(tensor, event=event)
+
+    def synchronize(self, pending: Pending) -> None:
+        if pending.event is not None:
+            pending.event.synchronize()
 
     def wait(self, pending: Pending) -> torch.Tensor:
         if pending.future is not None:

@@ -57,8 +57,10 @@ class Runtime:
         #: weights read quantized whose lookups gather exact rows: key -> full copy
         self.exact_rows: dict[str, torch.Tensor] = {}
         #: training: gradient key -> (its parameter, the file-backed buffer that
-        #: becomes the parameter's .grad), for ``deliver``
-        self.deliveries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        #: becomes the parameter's .grad; None on CUDA, see ``deliver``)
+        self.deliveries: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        #: CUDA: gradients on their way to the host: (parameter, host copy, copy)
+        self.arriving: list[tuple[torch.Tensor, torch.Tensor, Pending]] = []
 
     def prefetch(self, key: str, tier: str) -> Pending | QuantizedCopy:
         layout = self._quantized_copies.get(key)
@@ -124,17 +126,40 @@ class Runtime:
         tensor = self.engine.wait(pending)
         return tensor.requires_grad_() if pending.requires_grad else tensor
 
-    def deliver(self, key: str, grad: torch.Tensor) -> None:
+    def deliver(self, key: str, grad: torch.Tensor) -> Pending | None:
         """Hand a parameter its gradient now, as autograd's accumulation would at
-        the end of the backward: the first gradient is copied into the parameter's
-        file-backed buffer, which becomes its ``.grad``; a later one is added to the
-        existing ``.grad`` in place. The device copy can then be freed."""
+        the end of the backward. On a CPU device: the first gradient is copied into
+        the parameter's file-backed buffer, which becomes its ``.grad``; a later one
+        is added to the existing ``.grad`` in place; the device copy can then be
+        freed (returns None). On CUDA (the parameter lives on the host): the copy to
+        host memory is started and returned, to ``wait`` for before the device copy
+        is freed; ``finish_deliveries`` hands it to the parameter."""
         param, buffer = self.deliveries[key]
+        if buffer is None:
+            host, pending = self.engine.copy_to_host(grad)
+            self.arriving.append((param, host, pending))
+            return pending
         if param.grad is None:
             buffer.copy_(grad)
             param.grad = buffer
         else:
             param.grad += grad
+        return None
+
+    def finish_deliveries(self) -> None:
+        """At the end of the backward (CUDA): wait for the gradients copied to the
+        host and accumulate each into its parameter's ``.grad`` as autograd does:
+        the first becomes it (in the parameter's strides, autograd's layout
+        contract), a later one is added in place."""
+        arriving, self.arriving = self.arriving, []
+        for param, host, pending in arriving:
+            self.engine.synchronize(pending)
+            if param.grad is not None:
+                param.grad += host
+            elif host.stride() == param.stride() and _dense(host):
+                param.grad = host
+            else:
+                param.grad = torch.empty_like(param).copy_(host)
 
     @contextlib.contextmanager
     def recording_errors(self, errors: dict[str, dict[str, float]]) -> Iterator[None]:
@@ -218,3 +243,9 @@ def _triton_ready(device: torch.device) -> bool:
     except ImportError:
         return False
     return use_triton(device)
+
+
+def _dense(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is the whole of its storage (no offset, nothing else)."""
+    whole = tensor.numel() * tensor.element_size() == tensor.untyped_storage().nbytes()
+    return tensor.storage_offset() == 0 and whole

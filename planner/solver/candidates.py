@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from planner.solver.problem import (
     DISK,
+    HOST,
     Problem,
     Tensor,
     quantize_scratch_bytes,
@@ -51,9 +52,12 @@ QOFFLOAD = "qoffload"
 QFETCH = "qfetch"
 #: Choices a weight makes once, on its home gap, for every gap it has.
 WHOLE_TENSOR_CHOICES = (STORED, QFETCH)
-#: ``deliver:disk``: a parameter's gradient written into the parameter's
-#: file-backed ``.grad`` right after its last event, instead of staying on the
-#: device until the step returns it (the gap from there to the end offers it).
+#: ``deliver:<tier>``: a parameter's gradient handed to the parameter's ``.grad``
+#: right after its last event, instead of staying on the device until the step
+#: returns it (the gap from there to the end offers it). On a CPU device
+#: ``deliver:disk``, written at once into a file-backed ``.grad``; on CUDA
+#: ``deliver:host``, copied to host memory in the background like an offload's
+#: write (``:sync``: waited for at once), for a parameter whose home is a tier.
 DELIVER = "deliver"
 
 
@@ -165,13 +169,7 @@ def build_candidates(problem: Problem) -> Candidates:
             gaps.append(gap)
         if deliver_from is not None:
             final = Gap(tensor.index, len(own), deliver_from, T)
-            final.options = [
-                Option(KEEP, present=((deliver_from + 1, T - 1),)),
-                Option(
-                    f"{DELIVER}:{DISK}",
-                    seconds=problem.bandwidths.deliver_seconds(tensor.nbytes),
-                ),
-            ]
+            final.options = _delivery_options(problem, tensor, deliver_from)
             own.append(len(gaps))
             gaps.append(final)
         gaps_of[tensor.index] = own
@@ -204,6 +202,36 @@ def _delivery_start(tensor: Tensor, T: int) -> int | None:
         return None
     last = max([tensor.appears_at, *tensor.uses])
     return last if last < T - 1 else None
+
+
+def _delivery_options(problem: Problem, tensor: Tensor, a: int) -> list[Option]:
+    """The final gap of a deliverable gradient, from its last event ``a`` to the
+    end: kept until the step returns it, or delivered (see ``DELIVER``)."""
+    T = problem.num_steps
+    keep = Option(KEEP, present=((a + 1, T - 1),))
+    if tensor.delivery_needs_home_of is None:  # a CPU device: one synchronous pass
+        seconds = problem.bandwidths.deliver_seconds(tensor.nbytes)
+        return [keep, Option(f"{DELIVER}:{DISK}", seconds=seconds)]
+    options = [keep]
+    write_end = _write_window_end(problem, tensor.nbytes, HOST, a)
+    if write_end > a:  # the copy hidden behind the ops up to write_end
+        window = (a + 1, write_end)
+        options.append(
+            Option(
+                f"{DELIVER}:{HOST}",
+                present=(window,),
+                transfers=(Transfer((HOST, "write"), tensor.nbytes, window),),
+                write_done_at=write_end,
+            )
+        )
+    options.append(  # waited for at once: nothing held after ``a``
+        Option(
+            f"{DELIVER}:{HOST}:sync",
+            transfers=(Transfer((HOST, "write"), tensor.nbytes, (a + 1, a)),),
+            write_done_at=a,
+        )
+    )
+    return options
 
 
 def _with_copy_compute(problem: Problem, option: Option) -> Option:

@@ -15,7 +15,9 @@ Constraints (each family in its own method)
               in all its gaps;
     reload:   reading back an offloaded tensor without writing it again needs the
               previous gap to have written (or reloaded) it from the same tier;
-    needs:    a recompute at step b needs each input kept on the device at b.
+    needs:    a recompute at step b needs each input kept on the device at b;
+    delivery: on CUDA a gradient is delivered to the host only if its parameter's
+              home is a tier (its ``.grad`` lives on the parameter's device).
 Objective
     sum_t stall[t] + sum_{g,o} x[g,o] * (seconds_o + uncovered copy time_o).
 """
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 from ortools.sat.python import cp_model
 
 from planner.solver.candidates import (
+    DELIVER,
     HOME,
     KEEP,
     WHOLE_TENSOR_CHOICES,
@@ -84,6 +87,7 @@ class PlacementModel:
         self._add_home_constraints()
         self._add_reload_constraints()
         self._add_recompute_needs()
+        self._add_delivery_constraints()
         if self.peak is not None:
             self.model.minimize(self.peak)
         else:
@@ -225,6 +229,23 @@ class PlacementModel:
                             self.model.add(var <= cp_model.LinearExpr.sum(homes))
                         else:
                             self.model.add(var == 0)
+
+    def _add_delivery_constraints(self) -> None:
+        """deliver <= the parameter's home is a tier (any fetch option of its home gap)."""
+        for tensor in self.problem.tensors:
+            param = tensor.delivery_needs_home_of
+            if param is None or tensor.index not in self.cands.gaps_of:
+                continue
+            home_gi = self.cands.home_gap.get(param)
+            off_device = (
+                [v for c, v in self.x[home_gi].items() if parse_choice(c)[0] == "fetch"]
+                if home_gi is not None
+                else []
+            )
+            for gi in self.cands.gaps_of[tensor.index]:
+                for choice, var in self.x[gi].items():
+                    if parse_choice(choice)[0] == DELIVER:
+                        self.model.add(var <= cp_model.LinearExpr.sum(off_device))
 
     def _add_reload_constraints(self) -> None:
         for gaps in self.cands.gaps_of.values():

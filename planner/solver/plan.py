@@ -30,9 +30,11 @@ Action kinds (``tensor`` names a Problem tensor):
   (both exist while it runs). For a weight stored quantized (below) the quantized
   copy stays: ``dequantize`` makes a full copy for one use, ``free`` drops it.
 - ``deliver`` (tier): a parameter's gradient (a ``deliverable`` tensor, resident
-  in full precision, no copy pending) is written into the parameter's ``.grad``,
-  which lives in ``tier`` (a file-backed map), and leaves the device at once; it
-  then counts as returned.
+  in full precision, no copy pending) is handed to the parameter's ``.grad``, and
+  then counts as returned. To the disk tier (a CPU device): written at once into a
+  file-backed map, it leaves the device then. To the host tier (CUDA; only for a
+  parameter whose home is a tier): a copy like an offload's write, then ``wait``
+  and ``free`` as for an offload.
 
 Initial state: weights and buffers with ``home == "device"`` and user inputs are
 resident; weights with ``home == "device:<format>"`` are stored quantized on the

@@ -115,10 +115,15 @@ class Tensor:
     #: (step, bytes of the rows): the fused uses that are lookups (``embedding``);
     #: they read only those rows, where the others dequantize the whole weight
     fused_lookups: tuple[tuple[int, int], ...] = ()
-    #: a parameter's gradient that may leave the device as soon as it is made:
-    #: written into the parameter's ``.grad`` in its disk tier (file-backed memory
-    #: the optimizer reads there) instead of being returned at the end of the step
+    #: a parameter's gradient that may leave the device as soon as it is made,
+    #: into the parameter's ``.grad`` instead of being returned at the end of the
+    #: step: on a CPU device written into a file-backed buffer (the disk tier, where
+    #: the optimizer reads it); on CUDA copied in the background to host memory
     deliverable: bool = False
+    #: CUDA: the parameter (tensor index) whose home must be a tier for this
+    #: gradient to be delivered, since a ``.grad`` lives on its parameter's device
+    #: (the host when the parameter's home is off the device); None on a CPU device
+    delivery_needs_home_of: int | None = None
 
     def fused_work_bytes(self, step: int, quantized_nbytes: int) -> int:
         """Bytes a fused use at ``step`` dequantizes (codes read plus values made):

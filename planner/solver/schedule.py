@@ -130,6 +130,9 @@ def build_schedule(
                     add(b, "before", "dequantize", name)
                 elif kind == DELIVER:  # leaves the device for the parameter's .grad
                     add(a, "after", "deliver", name, tier)
+                    if option.write_done_at is not None:  # CUDA: a copy in the background
+                        add(option.write_done_at, "after", "wait", name)
+                        add(option.write_done_at, "after", "free", name)
                 else:
                     raise ValueError(f"unknown choice {choice!r} for {name}")
             freed_at_end = tensor.until_end or (tensor.persistent and home == "device")

@@ -78,11 +78,15 @@ def from_program(
     names = _unique_names(program)
     # Training: parameters get a home tier like inference weights (ZeRO-Offload's
     # idea): the model's parameter becomes the tier's copy (a file-backed map, or on
-    # CUDA a pinned host buffer), which the optimizer updates in place. On a CPU
-    # device their gradients may also be delivered there as soon as they are made;
-    # on CUDA they come back to the device and move to the host at the end.
-    deliver = program.mode == "train" and profile.device_type == "cpu"
+    # CUDA a pinned host buffer), which the optimizer updates in place. Their
+    # gradients may be delivered as soon as they are made (ZeRO-Offload's gradient
+    # offload): on a CPU device into a file-backed .grad; on CUDA, where a .grad
+    # lives on its parameter's device, to host memory, only for a parameter whose
+    # home is a tier (``delivery_needs_home_of``); the others return at the end.
+    deliver = program.mode == "train"
     grad_storages = _deliverable_grads(program) if deliver else set()
+    on_cuda = profile.device_type != "cpu"
+    param_of_grad = _movable_grad_params(program, min_movable) if deliver and on_cuda else {}
     view_steps = _view_steps(program)
     uses_of = [
         sorted({u for vi in s.values for u in program.values[vi].uses} - view_steps)
@@ -145,7 +149,10 @@ def from_program(
                 last_dim=base.shape[-1] if base.shape else 1,
                 fused_uses=fused_uses,
                 fused_lookups=_lookup_rows(program, storage.index, fused_uses),
-                deliverable=storage.index in grad_storages and not pinned,
+                deliverable=storage.index in grad_storages
+                and not pinned
+                and (not on_cuda or storage.index in param_of_grad),
+                delivery_needs_home_of=param_of_grad.get(storage.index),
             )
         )
     may_write = sum(t.nbytes for t in tensors if not t.pinned)
@@ -242,6 +249,21 @@ def _deliverable_grads(program: Program) -> set[int]:
         made = value.producer
         if returned[value.storage] == 1 and made is not None and all(u <= made for u in uses):
             out.add(value.storage)
+    return out
+
+
+def _movable_grad_params(program: Program, min_movable: int) -> dict[int, int]:
+    """Each parameter gradient's storage -> its parameter's storage, for the
+    parameters big enough to move (one pinned to the device keeps its gradient)."""
+    param_storage = {
+        program.values[s.base].source: s.index
+        for s in program.storages
+        if program.values[s.base].kind is ValueKind.PARAM and s.nbytes >= min_movable
+    }
+    out = {}
+    for v, fqn in program.meta.get(PARAM_GRADS, {}).items():
+        if fqn in param_storage:
+            out[program.values[v].storage] = param_storage[fqn]
     return out
 
 

@@ -20,6 +20,7 @@ from planner.solver.plan import Action, Plan
 from planner.solver.problem import (
     DEVICE,
     DISK,
+    HOST,
     QUANT_BITS,
     Problem,
     Tensor,
@@ -498,10 +499,21 @@ class _Replayer:
 
     def do_deliver(self, i: int, a: Action) -> None:
         t = self.problem.tensors[i]
-        self.check_tier(a)
+        tier = self.check_tier(a)
         if not t.deliverable:
             raise self.fail(f"{t.name!r} is not a parameter's gradient that can be delivered")
         self.require_full_copy(i, "deliver")
+        if t.delivery_needs_home_of is not None:  # CUDA: a copy to the host, then wait, free
+            param = self.by_index.get(t.delivery_needs_home_of)
+            on_device = param is None or self.home.get(param, DEVICE).startswith(DEVICE)
+            if on_device or tier != HOST:
+                raise self.fail(
+                    f"{t.name!r} can be delivered only to the host tier, and only when its "
+                    f"parameter's home is a tier (a .grad lives on its parameter's device)"
+                )
+            self.transfer(i, tier, False, None, t.nbytes)
+            self.delivered.add(i)
+            return
         seconds = self.problem.bandwidths.deliver_seconds(t.nbytes)
         self.clock += seconds
         self.copying += seconds

@@ -11,14 +11,17 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import WithLoss, load_example, toy
+from torch import nn
 
 import planner
-from planner.errors import BudgetTooSmall
+from planner.errors import BudgetTooSmall, InvalidPlan
 from planner.solver import Plan, Problem, from_program, solve, validate
 from planner.solver.baselines import keep_all
 from planner.solver.candidates import build_candidates
 from planner.solver.model import PlacementModel
+from planner.solver.plan import Action
 from planner.solver.remat_graphs import layered_dag
 from planner.solver.solve import _evaluate
 from planner.solver.synthetic import (
@@ -362,16 +365,62 @@ def test_training_on_cpu_moves_parameters_and_delivers_gradients(tmp_path: Path)
     assert not any(a.tensor in delivered and a.kind == "free" for a in plan.actions)
 
 
-def test_on_cuda_parameters_get_a_home_tier_but_gradients_are_not_delivered() -> None:
-    """On a CUDA profile a parameter may live on the host or disk between uses
-    (host or disk home), but delivering into a file-backed .grad is the CPU
-    executor's: gradients come back to the device and move at the end."""
-    analysis = _analysis("example:mlp", "train")
-    problem = from_program(analysis.program, 1 << 30, planner.get_profile("h100"))
-    params = [t for t in problem.tensors if t.kind == "param" and not t.pinned]
-    assert params and all(t.persistent and not t.until_end for t in params)
+def _cuda_training_problem(budget_share_of_weights: float) -> Problem:
+    """Eight 1024-wide linear layers' training step on the h100 profile, at a
+    share of the parameters' bytes."""
+    torch.manual_seed(0)
+    model = WithLoss(nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(8)]))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    profile = planner.get_profile("h100")
+    analysis = planner.analyze(model, (torch.randn(256, 1024),), mode="train", profile=profile)
+    return from_program(analysis.program, int(weights * budget_share_of_weights), profile)
+
+
+def test_on_cuda_gradients_are_delivered_to_the_host_only_for_parameters_homed_there() -> None:
+    """On a CUDA profile a parameter may live on the host or disk between uses, and
+    its gradient may then leave for the host as soon as it is made (a .grad lives
+    on its parameter's device). Half the parameters' bytes was below CUDA's floor
+    while every gradient waited for the end of the backward; now it plans, each
+    delivery a background copy (deliver, wait, free) of a gradient whose
+    parameter's home is a tier. A delivery for a parameter on the device is refused."""
+    problem = _cuda_training_problem(0.5)
     assert problem.tiers == ("host", "disk")
-    assert not any(t.deliverable for t in problem.tensors)
+    params = {t.index: t for t in problem.tensors if t.kind == "param" and not t.pinned}
+    grads = [t for t in problem.tensors if t.deliverable]
+    assert grads and all(t.delivery_needs_home_of in params for t in grads)
+    plan = solve(problem, time_limit=10)
+    replay = validate(problem, plan)
+    assert replay.peak_bytes <= problem.budget_bytes
+    homes = {d.name: d.home for d in plan.tensors}
+    delivered = [a for a in plan.actions if a.kind == "deliver"]
+    assert delivered and all(a.tier == "host" for a in delivered)
+    for a in delivered:
+        grad = next(t for t in grads if t.name == a.tensor)
+        assert homes[params[grad.delivery_needs_home_of].name] in ("host", "disk")
+        after = [b.kind for b in plan.actions if b.tensor == a.tensor and b.step >= a.step]
+        assert after == ["deliver", "wait", "free"], after
+
+    roomy = _cuda_training_problem(1.5)
+    plan = solve(roomy, time_limit=10)
+    homes = {d.name: d.home for d in plan.tensors}
+    names = {t.index: t.name for t in roomy.tensors}
+    grad = next(
+        t
+        for t in roomy.tensors
+        if t.deliverable and homes[names[t.delivery_needs_home_of]] == "device"
+    )
+    last = max([grad.appears_at, *grad.uses])
+    forced = dataclasses.replace(
+        plan,
+        actions=[
+            *plan.actions,
+            Action(last, "after", "deliver", grad.name, "host"),
+            Action(last, "after", "wait", grad.name),
+            Action(last, "after", "free", grad.name),
+        ],
+    )
+    with pytest.raises(InvalidPlan, match="parameter's home is a tier"):
+        validate(roomy, forced)
 
 
 def test_on_cuda_each_copy_costs_its_issue_so_plans_copy_less() -> None:
