@@ -214,12 +214,20 @@ class CudaCopyEngine(CopyEngine):
     def _pinned(self, key: str, entry: Entry) -> torch.Tensor:
         buf = self.host.get(key)
         if buf is None or buf.untyped_storage().nbytes() != entry.nbytes:
-            raw = torch.empty(entry.nbytes, dtype=torch.uint8, pin_memory=True)
-            buf = torch.empty(0, dtype=entry.dtype).set_(
-                raw.untyped_storage(), entry.offset, entry.shape, entry.stride
-            )
-            self.host[key] = buf
+            buf = self.host[key] = _new_pinned(entry)
         return buf
+
+    def _download(self, buf: torch.Tensor, tensor: torch.Tensor) -> torch.cuda.Event:
+        """Copy ``tensor``'s storage into pinned ``buf`` on the d2h stream, after
+        the compute that made it; ``tensor`` stays allocated until the copy is done."""
+        compute = torch.cuda.current_stream(self.device)
+        self.d2h.wait_stream(compute)
+        with torch.cuda.stream(self.d2h):
+            buf.untyped_storage().copy_(tensor.untyped_storage(), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.d2h)
+        tensor.record_stream(self.d2h)
+        return event
 
     def prefetch(self, key: str, tier: str) -> Pending:
         if tier == "host":
@@ -255,13 +263,7 @@ class CudaCopyEngine(CopyEngine):
     def offload(self, key: str, tier: str, tensor: torch.Tensor) -> Pending:
         entry = describe(tensor)
         buf = self._pinned(key if tier == "host" else "disk:" + key, entry)
-        compute = torch.cuda.current_stream(self.device)
-        self.d2h.wait_stream(compute)
-        with torch.cuda.stream(self.d2h):
-            buf.untyped_storage().copy_(tensor.untyped_storage(), non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self.d2h)
-        tensor.record_stream(self.d2h)
+        event = self._download(buf, tensor)
         if tier == "host":
             self.host_entries[key] = entry
             return Pending(tensor, event=event)
@@ -274,19 +276,8 @@ class CudaCopyEngine(CopyEngine):
         return Pending(tensor, future=self._io.submit(write_when_copied), event=event)
 
     def copy_to_host(self, tensor: torch.Tensor) -> tuple[torch.Tensor, Pending]:
-        entry = describe(tensor)
-        raw = torch.empty(entry.nbytes, dtype=torch.uint8, pin_memory=True)
-        host = torch.empty(0, dtype=entry.dtype).set_(
-            raw.untyped_storage(), entry.offset, entry.shape, entry.stride
-        )
-        compute = torch.cuda.current_stream(self.device)
-        self.d2h.wait_stream(compute)
-        with torch.cuda.stream(self.d2h):
-            host.untyped_storage().copy_(tensor.untyped_storage(), non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self.d2h)
-        tensor.record_stream(self.d2h)
-        return host, Pending(tensor, event=event)
+        host = _new_pinned(describe(tensor))  # new: it becomes the user's .grad
+        return host, Pending(tensor, event=self._download(host, tensor))
 
     def synchronize(self, pending: Pending) -> None:
         if pending.event is not None:
@@ -325,6 +316,14 @@ class CudaCopyEngine(CopyEngine):
     def close(self) -> None:
         self._io.shutdown(wait=True, cancel_futures=True)
         self.host.clear()
+
+
+def _new_pinned(entry: Entry) -> torch.Tensor:
+    """Pinned host memory of ``entry``'s storage bytes, viewed in its layout."""
+    raw = torch.empty(entry.nbytes, dtype=torch.uint8, pin_memory=True)
+    return torch.empty(0, dtype=entry.dtype).set_(
+        raw.untyped_storage(), entry.offset, entry.shape, entry.stride
+    )
 
 
 def make_engine(device: torch.device, disk: DiskStore) -> CopyEngine:
