@@ -118,6 +118,16 @@ def _failing_pwrite(err: int):
     return pwrite
 
 
+def _failing_fallocate(err: int):
+    """``os.posix_fallocate`` failing with ``OSError(err)``: a transient copy's file
+    is mapped, its blocks allocated first (no room left on the disk)."""
+
+    def posix_fallocate(fd: int, offset: int, length: int) -> None:
+        raise OSError(err, os.strerror(err))
+
+    return posix_fallocate
+
+
 def _failing_open(err: int, calls: list[str] | None = None):
     """``open`` for the store module: a file opened for writing takes half of the
     data, then the write fails with ``OSError(err)`` (a disk filling up mid-file)."""
@@ -290,15 +300,25 @@ def test_disk_write_fails_during_a_run(monkeypatch) -> None:
         assert _spills(pm), "the plan must spill an activation to disk at run time"
         weights = _weight_files(pm)
         assert set(os.listdir(pm.offload_dir)) == weights
-        monkeypatch.setattr(store_module.os, "pwrite", _failing_pwrite(errno.ENOSPC))
-        with pytest.raises(StoreError, match="disk is full") as info:
-            pm(*inputs)
-        assert str(pm.offload_dir) in str(info.value)
-        assert repr(_spills(pm)[0]) in str(info.value)
-        assert set(os.listdir(pm.offload_dir)) == weights, "partial spill file left"
-        monkeypatch.undo()
-        for _ in range(2):
-            assert torch.equal(pm(*inputs), expected)
+        # a spill's first write allocates its file's blocks (then maps it); one past
+        # the open-file limit is written without a map
+        for fails, failing in (
+            ("posix_fallocate", _failing_fallocate(errno.ENOSPC)),
+            ("pwrite", _failing_pwrite(errno.ENOSPC)),
+        ):
+            if fails == "pwrite":
+                pm._disk.max_open_files = 0
+            monkeypatch.setattr(store_module.os, fails, failing)
+            with pytest.raises(StoreError, match="disk is full") as info:
+                pm(*inputs)
+            assert str(pm.offload_dir) in str(info.value)
+            assert repr(_spills(pm)[0]) in str(info.value)
+            assert set(os.listdir(pm.offload_dir)) == weights, "partial spill file left"
+            monkeypatch.undo()
+            for _ in range(2):
+                assert torch.equal(pm(*inputs), expected)
+            for key in _spills(pm):  # the next first write is the failing one
+                pm._disk.discard(key)
     finally:
         pm.close()
 

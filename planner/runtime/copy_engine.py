@@ -22,7 +22,14 @@ from typing import Any
 
 import torch
 
-from planner.runtime.store import DiskStore, Entry, describe, empty_like_entry, fault_in
+from planner.runtime.store import (
+    DiskStore,
+    Entry,
+    describe,
+    empty_like_entry,
+    fault_in,
+    mark_copy_thread,
+)
 
 
 @dataclass
@@ -94,6 +101,11 @@ def _noop() -> None:
     pass
 
 
+def _copy_thread(name: str) -> ThreadPoolExecutor:
+    """One worker thread for a copy channel, marked as such (``mark_copy_thread``)."""
+    return ThreadPoolExecutor(1, thread_name_prefix=name, initializer=mark_copy_thread)
+
+
 #: Smallest copy read by mapping (see ``ThreadCopyEngine.mappable``): glibc serves
 #: allocations this large (its largest mmap threshold) from fresh pages every time.
 #: Below it a copy lands in recycled heap memory, and a map, whose pages fault in
@@ -123,8 +135,8 @@ def completes_at_issue(device: torch.device, nbytes: int) -> bool:
 class ThreadCopyEngine(CopyEngine):
     def __init__(self, disk: DiskStore) -> None:
         self.disk = disk
-        self._read = ThreadPoolExecutor(1, thread_name_prefix="planner-disk-read")
-        self._write = ThreadPoolExecutor(1, thread_name_prefix="planner-disk-write")
+        self._read = _copy_thread("planner-disk-read")
+        self._write = _copy_thread("planner-disk-write")
         #: keys nothing writes (weights, in inference): those of ``MAP_MIN_BYTES``
         #: or more are read back as private maps of their files, not copies. A copy
         #: of a 64 MiB weight costs the cores a memcpy and 16k page faults of a
@@ -209,7 +221,7 @@ class CudaCopyEngine(CopyEngine):
         self.d2h = torch.cuda.Stream(device)
         self.host: dict[str, torch.Tensor] = {}
         self.host_entries: dict[str, Entry] = {}
-        self._io = ThreadPoolExecutor(1, thread_name_prefix="planner-disk")
+        self._io = _copy_thread("planner-disk")
 
     def _pinned(self, key: str, entry: Entry) -> torch.Tensor:
         buf = self.host.get(key)

@@ -12,6 +12,17 @@ cost more than the copy itself (a page-cache read: 15-19 GB/s), and it overwrite
 its key's file, kept open, in place; reads of it go through that open file too,
 as do reads of a file mapped for writing through (``map_shared``).
 
+A small file kept open is also mapped (shared, its blocks allocated up front so a
+full disk is an error at the write, never a SIGBUS inside one): its copies go
+through the map instead of a ``pwrite`` or ``preadv`` (512 KiB through the store:
+written in 24 us against 32 and read in 18 against 27 here; right after a
+convolution 45 against 51 and 35 against 41, where the rest of a copy's cost
+lies: the CNN's training steps at 30-50% of its peak ran 2-3% faster). The checks
+are the same: ``fstat`` of the open file before each copy (size, links, stamp), so
+a file cut short is resized, or an error, before the map is touched. Writes
+through the map leave the stamp alone until the next write (ext4: unchanged
+through ``fsync``); another writer's do not.
+
 Reads fill a tensor the caller allocated: on the CPU that keeps every allocation
 on the calling thread, where the memory meter sees it, and it mirrors the CUDA
 path, where the destination is allocated when the prefetch is issued.
@@ -21,14 +32,17 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import mmap
 import os
 import shutil
 import tempfile
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from planner.errors import PlannerError
@@ -103,6 +117,33 @@ def _map_shared(path: Path, entry: Entry) -> torch.Tensor:
     return with_layout(raw, entry)
 
 
+#: Largest file copied through a map. Measured gains are for small copies (the
+#: CNN's 64-512 KiB activations: steps 2-3% faster); on GPT-2's spills of several
+#: MiB side-by-side runs differed by +-2% either way, and a large map's pages,
+#: write-protected again after each writeback, fault on the next write.
+MAP_COPY_MAX_BYTES = 2**20
+
+_THREAD = threading.local()
+
+
+def mark_copy_thread() -> None:
+    """Initializer of a copy engine's threads: copies through a map made there are
+    one memcpy on that thread (see ``_copy_bytes``)."""
+    _THREAD.copies_alone = True
+
+
+def _copy_bytes(dst: np.ndarray, src: np.ndarray) -> None:
+    """Copy bytes between a file's map and a tensor's storage. On the thread that
+    runs the ops, torch's copy, which splits it over the ops' intra-op threads
+    (512 KiB: 12 us against 29 for one memcpy here); on a copy thread, numpy's
+    memcpy without the GIL, since a torch copy there would start a second team of
+    OpenMP threads beside the ops'."""
+    if getattr(_THREAD, "copies_alone", False):
+        np.copyto(dst, src)
+    else:
+        torch.from_numpy(dst).copy_(torch.from_numpy(src))
+
+
 def _storage_bytes(tensor: torch.Tensor) -> memoryview:
     storage = tensor.untyped_storage()
     raw = torch.empty(0, dtype=torch.uint8, device=tensor.device)
@@ -150,6 +191,8 @@ class DiskStore:
         # place: no create, rename or unlink, and no page-cache pages to allocate
         # and free (512 KiB: 0.05 ms here, against 0.84 ms for a fresh file)
         self._open_files: dict[str, int] = {}
+        #: a shared map (bytes) of each file kept open, at its size (module docstring)
+        self._maps: dict[str, np.ndarray] = {}
         self._paths: dict[str, Path] = {}
         #: most files kept open at once: a quarter of the process's limit (1024 by
         #: default on Linux), so a model with thousands of offloaded tensors leaves
@@ -192,7 +235,8 @@ class DiskStore:
         return entry
 
     def _overwrite(self, key: str, data: memoryview) -> tuple[int, int, int]:
-        """Write ``data`` over the key's open file (created on first use); its stamp."""
+        """Write ``data`` over the key's open file (created on first use), through
+        its map when kept open; its stamp."""
         fd = self._open_files.get(key)
         kept = fd is not None
         try:
@@ -200,10 +244,15 @@ class DiskStore:
                 fd = os.open(self.path(key), os.O_RDWR | os.O_CREAT, 0o600)
                 kept = self._keep_open(key, fd)
             if os.fstat(fd).st_size != len(data):
+                self._maps.pop(key, None)
                 os.ftruncate(fd, len(data))
-            done = 0
-            while done < len(data):
-                done += os.pwrite(fd, data[done:], done)
+            mapped = self._map_of(key, fd, len(data)) if kept else None
+            if mapped is not None:
+                _copy_bytes(mapped, np.frombuffer(data, dtype=np.uint8))
+            else:
+                done = 0
+                while done < len(data):
+                    done += os.pwrite(fd, data[done:], done)
             return _stamp(os.fstat(fd))
         except OSError as exc:
             self.discard(key)  # no half-written file
@@ -211,6 +260,17 @@ class DiskStore:
         finally:
             if fd is not None and not kept:
                 os.close(fd)
+
+    def _map_of(self, key: str, fd: int, nbytes: int) -> np.ndarray | None:
+        """The shared map of ``key``'s open file ``fd``, made (its blocks allocated
+        first) unless there; None for an empty file, which cannot be mapped, and one
+        over ``MAP_COPY_MAX_BYTES``."""
+        mapped = self._maps.get(key)
+        if mapped is None and 0 < nbytes <= MAP_COPY_MAX_BYTES:
+            os.posix_fallocate(fd, 0, nbytes)  # a full disk fails here, not in a copy
+            buffer = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            mapped = self._maps[key] = np.frombuffer(buffer, dtype=np.uint8)
+        return mapped
 
     def _keep_open(self, key: str, fd: int) -> bool:
         """Keep ``fd`` open for ``key``'s later copies, unless ``max_open_files``
@@ -237,6 +297,7 @@ class DiskStore:
         )
 
     def _close_file(self, key: str) -> None:
+        self._maps.pop(key, None)
         fd = self._open_files.pop(key, None)
         if fd is not None:
             os.close(fd)
@@ -270,7 +331,10 @@ class DiskStore:
         if st.st_nlink == 0:
             raise self._missing(key, path)
         size = st.st_size
-        if size == len(view):
+        mapped = self._maps.get(key)
+        if size == len(view) and mapped is not None and mapped.size == size:
+            _copy_bytes(np.frombuffer(view, dtype=np.uint8), mapped)
+        elif size == len(view):
             done = 0
             while done < size:
                 got = os.preadv(fd, [view[done:]], done)
@@ -351,7 +415,9 @@ class DiskStore:
         path = self.path(key)
         if key not in self._open_files:  # reads of it go through an open file too
             fd = os.open(path, os.O_RDWR)
-            if not self._keep_open(key, fd):
+            if self._keep_open(key, fd):
+                self._map_of(key, fd, entry.nbytes)  # and copy through a map of it
+            else:
                 os.close(fd)
         return _map_shared(path, entry)
 
@@ -363,6 +429,8 @@ class DiskStore:
         try:
             with open(path, "wb") as f:
                 f.truncate(entry.nbytes)
+                if entry.nbytes:  # blocks allocated now: a full disk fails here, not in a copy
+                    os.posix_fallocate(f.fileno(), 0, entry.nbytes)
         except OSError as exc:
             path.unlink(missing_ok=True)
             raise StoreError(

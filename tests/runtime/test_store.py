@@ -197,6 +197,30 @@ def test_transient_copies_overwrite_their_file_in_place(store: DiskStore) -> Non
     assert not store.path("t").exists()
 
 
+def test_kept_open_files_are_copied_through_a_map(store: DiskStore) -> None:
+    """A transient copy of a key whose file is kept open goes through a shared map
+    of it (the file holds the bytes, its blocks allocated); a file cut short
+    between calls is resized by the next write before the map is touched (no
+    SIGBUS); a key past the open-file limit is written without one."""
+    x = torch.randn(64, 32)
+    entry = store.write("x", x, checksum=False)
+    assert "x" in store._maps
+    path = store.path("x")
+    assert path.read_bytes() == x.numpy().tobytes()
+    assert path.stat().st_blocks * 512 >= entry.nbytes  # allocated, not sparse
+    assert torch.equal(store.read_into("x", empty_like_entry(entry)), x)
+    os.truncate(path, 100)  # between calls
+    y = torch.randn(64, 32)
+    entry = store.write("x", y, checksum=False)
+    assert path.stat().st_size == entry.nbytes
+    assert torch.equal(store.read_into("x", empty_like_entry(entry)), y)
+    store.max_open_files = len(store._open_files)
+    z = torch.randn(10)
+    store.write("z", z, checksum=False)
+    assert "z" not in store._maps
+    assert torch.equal(store.read_into("z", empty_like_entry(store.entries["z"])), z)
+
+
 def _is_mapped(path) -> bool:
     """Whether this process maps ``path`` now (Linux: /proc/self/maps)."""
     with open("/proc/self/maps") as f:
