@@ -19,7 +19,7 @@ from planner.ir.capture import capture, normalize_example_inputs
 from planner.ir.conv_layout import channels_last_convolutions
 from planner.ir.fused_loss import fuse_cross_entropy_backward
 from planner.measured_room import plan_by_measured_room
-from planner.passes.device_profile import DeviceProfile, get_profile
+from planner.passes.device_profile import DeviceProfile, builtin_for_device, get_profile
 from planner.passes.pipeline import Analysis
 from planner.passes.pipeline import analyze as analyze_captured
 from planner.planned_module import PlannedModule
@@ -230,13 +230,14 @@ def plan(
         attach_checkpoint(model, checkpoint)
     if offload_dir is not None:
         check_offload_dir(offload_dir)
-    analysis, problem, solved = _analyze_and_solve(
-        model, budget, example_inputs, mode, profile, quantize, time_limit, plan, kernels
-    )
     args, kwargs = normalize_example_inputs(example_inputs)
     device = next(
         (t.device for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)),
         torch.device("cpu"),
+    )
+    profile = _profile_for_device(profile, device)
+    analysis, problem, solved = _analyze_and_solve(
+        model, budget, example_inputs, mode, profile, quantize, time_limit, plan, kernels
     )
     if kernels != "inductor":  # peaks predicted op by op: the validator's replay
         return PlannedModule(model, analysis, problem, solved, offload_dir, device, kernels)
@@ -253,6 +254,29 @@ def plan(
     pm = _checked_by_meter(module_of(solved, assembled=assembled), args, kwargs, fallback)
     pm.release_offloaded(model)
     return pm
+
+
+def _profile_for_device(spec: str | DeviceProfile | None, device: torch.device) -> DeviceProfile:
+    """The profile a plan that runs on ``device`` is solved with. None: this
+    machine's (a saved calibration or the detected built-in), or, when that is
+    for another kind of device, the built-in for ``device``'s. A given profile for
+    another kind of device is an error before any work: its plan would use tiers
+    and copies the executor there cannot make (``analyze`` and ``make_plan`` take
+    any profile, to ask what a plan would be on that hardware)."""
+    profile = get_profile(spec)
+    if profile.device_type == device.type:
+        return profile
+    if spec is None:
+        fallback = builtin_for_device(device)
+        log.info("profile %r is for %s; planning for %s with built-in %r",
+                 profile.name, profile.device_type, device, fallback.name)  # fmt: skip
+        return fallback
+    raise PlannerError(
+        f"profile {profile.name!r} is for a {profile.device_type} device, but the example "
+        f"inputs are on {device}: pass a {device.type} profile (profile=None picks this "
+        f"machine's, or planner.calibrate({device.type!r})), or move the model and inputs "
+        f"to {profile.device_type}; planner.make_plan solves for any profile without running"
+    )
 
 
 def _checked_by_meter(

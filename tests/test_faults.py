@@ -251,6 +251,28 @@ def test_offload_dir_that_cannot_be_written(tmp_path) -> None:
         locked.chmod(0o700)
 
 
+def test_a_profile_for_another_kind_of_device_is_a_clear_error(tmp_path, monkeypatch) -> None:
+    """A GPU profile for CPU inputs is refused before any work (its plan would
+    use a host tier this executor cannot make); the model is left as it was. With
+    no profile given, a saved calibration for another kind of device gives way to
+    the built-in for the inputs' device."""
+    model, inputs, expected = _model()
+    before = _snapshot(model)
+    with pytest.raises(planner.PlannerError, match="'h100' is for a cuda device.*on cpu"):
+        planner.plan(model, BUDGET, inputs, profile="h100", offload_dir=tmp_path)
+    _assert_untouched(model, before)
+    assert os.listdir(tmp_path) == []
+    saved = tmp_path / "profile.json"
+    planner.get_profile("h100").save(saved)
+    monkeypatch.setenv("PLANNER_PROFILE", str(saved))
+    pm = planner.plan(model, BUDGET, inputs, time_limit=2)
+    try:
+        assert pm.analysis.profile.device_type == "cpu"
+        assert torch.equal(pm(*inputs), expected)
+    finally:
+        pm.close()
+
+
 def test_input_with_another_dtype_or_shape_is_a_clear_error() -> None:
     model, inputs, expected = _model()
     pm = _plan(model, inputs)

@@ -464,6 +464,15 @@ def _detect_builtin() -> DeviceProfile:
     return BUILTIN_PROFILES["cpu"]
 
 
+def builtin_for_device(device: Any) -> DeviceProfile:
+    """The built-in for a ``torch.device``: its GPU's for CUDA, else ``cpu``."""
+    import torch  # local, as above
+
+    if device.type == "cuda":
+        return builtin_for_gpu(torch.cuda.get_device_name(device))
+    return BUILTIN_PROFILES["cpu"]
+
+
 def get_profile(spec: str | os.PathLike[str] | DeviceProfile | None = None) -> DeviceProfile:
     """Resolve a profile: an object, a built-in name, a JSON path, or None (this machine).
 
