@@ -17,9 +17,11 @@ Constraints (each family in its own method)
               previous gap to have written (or reloaded) it from the same tier;
     needs:    a recompute at step b needs each input kept on the device at b;
     delivery: on CUDA a gradient is delivered to the host only if its parameter's
-              home is a tier (its ``.grad`` lives on the parameter's device).
+              home is a tier (its ``.grad`` lives on the parameter's device); one
+              not delivered to such a parameter is copied down at the end.
 Objective
-    sum_t stall[t] + sum_{g,o} x[g,o] * (seconds_o + uncovered copy time_o).
+    sum_t stall[t] + sum_{g,o} x[g,o] * (seconds_o + uncovered copy time_o)
+    + the end's copies of gradients to parameters homed off the device.
 """
 
 from __future__ import annotations
@@ -231,21 +233,28 @@ class PlacementModel:
                             self.model.add(var == 0)
 
     def _add_delivery_constraints(self) -> None:
-        """deliver <= the parameter's home is a tier (any fetch option of its home gap)."""
+        """deliver <= the parameter's home is a tier (any fetch option of its home
+        gap); and a gradient not delivered to a parameter homed off the device costs
+        its copy down at the end (``returned_to_host_seconds``): home off the device
+        minus delivered, each 0 or 1."""
         for tensor in self.problem.tensors:
             param = tensor.delivery_needs_home_of
-            if param is None or tensor.index not in self.cands.gaps_of:
+            home_gi = self.cands.home_gap.get(param) if param is not None else None
+            if home_gi is None:
                 continue
-            home_gi = self.cands.home_gap.get(param)
-            off_device = (
-                [v for c, v in self.x[home_gi].items() if parse_choice(c)[0] == "fetch"]
-                if home_gi is not None
-                else []
-            )
-            for gi in self.cands.gaps_of[tensor.index]:
-                for choice, var in self.x[gi].items():
-                    if parse_choice(choice)[0] == DELIVER:
-                        self.model.add(var <= cp_model.LinearExpr.sum(off_device))
+            off_device = [v for c, v in self.x[home_gi].items() if parse_choice(c)[0] == "fetch"]
+            delivered = [
+                var
+                for gi in self.cands.gaps_of.get(tensor.index, ())
+                for choice, var in self.x[gi].items()
+                if parse_choice(choice)[0] == DELIVER
+            ]
+            for var in delivered:
+                self.model.add(var <= cp_model.LinearExpr.sum(off_device))
+            cost = _time(self.problem.bandwidths.returned_to_host_seconds(tensor.nbytes))
+            if cost:
+                self.cost_terms += [cost * v for v in off_device]
+                self.cost_terms += [-cost * v for v in delivered]
 
     def _add_reload_constraints(self) -> None:
         for gaps in self.cands.gaps_of.values():

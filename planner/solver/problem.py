@@ -237,6 +237,11 @@ class Bandwidths:
         back to disk in the background)."""
         return 2 * nbytes / self.memory
 
+    def returned_to_host_seconds(self, nbytes: int) -> float:
+        """A gradient returned at the end of the step to a parameter that lives on
+        the host (CUDA): one synchronous copy down, after the backward's last op."""
+        return self.copy_seconds((HOST, "write"), nbytes) + self.copy_issue
+
 
 def _check_tier(tier: str) -> None:
     if tier not in TIERS:

@@ -533,11 +533,25 @@ class _Replayer:
         self.clock += seconds
         self.quant += seconds
 
+    def return_gradients_to_the_host(self) -> None:
+        """CUDA: each gradient not delivered whose parameter is homed off the device
+        is copied down to it after the last op (``returned_to_host_seconds``)."""
+        bw = self.problem.bandwidths
+        for i, t in enumerate(self.problem.tensors):
+            param = self.by_index.get(t.delivery_needs_home_of)  # type: ignore[arg-type]
+            if param is None or i in self.delivered:
+                continue
+            if not self.home.get(param, DEVICE).startswith(DEVICE):
+                seconds = bw.returned_to_host_seconds(t.nbytes)
+                self.clock += seconds
+                self.copying += seconds
+
     def check_end(self) -> None:
         """The end state: returned tensors resident, fetched weights gone, the
         device-homed ones back as they started, no copy in flight."""
         self.step = max(self.problem.num_steps - 1, 0)
         self.where = "end of plan"
+        self.return_gradients_to_the_host()
         for i, t in enumerate(self.problem.tensors):
             if self.pending[i]:
                 raise self.fail(f"a transfer of {t.name!r} is still pending (no wait)")

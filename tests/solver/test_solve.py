@@ -428,7 +428,8 @@ def test_on_cuda_each_copy_costs_its_issue_so_plans_copy_less() -> None:
     launches the ops (measured: 150-220 us per copy on an H200 VM, where plans that
     copied freely ran 3-4x eager's time). ResNet's training step at half its peak:
     priced that way, the plan copies a handful of tensors and recomputes instead;
-    priced free, it copies dozens. The replay charges the issue per copy."""
+    priced free, it copies dozens. The replay charges the issue per copy, and the
+    end's copy down of each gradient not delivered to a parameter on the host."""
     model, inputs = load_example("resnet")
     profile = planner.get_profile("h200")
     assert profile.copy_issue_seconds > 0
@@ -438,9 +439,20 @@ def test_on_cuda_each_copy_costs_its_issue_so_plans_copy_less() -> None:
         analysis = planner.analyze(WithLoss(model), inputs, mode="train", profile=prof)
         problem = from_program(analysis.program, analysis.unplanned_peak_bytes // 2, prof)
         plan = solve(problem, time_limit=10)
-        copies[label] = sum(a.kind in ("prefetch", "offload") for a in plan.actions)
+        copies[label] = sum(a.kind in ("prefetch", "offload", "deliver") for a in plan.actions)
+        homes = {d.name: d.home for d in plan.tensors}
+        names = {t.index: t.name for t in problem.tensors}
+        delivered = {a.tensor for a in plan.actions if a.kind == "deliver"}
+        returned = sum(
+            problem.bandwidths.returned_to_host_seconds(t.nbytes)
+            for t in problem.tensors
+            if t.delivery_needs_home_of is not None
+            and homes[names[t.delivery_needs_home_of]] != "device"
+            and t.name not in delivered
+        )
         replay = validate(problem, plan)
-        assert replay.copy_seconds == pytest.approx(copies[label] * prof.copy_issue_seconds)
+        expected = copies[label] * prof.copy_issue_seconds + returned
+        assert replay.copy_seconds == pytest.approx(expected)
     assert copies["priced"] * 4 < copies["free"], copies
 
 
