@@ -221,21 +221,21 @@ def plan(
     """
     check_kernels(kernels)  # before any work
     _check_time_limit(time_limit)
-    if checkpoint is not None:
-        if mode != "infer":
-            raise PlannerError(
-                "checkpoint= streams weights for inference; for training, "
-                "load the weights into the model first"
-            )
-        attach_checkpoint(model, checkpoint)
-    if offload_dir is not None:
-        check_offload_dir(offload_dir)
+    if checkpoint is not None and mode != "infer":
+        raise PlannerError(
+            "checkpoint= streams weights for inference; for training, "
+            "load the weights into the model first"
+        )
     args, kwargs = normalize_example_inputs(example_inputs)
     device = next(
         (t.device for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)),
         torch.device("cpu"),
     )
-    profile = _profile_for_device(profile, device)
+    profile = _profile_for_device(profile, device)  # before anything touches the model
+    if checkpoint is not None:
+        attach_checkpoint(model, checkpoint)
+    if offload_dir is not None:
+        check_offload_dir(offload_dir)
     analysis, problem, solved = _analyze_and_solve(
         model, budget, example_inputs, mode, profile, quantize, time_limit, plan, kernels
     )
@@ -268,8 +268,9 @@ def _profile_for_device(spec: str | DeviceProfile | None, device: torch.device) 
         return profile
     if spec is None:
         fallback = builtin_for_device(device)
-        log.info("profile %r is for %s; planning for %s with built-in %r",
-                 profile.name, profile.device_type, device, fallback.name)  # fmt: skip
+        log.warning("this machine's profile %r is for %s; planning for %s with the built-in %r "
+                    "(pass profile= to choose)", profile.name, profile.device_type, device,
+                    fallback.name)  # fmt: skip
         return fallback
     raise PlannerError(
         f"profile {profile.name!r} is for a {profile.device_type} device, but the example "

@@ -266,7 +266,7 @@ class _HostTierInMemory(ThreadCopyEngine):
     def home_tensor(self, key: str, tier: str) -> torch.Tensor:
         return self.host[key] if tier == "host" else super().home_tensor(key, tier)
 
-    def copy_to_host(self, tensor: torch.Tensor) -> tuple[torch.Tensor, Pending]:
+    def copy_to_host(self, key: str, tensor: torch.Tensor) -> tuple[torch.Tensor, Pending]:
         self.copied_to_host += 1
         return tensor.clone(memory_format=torch.preserve_format), Pending(tensor)
 

@@ -74,11 +74,11 @@ class CopyEngine:
         it, so the optimizer's in-place updates reach the next step."""
         raise NotImplementedError
 
-    def copy_to_host(self, tensor: torch.Tensor) -> tuple[torch.Tensor, Pending]:
-        """Start copying a device tensor into new host memory of its layout (a
-        gradient delivered to its host-homed parameter): (the host tensor, the
-        pending write, which ``wait`` orders before later ops and ``synchronize``
-        completes for the host)."""
+    def copy_to_host(self, key: str, tensor: torch.Tensor) -> tuple[torch.Tensor, Pending]:
+        """Start copying a device tensor into ``key``'s host buffer, in its layout
+        (a gradient delivered to its host-homed parameter): (the host tensor, valid
+        until ``key``'s next copy; the pending write, which ``wait`` orders before
+        later ops and ``synchronize`` completes for the host)."""
         raise NotImplementedError(f"{type(self).__name__} has no host tier")
 
     def synchronize(self, pending: Pending) -> None:
@@ -227,6 +227,14 @@ class CudaCopyEngine(CopyEngine):
         buf = self.host.get(key)
         if buf is None or buf.untyped_storage().nbytes() != entry.nbytes:
             buf = self.host[key] = _new_pinned(entry)
+        elif (buf.shape, buf.stride(), buf.storage_offset()) != (
+            entry.shape,
+            entry.stride,
+            entry.offset,
+        ):
+            buf = torch.empty(0, dtype=entry.dtype).set_(
+                buf.untyped_storage(), entry.offset, entry.shape, entry.stride
+            )
         return buf
 
     def _download(self, buf: torch.Tensor, tensor: torch.Tensor) -> torch.cuda.Event:
@@ -287,8 +295,11 @@ class CudaCopyEngine(CopyEngine):
 
         return Pending(tensor, future=self._io.submit(write_when_copied), event=event)
 
-    def copy_to_host(self, tensor: torch.Tensor) -> tuple[torch.Tensor, Pending]:
-        host = _new_pinned(describe(tensor))  # new: it becomes the user's .grad
+    def copy_to_host(self, key: str, tensor: torch.Tensor) -> tuple[torch.Tensor, Pending]:
+        # one pinned buffer per key, reused each step: the .grad is made from it
+        # (Runtime.finish_deliveries), so pinned memory does not grow with the
+        # gradients the user keeps (the pinned allocator also rounds up to powers of 2)
+        host = self._pinned("deliver:" + key, describe(tensor))
         return host, Pending(tensor, event=self._download(host, tensor))
 
     def synchronize(self, pending: Pending) -> None:

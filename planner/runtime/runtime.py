@@ -136,7 +136,7 @@ class Runtime:
         is freed; ``finish_deliveries`` hands it to the parameter."""
         param, buffer = self.deliveries[key]
         if buffer is None:
-            host, pending = self.engine.copy_to_host(grad)
+            host, pending = self.engine.copy_to_host(key, grad)
             self.arriving.append((param, host, pending))
             return pending
         if param.grad is None:
@@ -149,17 +149,16 @@ class Runtime:
     def finish_deliveries(self) -> None:
         """At the end of the backward (CUDA): wait for the gradients copied to the
         host and accumulate each into its parameter's ``.grad`` as autograd does:
-        the first becomes it (in the parameter's strides, autograd's layout
-        contract), a later one is added in place."""
+        the first becomes it, copied out of the engine's buffer into ordinary
+        memory in the parameter's strides (autograd's layout contract); a later one
+        is added in place."""
         arriving, self.arriving = self.arriving, []
         for param, host, pending in arriving:
             self.engine.synchronize(pending)
-            if param.grad is not None:
-                param.grad += host
-            elif host.stride() == param.stride() and _dense(host):
-                param.grad = host
-            else:
+            if param.grad is None:
                 param.grad = torch.empty_like(param).copy_(host)
+            else:
+                param.grad += host
 
     @contextlib.contextmanager
     def recording_errors(self, errors: dict[str, dict[str, float]]) -> Iterator[None]:
@@ -243,9 +242,3 @@ def _triton_ready(device: torch.device) -> bool:
     except ImportError:
         return False
     return use_triton(device)
-
-
-def _dense(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is the whole of its storage (no offset, nothing else)."""
-    whole = tensor.numel() * tensor.element_size() == tensor.untyped_storage().nbytes()
-    return tensor.storage_offset() == 0 and whole

@@ -17,11 +17,15 @@ full disk is an error at the write, never a SIGBUS inside one): its copies go
 through the map instead of a ``pwrite`` or ``preadv`` (512 KiB through the store:
 written in 24 us against 32 and read in 18 against 27 here; right after a
 convolution 45 against 51 and 35 against 41, where the rest of a copy's cost
-lies: the CNN's training steps at 30-50% of its peak ran 2-3% faster). The checks
-are the same: ``fstat`` of the open file before each copy (size, links, stamp), so
-a file cut short is resized, or an error, before the map is touched. Writes
-through the map leave the stamp alone until the next write (ext4: unchanged
-through ``fsync``); another writer's do not.
+lies: the CNN's training steps at 30-50% of its peak ran 2-3% faster). Only on
+file systems that overwrite blocks in place (ext4, xfs, tmpfs; elsewhere, and
+past ``MAX_MAPS``, copies stay ``pwrite``/``preadv``). The checks are the same:
+``fstat`` of the open file before each copy (size, links, stamp), so a file cut
+short is resized, or an error, before the map is touched. Writes through the map
+leave the stamp alone until the next write (ext4: unchanged through ``fsync``);
+another writer's do not. What the checks cannot catch: another process cutting a
+file short between that ``fstat`` and the copy a few microseconds later, which
+kills the process with SIGBUS where a ``preadv`` would have come back short.
 
 Reads fill a tensor the caller allocated: on the CPU that keeps every allocation
 on the calling thread, where the memory meter sees it, and it mirrors the CUDA
@@ -107,6 +111,26 @@ def _open_file_limit() -> int:
     return soft if soft != resource.RLIM_INFINITY else 1 << 16
 
 
+def _maps_in_place(path: Path) -> bool:
+    """Whether ``path`` lies on a file system of ``_IN_PLACE_FILE_SYSTEMS``, by
+    the longest mount point above it in ``/proc/self/mountinfo`` (False if unknown)."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return False
+    target, best, fs_type = os.path.realpath(path), "", ""
+    for line in lines:
+        fields, _, rest = line.partition(" - ")
+        parts = fields.split()
+        if len(parts) < 5 or not rest:
+            continue
+        mount = parts[4].replace("\\040", " ")
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, fs_type = mount, rest.split()[0]
+    return fs_type in _IN_PLACE_FILE_SYSTEMS
+
+
 def _stamp(st: os.stat_result) -> tuple[int, int, int]:
     return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
 
@@ -122,6 +146,13 @@ def _map_shared(path: Path, entry: Entry) -> torch.Tensor:
 #: MiB side-by-side runs differed by +-2% either way, and a large map's pages,
 #: write-protected again after each writeback, fault on the next write.
 MAP_COPY_MAX_BYTES = 2**20
+#: Most files mapped at once: well under the kernel's default limit on a process's
+#: maps (``vm.max_map_count``, 65530), whatever the open-file limit allows.
+MAX_MAPS = 4096
+#: File systems that overwrite a file's allocated blocks in place, so a write
+#: through the map never needs new room: on copy-on-write ones (btrfs, ZFS) a full
+#: disk would surface as a SIGBUS inside a copy, where ``pwrite`` says ENOSPC.
+_IN_PLACE_FILE_SYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "tmpfs"})
 
 _THREAD = threading.local()
 
@@ -193,6 +224,7 @@ class DiskStore:
         self._open_files: dict[str, int] = {}
         #: a shared map (bytes) of each file kept open, at its size (module docstring)
         self._maps: dict[str, np.ndarray] = {}
+        self._maps_allowed = _maps_in_place(self.root)
         self._paths: dict[str, Path] = {}
         #: most files kept open at once: a quarter of the process's limit (1024 by
         #: default on Linux), so a model with thousands of offloaded tensors leaves
@@ -262,14 +294,28 @@ class DiskStore:
                 os.close(fd)
 
     def _map_of(self, key: str, fd: int, nbytes: int) -> np.ndarray | None:
-        """The shared map of ``key``'s open file ``fd``, made (its blocks allocated
-        first) unless there; None for an empty file, which cannot be mapped, and one
-        over ``MAP_COPY_MAX_BYTES``."""
+        """The shared map of ``key``'s open file ``fd`` at ``nbytes``, made (its
+        blocks allocated first) unless there; None where copies go through
+        ``pwrite``/``preadv`` instead: an empty file (it cannot be mapped), one over
+        ``MAP_COPY_MAX_BYTES``, past ``MAX_MAPS``, on a file system whose blocks are
+        not overwritten in place (``_maps_in_place``), or where the map cannot be
+        made. No room on the disk raises."""
         mapped = self._maps.get(key)
-        if mapped is None and 0 < nbytes <= MAP_COPY_MAX_BYTES:
+        if mapped is not None and mapped.size == nbytes:
+            return mapped
+        self._maps.pop(key, None)  # resized since: never copy through a stale map
+        if not (0 < nbytes <= MAP_COPY_MAX_BYTES and self._maps_allowed):
+            return None
+        if len(self._maps) >= MAX_MAPS:
+            return None
+        try:
             os.posix_fallocate(fd, 0, nbytes)  # a full disk fails here, not in a copy
             buffer = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            mapped = self._maps[key] = np.frombuffer(buffer, dtype=np.uint8)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            return None  # no fallocate or mmap here (ENODEV, EOPNOTSUPP, ENOMEM): pwrite
+        mapped = self._maps[key] = np.frombuffer(buffer, dtype=np.uint8)
         return mapped
 
     def _keep_open(self, key: str, fd: int) -> bool:
@@ -415,10 +461,14 @@ class DiskStore:
         path = self.path(key)
         if key not in self._open_files:  # reads of it go through an open file too
             fd = os.open(path, os.O_RDWR)
-            if self._keep_open(key, fd):
-                self._map_of(key, fd, entry.nbytes)  # and copy through a map of it
-            else:
+            if not self._keep_open(key, fd):
                 os.close(fd)
+            else:
+                try:
+                    self._map_of(key, fd, entry.nbytes)  # and copy through a map of it
+                except OSError:
+                    pass  # no room to allocate (its blocks exist: it was written): pwrite
+
         return _map_shared(path, entry)
 
     def create_mapped(self, key: str, like: torch.Tensor) -> torch.Tensor:

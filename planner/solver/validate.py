@@ -502,6 +502,8 @@ class _Replayer:
         tier = self.check_tier(a)
         if not t.deliverable:
             raise self.fail(f"{t.name!r} is not a parameter's gradient that can be delivered")
+        if i in self.delivered:  # its .grad would get it twice
+            raise self.fail(f"{t.name!r} was delivered already")
         self.require_full_copy(i, "deliver")
         if t.delivery_needs_home_of is not None:  # CUDA: a copy to the host, then wait, free
             param = self.by_index.get(t.delivery_needs_home_of)

@@ -202,23 +202,54 @@ def test_kept_open_files_are_copied_through_a_map(store: DiskStore) -> None:
     of it (the file holds the bytes, its blocks allocated); a file cut short
     between calls is resized by the next write before the map is touched (no
     SIGBUS); a key past the open-file limit is written without one."""
+    assert store._maps_allowed, "the test's directory is not on ext4, xfs or tmpfs"
     x = torch.randn(64, 32)
     entry = store.write("x", x, checksum=False)
     assert "x" in store._maps
     path = store.path("x")
     assert path.read_bytes() == x.numpy().tobytes()
-    assert path.stat().st_blocks * 512 >= entry.nbytes  # allocated, not sparse
     assert torch.equal(store.read_into("x", empty_like_entry(entry)), x)
     os.truncate(path, 100)  # between calls
     y = torch.randn(64, 32)
     entry = store.write("x", y, checksum=False)
     assert path.stat().st_size == entry.nbytes
     assert torch.equal(store.read_into("x", empty_like_entry(entry)), y)
+    os.truncate(path, 4 * 100)  # to the size of the next write: a new map, not the old one
+    z = torch.randn(100)
+    entry = store.write("x", z, checksum=False)
+    assert store._maps["x"].size == entry.nbytes
+    assert torch.equal(store.read_into("x", empty_like_entry(entry)), z)
     store.max_open_files = len(store._open_files)
     z = torch.randn(10)
     store.write("z", z, checksum=False)
     assert "z" not in store._maps
     assert torch.equal(store.read_into("z", empty_like_entry(store.entries["z"])), z)
+
+
+def test_where_a_file_cannot_be_mapped_copies_go_through_pwrite(
+    store: DiskStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A map that cannot be made (no mmap on that file system, no memory for more
+    maps) leaves the copy to ``pwrite``/``preadv``; a file system that does not
+    overwrite blocks in place is never mapped."""
+    import errno
+    import mmap
+
+    from planner.runtime import store as store_module
+
+    def no_mmap(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENODEV, "no mmap here")
+
+    monkeypatch.setattr(store_module.mmap, "mmap", no_mmap)
+    x = torch.randn(1000)
+    entry = store.write("x", x, checksum=False)
+    assert "x" not in store._maps
+    assert torch.equal(store.read_into("x", empty_like_entry(entry)), x)
+    monkeypatch.setattr(store_module.mmap, "mmap", mmap.mmap)
+    store._maps_allowed = False  # as on btrfs or ZFS
+    entry = store.write("y", x, checksum=False)
+    assert "y" not in store._maps
+    assert torch.equal(store.read_into("y", empty_like_entry(entry)), x)
 
 
 def _is_mapped(path) -> bool:

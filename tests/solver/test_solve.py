@@ -421,6 +421,12 @@ def test_on_cuda_gradients_are_delivered_to_the_host_only_for_parameters_homed_t
     )
     with pytest.raises(InvalidPlan, match="parameter's home is a tier"):
         validate(roomy, forced)
+    first = next(a for a in plan.actions if a.kind == "deliver")  # twice: .grad gets it twice
+    twice = [Action(first.step, "after", k, first.tensor, "host") for k in ("deliver", "wait")]
+    actions = list(plan.actions)
+    at = actions.index(first) + 1
+    with pytest.raises(InvalidPlan, match="delivered already"):
+        validate(roomy, dataclasses.replace(plan, actions=actions[:at] + twice + actions[at:]))
 
 
 def test_on_cuda_each_copy_costs_its_issue_so_plans_copy_less() -> None:
