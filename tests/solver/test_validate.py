@@ -781,7 +781,7 @@ def test_delivered_gradient_leaves_the_device_and_counts_as_returned() -> None:
         ([A(1, "after", "deliver", "g", "moon")], "unknown tier"),
         (
             [A(1, "after", "deliver", "g", DISK), A(2, "before", "deliver", "g", DISK)],
-            "not resident",
+            "delivered already",
         ),
         ([A(1, "after", "deliver", "h", DISK)], "not a parameter's gradient"),
     ],
