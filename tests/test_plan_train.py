@@ -8,13 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import WithLoss, load_example
+from host_tier import run_gpu_plans_here
 from torch import nn
 
 import planner
-from planner import api, planned_module
-from planner.runtime.copy_engine import Pending, ThreadCopyEngine
 from planner.runtime.meter import measure
-from planner.runtime.store import DiskStore
 
 
 def _fresh(name: str):
@@ -229,48 +227,6 @@ def test_parameters_and_gradients_leave_the_device_zero_offload_style() -> None:
         pm.close()
 
 
-class _HostTierInMemory(ThreadCopyEngine):
-    """CUDA's copy engine as the executor sees it, on the CPU: a ``host`` tier held
-    in a dict, copies made at once (no streams). Lets a plan solved for a GPU
-    profile run here, down to its deliveries to the host (``copy_to_host``)."""
-
-    def __init__(self, disk: DiskStore) -> None:
-        super().__init__(disk)
-        self.host: dict[str, torch.Tensor] = {}
-        self.copied_to_host = 0
-
-    def _check_tier(self, tier: str) -> None:
-        assert tier == "disk", tier
-
-    def prefetch(self, key: str, tier: str) -> Pending:
-        return Pending(self.host[key].clone()) if tier == "host" else super().prefetch(key, tier)
-
-    def read_now(self, key: str, tier: str) -> torch.Tensor:
-        return self.host[key].clone() if tier == "host" else super().read_now(key, tier)
-
-    def offload(self, key: str, tier: str, tensor: torch.Tensor) -> Pending:
-        if tier != "host":
-            return super().offload(key, tier, tensor)
-        self.host[key] = tensor.clone()
-        return Pending(tensor)
-
-    def write_now(self, key: str, tier: str, tensor: torch.Tensor) -> None:
-        self.wait(self.offload(key, tier, tensor))
-
-    def store_now(self, key: str, tier: str, tensor: torch.Tensor) -> None:
-        if tier == "host":
-            self.host[key] = tensor.clone()
-        else:
-            super().store_now(key, tier, tensor)
-
-    def home_tensor(self, key: str, tier: str) -> torch.Tensor:
-        return self.host[key] if tier == "host" else super().home_tensor(key, tier)
-
-    def copy_to_host(self, key: str, tensor: torch.Tensor) -> tuple[torch.Tensor, Pending]:
-        self.copied_to_host += 1
-        return tensor.clone(memory_format=torch.preserve_format), Pending(tensor)
-
-
 def test_gradients_delivered_to_the_host_as_planned_for_cuda(monkeypatch) -> None:
     """A plan solved for a GPU profile at half the parameters' bytes (CUDA held
     every gradient until the backward ended, so parameters + gradients was its
@@ -278,16 +234,7 @@ def test_gradients_delivered_to_the_host_as_planned_for_cuda(monkeypatch) -> Non
     soon as they are made (ZeRO-Offload's gradient offload). Run here through a
     host tier in memory: the deliveries reach .grad, equal to the unplanned
     graph's bit for bit, and accumulate like autograd's when not cleared."""
-    engines: list[_HostTierInMemory] = []
-
-    def engine(device: torch.device, disk: DiskStore) -> _HostTierInMemory:
-        engines.append(_HostTierInMemory(disk))
-        return engines[-1]
-
-    monkeypatch.setattr(planned_module, "make_engine", engine)
-    # plan() refuses a GPU profile for CPU inputs (its executor could not run it);
-    # here the engine above stands in for CUDA's
-    monkeypatch.setattr(api, "_profile_for_device", lambda spec, device: planner.get_profile(spec))
+    engines = run_gpu_plans_here(monkeypatch)
     torch.manual_seed(0)
     x = torch.randn(64, 256)
 
