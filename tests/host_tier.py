@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import WithLoss
+from torch import nn
 
 import planner
 from planner import api, planned_module
@@ -67,3 +69,11 @@ def run_gpu_plans_here(monkeypatch: pytest.MonkeyPatch) -> list[HostTierInMemory
     monkeypatch.setattr(planned_module, "make_engine", engine)
     monkeypatch.setattr(api, "_profile_for_device", lambda spec, device: planner.get_profile(spec))
     return engines
+
+
+def linear_layers() -> tuple[nn.Module, torch.Tensor]:
+    """Six 256-wide linear layers with a loss and a batch of 64; the same each call."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 256)
+    torch.manual_seed(0)
+    return WithLoss(nn.Sequential(*[nn.Linear(256, 256) for _ in range(6)])), x

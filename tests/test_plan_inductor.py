@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import WithLoss, load_example
-from host_tier import run_gpu_plans_here
+from host_tier import linear_layers, run_gpu_plans_here
 from torch import nn
 
 import planner
@@ -243,16 +243,9 @@ def test_gpu_plan_delivering_gradients_assembles_with_compiled_runs(
     tier's copies count against this CPU's meter), so neither is the plan by it."""
     engines = run_gpu_plans_here(monkeypatch)
     monkeypatch.setattr(api, "_checked_by_meter", lambda pm, args, kwargs, fallback: pm)
-    torch.manual_seed(0)
-    x = torch.randn(64, 256)
-
-    def fresh() -> nn.Module:
-        torch.manual_seed(0)
-        return WithLoss(nn.Sequential(*[nn.Linear(256, 256) for _ in range(6)]))
-
-    eager = fresh()
+    eager, x = linear_layers()
     eager(x).backward()
-    model = fresh()
+    model, _ = linear_layers()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     pm = planner.plan(
         model, weights // 2, (x,), mode="train", profile="h100", kernels="inductor",

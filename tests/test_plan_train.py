@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import WithLoss, load_example
-from host_tier import run_gpu_plans_here
+from host_tier import linear_layers, run_gpu_plans_here
 from torch import nn
 
 import planner
@@ -235,19 +235,12 @@ def test_gradients_delivered_to_the_host_as_planned_for_cuda(monkeypatch) -> Non
     host tier in memory: the deliveries reach .grad, equal to the unplanned
     graph's bit for bit, and accumulate like autograd's when not cleared."""
     engines = run_gpu_plans_here(monkeypatch)
-    torch.manual_seed(0)
-    x = torch.randn(64, 256)
-
-    def fresh() -> nn.Module:
-        torch.manual_seed(0)
-        return WithLoss(nn.Sequential(*[nn.Linear(256, 256) for _ in range(6)]))
-
-    eager = fresh()
+    eager, x = linear_layers()
     reference = planner.plan(eager, "100%", (x,), mode="train", profile="cpu")
     reference(x).backward()  # the captured graph, unplanned
     expected = _grads(eager)
     reference.close()
-    model = fresh()
+    model, _ = linear_layers()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     pm = planner.plan(model, weights // 2, (x,), mode="train", profile="h100", time_limit=10)
     try:
