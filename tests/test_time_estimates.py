@@ -13,12 +13,23 @@ only if none lands within the band, each attempt after the first on a fresh
 calibration; a wrong cost model fails every attempt (before
 disk reads were priced at page-cache rates, the MLP at 50% ran in 0.38x its
 estimate, with eager as fast as its estimate said).
+
+Each attempt runs in a fresh Python process, as a benchmark would. Inside the full
+suite's process, after some 600 other tests, the MLP's plans that read weights
+from disk ran 1.33-1.52x their estimate relative to eager in 3 of about 8 full
+runs, in every attempt (fresh calibrations in that process included), and passed
+alone and in a fresh process each time; what in the long process's state slows
+them is not established.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,8 +47,26 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def profile():
-    return calibrate("cpu", quick=True)
+def profile(tmp_path_factory) -> Path:
+    """The machine calibrated once for the module, saved for the child processes."""
+    return calibrate("cpu", quick=True).save(tmp_path_factory.mktemp("profile") / "cpu.json")
+
+
+def _in_a_fresh_process(name: str, fraction: float, profile: Path | None) -> float:
+    """``_measured_over_estimated`` run by a new Python process (``profile``: a
+    saved one, or None to calibrate there)."""
+    load = f"planner.get_profile({str(profile)!r})" if profile else "calibrate('cpu', quick=True)"
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "import planner\n"
+        "from test_time_estimates import _measured_over_estimated, calibrate\n"
+        f"print(_measured_over_estimated({name!r}, {fraction!r}, {load}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=os.environ
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return float(proc.stdout.strip().splitlines()[-1])
 
 
 def _seconds(fn, *args) -> float:
@@ -75,16 +104,13 @@ def _measured_over_estimated(name: str, fraction: float, profile) -> float:
 @pytest.mark.parametrize("fraction", FRACTIONS)
 @pytest.mark.parametrize("name", ["mlp", "resnet", "unet", "gpt2"])
 def test_measured_time_is_within_25_percent_of_the_estimate(
-    name: str, fraction: float, profile
+    name: str, fraction: float, profile: Path
 ) -> None:
     ratios = []
     for attempt in range(ATTEMPTS):
-        # the module's profile was measured once, perhaps in a burst of other load
-        # (in two full runs of one day, only the MLP at 75% missed, all 3 plans at
-        # 1.33-1.52, and passed alone): later attempts measure the machine again
-        ratio = _measured_over_estimated(
-            name, fraction, profile if attempt == 0 else calibrate("cpu", quick=True)
-        )
+        # the module's profile was measured once, perhaps in a burst of other load:
+        # later attempts measure the machine again
+        ratio = _in_a_fresh_process(name, fraction, profile if attempt == 0 else None)
         if abs(ratio - 1) <= TOLERANCE:
             return
         ratios.append(ratio)
