@@ -242,7 +242,8 @@ class PlannedModule(torch.nn.Module):
     def _prepare_deliveries(self, tensors: dict[str, torch.Tensor]) -> None:
         """A file-backed buffer, shaped like its parameter, for each gradient the
         plan delivers early (``Runtime.deliver`` makes it the parameter's .grad);
-        none for a delivery to the host tier (CUDA): each copies into new host memory."""
+        none for a delivery to the host tier (CUDA): the copy engine holds the host
+        buffer, and ``Runtime.finish_deliveries`` makes the .grad from it."""
         program = self.analysis.program
         param_of = {program.values[v].storage: fqn for v, fqn in program.meta[PARAM_GRADS].items()}
         delivered = {a.tensor: a.tier for a in self.plan.actions if a.kind == "deliver"}
@@ -250,7 +251,7 @@ class PlannedModule(torch.nn.Module):
             if tensor.name not in delivered:
                 continue
             param = tensors[param_of[tensor.index]]
-            if delivered[tensor.name] == "host":  # CUDA: copied to new host memory
+            if delivered[tensor.name] == "host":  # CUDA: through the engine's host buffer
                 self._runtime.deliveries[tensor.name] = (param, None)
                 continue
             key = f"grad:{tensor.name}"

@@ -326,20 +326,39 @@ _GPU_OP_OVERHEAD = 10e-6
 # ResNet step 7.8 ms and 23-24 ms with 97: 150-220 us per copy. The low end.
 _GPU_COPY_ISSUE = 150e-6
 
+
+def _gpu(
+    name: str,
+    fp32: float,
+    fp16: float,
+    bf16: float,
+    memory_bandwidth: float,
+    host_bandwidth: float,
+    memory_bytes: int,
+) -> DeviceProfile:
+    """A CUDA built-in from its datasheet figures (TFLOP/s for the matmuls); the
+    rest is what every GPU built-in assumes (above)."""
+    return DeviceProfile(
+        name=name,
+        device_type="cuda",
+        matmul_flops={
+            "float32": fp32 * _TFLOPS,
+            "float16": fp16 * _TFLOPS,
+            "bfloat16": bf16 * _TFLOPS,
+        },
+        memory_bandwidth=memory_bandwidth,
+        host_bandwidth=host_bandwidth,
+        disk_read_bandwidth=_NVME_READ,
+        disk_write_bandwidth=_NVME_WRITE,
+        op_overhead_seconds=_GPU_OP_OVERHEAD,
+        copy_issue_seconds=_GPU_COPY_ISSUE,
+        memory_bytes=memory_bytes,
+    )
+
+
 # H100 SXM5 80GB datasheet: FP16/BF16 tensor 989 TFLOP/s dense, FP32 67 TFLOP/s
 # (CUDA cores, no TF32), HBM3 3.35 TB/s; PCIe Gen5 x16.
-_H100 = DeviceProfile(
-    name="h100",
-    device_type="cuda",
-    matmul_flops={"float32": 67 * _TFLOPS, "float16": 989 * _TFLOPS, "bfloat16": 989 * _TFLOPS},
-    memory_bandwidth=3.35e12,
-    host_bandwidth=55 * _GB,
-    disk_read_bandwidth=_NVME_READ,
-    disk_write_bandwidth=_NVME_WRITE,
-    op_overhead_seconds=_GPU_OP_OVERHEAD,
-    copy_issue_seconds=_GPU_COPY_ISSUE,
-    memory_bytes=80 * 2**30,
-)
+_H100 = _gpu("h100", 67, 989, 989, 3.35e12, 55 * _GB, 80 * 2**30)
 
 BUILTIN_PROFILES: dict[str, DeviceProfile] = {
     "h100": _H100,
@@ -349,55 +368,14 @@ BUILTIN_PROFILES: dict[str, DeviceProfile] = {
     ),
     # A100 SXM4 80GB datasheet: FP16/BF16 tensor 312 TFLOP/s dense, FP32 19.5 TFLOP/s,
     # HBM2e 2,039 GB/s; PCIe Gen4 x16.
-    "a100": DeviceProfile(
-        name="a100",
-        device_type="cuda",
-        matmul_flops={
-            "float32": 19.5 * _TFLOPS,
-            "float16": 312 * _TFLOPS,
-            "bfloat16": 312 * _TFLOPS,
-        },
-        memory_bandwidth=2.039e12,
-        host_bandwidth=25 * _GB,
-        disk_read_bandwidth=_NVME_READ,
-        disk_write_bandwidth=_NVME_WRITE,
-        op_overhead_seconds=_GPU_OP_OVERHEAD,
-        copy_issue_seconds=_GPU_COPY_ISSUE,
-        memory_bytes=80 * 2**30,
-    ),
+    "a100": _gpu("a100", 19.5, 312, 312, 2.039e12, 25 * _GB, 80 * 2**30),
     # RTX 4090 (Ada whitepaper): FP16/BF16 tensor with FP32 accumulate 165.2 TFLOP/s
     # dense (330 only with FP16 accumulate, which PyTorch does not use), FP32 82.6
     # TFLOP/s, GDDR6X 1,008 GB/s, 24 GB; PCIe Gen4 x16.
-    "rtx4090": DeviceProfile(
-        name="rtx4090",
-        device_type="cuda",
-        matmul_flops={
-            "float32": 82.6 * _TFLOPS,
-            "float16": 165.2 * _TFLOPS,
-            "bfloat16": 165.2 * _TFLOPS,
-        },
-        memory_bandwidth=1.008e12,
-        host_bandwidth=25 * _GB,
-        disk_read_bandwidth=_NVME_READ,
-        disk_write_bandwidth=_NVME_WRITE,
-        op_overhead_seconds=_GPU_OP_OVERHEAD,
-        copy_issue_seconds=_GPU_COPY_ISSUE,
-        memory_bytes=24 * 2**30,
-    ),
+    "rtx4090": _gpu("rtx4090", 82.6, 165.2, 165.2, 1.008e12, 25 * _GB, 24 * 2**30),
     # T4 datasheet: FP16 tensor 65 TFLOP/s, FP32 8.1 TFLOP/s, GDDR6 320 GB/s, 16 GB;
     # PCIe Gen3 x16. Turing has no BF16 tensor cores: bf16 runs at about FP32 speed.
-    "t4": DeviceProfile(
-        name="t4",
-        device_type="cuda",
-        matmul_flops={"float32": 8.1 * _TFLOPS, "float16": 65 * _TFLOPS, "bfloat16": 8.1 * _TFLOPS},
-        memory_bandwidth=320 * _GB,
-        host_bandwidth=12 * _GB,
-        disk_read_bandwidth=_NVME_READ,
-        disk_write_bandwidth=_NVME_WRITE,
-        op_overhead_seconds=_GPU_OP_OVERHEAD,
-        copy_issue_seconds=_GPU_COPY_ISSUE,
-        memory_bytes=16 * 2**30,
-    ),
+    "t4": _gpu("t4", 8.1, 65, 8.1, 320 * _GB, 12 * _GB, 16 * 2**30),
     # A conservative generic CPU: a few cores of AVX2 FMA (~100 GFLOP/s fp32). bf16
     # without AVX512-BF16/AMX runs slower than fp32 (conversion overhead); fp16
     # without AVX512-FP16/AMX-FP16 takes a slow fallback path (2.5 GFLOP/s measured

@@ -29,6 +29,7 @@ from planner.runtime.store import (
     empty_like_entry,
     fault_in,
     mark_copy_thread,
+    with_layout,
 )
 
 
@@ -232,9 +233,7 @@ class CudaCopyEngine(CopyEngine):
             entry.stride,
             entry.offset,
         ):
-            buf = torch.empty(0, dtype=entry.dtype).set_(
-                buf.untyped_storage(), entry.offset, entry.shape, entry.stride
-            )
+            buf = with_layout(buf, entry)  # same bytes, this copy's layout
         return buf
 
     def _download(self, buf: torch.Tensor, tensor: torch.Tensor) -> torch.cuda.Event:
@@ -343,10 +342,7 @@ class CudaCopyEngine(CopyEngine):
 
 def _new_pinned(entry: Entry) -> torch.Tensor:
     """Pinned host memory of ``entry``'s storage bytes, viewed in its layout."""
-    raw = torch.empty(entry.nbytes, dtype=torch.uint8, pin_memory=True)
-    return torch.empty(0, dtype=entry.dtype).set_(
-        raw.untyped_storage(), entry.offset, entry.shape, entry.stride
-    )
+    return with_layout(torch.empty(entry.nbytes, dtype=torch.uint8, pin_memory=True), entry)
 
 
 def make_engine(device: torch.device, disk: DiskStore) -> CopyEngine:

@@ -276,7 +276,7 @@ class DiskStore:
                 fd = os.open(self.path(key), os.O_RDWR | os.O_CREAT, 0o600)
                 kept = self._keep_open(key, fd)
             if os.fstat(fd).st_size != len(data):
-                self._maps.pop(key, None)
+                self._maps.pop(key, None)  # the resize frees blocks: allocate and map again
                 os.ftruncate(fd, len(data))
             mapped = self._map_of(key, fd, len(data)) if kept else None
             if mapped is not None:

@@ -506,9 +506,7 @@ class _Replayer:
             raise self.fail(f"{t.name!r} was delivered already")
         self.require_full_copy(i, "deliver")
         if t.delivery_needs_home_of is not None:  # CUDA: a copy to the host, then wait, free
-            param = self.by_index.get(t.delivery_needs_home_of)
-            on_device = param is None or self.home.get(param, DEVICE).startswith(DEVICE)
-            if on_device or tier != HOST:
+            if not self.param_off_device(t) or tier != HOST:
                 raise self.fail(
                     f"{t.name!r} can be delivered only to the host tier, and only when its "
                     f"parameter's home is a tier (a .grad lives on its parameter's device)"
@@ -540,13 +538,16 @@ class _Replayer:
         is copied down to it after the last op (``returned_to_host_seconds``)."""
         bw = self.problem.bandwidths
         for i, t in enumerate(self.problem.tensors):
-            param = self.by_index.get(t.delivery_needs_home_of)  # type: ignore[arg-type]
-            if param is None or i in self.delivered:
-                continue
-            if not self.home.get(param, DEVICE).startswith(DEVICE):
+            if i not in self.delivered and self.param_off_device(t):
                 seconds = bw.returned_to_host_seconds(t.nbytes)
                 self.clock += seconds
                 self.copying += seconds
+
+    def param_off_device(self, t: Tensor) -> bool:
+        """CUDA: whether gradient ``t``'s parameter (``delivery_needs_home_of``) is
+        homed off the device, where its ``.grad`` then lives."""
+        param = self.by_index.get(t.delivery_needs_home_of)  # type: ignore[arg-type]
+        return param is not None and not self.home.get(param, DEVICE).startswith(DEVICE)
 
     def check_end(self) -> None:
         """The end state: returned tensors resident, fetched weights gone, the
