@@ -116,6 +116,7 @@ EXAMPLE_FACTORIES = {
     "gpt2": ("gpt2.py", "make_gpt2"),
     "gpt2_full": ("gpt2.py", "make_gpt2_full"),
     "gpt2_train": ("gpt2.py", "make_gpt2_train"),
+    "llama": ("llama.py", "make_llama"),
 }
 
 

@@ -23,6 +23,7 @@ FACTORIES = [
     ("unet.py", "make_unet"),
     ("gpt2.py", "make_gpt2"),
     ("gpt2.py", "make_gpt2_full"),
+    ("llama.py", "make_llama"),
 ]
 
 

@@ -10,7 +10,7 @@ from conftest import load_example
 
 import planner
 
-EXAMPLES = ["mlp", "resnet", "unet", "gpt2"]
+EXAMPLES = ["mlp", "resnet", "unet", "gpt2", "llama"]
 
 
 @pytest.mark.parametrize("mode", ["infer", "train"])

@@ -45,7 +45,7 @@ def _same(a, b) -> bool:
 
 
 @pytest.mark.parametrize("fraction", FRACTIONS)
-@pytest.mark.parametrize("name", ["mlp", "resnet", "unet", "gpt2"])
+@pytest.mark.parametrize("name", ["mlp", "resnet", "unet", "gpt2", "llama"])
 def test_examples_fit_and_match_eager(name: str, fraction: float) -> None:
     pm, inputs, expected, budget = _plan_at(name, fraction)
     try:

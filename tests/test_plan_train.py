@@ -44,7 +44,7 @@ def _measured_step(pm: planner.PlannedModule, inputs: tuple):  # type: ignore[no
 
 
 @pytest.mark.parametrize("fraction", [0.75, 0.5, 0.3])
-@pytest.mark.parametrize("name", ["mlp", "resnet", "unet", "gpt2"])
+@pytest.mark.parametrize("name", ["mlp", "resnet", "unet", "gpt2", "llama"])
 def test_train_step_fits_and_gradients_are_exact(name: str, fraction: float) -> None:
     eager, inputs = _fresh(name)
     eager_loss = eager(*inputs)
@@ -165,6 +165,69 @@ def test_gpt2_training_example_at_half_its_peak() -> None:
         assert torch.equal(loss, eager_loss)
         for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
             assert torch.equal(p.grad, q.grad), name
+    finally:
+        pm.close()
+
+
+class _HeadAfterBody(nn.Module):
+    """A deep MLP whose activations the backward needs, then a wide head whose
+    2 MiB output is returned: read by no op after the forward, and its gradient
+    consumed first in the backward, so a plan could move it away for the rest of
+    the backward and read it back by the end, as if the caller did not hold it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            *[nn.Sequential(nn.Linear(256, 256), nn.Tanh()) for _ in range(6)]
+        )
+        self.head = nn.Linear(256, 2048)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def test_forward_outputs_stay_on_the_device_until_handed_over() -> None:
+    """Training a model that returns its output (the loss is the caller's): the
+    forward must hand that output over when it ends, and the caller holds it
+    through the backward. At half this model's peak the solver once moved it to
+    disk right after it was made, and the executor had nothing to return
+    (codegen: "addmm_6 is not resident"; a Llama's logits with Inductor kernels
+    likewise). Now the output is kept, the smallest budget rises to what that
+    costs, and the step at that budget is exact and within it by the meter."""
+
+    def fresh() -> tuple[nn.Module, torch.Tensor]:
+        torch.manual_seed(0)
+        return _HeadAfterBody(), torch.randn(256, 256)
+
+    eager, x = fresh()
+    eager_out = eager(x)
+    eager_out.sum().backward()
+    model, x = fresh()
+    peak = planner.analyze(model, (x,), mode="train", profile="cpu").unplanned_peak_bytes
+    budget = peak // 2
+    try:
+        pm = planner.plan(model, budget, (x,), mode="train", profile="cpu", time_limit=5)
+    except planner.BudgetTooSmall as exc:
+        assert exc.min_budget is not None and budget < exc.min_budget < peak
+        budget = exc.min_budget
+        model, x = fresh()
+        pm = planner.plan(model, budget, (x,), mode="train", profile="cpu", time_limit=5)
+    try:
+        output = next(t for t in pm.plan.tensors if t.kind == "output")
+        assert output.nbytes == 256 * 2048 * 4 and output.decision == "keep"
+
+        def step() -> torch.Tensor:
+            out = pm(x)
+            out.sum().backward()
+            return out
+
+        out, measured = measure(step, pm, (x,))
+        # the caller's loss, a one-element tensor (8 bytes as allocated), is not the plan's
+        caller_bytes = 8
+        assert measured.peak_bytes <= budget + caller_bytes, f"{measured.peak_bytes} > {budget}"
+        assert torch.equal(out, eager_out)
+        for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
     finally:
         pm.close()
 

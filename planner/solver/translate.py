@@ -75,6 +75,16 @@ def from_program(
     min_movable = max(4096, min(min_movable_bytes, total // 4096))
     backward_start = program.backward_start()
     returned = {program.values[v].storage for v in program.outputs}
+    # Training: the forward's outputs are handed to the caller when the forward
+    # ends, and the caller holds them through the backward (the loss is computed
+    # from them), so they stay where they are made: a plan that moved one away
+    # after it was made would have nothing to return (a Llama's 512 KiB logits
+    # were offloaded after the last forward op and read back at the end).
+    handed_over = (
+        {program.values[v].storage for v in program.outputs[: program.num_forward_outputs]}
+        if program.mode == "train"
+        else set()
+    )
     names = _unique_names(program)
     # Training: parameters get a home tier like inference weights (ZeRO-Offload's
     # idea): the model's parameter becomes the tier's copy (a file-backed map, or on
@@ -113,6 +123,7 @@ def from_program(
         pinned = (
             kind in (ValueKind.INPUT, ValueKind.TANGENT)
             or train_held
+            or storage.index in handed_over
             or storage.nbytes < min_movable
         )
         caller_held = kind in (ValueKind.INPUT, ValueKind.TANGENT) or train_held
