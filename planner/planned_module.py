@@ -455,8 +455,16 @@ class PlannedModule(torch.nn.Module):
         return self.measured_seconds
 
     def run_measured_step(self, *args: Any, **kwargs: Any) -> Any:
-        """Training: one forward + backward (of the sum of the floating outputs)
-        under the independent meter; ``report`` then shows it."""
+        """Training: one forward + backward under the independent meter; ``report``
+        then shows it. The backward is driven by all-ones gradients of the outputs
+        that require grad (what a loss summing them gives), each an expanded view
+        of a one-element tensor made before the meter starts: a summed loss and its
+        gradient are the caller's bytes, not the plan's, and counted they put a
+        step planned to its budget's last byte 8 bytes over it."""
+        ones = {
+            dtype: torch.ones((), dtype=dtype, device=self.device)
+            for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+        }
 
         def step() -> Any:
             out = self(*args, **kwargs)
@@ -465,7 +473,11 @@ class PlannedModule(torch.nn.Module):
                 for t in pytree.tree_leaves(out)
                 if isinstance(t, torch.Tensor) and t.requires_grad
             ]
-            sum(t.sum() for t in leaves).backward()  # type: ignore[union-attr]
+            grads = [
+                ones[t.dtype].expand_as(t) if t.dtype in ones else torch.ones_like(t)
+                for t in leaves
+            ]
+            torch.autograd.backward(leaves, grads)
             return out
 
         out, self.measured = measure(step, self, (args, kwargs), device=self.device.type)

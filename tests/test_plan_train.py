@@ -193,7 +193,9 @@ def test_forward_outputs_stay_on_the_device_until_handed_over() -> None:
     disk right after it was made, and the executor had nothing to return
     (codegen: "addmm_6 is not resident"; a Llama's logits with Inductor kernels
     likewise). Now the output is kept, the smallest budget rises to what that
-    costs, and the step at that budget is exact and within it by the meter."""
+    costs, and the step at that budget is exact and within it by the meter; and
+    ``run_measured_step``, which drove its backward through a summed loss of its
+    own, no longer counts that scalar (it measured 8 bytes over)."""
 
     def fresh() -> tuple[nn.Module, torch.Tensor]:
         torch.manual_seed(0)
@@ -228,6 +230,13 @@ def test_forward_outputs_stay_on_the_device_until_handed_over() -> None:
         assert torch.equal(out, eager_out)
         for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
             torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+        # the planner's own metered step (what plan() verifies compiled plans with)
+        # counts the module's bytes alone: within the budget to the byte
+        model.zero_grad(set_to_none=True)
+        pm.run_measured_step(x)
+        assert pm.plan.predicted_peak_bytes == budget  # planned to its last byte
+        assert pm.measured is not None and pm.measured.peak_bytes <= budget
     finally:
         pm.close()
 
