@@ -552,21 +552,21 @@ def compile_segments(
     for i, segment in enumerate(segments):
         eager = eager_function(segment, ops)
         chosen[segment.name] = eager
+        if indexes_through_uninitialized(segment):
+            segment.kernel = (
+                "eager: it indexes through memory it leaves uninitialized, which made-up "
+                "inputs cannot fill in"
+            )
+            continue
         fitting = _fitting_form(segment, eager, device, ops, headroom, MAX_SPLITS)
         if fitting is not None and headroom(segment) < 0:  # eager would not fit
             chosen[segment.name] = fitting
         elif fitting is not None:  # timed only once it fits: one that does not is eager
-            compiled_s, eager_s = best_seconds((fitting, eager), segment, device)
-            if SLOWER_MARGIN * eager_s < compiled_s <= RETIME_BELOW * eager_s:
-                again = best_seconds((fitting, eager), segment, device, RETIME_REPEATS)
-                compiled_s, eager_s = min(compiled_s, again[0]), min(eager_s, again[1])
-            if compiled_s > SLOWER_MARGIN * eager_s:
+            stays_eager = _why_not_faster(fitting, eager, segment, device)
+            if stays_eager is not None:
                 segment.parts = []
                 segment.allocations = None
-                segment.kernel = (
-                    f"eager: compiled it runs slower ({compiled_s * 1e3:.3f} ms vs "
-                    f"{eager_s * 1e3:.3f} ms)"
-                )
+                segment.kernel = stays_eager
             else:
                 chosen[segment.name] = fitting
         log.info(
@@ -579,6 +579,84 @@ def compile_segments(
             time.perf_counter() - start,
         )
     return chosen
+
+
+def _why_not_faster(
+    fitting: Callable[[list], list],
+    eager: Callable[[list], list],
+    segment: Segment,
+    device: torch.device,
+) -> str | None:
+    """Why ``segment`` stays eager although ``fitting`` fits: it times slower, or
+    it cannot run on made-up inputs (its parts, each measured alone, can fail
+    called in turn: one part's output indexes the next). None: keep ``fitting``."""
+    try:
+        compiled_s, eager_s = best_seconds((fitting, eager), segment, device)
+        if SLOWER_MARGIN * eager_s < compiled_s <= RETIME_BELOW * eager_s:
+            again = best_seconds((fitting, eager), segment, device, RETIME_REPEATS)
+            compiled_s, eager_s = min(compiled_s, again[0]), min(eager_s, again[1])
+    except Exception as exc:  # noqa: BLE001 - any op's own error on made-up data
+        return f"eager: {_fails_on_made_up_inputs(exc)}"
+    if compiled_s > SLOWER_MARGIN * eager_s:
+        return (
+            f"eager: compiled it runs slower ({compiled_s * 1e3:.3f} ms vs {eager_s * 1e3:.3f} ms)"
+        )
+    return None
+
+
+_aten = torch.ops.aten
+#: Ops whose result is uninitialized memory until something writes it.
+_UNINITIALIZED = frozenset(
+    {
+        _aten.empty_like.default,
+        _aten.empty.memory_format,
+        _aten.empty_strided.default,
+        _aten.new_empty.default,
+        _aten.new_empty_strided.default,
+    }
+)
+#: Ops that read or write at positions given by a tensor of indices.
+_INDEXING = frozenset(
+    {
+        _aten.index.Tensor,
+        _aten._unsafe_index.Tensor,
+        _aten.index_put.default,
+        _aten._unsafe_index_put.default,
+        _aten.index_select.default,
+        _aten.index_add.default,
+        _aten.index_copy.default,
+        _aten.gather.default,
+        _aten.scatter.src,
+        _aten.scatter.value,
+        _aten.scatter_add.default,
+        _aten.scatter_reduce.two,
+        _aten.embedding.default,
+        _aten.take.default,
+    }
+)
+
+
+def indexes_through_uninitialized(segment: Segment) -> bool:
+    """Whether the run makes uninitialized memory and indexes with tensors: the
+    pattern of an inverse permutation (``empty_like``, then ``index_put`` at a
+    permutation's positions, then indexing with the result: Mixtral's routing).
+    On made-up inputs the permutation is zeros, most of the buffer keeps whatever
+    the allocator left there, and a compiled kernel indexing with it checks
+    bounds inside a parallel loop, where a failed check aborts the process. Such a
+    run is never measured, so never compiled; the replay accounts for it op by op."""
+    targets = {it.target for it in segment.items if isinstance(it, OpLine)}
+    return bool(targets & _UNINITIALIZED) and bool(targets & _INDEXING)
+
+
+def _fails_on_made_up_inputs(exc: BaseException) -> str:
+    """Why a run could not be measured: runs are measured on zeros of their
+    inputs' layouts, and one whose indices come from its inputs may index out of
+    bounds on them (Mixtral's routing inverts a permutation with ``index_put``
+    into ``empty_like``; zeros leave most of it unwritten). Its memory and speed
+    then cannot be measured, so it stays eager, which the replay's op by op
+    accounting covers."""
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return f"it fails on made-up inputs: {type(exc).__name__}: {first}"
 
 
 def _fitting_form(
@@ -601,8 +679,16 @@ def _fitting_form(
             "inductor: %s (steps %s) stays eager: %s", segment.name, segment.steps, segment.kernel
         )
         return None
-    peak_e, final_e = run_allocations(eager, segment, device)
-    peak_c, final_c = run_allocations(compiled, segment, device)
+    # the eager form first: ATen's ops raise on bad indices, where a compiled
+    # kernel's check inside a parallel loop aborts the process; and not cut in
+    # parts, which would feed one part's bad indices to the next compiled one
+    try:
+        peak_e, final_e = run_allocations(eager, segment, device)
+        peak_c, final_c = run_allocations(compiled, segment, device)
+    except Exception as exc:  # noqa: BLE001 - any op's own error on made-up data
+        segment.kernel = f"eager: {_fails_on_made_up_inputs(exc)}"
+        log.info("inductor: %s (steps %s): %s", segment.name, segment.steps, segment.kernel)
+        return None
     spare = headroom(segment)
     if peak_c <= peak_e + spare and final_c <= final_e:
         segment.kernel = "inductor"
@@ -627,10 +713,11 @@ def _fitting_form(
     compiled_ops = sum(p.compiled_ops for p in parts)
     if compiled_ops == 0:
         return None
+    whole = segment.kernel.removeprefix("eager: ")
     segment.parts = parts
     segment.kernel = (
         f"inductor in {len(leaf_runs([segment]))} parts ({compiled_ops} of {segment.num_ops} ops "
-        f"compiled; whole, it allocates {peak_c - peak_e - spare:,} bytes too many)"
+        f"compiled; whole, {whole})"
     )
     return _run_parts(segment, forms)
 

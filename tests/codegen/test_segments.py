@@ -413,6 +413,102 @@ def test_a_run_inductor_cannot_compile_stays_eager(monkeypatch) -> None:  # type
     torch.testing.assert_close(d, torch.tanh(a * 2) + 1)
 
 
+def test_a_run_that_fails_on_made_up_inputs_stays_eager() -> None:
+    """Runs are measured on zeros of their inputs' layouts. One whose indices come
+    from its inputs may then index out of bounds (Mixtral's routing inverts a
+    permutation into ``empty_like``; here, indices shifted up by the dimension's
+    size, which real inputs hold negative): its memory cannot be measured, so it
+    stays eager, and the plan is still made."""
+    x, idx, j, y, z = 0, 1, 2, 3, 4
+    lines = [
+        "    # step 0: j = aten.add.Tensor",
+        _op("j", j, aten.add.Tensor, Var("idx", idx), 64),
+        "    # step 1: y = aten.index.Tensor",
+        OpLine(
+            ["    y = aten_index_Tensor(x, [j])"],
+            aten.index.Tensor,
+            (Var("x", x), [Var("j", j)]),
+            {},
+            [(None, "y", y)],
+            True,
+        ),
+        DelLine(["j"], "    del j  # free j"),
+        "    # step 2: z = aten.mul.Tensor",
+        _op("z", z, aten.mul.Tensor, Var("y", y), 2.0),
+        DelLine(["y"], "    del y  # free y"),
+    ]
+
+    def layout_of(value: int) -> Layout:
+        dtype = torch.int64 if value in (idx, j) else torch.float32
+        return Layout((64,), (1,), dtype, 0, value)
+
+    _, (seg,) = fold_segments(lines, layout_of)
+    ops = {**OPS, "aten_index_Tensor": aten.index.Tensor}
+    chosen = compile_segments([seg], torch.device("cpu"), ops)
+    # the eager form is measured first and raises; no part is tried (called in
+    # turn, one part's bad indices would reach the next, compiled)
+    assert seg.kernel.startswith("eager: it fails on made-up inputs: IndexError"), seg.kernel
+    assert not seg.parts and seg.allocations is None
+    real = {"x": torch.randn(64), "idx": torch.arange(64) - 64}
+    (out,) = chosen[seg.name]([real[name] for name in seg.inputs])
+    torch.testing.assert_close(out, real["x"] * 2)
+
+
+def test_a_run_indexing_through_uninitialized_memory_is_never_compiled(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An inverse permutation (Mixtral's routing): ``empty_like``, ``index_put`` at
+    the permutation's positions, then indexing with the result. On made-up inputs
+    (zeros) most of the buffer is whatever the allocator left, and a compiled
+    kernel's bounds check fails inside a parallel loop, which aborts the process
+    (it did, on Mixtral). Such a run is neither compiled nor measured."""
+    perm, x, inv0, ar, inv, y = 0, 1, 2, 3, 4, 5
+    lines = [
+        _op("inv0", inv0, aten.empty_like.default, Var("perm", perm)),
+        _op("ar", ar, aten.arange.default, 64),
+        OpLine(
+            ["    inv = aten_index_put_default(inv0, [perm], ar)"],
+            aten.index_put.default,
+            (Var("inv0", inv0), [Var("perm", perm)], Var("ar", ar)),
+            {},
+            [(None, "inv", inv)],
+            True,
+        ),
+        DelLine(["inv0", "ar", "perm"], "    del inv0, ar, perm"),
+        OpLine(
+            ["    y = aten_index_Tensor(x, [inv])"],
+            aten.index.Tensor,
+            (Var("x", x), [Var("inv", inv)]),
+            {},
+            [(None, "y", y)],
+            True,
+        ),
+        DelLine(["inv"], "    del inv"),
+    ]
+
+    def layout_of(value: int) -> Layout:
+        dtype = torch.float32 if value in (x, y) else torch.int64
+        return Layout((64,), (1,), dtype, 0, value)
+
+    _, (seg,) = fold_segments(lines, layout_of)
+    assert segments.indexes_through_uninitialized(seg)
+
+    def never(*args):  # type: ignore[no-untyped-def]
+        raise AssertionError("compiled or measured")
+
+    monkeypatch.setattr(segments, "compile_segment", never)
+    monkeypatch.setattr(segments, "run_allocations", never)
+    ops = {
+        "aten_empty_like_default": aten.empty_like.default,
+        "aten_arange_default": aten.arange.default,
+        "aten_index_put_default": aten.index_put.default,
+        "aten_index_Tensor": aten.index.Tensor,
+    }
+    chosen = compile_segments([seg], torch.device("cpu"), ops)
+    assert seg.kernel.startswith("eager: it indexes through memory it leaves uninitialized")
+    real = {"perm": torch.randperm(64), "x": torch.randn(64)}
+    (out,) = chosen[seg.name]([real[name] for name in seg.inputs])
+    torch.testing.assert_close(out[real["perm"]], real["x"])  # x, un-permuted
+
+
 @pytest.mark.parametrize("bad", ["Inductor", "compile", None])
 def test_plan_rejects_an_unknown_kernels_value_before_any_work(bad) -> None:  # type: ignore[no-untyped-def]
     import planner
