@@ -462,7 +462,7 @@ class PlannedModule(torch.nn.Module):
         gradient are the caller's bytes, not the plan's, and counted they put a
         step planned to its budget's last byte 8 bytes over it."""
         ones = {
-            dtype: torch.ones((), dtype=dtype, device=self.device)
+            (dtype, self.device): torch.ones((), dtype=dtype, device=self.device)
             for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
         }
 
@@ -474,7 +474,9 @@ class PlannedModule(torch.nn.Module):
                 if isinstance(t, torch.Tensor) and t.requires_grad
             ]
             grads = [
-                ones[t.dtype].expand_as(t) if t.dtype in ones else torch.ones_like(t)
+                one.expand_as(t)
+                if (one := ones.get((t.dtype, t.device))) is not None
+                else torch.ones_like(t)
                 for t in leaves
             ]
             torch.autograd.backward(leaves, grads)

@@ -552,13 +552,14 @@ def compile_segments(
     for i, segment in enumerate(segments):
         eager = eager_function(segment, ops)
         chosen[segment.name] = eager
+        fitting = None
         if indexes_through_uninitialized(segment):
             segment.kernel = (
                 "eager: it indexes through memory it leaves uninitialized, which made-up "
                 "inputs cannot fill in"
             )
-            continue
-        fitting = _fitting_form(segment, eager, device, ops, headroom, MAX_SPLITS)
+        else:
+            fitting = _fitting_form(segment, eager, device, ops, headroom, MAX_SPLITS)
         if fitting is not None and headroom(segment) < 0:  # eager would not fit
             chosen[segment.name] = fitting
         elif fitting is not None:  # timed only once it fits: one that does not is eager
@@ -588,15 +589,21 @@ def _why_not_faster(
     device: torch.device,
 ) -> str | None:
     """Why ``segment`` stays eager although ``fitting`` fits: it times slower, or
-    it cannot run on made-up inputs (its parts, each measured alone, can fail
-    called in turn: one part's output indexes the next). None: keep ``fitting``."""
+    its parts, each measured alone, fail called in turn (the whole ran eagerly on
+    the same inputs, so each part sees what it would there, up to the rounding of
+    compiled kernels; a failure here is more likely a fault in the parts' wiring,
+    warned of, than the inputs'). None: keep ``fitting``."""
     try:
         compiled_s, eager_s = best_seconds((fitting, eager), segment, device)
         if SLOWER_MARGIN * eager_s < compiled_s <= RETIME_BELOW * eager_s:
             again = best_seconds((fitting, eager), segment, device, RETIME_REPEATS)
             compiled_s, eager_s = min(compiled_s, again[0]), min(eager_s, again[1])
-    except Exception as exc:  # noqa: BLE001 - any op's own error on made-up data
-        return f"eager: {_fails_on_made_up_inputs(exc)}"
+    except _DEVICE_FAILURES:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        why = f"eager: its parts fail called in turn ({_first_line(exc)})"
+        log.warning("inductor: %s (steps %s) stays eager: %s", segment.name, segment.steps, why)
+        return why
     if compiled_s > SLOWER_MARGIN * eager_s:
         return (
             f"eager: compiled it runs slower ({compiled_s * 1e3:.3f} ms vs {eager_s * 1e3:.3f} ms)"
@@ -611,52 +618,87 @@ _UNINITIALIZED = frozenset(
         _aten.empty_like.default,
         _aten.empty.memory_format,
         _aten.empty_strided.default,
+        _aten.empty_permuted.default,
         _aten.new_empty.default,
         _aten.new_empty_strided.default,
     }
 )
-#: Ops that read or write at positions given by a tensor of indices.
-_INDEXING = frozenset(
-    {
-        _aten.index.Tensor,
-        _aten._unsafe_index.Tensor,
-        _aten.index_put.default,
-        _aten._unsafe_index_put.default,
-        _aten.index_select.default,
-        _aten.index_add.default,
-        _aten.index_copy.default,
-        _aten.gather.default,
-        _aten.scatter.src,
-        _aten.scatter.value,
-        _aten.scatter_add.default,
-        _aten.scatter_reduce.two,
-        _aten.embedding.default,
-        _aten.take.default,
-    }
-)
+#: Ops that read or write at positions a tensor of indices gives: the position of
+#: that argument (functional forms only: the graphs are functionalized).
+_INDEX_ARGUMENT = {
+    _aten.index.Tensor: 1,
+    _aten._unsafe_index.Tensor: 1,
+    _aten.index_put.default: 1,
+    _aten._unsafe_index_put.default: 1,
+    _aten._unsafe_masked_index.default: 2,
+    _aten._unsafe_masked_index_put_accumulate.default: 2,
+    _aten.index_select.default: 2,
+    _aten.index_add.default: 2,
+    _aten.index_copy.default: 2,
+    _aten.index_fill.int_Tensor: 2,
+    _aten.index_fill.int_Scalar: 2,
+    _aten.index_reduce.default: 2,
+    _aten.gather.default: 2,
+    _aten.scatter.src: 2,
+    _aten.scatter.value: 2,
+    _aten.scatter.reduce: 2,
+    _aten.scatter.value_reduce: 2,
+    _aten.scatter_add.default: 2,
+    _aten.scatter_reduce.two: 2,
+    _aten.take.default: 1,
+    _aten.take_along_dim.default: 1,
+    _aten.put.default: 1,
+    _aten.embedding.default: 1,
+    _aten._embedding_bag.default: 1,
+}
+
+
+def _vars_in(x: Any) -> list[str]:
+    if isinstance(x, Var):
+        return [x.name]
+    if isinstance(x, (list, tuple)):
+        return [name for item in x for name in _vars_in(item)]
+    return []
 
 
 def indexes_through_uninitialized(segment: Segment) -> bool:
-    """Whether the run makes uninitialized memory and indexes with tensors: the
-    pattern of an inverse permutation (``empty_like``, then ``index_put`` at a
-    permutation's positions, then indexing with the result: Mixtral's routing).
-    On made-up inputs the permutation is zeros, most of the buffer keeps whatever
-    the allocator left there, and a compiled kernel indexing with it checks
-    bounds inside a parallel loop, where a failed check aborts the process. Such a
-    run is never measured, so never compiled; the replay accounts for it op by op."""
-    targets = {it.target for it in segment.items if isinstance(it, OpLine)}
-    return bool(targets & _UNINITIALIZED) and bool(targets & _INDEXING)
+    """Whether the run indexes with values computed from memory it leaves
+    uninitialized: an inverse permutation (``empty_like``, then ``index_put`` at
+    a permutation's positions, then indexing with the result: Mixtral's
+    routing). On made-up inputs the permutation is zeros, most of the buffer
+    keeps whatever the allocator left there, and a compiled kernel indexing with
+    it checks bounds inside a parallel loop, where a failed check aborts the
+    process. Such a run is never measured, so never compiled; the replay accounts
+    for it op by op. Followed through the run's values: an op's outputs derive
+    from uninitialized memory when any of its arguments does."""
+    derived: set[str] = set()
+    for item in segment.items:
+        if not isinstance(item, OpLine):
+            continue
+        args = list(item.args) + list(item.kwargs.values())
+        position = _INDEX_ARGUMENT.get(item.target)
+        if position is not None and position < len(item.args):
+            if derived.intersection(_vars_in(item.args[position])):
+                return True
+        if item.target in _UNINITIALIZED or derived.intersection(_vars_in(args)):
+            derived.update(var for _, var, _ in item.outputs)
+    return False
 
 
-def _fails_on_made_up_inputs(exc: BaseException) -> str:
-    """Why a run could not be measured: runs are measured on zeros of their
-    inputs' layouts, and one whose indices come from its inputs may index out of
-    bounds on them (Mixtral's routing inverts a permutation with ``index_put``
-    into ``empty_like``; zeros leave most of it unwritten). Its memory and speed
-    then cannot be measured, so it stays eager, which the replay's op by op
-    accounting covers."""
+#: Failures that say nothing about a run's made-up inputs: out of memory, and a
+#: CUDA device-side assert, after which the device is unusable for every run.
+_DEVICE_FAILURES: tuple[type[BaseException], ...] = tuple(
+    cls
+    for cls in (getattr(torch, "OutOfMemoryError", None), getattr(torch, "AcceleratorError", None))
+    if cls is not None
+)
+
+
+def _first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (a report reason, grouped by its type
+    once the parenthesized part is dropped)."""
     first = (str(exc).strip().splitlines() or [""])[0][:200]
-    return f"it fails on made-up inputs: {type(exc).__name__}: {first}"
+    return f"{type(exc).__name__}: {first}"
 
 
 def _fitting_form(
@@ -670,24 +712,35 @@ def _fitting_form(
     """``segment`` compiled, or compiled in parts (up to ``splits`` cuts deep), in
     a form that allocates no more than ``eager`` plus the headroom; None if there
     is none (``segment.kernel`` says why)."""
+    # the eager form first, before compiling: on a CPU, ATen's ops raise on bad
+    # indices where a compiled kernel's check inside a parallel loop aborts the
+    # process; and such a run is not cut in parts, which would hand one part's
+    # bad indices to the next, compiled
+    try:
+        peak_e, final_e = run_allocations(eager, segment, device)
+    except _DEVICE_FAILURES:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any op's own error on made-up data
+        segment.kernel = f"eager: it fails on made-up inputs ({_first_line(exc)})"
+        log.info("inductor: %s (steps %s): %s", segment.name, segment.steps, segment.kernel)
+        return None
     try:
         compiled = compile_segment(segment, device)
     except Exception as exc:  # an op Inductor cannot take: this run stays eager
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        segment.kernel = f"eager: Inductor failed: {type(exc).__name__}: {first}"
+        segment.kernel = f"eager: Inductor failed: {_first_line(exc)}"
         log.warning(
             "inductor: %s (steps %s) stays eager: %s", segment.name, segment.steps, segment.kernel
         )
         return None
-    # the eager form first: ATen's ops raise on bad indices, where a compiled
-    # kernel's check inside a parallel loop aborts the process; and not cut in
-    # parts, which would feed one part's bad indices to the next compiled one
     try:
-        peak_e, final_e = run_allocations(eager, segment, device)
         peak_c, final_c = run_allocations(compiled, segment, device)
-    except Exception as exc:  # noqa: BLE001 - any op's own error on made-up data
-        segment.kernel = f"eager: {_fails_on_made_up_inputs(exc)}"
-        log.info("inductor: %s (steps %s): %s", segment.name, segment.steps, segment.kernel)
+    except _DEVICE_FAILURES:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the eager form ran: not the inputs' doing
+        segment.kernel = f"eager: compiled it fails where eager runs ({_first_line(exc)})"
+        log.warning(
+            "inductor: %s (steps %s) stays eager: %s", segment.name, segment.steps, segment.kernel
+        )
         return None
     spare = headroom(segment)
     if peak_c <= peak_e + spare and final_c <= final_e:
