@@ -63,9 +63,11 @@ def open_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 def attach_checkpoint(model: torch.nn.Module, path: str | Path) -> list[str]:
     """Point every meta parameter/buffer of ``model`` at the checkpoint's tensor of
-    the same name; returns the names attached. Names, shapes and dtypes must match."""
+    the same name; returns the names attached. Names, shapes and dtypes must match;
+    all are checked before any is attached, so an error leaves the model as it was."""
     weights = open_safetensors(path)
     attached = []
+    found: list[tuple[dict, str, torch.Tensor, torch.Tensor, bool]] = []
     for module_name, module in model.named_modules():
         for kind in ("_parameters", "_buffers"):
             slots = getattr(module, kind)
@@ -74,6 +76,16 @@ def attach_checkpoint(model: torch.nn.Module, path: str | Path) -> list[str]:
                     continue
                 fqn = f"{module_name}.{leaf}" if module_name else leaf
                 tensor = weights.get(fqn)
+                if tensor is None and leaf in module._non_persistent_buffers_set:
+                    where = f"model.{module_name}" if module_name else "the model"
+                    raise PlannerError(
+                        f"{fqn!r} is a non-persistent buffer of the meta model: no state_dict "
+                        f"saves one, so no checkpoint has it, and only its module computes "
+                        f"it. Make that module outside torch.device('meta') and put it in "
+                        f"the model before planning: {where} = "
+                        f"{type(module).__name__}(...) (a Hugging Face rotary embedding "
+                        f"takes config=)"
+                    )
                 if tensor is None:
                     raise PlannerError(
                         f"checkpoint {str(path)!r} has no tensor {fqn!r} for the "
@@ -84,11 +96,13 @@ def attach_checkpoint(model: torch.nn.Module, path: str | Path) -> list[str]:
                         f"checkpoint tensor {fqn!r} is {tuple(tensor.shape)} {tensor.dtype}, "
                         f"the model expects {tuple(value.shape)} {value.dtype}"
                     )
-                if kind == "_parameters":
-                    slots[leaf] = torch.nn.Parameter(tensor, requires_grad=value.requires_grad)
-                else:
-                    slots[leaf] = tensor
+                found.append((slots, leaf, value, tensor, kind == "_parameters"))
                 attached.append(fqn)
+    for slots, leaf, value, tensor, is_parameter in found:
+        if is_parameter:
+            slots[leaf] = torch.nn.Parameter(tensor, requires_grad=value.requires_grad)
+        else:
+            slots[leaf] = tensor
     return attached
 
 

@@ -54,3 +54,55 @@ def test_checkpoint_is_memory_mapped_and_checked(tmp_path) -> None:
         attach_checkpoint(meta, path)
     with pytest.raises(PlannerError, match="cannot read"):
         open_safetensors(tmp_path / "missing.safetensors")
+
+
+class _Scaled(nn.Module):
+    """A layer with a non-persistent buffer its constructor computes (as a rotary
+    embedding's ``inv_freq``): never in a state_dict, so never in a checkpoint."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(64, 64)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 64), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * self.scale
+
+
+class _WithScaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _Scaled()
+        self.head = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.inner(x))
+
+
+def test_a_non_persistent_meta_buffer_is_an_error_that_says_what_to_do(tmp_path) -> None:
+    torch.manual_seed(0)
+    eager = _WithScaled()
+    path = tmp_path / "model.safetensors"
+    save_file(eager.state_dict(), str(path))
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        expected = eager(x)
+    with torch.device("meta"):
+        meta = _WithScaled()
+    with pytest.raises(PlannerError) as err:
+        planner.plan(meta, "100%", (x,), profile="cpu", checkpoint=str(path))
+    message = str(err.value)
+    assert "'inner.scale' is a non-persistent buffer" in message
+    assert "model.inner = _Scaled(...)" in message
+    assert all(t.is_meta for t in meta.state_dict().values())  # nothing half-attached
+    # what it says to do: that module made outside the meta device
+    with torch.device("meta"):
+        meta = _WithScaled()
+    real = _Scaled()
+    meta.inner = real
+    meta.inner.linear = nn.Linear(64, 64, device="meta")  # its weights still from the file
+    pm = planner.plan(meta, "100%", (x,), profile="cpu", time_limit=5, checkpoint=str(path))
+    try:
+        assert torch.equal(pm(x), expected)
+    finally:
+        pm.close()
