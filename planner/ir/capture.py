@@ -182,10 +182,11 @@ def _capture_inference(
 
 
 def _input_paths(args: tuple, kwargs: dict) -> list[str]:
+    """The path of every leaf of the inputs, in flattening order: tensors and the
+    flags beside them alike (``use_cache=False``), since both the exported
+    program's user inputs and the joint graph's primals count them."""
     leaves, _ = pytree.tree_flatten_with_path((args, kwargs))
-    return [
-        "input" + pytree.keystr(path) for path, leaf in leaves if isinstance(leaf, torch.Tensor)
-    ]
+    return ["input" + pytree.keystr(path) for path, _ in leaves]
 
 
 class _FlatModule(torch.nn.Module):

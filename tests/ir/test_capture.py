@@ -106,6 +106,30 @@ def test_transformers_model_output(mode: str) -> None:
     assert logits.shape[-1] == model.config.vocab_size
 
 
+class _Flagged(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+
+    def forward(self, x, flag, y, scale=1.0):  # type: ignore[no-untyped-def]
+        return (self.a(x) + (self.b(y) if flag else 0)) * scale
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_inputs_are_named_by_their_paths_with_flags_among_them(mode, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Flags beside the tensors (``use_cache=False``) are inputs of the exported
+    program and primals of the joint graph too: each input is named by its own
+    path (a flag before a tensor once shifted the names, and in training warned
+    of a primal count mismatch)."""
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    with caplog.at_level("WARNING", logger="planner.ir.capture"):
+        captured = capture(_Flagged(), ((x, True, y), {"scale": 2.0}), mode)
+    inputs = [r.source for r in captured.input_roles if r.kind is ValueKind.INPUT]
+    assert inputs == ["input[0][0]", "input[0][1]", "input[0][2]", "input[1]['scale']"]
+    assert "primals" not in caplog.text
+
+
 def test_tied_weights_counted_once() -> None:
     model = Tied()
     ids = torch.randint(0, 50, (2, 5))
