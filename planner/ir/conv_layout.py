@@ -77,6 +77,19 @@ def channels_last_convolutions(gm: torch.fx.GraphModule) -> torch.fx.GraphModule
     layouts after the rewrite (logged)."""
     if not _wants_channels_last(gm):
         return gm
+    try:
+        return _rewritten(gm)
+    except Exception as exc:  # noqa: BLE001 - an optimization: any failure leaves gm
+        # e.g. a view traced on the NCHW layout that the channels-last one cannot
+        # take (Swin's attention output, reshaped after its patch embedding's conv)
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        log.info("channels-last convolutions dropped: %s: %s", type(exc).__name__, first)
+        return gm
+
+
+def _rewritten(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The rewrite itself (see ``channels_last_convolutions``); raises where the
+    new layouts cannot be propagated through the graph."""
     graph = torch.fx.Graph()
     old_to_new: dict[torch.fx.Node, torch.fx.Node] = {}
     out_node = graph.graph_copy(gm.graph, old_to_new)  # meta dicts are copied shallowly

@@ -142,3 +142,27 @@ def test_the_rewrite_is_dropped_if_a_changed_op_cannot_be_checked(
 
     monkeypatch.setattr(conv_layout, "random_inputs", fail)
     assert channels_last_convolutions(gm) is gm
+
+
+class _FlattenedByView(nn.Module):
+    """A convolution whose output is flattened by ``view``, as traced on NCHW
+    strides (Swin reshapes its attention output so after its patch embedding's
+    convolution): on channels-last strides that view is impossible."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8 * 8 * 8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        return self.head(h.view(h.shape[0], -1))
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_the_rewrite_is_dropped_where_a_view_cannot_take_channels_last(mode: str) -> None:
+    model, x = _FlattenedByView(), torch.randn(2, 3, 8, 8)
+    gm = capture(model, (x,), mode).graph_module
+    assert conv_layout._wants_channels_last(gm)
+    assert channels_last_convolutions(gm) is gm  # dropped, not raised
