@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 from conftest import load_example
+from torch import nn
 from torch.utils import _pytree as pytree
 
 import planner
@@ -129,3 +130,43 @@ def test_offload_dir_must_exist(tmp_path) -> None:
         planner.plan(
             model, "80%", inputs, profile="cpu", time_limit=5, offload_dir=tmp_path / "missing"
         )
+
+
+class _WideBatchNorm(nn.Module):
+    """A BatchNorm over 1280 channels left in training mode, as a MobileNet's last
+    one: each call updates running statistics of 5 KiB each, enough to move."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(8, 1280, 1)
+        self.bn = nn.BatchNorm2d(1280)
+        self.head = nn.Linear(1280, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_buffers_a_call_updates_stay_on_the_device_in_inference() -> None:
+    """At its smallest budget, the plan once gave the BatchNorm's running
+    statistics a home on disk, where the call's update of them could not go
+    (ValueError naming running_mean). Updated buffers now stay, and two calls
+    update them exactly as two eager calls do."""
+    x = torch.randn(4, 8, 4, 4)
+    eager = _WideBatchNorm()
+    with torch.no_grad():
+        expected = [eager(x), eager(x)]
+    model = _WideBatchNorm()
+    with pytest.raises(planner.BudgetTooSmall) as too_small:
+        planner.plan(model, 1, (x,), profile="cpu", time_limit=5)
+    budget = too_small.value.min_budget
+    pm = planner.plan(model, budget, (x,), profile="cpu", time_limit=5)
+    try:
+        stats = [t for t in pm.plan.tensors if t.kind == "buffer" and t.nbytes == 1280 * 4]
+        assert len(stats) == 2 and all(t.home == "device" for t in stats)
+        assert any(t.home != "device" for t in pm.plan.tensors if t.kind == "param")
+        assert torch.equal(pm(x), expected[0]) and torch.equal(pm(x), expected[1])
+        assert torch.equal(pm.state_tensor("bn.running_mean"), eager.bn.running_mean)
+        assert torch.equal(pm.state_tensor("bn.running_var"), eager.bn.running_var)
+    finally:
+        pm.close()

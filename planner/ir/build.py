@@ -19,6 +19,7 @@ from torch.utils import _pytree as pytree
 
 from planner.ir.capture import CapturedGraph
 from planner.ir.meta import (
+    BUFFER_UPDATES,
     FX_NODE_NAMES,
     PARAM_GRADS,
     draws_random,
@@ -124,6 +125,11 @@ def build_program(captured: CapturedGraph) -> Program:
     _assign_kinds(program, captured)
     program.meta[FX_NODE_NAMES] = [n.name for n in b.op_nodes]
     program.meta[PARAM_GRADS] = _param_grads(captured, flat_outputs, b.node_values)
+    program.meta[BUFFER_UPDATES] = [
+        r.source.removesuffix(" (updated)")
+        for r in captured.output_roles
+        if r is not None and r.source and r.source.endswith(" (updated)")
+    ]
     return program
 
 

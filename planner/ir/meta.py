@@ -20,6 +20,9 @@ FX_NODE_NAMES = "fx_node_names"
 #: ``Program.meta`` key (training): {value index of a returned gradient: the
 #: qualified name of the parameter it is the gradient of}.
 PARAM_GRADS = "param_grads"
+#: Program.meta key: names of the buffers each call updates in place (BatchNorm
+#: statistics of a module in training mode), in inference as in training.
+BUFFER_UPDATES = "buffer_updates"
 
 
 def draws_random(target: Any) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from planner.ir.meta import PARAM_GRADS
+from planner.ir.meta import BUFFER_UPDATES, PARAM_GRADS
 from planner.ir.program import Program, Value, ValueKind
 from planner.passes.device_profile import DeviceProfile, free_memory_bytes
 from planner.passes.fused_costs import fused_replay_seconds, fused_step_seconds, is_fusible
@@ -86,6 +86,7 @@ def from_program(
         else set()
     )
     names = _unique_names(program)
+    updated_buffers = set(program.meta.get(BUFFER_UPDATES, ()))
     # Training: parameters get a home tier like inference weights (ZeRO-Offload's
     # idea): the model's parameter becomes the tier's copy (a file-backed map, or on
     # CUDA a pinned host buffer), which the optimizer updates in place. Their
@@ -117,8 +118,13 @@ def from_program(
         weight = kind in (ValueKind.PARAM, ValueKind.BUFFER)
         # Training: the autograd engine holds the tangents for the whole backward, and
         # buffers (BatchNorm statistics) are updated in place after the step, so
-        # neither leaves the device. Parameters (and inference weights) have a home.
-        train_held = program.mode == "train" and kind is ValueKind.BUFFER
+        # neither leaves the device; nor, in inference, does a buffer each call
+        # updates (a BatchNorm left in training mode: 1280 running means of a
+        # MobileNet were given a home on disk, where no update could reach them).
+        # Parameters (and inference weights) have a home.
+        train_held = kind is ValueKind.BUFFER and (
+            program.mode == "train" or base.source in updated_buffers
+        )
         persistent = weight and not train_held
         pinned = (
             kind in (ValueKind.INPUT, ValueKind.TANGENT)
