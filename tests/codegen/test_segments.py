@@ -102,6 +102,35 @@ def test_a_dead_op_is_dropped_and_its_input_freed_before_the_call() -> None:
     assert found[0].num_ops == 2 and "aten_tanh" not in found[0].eager_source
 
 
+def test_a_step_whose_op_waits_for_a_read_made_at_once_belongs_to_the_next_run() -> None:
+    """Step 0's comment, then a read made at once before its op, then the op: the
+    run that makes the op owns step 0 (its level is held to step 0's), and the
+    read stays before the run. An op that stays eager keeps its own comment."""
+    lines = [
+        "    # step 0: b = aten.mul.Tensor",
+        "    w = rt.read_now('w', 'disk')  # from disk, a small copy, made at once",
+        _op("b", 1, aten.mul.Tensor, Var("w", 0), 2.0),
+        "    # step 1: c = aten.add.Tensor",
+        _op("c", 2, aten.add.Tensor, Var("b", 1), 1.0),
+        "    # step 2: d = aten.native_dropout.default",
+        OpLine(
+            ["    d = drop(c)"],
+            aten.native_dropout.default,
+            (Var("c", 2), 0.5, True),
+            {},
+            [(None, "d", 3)],
+            False,
+        ),  # fmt: skip
+        _op("e", 4, aten.tanh.default, Var("d", 3)),
+        _op("f", 5, aten.tanh.default, Var("e", 4)),
+    ]
+    source, found = fold_segments(lines, lambda v: _layout(v))
+    assert [s.steps for s in found] == [(0, 1), (-1, -1)]
+    text = "\n".join(source)
+    assert text.index("rt.read_now") < text.index("# step 0:") < text.index("segment_0(")
+    assert text.index("# step 2:") < text.index("d = drop(c)")
+
+
 def test_random_ops_are_not_compiled() -> None:
     assert compilable_target(aten.mul.Tensor)
     assert not compilable_target(aten.native_dropout.default)
