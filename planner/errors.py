@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """``Type: the message's first line`` (at most 200 characters): an error met
+    while trying something optional (a compiled run, a layout rewrite), said in
+    one line of a log or a report."""
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return f"{type(exc).__name__}: {first}"
+
+
 class PlannerError(Exception):
     """Base class of every error planner raises on purpose."""
 

@@ -21,7 +21,7 @@ from planner.codegen.assemble import Assembled, assemble
 from planner.codegen.emit import Executor
 from planner.codegen.segments import kernels_summary
 from planner.errors import PlannerError
-from planner.ir.meta import PARAM_GRADS
+from planner.ir.meta import BUFFER_UPDATES, PARAM_GRADS
 from planner.ir.program import Phase, ValueKind
 from planner.passes.pipeline import Analysis
 from planner.report import Report
@@ -78,15 +78,9 @@ class PlannedModule(torch.nn.Module):
             for v in program.inputs
             if program.values[v].kind is ValueKind.INPUT
         ]
-        self._num_buffer_updates = sum(
-            1
-            for r in captured.output_roles
-            if r is not None and r.source and r.source.endswith("(updated)")
-        )
-        self._buffer_updates = [
-            r.source.removesuffix(" (updated)")  # type: ignore[union-attr]
-            for r in captured.output_roles[: self._num_buffer_updates]
-        ]
+        # the forward's first outputs (program.meta, as the solver reads them too)
+        self._buffer_updates = list(program.meta[BUFFER_UPDATES])
+        self._num_buffer_updates = len(self._buffer_updates)
         self.kernels = kernels
         if assembled is None:
             assembled = assemble(

@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.fx
 
+from planner.errors import first_line
 from planner.ir.fused_loss import DECOMPOSITIONS as FUSED_LOSS_DECOMPOSITIONS
 from planner.ir.meta import draws_random
 
@@ -612,7 +613,7 @@ def _why_not_faster(
     except _DEVICE_FAILURES:
         raise
     except Exception as exc:  # noqa: BLE001 - see the docstring
-        why = f"eager: its parts fail called in turn ({_first_line(exc)})"
+        why = f"eager: its parts fail called in turn ({first_line(exc)})"
         log.warning("inductor: %s (steps %s) stays eager: %s", segment.name, segment.steps, why)
         return why
     if compiled_s > SLOWER_MARGIN * eager_s:
@@ -705,13 +706,6 @@ _DEVICE_FAILURES: tuple[type[BaseException], ...] = tuple(
 )
 
 
-def _first_line(exc: BaseException) -> str:
-    """``Type: first line of the message`` (a report reason, grouped by its type
-    once the parenthesized part is dropped)."""
-    first = (str(exc).strip().splitlines() or [""])[0][:200]
-    return f"{type(exc).__name__}: {first}"
-
-
 def _fitting_form(
     segment: Segment,
     eager: Callable[[list], list],
@@ -732,13 +726,13 @@ def _fitting_form(
     except _DEVICE_FAILURES:
         raise
     except Exception as exc:  # noqa: BLE001 - any op's own error on made-up data
-        segment.kernel = f"eager: it fails on made-up inputs ({_first_line(exc)})"
+        segment.kernel = f"eager: it fails on made-up inputs ({first_line(exc)})"
         log.info("inductor: %s (steps %s): %s", segment.name, segment.steps, segment.kernel)
         return None
     try:
         compiled = compile_segment(segment, device)
     except Exception as exc:  # an op Inductor cannot take: this run stays eager
-        segment.kernel = f"eager: Inductor failed: {_first_line(exc)}"
+        segment.kernel = f"eager: Inductor failed: {first_line(exc)}"
         log.warning(
             "inductor: %s (steps %s) stays eager: %s", segment.name, segment.steps, segment.kernel
         )
@@ -748,7 +742,7 @@ def _fitting_form(
     except _DEVICE_FAILURES:
         raise
     except Exception as exc:  # noqa: BLE001 - the eager form ran: not the inputs' doing
-        segment.kernel = f"eager: compiled it fails where eager runs ({_first_line(exc)})"
+        segment.kernel = f"eager: compiled it fails where eager runs ({first_line(exc)})"
         log.warning(
             "inductor: %s (steps %s) stays eager: %s", segment.name, segment.steps, segment.kernel
         )

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from planner.errors import first_line
 from planner.ir.layout import propagate_fake_values
 from planner.ir.meta import fake_value, random_inputs
 
@@ -82,8 +83,7 @@ def channels_last_convolutions(gm: torch.fx.GraphModule) -> torch.fx.GraphModule
     except Exception as exc:  # noqa: BLE001 - an optimization: any failure leaves gm
         # e.g. a view traced on the NCHW layout that the channels-last one cannot
         # take (Swin's attention output, reshaped after its patch embedding's conv)
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        log.info("channels-last convolutions dropped: %s: %s", type(exc).__name__, first)
+        log.info("channels-last convolutions dropped: %s", first_line(exc))
         return gm
 
 

@@ -66,8 +66,7 @@ def attach_checkpoint(model: torch.nn.Module, path: str | Path) -> list[str]:
     the same name; returns the names attached. Names, shapes and dtypes must match;
     all are checked before any is attached, so an error leaves the model as it was."""
     weights = open_safetensors(path)
-    attached = []
-    found: list[tuple[dict, str, torch.Tensor, torch.Tensor, bool]] = []
+    found: list[tuple[str, dict, str, torch.Tensor, torch.Tensor, bool]] = []
     for module_name, module in model.named_modules():
         for kind in ("_parameters", "_buffers"):
             slots = getattr(module, kind)
@@ -96,14 +95,13 @@ def attach_checkpoint(model: torch.nn.Module, path: str | Path) -> list[str]:
                         f"checkpoint tensor {fqn!r} is {tuple(tensor.shape)} {tensor.dtype}, "
                         f"the model expects {tuple(value.shape)} {value.dtype}"
                     )
-                found.append((slots, leaf, value, tensor, kind == "_parameters"))
-                attached.append(fqn)
-    for slots, leaf, value, tensor, is_parameter in found:
+                found.append((fqn, slots, leaf, value, tensor, kind == "_parameters"))
+    for _, slots, leaf, value, tensor, is_parameter in found:
         if is_parameter:
             slots[leaf] = torch.nn.Parameter(tensor, requires_grad=value.requires_grad)
         else:
             slots[leaf] = tensor
-    return attached
+    return [fqn for fqn, *_ in found]
 
 
 def is_file_backed(tensor: torch.Tensor) -> bool:
