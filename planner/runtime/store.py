@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from planner.errors import PlannerError
+from planner.runtime.offload_dirs import owner_prefix, remove_stale
 
 
 class StoreError(PlannerError):
@@ -191,14 +192,17 @@ def check_offload_dir(parent: str | os.PathLike[str]) -> None:
 
 
 def _make_root(parent: str | os.PathLike[str] | None) -> str:
-    """A fresh directory under ``parent`` (None: the system's temporary directory)."""
+    """A fresh directory under ``parent`` (None: the system's temporary directory),
+    named for this process; first, the ones left there by processes that no longer
+    exist are removed (``offload_dirs``)."""
     if parent is not None and not Path(parent).is_dir():
         raise StoreError(
             f"offload_dir {str(parent)!r} does not exist or is not a directory: "
             f"create it first, or pass offload_dir=None for a temporary directory"
         )
+    remove_stale(tempfile.gettempdir() if parent is None else parent)
     try:
-        return tempfile.mkdtemp(prefix="planner-offload-", dir=parent)
+        return tempfile.mkdtemp(prefix=owner_prefix(), dir=parent)
     except OSError as exc:
         why = exc.strerror or str(exc)
         if parent is None:
