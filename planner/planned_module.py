@@ -29,6 +29,8 @@ from planner.runtime import fused
 from planner.runtime.checkpoint import is_file_backed
 from planner.runtime.copy_engine import CopyEngine, ThreadCopyEngine, make_engine
 from planner.runtime.meter import Measurement, measure
+from planner.runtime.output_aliases import ForwardOutputs
+from planner.runtime.output_aliases import describe as describe_forward_outputs
 from planner.runtime.runtime import Runtime, output_error
 from planner.runtime.store import DiskStore
 from planner.solver.plan import Plan
@@ -354,18 +356,29 @@ class PlannedModule(torch.nn.Module):
         gradient of each primal (parameters, buffers, inputs in placeholder order)."""
         program = self.analysis.program
         captured = self.analysis.captured
-        forward_values = program.outputs[: program.num_forward_outputs]
+        num_user = program.num_forward_outputs - self._num_buffer_updates
+        fw_metadata = captured.extra.get("fw_metadata")
+        if fw_metadata is not None:
+            self._forward_outputs = describe_forward_outputs(fw_metadata)
+        else:  # no metadata: every floating-point output takes a tangent
+            forward_values = program.outputs[self._num_buffer_updates : program.num_forward_outputs]
+            self._forward_outputs = ForwardOutputs(
+                num_user=num_user,
+                tangents=[
+                    j
+                    for j, v in enumerate(forward_values)
+                    if program.values[v].dtype.startswith(("float", "bfloat", "complex"))
+                ],
+            )
+        #: positions among all forward outputs (updated buffers first) with a tangent
         self._tangent_positions = [
-            i
-            for i, v in enumerate(forward_values)
-            if i >= self._num_buffer_updates
-            and program.values[v].dtype.startswith(("float", "bfloat", "complex"))
+            self._num_buffer_updates + j for j in self._forward_outputs.tangents
         ]
         if len(self._tangent_positions) != len(self.executor.tangent_values):
             raise PlannerError(
-                f"cannot match the model's {len(self._tangent_positions)} floating-point "
-                f"outputs to the {len(self.executor.tangent_values)} gradients the captured "
-                f"backward expects; return only tensors that need gradients from forward()"
+                f"internal: the captured step has {len(self._tangent_positions)} outputs "
+                f"that take a gradient, and its backward {len(self.executor.tangent_values)} "
+                f"tangents; please report this with the model"
             )
         out_node = next(n for n in reversed(captured.graph_module.graph.nodes) if n.op == "output")
         flat = pytree.tree_leaves(out_node.args[0], is_leaf=lambda x: x is None)
@@ -408,7 +421,11 @@ class PlannedModule(torch.nn.Module):
             with torch.no_grad():
                 for name, new in zip(self._buffer_updates, outs[: self._num_buffer_updates]):
                     self._state[self._state_names.index(name)].copy_(new)
-            return pytree.tree_unflatten(outs[self._num_buffer_updates :], self._out_spec)
+            user = self._forward_outputs.hand_over(
+                [*self._primals, *pytree.tree_leaves((args, kwargs))],
+                outs[self._num_buffer_updates :],
+            )
+            return pytree.tree_unflatten(user, self._out_spec)
         with torch.no_grad():
             outs = self._run(self._fn, self._state, inputs)
             for name, new in zip(self._buffer_updates, outs[: self._num_buffer_updates]):
@@ -547,17 +564,14 @@ class _PlannedStep(torch.autograd.Function):
         ctx.devices = [t.device for t in flat]  # a tier-home parameter's is the host's
         ctx.pm = pm
         ctx.carry = carry
-        # Buffer updates (BatchNorm statistics) and integer outputs get no gradient;
-        # and autograd must not allocate zero gradients for outputs the loss did
-        # not use: the plan has no room for them.
+        # Only outputs with a tangent get a gradient: not buffer updates (BatchNorm
+        # statistics), integer outputs, outputs that need none, or aliases (made again
+        # from their bases outside this node: ``output_aliases``). And autograd must
+        # not allocate zero gradients for outputs the loss did not use: the plan has
+        # no room for them.
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(
-            *[
-                o
-                for i, o in enumerate(outs)
-                if i < pm._num_buffer_updates or not o.is_floating_point()
-            ]
-        )
+        with_tangent = set(pm._tangent_positions)
+        ctx.mark_non_differentiable(*[o for i, o in enumerate(outs) if i not in with_tangent])
         return tuple(outs)
 
     @staticmethod

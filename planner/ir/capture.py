@@ -211,6 +211,7 @@ def _capture_joint(
 ) -> CapturedGraph:
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._functorch.partitioners import default_partition
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
     flat_inputs, in_spec = pytree.tree_flatten((args, kwargs))
     flat_module = _FlatModule(ep.module(), in_spec)
@@ -224,14 +225,24 @@ def _capture_joint(
     def no_compile(gm: torch.fx.GraphModule, _inputs: Sequence) -> torch.fx.GraphModule:
         return gm
 
+    def keep_forward_metadata(gm: torch.fx.GraphModule, _inputs: Sequence) -> torch.fx.GraphModule:
+        # which outputs alias others or inputs, and which take a gradient: AOTAutograd
+        # sets this on its tracing context before compiling the forward
+        context = torch._guards.TracingContext.try_get()
+        seen["fw_metadata"] = getattr(context, "fw_metadata", None)
+        return gm
+
     try:
-        aot_module_simplified(
-            flat_module,  # type: ignore[arg-type]  # any nn.Module works
-            flat_inputs,
-            fw_compiler=no_compile,  # type: ignore[arg-type]
-            bw_compiler=no_compile,  # type: ignore[arg-type]
-            partition_fn=keep_joint,
-        )
+        # a tracing context (as torch.compile's) is where AOTAutograd leaves the
+        # metadata; its fake mode is the one AOTAutograd would make for real inputs
+        with torch._guards.tracing(torch._guards.TracingContext(FakeTensorMode())):
+            aot_module_simplified(
+                flat_module,  # type: ignore[arg-type]  # any nn.Module works
+                flat_inputs,
+                fw_compiler=keep_forward_metadata,  # type: ignore[arg-type]
+                bw_compiler=no_compile,  # type: ignore[arg-type]
+                partition_fn=keep_joint,
+            )
     except Exception as exc:
         raise CaptureError(_describe_trace_failure(model, exc)) from exc
     if "joint" not in seen:
@@ -245,7 +256,9 @@ def _capture_joint(
     drop_metadata_asserts(joint)
     num_fwd = seen["num_fwd_outputs"]
     input_roles = _joint_input_roles(joint, flat_module, args, kwargs)
-    output_roles = _joint_output_roles(joint, input_roles, num_fwd, ep)
+    fw_metadata = seen.get("fw_metadata")
+    bases = fw_metadata.num_intermediate_bases if fw_metadata is not None else 0
+    output_roles = _joint_output_roles(joint, input_roles, num_fwd, ep, bases)
     return CapturedGraph(
         mode="train",
         graph_module=joint,
@@ -254,7 +267,7 @@ def _capture_joint(
         num_forward_outputs=num_fwd,
         in_spec=in_spec,
         out_spec=flat_module.out_spec,
-        extra={"exported_program": ep},
+        extra={"exported_program": ep, "fw_metadata": fw_metadata},
     )
 
 
@@ -308,17 +321,23 @@ def _joint_output_roles(
     input_roles: list[Role],
     num_fwd: int,
     ep: torch.export.ExportedProgram,
+    num_intermediate_bases: int = 0,
 ) -> list[Role | None]:
+    """Forward outputs: updated buffers, user outputs, then the intermediate bases
+    that user outputs are views of (``runtime/output_aliases.py``); then gradients."""
     (output_node,) = [n for n in joint.graph.nodes if n.op == "output"]
     outs = pytree.tree_leaves(output_node.args[0], is_leaf=lambda x: x is None)
     mutated = _mutated_buffers(ep, input_roles)
-    n_user = num_fwd - len(mutated)
+    n_user = num_fwd - len(mutated) - num_intermediate_bases
     roles: list[Role | None] = []
     for i, out in enumerate(outs):
         if out is None:
             roles.append(None)
         elif i < len(mutated):
             roles.append(Role(ValueKind.OUTPUT, f"{mutated[i]} (updated)"))
+        elif i >= len(mutated) + n_user and i < num_fwd:
+            k = i - len(mutated) - n_user
+            roles.append(Role(ValueKind.OUTPUT, f"base {k} of outputs that are its views"))
         elif i < num_fwd:
             roles.append(
                 Role(ValueKind.OUTPUT, f"output {i - len(mutated)}" if n_user > 1 else "output")
