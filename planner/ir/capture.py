@@ -22,6 +22,7 @@ from torch.utils import _pytree as pytree
 
 from planner.errors import CaptureError
 from planner.ir.layout import fix_layouts
+from planner.ir.metadata_args import explicit_metadata_args
 from planner.ir.program import ValueKind
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,7 @@ def _capture_inference(
     from torch.export.graph_signature import InputKind, OutputKind
 
     ep = ep.run_decompositions({})  # functionalize only: keep ops whole
+    explicit_metadata_args(ep.graph_module)
     input_kind = {
         InputKind.PARAMETER: ValueKind.PARAM,
         InputKind.BUFFER: ValueKind.BUFFER,
@@ -254,6 +256,7 @@ def _capture_joint(
     joint: torch.fx.GraphModule = seen["joint"]
     fix_layouts(joint)  # where a CPU kernel's output layout breaks the fake one
     drop_metadata_asserts(joint)
+    explicit_metadata_args(joint)
     num_fwd = seen["num_fwd_outputs"]
     input_roles = _joint_input_roles(joint, flat_module, args, kwargs)
     fw_metadata = seen.get("fw_metadata")

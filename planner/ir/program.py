@@ -161,9 +161,14 @@ class Program:
         return self.values[storage.base].kind
 
     def makes_only_views(self, op: Op) -> bool:
-        """Whether ``op`` only makes views (``detach``, ``view``, ``t``): it reads
-        no data of its inputs."""
-        return bool(op.outputs) and all(self.values[v].is_view for v in op.outputs)
+        """Whether ``op`` only makes views (``detach``, ``view``, ``t``) of the
+        storage it reads: it reads no data. An op that also takes another tensor
+        (a ``type_as`` left whole reads one for its dtype) is not one: that tensor
+        must be there when the op runs (see ``ir/metadata_args.py``)."""
+        if not op.outputs or not all(self.values[v].is_view for v in op.outputs):
+            return False
+        viewed = {self.values[v].storage for v in op.outputs}
+        return all(self.values[v].storage in viewed for v in op.inputs)
 
     def backward_start(self) -> int:
         """First backward step (``num_steps`` when there is no backward)."""
