@@ -21,7 +21,7 @@ from planner.codegen.assemble import Assembled, assemble
 from planner.codegen.emit import Executor
 from planner.codegen.segments import kernels_summary
 from planner.errors import PlannerError
-from planner.ir.meta import BUFFER_UPDATES, PARAM_GRADS
+from planner.ir.meta import BUFFER_UPDATES, PARAM_GRADS, fake_value
 from planner.ir.program import Phase, ValueKind
 from planner.passes.pipeline import Analysis
 from planner.report import Report
@@ -380,6 +380,13 @@ class PlannedModule(torch.nn.Module):
                 f"that take a gradient, and its backward {len(self.executor.tangent_values)} "
                 f"tangents; please report this with the model"
             )
+        # the strides each tangent was traced with: a compiled run that reads one
+        # checks them (SegFormer's logits, channels-last, met a contiguous gradient)
+        self._tangent_strides = [
+            tuple(fake_value(n).stride())
+            for n in captured.graph_module.graph.nodes
+            if n.op == "placeholder" and n.name.startswith("tangents")
+        ]
         out_node = next(n for n in reversed(captured.graph_module.graph.nodes) if n.op == "output")
         flat = pytree.tree_leaves(out_node.args[0], is_leaf=lambda x: x is None)
         self._grad_slots: list[int | None] = []
@@ -549,6 +556,14 @@ def _release(model: torch.nn.Module, fqn: str) -> None:
     slots[leaf] = meta
 
 
+def _with_strides(tensor: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
+    """``tensor`` itself if laid out with ``stride``, else a copy that is."""
+    if tensor.stride() == stride or tensor.numel() <= 1:
+        return tensor
+    out = torch.empty_strided(tensor.shape, stride, dtype=tensor.dtype, device=tensor.device)
+    return out.copy_(tensor)
+
+
 class _PlannedStep(torch.autograd.Function):
     """The planned forward as one autograd node whose backward is the planned
     backward. Tensors the backward needs cross in ``ctx.carry`` (kept, or as
@@ -584,12 +599,14 @@ class _PlannedStep(torch.autograd.Function):
             )
         tangents = []
         forward_values = pm.analysis.program.outputs[: pm.analysis.program.num_forward_outputs]
-        for i in pm._tangent_positions:
+        for i, stride in zip(pm._tangent_positions, pm._tangent_strides):
             g = grad_outputs[i]
             if g is None:
                 v = pm.analysis.program.values[forward_values[i]]
-                g = torch.zeros(v.shape, dtype=getattr(torch, v.dtype), device=pm.device)
-            tangents.append(g.contiguous())
+                g = torch.empty_strided(
+                    v.shape, stride, dtype=getattr(torch, v.dtype), device=pm.device
+                ).zero_()
+            tangents.append(_with_strides(g, stride))
         if pm._forward_spills and ctx.forward_number != pm._forward_count:
             raise PlannerError(
                 "this backward needs activations the planned module moved to its offload "

@@ -261,3 +261,36 @@ def test_gpu_plan_delivering_gradients_assembles_with_compiled_runs(
             torch.testing.assert_close(p.grad, expected[name].grad)
     finally:
         pm.close()
+
+
+class _ChannelsLastLogits(nn.Module):
+    """Returns logits laid out channels-last (SegFormer's decode head does): the
+    backward's tangent is traced with those strides."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.proj(x)).permute(0, 3, 1, 2) * 2
+
+
+def test_gradients_of_channels_last_outputs_reach_compiled_runs_in_their_layout() -> None:
+    """A gradient handed in another layout (contiguous, or an expanded one as
+    ``run_measured_step``'s) is laid out as the tangent was traced before the
+    planned backward reads it: a compiled run checks its inputs' strides, and
+    SegFormer's step failed in plan()'s check by the meter ("expected ... stride
+    256==1") before."""
+    torch.manual_seed(0)
+    model, x = _ChannelsLastLogits(), torch.randn(2, 16, 16, 8)
+    eager = _ChannelsLastLogits()
+    eager.load_state_dict(model.state_dict())
+    assert not model(x).is_contiguous()
+    pm = planner.plan(model, "100%", (x,), mode="train", profile="cpu", kernels="inductor")
+    assert sum(segment.compiled_ops for segment in pm.executor.segments) > 0
+    out, ref = pm(x), eager(x)
+    grad = torch.linspace(-1, 1, out.numel()).reshape(out.shape)  # contiguous
+    out.backward(grad)
+    ref.backward(grad)
+    for p, q in zip(model.parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
