@@ -29,6 +29,7 @@ from planner.runtime.meter import Measurement, measure, measure_training_step
 from planner.runtime.store import check_offload_dir
 from planner.solver import DEFAULT_TIME_LIMIT, Plan, Problem, from_program, solve, validate
 from planner.solver.solve import keep_all_peak
+from planner.traced_mode import warn_if_inference_traced_in_training
 from planner.verify import checked_peak
 
 log = logging.getLogger(__name__)
@@ -239,6 +240,8 @@ def plan(
     analysis, problem, solved = _analyze_and_solve(
         model, budget, example_inputs, mode, profile, quantize, time_limit, plan, kernels
     )
+    if mode == "infer":
+        warn_if_inference_traced_in_training(model, analysis.program)
     if kernels != "inductor":  # peaks predicted op by op: the validator's replay
         return PlannedModule(model, analysis, problem, solved, offload_dir, device, kernels)
     module_of = functools.partial(

@@ -36,6 +36,7 @@ from planner.runtime.store import DiskStore
 from planner.solver.plan import Plan
 from planner.solver.problem import Problem
 from planner.solver.problem import Tensor as ProblemTensor
+from planner.traced_mode import check_call_mode, depends_on_mode
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,9 @@ class PlannedModule(torch.nn.Module):
         self._buffer_updates = list(program.meta[BUFFER_UPDATES])
         self._num_buffer_updates = len(self._buffer_updates)
         self.kernels = kernels
+        # the mode the model was traced in, where calling in the other would differ
+        self.training = model.training
+        self._traced_training = model.training if depends_on_mode(model, program) else None
         if assembled is None:
             assembled = assemble(
                 program, captured.graph_module, problem, plan, kernels, self.device
@@ -422,6 +426,8 @@ class PlannedModule(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._check_open()
+        if self._traced_training is not None:
+            check_call_mode(self._traced_training, self.training)
         inputs = self._flat_inputs(args, kwargs)
         if self.mode == "train":
             outs = list(_PlannedStep.apply(self, *self._primals, *inputs))
