@@ -434,10 +434,11 @@ class PlannedModule(torch.nn.Module):
             with torch.no_grad():
                 for name, new in zip(self._buffer_updates, outs[: self._num_buffer_updates]):
                     self._state[self._state_names.index(name)].copy_(new)
-            user = self._forward_outputs.hand_over(
-                [*self._primals, *pytree.tree_leaves((args, kwargs))],
-                outs[self._num_buffer_updates :],
-            )
+            user = outs[self._num_buffer_updates :]
+            if self._forward_outputs.rebuilders or self._forward_outputs.num_user < len(user):
+                user = self._forward_outputs.hand_over(
+                    [*self._primals, *pytree.tree_leaves((args, kwargs))], user
+                )
             return pytree.tree_unflatten(user, self._out_spec)
         with torch.no_grad():
             outs = self._run(self._fn, self._state, inputs)
