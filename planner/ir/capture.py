@@ -21,6 +21,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from planner.errors import CaptureError
+from planner.ir.constants import inline_scalar_constants
 from planner.ir.layout import fix_layouts
 from planner.ir.metadata_args import explicit_metadata_args
 from planner.ir.program import ValueKind
@@ -257,6 +258,7 @@ def _capture_joint(
     fix_layouts(joint)  # where a CPU kernel's output layout breaks the fake one
     drop_metadata_asserts(joint)
     explicit_metadata_args(joint)
+    inline_scalar_constants(joint, type(model).__name__)
     num_fwd = seen["num_fwd_outputs"]
     input_roles = _joint_input_roles(joint, flat_module, args, kwargs)
     fw_metadata = seen.get("fw_metadata")

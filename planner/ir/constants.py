@@ -1,0 +1,65 @@
+"""Tensor constants of a joint graph become ops that make them.
+
+A model that builds a tensor from Python values inside ``forward``
+(``torch.tensor(scale)``, as DeBERTa's attention and ViTMAE's masking do) traces,
+in AOTAutograd's joint graph, to a ``get_attr`` of a constant on the graph module
+(``_tensor_constant0``), usually copied by ``lift_fresh_copy``. The planner's
+program has values made by ops or passed in, not attributes. A zero-dimensional
+constant (all of those seen) becomes ``aten.scalar_tensor`` of its value, dtype and
+device: the same tensor, bit for bit (a float32 or float16 value survives the trip
+through a Python float exactly). A larger constant is a clear error that says to
+register it as a buffer, which the planner treats as model state. Inference
+graphs need none of this: ``torch.export`` lifts constants to inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+from planner.errors import CaptureError
+from planner.ir.meta import FX_VAL, fake_value
+
+
+def inline_scalar_constants(gm: torch.fx.GraphModule, model_name: str) -> int:
+    """Rewrite ``gm`` in place; returns how many constants were replaced."""
+    replaced = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "get_attr":
+            continue
+        constant = getattr(gm, node.target, None)
+        if not isinstance(constant, torch.Tensor) or isinstance(constant, torch.nn.Parameter):
+            continue
+        if constant.dim() != 0:
+            raise CaptureError(
+                f"{model_name} makes a tensor constant of shape {tuple(constant.shape)} inside "
+                f"forward (torch.tensor(...) of Python values, traced as {node.target}); the "
+                f"planner handles constants of one element only: build it once in __init__ "
+                f"and register it with self.register_buffer(name, tensor, persistent=False)"
+            )
+        with gm.graph.inserting_before(node):
+            made = gm.graph.call_function(
+                torch.ops.aten.scalar_tensor.default,
+                (constant.item(),),
+                {"dtype": constant.dtype, "device": constant.device},
+            )
+        made.meta = dict(node.meta)
+        if fake_value(made) is None:  # a get_attr may carry no traced value
+            made.meta[FX_VAL] = _fake_mode(gm).from_tensor(constant)
+        node.replace_all_uses_with(made)
+        gm.graph.erase_node(node)
+        delattr(gm, node.target)
+        replaced += 1
+    if replaced:
+        gm.recompile()
+    return replaced
+
+
+def _fake_mode(gm: torch.fx.GraphModule) -> FakeTensorMode:
+    """The fake mode the graph was traced in (its placeholders' values')."""
+    for node in gm.graph.nodes:
+        value = fake_value(node)
+        if isinstance(value, FakeTensor):
+            return value.fake_mode
+    return FakeTensorMode()
