@@ -430,3 +430,40 @@ def test_cuda_parameters_live_on_the_host_between_uses() -> None:
         pm(x).backward()
     finally:
         pm.close()
+
+
+def test_an_output_returned_twice_gets_two_gradients_within_the_budget() -> None:
+    """BERT with ``output_hidden_states`` returns its last hidden state twice
+    (``hidden_states[-1] is last_hidden_state``). The trace gave both incoming
+    gradients one fake tensor, so the plan counted one, while autograd hands the
+    planned backward two (the sum of the caller's, and zeros for the other): the
+    step measured 4 KiB over its budget (BERT; 8 KiB here) before they were
+    planned as separate tensors."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            y = self.b(torch.relu(self.a(x)))
+            return y, y
+
+    torch.manual_seed(0)
+    model, x = Twice(), torch.randn(32, 64)
+    eager = Twice()
+    eager.load_state_dict(model.state_dict())
+    pm = planner.plan(model, "100%", (x,), mode="train", profile="cpu", time_limit=5)
+    tangents = [v for v in pm.analysis.program.values if v.kind.value == "tangent"]
+    assert len({v.storage for v in tangents}) == 2
+    pm.run_measured_step(x)
+    assert pm.measured is not None
+    assert pm.measured.peak_bytes <= pm.plan.budget_bytes
+    for p in model.parameters():
+        p.grad = None
+    (y1, y2), (e1, e2) = pm(x), eager(x)
+    assert y1 is y2
+    (y1.sum() + 2 * y2.sum()).backward()
+    (e1.sum() + 2 * e2.sum()).backward()
+    for p, q in zip(model.parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
