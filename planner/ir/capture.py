@@ -100,7 +100,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, mode: str = "infer") ->
     args, kwargs = normalize_example_inputs(example_inputs)
     exported = _export(model, args, kwargs)
     if mode == "infer":
-        return _capture_inference(exported, args, kwargs)
+        return _capture_inference(exported, args, kwargs, type(model).__name__)
     return _capture_joint(model, exported, args, kwargs)
 
 
@@ -146,7 +146,7 @@ def _describe_trace_failure(model: torch.nn.Module, exc: BaseException) -> str:
 
 
 def _capture_inference(
-    ep: torch.export.ExportedProgram, args: tuple, kwargs: dict
+    ep: torch.export.ExportedProgram, args: tuple, kwargs: dict, model_name: str
 ) -> CapturedGraph:
     from torch.export.graph_signature import InputKind, OutputKind
 
@@ -166,6 +166,13 @@ def _capture_inference(
     user_roles = [r for r in input_roles if r.kind is ValueKind.INPUT]
     for role, path in zip(user_roles, user_paths):
         role.source = path
+    written = [
+        s.target
+        for s in ep.graph_signature.output_specs
+        if s.kind is OutputKind.USER_INPUT_MUTATION
+    ]
+    if written:
+        raise CaptureError(_input_mutation_message(model_name, written))
     output_roles: list[Role | None] = []
     for spec in ep.graph_signature.output_specs:
         if spec.kind is OutputKind.USER_OUTPUT:
@@ -262,6 +269,14 @@ def _capture_joint(
     num_fwd = seen["num_fwd_outputs"]
     input_roles = _joint_input_roles(joint, flat_module, args, kwargs)
     fw_metadata = seen.get("fw_metadata")
+    if fw_metadata is not None:
+        written = [
+            role.source or "an input"
+            for role, info in zip(input_roles, fw_metadata.input_info)
+            if role.kind is ValueKind.INPUT and info.mutates_data
+        ]
+        if written:
+            raise CaptureError(_input_mutation_message(type(model).__name__, written))
     bases = fw_metadata.num_intermediate_bases if fw_metadata is not None else 0
     output_roles = _joint_output_roles(joint, input_roles, num_fwd, ep, bases)
     return CapturedGraph(
@@ -273,6 +288,18 @@ def _capture_joint(
         in_spec=in_spec,
         out_spec=flat_module.out_spec,
         extra={"exported_program": ep, "fw_metadata": fw_metadata},
+    )
+
+
+def _input_mutation_message(model_name: str, written: list[str]) -> str:
+    """A forward that writes into its own inputs (``x.mul_(2)``, ``x /= 255``): the
+    executor hands each op fresh or planned buffers, and would neither write the
+    caller's tensor nor read the written value back as eager does."""
+    return (
+        f"{model_name}.forward writes in place into its input(s) {', '.join(written)} "
+        f"(e.g. x.mul_(2) or x /= 255); the planner does not plan writes into the "
+        f"caller's tensors: make the update out of place (x = x * 2) or clone the "
+        f"input first (x = x.clone()) in forward"
     )
 
 
