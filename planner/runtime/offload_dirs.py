@@ -10,9 +10,16 @@ machine made on a shared file system is never taken for one of ours, and ``<pid>
 is the owner's process id. Creating a directory first removes every directory in
 the same parent that this machine made for a process that no longer exists.
 
+Its owner also holds an exclusive ``flock`` on the directory while it lives
+(``hold``), released by the kernel when the process dies however it dies. A
+directory is removed only if that lock can be taken, so a live owner in another
+PID namespace (containers that share a host name and a directory) keeps its
+directory even though its pid means nothing here.
+
 Conservative by construction: a directory whose owner's id has been reused by a
 live process stays (until that process ends), and so does any directory not named
-this way (made by another user, another machine or an older planner).
+this way (made by another user, another machine or an older planner). Off POSIX
+systems nothing is swept.
 """
 
 from __future__ import annotations
@@ -23,6 +30,11 @@ import socket
 import warnings
 import zlib
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locks, no sweep
+    fcntl = None  # type: ignore[assignment]
 
 PREFIX = "planner-offload-"
 
@@ -41,19 +53,43 @@ def _owner(name: str) -> tuple[str, int] | None:
     if not name.startswith(PREFIX):
         return None
     parts = name[len(PREFIX) :].split("-", 2)
-    if len(parts) != 3 or len(parts[0]) != 8 or not parts[1].isdigit():
+    if len(parts) != 3 or len(parts[0]) != 8 or not (parts[1].isascii() and parts[1].isdigit()):
+        return None
+    if len(parts[1]) > 10:  # no pid is that large
         return None
     return parts[0], int(parts[1])
 
 
 def _process_exists(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # POSIX only: elsewhere it would end the process
     except ProcessLookupError:
         return False
-    except OSError:  # EPERM: it exists, owned by someone else
+    except (OSError, OverflowError, ValueError):  # EPERM: it exists, someone else's
         return True
     return True
+
+
+def hold(path: str | os.PathLike[str]) -> int | None:
+    """Take the owner's lock on directory ``path``; returns the descriptor that
+    holds it (close it to release), or None where locks are not available."""
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _try_take(path: Path) -> int | None:
+    """The owner's lock on ``path`` if nobody holds it, else None."""
+    try:
+        return hold(path)
+    except OSError:
+        return None
 
 
 def _tree_bytes(path: Path) -> int:
@@ -74,6 +110,8 @@ def remove_stale(parent: str | os.PathLike[str]) -> list[tuple[Path, int]]:
     removed is left where it is."""
     host = _host_tag()
     removed: list[tuple[Path, int]] = []
+    if fcntl is None:
+        return removed
     try:
         entries = list(os.scandir(parent))
     except OSError:
@@ -88,8 +126,14 @@ def remove_stale(parent: str | os.PathLike[str]) -> list[tuple[Path, int]]:
         except OSError:
             continue
         path = Path(entry.path)
-        nbytes = _tree_bytes(path)
-        shutil.rmtree(path, ignore_errors=True)
+        lock = _try_take(path)
+        if lock is None:  # its owner lives (in another PID namespace)
+            continue
+        try:
+            nbytes = _tree_bytes(path)
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(lock)
         if not path.exists():
             removed.append((path, nbytes))
     if removed:

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from planner.errors import PlannerError
-from planner.runtime.offload_dirs import owner_prefix, remove_stale
+from planner.runtime.offload_dirs import hold, owner_prefix, remove_stale
 
 
 class StoreError(PlannerError):
@@ -221,6 +221,8 @@ class DiskStore:
 
     def __init__(self, parent: str | os.PathLike[str] | None = None) -> None:
         self.root = Path(_make_root(parent))
+        #: the owner's lock on ``root`` while this store lives (``offload_dirs``)
+        self._owner_lock = hold(self.root)
         self.entries: dict[str, Entry] = {}
         # a transient copy's file stays open, and its next write overwrites it in
         # place: no create, rename or unlink, and no page-cache pages to allocate
@@ -508,6 +510,9 @@ class DiskStore:
             self._close_file(key)
         shutil.rmtree(self.root, ignore_errors=True)
         self.entries.clear()
+        if self._owner_lock is not None:
+            os.close(self._owner_lock)
+            self._owner_lock = None
 
 
 _PAGE_BYTES = 4096

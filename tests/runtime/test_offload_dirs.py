@@ -81,3 +81,29 @@ def test_store_directories_are_named_for_their_process(tmp_path):
         store.write("x", torch.zeros(3))
     finally:
         store.close()
+
+
+def test_a_directory_whose_owner_holds_its_lock_stays(tmp_path):
+    """An owner in another PID namespace: its pid means nothing here, but it holds
+    the directory's lock, so the directory is not removed."""
+    name = _left_dir(tmp_path, owner_prefix(_dead_pid()))
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        from planner.runtime.offload_dirs import hold
+        fd = hold({str(tmp_path / name)!r})
+        print("held" if fd is not None else "not held", flush=True)
+        sys.stdin.read()
+        """
+    )
+    owner = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert owner.stdout is not None and owner.stdout.readline().strip() == "held"
+        assert remove_stale(tmp_path) == []
+        assert os.listdir(tmp_path) == [name]
+    finally:
+        owner.communicate("")
+    with pytest.warns(UserWarning, match=name):  # the lock died with its owner
+        assert [path.name for path, _ in remove_stale(tmp_path)] == [name]
