@@ -4,10 +4,11 @@ A model that builds a tensor from Python values inside ``forward``
 (``torch.tensor(scale)``, as DeBERTa's attention and ViTMAE's masking do) traces,
 in AOTAutograd's joint graph, to a ``get_attr`` of a constant on the graph module
 (``_tensor_constant0``), usually copied by ``lift_fresh_copy``. The planner's
-program has values made by ops or passed in, not attributes. A zero-dimensional
-constant (all of those seen) becomes ``aten.scalar_tensor`` of its value, dtype and
-device: the same tensor, bit for bit (a float32 or float16 value survives the trip
-through a Python float exactly). A larger constant is a clear error that says to
+program has values made by ops or passed in, not attributes. A real constant of
+one element (all of those seen are zero-dimensional) becomes ``aten.full`` of its
+shape, value, dtype and device: the same tensor, bit for bit (a bool, integer,
+float16, bfloat16, float32 or float64 value survives the trip through a Python
+number exactly). A larger constant is a clear error that says to
 register it as a buffer, which the planner treats as model state. Inference
 graphs need none of this: ``torch.export`` lifts constants to inputs.
 """
@@ -31,17 +32,18 @@ def inline_scalar_constants(gm: torch.fx.GraphModule, model_name: str) -> int:
         constant = getattr(gm, node.target, None)
         if not isinstance(constant, torch.Tensor) or isinstance(constant, torch.nn.Parameter):
             continue
-        if constant.dim() != 0:
+        if constant.numel() != 1 or constant.is_complex():
             raise CaptureError(
-                f"{model_name} makes a tensor constant of shape {tuple(constant.shape)} inside "
-                f"forward (torch.tensor(...) of Python values, traced as {node.target}); the "
-                f"planner handles constants of one element only: build it once in __init__ "
-                f"and register it with self.register_buffer(name, tensor, persistent=False)"
+                f"{model_name} makes a tensor constant of shape {tuple(constant.shape)} "
+                f"({constant.dtype}) inside forward (torch.tensor(...) of Python values, "
+                f"traced as {node.target}); the planner makes real constants of one element "
+                f"only: build it once in __init__ and register it with "
+                f"self.register_buffer(name, tensor, persistent=False)"
             )
         with gm.graph.inserting_before(node):
             made = gm.graph.call_function(
-                torch.ops.aten.scalar_tensor.default,
-                (constant.item(),),
+                torch.ops.aten.full.default,
+                ([int(d) for d in constant.shape], constant.item()),
                 {"dtype": constant.dtype, "device": constant.device},
             )
         made.meta = dict(node.meta)

@@ -33,7 +33,7 @@ def test_scalar_constants_become_ops_and_train_exactly() -> None:
     torch.manual_seed(0)
     model, x = _ScaledByConstants(), torch.randn(4, 16)
     program = build_program(capture(model, (x,), "train"))
-    assert sum(op.target == "aten.scalar_tensor.default" for op in program.ops) == 3
+    assert sum(op.target == "aten.full.default" for op in program.ops) == 3
 
     eager = copy.deepcopy(model)
     pm = planner.plan(model, "100%", (x,), mode="train", profile="cpu")
@@ -53,5 +53,5 @@ def test_a_larger_constant_is_a_clear_error() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return (self.lin(x) * torch.tensor([1.0, 2.0])).sum()
 
-    with pytest.raises(CaptureError, match=r"shape \(2,\) inside forward.*register_buffer"):
+    with pytest.raises(CaptureError, match=r"shape \(2,\) .* inside forward.*register_buffer"):
         capture(Table(), (torch.randn(3, 2),), "train")
