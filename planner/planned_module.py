@@ -87,7 +87,9 @@ class PlannedModule(torch.nn.Module):
         self.kernels = kernels
         # the mode the model was traced in, where calling in the other would differ
         self.training = model.training
-        self._traced_training = model.training if depends_on_mode(model, program) else None
+        self._traced_training = (
+            model.training if self.mode == "train" and depends_on_mode(model, program) else None
+        )
         if assembled is None:
             assembled = assemble(
                 program, captured.graph_module, problem, plan, kernels, self.device
@@ -378,6 +380,7 @@ class PlannedModule(torch.nn.Module):
         self._tangent_positions = [
             self._num_buffer_updates + j for j in self._forward_outputs.tangents
         ]
+        self._with_tangent = frozenset(self._tangent_positions)
         if len(self._tangent_positions) != len(self.executor.tangent_values):
             raise PlannerError(
                 f"internal: the captured step has {len(self._tangent_positions)} outputs "
@@ -564,8 +567,11 @@ def _release(model: torch.nn.Module, fqn: str) -> None:
 
 
 def _with_strides(tensor: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
-    """``tensor`` itself if laid out with ``stride``, else a copy that is."""
-    if tensor.stride() == stride or tensor.numel() <= 1:
+    """``tensor`` itself if laid out with ``stride`` (a dimension of size 1 may
+    have any stride), else a copy that is."""
+    if tensor.numel() <= 1 or all(
+        n == 1 or s == t for n, s, t in zip(tensor.shape, tensor.stride(), stride)
+    ):
         return tensor
     out = torch.empty_strided(tensor.shape, stride, dtype=tensor.dtype, device=tensor.device)
     return out.copy_(tensor)
@@ -592,8 +598,7 @@ class _PlannedStep(torch.autograd.Function):
         # not allocate zero gradients for outputs the loss did not use: the plan has
         # no room for them.
         ctx.set_materialize_grads(False)
-        with_tangent = set(pm._tangent_positions)
-        ctx.mark_non_differentiable(*[o for i, o in enumerate(outs) if i not in with_tangent])
+        ctx.mark_non_differentiable(*[o for i, o in enumerate(outs) if i not in pm._with_tangent])
         return tuple(outs)
 
     @staticmethod
@@ -607,13 +612,13 @@ class _PlannedStep(torch.autograd.Function):
         tangents = []
         forward_values = pm.analysis.program.outputs[: pm.analysis.program.num_forward_outputs]
         for i, stride in zip(pm._tangent_positions, pm._tangent_strides):
-            g = grad_outputs[i]
-            if g is None:
+            incoming = grad_outputs[i]
+            if incoming is None:
                 v = pm.analysis.program.values[forward_values[i]]
-                g = torch.empty_strided(
+                incoming = torch.empty_strided(
                     v.shape, stride, dtype=getattr(torch, v.dtype), device=pm.device
                 ).zero_()
-            tangents.append(_with_strides(g, stride))
+            tangents.append(_with_strides(incoming, stride))
         if pm._forward_spills and ctx.forward_number != pm._forward_count:
             raise PlannerError(
                 "this backward needs activations the planned module moved to its offload "

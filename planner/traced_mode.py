@@ -3,11 +3,13 @@
 A model in training mode traces dropout as random ops and BatchNorm as batch
 statistics that update the running ones; in eval mode, neither. A planned module
 runs what was traced whatever ``pm.train()``/``pm.eval()`` says afterwards, so a
-validation pass after ``pm.eval()`` would still draw dropout, silently. Calling it
-in the other mode is therefore an error that says to plan again, where the mode
-matters: the traced graph draws random numbers or updates buffers, or the model
+validation pass after ``pm.eval()`` would still draw dropout, silently. Calling a
+training plan in the other mode is therefore an error that says what to do, where
+the mode matters: the traced graph draws dropout or updates buffers, or the model
 has modules whose behaviour depends on the mode (dropout, batch and instance norm
-with running statistics). And planning for inference a model left in training mode
+with running statistics). An inference plan is never checked: it is for
+inference, and as a frozen part of a larger model it is called whatever mode that
+model is in. And planning for inference a model left in training mode
 (a model built from a config is) gets a warning when its graph draws dropout or
 updates statistics because of it.
 """
@@ -29,9 +31,19 @@ _MODE_DEPENDENT_MODULES = (
 )
 
 
+def _draws_dropout(program: Program) -> bool:
+    """Dropout's ops (``native_dropout``, or ``bernoulli`` as some models draw its
+    mask): other random ops (a VAE's or a diffusion model's noise) draw in either
+    mode."""
+    return any(
+        op.draws_random and ("dropout" in op.target or "bernoulli" in op.target)
+        for op in program.ops
+    )
+
+
 def depends_on_mode(model: nn.Module, program: Program) -> bool:
     """Whether ``model`` would compute something else in the other mode."""
-    if any(op.draws_random for op in program.ops) or program.meta.get(BUFFER_UPDATES):
+    if _draws_dropout(program) or program.meta.get(BUFFER_UPDATES):
         return True
     return any(isinstance(m, _MODE_DEPENDENT_MODULES) for m in model.modules())
 
@@ -44,14 +56,20 @@ def check_call_mode(traced_training: bool, training: bool) -> None:
     """Raise if a module traced in one mode is called in the other."""
     if training == traced_training:
         return
-    now = _name(training)
+    if training:
+        todo = "to train in training mode, plan the model again after model.train()"
+    else:
+        todo = (
+            "to evaluate, plan a copy for inference, planner.plan(copy.deepcopy(model)"
+            ".eval(), budget, example_inputs, mode='infer') (an inference plan takes the "
+            "weights it keeps off the device out of the model it is given), or run the "
+            "model itself under torch.no_grad() after model.eval() if it fits"
+        )
     raise PlannerError(
         f"this module was planned with the model in {_name(traced_training)} mode and is "
-        f"now in {now} mode; a plan runs what it traced (dropout, batch statistics), so "
-        f"pm.{'train' if training else 'eval'}() cannot change it. For {now} mode, plan "
-        f"the model again after model.{'train' if training else 'eval'}() (mode='infer' "
-        f"for evaluation; one planned module per mode), or call "
-        f"pm.{'eval' if training else 'train'}() to use this one"
+        f"now in {_name(training)} mode; a plan runs what it traced (dropout, batch "
+        f"statistics), so pm.{'train' if training else 'eval'}() cannot change it: {todo}; "
+        f"or call pm.{'eval' if training else 'train'}() to use this one"
     )
 
 
@@ -61,7 +79,7 @@ def warn_if_inference_traced_in_training(model: nn.Module, program: Program) -> 
     if not model.training:
         return
     what = []
-    if any(op.draws_random for op in program.ops):
+    if _draws_dropout(program):
         what.append("draws dropout")
     if program.meta.get(BUFFER_UPDATES):
         what.append("updates BatchNorm statistics")

@@ -26,7 +26,7 @@ def test_a_training_plan_called_in_eval_mode_is_an_error_until_train_again() -> 
     assert pm.training
     pm(x).sum().backward()
     pm.eval()  # before this check, dropout went on being drawn: silently not eval
-    with pytest.raises(PlannerError, match=r"planned with the model in training mode .* eval"):
+    with pytest.raises(PlannerError, match=r"in training mode and is now in eval mode.*deepcopy"):
         pm(x)
     pm.train()
     pm(x).sum().backward()
@@ -42,13 +42,37 @@ def test_an_eval_traced_plan_called_in_training_mode_is_an_error() -> None:
         pm.train()(x)
 
 
-def test_a_model_whose_mode_changes_nothing_can_be_called_in_either() -> None:
+class _Noisy(nn.Module):
+    """Draws noise in either mode (a VAE's sampling): not mode-dependent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        return h + 0.1 * torch.randn_like(h)
+
+
+def test_a_training_plan_whose_mode_changes_nothing_can_be_called_in_either() -> None:
     torch.manual_seed(0)
     model, x = nn.Sequential(nn.Linear(16, 8), nn.ReLU()), torch.randn(4, 16)
     expected = model(x).detach()
+    pm = planner.plan(model, "100%", (x,), mode="train", profile="cpu")
+    torch.testing.assert_close(pm.eval()(x), expected)
+    torch.testing.assert_close(pm.train()(x), expected)
+    noisy = planner.plan(_Noisy(), "100%", (x,), mode="train", profile="cpu")
+    noisy.eval()(x).sum().backward()
+
+
+def test_an_inference_plan_is_called_in_whatever_mode_its_parent_is_in() -> None:
+    """A frozen, planned part of a larger model that trains."""
+    model, x = _with_dropout().eval(), torch.randn(8, 16)
+    expected = model(x).detach()
     pm = planner.plan(model, "100%", (x,), mode="infer", profile="cpu")
-    assert torch.equal(pm.eval()(x), expected)
-    assert torch.equal(pm.train()(x), expected)
+    parent = nn.Sequential(pm).train()
+    assert pm.training
+    torch.testing.assert_close(parent(x), expected)
 
 
 def test_inference_plan_of_a_model_in_training_mode_warns_when_it_matters() -> None:

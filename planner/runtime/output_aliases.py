@@ -43,8 +43,9 @@ class ForwardOutputs:
         in AOTAutograd's order (parameters, buffers, then the call's leaves)."""
         if self.rebuilders:
             outs = list(outs)
+            inputs = list(flat_inputs)
             for j, rebuild in self.rebuilders.items():
-                outs[j] = rebuild(list(flat_inputs), outs, outs[j])
+                outs[j] = rebuild(inputs, outs, outs[j])
         return outs[: self.num_user]
 
 
