@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.fx
 
+from planner.codegen.compile_limit import CompileTimeout, compile_time_limit, timed_out
 from planner.errors import first_line
 from planner.ir.fused_loss import DECOMPOSITIONS as FUSED_LOSS_DECOMPOSITIONS
 from planner.ir.meta import draws_random
@@ -697,6 +698,9 @@ def indexes_through_uninitialized(segment: Segment) -> bool:
     return False
 
 
+#: graphs of runs whose compile passed the time limit (``compile_limit``)
+_COMPILE_TIMED_OUT: set[str] = set()
+
 #: Failures that say nothing about a run's made-up inputs: out of memory, and a
 #: CUDA device-side assert, after which the device is unusable for every run.
 _DEVICE_FAILURES: tuple[type[BaseException], ...] = tuple(
@@ -729,9 +733,15 @@ def _fitting_form(
         segment.kernel = f"eager: it fails on made-up inputs ({first_line(exc)})"
         log.info("inductor: %s (steps %s): %s", segment.name, segment.steps, segment.kernel)
         return None
+    code = segment.graph.code
     try:
-        compiled = compile_segment(segment, device)
+        if code in _COMPILE_TIMED_OUT:
+            raise CompileTimeout("compiling the same graph timed out before in this process")
+        with compile_time_limit():
+            compiled = compile_segment(segment, device)
     except Exception as exc:  # an op Inductor cannot take: this run stays eager
+        if timed_out(exc):
+            _COMPILE_TIMED_OUT.add(code)
         segment.kernel = f"eager: Inductor failed: {first_line(exc)}"
         log.warning(
             "inductor: %s (steps %s) stays eager: %s", segment.name, segment.steps, segment.kernel

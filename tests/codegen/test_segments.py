@@ -591,3 +591,30 @@ def test_plan_rejects_an_unknown_kernels_value_before_any_work(bad) -> None:  # 
 
     with pytest.raises(ValueError, match="kernels must be one of 'eager', 'inductor'"):
         planner.plan(torch.nn.Linear(2, 2), "1MB", (torch.randn(1, 2),), kernels=bad)
+
+
+def test_a_run_whose_compile_passes_the_time_limit_stays_eager(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Inductor can spend unbounded time in sympy (Funnel Transformer: more than 8
+    minutes on one run, as in plain torch.compile); past the limit the run stays
+    eager, and the same graph is not compiled again in this process."""
+    seg = _segment()
+    calls: list[int] = []
+
+    def stuck(segment, device):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        time.sleep(30)
+        raise AssertionError("the limit did not stop the compile")
+
+    monkeypatch.setenv("PLANNER_COMPILE_TIME_LIMIT", "0.3")
+    monkeypatch.setattr(segments, "compile_segment", stuck)
+    monkeypatch.setattr(segments, "_COMPILE_TIMED_OUT", set())
+    start = time.perf_counter()
+    chosen = compile_segments([seg], torch.device("cpu"), OPS)
+    assert time.perf_counter() - start < 10
+    assert seg.kernel.startswith("eager: Inductor failed: CompileTimeout: compiling it took")
+    a = torch.randn(64)
+    b, d = chosen[seg.name]([a.clone()])
+    torch.testing.assert_close(d, torch.tanh(a * 2) + 1)
+    again = _segment()
+    compile_segments([again], torch.device("cpu"), OPS)
+    assert len(calls) == 1 and "timed out before" in again.kernel
