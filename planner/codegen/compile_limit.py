@@ -11,7 +11,8 @@ same runs for each schedule it tries).
 The limit is a ``SIGALRM`` timer: POSIX, the main thread only, and only when no
 other timer is armed (a caller's own alarm is left alone). Elsewhere compiles are
 not limited. ``PLANNER_COMPILE_TIME_LIMIT`` (seconds; 0: none) sets it; the default,
-300 s, is about ten times the longest compile of one run seen here (25 s).
+120 s, is about five times the longest compile of one run seen here (25 s): Funnel
+has four such runs in a schedule.
 """
 
 from __future__ import annotations
@@ -48,9 +49,9 @@ def timed_out(exc: BaseException) -> bool:
 
 def limit_seconds() -> float:
     try:
-        return max(0.0, float(os.environ.get("PLANNER_COMPILE_TIME_LIMIT", "300")))
+        return max(0.0, float(os.environ.get("PLANNER_COMPILE_TIME_LIMIT", "120")))
     except ValueError:
-        return 300.0
+        return 120.0
 
 
 @contextmanager
