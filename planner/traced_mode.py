@@ -31,19 +31,24 @@ _MODE_DEPENDENT_MODULES = (
 )
 
 
-def _draws_dropout(program: Program) -> bool:
-    """Dropout's ops (``native_dropout``, or ``bernoulli`` as some models draw its
-    mask): other random ops (a VAE's or a diffusion model's noise) draw in either
-    mode."""
-    return any(
+def _training_effects(program: Program) -> list[str]:
+    """What training mode put in the traced graph: dropout's ops (``native_dropout``,
+    or ``bernoulli`` as some models draw its mask; other random ops, a VAE's or a
+    diffusion model's noise, draw in either mode) and buffer updates."""
+    effects = []
+    if any(
         op.draws_random and ("dropout" in op.target or "bernoulli" in op.target)
         for op in program.ops
-    )
+    ):
+        effects.append("draws dropout")
+    if program.meta.get(BUFFER_UPDATES):
+        effects.append("updates BatchNorm statistics")
+    return effects
 
 
 def depends_on_mode(model: nn.Module, program: Program) -> bool:
     """Whether ``model`` would compute something else in the other mode."""
-    if _draws_dropout(program) or program.meta.get(BUFFER_UPDATES):
+    if _training_effects(program):
         return True
     return any(isinstance(m, _MODE_DEPENDENT_MODULES) for m in model.modules())
 
@@ -76,16 +81,10 @@ def check_call_mode(traced_training: bool, training: bool) -> None:
 def warn_if_inference_traced_in_training(model: nn.Module, program: Program) -> None:
     """Planning for inference a model in training mode whose graph draws random
     numbers or updates buffers because of it."""
-    if not model.training:
+    effects = _training_effects(program) if model.training else []
+    if not effects:
         return
-    what = []
-    if _draws_dropout(program):
-        what.append("draws dropout")
-    if program.meta.get(BUFFER_UPDATES):
-        what.append("updates BatchNorm statistics")
-    if not what:
-        return
-    effect = " and ".join(what)
+    effect = " and ".join(effects)
     warnings.warn(
         f"{type(model).__name__} is in training mode, so its inference plan {effect}; "
         f"call model.eval() before planner.plan(..., mode='infer') if you meant evaluation",

@@ -47,11 +47,15 @@ def timed_out(exc: BaseException) -> bool:
     return False
 
 
+#: seconds, where ``PLANNER_COMPILE_TIME_LIMIT`` does not say (module docstring)
+DEFAULT_LIMIT_SECONDS = 120.0
+
+
 def limit_seconds() -> float:
     try:
-        return max(0.0, float(os.environ.get("PLANNER_COMPILE_TIME_LIMIT", "120")))
+        return max(0.0, float(os.environ.get("PLANNER_COMPILE_TIME_LIMIT", DEFAULT_LIMIT_SECONDS)))
     except ValueError:
-        return 120.0
+        return DEFAULT_LIMIT_SECONDS
 
 
 @contextmanager

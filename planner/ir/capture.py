@@ -270,10 +270,12 @@ def _capture_joint(
     input_roles = _joint_input_roles(joint, flat_module, args, kwargs)
     fw_metadata = seen.get("fw_metadata")
     if fw_metadata is not None:
+        # the caller's inputs, and anything that requires grad (a parameter): the
+        # planned backward carries no gradient through an in-place write
         written = [
             role.source or "an input"
             for role, info in zip(input_roles, fw_metadata.input_info)
-            if role.kind is ValueKind.INPUT and info.mutates_data
+            if info.mutates_data and (role.kind is ValueKind.INPUT or info.requires_grad)
         ]
         if written:
             raise CaptureError(_input_mutation_message(type(model).__name__, written))

@@ -22,8 +22,6 @@ from typing import Any
 
 import torch
 
-from planner.errors import PlannerError
-
 
 @dataclass
 class ForwardOutputs:
@@ -52,27 +50,13 @@ class ForwardOutputs:
 def describe(fw_metadata: Any) -> ForwardOutputs:
     """Read AOTAutograd's ``ViewAndMutationMeta`` of a captured training step."""
     from torch._functorch._aot_autograd.runtime_wrappers import make_output_handler
-    from torch._functorch._aot_autograd.schemas import MutationType, OutputType
+    from torch._functorch._aot_autograd.schemas import OutputType
 
     takes_tangent = (
         OutputType.non_alias,
         OutputType.unsafe_view_alias,
         OutputType.custom_function_view,
     )
-    mutated_with_grad = [
-        i
-        for i, info in enumerate(fw_metadata.input_info)
-        if info.mutation_type == MutationType.MUTATED_OUT_GRAPH
-        and info.mutates_data
-        and info.requires_grad
-    ]
-    if mutated_with_grad:
-        raise PlannerError(
-            f"the forward writes in place into {len(mutated_with_grad)} of its inputs "
-            f"that require grad (flat positions {mutated_with_grad}, parameters first): "
-            f"the planned backward cannot carry gradients through that; make the "
-            f"update out of place (x = x + y, not x += y) or plan with mode='infer'"
-        )
     infos = fw_metadata.output_info
     tangents = [
         j

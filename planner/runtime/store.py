@@ -193,14 +193,12 @@ def check_offload_dir(parent: str | os.PathLike[str]) -> None:
 
 def _make_root(parent: str | os.PathLike[str] | None) -> str:
     """A fresh directory under ``parent`` (None: the system's temporary directory),
-    named for this process; first, the ones left there by processes that no longer
-    exist are removed (``offload_dirs``)."""
+    named for this process (``offload_dirs``)."""
     if parent is not None and not Path(parent).is_dir():
         raise StoreError(
             f"offload_dir {str(parent)!r} does not exist or is not a directory: "
             f"create it first, or pass offload_dir=None for a temporary directory"
         )
-    remove_stale(tempfile.gettempdir() if parent is None else parent)
     try:
         return tempfile.mkdtemp(prefix=owner_prefix(), dir=parent)
     except OSError as exc:
@@ -220,6 +218,8 @@ class DiskStore:
     """Files under ``root`` (created here; removed by ``close``)."""
 
     def __init__(self, parent: str | os.PathLike[str] | None = None) -> None:
+        # the directories processes that no longer exist left there go first
+        remove_stale(tempfile.gettempdir() if parent is None else parent)
         self.root = Path(_make_root(parent))
         #: the owner's lock on ``root`` while this store lives (``offload_dirs``)
         self._owner_lock = hold(self.root)
