@@ -15,6 +15,7 @@ from torch.utils import _pytree as pytree
 from planner.budget import parse_budget
 from planner.codegen.emit import check_kernels
 from planner.errors import InvalidPlan, PlannerError
+from planner.ir.autocast import autocast_off
 from planner.ir.capture import capture, normalize_example_inputs
 from planner.ir.conv_layout import channels_last_convolutions
 from planner.ir.fused_loss import fuse_cross_entropy_backward
@@ -58,7 +59,8 @@ def analyze(
             captured, graph_module=channels_last_convolutions(captured.graph_module)
         )
         fuse_cross_entropy_backward(captured.graph_module)
-    return analyze_captured(captured, get_profile(profile))
+    with autocast_off():  # op timings of the traced dtypes
+        return analyze_captured(captured, get_profile(profile))
 
 
 def report(

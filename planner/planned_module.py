@@ -17,10 +17,12 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from planner.call_checks import StateWatch, check_input_grads, check_not_create_graph
 from planner.codegen.assemble import Assembled, assemble
 from planner.codegen.emit import Executor
 from planner.codegen.segments import kernels_summary
 from planner.errors import PlannerError
+from planner.ir.autocast import AutocastState, autocast_off, autocast_state, check_autocast
 from planner.ir.meta import BUFFER_UPDATES, PARAM_GRADS, fake_value
 from planner.ir.program import Phase, ValueKind
 from planner.passes.pipeline import Analysis
@@ -76,15 +78,18 @@ class PlannedModule(torch.nn.Module):
         self._in_spec = captured.in_spec
         self._out_spec = captured.out_spec
         program = analysis.program
-        self._input_meta = [
-            (program.values[v].shape, program.values[v].dtype)
-            for v in program.inputs
-            if program.values[v].kind is ValueKind.INPUT
-        ]
+        user_inputs = [v for v in program.inputs if program.values[v].kind is ValueKind.INPUT]
+        self._input_meta = [(program.values[v].shape, program.values[v].dtype) for v in user_inputs]
+        self._input_names = [program.values[v].source or f"#{k}" for k, v in enumerate(user_inputs)]
+        self._input_requires_grad: list[bool] = captured.extra.get(
+            "input_requires_grad", [False] * len(user_inputs)
+        )
         # the forward's first outputs (program.meta, as the solver reads them too)
         self._buffer_updates = list(program.meta[BUFFER_UPDATES])
         self._num_buffer_updates = len(self._buffer_updates)
         self.kernels = kernels
+        #: autocast as it was when traced (the trace fixed its dtypes), per device type
+        self._autocast: AutocastState = captured.extra.get("autocast") or autocast_state()
         # the mode the model was traced in, where calling in the other would differ
         self.training = model.training
         self._traced_training = (
@@ -140,6 +145,7 @@ class PlannedModule(torch.nn.Module):
             if self.mode == "train":
                 self._bw = namespace[self.executor.backward_function_name]  # type: ignore[index]
                 self._wire_autograd()
+                self._state_watch = StateWatch(model, dict(zip(self._primal_names, self._primals)))
         except BaseException:
             self._finalizer()
             raise
@@ -168,6 +174,7 @@ class PlannedModule(torch.nn.Module):
         #: training: every parameter and buffer, in the captured graph's order (the
         #: autograd node's inputs, so that gradients reach them)
         self._primals: list[torch.Tensor] = []
+        self._primal_names: list[str] = []
         primal_of: dict[int, int] = {}
         written: set[str] = set()
         for vi in program.inputs:
@@ -177,6 +184,7 @@ class PlannedModule(torch.nn.Module):
             tensor = tensors[value.source]
             primal_of[vi] = len(self._primals)
             self._primals.append(tensor)
+            self._primal_names.append(value.source)  # type: ignore[arg-type]
             name = self.problem.tensors[value.storage].name
             if vi in state_values or name in written:
                 continue
@@ -417,7 +425,8 @@ class PlannedModule(torch.nn.Module):
         KeyboardInterrupt), wait out the copies it issued and remove the files it
         spilled before re-raising, so the next call starts from a clean store."""
         try:
-            return fn(self._runtime, *args)
+            with autocast_off():
+                return fn(self._runtime, *args)
         except BaseException:
             try:
                 self._engine.drain()
@@ -432,7 +441,10 @@ class PlannedModule(torch.nn.Module):
         if self._traced_training is not None:
             check_call_mode(self._traced_training, self.training)
         inputs = self._flat_inputs(args, kwargs)
+        check_autocast(self._autocast)
         if self.mode == "train":
+            self._state_watch.check()
+            check_input_grads(self._input_requires_grad, inputs, self._input_names)
             outs = list(_PlannedStep.apply(self, *self._primals, *inputs))
             with torch.no_grad():
                 for name, new in zip(self._buffer_updates, outs[: self._num_buffer_updates]):
@@ -449,6 +461,58 @@ class PlannedModule(torch.nn.Module):
                 self._state[self._state_names.index(name)].copy_(new)
         user = outs[self._num_buffer_updates :]
         return pytree.tree_unflatten(user, self._out_spec)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """Training: the model's own state dict, under the model's names (a training
+        plan trains the model's parameter and buffer objects), so a checkpoint saved
+        from here loads into the model, and into this module (``_load_from_state_dict``).
+        Inference: empty, as before: the plan holds its weights where it placed them
+        (save the model's state dict before planning)."""
+        if self.mode == "train":
+            return self._state_watch.model.state_dict(*args, **kwargs)
+        return super().state_dict(*args, **kwargs)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Training: load the entries under ``prefix`` into the model, in place (the
+        plan keeps reading the same objects). ``nn.Module.load_state_dict`` calls this
+        for this module, alone or inside a larger one."""
+        if self.mode != "train":
+            return super()._load_from_state_dict(
+                state_dict,
+                prefix,
+                local_metadata,
+                strict,
+                missing_keys,
+                unexpected_keys,
+                error_msgs,
+            )
+        if local_metadata.get("assign_to_params_buffers", False):
+            raise PlannerError(
+                "load_state_dict(..., assign=True) would replace the parameters this module "
+                "was planned over: load with assign=False (values are copied in place), or "
+                "plan the model again after assigning"
+            )
+        ours = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        result = self._state_watch.model.load_state_dict(ours, strict=False)
+        missing_keys.extend(prefix + k for k in result.missing_keys)
+        unexpected_keys.extend(prefix + k for k in result.unexpected_keys)
+
+    def __getstate__(self) -> Any:
+        raise PlannerError(
+            "a planned module cannot be copied or pickled: it owns its offload files, a "
+            "copy thread and code made for this process. Save the model's state dict "
+            "(pm.state_dict() in training), or plan a copy of the model "
+            "(planner.plan(copy.deepcopy(model), ...))"
+        )
 
     @property
     def buffer_updates(self) -> list[str]:
@@ -604,6 +668,7 @@ class _PlannedStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple:  # type: ignore[override]
         pm: PlannedModule = ctx.pm
+        check_not_create_graph()
         if ctx.carry is None:
             raise PlannerError(
                 "backward through a planned step twice is not supported "

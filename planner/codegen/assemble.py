@@ -14,6 +14,7 @@ import torch
 
 from planner.codegen.emit import Executor, emit_executor
 from planner.codegen.segments import Segment, compile_segments, composed_levels
+from planner.ir.autocast import autocast_off
 from planner.ir.program import Program
 from planner.solver.plan import Plan
 from planner.solver.problem import Problem
@@ -55,7 +56,8 @@ def assemble(
     def headroom(segment: Segment) -> int:
         return run_headroom(segment, at_ops, plan.budget_bytes)
 
-    runs = compile_segments(executor.segments, device, executor.ops, headroom)
+    with autocast_off():  # compiled and timed in the traced dtypes, as they will run
+        runs = compile_segments(executor.segments, device, executor.ops, headroom)
     if not at_ops:  # a plan with no timeline: its replay's peak
         return Assembled(executor, runs, plan.predicted_peak_bytes, [])
     levels = composed_levels(executor.segments, at_ops, between_ops)

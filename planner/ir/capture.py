@@ -21,6 +21,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from planner.errors import CaptureError
+from planner.ir.autocast import autocast_state
 from planner.ir.constants import inline_scalar_constants
 from planner.ir.layout import fix_layouts
 from planner.ir.metadata_args import explicit_metadata_args
@@ -98,10 +99,14 @@ def capture(model: torch.nn.Module, example_inputs: Any, mode: str = "infer") ->
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     args, kwargs = normalize_example_inputs(example_inputs)
+    autocast = autocast_state()  # the trace fixes each op's dtype as it chooses
     exported = _export(model, args, kwargs)
     if mode == "infer":
-        return _capture_inference(exported, args, kwargs, type(model).__name__)
-    return _capture_joint(model, exported, args, kwargs)
+        captured = _capture_inference(exported, args, kwargs, type(model).__name__)
+    else:
+        captured = _capture_joint(model, exported, args, kwargs)
+    captured.extra["autocast"] = autocast
+    return captured
 
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
@@ -289,7 +294,14 @@ def _capture_joint(
         num_forward_outputs=num_fwd,
         in_spec=in_spec,
         out_spec=flat_module.out_spec,
-        extra={"exported_program": ep, "fw_metadata": fw_metadata},
+        extra={
+            "exported_program": ep,
+            "fw_metadata": fw_metadata,
+            # the backward has a gradient for an input only if it required one here
+            "input_requires_grad": [
+                x.requires_grad for x in flat_inputs if isinstance(x, torch.Tensor)
+            ],
+        },
     )
 
 

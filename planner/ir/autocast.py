@@ -1,0 +1,66 @@
+"""Autocast and the traced graph.
+
+The trace fixes each op's dtype as autocast chose it when planning: an op the model
+runs under ``autocast(enabled=False)`` (HF models keep norms and rotary embeddings
+in float32 this way) stays float32, with explicit casts around it. So what runs the
+traced ops (the executor, and planning's op timings and compiled runs) runs them
+with autocast off, where autocast would cast them again (measured: a float32
+matmul the model keeps out of autocast ran in bfloat16, the output 3e-3 away from
+eager's); and a plan called under another autocast state than it was traced in
+would compute other dtypes than eager, which is an error that says to plan inside
+the same context.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from planner.errors import PlannerError
+
+AutocastState = tuple[tuple[str, torch.dtype | None], ...]
+#: the device types whose autocast a plan records and turns off while it runs
+AUTOCAST_KINDS = ("cpu", "cuda")
+
+
+def autocast_state(device_types: Sequence[str] = AUTOCAST_KINDS) -> AutocastState:
+    """Per device type, the autocast dtype in force (None: autocast off)."""
+    return tuple(
+        (kind, torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None)
+        for kind in device_types
+    )
+
+
+def _describe(state: AutocastState) -> str:
+    on = [f"torch.autocast({kind!r}, dtype={dtype})" for kind, dtype in state if dtype]
+    return " and ".join(on) if on else "no autocast"
+
+
+def check_autocast(planned: AutocastState) -> None:
+    now = autocast_state([kind for kind, _ in planned])
+    if now != planned:
+        raise PlannerError(
+            f"this module was planned under {_describe(planned)} and is called under "
+            f"{_describe(now)}: the traced graph fixed each op's dtype when planned, so it "
+            f"would not compute what the model computes here. Plan inside the autocast "
+            f"context you call it in (with torch.autocast(...): planner.plan(...)), or "
+            f"call it as planned"
+        )
+
+
+@contextlib.contextmanager
+def autocast_off(device_types: Sequence[str] = AUTOCAST_KINDS) -> Iterator[None]:
+    """Run traced ops with autocast off: they already carry the dtypes the trace
+    chose; under autocast eager ones would be cast again (a float32 op the model
+    keeps out of autocast would run in bfloat16). For the executor, and for what
+    planning runs after the trace (op timings, compiling runs)."""
+    enabled = [kind for kind in device_types if torch.is_autocast_enabled(kind)]
+    if not enabled:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        for kind in enabled:
+            stack.enter_context(torch.autocast(kind, enabled=False))
+        yield

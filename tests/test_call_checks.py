@@ -1,0 +1,144 @@
+"""planner/call_checks.py and the state dict of a training plan: a call that no
+longer matches what was planned (an input that now requires grad, a replaced
+parameter, create_graph=True) is an error that says what to do, where before it
+silently computed something else than eager; a training plan's state dict is the
+model's, under the model's names."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import planner
+from planner.errors import PlannerError
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(32, 64)
+        self.norm = nn.BatchNorm1d(64)
+        self.c = nn.Linear(64, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.norm(self.a(x))))
+
+
+def _planned(x: torch.Tensor | None = None) -> tuple[_Net, planner.PlannedModule, torch.Tensor]:
+    torch.manual_seed(0)
+    model = _Net()
+    x = torch.randn(64, 32) if x is None else x
+    pm = planner.plan(model, "100%", (x,), mode="train", profile="cpu")
+    return model, pm, x
+
+
+def _grads(model: nn.Module) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_an_input_that_now_requires_grad_is_an_error_not_a_missing_gradient() -> None:
+    _, pm, x = _planned()
+    # before the check: the call ran, and x.grad stayed None after backward()
+    with pytest.raises(PlannerError, match=r"args\[0\] require grad.*requires_grad_\(\)"):
+        pm(x.clone().requires_grad_())
+    with torch.no_grad():  # no backward to miss it: allowed
+        pm(x.clone().requires_grad_())
+    pm(x).sum().backward()  # the check left the module usable
+
+
+def test_an_input_planned_as_requiring_grad_gets_eager_gradient() -> None:
+    torch.manual_seed(0)
+    reference, x = _Net(), torch.randn(64, 32)
+    model = copy.deepcopy(reference)
+    x_ref = x.clone().requires_grad_()
+    reference(x_ref).pow(2).sum().backward()
+    x_planned = x.clone().requires_grad_()
+    pm = planner.plan(model, "100%", (x_planned,), mode="train", profile="cpu")
+    pm(x_planned).pow(2).sum().backward()
+    assert torch.equal(x_planned.grad, x_ref.grad)
+
+
+def test_a_replaced_parameter_is_an_error_naming_it() -> None:
+    model, pm, x = _planned()
+    pm(x).sum().backward()
+    model.a.weight = nn.Parameter(torch.zeros_like(model.a.weight))
+    # before the check: the output still used the old weight, and the new one got no .grad
+    with pytest.raises(
+        PlannerError, match=r"replaced since planning: a\.weight\..*planner\.plan again"
+    ):
+        pm(x)
+
+
+def test_a_swapped_submodule_is_an_error() -> None:
+    torch.manual_seed(1)
+    replacement = nn.Linear(64, 8)  # made before planning: no registration after it
+    model, pm, x = _planned()
+    model.c = replacement
+    with pytest.raises(PlannerError, match=r"replaced since planning: c\.weight, c\.bias\."):
+        pm(x)
+
+
+def test_values_loaded_in_place_are_used() -> None:
+    model, pm, x = _planned()
+    torch.manual_seed(5)
+    other = _Net()
+    model.load_state_dict(other.state_dict())
+    nn.Linear(3, 3)  # an unrelated registration makes the next call look, and pass
+    pm(x).pow(2).sum().backward()
+    other(x).pow(2).sum().backward()
+    assert all(torch.equal(a, b) for a, b in zip(_grads(model), _grads(other)))
+
+
+def test_create_graph_is_an_error() -> None:
+    model, pm, x = _planned()
+    loss = pm(x).pow(2).sum()
+    # before the check: a RuntimeError from inside the planned backward's ops
+    with pytest.raises(PlannerError, match=r"create_graph=True"):
+        torch.autograd.grad(loss, [model.c.weight], create_graph=True)
+
+
+def test_state_dict_is_the_models_and_loads_back_in_place() -> None:
+    model, pm, x = _planned()
+    pm(x).pow(2).sum().backward()  # updates BatchNorm's statistics once
+    saved = {k: v.clone() for k, v in pm.state_dict().items()}
+    # before: keys state_0, state_1, ... and no BatchNorm statistics at all
+    assert list(saved) == list(model.state_dict())
+    assert torch.equal(saved["norm.running_mean"], model.norm.running_mean)
+    weight = model.a.weight
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    pm.load_state_dict(saved)
+    assert model.a.weight is weight and torch.equal(weight, saved["a.weight"])
+    with pytest.raises(PlannerError, match=r"assign=True"):
+        pm.load_state_dict(saved, assign=True)
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\).*zzz"):
+        pm.load_state_dict({**saved, "zzz": torch.zeros(1)})
+
+
+def test_state_dict_of_a_planned_module_inside_another() -> None:
+    model, pm, x = _planned()
+    outer = nn.Module()
+    outer.body = pm
+    outer.head = nn.Linear(8, 1)
+    saved = {k: v.clone() for k, v in outer.state_dict().items()}
+    assert {k.removeprefix("body.") for k in saved if k.startswith("body.")} == set(
+        model.state_dict()
+    )
+    with torch.no_grad():
+        model.c.bias.fill_(3.0)
+    result = outer.load_state_dict(saved)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(model.c.bias, saved["body.c.bias"])
+
+
+@pytest.mark.parametrize("copier", [copy.deepcopy, lambda pm: torch.save(pm, io.BytesIO())])
+def test_copying_or_pickling_a_planned_module_is_a_clear_error(copier) -> None:
+    _, pm, _ = _planned()
+    # before: TypeError "cannot pickle '_queue.SimpleQueue' object"
+    with pytest.raises(PlannerError, match=r"cannot be copied or pickled.*deepcopy\(model\)"):
+        copier(pm)
