@@ -1,18 +1,20 @@
-"""What a call of a training plan must still match from when it was planned.
+"""What a call of a plan must still match from when it was planned.
 
 The planned step is one autograd node over the model's parameter objects and the
-inputs as traced. Three things a caller can change afterwards would make it quietly
+inputs as traced. Things a caller can change afterwards would make it quietly
 compute something else than eager would, so each is an error that says what to do:
 
-- an input that requires grad now but did not when planned: the traced backward
-  has no gradient for it, and ``x.grad`` would silently stay ``None``;
-- ``create_graph=True``: the planned backward runs outside autograd (its ops write
+- any plan: arguments other than those traced (``PlannedCall``): other shapes or
+  dtypes, another Python value of a non-tensor argument (the trace took it as a
+  constant), and, with grad enabled, an input that requires grad where the example
+  did not (the traced backward has no gradient for it: ``x.grad`` stayed ``None``);
+- training, ``create_graph=True``: the planned backward runs outside autograd (its ops write
   into planned buffers), so it cannot itself be differentiated;
-- a parameter or buffer of the model replaced by a new object
+- training, a parameter or buffer of the model replaced by a new object
   (``model.fc.weight = nn.Parameter(...)``, ``load_state_dict(assign=True)``, a
   swapped submodule): the plan still reads, and hands gradients to, the old one.
 
-(Every plan, inference too, also checks the autocast state: ``planner.ir.autocast``.)
+(Every plan also checks the autocast state: ``planner.ir.autocast``.)
 
 The replaced-object check is watched through ``torch.nn``'s global registration hooks: every
 registration anywhere bumps a counter, and a call walks its model only when the
@@ -22,9 +24,10 @@ comparison per step.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from planner.errors import PlannerError
 
@@ -83,33 +86,111 @@ class StateWatch:
         self._seen = _registrations
 
 
-def check_input_grads(
-    planned: Sequence[bool], inputs: Sequence[torch.Tensor], names: Sequence[str]
-) -> None:
-    """Inputs that require grad now but were planned without: their gradient is
-    not in the traced backward."""
-    if not torch.is_grad_enabled():
-        return
-    missing = [
-        _readable(name)
-        for name, was, tensor in zip(names, planned, inputs)
-        if tensor.requires_grad and not was
-    ]
-    if missing:
-        raise PlannerError(
-            f"input(s) {', '.join(missing)} require grad, but this module was planned with "
-            f"example inputs that did not, so its backward computes no gradient for them. "
-            f"Plan with example inputs that require grad where yours will "
-            f"(x.requires_grad_()), or pass x.detach() if you need no gradient for it"
-        )
-
-
 def _readable(path: str) -> str:
-    """``input[0][1]`` (capture's path into ``(args, kwargs)``) as ``args[1]``."""
-    for flat, shown in (("input[0]", "args"), ("input[1]", "kwargs")):
+    """``[0][1]`` (a path into ``(args, kwargs)``) as ``args[1]``."""
+    for flat, shown in (("[0]", "args"), ("[1]", "kwargs")):
         if path.startswith(flat):
             return shown + path[len(flat) :]
     return path
+
+
+def _arguments(spec: pytree.TreeSpec) -> str:
+    args, kwargs = pytree.tree_unflatten([None] * spec.num_leaves, spec)
+    keywords = f" and keyword arguments {', '.join(kwargs)}" if kwargs else ""
+    return f"{len(args)} positional argument(s){keywords}"
+
+
+class PlannedCall:
+    """The arguments a plan was traced with, as a call must give them again.
+
+    Tensors: the same shapes and dtypes (a plan is sized for them), and no input
+    that requires grad where the example did not (the traced backward has no
+    gradient for it). Everything else (``use_cache=False``, ``scale=2.0``) the trace
+    took as a constant of the graph, so it must be equal: another value silently ran
+    the planned one (``flag=True`` gave what ``flag=False`` computes)."""
+
+    def __init__(self, args: tuple, kwargs: dict, mode: str) -> None:
+        leaves, self.spec = pytree.tree_flatten_with_path((args, kwargs))
+        self.mode = mode
+        self.keywords = list(kwargs)
+        tensors = [(pytree.keystr(path), x) for path, x in leaves if isinstance(x, torch.Tensor)]
+        self.tensor_names = [_readable(name) for name, _ in tensors]
+        self.meta = [_meta(t) for _, t in tensors]
+        self.requires_grad = [t.requires_grad for _, t in tensors]
+        self.constant_names = [
+            _readable(pytree.keystr(path)) for path, x in leaves if not isinstance(x, torch.Tensor)
+        ]
+        self.constants = [_constant(x) for _, x in leaves if not isinstance(x, torch.Tensor)]
+
+    def flatten(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        """The call's tensors, in the traced order, once it matches the plan."""
+        if list(kwargs) != self.keywords and set(kwargs) == set(self.keywords):
+            kwargs = {k: kwargs[k] for k in self.keywords}  # keyword order is the caller's
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        if spec != self.spec:
+            raise PlannerError(
+                f"this module was planned for {_arguments(self.spec)}, and is called with "
+                f"{_arguments(spec)} (or another nesting of them). A plan is specific to "
+                f"the arguments it was planned with: call it as planned, or call "
+                f"planner.plan again with example inputs like these"
+            )
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        got = [_meta(t) for t in tensors]
+        if got != self.meta:
+            raise PlannerError(
+                f"this module was planned for inputs {self.meta} (shape, dtype); got "
+                f"{got}. A plan is specific to its input shapes and dtypes: call planner.plan "
+                f"again with example inputs like these (and keep one planned module per shape)"
+            )
+        constants = [_constant(x) for x in leaves if not isinstance(x, torch.Tensor)]
+        if constants != self.constants:
+            name, planned, now = next(
+                (name, a[1], b[1])
+                for name, a, b in zip(self.constant_names, self.constants, constants)
+                if a != b
+            )
+            raise PlannerError(
+                f"{name} is {now!r} here and was {planned!r} when planned: the trace took "
+                f"it as a constant, so this plan computes what {planned!r} gives. Call "
+                f"planner.plan again with example inputs where {name} is {now!r} (one "
+                f"planned module per value)"
+            )
+        if torch.is_grad_enabled():
+            self._check_grads(tensors)
+        return tensors
+
+    def _check_grads(self, tensors: list[torch.Tensor]) -> None:
+        if self.mode != "train":
+            wanting = [n for n, t in zip(self.tensor_names, tensors) if t.requires_grad]
+            if wanting:
+                raise PlannerError(
+                    f"input(s) {', '.join(wanting)} require grad, and this module was "
+                    f"planned for inference: it computes no gradients, so nothing before "
+                    f"it would get one. Plan with mode='train' and example inputs that "
+                    f"require grad, or call it under torch.no_grad() (or pass x.detach())"
+                )
+            return
+        missing = [
+            name
+            for name, was, tensor in zip(self.tensor_names, self.requires_grad, tensors)
+            if tensor.requires_grad and not was
+        ]
+        if missing:
+            raise PlannerError(
+                f"input(s) {', '.join(missing)} require grad, but this module was planned "
+                f"with example inputs that did not, so its backward computes no gradient "
+                f"for them. Plan with example inputs that require grad where yours will "
+                f"(x.requires_grad_()), or pass x.detach() if you need no gradient for it"
+            )
+
+
+def _meta(tensor: torch.Tensor) -> tuple[tuple[int, ...], str]:
+    return tuple(tensor.shape), str(tensor.dtype).removeprefix("torch.")
+
+
+def _constant(value: Any) -> tuple[type, Any]:
+    """Compared with its type: 1, 1.0 and True are equal in Python, not in a trace."""
+    return type(value), value
 
 
 def check_not_create_graph() -> None:

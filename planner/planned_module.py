@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from planner.call_checks import StateWatch, check_input_grads, check_not_create_graph
+from planner.call_checks import PlannedCall, StateWatch, check_not_create_graph
 from planner.codegen.assemble import Assembled, assemble
 from planner.codegen.emit import Executor
 from planner.codegen.segments import kernels_summary
@@ -75,15 +75,9 @@ class PlannedModule(torch.nn.Module):
         self.analysis = analysis
         self.problem = problem
         self.device = device or torch.device("cpu")
-        self._in_spec = captured.in_spec
         self._out_spec = captured.out_spec
         program = analysis.program
-        user_inputs = [v for v in program.inputs if program.values[v].kind is ValueKind.INPUT]
-        self._input_meta = [(program.values[v].shape, program.values[v].dtype) for v in user_inputs]
-        self._input_names = [program.values[v].source or f"#{k}" for k, v in enumerate(user_inputs)]
-        self._input_requires_grad: list[bool] = captured.extra.get(
-            "input_requires_grad", [False] * len(user_inputs)
-        )
+        self._call: PlannedCall = captured.extra["call"]  # the arguments a call must give
         # the forward's first outputs (program.meta, as the solver reads them too)
         self._buffer_updates = list(program.meta[BUFFER_UPDATES])
         self._num_buffer_updates = len(self._buffer_updates)
@@ -353,18 +347,6 @@ class PlannedModule(torch.nn.Module):
             }
         return report
 
-    def _flat_inputs(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-        leaves, spec = pytree.tree_flatten((args, kwargs))
-        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
-        got = [(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in tensors]
-        if spec != self._in_spec or got != self._input_meta:
-            raise PlannerError(
-                f"this module was planned for inputs {self._input_meta} (shape, dtype); got "
-                f"{got}. A plan is specific to its input shapes and dtypes: call planner.plan "
-                f"again with example inputs like these (and keep one planned module per shape)"
-            )
-        return tensors
-
     def _wire_autograd(self) -> None:
         """Which forward outputs receive tangents, and which graph output is the
         gradient of each primal (parameters, buffers, inputs in placeholder order)."""
@@ -440,11 +422,10 @@ class PlannedModule(torch.nn.Module):
         self._check_open()
         if self._traced_training is not None:
             check_call_mode(self._traced_training, self.training)
-        inputs = self._flat_inputs(args, kwargs)
+        inputs = self._call.flatten(args, kwargs)
         check_autocast(self._autocast)
         if self.mode == "train":
             self._state_watch.check()
-            check_input_grads(self._input_requires_grad, inputs, self._input_names)
             outs = list(_PlannedStep.apply(self, *self._primals, *inputs))
             with torch.no_grad():
                 for name, new in zip(self._buffer_updates, outs[: self._num_buffer_updates]):

@@ -142,3 +142,46 @@ def test_copying_or_pickling_a_planned_module_is_a_clear_error(copier) -> None:
     # before: TypeError "cannot pickle '_queue.SimpleQueue' object"
     with pytest.raises(PlannerError, match=r"cannot be copied or pickled.*deepcopy\(model\)"):
         copier(pm)
+
+
+class _Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0, relu: bool = False) -> torch.Tensor:
+        y = self.lin(x) * scale
+        return y.relu() if relu else y
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_another_value_of_a_python_argument_is_an_error(mode: str) -> None:
+    torch.manual_seed(0)
+    model, x = _Scaled(), torch.randn(4, 8)
+    pm = planner.plan(model, "100%", ((x,), {"scale": 2.0, "relu": False}), mode=mode)
+    with torch.no_grad():
+        assert torch.equal(pm(x, scale=2.0, relu=False), model(x, scale=2.0))
+        # keyword order is the caller's
+        assert torch.equal(pm(x, relu=False, scale=2.0), model(x, scale=2.0))
+        # before: each of these returned what scale=2.0, relu=False computes
+        with pytest.raises(PlannerError, match=r"kwargs\['scale'\] is 3.0 here and was 2.0"):
+            pm(x, scale=3.0, relu=False)
+        with pytest.raises(PlannerError, match=r"kwargs\['relu'\] is True here and was False"):
+            pm(x, scale=2.0, relu=True)
+        with pytest.raises(PlannerError, match=r"kwargs\['scale'\] is 2 here and was 2.0"):
+            pm(x, scale=2, relu=False)  # an int traces other code than a float
+        # before: "planned for inputs [((4, 8), 'float32')]; got [((4, 8), 'float32')]"
+        expected = r"planned for 1 positional argument\(s\) and keyword arguments scale, relu, "
+        with pytest.raises(PlannerError, match=expected + r"and is called with .* scale \("):
+            pm(x, scale=2.0)
+
+
+def test_an_inference_plan_given_an_input_that_requires_grad_is_an_error() -> None:
+    torch.manual_seed(0)
+    model, x = _Scaled(), torch.randn(4, 8)
+    pm = planner.plan(model, "100%", (x,), mode="infer")
+    # before: the output did not require grad, and what came before got no gradient
+    with pytest.raises(PlannerError, match=r"args\[0\] require grad.*mode='train'"):
+        pm(x.clone().requires_grad_())
+    with torch.no_grad():
+        assert torch.equal(pm(x.clone().requires_grad_()), model(x))

@@ -20,6 +20,7 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
+from planner.call_checks import PlannedCall
 from planner.errors import CaptureError
 from planner.ir.autocast import autocast_state
 from planner.ir.constants import inline_scalar_constants
@@ -106,6 +107,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, mode: str = "infer") ->
     else:
         captured = _capture_joint(model, exported, args, kwargs)
     captured.extra["autocast"] = autocast
+    captured.extra["call"] = PlannedCall(args, kwargs, mode)  # what a call must match
     return captured
 
 
@@ -297,10 +299,6 @@ def _capture_joint(
         extra={
             "exported_program": ep,
             "fw_metadata": fw_metadata,
-            # the backward has a gradient for an input only if it required one here
-            "input_requires_grad": [
-                x.requires_grad for x in flat_inputs if isinstance(x, torch.Tensor)
-            ],
         },
     )
 
