@@ -116,14 +116,17 @@ class PlannedCall:
         tensors = [(pytree.keystr(path), x) for path, x in leaves if isinstance(x, torch.Tensor)]
         self.tensor_names = [_readable(name) for name, _ in tensors]
         self.meta = [_meta(t) for _, t in tensors]
+        self.strides = [_layout(t) for _, t in tensors]
         self.requires_grad = [t.requires_grad for _, t in tensors]
         self.constant_names = [
             _readable(pytree.keystr(path)) for path, x in leaves if not isinstance(x, torch.Tensor)
         ]
         self.constants = [_constant(x) for _, x in leaves if not isinstance(x, torch.Tensor)]
 
-    def flatten(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-        """The call's tensors, in the traced order, once it matches the plan."""
+    def flatten(self, args: tuple, kwargs: dict, same_strides: bool) -> list[torch.Tensor]:
+        """The call's tensors, in the traced order, once it matches the plan.
+        ``same_strides``: the inputs must also be laid out as traced (compiled runs
+        are specialized to the layout; eager ops take any)."""
         if list(kwargs) != self.keywords and set(kwargs) == set(self.keywords):
             kwargs = {k: kwargs[k] for k in self.keywords}  # keyword order is the caller's
         leaves, spec = pytree.tree_flatten((args, kwargs))
@@ -155,9 +158,24 @@ class PlannedCall:
                 f"planner.plan again with example inputs where {name} is {now!r} (one "
                 f"planned module per value)"
             )
+        if same_strides:
+            self._check_strides(tensors)
         if torch.is_grad_enabled():
             self._check_grads(tensors)
         return tensors
+
+    def _check_strides(self, tensors: list[torch.Tensor]) -> None:
+        for name, planned, tensor in zip(self.tensor_names, self.strides, tensors):
+            if _layout(tensor) != planned:
+                contiguous = planned == _layout(torch.empty(tensor.shape, device="meta"))
+                hint = f" (here: {name}.contiguous())" if contiguous else ""
+                raise PlannerError(
+                    f"input {name} has strides {tensor.stride()} and was planned with others "
+                    f"({planned} in its dims longer than 1): this plan's compiled (Inductor) "
+                    f"runs are specialized to the "
+                    f"layout traced. Pass it laid out as planned{hint}, or plan with "
+                    f"example inputs laid out like yours"
+                )
 
     def _check_grads(self, tensors: list[torch.Tensor]) -> None:
         if self.mode != "train":
@@ -186,6 +204,12 @@ class PlannedCall:
 
 def _meta(tensor: torch.Tensor) -> tuple[tuple[int, ...], str]:
     return tuple(tensor.shape), str(tensor.dtype).removeprefix("torch.")
+
+
+def _layout(tensor: torch.Tensor) -> tuple[int, ...]:
+    """Strides where they matter: a dimension of size 1 has any (as Inductor's
+    own check of its inputs, ``assert_size_stride``, skips them)."""
+    return tuple(s for s, n in zip(tensor.stride(), tensor.shape) if n > 1)
 
 
 def _constant(value: Any) -> tuple[type, Any]:

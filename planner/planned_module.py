@@ -422,7 +422,7 @@ class PlannedModule(torch.nn.Module):
         self._check_open()
         if self._traced_training is not None:
             check_call_mode(self._traced_training, self.training)
-        inputs = self._call.flatten(args, kwargs)
+        inputs = self._call.flatten(args, kwargs, same_strides=self.kernels == "inductor")
         check_autocast(self._autocast)
         if self.mode == "train":
             self._state_watch.check()

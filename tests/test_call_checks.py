@@ -185,3 +185,23 @@ def test_an_inference_plan_given_an_input_that_requires_grad_is_an_error() -> No
         pm(x.clone().requires_grad_())
     with torch.no_grad():
         assert torch.equal(pm(x.clone().requires_grad_()), model(x))
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_an_inductor_plan_given_inputs_laid_out_otherwise_says_so(mode: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+    x = torch.randn(8, 16)
+    transposed = torch.randn(16, 8).t()  # the same shape, other strides
+    pm = planner.plan(model, "100%", (x,), mode=mode, kernels="inductor", measure_room=False)
+    # before: an AssertionError from Inductor's generated code, "expected size 8==8,
+    # stride 1==16 at dim=0", where a compiled run read the input
+    with pytest.raises(
+        PlannerError, match=r"args\[0\] has strides \(1, 8\).*args\[0\]\.contiguous"
+    ):
+        pm(transposed)
+    with torch.no_grad():
+        torch.testing.assert_close(pm(transposed.contiguous()), model(transposed))
+    eager = planner.plan(model, "100%", (x,), mode=mode, measure_room=False)
+    with torch.no_grad():  # eager ops take any layout
+        assert torch.equal(eager(transposed), model(transposed))
