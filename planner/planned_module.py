@@ -487,6 +487,21 @@ class PlannedModule(torch.nn.Module):
         missing_keys.extend(prefix + k for k in result.missing_keys)
         unexpected_keys.extend(prefix + k for k in result.unexpected_keys)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> PlannedModule:
+        """``pm.to(...)``, ``.half()``, ``.cuda()``: the plan placed these tensors and
+        sized every buffer by their dtypes, so what would move or convert one is an
+        error (before: training met mixed dtypes in the first matmul, inference
+        silently kept computing as planned). What changes nothing (``pm.float()`` on
+        a float32 plan, ``pm.to(its device)``, as training loops do) passes."""
+        for tensor in [*self.parameters(), *self.buffers()]:
+            if fn(tensor) is not tensor:
+                raise PlannerError(
+                    "a planned module's tensors are placed and typed by its plan: "
+                    "pm.to(), .half(), .cuda() and the like cannot move or convert them. "
+                    "Convert the model first, then plan it"
+                )
+        return self
+
     def __getstate__(self) -> Any:
         raise PlannerError(
             "a planned module cannot be copied or pickled: it owns its offload files, a "

@@ -205,3 +205,18 @@ def test_an_inductor_plan_given_inputs_laid_out_otherwise_says_so(mode: str) -> 
     eager = planner.plan(model, "100%", (x,), mode=mode, measure_room=False)
     with torch.no_grad():  # eager ops take any layout
         assert torch.equal(eager(transposed), model(transposed))
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_converting_a_planned_module_is_an_error_unless_it_changes_nothing(mode: str) -> None:
+    _, pm, x = _planned()
+    if mode == "infer":
+        torch.manual_seed(0)
+        pm = planner.plan(_Net().eval(), "100%", (x,), mode="infer", profile="cpu")
+    # before: training met mixed dtypes in its first matmul ("mat1 and mat2 must
+    # have the same dtype"), inference silently went on in float32
+    for convert in (lambda m: m.to(torch.bfloat16), lambda m: m.double(), lambda m: m.half()):
+        with pytest.raises(PlannerError, match=r"cannot move or convert them.*then plan it"):
+            convert(pm)
+    assert pm.float() is pm and pm.to("cpu") is pm  # no change: as training loops do
+    pm(x)
