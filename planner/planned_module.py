@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -452,6 +453,17 @@ class PlannedModule(torch.nn.Module):
         if self.mode == "train":
             return self._state_watch.model.state_dict(*args, **kwargs)
         return super().state_dict(*args, **kwargs)
+
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        """Training: the model's parameters under the model's names (the same
+        objects this module registers as ``state_<i>``), so what groups parameters by
+        name (no weight decay for biases and norms) treats them as it would the
+        model's. Inside a larger module, that module lists them as ``state_<i>``."""
+        if self.mode == "train":
+            return self._state_watch.model.named_parameters(prefix, recurse, remove_duplicate)
+        return super().named_parameters(prefix, recurse, remove_duplicate)
 
     def _load_from_state_dict(
         self,

@@ -220,3 +220,13 @@ def test_converting_a_planned_module_is_an_error_unless_it_changes_nothing(mode:
             convert(pm)
     assert pm.float() is pm and pm.to("cpu") is pm  # no change: as training loops do
     pm(x)
+
+
+def test_named_parameters_are_the_models_for_grouping_by_name() -> None:
+    model, pm, _ = _planned()
+    # before: state_0, state_1, ...: every parameter fell in the weight-decay group
+    assert [(n, id(p)) for n, p in pm.named_parameters()] == [
+        (n, id(p)) for n, p in model.named_parameters()
+    ]
+    no_decay = [p for n, p in pm.named_parameters() if n.endswith("bias") or "norm" in n]
+    assert len(no_decay) == 4  # a.bias, norm.weight, norm.bias, c.bias
