@@ -419,6 +419,9 @@ class PlannedModule(torch.nn.Module):
                     self._disk.discard(key)
             raise
 
+    # torch.compile(pm) runs the plan as it is (its runs are compiled already, or
+    # eager by choice): traced by Dynamo it failed on its own guards
+    @torch.compiler.disable
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._check_open()
         if self._traced_training is not None:

@@ -230,3 +230,22 @@ def test_named_parameters_are_the_models_for_grouping_by_name() -> None:
     ]
     no_decay = [p for n, p in pm.named_parameters() if n.endswith("bias") or "norm" in n]
     assert len(no_decay) == 4  # a.bias, norm.weight, norm.bias, c.bias
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_torch_compile_of_a_planned_module_runs_the_plan(mode: str) -> None:
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)), torch.randn(8, 16)
+    reference = copy.deepcopy(model)
+    pm = planner.plan(model, "100%", (x,), mode=mode, profile="cpu")
+    # before: Dynamo traced into the executor and failed on its own guard ("Guard
+    # failed on the same frame it was created")
+    out = torch.compile(pm)(x)
+    expected = reference(x)
+    assert torch.equal(out, expected)
+    if mode == "train":
+        out.sum().backward()
+        expected.sum().backward()
+        assert all(
+            torch.equal(p.grad, r.grad) for p, r in zip(model.parameters(), reference.parameters())
+        )
