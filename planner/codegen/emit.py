@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from planner.codegen.layout_ops import AS_TRACED
 from planner.codegen.segments import (
     DelLine,
     Layout,
@@ -194,9 +195,11 @@ class _Emitter:
             name = _ident("_".join(op_name_parts(target)))
         else:
             name = _ident("op_" + getattr(target, "__name__", "op"))
-        while name in self.ops and self.ops[name] is not target:
+        # a few ops are run into the layout their trace recorded (``layout_ops``)
+        fn = AS_TRACED.get(target, target)
+        while name in self.ops and self.ops[name] is not fn:
             name += "_"
-        self.ops[name] = target
+        self.ops[name] = fn
         return name
 
     def _bind(self, value: int, var: str) -> None:
