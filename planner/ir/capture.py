@@ -135,13 +135,27 @@ def _describe_trace_failure(model: torch.nn.Module, exc: BaseException) -> str:
     if user:
         f = user[-1]
         where = f"\n  at {f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+    # a torch.nn module the model calls is model code too: name its line (inside
+    # nn.Transformer, say) where the user's own line is only the call into it
+    after_user = frames[frames.index(user[-1]) + 1 :] if user else frames
+    library = [f for f in after_user if "/torch/nn/" in f.filename]
+    if library:
+        f = library[-1]
+        shown = f.filename[f.filename.index("torch/nn/") :]
+        where += f"\n  inside {shown}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     hint = (
         "Data-dependent control flow (an `if` or loop on a tensor's value, .item(), "
         "nonzero) cannot be planned ahead of time: rewrite it with torch.where / "
         "torch.cond, or move it out of forward() and pass the result in as an input."
     )
-    if "data-dependent" not in str(exc).lower() and "guard" not in str(exc).lower():
+    if library and library[-1].name == "_detect_is_causal_mask":
+        hint = (
+            "nn.Transformer reads a given mask's values to tell whether it is causal: "
+            "say so instead, with tgt_is_causal=True (or src_is_causal / is_causal, "
+            "for encoder and layer calls) next to the causal mask, or False."
+        )
+    elif "data-dependent" not in str(exc).lower() and "guard" not in str(exc).lower():
         hint = (
             "Make forward() traceable by torch.export(strict=False): avoid "
             "Python-side effects and unsupported ops there."

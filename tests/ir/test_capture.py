@@ -166,6 +166,32 @@ def test_data_dependent_control_flow_names_the_line() -> None:
     assert "torch.where" in message or "torch.cond" in message
 
 
+class _Seq2Seq(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.transformer = nn.Transformer(
+            d_model=32, nhead=2, num_encoder_layers=1, num_decoder_layers=1,
+            dim_feedforward=64, dropout=0.0, batch_first=True,
+        )  # fmt: skip
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        return self.transformer(src, tgt, **kwargs)
+
+
+def test_a_torch_nn_line_is_named_and_nn_transformer_told_how_to_avoid_it() -> None:
+    src, tgt = torch.randn(2, 12, 32), torch.randn(2, 8, 32)
+    mask = nn.Transformer.generate_square_subsequent_mask(8)
+    with pytest.raises(CaptureError) as info:
+        capture(_Seq2Seq(), ((src, tgt), {"tgt_mask": mask}), "infer")
+    message = str(info.value)
+    # before: only the user's call into nn.Transformer, and the generic hint
+    assert "test_capture.py" in message and "self.transformer(src, tgt" in message
+    assert "inside torch/nn/modules/transformer.py" in message
+    assert "_detect_is_causal_mask" in message and "tgt_is_causal=True" in message
+    captured = capture(_Seq2Seq(), ((src, tgt), {"tgt_mask": mask, "tgt_is_causal": True}), "infer")
+    assert captured.graph_module is not None
+
+
 @pytest.mark.parametrize(
     ("inputs", "match"),
     [
