@@ -11,6 +11,7 @@ memory through either module.
 from __future__ import annotations
 
 import logging
+import warnings
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -451,10 +452,17 @@ class PlannedModule(torch.nn.Module):
         """Training: the model's own state dict, under the model's names (a training
         plan trains the model's parameter and buffer objects), so a checkpoint saved
         from here loads into the model, and into this module (``_load_from_state_dict``).
-        Inference: empty, as before: the plan holds its weights where it placed them
-        (save the model's state dict before planning)."""
+        Inference: no entries, and a warning saying so: the plan holds its weights
+        where it placed them (some quantized, some in files), none under the model's
+        names (save the model's state dict before planning)."""
         if self.mode == "train":
             return self._state_watch.model.state_dict(*args, **kwargs)
+        warnings.warn(
+            "an inference plan's state_dict holds none of the model's weights (the plan "
+            "placed them: on the device, in its offload store, or quantized): save the "
+            "model's state_dict before planning",
+            stacklevel=2,
+        )
         return super().state_dict(*args, **kwargs)
 
     def named_parameters(

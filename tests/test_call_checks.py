@@ -249,3 +249,12 @@ def test_torch_compile_of_a_planned_module_runs_the_plan(mode: str) -> None:
         assert all(
             torch.equal(p.grad, r.grad) for p, r in zip(model.parameters(), reference.parameters())
         )
+
+
+def test_an_inference_plans_state_dict_warns_that_it_holds_no_weights() -> None:
+    torch.manual_seed(0)
+    model, x = _Scaled(), torch.randn(4, 8)
+    pm = planner.plan(model, "100%", (x,), mode="infer")
+    # before: {} silently, so torch.save(pm.state_dict(), ...) saved nothing
+    with pytest.warns(UserWarning, match=r"holds none of the model's weights.*before planning"):
+        assert len(pm.state_dict()) == 0
