@@ -24,12 +24,14 @@ comparison per step.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 
 from planner.errors import PlannerError
+from planner.ir.program import Phase, Program, ValueKind
 
 #: registrations of a parameter, buffer or submodule anywhere since the hooks went in
 _registrations = 0
@@ -227,3 +229,67 @@ def check_not_create_graph() -> None:
             "planned buffers and is not itself differentiable. Compute such terms "
             "with the unplanned model"
         )
+
+
+class BackwardReads:
+    """The planned step's inputs (parameters, buffers, the caller's tensors) and
+    outputs that its backward reads, whose versions a forward records and the
+    backward checks: as eager autograd refuses a backward after a saved tensor was
+    written in place (``y.mul_(2)`` on a softmax output, an optimizer step or an EMA
+    update of the weights between forward and backward), where the planned backward
+    silently read the new values (the carry holds the same tensors, not copies)."""
+
+    def __init__(
+        self,
+        program: Program,
+        flat_names: Sequence[str],
+        num_buffer_updates: int,
+        updated_buffers: Sequence[str],
+    ) -> None:
+        """``updated_buffers``: those the step itself writes after its forward
+        (BatchNorm's running statistics, which its backward op takes as arguments
+        and, in training mode, does not read)."""
+        read = {
+            program.values[v].storage
+            for op in program.ops
+            if op.phase is Phase.BACKWARD
+            for v in op.inputs
+        }
+        primals = [
+            v
+            for v in program.inputs
+            if program.values[v].kind in (ValueKind.PARAM, ValueKind.BUFFER)
+        ]
+        inputs = [v for v in program.inputs if program.values[v].kind is ValueKind.INPUT]
+        #: (position among the step's flat inputs, name) of each one read
+        self.inputs = [
+            (j, name)
+            for j, (v, name) in enumerate(zip(primals + inputs, flat_names))
+            if program.values[v].storage in read and name not in updated_buffers
+        ]
+        forward_outputs = program.outputs[num_buffer_updates : program.num_forward_outputs]
+        #: (position among all forward outputs, name) of each user output read
+        self.outputs = [
+            (num_buffer_updates + i, f"output {i}")
+            for i, v in enumerate(forward_outputs)
+            if program.values[v].storage in read
+        ]
+
+    def record(
+        self, flat: Sequence[torch.Tensor], outs: Sequence[torch.Tensor]
+    ) -> list[tuple[torch.Tensor, int, str]]:
+        return [(flat[j], flat[j]._version, name) for j, name in self.inputs] + [
+            (outs[i], outs[i]._version, name) for i, name in self.outputs
+        ]
+
+    @staticmethod
+    def check(recorded: Sequence[tuple[torch.Tensor, int, str]]) -> None:
+        changed = [name for tensor, version, name in recorded if tensor._version != version]
+        if changed:
+            raise PlannerError(
+                f"{', '.join(changed[:5])}, which the planned backward reads, "
+                f"{'was' if len(changed) == 1 else 'were'} modified in place after the "
+                f"forward (as eager autograd, the planned step refuses to compute gradients "
+                f"from the new values): make that change out of place (y = y * 2), or "
+                f"after backward()"
+            )

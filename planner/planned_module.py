@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from planner.call_checks import PlannedCall, StateWatch, check_not_create_graph
+from planner.call_checks import BackwardReads, PlannedCall, StateWatch, check_not_create_graph
 from planner.codegen.assemble import Assembled, assemble
 from planner.codegen.emit import Executor
 from planner.codegen.segments import kernels_summary
@@ -142,6 +142,12 @@ class PlannedModule(torch.nn.Module):
                 self._bw = namespace[self.executor.backward_function_name]  # type: ignore[index]
                 self._wire_autograd()
                 self._state_watch = StateWatch(model, dict(zip(self._primal_names, self._primals)))
+                self._backward_reads = BackwardReads(
+                    program,
+                    self._primal_names + self._call.tensor_names,
+                    self._num_buffer_updates,
+                    self._buffer_updates,
+                )
         except BaseException:
             self._finalizer()
             raise
@@ -675,6 +681,7 @@ class _PlannedStep(torch.autograd.Function):
         ctx.devices = [t.device for t in flat]  # a tier-home parameter's is the host's
         ctx.pm = pm
         ctx.carry = carry
+        ctx.versions = pm._backward_reads.record(flat, outs)
         # Only outputs with a tangent get a gradient: not buffer updates (BatchNorm
         # statistics), integer outputs, outputs that need none, or aliases (made again
         # from their bases outside this node: ``output_aliases``). And autograd must
@@ -710,7 +717,9 @@ class _PlannedStep(torch.autograd.Function):
                 "backward() after each forward before the next one (several inputs: one "
                 "batch, or one planned module each), or plan with a budget that spills nothing"
             )
+        BackwardReads.check(ctx.versions)
         carry, ctx.carry = ctx.carry, None
+        ctx.versions = None
         pm._check_open()
         grads = pm._run(pm._bw, carry, tangents)
         pm._runtime.finish_deliveries()  # CUDA: gradients copied to the host land in .grad

@@ -258,3 +258,50 @@ def test_an_inference_plans_state_dict_warns_that_it_holds_no_weights() -> None:
     # before: {} silently, so torch.save(pm.state_dict(), ...) saved nothing
     with pytest.warns(UserWarning, match=r"holds none of the model's weights.*before planning"):
         assert len(pm.state_dict()) == 0
+
+
+class _Softmax(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.b(torch.relu(self.a(x)))
+        return torch.softmax(z, -1), z  # softmax's backward reads its output; z no one
+
+
+@pytest.mark.parametrize("write", ["output", "parameter", "input"])
+def test_a_tensor_the_backward_reads_written_in_place_is_an_error_as_in_eager(write: str) -> None:
+    torch.manual_seed(0)
+    model, x = _Softmax(), torch.randn(4, 8)
+    reference, x_ref = copy.deepcopy(model), x.clone()
+    pm = planner.plan(model, "100%", (x,), mode="train", profile="cpu")
+
+    def step(m: nn.Module, inp: torch.Tensor) -> torch.Tensor:
+        probs, _ = m(inp)
+        with torch.no_grad():
+            {"output": probs, "parameter": m.b.weight if m is reference else model.b.weight,
+             "input": inp}[write].mul_(2)  # fmt: skip
+        return probs.pow(2).sum()
+
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        step(reference, x_ref).backward()
+    # before: the planned backward read the new values, silently
+    expected = {"output": "output 0", "parameter": r"b\.weight", "input": r"args\[0\]"}[write]
+    with pytest.raises(PlannerError, match=expected + r", which the planned backward reads"):
+        step(pm, x).backward()
+
+
+def test_an_output_the_backward_does_not_read_may_be_written_in_place() -> None:
+    torch.manual_seed(0)
+    model, x = _Softmax(), torch.randn(4, 8)
+    reference = copy.deepcopy(model)
+    pm = planner.plan(model, "100%", (x,), mode="train", profile="cpu")
+    for m in (reference, pm):
+        probs, z = m(x)
+        z.mul_(2)  # the linear's backward reads its input and weight, not its output
+        (probs.pow(2).sum() + z.sum()).backward()
+    assert all(
+        torch.equal(p.grad, r.grad) for p, r in zip(model.parameters(), reference.parameters())
+    )
