@@ -4,8 +4,8 @@ The torch functions in `planner.runtime.quant` are the reference; these kernels
 replace them where Triton can run (`use_triton`) and must produce the same codes
 and scales bit for bit:
 
-* scales are computed in fp32 and rounded to fp16 only when stored, and codes are
-  computed by dividing by the *fp32* scale, exactly like the reference;
+* scales (and int4 minimums) are computed and stored in fp32, and codes are
+  computed by dividing by that scale, exactly like the reference;
 * divisions use `tl.math.div_rn` (IEEE round-to-nearest; plain `/` on fp32 may
   lower to an approximate division on GPUs);
 * rounding is round-half-to-even like `torch.round`, implemented explicitly in
@@ -135,7 +135,7 @@ if HAS_TRITON:
             c = _rint(tl.math.div_rn(x, scale[:, None]))
             c = tl.minimum(tl.maximum(c, -127.0), 127.0)
             tl.store(codes_ptr + base + cols[None, :], c.to(tl.int8), mask=mask)
-        tl.store(scale_ptr + rows, scale.to(tl.float16), mask=rmask)
+        tl.store(scale_ptr + rows, scale, mask=rmask)
 
     @triton.jit
     def _dequant_int8_kernel(codes_ptr, scale_ptr, out_ptr, numel, n_cols, BLOCK: tl.constexpr):
@@ -176,8 +176,8 @@ if HAS_TRITON:
         co = tl.minimum(tl.maximum(co, 0.0), 15.0).to(tl.uint8)
         byte = g.to(tl.int64)[:, None] * HALF + j[None, :]
         tl.store(packed_ptr + byte, ce | (co << 4), mask=gmask[:, None])
-        tl.store(scale_ptr + g, scale.to(tl.float16), mask=gmask)
-        tl.store(zero_ptr + g, lo.to(tl.float16), mask=gmask)
+        tl.store(scale_ptr + g, scale, mask=gmask)
+        tl.store(zero_ptr + g, lo, mask=gmask)
 
     @triton.jit
     def _dequant_int4_kernel(
@@ -302,7 +302,7 @@ def quantize_int8(x: torch.Tensor) -> Quantized:
     rows = rows.contiguous()
     n_rows, n_cols = rows.shape
     codes = torch.empty((n_rows, n_cols), dtype=torch.int8, device=x.device)
-    scale = torch.empty((n_rows, 1), dtype=torch.float16, device=x.device)
+    scale = torch.empty((n_rows, 1), dtype=torch.float32, device=x.device)
     block_n = max(16, min(256, triton.next_power_of_2(n_cols)))
     _quant_int8_kernel[(_cdiv(n_rows, _BLOCK_ROWS),)](
         rows, codes, scale, n_rows, n_cols, BLOCK_M=_BLOCK_ROWS, BLOCK_N=block_n
@@ -331,8 +331,8 @@ def quantize_int4(x: torch.Tensor) -> Quantized:
         return quantize(x, "int4")
     n_groups = _cdiv(numel, GROUP)
     packed = torch.empty(n_groups * GROUP // 2, dtype=torch.uint8, device=x.device)
-    scale = torch.empty((n_groups, 1), dtype=torch.float16, device=x.device)
-    zero = torch.empty((n_groups, 1), dtype=torch.float16, device=x.device)
+    scale = torch.empty((n_groups, 1), dtype=torch.float32, device=x.device)
+    zero = torch.empty((n_groups, 1), dtype=torch.float32, device=x.device)
     _quant_int4_kernel[(_cdiv(n_groups, _BLOCK_GROUPS),)](
         flat, packed, scale, zero, numel, n_groups, BLOCK_G=_BLOCK_GROUPS, GROUP_SIZE=GROUP
     )

@@ -5,6 +5,12 @@ int8: per-row absmax (rows = all but the last dim), symmetric, codes in [-127, 1
 int4: group-wise asymmetric over groups of 64 consecutive elements (FlexGen's
 scheme): per group a min and a scale, codes in [0, 15], two per byte.
 
+Scales and minimums are stored in float32, as they are computed. In float16
+(FlexGen's choice, for float16 models) a scale under 6e-8 became 0 and one under
+6e-5 kept a few bits: a training step's gradients (1e-6 and less per element) came
+back as zeros or a few steps of a coarse grid, and the codes, computed with the
+unrounded scale, no longer matched it.
+
 Both work through the tensor a block of ``QUANT_BLOCK_ELEMS`` elements at a time,
 so that beyond the result they allocate only a few block-sized temporaries
 (``quantize_scratch_bytes``, which plans charge): a quantized copy must save
@@ -93,7 +99,7 @@ def _quantize_int8(x: torch.Tensor) -> Quantized:
     rows = _rows(x)
     n, c = rows.shape
     codes = torch.empty((n, c), dtype=torch.int8, device=x.device)
-    scale16 = torch.empty((n, 1), dtype=torch.float16, device=x.device)
+    scales = torch.empty((n, 1), dtype=torch.float32, device=x.device)
     row_step = max(1, QUANT_BLOCK_ELEMS // max(c, 1))
     col_step = min(c, QUANT_BLOCK_ELEMS) or 1
     for r0, r1 in _blocks(n, row_step):
@@ -104,8 +110,8 @@ def _quantize_int8(x: torch.Tensor) -> Quantized:
         for c0, c1 in _blocks(c, col_step):
             block = torch.round(rows[r0:r1, c0:c1].float() / scale).clamp_(-127, 127)
             codes[r0:r1, c0:c1] = block.to(torch.int8)
-        scale16[r0:r1] = scale.to(torch.float16)
-    return Quantized(codes, scale16, None, "int8", tuple(x.shape), x.dtype)
+        scales[r0:r1] = scale
+    return Quantized(codes, scales, None, "int8", tuple(x.shape), x.dtype)
 
 
 def _dequantize_int8(q: Quantized) -> torch.Tensor:
@@ -125,8 +131,8 @@ def _quantize_int4(x: torch.Tensor) -> Quantized:
     numel = flat.numel()
     groups = (numel + GROUP - 1) // GROUP
     packed = torch.empty(groups * GROUP // 2, dtype=torch.uint8, device=x.device)
-    lo16 = torch.empty((groups, 1), dtype=torch.float16, device=x.device)
-    scale16 = torch.empty((groups, 1), dtype=torch.float16, device=x.device)
+    lows = torch.empty((groups, 1), dtype=torch.float32, device=x.device)
+    scales = torch.empty((groups, 1), dtype=torch.float32, device=x.device)
     step = max(GROUP, QUANT_BLOCK_ELEMS // GROUP * GROUP)
     for e0, e1 in _blocks(numel, step):
         chunk = flat[e0:e1].float()
@@ -137,9 +143,9 @@ def _quantize_int4(x: torch.Tensor) -> Quantized:
         codes = torch.round((g - lo) / scale).clamp_(0, 15).to(torch.uint8).reshape(-1)
         g0, g1 = e0 // GROUP, e0 // GROUP + g.shape[0]
         packed[g0 * GROUP // 2 : g1 * GROUP // 2] = codes[0::2] | (codes[1::2] << 4)
-        lo16[g0:g1] = lo.to(torch.float16)
-        scale16[g0:g1] = scale.to(torch.float16)
-    return Quantized(packed, scale16, lo16, "int4", tuple(x.shape), x.dtype)
+        lows[g0:g1] = lo
+        scales[g0:g1] = scale
+    return Quantized(packed, scales, lows, "int4", tuple(x.shape), x.dtype)
 
 
 def _dequantize_int4(q: Quantized) -> torch.Tensor:

@@ -322,15 +322,16 @@ class Problem:
 def quantized_bytes(nbytes: int, itemsize: int, fmt: str, last_dim: int | None = None) -> int:
     """Bytes of a tensor stored as ``fmt``, as the kernels lay it out.
 
-    int8: one code per element and one fp16 scale per row (rows run along the last
+    int8: one code per element and one fp32 scale per row (rows run along the last
     dim, ``last_dim`` elements each; when unknown, one per 64 elements is assumed).
-    int4: groups of 64 elements (the last one padded), 32 bytes of codes and an fp16
-    scale and minimum per group (FlexGen's scheme)."""
+    int4: groups of 64 elements (the last one padded), 32 bytes of codes and an fp32
+    scale and minimum per group (FlexGen's scheme, with fp32 scales:
+    ``planner.runtime.quant``)."""
     if fmt not in QUANT_BITS:
         raise KeyError(f"unknown quantized format {fmt!r}")
     numel = nbytes // max(itemsize, 1)
     groups = (numel + 63) // 64
     if fmt == "int4":
-        return groups * 32 + groups * 4
+        return groups * 32 + groups * 8
     row = max(last_dim or 64, 1)
-    return numel + 2 * ((numel + row - 1) // row)
+    return numel + 4 * ((numel + row - 1) // row)

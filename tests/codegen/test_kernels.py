@@ -104,6 +104,21 @@ def test_int8_matches_reference(shape: tuple[int, ...], dtype: torch.dtype) -> N
     assert ((xf - deq.float().reshape(-1)).abs() <= bound * (1 + 1e-5)).all()
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_tiny_values_match_the_reference(fmt: str) -> None:
+    """Gradient-sized values (1e-9): the scales, stored in fp32, are those the
+    reference computes, bit for bit (in fp16 they were 0)."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 128) * 1e-9
+    ref = quantize(x, fmt)
+    got = on_device.quantize_int8(x) if fmt == "int8" else on_device.quantize_int4(x)
+    assert got.scale.dtype == ref.scale.dtype == torch.float32
+    assert torch.equal(got.codes, ref.codes) and torch.equal(_bits(got.scale), _bits(ref.scale))
+    back = on_device.dequantize_int8(got) if fmt == "int8" else on_device.dequantize_int4(got)
+    assert torch.equal(_bits(back), _bits(dequantize(ref)))
+    assert back.abs().max() > 0
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_int4_matches_reference(shape: tuple[int, ...], dtype: torch.dtype) -> None:

@@ -100,3 +100,22 @@ def test_a_permuted_tensor_comes_back_in_its_own_layout(
     finally:
         rt.engine.close()
         store.close()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("magnitude", [1e-9, 1e-6, 1.0, 1e4])
+def test_small_and_large_values_keep_their_precision(fmt: str, magnitude: float) -> None:
+    """A training step's gradients are 1e-6 per element and less. With scales
+    stored in float16, a scale under 6e-8 became 0 (every value came back 0) and
+    one under 6e-5 kept a few bits; in float32 every magnitude keeps the format's
+    own step: half of it per value (int8: a row's max / 254; int4: a group's range
+    / 30), up to float32 rounding."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 64) * magnitude
+    back = dequantize(quantize(x, fmt))
+    if fmt == "int8":
+        step = x.abs().amax(dim=1, keepdim=True) / 127
+    else:
+        groups = x.reshape(-1, 64)
+        step = ((groups.amax(1) - groups.amin(1)) / 15).reshape(16, 1)
+    assert ((back - x).abs() <= step * (0.5 + 1e-5)).all()

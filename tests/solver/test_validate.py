@@ -252,7 +252,7 @@ def test_quantize_and_dequantize_time_and_bytes() -> None:
     ]
     p = make_problem(steps, tensors, budget=4000, quantize="int8")
     q = quantized_bytes(400, 4, "int8")
-    assert q == 100 + 2 * 2  # 100 codes + two fp16 scales (groups of 64)
+    assert q == 100 + 2 * 4  # 100 codes + two fp32 scales (groups of 64)
     scratch = quantize_scratch_bytes(400, 4)  # the blocked kernels' temporaries
     assert scratch == 20 * 128 + 256  # 100 elements: two groups of 64
     actions = [
