@@ -8,15 +8,18 @@ compute something else than eager would, so each is an error that says what to d
   dtypes, another Python value of a non-tensor argument (the trace took it as a
   constant), and, with grad enabled, an input that requires grad where the example
   did not (the traced backward has no gradient for it: ``x.grad`` stayed ``None``);
-- training, ``create_graph=True``: the planned backward runs outside autograd (its ops write
-  into planned buffers), so it cannot itself be differentiated;
+- training, ``create_graph=True``: the planned backward runs outside autograd (its
+  ops write into planned buffers), so it cannot itself be differentiated;
 - training, a parameter or buffer of the model replaced by a new object
   (``model.fc.weight = nn.Parameter(...)``, ``load_state_dict(assign=True)``, a
-  swapped submodule): the plan still reads, and hands gradients to, the old one.
+  swapped submodule): the plan still reads, and hands gradients to, the old one
+  (``StateWatch``);
+- training, a tensor the backward reads written in place between forward and
+  backward (``BackwardReads``, eager autograd's version check).
 
 (Every plan also checks the autocast state: ``planner.ir.autocast``.)
 
-The replaced-object check is watched through ``torch.nn``'s global registration hooks: every
+``StateWatch`` listens to ``torch.nn``'s global registration hooks: every
 registration anywhere bumps a counter, and a call walks its model only when the
 counter moved since it last looked, so a steady training loop pays one integer
 comparison per step.
@@ -79,8 +82,8 @@ class StateWatch:
             raise PlannerError(
                 f"model entries replaced since planning: {shown}. Each is no longer the "
                 f"tensor this module was planned over (a new object, e.g. by assigning a "
-                f"new nn.Parameter, "
-                f"load_state_dict(..., assign=True) or a swapped submodule); the plan "
+                f"new nn.Parameter, load_state_dict(..., assign=True) or a swapped "
+                f"submodule); the plan "
                 f"would read, and give gradients to, the old one. Load new values in "
                 f"place (load_state_dict without assign, or param.data.copy_(...)), or "
                 f"call planner.plan again on the model as it is now"
