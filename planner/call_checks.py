@@ -28,13 +28,17 @@ comparison per step.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils import _pytree as pytree
 
 from planner.errors import PlannerError
 from planner.ir.program import Phase, Program, ValueKind
+
+if TYPE_CHECKING:  # capture imports this module, and the solver imports capture
+    from planner.solver.plan import Plan
+    from planner.solver.problem import Problem
 
 #: registrations of a parameter, buffer or submodule anywhere since the hooks went in
 _registrations = 0
@@ -245,19 +249,33 @@ class BackwardReads:
     def __init__(
         self,
         program: Program,
+        problem: Problem,
+        plan: Plan,
         flat_names: Sequence[str],
         num_buffer_updates: int,
         updated_buffers: Sequence[str],
     ) -> None:
         """``updated_buffers``: those the step itself writes after its forward
         (BatchNorm's running statistics, which its backward op takes as arguments
-        and, in training mode, does not read)."""
+        and, in training mode, does not read). What the backward reads includes
+        what the plan's recomputes there read: eager saved their result, the plan
+        makes it again from its inputs."""
         read = {
             program.values[v].storage
             for op in program.ops
             if op.phase is Phase.BACKWARD
             for v in op.inputs
         }
+        last_forward = max(
+            (op.index for op in program.ops if op.phase is Phase.FORWARD), default=-1
+        )
+        storage_of = {t.name: i for i, t in enumerate(problem.tensors)}
+        for action in plan.actions:
+            if action.kind != "recompute" or (action.step, action.when) <= (last_forward, "before"):
+                continue
+            recipe = problem.tensors[storage_of[action.tensor]].recompute
+            for step, _ in recipe.replayed if recipe is not None else ():
+                read.update(program.values[v].storage for v in program.ops[step].inputs)
         primals = [
             v
             for v in program.inputs
@@ -290,9 +308,9 @@ class BackwardReads:
         changed = [name for tensor, version, name in recorded if tensor._version != version]
         if changed:
             raise PlannerError(
-                f"{', '.join(changed[:5])}, which the planned backward reads, "
-                f"{'was' if len(changed) == 1 else 'were'} modified in place after the "
-                f"forward (as eager autograd, the planned step refuses to compute gradients "
-                f"from the new values): make that change out of place (y = y * 2), or "
-                f"after backward()"
+                f"{', '.join(changed[:5])}, which the planned backward reads (or recomputes "
+                f"from), {'was' if len(changed) == 1 else 'were'} modified in place after "
+                f"the forward: the planned step refuses to compute gradients from the new "
+                f"values, as eager autograd does for the tensors it saved. Make that change "
+                f"out of place (y = y * 2), or after backward()"
             )

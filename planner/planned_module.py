@@ -10,6 +10,7 @@ memory through either module.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 import weakref
@@ -45,6 +46,17 @@ from planner.traced_mode import check_call_mode, depends_on_mode
 log = logging.getLogger(__name__)
 
 
+def _exclude_forward_from_dynamo() -> None:
+    """``torch.compile(pm)`` runs the plan as it is (its runs are compiled already,
+    or eager by choice); traced by Dynamo it failed on its own guards. Done at the
+    first module, not at import: ``torch.compiler.disable`` imports Dynamo (1.5 s
+    of ``import planner``), which ``plan()`` has imported by then."""
+    if not getattr(PlannedModule.forward, "_planner_excluded", False):
+        excluded = torch.compiler.disable(PlannedModule.forward)
+        excluded._planner_excluded = True  # type: ignore[attr-defined]
+        PlannedModule.forward = excluded  # type: ignore[method-assign]
+
+
 def _close(engine: CopyEngine, disk: DiskStore) -> None:
     try:
         engine.close()
@@ -71,6 +83,7 @@ class PlannedModule(torch.nn.Module):
         ``release_offloaded(model)`` (``plan()`` checks a compiled plan by the
         meter first: a plan it refuses must leave the model whole)."""
         super().__init__()
+        _exclude_forward_from_dynamo()
         captured = analysis.captured
         self.mode = captured.mode
         self.plan = plan
@@ -144,6 +157,8 @@ class PlannedModule(torch.nn.Module):
                 self._state_watch = StateWatch(model, dict(zip(self._primal_names, self._primals)))
                 self._backward_reads = BackwardReads(
                     program,
+                    problem,
+                    plan,
                     self._primal_names + self._call.tensor_names,
                     self._num_buffer_updates,
                     self._buffer_updates,
@@ -426,9 +441,6 @@ class PlannedModule(torch.nn.Module):
                     self._disk.discard(key)
             raise
 
-    # torch.compile(pm) runs the plan as it is (its runs are compiled already, or
-    # eager by choice): traced by Dynamo it failed on its own guards
-    @torch.compiler.disable
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._check_open()
         if self._traced_training is not None:
@@ -521,9 +533,15 @@ class PlannedModule(torch.nn.Module):
         sized every buffer by their dtypes, so what would move or convert one is an
         error (before: training met mixed dtypes in the first matmul, inference
         silently kept computing as planned). What changes nothing (``pm.float()`` on
-        a float32 plan, ``pm.to(its device)``, as training loops do) passes."""
-        for tensor in [*self.parameters(), *self.buffers()]:
-            if fn(tensor) is not tensor:
+        a float32 plan, ``pm.to(its device)``, as training loops do) passes, and
+        changes nothing: a parameter the plan keeps on the host between uses (CUDA)
+        stays there. Judged on an empty tensor of each dtype on the plan's device,
+        so nothing is copied to find out."""
+        dtypes = {t.dtype for t in [*self.parameters(), *self.buffers()]}
+        for dtype in dtypes:
+            probe = torch.empty(0, dtype=dtype, device=self.device)
+            converted = fn(probe)
+            if converted.dtype != dtype or converted.device != probe.device:
                 raise PlannerError(
                     "a planned module's tensors are placed and typed by its plan: "
                     "pm.to(), .half(), .cuda() and the like cannot move or convert them. "
@@ -549,10 +567,15 @@ class PlannedModule(torch.nn.Module):
         return self._state[self._state_names.index(name)]
 
     def run_measured(self, *args: Any, **kwargs: Any) -> Any:
-        """Call once under the independent memory meter; ``report`` then shows it."""
-        out, self.measured = measure(
-            lambda: self(*args, **kwargs), self, (args, kwargs), device=self.device.type
-        )
+        """Call once under the independent memory meter; ``report`` then shows it.
+        (Inference: under ``no_grad``, as the plan runs anyway, so an example input
+        that requires grad is measured, not refused.)"""
+
+        def call() -> Any:
+            with torch.no_grad() if self.mode == "infer" else contextlib.nullcontext():
+                return self(*args, **kwargs)
+
+        out, self.measured = measure(call, self, (args, kwargs), device=self.device.type)
         return out
 
     def time_call(self, *args: Any, repeats: int = 5, **kwargs: Any) -> float:
@@ -560,14 +583,15 @@ class PlannedModule(torch.nn.Module):
         import statistics
         import time
 
-        self(*args, **kwargs)
         times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
+        with torch.no_grad() if self.mode == "infer" else contextlib.nullcontext():
             self(*args, **kwargs)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            times.append(time.perf_counter() - start)
+            for _ in range(repeats):
+                start = time.perf_counter()
+                self(*args, **kwargs)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                times.append(time.perf_counter() - start)
         self.measured_seconds = statistics.median(times)
         return self.measured_seconds
 

@@ -7,6 +7,7 @@ model's, under the model's names."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 
 import pytest
@@ -15,6 +16,7 @@ from torch import nn
 
 import planner
 from planner.errors import PlannerError
+from planner.passes.device_profile import get_profile
 
 
 class _Net(nn.Module):
@@ -99,6 +101,8 @@ def test_create_graph_is_an_error() -> None:
     # before the check: a RuntimeError from inside the planned backward's ops
     with pytest.raises(PlannerError, match=r"create_graph=True"):
         torch.autograd.grad(loss, [model.c.weight], create_graph=True)
+    loss.backward()  # what the forward saved is still there for a plain backward
+    assert model.c.weight.grad is not None
 
 
 def test_state_dict_is_the_models_and_loads_back_in_place() -> None:
@@ -185,6 +189,10 @@ def test_an_inference_plan_given_an_input_that_requires_grad_is_an_error() -> No
         pm(x.clone().requires_grad_())
     with torch.no_grad():
         assert torch.equal(pm(x.clone().requires_grad_()), model(x))
+    # measuring it is not refused (plan() with kernels="inductor" measures the
+    # example inputs, which may require grad)
+    pm.run_measured(x.clone().requires_grad_())
+    pm.time_call(x.clone().requires_grad_(), repeats=1)
 
 
 @pytest.mark.parametrize("mode", ["infer", "train"])
@@ -305,3 +313,41 @@ def test_an_output_the_backward_does_not_read_may_be_written_in_place() -> None:
     assert all(
         torch.equal(p.grad, r.grad) for p, r in zip(model.parameters(), reference.parameters())
     )
+
+
+class _RecomputesExp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(256, 256) * 0.05)
+        self.w2 = nn.Parameter(torch.randn(256, 256) * 0.05)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.exp(x)  # exp's backward reads its output, not x
+        g = torch.sigmoid(torch.tanh(a @ self.w) @ self.w2)
+        return torch.tanh(g @ self.w2).sum()
+
+
+def test_an_input_a_backward_recompute_reads_written_in_place_is_an_error() -> None:
+    """Eager saved exp(x); a plan that recomputes it in the backward reads x again,
+    so x written in place in between gave gradients 100% off, silently."""
+    slow_disk = dataclasses.replace(
+        get_profile("cpu"),
+        disk_read_bandwidth=1e3,
+        disk_write_bandwidth=1e3,
+        disk_read_latency_seconds=10,
+        disk_write_latency_seconds=10,
+    )
+    torch.manual_seed(0)
+    x = torch.randn(1024, 256) * 0.1
+    model = _RecomputesExp()
+    pm = planner.plan(model, "95%", (x.clone().requires_grad_(),), mode="train", profile=slow_disk)
+    assert ("recompute", "exp") in [(a.kind, a.tensor) for a in pm.plan.actions]
+    base = x.clone().requires_grad_()
+    inp = base * 1
+    loss = pm(inp)
+    with torch.no_grad():
+        inp.mul_(3)
+    with pytest.raises(
+        PlannerError, match=r"args\[0\], which the planned backward reads \(or recomputes from\)"
+    ):
+        loss.backward()

@@ -60,7 +60,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def _fp32_step(x: torch.Tensor, fmt: str) -> torch.Tensor:
-    """The reference's fp32 scale (before the fp16 store), broadcast to x's layout."""
+    """The reference's fp32 scale, broadcast to x's layout."""
     if fmt == "int8":
         rows = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
         return (
@@ -97,7 +97,7 @@ def test_int8_matches_reference(shape: tuple[int, ...], dtype: torch.dtype) -> N
     # x / step is itself rounded in fp32 (a near-tie can round onto .5): one ulp of slack
     half = 0.5 * step + (codes.abs() + 1) * step * 2**-23
     assert ((xf - codes * step).abs() <= half).all()
-    # the stored value uses the fp16-rounded step and is rounded to `dtype`: allow both
+    # the stored value uses the stored (fp32) step and is rounded to `dtype`
     s16 = ref.scale.float().expand(ref.codes.shape).reshape(-1)
     bound = half + codes.abs() * (step - s16).abs()
     bound = bound + xf.abs() * torch.finfo(dtype).eps + 1e-30
@@ -144,7 +144,7 @@ def test_int4_matches_reference(shape: tuple[int, ...], dtype: torch.dtype) -> N
     lo32 = groups.amin(dim=1, keepdim=True).expand(groups.shape).reshape(-1)[:n]
     half = 0.5 * step + (codes + 1) * step * 2**-23 + lo32.abs() * 2**-23
     assert ((flat - (codes * step + lo32)).abs() <= half * (1 + 1e-6)).all()
-    # stored: fp16 step and fp16 minimum, then rounded to `dtype`
+    # stored: the fp32 step and minimum (equal to those above), then rounded to `dtype`
     s16 = ref.scale.float().expand(-1, GROUP).reshape(-1)[:n]
     z16 = ref.zero.float().expand(-1, GROUP).reshape(-1)[:n]
     bound = half + codes * (step - s16).abs() + (lo32 - z16).abs()
