@@ -24,7 +24,7 @@ from planner.call_checks import PlannedCall
 from planner.errors import CaptureError
 from planner.ir.autocast import autocast_state
 from planner.ir.constants import inline_scalar_constants
-from planner.ir.layout import fix_layouts
+from planner.ir.layout import fix_layouts, true_layouts
 from planner.ir.metadata_args import explicit_metadata_args
 from planner.ir.program import ValueKind
 
@@ -172,6 +172,7 @@ def _capture_inference(
     from torch.export.graph_signature import InputKind, OutputKind
 
     ep = ep.run_decompositions({})  # functionalize only: keep ops whole
+    true_layouts(ep.graph_module)  # where a CPU kernel's output layout breaks the fake one
     explicit_metadata_args(ep.graph_module)
     input_kind = {
         InputKind.PARAMETER: ValueKind.PARAM,

@@ -2,15 +2,29 @@
 
 Tracing records every op against fake tensors, and later ops are chosen by those
 fake strides: a ``view`` is recorded where the fake layout allows one. Some CPU
-kernels do not return the layout their fake kernel promises: BatchNorm's
-(``_native_batch_norm_legit_functional`` and its backward) return a contiguous
-output for a transposed input, where the fake kernel keeps the input's strides.
-A ``transpose(...).view(...)`` recorded after it then fails at run time.
+kernels do not return the layout their fake kernel promises: BatchNorm's (the
+training, evaluation and no-statistics forms, and its backward) return the layout
+``suggest_memory_format`` picks for their input (contiguous for a transposed
+input), where the fake kernel keeps the input's strides. A
+``transpose(...).view(...)`` recorded after it then fails at run time, and the
+passes measure the ops after it on a layout they do not run on: in an inference
+plan of HF PatchTST (BatchNorm over the transposed sequence, then the attention
+projections) each ``linear``, whose input the fake values called contiguous,
+copied it to fold the batch dims (matmul does when the weight requires grad),
+3,072 bytes more than planned: the meter read 47,872 bytes against a 44,996-byte
+budget.
 
-``fix_layouts`` rewrites such an output ``y`` (fake strides a permutation of a
-dense layout) into ``permute(clone(permute(y, p), contiguous), p^-1)``: the same
-values, and in both worlds the strides the fake tensor promised. It costs one copy
-of ``y``, which the IR sees as an ordinary op and plans like any other.
+``fix_layouts`` (training) rewrites such an output ``y`` (fake strides a
+permutation of a dense layout) into ``permute(clone(permute(y, p), contiguous),
+p^-1)``: the same values, and in both worlds the strides the fake tensor promised.
+It costs one copy of ``y``, which the IR sees as an ordinary op and plans like any
+other.
+
+``true_layouts`` (inference) leaves the graph as traced and records the layout the
+kernel returns instead, propagating fake values again from there: the ops run on
+the layouts eager runs them on (outputs stay bit-identical to eager), and the
+passes measure those. Where an op traced after it needs the fake layout (a
+``view`` the real one does not allow), it restrides as ``fix_layouts`` does.
 """
 
 from __future__ import annotations
@@ -26,6 +40,8 @@ from planner.ir.meta import FX_VAL
 #: op -> positions of its tensor outputs whose real layout may differ from the fake
 UNSTABLE_LAYOUT_OUTPUTS = {
     torch.ops.aten._native_batch_norm_legit_functional.default: (0,),
+    torch.ops.aten._native_batch_norm_legit_no_training.default: (0,),
+    torch.ops.aten._native_batch_norm_legit.no_stats: (0,),
     torch.ops.aten.native_batch_norm_backward.default: (0,),
 }
 
@@ -56,15 +72,84 @@ def fix_layouts(gm: torch.fx.GraphModule) -> int:
     return fixed
 
 
-def propagate_fake_values(gm: torch.fx.GraphModule, mode: Any) -> None:
+def true_layouts(gm: torch.fx.GraphModule) -> int:
+    """Record in ``gm``'s fake values the layouts its ``UNSTABLE_LAYOUT_OUTPUTS``
+    have at run time (see the module docstring); where the ops traced after them
+    cannot run on those, restride (``fix_layouts``) instead. Returns how many
+    outputs changed layout."""
+    changed = [
+        n
+        for n in gm.graph.nodes
+        if _is_unstable_output(n) and _real_layout(n.meta.get(FX_VAL)) is not None
+    ]
+    if not changed:
+        return 0
+    saved = {n: n.meta[FX_VAL] for n in gm.graph.nodes if FX_VAL in n.meta}
+    mode = changed[0].meta[FX_VAL].fake_mode
+    try:
+        propagate_fake_values(gm, mode, kernel_layouts=True)
+    except Exception:  # a view (or other op) traced for the fake layout
+        for node in gm.graph.nodes:
+            node.meta.pop(FX_VAL, None)
+            if node in saved:
+                node.meta[FX_VAL] = saved[node]
+        return fix_layouts(gm)
+    return len(changed)
+
+
+def _is_unstable_output(node: torch.fx.Node) -> bool:
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return False
+    source, position = node.args
+    positions = UNSTABLE_LAYOUT_OUTPUTS.get(getattr(source, "target", None))  # type: ignore[arg-type]
+    return positions is not None and position in positions
+
+
+def _real_layout(fake: object) -> torch.memory_format | None:
+    """The memory format an unstable kernel returns where its fake output is
+    ``fake`` (its input's strides): ``suggest_memory_format``'s, or None where
+    ``fake`` already has that layout."""
+    from torch._prims_common import suggest_memory_format
+
+    if not isinstance(fake, torch.Tensor):
+        return None
+    fmt = suggest_memory_format(fake)
+    return None if fake.is_contiguous(memory_format=fmt) else fmt
+
+
+def propagate_fake_values(
+    gm: torch.fx.GraphModule, mode: Any, kernel_layouts: bool = False
+) -> None:
     """Recompile ``gm`` after a rewrite and run its fake values through it again
     (in fake mode ``mode``, from its placeholders' own), so every node's recorded
-    value, layout and aliasing match the rewritten graph."""
+    value, layout and aliasing match the rewritten graph. The placeholders keep
+    their own values: the propagation records detached copies, and a parameter's
+    ``requires_grad`` decides what the workspace pass measures (matmul copies a
+    non-contiguous input when its weight requires grad, even under no_grad).
+    ``kernel_layouts``: the outputs of ``UNSTABLE_LAYOUT_OUTPUTS`` take the layout
+    their kernel returns (``true_layouts``)."""
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+    class KernelLayouts(FakeTensorProp):
+        def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+            out = super().call_function(target, args, kwargs)
+            positions = UNSTABLE_LAYOUT_OUTPUTS.get(target)
+            if positions is None or not isinstance(out, (tuple, list)):
+                return out
+            outs = list(out)
+            for i in positions:
+                fmt = _real_layout(outs[i])
+                if fmt is not None:
+                    outs[i] = outs[i].clone(memory_format=fmt)
+            return type(out)(outs)
+
     gm.recompile()
-    inputs = [n.meta[FX_VAL] for n in gm.graph.nodes if n.op == "placeholder"]
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs = [n.meta[FX_VAL] for n in placeholders]
+    propagator = KernelLayouts if kernel_layouts else FakeTensorProp
+    propagator(gm, mode).propagate_dont_convert_inputs(*inputs)
+    for node, value in zip(placeholders, inputs):
+        node.meta[FX_VAL] = value
 
 
 def dense_permutation(fake: object) -> list[int] | None:

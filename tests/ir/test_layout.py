@@ -1,13 +1,20 @@
 """planner/ir/layout.py: outputs whose CPU kernel breaks the fake layout are
-restrided in the captured graph, and nothing else is touched."""
+restrided in the captured training graph, and nothing else is touched; inference
+graphs record the kernel's layout instead (restrided only where a traced view
+needs the fake one)."""
 
 from __future__ import annotations
 
+import operator
+import warnings
+
+import pytest
 import torch
 from torch import nn
 
 import planner
 from planner.ir.capture import capture
+from planner.ir.layout import propagate_fake_values
 from planner.ir.meta import FX_VAL
 
 
@@ -29,6 +36,8 @@ class _Norm(nn.Module):
 
 _BATCH_NORMS = (
     torch.ops.aten._native_batch_norm_legit_functional.default,
+    torch.ops.aten._native_batch_norm_legit_no_training.default,
+    torch.ops.aten._native_batch_norm_legit.no_stats,
     torch.ops.aten.native_batch_norm_backward.default,
 )
 
@@ -80,3 +89,103 @@ def test_transposed_batchnorm_output_is_restrided_and_runs() -> None:
 def test_contiguous_batchnorm_input_is_left_alone() -> None:
     captured = capture(_Norm(transposed=False), (torch.randn(2, 4, 3),), mode="train")
     assert not _clones(captured.graph_module)
+
+
+class _NormThenWide(nn.Module):
+    """BatchNorm over a transposed input, then a Linear that widens: the Linear's
+    output is the peak, and ``linear`` copies its input, non-contiguous at run time,
+    because its weight requires grad (matmul folds the batch dims by a copy)."""
+
+    def __init__(self, training: bool, track_running_stats: bool, flatten: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.flatten = flatten
+        self.bn = nn.BatchNorm1d(8, track_running_stats=track_running_stats)
+        self.fc = nn.Linear(8 * 16 if flatten else 8, 64)
+        self.train(training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(x.transpose(1, 2)).transpose(1, 2)
+        if self.flatten:  # eager copies; the trace recorded a view (fake: contiguous)
+            h = h.reshape(h.shape[0], -1)
+        return self.fc(h)
+
+
+def _batch_norm_outputs(gm: torch.fx.GraphModule) -> list[torch.Tensor]:
+    return [
+        n.meta[FX_VAL]
+        for n in gm.graph.nodes
+        if n.target is operator.getitem and n.args[0].target in _BATCH_NORMS and n.args[1] == 0
+    ]
+
+
+def _planned_as_eager(model: nn.Module, eager: nn.Module, x: torch.Tensor) -> None:
+    """Plan ``model`` for inference at its unplanned peak: the meter stays within the
+    budget, and the outputs equal eager's bit for bit."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a model in training mode planned for inference
+        pm = planner.plan(model, "100%", (x,), mode="infer", profile="cpu", time_limit=1)
+    try:
+        out = pm.run_measured(x)
+        assert pm.measured is not None
+        assert pm.measured.peak_bytes <= pm.plan.budget_bytes
+        with torch.no_grad():
+            assert torch.equal(out, eager(x))
+    finally:
+        pm.close()
+
+
+_FORMS = pytest.mark.parametrize(
+    ("training", "track_running_stats"),
+    [(True, True), (False, True), (True, False)],
+    ids=["train-mode", "eval-mode", "no-running-stats"],
+)
+
+
+@_FORMS
+def test_inference_records_batchnorm_real_layout_and_stays_within_budget(
+    training: bool, track_running_stats: bool
+) -> None:
+    # each BatchNorm form an inference graph holds. Before, the fake values kept the
+    # transposed layout, the workspace pass measured the Linear on a contiguous
+    # input, and the Linear copied its input (2,048 bytes) beyond the plan
+    x = torch.randn(4, 16, 8)
+    captured = capture(_NormThenWide(training, track_running_stats), (x,), mode="infer")
+    (out,) = _batch_norm_outputs(captured.graph_module)
+    assert out.is_contiguous(), "the fake value does not say what the kernel returns"
+    assert not _clones(captured.graph_module), "the graph was rewritten"
+    _planned_as_eager(
+        _NormThenWide(training, track_running_stats),
+        _NormThenWide(training, track_running_stats),
+        x,
+    )
+
+
+@_FORMS
+def test_inference_restrides_where_a_traced_view_needs_the_fake_layout(
+    training: bool, track_running_stats: bool
+) -> None:
+    # the reshape traced to a view of the (fake) contiguous transposed-back output,
+    # which the real layout does not allow: restrided, as in training
+    x = torch.randn(4, 16, 8)
+    model = _NormThenWide(training, track_running_stats, flatten=True)
+    captured = capture(model, (x,), mode="infer")
+    assert _clones(captured.graph_module), "the BatchNorm output was not restrided"
+    _planned_as_eager(
+        _NormThenWide(training, track_running_stats, flatten=True),
+        _NormThenWide(training, track_running_stats, flatten=True),
+        x,
+    )
+
+
+def test_propagation_keeps_the_parameters_requires_grad() -> None:
+    # a propagation records detached values; the placeholders keep theirs (before,
+    # a restrided graph's parameters lost requires_grad, and the workspace pass
+    # measured a Linear on a non-contiguous input without the copy it makes)
+    captured = capture(_NormThenWide(False, True), (torch.randn(4, 16, 8),), mode="infer")
+    gm = captured.graph_module
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    before = {n.name: n.meta[FX_VAL].requires_grad for n in placeholders}
+    assert before["p_fc_weight"]
+    propagate_fake_values(gm, placeholders[0].meta[FX_VAL].fake_mode)
+    assert {n.name: n.meta[FX_VAL].requires_grad for n in placeholders} == before
