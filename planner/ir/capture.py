@@ -137,8 +137,12 @@ def _describe_trace_failure(model: torch.nn.Module, exc: BaseException) -> str:
         where = f"\n  at {f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
     # a torch.nn module the model calls is model code too: name its line (inside
     # nn.Transformer, say) where the user's own line is only the call into it
-    after_user = frames[frames.index(user[-1]) + 1 :] if user else frames
-    library = [f for f in after_user if "/torch/nn/" in f.filename]
+    last_user = max((i for i, f in enumerate(frames) if f is user[-1]), default=-1)
+    library = [
+        f
+        for f in frames[last_user + 1 :]
+        if "/torch/nn/" in f.filename and not f.filename.endswith("/torch/nn/modules/module.py")
+    ]
     if library:
         f = library[-1]
         shown = f.filename[f.filename.index("torch/nn/") :]

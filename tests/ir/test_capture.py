@@ -192,6 +192,26 @@ def test_a_torch_nn_line_is_named_and_nn_transformer_told_how_to_avoid_it() -> N
     assert captured.graph_module is not None
 
 
+class _Nested(nn.Module):
+    """The failing line is also a caller of itself, further up the stack."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        self.inner = _Nested(depth - 1) if depth else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) if self.inner is not None else (x if x.sum() > 0 else -x)
+
+
+def test_a_failure_in_user_code_names_no_torch_nn_line() -> None:
+    with pytest.raises(CaptureError) as info:
+        capture(_Nested(2), (torch.randn(2, 4),), "infer")
+    # before: "inside torch/nn/modules/module.py ... _call_impl", the dispatch
+    # between two calls of the same user line
+    assert "inside torch/nn" not in str(info.value)
+    assert "x.sum() > 0" in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("inputs", "match"),
     [
