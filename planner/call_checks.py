@@ -34,6 +34,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from planner.errors import PlannerError
+from planner.ir.layout import strides_that_matter
 from planner.ir.program import Phase, Program, ValueKind
 
 if TYPE_CHECKING:  # capture imports this module, and the solver imports capture
@@ -87,8 +88,8 @@ class StateWatch:
                 f"model entries replaced since planning: {shown}. Each is no longer the "
                 f"tensor this module was planned over (a new object, e.g. by assigning a "
                 f"new nn.Parameter, load_state_dict(..., assign=True) or a swapped "
-                f"submodule); the plan "
-                f"would read, and give gradients to, the old one. Load new values in "
+                f"submodule); the plan would read, and give gradients to, the old one. "
+                f"Load new values in "
                 f"place (load_state_dict without assign, or param.data.copy_(...)), or "
                 f"call planner.plan again on the model as it is now"
             )
@@ -181,8 +182,8 @@ class PlannedCall:
                 raise PlannerError(
                     f"input {name} has strides {tensor.stride()} and was planned with others "
                     f"({planned} in its dims longer than 1): this plan's compiled (Inductor) "
-                    f"runs are specialized to the "
-                    f"layout traced. Pass it laid out as planned{hint}, or plan with "
+                    f"runs are specialized to the layout traced. Pass it laid out as "
+                    f"planned{hint}, or plan with "
                     f"example inputs laid out like yours"
                 )
 
@@ -216,9 +217,7 @@ def _meta(tensor: torch.Tensor) -> tuple[tuple[int, ...], str]:
 
 
 def _layout(tensor: torch.Tensor) -> tuple[int, ...]:
-    """Strides where they matter: a dimension of size 1 has any (as Inductor's
-    own check of its inputs, ``assert_size_stride``, skips them)."""
-    return tuple(s for s, n in zip(tensor.stride(), tensor.shape) if n > 1)
+    return strides_that_matter(tensor.shape, tensor.stride())
 
 
 def _constant(value: Any) -> tuple[type, Any]:
@@ -266,12 +265,10 @@ class BackwardReads:
             if op.phase is Phase.BACKWARD
             for v in op.inputs
         }
-        last_forward = max(
-            (op.index for op in program.ops if op.phase is Phase.FORWARD), default=-1
-        )
+        backward_start = program.backward_start()  # where the backward function starts
         storage_of = {t.name: i for i, t in enumerate(problem.tensors)}
         for action in plan.actions:
-            if action.kind != "recompute" or (action.step, action.when) <= (last_forward, "before"):
+            if action.kind != "recompute" or action.step < backward_start:
                 continue
             recipe = problem.tensors[storage_of[action.tensor]].recompute
             for step, _ in recipe.replayed if recipe is not None else ():

@@ -25,7 +25,8 @@ from planner.codegen.assemble import Assembled, assemble
 from planner.codegen.emit import Executor
 from planner.codegen.segments import kernels_summary
 from planner.errors import PlannerError
-from planner.ir.autocast import AutocastState, autocast_off, autocast_state, check_autocast
+from planner.ir.autocast import AutocastState, autocast_off, check_autocast
+from planner.ir.layout import strides_that_matter
 from planner.ir.meta import BUFFER_UPDATES, PARAM_GRADS, fake_value
 from planner.ir.program import Phase, ValueKind
 from planner.passes.pipeline import Analysis
@@ -98,7 +99,7 @@ class PlannedModule(torch.nn.Module):
         self._num_buffer_updates = len(self._buffer_updates)
         self.kernels = kernels
         #: autocast as it was when traced (the trace fixed its dtypes), per device type
-        self._autocast: AutocastState = captured.extra.get("autocast") or autocast_state()
+        self._autocast: AutocastState = captured.extra["autocast"]
         # the mode the model was traced in, where calling in the other would differ
         self.training = model.training
         self._traced_training = (
@@ -566,13 +567,18 @@ class PlannedModule(torch.nn.Module):
         """The tensor the executor holds for the model's state entry ``name``."""
         return self._state[self._state_names.index(name)]
 
+    def _no_grad_if_inference(self) -> contextlib.AbstractContextManager:
+        """An inference plan runs under no_grad anyway; so measured or timed, an
+        example input that requires grad is run, not refused (``PlannedCall``)."""
+        return torch.no_grad() if self.mode == "infer" else contextlib.nullcontext()
+
     def run_measured(self, *args: Any, **kwargs: Any) -> Any:
         """Call once under the independent memory meter; ``report`` then shows it.
         (Inference: under ``no_grad``, as the plan runs anyway, so an example input
         that requires grad is measured, not refused.)"""
 
         def call() -> Any:
-            with torch.no_grad() if self.mode == "infer" else contextlib.nullcontext():
+            with self._no_grad_if_inference():
                 return self(*args, **kwargs)
 
         out, self.measured = measure(call, self, (args, kwargs), device=self.device.type)
@@ -584,7 +590,7 @@ class PlannedModule(torch.nn.Module):
         import time
 
         times = []
-        with torch.no_grad() if self.mode == "infer" else contextlib.nullcontext():
+        with self._no_grad_if_inference():
             self(*args, **kwargs)
             for _ in range(repeats):
                 start = time.perf_counter()
@@ -680,10 +686,12 @@ def _release(model: torch.nn.Module, fqn: str) -> None:
 
 
 def _with_strides(tensor: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
-    """``tensor`` itself if laid out with ``stride`` (a dimension of size 1 may
-    have any stride), else a copy that is."""
-    if tensor.numel() <= 1 or all(
-        n == 1 or s == t for n, s, t in zip(tensor.shape, tensor.stride(), stride)
+    """``tensor`` itself if laid out with ``stride`` (``strides_that_matter``),
+    else a copy that is."""
+    if tensor.numel() <= 1:
+        return tensor
+    if strides_that_matter(tensor.shape, tensor.stride()) == strides_that_matter(
+        tensor.shape, stride
     ):
         return tensor
     out = torch.empty_strided(tensor.shape, stride, dtype=tensor.dtype, device=tensor.device)

@@ -315,10 +315,7 @@ def _capture_joint(
         num_forward_outputs=num_fwd,
         in_spec=in_spec,
         out_spec=flat_module.out_spec,
-        extra={
-            "exported_program": ep,
-            "fw_metadata": fw_metadata,
-        },
+        extra={"exported_program": ep, "fw_metadata": fw_metadata},
     )
 
 

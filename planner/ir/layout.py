@@ -30,6 +30,7 @@ passes measure those. Where an op traced after it needs the fake layout (a
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -150,6 +151,13 @@ def propagate_fake_values(
     propagator(gm, mode).propagate_dont_convert_inputs(*inputs)
     for node, value in zip(placeholders, inputs):
         node.meta[FX_VAL] = value
+
+
+def strides_that_matter(shape: Sequence[int], stride: Sequence[int]) -> tuple[int, ...]:
+    """The strides of the dimensions longer than 1: a dimension of size 1 may have
+    any stride without changing where an element lies (Inductor's own check of its
+    inputs, ``assert_size_stride``, skips them too)."""
+    return tuple(s for s, n in zip(stride, shape) if n > 1)
 
 
 def dense_permutation(fake: object) -> list[int] | None:
