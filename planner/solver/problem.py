@@ -261,7 +261,9 @@ class Problem:
     quantize: str | None = None
     quantize_kinds: tuple[str, ...] = ()
     #: which lossy options are on: "weights" (stored quantized), "activations"
-    #: (kept quantized between uses), "transfers" (offloaded quantized)
+    #: (kept quantized between uses), "transfers" (offloaded quantized);
+    #: "gradients" (the backward's values may be quantized too) is applied by
+    #: ``from_program`` through each tensor's ``quantizable``
     quantize_uses: tuple[str, ...] = ("weights", "activations", "transfers")
     meta: dict = field(default_factory=dict)
 

@@ -346,6 +346,32 @@ def test_quantize_mapping_selects_the_lossy_options(quantize: object, allowed: s
     validate(with_budget(problem, plan.budget_bytes), plan)
 
 
+def test_quantize_leaves_the_backwards_values_alone_unless_gradients_are_named() -> None:
+    """A plain ``quantize="int8"`` may quantize what the forward saves but none of
+    the values the backward computes (a quantized gradient stream spoils every
+    gradient computed from it); ``"gradients"`` widens ``"activations"`` to them,
+    and alone it is an error that says what to add."""
+    analysis = _analysis("example:resnet", "train")
+    start = analysis.program.backward_start()
+
+    def quantizable(quantize: object) -> tuple[set[str], set[str]]:
+        problem = from_program(
+            analysis.program, 1, analysis.profile, quantize=quantize, min_movable_bytes=MIN_MOVABLE
+        )
+        names = [t for t in problem.tensors if t.quantizable]
+        return (
+            {t.name for t in names if t.appears_at < start},
+            {t.name for t in names if t.appears_at >= start},
+        )
+
+    forward, backward = quantizable("int8")
+    assert forward and not backward
+    widened_forward, widened_backward = quantizable({"activations": "int8", "gradients": "int8"})
+    assert widened_forward == forward and widened_backward
+    with pytest.raises(ValueError, match="name one of them too"):
+        quantizable({"gradients": "int8"})
+
+
 def test_training_on_cpu_moves_parameters_and_delivers_gradients(tmp_path: Path) -> None:
     """The MLP's training floor was 99% of its peak while parameters and gradients
     had to stay on the device; with parameter homes on disk and gradients
