@@ -15,7 +15,11 @@ compute something else than eager would, so each is an error that says what to d
   swapped submodule): the plan still reads, and hands gradients to, the old one
   (``StateWatch``);
 - training, a tensor the backward reads written in place between forward and
-  backward (``BackwardReads``, eager autograd's version check).
+  backward (``BackwardReads``, eager autograd's version check);
+- any plan, the model converted after planning (``model.half()``, ``.to(...)``):
+  this swaps a parameter's data, not the object, and the planned ops then fail on
+  mixed dtypes or devices. Nothing is checked per call for it: after a failed run,
+  ``StateTypes`` says whether this is why.
 
 (Every plan also checks the autocast state: ``planner.ir.autocast``.)
 
@@ -94,6 +98,45 @@ class StateWatch:
                 f"call planner.plan again on the model as it is now"
             )
         self._seen = _registrations
+
+
+class StateTypes:
+    """The dtype, device and shape each model tensor a plan reads in place had when
+    planned, to explain a failed run: converting the model afterwards
+    (``model.half()``) surfaced as torch's "self and mat2 must have the same dtype"
+    from inside the executor, naming nothing the caller wrote."""
+
+    def __init__(self, named: Sequence[tuple[str, torch.Tensor]]) -> None:
+        self._named = list(named)
+        self._planned = [_placed(t) for _, t in self._named]
+
+    def changed(self) -> str | None:
+        """A message naming the tensors now of another dtype, device or shape than
+        planned, or ``None`` where all are as planned."""
+        moved = [
+            f"{name} ({_shown(was)} when planned, now {_shown(_placed(t))})"
+            for (name, t), was in zip(self._named, self._planned)
+            if _placed(t) != was
+        ]
+        if not moved:
+            return None
+        more = f" and {len(moved) - 3} more" if len(moved) > 3 else ""
+        return (
+            f"the model's tensors changed dtype, device or shape since planning: "
+            f"{'; '.join(moved[:3])}{more} (model.half(), model.to(...) or "
+            f"param.data = ... after planning). The plan is sized and traced for them "
+            f"as they were: convert the model before calling planner.plan, or convert "
+            f"it back"
+        )
+
+
+def _placed(tensor: torch.Tensor) -> tuple[tuple[int, ...], str, str]:
+    return (*_meta(tensor), str(tensor.device))
+
+
+def _shown(placed: tuple[tuple[int, ...], str, str]) -> str:
+    shape, dtype, device = placed
+    return f"{dtype} {list(shape)} on {device}"
 
 
 def _readable(path: str) -> str:

@@ -20,7 +20,13 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from planner.call_checks import BackwardReads, PlannedCall, StateWatch, check_not_create_graph
+from planner.call_checks import (
+    BackwardReads,
+    PlannedCall,
+    StateTypes,
+    StateWatch,
+    check_not_create_graph,
+)
 from planner.codegen.assemble import Assembled, assemble
 from planner.codegen.emit import Executor
 from planner.codegen.segments import kernels_summary
@@ -147,6 +153,7 @@ class PlannedModule(torch.nn.Module):
             # dropped from the analysis once used (its state dict holds the weights);
             # a second module of one training analysis takes the model's own tensors
             self._place_state(model, captured.extra.pop("exported_program", None), engine)
+            self._record_state_types()
             if not defer_release:
                 self.release_offloaded(model)
             namespace: dict[str, Any] = {"torch": torch, **self.executor.ops, **assembled.runs}
@@ -266,6 +273,13 @@ class PlannedModule(torch.nn.Module):
         if released:
             log.info("released %d offloaded weights from the model", len(released))
         self._unreleased = ([], None)
+        self._record_state_types()  # a released weight is no longer read from the model
+
+    def _record_state_types(self) -> None:
+        """What explains a failed run: the model's tensors as this plan reads them."""
+        named = dict(zip(self._state_names, self._state))
+        named.update(zip(self._primal_names, self._primals))
+        self._state_types = StateTypes(list(named.items()))
 
     def _prepare_deliveries(self, tensors: dict[str, torch.Tensor]) -> None:
         """A file-backed buffer, shaped like its parameter, for each gradient the
@@ -433,13 +447,16 @@ class PlannedModule(torch.nn.Module):
         try:
             with autocast_off():
                 return fn(self._runtime, *args)
-        except BaseException:
+        except BaseException as error:
             try:
                 self._engine.drain()
             finally:
                 self._runtime.arriving.clear()  # half a backward delivers nothing
                 for key in [k for k in self._disk.entries if k not in self._weight_keys]:
                     self._disk.discard(key)
+            why = self._state_types.changed() if isinstance(error, Exception) else None
+            if why is not None:
+                raise PlannerError(why) from error
             raise
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

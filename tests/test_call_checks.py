@@ -230,6 +230,25 @@ def test_converting_a_planned_module_is_an_error_unless_it_changes_nothing(mode:
     pm(x)
 
 
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_converting_the_model_after_planning_is_named_when_the_run_fails(mode: str) -> None:
+    torch.manual_seed(0)
+    model, x = _Net(), torch.randn(64, 32)
+    if mode == "infer":
+        model.eval()
+    pm = planner.plan(model, "100%", (x,), mode=mode, profile="cpu")
+    model.double()  # the model, not pm: its parameters' data is swapped in place
+    # before: torch's "mat1 and mat2 must have the same dtype" from the executor
+    with pytest.raises(
+        PlannerError,
+        match=r"a\.weight \(float32 \[64, 32\] on cpu when planned, now "
+        r"float64 \[64, 32\] on cpu\).*convert the model before calling planner\.plan",
+    ):
+        pm(x)
+    model.float()  # converted back: the plan runs again
+    assert pm(x).dtype == torch.float32
+
+
 def test_named_parameters_are_the_models_for_grouping_by_name() -> None:
     model, pm, _ = _planned()
     # before: state_0, state_1, ...: every parameter fell in the weight-decay group
