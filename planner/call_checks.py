@@ -16,6 +16,10 @@ compute something else than eager would, so each is an error that says what to d
   (``StateWatch``);
 - training, a tensor the backward reads written in place between forward and
   backward (``BackwardReads``, eager autograd's version check);
+- training, a parameter frozen when planned and unfrozen since
+  (``check_not_unfrozen``): the traced backward computes no gradient for it, so it
+  silently stopped training (freezing one after planning is fine: autograd drops the
+  gradient the plan still computes);
 - any plan, the model converted after planning (``model.half()``, ``.to(...)``):
   this swaps a parameter's data, not the object, and the planned ops then fail on
   mixed dtypes or devices. Nothing is checked per call for it: after a failed run,
@@ -266,6 +270,27 @@ def _layout(tensor: torch.Tensor) -> tuple[int, ...]:
 def _constant(value: Any) -> tuple[type, Any]:
     """Compared with its type: 1, 1.0 and True are equal in Python, not in a trace."""
     return type(value), value
+
+
+def check_not_unfrozen(
+    names: Sequence[str], planned: tuple[bool, ...], needs: tuple[bool, ...]
+) -> None:
+    """``planned``: each parameter's ``requires_grad`` when planned; ``needs``: the
+    planned step's ``ctx.needs_input_grad`` for them now, which autograd has already
+    computed, so a steady loop pays one tuple comparison."""
+    if needs == planned:
+        return
+    unfrozen = [name for name, now, was in zip(names, needs, planned) if now and not was]
+    if unfrozen:
+        shown = ", ".join(unfrozen[:5]) + (
+            f" and {len(unfrozen) - 5} more" if len(unfrozen) > 5 else ""
+        )
+        raise PlannerError(
+            f"parameters that did not require grad when planned do now: {shown}. The "
+            f"planned backward computes no gradient for them, so they would not train: "
+            f"call planner.plan again after unfreezing (a plan per stage of a gradual "
+            f"unfreeze)"
+        )
 
 
 def check_not_create_graph() -> None:

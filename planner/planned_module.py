@@ -26,6 +26,7 @@ from planner.call_checks import (
     StateTypes,
     StateWatch,
     check_not_create_graph,
+    check_not_unfrozen,
 )
 from planner.codegen.assemble import Assembled, assemble
 from planner.codegen.emit import Executor
@@ -163,6 +164,7 @@ class PlannedModule(torch.nn.Module):
                 self._bw = namespace[self.executor.backward_function_name]  # type: ignore[index]
                 self._wire_autograd()
                 self._state_watch = StateWatch(model, dict(zip(self._primal_names, self._primals)))
+                self._primals_require_grad = tuple(p.requires_grad for p in self._primals)
                 self._backward_reads = BackwardReads(
                     program,
                     problem,
@@ -723,6 +725,9 @@ class _PlannedStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, pm: PlannedModule, *flat: torch.Tensor) -> tuple:  # type: ignore[override]
         n_primals = len(pm._primals)
+        check_not_unfrozen(
+            pm._primal_names, pm._primals_require_grad, ctx.needs_input_grad[1 : 1 + n_primals]
+        )
         pm._forward_count += 1
         ctx.forward_number = pm._forward_count
         state = [flat[j] for j in pm._state_positions]  # tier-home ones are read there

@@ -249,6 +249,28 @@ def test_converting_the_model_after_planning_is_named_when_the_run_fails(mode: s
     assert pm(x).dtype == torch.float32
 
 
+def test_unfreezing_a_parameter_after_planning_is_an_error_freezing_one_is_fine() -> None:
+    torch.manual_seed(0)
+    model, x = _Net(), torch.randn(64, 32)
+    model.a.weight.requires_grad_(False)
+    reference = copy.deepcopy(model)
+    pm = planner.plan(model, "100%", (x,), mode="train", profile="cpu")
+    model.a.weight.requires_grad_(True)
+    # before: the call ran and model.a.weight.grad stayed None (eager's is set)
+    with pytest.raises(PlannerError, match=r"did not require grad when planned do now: a\.weight"):
+        pm(x)
+    model.a.weight.requires_grad_(False)
+    model.c.weight.requires_grad_(False)  # frozen after planning: eager's gradients
+    reference.c.weight.requires_grad_(False)
+    pm(x).pow(2).sum().backward()
+    reference(x).pow(2).sum().backward()
+    assert model.c.weight.grad is None and model.a.weight.grad is None
+    for p, r in zip(model.parameters(), reference.parameters()):
+        assert (p.grad is None) == (r.grad is None)
+        if r.grad is not None:
+            assert torch.equal(p.grad, r.grad)
+
+
 def test_named_parameters_are_the_models_for_grouping_by_name() -> None:
     model, pm, _ = _planned()
     # before: state_0, state_1, ...: every parameter fell in the weight-decay group
