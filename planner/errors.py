@@ -2,6 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning raised where this is called at the
+    first frame outside the planner package: the user's ``planner.plan(...)`` or
+    ``planner.analyze(...)`` line, however deep inside the warning is raised."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level
+
 
 def first_line(exc: BaseException) -> str:
     """``Type: the message's first line`` (at most 200 characters): an error met

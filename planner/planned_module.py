@@ -33,6 +33,7 @@ from planner.codegen.emit import Executor
 from planner.codegen.segments import kernels_summary
 from planner.errors import PlannerError
 from planner.ir.autocast import AutocastState, autocast_off, check_autocast
+from planner.ir.hooks import HookWatch
 from planner.ir.layout import strides_that_matter
 from planner.ir.meta import BUFFER_UPDATES, PARAM_GRADS, fake_value
 from planner.ir.program import Phase, ValueKind
@@ -143,6 +144,8 @@ class PlannedModule(torch.nn.Module):
         self._engine = engine
         self._disk = disk
         self._weight_keys: set[str] = set()  # files written at plan time (the rest: spills)
+        #: (name, parameter) whose gradient the plan writes into .grad itself
+        self._delivered_params: list[tuple[str, torch.Tensor]] = []
         #: weights stored quantized whose lookups read exact rows from their file
         self._exact_lookups: set[str] = set()
         #: per quantized tensor, its round-trip error (weights at plan time,
@@ -160,6 +163,9 @@ class PlannedModule(torch.nn.Module):
             namespace: dict[str, Any] = {"torch": torch, **self.executor.ops, **assembled.runs}
             exec(compile(self.executor.source, "<planner executor>", "exec"), namespace)
             self._fn = namespace[self.executor.function_name]
+            self._hook_watch = HookWatch(
+                model, captured.extra["hooks"], self.mode, self._delivered_params
+            )
             if self.mode == "train":
                 self._bw = namespace[self.executor.backward_function_name]  # type: ignore[index]
                 self._wire_autograd()
@@ -295,6 +301,7 @@ class PlannedModule(torch.nn.Module):
             if tensor.name not in delivered:
                 continue
             param = tensors[param_of[tensor.index]]
+            self._delivered_params.append((param_of[tensor.index], param))
             if delivered[tensor.name] == "host":  # CUDA: through the engine's host buffer
                 self._runtime.deliveries[tensor.name] = (param, None)
                 continue
@@ -467,6 +474,7 @@ class PlannedModule(torch.nn.Module):
             check_call_mode(self._traced_training, self.training)
         inputs = self._call.flatten(args, kwargs, same_strides=self.kernels == "inductor")
         check_autocast(self._autocast)
+        self._hook_watch.check()
         if self.mode == "train":
             self._state_watch.check()
             outs = list(_PlannedStep.apply(self, *self._primals, *inputs))

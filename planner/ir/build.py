@@ -21,6 +21,7 @@ from planner.ir.capture import CapturedGraph
 from planner.ir.meta import (
     BUFFER_UPDATES,
     FX_NODE_NAMES,
+    HOOKED_PARAMS,
     PARAM_GRADS,
     draws_random,
     fake_value,
@@ -131,6 +132,7 @@ def build_program(captured: CapturedGraph) -> Program:
     _assign_kinds(program, captured)
     program.meta[FX_NODE_NAMES] = [n.name for n in b.op_nodes]
     program.meta[PARAM_GRADS] = _param_grads(captured, flat_outputs, b.node_values)
+    program.meta[HOOKED_PARAMS] = captured.extra.get(HOOKED_PARAMS, frozenset())
     program.meta[BUFFER_UPDATES] = [
         r.source.removesuffix(" (updated)")
         for r in captured.output_roles

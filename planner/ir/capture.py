@@ -24,7 +24,9 @@ from planner.call_checks import PlannedCall
 from planner.errors import CaptureError
 from planner.ir.autocast import autocast_state
 from planner.ir.constants import inline_scalar_constants
+from planner.ir.hooks import check_hooks_at_capture, hooked_parameters
 from planner.ir.layout import fix_layouts, true_layouts
+from planner.ir.meta import HOOKED_PARAMS
 from planner.ir.metadata_args import explicit_metadata_args
 from planner.ir.program import ValueKind
 
@@ -101,12 +103,16 @@ def capture(model: torch.nn.Module, example_inputs: Any, mode: str = "infer") ->
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     args, kwargs = normalize_example_inputs(example_inputs)
     autocast = autocast_state()  # the trace fixes each op's dtype as it chooses
+    hooks = check_hooks_at_capture(model, mode)  # as traced: a call checks they stay so
     exported = _export(model, args, kwargs)
     if mode == "infer":
         captured = _capture_inference(exported, args, kwargs, type(model).__name__)
     else:
         captured = _capture_joint(model, exported, args, kwargs)
     captured.extra["autocast"] = autocast
+    captured.extra["hooks"] = hooks
+    if mode == "train":  # their gradients go through autograd, which runs the hooks
+        captured.extra[HOOKED_PARAMS] = hooked_parameters(model)
     captured.extra["call"] = PlannedCall(args, kwargs, mode)  # what a call must match
     return captured
 

@@ -23,6 +23,9 @@ PARAM_GRADS = "param_grads"
 #: Program.meta key: names of the buffers each call updates in place (BatchNorm
 #: statistics of a module in training mode), in inference as in training.
 BUFFER_UPDATES = "buffer_updates"
+#: ``Program.meta`` and captured ``extra`` key (training): names of the parameters
+#: with tensor hooks when planned, whose gradients go through autograd to run them.
+HOOKED_PARAMS = "hooked_params"
 
 
 def draws_random(target: Any) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from planner.ir.meta import BUFFER_UPDATES, PARAM_GRADS
+from planner.ir.meta import BUFFER_UPDATES, HOOKED_PARAMS, PARAM_GRADS
 from planner.ir.program import Program, Value, ValueKind
 from planner.passes.device_profile import DeviceProfile, free_memory_bytes
 from planner.passes.fused_costs import fused_replay_seconds, fused_step_seconds, is_fusible
@@ -270,13 +270,17 @@ def _whole_alias(view: Value, base: Value) -> bool:
 def _deliverable_grads(program: Program) -> set[int]:
     """Storages holding exactly one returned value, a parameter's gradient, that
     nothing else returns and no op reads after that value is made (a view of an
-    op's output, such as a transposed matmul result, may be the gradient)."""
+    op's output, such as a transposed matmul result, may be the gradient). Not the
+    gradient of a parameter with tensor hooks: only autograd runs them."""
     returned: dict[int, int] = {}
     for v in program.outputs:
         s = program.values[v].storage
         returned[s] = returned.get(s, 0) + 1
+    hooked = program.meta.get(HOOKED_PARAMS, frozenset())
     out = set()
-    for v in program.meta.get(PARAM_GRADS, {}):
+    for v, fqn in program.meta.get(PARAM_GRADS, {}).items():
+        if fqn in hooked:
+            continue
         value = program.values[v]
         storage = program.storages[value.storage]
         uses = [u for vi in storage.values for u in program.values[vi].uses]

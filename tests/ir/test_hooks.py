@@ -1,0 +1,101 @@
+"""planner/ir/hooks.py: hooks on the model, at planning and at each call. Before,
+a module backward hook was silently left out of a training plan, hooks registered
+after planning were silently not run, and a tensor hook on a parameter whose
+gradient the plan delivers was called with ``None``."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import planner
+from planner.errors import CaptureError, PlannerError
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 256)
+    )
+
+
+def _halve(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output * 0.5
+
+
+X = torch.randn(128, 256)
+
+
+def test_a_module_backward_hook_is_an_error_when_planning_training() -> None:
+    model = _mlp()
+    model[2].register_full_backward_hook(lambda _m, grad_in, _g: (grad_in[0] * 0.5,))
+    with pytest.raises(CaptureError, match=r"module backward hooks on 2 \(backward hook\)"):
+        planner.plan(model, "100%", (X,), mode="train", profile="cpu")
+    planner.plan(model.eval(), "100%", (X,), mode="infer", profile="cpu")  # never run there
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_forward_hooks_at_planning_are_traced_in_with_a_warning(mode: str) -> None:
+    model = _mlp()
+    model[2].register_forward_hook(_halve)
+    with pytest.warns(UserWarning, match=r"forward hooks on 2 \(forward hook\) ran once"):
+        pm = planner.plan(model, "100%", (X,), mode=mode, profile="cpu")
+    with torch.no_grad():
+        assert torch.equal(pm(X), model(X))  # the hook's effect is in the plan
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_hooks_registered_or_removed_after_planning_are_an_error(mode: str) -> None:
+    model = _mlp()
+    pm = planner.plan(model, "100%", (X,), mode=mode, profile="cpu")
+    handle = model[2].register_forward_pre_hook(lambda _m, args: (args[0] * 0.5,))
+    # before: the call ran without the hook, and differed from eager
+    with pytest.raises(PlannerError, match=r"since planning on 2 \(forward pre-hook\)"):
+        pm(X)
+    handle.remove()
+    pm(X)  # as planned again
+    other = _mlp()
+    other[2].register_forward_hook(_halve)
+    with pytest.warns(UserWarning, match="ran once"):
+        hooked = planner.plan(other, "100%", (X,), mode=mode, profile="cpu")
+    other[2]._forward_hooks.clear()  # removed: the plan still halves
+    with pytest.raises(PlannerError, match="registered or removed since planning"):
+        hooked(X)
+
+
+def test_a_hooked_parameters_gradient_goes_through_autograd_which_runs_the_hook() -> None:
+    model, reference = _mlp(), _mlp()
+    for m in (model, reference):
+        m[2].weight.register_hook(lambda g: g * 0.5)
+    pm = planner.plan(model, "50%", (X,), mode="train", profile="cpu")
+    delivered = {a.tensor for a in pm.plan.actions if a.kind == "deliver"}
+    assert delivered, "nothing delivered: the test proves nothing"
+    assert "grad of 2.weight" not in delivered
+    pm(X).pow(2).mean().backward()
+    reference(X).pow(2).mean().backward()
+    for p, r in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(p.grad, r.grad)
+
+
+def test_a_tensor_hook_after_planning_runs_unless_the_plan_delivers_that_gradient() -> None:
+    model = _mlp()
+    reference = copy.deepcopy(model)
+    pm = planner.plan(model, "50%", (X,), mode="train", profile="cpu")
+    delivered = {a.tensor.removeprefix("grad of ") for a in pm.plan.actions if a.kind == "deliver"}
+    params = dict(model.named_parameters())
+    name = sorted(delivered)[0]
+    handle = params[name].register_hook(lambda g: g * 0.5)
+    # before: the engine called the hook with None (a TypeError in the user's hook)
+    with pytest.raises(PlannerError, match=rf"tensor hooks registered since planning on {name}"):
+        pm(X)
+    handle.remove()
+    kept = next(n for n in params if n not in delivered)  # returned through autograd
+    for p in (params[kept], dict(reference.named_parameters())[kept]):
+        p.register_hook(lambda g: g * 0.5)
+    pm(X).pow(2).mean().backward()
+    reference(X).pow(2).mean().backward()
+    for p, r in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(p.grad, r.grad)
