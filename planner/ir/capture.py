@@ -312,7 +312,16 @@ def _capture_joint(
         if written:
             raise CaptureError(_input_mutation_message(type(model).__name__, written))
     bases = fw_metadata.num_intermediate_bases if fw_metadata is not None else 0
-    output_roles = _joint_output_roles(joint, input_roles, num_fwd, ep, bases)
+    mutated = (
+        # AOTAutograd's own account of the inputs whose new values the forward
+        # returns first: the export graph's signature misses a buffer written inside
+        # a no_grad region (spectral norm's power iteration), and its new value was
+        # then handed to the caller as the model's output
+        [input_roles[i].source or "" for i in fw_metadata.mutated_inp_runtime_indices]
+        if fw_metadata is not None
+        else _mutated_buffers(ep, input_roles)
+    )
+    output_roles = _joint_output_roles(joint, input_roles, num_fwd, mutated, bases)
     return CapturedGraph(
         mode="train",
         graph_module=joint,
@@ -386,14 +395,14 @@ def _joint_output_roles(
     joint: torch.fx.GraphModule,
     input_roles: list[Role],
     num_fwd: int,
-    ep: torch.export.ExportedProgram,
+    mutated: list[str],
     num_intermediate_bases: int = 0,
 ) -> list[Role | None]:
-    """Forward outputs: updated buffers, user outputs, then the intermediate bases
-    that user outputs are views of (``runtime/output_aliases.py``); then gradients."""
+    """Forward outputs: updated buffers (``mutated``, by name, in the order
+    returned), user outputs, then the intermediate bases that user outputs are
+    views of (``runtime/output_aliases.py``); then gradients."""
     (output_node,) = [n for n in joint.graph.nodes if n.op == "output"]
     outs = pytree.tree_leaves(output_node.args[0], is_leaf=lambda x: x is None)
-    mutated = _mutated_buffers(ep, input_roles)
     n_user = num_fwd - len(mutated) - num_intermediate_bases
     roles: list[Role | None] = []
     for i, out in enumerate(outs):

@@ -257,3 +257,34 @@ def test_metadata_asserts_are_dropped_so_they_hold_no_tensor_into_the_backward(
         patch.setattr(capture_module, "drop_metadata_asserts", lambda gm: 0)
         assert target in targets()  # what the trace has
     assert target not in targets()
+
+
+@pytest.mark.parametrize(
+    "add_norm",
+    [nn.utils.parametrizations.spectral_norm, nn.utils.spectral_norm],
+    ids=["parametrization", "hook"],
+)
+def test_a_buffer_written_in_a_no_grad_region_is_a_buffer_update(add_norm) -> None:  # type: ignore[no-untyped-def]
+    """Spectral norm's power iteration writes its ``_u``/``_v`` buffers under
+    no_grad, where the export signature does not see the write: the new ``_u`` was
+    taken for the model's output (a 1-D tensor came back from the planned module)."""
+    import copy
+
+    import planner
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 8))
+    add_norm(model[2])
+    reference, x = copy.deepcopy(model), torch.randn(16, 32)
+    captured = capture(model, (x,), mode="train")
+    updated = [r.source for r in captured.output_roles[: captured.num_forward_outputs]]
+    assert len(updated) == 3 and updated[2] == "output"
+    assert all(source.endswith(("_u (updated)", "_v (updated)")) for source in updated[:2])
+    pm = planner.plan(model, "100%", (x,), mode="train", profile="cpu")
+    for _ in range(2):  # the buffers move on each step, as in eager
+        pm(x).pow(2).mean().backward()
+        reference(x).pow(2).mean().backward()
+    for p, r in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(p.grad, r.grad)
+    for b, r in zip(model.buffers(), reference.buffers()):
+        assert torch.equal(b, r)
