@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import traceback
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -181,7 +182,11 @@ def _capture_inference(
 ) -> CapturedGraph:
     from torch.export.graph_signature import InputKind, OutputKind
 
-    ep = ep.run_decompositions({})  # functionalize only: keep ops whole
+    with warnings.catch_warnings():
+        # torch 2.13's own deep copy of its call graph warns once per plan about its
+        # own deprecated LeafSpec check: nothing a caller of planner can change
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`")
+        ep = ep.run_decompositions({})  # functionalize only: keep ops whole
     true_layouts(ep.graph_module)  # where a CPU kernel's output layout breaks the fake one
     explicit_metadata_args(ep.graph_module)
     input_kind = {
