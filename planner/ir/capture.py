@@ -293,11 +293,7 @@ def _capture_joint(
     except Exception as exc:
         raise CaptureError(_describe_trace_failure(model, exc)) from exc
     if "joint" not in seen:
-        raise CaptureError(
-            f"{type(model).__name__}: no gradient flows from its outputs to any "
-            f"parameter or input, so there is no backward to plan. Use mode='infer', "
-            f"or check that parameters require grad."
-        )
+        raise CaptureError(_no_backward_message(model))
     joint: torch.fx.GraphModule = seen["joint"]
     fix_layouts(joint)  # where a CPU kernel's output layout breaks the fake one
     drop_metadata_asserts(joint)
@@ -336,6 +332,37 @@ def _capture_joint(
         in_spec=in_spec,
         out_spec=flat_module.out_spec,
         extra={"exported_program": ep, "fw_metadata": fw_metadata},
+    )
+
+
+def _no_backward_message(model: torch.nn.Module) -> str:
+    name = type(model).__name__
+    trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    if not trainable:
+        return (
+            f"{name}: no parameter requires grad, so there is no backward to plan. Use "
+            f"mode='infer', or plan after setting requires_grad on what should train"
+        )
+    # reentrant checkpointing runs its forward under no_grad: the trace sees no
+    # path from the outputs back to the parameters inside it
+    checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    cause = (
+        "its gradient checkpointing is on (gradient_checkpointing_enable()), and when "
+        "reentrant it runs the checkpointed forward under no_grad, hiding it from the "
+        "trace. "
+        "planner chooses what to recompute itself: call "
+        "model.gradient_checkpointing_disable() before planning, or enable it with "
+        "gradient_checkpointing_kwargs={'use_reentrant': False}"
+        if checkpointing
+        else "something in its forward cuts the graph: reentrant activation "
+        "checkpointing (torch.utils.checkpoint(..., use_reentrant=True), which runs "
+        "under no_grad; planner chooses what to recompute itself, so drop it or pass "
+        "use_reentrant=False), a torch.no_grad() block or .detach() on the way to "
+        "the outputs"
+    )
+    return (
+        f"{name}: no gradient flows from its outputs to any parameter or input in the "
+        f"traced graph, though {trainable} parameters require grad: {cause}"
     )
 
 

@@ -288,3 +288,27 @@ def test_a_buffer_written_in_a_no_grad_region_is_a_buffer_update(add_norm) -> No
         assert torch.equal(p.grad, r.grad)
     for b, r in zip(model.buffers(), reference.buffers()):
         assert torch.equal(b, r)
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+        self.reentrant = reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.utils.checkpoint.checkpoint(self.a, x, use_reentrant=self.reentrant)
+        return self.b(torch.relu(h))
+
+
+def test_a_graph_cut_before_the_parameters_names_the_likely_causes() -> None:
+    """Reentrant checkpointing runs under no_grad: the old message said only to
+    check that parameters require grad, which they did."""
+    x = torch.randn(4, 8, requires_grad=True)
+    cut = r"though 4 parameters require grad.*use_reentrant=False"
+    with pytest.raises(CaptureError, match=cut):
+        capture(_Checkpointed(reentrant=True), (x,), mode="train")
+    capture(_Checkpointed(reentrant=False), (x,), mode="train")  # traced through
+    frozen = _Checkpointed(reentrant=False).requires_grad_(False)
+    with pytest.raises(CaptureError, match="no parameter requires grad"):
+        capture(frozen, (torch.randn(4, 8),), mode="train")
