@@ -38,6 +38,7 @@ from planner.ir.layout import strides_that_matter
 from planner.ir.meta import BUFFER_UPDATES, PARAM_GRADS, fake_value
 from planner.ir.program import Phase, ValueKind
 from planner.passes.pipeline import Analysis
+from planner.released import released_like
 from planner.report import Report
 from planner.runtime import fused
 from planner.runtime.checkpoint import is_file_backed
@@ -700,16 +701,13 @@ def _replace(model: torch.nn.Module, fqn: str, tensor: torch.Tensor) -> None:
 
 
 def _release(model: torch.nn.Module, fqn: str) -> None:
-    """Replace parameter or buffer ``fqn`` of ``model`` by a meta tensor."""
+    """Replace parameter or buffer ``fqn`` of ``model`` by a stand-in that raises
+    when read (``planner.released``)."""
     found = _slot(model, fqn)
     if found is None:
         return
     slots, leaf = found
-    old = slots[leaf]
-    meta = torch.empty_like(old, device="meta")
-    if isinstance(old, torch.nn.Parameter):
-        meta = torch.nn.Parameter(meta, requires_grad=old.requires_grad)
-    slots[leaf] = meta
+    slots[leaf] = released_like(slots[leaf], fqn, model)
 
 
 def _with_strides(tensor: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
