@@ -64,13 +64,20 @@ def random_inputs(node: torch.fx.Node, device: str) -> tuple[tuple, dict]:
         v = fake_value(x)
         if not isinstance(v, torch.Tensor):
             return v
-        t = torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=device)
-        if v.dtype.is_floating_point or v.dtype.is_complex:
-            t.normal_()
+        shape, stride = tuple(v.shape), tuple(v.stride())
+        # an expanded input (stride 0: an attention mask broadcast over heads)
+        # cannot be filled in place; fill its storage, then view it as traced
+        # (before, such ops could not run here and were taken to need no workspace:
+        # Falcon's attention scratch went unbudgeted, 3 KB over a 84 KB budget)
+        overlapping = any(st == 0 and n > 1 for n, st in zip(shape, stride))
+        extent = 1 + sum((n - 1) * st for n, st in zip(shape, stride)) if all(shape) else 0
+        size = (extent,) if overlapping else shape
+        t = torch.empty_strided(size, (1,) if overlapping else stride, dtype=v.dtype, device=device)
+        floating = v.dtype.is_floating_point or v.dtype.is_complex
+        t.normal_() if floating else t.zero_()
+        if floating:
             t.requires_grad_(v.requires_grad)
-        else:
-            t.zero_()
-        return t
+        return t.as_strided(shape, stride) if overlapping else t
 
     args, kwargs = pytree.tree_map(real, (node.args, node.kwargs))
     return tuple(args), dict(kwargs)

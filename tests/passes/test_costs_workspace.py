@@ -73,3 +73,26 @@ def test_conv_workspace_is_measured() -> None:
     assert conv.workspace_bytes > 0
     out_bytes = sum(program.values[v].nbytes for v in linear.outputs)
     assert linear.workspace_bytes < out_bytes
+
+
+class _MultiQueryAttention(torch.nn.Module):
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # one key/value head broadcast over the query heads (Falcon's multi-query
+        # attention), and the mask: inputs with a zero stride
+        kv = kv.expand(2, 2, 16, 16)
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, kv, kv, attn_mask=mask.expand(2, 2, 16, 16)
+        )
+
+
+def test_workspace_of_an_op_reading_an_expanded_input_is_measured() -> None:
+    """Random inputs with a zero stride could not be filled in place, so the op was
+    never run and taken to need no workspace (Falcon's attention scratch went
+    unbudgeted: its plan measured 3 KB over an 84 KB budget)."""
+    q, kv = torch.randn(2, 2, 16, 16), torch.randn(2, 1, 16, 16)
+    mask = torch.ones(2, 1, 16, 16, dtype=torch.bool)
+    captured = capture(_MultiQueryAttention(), (q, kv, mask), "infer")
+    program = build_program(captured)
+    annotate_workspace(program, captured.graph_module)
+    attention = next(op for op in program.ops if "scaled_dot_product" in op.target)
+    assert attention.workspace_bytes > 0
