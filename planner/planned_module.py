@@ -170,7 +170,7 @@ class PlannedModule(torch.nn.Module):
             if self.mode == "train":
                 self._bw = namespace[self.executor.backward_function_name]  # type: ignore[index]
                 self._wire_autograd()
-                self._state_watch = StateWatch(model, dict(zip(self._primal_names, self._primals)))
+                self._state_watch = StateWatch(model, self._model_entries(model))
                 self._primals_require_grad = tuple(p.requires_grad for p in self._primals)
                 self._backward_reads = BackwardReads(
                     program,
@@ -194,7 +194,8 @@ class PlannedModule(torch.nn.Module):
         optimizer updates it there; each step reads it from there)."""
         program = self.analysis.program
         if self.mode == "train":  # autograd needs the model's own parameter objects
-            tensors = dict(model.named_parameters(remove_duplicate=False))
+            tensors = dict(self.analysis.captured.extra.get("constants", {}))
+            tensors.update(model.named_parameters(remove_duplicate=False))
             tensors.update(model.named_buffers(remove_duplicate=False))
         else:
             if ep is None:
@@ -283,6 +284,13 @@ class PlannedModule(torch.nn.Module):
             log.info("released %d offloaded weights from the model", len(released))
         self._unreleased = ([], None)
         self._record_state_types()  # a released weight is no longer read from the model
+
+    def _model_entries(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The primals that are the model's parameters and buffers, by name (not the
+        tensors it holds as plain attributes, which the trace took as constants)."""
+        names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+        names.update(n for n, _ in model.named_buffers(remove_duplicate=False))
+        return {n: t for n, t in zip(self._primal_names, self._primals) if n in names}
 
     def _record_state_types(self) -> None:
         """What explains a failed run: the model's tensors as this plan reads them."""

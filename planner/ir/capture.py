@@ -261,7 +261,9 @@ def _capture_joint(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     flat_inputs, in_spec = pytree.tree_flatten((args, kwargs))
-    flat_module = _FlatModule(ep.module(), in_spec)
+    inner = ep.module()
+    constants = _constants_as_buffers(inner, ep)
+    flat_module = _FlatModule(inner, in_spec)
     seen: dict[str, Any] = {}
 
     def keep_joint(joint: torch.fx.GraphModule, joint_inputs: Sequence, **kw: Any) -> Any:
@@ -331,8 +333,27 @@ def _capture_joint(
         num_forward_outputs=num_fwd,
         in_spec=in_spec,
         out_spec=flat_module.out_spec,
-        extra={"exported_program": ep, "fw_metadata": fw_metadata},
+        extra={"exported_program": ep, "fw_metadata": fw_metadata, "constants": constants},
     )
+
+
+def _constants_as_buffers(
+    module: torch.nn.Module, ep: torch.export.ExportedProgram
+) -> dict[str, torch.Tensor]:
+    """Make each tensor the model holds as a plain attribute (a sinusoidal table:
+    VideoMAE's position embeddings) a non-persistent buffer of the exported module,
+    so that AOTAutograd takes it as an input like the other buffers. As a plain
+    attribute it stayed a real tensor inside AOTAutograd's fake trace, which
+    refused it. Returns them by name (the planned module reads them from here)."""
+    constants = {k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}
+    for fqn, value in constants.items():
+        path, _, leaf = fqn.rpartition(".")
+        owner = module.get_submodule(path)
+        if leaf in owner._buffers or leaf in owner._parameters:
+            continue
+        delattr(owner, leaf)
+        owner.register_buffer(leaf, value, persistent=False)
+    return constants
 
 
 def _no_backward_message(model: torch.nn.Module) -> str:

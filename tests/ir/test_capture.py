@@ -312,3 +312,31 @@ def test_a_graph_cut_before_the_parameters_names_the_likely_causes() -> None:
     frozen = _Checkpointed(reentrant=False).requires_grad_(False)
     with pytest.raises(CaptureError, match="no parameter requires grad"):
         capture(frozen, (torch.randn(4, 8),), mode="train")
+
+
+class _PlainTensorAttribute(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(32, 32)
+        self.table = torch.randn(1, 8, 32)  # neither parameter nor buffer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x + self.table.type_as(x).clone().detach())
+
+
+def test_a_plain_tensor_attribute_is_traced_for_training() -> None:
+    """VideoMAE keeps its sinusoidal position table as a plain attribute: training
+    capture failed inside AOTAutograd ('Please convert all Tensors to FakeTensors')."""
+    import copy
+
+    import planner
+
+    torch.manual_seed(0)
+    model, x = _PlainTensorAttribute(), torch.randn(4, 8, 32)
+    reference = copy.deepcopy(model)
+    pm = planner.plan(model, "100%", (x,), mode="train", profile="cpu")
+    model.extra = nn.Linear(2, 2)  # a registration: the state watch looks again
+    pm(x).pow(2).mean().backward()  # and does not take the table for a replaced buffer
+    reference(x).pow(2).mean().backward()
+    for p, r in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(p.grad, r.grad)
