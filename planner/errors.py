@@ -38,6 +38,10 @@ class CaptureError(PlannerError):
     The message names the offending op or source line and suggests a fix.
     """
 
+    #: torch.export's graph traced before the failure, where it made one (it used
+    #: to print it to stderr: a thousand lines for a Longformer)
+    partial_graph: str | None = None
+
 
 class BudgetTooSmall(PlannerError):
     """No plan fits the budget.

@@ -10,7 +10,10 @@ one kind of error, which names the user's source line.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import sys
 import traceback
 import warnings
 from collections.abc import Sequence
@@ -119,10 +122,24 @@ def capture(model: torch.nn.Module, example_inputs: Any, mode: str = "infer") ->
 
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    # on a failure torch.export prints the partial graph it traced to stderr (a
+    # thousand lines for a Longformer) before raising: kept on the error instead
+    stderr = io.StringIO()
+    graph = None
     try:
-        return torch.export.export(model, args, kwargs, strict=False)
+        with contextlib.redirect_stderr(stderr):
+            return torch.export.export(model, args, kwargs, strict=False)
     except Exception as exc:  # torch raises many types; we add the user's line
-        raise CaptureError(_describe_trace_failure(model, exc)) from exc
+        graph = getattr(exc, "partial_fx_graph", None)
+        where = "\n(the graph traced before the failure: this error's .partial_graph)"
+        error = CaptureError(_describe_trace_failure(model, exc) + (where if graph else ""))
+        error.partial_graph = graph
+        raise error from exc
+    finally:
+        # after a failure with a partial graph, what was written is that graph (each
+        # of torch's export wrappers prints it); else it goes where it was headed
+        if not graph:
+            sys.stderr.write(stderr.getvalue())
 
 
 _FRAMEWORK_PATHS = (
