@@ -14,7 +14,6 @@ import contextlib
 import logging
 import warnings
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -257,20 +256,40 @@ class PlannedModule(torch.nn.Module):
             state.append(tensors[source])
             self._state_names.append(source)  # type: ignore[arg-type]
             tensor = tensors[source]
-            slot = f"state_{len(state) - 1}"
-            if self.mode == "train" and isinstance(tensor, torch.nn.Parameter):
-                self.register_parameter(slot, tensor)
+            if self.mode == "train":
+                self._hold_as_models(source, tensor)  # type: ignore[arg-type]
             else:
-                self.register_buffer(slot, tensor, persistent=False)
+                self.register_buffer(f"state_{len(state) - 1}", tensor, persistent=False)
         if self.mode == "train":  # pm.parameters() lists every parameter, as the model's
             held = {id(t) for t in state}
-            for k, tensor in enumerate(self._primals):
+            for name, tensor in zip(self._primal_names, self._primals):
                 if id(tensor) not in held and isinstance(tensor, torch.nn.Parameter):
-                    self.register_parameter(f"home_{k}", tensor)  # file-backed: see above
+                    self._hold_as_models(name, tensor)  # file-backed: see above
                     held.add(id(tensor))
+            # in the model's order, so that an optimizer over pm.parameters() indexes
+            # its state as one over model.parameters() does (checkpoints go either way)
+            order = {n: i for i, (n, _) in enumerate(model.named_parameters())}
+            held_params = sorted(
+                self._parameters.items(), key=lambda kv: order.get(kv[0], len(order))
+            )
+            self._parameters.clear()
+            self._parameters.update(held_params)
         state += self._store_quantized(tensors)  # type: ignore[arg-type]
         self._state = state
         self._unreleased: tuple[list[str], Any] = (released, ep)
+
+    def _hold_as_models(self, name: str, tensor: torch.Tensor) -> None:
+        """Training: register one of the model's tensors on this module under the
+        model's own name ("layers.0.bias"), so that a module holding this one lists it
+        as the model would ("body.layers.0.bias", as its state dict does), and
+        grouping parameters by name works there too (as ``state_<i>`` every bias
+        fell in the weight-decay group). The name has dots, which
+        ``register_parameter`` refuses: torch.nn only walks these dicts."""
+        if isinstance(tensor, torch.nn.Parameter):
+            self._parameters[name] = tensor
+        else:
+            self._buffers[name] = tensor
+            self._non_persistent_buffers_set.add(name)
 
     def release_offloaded(self, model: torch.nn.Module) -> None:
         """Release the weights homed off the device (or stored quantized) from
@@ -519,17 +538,6 @@ class PlannedModule(torch.nn.Module):
             stacklevel=2,
         )
         return super().state_dict(*args, **kwargs)
-
-    def named_parameters(
-        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
-    ) -> Iterator[tuple[str, torch.nn.Parameter]]:
-        """Training: the model's parameters under the model's names (the same
-        objects this module registers as ``state_<i>``), so what groups parameters by
-        name (no weight decay for biases and norms) treats them as it would the
-        model's. Inside a larger module, that module lists them as ``state_<i>``."""
-        if self.mode == "train":
-            return self._state_watch.model.named_parameters(prefix, recurse, remove_duplicate)
-        return super().named_parameters(prefix, recurse, remove_duplicate)
 
     def _load_from_state_dict(
         self,

@@ -279,6 +279,15 @@ def test_named_parameters_are_the_models_for_grouping_by_name() -> None:
     ]
     no_decay = [p for n, p in pm.named_parameters() if n.endswith("bias") or "norm" in n]
     assert len(no_decay) == 4  # a.bias, norm.weight, norm.bias, c.bias
+    # inside a larger module too (it walks this module's parameter dict, not
+    # named_parameters(): it listed body.state_0, ...), in the model's order
+    wrapper = nn.ModuleDict({"body": pm, "head": nn.Linear(8, 2)})
+    assert [n for n, _ in wrapper.named_parameters()] == [
+        *(f"body.{n}" for n, _ in model.named_parameters()),
+        "head.weight",
+        "head.bias",
+    ]
+    assert set(wrapper.state_dict()) >= {n for n, _ in wrapper.named_parameters()}  # same names
 
 
 @pytest.mark.parametrize("mode", ["infer", "train"])
