@@ -52,6 +52,11 @@ def parse_budget(budget: int | float | str, unplanned_peak: int | None = None) -
         raise ValueError(_help(budget))
     if not value > 0 or value != value:
         raise ValueError(f"budget must be positive, got {budget!r}")
+    if value < 1:  # planned for 0 bytes, it failed as too small
+        raise ValueError(
+            f"budget {budget!r} is less than one byte; for a share of the unplanned peak "
+            f"give a percentage such as '{value * 100:g}%'"
+        )
     return int(value)
 
 

@@ -30,3 +30,10 @@ def test_rejects_bad_budgets(spec: object) -> None:
 def test_percent_needs_a_peak() -> None:
     with pytest.raises(ValueError, match="unplanned peak"):
         parse_budget("50%")
+
+
+def test_a_fraction_is_not_taken_for_bytes() -> None:
+    """0.5 meant half: it was planned as a budget of 0 bytes, which failed as too small."""
+    with pytest.raises(ValueError, match=r"less than one byte.*'50%'"):
+        parse_budget(0.5, unplanned_peak=1000)
+    assert parse_budget(1.5e9) == 1_500_000_000  # a computed byte count stays bytes
