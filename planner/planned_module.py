@@ -105,6 +105,14 @@ class PlannedModule(torch.nn.Module):
         # the forward's first outputs (program.meta, as the solver reads them too)
         self._buffer_updates = list(program.meta[BUFFER_UPDATES])
         self._num_buffer_updates = len(self._buffer_updates)
+        #: non-tensor forward outputs by position (the executor returns tensors only)
+        self._output_constants: list[tuple[int, Any]] = captured.extra.get("output_constants", [])
+        #: the program value of each tensor forward output, by position among all
+        taken = {i for i, _ in self._output_constants}
+        positions = (i for i in range(captured.num_forward_outputs) if i not in taken)
+        self._forward_value_at = dict(
+            zip(positions, program.outputs[: program.num_forward_outputs])
+        )
         self.kernels = kernels
         #: autocast as it was when traced (the trace fixed its dtypes), per device type
         self._autocast: AutocastState = captured.extra["autocast"]
@@ -277,6 +285,16 @@ class PlannedModule(torch.nn.Module):
         state += self._store_quantized(tensors)  # type: ignore[arg-type]
         self._state = state
         self._unreleased: tuple[list[str], Any] = (released, ep)
+
+    def _with_constants(self, outs: list[Any]) -> list[Any]:
+        """The forward's outputs as the graph returns them: the executor's tensors
+        with the non-tensor outputs back in their places."""
+        if not self._output_constants:
+            return outs
+        full = list(outs)
+        for position, value in self._output_constants:  # ascending
+            full.insert(position, value)
+        return full
 
     def _hold_as_models(self, name: str, tensor: torch.Tensor) -> None:
         """Training: register one of the model's tensors on this module under the
@@ -516,7 +534,7 @@ class PlannedModule(torch.nn.Module):
                 )
             return pytree.tree_unflatten(user, self._out_spec)
         with torch.no_grad():
-            outs = self._run(self._fn, self._state, inputs)
+            outs = self._with_constants(self._run(self._fn, self._state, inputs))
             for name, new in zip(self._buffer_updates, outs[: self._num_buffer_updates]):
                 self._state[self._state_names.index(name)].copy_(new)
         user = outs[self._num_buffer_updates :]
@@ -758,13 +776,20 @@ class _PlannedStep(torch.autograd.Function):
         ctx.pm = pm
         ctx.carry = carry
         ctx.versions = pm._backward_reads.record(flat, outs)
+        outs = pm._with_constants(outs)
         # Only outputs with a tangent get a gradient: not buffer updates (BatchNorm
         # statistics), integer outputs, outputs that need none, or aliases (made again
         # from their bases outside this node: ``output_aliases``). And autograd must
         # not allocate zero gradients for outputs the loss did not use: the plan has
         # no room for them.
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(*[o for i, o in enumerate(outs) if i not in pm._with_tangent])
+        ctx.mark_non_differentiable(
+            *[
+                o
+                for i, o in enumerate(outs)
+                if i not in pm._with_tangent and isinstance(o, torch.Tensor)
+            ]
+        )
         return tuple(outs)
 
     @staticmethod
@@ -777,11 +802,10 @@ class _PlannedStep(torch.autograd.Function):
                 "(its saved tensors were freed by the first backward)"
             )
         tangents = []
-        forward_values = pm.analysis.program.outputs[: pm.analysis.program.num_forward_outputs]
         for i, stride in zip(pm._tangent_positions, pm._tangent_strides):
             incoming = grad_outputs[i]
             if incoming is None:
-                v = pm.analysis.program.values[forward_values[i]]
+                v = pm.analysis.program.values[pm._forward_value_at[i]]
                 incoming = torch.empty_strided(
                     v.shape, stride, dtype=getattr(torch, v.dtype), device=pm.device
                 ).zero_()

@@ -241,7 +241,10 @@ def _capture_inference(
         num_forward_outputs=len(output_roles),
         in_spec=ep.call_spec.in_spec,
         out_spec=ep.call_spec.out_spec,
-        extra={"exported_program": ep},
+        extra={
+            "exported_program": ep,
+            "output_constants": _output_constants(ep.graph_module, len(output_roles)),
+        },
     )
 
 
@@ -350,8 +353,26 @@ def _capture_joint(
         num_forward_outputs=num_fwd,
         in_spec=in_spec,
         out_spec=flat_module.out_spec,
-        extra={"exported_program": ep, "fw_metadata": fw_metadata, "constants": constants},
+        extra={
+            "exported_program": ep,
+            "fw_metadata": fw_metadata,
+            "constants": constants,
+            "output_constants": _output_constants(joint, num_fwd),
+        },
     )
+
+
+def _output_constants(
+    graph_module: torch.fx.GraphModule, num_forward: int
+) -> list[tuple[int, Any]]:
+    """The forward's non-tensor outputs (``None``, an int, a shape's sizes, a
+    string), by position among the forward outputs. The graph returns them as
+    constants; the executor returns tensors only, and the planned module puts these
+    back where they stood (a module returning ``(y, None)``, as
+    ``nn.MultiheadAttention`` does without weights, failed to unflatten)."""
+    (output,) = [n for n in graph_module.graph.nodes if n.op == "output"]
+    flat = pytree.tree_leaves(output.args[0], is_leaf=lambda x: x is None)
+    return [(i, v) for i, v in enumerate(flat[:num_forward]) if not isinstance(v, torch.fx.Node)]
 
 
 def _constants_as_buffers(

@@ -345,3 +345,37 @@ def test_a_plain_tensor_attribute_is_traced_for_training() -> None:
     reference(x).pow(2).mean().backward()
     for p, r in zip(model.parameters(), reference.parameters()):
         assert torch.equal(p.grad, r.grad)
+
+
+class _WithConstantOutputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        # nn.MultiheadAttention returns (output, None) without weights
+        out, weights = self.attention(x, x, x, need_weights=False)
+        return out, weights, x.shape[0], "tag", 2.5
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_non_tensor_outputs_come_back_in_place(mode: str) -> None:
+    """The executor returns tensors only: a None, int, string or float output made
+    the planned module fail to unflatten its outputs (training: an IndexError)."""
+    import copy
+
+    import planner
+
+    torch.manual_seed(0)
+    model, x = _WithConstantOutputs(), torch.randn(2, 8, 16)
+    reference = copy.deepcopy(model)
+    pm = planner.plan(model, "100%", (x,), mode=mode, profile="cpu")
+    with torch.set_grad_enabled(mode == "train"):
+        got, expected = pm(x), reference(x)
+    assert got[1:] == (None, 2, "tag", 2.5) == expected[1:]
+    assert torch.equal(got[0], expected[0])
+    if mode == "train":
+        got[0].pow(2).mean().backward()
+        expected[0].pow(2).mean().backward()
+        for p, r in zip(model.parameters(), reference.parameters()):
+            assert torch.equal(p.grad, r.grad)
