@@ -132,7 +132,10 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> torch.export.E
     except Exception as exc:  # torch raises many types; we add the user's line
         graph = getattr(exc, "partial_fx_graph", None)
         where = "\n(the graph traced before the failure: this error's .partial_graph)"
-        error = CaptureError(_describe_trace_failure(model, exc) + (where if graph else ""))
+        error = CaptureError(
+            _scripted_submodules(model)
+            or _describe_trace_failure(model, exc) + (where if graph else "")
+        )
         error.partial_graph = graph
         raise error from exc
     finally:
@@ -140,6 +143,27 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> torch.export.E
         # of torch's export wrappers prints it); else it goes where it was headed
         if not graph:
             sys.stderr.write(stderr.getvalue())
+
+
+def _scripted_submodules(model: torch.nn.Module) -> str:
+    """Why a trace failed when TorchScript modules are inside: torch.export cannot
+    call them (a scripted Linear failed with "forward() takes 2 positional arguments
+    but 3 were given", naming nothing the user wrote)."""
+    scripted = [
+        name or "the model itself"
+        for name, module in model.named_modules()
+        if isinstance(module, torch.jit.ScriptModule)
+    ]
+    if not scripted:
+        return ""
+    shown = ", ".join(scripted[:5]) + (
+        f" and {len(scripted) - 5} more" if len(scripted) > 5 else ""
+    )
+    return (
+        f"planner could not trace {type(model).__name__}: it holds TorchScript modules "
+        f"({shown}; torch.jit.script or torch.jit.trace), which torch.export cannot "
+        f"trace through. Plan the model built from plain nn.Modules (before scripting)"
+    )
 
 
 _FRAMEWORK_PATHS = (

@@ -379,3 +379,19 @@ def test_non_tensor_outputs_come_back_in_place(mode: str) -> None:
         expected[0].pow(2).mean().backward()
         for p, r in zip(model.parameters(), reference.parameters()):
             assert torch.equal(p.grad, r.grad)
+
+
+class _WithScripted(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.jit.script(nn.Linear(8, 8))
+        self.b = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+def test_a_torchscript_submodule_is_named() -> None:
+    """Before: "Linear.forward() takes 2 positional arguments but 3 were given"."""
+    with pytest.raises(CaptureError, match=r"TorchScript modules \(a; .*before scripting"):
+        capture(_WithScripted(), (torch.randn(2, 8),), "infer")
