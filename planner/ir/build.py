@@ -17,6 +17,7 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
+from planner.errors import CaptureError
 from planner.ir.capture import CapturedGraph
 from planner.ir.meta import (
     BUFFER_UPDATES,
@@ -51,6 +52,14 @@ class _Builder:
         producer: int | None,
         source: str | None = None,
     ) -> int:
+        if fake.layout is not torch.strided:
+            raise CaptureError(
+                f"the traced graph makes a {str(fake.layout).removeprefix('torch.')} "
+                f"tensor ({name}; e.g. the gradient of nn.Embedding(sparse=True)); the "
+                f"planner sizes and moves "
+                f"dense tensors only: use sparse=False (a dense gradient the plan can "
+                f"move off the device), or leave this part out of the planned module"
+            )
         storage = fake.untyped_storage()
         key = storage._cdata
         span = _byte_span(fake)

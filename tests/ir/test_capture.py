@@ -395,3 +395,11 @@ def test_a_torchscript_submodule_is_named() -> None:
     """Before: "Linear.forward() takes 2 positional arguments but 3 were given"."""
     with pytest.raises(CaptureError, match=r"TorchScript modules \(a; .*before scripting"):
         capture(_WithScripted(), (torch.randn(2, 8),), "infer")
+
+
+def test_a_sparse_gradient_is_a_clear_error() -> None:
+    """Before: NotImplementedError 'Cannot access storage of SparseTensorImpl'."""
+    model = nn.Sequential(nn.Embedding(100, 8, sparse=True), nn.Linear(8, 2))
+    captured = capture(model, (torch.randint(0, 100, (4, 3)),), "train")
+    with pytest.raises(CaptureError, match=r"sparse_coo tensor .*use sparse=False"):
+        build_program(captured)
