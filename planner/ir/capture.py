@@ -28,7 +28,7 @@ from planner.call_checks import PlannedCall
 from planner.errors import CaptureError
 from planner.ir.autocast import autocast_state
 from planner.ir.constants import inline_scalar_constants
-from planner.ir.hooks import check_hooks_at_capture, hooked_parameters
+from planner.ir.hooks import check_hooks_at_capture, hooked_parameters, module_hooks
 from planner.ir.layout import fix_layouts, true_layouts
 from planner.ir.meta import HOOKED_PARAMS
 from planner.ir.metadata_args import explicit_metadata_args
@@ -107,14 +107,17 @@ def capture(model: torch.nn.Module, example_inputs: Any, mode: str = "infer") ->
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     args, kwargs = normalize_example_inputs(example_inputs)
     autocast = autocast_state()  # the trace fixes each op's dtype as it chooses
-    hooks = check_hooks_at_capture(model, mode)  # as traced: a call checks they stay so
+    check_hooks_at_capture(model, mode)
     exported = _export(model, args, kwargs)
     if mode == "infer":
         captured = _capture_inference(exported, args, kwargs, type(model).__name__)
     else:
         captured = _capture_joint(model, exported, args, kwargs)
     captured.extra["autocast"] = autocast
-    captured.extra["hooks"] = hooks
+    # as the trace left them, which a call checks they stay: a model may install
+    # hooks of its own in its first forward (transformers' output recorders: 8 on a
+    # DPT), and those were taken for the caller's once any hook anywhere came later
+    captured.extra["hooks"] = module_hooks(model, backward=mode == "train")
     if mode == "train":  # their gradients go through autograd, which runs the hooks
         captured.extra[HOOKED_PARAMS] = hooked_parameters(model)
     captured.extra["call"] = PlannedCall(args, kwargs, mode)  # what a call must match

@@ -78,9 +78,9 @@ def hooked_parameters(model: torch.nn.Module) -> frozenset[str]:
     )
 
 
-def check_hooks_at_capture(model: torch.nn.Module, mode: str) -> Hooks:
+def check_hooks_at_capture(model: torch.nn.Module, mode: str) -> None:
     """Before tracing: module backward hooks of a training step are an error,
-    forward hooks a warning. Returns the hooks the plan is made with."""
+    forward hooks a warning."""
     hooks = module_hooks(model, backward=mode == "train")
     backward = [f"{path} ({kind})" for (path, kind) in hooks if kind in _BACKWARD_KINDS.values()]
     if backward:
@@ -99,7 +99,6 @@ def check_hooks_at_capture(model: torch.nn.Module, mode: str) -> Hooks:
             f"forward instead",
             stacklevel=user_stacklevel(),
         )
-    return hooks
 
 
 class HookWatch:

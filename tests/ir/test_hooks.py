@@ -99,3 +99,26 @@ def test_a_tensor_hook_after_planning_runs_unless_the_plan_delivers_that_gradien
     reference(X).pow(2).mean().backward()
     for p, r in zip(model.parameters(), reference.parameters()):
         assert torch.equal(p.grad, r.grad)
+
+
+class _InstallsItsOwnHook(nn.Module):
+    """Installs a (recording) hook in its first forward, as transformers' output
+    recorders do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _mlp()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.body[2]._forward_hooks:
+            self.body[2].register_forward_hook(lambda *_: None)
+        return self.body(x)
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_hooks_the_model_installs_while_traced_are_not_taken_for_the_callers(mode: str) -> None:
+    model = _InstallsItsOwnHook()
+    pm = planner.plan(model, "100%", (X,), mode=mode, profile="cpu")
+    nn.Linear(2, 2).register_forward_hook(lambda *_: None)  # any hook, anywhere: a rescan
+    # before: "hooks registered or removed since planning on body.2 (forward hook)"
+    pm(X)
