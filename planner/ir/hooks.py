@@ -90,7 +90,11 @@ def check_hooks_at_capture(model: torch.nn.Module, mode: str) -> None:
             f"graph). Remove them before planning; a tensor hook on a parameter "
             f"(p.register_hook), which autograd runs on its gradient, is supported"
         )
-    forward = [f"{path} ({kind})" for (path, kind) in hooks]
+    forward = [
+        f"{path} ({kind})"
+        for path, kind, found in _hook_dicts(model, backward=False)
+        if any(not _models_own(hook) for hook in found.values())
+    ]
     if forward:
         warnings.warn(
             f"forward hooks on {_listed(forward)} ran once, while tracing: what they "
@@ -148,6 +152,17 @@ class HookWatch:
                 f"through autograd, which runs them)"
             )
         self._seen = RemovableHandle.next_id
+
+
+#: modules whose hooks are a model's own, installed by its forward and recording
+#: only on request (transformers' output capturing: every layer of a model called
+#: once before planning had one, and the warning listed them all)
+_MODELS_OWN_HOOKS = ("transformers.utils.output_capturing",)
+
+
+def _models_own(hook: object) -> bool:
+    function = getattr(hook, "func", hook)  # functools.partial
+    return getattr(function, "__module__", "").startswith(_MODELS_OWN_HOOKS)
 
 
 def _listed(names: list[str]) -> str:

@@ -122,3 +122,28 @@ def test_hooks_the_model_installs_while_traced_are_not_taken_for_the_callers(mod
     nn.Linear(2, 2).register_forward_hook(lambda *_: None)  # any hook, anywhere: a rescan
     # before: "hooks registered or removed since planning on body.2 (forward hook)"
     pm(X)
+
+
+def test_a_transformers_models_own_recording_hooks_do_not_warn() -> None:
+    """A DPT called once before planning has transformers' output-recording hooks
+    on its layers: planning warned about all of them, which the caller never set."""
+    import warnings
+
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.DPTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        image_size=32, patch_size=8, backbone_out_indices=[0, 1], neck_hidden_sizes=[8, 16],
+        fusion_hidden_size=16, head_in_index=-1, reassemble_factors=[4, 2],
+    )  # fmt: skip
+    model, x = transformers.DPTForDepthEstimation(config).eval(), torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x).predicted_depth
+    assert any(m._forward_hooks for m in model.modules()), "no recorders: proves nothing"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = planner.plan(model, "100%", (x,), mode="infer", profile="cpu")
+    assert not [w for w in caught if "forward hooks" in str(w.message)]
+    with torch.no_grad():
+        assert torch.equal(pm(x).predicted_depth, expected)
