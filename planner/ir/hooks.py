@@ -7,9 +7,11 @@ hooks (``register_full_backward_hook``) are not in the traced graph at all: a
 training plan silently left out a hook that scaled a layer's input gradient. Hooks
 registered or removed after planning are not in the plan either.
 
-So: module backward hooks are an error when planning a training step; forward hooks
-present when planning warn that they ran once; and ``HookWatch`` makes a call an
-error once the model's hooks differ from those planned. Tensor hooks on parameters
+So: module backward hooks are an error when planning a training step; the caller's
+forward hooks present when planning warn that they ran once (not transformers' own
+output recorders); and ``HookWatch`` makes a call an error once the model's hooks
+differ from those the trace left (a model may install hooks of its own in its
+first forward). Tensor hooks on parameters
 (``p.register_hook``) are run by autograd when the plan returns a gradient through
 it; a gradient the plan delivers straight into ``.grad`` (``Runtime.deliver``)
 would pass them by (the hook was called with ``None``), so a hooked parameter's
