@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils import _pytree as pytree
 
-from planner.errors import PlannerError
+from planner.errors import PlannerError, listed
 from planner.ir.layout import strides_that_matter
 from planner.ir.program import Phase, Program, ValueKind
 
@@ -89,11 +89,8 @@ class StateWatch:
         now.update(self.model.named_buffers(remove_duplicate=False))
         replaced = [name for name, tensor in self._held.items() if now.get(name) is not tensor]
         if replaced:
-            shown = ", ".join(replaced[:5]) + (
-                f" and {len(replaced) - 5} more" if len(replaced) > 5 else ""
-            )
             raise PlannerError(
-                f"model entries replaced since planning: {shown}. Each is no longer the "
+                f"model entries replaced since planning: {listed(replaced)}. Each is no longer the "
                 f"tensor this module was planned over (a new object, e.g. by assigning a "
                 f"new nn.Parameter, load_state_dict(..., assign=True) or a swapped "
                 f"submodule); the plan would read, and give gradients to, the old one. "
@@ -124,10 +121,9 @@ class StateTypes:
         ]
         if not moved:
             return None
-        more = f" and {len(moved) - 3} more" if len(moved) > 3 else ""
         return (
             f"the model's tensors changed dtype, device or shape since planning: "
-            f"{'; '.join(moved[:3])}{more} (model.half(), model.to(...) or "
+            f"{listed(moved, 3, '; ')} (model.half(), model.to(...) or "
             f"param.data = ... after planning). The plan is sized and traced for them "
             f"as they were: convert the model before calling planner.plan, or convert "
             f"it back"
@@ -282,11 +278,8 @@ def check_not_unfrozen(
         return
     unfrozen = [name for name, now, was in zip(names, needs, planned) if now and not was]
     if unfrozen:
-        shown = ", ".join(unfrozen[:5]) + (
-            f" and {len(unfrozen) - 5} more" if len(unfrozen) > 5 else ""
-        )
         raise PlannerError(
-            f"parameters that did not require grad when planned do now: {shown}. The "
+            f"parameters that did not require grad when planned do now: {listed(unfrozen)}. The "
             f"planned backward computes no gradient for them, so they would not train: "
             f"call planner.plan again after unfreezing (a plan per stage of a gradual "
             f"unfreeze)"

@@ -20,6 +20,13 @@ def user_stacklevel() -> int:
     return level
 
 
+def listed(names: list[str], limit: int = 5, sep: str = ", ") -> str:
+    """The first ``limit`` names, and how many more: what a message names when
+    many things are at fault (a model's hundred parameters)."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return sep.join(names[:limit]) + more
+
+
 def first_line(exc: BaseException) -> str:
     """``Type: the message's first line`` (at most 200 characters): an error met
     while trying something optional (a compiled run, a layout rewrite), said in

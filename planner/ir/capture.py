@@ -25,7 +25,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from planner.call_checks import PlannedCall
-from planner.errors import CaptureError
+from planner.errors import CaptureError, listed
 from planner.ir.autocast import autocast_state
 from planner.ir.constants import inline_scalar_constants
 from planner.ir.hooks import check_hooks_at_capture, hooked_parameters, module_hooks
@@ -159,12 +159,9 @@ def _scripted_submodules(model: torch.nn.Module) -> str:
     ]
     if not scripted:
         return ""
-    shown = ", ".join(scripted[:5]) + (
-        f" and {len(scripted) - 5} more" if len(scripted) > 5 else ""
-    )
     return (
         f"planner could not trace {type(model).__name__}: it holds TorchScript modules "
-        f"({shown}; torch.jit.script or torch.jit.trace), which torch.export cannot "
+        f"({listed(scripted)}; torch.jit.script or torch.jit.trace), which torch.export cannot "
         f"trace through. Plan the model built from plain nn.Modules (before scripting)"
     )
 

@@ -33,7 +33,7 @@ import torch
 from torch.nn.modules import module as nn_module
 from torch.utils.hooks import RemovableHandle
 
-from planner.errors import CaptureError, PlannerError, user_stacklevel
+from planner.errors import CaptureError, PlannerError, listed, user_stacklevel
 
 #: module attribute -> what it is called in messages
 _FORWARD_KINDS = {"_forward_pre_hooks": "forward pre-hook", "_forward_hooks": "forward hook"}
@@ -87,7 +87,7 @@ def check_hooks_at_capture(model: torch.nn.Module, mode: str) -> None:
     backward = [f"{path} ({kind})" for (path, kind) in hooks if kind in _BACKWARD_KINDS.values()]
     if backward:
         raise CaptureError(
-            f"{type(model).__name__} has module backward hooks on {_listed(backward)}: a "
+            f"{type(model).__name__} has module backward hooks on {listed(backward)}: a "
             f"planned training step does not run them (they are not part of the traced "
             f"graph). Remove them before planning; a tensor hook on a parameter "
             f"(p.register_hook), which autograd runs on its gradient, is supported"
@@ -99,7 +99,7 @@ def check_hooks_at_capture(model: torch.nn.Module, mode: str) -> None:
     ]
     if forward:
         warnings.warn(
-            f"forward hooks on {_listed(forward)} ran once, while tracing: what they "
+            f"forward hooks on {listed(forward)} ran once, while tracing: what they "
             f"compute is part of the plan, but a planned call does not call them (a hook "
             f"that records activations records nothing). Return what you need from "
             f"forward instead",
@@ -140,7 +140,7 @@ class HookWatch:
                 if now.get((path, kind)) != self._planned.get((path, kind))
             ]
             raise PlannerError(
-                f"hooks registered or removed since planning on {_listed(changed)}: the "
+                f"hooks registered or removed since planning on {listed(changed)}: the "
                 f"plan runs the model as traced, which ran the forward hooks present when "
                 f"planned (once, while tracing) and no backward hooks. Put the hooks back "
                 f"as they were, or call planner.plan again with the hooks in place"
@@ -148,7 +148,7 @@ class HookWatch:
         hooked = [name for name, p in self._delivered if p._backward_hooks]  # type: ignore[attr-defined]
         if hooked:
             raise PlannerError(
-                f"tensor hooks registered since planning on {_listed(hooked)}, whose "
+                f"tensor hooks registered since planning on {listed(hooked)}, whose "
                 f"gradients the plan writes straight into .grad, past any hook: call "
                 f"planner.plan again with the hooks in place (their gradients then go "
                 f"through autograd, which runs them)"
@@ -165,7 +165,3 @@ _MODELS_OWN_HOOKS = ("transformers.utils.output_capturing",)
 def _models_own(hook: object) -> bool:
     function = getattr(hook, "func", hook)  # functools.partial
     return getattr(function, "__module__", "").startswith(_MODELS_OWN_HOOKS)
-
-
-def _listed(names: list[str]) -> str:
-    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")

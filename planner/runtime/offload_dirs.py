@@ -31,6 +31,8 @@ import warnings
 import zlib
 from pathlib import Path
 
+from planner.errors import listed
+
 try:
     import fcntl
 except ImportError:  # not POSIX: no locks, no sweep
@@ -138,13 +140,12 @@ def remove_stale(parent: str | os.PathLike[str]) -> list[tuple[Path, int]]:
             removed.append((path, nbytes))
     if removed:
         total = sum(nbytes for _, nbytes in removed)
-        names = ", ".join(path.name for path, _ in removed[:3])
-        more = f" and {len(removed) - 3} more" if len(removed) > 3 else ""
+        names = listed([path.name for path, _ in removed], 3)
         warnings.warn(
             f"planner removed {len(removed)} offload director"
             f"{'y' if len(removed) == 1 else 'ies'} ({total / 2**20:.1f} MiB) from "
             f"{os.fspath(parent)!r} that processes which no longer run left behind "
-            f"(killed before they could clean up): {names}{more}",
+            f"(killed before they could clean up): {names}",
             stacklevel=2,
         )
     return removed
