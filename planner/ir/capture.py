@@ -306,7 +306,7 @@ def _capture_joint(
 
     flat_inputs, in_spec = pytree.tree_flatten((args, kwargs))
     inner = ep.module()
-    constants = _constants_as_buffers(inner, ep)
+    constants = _constants_as_buffers(inner, ep, model)
     flat_module = _FlatModule(inner, in_spec)
     seen: dict[str, Any] = {}
 
@@ -386,6 +386,14 @@ def _capture_joint(
     )
 
 
+def _attribute(model: torch.nn.Module, fqn: str) -> object:
+    """``model``'s attribute at dotted path ``fqn``, or None."""
+    target: object = model
+    for part in fqn.split("."):
+        target = getattr(target, part, None)
+    return target
+
+
 def _output_constants(
     graph_module: torch.fx.GraphModule, num_forward: int
 ) -> list[tuple[int, Any]]:
@@ -400,14 +408,20 @@ def _output_constants(
 
 
 def _constants_as_buffers(
-    module: torch.nn.Module, ep: torch.export.ExportedProgram
+    module: torch.nn.Module, ep: torch.export.ExportedProgram, model: torch.nn.Module
 ) -> dict[str, torch.Tensor]:
     """Make each tensor the model holds as a plain attribute (a sinusoidal table:
     VideoMAE's position embeddings) a non-persistent buffer of the exported module,
     so that AOTAutograd takes it as an input like the other buffers. As a plain
     attribute it stayed a real tensor inside AOTAutograd's fake trace, which
-    refused it. Returns them by name (the planned module reads them from here)."""
-    constants = {k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}
+    refused it. Not the constants forward makes (``torch.tensor(2.0)``, lifted as
+    ``lifted_tensor_0``): AOTAutograd copies those in (``planner.ir.constants``).
+    Returns them by name (the planned module reads them from here)."""
+    constants = {
+        k: v
+        for k, v in ep.constants.items()
+        if isinstance(v, torch.Tensor) and isinstance(_attribute(model, k), torch.Tensor)
+    }
     for fqn, value in constants.items():
         path, _, leaf = fqn.rpartition(".")
         owner = module.get_submodule(path)
