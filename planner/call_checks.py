@@ -10,6 +10,9 @@ compute something else than eager would, so each is an error that says what to d
   did not (the traced backward has no gradient for it: ``x.grad`` stayed ``None``);
 - training, ``create_graph=True``: the planned backward runs outside autograd (its
   ops write into planned buffers), so it cannot itself be differentiated;
+- training, ``torch.autograd.grad`` or ``backward(inputs=...)`` leaving out a
+  parameter whose gradient the plan writes into ``.grad`` itself
+  (``check_deliveries_wanted``);
 - training, a parameter or buffer of the model replaced by a new object
   (``model.fc.weight = nn.Parameter(...)``, ``load_state_dict(assign=True)``, a
   swapped submodule): the plan still reads, and hands gradients to, the old one
@@ -39,6 +42,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.autograd.graph import get_gradient_edge
 from torch.utils import _pytree as pytree
 
 from planner.errors import PlannerError, listed
@@ -283,6 +287,34 @@ def check_not_unfrozen(
             f"planned backward computes no gradient for them, so they would not train: "
             f"call planner.plan again after unfreezing (a plan per stage of a gradual "
             f"unfreeze)"
+        )
+
+
+def check_deliveries_wanted(delivered: Sequence[tuple[str, torch.Tensor]]) -> None:
+    """Called from the planned backward before it runs: the gradients the plan
+    writes straight into ``.grad`` as soon as they are made (``Runtime.deliver``)
+    must be ones this backward accumulates there. ``torch.autograd.grad(loss,
+    params)`` accumulates none (it returned ``None`` for a delivered parameter and
+    set its ``.grad``), and ``backward(inputs=[...])`` only those named (the others'
+    ``.grad`` was set anyway). The engine says which leaves it will accumulate."""
+    if not delivered:
+        return
+    try:
+        left_out = [
+            name
+            for name, param in delivered
+            if not torch._C._will_engine_execute_node(get_gradient_edge(param).node)
+        ]
+        how = "backward(inputs=[...]) without them"
+    except RuntimeError:  # the engine runs torch.autograd.grad: nothing is accumulated
+        left_out, how = [name for name, _ in delivered], "torch.autograd.grad(...)"
+    if left_out:
+        raise PlannerError(
+            f"this plan writes the gradients of {listed(left_out)} straight into .grad as "
+            f"soon as they are made (the budget has no room to hold them to the end of "
+            f"the backward), so {how} cannot get them the way it asks: call "
+            f"loss.backward() and read .grad, or plan with a budget at which no gradient "
+            f"is delivered early (no 'deliver' in pm.plan.actions)"
         )
 
 

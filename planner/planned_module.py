@@ -24,6 +24,7 @@ from planner.call_checks import (
     PlannedCall,
     StateTypes,
     StateWatch,
+    check_deliveries_wanted,
     check_not_create_graph,
     check_not_unfrozen,
 )
@@ -796,6 +797,7 @@ class _PlannedStep(torch.autograd.Function):
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple:  # type: ignore[override]
         pm: PlannedModule = ctx.pm
         check_not_create_graph()
+        check_deliveries_wanted(pm._delivered_params)
         if ctx.carry is None:
             raise PlannerError(
                 "backward through a planned step twice is not supported "

@@ -397,3 +397,24 @@ def test_an_input_a_backward_recompute_reads_written_in_place_is_an_error() -> N
         PlannerError, match=r"args\[0\], which the planned backward reads \(or recomputes from\)"
     ):
         loss.backward()
+
+
+def test_autograd_grad_or_backward_inputs_leaving_out_a_delivered_gradient_is_an_error() -> None:
+    """Gradients the plan writes into .grad itself: torch.autograd.grad returned None
+    for them (and set their .grad); backward(inputs=[w]) set the others' .grad too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 256)
+    )
+    x = torch.randn(128, 256)
+    pm = planner.plan(model, "45%", (x,), mode="train", profile="cpu")
+    delivered = {a.tensor.removeprefix("grad of ") for a in pm.plan.actions if a.kind == "deliver"}
+    assert delivered, "nothing delivered: the test proves nothing"
+    with pytest.raises(PlannerError, match=r"torch\.autograd\.grad\(\.\.\.\) cannot"):
+        torch.autograd.grad(pm(x).pow(2).mean(), list(model.parameters()))
+    with pytest.raises(PlannerError, match=r"backward\(inputs=\[\.\.\.\]\) without them"):
+        pm(x).pow(2).mean().backward(inputs=[model[0].weight])
+    assert all(p.grad is None for p in model.parameters())  # nothing was written
+    params = dict(model.named_parameters())
+    pm(x).pow(2).mean().backward(inputs=[params[n] for n in delivered])  # all of them: fine
+    assert all(params[n].grad is not None for n in delivered)
