@@ -290,20 +290,26 @@ def check_not_unfrozen(
         )
 
 
-def check_deliveries_wanted(delivered: Sequence[tuple[str, torch.Tensor]]) -> None:
+def accumulators(params: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[str, Any]]:
+    """Each parameter's gradient accumulator node (``AccumulateGrad``), held so that
+    it stays the one the engine runs, for ``check_deliveries_wanted``: looking them
+    up each step cost 3.5 us a parameter, asking the held ones 0.07 us."""
+    return [(name, get_gradient_edge(param).node) for name, param in params]
+
+
+def check_deliveries_wanted(delivered: Sequence[tuple[str, Any]]) -> None:
     """Called from the planned backward before it runs: the gradients the plan
     writes straight into ``.grad`` as soon as they are made (``Runtime.deliver``)
     must be ones this backward accumulates there. ``torch.autograd.grad(loss,
     params)`` accumulates none (it returned ``None`` for a delivered parameter and
     set its ``.grad``), and ``backward(inputs=[...])`` only those named (the others'
-    ``.grad`` was set anyway). The engine says which leaves it will accumulate."""
+    ``.grad`` was set anyway). The engine says which leaves it will accumulate;
+    ``delivered``: (name, accumulator) from ``accumulators``."""
     if not delivered:
         return
     try:
         left_out = [
-            name
-            for name, param in delivered
-            if not torch._C._will_engine_execute_node(get_gradient_edge(param).node)
+            name for name, node in delivered if not torch._C._will_engine_execute_node(node)
         ]
         how = "backward(inputs=[...]) without them"
     except RuntimeError:  # the engine runs torch.autograd.grad: nothing is accumulated

@@ -24,6 +24,7 @@ from planner.call_checks import (
     PlannedCall,
     StateTypes,
     StateWatch,
+    accumulators,
     check_deliveries_wanted,
     check_not_create_graph,
     check_not_unfrozen,
@@ -180,6 +181,7 @@ class PlannedModule(torch.nn.Module):
                 self._wire_autograd()
                 self._state_watch = StateWatch(model, self._model_entries(model))
                 self._primals_require_grad = tuple(p.requires_grad for p in self._primals)
+                self._delivery_accumulators = accumulators(self._delivered_params)
                 self._backward_reads = BackwardReads(
                     program,
                     problem,
@@ -797,7 +799,7 @@ class _PlannedStep(torch.autograd.Function):
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple:  # type: ignore[override]
         pm: PlannedModule = ctx.pm
         check_not_create_graph()
-        check_deliveries_wanted(pm._delivered_params)
+        check_deliveries_wanted(pm._delivery_accumulators)
         if ctx.carry is None:
             raise PlannerError(
                 "backward through a planned step twice is not supported "
