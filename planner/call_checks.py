@@ -175,6 +175,8 @@ class PlannedCall:
         self.meta = [_meta(t) for _, t in tensors]
         self.strides = [_layout(t) for _, t in tensors]
         self.requires_grad = [t.requires_grad for _, t in tensors]
+        #: positions of example tensors that were one tensor (``attention(x, x, x)``)
+        self.same = _same_tensors([t for _, t in tensors])
         self.constant_names = [
             _readable(pytree.keystr(path)) for path, x in leaves if not isinstance(x, torch.Tensor)
         ]
@@ -215,11 +217,29 @@ class PlannedCall:
                 f"planner.plan again with example inputs where {name} is {now!r} (one "
                 f"planned module per value)"
             )
+        if self.same:
+            self._check_same(tensors)
         if same_strides:
             self._check_strides(tensors)
         if torch.is_grad_enabled():
             self._check_grads(tensors)
         return tensors
+
+    def _check_same(self, tensors: list[torch.Tensor]) -> None:
+        """The trace took example arguments that were one tensor for one input, so
+        the plan reads one of them for all: ``model(x, x)`` planned, then called as
+        ``model(x, y)``, computed ``model(y, y)``."""
+        for group in self.same:
+            first = _identity(tensors[group[0]])
+            differ = [i for i in group[1:] if _identity(tensors[i]) != first]
+            if differ:
+                names = [self.tensor_names[i] for i in (group[0], *differ)]
+                raise PlannerError(
+                    f"{' and '.join(names)} were one tensor in the example inputs, so the "
+                    f"trace made them one input, and here they differ: this plan would read "
+                    f"one of them for all. Plan with distinct example tensors where "
+                    f"yours will differ (e.g. labels=ids.clone())"
+                )
 
     def _check_strides(self, tensors: list[torch.Tensor]) -> None:
         for name, planned, tensor in zip(self.tensor_names, self.strides, tensors):
@@ -257,6 +277,26 @@ class PlannedCall:
                 f"for them. Plan with example inputs that require grad where yours will "
                 f"(x.requires_grad_()), or pass x.detach() if you need no gradient for it"
             )
+
+
+def _identity(tensor: torch.Tensor) -> tuple:
+    """Two tensors with equal identities read the same elements: the same storage,
+    offset, shape and strides (one object, or ``x`` and ``x.detach()``)."""
+    return (
+        tensor.untyped_storage().data_ptr(),
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tensor.stride(),
+    )
+
+
+def _same_tensors(tensors: list[torch.Tensor]) -> list[tuple[int, ...]]:
+    """Groups (two or more) of positions whose tensors are the same elements."""
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.numel() and t.device.type != "meta":
+            groups.setdefault(_identity(t), []).append(i)
+    return [tuple(g) for g in groups.values() if len(g) > 1]
 
 
 def _meta(tensor: torch.Tensor) -> tuple[tuple[int, ...], str]:

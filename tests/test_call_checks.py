@@ -418,3 +418,28 @@ def test_autograd_grad_or_backward_inputs_leaving_out_a_delivered_gradient_is_an
     params = dict(model.named_parameters())
     pm(x).pow(2).mean().backward(inputs=[params[n] for n in delivered])  # all of them: fine
     assert all(params[n].grad is not None for n in delivered)
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.a(x) * self.b(y)
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_example_inputs_that_were_one_tensor_must_stay_one(mode: str) -> None:
+    """Planned as model(x, x), the trace made one input of both: called as
+    model(x, y), the plan computed model(y, y)."""
+    torch.manual_seed(0)
+    model, x, y = _TwoInputs(), torch.randn(8, 32), torch.randn(8, 32)
+    pm = planner.plan(model, "100%", (x, x), mode=mode, profile="cpu")
+    with pytest.raises(PlannerError, match=r"args\[0\] and args\[1\] were one tensor"):
+        pm(x, y)
+    with torch.no_grad():
+        assert torch.equal(pm(y, y), model(y, y))  # one tensor again: as planned
+        assert torch.equal(pm(x, x.detach()), model(x, x))  # the same elements
+    distinct = planner.plan(_TwoInputs(), "100%", (x, y), mode=mode, profile="cpu")
+    distinct(x, x)  # planned distinct, called with one tensor: fine
