@@ -349,30 +349,35 @@ def check_not_unfrozen(
         )
 
 
-def accumulators(params: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[str, Any]]:
-    """Each parameter's gradient accumulator node (``AccumulateGrad``), held so that
-    it stays the one the engine runs, for ``check_deliveries_wanted``: looking them
-    up each step cost 3.5 us a parameter, asking the held ones 0.07 us."""
-    return [(name, get_gradient_edge(param).node) for name, param in params]
+def accumulators(
+    params: Sequence[tuple[str, torch.Tensor]],
+) -> list[tuple[str, torch.Tensor, Any]]:
+    """Each parameter with its gradient accumulator node (``AccumulateGrad``), held
+    so that it stays the one the engine runs, for ``check_deliveries_wanted``:
+    looking them up each step cost 3.5 us a parameter, asking the held ones 0.07."""
+    return [(name, param, get_gradient_edge(param).node) for name, param in params]
 
 
-def check_deliveries_wanted(delivered: Sequence[tuple[str, Any]]) -> None:
+def check_deliveries_wanted(delivered: Sequence[tuple[str, torch.Tensor, Any]]) -> None:
     """Called from the planned backward before it runs: the gradients the plan
     writes straight into ``.grad`` as soon as they are made (``Runtime.deliver``)
     must be ones this backward accumulates there. ``torch.autograd.grad(loss,
     params)`` accumulates none (it returned ``None`` for a delivered parameter and
     set its ``.grad``), and ``backward(inputs=[...])`` only those named (the others'
     ``.grad`` was set anyway). The engine says which leaves it will accumulate;
-    ``delivered``: (name, accumulator) from ``accumulators``."""
+    ``delivered``: from ``accumulators``. A parameter frozen since planning is no
+    such leaf, and gets no gradient (``Runtime.deliver`` skips it)."""
     if not delivered:
         return
     try:
         left_out = [
-            name for name, node in delivered if not torch._C._will_engine_execute_node(node)
+            name
+            for name, param, node in delivered
+            if param.requires_grad and not torch._C._will_engine_execute_node(node)
         ]
         how = "backward(inputs=[...]) without them"
     except RuntimeError:  # the engine runs torch.autograd.grad: nothing is accumulated
-        left_out, how = [name for name, _ in delivered], "torch.autograd.grad(...)"
+        left_out, how = [name for name, _, _ in delivered], "torch.autograd.grad(...)"
     if left_out:
         raise PlannerError(
             f"this plan writes the gradients of {listed(left_out)} straight into .grad as "

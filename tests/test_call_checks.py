@@ -443,3 +443,25 @@ def test_example_inputs_that_were_one_tensor_must_stay_one(mode: str) -> None:
         assert torch.equal(pm(x, x.detach()), model(x, x))  # the same elements
     distinct = planner.plan(_TwoInputs(), "100%", (x, y), mode=mode, profile="cpu")
     distinct(x, x)  # planned distinct, called with one tensor: fine
+
+
+def test_a_delivered_parameter_frozen_after_planning_gets_no_gradient() -> None:
+    """Eager gives a frozen parameter no .grad (so an optimizer leaves it alone); the
+    plan wrote its delivered gradient into .grad regardless."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 256)
+    )
+    reference, x = copy.deepcopy(model), torch.randn(128, 256)
+    pm = planner.plan(model, "45%", (x,), mode="train", profile="cpu")
+    delivered = {a.tensor.removeprefix("grad of ") for a in pm.plan.actions if a.kind == "deliver"}
+    assert delivered, "nothing delivered: the test proves nothing"
+    frozen = sorted(delivered)[0]
+    for m in (model, reference):
+        dict(m.named_parameters())[frozen].requires_grad_(False)
+    pm(x).pow(2).mean().backward()
+    reference(x).pow(2).mean().backward()
+    for (name, p), r in zip(model.named_parameters(), reference.parameters()):
+        assert (p.grad is None) == (r.grad is None), name
+        if r.grad is not None:
+            assert torch.equal(p.grad, r.grad), name

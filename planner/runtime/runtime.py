@@ -139,6 +139,8 @@ class Runtime:
             host, pending = self.engine.copy_to_host(key, grad)
             self.arriving.append((param, host, pending))
             return pending
+        if not param.requires_grad:  # frozen since planning: eager gives it no .grad
+            return None
         if param.grad is None:
             buffer.copy_(grad)
             param.grad = buffer
@@ -155,6 +157,8 @@ class Runtime:
         arriving, self.arriving = self.arriving, []
         for param, host, pending in arriving:
             self.engine.synchronize(pending)
+            if not param.requires_grad:  # frozen since planning
+                continue
             if param.grad is None:
                 param.grad = torch.empty_like(param).copy_(host)
             else:
