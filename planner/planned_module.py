@@ -116,6 +116,7 @@ class PlannedModule(torch.nn.Module):
             zip(positions, program.outputs[: program.num_forward_outputs])
         )
         self.kernels = kernels
+        self._model_name = type(model).__name__
         #: autocast as it was when traced (the trace fixed its dtypes), per device type
         self._autocast: AutocastState = captured.extra["autocast"]
         # the mode the model was traced in, where calling in the other would differ
@@ -288,6 +289,13 @@ class PlannedModule(torch.nn.Module):
         state += self._store_quantized(tensors)  # type: ignore[arg-type]
         self._state = state
         self._unreleased: tuple[list[str], Any] = (released, ep)
+
+    def extra_repr(self) -> str:
+        """``print(model)`` of a module holding this one shows what was planned."""
+        return (
+            f"{self._model_name}, mode={self.mode!r}, budget={self.plan.budget_bytes:,} B, "
+            f"predicted peak={self.plan.predicted_peak_bytes:,} B, kernels={self.kernels!r}"
+        )
 
     def _with_constants(self, outs: list[Any]) -> list[Any]:
         """The forward's outputs as the graph returns them: the executor's tensors

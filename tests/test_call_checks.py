@@ -288,6 +288,7 @@ def test_named_parameters_are_the_models_for_grouping_by_name() -> None:
         "head.bias",
     ]
     assert set(wrapper.state_dict()) >= {n for n, _ in wrapper.named_parameters()}  # same names
+    assert "(body): PlannedModule(_Net, mode='train', budget=" in repr(wrapper)  # was: ()
 
 
 @pytest.mark.parametrize("mode", ["infer", "train"])
