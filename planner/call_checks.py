@@ -468,7 +468,7 @@ class BackwardReads:
         changed = [name for tensor, version, name in recorded if tensor._version != version]
         if changed:
             raise PlannerError(
-                f"{', '.join(changed[:5])}, which the planned backward reads (or recomputes "
+                f"{listed(changed)}, which the planned backward reads (or recomputes "
                 f"from), {'was' if len(changed) == 1 else 'were'} modified in place after "
                 f"the forward: the planned step refuses to compute gradients from the new "
                 f"values, as eager autograd does for the tensors it saved. Make that change "

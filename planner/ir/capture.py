@@ -446,8 +446,7 @@ def _no_backward_message(model: torch.nn.Module) -> str:
     cause = (
         "its gradient checkpointing is on (gradient_checkpointing_enable()), and when "
         "reentrant it runs the checkpointed forward under no_grad, hiding it from the "
-        "trace. "
-        "planner chooses what to recompute itself: call "
+        "trace. planner chooses what to recompute itself: call "
         "model.gradient_checkpointing_disable() before planning, or enable it with "
         "gradient_checkpointing_kwargs={'use_reentrant': False}"
         if checkpointing

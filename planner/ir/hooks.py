@@ -83,8 +83,12 @@ def hooked_parameters(model: torch.nn.Module) -> frozenset[str]:
 def check_hooks_at_capture(model: torch.nn.Module, mode: str) -> None:
     """Before tracing: module backward hooks of a training step are an error,
     forward hooks a warning."""
-    hooks = module_hooks(model, backward=mode == "train")
-    backward = [f"{path} ({kind})" for (path, kind) in hooks if kind in _BACKWARD_KINDS.values()]
+    found = _hook_dicts(model, backward=mode == "train")  # one walk for both
+    backward = [
+        f"{path} ({kind})"
+        for path, kind, hooks in found
+        if hooks and kind in _BACKWARD_KINDS.values()
+    ]
     if backward:
         raise CaptureError(
             f"{type(model).__name__} has module backward hooks on {listed(backward)}: a "
@@ -94,8 +98,8 @@ def check_hooks_at_capture(model: torch.nn.Module, mode: str) -> None:
         )
     forward = [
         f"{path} ({kind})"
-        for path, kind, found in _hook_dicts(model, backward=False)
-        if any(not _models_own(hook) for hook in found.values())
+        for path, kind, hooks in found
+        if kind in _FORWARD_KINDS.values() and any(not _models_own(h) for h in hooks.values())
     ]
     if forward:
         warnings.warn(

@@ -73,10 +73,10 @@ def random_inputs(node: torch.fx.Node, device: str) -> tuple[tuple, dict]:
         extent = 1 + sum((n - 1) * st for n, st in zip(shape, stride)) if all(shape) else 0
         size = (extent,) if overlapping else shape
         t = torch.empty_strided(size, (1,) if overlapping else stride, dtype=v.dtype, device=device)
-        floating = v.dtype.is_floating_point or v.dtype.is_complex
-        t.normal_() if floating else t.zero_()
-        if floating:
-            t.requires_grad_(v.requires_grad)
+        if v.dtype.is_floating_point or v.dtype.is_complex:
+            t.normal_().requires_grad_(v.requires_grad)
+        else:
+            t.zero_()
         return t.as_strided(shape, stride) if overlapping else t
 
     args, kwargs = pytree.tree_map(real, (node.args, node.kwargs))
