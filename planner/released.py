@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from planner.errors import PlannerError
 
@@ -48,7 +49,9 @@ class ReleasedWeight(torch.Tensor):
     def __torch_dispatch__(  # type: ignore[override]  # torch's own stub differs
         cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
     ) -> Any:
-        released = next(a for a in args if isinstance(a, ReleasedWeight))
+        # anywhere in the call: torch.cat([w, x]) passes it in a list
+        leaves = pytree.tree_leaves((args, kwargs or {}))
+        released = next(a for a in leaves if isinstance(a, ReleasedWeight))
         if func in _HANDLE_OPS:
             return ReleasedWeight(released, released.released_name, released.model_name)
         raise PlannerError(

@@ -27,6 +27,8 @@ def test_the_model_after_an_inference_plan_raises_instead_of_reading_garbage() -
             model(x)
     with pytest.raises(PlannerError, match="plan a copy of the model"):
         copy.deepcopy(model)
+    with pytest.raises(PlannerError, match=rf"'{released[0]}' of the Sequential"):
+        torch.cat([dict(model.named_parameters())[released[0]]] * 2)  # was: StopIteration
     assert set(model.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
     assert sum(p.numel() for p in model.parameters()) == 256 * 512 * 2 + 512 + 256
     with torch.no_grad():
