@@ -83,7 +83,7 @@ class StateWatch:
     def __init__(self, model: torch.nn.Module, held: dict[str, torch.Tensor]) -> None:
         _install_hooks()
         self.model = model
-        self._held = held
+        self.held = held
         self._seen = _registrations
 
     def check(self) -> None:
@@ -91,7 +91,7 @@ class StateWatch:
             return
         now: dict[str, torch.Tensor] = dict(self.model.named_parameters(remove_duplicate=False))
         now.update(self.model.named_buffers(remove_duplicate=False))
-        replaced = [name for name, tensor in self._held.items() if now.get(name) is not tensor]
+        replaced = [name for name, tensor in self.held.items() if now.get(name) is not tensor]
         if replaced:
             raise PlannerError(
                 f"model entries replaced since planning: {listed(replaced)}. Each is no longer the "

@@ -32,14 +32,14 @@ from planner.call_checks import (
 from planner.codegen.assemble import Assembled, assemble
 from planner.codegen.emit import Executor
 from planner.codegen.segments import kernels_summary
-from planner.errors import PlannerError
+from planner.errors import PlannerError, listed
 from planner.ir.autocast import AutocastState, autocast_off, check_autocast
 from planner.ir.hooks import HookWatch
 from planner.ir.layout import strides_that_matter
 from planner.ir.meta import BUFFER_UPDATES, PARAM_GRADS, fake_value
 from planner.ir.program import Phase, ValueKind
 from planner.passes.pipeline import Analysis
-from planner.released import released_like
+from planner.released import FROZEN_QUANTIZED, ReleasedWeight, released_like
 from planner.report import Report
 from planner.runtime import fused
 from planner.runtime.checkpoint import is_file_backed
@@ -255,6 +255,22 @@ class PlannedModule(torch.nn.Module):
                 if isinstance(engine, ThreadCopyEngine):  # large ones read as maps
                     engine.mappable.add(name)
         self._state_positions = [primal_of[vi] for vi in self.executor.state_values]
+        #: training: frozen weights stored quantized, by primal name, each with its
+        #: stand-in, which this module holds at once (the meter counts its tensors),
+        #: the model once ``release_offloaded`` runs, and the id of the full copy
+        self._frozen_stand_ins: dict[str, tuple[torch.Tensor, int]] = {}
+        #: the model's names for them, once released (a tied weight has two)
+        self._frozen_quantized: set[str] = set()
+        if self.mode == "train":
+            for fqn in released:
+                original = tensors[fqn]
+                stand_in = released_like(original, fqn, model, FROZEN_QUANTIZED)
+                for position, primal in enumerate(self._primals):
+                    if primal is original:  # a tied weight is a primal per name
+                        self._primals[position] = stand_in
+                        name = self._primal_names[position]
+                        self._frozen_stand_ins[name] = (stand_in, id(original))
+            released = []
         if self.mode == "train":
             self._prepare_deliveries(tensors)
         for vi in self.executor.state_values:
@@ -286,7 +302,9 @@ class PlannedModule(torch.nn.Module):
             )
             self._parameters.clear()
             self._parameters.update(held_params)
-        state += self._store_quantized(tensors)  # type: ignore[arg-type]
+        #: weights stored quantized (``Quantized``), after the state in a run's list
+        self._stored = self._store_quantized(tensors)  # type: ignore[arg-type]
+        state += self._stored
         self._state = state
         self._unreleased: tuple[list[str], Any] = (released, ep)
 
@@ -324,6 +342,8 @@ class PlannedModule(torch.nn.Module):
         """Release the weights homed off the device (or stored quantized) from
         ``model`` and the exported program: this module reads them from their tier."""
         released, ep = self._unreleased
+        if self.mode == "train":
+            self._release_frozen(model)
         for source in released:
             _release(model, source)
             if ep is not None and source in ep.state_dict:
@@ -333,11 +353,29 @@ class PlannedModule(torch.nn.Module):
         self._unreleased = ([], None)
         self._record_state_types()  # a released weight is no longer read from the model
 
+    def _release_frozen(self, model: torch.nn.Module) -> None:
+        """Training: the frozen weights this module stores quantized leave the model
+        too, under every name it holds them by (a tied weight has two), so that
+        their full copies are freed; the model holds the stand-in the step passes
+        in the weight's place (the executor reads the codes; autograd sees an input
+        that wants no gradient), and the state watch expects it there."""
+        names_of: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            names_of.setdefault(id(p), []).append(name)
+        for source, (stand_in, original) in self._frozen_stand_ins.items():
+            for name in names_of.get(original, []):
+                _replace(model, name, stand_in)
+                self._frozen_quantized.add(name)
+            if hasattr(self, "_state_watch"):
+                self._state_watch.held[source] = stand_in
+        self._frozen_stand_ins = {}
+
     def _model_entries(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The primals that are the model's parameters and buffers, by name (not the
         tensors it holds as plain attributes, which the trace took as constants)."""
         names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
         names.update(n for n, _ in model.named_buffers(remove_duplicate=False))
+        names -= self._frozen_stand_ins.keys()  # expected there once released
         return {n: t for n, t in zip(self._primal_names, self._primals) if n in names}
 
     def _record_state_types(self) -> None:
@@ -557,9 +595,25 @@ class PlannedModule(torch.nn.Module):
         from here loads into the model, and into this module (``_load_from_state_dict``).
         Inference: no entries, and a warning saying so: the plan holds its weights
         where it placed them (some quantized, some in files), none under the model's
-        names (save the model's state dict before planning)."""
+        names (save the model's state dict before planning).
+
+        Training with frozen weights stored quantized: those are left out (this
+        module holds only their codes; they do not train, so the checkpoint they
+        came from still holds them), with a warning naming them."""
         if self.mode == "train":
-            return self._state_watch.model.state_dict(*args, **kwargs)
+            state = self._state_watch.model.state_dict(*args, **kwargs)
+            left_out = [k for k, v in state.items() if isinstance(v, ReleasedWeight)]
+            for key in left_out:
+                del state[key]
+            if left_out:
+                warnings.warn(
+                    f"state_dict leaves out {len(left_out)} frozen weight(s) this plan "
+                    f"stores quantized ({listed(left_out)}): it holds only their codes. "
+                    f"They do not train: the checkpoint the model was built from still "
+                    f"holds them",
+                    stacklevel=2,
+                )
+            return state
         warnings.warn(
             "an inference plan's state_dict holds none of the model's weights (the plan "
             "placed them: on the device, in its offload store, or quantized): save the "
@@ -598,8 +652,19 @@ class PlannedModule(torch.nn.Module):
                 "plan the model again after assigning"
             )
         ours = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        frozen = sorted(self._frozen_quantized & ours.keys())
+        if frozen:
+            raise PlannerError(
+                f"load_state_dict: {listed(frozen)} {'is' if len(frozen) == 1 else 'are'} "
+                f"frozen and stored quantized by this plan, which holds only the codes of "
+                f"the values it was planned with: leave {'it' if len(frozen) == 1 else 'them'} "
+                f"out of the state dict (pm.state_dict() does), or plan the model again "
+                f"with the new values"
+            )
         result = self._state_watch.model.load_state_dict(ours, strict=False)
-        missing_keys.extend(prefix + k for k in result.missing_keys)
+        # not missing: this module holds them (quantized) and state_dict leaves them out
+        missing = [k for k in result.missing_keys if k not in self._frozen_quantized]
+        missing_keys.extend(prefix + k for k in missing)
         unexpected_keys.extend(prefix + k for k in result.unexpected_keys)
 
     def _apply(self, fn: Any, recurse: bool = True) -> PlannedModule:
@@ -781,7 +846,8 @@ class _PlannedStep(torch.autograd.Function):
         )
         pm._forward_count += 1
         ctx.forward_number = pm._forward_count
-        state = [flat[j] for j in pm._state_positions]  # tier-home ones are read there
+        # tier-home ones are read there; frozen weights stored quantized come as codes
+        state = [flat[j] for j in pm._state_positions] + pm._stored
         outs, carry = pm._run(pm._fn, state, list(flat[n_primals:]))
         ctx.devices = [t.device for t in flat]  # a tier-home parameter's is the host's
         ctx.pm = pm

@@ -313,6 +313,8 @@ class _Emitter:
                 [n for names in self.storage_vars.values() for n in names]
                 + list(self.handles.values())
                 + list(self.quantized.values())
+                # frozen weights stored quantized (training): the backward reads them too
+                + list(self.stored.values())
             )
         )
         body.append("    # forward done: what the backward needs crosses in `carry`")
@@ -349,6 +351,7 @@ class _Emitter:
             input_values,
             tangent_values,
             "planned_backward",
+            stored_values=stored_values,
             segments=segments,
             op_calls=op_calls,
             timeline=self.timeline,
@@ -473,7 +476,8 @@ class _Emitter:
             vi = self.value_by_name[n.name]
             storage = self.program.values[vi].storage
             codes = self.stored.get(storage) or self.quantized.get(storage)
-            if vi not in self.var and codes is not None:
+            # (a view of a weight whose full copy is out now is made from that copy)
+            if vi not in self.var and codes is not None and not self.storage_vars.get(storage):
                 fused.append(codes)  # no full copy: the op reads the codes
                 return Var(codes, vi)
             return Var(self._expr(vi), vi)

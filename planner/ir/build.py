@@ -21,6 +21,7 @@ from planner.errors import CaptureError
 from planner.ir.capture import CapturedGraph
 from planner.ir.meta import (
     BUFFER_UPDATES,
+    FROZEN_PARAMS,
     FX_NODE_NAMES,
     HOOKED_PARAMS,
     PARAM_GRADS,
@@ -142,6 +143,7 @@ def build_program(captured: CapturedGraph) -> Program:
     program.meta[FX_NODE_NAMES] = [n.name for n in b.op_nodes]
     program.meta[PARAM_GRADS] = _param_grads(captured, flat_outputs, b.node_values)
     program.meta[HOOKED_PARAMS] = captured.extra.get(HOOKED_PARAMS, frozenset())
+    program.meta[FROZEN_PARAMS] = captured.extra.get(FROZEN_PARAMS, frozenset())
     program.meta[BUFFER_UPDATES] = [
         r.source.removesuffix(" (updated)")
         for r in captured.output_roles

@@ -30,7 +30,7 @@ from planner.ir.autocast import autocast_state
 from planner.ir.constants import inline_scalar_constants
 from planner.ir.hooks import check_hooks_at_capture, hooked_parameters, module_hooks
 from planner.ir.layout import fix_layouts, true_layouts
-from planner.ir.meta import HOOKED_PARAMS
+from planner.ir.meta import FROZEN_PARAMS, HOOKED_PARAMS
 from planner.ir.metadata_args import explicit_metadata_args
 from planner.ir.program import ValueKind
 
@@ -120,6 +120,9 @@ def capture(model: torch.nn.Module, example_inputs: Any, mode: str = "infer") ->
     captured.extra["hooks"] = module_hooks(model, backward=mode == "train")
     if mode == "train":  # their gradients go through autograd, which runs the hooks
         captured.extra[HOOKED_PARAMS] = hooked_parameters(model)
+        captured.extra[FROZEN_PARAMS] = frozenset(
+            n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad
+        )
     captured.extra["call"] = PlannedCall(args, kwargs, mode)  # what a call must match
     return captured
 

@@ -26,6 +26,10 @@ BUFFER_UPDATES = "buffer_updates"
 #: ``Program.meta`` and captured ``extra`` key (training): names of the parameters
 #: with tensor hooks when planned, whose gradients go through autograd to run them.
 HOOKED_PARAMS = "hooked_params"
+#: ``Program.meta`` and captured ``extra`` key (training): names of the parameters
+#: that did not require grad when planned (a fine-tune's frozen base): they do not
+#: change from step to step, so a lossy plan may store them quantized (QLoRA's idea).
+FROZEN_PARAMS = "frozen_params"
 
 
 def draws_random(target: Any) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from planner.ir.meta import BUFFER_UPDATES, HOOKED_PARAMS, PARAM_GRADS
+from planner.ir.meta import BUFFER_UPDATES, FROZEN_PARAMS, HOOKED_PARAMS, PARAM_GRADS
 from planner.ir.program import Program, Value, ValueKind
 from planner.passes.device_profile import DeviceProfile, free_memory_bytes
 from planner.passes.fused_costs import fused_replay_seconds, fused_step_seconds, is_fusible
@@ -98,6 +98,7 @@ def from_program(
     )
     names = _unique_names(program)
     updated_buffers = set(program.meta.get(BUFFER_UPDATES, ()))
+    frozen = program.meta.get(FROZEN_PARAMS, frozenset())
     # Training: parameters get a home tier like inference weights (ZeRO-Offload's
     # idea): the model's parameter becomes the tier's copy (a file-backed map, or on
     # CUDA a pinned host buffer), which the optimizer updates in place. Their
@@ -157,7 +158,8 @@ def from_program(
             and (not computed_by_backward or "gradients" in lossy_uses)
             and not pinned
             # a parameter being trained changes every step: never stored quantized
-            and not (program.mode == "train" and weight)
+            # (a frozen one, a fine-tune's base, may be: QLoRA's idea)
+            and not (program.mode == "train" and weight and base.source not in frozen)
             and not any(program.ops[u].target in _SIGN_READERS for u in uses)
         )
         fused_uses = _fused_uses(program, storage.index, fmt) if quantizable and persistent else ()

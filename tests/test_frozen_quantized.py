@@ -1,0 +1,256 @@
+"""Training with frozen weights stored quantized (QLoRA's idea): a fine-tune's
+frozen base does not change from step to step, so with ``quantize=`` a training
+plan may keep it as int8/int4 codes (on the device or in a tier) and dequantize
+it for each use, forward and backward. What it computes is then exactly what the
+eager model computes with those weights replaced by their round trip; the
+parameters that train are never quantized; the full copies are freed."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import weakref
+
+import pytest
+import torch
+
+import planner
+from planner.errors import PlannerError
+from planner.runtime import quant
+
+#: (de)quantization priced at memory speed, as the Triton kernels run on a GPU,
+#: and a slow disk: the budgets here are met by storing the frozen base quantized
+_CPU = planner.get_profile("cpu")
+QUANTIZE_OVER_DISK = dataclasses.replace(
+    _CPU,
+    quantize_bandwidth=_CPU.memory_bandwidth,
+    dequantize_bandwidth=_CPU.memory_bandwidth,
+    disk_read_bandwidth=1e8,
+    disk_write_bandwidth=1e8,
+)
+
+
+class LoRALinear(torch.nn.Module):
+    """A frozen linear layer plus a trainable low-rank update."""
+
+    def __init__(self, width: int, rank: int = 8) -> None:
+        super().__init__()
+        self.base = torch.nn.Linear(width, width)
+        self.base.requires_grad_(False)
+        self.a = torch.nn.Parameter(torch.randn(width, rank) * 0.02)
+        self.b = torch.nn.Parameter(torch.randn(rank, width) * 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.a) @ self.b
+
+
+class LoRANet(torch.nn.Module):
+    def __init__(self, width: int = 512, depth: int = 6) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList([LoRALinear(width) for _ in range(depth)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.nn.functional.gelu(layer(x))
+        return x.square().mean()
+
+
+def _lora(seed: int = 0) -> tuple[LoRANet, torch.Tensor]:
+    torch.manual_seed(seed)
+    return LoRANet(), torch.randn(64, 512)
+
+
+def _frozen_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+
+
+def _plan(model: torch.nn.Module, x: torch.Tensor, budget: int, fmt: str) -> planner.PlannedModule:
+    return planner.plan(
+        model,
+        budget,
+        example_inputs=(x,),
+        mode="train",
+        quantize={"weights": fmt},
+        profile=QUANTIZE_OVER_DISK,
+        time_limit=20,
+    )
+
+
+def _quantized_homes(pm: planner.PlannedModule) -> dict[str, str]:
+    return {d.name: d.home for d in pm.plan.tensors if d.home.endswith(("int8", "int4"))}
+
+
+def _round_tripped(model: torch.nn.Module, names: set[str], fmt: str) -> torch.nn.Module:
+    """``model`` with the weights ``names`` replaced by their quantization round
+    trip: what the plan computes with."""
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in twin.named_parameters():
+            if name in names:
+                p.copy_(quant.dequantize(quant.quantize(p, fmt)))
+    return twin
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_frozen_base_stored_quantized_trains_as_its_round_trip(fmt: str) -> None:
+    """Below the frozen base's own fp32 bytes, the plan stores it quantized: the
+    loss and every adapter's gradient are bit-identical to eager's with the base
+    round-tripped, the step stays within the budget under the meter, the trained
+    parameters keep full precision, and the base's full copies are freed."""
+    model, x = _lora()
+    budget = int(0.65 * _frozen_bytes(model))
+    first_base = weakref.ref(model.layers[0].base.weight)
+    pm = _plan(model, x, budget, fmt)
+    try:
+        homes = _quantized_homes(pm)
+        assert homes, "the budget is below the frozen weights: some must be quantized"
+        trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+        assert all(".base.weight" in name for name in homes) and not trainable & homes.keys()
+        reference = _round_tripped(_lora()[0], set(homes), fmt)
+        expected = reference(x)
+        expected.backward()
+        loss = pm(x)
+        loss.backward()
+        assert torch.equal(loss, expected)
+        for (name, p), r in zip(model.named_parameters(), reference.parameters(), strict=True):
+            if r.grad is not None:
+                assert torch.equal(p.grad, r.grad), name
+        for p in pm.parameters():
+            p.grad = None
+        pm.run_measured_step(x)
+        assert pm.measured is not None and pm.measured.peak_bytes <= budget
+        gc.collect()
+        if "layers.0.base.weight" in homes:
+            assert first_base() is None, "the planned module or the model kept the full copy"
+    finally:
+        pm.close()
+
+
+def test_steps_of_an_optimizer_match_eager_over_the_round_trip() -> None:
+    """Three AdamW steps over pm.parameters() (the frozen stand-ins included, as
+    ``model.parameters()`` lists them; they get no gradient): losses and adapters
+    bit-identical to eager's over the round-tripped base."""
+    model, x = _lora()
+    pm = _plan(model, x, int(0.65 * _frozen_bytes(model)), "int8")
+    try:
+        homes = _quantized_homes(pm)
+        reference = _round_tripped(_lora()[0], set(homes), "int8")
+        planned_opt = torch.optim.AdamW(pm.parameters(), lr=1e-2)
+        eager_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+        for _ in range(3):
+            for opt, run in ((planned_opt, pm), (eager_opt, reference)):
+                opt.zero_grad()
+                run(x).backward()
+                opt.step()
+        assert torch.equal(pm(x), reference(x))
+        for (name, p), r in zip(model.named_parameters(), reference.parameters(), strict=True):
+            if p.requires_grad:
+                assert torch.equal(p, r), name
+    finally:
+        pm.close()
+
+
+def test_the_model_reading_a_quantized_frozen_weight_says_where_it_went() -> None:
+    model, x = _lora()
+    pm = _plan(model, x, int(0.65 * _frozen_bytes(model)), "int8")
+    try:
+        name = next(iter(_quantized_homes(pm)))
+        owner = model.get_submodule(name.rsplit(".", 1)[0])
+        with pytest.raises(PlannerError, match="frozen .* stored quantized"):
+            owner.weight + 1
+        owner.weight.requires_grad_(True)  # unfreezing it after planning
+        with pytest.raises(PlannerError, match="did not require grad when planned"):
+            pm(x)
+    finally:
+        pm.close()
+
+
+def test_state_dict_leaves_quantized_frozen_weights_out_and_refuses_them() -> None:
+    """pm.state_dict() holds everything but the quantized frozen weights (with a
+    warning naming them) and loads back into pm; loading values for one of them
+    is an error (the plan holds the codes of the values it was planned with)."""
+    model, x = _lora()
+    full = copy.deepcopy(model.state_dict())
+    pm = _plan(model, x, int(0.65 * _frozen_bytes(model)), "int8")
+    try:
+        homes = _quantized_homes(pm)
+        with pytest.warns(UserWarning, match="leaves out"):
+            state = pm.state_dict()
+        assert set(state) == set(full) - set(homes)
+        assert torch.equal(state["layers.0.a"], full["layers.0.a"])
+        assert not pm.load_state_dict(state).missing_keys
+        with pytest.raises(PlannerError, match="frozen and stored quantized"):
+            pm.load_state_dict(full)
+    finally:
+        pm.close()
+
+
+class TiedFrozen(torch.nn.Module):
+    """A frozen embedding shared with the output head (read at the last position),
+    a trainable middle whose saved activations compete with it for the budget."""
+
+    def __init__(self, vocab: int = 2048, width: int = 256, depth: int = 4) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.middle = torch.nn.ModuleList([torch.nn.Linear(width, width) for _ in range(depth)])
+        self.head = torch.nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.embed.weight
+        self.embed.weight.requires_grad_(False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        for layer in self.middle:
+            h = torch.tanh(layer(h))
+        return self.head(h[:, -1]).square().mean()
+
+
+def test_a_tied_frozen_weight_leaves_the_model_under_both_names() -> None:
+    torch.manual_seed(0)
+    model = TiedFrozen()
+    ids = torch.randint(0, 2048, (4, 128))
+    peak = planner.analyze(model, (ids,), mode="train", profile=QUANTIZE_OVER_DISK)
+    pm = _plan(model, ids, int(0.65 * peak.unplanned_peak_bytes), "int8")
+    try:
+        assert "embed.weight" in _quantized_homes(pm)
+        assert model.head.weight is model.embed.weight
+        with pytest.raises(PlannerError, match="frozen"):
+            model.head.weight.sum()
+        pm(ids).backward()
+        assert all(layer.weight.grad is not None for layer in model.middle)
+        pm.run_measured_step(ids)
+        assert pm.measured is not None and pm.measured.peak_bytes <= pm.plan.budget_bytes
+    finally:
+        pm.close()
+
+
+def test_compiled_runs_dequantize_the_frozen_base_forward_and_backward() -> None:
+    """With Inductor's kernels the same plan holds within the budget under the
+    meter, and the gradients equal the round trip's within rounding."""
+    model, x = _lora()
+    budget = int(0.65 * _frozen_bytes(model))
+    pm = planner.plan(
+        model,
+        budget,
+        example_inputs=(x,),
+        mode="train",
+        quantize={"weights": "int8"},
+        profile=QUANTIZE_OVER_DISK,
+        time_limit=20,
+        kernels="inductor",
+    )
+    try:
+        homes = _quantized_homes(pm)
+        assert homes
+        reference = _round_tripped(_lora()[0], set(homes), "int8")
+        reference(x).backward()
+        pm(x).backward()
+        for (name, p), r in zip(model.named_parameters(), reference.parameters(), strict=True):
+            if r.grad is not None:
+                torch.testing.assert_close(p.grad, r.grad, msg=name)
+        for p in pm.parameters():
+            p.grad = None
+        pm.run_measured_step(x)
+        assert pm.measured is not None and pm.measured.peak_bytes <= budget
+    finally:
+        pm.close()
