@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import sys
 import traceback
 import warnings
@@ -175,6 +176,7 @@ _FRAMEWORK_PATHS = (
     "/transformers/utils/",
     "/contextlib.py",
     "/functools.py",
+    "<string>",  # code torch generates at run time (a lambda of its own)
 )
 
 
@@ -188,7 +190,7 @@ def _describe_trace_failure(model: torch.nn.Module, exc: BaseException) -> str:
         where = f"\n  at {f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
     # a torch.nn module the model calls is model code too: name its line (inside
     # nn.Transformer, say) where the user's own line is only the call into it
-    last_user = max((i for i, f in enumerate(frames) if f is user[-1]), default=-1)
+    last_user = max((i for i, f in enumerate(frames) if user and f is user[-1]), default=-1)
     library = [
         f
         for f in frames[last_user + 1 :]
@@ -210,6 +212,8 @@ def _describe_trace_failure(model: torch.nn.Module, exc: BaseException) -> str:
             "say so instead, with tgt_is_causal=True (or src_is_causal / is_causal, "
             "for encoder and layer calls) next to the causal mask, or False."
         )
+    elif "which is not a known type" in str(exc):
+        hint = _unknown_output_hint(str(exc))
     elif "data-dependent" not in str(exc).lower() and "guard" not in str(exc).lower():
         hint = (
             "Make forward() traceable by torch.export(strict=False): avoid "
@@ -218,6 +222,26 @@ def _describe_trace_failure(model: torch.nn.Module, exc: BaseException) -> str:
     return (
         f"planner could not trace {type(model).__name__}: "
         f"{type(exc).__name__}: {first}{where}\n{hint}"
+    )
+
+
+def _unknown_output_hint(message: str) -> str:
+    """What to do when the outputs hold an object torch.export cannot flatten: a
+    transformers model in eval mode returns its key/value cache (a DynamicCache)
+    unless told not to, and torch's message about pytrees named nothing of that."""
+    found = re.search(r"Found <class '([\w.]+)'>", message)
+    name = found.group(1).rsplit(".", 1)[-1] if found else "object"
+    if found and "cache" in found.group(1).lower():
+        return (
+            f"The model returns a {name} (a transformers cache of past keys and values, "
+            f"returned while use_cache is on): plan it with the cache off, "
+            f"model.config.use_cache = False or use_cache=False in the example inputs' "
+            f"keyword arguments, or wrap the model to return the tensors you use."
+        )
+    return (
+        f"The model's outputs hold an instance of {name}, which torch.export cannot flatten into "
+        f"tensors: return tensors (or lists, tuples, dicts of them), or register the "
+        f"class as a pytree node (torch.utils._pytree.register_pytree_node)."
     )
 
 

@@ -403,3 +403,32 @@ def test_a_sparse_gradient_is_a_clear_error() -> None:
     captured = capture(model, (torch.randint(0, 100, (4, 3)),), "train")
     with pytest.raises(CaptureError, match=r"sparse_coo tensor .*use sparse=False"):
         build_program(captured)
+
+
+def test_a_transformers_cache_in_the_outputs_says_to_turn_it_off() -> None:
+    """Before: torch's advice to register a pytree, naming nothing of use_cache,
+    and a frame of torch's own generated code as the user's line."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        n_layer=1, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0
+    )
+    model = GPT2LMHeadModel(config).eval()
+    with pytest.raises(CaptureError, match=r"returns a DynamicCache .*use_cache = False") as info:
+        capture(model, (torch.randint(0, 64, (1, 8)),), "infer")
+    assert "<string>" not in str(info.value)
+
+
+class _ReturnsAnObject(nn.Module):
+    class Result:
+        pass
+
+    def forward(self, x: torch.Tensor) -> object:
+        result = self.Result()
+        result.y = x * 2  # type: ignore[attr-defined]
+        return result
+
+
+def test_an_unflattenable_output_is_named() -> None:
+    with pytest.raises(CaptureError, match=r"instance of Result, .*register_pytree_node"):
+        capture(_ReturnsAnObject(), (torch.randn(2),), "infer")
