@@ -469,7 +469,9 @@ def _no_backward_message(model: torch.nn.Module) -> str:
         )
     # reentrant checkpointing runs its forward under no_grad: the trace sees no
     # path from the outputs back to the parameters inside it
-    checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    checkpointing = getattr(model, "is_activation_checkpointing", None)
+    if checkpointing is None:  # its name before transformers deprecated it
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
     cause = (
         "its gradient checkpointing is on (gradient_checkpointing_enable()), and when "
         "reentrant it runs the checkpointed forward under no_grad, hiding it from the "
