@@ -26,8 +26,8 @@ from planner.errors import PlannerError
 INFERENCE = "by planner.plan(..., mode='infer'), which holds them in its own store"
 #: how a training plan takes a frozen weight it stores quantized
 FROZEN_QUANTIZED = (
-    "by planner.plan(..., mode='train', quantize=...): frozen (requires_grad=False), "
-    "it is stored quantized there, and the planned module holds only its codes"
+    "by planner.plan(..., mode='train', quantize=...), which stores frozen weights "
+    "(requires_grad=False) quantized and holds only their codes"
 )
 
 #: ops that make another handle on the tensor without reading it

@@ -34,6 +34,7 @@ from planner.ir.layout import fix_layouts, true_layouts
 from planner.ir.meta import FROZEN_PARAMS, HOOKED_PARAMS
 from planner.ir.metadata_args import explicit_metadata_args
 from planner.ir.program import ValueKind
+from planner.released import ReleasedWeight
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, mode: str = "infer") ->
     args, kwargs = normalize_example_inputs(example_inputs)
     autocast = autocast_state()  # the trace fixes each op's dtype as it chooses
     check_hooks_at_capture(model, mode)
+    _check_not_released(model)
     exported = _export(model, args, kwargs)
     if mode == "infer":
         captured = _capture_inference(exported, args, kwargs, type(model).__name__)
@@ -126,6 +128,26 @@ def capture(model: torch.nn.Module, example_inputs: Any, mode: str = "infer") ->
         )
     captured.extra["call"] = PlannedCall(args, kwargs, mode)  # what a call must match
     return captured
+
+
+def _check_not_released(model: torch.nn.Module) -> None:
+    """A model an earlier plan took weights from (``planner.released``) cannot be
+    traced: its stand-ins hold no values, and torch.export said only that it
+    found tensors on two devices, cpu and meta."""
+    taken = {
+        name: t
+        for name, t in [*model.named_parameters(), *model.named_buffers()]
+        if isinstance(t, ReleasedWeight)
+    }
+    if taken:
+        how = next(iter(taken.values())).taken_by
+        raise CaptureError(
+            f"{type(model).__name__}: {listed(list(taken))} {'was' if len(taken) == 1 else 'were'} "
+            f"moved into a planned module {how}, so this model no longer holds "
+            f"{'its' if len(taken) == 1 else 'their'} values. Plan a copy of the model "
+            f"made before the first plan (copy.deepcopy(model) before planner.plan), or "
+            f"load the weights into it again (load_state_dict(..., assign=True))"
+        )
 
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:

@@ -432,3 +432,19 @@ class _ReturnsAnObject(nn.Module):
 def test_an_unflattenable_output_is_named() -> None:
     with pytest.raises(CaptureError, match=r"instance of Result, .*register_pytree_node"):
         capture(_ReturnsAnObject(), (torch.randn(2),), "infer")
+
+
+def test_a_model_an_earlier_plan_took_weights_from_is_named() -> None:
+    """Before: FakeTensorDeviceMismatchError, 'found at least two devices, cpu and
+    meta'."""
+    import planner
+
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256))
+    x = torch.randn(8, 256)
+    planned = planner.plan(model, "60%", (x,), profile="cpu", time_limit=5)
+    try:
+        assert any(type(p).__name__ == "ReleasedWeight" for p in model.parameters())
+        with pytest.raises(CaptureError, match=r"moved into a planned module .*copy.deepcopy"):
+            capture(model, (x,), "infer")
+    finally:
+        planned.close()
