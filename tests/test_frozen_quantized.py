@@ -224,6 +224,25 @@ def test_a_tied_frozen_weight_leaves_the_model_under_both_names() -> None:
         pm.close()
 
 
+def _check_close_to_round_trip(
+    pm: planner.PlannedModule, model: torch.nn.Module, x: torch.Tensor, budget: int
+) -> None:
+    """Some frozen weights stored int8; every gradient within rounding of eager's
+    over their round trip; one step within the budget under the meter."""
+    homes = _quantized_homes(pm)
+    assert homes
+    reference = _round_tripped(_lora()[0], set(homes), "int8").to(x.device)
+    reference(x).backward()
+    pm(x).backward()
+    for (name, p), r in zip(model.named_parameters(), reference.parameters(), strict=True):
+        if r.grad is not None:
+            torch.testing.assert_close(p.grad, r.grad, msg=name)
+    for p in pm.parameters():
+        p.grad = None
+    pm.run_measured_step(x)
+    assert pm.measured is not None and pm.measured.peak_bytes <= budget
+
+
 def test_compiled_runs_dequantize_the_frozen_base_forward_and_backward() -> None:
     """With Inductor's kernels the same plan holds within the budget under the
     meter, and the gradients equal the round trip's within rounding."""
@@ -240,18 +259,7 @@ def test_compiled_runs_dequantize_the_frozen_base_forward_and_backward() -> None
         kernels="inductor",
     )
     try:
-        homes = _quantized_homes(pm)
-        assert homes
-        reference = _round_tripped(_lora()[0], set(homes), "int8")
-        reference(x).backward()
-        pm(x).backward()
-        for (name, p), r in zip(model.named_parameters(), reference.parameters(), strict=True):
-            if r.grad is not None:
-                torch.testing.assert_close(p.grad, r.grad, msg=name)
-        for p in pm.parameters():
-            p.grad = None
-        pm.run_measured_step(x)
-        assert pm.measured is not None and pm.measured.peak_bytes <= budget
+        _check_close_to_round_trip(pm, model, x, budget)
     finally:
         pm.close()
 
@@ -275,18 +283,7 @@ def test_frozen_base_stored_quantized_on_cuda() -> None:
         time_limit=20,
     )
     try:
-        homes = _quantized_homes(pm)
-        assert homes
-        reference = _round_tripped(_lora()[0], set(homes), "int8").cuda()
-        reference(x).backward()
-        pm(x).backward()
-        for (name, p), r in zip(model.named_parameters(), reference.parameters(), strict=True):
-            if r.grad is not None:
-                torch.testing.assert_close(p.grad, r.grad, msg=name)
-        for p in pm.parameters():
-            p.grad = None
-        pm.run_measured_step(x)
-        assert pm.measured is not None and pm.measured.peak_bytes <= budget
+        _check_close_to_round_trip(pm, model, x, budget)
     finally:
         pm.close()
 
