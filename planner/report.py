@@ -12,7 +12,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from planner.ir.program import Program
+from planner.ir.meta import FROZEN_PARAMS
+from planner.ir.program import Program, ValueKind
 from planner.passes.pipeline import Analysis
 from planner.solver.plan import Plan
 
@@ -41,6 +42,9 @@ class TensorRow:
     decision: str = "keep"
     home: str = "device"
     aliases: list[str] = field(default_factory=list)
+    #: training: a parameter that did not require grad when planned (it does not
+    #: train, so a lossy plan may store it quantized)
+    frozen: bool = False
 
 
 @dataclass
@@ -185,6 +189,7 @@ def quantized_rows(plan: Plan, tensors: list[TensorRow]) -> list[dict[str, Any]]
 
 def tensor_rows(program: Program) -> list[TensorRow]:
     """One row per storage (a view adds no bytes: it is listed as an alias)."""
+    frozen = program.meta.get(FROZEN_PARAMS, frozenset())
     rows = []
     for storage in program.storages:
         base = program.values[storage.base]
@@ -202,6 +207,7 @@ def tensor_rows(program: Program) -> list[TensorRow]:
                 shape=base.shape,
                 dtype=base.dtype,
                 aliases=[program.values[v].name for v in storage.values[1:]],
+                frozen=base.kind is ValueKind.PARAM and base.source in frozen,
             )
         )
     return rows
@@ -228,7 +234,7 @@ def render_text(report: Report, width: int = 140) -> str:
         table.add_row(
             row.name,
             format_bytes(row.bytes),
-            row.kind,
+            f"{row.kind} (frozen)" if row.frozen else row.kind,
             f"{row.live[0]}..{row.live[1]}",
             row.decision,
             row.producer or "-",

@@ -105,6 +105,11 @@ def test_frozen_base_stored_quantized_trains_as_its_round_trip(fmt: str) -> None
     try:
         homes = _quantized_homes(pm)
         assert homes, "the budget is below the frozen weights: some must be quantized"
+        frozen_rows = [row.name for row in pm.report.tensors if row.frozen]
+        assert sorted(frozen_rows) == [
+            f"layers.{i}.base.{w}" for i in range(6) for w in ("bias", "weight")
+        ]
+        assert "param (frozen)" in str(pm.report)
         trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
         assert all(".base.weight" in name for name in homes) and not trainable & homes.keys()
         reference = _round_tripped(_lora()[0], set(homes), fmt)
