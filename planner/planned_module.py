@@ -11,6 +11,7 @@ memory through either module.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import warnings
 import weakref
@@ -32,7 +33,7 @@ from planner.call_checks import (
 from planner.codegen.assemble import Assembled, assemble
 from planner.codegen.emit import Executor
 from planner.codegen.segments import kernels_summary
-from planner.errors import PlannerError, listed
+from planner.errors import PlannerError, listed, user_stacklevel
 from planner.ir.autocast import AutocastState, autocast_off, check_autocast
 from planner.ir.hooks import HookWatch
 from planner.ir.layout import strides_that_matter
@@ -257,8 +258,9 @@ class PlannedModule(torch.nn.Module):
         self._state_positions = [primal_of[vi] for vi in self.executor.state_values]
         #: training: frozen weights stored quantized, by primal name, each with its
         #: stand-in, which this module holds at once (the meter counts its tensors),
-        #: the model once ``release_offloaded`` runs, and the id of the full copy
-        self._frozen_stand_ins: dict[str, tuple[torch.Tensor, int]] = {}
+        #: the model once ``release_offloaded`` runs, and a weak reference to the
+        #: full copy (freed then, unless held elsewhere)
+        self._frozen_stand_ins: dict[str, tuple[torch.Tensor, weakref.ref]] = {}
         #: the model's names for them, once released (a tied weight has two)
         self._frozen_quantized: set[str] = set()
         if self.mode == "train":
@@ -269,7 +271,7 @@ class PlannedModule(torch.nn.Module):
                     if primal is original:  # a tied weight is a primal per name
                         self._primals[position] = stand_in
                         name = self._primal_names[position]
-                        self._frozen_stand_ins[name] = (stand_in, id(original))
+                        self._frozen_stand_ins[name] = (stand_in, weakref.ref(original))
             released = []
         if self.mode == "train":
             self._prepare_deliveries(tensors)
@@ -342,6 +344,7 @@ class PlannedModule(torch.nn.Module):
         """Release the weights homed off the device (or stored quantized) from
         ``model`` and the exported program: this module reads them from their tier."""
         released, ep = self._unreleased
+        full_copies = {n: ref for n, (_, ref) in self._frozen_stand_ins.items()}
         if self.mode == "train":
             self._release_frozen(model)
         for source in released:
@@ -351,6 +354,8 @@ class PlannedModule(torch.nn.Module):
         if released:
             log.info("released %d offloaded weights from the model", len(released))
         self._unreleased = ([], None)
+        del ep
+        _warn_if_still_held(full_copies)
         self._record_state_types()  # a released weight is no longer read from the model
 
     def _release_frozen(self, model: torch.nn.Module) -> None:
@@ -362,8 +367,8 @@ class PlannedModule(torch.nn.Module):
         names_of: dict[int, list[str]] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             names_of.setdefault(id(p), []).append(name)
-        for source, (stand_in, original) in self._frozen_stand_ins.items():
-            for name in names_of.get(original, []):
+        for source, (stand_in, full_copy) in self._frozen_stand_ins.items():
+            for name in names_of.get(id(full_copy()), []):
                 _replace(model, name, stand_in)
                 self._frozen_quantized.add(name)
             if hasattr(self, "_state_watch"):
@@ -773,6 +778,27 @@ class PlannedModule(torch.nn.Module):
     def close(self) -> None:
         """Remove the offload files now (also done when the module is collected)."""
         self._finalizer()
+
+
+def _warn_if_still_held(full_copies: dict[str, weakref.ref]) -> None:
+    """Warn when full copies of frozen weights a training plan stores quantized
+    outlive their release: something else holds them (an optimizer built over
+    ``model.parameters()`` before planning, a variable of the caller's), so they
+    stay in memory beside their codes, where the budget does not count them."""
+    if not any(ref() is not None for ref in full_copies.values()):
+        return
+    gc.collect()  # a reference cycle that only the collector frees
+    held = [name for name, ref in full_copies.items() if ref() is not None]
+    if held:
+        warnings.warn(
+            f"the full copies of {len(held)} frozen weight(s) this plan stores quantized "
+            f"({listed(held)}) are still held outside the model, so they stay in memory "
+            f"beside their codes, uncounted by the budget: an optimizer built before "
+            f"planning holds every parameter it was given (so does a planner.analyze "
+            f"result of the model). Build it after planning, over the trainable "
+            f"parameters (p for p in model.parameters() if p.requires_grad)",
+            stacklevel=user_stacklevel(),
+        )
 
 
 def _compact(tensor: torch.Tensor) -> torch.Tensor:
