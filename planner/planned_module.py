@@ -102,7 +102,12 @@ class PlannedModule(torch.nn.Module):
         self.analysis = analysis
         self.problem = problem
         self.device = device or torch.device("cpu")
-        self._out_spec = captured.out_spec
+        if captured.out_spec is None:  # both captures set it
+            raise PlannerError(
+                "internal: the captured graph has no output structure; please report "
+                "this with the model"
+            )
+        self._out_spec: pytree.TreeSpec = captured.out_spec
         program = analysis.program
         self._call: PlannedCall = captured.extra["call"]  # the arguments a call must give
         # the forward's first outputs (program.meta, as the solver reads them too)
@@ -444,7 +449,7 @@ class PlannedModule(torch.nn.Module):
         a lookup reads also gets its full-precision copy written to the offload
         directory, where the lookup gathers exact rows (``fused.reads_exact_rows``)."""
         program = self.analysis.program
-        stored = []
+        stored: list[Any] = []
         for vi, fmt in self.executor.stored_values:
             value = program.values[vi]
             weight = tensors[value.source].detach().to(self.device)  # type: ignore[index]
