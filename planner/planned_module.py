@@ -359,7 +359,7 @@ class PlannedModule(torch.nn.Module):
         if released:
             log.info("released %d offloaded weights from the model", len(released))
         self._unreleased = ([], None)
-        del ep
+        del ep  # its state dict holds the model's tensors: the check below would see them
         _warn_if_still_held(full_copies)
         self._record_state_types()  # a released weight is no longer read from the model
 

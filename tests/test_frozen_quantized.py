@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import gc
 import weakref
+from typing import Any
 
 import pytest
 import torch
@@ -65,15 +66,14 @@ def _frozen_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
 
 
-def _plan(model: torch.nn.Module, x: torch.Tensor, budget: int, fmt: str) -> planner.PlannedModule:
+def _plan(
+    model: torch.nn.Module, x: torch.Tensor, budget: int, fmt: str, **options: Any
+) -> planner.PlannedModule:
+    """A training plan allowing ``fmt`` weights, priced by ``QUANTIZE_OVER_DISK``
+    unless ``options`` say otherwise."""
+    settings: dict[str, Any] = {"profile": QUANTIZE_OVER_DISK, "time_limit": 20, **options}
     return planner.plan(
-        model,
-        budget,
-        example_inputs=(x,),
-        mode="train",
-        quantize={"weights": fmt},
-        profile=QUANTIZE_OVER_DISK,
-        time_limit=20,
+        model, budget, example_inputs=(x,), mode="train", quantize={"weights": fmt}, **settings
     )
 
 
@@ -256,16 +256,7 @@ def test_compiled_runs_dequantize_the_frozen_base_forward_and_backward() -> None
     meter, and the gradients equal the round trip's within rounding."""
     model, x = _lora()
     budget = int(0.65 * _frozen_bytes(model))
-    pm = planner.plan(
-        model,
-        budget,
-        example_inputs=(x,),
-        mode="train",
-        quantize={"weights": "int8"},
-        profile=QUANTIZE_OVER_DISK,
-        time_limit=20,
-        kernels="inductor",
-    )
+    pm = _plan(model, x, budget, "int8", kernels="inductor")
     try:
         _check_close_to_round_trip(pm, model, x, budget)
     finally:
@@ -282,14 +273,7 @@ def test_frozen_base_stored_quantized_on_cuda() -> None:
     model, x = _lora()
     model, x = model.cuda(), x.cuda()
     budget = int(0.65 * _frozen_bytes(model))
-    pm = planner.plan(
-        model,
-        budget,
-        example_inputs=(x,),
-        mode="train",
-        quantize={"weights": "int8"},
-        time_limit=20,
-    )
+    pm = _plan(model, x, budget, "int8", profile=None)  # this machine's: CUDA
     try:
         _check_close_to_round_trip(pm, model, x, budget)
     finally:
