@@ -31,24 +31,37 @@ _MODE_DEPENDENT_MODULES = (
 )
 
 
-def _training_effects(program: Program) -> list[str]:
-    """What training mode put in the traced graph: dropout's ops (``native_dropout``,
-    or ``bernoulli`` as some models draw its mask; other random ops, a VAE's or a
-    diffusion model's noise, draw in either mode) and buffer updates."""
-    effects = []
-    if any(
+def _draws_dropout(program: Program) -> bool:
+    """Dropout's ops (``native_dropout``, or ``bernoulli`` as some models draw its
+    mask; other random ops, a VAE's or a diffusion model's noise, draw in either
+    mode)."""
+    return any(
         op.draws_random and ("dropout" in op.target or "bernoulli" in op.target)
         for op in program.ops
-    ):
-        effects.append("draws dropout")
-    if program.meta.get(BUFFER_UPDATES):
-        effects.append("updates BatchNorm statistics")
-    return effects
+    )
+
+
+def _updates_norm_statistics(model: nn.Module, program: Program) -> bool:
+    """Whether a buffer the graph updates is a batch or instance norm's running
+    statistic: those update because the norm is in training mode. Other updated
+    buffers (a static key/value cache written at each decoding step) are what the
+    model does in either mode."""
+    for name in program.meta.get(BUFFER_UPDATES, ()):
+        owner, _, _ = name.rpartition(".")
+        try:
+            module = model.get_submodule(owner)
+        except AttributeError:
+            continue
+        if isinstance(module, _MODE_DEPENDENT_MODULES):
+            return True
+    return False
 
 
 def depends_on_mode(model: nn.Module, program: Program) -> bool:
-    """Whether ``model`` would compute something else in the other mode."""
-    if _training_effects(program):
+    """Whether ``model`` would compute something else in the other mode: it draws
+    dropout, updates buffers (any: a training step that writes a buffer is not
+    assumed to write it in eval mode too), or has modules that behave by mode."""
+    if _draws_dropout(program) or program.meta.get(BUFFER_UPDATES):
         return True
     return any(isinstance(m, _MODE_DEPENDENT_MODULES) for m in model.modules())
 
@@ -79,9 +92,15 @@ def check_call_mode(traced_training: bool, training: bool) -> None:
 
 
 def warn_if_inference_traced_in_training(model: nn.Module, program: Program) -> None:
-    """Planning for inference a model in training mode whose graph draws random
-    numbers or updates buffers because of it."""
-    effects = _training_effects(program) if model.training else []
+    """Planning for inference a model in training mode whose graph draws dropout or
+    updates norm statistics because of it."""
+    if not model.training:
+        return
+    effects = []
+    if _draws_dropout(program):
+        effects.append("draws dropout")
+    if _updates_norm_statistics(model, program):
+        effects.append("updates BatchNorm statistics")
     if not effects:
         return
     effect = " and ".join(effects)

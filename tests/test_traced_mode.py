@@ -83,3 +83,31 @@ def test_inference_plan_of_a_model_in_training_mode_warns_when_it_matters() -> N
         warnings.filterwarnings("error", message=".*training mode.*")
         pm = planner.plan(_with_dropout().eval(), "100%", (x,), mode="infer", profile="cpu")
     torch.testing.assert_close(pm(x), _with_dropout().eval()(x).detach())
+
+
+class _Counter(nn.Module):
+    """Counts its calls in a buffer, in either mode (as a static key/value cache
+    is written at every decoding step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        return self.lin(x)
+
+
+def test_inference_plan_warns_of_norm_statistics_not_of_other_buffer_updates() -> None:
+    x = torch.randn(8, 16)
+    with pytest.warns(UserWarning, match=r"inference plan updates BatchNorm statistics"):
+        planner.plan(nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(8)), "100%", (x,))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*training mode.*")
+        counter = _Counter()
+        pm = planner.plan(counter, "100%", (x,))
+    with torch.no_grad():
+        pm(x)
+        pm(x)
+    assert counter.calls.item() == 2
