@@ -27,6 +27,7 @@ from torch.utils import _pytree as pytree
 
 from planner.call_checks import PlannedCall
 from planner.errors import CaptureError, listed
+from planner.ir.aliased_state import merge_constants_that_are_state
 from planner.ir.autocast import autocast_state
 from planner.ir.constants import inline_scalar_constants
 from planner.ir.hooks import check_hooks_at_capture, hooked_parameters, module_hooks
@@ -111,7 +112,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, mode: str = "infer") ->
     autocast = autocast_state()  # the trace fixes each op's dtype as it chooses
     check_hooks_at_capture(model, mode)
     _check_not_released(model)
-    exported = _export(model, args, kwargs)
+    exported = merge_constants_that_are_state(_export(model, args, kwargs))
     if mode == "infer":
         captured = _capture_inference(exported, args, kwargs, type(model).__name__)
     else:
