@@ -1,0 +1,124 @@
+"""Greedy generation with a Llama whose weights do not fit the budget.
+
+A plan is specific to its input shapes, and a key/value cache that grows by a token
+per step changes them at every step. transformers' exportable static cache keeps
+them fixed: ``TorchExportableModuleWithStaticCache`` registers each layer's keys and
+values as buffers of ``MAX_CACHE_LEN`` positions, and one step takes one token and
+its position (``cache_position``) and writes that token's keys and values into the
+buffers in place. One planned step then serves every position: the prompt is fed
+token by token, and each generated token follows. The plan keeps the cache's
+updates (the buffers are written back after each step, as BatchNorm's statistics
+are) and streams what does not fit (here, weights from the offload directory) in
+every step, as FlexGen and Accelerate's disk offload do.
+
+The model is ``examples/llama.py``'s (two layers, width 128, grouped-query
+attention, vocabulary 1024), random weights, nothing downloaded.
+
+Run with ``python examples/generate_llama.py [--budget 40%] [--new-tokens 16]``;
+the CLI takes ``examples/generate_llama.py:make_llama_decoder`` (one step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, LlamaForCausalLM
+from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llama import VOCAB_SIZE, llama_config  # noqa: E402
+
+MAX_CACHE_LEN = 48
+PROMPT = [11, 407, 92, 860, 3, 512, 77, 1000]
+
+
+def make_llama_decoder() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """One decoding step of the Llama with a static cache of ``MAX_CACHE_LEN``
+    positions, and the example inputs of a step: a token and its position."""
+    torch.manual_seed(0)
+    config = llama_config()
+    config.max_position_embeddings = MAX_CACHE_LEN
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config = GenerationConfig(
+        use_cache=True,
+        cache_implementation="static",
+        cache_config={"batch_size": 1, "max_cache_len": MAX_CACHE_LEN},
+    )
+    step = TorchExportableModuleWithStaticCache(model, batch_size=1, max_cache_len=MAX_CACHE_LEN)
+    return step, {"input_ids": torch.tensor([[PROMPT[0]]]), "cache_position": torch.tensor([0])}
+
+
+@torch.no_grad()
+def generate(step: torch.nn.Module, prompt: list[int], new_tokens: int) -> tuple[list[int], list]:
+    """Greedy decoding, one token per call of ``step``: the prompt's tokens in turn,
+    then each argmax. Returns the generated tokens and every call's logits."""
+    if len(prompt) + new_tokens > MAX_CACHE_LEN:
+        raise ValueError(f"prompt + new tokens must fit the cache ({MAX_CACHE_LEN} positions)")
+    tokens = list(prompt)
+    logits = []
+    for position in range(len(prompt) + new_tokens - 1):
+        out = step(
+            input_ids=torch.tensor([[tokens[position]]]),
+            cache_position=torch.tensor([position]),
+        )
+        logits.append(out)
+        if position + 1 >= len(prompt):
+            tokens.append(int(out[0, -1].argmax()))
+    assert all(0 <= t < VOCAB_SIZE for t in tokens)
+    return tokens[len(prompt) :], logits
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Plan one step at ``--budget``, generate with it and with the eager step, print
+    and return what each did."""
+    import planner
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", default="40%", help="bytes, or a share of the unplanned peak")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    args = parser.parse_args(argv)
+
+    step, example = make_llama_decoder()
+    eager = copy.deepcopy(step)  # its own cache: the planned step writes into step's
+    weights = sum(p.numel() * p.element_size() for p in step.parameters())
+    pm = planner.plan(step, args.budget, example)
+    try:
+        plan = pm.plan
+        print(
+            f"budget {plan.budget_bytes / 2**20:.2f} MiB, weights {weights / 2**20:.2f} MiB, "
+            f"unplanned peak {plan.unplanned_peak_bytes / 2**20:.2f} MiB"
+        )
+        planned_started = time.perf_counter()
+        planned_tokens, _ = generate(pm, PROMPT, args.new_tokens)
+        planned_seconds = time.perf_counter() - planned_started
+        eager_started = time.perf_counter()
+        eager_tokens, _ = generate(eager, PROMPT, args.new_tokens)
+        eager_seconds = time.perf_counter() - eager_started
+        pm.run_measured(**example)  # rewrites position 0 of the cache: generation is done
+        print(f"one step under the meter: {pm.measured.peak_bytes / 2**20:.2f} MiB")
+        print(f"planned: {planned_tokens}")
+        print(f"eager:   {eager_tokens}")
+        calls = len(PROMPT) + args.new_tokens - 1
+        print(
+            f"per step: planned {planned_seconds / calls * 1e3:.2f} ms, "
+            f"eager {eager_seconds / calls * 1e3:.2f} ms (one run each, not a benchmark)"
+        )
+        return {
+            "budget": plan.budget_bytes,
+            "weights": weights,
+            "measured_peak": pm.measured.peak_bytes,
+            "planned": planned_tokens,
+            "eager": eager_tokens,
+            "offloaded": [t.name for t in plan.tensors if t.decision.startswith("offload")],
+        }
+    finally:
+        pm.close()
+
+
+if __name__ == "__main__":
+    main()
