@@ -14,7 +14,8 @@ every step, as FlexGen and Accelerate's disk offload do.
 The model is ``examples/llama.py``'s (two layers, width 128, grouped-query
 attention, vocabulary 1024), random weights, nothing downloaded.
 
-Run with ``python examples/generate_llama.py [--budget 40%] [--new-tokens 16]``;
+Run with ``python examples/generate_llama.py [--budget 40%] [--new-tokens 16]
+[--kernels inductor]``;
 the CLI takes ``examples/generate_llama.py:make_llama_decoder`` (one step).
 """
 
@@ -81,12 +82,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", default="40%", help="bytes, or a share of the unplanned peak")
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument(
+        "--kernels", default="eager", choices=["eager", "inductor"], help="see planner.plan"
+    )
     args = parser.parse_args(argv)
 
     step, example = make_llama_decoder()
     eager = copy.deepcopy(step)  # its own cache: the planned step writes into step's
     weights = sum(p.numel() * p.element_size() for p in step.parameters())
-    pm = planner.plan(step, args.budget, example)
+    pm = planner.plan(step, args.budget, example, kernels=args.kernels)
     try:
         plan = pm.plan
         print(
