@@ -536,7 +536,12 @@ class _Emitter:
                 arg_vars,
                 kwarg_vars,
                 bound,
-                compilable=bool(bound) and not fused and compilable_target(node.target),
+                # a buffer's update written into the buffer stays eager: compiled,
+                # the run would make it in new memory (the buffer is not donated)
+                compilable=bool(bound)
+                and not fused
+                and compilable_target(node.target)
+                and not (reuse is not None and self._is_state(reuse[0])),
             )
         )
         if reuse is not None and bound and bound[0][0] is None:
@@ -660,6 +665,10 @@ class _Emitter:
             for done in recipe.release[position] if recipe.release else ():
                 if done not in held:
                     self._free(done, f"used by the recompute of {name}")
+
+    def _is_state(self, storage: int) -> bool:
+        """Whether ``storage`` is the model's (no op makes it)."""
+        return self.program.values[self.program.storages[storage].base].producer is None
 
     def _free(self, storage: int, why: str) -> None:
         names = self.storage_vars.pop(storage, [])

@@ -24,6 +24,20 @@ REUSE_INPUT = {
     "aten.threshold_backward.default": 0,
 }
 
+#: Ops that make a buffer's update and may write it into the buffer itself, at the
+#: input in this position, when the buffer's old value is read for the last time
+#: there (``out=`` aliasing it: each copies its input into ``out``, a no-op when
+#: they are one tensor, then writes the new elements). A static key/value cache is
+#: updated so at every decoding step (``index_copy``); functional, each step held
+#: a second copy of every layer's cache and copied it back after the step.
+UPDATE_IN_PLACE = {
+    "aten.index_copy.default": 0,
+    "aten.index_put.default": 0,
+    "aten.slice_scatter.default": 0,
+    "aten.select_scatter.default": 0,
+    "aten.copy.default": 0,
+}
+
 #: Ops that read a tensor for its sign (ReLU's backward masks the gradient where
 #: the saved output is zero): quantization rounds small positives to zero and
 #: flips the mask, so tensors they read are never quantized.
@@ -68,16 +82,20 @@ def from_program(
     returned_storages = {program.values[v].storage for v in program.outputs}
     compiled = kernels == "inductor"
     fused_bandwidth = profile.memory_bandwidth if compiled else None
+    updates = buffer_updates(program)
     steps = [
         Step(
             op.index,
             op.name,
             fused_step_seconds(op) if compiled else op.cost.seconds,
             op.workspace_bytes,
-            reuse=_reused_input(program, op.index, returned_storages),
+            reuse=_reused_input(program, op.index, returned_storages)
+            or updated_in_place(program, op.index, updates),
         )
         for op in program.ops
     ]
+    # a buffer whose update takes over its memory ends there (the update is held)
+    written_in_place = {s.reuse[0] for s in steps if s.reuse and s.reuse[0] in updates.values()}
     fmt, kinds, lossy_uses = _quantize_spec(quantize)
     # tiny tensors stay put: moving them costs more bookkeeping than it saves
     # (scaled to the program, not the budget, so the same model always yields the
@@ -173,7 +191,8 @@ def from_program(
                 appears_at=appears_at,
                 by_op=by_op,
                 uses=tuple(uses),
-                until_end=storage.index in returned or caller_held,
+                until_end=(storage.index in returned or caller_held)
+                and storage.index not in written_in_place,
                 persistent=persistent,
                 pinned=pinned,
                 recompute=(
@@ -252,6 +271,56 @@ def _reused_input(program: Program, step: int, returned: set[int]) -> tuple[int,
         or source.nbytes != program.storages[vout.storage].nbytes
         or vin.storage in returned
         or vin.storage == vout.storage
+        or sum(program.values[v].storage == vin.storage for v in op.inputs) != 1
+        or max(u for v in source.values for u in program.values[v].uses) != step
+    ):
+        return None
+    return vin.storage, vout.storage
+
+
+def buffer_updates(program: Program) -> dict[int, int]:
+    """Inference: the storage of each buffer's update (a forward output) -> the
+    buffer's storage. Not in training, where the updates (BatchNorm statistics)
+    are made beside autograd's saved values and left to the functional form."""
+    if program.mode != "infer":
+        return {}
+    names = program.meta.get(BUFFER_UPDATES, ())
+    buffer_of = {
+        program.values[s.base].source: s.index
+        for s in program.storages
+        if program.values[s.base].kind is ValueKind.BUFFER
+    }
+    out = {}
+    for name, v in zip(names, program.outputs):
+        if name in buffer_of:
+            out[program.values[v].storage] = buffer_of[name]
+    return out
+
+
+def updated_in_place(
+    program: Program, step: int, updates: dict[int, int]
+) -> tuple[int, int] | None:
+    """(buffer storage, update storage) if op ``step`` makes a buffer's update from
+    the buffer (``UPDATE_IN_PLACE``) and may write it into the buffer: the buffer is
+    read for the last time here, by this argument alone, all of it, laid out as
+    the update, which the step returns once (as the update, not also to the
+    caller)."""
+    op = program.ops[step]
+    position = UPDATE_IN_PLACE.get(op.target)
+    if position is None or len(op.outputs) != 1 or position >= len(op.inputs):
+        return None
+    vin, vout = program.values[op.inputs[position]], program.values[op.outputs[0]]
+    if updates.get(vout.storage) != vin.storage:
+        return None
+    source = program.storages[vin.storage]
+    base = program.values[source.base]
+    if (
+        (vin.index != base.index and not _whole_alias(vin, base))
+        or vout.is_view
+        or not (vin.contiguous and vout.contiguous)
+        or (vin.shape, vin.dtype) != (vout.shape, vout.dtype)
+        or source.nbytes != program.storages[vout.storage].nbytes
+        or sum(program.values[v].storage == vout.storage for v in program.outputs) != 1
         or sum(program.values[v].storage == vin.storage for v in op.inputs) != 1
         or max(u for v in source.values for u in program.values[v].uses) != step
     ):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 from torch.export.graph_signature import InputKind
@@ -28,12 +29,13 @@ class _Cached(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 64)
         self.register_buffer("cache", torch.zeros(16, 64), persistent=False)
         self.holder = _Holder(self.cache)
 
     def forward(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         self.holder.tensor.index_copy_(0, position, self.lin(x))
-        return self.holder.tensor.sum(0)
+        return self.head(self.holder.tensor.sum(0))
 
 
 def _model() -> _Cached:
@@ -59,12 +61,44 @@ def test_a_plan_updates_the_buffer_at_each_call_as_eager_does() -> None:
     model = _model()
     reference = copy.deepcopy(model)
     reference.holder = _Holder(reference.cache)
-    peak = planner.analyze(model, _inputs(0), profile="cpu").unplanned_peak_bytes
-    pm = planner.plan(model, int(peak * 0.85), _inputs(0), profile="cpu")
+    with pytest.raises(planner.BudgetTooSmall) as smallest:
+        planner.plan(model, 1, _inputs(0), profile="cpu")
+    pm = planner.plan(model, smallest.value.min_budget, _inputs(0), profile="cpu")
     assert any(t.decision != "keep" for t in pm.plan.tensors)
     with torch.no_grad():
         for k in range(5):
             assert torch.equal(pm(*_inputs(k)), reference(*_inputs(k)))
             assert torch.equal(model.cache, reference.cache)
     assert model.cache[:5].abs().sum() > 0 and not model.cache[5:].any()
+    pm.close()
+
+
+class _LongCache(_Cached):
+    """A cache much larger than the rest, as a long context's is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("cache", torch.zeros(4096, 64), persistent=False)
+        self.holder = _Holder(self.cache)
+
+
+def test_the_update_is_written_into_the_cache_not_beside_it() -> None:
+    """The traced step makes the updated cache as a new tensor, which the planned
+    module copied back after the step: two caches at once. Written in place (an
+    ``out=`` call into the buffer), a plan holds one, well below that peak."""
+    torch.manual_seed(0)
+    model = _LongCache().eval()
+    reference = copy.deepcopy(model)
+    reference.holder = _Holder(reference.cache)
+    cache_bytes = model.cache.numel() * model.cache.element_size()
+    peak = planner.analyze(model, _inputs(0), profile="cpu").unplanned_peak_bytes
+    assert peak > 2 * cache_bytes  # the functional step: old and new cache
+    pm = planner.plan(model, int(peak * 0.6), _inputs(0), profile="cpu")
+    assert "index_copy_out(b_cache" in pm.code and "out=b_cache" in pm.code
+    with torch.no_grad():
+        for k in range(3):
+            assert torch.equal(pm(*_inputs(k)), reference(*_inputs(k)))
+    assert torch.equal(model.cache, reference.cache)
+    pm.run_measured(*_inputs(3))
+    assert pm.measured.peak_bytes <= pm.plan.budget_bytes < 1.25 * cache_bytes
     pm.close()

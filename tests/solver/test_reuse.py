@@ -18,7 +18,7 @@ from planner.solver import from_program, solve, validate
 from planner.solver.candidates import build_candidates
 from planner.solver.plan import Action
 from planner.solver.solve import lower_bound_bytes
-from planner.solver.translate import REUSE_INPUT, _reused_input
+from planner.solver.translate import REUSE_INPUT, UPDATE_IN_PLACE, _reused_input
 
 
 def _call_args(target: str, x: torch.Tensor, y: torch.Tensor) -> tuple:
@@ -53,6 +53,36 @@ def test_out_into_the_dying_input_is_bit_identical(target: str, dtype: torch.dty
         result = variant(*args, **{out_arg: into})
         assert result.data_ptr() == into.data_ptr()  # no new buffer
         assert torch.equal(result, expected), (target, shape)
+
+
+def _update_args(target: str, buffer: torch.Tensor, g: torch.Generator) -> tuple:
+    """Arguments of a buffer update of rows 1 and 3 (all of it for ``copy``)."""
+    rows = torch.tensor([1, 3])
+    new = torch.randn((2, *buffer.shape[1:]), generator=g).to(buffer.dtype)
+    if target.startswith("aten.index_copy"):
+        return (buffer, 0, rows, new)
+    if target.startswith("aten.index_put"):
+        return (buffer, [rows], new)
+    if target.startswith("aten.slice_scatter"):
+        return (buffer, new, 0, 1, 3)
+    if target.startswith("aten.select_scatter"):
+        return (buffer, new[0], 0, 2)
+    return (buffer, torch.randn(buffer.shape, generator=g).to(buffer.dtype))
+
+
+@pytest.mark.parametrize("target", sorted(UPDATE_IN_PLACE))
+def test_a_buffer_update_written_into_the_buffer_is_bit_identical(target: str) -> None:
+    namespace, name, overload = target.split(".")
+    op = getattr(getattr(getattr(torch.ops, namespace), name), overload)
+    variant, out_arg = out_variant(op)
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        buffer = torch.randn(6, 4, 33, generator=g).to(dtype)
+        args = _update_args(target, buffer.clone(), g)
+        expected = op(*args)
+        result = variant(*args, **{out_arg: args[0]})
+        assert result.data_ptr() == args[0].data_ptr()  # no new buffer
+        assert torch.equal(result, expected), target
 
 
 @pytest.fixture(scope="module")
