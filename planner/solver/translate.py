@@ -94,8 +94,11 @@ def from_program(
         )
         for op in program.ops
     ]
-    # a buffer whose update takes over its memory ends there (the update is held)
-    written_in_place = {s.reuse[0] for s in steps if s.reuse and s.reuse[0] in updates.values()}
+    # a buffer whose update takes over its memory ends there; the update, in the
+    # model's buffer, is pinned (moved away, the model would still hold its bytes)
+    in_place = {s.reuse for s in steps if s.reuse and s.reuse[0] in updates.values()}
+    written_in_place = {buffer for buffer, _ in in_place}
+    in_the_buffer = {update for _, update in in_place}
     fmt, kinds, lossy_uses = _quantize_spec(quantize)
     # tiny tensors stay put: moving them costs more bookkeeping than it saves
     # (scaled to the program, not the budget, so the same model always yields the
@@ -160,6 +163,7 @@ def from_program(
             kind in (ValueKind.INPUT, ValueKind.TANGENT)
             or train_held
             or storage.index in handed_over
+            or storage.index in in_the_buffer
             or storage.nbytes < min_movable
         )
         caller_held = kind in (ValueKind.INPUT, ValueKind.TANGENT) or train_held

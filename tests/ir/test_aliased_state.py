@@ -102,3 +102,28 @@ def test_the_update_is_written_into_the_cache_not_beside_it() -> None:
     pm.run_measured(*_inputs(3))
     assert pm.measured.peak_bytes <= pm.plan.budget_bytes < 1.25 * cache_bytes
     pm.close()
+
+
+class _ReadLater(_LongCache):
+    """Reads the updated cache after a step that needs as much memory again: a
+    plan short of room would move the cache's update away in between."""
+
+    def forward(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        self.holder.tensor.index_copy_(0, position, self.lin(x))
+        wide = torch.relu(self.head(x).expand(4096, 64) * 2.0)
+        return self.holder.tensor.sum(0) + wide.sum(0)
+
+
+def test_at_the_smallest_budget_the_update_stays_in_the_buffer() -> None:
+    """The update lives in the model's buffer, so moving it away frees nothing: a
+    plan that offloaded it (and read a copy back) held the cache twice, over its
+    budget by the cache's bytes."""
+    torch.manual_seed(0)
+    model = _ReadLater().eval()
+    with pytest.raises(planner.BudgetTooSmall) as smallest:
+        planner.plan(model, 1, _inputs(0), profile="cpu")
+    pm = planner.plan(model, smallest.value.min_budget, _inputs(0), profile="cpu")
+    assert not [a for a in pm.plan.actions if a.tensor == "index_copy"]
+    pm.run_measured(*_inputs(1))
+    assert pm.measured.peak_bytes <= pm.plan.budget_bytes
+    pm.close()
