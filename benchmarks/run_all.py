@@ -21,6 +21,7 @@ BENCHES = {
     "training": ["benchmarks/training_bench.py", "--out", "BENCHMARKS_training.md"],
     "quantize": ["benchmarks/quantize_bench.py", "--out", "BENCHMARKS_quantize.md"],
     "estimates": ["benchmarks/estimate_bench.py", "--out", "BENCHMARKS_estimates.md"],
+    "generate": ["benchmarks/generate_bench.py", "--out", "BENCHMARKS_generate.md"],
 }
 QUICK = {"remat", "solver"}  # the ones with a --quick mode
 
