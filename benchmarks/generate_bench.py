@@ -73,6 +73,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))  # generate_llama.static_cache_step
 
 from bench_common import short_error, uptime, write_report  # noqa: E402
 
@@ -94,7 +95,6 @@ def make_decoder(
     max_cache_len: int = 64,
     heads: int | None = None,
     kv_heads: int | None = None,
-    seed: int = 0,
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """One decoding step of a Llama (``examples/llama.py``'s architecture: RMSNorm,
     rotary embeddings, SwiGLU, grouped-query attention, untied embeddings, SDPA) with
@@ -102,12 +102,11 @@ def make_decoder(
     ``make_llama_decoder`` builds it, and a step's example inputs (a token and its
     position). ``heads`` defaults to one per 64 channels (at least 2), ``kv_heads`` to
     half of ``heads``."""
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-    from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
+    from generate_llama import static_cache_step
+    from transformers import LlamaConfig
 
     heads = heads or max(2, hidden // 64)
     kv_heads = kv_heads or max(1, heads // 2)
-    torch.manual_seed(seed)
     config = LlamaConfig(
         hidden_size=hidden,
         intermediate_size=intermediate,
@@ -115,18 +114,11 @@ def make_decoder(
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         vocab_size=vocab,
-        max_position_embeddings=max_cache_len,
         tie_word_embeddings=False,
         use_cache=False,
         attn_implementation="sdpa",
     )
-    model = LlamaForCausalLM(config).eval()
-    model.generation_config = GenerationConfig(
-        use_cache=True,
-        cache_implementation="static",
-        cache_config={"batch_size": 1, "max_cache_len": max_cache_len},
-    )
-    step = TorchExportableModuleWithStaticCache(model, batch_size=1, max_cache_len=max_cache_len)
+    step = static_cache_step(config, max_cache_len)
     for p in step.parameters():
         p.requires_grad_(False)
     return step, {"input_ids": torch.tensor([[1]]), "cache_position": torch.tensor([0])}
@@ -608,6 +600,14 @@ def main(argv: list[str] | None = None) -> str:
 
     root = tempfile.mkdtemp(prefix="generate-bench-", dir=args.offload_root)
     rows: list[Row] = [eager_row(copy.deepcopy(step))]
+
+    def plan_row(label: str, system: str, budget: int, source: nn.Module = step, **kw: Any) -> Row:
+        log.info("planning %s...", label)
+        return planner_row(
+            label, system, copy.deepcopy(source), budget, example, unplanned, profile,
+            args.time_limit, root, **kw,
+        )  # fmt: skip
+
     try:
         if "compile" in args.systems:
             rows.append(compile_row(copy.deepcopy(step)))
@@ -616,39 +616,12 @@ def main(argv: list[str] | None = None) -> str:
                 continue
             for spec in args.budgets:
                 label = f"planner {spec}" if kernels == "eager" else f"planner+inductor {spec}"
-                log.info("planning %s...", label)
-                rows.append(
-                    planner_row(
-                        label,
-                        system,
-                        copy.deepcopy(step),
-                        int(unplanned * _share(spec)),
-                        example,
-                        unplanned,
-                        profile,
-                        args.time_limit,
-                        root,
-                        kernels=kernels,
-                    )
-                )
+                budget = int(unplanned * _share(spec))
+                rows.append(plan_row(label, system, budget, kernels=kernels))
         if "quantized" in args.systems:
             for fmt, spec in quantized:
-                label = f"planner {fmt} {spec}"
-                log.info("planning %s...", label)
-                rows.append(
-                    planner_row(
-                        label,
-                        "quantized",
-                        copy.deepcopy(step),
-                        int(unplanned * _share(spec)),
-                        example,
-                        unplanned,
-                        profile,
-                        args.time_limit,
-                        root,
-                        quantize=fmt,
-                    )
-                )
+                budget = int(unplanned * _share(spec))
+                rows.append(plan_row(f"planner {fmt} {spec}", "quantized", budget, quantize=fmt))
         if "accelerate" in args.systems:
             log.info("accelerate disk_offload...")
             accelerate = accelerate_row(copy.deepcopy(step), root)
@@ -665,38 +638,14 @@ def main(argv: list[str] | None = None) -> str:
                 ):
                     if system not in args.systems:
                         continue
-                    log.info("planning %s...", label)
-                    matched = planner_row(
-                        label,
-                        system,
-                        copy.deepcopy(step),
-                        accelerate.peak,
-                        example,
-                        unplanned,
-                        profile,
-                        args.time_limit,
-                        root,
-                        kernels=kernels,
-                    )
+                    matched = plan_row(label, system, accelerate.peak, kernels=kernels)
                     rows.append(matched)
                     lowest = matched.min_budget
                     if lowest is not None and lowest <= accelerate.peak * 1.02:
                         # refused by a hair: the planner's own floor, stated as such
                         above = lowest / accelerate.peak - 1
-                        rows.append(
-                            planner_row(
-                                f"{label.split(' @ ')[0]} @ its minimum ({above:.2%} above)",
-                                system,
-                                copy.deepcopy(step),
-                                lowest,
-                                example,
-                                unplanned,
-                                profile,
-                                args.time_limit,
-                                root,
-                                kernels=kernels,
-                            )
-                        )
+                        label = f"{label.split(' @ ')[0]} @ its minimum ({above:.2%} above)"
+                        rows.append(plan_row(label, system, lowest, kernels=kernels))
         del step
         gc.collect()
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, LlamaForCausalLM
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -38,19 +38,24 @@ MAX_CACHE_LEN = 48
 PROMPT = [11, 407, 92, 860, 3, 512, 77, 1000]
 
 
-def make_llama_decoder() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """One decoding step of the Llama with a static cache of ``MAX_CACHE_LEN``
-    positions, and the example inputs of a step: a token and its position."""
+def static_cache_step(config: LlamaConfig, max_cache_len: int) -> torch.nn.Module:
+    """A Llama built from ``config`` (seed 0) as one decoding step with a static
+    cache of ``max_cache_len`` positions, batch 1."""
     torch.manual_seed(0)
-    config = llama_config()
-    config.max_position_embeddings = MAX_CACHE_LEN
+    config.max_position_embeddings = max_cache_len
     model = LlamaForCausalLM(config).eval()
     model.generation_config = GenerationConfig(
         use_cache=True,
         cache_implementation="static",
-        cache_config={"batch_size": 1, "max_cache_len": MAX_CACHE_LEN},
+        cache_config={"batch_size": 1, "max_cache_len": max_cache_len},
     )
-    step = TorchExportableModuleWithStaticCache(model, batch_size=1, max_cache_len=MAX_CACHE_LEN)
+    return TorchExportableModuleWithStaticCache(model, batch_size=1, max_cache_len=max_cache_len)
+
+
+def make_llama_decoder() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """One decoding step of the Llama with a static cache of ``MAX_CACHE_LEN``
+    positions, and the example inputs of a step: a token and its position."""
+    step = static_cache_step(llama_config(), MAX_CACHE_LEN)
     return step, {"input_ids": torch.tensor([[PROMPT[0]]]), "cache_position": torch.tensor([0])}
 
 
