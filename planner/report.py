@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from planner.ir.meta import FROZEN_PARAMS
+from planner.ir.meta import BUFFER_UPDATES, FROZEN_PARAMS
 from planner.ir.program import Program, ValueKind
 from planner.passes.pipeline import Analysis
 from planner.solver.plan import Plan
@@ -45,6 +45,9 @@ class TensorRow:
     #: training: a parameter that did not require grad when planned (it does not
     #: train, so a lossy plan may store it quantized)
     frozen: bool = False
+    #: a buffer each call updates (a key/value cache, BatchNorm statistics in
+    #: training): it stays on the device
+    updated: bool = False
 
 
 @dataclass
@@ -190,6 +193,7 @@ def quantized_rows(plan: Plan, tensors: list[TensorRow]) -> list[dict[str, Any]]
 def tensor_rows(program: Program) -> list[TensorRow]:
     """One row per storage (a view adds no bytes: it is listed as an alias)."""
     frozen = program.meta.get(FROZEN_PARAMS, frozenset())
+    updated = set(program.meta.get(BUFFER_UPDATES, ()))
     rows = []
     for storage in program.storages:
         base = program.values[storage.base]
@@ -208,9 +212,18 @@ def tensor_rows(program: Program) -> list[TensorRow]:
                 dtype=base.dtype,
                 aliases=[program.values[v].name for v in storage.values[1:]],
                 frozen=base.kind is ValueKind.PARAM and base.source in frozen,
+                updated=base.kind is ValueKind.BUFFER and base.source in updated,
             )
         )
     return rows
+
+
+def _kind_label(row: TensorRow) -> str:
+    if row.frozen:
+        return f"{row.kind} (frozen)"
+    if row.updated:
+        return f"{row.kind} (updated)"
+    return row.kind
 
 
 def render_text(report: Report, width: int = 140) -> str:
@@ -234,7 +247,7 @@ def render_text(report: Report, width: int = 140) -> str:
         table.add_row(
             row.name,
             format_bytes(row.bytes),
-            f"{row.kind} (frozen)" if row.frozen else row.kind,
+            _kind_label(row),
             f"{row.live[0]}..{row.live[1]}",
             row.decision,
             row.producer or "-",

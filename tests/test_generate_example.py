@@ -40,6 +40,9 @@ def test_generation_below_the_weight_bytes_is_bit_identical_to_the_exported_step
     pm = planner.plan(step, int(peak * 0.3), inputs, profile="cpu")
     try:
         assert pm.plan.budget_bytes < weights / 2
+        rows = {row.name: row for row in pm.report.tensors}
+        assert rows["key_cache_0"].updated and not rows["model.lm_head.weight"].updated
+        assert "buffer (updated)" in str(pm.report)
         assert all(not c.any() for c in _caches(step).values()), "planning wrote the cache"
         prompt = example.PROMPT[:4]
         tokens, logits = example.generate(pm, prompt, 4)
