@@ -401,12 +401,16 @@ def _capture_joint(
     if fw_metadata is not None:
         # the caller's inputs, and anything that requires grad (a parameter): the
         # planned backward carries no gradient through an in-place write
-        written = [
-            role.source or "an input"
+        mutated = [
+            role
             for role, info in zip(input_roles, fw_metadata.input_info)
             if info.mutates_data and (role.kind is ValueKind.INPUT or info.requires_grad)
         ]
-        if written:
+        state = [r.source or "a buffer" for r in mutated if r.kind is not ValueKind.INPUT]
+        if state:
+            raise CaptureError(_state_mutation_message(type(model).__name__, state))
+        if mutated:
+            written = [r.source or "an input" for r in mutated]
             raise CaptureError(_input_mutation_message(type(model).__name__, written))
     bases = fw_metadata.num_intermediate_bases if fw_metadata is not None else 0
     mutated = (
@@ -523,6 +527,17 @@ def _input_mutation_message(model_name: str, written: list[str]) -> str:
         f"(e.g. x.mul_(2) or x /= 255); the planner does not plan writes into the "
         f"caller's tensors: make the update out of place (x = x * 2) or clone the "
         f"input first (x = x.clone()) in forward"
+    )
+
+
+def _state_mutation_message(model_name: str, written: list[str]) -> str:
+    """Training: forward writes a value that requires grad into a parameter or a
+    buffer in place (a cache filled with activations)."""
+    return (
+        f"{model_name}.forward writes values that require grad into {', '.join(written)} "
+        f"in place; a training plan carries no gradient through a write into the "
+        f"model's state: write a detached value (as a key/value cache for generation "
+        f"does), keep the value in a local tensor, or plan mode='infer'"
     )
 
 

@@ -127,3 +127,9 @@ def test_at_the_smallest_budget_the_update_stays_in_the_buffer() -> None:
     pm.run_measured(*_inputs(1))
     assert pm.measured.peak_bytes <= pm.plan.budget_bytes
     pm.close()
+
+
+def test_training_a_model_that_writes_activations_into_a_buffer_says_what_to_do() -> None:
+    model = _model().train()
+    with pytest.raises(planner.PlannerError, match=r"writes values that require grad into cache"):
+        planner.plan(model, "100%", _inputs(0), mode="train", profile="cpu")
