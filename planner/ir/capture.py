@@ -401,16 +401,16 @@ def _capture_joint(
     if fw_metadata is not None:
         # the caller's inputs, and anything that requires grad (a parameter): the
         # planned backward carries no gradient through an in-place write
-        mutated = [
+        written_into = [
             role
             for role, info in zip(input_roles, fw_metadata.input_info)
             if info.mutates_data and (role.kind is ValueKind.INPUT or info.requires_grad)
         ]
-        state = [r.source or "a buffer" for r in mutated if r.kind is not ValueKind.INPUT]
+        state = [r.source or "a buffer" for r in written_into if r.kind is not ValueKind.INPUT]
         if state:
             raise CaptureError(_state_mutation_message(type(model).__name__, state))
-        if mutated:
-            written = [r.source or "an input" for r in mutated]
+        if written_into:
+            written = [r.source or "an input" for r in written_into]
             raise CaptureError(_input_mutation_message(type(model).__name__, written))
     bases = fw_metadata.num_intermediate_bases if fw_metadata is not None else 0
     mutated = (
