@@ -73,9 +73,10 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "examples"))  # generate_llama.static_cache_step
+sys.path.insert(0, str(ROOT / "examples"))  # generate_llama: the step and the loop
 
 from bench_common import short_error, uptime, write_report  # noqa: E402
+from generate_llama import generate, static_cache_step  # noqa: E402
 
 import planner  # noqa: E402
 from planner.runtime.meter import measure  # noqa: E402
@@ -102,7 +103,6 @@ def make_decoder(
     ``make_llama_decoder`` builds it, and a step's example inputs (a token and its
     position). ``heads`` defaults to one per 64 channels (at least 2), ``kv_heads`` to
     half of ``heads``."""
-    from generate_llama import static_cache_step
     from transformers import LlamaConfig
 
     heads = heads or max(2, hidden // 64)
@@ -122,28 +122,6 @@ def make_decoder(
     for p in step.parameters():
         p.requires_grad_(False)
     return step, {"input_ids": torch.tensor([[1]]), "cache_position": torch.tensor([0])}
-
-
-@torch.no_grad()
-def generate(
-    step: Callable[..., torch.Tensor], prompt: list[int], new_tokens: int, keep_logits: bool = False
-) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy decoding, one token per call of ``step`` (``examples/generate_llama.py``'s
-    loop without its fixed cache length and vocabulary): the prompt's tokens in turn,
-    then each argmax. Returns the generated tokens and, with ``keep_logits``, a copy
-    of every call's logits."""
-    tokens = list(prompt)
-    logits = []
-    for position in range(len(prompt) + new_tokens - 1):
-        out = step(
-            input_ids=torch.tensor([[tokens[position]]]),
-            cache_position=torch.tensor([position]),
-        )
-        if keep_logits:
-            logits.append(out.detach().clone())
-        if position + 1 >= len(prompt):
-            tokens.append(int(out[0, -1].argmax()))
-    return tokens[len(prompt) :], logits
 
 
 # --------------------------------------------------------------------------- rows
@@ -337,7 +315,7 @@ def run_rounds(rows: list[Row], prompt: list[int], new_tokens: int, repeats: int
         for r in order:
             start = time.perf_counter()
             try:
-                generate(r.fn, prompt, new_tokens)
+                generate(r.fn, prompt, new_tokens, keep_logits=False)
             except Exception as exc:  # a failure mid-run: the row keeps what it has
                 traceback.print_exc()
                 r.error = short_error(exc)

@@ -25,6 +25,7 @@ import argparse
 import copy
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llama import VOCAB_SIZE, llama_config  # noqa: E402
+from llama import llama_config  # noqa: E402
 
 MAX_CACHE_LEN = 48
 PROMPT = [11, 407, 92, 860, 3, 512, 77, 1000]
@@ -60,11 +61,13 @@ def make_llama_decoder() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
 
 
 @torch.no_grad()
-def generate(step: torch.nn.Module, prompt: list[int], new_tokens: int) -> tuple[list[int], list]:
+def generate(
+    step: Callable[..., torch.Tensor], prompt: list[int], new_tokens: int, keep_logits: bool = True
+) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy decoding, one token per call of ``step``: the prompt's tokens in turn,
-    then each argmax. Returns the generated tokens and every call's logits."""
-    if len(prompt) + new_tokens > MAX_CACHE_LEN:
-        raise ValueError(f"prompt + new tokens must fit the cache ({MAX_CACHE_LEN} positions)")
+    then each argmax (prompt + new tokens must fit the cache: a position past it is
+    an IndexError). Returns the generated tokens and, with ``keep_logits``, every
+    call's logits."""
     tokens = list(prompt)
     logits = []
     for position in range(len(prompt) + new_tokens - 1):
@@ -72,10 +75,10 @@ def generate(step: torch.nn.Module, prompt: list[int], new_tokens: int) -> tuple
             input_ids=torch.tensor([[tokens[position]]]),
             cache_position=torch.tensor([position]),
         )
-        logits.append(out)
+        if keep_logits:
+            logits.append(out.detach().clone())
         if position + 1 >= len(prompt):
             tokens.append(int(out[0, -1].argmax()))
-    assert all(0 <= t < VOCAB_SIZE for t in tokens)
     return tokens[len(prompt) :], logits
 
 
