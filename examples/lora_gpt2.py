@@ -82,17 +82,6 @@ def make_lora_gpt2(batch: int = 1, rank: int = 8) -> tuple[nn.Module, tuple[torc
     return model, inputs
 
 
-def round_tripped(model: nn.Module, names: set[str], fmt: str) -> nn.Module:
-    """A copy of ``model`` with weights ``names`` replaced by their quantization
-    round trip: what the planned step computes with."""
-    twin = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, p in twin.named_parameters():
-            if name in names:
-                p.copy_(quant.dequantize(quant.quantize(p, fmt)))
-    return twin
-
-
 def train(step: nn.Module, inputs: tuple[torch.Tensor, ...], steps: int, lr: float) -> list[float]:
     """``steps`` AdamW steps over the parameters that require grad."""
     torch.manual_seed(2)
@@ -161,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     # full copy on disk, so only the weights read otherwise compute with the round trip
     lossy = {row["tensor"] for row in pm.report.quantized if not row["exact_lookups"]}
     planned = train(pm, inputs, args.steps, args.lr)
-    eager = train(round_tripped(pristine, lossy, args.format), inputs, args.steps, args.lr)
+    eager = train(quant.round_tripped(pristine, lossy, args.format), inputs, args.steps, args.lr)
     for i, (a, b) in enumerate(zip(planned, eager)):
         print(f"step {i}: loss {a:.6f} planned, {b:.6f} eager over the round-tripped base")
     same = planned == eager

@@ -81,17 +81,6 @@ def _quantized_homes(pm: planner.PlannedModule) -> dict[str, str]:
     return {d.name: d.home for d in pm.plan.tensors if d.home.endswith(("int8", "int4"))}
 
 
-def _round_tripped(model: torch.nn.Module, names: set[str], fmt: str) -> torch.nn.Module:
-    """``model`` with the weights ``names`` replaced by their quantization round
-    trip: what the plan computes with."""
-    twin = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, p in twin.named_parameters():
-            if name in names:
-                p.copy_(quant.dequantize(quant.quantize(p, fmt)))
-    return twin
-
-
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_frozen_base_stored_quantized_trains_as_its_round_trip(fmt: str) -> None:
     """Below the frozen base's own fp32 bytes, the plan stores it quantized: the
@@ -112,7 +101,7 @@ def test_frozen_base_stored_quantized_trains_as_its_round_trip(fmt: str) -> None
         assert "param (frozen)" in str(pm.report)
         trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
         assert all(".base.weight" in name for name in homes) and not trainable & homes.keys()
-        reference = _round_tripped(_lora()[0], set(homes), fmt)
+        reference = quant.round_tripped(_lora()[0], set(homes), fmt)
         expected = reference(x)
         expected.backward()
         loss = pm(x)
@@ -140,7 +129,7 @@ def test_steps_of_an_optimizer_match_eager_over_the_round_trip() -> None:
     pm = _plan(model, x, int(0.65 * _frozen_bytes(model)), "int8")
     try:
         homes = _quantized_homes(pm)
-        reference = _round_tripped(_lora()[0], set(homes), "int8")
+        reference = quant.round_tripped(_lora()[0], set(homes), "int8")
         planned_opt = torch.optim.AdamW(pm.parameters(), lr=1e-2)
         eager_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
         for _ in range(3):
@@ -239,7 +228,7 @@ def _check_close_to_round_trip(
     over their round trip; one step within the budget under the meter."""
     homes = _quantized_homes(pm)
     assert homes
-    reference = _round_tripped(_lora()[0], set(homes), "int8").to(x.device)
+    reference = quant.round_tripped(_lora()[0], set(homes), "int8").to(x.device)
     reference(x).backward()
     pm(x).backward()
     for (name, p), r in zip(model.named_parameters(), reference.parameters(), strict=True):
@@ -319,7 +308,7 @@ def test_a_peft_lora_llama_with_dropout_trains_over_its_int4_base() -> None:
     try:
         assert any("lora" not in name for name in _quantized_homes(pm))
         lossy = {row["tensor"] for row in pm.report.quantized if not row["exact_lookups"]}
-        reference = _round_tripped(pristine, lossy, "int4")
+        reference = quant.round_tripped(pristine, lossy, "int4")
         torch.manual_seed(5)
         loss = pm(ids)
         loss.backward()

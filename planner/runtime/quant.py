@@ -19,6 +19,7 @@ memory, not spike it. Blocking does not change any element's arithmetic.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +83,18 @@ def dequantize(q: Quantized) -> torch.Tensor:
     if q.fmt == "int8":
         return _dequantize_int8(q)
     return _dequantize_int4(q)
+
+
+def round_tripped(model: torch.nn.Module, names: set[str], fmt: str) -> torch.nn.Module:
+    """A copy of ``model`` whose parameters ``names`` hold their ``fmt`` round trip:
+    what a plan that stores those weights quantized computes with (its lookups
+    aside, which read exact rows). The eager reference its results are compared to."""
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in twin.named_parameters():
+            if name in names:
+                p.copy_(dequantize(quantize(p, fmt)))
+    return twin
 
 
 def _blocks(total: int, step: int) -> list[tuple[int, int]]:
