@@ -676,9 +676,8 @@ class _Emitter:
             self.var.pop(vi, None)
         if names:
             unique = list(dict.fromkeys(names))
-            base = self.program.values[self.program.storages[storage].base]
             donatable = (
-                base.producer is not None
+                not self._is_state(storage)
                 and storage not in self.returned_value
                 and storage not in self.writing
             )

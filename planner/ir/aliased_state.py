@@ -13,7 +13,9 @@ AOTAutograd refuses that inside ``run_decompositions`` ("expected compiled_fn to
 GraphModule") and would treat the two as unrelated when planning. Routing every use
 of such a constant to the state's own placeholder makes the write a write of the
 buffer, which the functionalized program returns as its update (as BatchNorm's
-running statistics) and the planned module copies back.
+running statistics): a plan writes it into the buffer where it can
+(``planner.solver.translate.UPDATE_IN_PLACE``), else the planned module copies it
+back after the call.
 """
 
 from __future__ import annotations

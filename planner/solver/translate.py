@@ -264,22 +264,31 @@ def _reused_input(program: Program, step: int, returned: set[int]) -> tuple[int,
     if position is None or len(op.outputs) != 1 or position >= len(op.inputs):
         return None
     vin, vout = program.values[op.inputs[position]], program.values[op.outputs[0]]
-    source = program.storages[vin.storage]
-    base = program.values[source.base]
     if (
-        (vin.is_view and not _whole_alias(vin, base))
-        or vout.is_view
-        or vin.producer is None
-        or not (vin.contiguous and vout.contiguous)
-        or (vin.shape, vin.dtype) != (vout.shape, vout.dtype)
-        or source.nbytes != program.storages[vout.storage].nbytes
+        vin.producer is None
         or vin.storage in returned
         or vin.storage == vout.storage
-        or sum(program.values[v].storage == vin.storage for v in op.inputs) != 1
-        or max(u for v in source.values for u in program.values[v].uses) != step
+        or not _may_write_into(program, step, vin, vout)
     ):
         return None
     return vin.storage, vout.storage
+
+
+def _may_write_into(program: Program, step: int, vin: Value, vout: Value) -> bool:
+    """Whether op ``step`` may write its output ``vout`` into the buffer of its
+    input ``vin``: ``vin`` is all of that buffer, laid out as ``vout``, read for
+    the last time here, by this argument alone."""
+    source = program.storages[vin.storage]
+    base = program.values[source.base]
+    return not (
+        (vin.is_view and not _whole_alias(vin, base))
+        or vout.is_view
+        or not (vin.contiguous and vout.contiguous)
+        or (vin.shape, vin.dtype) != (vout.shape, vout.dtype)
+        or source.nbytes != program.storages[vout.storage].nbytes
+        or sum(program.values[v].storage == vin.storage for v in program.ops[step].inputs) != 1
+        or max(u for v in source.values for u in program.values[v].uses) != step
+    )
 
 
 def buffer_updates(program: Program) -> dict[int, int]:
@@ -314,19 +323,10 @@ def updated_in_place(
     if position is None or len(op.outputs) != 1 or position >= len(op.inputs):
         return None
     vin, vout = program.values[op.inputs[position]], program.values[op.outputs[0]]
-    if updates.get(vout.storage) != vin.storage:
-        return None
-    source = program.storages[vin.storage]
-    base = program.values[source.base]
     if (
-        (vin.index != base.index and not _whole_alias(vin, base))
-        or vout.is_view
-        or not (vin.contiguous and vout.contiguous)
-        or (vin.shape, vin.dtype) != (vout.shape, vout.dtype)
-        or source.nbytes != program.storages[vout.storage].nbytes
+        updates.get(vout.storage) != vin.storage
         or sum(program.values[v].storage == vout.storage for v in program.outputs) != 1
-        or sum(program.values[v].storage == vin.storage for v in op.inputs) != 1
-        or max(u for v in source.values for u in program.values[v].uses) != step
+        or not _may_write_into(program, step, vin, vout)
     ):
         return None
     return vin.storage, vout.storage
