@@ -314,6 +314,11 @@ class PlannedModule(torch.nn.Module):
         state += self._stored
         self._state = state
         self._unreleased: tuple[list[str], Any] = (released, ep)
+        if self.mode != "train":
+            # only autograd needs the model's tensors as primals: held here, the
+            # weights homed in a tier would never be freed (they were, for every
+            # inference plan, until this line)
+            self._primals, self._primal_names = [], []
 
     def extra_repr(self) -> str:
         """``print(model)`` of a module holding this one shows what was planned."""
