@@ -6,10 +6,11 @@ them fixed: ``TorchExportableModuleWithStaticCache`` registers each layer's keys
 values as buffers of ``MAX_CACHE_LEN`` positions, and one step takes one token and
 its position (``cache_position``) and writes that token's keys and values into the
 buffers in place. One planned step then serves every position: the prompt is fed
-token by token, and each generated token follows. The plan keeps the cache's
-updates (the buffers are written back after each step, as BatchNorm's statistics
-are) and streams what does not fit (here, weights from the offload directory) in
-every step, as FlexGen and Accelerate's disk offload do.
+token by token, and each generated token follows. The plan writes each token's
+keys and values into the cache in place, and streams what does not fit from the
+offload directory in every step, as FlexGen and Accelerate's disk offload do: here
+the weights; with a long cache, each layer's keys and values too, written back
+after their last read.
 
 The model is ``examples/llama.py``'s (two layers, width 128, grouped-query
 attention, vocabulary 1024), random weights, nothing downloaded.

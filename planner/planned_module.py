@@ -219,6 +219,15 @@ class PlannedModule(torch.nn.Module):
                 raise PlannerError("an inference analysis makes one planned module: plan again")
             tensors = {**ep.state_dict, **ep.constants}
         homes = {d.name: d.home for d in self.plan.tensors}
+        #: buffers updated in place and homed in a tier (a key/value cache): the
+        #: executor writes each call's update over the tier's copy; by the model's
+        #: name -> (key, tier), for ``state_tensor``
+        self._tier_buffers: dict[str, tuple[str, str]] = {}
+        written_back = {
+            self.problem.tensors[t.writes_home_of].name
+            for t in self.problem.tensors
+            if t.writes_home_of is not None
+        }
         self._state_names: list[str] = []
         state: list[torch.Tensor] = []
         state_values = set(self.executor.state_values)
@@ -256,6 +265,9 @@ class PlannedModule(torch.nn.Module):
             self._weight_keys.add(name)
             if self.mode == "train":  # CUDA: the parameter now lives on the host
                 tensor.data = engine.home_tensor(name, homes[name])
+            elif name in written_back:  # read as copies: each call writes it
+                self._tier_buffers[value.source] = (name, homes[name])  # type: ignore[index]
+                released.append(value.source)  # type: ignore[arg-type]
             else:
                 released.append(value.source)  # type: ignore[arg-type]
                 if isinstance(engine, ThreadCopyEngine):  # large ones read as maps
@@ -357,6 +369,9 @@ class PlannedModule(torch.nn.Module):
         full_copies = {n: ref for n, (_, ref) in self._frozen_stand_ins.items()}
         if self.mode == "train":
             self._release_frozen(model)
+        originals = {source: _slot_tensor(model, source) for source in released}
+        moved = {s: weakref.ref(t) for s, t in originals.items() if t is not None}
+        del originals
         for source in released:
             _release(model, source)
             if ep is not None and source in ep.state_dict:
@@ -366,6 +381,7 @@ class PlannedModule(torch.nn.Module):
         self._unreleased = ([], None)
         del ep  # its state dict holds the model's tensors: the check below would see them
         _warn_if_still_held(full_copies)
+        _free_if_moved_still_held(moved, set(self._tier_buffers))
         self._record_state_types()  # a released weight is no longer read from the model
 
     def _release_frozen(self, model: torch.nn.Module) -> None:
@@ -600,7 +616,8 @@ class PlannedModule(torch.nn.Module):
         with torch.no_grad():
             outs = self._with_constants(self._run(self._fn, self._state, inputs))
             for name, new in zip(self._buffer_updates, outs[: self._num_buffer_updates]):
-                self._state[self._state_names.index(name)].copy_(new)
+                if new is not None:  # None: written back to its tier by the executor
+                    self._state[self._state_names.index(name)].copy_(new)
         user = outs[self._num_buffer_updates :]
         return pytree.tree_unflatten(user, self._out_spec)
 
@@ -717,7 +734,13 @@ class PlannedModule(torch.nn.Module):
         return list(self._buffer_updates)
 
     def state_tensor(self, name: str) -> torch.Tensor:
-        """The tensor the executor holds for the model's state entry ``name``."""
+        """The tensor the executor holds for the model's state entry ``name``; for
+        a buffer each call updates that the plan keeps in a tier (a key/value
+        cache), a copy read from there."""
+        if name in self._tier_buffers:
+            self._check_open()
+            key, tier = self._tier_buffers[name]
+            return self._engine.read_now(key, tier)
         return self._state[self._state_names.index(name)]
 
     def _no_grad_if_inference(self) -> contextlib.AbstractContextManager:
@@ -809,6 +832,41 @@ def _warn_if_still_held(full_copies: dict[str, weakref.ref]) -> None:
             f"parameters (p for p in model.parameters() if p.requires_grad)",
             stacklevel=user_stacklevel(),
         )
+
+
+def _free_if_moved_still_held(moved: dict[str, weakref.ref], updated: set[str]) -> None:
+    """Tensors an inference plan took into its tiers that outlive their release from
+    the model: something else holds them, so their memory would stay in use beside
+    the tier's copy, where the budget does not count it. A buffer each call updates
+    (a key/value cache that transformers' cache object holds too) is stale from
+    the first call on, since the plan writes its updates to the tier: its memory is
+    freed for every holder. For a weight, a warning says what holds it."""
+    if not any(ref() is not None for ref in moved.values()):
+        return
+    gc.collect()  # a reference cycle that only the collector frees
+    held = []
+    for name, ref in moved.items():
+        tensor = ref()
+        if tensor is not None and name in updated:
+            # every holder holds this tensor object: its data, not the storage (which
+            # may not be resizable), becomes empty
+            tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+        elif tensor is not None:
+            held.append(name)
+        del tensor
+    if held:
+        warnings.warn(
+            f"{len(held)} weight(s) this plan keeps off the device ({listed(held)}) are "
+            f"still held outside the model, so their memory stays in use, uncounted by "
+            f"the budget: a variable of yours, or an object beside the model's modules. "
+            f"Drop those references to free them",
+            stacklevel=user_stacklevel(),
+        )
+
+
+def _slot_tensor(model: torch.nn.Module, fqn: str) -> torch.Tensor | None:
+    found = _slot(model, fqn)
+    return None if found is None else found[0][found[1]]
 
 
 def _compact(tensor: torch.Tensor) -> torch.Tensor:

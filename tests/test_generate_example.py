@@ -43,18 +43,50 @@ def test_generation_below_the_weight_bytes_is_bit_identical_to_the_exported_step
         rows = {row.name: row for row in pm.report.tensors}
         assert rows["key_cache_0"].updated and not rows["model.lm_head.weight"].updated
         assert "buffer (updated)" in str(pm.report)
-        assert all(not c.any() for c in _caches(step).values()), "planning wrote the cache"
+        assert all(not pm.state_tensor(n).any() for n in _caches(exported)), "planning wrote it"
         prompt = example.PROMPT[:4]
         tokens, logits = example.generate(pm, prompt, 4)
         expected_tokens, expected_logits = example.generate(exported, prompt, 4)
         assert tokens == expected_tokens
         assert all(torch.equal(a, b) for a, b in zip(logits, expected_logits, strict=True))
-        written = _caches(step)
+        written = {name: pm.state_tensor(name) for name in _caches(exported)}
         assert written and all(written[n].any() for n in written)
         for name, cache in _caches(exported).items():
             assert torch.equal(written[name], cache), f"{name} differs from the exported step's"
         pm.run_measured(**inputs)
         assert pm.measured.peak_bytes <= pm.plan.budget_bytes
+    finally:
+        pm.close()
+
+
+@pytest.mark.filterwarnings("ignore:A model attribute .* requires gradient")
+def test_a_cache_larger_than_the_budget_takes_turns_on_the_device() -> None:
+    """A 2048-position cache (4 MiB over 4 layers) and a budget below it: each
+    layer's keys and values are fetched from the offload store before its attention
+    writes the new token into them, and written back after their last read. The
+    cache object's own references to the cache are emptied (it is stale once the
+    plan writes the updates to the store)."""
+    example = _example()
+    config = example.llama_config()
+    config.num_hidden_layers = 4
+    step = example.static_cache_step(config, 2048)
+    inputs = {"input_ids": torch.tensor([[example.PROMPT[0]]]), "cache_position": torch.tensor([0])}
+    exported = torch.export.export(copy.deepcopy(step), (), inputs, strict=False).module()
+    cache_bytes = sum(c.numel() * c.element_size() for c in _caches(step).values())
+    pm = planner.plan(step, int(cache_bytes * 0.6), inputs, profile="cpu")
+    try:
+        moved = {row.name: row.decision for row in pm.report.tensors if "_cache_" in row.name}
+        assert len(moved) == 8 and all(d.startswith("offload") for d in moved.values()), moved
+        assert not any(layer.keys.numel() for layer in step.static_cache.layers)
+        prompt = example.PROMPT[:4]
+        tokens, logits = example.generate(pm, prompt, 3)
+        expected_tokens, expected_logits = example.generate(exported, prompt, 3)
+        assert tokens == expected_tokens
+        assert all(torch.equal(a, b) for a, b in zip(logits, expected_logits, strict=True))
+        for name, cache in _caches(exported).items():
+            assert torch.equal(pm.state_tensor(name), cache), f"{name} differs"
+        pm.run_measured(**inputs)
+        assert pm.measured.peak_bytes <= pm.plan.budget_bytes < cache_bytes
     finally:
         pm.close()
 

@@ -59,6 +59,15 @@ def test_the_weights_an_inference_plan_moves_off_the_device_are_freed() -> None:
     pm.close()
 
 
+def test_a_moved_weight_held_elsewhere_is_named() -> None:
+    model, x = _mlp()
+    held = model[0].weight  # noqa: F841  # the caller's own reference
+    with pytest.warns(UserWarning, match=r"\(0\.weight\) are still held outside the model"):
+        pm = planner.plan(model, "80%", (x,), mode="infer", profile="cpu")
+    assert pm.plan.tensors[0].home != "device"
+    pm.close()
+
+
 def _reachable_bytes(root: object) -> int:
     """Bytes of the distinct in-memory CPU storages reachable from ``root`` through
     attributes, containers and closures: what it holds, whatever the meter counts."""

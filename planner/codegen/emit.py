@@ -290,7 +290,12 @@ class _Emitter:
             )
         self._emit_steps(range(0, split), before, after)
         if not train:
-            outs = [self._expr(v) for v in program.outputs]
+            outs = [
+                "None" if program.values[v].storage in self.delivered else self._expr(v)
+                for v in program.outputs
+            ]
+            if self.delivered:
+                body.append("    # None: a buffer's update already written back to its home")
             body.append(f"    return [{', '.join(outs)}]")
             source, segments, op_calls = self._render()
             return Executor(
@@ -624,6 +629,8 @@ class _Emitter:
             var = self._fresh(self.program.values[base].name)
             L.append(f"    {var} = rt.dequantize({self.stored[s]})  # full copy for this use")
             self._bind(base, var)
+        elif a.kind == "deliver" and self.problem.tensors[s].writes_home_of is not None:
+            self._emit_write_back(s, a)
         elif a.kind == "deliver" and a.tier == "host":  # CUDA: copied in the background
             value = self.returned_value[s]
             param = self.program.meta.get(PARAM_GRADS, {}).get(value, "its parameter")
@@ -647,6 +654,29 @@ class _Emitter:
             self._bind(base, var)
         else:
             raise ValueError(f"unknown action {a.kind!r}")
+
+    def _emit_write_back(self, s: int, a: Action) -> None:
+        """A buffer's update, read for the last time, written over its buffer's
+        copy in the home tier (``writes_home_of``), from which the next call fetches
+        it: at once on a CPU device; on CUDA in the background, waited for and freed
+        where the plan says (``write_done_at``)."""
+        buffer = self.problem.tensors[self.problem.tensors[s].writes_home_of]  # type: ignore[index]
+        value = self._expr(self.returned_value[s])
+        self.delivered.add(s)
+        if self.device.type == "cpu":
+            self.lines.append(
+                f"    rt.write_now({buffer.name!r}, {a.tier!r}, {value})  # {a.tensor} "
+                f"written back to {buffer.name}'s home ({a.tier})"
+            )
+            self._free(s, f"{a.tensor} written back")
+            return
+        h = self._fresh(f"pending_{self.program.values[self.program.storages[s].base].name}")
+        self.handles[s] = h
+        self.writing.add(s)  # the device copy stays until its wait and free
+        self.lines.append(
+            f"    {h} = rt.offload({buffer.name!r}, {a.tier!r}, {value})  # {a.tensor} "
+            f"written back to {buffer.name}'s home ({a.tier})"
+        )
 
     def _emit_recompute(self, storage: int, name: str) -> None:
         """Replay the recipe of ``storage``: its chain first (each tensor freed after

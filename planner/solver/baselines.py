@@ -27,6 +27,7 @@ from planner.solver.candidates import (
     holdings,
     own_steps,
     parse_choice,
+    partner_choice,
     transfer_load,
 )
 
@@ -58,12 +59,18 @@ def offload_weights(cands: Candidates) -> Choices:
     choices = keep_all(cands)
     for tensor, home_gi in cands.home_gap.items():
         fetch = f"fetch:{tier}"
-        if not _has(cands.gaps[home_gi], fetch):
+        # a cache: its update written back to the tier, if it can be
+        written_back = partner_choice(cands, home_gi, fetch)
+        if not _has(cands.gaps[home_gi], fetch) or (
+            home_gi in cands.partners and written_back is None
+        ):
             continue
         choices[home_gi] = fetch
         for gi in cands.gaps_of[tensor]:
             if gi != home_gi and _has(cands.gaps[gi], fetch):
                 choices[gi] = fetch
+        if written_back is not None:
+            choices[cands.partners[home_gi]] = written_back
     return choices
 
 
@@ -197,6 +204,8 @@ class _GreedyState:
         return None if best is None else (best[1], best[2])
 
     def _allowed(self, gi: int, gap: Gap, option: Option) -> bool:
+        if not self._partner_allows(gi, option.choice):
+            return False
         kind, tier = parse_choice(option.choice)
         own = self.cands.gaps_of[gap.tensor]
         if kind == "reload":
@@ -231,6 +240,15 @@ class _GreedyState:
             )
         return True
 
+    def _partner_allows(self, gi: int, choice: str) -> bool:
+        """A buffer updated in place and its update move together
+        (``partner_choice``): a choice is open if the partner can follow."""
+        other = self.cands.partners.get(gi)
+        if other is None:
+            return True
+        follow = partner_choice(self.cands, gi, choice)
+        return follow is not None and (self.choices[other] == follow or other not in self.locked)
+
     def apply(self, gi: int, choice: str) -> None:
         gap = self.cands.gaps[gi]
         home = self.cands.home_gap.get(gap.tensor)
@@ -252,6 +270,10 @@ class _GreedyState:
         self.locked.add(gi)
         if choice == "recompute":
             self.locked.update(_holders(self.cands, option) or ())
+        other = self.cands.partners.get(gi)
+        follow = partner_choice(self.cands, gi, choice)
+        if other is not None and follow is not None and self.choices[other] != follow:
+            self.apply(other, follow)
 
 
 def _holders(cands: Candidates, option: Option) -> list[int] | None:

@@ -114,6 +114,9 @@ class Candidates:
     fixed: list[int]  # bytes per step that are resident whatever is chosen
     gaps_of: dict[int, list[int]]  # tensor -> its gaps' indices, in order
     home_gap: dict[int, int]  # persistent tensor -> the gap holding its home option
+    #: a buffer updated in place: its home gap <-> its update's final gap, both ways
+    #: (``write_back_pairs``); their choices go together (``partner_choice``)
+    partners: dict[int, int] = field(default_factory=dict)
 
 
 def build_candidates(problem: Problem) -> Candidates:
@@ -132,6 +135,7 @@ def build_candidates(problem: Problem) -> Candidates:
     gaps: list[Gap] = []
     gaps_of: dict[int, list[int]] = {}
     home_gap: dict[int, int] = {}
+    written_in_place = {t.writes_home_of for t in problem.tensors if t.writes_home_of is not None}
     for tensor in problem.tensors:
         events = own_steps(tensor, T)
         deliver_from = _delivery_start(tensor, T)
@@ -146,7 +150,9 @@ def build_candidates(problem: Problem) -> Candidates:
         own = []
         if tensor.persistent:
             first = Gap(tensor.index, 0, -1, events[0])
-            first.options = _first_gap_options(problem, tensor, events)
+            first.options = _first_gap_options(
+                problem, tensor, events, tensor.index in written_in_place
+            )
             if stored:
                 first.options = _with_stored_option(problem, tensor, events, first.options)
                 first.options += [
@@ -181,8 +187,51 @@ def build_candidates(problem: Problem) -> Candidates:
         for gap in gaps:
             gap.options = [_with_copy_compute(problem, o) for o in gap.options]
     cands = Candidates(problem, gaps, fixed, gaps_of, home_gap)
+    cands.partners = write_back_pairs(cands)
     _link_recompute_needs(cands)
     return cands
+
+
+def write_back_pairs(cands: Candidates) -> dict[int, int]:
+    """The home gap of each buffer updated in place and its update's final gap
+    (``writes_home_of``), both ways. A buffer whose update has no final gap (used
+    at the last step, or pinned) has nowhere to be written back from: it keeps
+    only its home on the device."""
+    pairs: dict[int, int] = {}
+    for tensor in cands.problem.tensors:
+        home = cands.home_gap.get(tensor.writes_home_of)  # type: ignore[arg-type]
+        if home is None:
+            continue
+        final = [
+            gi
+            for gi in cands.gaps_of.get(tensor.index, ())
+            if any(parse_choice(o.choice)[0] == DELIVER for o in cands.gaps[gi].options)
+        ]
+        if final:
+            pairs[home], pairs[final[0]] = final[0], home
+        else:
+            gap = cands.gaps[home]
+            gap.options = [o for o in gap.options if o.choice == HOME]
+    return pairs
+
+
+def partner_choice(cands: Candidates, gi: int, choice: str) -> str | None:
+    """The choice gap ``gi``'s partner (``write_back_pairs``) must take when ``gi``
+    takes ``choice``: a buffer fetched from a tier, its update written back there;
+    at home on the device, its update kept; and the other way round. None if the
+    partner has no such option (that choice cannot be taken), or ``gi`` has no
+    partner."""
+    other = cands.partners.get(gi)
+    if other is None:
+        return None
+    kind, tier = parse_choice(choice)
+    want = {"fetch": (DELIVER, tier), DELIVER: ("fetch", tier)}.get(kind)
+    for option in cands.gaps[other].options:  # the first: not a late or sync variant
+        if want is None and option.choice in (HOME, KEEP):
+            return option.choice
+        if want is not None and parse_choice(option.choice) == want:
+            return option.choice
+    return None
 
 
 def own_steps(tensor: Tensor, T: int) -> list[int]:
@@ -197,11 +246,13 @@ def own_steps(tensor: Tensor, T: int) -> list[int]:
 
 def _delivery_start(tensor: Tensor, T: int) -> int | None:
     """The last step a deliverable gradient is needed at, if it can leave before
-    the end (else None): the final gap, from there to the end, decides."""
+    the end (else None): the final gap, from there to the end, decides. A buffer's
+    update (``writes_home_of``) has that gap even when read at the last step, where
+    written back it frees nothing, but lets its buffer live in a tier."""
     if not tensor.deliverable or tensor.pinned or not tensor.until_end:
         return None
     last = max([tensor.appears_at, *tensor.uses])
-    return last if last < T - 1 else None
+    return last if last < T - 1 or tensor.writes_home_of is not None else None
 
 
 def _delivery_options(problem: Problem, tensor: Tensor, a: int) -> list[Option]:
@@ -244,13 +295,18 @@ def _with_copy_compute(problem: Problem, option: Option) -> Option:
     return dataclasses.replace(option, seconds=option.seconds + extra)
 
 
-def _first_gap_options(problem: Problem, tensor: Tensor, events: list[int]) -> list[Option]:
+def _first_gap_options(
+    problem: Problem, tensor: Tensor, events: list[int], written_in_place: bool = False
+) -> list[Option]:
     """Persistent tensors: on the device for good (``home``) or fetched from a
-    tier before the first use (and freed after the last)."""
+    tier before the first use (and freed after the last). ``written_in_place``: a
+    buffer whose update is written into it at its last use, after which the update
+    (``writes_home_of``) holds its memory."""
     T = problem.num_steps
     # before the first use and after the last; between uses the gaps' own ``keep``
     # holds it (the model forces keep there when home is the device)
-    outside = [(lo, hi) for lo, hi in ((0, events[0] - 1), (events[-1] + 1, T - 1)) if lo <= hi]
+    after = (events[-1] + 1, T - 1) if not written_in_place else (1, 0)
+    outside = [(lo, hi) for lo, hi in ((0, events[0] - 1), after) if lo <= hi]
     options = [Option(HOME, present=tuple(outside))]
     for tier in problem.tiers:
         window = _read_window(problem, tensor.nbytes, tier, 0, events[0])

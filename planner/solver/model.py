@@ -90,6 +90,7 @@ class PlacementModel:
         self._add_reload_constraints()
         self._add_recompute_needs()
         self._add_delivery_constraints()
+        self._add_write_back_constraints()
         if self.peak is not None:
             self.model.minimize(self.peak)
         else:
@@ -255,6 +256,33 @@ class PlacementModel:
             if cost:
                 self.cost_terms += [cost * v for v in off_device]
                 self.cost_terms += [-cost * v for v in delivered]
+
+    def _add_write_back_constraints(self) -> None:
+        """A buffer's update written back (``writes_home_of``) goes to the tier the
+        buffer is fetched from, exactly when it is fetched from one: per tier,
+        written back == fetched. So it is kept to the end exactly when the buffer's
+        home is the device, where it is the buffer's memory. An update used at the
+        last step has no gap to leave in: its buffer stays at home on the device."""
+        for tensor in self.problem.tensors:
+            buffer = tensor.writes_home_of
+            home_gi = self.cands.home_gap.get(buffer) if buffer is not None else None
+            if home_gi is None:
+                continue
+            written: dict[str | None, list[cp_model.IntVar]] = defaultdict(list)
+            for gi in self.cands.gaps_of.get(tensor.index, ()):
+                for choice, var in self.x[gi].items():
+                    kind, tier = parse_choice(choice)
+                    if kind == DELIVER:
+                        written[tier].append(var)
+            fetched: dict[str | None, list[cp_model.IntVar]] = defaultdict(list)
+            for choice, var in self.x[home_gi].items():
+                kind, tier = parse_choice(choice)
+                if kind == "fetch":
+                    fetched[tier].append(var)
+            for tier in set(written) | set(fetched):
+                self.model.add(
+                    cp_model.LinearExpr.sum(written[tier]) == cp_model.LinearExpr.sum(fetched[tier])
+                )
 
     def _add_reload_constraints(self) -> None:
         for gaps in self.cands.gaps_of.values():

@@ -124,6 +124,12 @@ class Tensor:
     #: gradient to be delivered, since a ``.grad`` lives on its parameter's device
     #: (the host when the parameter's home is off the device); None on a CPU device
     delivery_needs_home_of: int | None = None
+    #: inference: the buffer (tensor index) whose home this tensor replaces, the
+    #: update of a buffer written into it in place (a key/value cache). Like a
+    #: delivered gradient it leaves the device after its last use, written back to
+    #: the buffer's home tier, exactly when that home is a tier; with the buffer
+    #: at home on the device it stays there, the buffer's memory, to the end.
+    writes_home_of: int | None = None
 
     def fused_work_bytes(self, step: int, quantized_nbytes: int) -> int:
         """Bytes a fused use at ``step`` dequantizes (codes read plus values made):
@@ -313,6 +319,11 @@ class Problem:
                 for t in self.tensors
             ],
         }
+        written_back = [
+            [t.index, t.writes_home_of] for t in self.tensors if t.writes_home_of is not None
+        ]
+        if written_back:  # only then: the fingerprints of plans saved before stay valid
+            body["writes_home_of"] = written_back
         digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
         self.meta["_fingerprint"] = digest
         return digest

@@ -105,6 +105,17 @@ def from_program(
     # same problem and a reported min_budget stays plannable)
     total = sum(s.nbytes for s in program.storages)
     min_movable = max(4096, min(min_movable_bytes, total // 4096))
+    # A buffer updated in place (a key/value cache) may live off the device between
+    # calls, as a weight does (FlexGen offloads its cache): fetched before the step
+    # that writes the update into it, its update written back to its home (``writes
+    # home of``) once read for the last time. Only where the update is the buffer's
+    # own memory: another update is a new tensor the caller copies in at the end.
+    homed_update_of = {
+        buffer: update
+        for buffer, update in in_place
+        if program.storages[buffer].nbytes >= min_movable
+    }
+    home_written_by = {update: buffer for buffer, update in homed_update_of.items()}
     backward_start = program.backward_start()
     returned = {program.values[v].storage for v in program.outputs}
     # Training: the forward's outputs are handed to the caller when the forward
@@ -155,15 +166,18 @@ def from_program(
         # updates (a BatchNorm left in training mode: 1280 running means of a
         # MobileNet were given a home on disk, where no update could reach them).
         # Parameters (and inference weights) have a home.
-        train_held = kind is ValueKind.BUFFER and (
-            program.mode == "train" or base.source in updated_buffers
+        train_held = (
+            kind is ValueKind.BUFFER
+            and (program.mode == "train" or base.source in updated_buffers)
+            and storage.index not in homed_update_of
         )
         persistent = weight and not train_held
+        writes_home_of = home_written_by.get(storage.index)
         pinned = (
             kind in (ValueKind.INPUT, ValueKind.TANGENT)
             or train_held
             or storage.index in handed_over
-            or storage.index in in_the_buffer
+            or (storage.index in in_the_buffer and writes_home_of is None)
             or storage.nbytes < min_movable
         )
         caller_held = kind in (ValueKind.INPUT, ValueKind.TANGENT) or train_held
@@ -179,6 +193,9 @@ def from_program(
             and kind.value in kinds
             and (not computed_by_backward or "gradients" in lossy_uses)
             and not pinned
+            # written into in place each call: never held as codes
+            and storage.index not in homed_update_of
+            and writes_home_of is None
             # a parameter being trained changes every step: never stored quantized
             # (a frozen one, a fine-tune's base, may be: QLoRA's idea)
             and not (program.mode == "train" and weight and base.source not in frozen)
@@ -201,17 +218,23 @@ def from_program(
                 pinned=pinned,
                 recompute=(
                     _recompute_recipe(program, storage.index, last_use, fused_bandwidth)
-                    if by_op
+                    if by_op and writes_home_of is None  # made from its buffer, now gone
                     else None
                 ),
                 quantizable=quantizable,
                 last_dim=base.shape[-1] if base.shape else 1,
                 fused_uses=fused_uses,
                 fused_lookups=_lookup_rows(program, storage.index, fused_uses),
-                deliverable=storage.index in grad_storages
-                and not pinned
-                and (not on_cuda or storage.index in param_of_grad),
-                delivery_needs_home_of=param_of_grad.get(storage.index),
+                deliverable=(
+                    storage.index in grad_storages
+                    and not pinned
+                    and (not on_cuda or storage.index in param_of_grad)
+                )
+                or writes_home_of is not None,
+                delivery_needs_home_of=param_of_grad.get(storage.index)
+                if writes_home_of is None
+                else (writes_home_of if on_cuda else None),
+                writes_home_of=writes_home_of,
             )
         )
     may_write = sum(t.nbytes for t in tensors if not t.pinned)

@@ -114,6 +114,12 @@ class _Replayer:
         n, steps = len(problem.tensors), problem.num_steps
         self.by_name = {t.name: i for i, t in enumerate(problem.tensors)}
         self.by_index = {t.index: i for i, t in enumerate(problem.tensors)}
+        #: a buffer updated in place -> its update, which writes its home (``writes_home_of``)
+        self.update_of = {
+            self.by_index[t.writes_home_of]: i
+            for i, t in enumerate(problem.tensors)
+            if t.writes_home_of is not None
+        }
         self.status = [ABSENT] * n
         self.dev_fmt: list[str | None] = [None] * n  # format of the device copy
         self.dev_bytes = [0] * n
@@ -505,6 +511,12 @@ class _Replayer:
         if i in self.delivered:  # its .grad would get it twice
             raise self.fail(f"{t.name!r} was delivered already")
         self.require_full_copy(i, "deliver")
+        if t.writes_home_of is not None:  # to its buffer's home, which must be a tier
+            home = self.home.get(self.by_index[t.writes_home_of], DEVICE)
+            if home != tier:
+                raise self.fail(
+                    f"{t.name!r} is written back to {tier}, but its buffer's home is {home}"
+                )
         if t.delivery_needs_home_of is not None:  # CUDA: a copy to the host, then wait, free
             if not self.param_off_device(t) or tier != HOST:
                 raise self.fail(
@@ -559,6 +571,14 @@ class _Replayer:
             if self.pending[i]:
                 raise self.fail(f"a transfer of {t.name!r} is still pending (no wait)")
             home = self.home.get(i)
+            if i in self.update_of and home not in (None, DEVICE):
+                if self.update_of[i] not in self.delivered:
+                    raise self.fail(
+                        f"{t.name!r} (home {home}) was updated but its update "
+                        f"{self.problem.tensors[self.update_of[i]].name!r} was not written back"
+                    )
+            elif i in self.update_of:  # at home on the device: its update holds its bytes
+                continue
             if t.until_end and i not in self.delivered and self.readable(i) is not None:
                 raise self.fail(f"{t.name!r} is returned to the caller but is {self.readable(i)}")
             if home is not None and home != DEVICE and self.status[i] != ABSENT:

@@ -1,0 +1,126 @@
+"""A buffer each call updates in place (a key/value cache) homed in a tier: fetched
+before the write, its update written back to the tier after its last read
+(``Tensor.writes_home_of``). The model, the greedy baseline and the validator
+hold the two choices together: written back exactly when the home is a tier."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+import planner
+from planner.errors import InvalidPlan
+from planner.solver import from_program, solve, validate
+from planner.solver.baselines import greedy
+from planner.solver.candidates import build_candidates, parse_choice, partner_choice
+from planner.solver.plan import Action
+
+
+class _Layer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(32, 32)
+        self.register_buffer("cache", torch.zeros(2048, 32), persistent=False)
+
+    def forward(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        cache = self.cache.index_copy(0, position, self.lin(x))
+        self.cache.copy_(cache)  # the functional form: an update made from the buffer
+        return cache.sum(0, keepdim=True)
+
+
+class _TwoCaches(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_Layer() for _ in range(2))
+
+    def forward(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, position)
+        return x
+
+
+def _problem(share: float):  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    model = _TwoCaches().eval()
+    inputs = (torch.randn(1, 32), torch.tensor([3]))
+    analysis = planner.analyze(model, inputs, profile="cpu")
+    budget = int(analysis.unplanned_peak_bytes * share)
+    return from_program(analysis.program, budget, analysis.profile)
+
+
+def _pairs(problem):  # type: ignore[no-untyped-def]
+    """(update, buffer) tensors of each cache."""
+    return [
+        (t, problem.tensors[t.writes_home_of])
+        for t in problem.tensors
+        if t.writes_home_of is not None
+    ]
+
+
+def _smallest(problem):  # type: ignore[no-untyped-def]
+    with pytest.raises(planner.BudgetTooSmall) as smallest:
+        solve(dataclasses.replace(problem, budget_bytes=1), time_limit=5)
+    return dataclasses.replace(problem, budget_bytes=smallest.value.min_budget)
+
+
+def test_each_cache_and_its_update_are_marked() -> None:
+    pairs = _pairs(_problem(1.0))
+    assert len(pairs) == 2
+    for update, buffer in pairs:
+        assert buffer.persistent and not buffer.pinned and not buffer.until_end
+        assert update.deliverable and update.until_end and not update.pinned
+        assert update.recompute is None  # made from its buffer, which is gone by then
+
+
+def test_at_the_smallest_budget_the_caches_live_in_the_tier_and_are_written_back() -> None:
+    problem = _smallest(_problem(1.0))
+    cache_bytes = _pairs(problem)[0][1].nbytes
+    assert problem.budget_bytes < 1.2 * cache_bytes  # one cache on the device at a time
+    plan = solve(problem, time_limit=5)
+    homes = {d.name: d.home for d in plan.tensors}
+    written = {(a.tensor, a.tier) for a in plan.actions if a.kind == "deliver"}
+    for update, buffer in _pairs(problem):
+        assert homes[buffer.name] == "disk"
+        assert (update.name, "disk") in written
+    validate(problem, plan)
+
+
+def test_with_room_the_caches_stay_on_the_device_and_nothing_is_written_back() -> None:
+    problem = _problem(1.0)
+    plan = solve(problem, time_limit=5)
+    homes = {d.name: d.home for d in plan.tensors}
+    assert all(homes[buffer.name] == "device" for _, buffer in _pairs(problem))
+    assert not [a for a in plan.actions if a.kind == "deliver"]
+
+
+def test_the_validator_refuses_an_update_not_written_back_or_written_to_the_wrong_home() -> None:
+    small = _smallest(_problem(1.0))
+    plan = solve(small, time_limit=5)
+    update = _pairs(small)[-1][0]  # written back after the last step: room to keep it
+    kept = dataclasses.replace(
+        plan, actions=[a for a in plan.actions if (a.kind, a.tensor) != ("deliver", update.name)]
+    )
+    with pytest.raises(InvalidPlan, match=r"was updated but its update .* was not written back"):
+        validate(small, kept)
+    roomy = _problem(1.0)
+    plan = solve(roomy, time_limit=5)
+    update = _pairs(roomy)[0][0]
+    last = update.uses[-1]
+    extra = Action(last, "after", "deliver", update.name, "disk")
+    with pytest.raises(InvalidPlan, match=r"written back to disk, but its buffer's home is device"):
+        validate(roomy, dataclasses.replace(plan, actions=[*plan.actions, extra]))
+
+
+def test_greedy_moves_a_cache_and_its_update_together() -> None:
+    cands = build_candidates(_problem(0.4))
+    assert cands.partners
+    choices = greedy(cands, budget=0)
+    moved = 0
+    for gi, other in cands.partners.items():  # late reads and such variants aside
+        follow = partner_choice(cands, gi, choices[gi])
+        assert follow is not None and parse_choice(choices[other]) == parse_choice(follow)
+        moved += choices[gi].startswith("fetch")
+    assert moved == 2  # both caches, as low as memory goes
