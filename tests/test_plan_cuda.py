@@ -162,3 +162,58 @@ def test_inductor_train_step_at_half_the_peak_fits() -> None:
             torch.testing.assert_close(grad, eager_grads[key].to(grad.device), msg=key)
     finally:
         pm.close()
+
+
+class _CachedLayer(nn.Module):
+    """Writes each call's row into its cache in place and reads the whole cache."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 64)
+        self.register_buffer("cache", torch.zeros(8192, 64), persistent=False)
+
+    def forward(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        self.cache.index_copy_(0, position, self.lin(x))
+        return self.cache.sum(0, keepdim=True)
+
+
+def test_caches_larger_than_the_budget_live_on_the_host_and_are_written_back() -> None:
+    """Each layer's cache is fetched from its host home before the write and the
+    update copied back over it in the background (a wait before it is freed): over
+    several calls, the outputs and caches are eager's, bit for bit."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_CachedLayer(), _CachedLayer()).eval().cuda()
+    eager = nn.Sequential(_CachedLayer(), _CachedLayer()).eval().cuda()
+    eager.load_state_dict(model.state_dict())
+    for mine, theirs in zip(model, eager):
+        theirs.cache.copy_(mine.cache)
+
+    def inputs(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(k)
+        return torch.randn(1, 64, generator=g).cuda(), torch.tensor([k]).cuda()
+
+    class Both(nn.Module):  # both layers take the position
+        def __init__(self, layers: nn.Sequential) -> None:
+            super().__init__()
+            self.layers = layers
+
+        def forward(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                x = layer(x, position)
+            return x * 2
+
+    planned, reference = Both(model), Both(eager)
+    cache_bytes = 8192 * 64 * 4
+    pm, budget = _plan(planned, inputs(0), int(cache_bytes * 1.2))
+    try:
+        assert budget < 2 * cache_bytes
+        assert "rt.offload('layers.0.cache', 'host', " in pm.code
+        with torch.no_grad():
+            for k in range(4):
+                assert torch.equal(pm(*inputs(k)), reference(*inputs(k)))
+        for i in range(2):
+            assert torch.equal(pm.state_tensor(f"layers.{i}.cache"), eager[i].cache)
+        pm.run_measured(*inputs(4))
+        assert pm.measured.peak_bytes <= budget
+    finally:
+        pm.close()

@@ -42,11 +42,11 @@ class _TwoCaches(nn.Module):
         return x
 
 
-def _problem(share: float):  # type: ignore[no-untyped-def]
+def _problem(share: float, profile: str = "cpu"):  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
     model = _TwoCaches().eval()
     inputs = (torch.randn(1, 32), torch.tensor([3]))
-    analysis = planner.analyze(model, inputs, profile="cpu")
+    analysis = planner.analyze(model, inputs, profile=profile)
     budget = int(analysis.unplanned_peak_bytes * share)
     return from_program(analysis.program, budget, analysis.profile)
 
@@ -85,6 +85,20 @@ def test_at_the_smallest_budget_the_caches_live_in_the_tier_and_are_written_back
     for update, buffer in _pairs(problem):
         assert homes[buffer.name] == "disk"
         assert (update.name, "disk") in written
+    validate(problem, plan)
+
+
+def test_on_a_gpu_the_caches_live_on_the_host_and_are_written_back_there() -> None:
+    """CUDA: the update's copy down goes to the host, like a delivered gradient's
+    (in the background or waited for at once); no cache is homed on disk, where
+    no write-back reaches."""
+    problem = _smallest(_problem(1.0, profile="h100"))
+    plan = solve(problem, time_limit=5)
+    homes = {d.name: d.home for d in plan.tensors}
+    written = {a.tensor: a.tier for a in plan.actions if a.kind == "deliver"}
+    for update, buffer in _pairs(problem):
+        assert update.delivery_needs_home_of == buffer.index
+        assert homes[buffer.name] == "host" and written[update.name] == "host"
     validate(problem, plan)
 
 
