@@ -39,6 +39,7 @@ from planner.runtime.copy_engine import CPU, completes_at_issue
 from planner.runtime.fused import reads_exact_rows
 from planner.solver.plan import Action, Plan
 from planner.solver.problem import Problem
+from planner.solver.translate import ROWS_WRITTEN
 
 #: How the executor runs ops: one eager ATen call each, or runs of them as
 #: TorchInductor graphs.
@@ -165,6 +166,9 @@ class _Emitter:
         self.writing: set[int] = set()  # storages with an offload's write in flight
         self.quantized_in_tier: set[int] = set()  # storages whose tier copy is quantized
         self.delivered: set[int] = set()  # gradients handed to their parameter already
+        self.homes = {d.name: d.home for d in plan.tensors}
+        #: updates whose rows were written over their buffer's home at their op
+        self.rows_written: set[int] = set()
         self.read_at_once: set[int] = set()  # this step's reads waited for right away
         #: storages whose copy was made when issued (``read_now``/``write_now``):
         #: their wait has nothing to wait for, and emits no line (a line would split
@@ -553,6 +557,8 @@ class _Emitter:
             self._free(reuse[0], f"its buffer now holds {self.program.values[outputs[0]].name}")
         for _, var, vi in bound:
             self._bind(vi, var)
+        if reuse is not None and bound and only_storage is None:
+            self._write_rows_back(reuse[1], node, bound[0][1], arg_vars, name_of)
 
     def _element_position(self, node: torch.fx.Node, element_name: str) -> int:
         for user in node.users:
@@ -655,6 +661,26 @@ class _Emitter:
         else:
             raise ValueError(f"unknown action {a.kind!r}")
 
+    def _write_rows_back(
+        self, s: int, node: torch.fx.Node, var: str, arg_vars: Any, name_of: Any
+    ) -> None:
+        """On a CPU device, an update homed in a tier whose op writes rows
+        (``ROWS_WRITTEN``: a cache's new token) has just those rows written over
+        the tier's copy as the op makes them; its write-back then only frees it."""
+        tensor = self.problem.tensors[s]
+        if tensor.writes_home_of is None or not tensor.write_back_bytes:
+            return
+        buffer = self.problem.tensors[tensor.writes_home_of]
+        tier = self.homes.get(buffer.name, "device")
+        if self.device.type != "cpu" or tier == "device":
+            return
+        dim, index = (arg_vars[i] for i in ROWS_WRITTEN[str(node.target)])
+        self.lines.append(
+            f"    rt.write_rows({buffer.name!r}, {tier!r}, {var}, {dim!r}, "
+            f"{format_arg(index, name_of)})  # the rows written, over {buffer.name}'s home"
+        )
+        self.rows_written.add(s)
+
     def _emit_write_back(self, s: int, a: Action) -> None:
         """A buffer's update, read for the last time, written over its buffer's
         copy in the home tier (``writes_home_of``), from which the next call fetches
@@ -663,6 +689,9 @@ class _Emitter:
         buffer = self.problem.tensors[self.problem.tensors[s].writes_home_of]  # type: ignore[index]
         value = self._expr(self.returned_value[s])
         self.delivered.add(s)
+        if s in self.rows_written:  # its rows reached the home as the op made them
+            self._free(s, f"{a.tensor}'s rows written back to {buffer.name}'s home")
+            return
         if self.device.type == "cpu":
             self.lines.append(
                 f"    rt.write_now({buffer.name!r}, {a.tier!r}, {value})  # {a.tensor} "

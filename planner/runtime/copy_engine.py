@@ -69,6 +69,14 @@ class CopyEngine:
         """A write the caller waits for at once (``offload`` then ``wait``)."""
         self.wait(self.offload(key, tier, tensor))
 
+    def write_rows(
+        self, key: str, tier: str, tensor: torch.Tensor, dim: int, index: torch.Tensor
+    ) -> None:
+        """Write the slices of ``tensor`` at ``index`` along ``dim`` over ``key``'s
+        copy in ``tier``, whose other slices hold ``tensor``'s already (a cache's
+        new token); here the whole tensor, at once."""
+        self.write_now(key, tier, tensor)
+
     def home_tensor(self, key: str, tier: str) -> torch.Tensor:
         """The tensor that holds ``key``'s copy in ``tier`` (stored by ``store_now``)
         and that later reads of ``key`` read: a trained parameter's data becomes
@@ -177,6 +185,12 @@ class ThreadCopyEngine(CopyEngine):
             return self.disk.map_private(key)
         out = empty_like_entry(self.disk.entries[key])
         return self.disk.read_into(key, out)
+
+    def write_rows(
+        self, key: str, tier: str, tensor: torch.Tensor, dim: int, index: torch.Tensor
+    ) -> None:
+        self._check_tier(tier)
+        self.disk.write_rows(key, tensor, dim, index)
 
     def offload(self, key: str, tier: str, tensor: torch.Tensor) -> Pending:
         self._check_tier(tier)

@@ -107,6 +107,13 @@ class Runtime:
         self._quantized_copies.pop(key, None)
         self.engine.write_now(key, tier, tensor)
 
+    def write_rows(
+        self, key: str, tier: str, tensor: torch.Tensor, dim: int, index: torch.Tensor
+    ) -> None:
+        """Write a buffer's update's new rows (``index`` along ``dim``) over the
+        buffer's copy in its home tier, which holds the rest already."""
+        self.engine.write_rows(key, tier, tensor, dim, index)
+
     def wait(self, pending: Pending | QuantizedCopy) -> torch.Tensor | Quantized | None:
         if isinstance(pending, QuantizedCopy):
             done = {p: self.engine.wait(part) for p, part in pending.parts.items()}

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import math
 import mmap
 import os
 import shutil
@@ -299,6 +300,48 @@ class DiskStore:
             if fd is not None and not kept:
                 os.close(fd)
 
+    def write_rows(self, key: str, tensor: torch.Tensor, dim: int, index: torch.Tensor) -> None:
+        """Write ``tensor``'s slices at ``index`` along ``dim`` over ``key``'s file,
+        in place: the rest of the file holds the rest of ``tensor`` already (a key/
+        value cache read from it, then one token's rows written in). A few small
+        ``pwrite`` calls where the whole tensor would be megabytes; the whole
+        tensor where its layout is not the file's, or not dense."""
+        entry = self.entries.get(key)
+        layout = (tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+        if (
+            entry is None
+            or (entry.dtype, entry.shape, entry.stride) != layout
+            or entry.offset != tensor.storage_offset()
+            or not tensor.is_contiguous()
+            or tensor.untyped_storage().nbytes() != entry.nbytes
+        ):
+            self.write(key, tensor, checksum=False)
+            return
+        fd = self._open_files.get(key)
+        kept = fd is not None
+        try:
+            if fd is None:
+                fd = os.open(self.path(key), os.O_RDWR)
+                kept = self._keep_open(key, fd)
+            data = _storage_bytes(tensor)
+            item = tensor.element_size()
+            inner = item * math.prod(tensor.shape[dim + 1 :])
+            length = tensor.shape[dim]
+            for outer in range(math.prod(tensor.shape[:dim])):
+                for first, count in _runs(index.tolist()):
+                    start = int(tensor.storage_offset()) * item + (outer * length + first) * inner
+                    chunk = data[start : start + count * inner]
+                    done = 0
+                    while done < len(chunk):
+                        done += os.pwrite(fd, chunk[done:], start + done)
+            self.entries[key] = dataclasses.replace(entry, crc32=None, stamp=_stamp(os.fstat(fd)))
+        except OSError as exc:
+            self.discard(key)  # no half-written file
+            raise self._write_error(key, len(_storage_bytes(tensor)), exc) from exc
+        finally:
+            if fd is not None and not kept:
+                os.close(fd)
+
     def _map_of(self, key: str, fd: int, nbytes: int) -> np.ndarray | None:
         """The shared map of ``key``'s open file ``fd`` at ``nbytes``, made (its
         blocks allocated first) unless there; None where copies go through
@@ -516,6 +559,18 @@ class DiskStore:
 
 
 _PAGE_BYTES = 4096
+
+
+def _runs(positions: list[int]) -> list[tuple[int, int]]:
+    """(first, count) of each run of consecutive positions, in order: one write
+    per run (a prompt's tokens are consecutive)."""
+    runs: list[tuple[int, int]] = []
+    for p in sorted(set(positions)):
+        if runs and runs[-1][0] + runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((p, 1))
+    return runs
 
 
 def fault_in(mapped: torch.Tensor) -> None:

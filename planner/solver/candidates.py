@@ -261,7 +261,7 @@ def _delivery_options(problem: Problem, tensor: Tensor, a: int) -> list[Option]:
     T = problem.num_steps
     keep = Option(KEEP, present=((a + 1, T - 1),))
     if tensor.delivery_needs_home_of is None:  # a CPU device: one synchronous pass
-        seconds = problem.bandwidths.deliver_seconds(tensor.nbytes)
+        seconds = problem.bandwidths.deliver_seconds(tensor.delivered_bytes())
         return [keep, Option(f"{DELIVER}:{DISK}", seconds=seconds)]
     options = [keep]
     write_end = _write_window_end(problem, tensor.nbytes, HOST, a)

@@ -235,6 +235,9 @@ def from_program(
                 if writes_home_of is None
                 else (writes_home_of if on_cuda else None),
                 writes_home_of=writes_home_of,
+                write_back_bytes=written_rows_bytes(program, base.producer)
+                if writes_home_of is not None and base.producer is not None
+                else 0,
             )
         )
     may_write = sum(t.nbytes for t in tensors if not t.pinned)
@@ -353,6 +356,21 @@ def updated_in_place(
     ):
         return None
     return vin.storage, vout.storage
+
+
+#: Updates whose rows an executor on a CPU device writes back alone: op target ->
+#: (position of the dim argument, of the index) in the op's arguments
+ROWS_WRITTEN = {"aten.index_copy.default": (1, 2)}
+
+
+def written_rows_bytes(program: Program, step: int) -> int:
+    """Bytes of the rows op ``step`` writes into a buffer's update (its source),
+    for an op in ``ROWS_WRITTEN``; 0 (the whole update) for any other."""
+    op = program.ops[step]
+    if op.target not in ROWS_WRITTEN:
+        return 0
+    source = program.values[op.inputs[-1]]  # (self, index, source): the tensor args
+    return source.nbytes
 
 
 def _whole_alias(view: Value, base: Value) -> bool:

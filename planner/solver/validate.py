@@ -526,7 +526,7 @@ class _Replayer:
             self.transfer(i, tier, False, None, t.nbytes)
             self.delivered.add(i)
             return
-        seconds = self.problem.bandwidths.deliver_seconds(t.nbytes)
+        seconds = self.problem.bandwidths.deliver_seconds(t.delivered_bytes())
         self.clock += seconds
         self.copying += seconds
         self.drop(i)

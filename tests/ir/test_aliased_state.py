@@ -116,9 +116,9 @@ class _ReadLater(_LongCache):
 
 
 def test_an_update_moved_away_in_between_is_written_back_to_the_cache() -> None:
-    """At the smallest budget the cache lives in the offload store: its update is
-    moved away while the wide step runs, read back, then written over the cache's
-    copy there, which the next call reads."""
+    """At the smallest budget the cache lives in the offload store: the update's
+    new row is written over the cache's copy there as it is made (the next call
+    reads it), and the update itself moved away while the wide step runs."""
     torch.manual_seed(0)
     model = _ReadLater().eval()
     reference = copy.deepcopy(model)
@@ -126,7 +126,7 @@ def test_an_update_moved_away_in_between_is_written_back_to_the_cache() -> None:
     with pytest.raises(planner.BudgetTooSmall) as smallest:
         planner.plan(model, 1, _inputs(0), profile="cpu")
     pm = planner.plan(model, smallest.value.min_budget, _inputs(0), profile="cpu")
-    assert "rt.write_now('cache', 'disk', " in pm.code
+    assert "rt.write_rows('cache', 'disk', " in pm.code
     with torch.no_grad():
         for k in range(3):
             assert torch.equal(pm(*_inputs(k)), reference(*_inputs(k)))
@@ -165,7 +165,7 @@ def test_the_caches_take_turns_on_the_device() -> None:
     assert smallest.value.min_budget < 1.2 * cache_bytes
     pm = planner.plan(model, smallest.value.min_budget, _inputs(0), profile="cpu")
     for i in range(2):
-        assert f"rt.write_now('layers.{i}.cache', 'disk', " in pm.code
+        assert f"rt.write_rows('layers.{i}.cache', 'disk', " in pm.code
     with torch.no_grad():
         for k in range(4):
             assert torch.equal(pm(*_inputs(k)), reference(*_inputs(k)))

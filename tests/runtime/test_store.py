@@ -349,3 +349,40 @@ def test_fault_in_leaves_a_mapped_tensor_unchanged(store: DiskStore) -> None:
     mapped = store.map_private("w")
     fault_in(mapped)
     assert torch.equal(mapped, w)
+
+
+def _read(store: DiskStore, key: str) -> torch.Tensor:
+    return store.read_into(key, empty_like_entry(store.entries[key]))
+
+
+@pytest.mark.parametrize("positions", [[5], [3, 4, 5, 9], [0, 63]])
+def test_write_rows_writes_just_those_rows_in_place(store: DiskStore, positions) -> None:
+    """A cache (batch, heads, positions, dims) read from its file, new tokens written
+    in at ``positions`` along dim 2: the file then holds the updated cache, though
+    only those rows were written (the rest of the file is left as it was)."""
+    cache = torch.randn(1, 4, 64, 8)
+    store.write("cache", cache)  # a weight-like entry, checksummed
+    assert torch.equal(_read(store, "cache"), cache)
+    updated = cache.clone()
+    index = torch.tensor(positions)
+    updated.index_copy_(2, index, torch.randn(1, 4, len(positions), 8))
+    stale = updated.clone()
+    stale[:, :, [p for p in range(64) if p not in positions]] = 0  # never written
+    path = store.path("cache")
+    store.write_rows("cache", updated, 2, index)
+    assert torch.equal(_read(store, "cache"), updated)
+    written = store.entries["cache"]
+    assert written.crc32 is None and written.stamp is not None  # checked by stamp now
+    # the other rows came from the file, not from ``updated``: writing the rows of
+    # a tensor zero elsewhere changes only those rows
+    store.write_rows("cache", stale, 2, index)
+    assert torch.equal(_read(store, "cache"), updated)
+    assert path == store.path("cache") and path.exists()
+
+
+def test_write_rows_of_another_layout_writes_the_whole_tensor(store: DiskStore) -> None:
+    cache = torch.randn(1, 4, 16, 8)
+    store.write("cache", cache)
+    other = torch.randn(1, 16, 4, 8).transpose(1, 2)  # same shape, another layout
+    store.write_rows("cache", other, 2, torch.tensor([1]))
+    assert torch.equal(_read(store, "cache"), other)

@@ -138,3 +138,43 @@ def test_greedy_moves_a_cache_and_its_update_together() -> None:
         assert follow is not None and parse_choice(choices[other]) == parse_choice(follow)
         moved += choices[gi].startswith("fetch")
     assert moved == 2  # both caches, as low as memory goes
+
+
+def test_an_index_copy_writes_back_its_rows_another_update_all_of_it() -> None:
+    """On a CPU device the write-back of an ``index_copy`` costs its rows (the
+    source: one position of 32 floats here); an update made by indexing
+    (``index_put``) is written back whole, after its last read, and the next call
+    reads what was written either way."""
+
+    class Indexed(_Layer):
+        def forward(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+            self.cache[position] = self.lin(x)  # index_put
+            return self.cache.sum(0, keepdim=True) * 2
+
+    problem = _problem(1.0)
+    assert all(u.write_back_bytes == 32 * 4 for u, _ in _pairs(problem))
+    torch.manual_seed(0)
+    model = nn.Sequential(Indexed()).eval()
+    reference = nn.Sequential(Indexed()).eval()
+    reference.load_state_dict(model.state_dict())
+
+    class Call(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+            return self.inner[0](x, position) + 1
+
+    inputs = [(torch.randn(1, 32), torch.tensor([k])) for k in range(3)]
+    with pytest.raises(planner.BudgetTooSmall) as smallest:
+        planner.plan(Call(model), 1, inputs[0], profile="cpu")
+    pm = planner.plan(Call(model), smallest.value.min_budget, inputs[0], profile="cpu")
+    try:
+        assert "rt.write_now('inner.0.cache', 'disk', " in pm.code
+        with torch.no_grad():
+            for args in inputs:
+                assert torch.equal(pm(*args), Call(reference)(*args))
+        assert torch.equal(pm.state_tensor("inner.0.cache"), reference[0].cache)
+    finally:
+        pm.close()
