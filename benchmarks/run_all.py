@@ -22,6 +22,12 @@ BENCHES = {
     "quantize": ["benchmarks/quantize_bench.py", "--out", "BENCHMARKS_quantize.md"],
     "estimates": ["benchmarks/estimate_bench.py", "--out", "BENCHMARKS_estimates.md"],
     "generate": ["benchmarks/generate_bench.py", "--out", "BENCHMARKS_generate.md"],
+    "generate_long": [
+        "benchmarks/generate_bench.py",
+        *("--max-cache-len", "4096", "--budgets", "100%", "50%", "30%", "20%"),
+        *("--systems", "compile", "planner", "inductor", "accelerate", "--repeats", "10"),
+        *("--out", "BENCHMARKS_generate_long.md"),
+    ],
 }
 QUICK = {"remat", "solver"}  # the ones with a --quick mode
 
