@@ -687,11 +687,11 @@ class _Emitter:
         it: at once on a CPU device; on CUDA in the background, waited for and freed
         where the plan says (``write_done_at``)."""
         buffer = self.problem.tensors[self.problem.tensors[s].writes_home_of]  # type: ignore[index]
-        value = self._expr(self.returned_value[s])
         self.delivered.add(s)
         if s in self.rows_written:  # its rows reached the home as the op made them
             self._free(s, f"{a.tensor}'s rows written back to {buffer.name}'s home")
             return
+        value = self._expr(self.returned_value[s])
         if self.device.type == "cpu":
             self.lines.append(
                 f"    rt.write_now({buffer.name!r}, {a.tier!r}, {value})  # {a.tensor} "
