@@ -112,7 +112,8 @@ def capture(model: torch.nn.Module, example_inputs: Any, mode: str = "infer") ->
     autocast = autocast_state()  # the trace fixes each op's dtype as it chooses
     check_hooks_at_capture(model, mode)
     _check_not_released(model)
-    exported = merge_constants_that_are_state(_export(model, args, kwargs))
+    with _grad_flags_kept(model):
+        exported = merge_constants_that_are_state(_export(model, args, kwargs))
     if mode == "infer":
         captured = _capture_inference(exported, args, kwargs, type(model).__name__)
     else:
@@ -129,6 +130,24 @@ def capture(model: torch.nn.Module, example_inputs: Any, mode: str = "infer") ->
         )
     captured.extra["call"] = PlannedCall(args, kwargs, mode)  # what a call must match
     return captured
+
+
+@contextlib.contextmanager
+def _grad_flags_kept(model: torch.nn.Module) -> Any:
+    """Leave the model's buffers as the trace found them. A buffer that forward
+    reaches through another object (transformers' static cache) is traced as the
+    real tensor, and an in-place write of a value that requires grad into it made
+    it require grad, no longer a leaf: the model's own eager forward then failed
+    outside ``no_grad`` ("a leaf Variable that requires grad is being used in an
+    in-place operation")."""
+    buffers = [b for _, b in model.named_buffers(remove_duplicate=True) if not b.requires_grad]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer in buffers:
+                if buffer.requires_grad:
+                    buffer.detach_()
 
 
 def _check_not_released(model: torch.nn.Module) -> None:

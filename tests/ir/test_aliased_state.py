@@ -181,3 +181,14 @@ def test_training_a_model_that_writes_activations_into_a_buffer_says_what_to_do(
     model = _model().train()
     with pytest.raises(planner.PlannerError, match=r"writes values that require grad into cache"):
         planner.plan(model, "100%", _inputs(0), mode="train", profile="cpu")
+
+
+def test_tracing_leaves_the_buffer_as_it_was() -> None:
+    """The trace writes a value that requires grad into the real buffer (reached
+    through the holder); the buffer then required grad, and the model's own forward
+    failed outside no_grad (an in-place write into a leaf that requires grad)."""
+    model = _model()
+    planner.analyze(model, _inputs(0), profile="cpu")
+    assert not model.cache.requires_grad and model.cache.is_leaf
+    model(*_inputs(1))  # outside no_grad, as a caller may
+    assert model.cache[1].abs().sum() > 0
