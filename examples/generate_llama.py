@@ -16,7 +16,7 @@ The model is ``examples/llama.py``'s (two layers, width 128, grouped-query
 attention, vocabulary 1024), random weights, nothing downloaded.
 
 Run with ``python examples/generate_llama.py [--budget 40%] [--new-tokens 16]
-[--kernels inductor]``;
+[--kernels inductor] [--max-cache-len 4096]``;
 the CLI takes ``examples/generate_llama.py:make_llama_decoder`` (one step).
 """
 
@@ -54,10 +54,12 @@ def static_cache_step(config: LlamaConfig, max_cache_len: int) -> torch.nn.Modul
     return TorchExportableModuleWithStaticCache(model, batch_size=1, max_cache_len=max_cache_len)
 
 
-def make_llama_decoder() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """One decoding step of the Llama with a static cache of ``MAX_CACHE_LEN``
+def make_llama_decoder(
+    max_cache_len: int = MAX_CACHE_LEN,
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """One decoding step of the Llama with a static cache of ``max_cache_len``
     positions, and the example inputs of a step: a token and its position."""
-    step = static_cache_step(llama_config(), MAX_CACHE_LEN)
+    step = static_cache_step(llama_config(), max_cache_len)
     return step, {"input_ids": torch.tensor([[PROMPT[0]]]), "cache_position": torch.tensor([0])}
 
 
@@ -94,16 +96,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--kernels", default="eager", choices=["eager", "inductor"], help="see planner.plan"
     )
+    parser.add_argument(
+        "--max-cache-len",
+        type=int,
+        default=MAX_CACHE_LEN,
+        help="cache positions (e.g. 4096: a cache larger than the weights, which the "
+        "plan keeps on disk layer by layer when it does not fit)",
+    )
     args = parser.parse_args(argv)
 
-    step, example = make_llama_decoder()
+    step, example = make_llama_decoder(args.max_cache_len)
+    cache = sum(b.numel() * b.element_size() for n, b in step.named_buffers() if "_cache_" in n)
     eager = copy.deepcopy(step)  # its own cache: the planned step writes into step's
     weights = sum(p.numel() * p.element_size() for p in step.parameters())
     pm = planner.plan(step, args.budget, example, kernels=args.kernels)
     try:
         plan = pm.plan
+        moved = [t.name for t in plan.tensors if "_cache_" in t.name and t.home != "device"]
         print(
             f"budget {plan.budget_bytes / 2**20:.2f} MiB, weights {weights / 2**20:.2f} MiB, "
+            f"cache {cache / 2**20:.2f} MiB ({len(moved)} of its buffers on disk), "
             f"unplanned peak {plan.unplanned_peak_bytes / 2**20:.2f} MiB"
         )
         planned_started = time.perf_counter()
@@ -128,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
             "planned": planned_tokens,
             "eager": eager_tokens,
             "offloaded": [t.name for t in plan.tensors if t.decision.startswith("offload")],
+            "cache_on_disk": moved,
         }
     finally:
         pm.close()

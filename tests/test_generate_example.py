@@ -98,3 +98,10 @@ def test_generate_example_runs() -> None:
     assert any("proj" in name for name in result["offloaded"])
     assert len(result["planned"]) == 3
     assert result["planned"] == result["eager"]
+
+
+def test_generate_example_with_a_long_cache_keeps_it_on_disk() -> None:
+    result = _example().main(["--budget", "20%", "--max-cache-len", "1024", "--new-tokens", "3"])
+    assert result["cache_on_disk"]
+    assert result["measured_peak"] <= result["budget"]
+    assert result["planned"] == result["eager"]
