@@ -743,6 +743,18 @@ class PlannedModule(torch.nn.Module):
             return self._engine.read_now(key, tier)
         return self._state[self._state_names.index(name)]
 
+    def restore_state_tensor(self, name: str, value: torch.Tensor) -> None:
+        """Put ``value`` back as the model's state entry ``name`` (``state_tensor``
+        reads it): into the executor's tensor, or over its copy in the tier where
+        the plan keeps it (a key/value cache)."""
+        if name in self._tier_buffers:
+            self._check_open()
+            key, tier = self._tier_buffers[name]
+            self._engine.write_now(key, tier, value.to(self.device))
+            return
+        with torch.no_grad():
+            self.state_tensor(name).copy_(value)
+
     def _no_grad_if_inference(self) -> contextlib.AbstractContextManager:
         """An inference plan runs under no_grad anyway; so measured or timed, an
         example input that requires grad is run, not refused (``PlannedCall``)."""

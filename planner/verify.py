@@ -30,8 +30,7 @@ if TYPE_CHECKING:
 @contextlib.contextmanager
 def _untouched(pm: PlannedModule) -> Iterator[None]:
     """Run the block, then restore what one call or step of ``pm`` changes."""
-    updated = [pm.state_tensor(name) for name in pm.buffer_updates]
-    saved = [t.detach().to("cpu", copy=True) for t in updated]
+    saved = [pm.state_tensor(name).detach().to("cpu", copy=True) for name in pm.buffer_updates]
     grads = [(p, p.grad) for p in pm.parameters()]
     for p, _ in grads:
         p.grad = None
@@ -41,8 +40,8 @@ def _untouched(pm: PlannedModule) -> Iterator[None]:
             yield
     finally:
         with torch.no_grad():
-            for t, old in zip(updated, saved):
-                t.copy_(old)
+            for name, old in zip(pm.buffer_updates, saved):
+                pm.restore_state_tensor(name, old)
         for p, grad in grads:
             p.grad = grad
 
