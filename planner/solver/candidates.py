@@ -58,6 +58,8 @@ WHOLE_TENSOR_CHOICES = (STORED, QFETCH)
 #: ``deliver:disk``, written at once into a file-backed ``.grad``; on CUDA
 #: ``deliver:host``, copied to host memory in the background like an offload's
 #: write (``:sync``: waited for at once), for a parameter whose home is a tier.
+#: A buffer's update (``writes_home_of``) is delivered the same ways, over the
+#: buffer's copy in its home tier.
 DELIVER = "deliver"
 
 
@@ -257,7 +259,9 @@ def _delivery_start(tensor: Tensor, T: int) -> int | None:
 
 def _delivery_options(problem: Problem, tensor: Tensor, a: int) -> list[Option]:
     """The final gap of a deliverable gradient, from its last event ``a`` to the
-    end: kept until the step returns it, or delivered (see ``DELIVER``)."""
+    end: kept until the step returns it, or delivered (see ``DELIVER``). A buffer's
+    update (``writes_home_of``) has the same choice: kept, it is the buffer's
+    memory on the device; delivered, it is written back to the buffer's tier."""
     T = problem.num_steps
     keep = Option(KEEP, present=((a + 1, T - 1),))
     if tensor.delivery_needs_home_of is None:  # a CPU device: one synchronous pass

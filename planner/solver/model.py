@@ -18,7 +18,9 @@ Constraints (each family in its own method)
     needs:    a recompute at step b needs each input kept on the device at b;
     delivery: on CUDA a gradient is delivered to the host only if its parameter's
               home is a tier (its ``.grad`` lives on the parameter's device); one
-              not delivered to such a parameter is copied down at the end.
+              not delivered to such a parameter is copied down at the end;
+    write-back: a buffer's update (a key/value cache's) is written back to a tier
+              exactly when the buffer is fetched from that tier.
 Objective
     sum_t stall[t] + sum_{g,o} x[g,o] * (seconds_o + uncovered copy time_o)
     + the end's copies of gradients to parameters homed off the device.

@@ -34,7 +34,9 @@ Action kinds (``tensor`` names a Problem tensor):
   then counts as returned. To the disk tier (a CPU device): written at once into a
   file-backed map, it leaves the device then. To the host tier (CUDA; only for a
   parameter whose home is a tier): a copy like an offload's write, then ``wait``
-  and ``free`` as for an offload.
+  and ``free`` as for an offload. A buffer's update (``writes_home_of``: a
+  key/value cache's) is delivered the same ways over its buffer's copy in the
+  buffer's home tier, which must be that tier.
 
 Initial state: weights and buffers with ``home == "device"`` and user inputs are
 resident; weights with ``home == "device:<format>"`` are stored quantized on the
