@@ -572,6 +572,12 @@ class _Emitter:
         key = repr(a.tensor)
         L = self.lines
         at_once = completes_at_issue(self.device, self.problem.tensors[s].nbytes)
+        home = self._home_holding(s, a)
+        if home is not None and a.kind == "offload":
+            self.done_at_once.add(s)  # nothing to write: its buffer's home holds it
+            return
+        if home is not None:  # read back from there
+            key = repr(home)
         if (
             a.kind == "prefetch"
             and (s in self.read_at_once or at_once)
@@ -660,6 +666,15 @@ class _Emitter:
             self._bind(base, var)
         else:
             raise ValueError(f"unknown action {a.kind!r}")
+
+    def _home_holding(self, s: int, a: Action) -> str | None:
+        """The key of the buffer whose home in ``a``'s tier holds update ``s`` already
+        (its rows were written there at its op, ``_write_rows_back``): an offload
+        of it between its uses then writes nothing, and its read comes from there."""
+        if s not in self.rows_written or a.kind not in ("offload", "prefetch"):
+            return None
+        buffer = self.problem.tensors[self.problem.tensors[s].writes_home_of]  # type: ignore[index]
+        return buffer.name if self.homes.get(buffer.name) == a.tier else None
 
     def _write_rows_back(
         self, s: int, node: torch.fx.Node, var: str, arg_vars: Any, name_of: Any

@@ -118,7 +118,8 @@ class _ReadLater(_LongCache):
 def test_an_update_moved_away_in_between_is_written_back_to_the_cache() -> None:
     """At the smallest budget the cache lives in the offload store: the update's
     new row is written over the cache's copy there as it is made (the next call
-    reads it), and the update itself moved away while the wide step runs."""
+    reads it). Moved away while the wide step runs, the update is read back from
+    there too, not written a second time under a key of its own."""
     torch.manual_seed(0)
     model = _ReadLater().eval()
     reference = copy.deepcopy(model)
@@ -127,6 +128,7 @@ def test_an_update_moved_away_in_between_is_written_back_to_the_cache() -> None:
         planner.plan(model, 1, _inputs(0), profile="cpu")
     pm = planner.plan(model, smallest.value.min_budget, _inputs(0), profile="cpu")
     assert "rt.write_rows('cache', 'disk', " in pm.code
+    assert "rt.read_now('cache', 'disk')" in pm.code and "'index_copy', 'disk'" not in pm.code
     with torch.no_grad():
         for k in range(3):
             assert torch.equal(pm(*_inputs(k)), reference(*_inputs(k)))
