@@ -107,9 +107,10 @@ def from_program(
     min_movable = max(4096, min(min_movable_bytes, total // 4096))
     # A buffer updated in place (a key/value cache) may live off the device between
     # calls, as a weight does (FlexGen offloads its cache): fetched before the step
-    # that writes the update into it, its update written back to its home (``writes
-    # home of``) once read for the last time. Only where the update is the buffer's
-    # own memory: another update is a new tensor the caller copies in at the end.
+    # that writes the update into it, its update written back to its home
+    # (``writes_home_of``: on a CPU device an ``index_copy``'s rows as the op makes
+    # them, else all of it once read for the last time). Only where the update is
+    # the buffer's own memory: another is a new tensor the caller copies in at the end.
     homed_update_of = {
         buffer: update
         for buffer, update in in_place
