@@ -120,6 +120,21 @@ EXAMPLE_FACTORIES = {
 }
 
 
+class CachedLayer(nn.Module):
+    """A decoder layer's key/value cache as its memory sees it: each call writes its
+    row into the cache in place (``index_copy_``, as transformers' static cache
+    does) and reads the whole cache."""
+
+    def __init__(self, width: int = 32, positions: int = 2048) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+        self.register_buffer("cache", torch.zeros(positions, width), persistent=False)
+
+    def forward(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        self.cache.index_copy_(0, position, self.lin(x))
+        return self.cache.sum(0, keepdim=True)
+
+
 class WithLoss(nn.Module):
     """A model plus a scalar loss, so that a planned training step is the whole step."""
 

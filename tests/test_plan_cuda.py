@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import WithLoss, load_example
+from conftest import CachedLayer, WithLoss, load_example
 from torch import nn
 from torch.utils import _pytree as pytree
 
@@ -164,26 +164,13 @@ def test_inductor_train_step_at_half_the_peak_fits() -> None:
         pm.close()
 
 
-class _CachedLayer(nn.Module):
-    """Writes each call's row into its cache in place and reads the whole cache."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(64, 64)
-        self.register_buffer("cache", torch.zeros(8192, 64), persistent=False)
-
-    def forward(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        self.cache.index_copy_(0, position, self.lin(x))
-        return self.cache.sum(0, keepdim=True)
-
-
 def test_caches_larger_than_the_budget_live_on_the_host_and_are_written_back() -> None:
     """Each layer's cache is fetched from its host home before the write and the
     update copied back over it in the background (a wait before it is freed): over
     several calls, the outputs and caches are eager's, bit for bit."""
     torch.manual_seed(0)
-    model = nn.Sequential(_CachedLayer(), _CachedLayer()).eval().cuda()
-    eager = nn.Sequential(_CachedLayer(), _CachedLayer()).eval().cuda()
+    model = nn.Sequential(CachedLayer(64, 8192), CachedLayer(64, 8192)).eval().cuda()
+    eager = nn.Sequential(CachedLayer(64, 8192), CachedLayer(64, 8192)).eval().cuda()
     eager.load_state_dict(model.state_dict())
     for mine, theirs in zip(model, eager):
         theirs.cache.copy_(mine.cache)

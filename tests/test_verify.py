@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import WithLoss, load_example
+from conftest import CachedLayer, WithLoss, load_example
 from torch import nn
 
 import planner
@@ -132,17 +132,6 @@ def test_a_refused_plan_leaves_the_model_whole_and_no_files(
     assert list(tmp_path.iterdir()) == []  # type: ignore[attr-defined]
 
 
-class _CachedLayer(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(32, 32)
-        self.register_buffer("cache", torch.zeros(4096, 32), persistent=False)
-
-    def forward(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        self.cache.index_copy_(0, position, self.lin(x))
-        return self.cache.sum(0, keepdim=True) * 2
-
-
 def test_the_metered_call_leaves_a_cache_kept_on_disk_as_it_was() -> None:
     """The check's call writes the example's token into the cache; restored through
     ``state_tensor``, whose tensor is a copy for a cache the plan keeps on disk, the
@@ -151,7 +140,7 @@ def test_the_metered_call_leaves_a_cache_kept_on_disk_as_it_was() -> None:
     from planner.verify import metered_call
 
     torch.manual_seed(0)
-    model = _CachedLayer().eval()
+    model = CachedLayer(positions=4096).eval()
     inputs = (torch.randn(1, 32), torch.tensor([7]))
     with pytest.raises(planner.BudgetTooSmall) as smallest:
         planner.plan(model, 1, inputs, profile="cpu")

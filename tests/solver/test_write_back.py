@@ -9,6 +9,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import CachedLayer
 from torch import nn
 
 import planner
@@ -19,22 +20,10 @@ from planner.solver.candidates import build_candidates, parse_choice, partner_ch
 from planner.solver.plan import Action
 
 
-class _Layer(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(32, 32)
-        self.register_buffer("cache", torch.zeros(2048, 32), persistent=False)
-
-    def forward(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        cache = self.cache.index_copy(0, position, self.lin(x))
-        self.cache.copy_(cache)  # the functional form: an update made from the buffer
-        return cache.sum(0, keepdim=True)
-
-
 class _TwoCaches(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(_Layer() for _ in range(2))
+        self.layers = nn.ModuleList(CachedLayer() for _ in range(2))
 
     def forward(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -146,7 +135,7 @@ def test_an_index_copy_writes_back_its_rows_another_update_all_of_it() -> None:
     (``index_put``) is written back whole, after its last read, and the next call
     reads what was written either way."""
 
-    class Indexed(_Layer):
+    class Indexed(CachedLayer):
         def forward(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
             self.cache[position] = self.lin(x)  # index_put
             return self.cache.sum(0, keepdim=True) * 2
