@@ -825,15 +825,21 @@ class PlannedModule(torch.nn.Module):
         self._finalizer()
 
 
+def _still_held(refs: dict[str, weakref.ref]) -> list[str]:
+    """The names whose tensor outlives its release (after a collection, when any
+    does: a reference cycle only the collector frees)."""
+    if not any(ref() is not None for ref in refs.values()):
+        return []
+    gc.collect()
+    return [name for name, ref in refs.items() if ref() is not None]
+
+
 def _warn_if_still_held(full_copies: dict[str, weakref.ref]) -> None:
     """Warn when full copies of frozen weights a training plan stores quantized
     outlive their release: something else holds them (an optimizer built over
     ``model.parameters()`` before planning, a variable of the caller's), so they
     stay in memory beside their codes, where the budget does not count them."""
-    if not any(ref() is not None for ref in full_copies.values()):
-        return
-    gc.collect()  # a reference cycle that only the collector frees
-    held = [name for name, ref in full_copies.items() if ref() is not None]
+    held = _still_held(full_copies)
     if held:
         warnings.warn(
             f"the full copies of {len(held)} frozen weight(s) this plan stores quantized "
@@ -853,12 +859,9 @@ def _free_if_moved_still_held(moved: dict[str, weakref.ref], updated: set[str]) 
     (a key/value cache that transformers' cache object holds too) is stale from
     the first call on, since the plan writes its updates to the tier: its memory is
     freed for every holder. For a weight, a warning says what holds it."""
-    if not any(ref() is not None for ref in moved.values()):
-        return
-    gc.collect()  # a reference cycle that only the collector frees
     held = []
-    for name, ref in moved.items():
-        tensor = ref()
+    for name in _still_held(moved):
+        tensor = moved[name]()
         if tensor is not None and name in updated:
             # every holder holds this tensor object: its data, not the storage (which
             # may not be resizable), becomes empty

@@ -238,14 +238,13 @@ class _Emitter:
         after: dict[int, list[Action]] = defaultdict(list)
         for a in plan.actions:
             (before if a.when == "before" else after)[a.step].append(a)
-        homes = {d.name: d.home for d in plan.tensors}
         state_values, input_values, tangent_values = [], [], []
         stored_values: list[tuple[int, str]] = []
         stored_storages: set[int] = set()
         for vi in program.inputs:
             v = program.values[vi]
             name = self.problem.tensors[v.storage].name
-            home = homes.get(name, "device")
+            home = self.homes.get(name, "device")
             if v.kind is ValueKind.TANGENT:
                 tangent_values.append(vi)
             elif v.kind is ValueKind.INPUT:

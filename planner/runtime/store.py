@@ -34,6 +34,7 @@ path, where the destination is allocated when the prefetch is issued.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import math
@@ -43,6 +44,7 @@ import shutil
 import tempfile
 import threading
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -273,15 +275,31 @@ class DiskStore:
         self.entries[key] = entry
         return entry
 
-    def _overwrite(self, key: str, data: memoryview) -> tuple[int, int, int]:
-        """Write ``data`` over the key's open file (created on first use), through
-        its map when kept open; its stamp."""
+    @contextlib.contextmanager
+    def _writing(self, key: str, nbytes: int, create: bool) -> Iterator[tuple[int, bool]]:
+        """(fd, kept) of the key's file opened for writing in place (``create``: made
+        if missing): kept open for later copies unless ``max_open_files`` are open
+        (then closed after). A failed write removes the file (no half-written one)
+        and is raised as a ``StoreError``."""
         fd = self._open_files.get(key)
         kept = fd is not None
         try:
             if fd is None:
-                fd = os.open(self.path(key), os.O_RDWR | os.O_CREAT, 0o600)
+                flags = os.O_RDWR | (os.O_CREAT if create else 0)
+                fd = os.open(self.path(key), flags, 0o600)
                 kept = self._keep_open(key, fd)
+            yield fd, kept
+        except OSError as exc:
+            self.discard(key)
+            raise self._write_error(key, nbytes, exc) from exc
+        finally:
+            if fd is not None and not kept:
+                os.close(fd)
+
+    def _overwrite(self, key: str, data: memoryview) -> tuple[int, int, int]:
+        """Write ``data`` over the key's open file (created on first use), through
+        its map when kept open; its stamp."""
+        with self._writing(key, len(data), create=True) as (fd, kept):
             if os.fstat(fd).st_size != len(data):
                 self._maps.pop(key, None)  # the resize frees blocks: allocate and map again
                 os.ftruncate(fd, len(data))
@@ -289,16 +307,8 @@ class DiskStore:
             if mapped is not None:
                 _copy_bytes(mapped, np.frombuffer(data, dtype=np.uint8))
             else:
-                done = 0
-                while done < len(data):
-                    done += os.pwrite(fd, data[done:], done)
+                _pwrite_all(fd, data, 0)
             return _stamp(os.fstat(fd))
-        except OSError as exc:
-            self.discard(key)  # no half-written file
-            raise self._write_error(key, len(data), exc) from exc
-        finally:
-            if fd is not None and not kept:
-                os.close(fd)
 
     def write_rows(self, key: str, tensor: torch.Tensor, dim: int, index: torch.Tensor) -> None:
         """Write ``tensor``'s slices at ``index`` along ``dim`` over ``key``'s file,
@@ -317,30 +327,18 @@ class DiskStore:
         ):
             self.write(key, tensor, checksum=False)
             return
-        fd = self._open_files.get(key)
-        kept = fd is not None
-        try:
-            if fd is None:
-                fd = os.open(self.path(key), os.O_RDWR)
-                kept = self._keep_open(key, fd)
-            data = _storage_bytes(tensor)
-            item = tensor.element_size()
-            inner = item * math.prod(tensor.shape[dim + 1 :])
-            length = tensor.shape[dim]
+        data = _storage_bytes(tensor)
+        item = tensor.element_size()
+        inner = item * math.prod(tensor.shape[dim + 1 :])  # bytes of one row
+        length = tensor.shape[dim]
+        offset = int(tensor.storage_offset()) * item
+        runs = _runs(index.tolist())
+        with self._writing(key, len(data), create=False) as (fd, _):
             for outer in range(math.prod(tensor.shape[:dim])):
-                for first, count in _runs(index.tolist()):
-                    start = int(tensor.storage_offset()) * item + (outer * length + first) * inner
-                    chunk = data[start : start + count * inner]
-                    done = 0
-                    while done < len(chunk):
-                        done += os.pwrite(fd, chunk[done:], start + done)
+                for first, count in runs:
+                    start = offset + (outer * length + first) * inner
+                    _pwrite_all(fd, data[start : start + count * inner], start)
             self.entries[key] = dataclasses.replace(entry, crc32=None, stamp=_stamp(os.fstat(fd)))
-        except OSError as exc:
-            self.discard(key)  # no half-written file
-            raise self._write_error(key, len(_storage_bytes(tensor)), exc) from exc
-        finally:
-            if fd is not None and not kept:
-                os.close(fd)
 
     def _map_of(self, key: str, fd: int, nbytes: int) -> np.ndarray | None:
         """The shared map of ``key``'s open file ``fd`` at ``nbytes``, made (its
@@ -559,6 +557,13 @@ class DiskStore:
 
 
 _PAGE_BYTES = 4096
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (``pwrite`` may write less per call)."""
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
 
 
 def _runs(positions: list[int]) -> list[tuple[int, int]]:

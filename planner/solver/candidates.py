@@ -196,9 +196,9 @@ def build_candidates(problem: Problem) -> Candidates:
 
 def write_back_pairs(cands: Candidates) -> dict[int, int]:
     """The home gap of each buffer updated in place and its update's final gap
-    (``writes_home_of``), both ways. A buffer whose update has no final gap (used
-    at the last step, or pinned) has nowhere to be written back from: it keeps
-    only its home on the device."""
+    (``writes_home_of``), both ways. A buffer whose update has no final gap (one
+    pinned, which translation does not make today) has nowhere to be written back
+    from: it keeps only its home on the device."""
     pairs: dict[int, int] = {}
     for tensor in cands.problem.tensors:
         home = cands.home_gap.get(tensor.writes_home_of)  # type: ignore[arg-type]
@@ -309,8 +309,10 @@ def _first_gap_options(
     T = problem.num_steps
     # before the first use and after the last; between uses the gaps' own ``keep``
     # holds it (the model forces keep there when home is the device)
-    after = (events[-1] + 1, T - 1) if not written_in_place else (1, 0)
-    outside = [(lo, hi) for lo, hi in ((0, events[0] - 1), after) if lo <= hi]
+    windows = [(0, events[0] - 1)]
+    if not written_in_place:
+        windows.append((events[-1] + 1, T - 1))
+    outside = [(lo, hi) for lo, hi in windows if lo <= hi]
     options = [Option(HOME, present=tuple(outside))]
     for tier in problem.tiers:
         window = _read_window(problem, tensor.nbytes, tier, 0, events[0])

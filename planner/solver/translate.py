@@ -95,7 +95,8 @@ def from_program(
         for op in program.ops
     ]
     # a buffer whose update takes over its memory ends there; the update, in the
-    # model's buffer, is pinned (moved away, the model would still hold its bytes)
+    # buffer's memory, is pinned unless the buffer may have a home (below): moved
+    # away, the model would still hold its bytes
     in_place = {s.reuse for s in steps if s.reuse and s.reuse[0] in updates.values()}
     written_in_place = {buffer for buffer, _ in in_place}
     in_the_buffer = {update for _, update in in_place}
@@ -286,11 +287,10 @@ def _reused_input(program: Program, step: int, returned: set[int]) -> tuple[int,
     dtype (or a view of all of one, as ``detach`` makes: the joint graph passes
     the saved log-softmax to the backward through two), read for the last time
     here, by no other argument, and not returned."""
-    op = program.ops[step]
-    position = REUSE_INPUT.get(op.target)
-    if position is None or len(op.outputs) != 1 or position >= len(op.inputs):
+    operands = _input_and_output(program, step, REUSE_INPUT)
+    if operands is None:
         return None
-    vin, vout = program.values[op.inputs[position]], program.values[op.outputs[0]]
+    vin, vout = operands
     if (
         vin.producer is None
         or vin.storage in returned
@@ -299,6 +299,18 @@ def _reused_input(program: Program, step: int, returned: set[int]) -> tuple[int,
     ):
         return None
     return vin.storage, vout.storage
+
+
+def _input_and_output(
+    program: Program, step: int, positions: dict[str, int]
+) -> tuple[Value, Value] | None:
+    """(the input at the position ``positions`` gives op ``step``'s target, its one
+    output), or None: another op, several outputs, or no input there."""
+    op = program.ops[step]
+    position = positions.get(op.target)
+    if position is None or len(op.outputs) != 1 or position >= len(op.inputs):
+        return None
+    return program.values[op.inputs[position]], program.values[op.outputs[0]]
 
 
 def _may_write_into(program: Program, step: int, vin: Value, vout: Value) -> bool:
@@ -345,11 +357,10 @@ def updated_in_place(
     read for the last time here, by this argument alone, all of it, laid out as
     the update, which the step returns once (as the update, not also to the
     caller)."""
-    op = program.ops[step]
-    position = UPDATE_IN_PLACE.get(op.target)
-    if position is None or len(op.outputs) != 1 or position >= len(op.inputs):
+    operands = _input_and_output(program, step, UPDATE_IN_PLACE)
+    if operands is None:
         return None
-    vin, vout = program.values[op.inputs[position]], program.values[op.outputs[0]]
+    vin, vout = operands
     if (
         updates.get(vout.storage) != vin.storage
         or sum(program.values[v].storage == vout.storage for v in program.outputs) != 1
