@@ -23,6 +23,7 @@ class HostTierInMemory(ThreadCopyEngine):
         super().__init__(disk)
         self.host: dict[str, torch.Tensor] = {}
         self.copied_to_host = 0
+        self.rows_written_to_host = 0
 
     def _check_tier(self, tier: str) -> None:
         assert tier == "disk", tier
@@ -41,6 +42,15 @@ class HostTierInMemory(ThreadCopyEngine):
 
     def write_now(self, key: str, tier: str, tensor: torch.Tensor) -> None:
         self.wait(self.offload(key, tier, tensor))
+
+    def write_rows(
+        self, key: str, tier: str, tensor: torch.Tensor, dim: int, index: torch.Tensor
+    ) -> None:
+        if tier != "host":
+            super().write_rows(key, tier, tensor, dim, index)
+            return
+        self.rows_written_to_host += 1
+        self.host[key].index_copy_(dim, index, tensor.index_select(dim, index))
 
     def store_now(self, key: str, tier: str, tensor: torch.Tensor) -> None:
         if tier == "host":

@@ -164,13 +164,33 @@ def test_inductor_train_step_at_half_the_peak_fits() -> None:
         pm.close()
 
 
-def test_caches_larger_than_the_budget_live_on_the_host_and_are_written_back() -> None:
-    """Each layer's cache is fetched from its host home before the write and the
-    update copied back over it in the background (a wait before it is freed): over
-    several calls, the outputs and caches are eager's, bit for bit."""
+class _IndexedLayer(CachedLayer):
+    """Writes its row by indexing (``index_put``): written back whole."""
+
+    def forward(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        self.cache[position] = self.lin(x)
+        return self.cache.sum(0, keepdim=True)
+
+
+@pytest.mark.parametrize(
+    ("layer", "written"),
+    [
+        (CachedLayer, "rt.write_rows('layers.0.cache', 'host', "),
+        (_IndexedLayer, "rt.offload('layers.0.cache', 'host', "),
+    ],
+    ids=["rows", "whole"],
+)
+def test_caches_larger_than_the_budget_live_on_the_host_and_are_written_back(
+    layer: type[CachedLayer], written: str
+) -> None:
+    """Each layer's cache is fetched from its host home before the write, and the
+    update goes back over it: an ``index_copy``'s row as the op makes it (copied
+    down in the background, put into the pinned home by the I/O thread), another
+    update whole after its last read (a wait before it is freed). Over several
+    calls, the outputs and caches are eager's, bit for bit."""
     torch.manual_seed(0)
-    model = nn.Sequential(CachedLayer(64, 8192), CachedLayer(64, 8192)).eval().cuda()
-    eager = nn.Sequential(CachedLayer(64, 8192), CachedLayer(64, 8192)).eval().cuda()
+    model = nn.Sequential(layer(64, 8192), layer(64, 8192)).eval().cuda()
+    eager = nn.Sequential(layer(64, 8192), layer(64, 8192)).eval().cuda()
     eager.load_state_dict(model.state_dict())
     for mine, theirs in zip(model, eager):
         theirs.cache.copy_(mine.cache)
@@ -194,7 +214,7 @@ def test_caches_larger_than_the_budget_live_on_the_host_and_are_written_back() -
     pm, budget = _plan(planned, inputs(0), int(cache_bytes * 1.2))
     try:
         assert budget < 2 * cache_bytes
-        assert "rt.offload('layers.0.cache', 'host', " in pm.code
+        assert written in pm.code
         with torch.no_grad():
             for k in range(4):
                 assert torch.equal(pm(*inputs(k)), reference(*inputs(k)))

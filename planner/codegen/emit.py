@@ -678,15 +678,16 @@ class _Emitter:
     def _write_rows_back(
         self, s: int, node: torch.fx.Node, var: str, arg_vars: Any, name_of: Any
     ) -> None:
-        """On a CPU device, an update homed in a tier whose op writes rows
-        (``ROWS_WRITTEN``: a cache's new token) has just those rows written over
-        the tier's copy as the op makes them; its write-back then only frees it."""
+        """An update homed in a tier whose op writes rows (``ROWS_WRITTEN``: a
+        cache's new token) has just those rows written over the tier's copy as the
+        op makes them (on CUDA copied down in the background); its write-back then
+        only frees it."""
         tensor = self.problem.tensors[s]
         if tensor.writes_home_of is None or not tensor.write_back_bytes:
             return
         buffer = self.problem.tensors[tensor.writes_home_of]
         tier = self.homes.get(buffer.name, "device")
-        if self.device.type != "cpu" or tier == "device":
+        if tier == "device":
             return
         dim, index = (arg_vars[i] for i in ROWS_WRITTEN[str(node.target)])
         self.lines.append(
@@ -703,6 +704,7 @@ class _Emitter:
         buffer = self.problem.tensors[self.problem.tensors[s].writes_home_of]  # type: ignore[index]
         self.delivered.add(s)
         if s in self.rows_written:  # its rows reached the home as the op made them
+            self.done_at_once.add(s)  # nothing for the plan's wait (CUDA) to wait for
             self._free(s, f"{a.tensor}'s rows written back to {buffer.name}'s home")
             return
         value = self._expr(self.returned_value[s])

@@ -237,6 +237,8 @@ class CudaCopyEngine(CopyEngine):
         self.host: dict[str, torch.Tensor] = {}
         self.host_entries: dict[str, Entry] = {}
         self._io = _copy_thread("planner-disk")
+        #: per host key, rows still being written into its pinned home (``write_rows``)
+        self._rows_pending: dict[str, Future] = {}
 
     def _pinned(self, key: str, entry: Entry) -> torch.Tensor:
         buf = self.host.get(key)
@@ -262,8 +264,58 @@ class CudaCopyEngine(CopyEngine):
         tensor.record_stream(self.d2h)
         return event
 
+    def _rows_written(self, key: str) -> None:
+        """Wait until the rows last written into ``key``'s host home are there
+        (before anything reads or overwrites it)."""
+        pending = self._rows_pending.pop(key, None)
+        if pending is not None:
+            pending.result()
+
+    def write_rows(
+        self, key: str, tier: str, tensor: torch.Tensor, dim: int, index: torch.Tensor
+    ) -> None:
+        """Only the new rows go down (a token's keys or values: kilobytes of a
+        cache of megabytes): gathered on the device, copied with their positions
+        into small pinned buffers on the d2h stream, then put into the host home's
+        rows on the I/O thread once that copy is done. The next read of the home
+        waits for them (``_rows_written``). Anything else (a disk home, a layout
+        that is not the home's): the whole tensor, at once."""
+        entry = self.host_entries.get(key)
+        layout = describe(tensor)
+        if (
+            tier != "host"
+            or entry is None
+            or (
+                (entry.dtype, entry.shape, entry.stride, entry.offset, entry.nbytes)
+                != (layout.dtype, layout.shape, layout.stride, layout.offset, layout.nbytes)
+            )
+        ):
+            self.write_now(key, tier, tensor)
+            return
+        self._rows_written(key)  # last call's (long done): its buffers are reused
+        home = self._pinned(key, entry)
+        rows = tensor.index_select(dim, index)
+        positions = index.to(device=tensor.device, dtype=torch.int64)
+        rows_host = self._pinned("rows:" + key, describe(rows))
+        positions_host = self._pinned("rows-index:" + key, describe(positions))
+        self.d2h.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.d2h):
+            rows_host.copy_(rows, non_blocking=True)
+            positions_host.copy_(positions, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.d2h)
+        rows.record_stream(self.d2h)
+        positions.record_stream(self.d2h)
+
+        def put_rows() -> None:
+            event.synchronize()
+            home.index_copy_(dim, positions_host, rows_host)
+
+        self._rows_pending[key] = self._io.submit(put_rows)
+
     def prefetch(self, key: str, tier: str) -> Pending:
         if tier == "host":
+            self._rows_written(key)
             entry = self.host_entries[key]
             src = self.host[key]
             return self._upload(src, entry)
@@ -295,6 +347,8 @@ class CudaCopyEngine(CopyEngine):
 
     def offload(self, key: str, tier: str, tensor: torch.Tensor) -> Pending:
         entry = describe(tensor)
+        if tier == "host":
+            self._rows_written(key)
         buf = self._pinned(key if tier == "host" else "disk:" + key, entry)
         event = self._download(buf, tensor)
         if tier == "host":
@@ -333,10 +387,14 @@ class CudaCopyEngine(CopyEngine):
     def home_tensor(self, key: str, tier: str) -> torch.Tensor:
         # the pinned buffer a host prefetch uploads from, or the disk file's map
         # (a disk prefetch reads the file, which sees writes through the map)
-        return self.host[key] if tier == "host" else self.disk.map_shared(key)
+        if tier == "host":
+            self._rows_written(key)
+            return self.host[key]
+        return self.disk.map_shared(key)
 
     def store_now(self, key: str, tier: str, tensor: torch.Tensor) -> None:
         if tier == "host":
+            self._rows_written(key)
             entry = describe(tensor)
             buf = self._pinned(key, entry)
             buf.untyped_storage().copy_(tensor.untyped_storage())

@@ -268,8 +268,10 @@ def _delivery_options(problem: Problem, tensor: Tensor, a: int) -> list[Option]:
         seconds = problem.bandwidths.deliver_seconds(tensor.delivered_bytes())
         return [keep, Option(f"{DELIVER}:{DISK}", seconds=seconds)]
     options = [keep]
+    # an update whose rows went down at its op (``write_back_bytes``) holds
+    # nothing after ``a``: only the at-once form, priced for those rows
     write_end = _write_window_end(problem, tensor.nbytes, HOST, a)
-    if write_end > a:  # the copy hidden behind the ops up to write_end
+    if write_end > a and not tensor.write_back_bytes:  # hidden behind the ops to write_end
         window = (a + 1, write_end)
         options.append(
             Option(
@@ -282,7 +284,7 @@ def _delivery_options(problem: Problem, tensor: Tensor, a: int) -> list[Option]:
     options.append(  # waited for at once: nothing held after ``a``
         Option(
             f"{DELIVER}:{HOST}:sync",
-            transfers=(Transfer((HOST, "write"), tensor.nbytes, (a + 1, a)),),
+            transfers=(Transfer((HOST, "write"), tensor.delivered_bytes(), (a + 1, a)),),
             write_done_at=a,
         )
     )

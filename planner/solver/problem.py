@@ -130,13 +130,14 @@ class Tensor:
     #: the buffer's home tier, exactly when that home is a tier; with the buffer
     #: at home on the device it stays there, the buffer's memory, to the end.
     writes_home_of: int | None = None
-    #: bytes a write-back copies on a CPU device: the rows the update wrote (an
-    #: ``index_copy``'s source, e.g. a cache's new token), written over the tier's
-    #: copy at the op; else the whole tensor, after its last read
+    #: bytes a write-back copies: the rows the update wrote (an ``index_copy``'s
+    #: source, e.g. a cache's new token), written over the tier's copy at the op
+    #: (on CUDA gathered on the device first, as workspace of that op); else the
+    #: whole tensor, after its last read
     write_back_bytes: int = 0
 
     def delivered_bytes(self) -> int:
-        """Bytes a delivery (``deliverable``) copies on a CPU device."""
+        """Bytes a delivery (``deliverable``) copies."""
         return self.write_back_bytes or self.nbytes
 
     def fused_work_bytes(self, step: int, quantized_nbytes: int) -> int:

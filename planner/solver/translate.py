@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from planner.ir.meta import BUFFER_UPDATES, FROZEN_PARAMS, HOOKED_PARAMS, PARAM_GRADS
 from planner.ir.program import Program, Value, ValueKind
 from planner.passes.device_profile import DeviceProfile, free_memory_bytes
@@ -109,8 +111,8 @@ def from_program(
     # A buffer updated in place (a key/value cache) may live off the device between
     # calls, as a weight does (FlexGen offloads its cache): fetched before the step
     # that writes the update into it, its update written back to its home
-    # (``writes_home_of``: on a CPU device an ``index_copy``'s rows as the op makes
-    # them, else all of it once read for the last time). Only where the update is
+    # (``writes_home_of``: an ``index_copy``'s rows as the op makes them, else all
+    # of it once read for the last time). Only where the update is
     # the buffer's own memory: another is a new tensor the caller copies in at the end.
     homed_update_of = {
         buffer: update
@@ -242,6 +244,13 @@ def from_program(
                 else 0,
             )
         )
+    if on_cuda:  # the rows are gathered on the device to go down to the host
+        for tensor in tensors:
+            if tensor.write_back_bytes:
+                step = steps[tensor.appears_at]
+                steps[tensor.appears_at] = dataclasses.replace(
+                    step, workspace_bytes=step.workspace_bytes + tensor.write_back_bytes
+                )
     may_write = sum(t.nbytes for t in tensors if not t.pinned)
     disk = profile.disk_rates(may_write, free_memory_bytes())
     bandwidths = Bandwidths(
@@ -370,7 +379,7 @@ def updated_in_place(
     return vin.storage, vout.storage
 
 
-#: Updates whose rows an executor on a CPU device writes back alone: op target ->
+#: Updates whose rows the executor writes back alone: op target ->
 #: (position of the dim argument, of the index) in the op's arguments
 ROWS_WRITTEN = {"aten.index_copy.default": (1, 2)}
 

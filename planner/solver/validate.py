@@ -523,7 +523,7 @@ class _Replayer:
                     f"{t.name!r} can be delivered only to the host tier, and only when its "
                     f"parameter's home is a tier (a .grad lives on its parameter's device)"
                 )
-            self.transfer(i, tier, False, None, t.nbytes)
+            self.transfer(i, tier, False, None, t.delivered_bytes())
             self.delivered.add(i)
             return
         seconds = self.problem.bandwidths.deliver_seconds(t.delivered_bytes())

@@ -10,9 +10,11 @@ import dataclasses
 import pytest
 import torch
 from conftest import CachedLayer
+from host_tier import run_gpu_plans_here
 from torch import nn
 
 import planner
+from planner.codegen.emit import emit_executor
 from planner.errors import InvalidPlan
 from planner.solver import from_program, solve, validate
 from planner.solver.baselines import greedy
@@ -89,6 +91,76 @@ def test_on_a_gpu_the_caches_live_on_the_host_and_are_written_back_there() -> No
         assert update.delivery_needs_home_of == buffer.index
         assert homes[buffer.name] == "host" and written[update.name] == "host"
     validate(problem, plan)
+
+
+def test_on_a_gpu_an_index_copy_sends_down_only_its_rows() -> None:
+    """CUDA: the new row (32 floats) is gathered on the device at the op (charged
+    as that op's workspace) and copied down; the update holds nothing after its
+    last read, and the host channel carries the rows, not the 256 KiB caches."""
+    gpu = _problem(1.0, profile="h100")
+    cpu = _problem(1.0)
+    for update, _ in _pairs(gpu):
+        assert update.write_back_bytes == 32 * 4
+        step = update.appears_at
+        assert gpu.steps[step].workspace_bytes == cpu.steps[step].workspace_bytes + 32 * 4
+    small = _smallest(gpu)
+    plan = solve(small, time_limit=5)
+    homes = {d.name: d.home for d in plan.tensors}
+    assert all(homes[buffer.name] == "host" for _, buffer in _pairs(small))
+    replay = validate(small, plan)
+    assert replay.bytes_moved["device_to_host"] == 2 * 32 * 4
+    cands = build_candidates(small)
+    for update, _ in _pairs(small):
+        (last,) = [g for g in cands.gaps if g.tensor == update.index and g.end == small.num_steps]
+        assert [o.choice for o in last.options] == ["keep", "deliver:host:sync"]
+
+
+def test_the_cuda_executor_sends_down_the_rows_at_the_op_and_nothing_after() -> None:
+    """Emitted for a CUDA device (not run here): each cache's row goes to the
+    host at its ``index_copy`` and the update is freed after its last read
+    with no copy of its own (before: the whole cache went down after it)."""
+    torch.manual_seed(0)
+    analysis = planner.analyze(
+        _TwoCaches().eval(), (torch.randn(1, 32), torch.tensor([3])), profile="h100"
+    )
+    small = _smallest(from_program(analysis.program, 1, analysis.profile))
+    plan = solve(small, time_limit=5)
+    source = emit_executor(
+        analysis.program, analysis.captured.graph_module, small, plan, "eager",
+        torch.device("cuda"),
+    ).source  # fmt: skip
+    for k in range(2):
+        assert f"rt.write_rows('layers.{k}.cache', 'host', " in source
+    assert "rt.offload(" not in source
+
+
+def test_on_a_gpu_the_rows_reach_the_host_home_as_the_op_makes_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A plan for a GPU profile, run here on the host-tier stand-in: each step
+    writes its row into the host copy of each cache (``rt.write_rows``), nothing
+    else goes down, and the next step reads the caches back from there."""
+    engines = run_gpu_plans_here(monkeypatch)
+    torch.manual_seed(0)
+    model = _TwoCaches().eval()
+    reference = _TwoCaches().eval()
+    reference.load_state_dict(model.state_dict())
+    inputs = [(torch.randn(1, 32), torch.tensor([k])) for k in (3, 0, 7)]
+    with pytest.raises(planner.BudgetTooSmall) as smallest:
+        planner.plan(model, 1, inputs[0], profile="h100")
+    pm = planner.plan(model, smallest.value.min_budget, inputs[0], profile="h100")
+    try:
+        assert "rt.write_rows('layers.0.cache', 'host', " in pm.code
+        assert "rt.write_rows('layers.1.cache', 'host', " in pm.code
+        with torch.no_grad():
+            for args in inputs:
+                assert torch.equal(pm(*args), reference(*args))
+        engine = engines[-1]
+        assert engine.rows_written_to_host == 2 * len(inputs)
+        for k in range(2):
+            assert torch.equal(engine.host[f"layers.{k}.cache"], reference.layers[k].cache)
+    finally:
+        pm.close()
 
 
 def test_with_room_the_caches_stay_on_the_device_and_nothing_is_written_back() -> None:
