@@ -35,7 +35,15 @@ Choices = list[str]
 
 
 def keep_all(cands: Candidates) -> Choices:
-    return [HOME if g.start == -1 else KEEP for g in cands.gaps]
+    """Everything kept where it is: weights at home (the device, unless a fixed
+    home says a tier: ``Problem.fixed_homes``), a cache's update with its buffer."""
+    choices = [_default(g) for g in cands.gaps]
+    for gi, other in cands.partners.items():
+        if cands.gaps[gi].start == -1:  # a buffer's home decides its update's last gap
+            follow = partner_choice(cands, gi, choices[gi])
+            if follow is not None:
+                choices[other] = follow
+    return choices
 
 
 def recompute_all(cands: Candidates) -> Choices:
@@ -294,7 +302,9 @@ def _holders(cands: Candidates, option: Option) -> list[int] | None:
 
 
 def _default(gap: Gap) -> str:
-    return HOME if gap.start == -1 else KEEP
+    if gap.start != -1:
+        return KEEP
+    return HOME if _has(gap, HOME) else gap.options[0].choice  # a fixed home in a tier
 
 
 def _has(gap: Gap, choice: str) -> bool:

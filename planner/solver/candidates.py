@@ -160,6 +160,9 @@ def build_candidates(problem: Problem) -> Candidates:
                 first.options += [
                     _quantized_fetch_option(problem, tensor, events, tier) for tier in problem.tiers
                 ]
+            decided = problem.fixed_homes.get(tensor.name)
+            if decided is not None:
+                first.options = _at_home(first.options, decided)
             home_gap[tensor.index] = len(gaps)
             own.append(len(gaps))
             gaps.append(first)
@@ -329,6 +332,19 @@ def _first_gap_options(
         if window[0] < events[0]:
             options.append(_late(f"fetch:{tier}", tier, tensor.nbytes, events[0]))
     return options
+
+
+def _at_home(options: list[Option], home: str) -> list[Option]:
+    """The home-gap options that keep a persistent tensor's home at ``home``
+    (``Problem.fixed_homes``): on the device for good, or fetched from that tier."""
+    kept = [
+        o
+        for o in options
+        if (o.choice == HOME if home == "device" else parse_choice(o.choice) == ("fetch", home))
+    ]
+    if not kept:
+        raise ValueError(f"no option keeps the home {home!r} (options: {options})")
+    return kept
 
 
 def _stored_format(problem: Problem, tensor: Tensor) -> str | None:

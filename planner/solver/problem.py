@@ -281,6 +281,10 @@ class Problem:
     #: ``from_program`` through each tensor's ``quantizable``
     quantize_uses: tuple[str, ...] = ("weights", "activations", "transfers")
     meta: dict = field(default_factory=dict)
+    #: persistent tensors whose home is decided already, by name: "device" or a
+    #: tier. The plans of one module's input shapes share their weights' homes
+    #: (``planner.shapes``); not part of the fingerprint (the graph is the same)
+    fixed_homes: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_steps(self) -> int:
