@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from planner.report import Report, format_bytes
 from planner.runtime.checkpoint import attach_checkpoint
 from planner.runtime.meter import Measurement, measure, measure_training_step
 from planner.runtime.store import check_offload_dir
+from planner.shapes import solve_shapes
 from planner.solver import DEFAULT_TIME_LIMIT, Plan, Problem, from_program, solve, validate
 from planner.solver.solve import keep_all_peak
 from planner.traced_mode import warn_if_inference_traced_in_training
@@ -128,10 +129,7 @@ def _analyze_and_solve(
     problem = from_program(
         analysis.program, analysis.unplanned_peak_bytes, analysis.profile, quantize, kernels=kernels
     )
-    reference = analysis.unplanned_peak_bytes
-    if isinstance(budget, str) and budget.strip().endswith("%"):
-        # a share of what the executor would hold with nothing moved
-        reference = max(keep_all_peak(problem), reference)
+    reference = _budget_reference(budget, problem, analysis)
     problem = dataclasses.replace(problem, budget_bytes=parse_budget(budget, reference))
     if reuse is not None:
         return analysis, problem, _reuse_plan(problem, reuse, kernels)
@@ -188,6 +186,7 @@ def plan(
     plan: str | Path | Plan | None = None,
     kernels: str = "eager",
     measure_room: bool = True,
+    extra_example_inputs: Sequence[Any] | None = None,
 ) -> PlannedModule:
     """Plan ``model`` under ``budget`` and return a module that runs the plan.
 
@@ -221,9 +220,21 @@ def plan(
     effects undone, must hold ``budget``; ``pm.measured`` says what it held. Over
     the budget, training falls back to the schedule solved for ``budget`` alone;
     otherwise PlannerError, with the model left whole.
+
+    ``extra_example_inputs`` (inference): more input shapes the module serves
+    (a prompt's chunk beside one token; other batch sizes), each a set of example
+    inputs as ``example_inputs`` is. Each shape gets its own plan under ``budget``
+    (a share of the largest shape's unplanned peak), all of them homing each
+    weight in the same place, over one offload store (``planner.shapes``); a
+    call runs the plan its arguments match. ``pm.other_shapes[k]`` is the
+    module of ``extra_example_inputs[k]`` (its ``report``, ``code``). Not with
+    ``quantize``, ``checkpoint`` or ``plan`` yet; with "inductor", without
+    measured room.
     """
     check_kernels(kernels)  # before any work
     _check_time_limit(time_limit)
+    if extra_example_inputs:
+        _check_shapes_options(mode, quantize, checkpoint, plan)
     if checkpoint is not None and mode != "infer":
         raise PlannerError(
             "checkpoint= streams weights for inference; for training, "
@@ -239,6 +250,11 @@ def plan(
         attach_checkpoint(model, checkpoint)
     if offload_dir is not None:
         check_offload_dir(offload_dir)
+    if extra_example_inputs:
+        return _plan_shapes(
+            model, budget, [example_inputs, *extra_example_inputs], mode, offload_dir,
+            profile, time_limit, kernels, device,
+        )  # fmt: skip
     analysis, problem, solved = _analyze_and_solve(
         model, budget, example_inputs, mode, profile, quantize, time_limit, plan, kernels
     )
@@ -259,6 +275,88 @@ def plan(
     pm = _checked_by_meter(module_of(solved, assembled=assembled), args, kwargs, fallback)
     pm.release_offloaded(model)
     return pm
+
+
+def _plan_shapes(
+    model: torch.nn.Module,
+    budget: int | str,
+    shapes: list[Any],
+    mode: str,
+    offload_dir: str | None,
+    profile: DeviceProfile,
+    time_limit: float,
+    kernels: str,
+    device: torch.device,
+) -> PlannedModule:
+    """``plan`` with ``extra_example_inputs``: one module, a plan per input shape,
+    the weights' homes shared (``planner.shapes``)."""
+    analyses = [analyze(model, inputs, mode, profile, kernels) for inputs in shapes]
+    problems = [
+        from_program(a.program, a.unplanned_peak_bytes, a.profile, None, kernels=kernels)
+        for a in analyses
+    ]
+    reference = max(_budget_reference(budget, p, a) for p, a in zip(problems, analyses))
+    budget_bytes = parse_budget(budget, reference)
+    problems = [dataclasses.replace(p, budget_bytes=budget_bytes) for p in problems]
+    problems, plans = solve_shapes(problems, time_limit)
+    warn_if_inference_traced_in_training(model, analyses[0].program)
+    pm = PlannedModule(
+        model, analyses[0], problems[0], plans[0], offload_dir, device, kernels,
+        defer_release=True,
+    )  # fmt: skip
+    try:
+        others = [
+            PlannedModule(
+                model,
+                a,
+                p,
+                s,
+                device=device,
+                kernels=kernels,
+                defer_release=True,
+                share_store_of=pm,
+            )  # fmt: skip
+            for a, p, s in zip(analyses[1:], problems[1:], plans[1:])
+        ]
+        pm.add_other_shapes(others)
+        if kernels == "inductor":  # each compiled plan checked by the meter on its inputs
+            for module, inputs in zip([pm, *others], shapes):
+                args, kwargs = normalize_example_inputs(inputs)
+                _checked_by_meter(module, args, kwargs, None, close_refused=False)
+    except BaseException:
+        pm.close()
+        raise
+    pm.release_offloaded(model)
+    return pm
+
+
+def _check_shapes_options(
+    mode: str,
+    quantize: str | dict[str, str] | None,
+    checkpoint: str | None,
+    saved: str | Path | Plan | None,
+) -> None:
+    """What ``extra_example_inputs`` does not combine with yet, refused before any work."""
+    for given, what in (
+        (mode != "infer", "mode='train'"),
+        (quantize is not None, "quantize="),
+        (checkpoint is not None, "checkpoint="),
+        (saved is not None, "plan="),
+    ):
+        if given:
+            raise PlannerError(
+                f"extra_example_inputs plans inference over several input shapes and does "
+                f"not combine with {what} yet: plan one input shape (one module per shape)"
+            )  # fmt: skip
+
+
+def _budget_reference(budget: int | str, problem: Problem, analysis: Analysis) -> int:
+    """What a share of the budget ("60%") is a share of: the unplanned peak, or
+    what the executor would hold with nothing moved, whichever is higher."""
+    reference = analysis.unplanned_peak_bytes
+    if isinstance(budget, str) and budget.strip().endswith("%"):
+        reference = max(keep_all_peak(problem), reference)
+    return reference
 
 
 def _profile_for_device(spec: str | DeviceProfile | None, device: torch.device) -> DeviceProfile:
@@ -290,6 +388,7 @@ def _checked_by_meter(
     args: tuple,
     kwargs: dict[str, Any],
     fallback: Callable[[], PlannedModule] | None,
+    close_refused: bool = True,
 ) -> PlannedModule:
     """``pm`` if one call of it on the example inputs holds its budget by the meter
     (``planner.verify``; ``pm.measured`` then says how much); else ``fallback()``,
@@ -301,7 +400,8 @@ def _checked_by_meter(
         return pm
     over = measured.peak_bytes - budget
     composed = pm.plan.compiled_peak_bytes
-    pm.close()
+    if close_refused:
+        pm.close()
     if fallback is not None:
         log.warning(
             "the plan with measured room held %s by the meter, %s over the budget "

@@ -88,12 +88,17 @@ class PlannedModule(torch.nn.Module):
         kernels: str = "eager",
         assembled: Assembled | None = None,
         defer_release: bool = False,
+        share_store_of: PlannedModule | None = None,
     ) -> None:
         """``assembled``: ``plan``'s executor, already built (``measured_room``
         builds candidates to choose from); None: built here. ``defer_release``:
         leave the weights homed off the device in ``model`` until
         ``release_offloaded(model)`` (``plan()`` checks a compiled plan by the
-        meter first: a plan it refuses must leave the model whole)."""
+        meter first: a plan it refuses must leave the model whole).
+        ``share_store_of``: the module of another input shape of the same model,
+        whose plan homes the weights where this one does (``planner.shapes``):
+        this one uses its offload store, copy engine and stored weights instead of
+        writing them a second time, and closes with it."""
         super().__init__()
         _exclude_forward_from_dynamo()
         captured = analysis.captured
@@ -151,16 +156,28 @@ class PlannedModule(torch.nn.Module):
             a.kind == "offload" and a.step in forward_steps for a in plan.actions
         )
         self._forward_count = 0
-        disk = DiskStore(offload_dir)
-        try:
-            engine = make_engine(self.device, disk)
-        except BaseException:
-            disk.close()
-            raise
-        self._runtime = Runtime(engine)
-        self._engine = engine
-        self._disk = disk
-        self._weight_keys: set[str] = set()  # files written at plan time (the rest: spills)
+        #: the modules of this model's other input shapes (``add_other_shapes``)
+        self._other_shapes: list[PlannedModule] = []
+        self._owns_store = share_store_of is None
+        disk: DiskStore
+        engine: CopyEngine
+        if share_store_of is None:
+            disk = DiskStore(offload_dir)
+            try:
+                engine = make_engine(self.device, disk)
+            except BaseException:
+                disk.close()
+                raise
+            self._runtime = Runtime(engine)
+            self._weight_keys: set[str] = set()  # files written at plan time (the rest: spills)
+            self._finalizer = weakref.finalize(self, _close, engine, disk)
+        else:
+            disk, engine = share_store_of._disk, share_store_of._engine
+            self._runtime = share_store_of._runtime
+            self._weight_keys = share_store_of._weight_keys  # one set: either's spills go
+            self._finalizer = share_store_of._finalizer  # closing either closes both
+        self._engine: CopyEngine = engine
+        self._disk: DiskStore = disk
         #: (name, parameter) whose gradient the plan writes into .grad itself
         self._delivered_params: list[tuple[str, torch.Tensor]] = []
         #: weights stored quantized whose lookups read exact rows from their file
@@ -168,7 +185,6 @@ class PlannedModule(torch.nn.Module):
         #: per quantized tensor, its round-trip error (weights at plan time,
         #: activations by measure_quantization_error)
         self.quantization_errors: dict[str, dict[str, float]] = {}
-        self._finalizer = weakref.finalize(self, _close, engine, disk)
         self.offload_dir = disk.root
         try:
             # dropped from the analysis once used (its state dict holds the weights);
@@ -198,7 +214,8 @@ class PlannedModule(torch.nn.Module):
                     self._buffer_updates,
                 )
         except BaseException:
-            self._finalizer()
+            if self._owns_store:  # another shape's module owns a shared one
+                self._finalizer()
             raise
         self.measured: Measurement | None = None
         self.output_error: dict[str, float] | None = None  # see measure_quantization_error
@@ -259,7 +276,8 @@ class PlannedModule(torch.nn.Module):
                 self._store_quantized_in_tier(problem_tensor, tier, fmt, tensor.detach())
                 released.append(value.source)  # type: ignore[arg-type]
                 continue
-            engine.store_now(name, homes[name], _compact(tensor.detach()))
+            if name not in self._weight_keys:  # else stored by another shape's module
+                engine.store_now(name, homes[name], _compact(tensor.detach()))
             if tensor.requires_grad:
                 self._runtime.grad_keys.add(name)
             self._weight_keys.add(name)
@@ -366,6 +384,10 @@ class PlannedModule(torch.nn.Module):
         """Release the weights homed off the device (or stored quantized) from
         ``model`` and the exported program: this module reads them from their tier."""
         released, ep = self._unreleased
+        for other in self._other_shapes:  # same homes: the same weights, by name
+            released = list(dict.fromkeys([*released, *other._unreleased[0]]))
+        for other in self._other_shapes:  # their exported programs hold them too
+            other._drop_exported(released)
         full_copies = {n: ref for n, (_, ref) in self._frozen_stand_ins.items()}
         if self.mode == "train":
             self._release_frozen(model)
@@ -383,6 +405,16 @@ class PlannedModule(torch.nn.Module):
         _warn_if_still_held(full_copies)
         _free_if_moved_still_held(moved, set(self._tier_buffers))
         self._record_state_types()  # a released weight is no longer read from the model
+
+    def _drop_exported(self, released: list[str]) -> None:
+        """Another shape's module released ``released`` from the model: this one's
+        exported program lets go of them too (``release_offloaded``)."""
+        ep = self._unreleased[1]
+        for source in released:
+            if ep is not None and source in ep.state_dict:
+                ep.state_dict[source] = ep.state_dict[source].to("meta")
+        self._unreleased = ([], None)
+        self._record_state_types()
 
     def _release_frozen(self, model: torch.nn.Module) -> None:
         """Training: the frozen weights this module stores quantized leave the model
@@ -594,25 +626,61 @@ class PlannedModule(torch.nn.Module):
                 raise PlannerError(why) from error
             raise
 
+    def add_other_shapes(self, modules: list[PlannedModule]) -> None:
+        """Serve the input shapes of ``modules`` too (``planner.shapes``: the same
+        model, planned per shape over this module's store): a call runs the
+        executor whose arguments it matches. They are this module's children, so
+        the meter counts what they hold (the weights they share, once)."""
+        self._other_shapes = list(modules)
+        self.other_shapes = torch.nn.ModuleList(modules)
+
+    def _matching(self, args: tuple, kwargs: dict) -> tuple[PlannedModule, list[torch.Tensor]]:
+        """The module, of this one and its other shapes, whose planned arguments the
+        call matches, with the call's tensors; none: the error says what each
+        expects."""
+        errors = []
+        for module in (self, *self._other_shapes):
+            try:
+                return module, module._call.flatten(
+                    args, kwargs, same_strides=module.kernels == "inductor"
+                )
+            except PlannerError as error:
+                errors.append(str(error))
+        raise PlannerError(
+            f"this module was planned for {len(errors)} input shapes and the call matches "
+            f"none of them: "
+            + "; ".join(f"shape {k} (example input set {k}): {e}" for k, e in enumerate(errors))
+            + ". To serve this shape too, plan again with it in extra_example_inputs"
+        )
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._check_open()
+        if self._other_shapes:  # inference over several shapes
+            module, inputs = self._matching(args, kwargs)
+            return module._infer(inputs)
         if self._traced_training is not None:
             check_call_mode(self._traced_training, self.training)
         inputs = self._call.flatten(args, kwargs, same_strides=self.kernels == "inductor")
+        if self.mode != "train":
+            return self._infer(inputs)
         check_autocast(self._autocast)
         self._hook_watch.check()
-        if self.mode == "train":
-            self._state_watch.check()
-            outs = list(_PlannedStep.apply(self, *self._primals, *inputs))
-            with torch.no_grad():
-                for name, new in zip(self._buffer_updates, outs[: self._num_buffer_updates]):
-                    self._state[self._state_names.index(name)].copy_(new)
-            user = outs[self._num_buffer_updates :]
-            if self._forward_outputs.rebuilders or self._forward_outputs.num_user < len(user):
-                user = self._forward_outputs.hand_over(
-                    [*self._primals, *pytree.tree_leaves((args, kwargs))], user
-                )
-            return pytree.tree_unflatten(user, self._out_spec)
+        self._state_watch.check()
+        outs = list(_PlannedStep.apply(self, *self._primals, *inputs))
+        with torch.no_grad():
+            for name, new in zip(self._buffer_updates, outs[: self._num_buffer_updates]):
+                self._state[self._state_names.index(name)].copy_(new)
+        user = outs[self._num_buffer_updates :]
+        if self._forward_outputs.rebuilders or self._forward_outputs.num_user < len(user):
+            user = self._forward_outputs.hand_over(
+                [*self._primals, *pytree.tree_leaves((args, kwargs))], user
+            )
+        return pytree.tree_unflatten(user, self._out_spec)
+
+    def _infer(self, inputs: list[torch.Tensor]) -> Any:
+        """An inference call on the call's tensors (matched to the plan already)."""
+        check_autocast(self._autocast)
+        self._hook_watch.check()
         with torch.no_grad():
             outs = self._with_constants(self._run(self._fn, self._state, inputs))
             for name, new in zip(self._buffer_updates, outs[: self._num_buffer_updates]):

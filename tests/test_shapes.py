@@ -1,0 +1,262 @@
+"""planner/shapes.py: one planned module for several input shapes of a model (a
+prompt's chunk beside one token), each shape's plan homing every weight where the
+others do, over one offload store."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from conftest import CachedLayer
+from test_released import _reachable_bytes
+from torch import nn
+
+import planner
+import planner.shapes
+from planner.runtime.meter import resident_bytes
+from planner.shapes import homes_of, shared_homes, solve_shapes
+from planner.solver import from_program, solve
+from planner.solver.candidates import build_candidates
+
+
+class _TokensLayer(CachedLayer):
+    """Writes a row per token (``index_copy``) and reads the whole cache."""
+
+    def forward(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        self.cache.index_copy_(0, position, self.lin(x))
+        return x + self.cache.sum(0)
+
+
+class _Decoder(nn.Module):
+    def __init__(self, vocab: int = 64) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_TokensLayer(64, 4096) for _ in range(2))
+        self.head = nn.Linear(64, vocab)
+
+    def forward(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, position)
+        return self.head(x)
+
+
+def _token(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(k)
+    return torch.randn(1, 64, generator=g), torch.tensor([k])
+
+
+def _chunk(first: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + first)
+    return torch.randn(n, 64, generator=g), torch.arange(first, first + n)
+
+
+def _smallest(model: nn.Module, *shapes: tuple) -> int:
+    with pytest.raises(planner.BudgetTooSmall) as smallest:
+        planner.plan(model, 1, shapes[0], profile="cpu", extra_example_inputs=list(shapes[1:]))
+    assert smallest.value.min_budget is not None
+    return smallest.value.min_budget
+
+
+def _homes(pm: planner.PlannedModule) -> dict[str, str]:
+    return {d.name: d.home for d in pm.plan.tensors if d.kind in ("param", "buffer")}
+
+
+def test_a_chunk_then_tokens_are_bit_identical_with_the_weights_and_caches_off_the_device() -> None:
+    """At the smallest budget that serves both shapes: the caches (256 KiB each)
+    and the large weights live on disk, homed alike by both plans; a chunk of 8
+    positions, then single tokens, give eager's outputs and caches bit for bit,
+    each call within the budget by the meter."""
+    torch.manual_seed(0)
+    model = _Decoder().eval()
+    reference = copy.deepcopy(model)
+    budget = _smallest(model, _token(0), _chunk(0, 8))
+    pm = planner.plan(model, budget, _token(0), profile="cpu", extra_example_inputs=[_chunk(0, 8)])
+    try:
+        (chunk_plan,) = pm.other_shapes
+        assert _homes(pm) == _homes(chunk_plan)
+        assert {_homes(pm)[f"layers.{k}.cache"] for k in range(2)} == {"disk"}
+        assert budget < 2 * 4096 * 64 * 4  # less than the two caches
+        with torch.no_grad():
+            assert torch.equal(pm(*_chunk(0, 8)), reference(*_chunk(0, 8)))
+            for k in range(8, 12):
+                assert torch.equal(pm(*_token(k)), reference(*_token(k)))
+            assert torch.equal(pm(*_chunk(12, 8)), reference(*_chunk(12, 8)))
+        for k in range(2):
+            cache = pm.state_tensor(f"layers.{k}.cache")
+            assert torch.equal(cache, reference.layers[k].cache)
+        for inputs in (_token(30), _chunk(31, 8)):
+            pm.run_measured(*inputs)
+            assert pm.measured is not None and pm.measured.peak_bytes <= budget
+    finally:
+        pm.close()
+
+
+def test_the_shapes_share_one_store_and_hold_each_weight_once() -> None:
+    """The chunk's module writes no weight of its own: it reads the first one's
+    files, and what the planned module holds (through every reference) is what
+    the meter counts, the weights kept on the device once."""
+    torch.manual_seed(0)
+    model = _Decoder().eval()
+    weights = {n: p for n, p in model.named_parameters()}
+    pm = planner.plan(model, "60%", _token(0), profile="cpu", extra_example_inputs=[_chunk(0, 4)])
+    try:
+        (other,) = pm.other_shapes
+        assert other._disk is pm._disk and other._engine is pm._engine
+        assert other._weight_keys is pm._weight_keys
+        kept = {n for n, home in _homes(pm).items() if home == "device" and n in weights}
+        assert kept, "a 60% plan keeps some weight on the device"
+        state = {id(t) for t in pm._state} & {id(t) for t in other._state}
+        assert {id(weights[n]) for n in kept} <= state, "each kept weight is one tensor"
+        assert _reachable_bytes(pm) == resident_bytes(pm)
+    finally:
+        pm.close()
+    assert not other._finalizer.alive, "closing the module closes its other shapes' store"
+
+
+def test_a_call_that_matches_no_shape_names_every_planned_one() -> None:
+    torch.manual_seed(0)
+    pm = planner.plan(
+        _Decoder().eval(), "60%", _token(0), profile="cpu", extra_example_inputs=[_chunk(0, 4)]
+    )
+    try:
+        with pytest.raises(planner.PlannerError, match=r"planned for 2 input shapes") as error:
+            pm(*_chunk(0, 3))
+        assert "((1, 64), 'float32')" in str(error.value)
+        assert "((4, 64), 'float32')" in str(error.value)
+        assert "extra_example_inputs" in str(error.value)
+    finally:
+        pm.close()
+
+
+@pytest.mark.parametrize(
+    ("option", "what"),
+    [
+        ({"mode": "train"}, "mode='train'"),
+        ({"quantize": "int8"}, "quantize="),
+        ({"checkpoint": "missing.safetensors"}, "checkpoint="),
+        ({"plan": "missing.json"}, "plan="),
+    ],
+    ids=["train", "quantize", "checkpoint", "plan"],
+)
+def test_what_does_not_combine_yet_is_refused_before_any_work(option: dict, what: str) -> None:
+    model = _Decoder().eval()
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(planner.PlannerError, match=rf"not combine with {what}"):
+        planner.plan(model, "60%", _token(0), extra_example_inputs=[_chunk(0, 4)], **option)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_the_smallest_budget_is_the_largest_shapes() -> None:
+    """BudgetTooSmall names each shape without a plan and gives the smallest
+    budget that serves them all, at which planning succeeds."""
+    torch.manual_seed(0)
+    model = _Decoder().eval()
+    alone = []
+    for shape in (_token(0), _chunk(0, 64)):
+        with pytest.raises(planner.BudgetTooSmall) as smallest:
+            planner.plan(copy.deepcopy(model), 1, shape, profile="cpu")
+        alone.append(smallest.value.min_budget)
+    assert alone[1] > alone[0]
+    with pytest.raises(planner.BudgetTooSmall, match=r"input shape 1") as both:
+        planner.plan(model, 1, _token(0), profile="cpu", extra_example_inputs=[_chunk(0, 64)])
+    assert both.value.min_budget == max(alone)
+    pm = planner.plan(
+        model, both.value.min_budget, _token(0), profile="cpu", extra_example_inputs=[_chunk(0, 64)]
+    )
+    pm.close()
+
+
+def test_a_fixed_home_holds_where_the_budget_would_keep_the_weight() -> None:
+    """``Problem.fixed_homes``: with room for everything, a weight fixed on disk
+    is still fetched from there; its home gap offers nothing else."""
+    torch.manual_seed(0)
+    analysis = planner.analyze(_Decoder().eval(), _token(0), profile="cpu")
+    problem = from_program(analysis.program, analysis.unplanned_peak_bytes * 2, analysis.profile)
+    roomy = solve(problem, time_limit=5)
+    assert {d.name: d.home for d in roomy.tensors}["layers.0.cache"] == "device"
+    fixed = dataclasses.replace(problem, fixed_homes={"layers.0.cache": "disk"})
+    plan = solve(fixed, time_limit=5)
+    homes = {d.name: d.home for d in plan.tensors}
+    assert homes["layers.0.cache"] == "disk" and homes["layers.1.cache"] == "device"
+    cands = build_candidates(fixed)
+    home_gap = cands.gaps[cands.home_gap[fixed.tensor("layers.0.cache").index]]
+    assert all(o.choice.startswith("fetch:disk") for o in home_gap.options)
+
+
+def test_shared_homes_keep_the_device_only_where_every_shape_does() -> None:
+    torch.manual_seed(0)
+    token = planner.analyze(_Decoder().eval(), _token(0), profile="cpu")
+    chunk = planner.analyze(_Decoder().eval(), _chunk(0, 4), profile="cpu")
+    problems = [from_program(a.program, 10**9, a.profile) for a in (token, chunk)]
+    plans = [solve(p, time_limit=5) for p in problems]
+    plans[1].tensors = [
+        d if d.name != "head.weight" else dataclasses.replace(d, home="disk")
+        for d in plans[1].tensors
+    ]
+    homes = shared_homes(problems, plans)
+    assert homes["head.weight"] == "disk" and homes["layers.0.lin.weight"] == "device"
+    assert "x" not in homes, "inputs have no home"
+
+
+def _token_and_chunk_problems(chunk: int, vocab: int):  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    analyses = [
+        planner.analyze(_Decoder(vocab).eval(), inputs, profile="cpu")
+        for inputs in (_token(0), _chunk(0, chunk))
+    ]
+    return [from_program(a.program, 1, a.profile) for a in analyses]
+
+
+def _at(problems, budget: int):  # type: ignore[no-untyped-def]
+    problems = [dataclasses.replace(p, budget_bytes=budget) for p in problems]
+    return problems, [homes_of(p, solve(p, time_limit=5)) for p in problems]
+
+
+def test_the_homes_are_those_of_the_plan_keeping_the_least_on_the_device() -> None:
+    """Just above the chunk's smallest budget the token's own plan keeps the head
+    weight on the device, the chunk's does not: the chunk's homes are the
+    module's, and the token is solved again with them."""
+    problems = _token_and_chunk_problems(64, vocab=64)
+    problems, own = _at(problems, int(_smallest(_Decoder().eval(), _chunk(0, 64)) * 1.05))
+    assert own[0] != own[1]
+    solved, plans = solve_shapes(problems, time_limit=5)
+    assert homes_of(solved[0], plans[0]) == homes_of(solved[1], plans[1]) == own[1]
+
+
+def test_homes_that_leave_a_shape_no_plan_fall_back_to_the_device_where_all_keep() -> None:
+    """With a 1 MiB head weight, the plan keeping the least on the device (the
+    token's) keeps a cache there that leaves the chunk no plan: each weight is
+    then on the device only where both plans keep it."""
+    problems = _token_and_chunk_problems(64, vocab=4096)
+    budget = int(_smallest(_Decoder(4096).eval(), _chunk(0, 64)) * 1.05)
+    problems, own = _at(problems, budget)
+    plans = [solve(p, time_limit=5) for p in problems]
+    tightest = min((0, 1), key=lambda k: planner.shapes._device_bytes(problems[k], plans[k]))
+    with pytest.raises(planner.BudgetTooSmall):
+        solve(dataclasses.replace(problems[1 - tightest], fixed_homes=own[tightest]), 5)
+    solved, plans = solve_shapes(problems, time_limit=5)
+    homes = homes_of(solved[0], plans[0])
+    assert homes == homes_of(solved[1], plans[1])
+    assert homes == shared_homes(problems, [solve(p, time_limit=5) for p in problems])
+    for name, home in homes.items():
+        assert (home == "device") == (own[0][name] == own[1][name] == "device")
+
+
+def test_with_inductor_kernels_each_shapes_compiled_plan_is_checked_by_the_meter() -> None:
+    torch.manual_seed(0)
+    model = _Decoder().eval()
+    reference = copy.deepcopy(model)
+    pm = planner.plan(
+        model, "50%", _token(0), profile="cpu", kernels="inductor",
+        extra_example_inputs=[_chunk(0, 8)],
+    )  # fmt: skip
+    try:
+        for module in (pm, *pm.other_shapes):
+            assert module.measured is not None  # the check plan() ran
+            assert module.measured.peak_bytes <= pm.plan.budget_bytes
+        with torch.no_grad():
+            torch.testing.assert_close(pm(*_chunk(0, 8)), reference(*_chunk(0, 8)))
+            torch.testing.assert_close(pm(*_token(8)), reference(*_token(8)))
+    finally:
+        pm.close()
