@@ -28,6 +28,7 @@ BENCHES = {
         *("--systems", "compile", "planner", "inductor", "accelerate", "--repeats", "10"),
         *("--out", "BENCHMARKS_generate_long.md"),
     ],
+    "prefill": ["benchmarks/prefill_bench.py", "--repeats", "5", "--out", "BENCHMARKS_prefill.md"],
 }
 QUICK = {"remat", "solver"}  # the ones with a --quick mode
 

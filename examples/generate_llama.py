@@ -12,11 +12,17 @@ offload directory in every step, as FlexGen and Accelerate's disk offload do: he
 the weights; with a long cache, each layer's keys and values too, written back
 after their last read.
 
+With ``--prefill`` the step is planned for the prompt's shape too
+(``extra_example_inputs``): one module, two plans homing each weight alike over
+one offload store. The prompt then goes through in one call (its positions at
+once: the weights are streamed once for the whole prompt, not once per token),
+and each generated token follows one per call.
+
 The model is ``examples/llama.py``'s (two layers, width 128, grouped-query
 attention, vocabulary 1024), random weights, nothing downloaded.
 
 Run with ``python examples/generate_llama.py [--budget 40%] [--new-tokens 16]
-[--kernels inductor] [--max-cache-len 4096]``;
+[--kernels inductor] [--max-cache-len 4096] [--prefill]``;
 the CLI takes ``examples/generate_llama.py:make_llama_decoder`` (one step).
 """
 
@@ -60,20 +66,37 @@ def make_llama_decoder(
     """One decoding step of the Llama with a static cache of ``max_cache_len``
     positions, and the example inputs of a step: a token and its position."""
     step = static_cache_step(llama_config(), max_cache_len)
-    return step, {"input_ids": torch.tensor([[PROMPT[0]]]), "cache_position": torch.tensor([0])}
+    return step, prompt_inputs(PROMPT[:1])
+
+
+def prompt_inputs(prompt: list[int], first: int = 0) -> dict[str, torch.Tensor]:
+    """A step's inputs for ``prompt``'s tokens at positions ``first`` on."""
+    return {
+        "input_ids": torch.tensor([prompt]),
+        "cache_position": torch.arange(first, first + len(prompt)),
+    }
 
 
 @torch.no_grad()
 def generate(
-    step: Callable[..., torch.Tensor], prompt: list[int], new_tokens: int, keep_logits: bool = True
+    step: Callable[..., torch.Tensor],
+    prompt: list[int],
+    new_tokens: int,
+    keep_logits: bool = True,
+    prefill: bool = False,
 ) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy decoding, one token per call of ``step``: the prompt's tokens in turn,
-    then each argmax (prompt + new tokens must fit the cache: a position past it is
-    an IndexError). Returns the generated tokens and, with ``keep_logits``, every
-    call's logits."""
+    """Greedy decoding, one token per call of ``step``: the prompt's tokens in turn
+    (``prefill``: the whole prompt in one call), then each argmax (prompt + new
+    tokens must fit the cache: a position past it is an IndexError). Returns the
+    generated tokens and, with ``keep_logits``, every call's logits."""
     tokens = list(prompt)
     logits = []
-    for position in range(len(prompt) + new_tokens - 1):
+    if prefill:
+        out = step(**prompt_inputs(prompt))
+        if keep_logits:
+            logits.append(out.detach().clone())
+        tokens.append(int(out[0, -1].argmax()))
+    for position in range(len(prompt) if prefill else 0, len(prompt) + new_tokens - 1):
         out = step(
             input_ids=torch.tensor([[tokens[position]]]),
             cache_position=torch.tensor([position]),
@@ -103,13 +126,19 @@ def main(argv: list[str] | None = None) -> dict:
         help="cache positions (e.g. 4096: a cache larger than the weights, which the "
         "plan keeps on disk layer by layer when it does not fit)",
     )
+    parser.add_argument(
+        "--prefill",
+        action="store_true",
+        help="plan the prompt's shape too and feed the prompt in one call",
+    )
     args = parser.parse_args(argv)
 
     step, example = make_llama_decoder(args.max_cache_len)
     cache = sum(b.numel() * b.element_size() for n, b in step.named_buffers() if "_cache_" in n)
     eager = copy.deepcopy(step)  # its own cache: the planned step writes into step's
     weights = sum(p.numel() * p.element_size() for p in step.parameters())
-    pm = planner.plan(step, args.budget, example, kernels=args.kernels)
+    extra = [prompt_inputs(PROMPT)] if args.prefill else None
+    pm = planner.plan(step, args.budget, example, kernels=args.kernels, extra_example_inputs=extra)
     try:
         plan = pm.plan
         moved = [t.name for t in plan.tensors if "_cache_" in t.name and t.home != "device"]
@@ -119,24 +148,29 @@ def main(argv: list[str] | None = None) -> dict:
             f"unplanned peak {plan.unplanned_peak_bytes / 2**20:.2f} MiB"
         )
         planned_started = time.perf_counter()
-        planned_tokens, _ = generate(pm, PROMPT, args.new_tokens)
+        planned_tokens, _ = generate(pm, PROMPT, args.new_tokens, prefill=args.prefill)
         planned_seconds = time.perf_counter() - planned_started
         eager_started = time.perf_counter()
-        eager_tokens, _ = generate(eager, PROMPT, args.new_tokens)
+        eager_tokens, _ = generate(eager, PROMPT, args.new_tokens, prefill=args.prefill)
         eager_seconds = time.perf_counter() - eager_started
         pm.run_measured(**example)  # rewrites position 0 of the cache: generation is done
         print(f"one step under the meter: {pm.measured.peak_bytes / 2**20:.2f} MiB")
+        measured_peak = pm.measured.peak_bytes
+        if args.prefill:
+            pm.run_measured(**prompt_inputs(PROMPT))
+            print(f"the prompt's call under the meter: {pm.measured.peak_bytes / 2**20:.2f} MiB")
+            measured_peak = max(measured_peak, pm.measured.peak_bytes)
         print(f"planned: {planned_tokens}")
         print(f"eager:   {eager_tokens}")
-        calls = len(PROMPT) + args.new_tokens - 1
+        calls = args.new_tokens if args.prefill else len(PROMPT) + args.new_tokens - 1
         print(
-            f"per step: planned {planned_seconds / calls * 1e3:.2f} ms, "
+            f"per call: planned {planned_seconds / calls * 1e3:.2f} ms, "
             f"eager {eager_seconds / calls * 1e3:.2f} ms (one run each, not a benchmark)"
         )
         return {
             "budget": plan.budget_bytes,
             "weights": weights,
-            "measured_peak": pm.measured.peak_bytes,
+            "measured_peak": measured_peak,
             "planned": planned_tokens,
             "eager": eager_tokens,
             "offloaded": [t.name for t in plan.tensors if t.decision.startswith("offload")],

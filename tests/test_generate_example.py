@@ -105,3 +105,48 @@ def test_generate_example_with_a_long_cache_keeps_it_on_disk() -> None:
     assert result["cache_on_disk"]
     assert result["measured_peak"] <= result["budget"]
     assert result["planned"] == result["eager"]
+
+
+@pytest.mark.filterwarnings("ignore:A model attribute .* requires gradient")
+def test_a_prompt_in_one_call_then_tokens_is_bit_identical_to_the_exported_steps() -> None:
+    """Planned for one token and for the prompt (``extra_example_inputs``), below
+    the weight bytes: the prompt's call and each token's give the logits and cache
+    of the two exported steps (sharing one cache) bit for bit, each call within
+    the budget by the meter."""
+    example = _example()
+    step, inputs = example.make_llama_decoder()
+    prompt = example.PROMPT
+    chunk = example.prompt_inputs(prompt)
+    reference = copy.deepcopy(step)
+    exported = {  # by the number of tokens a call takes; one cache (reference's)
+        call["input_ids"].shape[1]: torch.export.export(reference, (), call, strict=False).module()
+        for call in (inputs, chunk)
+    }
+
+    def exported_step(**call: torch.Tensor) -> torch.Tensor:
+        return exported[call["input_ids"].shape[1]](**call)
+
+    weights = sum(p.numel() * p.element_size() for p in step.parameters())
+    pm = planner.plan(step, "30%", inputs, profile="cpu", extra_example_inputs=[chunk])
+    try:
+        assert pm.plan.budget_bytes < weights / 2
+        tokens, logits = example.generate(pm, prompt, 4, prefill=True)
+        expected_tokens, expected_logits = example.generate(exported_step, prompt, 4, prefill=True)
+        assert tokens == expected_tokens and len(logits) == 4
+        assert logits[0].shape[1] == len(prompt)
+        assert all(torch.equal(a, b) for a, b in zip(logits, expected_logits, strict=True))
+        for name, cache in _caches(exported[1]).items():
+            assert torch.equal(pm.state_tensor(name), cache), f"{name} differs"
+        for call in (inputs, chunk):
+            pm.run_measured(**call)
+            assert pm.measured.peak_bytes <= pm.plan.budget_bytes
+    finally:
+        pm.close()
+
+
+def test_generate_example_prefills_the_prompt_in_one_call() -> None:
+    result = _example().main(["--budget", "40%", "--new-tokens", "3", "--prefill"])
+    assert result["budget"] < result["weights"]
+    assert result["measured_peak"] <= result["budget"]
+    assert len(result["planned"]) == 3
+    assert result["planned"] == result["eager"]
