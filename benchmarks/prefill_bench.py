@@ -81,7 +81,8 @@ def timed_run(row: Row, prompt: list[int], new_tokens: int) -> None:
     per call); keeps the tokens."""
     assert row.fn is not None
     start = time.perf_counter()
-    first, _ = generate(row.fn, prompt, 1, keep_logits=False, prefill=row.prefill)
+    chunk = len(prompt) if row.prefill else 0
+    first, _ = generate(row.fn, prompt, 1, keep_logits=False, chunk=chunk)
     prompt_done = time.perf_counter()
     tokens = list(prompt) + first
     with torch.no_grad():

@@ -12,17 +12,18 @@ offload directory in every step, as FlexGen and Accelerate's disk offload do: he
 the weights; with a long cache, each layer's keys and values too, written back
 after their last read.
 
-With ``--prefill`` the step is planned for the prompt's shape too
-(``extra_example_inputs``): one module, two plans homing each weight alike over
-one offload store. The prompt then goes through in one call (its positions at
-once: the weights are streamed once for the whole prompt, not once per token),
-and each generated token follows one per call.
+With ``--prefill [TOKENS]`` the step is planned for a call of TOKENS tokens too
+(default: the prompt's length; ``extra_example_inputs``): one module, two plans
+homing each weight alike over one offload store. The prompt then goes through
+in calls of TOKENS tokens, the last one padded (its positions at once: the
+weights are streamed once per call, not once per token), and each generated
+token follows one per call.
 
 The model is ``examples/llama.py``'s (two layers, width 128, grouped-query
 attention, vocabulary 1024), random weights, nothing downloaded.
 
 Run with ``python examples/generate_llama.py [--budget 40%] [--new-tokens 16]
-[--kernels inductor] [--max-cache-len 4096] [--prefill]``;
+[--kernels inductor] [--max-cache-len 4096] [--prefill [TOKENS]]``;
 the CLI takes ``examples/generate_llama.py:make_llama_decoder`` (one step).
 """
 
@@ -44,6 +45,7 @@ from llama import llama_config  # noqa: E402
 
 MAX_CACHE_LEN = 48
 PROMPT = [11, 407, 92, 860, 3, 512, 77, 1000]
+PAD_ID = 0  # fills a prompt's last chunk (``generate``)
 
 
 def static_cache_step(config: LlamaConfig, max_cache_len: int) -> torch.nn.Module:
@@ -83,20 +85,28 @@ def generate(
     prompt: list[int],
     new_tokens: int,
     keep_logits: bool = True,
-    prefill: bool = False,
+    chunk: int = 0,
 ) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy decoding, one token per call of ``step``: the prompt's tokens in turn
-    (``prefill``: the whole prompt in one call), then each argmax (prompt + new
-    tokens must fit the cache: a position past it is an IndexError). Returns the
-    generated tokens and, with ``keep_logits``, every call's logits."""
+    (``chunk``: in calls of that many tokens, the last one padded), then each
+    argmax (prompt + new tokens, and the padded prompt, must fit the cache: a
+    position past it is an IndexError). Returns the generated tokens and, with
+    ``keep_logits``, every call's logits (a chunk's: its prompt tokens' rows).
+
+    Padding is safe with a static cache: the padded positions' keys and values
+    are written past the prompt, where each generated token's call writes its own
+    before attention reads that position, and the causal mask keeps every query
+    from the positions after its own until then."""
     tokens = list(prompt)
     logits = []
-    if prefill:
-        out = step(**prompt_inputs(prompt))
-        if keep_logits:
-            logits.append(out.detach().clone())
-        tokens.append(int(out[0, -1].argmax()))
-    for position in range(len(prompt) if prefill else 0, len(prompt) + new_tokens - 1):
+    if chunk:
+        for first in range(0, len(prompt), chunk):
+            part = prompt[first : first + chunk]
+            out = step(**prompt_inputs(part + [PAD_ID] * (chunk - len(part)), first))
+            if keep_logits:
+                logits.append(out[:, : len(part)].detach().clone())
+        tokens.append(int(out[0, len(part) - 1].argmax()))
+    for position in range(len(prompt) if chunk else 0, len(prompt) + new_tokens - 1):
         out = step(
             input_ids=torch.tensor([[tokens[position]]]),
             cache_position=torch.tensor([position]),
@@ -128,8 +138,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument(
         "--prefill",
-        action="store_true",
-        help="plan the prompt's shape too and feed the prompt in one call",
+        type=int,
+        nargs="?",
+        const=len(PROMPT),
+        default=0,
+        metavar="TOKENS",
+        help="plan a call of TOKENS tokens too (default: the prompt's length) and feed "
+        "the prompt in such calls, the last one padded",
     )
     args = parser.parse_args(argv)
 
@@ -137,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     cache = sum(b.numel() * b.element_size() for n, b in step.named_buffers() if "_cache_" in n)
     eager = copy.deepcopy(step)  # its own cache: the planned step writes into step's
     weights = sum(p.numel() * p.element_size() for p in step.parameters())
-    extra = [prompt_inputs(PROMPT)] if args.prefill else None
+    extra = [prompt_inputs(PROMPT[:1] * args.prefill)] if args.prefill else None
     pm = planner.plan(step, args.budget, example, kernels=args.kernels, extra_example_inputs=extra)
     try:
         plan = pm.plan
@@ -148,24 +163,28 @@ def main(argv: list[str] | None = None) -> dict:
             f"unplanned peak {plan.unplanned_peak_bytes / 2**20:.2f} MiB"
         )
         planned_started = time.perf_counter()
-        planned_tokens, _ = generate(pm, PROMPT, args.new_tokens, prefill=args.prefill)
+        planned_tokens, _ = generate(pm, PROMPT, args.new_tokens, chunk=args.prefill)
         planned_seconds = time.perf_counter() - planned_started
         eager_started = time.perf_counter()
-        eager_tokens, _ = generate(eager, PROMPT, args.new_tokens, prefill=args.prefill)
+        eager_tokens, _ = generate(eager, PROMPT, args.new_tokens)
         eager_seconds = time.perf_counter() - eager_started
         pm.run_measured(**example)  # rewrites position 0 of the cache: generation is done
         print(f"one step under the meter: {pm.measured.peak_bytes / 2**20:.2f} MiB")
         measured_peak = pm.measured.peak_bytes
         if args.prefill:
-            pm.run_measured(**prompt_inputs(PROMPT))
-            print(f"the prompt's call under the meter: {pm.measured.peak_bytes / 2**20:.2f} MiB")
+            pm.run_measured(**prompt_inputs(PROMPT[:1] * args.prefill))
+            print(f"a prompt call under the meter: {pm.measured.peak_bytes / 2**20:.2f} MiB")
             measured_peak = max(measured_peak, pm.measured.peak_bytes)
         print(f"planned: {planned_tokens}")
         print(f"eager:   {eager_tokens}")
-        calls = args.new_tokens if args.prefill else len(PROMPT) + args.new_tokens - 1
+        eager_calls = len(PROMPT) + args.new_tokens - 1  # token by token
+        planned_calls = eager_calls
+        if args.prefill:
+            planned_calls = -(-len(PROMPT) // args.prefill) + args.new_tokens - 1
         print(
-            f"per call: planned {planned_seconds / calls * 1e3:.2f} ms, "
-            f"eager {eager_seconds / calls * 1e3:.2f} ms (one run each, not a benchmark)"
+            f"generation: planned {planned_seconds * 1e3:.1f} ms in {planned_calls} calls, "
+            f"eager {eager_seconds * 1e3:.1f} ms in {eager_calls} (one run each, not a "
+            f"benchmark)"
         )
         return {
             "budget": plan.budget_bytes,

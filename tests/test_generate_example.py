@@ -130,8 +130,10 @@ def test_a_prompt_in_one_call_then_tokens_is_bit_identical_to_the_exported_steps
     pm = planner.plan(step, "30%", inputs, profile="cpu", extra_example_inputs=[chunk])
     try:
         assert pm.plan.budget_bytes < weights / 2
-        tokens, logits = example.generate(pm, prompt, 4, prefill=True)
-        expected_tokens, expected_logits = example.generate(exported_step, prompt, 4, prefill=True)
+        tokens, logits = example.generate(pm, prompt, 4, chunk=len(prompt))
+        expected_tokens, expected_logits = example.generate(
+            exported_step, prompt, 4, chunk=len(prompt)
+        )
         assert tokens == expected_tokens and len(logits) == 4
         assert logits[0].shape[1] == len(prompt)
         assert all(torch.equal(a, b) for a, b in zip(logits, expected_logits, strict=True))
@@ -150,3 +152,38 @@ def test_generate_example_prefills_the_prompt_in_one_call() -> None:
     assert result["measured_peak"] <= result["budget"]
     assert len(result["planned"]) == 3
     assert result["planned"] == result["eager"]
+
+
+@pytest.mark.filterwarnings("ignore:A model attribute .* requires gradient")
+def test_a_prompt_in_padded_chunks_generates_what_token_by_token_does() -> None:
+    """Chunks of 3 tokens (8 = 3 + 3 + 2 and a pad): the padded position's keys
+    and values are overwritten by the first generated token's call before any
+    query reads them. The chunks' logits (their prompt rows) are the exported
+    chunk step's bit for bit, and the tokens are those of the exported step fed
+    token by token."""
+    example = _example()
+    step, inputs = example.make_llama_decoder()
+    prompt = example.PROMPT
+    chunk = example.prompt_inputs(prompt[:3])
+    reference, fresh = copy.deepcopy(step), copy.deepcopy(step)
+    exported = {
+        n: torch.export.export(reference, (), call, strict=False).module()
+        for n, call in ((1, inputs), (3, chunk))
+    }
+
+    def exported_step(**call: torch.Tensor) -> torch.Tensor:
+        return exported[call["input_ids"].shape[1]](**call)
+
+    pm = planner.plan(step, "30%", inputs, profile="cpu", extra_example_inputs=[chunk])
+    try:
+        tokens, logits = example.generate(pm, prompt, 5, chunk=3)
+        expected_tokens, expected_logits = example.generate(exported_step, prompt, 5, chunk=3)
+        assert [x.shape[1] for x in logits[:3]] == [3, 3, 2]
+        assert all(torch.equal(a, b) for a, b in zip(logits, expected_logits, strict=True))
+        assert tokens == expected_tokens
+    finally:
+        pm.close()
+    token_by_token, _ = example.generate(
+        torch.export.export(fresh, (), inputs, strict=False).module(), prompt, 5
+    )
+    assert tokens == token_by_token
