@@ -228,13 +228,12 @@ def plan(
     weight in the same place, over one offload store (``planner.shapes``); a
     call runs the plan its arguments match. ``pm.other_shapes[k]`` is the
     module of ``extra_example_inputs[k]`` (its ``report``, ``code``). Not with
-    ``quantize``, ``checkpoint`` or ``plan`` yet; with "inductor", without
-    measured room.
+    ``checkpoint`` or ``plan`` yet; with "inductor", without measured room.
     """
     check_kernels(kernels)  # before any work
     _check_time_limit(time_limit)
     if extra_example_inputs:
-        _check_shapes_options(mode, quantize, checkpoint, plan)
+        _check_shapes_options(mode, checkpoint, plan)
     if checkpoint is not None and mode != "infer":
         raise PlannerError(
             "checkpoint= streams weights for inference; for training, "
@@ -253,7 +252,7 @@ def plan(
     if extra_example_inputs:
         return _plan_shapes(
             model, budget, [example_inputs, *extra_example_inputs], mode, offload_dir,
-            profile, time_limit, kernels, device,
+            profile, quantize, time_limit, kernels, device,
         )  # fmt: skip
     analysis, problem, solved = _analyze_and_solve(
         model, budget, example_inputs, mode, profile, quantize, time_limit, plan, kernels
@@ -284,6 +283,7 @@ def _plan_shapes(
     mode: str,
     offload_dir: str | None,
     profile: DeviceProfile,
+    quantize: str | dict[str, str] | None,
     time_limit: float,
     kernels: str,
     device: torch.device,
@@ -292,7 +292,7 @@ def _plan_shapes(
     the weights' homes shared (``planner.shapes``)."""
     analyses = [analyze(model, inputs, mode, profile, kernels) for inputs in shapes]
     problems = [
-        from_program(a.program, a.unplanned_peak_bytes, a.profile, None, kernels=kernels)
+        from_program(a.program, a.unplanned_peak_bytes, a.profile, quantize, kernels=kernels)
         for a in analyses
     ]
     reference = max(_budget_reference(budget, p, a) for p, a in zip(problems, analyses))
@@ -332,14 +332,12 @@ def _plan_shapes(
 
 def _check_shapes_options(
     mode: str,
-    quantize: str | dict[str, str] | None,
     checkpoint: str | None,
     saved: str | Path | Plan | None,
 ) -> None:
     """What ``extra_example_inputs`` does not combine with yet, refused before any work."""
     for given, what in (
         (mode != "infer", "mode='train'"),
-        (quantize is not None, "quantize="),
         (checkpoint is not None, "checkpoint="),
         (saved is not None, "plan="),
     ):

@@ -170,11 +170,15 @@ class PlannedModule(torch.nn.Module):
                 raise
             self._runtime = Runtime(engine)
             self._weight_keys: set[str] = set()  # files written at plan time (the rest: spills)
+            #: weights stored quantized, by name: on the device (``Quantized``), or in
+            #: a tier (None), with their round-trip errors; shared by other shapes
+            self._quantized_weights: dict[str, tuple[Any, dict[str, float]]] = {}
             self._finalizer = weakref.finalize(self, _close, engine, disk)
         else:
             disk, engine = share_store_of._disk, share_store_of._engine
             self._runtime = share_store_of._runtime
             self._weight_keys = share_store_of._weight_keys  # one set: either's spills go
+            self._quantized_weights = share_store_of._quantized_weights  # quantized once
             self._finalizer = share_store_of._finalizer  # closing either closes both
         self._engine: CopyEngine = engine
         self._disk: DiskStore = disk
@@ -352,9 +356,11 @@ class PlannedModule(torch.nn.Module):
 
     def extra_repr(self) -> str:
         """``print(model)`` of a module holding this one shows what was planned."""
+        shapes = f", other shapes={len(self._other_shapes)}" if self._other_shapes else ""
         return (
             f"{self._model_name}, mode={self.mode!r}, budget={self.plan.budget_bytes:,} B, "
             f"predicted peak={self.plan.predicted_peak_bytes:,} B, kernels={self.kernels!r}"
+            f"{shapes}"
         )
 
     def _with_constants(self, outs: list[Any]) -> list[Any]:
@@ -475,12 +481,28 @@ class PlannedModule(torch.nn.Module):
         tier as codes, once, recording its round-trip error; plus its full copy if a
         lookup reads it (exact rows, as for a weight stored on the device)."""
         name = tensor.name
+        if self._reuse_quantized(name):  # stored by another shape's module
+            return
         with self._runtime.recording_errors(self.quantization_errors):
             q = self._runtime.quantize(weight.to(self.device), fmt, name)
         self._weight_keys.update(self._runtime.store_quantized_now(name, tier, q))
         rows = self._exact_rows_copy(tensor, weight)
         if rows is not None:
             self._runtime.exact_rows[name] = rows
+        self._quantized_weights[name] = (None, self.quantization_errors.get(name, {}))
+
+    def _reuse_quantized(self, name: str) -> bool:
+        """Whether another shape's module stored weight ``name`` quantized already
+        (``_quantized_weights``); if so its error and exact-rows lookup are
+        recorded here too."""
+        if name not in self._quantized_weights:
+            return False
+        q, error = self._quantized_weights[name]
+        if error:
+            self.quantization_errors[name] = error
+        if name in self._runtime.exact_rows or getattr(q, "exact_rows", None) is not None:
+            self._exact_lookups.add(name)
+        return True
 
     def _exact_rows_copy(self, tensor: ProblemTensor, weight: torch.Tensor) -> torch.Tensor | None:
         """The weight's full copy as a map of a file in the offload directory, if a
@@ -505,11 +527,19 @@ class PlannedModule(torch.nn.Module):
         stored: list[Any] = []
         for vi, fmt in self.executor.stored_values:
             value = program.values[vi]
-            weight = tensors[value.source].detach().to(self.device)  # type: ignore[index]
             problem_tensor = self.problem.tensors[value.storage]
-            with self._runtime.recording_errors(self.quantization_errors):
-                q = self._runtime.quantize(weight, fmt, problem_tensor.name)
-            q.exact_rows = self._exact_rows_copy(problem_tensor, weight)
+            if self._reuse_quantized(problem_tensor.name):  # the same homes: on the device
+                q = self._quantized_weights[problem_tensor.name][0]
+                assert q is not None, f"{problem_tensor.name} is stored in a tier there"
+            else:
+                weight = tensors[value.source].detach().to(self.device)  # type: ignore[index]
+                with self._runtime.recording_errors(self.quantization_errors):
+                    q = self._runtime.quantize(weight, fmt, problem_tensor.name)
+                q.exact_rows = self._exact_rows_copy(problem_tensor, weight)
+                self._quantized_weights[problem_tensor.name] = (
+                    q,
+                    self.quantization_errors.get(problem_tensor.name, {}),
+                )
             # buffers, so that the module (and the meter, which reads modules) holds them
             for part, tensor in q.parts().items():
                 self.register_buffer(f"stored_{len(stored)}_{part}", tensor, persistent=False)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from planner.errors import BudgetTooSmall, PlannerError
+from planner.errors import BudgetTooSmall
 from planner.solver import Plan, Problem, solve
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,8 @@ def homes_of(problem: Problem, plan: Plan) -> dict[str, str]:
 
 def shared_homes(problems: list[Problem], plans: list[Plan]) -> dict[str, str]:
     """One home per persistent tensor of any shape's problem: "device" if every
-    plan that has it keeps it there, else the first tier a plan moves it to."""
+    plan that has it keeps it there (whole), else the first other home a plan
+    gives it (a tier, or quantized storage)."""
     homes: dict[str, str] = {}
     for problem, plan in zip(problems, plans):
         for name, home in homes_of(problem, plan).items():
@@ -58,13 +59,6 @@ def solve_shapes(problems: list[Problem], time_limit: float) -> tuple[list[Probl
     shape then have no plan, ``shared_homes`` (never infeasible). A shape whose
     own plan already homes every weight so is not solved again."""
     plans = _solved_all(problems, time_limit)
-    for plan in plans:
-        for decision in plan.tensors:
-            if ":" in decision.home:
-                raise PlannerError(
-                    f"{decision.name!r} is stored quantized ({decision.home}): "
-                    f"extra_example_inputs does not combine with quantized storage yet"
-                )
     tightest = min(range(len(plans)), key=lambda k: _device_bytes(problems[k], plans[k]))
     try:
         homes = homes_of(problems[tightest], plans[tightest])

@@ -102,6 +102,7 @@ def test_the_shapes_share_one_store_and_hold_each_weight_once() -> None:
     pm = planner.plan(model, "60%", _token(0), profile="cpu", extra_example_inputs=[_chunk(0, 4)])
     try:
         (other,) = pm.other_shapes
+        assert "other shapes=1" in repr(pm)
         assert other._disk is pm._disk and other._engine is pm._engine
         assert other._weight_keys is pm._weight_keys
         kept = {n for n, home in _homes(pm).items() if home == "device" and n in weights}
@@ -133,11 +134,10 @@ def test_a_call_that_matches_no_shape_names_every_planned_one() -> None:
     ("option", "what"),
     [
         ({"mode": "train"}, "mode='train'"),
-        ({"quantize": "int8"}, "quantize="),
         ({"checkpoint": "missing.safetensors"}, "checkpoint="),
         ({"plan": "missing.json"}, "plan="),
     ],
-    ids=["train", "quantize", "checkpoint", "plan"],
+    ids=["train", "checkpoint", "plan"],
 )
 def test_what_does_not_combine_yet_is_refused_before_any_work(option: dict, what: str) -> None:
     model = _Decoder().eval()
@@ -260,3 +260,56 @@ def test_with_inductor_kernels_each_shapes_compiled_plan_is_checked_by_the_meter
             torch.testing.assert_close(pm(*_token(8)), reference(*_token(8)))
     finally:
         pm.close()
+
+
+@pytest.mark.parametrize(("room", "stored"), [(1.0, "disk:int8"), (1.5, "device:int8")])
+def test_weights_stored_int8_are_quantized_once_for_every_shape(room: float, stored: str) -> None:
+    """``quantize="int8"``: at the smallest budget for both shapes a weight travels
+    from disk as codes, with half again as much one is stored as codes on the
+    device. Homed alike, each is quantized once (the chunk's module holds the
+    token's codes), the module holds what the meter counts, and both shapes'
+    outputs stay close to eager's, within the budget."""
+    from test_quantize import FAST_QUANTIZE  # the lossy path priced as on a GPU
+
+    torch.manual_seed(0)
+    model = _Decoder(4096).eval()  # a 1 MiB head weight
+    reference = copy.deepcopy(model)
+    shapes = (_token(0), _chunk(0, 8))
+    options = {"profile": FAST_QUANTIZE, "quantize": "int8", "extra_example_inputs": [shapes[1]]}
+    with pytest.raises(planner.BudgetTooSmall) as smallest:
+        planner.plan(model, 1, shapes[0], **options)
+    assert smallest.value.min_budget is not None
+    budget = int(smallest.value.min_budget * room)
+    pm = planner.plan(model, budget, shapes[0], **options)
+    try:
+        (other,) = pm.other_shapes
+        homes = _homes(pm)
+        assert homes == _homes(other)
+        assert stored in homes.values(), homes
+        assert len(other._stored) == len(pm._stored) == (stored == "device:int8")
+        assert {id(q) for q in other._stored} == {id(q) for q in pm._stored}
+        assert other.quantization_errors == pm.quantization_errors != {}
+        assert _reachable_bytes(pm) == resident_bytes(pm)
+        with torch.no_grad():
+            for args in (_chunk(0, 8), _token(8)):
+                got, want = pm(*args), reference(*args)
+                cosine = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), 0)
+                assert cosine > 0.99, cosine
+        for args in shapes:
+            pm.run_measured(*args)
+            assert pm.measured is not None and pm.measured.peak_bytes <= budget
+    finally:
+        pm.close()
+
+
+@pytest.mark.parametrize("home", ["device:int8", "disk:int8", "disk", "device"])
+def test_a_fixed_home_may_be_quantized(home: str) -> None:
+    """A fixed home names a format as a plan's decisions do: stored as codes on
+    the device, or fetched from the tier as codes; the plan keeps it so."""
+    from test_quantize import FAST_QUANTIZE
+
+    torch.manual_seed(0)
+    analysis = planner.analyze(_Decoder(4096).eval(), _token(0), profile=FAST_QUANTIZE)
+    problem = from_program(analysis.program, 10**8, analysis.profile, quantize="int8")
+    plan = solve(dataclasses.replace(problem, fixed_homes={"head.weight": home}), time_limit=5)
+    assert {d.name: d.home for d in plan.tensors}["head.weight"] == home

@@ -38,6 +38,11 @@ def keep_all(cands: Candidates) -> Choices:
     """Everything kept where it is: weights at home (the device, unless a fixed
     home says a tier: ``Problem.fixed_homes``), a cache's update with its buffer."""
     choices = [_default(g) for g in cands.gaps]
+    for tensor, home_gi in cands.home_gap.items():  # a fixed quantized home: every gap
+        if parse_choice(choices[home_gi])[0] in WHOLE_TENSOR_CHOICES:
+            for gi in cands.gaps_of[tensor]:
+                if _has(cands.gaps[gi], choices[home_gi]):
+                    choices[gi] = choices[home_gi]
     for gi, other in cands.partners.items():
         if cands.gaps[gi].start == -1:  # a buffer's home decides its update's last gap
             follow = partner_choice(cands, gi, choices[gi])

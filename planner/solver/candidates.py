@@ -335,13 +335,16 @@ def _first_gap_options(
 
 
 def _at_home(options: list[Option], home: str) -> list[Option]:
-    """The home-gap options that keep a persistent tensor's home at ``home``
-    (``Problem.fixed_homes``): on the device for good, or fetched from that tier."""
-    kept = [
-        o
-        for o in options
-        if (o.choice == HOME if home == "device" else parse_choice(o.choice) == ("fetch", home))
-    ]
+    """The home-gap options that keep a persistent tensor's home at ``home`` as a
+    plan's decisions name it (``Problem.fixed_homes``): "device" (on the device for
+    good), a tier (fetched from there), "device:<format>" (stored quantized on the
+    device) or "<tier>:<format>" (fetched from the tier as codes)."""
+    place, _, fmt = home.partition(":")
+    if place == "device":
+        wanted = (STORED, fmt) if fmt else (HOME, None)
+    else:
+        wanted = (QFETCH if fmt else "fetch", place)
+    kept = [o for o in options if parse_choice(o.choice) == wanted]
     if not kept:
         raise ValueError(f"no option keeps the home {home!r} (options: {options})")
     return kept
