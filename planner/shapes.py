@@ -84,8 +84,8 @@ def _with_homes(
         fixed = {name: home for name, home in homes.items() if name in names}
         problem = dataclasses.replace(problem, fixed_homes=fixed)
         own = homes_of(problem, plan)
-        if any(own.get(name) != home for name, home in fixed.items()):
-            moved = sorted(n for n in fixed if own.get(n) != fixed[n])
+        moved = sorted(name for name, home in fixed.items() if own.get(name) != home)
+        if moved:
             log.info("shape %d: solving again with %d weight home(s) shared: %s",
                      k, len(moved), ", ".join(moved[:5]))  # fmt: skip
             plan = _solved_all([problem], time_limit, first=k)[0]

@@ -281,15 +281,7 @@ class CudaCopyEngine(CopyEngine):
         waits for them (``_rows_written``). Anything else (a disk home, a layout
         that is not the home's): the whole tensor, at once."""
         entry = self.host_entries.get(key)
-        layout = describe(tensor)
-        if (
-            tier != "host"
-            or entry is None
-            or (
-                (entry.dtype, entry.shape, entry.stride, entry.offset, entry.nbytes)
-                != (layout.dtype, layout.shape, layout.stride, layout.offset, layout.nbytes)
-            )
-        ):
+        if tier != "host" or entry is None or not entry.laid_out_as(tensor):
             self.write_now(key, tier, tensor)
             return
         self._rows_written(key)  # last call's (long done): its buffers are reused

@@ -77,6 +77,17 @@ class Entry:
     # mtime). None: reads check the size only (a mapped file changes by design).
     stamp: tuple[int, int, int] | None = None
 
+    def laid_out_as(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` has this entry's layout over a storage of its size, so
+        that its slices map to the stored copy's (``write_rows``)."""
+        return (self.dtype, self.shape, self.stride, self.offset, self.nbytes) == (
+            tensor.dtype,
+            tuple(tensor.shape),
+            tuple(tensor.stride()),
+            tensor.storage_offset(),
+            tensor.untyped_storage().nbytes(),
+        )
+
 
 def describe(
     tensor: torch.Tensor, crc32: int | None = None, stamp: tuple[int, int, int] | None = None
@@ -317,14 +328,7 @@ class DiskStore:
         ``pwrite`` calls where the whole tensor would be megabytes; the whole
         tensor where its layout is not the file's, or not dense."""
         entry = self.entries.get(key)
-        layout = (tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
-        if (
-            entry is None
-            or (entry.dtype, entry.shape, entry.stride) != layout
-            or entry.offset != tensor.storage_offset()
-            or not tensor.is_contiguous()
-            or tensor.untyped_storage().nbytes() != entry.nbytes
-        ):
+        if entry is None or not entry.laid_out_as(tensor) or not tensor.is_contiguous():
             self.write(key, tensor, checksum=False)
             return
         data = _storage_bytes(tensor)

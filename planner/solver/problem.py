@@ -281,9 +281,11 @@ class Problem:
     #: ``from_program`` through each tensor's ``quantizable``
     quantize_uses: tuple[str, ...] = ("weights", "activations", "transfers")
     meta: dict = field(default_factory=dict)
-    #: persistent tensors whose home is decided already, by name: "device" or a
-    #: tier. The plans of one module's input shapes share their weights' homes
-    #: (``planner.shapes``); not part of the fingerprint (the graph is the same)
+    #: persistent tensors whose home is decided already, by name, as a plan's
+    #: decisions name homes: "device", a tier, or either with a format
+    #: ("device:int8", "disk:int4"). The plans of one module's input shapes share
+    #: their weights' homes (``planner.shapes``); not part of the fingerprint (the
+    #: graph is the same)
     fixed_homes: dict[str, str] = field(default_factory=dict)
 
     @property
