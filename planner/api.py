@@ -221,19 +221,21 @@ def plan(
     the budget, training falls back to the schedule solved for ``budget`` alone;
     otherwise PlannerError, with the model left whole.
 
-    ``extra_example_inputs`` (inference): more input shapes the module serves
-    (a prompt's chunk beside one token; other batch sizes), each a set of example
-    inputs as ``example_inputs`` is. Each shape gets its own plan under ``budget``
-    (a share of the largest shape's unplanned peak), all of them homing each
-    weight in the same place, over one offload store (``planner.shapes``); a
-    call runs the plan its arguments match. ``pm.other_shapes[k]`` is the
-    module of ``extra_example_inputs[k]`` (its ``report``, ``code``). Not with
+    ``extra_example_inputs``: more input shapes the module serves (a prompt's
+    chunk beside one token; a training set's last, smaller batch), each a set of
+    example inputs as ``example_inputs`` is. Each shape gets its own plan under
+    ``budget`` (a share of the largest shape's unplanned peak), all of them
+    homing each weight in the same place, over one offload store
+    (``planner.shapes``); a call runs the plan its arguments match. In training
+    they train the same parameters (a second ``plan`` of the model for training
+    would take them over from the first). ``pm.other_shapes[k]`` is the module of
+    ``extra_example_inputs[k]`` (its ``report``, ``code``). Not with
     ``checkpoint`` or ``plan`` yet; with "inductor", without measured room.
     """
     check_kernels(kernels)  # before any work
     _check_time_limit(time_limit)
     if extra_example_inputs:
-        _check_shapes_options(mode, checkpoint, plan)
+        _check_shapes_options(checkpoint, plan)
     if checkpoint is not None and mode != "infer":
         raise PlannerError(
             "checkpoint= streams weights for inference; for training, "
@@ -299,7 +301,8 @@ def _plan_shapes(
     budget_bytes = parse_budget(budget, reference)
     problems = [dataclasses.replace(p, budget_bytes=budget_bytes) for p in problems]
     problems, plans = solve_shapes(problems, time_limit)
-    warn_if_inference_traced_in_training(model, analyses[0].program)
+    if mode == "infer":
+        warn_if_inference_traced_in_training(model, analyses[0].program)
     pm = PlannedModule(
         model, analyses[0], problems[0], plans[0], offload_dir, device, kernels,
         defer_release=True,
@@ -330,22 +333,14 @@ def _plan_shapes(
     return pm
 
 
-def _check_shapes_options(
-    mode: str,
-    checkpoint: str | None,
-    saved: str | Path | Plan | None,
-) -> None:
+def _check_shapes_options(checkpoint: str | None, saved: str | Path | Plan | None) -> None:
     """What ``extra_example_inputs`` does not combine with yet, refused before any work."""
-    for given, what in (
-        (mode != "infer", "mode='train'"),
-        (checkpoint is not None, "checkpoint="),
-        (saved is not None, "plan="),
-    ):
+    for given, what in ((checkpoint is not None, "checkpoint="), (saved is not None, "plan=")):
         if given:
             raise PlannerError(
-                f"extra_example_inputs plans inference over several input shapes and does "
-                f"not combine with {what} yet: plan one input shape (one module per shape)"
-            )  # fmt: skip
+                f"extra_example_inputs plans several input shapes and does not combine "
+                f"with {what} yet: plan one input shape"
+            )
 
 
 def _budget_reference(budget: int | str, problem: Problem, analysis: Analysis) -> int:

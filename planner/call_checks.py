@@ -19,6 +19,9 @@ compute something else than eager would, so each is an error that says what to d
   (``StateWatch``);
 - training, a tensor the backward reads written in place between forward and
   backward (``BackwardReads``, eager autograd's version check);
+- training, a parameter the plan homes in a tier whose data is no longer the map
+  of its file there (``TierParams``): another training plan of the same model took
+  it over, or ``param.data = ...``; the plan would read the file's stale values;
 - training, a parameter frozen when planned and unfrozen since
   (``check_not_unfrozen``): the traced backward computes no gradient for it, so it
   silently stopped training (freezing one after planning is fine: autograd drops the
@@ -103,6 +106,34 @@ class StateWatch:
                 f"call planner.plan again on the model as it is now"
             )
         self._seen = _registrations
+
+
+class TierParams:
+    """The parameters a training plan homes in a tier, each with the address of its
+    data then: a map of its file in the plan's store, which the optimizer updates in
+    place and each step reads. ``check()`` raises if one's data is now elsewhere.
+
+    A second ``planner.plan`` of the same model for training (another batch size)
+    takes the same parameter objects and points their data at its own copy (its own
+    file, or memory), so the first module would train on values the optimizer no
+    longer updates, its losses drifting from eager's with no error: found by a
+    two-shape training loop. Comparing a few addresses per step is cheap."""
+
+    def __init__(self, params: Sequence[tuple[str, torch.Tensor]]) -> None:
+        self._params = [(name, p, p.data_ptr()) for name, p in params]
+
+    def check(self) -> None:
+        moved = [name for name, p, address in self._params if p.data_ptr() != address]
+        if moved:
+            raise PlannerError(
+                f"{listed(moved)}: this plan keeps {'it' if len(moved) == 1 else 'them'} in "
+                f"its offload store and reads each step's values from there, but the "
+                f"parameter's data was pointed elsewhere since (another planner.plan of "
+                f"this model for training, which takes over the same parameters, or "
+                f"param.data = ...). To train on several input shapes, plan them in one "
+                f"call (planner.plan(..., mode='train', extra_example_inputs=[...])); "
+                f"otherwise call planner.plan again"
+            )
 
 
 class StateTypes:
@@ -233,8 +264,10 @@ class PlannedCall:
         if got != self.meta:
             raise PlannerError(
                 f"this module was planned for inputs {self.meta} (shape, dtype); got "
-                f"{got}. A plan is specific to its input shapes and dtypes: call planner.plan "
-                f"again with example inputs like these (and keep one planned module per shape)"
+                f"{got}. A plan is specific to its input shapes and dtypes: plan every "
+                f"shape the module must serve in one call (planner.plan(..., "
+                f"extra_example_inputs=[...])), or call planner.plan again with example "
+                f"inputs like these"
             )
         if self.same:
             self._check_same(tensors)

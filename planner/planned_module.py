@@ -25,6 +25,7 @@ from planner.call_checks import (
     PlannedCall,
     StateTypes,
     StateWatch,
+    TierParams,
     accumulators,
     check_deliveries_wanted,
     check_not_create_graph,
@@ -155,7 +156,9 @@ class PlannedModule(torch.nn.Module):
         self._forward_spills = self.mode == "train" and any(
             a.kind == "offload" and a.step in forward_steps for a in plan.actions
         )
-        self._forward_count = 0
+        self._forwards: _ForwardCount = (
+            share_store_of._forwards if share_store_of else _ForwardCount()
+        )
         #: the modules of this model's other input shapes (``add_other_shapes``)
         self._other_shapes: list[PlannedModule] = []
         self._owns_store = share_store_of is None
@@ -169,6 +172,12 @@ class PlannedModule(torch.nn.Module):
                 disk.close()
                 raise
             self._runtime = Runtime(engine)
+            #: training: the file-backed buffer each early-delivered gradient lands
+            #: in, by parameter (one per parameter whichever shape's backward runs)
+            self._delivery_buffers: dict[str, torch.Tensor] = {}
+            #: training: the stand-in of each frozen weight stored quantized, by
+            #: name: one object whichever shape's module made it (pm.parameters())
+            self._stand_in_of: dict[str, torch.Tensor] = {}
             self._weight_keys: set[str] = set()  # files written at plan time (the rest: spills)
             #: weights stored quantized, by name: on the device (``Quantized``), or in
             #: a tier (None), with their round-trip errors; shared by other shapes
@@ -176,7 +185,9 @@ class PlannedModule(torch.nn.Module):
             self._finalizer = weakref.finalize(self, _close, engine, disk)
         else:
             disk, engine = share_store_of._disk, share_store_of._engine
-            self._runtime = share_store_of._runtime
+            self._runtime = Runtime(engine, weights_of=share_store_of._runtime)
+            self._delivery_buffers = share_store_of._delivery_buffers
+            self._stand_in_of = share_store_of._stand_in_of
             self._weight_keys = share_store_of._weight_keys  # one set: either's spills go
             self._quantized_weights = share_store_of._quantized_weights  # quantized once
             self._finalizer = share_store_of._finalizer  # closing either closes both
@@ -209,6 +220,7 @@ class PlannedModule(torch.nn.Module):
                 self._state_watch = StateWatch(model, self._model_entries(model))
                 self._primals_require_grad = tuple(p.requires_grad for p in self._primals)
                 self._delivery_accumulators = accumulators(self._delivered_params)
+                self._tier_params = TierParams(self._tier_homed_params)
                 self._backward_reads = BackwardReads(
                     program,
                     problem,
@@ -259,6 +271,8 @@ class PlannedModule(torch.nn.Module):
         self._primal_names: list[str] = []
         primal_of: dict[int, int] = {}
         written: set[str] = set()
+        #: training: the parameters homed in a tier, their data a map of their file
+        self._tier_homed_params: list[tuple[str, torch.Tensor]] = []
         for vi in program.inputs:
             value = program.values[vi]
             if value.kind not in (ValueKind.PARAM, ValueKind.BUFFER):
@@ -280,13 +294,16 @@ class PlannedModule(torch.nn.Module):
                 self._store_quantized_in_tier(problem_tensor, tier, fmt, tensor.detach())
                 released.append(value.source)  # type: ignore[arg-type]
                 continue
-            if name not in self._weight_keys:  # else stored by another shape's module
+            stored = name in self._weight_keys  # by another shape's module, same home
+            if not stored:
                 engine.store_now(name, homes[name], _compact(tensor.detach()))
             if tensor.requires_grad:
                 self._runtime.grad_keys.add(name)
             self._weight_keys.add(name)
             if self.mode == "train":  # CUDA: the parameter now lives on the host
-                tensor.data = engine.home_tensor(name, homes[name])
+                if not stored:  # else its data is that module's map already
+                    tensor.data = engine.home_tensor(name, homes[name])
+                self._tier_homed_params.append((value.source, tensor))  # type: ignore[arg-type]
             elif name in written_back:  # read as copies: each call writes it
                 self._tier_buffers[value.source] = (name, homes[name])  # type: ignore[index]
                 released.append(value.source)  # type: ignore[arg-type]
@@ -305,7 +322,10 @@ class PlannedModule(torch.nn.Module):
         if self.mode == "train":
             for fqn in released:
                 original = tensors[fqn]
-                stand_in = released_like(original, fqn, model, FROZEN_QUANTIZED)
+                stand_in = self._stand_in_of.get(fqn)
+                if stand_in is None:
+                    stand_in = released_like(original, fqn, model, FROZEN_QUANTIZED)
+                    self._stand_in_of[fqn] = stand_in
                 for position, primal in enumerate(self._primals):
                     if primal is original:  # a tied weight is a primal per name
                         self._primals[position] = stand_in
@@ -469,9 +489,13 @@ class PlannedModule(torch.nn.Module):
             if delivered[tensor.name] == "host":  # CUDA: through the engine's host buffer
                 self._runtime.deliveries[tensor.name] = (param, None)
                 continue
-            key = f"grad:{tensor.name}"
-            buffer = self._disk.create_mapped(key, param.detach())
-            self._weight_keys.add(key)
+            fqn = param_of[tensor.index]
+            buffer = self._delivery_buffers.get(fqn)  # another shape's plan made it
+            if buffer is None:
+                key = f"grad:{fqn}"
+                buffer = self._disk.create_mapped(key, param.detach())
+                self._weight_keys.add(key)
+                self._delivery_buffers[fqn] = buffer
             self._runtime.deliveries[tensor.name] = (param, buffer)
 
     def _store_quantized_in_tier(
@@ -685,17 +709,24 @@ class PlannedModule(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._check_open()
-        if self._other_shapes:  # inference over several shapes
+        if self._other_shapes:  # several input shapes
             module, inputs = self._matching(args, kwargs)
+        else:
+            module = self
+            inputs = self._call.flatten(args, kwargs, same_strides=self.kernels == "inductor")
+        if self.mode != "train":
             return module._infer(inputs)
+        return module._train_step(args, kwargs, inputs)
+
+    def _train_step(self, args: tuple, kwargs: dict, inputs: list[torch.Tensor]) -> Any:
+        """A training forward on the call's tensors (matched to the plan already):
+        the planned step as one autograd node, the buffers' updates copied in."""
         if self._traced_training is not None:
             check_call_mode(self._traced_training, self.training)
-        inputs = self._call.flatten(args, kwargs, same_strides=self.kernels == "inductor")
-        if self.mode != "train":
-            return self._infer(inputs)
         check_autocast(self._autocast)
         self._hook_watch.check()
         self._state_watch.check()
+        self._tier_params.check()
         outs = list(_PlannedStep.apply(self, *self._primals, *inputs))
         with torch.no_grad():
             for name, new in zip(self._buffer_updates, outs[: self._num_buffer_updates]):
@@ -765,6 +796,8 @@ class PlannedModule(torch.nn.Module):
         """Training: load the entries under ``prefix`` into the model, in place (the
         plan keeps reading the same objects). ``nn.Module.load_state_dict`` calls this
         for this module, alone or inside a larger one."""
+        if self.mode == "train" and not self._owns_store:
+            return None  # another shape's module: the owner loads the model's tensors
         if self.mode != "train":
             return super()._load_from_state_dict(
                 state_dict,
@@ -1027,6 +1060,15 @@ def _release(model: torch.nn.Module, fqn: str) -> None:
     slots[leaf] = released_like(slots[leaf], fqn, model)
 
 
+class _ForwardCount:
+    """Training forwards that moved activations to the offload store, counted over
+    every input shape's module of one store: their spills share its slots, so a
+    backward must come before any other spilling forward (``_PlannedStep``)."""
+
+    def __init__(self) -> None:
+        self.spilled = 0
+
+
 def _with_strides(tensor: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
     """``tensor`` itself if laid out with ``stride`` (``strides_that_matter``),
     else a copy that is."""
@@ -1051,8 +1093,9 @@ class _PlannedStep(torch.autograd.Function):
         check_not_unfrozen(
             pm._primal_names, pm._primals_require_grad, ctx.needs_input_grad[1 : 1 + n_primals]
         )
-        pm._forward_count += 1
-        ctx.forward_number = pm._forward_count
+        if pm._forward_spills:
+            pm._forwards.spilled += 1
+        ctx.forward_number = pm._forwards.spilled
         # tier-home ones are read there; frozen weights stored quantized come as codes
         state = [flat[j] for j in pm._state_positions] + pm._stored
         outs, carry = pm._run(pm._fn, state, list(flat[n_primals:]))
@@ -1095,12 +1138,13 @@ class _PlannedStep(torch.autograd.Function):
                     v.shape, stride, dtype=getattr(torch, v.dtype), device=pm.device
                 ).zero_()
             tangents.append(_with_strides(incoming, stride))
-        if pm._forward_spills and ctx.forward_number != pm._forward_count:
+        if pm._forward_spills and ctx.forward_number != pm._forwards.spilled:
             raise PlannerError(
                 "this backward needs activations the planned module moved to its offload "
-                "store, and a later forward of the same module has overwritten them: call "
-                "backward() after each forward before the next one (several inputs: one "
-                "batch, or one planned module each), or plan with a budget that spills nothing"
+                "store, and a later forward of the same module (or of another input shape "
+                "it serves) has overwritten them: call backward() after each forward "
+                "before the next one (several inputs: one batch), or plan with a budget "
+                "that spills nothing"
             )
         BackwardReads.check(ctx.versions)
         carry, ctx.carry = ctx.carry, None

@@ -1,12 +1,18 @@
 """Plans of one model for several input shapes that share the weights' homes.
 
-A plan is specific to its input shapes, and a generating loop wants two: a chunk
-of the prompt and one token. Two plans made one after the other cannot share the
-weights: the first moves what it keeps off the device into its own store (the
-model then no longer holds those values), and a plan of a copy of the model holds
-every weight a second time. So ``planner.plan(..., extra_example_inputs=[...])``
-captures and solves each shape, agrees on one home per weight, and builds one
-executor per shape over one store (``PlannedModule.add_other_shapes``).
+A plan is specific to its input shapes, and a generating loop wants two (a chunk
+of the prompt and one token), a training loop often two (a data set's last,
+smaller batch). Two plans made one after the other cannot share the weights: an
+inference plan moves what it keeps off the device into its own store (the model
+then no longer holds those values), a training plan points a parameter it keeps
+in a tier at its own file (a second one takes it over from the first), and a
+plan of a copy of the model holds every weight a second time. So
+``planner.plan(..., extra_example_inputs=[...])`` captures and solves each shape,
+agrees on one home per weight, and builds one executor per shape over one store
+(``PlannedModule.add_other_shapes``). In training the shapes' plans also share
+each early-delivered gradient's ``.grad`` buffer and the frozen weights'
+stand-ins, and count their spilling forwards together (their activations spill
+into the store under the same names).
 
 The weights a module keeps on the device stay there between calls, so they
 must leave room for every shape's call: the homes agreed on are those of the

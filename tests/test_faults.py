@@ -96,7 +96,7 @@ def _weight_files(pm: planner.PlannedModule) -> set[str]:
     """The files written at plan time (read off the plan): disk-home weights' and,
     in training, the .grad buffers of the gradients the plan delivers."""
     keys = {t.name for t in pm.plan.tensors if t.home == "disk"}
-    keys |= {f"grad:{a.tensor}" for a in pm.plan.actions if a.kind == "deliver"}
+    keys |= {f"grad:{name}" for name, _ in pm._delivered_params}
     return {pm._disk.path(key).name for key in keys}
 
 
@@ -279,7 +279,7 @@ def test_input_with_another_dtype_or_shape_is_a_clear_error() -> None:
     try:
         (x,) = inputs
         for bad in [(x.double(),), (x.to(torch.bfloat16),), (x[:5],)]:
-            with pytest.raises(planner.PlannerError, match="shapes and dtypes: call planner.plan"):
+            with pytest.raises(planner.PlannerError, match="shapes and dtypes: plan every shape"):
                 pm(*bad)
         for bad in [(x, x), ()]:
             with pytest.raises(planner.PlannerError, match="planned for 1 positional argument"):

@@ -133,11 +133,10 @@ def test_a_call_that_matches_no_shape_names_every_planned_one() -> None:
 @pytest.mark.parametrize(
     ("option", "what"),
     [
-        ({"mode": "train"}, "mode='train'"),
         ({"checkpoint": "missing.safetensors"}, "checkpoint="),
         ({"plan": "missing.json"}, "plan="),
     ],
-    ids=["train", "checkpoint", "plan"],
+    ids=["checkpoint", "plan"],
 )
 def test_what_does_not_combine_yet_is_refused_before_any_work(option: dict, what: str) -> None:
     model = _Decoder().eval()

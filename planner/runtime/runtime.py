@@ -45,7 +45,11 @@ def _layout(q: Quantized) -> QuantizedLayout:
 
 
 class Runtime:
-    def __init__(self, engine: CopyEngine) -> None:
+    def __init__(self, engine: CopyEngine, weights_of: Runtime | None = None) -> None:
+        """``weights_of``: the runtime of another input shape's module over the same
+        store (``PlannedModule(share_store_of=...)``): its tables of the weights
+        written at plan time are shared (one store holds them once); what a run
+        hands over (gradient deliveries) stays this plan's own."""
         self.engine = engine
         #: set by ``recording_errors``: where ``quantize`` records round-trip errors
         self.errors: dict[str, dict[str, float]] | None = None
@@ -61,6 +65,10 @@ class Runtime:
         self.deliveries: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         #: CUDA: gradients on their way to the host: (parameter, host copy, copy)
         self.arriving: list[tuple[torch.Tensor, torch.Tensor, Pending]] = []
+        if weights_of is not None:
+            self.grad_keys = weights_of.grad_keys
+            self._quantized_copies = weights_of._quantized_copies
+            self.exact_rows = weights_of.exact_rows
 
     def prefetch(self, key: str, tier: str) -> Pending | QuantizedCopy:
         layout = self._quantized_copies.get(key)
