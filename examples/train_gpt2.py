@@ -11,6 +11,13 @@ the budget, and the median time per step against the same loop run eagerly
     python examples/train_gpt2.py                  # 60%, 5 steps
     python examples/train_gpt2.py --budget 50% --steps 3
     python examples/train_gpt2.py --budget 120MiB --no-eager
+    python examples/train_gpt2.py --last-batch 3   # a data set's last, smaller batch
+
+With ``--last-batch N`` the steps alternate between the full batch and one of N
+sequences (an epoch of batch + N sequences, as a data loader without
+``drop_last`` gives), both shapes planned in one call
+(``extra_example_inputs``): each has its own plan, and both train the same
+parameters. The first step of each shape runs under the meter.
 
 A budget below the smallest feasible one is reported (``planner.BudgetTooSmall``)
 and the loop goes on at that smallest budget instead.
@@ -66,46 +73,52 @@ def build(batch: int, seed: int) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 def run_loop(
     step_module: Callable[..., torch.Tensor],
     params: Any,
-    inputs: tuple[torch.Tensor, ...],
+    batches: list[tuple[torch.Tensor, ...]],
     steps: int,
     lr: float,
-    meter_resident: tuple[Any, ...],
+    meter_resident: nn.Module,
     label: str,
     verbose: bool,
 ) -> dict[str, Any]:
-    """``steps`` AdamW steps. Step 0's forward + backward runs under the meter (its
-    time is not counted: the profiler slows it down); the others are timed."""
+    """``steps`` AdamW steps, step i on ``batches[i % len(batches)]``. The first
+    step of each batch runs its forward + backward under the meter (its time is not
+    counted: the profiler slows it down); the others are timed, per batch shape
+    (``step_seconds``: the full batch's median; ``last_step_seconds``: the last
+    batch's)."""
     params = list(params)
     opt = torch.optim.AdamW(params, lr=lr)
     losses: list[float] = []
-    times: list[float] = []
-    measured = None
+    times: list[list[float]] = [[] for _ in batches]
+    peaks: list[int] = []
     for i in range(steps):
         opt.zero_grad(set_to_none=True)
+        inputs = batches[i % len(batches)]
 
-        def fwd_bwd() -> torch.Tensor:
+        def fwd_bwd(inputs: tuple[torch.Tensor, ...] = inputs) -> torch.Tensor:
             loss = step_module(*inputs)
             loss.backward()
             return loss
 
-        if i == 0:
-            loss, measured = measure(fwd_bwd, *meter_resident)
+        if i < len(batches):
+            loss, measured = measure(fwd_bwd, meter_resident, inputs)
+            peaks.append(measured.peak_bytes)
         else:
             start = time.perf_counter()
             loss = fwd_bwd()
-            times.append(time.perf_counter() - start)
+            times[i % len(batches)].append(time.perf_counter() - start)
         opt.step()
         losses.append(loss.item())
         if verbose:
-            took = f"{times[-1]:.3f} s" if i > 0 else "metered"
+            took = f"{times[i % len(batches)][-1]:.3f} s" if i >= len(batches) else "metered"
             print(f"  [{label}] step {i}: loss {losses[-1]:.6f}  ({took})", flush=True)
     opt_state = resident_bytes(
         [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
     )
     return {
         "losses": losses,
-        "step_seconds": statistics.median(times) if times else float("nan"),
-        "peak_bytes": measured.peak_bytes if measured else None,
+        "step_seconds": _median(times[0]),
+        "last_step_seconds": _median(times[1]) if len(times) > 1 else None,
+        "peak_bytes": max(peaks) if peaks else None,
         "optimizer_state_bytes": opt_state,
     }
 
@@ -118,9 +131,16 @@ def plan_model(
     time_limit: float,
     verbose: bool,
     kernels: str = "eager",
+    extra_inputs: list[tuple[torch.Tensor, ...]] | None = None,
 ):
     """Plan at ``budget``; below the smallest feasible budget, say so and plan at it."""
-    options = {"mode": "train", "profile": profile, "time_limit": time_limit, "kernels": kernels}
+    options = {
+        "mode": "train",
+        "profile": profile,
+        "time_limit": time_limit,
+        "kernels": kernels,
+        "extra_example_inputs": extra_inputs,
+    }
     try:
         return (
             planner.plan(model, budget, inputs, **options),
@@ -160,6 +180,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=8,
         help="sequences per batch (8 = examples/gpt2.py:make_gpt2_train)",
     )
+    ap.add_argument(
+        "--last-batch",
+        type=int,
+        default=0,
+        help="alternate the batch with a last one of this many sequences (0: off)",
+    )
     ap.add_argument("--time-limit", type=float, default=10.0, help="solver seconds")
     ap.add_argument(
         "--profile",
@@ -190,8 +216,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         profile = calibrate(quick=True)
 
+    if not 0 <= args.last_batch < args.batch:
+        ap.error(f"--last-batch must be from 0 to {args.batch - 1} (the batch is {args.batch})")
+
     # planned loop
     model, inputs = build(args.batch, args.seed)
+    batches = _batches(inputs, args.last_batch)
     start = time.perf_counter()
     pm, used_budget, too_small = plan_model(
         model,
@@ -201,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.time_limit,
         verbose,
         args.kernels,
+        batches[1:],
     )
     plan_seconds = time.perf_counter() - start
     budget_bytes = pm.plan.budget_bytes
@@ -216,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     try:
         planned = run_loop(
-            pm, pm.parameters(), inputs, args.steps, args.lr, (pm, inputs), "planned", verbose
+            pm, pm.parameters(), batches, args.steps, args.lr, pm, "planned", verbose
         )
     finally:
         pm.close()
@@ -237,10 +268,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["eager"] = run_loop(
             model,
             model.parameters(),
-            inputs,
+            _batches(inputs, args.last_batch),
             args.steps,
             args.lr,
-            (model, inputs),
+            model,
             "eager",
             verbose,
         )
@@ -248,6 +279,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if verbose:
         _summary(result)
     return result
+
+
+def _median(times: list[float]) -> float:
+    return statistics.median(times) if times else float("nan")
+
+
+def _batches(inputs: tuple[torch.Tensor, ...], last: int) -> list[tuple[torch.Tensor, ...]]:
+    """The full batch, and with ``last`` sequences a last, smaller batch (its first
+    ``last`` rows, copied: the planned step takes its own tensors)."""
+    if not last:
+        return [inputs]
+    return [inputs, tuple(x[:last].clone() for x in inputs)]
 
 
 def _summary(result: dict[str, Any]) -> None:
@@ -270,6 +313,12 @@ def _summary(result: dict[str, Any]) -> None:
         f"time per step (fwd+bwd, median): planned {planned['step_seconds']:.3f} s, "
         f"eager {eager['step_seconds']:.3f} s ({ratio:.2f}x eager)"
     )
+    if planned["last_step_seconds"] is not None:
+        last = planned["last_step_seconds"] / eager["last_step_seconds"]
+        print(
+            f"time per last-batch step (median): planned {planned['last_step_seconds']:.3f} "
+            f"s, eager {eager['last_step_seconds']:.3f} s ({last:.2f}x eager)"
+        )
     print("losses (planned / eager):")
     for i, (a, b) in enumerate(zip(planned["losses"], eager["losses"])):
         print(f"  step {i}: {a:.6f} / {b:.6f}  (diff {abs(a - b):.2e})")

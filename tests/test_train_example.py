@@ -39,3 +39,19 @@ def test_planned_training_loop_matches_eager() -> None:
     assert planned["peak_bytes"] <= result["budget_bytes"], (
         f"measured {planned['peak_bytes']} > budget {result['budget_bytes']}"
     )
+
+
+def test_a_last_smaller_batch_trains_through_its_own_plan() -> None:
+    """--last-batch: steps alternate a batch of 4 and one of 2 sequences, both
+    shapes planned in one call; losses match the eager loop's on both and each
+    shape's first step is metered within the budget."""
+    main = _load_train_example().main
+    result = main(
+        ["--steps", "4", "--budget", "40%", "--batch", "4", "--last-batch", "2",
+         "--time-limit", "5", "--quiet"]
+    )  # fmt: skip
+    planned, eager = result["planned"], result["eager"]
+    assert not result["budget_too_small"]
+    assert len(planned["losses"]) == len(eager["losses"]) == 4
+    assert planned["losses"] == eager["losses"], (planned["losses"], eager["losses"])
+    assert planned["peak_bytes"] <= result["budget_bytes"]
