@@ -29,6 +29,7 @@ BENCHES = {
         *("--out", "BENCHMARKS_generate_long.md"),
     ],
     "prefill": ["benchmarks/prefill_bench.py", "--repeats", "5", "--out", "BENCHMARKS_prefill.md"],
+    "last_batch": ["benchmarks/last_batch_bench.py", "--out", "BENCHMARKS_last_batch.md"],
 }
 QUICK = {"remat", "solver"}  # the ones with a --quick mode
 
