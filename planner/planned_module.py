@@ -236,6 +236,10 @@ class PlannedModule(torch.nn.Module):
         self.measured: Measurement | None = None
         self.output_error: dict[str, float] | None = None  # see measure_quantization_error
         self.measured_seconds: float | None = None  # set by time_call
+        #: which shape's plan ran the call ``measured`` (and ``measured_seconds``)
+        #: is of: 0, this module's, or k, ``other_shapes[k - 1]``'s (whose own
+        #: attributes hold it too); the report shows it beside that plan
+        self._measured_shape = self._timed_shape = 0
 
     def _place_state(self, model: torch.nn.Module, ep: Any, engine: CopyEngine) -> None:
         """Device-home weights become this module's buffers; tier-home weights are
@@ -598,13 +602,39 @@ class PlannedModule(torch.nn.Module):
             report.disk_rates = self.problem.meta.get("disk_rates")
         if self.kernels == "inductor":
             report.kernels = kernels_summary(self.executor.segments, self.executor.op_calls)
-        if self.measured is not None:
+        if self.measured is not None and self._measured_shape == 0:
             report.measured = {
                 "peak_bytes": self.measured.peak_bytes,
                 "seconds": self.measured.seconds,
-                "wall_seconds": self.measured_seconds,
+                "wall_seconds": self.measured_seconds if self._timed_shape == 0 else None,
             }
+        if self._other_shapes:
+            report.inputs = list(self._call.meta)
+            report.other_shapes = [
+                m._shape_summary(k) for k, m in enumerate(self._other_shapes, start=1)
+            ]
         return report
+
+    def _shape_summary(self, k: int) -> dict[str, Any]:
+        """This module's plan in a line of its owner's report (as shape ``k``)."""
+        return {
+            "shape": k,
+            "inputs": list(self._call.meta),
+            "planned_peak_bytes": self.plan.compiled_peak_bytes or self.plan.predicted_peak_bytes,
+            "estimated_seconds": self.plan.estimated_seconds,
+            "solver_status": self.plan.solver.status,
+            "measured_peak_bytes": self.measured.peak_bytes if self.measured else None,
+        }
+
+    def _serving(self, args: tuple, kwargs: dict) -> tuple[int, PlannedModule]:
+        """The plan a call with these arguments runs: 0 and this module, or k and
+        ``other_shapes[k - 1]`` (an error if none matches)."""
+        if not self._other_shapes:
+            return 0, self
+        module, _ = self._matching(args, kwargs)
+        if module is self:
+            return 0, self
+        return 1 + next(i for i, m in enumerate(self._other_shapes) if m is module), module
 
     def _wire_autograd(self) -> None:
         """Which forward outputs receive tangents, and which graph output is the
@@ -900,7 +930,9 @@ class PlannedModule(torch.nn.Module):
             with self._no_grad_if_inference():
                 return self(*args, **kwargs)
 
+        self._measured_shape, serving = self._serving(args, kwargs)
         out, self.measured = measure(call, self, (args, kwargs), device=self.device.type)
+        serving.measured = self.measured
         return out
 
     def time_call(self, *args: Any, repeats: int = 5, **kwargs: Any) -> float:
@@ -908,6 +940,7 @@ class PlannedModule(torch.nn.Module):
         import statistics
         import time
 
+        self._timed_shape, serving = self._serving(args, kwargs)
         times = []
         with self._no_grad_if_inference():
             self(*args, **kwargs)
@@ -917,7 +950,7 @@ class PlannedModule(torch.nn.Module):
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 times.append(time.perf_counter() - start)
-        self.measured_seconds = statistics.median(times)
+        self.measured_seconds = serving.measured_seconds = statistics.median(times)
         return self.measured_seconds
 
     def run_measured_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -948,7 +981,9 @@ class PlannedModule(torch.nn.Module):
             torch.autograd.backward(leaves, grads)
             return out
 
+        self._measured_shape, serving = self._serving(args, kwargs)
         out, self.measured = measure(step, self, (args, kwargs), device=self.device.type)
+        serving.measured = self.measured
         return out
 
     def close(self) -> None:

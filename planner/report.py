@@ -82,6 +82,11 @@ class Report:
     #: and the budget the schedule was solved for op by op if above the budget
     compiled_peak_bytes: int | None = None
     op_level_budget_bytes: int | None = None
+    #: a module planned for several input shapes: the inputs (shape, dtype) of
+    #: the plan this report shows, and a summary of each other shape's plan
+    #: (``PlannedModule.other_shapes``: their own reports have their tensors)
+    inputs: list[Any] | None = None
+    other_shapes: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_analysis(cls, analysis: Analysis) -> Report:
@@ -287,6 +292,34 @@ def _planned_peak_line(report: Report) -> str:
     return line + ")"
 
 
+def _other_shapes_lines(report: Report) -> list[str]:
+    """A module planned for several input shapes: which one this report shows and
+    each other's plan in a line."""
+    if not report.other_shapes:
+        return []
+    lines = [
+        f"input shape 0:      {_inputs_text(report.inputs)} (the plan above)",
+        "other input shapes: each its own plan, the weights homed alike "
+        "(pm.other_shapes[k - 1].report: its tensors)",
+    ]
+    for shape in report.other_shapes:
+        line = (
+            f"  shape {shape['shape']}: {_inputs_text(shape['inputs'])}: planned peak "
+            f"{format_bytes(shape['planned_peak_bytes'])}, estimated "
+            f"{shape['estimated_seconds'] * 1e3:.2f} ms, solver {shape['solver_status']}"
+        )
+        if shape.get("measured_peak_bytes") is not None:
+            line += f", measured peak {format_bytes(shape['measured_peak_bytes'])}"
+        lines.append(line)
+    return lines
+
+
+def _inputs_text(inputs: list[Any] | None) -> str:
+    if not inputs:
+        return "-"
+    return ", ".join(f"{tuple(shape)} {dtype}" for shape, dtype in inputs)
+
+
 def summary_lines(report: Report) -> list[str]:
     kinds = ", ".join(f"{k} {format_bytes(b)}" for k, b in report.peak_by_kind.items())
     budget = format_bytes(report.budget_bytes) if report.budget_bytes else "none"
@@ -341,6 +374,7 @@ def summary_lines(report: Report) -> list[str]:
         if "top1_agreement" in e:
             line += f", top-1 agreement {e['top1_agreement'] * 100:.2f}%"
         lines.append(line + " (vs the lossless run)")
+    lines += _other_shapes_lines(report)
     if report.measured:
         m = report.measured
         # a compiled plan's prediction is its composed peak (runs compiled)

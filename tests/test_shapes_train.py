@@ -81,18 +81,29 @@ def test_full_and_last_batches_train_the_same_parameters_as_eager(
         pm.close()
 
 
-def test_each_shapes_step_holds_the_budget_by_the_meter() -> None:
+def test_each_shapes_step_holds_the_budget_by_the_meter_and_the_report_says_whose() -> None:
+    """Each shape's step within the budget by the meter; the report puts a
+    measurement beside the plan that ran it (shape 0's above, the others' in
+    their lines), not beside shape 0's prediction whatever shape ran."""
     model, full = _fresh("mlp")
     small = _smaller_batch(full, 3)
     budget = _budget("mlp", 0.3)
     pm = _plan(model, budget, [full, small])
     try:
-        for batch in (full, small):
-            pm.run_measured_step(*batch)
-            assert pm.measured is not None
-            assert pm.measured.peak_bytes <= budget, (batch[0].shape, pm.measured.peak_bytes)
-            for p in model.parameters():
-                p.grad = None
+        pm.run_measured_step(*small)
+        assert pm.measured is not None and pm.measured.peak_bytes <= budget
+        assert pm.other_shapes[0].measured is pm.measured
+        report = pm.report
+        assert report.measured is None, "shape 1's step shown against shape 0's plan"
+        (line,) = [s for s in report.other_shapes if s["shape"] == 1]
+        assert line["inputs"] == [((3, 512), "float32")]
+        assert line["measured_peak_bytes"] == pm.measured.peak_bytes
+        assert "shape 1: (3, 512) float32: planned peak" in str(report)
+        for p in model.parameters():
+            p.grad = None
+        pm.run_measured_step(*full)
+        assert pm.measured.peak_bytes <= budget
+        assert pm.report.measured["peak_bytes"] == pm.measured.peak_bytes
     finally:
         pm.close()
 
