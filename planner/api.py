@@ -195,7 +195,9 @@ def plan(
     go (a fresh subdirectory is made there and removed with the module; default: a
     temporary directory). Tier-home weights are released from ``model``.
     ``checkpoint``: a safetensors file to take the weights of a model built on the
-    meta device from (memory-mapped: for models larger than RAM). ``plan``: a saved
+    meta device from (memory-mapped: for models larger than RAM; inference or
+    training, which copies what it trains into memory or its store: the file is
+    never written). ``plan``: a saved
     plan (``pm.plan.save(path)``) to reuse without solving again; it must have been
     made for this graph and budget.
 
@@ -229,18 +231,13 @@ def plan(
     (``planner.shapes``); a call runs the plan its arguments match. In training
     they train the same parameters (a second ``plan`` of the model for training
     would take them over from the first). ``pm.other_shapes[k]`` is the module of
-    ``extra_example_inputs[k]`` (its ``report``, ``code``). Not with
-    ``checkpoint`` or ``plan`` yet; with "inductor", without measured room.
+    ``extra_example_inputs[k]`` (its ``report``, ``code``). Not with ``plan``
+    yet; with "inductor", without measured room.
     """
     check_kernels(kernels)  # before any work
     _check_time_limit(time_limit)
     if extra_example_inputs:
-        _check_shapes_options(checkpoint, plan)
-    if checkpoint is not None and mode != "infer":
-        raise PlannerError(
-            "checkpoint= streams weights for inference; for training, "
-            "load the weights into the model first"
-        )
+        _check_shapes_options(plan)
     args, kwargs = normalize_example_inputs(example_inputs)
     device = next(
         (t.device for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)),
@@ -333,14 +330,13 @@ def _plan_shapes(
     return pm
 
 
-def _check_shapes_options(checkpoint: str | None, saved: str | Path | Plan | None) -> None:
+def _check_shapes_options(saved: str | Path | Plan | None) -> None:
     """What ``extra_example_inputs`` does not combine with yet, refused before any work."""
-    for given, what in ((checkpoint is not None, "checkpoint="), (saved is not None, "plan=")):
-        if given:
-            raise PlannerError(
-                f"extra_example_inputs plans several input shapes and does not combine "
-                f"with {what} yet: plan one input shape"
-            )
+    if saved is not None:
+        raise PlannerError(
+            "extra_example_inputs plans several input shapes and does not combine with "
+            "plan= yet: plan one input shape"
+        )
 
 
 def _budget_reference(budget: int | str, problem: Problem, analysis: Analysis) -> int:

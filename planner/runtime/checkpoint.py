@@ -5,7 +5,10 @@ of its parameters and buffers a tensor that views the checkpoint file through on
 private memory map (``torch.UntypedStorage.from_file``). Nothing is read until it is
 touched, so capture and planning cost no RAM for weights; the planner then copies
 device-home weights into memory and streams tier-home ones into its store, and the
-meter (which skips file-backed storages) never counts the map itself.
+meter (which skips file-backed storages) never counts the map itself. The map is
+shared (see ``open_safetensors``), so nothing may write through it: in training,
+every parameter and buffer is copied into memory or the store before a step or an
+optimizer writes it (``PlannedModule._place_state``).
 """
 
 from __future__ import annotations

@@ -106,3 +106,151 @@ def test_a_non_persistent_meta_buffer_is_an_error_that_says_what_to_do(tmp_path)
         assert torch.equal(pm(x), expected)
     finally:
         pm.close()
+
+
+def _sha256(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class _BatchNormNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Linear(256, 256), nn.BatchNorm1d(256), nn.GELU(),
+            nn.Linear(256, 256), nn.BatchNorm1d(256), nn.GELU(), nn.Linear(256, 8),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).pow(2).mean()
+
+
+@pytest.mark.parametrize("net", [_blocks, _BatchNormNet], ids=["mlp", "batchnorm"])
+def test_training_from_a_checkpoint_matches_eager_and_never_writes_it(tmp_path, net) -> None:
+    """Full fine-tuning of a meta model from its checkpoint: three SGD steps give
+    eager's losses, parameters and BatchNorm statistics, within the budget by the
+    meter, with the weights not in RAM but for what the plan keeps there; and the
+    checkpoint's bytes are unchanged (its map is shared: a step writing through
+    it would overwrite the user's file)."""
+
+    def fresh(device: str) -> nn.Module:
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = net() if net is _BatchNormNet else nn.Sequential(net(), _Mean())
+        return model
+
+    eager = fresh("cpu")
+    path = tmp_path / "model.safetensors"
+    save_file(eager.state_dict(), str(path))
+    digest = _sha256(path)
+    x = torch.randn(64, 256)
+    meta = fresh("meta")
+    pm = planner.plan(
+        meta, "40%", (x,), mode="train", profile="cpu", time_limit=5, checkpoint=str(path)
+    )
+    try:
+        assert "disk" in {d.home for d in pm.plan.tensors if d.kind == "param"}
+        weights = sum(p.numel() * 4 for p in eager.parameters())
+        assert resident_bytes(meta) + resident_bytes(pm) < weights
+        assert _sgd_losses(pm, x) == _sgd_losses(eager, x)
+        for (name, a), (_, b) in zip(meta.state_dict().items(), eager.state_dict().items()):
+            assert torch.equal(a, b), name
+        for p in pm.parameters():
+            p.grad = None
+        pm.run_measured_step(x)
+        assert pm.measured is not None and pm.measured.peak_bytes <= pm.plan.budget_bytes
+    finally:
+        pm.close()
+    assert _sha256(path) == digest, "training wrote into the checkpoint"
+
+
+def _sgd_losses(module: nn.Module, x: torch.Tensor) -> list[float]:
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = module(x)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_lora_over_a_frozen_base_streamed_from_its_checkpoint_and_stored_int8(tmp_path) -> None:
+    """QLoRA from a checkpoint: the frozen base comes from its file (built on the
+    meta device, never in RAM whole), the plan stores some of it int8, and three
+    AdamW steps over the adapters are eager's over the round-tripped base, bit for
+    bit; the checkpoint is unchanged."""
+    from test_frozen_quantized import QUANTIZE_OVER_DISK, LoRANet, _frozen_bytes
+
+    from planner.runtime import quant
+
+    torch.manual_seed(0)
+    eager = LoRANet()
+    x = torch.randn(64, 512)
+    path = tmp_path / "base.safetensors"
+    save_file({k: v for k, v in eager.state_dict().items() if ".base." in k}, str(path))
+    digest = _sha256(path)
+    with torch.device("meta"):
+        meta = LoRANet()
+    for mine, theirs in zip(meta.layers, eager.layers):  # the adapters: made, not loaded
+        mine.a = nn.Parameter(theirs.a.detach().clone())
+        mine.b = nn.Parameter(theirs.b.detach().clone())
+    budget = int(0.65 * _frozen_bytes(eager))
+    pm = planner.plan(
+        meta, budget, (x,), mode="train", quantize={"weights": "int8"},
+        profile=QUANTIZE_OVER_DISK, time_limit=20, checkpoint=str(path),
+    )  # fmt: skip
+    try:
+        homes = {d.name for d in pm.plan.tensors if d.home.endswith("int8")}
+        assert homes, "nothing stored int8"
+        reference = quant.round_tripped(eager, homes, "int8")
+        optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (pm, reference)]
+        for _ in range(3):
+            losses = []
+            for opt, module in zip(optimizers, (pm, reference)):
+                opt.zero_grad()
+                losses.append(module(x))
+                losses[-1].backward()
+                opt.step()
+            assert torch.equal(*losses)
+        for p in pm.parameters():
+            p.grad = None
+        pm.run_measured_step(x)
+        assert pm.measured is not None and pm.measured.peak_bytes <= budget
+    finally:
+        pm.close()
+    assert _sha256(path) == digest, "training wrote into the checkpoint"
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_several_input_shapes_from_a_checkpoint(tmp_path, mode: str) -> None:
+    """extra_example_inputs with checkpoint=: each shape's output is eager's, the
+    weights are not in RAM but for what the plans keep there, and the checkpoint
+    is unchanged."""
+    torch.manual_seed(0)
+    eager = _blocks()
+    path = tmp_path / "model.safetensors"
+    save_file(eager.state_dict(), str(path))
+    digest = _sha256(path)
+    shapes = [torch.randn(64, 256), torch.randn(5, 256)]
+    meta = _blocks("meta")
+    pm = planner.plan(
+        meta, "40%", (shapes[0],), mode=mode, profile="cpu", time_limit=5,
+        checkpoint=str(path), extra_example_inputs=[(shapes[1],)],
+    )  # fmt: skip
+    try:
+        weights = sum(p.numel() * 4 for p in eager.parameters())
+        assert resident_bytes(meta) + resident_bytes(pm) < weights
+        with torch.set_grad_enabled(mode == "train"):
+            for x in shapes:
+                assert torch.equal(pm(x), eager(x))
+    finally:
+        pm.close()
+    assert _sha256(path) == digest
+
+
+class _Mean(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.pow(2).mean()
