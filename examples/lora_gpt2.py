@@ -17,6 +17,14 @@ from the weight's full copy on disk, so the round trip leaves those out).
     python examples/lora_gpt2.py                       # 35% of the unplanned peak, int4
     python examples/lora_gpt2.py --budget 50% --format int8 --steps 3
     python examples/lora_gpt2.py --gpu-pricing
+    python examples/lora_gpt2.py --from-checkpoint     # the base never loaded into RAM
+
+``--from-checkpoint`` saves the base GPT-2 to a safetensors file first (as a
+downloaded checkpoint is), then builds the model on the meta device, attaches the
+file (``planner.attach_checkpoint``: memory-mapped, nothing read), wraps the
+projections with adapters (which renames their weights, so the file is attached
+first) and plans that: the base reaches memory only where the plan keeps it, and
+the file is never written.
 
 Which frozen weights are stored quantized is the solver's choice, by time: on a
 GPU a weight read back over PCIe costs far more than dequantizing its codes in
@@ -32,7 +40,9 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -44,6 +54,7 @@ import gpt2  # noqa: E402  (the example next to this file)
 
 import planner  # noqa: E402
 from planner.runtime import quant  # noqa: E402
+from planner.runtime.meter import resident_bytes  # noqa: E402
 
 #: the projections that get an adapter (transformers' GPT-2 ``Conv1D`` layers)
 ADAPTED = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -71,7 +82,11 @@ def make_lora_gpt2(batch: int = 1, rank: int = 8) -> tuple[nn.Module, tuple[torc
     train. One sequence a step by default: the frozen weights, not activations,
     dominate memory, as when fine-tuning a large model."""
     lm, inputs = gpt2._build(batch=batch)
-    model = gpt2.GPT2LMLoss(lm)
+    return _with_adapters(gpt2.GPT2LMLoss(lm), rank), inputs
+
+
+def _with_adapters(model: nn.Module, rank: int) -> nn.Module:
+    """``model`` frozen, with an adapter (seeded) beside each adapted projection."""
     model.requires_grad_(False)
     torch.manual_seed(1)
     for block in model.model.transformer.h:
@@ -79,7 +94,25 @@ def make_lora_gpt2(batch: int = 1, rank: int = 8) -> tuple[nn.Module, tuple[torc
             owner_path, _, leaf = path.rpartition(".")
             owner = block.get_submodule(owner_path)
             setattr(owner, leaf, LoRA(getattr(owner, leaf), rank))
-    return model, inputs
+    return model
+
+
+def make_lora_gpt2_from_checkpoint(
+    path: Path, batch: int = 1, rank: int = 8
+) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """``make_lora_gpt2``'s model and inputs with the base's weights viewing the
+    safetensors file ``path`` (written here from the same seed): built on the meta
+    device, the file attached before the adapters rename the projections' weights."""
+    from safetensors.torch import save_model
+    from transformers import GPT2LMHeadModel
+
+    base, inputs = gpt2._build(batch=batch)
+    save_model(base, str(path))  # a tied weight is saved once, under one name
+    del base
+    with torch.device("meta"):
+        lm = GPT2LMHeadModel(gpt2.gpt2_config())
+    planner.attach_checkpoint(lm, path)
+    return _with_adapters(gpt2.GPT2LMLoss(lm), rank), inputs
 
 
 def train(step: nn.Module, inputs: tuple[torch.Tensor, ...], steps: int, lr: float) -> list[float]:
@@ -110,6 +143,11 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="price (de)quantization at memory speed, as the Triton kernels run on a GPU",
     )
+    parser.add_argument(
+        "--from-checkpoint",
+        action="store_true",
+        help="save the base to a safetensors file, then plan a meta model over it",
+    )
     args = parser.parse_args(argv)
     profile = planner.get_profile(None)
     if args.gpu_pricing:
@@ -119,8 +157,20 @@ def main(argv: list[str] | None = None) -> dict:
             dequantize_bandwidth=profile.memory_bandwidth,
         )
 
-    model, inputs = make_lora_gpt2(args.batch)
-    pristine = copy.deepcopy(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        return _run(args, profile, Path(tmp) / "gpt2.safetensors")
+
+
+def _run(args: argparse.Namespace, profile: planner.DeviceProfile, checkpoint: Path) -> dict:
+    pristine, inputs = make_lora_gpt2(args.batch)
+    if args.from_checkpoint:
+        model, _ = make_lora_gpt2_from_checkpoint(checkpoint, args.batch)
+        digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+        size, in_ram = checkpoint.stat().st_size / 2**20, resident_bytes(model) / 2**20
+        print(f"base saved to {checkpoint.name} ({size:.1f} MiB), attached to a meta model: "
+              f"{in_ram:.1f} MiB in RAM")  # fmt: skip
+    else:
+        model = copy.deepcopy(pristine)
     frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(
@@ -156,7 +206,12 @@ def main(argv: list[str] | None = None) -> dict:
     same = planned == eager
     print("planned and eager losses " + ("bit-identical" if same else "DIFFER"))
     pm.close()
+    unwritten = None
+    if args.from_checkpoint:
+        unwritten = hashlib.sha256(checkpoint.read_bytes()).hexdigest() == digest
+        print("checkpoint file " + ("unchanged" if unwritten else "CHANGED"))
     return {
+        "checkpoint_unchanged": unwritten,
         "budget": pm.plan.budget_bytes,
         "measured_peak": pm.measured.peak_bytes,
         "quantized": quantized,

@@ -11,6 +11,7 @@ from planner.errors import BudgetTooSmall, CaptureError, InvalidPlan, PlannerErr
 from planner.passes.device_profile import DeviceProfile, get_profile
 from planner.planned_module import PlannedModule
 from planner.report import Report
+from planner.runtime.checkpoint import attach_checkpoint
 from planner.solver.plan import Plan
 
 __version__ = "0.1.0"
@@ -25,6 +26,7 @@ __all__ = [
     "PlannerError",
     "Report",
     "analyze",
+    "attach_checkpoint",
     "get_profile",
     "make_plan",
     "plan",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 
@@ -67,44 +68,71 @@ def open_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
 def attach_checkpoint(model: torch.nn.Module, path: str | Path) -> list[str]:
     """Point every meta parameter/buffer of ``model`` at the checkpoint's tensor of
     the same name; returns the names attached. Names, shapes and dtypes must match;
-    all are checked before any is attached, so an error leaves the model as it was."""
+    all are checked before any is attached, so an error leaves the model as it was.
+
+    A tensor the model holds under several names (tied weights: GPT-2's embedding
+    and output head) is one tensor in a checkpoint, saved under one of them
+    (safetensors refuses to save shared tensors twice; ``save_model`` keeps one
+    name): any of its names found attaches it, and every name then holds the same
+    new tensor, so it stays tied."""
     weights = open_safetensors(path)
-    found: list[tuple[str, dict, str, torch.Tensor, torch.Tensor, bool]] = []
-    for module_name, module in model.named_modules():
+    # each meta tensor once, with every slot that holds it: (fqn, slots, leaf, module)
+    holders: dict[int, tuple[torch.Tensor, bool, list[tuple[str, dict, str, Any]]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
         for kind in ("_parameters", "_buffers"):
             slots = getattr(module, kind)
             for leaf, value in list(slots.items()):
                 if value is None or not value.is_meta:
                     continue
                 fqn = f"{module_name}.{leaf}" if module_name else leaf
-                tensor = weights.get(fqn)
-                if tensor is None and leaf in module._non_persistent_buffers_set:
-                    where = f"model.{module_name}" if module_name else "the model"
-                    raise PlannerError(
-                        f"{fqn!r} is a non-persistent buffer of the meta model: no state_dict "
-                        f"saves one, so no checkpoint has it, and only its module computes "
-                        f"it. Make that module outside torch.device('meta') and put it in "
-                        f"the model before planning: {where} = "
-                        f"{type(module).__name__}(...) (a Hugging Face rotary embedding "
-                        f"takes config=)"
-                    )
-                if tensor is None:
-                    raise PlannerError(
-                        f"checkpoint {str(path)!r} has no tensor {fqn!r} for the "
-                        f"model's meta {kind[1:-1]}"
-                    )
-                if tuple(tensor.shape) != tuple(value.shape) or tensor.dtype != value.dtype:
-                    raise PlannerError(
-                        f"checkpoint tensor {fqn!r} is {tuple(tensor.shape)} {tensor.dtype}, "
-                        f"the model expects {tuple(value.shape)} {value.dtype}"
-                    )
-                found.append((fqn, slots, leaf, value, tensor, kind == "_parameters"))
-    for _, slots, leaf, value, tensor, is_parameter in found:
-        if is_parameter:
-            slots[leaf] = torch.nn.Parameter(tensor, requires_grad=value.requires_grad)
-        else:
-            slots[leaf] = tensor
-    return [fqn for fqn, *_ in found]
+                entry = holders.setdefault(id(value), (value, kind == "_parameters", []))
+                if all(fqn != seen for seen, *_ in entry[2]):
+                    entry[2].append((fqn, slots, leaf, module))
+    found: list[tuple[list[tuple[str, dict, str, Any]], torch.Tensor, torch.Tensor, bool]] = []
+    for value, is_parameter, slots_of in holders.values():
+        tensor = next((weights[f] for f, *_ in slots_of if f in weights), None)
+        if tensor is None:
+            _raise_missing(path, slots_of, "parameter" if is_parameter else "buffer")
+        fqn = next(f for f, *_ in slots_of if f in weights)
+        if tuple(tensor.shape) != tuple(value.shape) or tensor.dtype != value.dtype:
+            raise PlannerError(
+                f"checkpoint tensor {fqn!r} is {tuple(tensor.shape)} {tensor.dtype}, "
+                f"the model expects {tuple(value.shape)} {value.dtype}"
+            )
+        found.append((slots_of, value, tensor, is_parameter))
+    attached = []
+    for slots_of, value, tensor, is_parameter in found:
+        new = (
+            torch.nn.Parameter(tensor, requires_grad=value.requires_grad)
+            if is_parameter
+            else tensor
+        )
+        for fqn, slots, leaf, _ in slots_of:
+            slots[leaf] = new
+            attached.append(fqn)
+    return attached
+
+
+def _raise_missing(
+    path: str | Path, slots_of: list[tuple[str, dict, str, Any]], kind: str
+) -> NoReturn:
+    """The error for a meta tensor the checkpoint has under none of its names."""
+    fqn, _, leaf, module = slots_of[0]
+    if leaf in module._non_persistent_buffers_set:
+        module_name = fqn.rpartition(".")[0]
+        where = f"model.{module_name}" if module_name else "the model"
+        raise PlannerError(
+            f"{fqn!r} is a non-persistent buffer of the meta model: no state_dict "
+            f"saves one, so no checkpoint has it, and only its module computes "
+            f"it. Make that module outside torch.device('meta') and put it in "
+            f"the model before planning: {where} = "
+            f"{type(module).__name__}(...) (a Hugging Face rotary embedding "
+            f"takes config=)"
+        )
+    names = " or ".join(repr(f) for f, *_ in slots_of)
+    raise PlannerError(
+        f"checkpoint {str(path)!r} has no tensor {names} for the model's meta {kind}"
+    )
 
 
 def is_file_backed(tensor: torch.Tensor) -> bool:

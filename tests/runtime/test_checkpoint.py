@@ -251,6 +251,66 @@ def test_several_input_shapes_from_a_checkpoint(tmp_path, mode: str) -> None:
     assert _sha256(path) == digest
 
 
+class _TiedLM(nn.Module):
+    """An embedding and an output head sharing one weight, as GPT-2's do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(512, 128)
+        self.body = nn.Sequential(nn.Linear(128, 128), nn.GELU())
+        self.head = nn.Linear(128, 512, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.embed(ids))).logsumexp(-1).mean()
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_tied_weights_saved_once_attach_under_both_names(tmp_path, mode: str) -> None:
+    """safetensors saves a tied weight once (save_model keeps one name): both of
+    the meta model's names get the one tensor, still tied, and the planned model
+    computes eager's loss (training: the same SGD steps, which a weight untied
+    into two would not give)."""
+    from safetensors.torch import save_model
+
+    torch.manual_seed(0)
+    eager = _TiedLM()
+    path = tmp_path / "tied.safetensors"
+    save_model(eager, str(path))
+    assert len(open_safetensors(path)) == 3  # embed (= head), body weight and bias
+    with torch.device("meta"):
+        attached = _TiedLM()
+    assert sorted(attach_checkpoint(attached, path)) == [
+        "body.0.bias", "body.0.weight", "embed.weight", "head.weight",
+    ]  # fmt: skip
+    assert attached.head.weight is attached.embed.weight
+    with torch.device("meta"):
+        meta = _TiedLM()
+    ids = torch.randint(0, 512, (16, 32))
+    pm = planner.plan(
+        meta, "100%", (ids,), mode=mode, profile="cpu", time_limit=5, checkpoint=str(path)
+    )
+    try:
+        if mode == "infer":
+            with torch.no_grad():
+                assert torch.equal(pm(ids), eager(ids))
+        else:
+            assert _sgd_losses(pm, ids) == _sgd_losses(eager, ids)
+            torch.testing.assert_close(meta.embed.weight, eager.embed.weight, rtol=0, atol=0)
+    finally:
+        pm.close()
+
+
+def test_a_tensor_missing_under_every_name_is_named(tmp_path) -> None:
+    path = tmp_path / "body.safetensors"
+    save_file({"body.0.weight": torch.randn(128, 128), "body.0.bias": torch.randn(128)}, str(path))
+    with torch.device("meta"):
+        meta = _TiedLM()
+    with pytest.raises(PlannerError, match="no tensor 'embed.weight' or 'head.weight'"):
+        attach_checkpoint(meta, path)
+    assert meta.body[0].weight.is_meta, "an error must leave the model as it was"
+
+
 class _Mean(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.pow(2).mean()
