@@ -28,13 +28,16 @@ from planner.report import Report, format_bytes
 from planner.runtime.checkpoint import attach_checkpoint
 from planner.runtime.meter import Measurement, measure, measure_training_step
 from planner.runtime.store import check_offload_dir
-from planner.shapes import solve_shapes
+from planner.shapes import check_same_homes, solve_shapes
 from planner.solver import DEFAULT_TIME_LIMIT, Plan, Problem, from_program, solve, validate
 from planner.solver.solve import keep_all_peak
 from planner.traced_mode import warn_if_inference_traced_in_training
 from planner.verify import checked_peak
 
 log = logging.getLogger(__name__)
+
+#: a saved plan: the Plan, or the path ``Plan.save`` wrote
+SavedPlan = str | Path | Plan
 
 
 def analyze(
@@ -183,7 +186,7 @@ def plan(
     quantize: str | dict[str, str] | None = None,
     time_limit: float = DEFAULT_TIME_LIMIT,
     checkpoint: str | None = None,
-    plan: str | Path | Plan | None = None,
+    plan: SavedPlan | list[SavedPlan] | tuple[SavedPlan, ...] | None = None,
     kernels: str = "eager",
     measure_room: bool = True,
     extra_example_inputs: Sequence[Any] | None = None,
@@ -231,13 +234,20 @@ def plan(
     (``planner.shapes``); a call runs the plan its arguments match. In training
     they train the same parameters (a second ``plan`` of the model for training
     would take them over from the first). ``pm.other_shapes[k]`` is the module of
-    ``extra_example_inputs[k]`` (its ``report``, ``code``). Not with ``plan``
-    yet; with "inductor", without measured room.
+    ``extra_example_inputs[k]`` (its ``report``, ``code``). ``plan`` then takes
+    a saved plan per shape, in order (``pm.plan``, then each of
+    ``pm.other_shapes``'s), which must home the weights alike. With "inductor",
+    without measured room.
     """
     check_kernels(kernels)  # before any work
     _check_time_limit(time_limit)
     if extra_example_inputs:
-        _check_shapes_options(plan)
+        _check_saved_plans(plan, 1 + len(extra_example_inputs))
+    elif isinstance(plan, (list, tuple)):
+        raise PlannerError(
+            f"plan= got {len(plan)} saved plans for one input shape: pass one (a list is "
+            f"for a module planned with extra_example_inputs, one plan per shape)"
+        )
     args, kwargs = normalize_example_inputs(example_inputs)
     device = next(
         (t.device for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)),
@@ -251,8 +261,9 @@ def plan(
     if extra_example_inputs:
         return _plan_shapes(
             model, budget, [example_inputs, *extra_example_inputs], mode, offload_dir,
-            profile, quantize, time_limit, kernels, device,
+            profile, quantize, time_limit, kernels, device, plan,
         )  # fmt: skip
+    assert not isinstance(plan, (list, tuple))  # refused above
     analysis, problem, solved = _analyze_and_solve(
         model, budget, example_inputs, mode, profile, quantize, time_limit, plan, kernels
     )
@@ -286,9 +297,11 @@ def _plan_shapes(
     time_limit: float,
     kernels: str,
     device: torch.device,
+    saved: SavedPlan | list[SavedPlan] | tuple[SavedPlan, ...] | None,
 ) -> PlannedModule:
     """``plan`` with ``extra_example_inputs``: one module, a plan per input shape,
-    the weights' homes shared (``planner.shapes``)."""
+    the weights' homes shared (``planner.shapes``); ``saved``: a saved plan per
+    shape to use instead of solving."""
     analyses = [analyze(model, inputs, mode, profile, kernels) for inputs in shapes]
     problems = [
         from_program(a.program, a.unplanned_peak_bytes, a.profile, quantize, kernels=kernels)
@@ -297,7 +310,11 @@ def _plan_shapes(
     reference = max(_budget_reference(budget, p, a) for p, a in zip(problems, analyses))
     budget_bytes = parse_budget(budget, reference)
     problems = [dataclasses.replace(p, budget_bytes=budget_bytes) for p in problems]
-    problems, plans = solve_shapes(problems, time_limit)
+    if isinstance(saved, (list, tuple)):  # one per shape (_check_saved_plans)
+        plans = [_reuse_plan(p, s, kernels) for p, s in zip(problems, saved)]
+        check_same_homes(problems, plans)
+    else:
+        problems, plans = solve_shapes(problems, time_limit)
     if mode == "infer":
         warn_if_inference_traced_in_training(model, analyses[0].program)
     pm = PlannedModule(
@@ -330,12 +347,17 @@ def _plan_shapes(
     return pm
 
 
-def _check_shapes_options(saved: str | Path | Plan | None) -> None:
-    """What ``extra_example_inputs`` does not combine with yet, refused before any work."""
-    if saved is not None:
+def _check_saved_plans(saved: Any, shapes: int) -> None:
+    """With ``extra_example_inputs``, ``plan=`` is None or one saved plan per shape,
+    refused before any work otherwise."""
+    if saved is None:
+        return
+    if not isinstance(saved, (list, tuple)) or len(saved) != shapes:
+        got = f"{len(saved)} plans" if isinstance(saved, (list, tuple)) else "one plan"
         raise PlannerError(
-            "extra_example_inputs plans several input shapes and does not combine with "
-            "plan= yet: plan one input shape"
+            f"with extra_example_inputs, plan= takes a saved plan per input shape ({shapes}, "
+            f"in order), got {got}: save them from the module planned for these shapes "
+            f"(pm.plan, then each of pm.other_shapes's .plan), or plan without plan="
         )
 
 

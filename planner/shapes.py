@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from planner.errors import BudgetTooSmall
+from planner.errors import BudgetTooSmall, PlannerError
 from planner.solver import Plan, Problem, solve
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,22 @@ def solve_shapes(problems: list[Problem], time_limit: float) -> tuple[list[Probl
         log.info("the homes of shape %d leave another shape no plan (%s): each weight "
                  "on the device only where every shape keeps it", tightest, exc)  # fmt: skip
         return _with_homes(problems, plans, shared_homes(problems, plans), time_limit)
+
+
+def check_same_homes(problems: list[Problem], plans: list[Plan]) -> None:
+    """PlannerError unless the plans (saved, one per shape) home each weight alike,
+    as plans made together do: the modules share one store, so a weight has one
+    home whichever shape runs."""
+    homes: dict[str, tuple[int, str]] = {}
+    for k, (problem, plan) in enumerate(zip(problems, plans)):
+        for name, home in homes_of(problem, plan).items():
+            first, seen = homes.setdefault(name, (k, home))
+            if seen != home:
+                raise PlannerError(
+                    f"the saved plans home {name!r} differently: {seen!r} in shape {first}'s, "
+                    f"{home!r} in shape {k}'s. Plans of several shapes share the weights' "
+                    f"homes: save those of one module planned with extra_example_inputs"
+                )
 
 
 def _device_bytes(problem: Problem, plan: Plan) -> int:

@@ -130,14 +130,69 @@ def test_a_call_that_matches_no_shape_names_every_planned_one() -> None:
         pm.close()
 
 
-def test_a_saved_plan_is_refused_before_any_work() -> None:
+def test_saved_plans_one_per_shape_are_reused_without_solving(tmp_path, monkeypatch) -> None:
+    """plan= with extra_example_inputs: the plans saved from a module of these
+    shapes (pm.plan, then pm.other_shapes's) make the same module without a solve:
+    outputs bit for bit, each call within the budget."""
+    torch.manual_seed(0)
+    model = _Decoder().eval()
+    reference = copy.deepcopy(model)
+    fresh = copy.deepcopy(model)
+    first = planner.plan(
+        model, "60%", _token(0), profile="cpu", extra_example_inputs=[_chunk(0, 4)]
+    )
+    paths = [tmp_path / "token.json", tmp_path / "chunk.json"]
+    first.plan.save(paths[0])
+    first.other_shapes[0].plan.save(paths[1])
+    budget = first.plan.budget_bytes
+    first.close()
+
+    def no_solving(*args: object, **kwargs: object) -> None:
+        raise AssertionError("solved instead of reusing the saved plans")
+
+    monkeypatch.setattr(planner.shapes, "solve", no_solving)
+    monkeypatch.setattr(planner.api, "solve", no_solving)
+    pm = planner.plan(
+        fresh, budget, _token(0), profile="cpu", extra_example_inputs=[_chunk(0, 4)], plan=paths
+    )
+    try:
+        with torch.no_grad():
+            for inputs in (_chunk(0, 4), _token(4), _token(5)):
+                assert torch.equal(pm(*inputs), reference(*inputs))
+        for inputs in (_token(6), _chunk(7, 4)):
+            pm.run_measured(*inputs)
+            assert pm.measured is not None and pm.measured.peak_bytes <= budget
+    finally:
+        pm.close()
+
+
+def test_saved_plans_must_be_one_per_shape_and_home_the_weights_alike(tmp_path) -> None:
+    torch.manual_seed(0)
     model = _Decoder().eval()
     before = {n: p.clone() for n, p in model.named_parameters()}
-    with pytest.raises(planner.PlannerError, match="not combine with plan="):
-        planner.plan(
-            model, "60%", _token(0), extra_example_inputs=[_chunk(0, 4)], plan="missing.json"
-        )
+    extra = {"extra_example_inputs": [_chunk(0, 4)], "profile": "cpu"}
+    for saved, message in (
+        ("one.json", "a saved plan per input shape .2, in order., got one plan"),
+        (["a.json"], "got 1 plans"),
+    ):
+        with pytest.raises(planner.PlannerError, match=message):
+            planner.plan(model, "60%", _token(0), plan=saved, **extra)
+    with pytest.raises(planner.PlannerError, match="2 saved plans for one input shape"):
+        planner.plan(model, "60%", _token(0), plan=["a.json", "b.json"], profile="cpu")
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # plans of each shape made apart home the weights differently
+    # plans of each shape made apart: the chunk's moves the caches to disk, the
+    # token's keeps them
+    chunk_alone = planner.make_plan(copy.deepcopy(model), "50%", _chunk(0, 256), profile="cpu")[1]
+    budget = chunk_alone.budget_bytes
+    token_alone = planner.make_plan(copy.deepcopy(model), budget, _token(0), profile="cpu")[1]
+    homes = [{d.name: d.home for d in p.tensors} for p in (token_alone, chunk_alone)]
+    assert homes[0]["layers.0.cache"] == "device" and homes[1]["layers.0.cache"] == "disk"
+    with pytest.raises(planner.PlannerError, match="the saved plans home .* differently"):
+        planner.plan(
+            model, budget, _token(0), plan=[token_alone, chunk_alone], profile="cpu",
+            extra_example_inputs=[_chunk(0, 256)],
+        )  # fmt: skip
 
 
 def test_the_smallest_budget_is_the_largest_shapes() -> None:
