@@ -129,10 +129,11 @@ class TierParams:
                 f"{listed(moved)}: this plan keeps {'it' if len(moved) == 1 else 'them'} in "
                 f"its offload store and reads each step's values from there, but the "
                 f"parameter's data was pointed elsewhere since (another planner.plan of "
-                f"this model for training, which takes over the same parameters, or "
-                f"param.data = ...). To train on several input shapes, plan them in one "
-                f"call (planner.plan(..., mode='train', extra_example_inputs=[...])); "
-                f"otherwise call planner.plan again"
+                f"this model for training, which takes over the same parameters; "
+                f"model.half() or model.to(...); param.data = ...). To train on several "
+                f"input shapes, plan them in one call (planner.plan(..., mode='train', "
+                f"extra_example_inputs=[...])); otherwise convert the model first and "
+                f"call planner.plan again"
             )
 
 
