@@ -182,3 +182,31 @@ def test_a_frozen_base_stored_int8_serves_both_shapes_once() -> None:
         assert pm.measured is not None and pm.measured.peak_bytes <= budget
     finally:
         pm.close()
+
+
+def test_with_inductor_kernels_each_shapes_training_step_is_checked_by_the_meter() -> None:
+    """kernels="inductor": each shape's compiled plan is checked by the meter on a
+    step of its own inputs (effects undone) before the module is returned, and
+    training through either shape follows eager within rounding."""
+    eager, full = _fresh("mlp")
+    model, _ = _fresh("mlp")
+    small = _smaller_batch(full, 5)
+    budget = _budget("mlp", 0.3)
+    pm = planner.plan(
+        model, budget, full, mode="train", profile="cpu", time_limit=5, kernels="inductor",
+        extra_example_inputs=[small],
+    )  # fmt: skip
+    try:
+        for module in (pm, pm.other_shapes[0]):
+            assert module.measured is not None, "the meter's check did not run"
+            assert module.measured.peak_bytes <= budget
+        for batch in (full, small, full):
+            for m in (model, eager):
+                m.zero_grad(set_to_none=True)
+            torch.testing.assert_close(pm(*batch), eager(*batch))
+            pm(*batch).backward()
+            eager(*batch).backward()
+            for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, msg=lambda m, name=name: f"{name}: {m}")
+    finally:
+        pm.close()
