@@ -146,6 +146,29 @@ class WithLoss(nn.Module):
         return self.model(*args).float().pow(2).mean()
 
 
+def assert_same_adamw_steps(planned: nn.Module, reference: nn.Module, batches: list) -> None:
+    """AdamW over both modules' parameters in lockstep, a step per batch (each a
+    tuple of inputs): every step's loss bit for bit."""
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (planned, reference)]
+    for batch in batches:
+        losses = []
+        for opt, module in zip(optimizers, (planned, reference)):
+            opt.zero_grad()
+            losses.append(module(*batch))
+            losses[-1].backward()
+            opt.step()
+        assert torch.equal(*losses), batch
+
+
+def assert_step_within(pm: nn.Module, inputs: tuple, budget: int) -> None:
+    """One training step of the planned module ``pm`` under the meter (its
+    gradients cleared first) holds ``budget``."""
+    for p in pm.parameters():
+        p.grad = None
+    pm.run_measured_step(*inputs)
+    assert pm.measured is not None and pm.measured.peak_bytes <= budget, pm.measured
+
+
 def load_example(name: str) -> tuple[nn.Module, tuple]:
     filename, factory = EXAMPLE_FACTORIES[name]
     path = EXAMPLES / filename

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import WithLoss, load_example
+from conftest import WithLoss, assert_same_adamw_steps, assert_step_within, load_example
 from torch import nn
 
 import planner
@@ -167,19 +167,8 @@ def test_a_frozen_base_stored_int8_serves_both_shapes_once() -> None:
         assert homes and homes == _quantized_homes(pm.other_shapes[0])
         assert [id(p) for p in pm.parameters()] == [id(p) for p in model.parameters()]
         reference = quant.round_tripped(_lora()[0], set(homes), "int8")
-        optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (pm, reference)]
-        for batch in (x, small, x):
-            losses = []
-            for opt, run in zip(optimizers, (pm, reference)):
-                opt.zero_grad()
-                losses.append(run(batch))
-                losses[-1].backward()
-                opt.step()
-            assert torch.equal(*losses)
-        for p in pm.parameters():
-            p.grad = None
-        pm.run_measured_step(small)
-        assert pm.measured is not None and pm.measured.peak_bytes <= budget
+        assert_same_adamw_steps(pm, reference, [(x,), (small,), (x,)])
+        assert_step_within(pm, (small,), budget)
     finally:
         pm.close()
 

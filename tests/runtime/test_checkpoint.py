@@ -7,6 +7,7 @@ import gc
 
 import pytest
 import torch
+from conftest import assert_same_adamw_steps, assert_step_within
 from safetensors.torch import save_file
 from torch import nn
 
@@ -205,20 +206,8 @@ def test_lora_over_a_frozen_base_streamed_from_its_checkpoint_and_stored_int8(tm
     try:
         homes = {d.name for d in pm.plan.tensors if d.home.endswith("int8")}
         assert homes, "nothing stored int8"
-        reference = quant.round_tripped(eager, homes, "int8")
-        optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (pm, reference)]
-        for _ in range(3):
-            losses = []
-            for opt, module in zip(optimizers, (pm, reference)):
-                opt.zero_grad()
-                losses.append(module(x))
-                losses[-1].backward()
-                opt.step()
-            assert torch.equal(*losses)
-        for p in pm.parameters():
-            p.grad = None
-        pm.run_measured_step(x)
-        assert pm.measured is not None and pm.measured.peak_bytes <= budget
+        assert_same_adamw_steps(pm, quant.round_tripped(eager, homes, "int8"), [(x,)] * 3)
+        assert_step_within(pm, (x,), budget)
     finally:
         pm.close()
     assert _sha256(path) == digest, "training wrote into the checkpoint"
