@@ -178,6 +178,10 @@ class PlannedModule(torch.nn.Module):
             #: training: the stand-in of each frozen weight stored quantized, by
             #: name: one object whichever shape's module made it (pm.parameters())
             self._stand_in_of: dict[str, torch.Tensor] = {}
+            #: inference: weights a checkpoint's map held, brought into memory, by
+            #: name: once for every shape's module (each one's exported program
+            #: still holds the map)
+            self._materialized: dict[str, torch.Tensor] = {}
             self._weight_keys: set[str] = set()  # files written at plan time (the rest: spills)
             #: weights stored quantized, by name: on the device (``Quantized``), or in
             #: a tier (None), with their round-trip errors; shared by other shapes
@@ -188,6 +192,7 @@ class PlannedModule(torch.nn.Module):
             self._runtime = Runtime(engine, weights_of=share_store_of._runtime)
             self._delivery_buffers = share_store_of._delivery_buffers
             self._stand_in_of = share_store_of._stand_in_of
+            self._materialized = share_store_of._materialized
             self._weight_keys = share_store_of._weight_keys  # one set: either's spills go
             self._quantized_weights = share_store_of._quantized_weights  # quantized once
             self._finalizer = share_store_of._finalizer  # closing either closes both
@@ -344,8 +349,10 @@ class PlannedModule(torch.nn.Module):
                 # mapped by an earlier plan of this model: same parameter, data in memory
                 tensors[source].data = tensors[source].detach().clone()
             elif is_file_backed(tensors[source]):  # a checkpoint map: bring it into memory
-                tensors[source] = _materialize(tensors[source])
-                _replace(model, source, tensors[source])  # type: ignore[arg-type]
+                if source not in self._materialized:  # else another shape's module did
+                    self._materialized[source] = _materialize(tensors[source])  # type: ignore[index]
+                    _replace(model, source, self._materialized[source])  # type: ignore[arg-type,index]
+                tensors[source] = self._materialized[source]  # type: ignore[index]
             state.append(tensors[source])
             self._state_names.append(source)  # type: ignore[arg-type]
             tensor = tensors[source]
