@@ -13,6 +13,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from planner.budget import parse_budget
+from planner.codegen.assemble import Assembled
 from planner.codegen.emit import check_kernels
 from planner.errors import InvalidPlan, PlannerError
 from planner.ir.autocast import autocast_off
@@ -236,8 +237,7 @@ def plan(
     would take them over from the first). ``pm.other_shapes[k]`` is the module of
     ``extra_example_inputs[k]`` (its ``report``, ``code``). ``plan`` then takes
     a saved plan per shape, in order (``pm.plan``, then each of
-    ``pm.other_shapes``'s), which must home the weights alike. With "inductor",
-    without measured room.
+    ``pm.other_shapes``'s), which must home the weights alike.
     """
     check_kernels(kernels)  # before any work
     _check_time_limit(time_limit)
@@ -261,7 +261,7 @@ def plan(
     if extra_example_inputs:
         return _plan_shapes(
             model, budget, [example_inputs, *extra_example_inputs], mode, offload_dir,
-            profile, quantize, time_limit, kernels, device, plan,
+            profile, quantize, time_limit, kernels, device, plan, measure_room,
         )  # fmt: skip
     assert not isinstance(plan, (list, tuple))  # refused above
     analysis, problem, solved = _analyze_and_solve(
@@ -298,10 +298,13 @@ def _plan_shapes(
     kernels: str,
     device: torch.device,
     saved: SavedPlan | list[SavedPlan] | tuple[SavedPlan, ...] | None,
+    measure_room: bool,
 ) -> PlannedModule:
     """``plan`` with ``extra_example_inputs``: one module, a plan per input shape,
     the weights' homes shared (``planner.shapes``); ``saved``: a saved plan per
-    shape to use instead of solving."""
+    shape to use instead of solving. With Inductor kernels each shape is planned
+    by measured room (its homes fixed) and checked by the meter as ``plan`` does
+    one shape: the first shape's module first (the others share its store)."""
     analyses = [analyze(model, inputs, mode, profile, kernels) for inputs in shapes]
     problems = [
         from_program(a.program, a.unplanned_peak_bytes, a.profile, quantize, kernels=kernels)
@@ -317,29 +320,37 @@ def _plan_shapes(
         problems, plans = solve_shapes(problems, time_limit)
     if mode == "infer":
         warn_if_inference_traced_in_training(model, analyses[0].program)
-    pm = PlannedModule(
-        model, analyses[0], problems[0], plans[0], offload_dir, device, kernels,
-        defer_release=True,
-    )  # fmt: skip
+    direct = list(plans)
+    assembled: list[Assembled | None] = [None] * len(plans)
+    if kernels == "inductor" and measure_room and saved is None:
+        for k, (analysis, problem) in enumerate(zip(analyses, problems)):
+            plans[k], assembled[k] = plan_by_measured_room(
+                analysis, problem, plans[k], device, time_limit
+            )
+
+    def module_of(
+        k: int, solved: Plan, built: Assembled | None, owner: PlannedModule | None
+    ) -> PlannedModule:
+        return PlannedModule(
+            model, analyses[k], problems[k], solved, offload_dir if owner is None else None,
+            device, kernels, assembled=built, defer_release=True, share_store_of=owner,
+        )  # fmt: skip
+
+    def checked(k: int, owner: PlannedModule | None) -> PlannedModule:
+        """Shape k's module; with Inductor kernels checked by the meter on its
+        inputs, falling back (training) to its schedule for the budget alone."""
+        module = module_of(k, plans[k], assembled[k], owner)
+        if kernels != "inductor":
+            return module
+        fallback = None
+        if plans[k] is not direct[k] and mode == "train":
+            fallback = functools.partial(module_of, k, direct[k], None, owner)
+        args, kwargs = normalize_example_inputs(shapes[k])
+        return _checked_by_meter(module, args, kwargs, fallback, close_refused=owner is None)
+
+    pm = checked(0, None)
     try:
-        others = [
-            PlannedModule(
-                model,
-                a,
-                p,
-                s,
-                device=device,
-                kernels=kernels,
-                defer_release=True,
-                share_store_of=pm,
-            )  # fmt: skip
-            for a, p, s in zip(analyses[1:], problems[1:], plans[1:])
-        ]
-        pm.add_other_shapes(others)
-        if kernels == "inductor":  # each compiled plan checked by the meter on its inputs
-            for module, inputs in zip([pm, *others], shapes):
-                args, kwargs = normalize_example_inputs(inputs)
-                _checked_by_meter(module, args, kwargs, None, close_refused=False)
+        pm.add_other_shapes([checked(k, pm) for k in range(1, len(plans))])
     except BaseException:
         pm.close()
         raise

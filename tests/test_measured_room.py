@@ -86,3 +86,25 @@ def test_gpt2_at_half_its_peak_runs_a_schedule_solved_for_more(tmp_path) -> None
     eager_options = {**options, "kernels": "eager"}
     with pytest.raises(planner.PlannerError, match="made for kernels='inductor'"):
         planner.plan(model, plan.budget_bytes, inputs, plan=saved, **eager_options)
+
+
+def test_several_input_shapes_are_each_planned_by_measured_room() -> None:
+    """extra_example_inputs with Inductor kernels: each shape's schedule is chosen
+    by measured room with the shared homes fixed (the batch of 8 runs one solved
+    for more than the budget, as alone), and each compiled step holds the budget
+    by the meter."""
+    model, inputs = _fresh()
+    small = tuple(x[:2].clone() for x in inputs)
+    options = dict(mode="train", profile="cpu", time_limit=5, kernels="inductor")
+    pm = planner.plan(model, "50%", inputs, extra_example_inputs=[small], **options)
+    try:
+        full, other = pm.plan, pm.other_shapes[0]
+        assert full.op_level_budget_bytes is not None
+        assert full.op_level_budget_bytes > full.budget_bytes
+        for module in (pm, other):
+            assert module.measured is not None  # the check plan() ran
+            assert module.measured.peak_bytes <= full.budget_bytes
+        params = {d.name: d.home for d in full.tensors if d.kind == "param"}
+        assert params == {d.name: d.home for d in other.plan.tensors if d.kind == "param"}
+    finally:
+        pm.close()
