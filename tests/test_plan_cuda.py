@@ -224,3 +224,44 @@ def test_caches_larger_than_the_budget_live_on_the_host_and_are_written_back(
         assert pm.measured.peak_bytes <= budget
     finally:
         pm.close()
+
+
+def test_training_over_two_batch_shapes_shares_the_parameters() -> None:
+    """extra_example_inputs on CUDA: GPT-2's batch of 8 and a last batch of 3 at
+    35% of the peak (parameters may live on the host between uses, gradients
+    delivered there): SGD over [8, 3, 8, 3] follows eager's losses and ends at
+    eager's parameters; each shape's step within the budget by the meter.
+    Written without a GPU to run it (session 24)."""
+    eager, inputs = _on_cuda("gpt2", train=True)
+    model, _ = _on_cuda("gpt2", train=True)
+    last = tuple(x[:3].clone() for x in inputs)
+    budget = int(0.35 * planner.analyze(model, inputs, mode="train").unplanned_peak_bytes)
+    try:
+        pm = planner.plan(
+            model, budget, inputs, mode="train", time_limit=10, extra_example_inputs=[last]
+        )
+    except planner.BudgetTooSmall as exc:
+        assert exc.min_budget is not None
+        budget = exc.min_budget
+        pm = planner.plan(
+            model, budget, inputs, mode="train", time_limit=10, extra_example_inputs=[last]
+        )
+    try:
+        for batch in (inputs, last):
+            for p in pm.parameters():
+                p.grad = None
+            _, peak = _step(pm, batch)
+            assert peak <= budget, f"{batch[0].shape}: measured {peak} > {budget}"
+        optimizers = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (pm, eager)]
+        for batch in (inputs, last, inputs, last):
+            losses = []
+            for opt, module in zip(optimizers, (pm, eager)):
+                opt.zero_grad(set_to_none=True)
+                losses.append(module(*batch))
+                losses[-1].backward()
+                opt.step()
+            _check_against_eager("gpt2", losses[0].detach(), losses[1].detach())
+        for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+            torch.testing.assert_close(p.detach().to(q.device), q.detach(), msg=name)
+    finally:
+        pm.close()
