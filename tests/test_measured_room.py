@@ -10,6 +10,7 @@ from conftest import load_example
 from torch import nn
 
 import planner
+from planner import measured_room
 from planner.codegen import segments
 
 
@@ -88,17 +89,28 @@ def test_gpt2_at_half_its_peak_runs_a_schedule_solved_for_more(tmp_path) -> None
         planner.plan(model, plan.budget_bytes, inputs, plan=saved, **eager_options)
 
 
-def test_several_input_shapes_are_each_planned_by_measured_room() -> None:
+def test_several_input_shapes_are_each_planned_by_measured_room(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """extra_example_inputs with Inductor kernels: each shape's schedule is chosen
     by measured room with the shared homes fixed (the batch of 8 runs one solved
     for more than the budget, as alone), and each compiled step holds the budget
-    by the meter."""
+    by the meter. One rung of room (1.2x, where the batch of 8's lands alone)
+    keeps the compiles few: which rung wins is the test above's question."""
+    shapes_searched = []
+
+    def one_rung(analysis, problem, plan, device, time_limit):  # type: ignore[no-untyped-def]
+        shapes_searched.append(problem.fixed_homes)
+        return measured_room.plan_by_measured_room(
+            analysis, problem, plan, device, time_limit, ladder=(1.2,)
+        )
+
+    monkeypatch.setattr(planner.api, "plan_by_measured_room", one_rung)
     model, inputs = _fresh()
     small = tuple(x[:2].clone() for x in inputs)
     options = dict(mode="train", profile="cpu", time_limit=5, kernels="inductor")
     pm = planner.plan(model, "50%", inputs, extra_example_inputs=[small], **options)
     try:
         full, other = pm.plan, pm.other_shapes[0]
+        assert len(shapes_searched) == 2 and all(shapes_searched), "homes not fixed"
         assert full.op_level_budget_bytes is not None
         assert full.op_level_budget_bytes > full.budget_bytes
         for module in (pm, other):
