@@ -271,19 +271,46 @@ def plan(
         warn_if_inference_traced_in_training(model, analysis.program)
     if kernels != "inductor":  # peaks predicted op by op: the validator's replay
         return PlannedModule(model, analysis, problem, solved, offload_dir, device, kernels)
-    module_of = functools.partial(
-        PlannedModule, model, analysis, problem,
-        offload_dir=offload_dir, device=device, kernels=kernels, defer_release=True,
+
+    def module_of(schedule: Plan, assembled: Assembled | None) -> PlannedModule:
+        return PlannedModule(
+            model, analysis, problem, schedule, offload_dir, device, kernels,
+            assembled=assembled, defer_release=True,
+        )  # fmt: skip
+
+    pm = _compiled_and_checked(
+        module_of, analysis, problem, solved, device, time_limit,
+        search_room=plan is None and measure_room, example=(args, kwargs),
     )  # fmt: skip
-    direct, assembled = solved, None
-    if plan is None and measure_room:
-        solved, assembled = plan_by_measured_room(analysis, problem, solved, device, time_limit)
-    fallback: Callable[[], PlannedModule] | None = None
-    if solved is not direct and mode == "train":  # one training analysis makes more modules
-        fallback = functools.partial(module_of, direct)
-    pm = _checked_by_meter(module_of(solved, assembled=assembled), args, kwargs, fallback)
     pm.release_offloaded(model)
     return pm
+
+
+def _compiled_and_checked(
+    module_of: Callable[[Plan, Assembled | None], PlannedModule],
+    analysis: Analysis,
+    problem: Problem,
+    solved: Plan,
+    device: torch.device,
+    time_limit: float,
+    search_room: bool,
+    example: tuple[tuple, dict[str, Any]],
+    close_refused: bool = True,
+) -> PlannedModule:
+    """The module (``module_of(schedule, its assembled executor or None)``) of a
+    plan with Inductor kernels: planned by measured room from ``solved`` first
+    (``search_room``), then checked by the meter on the ``example`` call
+    (``_checked_by_meter``); over the budget, training falls back to ``solved``
+    itself (one training analysis makes more modules)."""
+    schedule, assembled = solved, None
+    if search_room:
+        schedule, assembled = plan_by_measured_room(analysis, problem, solved, device, time_limit)
+    fallback: Callable[[], PlannedModule] | None = None
+    if schedule is not solved and problem.mode == "train":
+        fallback = functools.partial(module_of, solved, None)
+    args, kwargs = example
+    module = module_of(schedule, assembled)
+    return _checked_by_meter(module, args, kwargs, fallback, close_refused=close_refused)
 
 
 def _plan_shapes(
@@ -320,33 +347,25 @@ def _plan_shapes(
         problems, plans = solve_shapes(problems, time_limit)
     if mode == "infer":
         warn_if_inference_traced_in_training(model, analyses[0].program)
-    direct = list(plans)
-    assembled: list[Assembled | None] = [None] * len(plans)
-    if kernels == "inductor" and measure_room and saved is None:
-        for k, (analysis, problem) in enumerate(zip(analyses, problems)):
-            plans[k], assembled[k] = plan_by_measured_room(
-                analysis, problem, plans[k], device, time_limit
-            )
-
-    def module_of(
-        k: int, solved: Plan, built: Assembled | None, owner: PlannedModule | None
-    ) -> PlannedModule:
-        return PlannedModule(
-            model, analyses[k], problems[k], solved, offload_dir if owner is None else None,
-            device, kernels, assembled=built, defer_release=True, share_store_of=owner,
-        )  # fmt: skip
 
     def checked(k: int, owner: PlannedModule | None) -> PlannedModule:
-        """Shape k's module; with Inductor kernels checked by the meter on its
-        inputs, falling back (training) to its schedule for the budget alone."""
-        module = module_of(k, plans[k], assembled[k], owner)
+        """Shape k's module, over ``owner``'s store (None: its own); with Inductor
+        kernels as ``plan`` makes one shape's."""
+
+        def module_of(schedule: Plan, assembled: Assembled | None) -> PlannedModule:
+            return PlannedModule(
+                model, analyses[k], problems[k], schedule,
+                offload_dir if owner is None else None, device, kernels,
+                assembled=assembled, defer_release=True, share_store_of=owner,
+            )  # fmt: skip
+
         if kernels != "inductor":
-            return module
-        fallback = None
-        if plans[k] is not direct[k] and mode == "train":
-            fallback = functools.partial(module_of, k, direct[k], None, owner)
-        args, kwargs = normalize_example_inputs(shapes[k])
-        return _checked_by_meter(module, args, kwargs, fallback, close_refused=owner is None)
+            return module_of(plans[k], None)
+        return _compiled_and_checked(
+            module_of, analyses[k], problems[k], plans[k], device, time_limit,
+            search_room=measure_room and saved is None,
+            example=normalize_example_inputs(shapes[k]), close_refused=owner is None,
+        )  # fmt: skip
 
     pm = checked(0, None)
     try:

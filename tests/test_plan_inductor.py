@@ -250,7 +250,7 @@ def test_gpu_plan_delivering_gradients_assembles_with_compiled_runs(
     gradient reaches .grad, close to eager's. Memory is not checked (the stand-in
     tier's copies count against this CPU's meter), so neither is the plan by it."""
     engines = run_gpu_plans_here(monkeypatch)
-    monkeypatch.setattr(api, "_checked_by_meter", lambda pm, args, kwargs, fallback: pm)
+    monkeypatch.setattr(api, "_checked_by_meter", lambda pm, args, kwargs, fallback, **_: pm)
     eager, x = linear_layers()
     eager(x).backward()
     model, _ = linear_layers()
