@@ -11,6 +11,7 @@ memory through either module.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import warnings
@@ -156,9 +157,6 @@ class PlannedModule(torch.nn.Module):
         self._forward_spills = self.mode == "train" and any(
             a.kind == "offload" and a.step in forward_steps for a in plan.actions
         )
-        self._forwards: _ForwardCount = (
-            share_store_of._forwards if share_store_of else _ForwardCount()
-        )
         #: the modules of this model's other input shapes (``add_other_shapes``)
         self._other_shapes: list[PlannedModule] = []
         self._owns_store = share_store_of is None
@@ -172,29 +170,12 @@ class PlannedModule(torch.nn.Module):
                 disk.close()
                 raise
             self._runtime = Runtime(engine)
-            #: training: the file-backed buffer each early-delivered gradient lands
-            #: in, by parameter (one per parameter whichever shape's backward runs)
-            self._delivery_buffers: dict[str, torch.Tensor] = {}
-            #: training: the stand-in of each frozen weight stored quantized, by
-            #: name: one object whichever shape's module made it (pm.parameters())
-            self._stand_in_of: dict[str, torch.Tensor] = {}
-            #: inference: weights a checkpoint's map held, brought into memory, by
-            #: name: once for every shape's module (each one's exported program
-            #: still holds the map)
-            self._materialized: dict[str, torch.Tensor] = {}
-            self._weight_keys: set[str] = set()  # files written at plan time (the rest: spills)
-            #: weights stored quantized, by name: on the device (``Quantized``), or in
-            #: a tier (None), with their round-trip errors; shared by other shapes
-            self._quantized_weights: dict[str, tuple[Any, dict[str, float]]] = {}
+            self._shared = _Shared()
             self._finalizer = weakref.finalize(self, _close, engine, disk)
         else:
             disk, engine = share_store_of._disk, share_store_of._engine
             self._runtime = Runtime(engine, weights_of=share_store_of._runtime)
-            self._delivery_buffers = share_store_of._delivery_buffers
-            self._stand_in_of = share_store_of._stand_in_of
-            self._materialized = share_store_of._materialized
-            self._weight_keys = share_store_of._weight_keys  # one set: either's spills go
-            self._quantized_weights = share_store_of._quantized_weights  # quantized once
+            self._shared = share_store_of._shared
             self._finalizer = share_store_of._finalizer  # closing either closes both
         self._engine: CopyEngine = engine
         self._disk: DiskStore = disk
@@ -303,12 +284,12 @@ class PlannedModule(torch.nn.Module):
                 self._store_quantized_in_tier(problem_tensor, tier, fmt, tensor.detach())
                 released.append(value.source)  # type: ignore[arg-type]
                 continue
-            stored = name in self._weight_keys  # by another shape's module, same home
+            stored = name in self._shared.weight_keys  # by another shape's module, same home
             if not stored:
                 engine.store_now(name, homes[name], _compact(tensor.detach()))
             if tensor.requires_grad:
                 self._runtime.grad_keys.add(name)
-            self._weight_keys.add(name)
+            self._shared.weight_keys.add(name)
             if self.mode == "train":  # CUDA: the parameter now lives on the host
                 if not stored:  # else its data is that module's map already
                     tensor.data = engine.home_tensor(name, homes[name])
@@ -331,10 +312,10 @@ class PlannedModule(torch.nn.Module):
         if self.mode == "train":
             for fqn in released:
                 original = tensors[fqn]
-                stand_in = self._stand_in_of.get(fqn)
+                stand_in = self._shared.stand_ins.get(fqn)
                 if stand_in is None:
                     stand_in = released_like(original, fqn, model, FROZEN_QUANTIZED)
-                    self._stand_in_of[fqn] = stand_in
+                    self._shared.stand_ins[fqn] = stand_in
                 for position, primal in enumerate(self._primals):
                     if primal is original:  # a tied weight is a primal per name
                         self._primals[position] = stand_in
@@ -349,10 +330,10 @@ class PlannedModule(torch.nn.Module):
                 # mapped by an earlier plan of this model: same parameter, data in memory
                 tensors[source].data = tensors[source].detach().clone()
             elif is_file_backed(tensors[source]):  # a checkpoint map: bring it into memory
-                if source not in self._materialized:  # else another shape's module did
-                    self._materialized[source] = _materialize(tensors[source])  # type: ignore[index]
-                    _replace(model, source, self._materialized[source])  # type: ignore[arg-type,index]
-                tensors[source] = self._materialized[source]  # type: ignore[index]
+                if source not in self._shared.materialized:  # else another shape's module did
+                    self._shared.materialized[source] = _materialize(tensors[source])  # type: ignore[index]
+                    _replace(model, source, self._shared.materialized[source])  # type: ignore[arg-type,index]
+                tensors[source] = self._shared.materialized[source]  # type: ignore[index]
             state.append(tensors[source])
             self._state_names.append(source)  # type: ignore[arg-type]
             tensor = tensors[source]
@@ -501,12 +482,12 @@ class PlannedModule(torch.nn.Module):
                 self._runtime.deliveries[tensor.name] = (param, None)
                 continue
             fqn = param_of[tensor.index]
-            buffer = self._delivery_buffers.get(fqn)  # another shape's plan made it
+            buffer = self._shared.delivery_buffers.get(fqn)  # another shape's plan made it
             if buffer is None:
                 key = f"grad:{fqn}"
                 buffer = self._disk.create_mapped(key, param.detach())
-                self._weight_keys.add(key)
-                self._delivery_buffers[fqn] = buffer
+                self._shared.weight_keys.add(key)
+                self._shared.delivery_buffers[fqn] = buffer
             self._runtime.deliveries[tensor.name] = (param, buffer)
 
     def _store_quantized_in_tier(
@@ -520,19 +501,19 @@ class PlannedModule(torch.nn.Module):
             return
         with self._runtime.recording_errors(self.quantization_errors):
             q = self._runtime.quantize(weight.to(self.device), fmt, name)
-        self._weight_keys.update(self._runtime.store_quantized_now(name, tier, q))
+        self._shared.weight_keys.update(self._runtime.store_quantized_now(name, tier, q))
         rows = self._exact_rows_copy(tensor, weight)
         if rows is not None:
             self._runtime.exact_rows[name] = rows
-        self._quantized_weights[name] = (None, self.quantization_errors.get(name, {}))
+        self._shared.quantized_weights[name] = (None, self.quantization_errors.get(name, {}))
 
     def _reuse_quantized(self, name: str) -> bool:
         """Whether another shape's module stored weight ``name`` quantized already
-        (``_quantized_weights``); if so its error and exact-rows lookup are
+        (``_Shared.quantized_weights``); if so its error and exact-rows lookup are
         recorded here too."""
-        if name not in self._quantized_weights:
+        if name not in self._shared.quantized_weights:
             return False
-        q, error = self._quantized_weights[name]
+        q, error = self._shared.quantized_weights[name]
         if error:
             self.quantization_errors[name] = error
         if name in self._runtime.exact_rows or getattr(q, "exact_rows", None) is not None:
@@ -548,7 +529,7 @@ class PlannedModule(torch.nn.Module):
             return None
         key = f"rows:{name}"
         self._disk.write(key, _compact(weight.detach().cpu()))
-        self._weight_keys.add(key)
+        self._shared.weight_keys.add(key)
         self._exact_lookups.add(name)
         return self._disk.map_shared(key)
 
@@ -564,14 +545,14 @@ class PlannedModule(torch.nn.Module):
             value = program.values[vi]
             problem_tensor = self.problem.tensors[value.storage]
             if self._reuse_quantized(problem_tensor.name):  # the same homes: on the device
-                q = self._quantized_weights[problem_tensor.name][0]
+                q = self._shared.quantized_weights[problem_tensor.name][0]
                 assert q is not None, f"{problem_tensor.name} is stored in a tier there"
             else:
                 weight = tensors[value.source].detach().to(self.device)  # type: ignore[index]
                 with self._runtime.recording_errors(self.quantization_errors):
                     q = self._runtime.quantize(weight, fmt, problem_tensor.name)
                 q.exact_rows = self._exact_rows_copy(problem_tensor, weight)
-                self._quantized_weights[problem_tensor.name] = (
+                self._shared.quantized_weights[problem_tensor.name] = (
                     q,
                     self.quantization_errors.get(problem_tensor.name, {}),
                 )
@@ -638,10 +619,8 @@ class PlannedModule(torch.nn.Module):
         ``other_shapes[k - 1]`` (an error if none matches)."""
         if not self._other_shapes:
             return 0, self
-        module, _ = self._matching(args, kwargs)
-        if module is self:
-            return 0, self
-        return 1 + next(i for i, m in enumerate(self._other_shapes) if m is module), module
+        k, module, _ = self._matching(args, kwargs)
+        return k, module
 
     def _wire_autograd(self) -> None:
         """Which forward outputs receive tangents, and which graph output is the
@@ -710,7 +689,7 @@ class PlannedModule(torch.nn.Module):
                 self._engine.drain()
             finally:
                 self._runtime.arriving.clear()  # half a backward delivers nothing
-                for key in [k for k in self._disk.entries if k not in self._weight_keys]:
+                for key in [k for k in self._disk.entries if k not in self._shared.weight_keys]:
                     self._disk.discard(key)
             why = self._state_types.changed() if isinstance(error, Exception) else None
             if why is not None:
@@ -725,15 +704,17 @@ class PlannedModule(torch.nn.Module):
         self._other_shapes = list(modules)
         self.other_shapes = torch.nn.ModuleList(modules)
 
-    def _matching(self, args: tuple, kwargs: dict) -> tuple[PlannedModule, list[torch.Tensor]]:
-        """The module, of this one and its other shapes, whose planned arguments the
-        call matches, with the call's tensors; none: the error says what each
-        expects."""
+    def _matching(self, args: tuple, kwargs: dict) -> tuple[int, PlannedModule, list[torch.Tensor]]:
+        """The shape (0: this module's, k: ``other_shapes[k - 1]``'s) whose planned
+        arguments the call matches, its module and the call's tensors; none: the
+        error says what each expects."""
         errors = []
-        for module in (self, *self._other_shapes):
+        for k, module in enumerate((self, *self._other_shapes)):
             try:
-                return module, module._call.flatten(
-                    args, kwargs, same_strides=module.kernels == "inductor"
+                return (
+                    k,
+                    module,
+                    module._call.flatten(args, kwargs, same_strides=module.kernels == "inductor"),
                 )
             except PlannerError as error:
                 errors.append(str(error))
@@ -747,7 +728,7 @@ class PlannedModule(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._check_open()
         if self._other_shapes:  # several input shapes
-            module, inputs = self._matching(args, kwargs)
+            _, module, inputs = self._matching(args, kwargs)
         else:
             module = self
             inputs = self._call.flatten(args, kwargs, same_strides=self.kernels == "inductor")
@@ -1102,13 +1083,33 @@ def _release(model: torch.nn.Module, fqn: str) -> None:
     slots[leaf] = released_like(slots[leaf], fqn, model)
 
 
-class _ForwardCount:
-    """Training forwards that moved activations to the offload store, counted over
-    every input shape's module of one store: their spills share its slots, so a
-    backward must come before any other spilling forward (``_PlannedStep``)."""
+@dataclasses.dataclass
+class _Shared:
+    """What the modules of one model's input shapes share besides the store, copy
+    engine and finalizer (``PlannedModule(share_store_of=...)``): made by the first,
+    held by the others, so each thing is written, quantized or made once."""
 
-    def __init__(self) -> None:
-        self.spilled = 0
+    #: keys of the files written at plan time, by every shape's module (the rest
+    #: are spills, which a failed run removes)
+    weight_keys: set[str] = dataclasses.field(default_factory=set)
+    #: weights stored quantized, by name: on the device (``Quantized``), or in a
+    #: tier (None), with their round-trip errors
+    quantized_weights: dict[str, tuple[Any, dict[str, float]]] = dataclasses.field(
+        default_factory=dict
+    )
+    #: training: the file-backed buffer each early-delivered gradient lands in, by
+    #: parameter (one per parameter whichever shape's backward runs)
+    delivery_buffers: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    #: training: the stand-in of each frozen weight stored quantized, by name: one
+    #: object whichever shape's module made it (pm.parameters())
+    stand_ins: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    #: inference: weights a checkpoint's map held, brought into memory, by name
+    #: (each shape's exported program still holds the map)
+    materialized: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    #: training forwards that moved activations to the store, over every shape: their
+    #: spills share its slots, so a backward must come before any other spilling
+    #: forward (``_PlannedStep``)
+    spilled_forwards: int = 0
 
 
 def _with_strides(tensor: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
@@ -1136,8 +1137,8 @@ class _PlannedStep(torch.autograd.Function):
             pm._primal_names, pm._primals_require_grad, ctx.needs_input_grad[1 : 1 + n_primals]
         )
         if pm._forward_spills:
-            pm._forwards.spilled += 1
-        ctx.forward_number = pm._forwards.spilled
+            pm._shared.spilled_forwards += 1
+        ctx.forward_number = pm._shared.spilled_forwards
         # tier-home ones are read there; frozen weights stored quantized come as codes
         state = [flat[j] for j in pm._state_positions] + pm._stored
         outs, carry = pm._run(pm._fn, state, list(flat[n_primals:]))
@@ -1180,7 +1181,7 @@ class _PlannedStep(torch.autograd.Function):
                     v.shape, stride, dtype=getattr(torch, v.dtype), device=pm.device
                 ).zero_()
             tangents.append(_with_strides(incoming, stride))
-        if pm._forward_spills and ctx.forward_number != pm._forwards.spilled:
+        if pm._forward_spills and ctx.forward_number != pm._shared.spilled_forwards:
             raise PlannerError(
                 "this backward needs activations the planned module moved to its offload "
                 "store, and a later forward of the same module (or of another input shape "

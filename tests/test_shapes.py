@@ -104,7 +104,7 @@ def test_the_shapes_share_one_store_and_hold_each_weight_once() -> None:
         (other,) = pm.other_shapes
         assert "other shapes=1" in repr(pm)
         assert other._disk is pm._disk and other._engine is pm._engine
-        assert other._weight_keys is pm._weight_keys
+        assert other._shared is pm._shared
         kept = {n for n, home in _homes(pm).items() if home == "device" and n in weights}
         assert kept, "a 60% plan keeps some weight on the device"
         state = {id(t) for t in pm._state} & {id(t) for t in other._state}
