@@ -181,6 +181,10 @@ def from_program(
             kind in (ValueKind.INPUT, ValueKind.TANGENT)
             or train_held
             or storage.index in handed_over
+            # a weight the forward returns ends the call resident, which a home off
+            # the device cannot (the smallest-budget search's replay once failed
+            # on one: "'second.weight' (home disk) is still on the device")
+            or (weight and storage.index in returned)
             or (storage.index in in_the_buffer and writes_home_of is None)
             or storage.nbytes < min_movable
         )
