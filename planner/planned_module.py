@@ -285,7 +285,13 @@ class PlannedModule(torch.nn.Module):
                 released.append(value.source)  # type: ignore[arg-type]
                 continue
             stored = name in self._shared.weight_keys  # by another shape's module, same home
-            if not stored:
+            # inference reads a disk-home weight from its checkpoint where it lies,
+            # unless the plan writes it (a weight the forward returns is never homed
+            # off the device, so no caller writes one through a read of its map)
+            read_only = self.mode != "train" and name not in written_back
+            if not stored and not (
+                read_only and engine.link_now(name, homes[name], tensor.detach())
+            ):
                 engine.store_now(name, homes[name], _compact(tensor.detach()))
             if tensor.requires_grad:
                 self._runtime.grad_keys.add(name)

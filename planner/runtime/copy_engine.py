@@ -48,6 +48,9 @@ class Pending:
 class CopyEngine:
     """Interface the generated code's runtime calls."""
 
+    #: the disk tier
+    disk: DiskStore
+
     def prefetch(self, key: str, tier: str) -> Pending:
         raise NotImplementedError
 
@@ -60,6 +63,12 @@ class CopyEngine:
     def store_now(self, key: str, tier: str, tensor: torch.Tensor) -> None:
         """Synchronous write (weights at plan time)."""
         raise NotImplementedError
+
+    def link_now(self, key: str, tier: str, tensor: torch.Tensor) -> bool:
+        """Instead of ``store_now``: read ``key`` from where ``tensor`` lies in
+        ``tier`` already (a checkpoint's map, on disk: ``DiskStore.link``), where
+        it can (True); nothing may write it then."""
+        return tier == "disk" and self.disk.link(key, tensor)
 
     def read_now(self, key: str, tier: str) -> torch.Tensor:
         """A read the caller waits for at once (``prefetch`` then ``wait``)."""
@@ -211,6 +220,7 @@ class ThreadCopyEngine(CopyEngine):
     def store_now(self, key: str, tier: str, tensor: torch.Tensor) -> None:
         self._check_tier(tier)
         self.disk.write(key, tensor)
+
 
     def drain(self) -> None:
         # one worker per channel, first in first out: a no-op queued now runs last

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from planner.errors import PlannerError
+from planner.runtime.linked import LinkedRegions
 from planner.runtime.offload_dirs import hold, owner_prefix, remove_stale
 
 
@@ -250,6 +251,8 @@ class DiskStore:
         #: default on Linux), so a model with thousands of offloaded tensors leaves
         #: descriptors for everything else; copies of keys past it open their file
         self.max_open_files = max(0, _open_file_limit() // 4)
+        #: keys read from files this store does not own (``link``)
+        self.linked = LinkedRegions()
 
     def path(self, key: str) -> Path:
         # kept per key: building it costs more than a small copy (26 us inside a
@@ -260,10 +263,30 @@ class DiskStore:
             path = self._paths[key] = self.root / f"{safe}-{zlib.crc32(key.encode()):08x}.bin"
         return path
 
+    def link(self, key: str, tensor: torch.Tensor) -> bool:
+        """Read ``key`` from where ``tensor`` lies, a file this store does not own
+        (a checkpoint's map), instead of writing a copy: ``planner.runtime.linked``.
+        False, and nothing done, where it cannot be; the caller writes it then.
+        Nothing may write through ``tensor`` while linked: reads by map return it."""
+        if not self.linked.link(key, tensor):
+            return False
+        self._close_file(key)  # a copy written before: replaced, as by a write
+        self.path(key).unlink(missing_ok=True)
+        self.entries[key] = Entry(  # its layout over a storage of its own bytes
+            nbytes=tensor.numel() * tensor.element_size(),
+            dtype=tensor.dtype,
+            shape=tuple(tensor.shape),
+            stride=tuple(tensor.stride()),
+            offset=0,
+            crc32=None,
+        )
+        return True
+
     def write(self, key: str, tensor: torch.Tensor, checksum: bool = True) -> Entry:
         """Write the tensor's storage; returns its entry. ``checksum=False`` for a
         transient copy: its stamp alone guards it (see the module docstring), and
         it overwrites the key's file in place."""
+        self.linked.forget(key)  # a linked key written is the store's own from now on
         data = _storage_bytes(tensor.detach().cpu() if tensor.device.type != "cpu" else tensor)
         if not checksum:
             entry = describe(tensor, stamp=self._overwrite(key, data))
@@ -328,7 +351,8 @@ class DiskStore:
         ``pwrite`` calls where the whole tensor would be megabytes; the whole
         tensor where its layout is not the file's, or not dense."""
         entry = self.entries.get(key)
-        if entry is None or not entry.laid_out_as(tensor) or not tensor.is_contiguous():
+        linked = key in self.linked  # its file is not the store's: write all of it
+        if entry is None or linked or not entry.laid_out_as(tensor) or not tensor.is_contiguous():
             self.write(key, tensor, checksum=False)
             return
         data = _storage_bytes(tensor)
@@ -404,6 +428,9 @@ class DiskStore:
         stamp and checksum."""
         entry, path = self._stored(key)
         view = _storage_bytes(out)
+        if key in self.linked:
+            self.linked.read_into(key, view)
+            return out
         fd = self._open_files.get(key)
         if fd is not None:  # kept open: no open and close per read (see ``_read_fd``)
             return self._read_fd(key, fd, entry, path, view, out)
@@ -448,6 +475,8 @@ class DiskStore:
         in by the kernel as they are touched, never copied into process memory, and
         writes through the map would not reach the file."""
         entry, path = self._stored(key)
+        if key in self.linked:  # the linked tensor: a shared map nothing writes through
+            return self.linked.view(key)
         try:
             st = os.stat(path)
         except FileNotFoundError as exc:
@@ -508,6 +537,8 @@ class DiskStore:
         entry = self.entries.get(key)
         if entry is None:
             raise StoreError(f"nothing stored under {key!r}")
+        if key in self.linked:  # writes through the map would reach another's file
+            raise StoreError(f"{key!r} is read in place from a file the store does not own")
         self.entries[key] = dataclasses.replace(entry, crc32=None, stamp=None)
         path = self.path(key)
         if key not in self._open_files:  # reads of it go through an open file too
@@ -527,6 +558,7 @@ class DiskStore:
         tensor with ``like``'s layout (a gradient's home: see ``map_shared``)."""
         entry = describe(like)
         path = self.path(key)
+        self.linked.forget(key)
         try:
             with open(path, "wb") as f:
                 f.truncate(entry.nbytes)
@@ -545,6 +577,7 @@ class DiskStore:
     def discard(self, key: str) -> None:
         """Forget ``key`` and remove its file (and any half-written one)."""
         self._close_file(key)
+        self.linked.forget(key)
         self.entries.pop(key, None)
         path = self.path(key)
         path.with_suffix(".tmp").unlink(missing_ok=True)
@@ -553,6 +586,7 @@ class DiskStore:
     def close(self) -> None:
         for key in list(self._open_files):
             self._close_file(key)
+        self.linked.close()
         shutil.rmtree(self.root, ignore_errors=True)
         self.entries.clear()
         if self._owner_lock is not None:
@@ -586,6 +620,14 @@ def fault_in(mapped: torch.Tensor) -> None:
     """Touch one byte of every page of a mapped tensor's storage, so the disk reads
     (and the page-table entries) happen on the calling thread, not inside the op
     that reads the tensor. ``POSIX_FADV_WILLNEED`` did not do it here: a 64 MiB
-    file read as slowly 0.2 s after the advice as with none (58-64 ms)."""
-    raw = torch.empty(0, dtype=torch.uint8).set_(mapped.untyped_storage())
+    file read as slowly 0.2 s after the advice as with none (58-64 ms). Only the
+    tensor's own bytes: a weight read from its checkpoint (``link``) is a view of
+    the whole file's map."""
+    if mapped.numel() == 0:
+        return
+    item = mapped.element_size()
+    extent = 1 + sum((n - 1) * s for n, s in zip(mapped.shape, mapped.stride()))
+    raw = torch.empty(0, dtype=torch.uint8).set_(
+        mapped.untyped_storage(), int(mapped.storage_offset()) * item, (extent * item,), (1,)
+    )
     raw[::_PAGE_BYTES].sum()  # the sum is discarded; the reads are the point
