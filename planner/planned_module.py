@@ -45,7 +45,7 @@ from planner.passes.pipeline import Analysis
 from planner.released import FROZEN_QUANTIZED, ReleasedWeight, released_like
 from planner.report import Report
 from planner.runtime import fused
-from planner.runtime.checkpoint import is_file_backed
+from planner.runtime.checkpoint import is_checkpoint_view, is_file_backed
 from planner.runtime.copy_engine import CopyEngine, ThreadCopyEngine, make_engine
 from planner.runtime.meter import Measurement, measure
 from planner.runtime.output_aliases import ForwardOutputs
@@ -285,19 +285,25 @@ class PlannedModule(torch.nn.Module):
                 released.append(value.source)  # type: ignore[arg-type]
                 continue
             stored = name in self._shared.weight_keys  # by another shape's module, same home
-            # inference reads a disk-home weight from its checkpoint where it lies,
-            # unless the plan writes it (a weight the forward returns is never homed
-            # off the device, so no caller writes one through a read of its map)
-            read_only = self.mode != "train" and name not in written_back
-            if not stored and not (
-                read_only and engine.link_now(name, homes[name], tensor.detach())
-            ):
+            # a disk-home weight nothing writes (inference: none the plan writes; a
+            # weight the forward returns has no home off the device. Training: a
+            # frozen one) is read from its checkpoint where it lies
+            read_only = name not in written_back and (
+                self.mode != "train" or not tensor.requires_grad
+            )
+            linked = (
+                not stored
+                and read_only
+                and is_checkpoint_view(tensor)
+                and engine.link_now(name, homes[name], tensor.detach())
+            )
+            if not stored and not linked:
                 engine.store_now(name, homes[name], _compact(tensor.detach()))
             if tensor.requires_grad:
                 self._runtime.grad_keys.add(name)
             self._shared.weight_keys.add(name)
             if self.mode == "train":  # CUDA: the parameter now lives on the host
-                if not stored:  # else its data is that module's map already
+                if not stored and not linked:  # else its data is a map of its file already
                     tensor.data = engine.home_tensor(name, homes[name])
                 self._tier_homed_params.append((value.source, tensor))  # type: ignore[arg-type]
             elif name in written_back:  # read as copies: each call writes it

@@ -29,6 +29,12 @@ _DTYPES = {
 }  # fmt: skip
 
 
+#: the files ``open_safetensors`` mapped: weights read from one may be read from it
+#: in place (``is_checkpoint_view``); another file-backed weight may be an offload
+#: store's file, which its module rewrites
+_CHECKPOINT_FILES: set[str] = set()
+
+
 def open_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Name -> tensor viewing the file (no copy, nothing read yet)."""
     path = Path(path)
@@ -43,6 +49,7 @@ def open_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     # the planner recognize file-backed weights). Nothing writes through this map:
     # the planner copies any weight it keeps in memory before use.
     storage = torch.UntypedStorage.from_file(str(path), True, size)
+    _CHECKPOINT_FILES.add(str(path))
     base = 8 + header_len
     tensors = {}
     for name, info in header.items():
@@ -137,3 +144,8 @@ def _raise_missing(
 
 def is_file_backed(tensor: torch.Tensor) -> bool:
     return getattr(tensor.untyped_storage(), "filename", None) is not None
+
+
+def is_checkpoint_view(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` views a safetensors checkpoint's map (``open_safetensors``)."""
+    return getattr(tensor.untyped_storage(), "filename", None) in _CHECKPOINT_FILES

@@ -208,3 +208,45 @@ def test_a_weight_the_forward_returns_stays_on_the_device(tmp_path) -> None:
         assert _sha256(path) == digest
     finally:
         pm.close()
+
+
+def test_lora_training_reads_its_frozen_base_from_the_checkpoint(tmp_path) -> None:
+    """LoRA from a checkpoint: the frozen base weights homed on disk are read from
+    the checkpoint (the offload directory holds less than them after planning),
+    three AdamW steps over the adapters are eager's bit for bit within the budget
+    by the meter, and the checkpoint is unchanged. Trained weights, which the
+    optimizer writes, are still copied (``test_checkpoint.py``)."""
+    from conftest import assert_same_adamw_steps, assert_step_within
+    from test_frozen_quantized import LoRANet
+
+    torch.manual_seed(0)
+    eager = LoRANet()
+    x = torch.randn(64, 512)
+    path = tmp_path / "base.safetensors"
+    save_file({k: v for k, v in eager.state_dict().items() if ".base." in k}, path)
+    digest = _sha256(path)
+    with torch.device("meta"):
+        meta = LoRANet()
+    for mine, theirs in zip(meta.layers, eager.layers):  # the adapters: made, not loaded
+        mine.a = nn.Parameter(theirs.a.detach().clone())
+        mine.b = nn.Parameter(theirs.b.detach().clone())
+    offload = tmp_path / "offload"
+    offload.mkdir()
+    budget = int(0.6 * sum(p.numel() * 4 for p in eager.parameters()))
+    pm = planner.plan(
+        meta, budget, (x,), mode="train", profile="cpu", time_limit=20,
+        checkpoint=str(path), offload_dir=str(offload),
+    )  # fmt: skip
+    try:
+        on_disk = [
+            d
+            for d in pm.plan.tensors
+            if d.kind == "param" and d.home == "disk" and ".base." in d.name
+        ]
+        assert on_disk, "the budget must home frozen weights on disk for this test to mean anything"
+        assert _files_bytes(offload) < sum(d.nbytes for d in on_disk)
+        assert_same_adamw_steps(pm, eager, [(x,)] * 3)
+        assert_step_within(pm, (x,), budget)
+    finally:
+        pm.close()
+    assert _sha256(path) == digest, "training wrote into the checkpoint"
