@@ -30,6 +30,7 @@ BENCHES = {
     ],
     "prefill": ["benchmarks/prefill_bench.py", "--repeats", "5", "--out", "BENCHMARKS_prefill.md"],
     "last_batch": ["benchmarks/last_batch_bench.py", "--out", "BENCHMARKS_last_batch.md"],
+    "checkpoint": ["benchmarks/checkpoint_bench.py", "--out", "BENCHMARKS_checkpoint.md"],
 }
 QUICK = {"remat", "solver"}  # the ones with a --quick mode
 

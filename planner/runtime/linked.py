@@ -7,10 +7,13 @@ the checkpoint itself instead of being copied into the offload store
 disk's free space still plans, and no copy is made at disk speed), and the disk
 holds its bytes once.
 
-The checkpoint is only ever read: copies ``pread`` from a descriptor opened when
-the first of its weights is linked, and reads by map get the attached view itself
-(nothing writes the weights read by map: ``PlannedModule`` links no weight the
-plan writes, and a weight the forward returns has no home off the device). A
+The checkpoint is only ever read, through a descriptor opened when the first of
+its weights is linked: copies ``pread`` from it, and a read by map maps just the
+weight's pages of it, private (copy-on-write: a write would never reach the file),
+unmapped once the tensor is freed, as a store file's map is. The attached view's
+own map is not used: it spans the whole file and lives as long as the model's
+tensor, so every page read through it would stay mapped, and the page cache could
+not drop it between calls. A
 checkpoint rewritten after planning (its size or modification time changed) is
 an error at the next read, as a changed offload file is. One replaced or deleted
 is not: the open descriptor and the map still hold the bytes the plan was made
@@ -19,9 +22,11 @@ with.
 
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from planner.errors import PlannerError
@@ -44,8 +49,8 @@ class _Region:
     path: str
     byte_offset: int
     nbytes: int
-    #: the caller's tensor over the file's map (what a read by map returns)
-    view: torch.Tensor
+    dtype: torch.dtype
+    shape: tuple[int, ...]
 
 
 def _file_stamp(st: os.stat_result) -> tuple[int, int]:
@@ -70,6 +75,9 @@ class LinkedRegions:
     def __contains__(self, key: str) -> bool:
         return key in self._regions
 
+    def __len__(self) -> int:
+        return len(self._regions)
+
     def link(self, key: str, tensor: torch.Tensor) -> bool:
         """Read ``key`` from where ``tensor`` lies from now on; False (nothing
         done) where that cannot be (see ``mapped_file``, or the file cannot be opened)."""
@@ -90,7 +98,7 @@ class LinkedRegions:
             return False
         self.forget(key)
         opened.keys.add(key)
-        self._regions[key] = _Region(path, byte_offset, nbytes, tensor.detach())
+        self._regions[key] = _Region(path, byte_offset, nbytes, tensor.dtype, tuple(tensor.shape))
         return True
 
     def read_into(self, key: str, out: memoryview) -> None:
@@ -104,12 +112,23 @@ class LinkedRegions:
                 raise self._changed(key, region)  # shorter than when linked
             done += got
 
-    def view(self, key: str) -> torch.Tensor:
-        """The region as the linked tensor (a view of the file's map), checked
-        like a read."""
+    def map_private(self, key: str) -> torch.Tensor:
+        """The region as a tensor over a private map of its pages, checked like a
+        read (see the module docstring)."""
         region = self._regions[key]
-        self._checked(key, region)
-        return region.view
+        fd = self._checked(key, region)
+        if region.nbytes == 0:
+            return torch.empty(region.shape, dtype=region.dtype)
+        start = region.byte_offset - region.byte_offset % mmap.ALLOCATIONGRANULARITY
+        pages = mmap.mmap(
+            fd,
+            region.byte_offset + region.nbytes - start,
+            flags=mmap.MAP_PRIVATE,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+            offset=start,
+        )
+        raw = np.frombuffer(pages, dtype=np.uint8)[region.byte_offset - start :]
+        return torch.from_numpy(raw).view(region.dtype).reshape(region.shape)
 
     def forget(self, key: str) -> None:
         region = self._regions.pop(key, None)

@@ -267,7 +267,7 @@ class DiskStore:
         """Read ``key`` from where ``tensor`` lies, a file this store does not own
         (a checkpoint's map), instead of writing a copy: ``planner.runtime.linked``.
         False, and nothing done, where it cannot be; the caller writes it then.
-        Nothing may write through ``tensor`` while linked: reads by map return it."""
+        Its file is only read from then on."""
         if not self.linked.link(key, tensor):
             return False
         self._close_file(key)  # a copy written before: replaced, as by a write
@@ -475,8 +475,8 @@ class DiskStore:
         in by the kernel as they are touched, never copied into process memory, and
         writes through the map would not reach the file."""
         entry, path = self._stored(key)
-        if key in self.linked:  # the linked tensor: a shared map nothing writes through
-            return self.linked.view(key)
+        if key in self.linked:
+            return self.linked.map_private(key)
         try:
             st = os.stat(path)
         except FileNotFoundError as exc:
@@ -621,8 +621,7 @@ def fault_in(mapped: torch.Tensor) -> None:
     (and the page-table entries) happen on the calling thread, not inside the op
     that reads the tensor. ``POSIX_FADV_WILLNEED`` did not do it here: a 64 MiB
     file read as slowly 0.2 s after the advice as with none (58-64 ms). Only the
-    tensor's own bytes: a weight read from its checkpoint (``link``) is a view of
-    the whole file's map."""
+    tensor's own bytes, should its storage be larger."""
     if mapped.numel() == 0:
         return
     item = mapped.element_size()
