@@ -602,6 +602,9 @@ class PlannedModule(torch.nn.Module):
             report.disk_rates = self.problem.meta.get("disk_rates")
         if self.kernels == "inductor":
             report.kernels = kernels_summary(self.executor.segments, self.executor.op_calls)
+        disk = getattr(self._engine, "disk", None)
+        if disk is not None and len(disk.linked):
+            report.read_in_place = disk.linked.summary()
         if self.measured is not None and self._measured_shape == 0:
             report.measured = {
                 "peak_bytes": self.measured.peak_bytes,

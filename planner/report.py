@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from planner.ir.meta import BUFFER_UPDATES, FROZEN_PARAMS
@@ -87,6 +88,9 @@ class Report:
     #: (``PlannedModule.other_shapes``: their own reports have their tensors)
     inputs: list[Any] | None = None
     other_shapes: list[dict[str, Any]] = field(default_factory=list)
+    #: weights read from their checkpoint where they lie, not copied into the
+    #: offload store (``DiskStore.link``): how many, their bytes, the files
+    read_in_place: dict[str, Any] | None = None
 
     @classmethod
     def from_analysis(cls, analysis: Analysis) -> Report:
@@ -335,6 +339,13 @@ def summary_lines(report: Report) -> list[str]:
     ]
     if report.disk_rates:
         lines.append(f"disk copies priced: {report.disk_rates}")
+    if report.read_in_place:
+        r = report.read_in_place
+        files = ", ".join(Path(f).name for f in r["files"])
+        lines.append(
+            f"read in place:      {r['weights']} weights ({format_bytes(r['bytes'])}) from "
+            f"{files}, not copied to the offload store"
+        )
     if report.kernels:
         k = report.kernels
         lines.append(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import mmap
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,6 +78,14 @@ class LinkedRegions:
 
     def __len__(self) -> int:
         return len(self._regions)
+
+    def summary(self) -> dict[str, Any]:
+        """How many keys are read in place, their bytes, and from which files."""
+        return {
+            "weights": len(self._regions),
+            "bytes": sum(r.nbytes for r in self._regions.values()),
+            "files": sorted({r.path for r in self._regions.values()}),
+        }
 
     def link(self, key: str, tensor: torch.Tensor) -> bool:
         """Read ``key`` from where ``tensor`` lies from now on; False (nothing

@@ -149,6 +149,13 @@ def test_inference_reads_disk_home_weights_from_the_checkpoint(tmp_path, monkeyp
         assert on_disk, "the budget must home weights on disk for this test to mean anything"
         assert _files_bytes(offload) < sum(d.nbytes for d in on_disk)
         assert _files_bytes(offload) == 0  # nothing else is offloaded at 40% either
+        read = pm.report.read_in_place
+        assert read == {
+            "weights": len(on_disk),
+            "bytes": sum(d.nbytes for d in on_disk),
+            "files": [str(path)],
+        }
+        assert f"read in place:      {len(on_disk)} weights" in str(pm.report)
         out = pm.run_measured(x)
         assert torch.equal(out, expected)
         assert pm.measured.peak_bytes <= pm.plan.budget_bytes
