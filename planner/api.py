@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -186,7 +187,7 @@ def plan(
     profile: str | DeviceProfile | None = None,
     quantize: str | dict[str, str] | None = None,
     time_limit: float = DEFAULT_TIME_LIMIT,
-    checkpoint: str | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
     plan: SavedPlan | list[SavedPlan] | tuple[SavedPlan, ...] | None = None,
     kernels: str = "eager",
     measure_room: bool = True,
@@ -199,9 +200,10 @@ def plan(
     go (a fresh subdirectory is made there and removed with the module; default: a
     temporary directory). Tier-home weights are released from ``model``.
     ``checkpoint``: a safetensors file to take the weights of a model built on the
-    meta device from (memory-mapped: for models larger than RAM; inference or
-    training, which copies what it trains into memory or its store: the file is
-    never written). ``plan``: a saved
+    meta device from, or a sharded checkpoint's index (``model.safetensors.index.json``)
+    or directory (memory-mapped: for models larger than RAM; weights homed on disk
+    are read from it in place; inference or training, which copies what it trains
+    into memory or its store: the files are never written). ``plan``: a saved
     plan (``pm.plan.save(path)``) to reuse without solving again; it must have been
     made for this graph and budget.
 

@@ -14,7 +14,9 @@ optimizer writes it (``PlannedModule._place_state``).
 from __future__ import annotations
 
 import json
+import os
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -72,9 +74,83 @@ def open_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def attach_checkpoint(model: torch.nn.Module, path: str | Path) -> list[str]:
+def open_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Name -> tensor of a checkpoint: one safetensors file, a sharded one's index
+    (``model.safetensors.index.json``, whose ``weight_map`` names each tensor's
+    file, as Hugging Face saves models over a few GB), or a directory holding
+    either (an index, else every ``*.safetensors`` file in it)."""
+    path = Path(path)
+    if path.is_dir():
+        indexes = sorted(path.glob("*.safetensors.index.json"))
+        if len(indexes) > 1:
+            raise PlannerError(
+                f"checkpoint directory {str(path)!r} has {len(indexes)} indexes "
+                f"({', '.join(i.name for i in indexes)}): pass checkpoint= the one to use"
+            )
+        if indexes:
+            return _open_index(indexes[0])
+        shards = sorted(path.glob("*.safetensors"))
+        if not shards:
+            raise PlannerError(
+                f"checkpoint directory {str(path)!r} has no *.safetensors file and no "
+                f"*.safetensors.index.json: pass checkpoint= a safetensors file, a "
+                f"sharded checkpoint's index, or a directory holding them"
+            )
+        return _merged(shards, {s: None for s in shards})
+    if path.name.endswith(".json"):
+        return _open_index(path)
+    return open_safetensors(path)
+
+
+def _open_index(index: Path) -> dict[str, torch.Tensor]:
+    """The tensors a sharded checkpoint's index maps, each from its shard."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PlannerError(
+            f"cannot read the sharded checkpoint index {str(index)!r} (a JSON file with "
+            f"a 'weight_map' of tensor name -> shard file): {exc!r}"
+        ) from exc
+    names_in: dict[Path, set[str]] = {}
+    for name, shard in weight_map.items():
+        names_in.setdefault(index.parent / shard, set()).add(name)
+    return _merged(sorted(names_in), names_in)
+
+
+def _merged(
+    shards: list[Path], names_in: Mapping[Path, set[str] | None]
+) -> dict[str, torch.Tensor]:
+    """One name -> tensor map over ``shards`` (each limited to ``names_in[shard]``
+    when given); a name in two shards is an error."""
+    tensors: dict[str, torch.Tensor] = {}
+    found_in: dict[str, Path] = {}
+    for shard in shards:
+        wanted = names_in[shard]
+        for name, tensor in open_safetensors(shard).items():
+            if wanted is not None and name not in wanted:
+                continue
+            if name in found_in:
+                raise PlannerError(
+                    f"checkpoint tensor {name!r} is in two shards, {found_in[name].name} "
+                    f"and {shard.name}: pass checkpoint= the index that says which to use"
+                )
+            found_in[name] = shard
+            tensors[name] = tensor
+    missing = {
+        name for shard, names in names_in.items() if names for name in names
+    } - tensors.keys()
+    if missing:
+        raise PlannerError(
+            f"the checkpoint's index names {len(missing)} tensor(s) its shards do not "
+            f"have ({', '.join(sorted(missing)[:5])}): the index and the shards do not match"
+        )
+    return tensors
+
+
+def attach_checkpoint(model: torch.nn.Module, path: str | os.PathLike[str]) -> list[str]:
     """Point every meta parameter/buffer of ``model`` at the checkpoint's tensor of
-    the same name; returns the names attached. Names, shapes and dtypes must match;
+    the same name (``open_checkpoint``: a safetensors file, a sharded checkpoint's
+    index, or their directory); returns the names attached. Names, shapes and dtypes must match;
     all are checked before any is attached, so an error leaves the model as it was.
 
     A tensor the model holds under several names (tied weights: GPT-2's embedding
@@ -82,7 +158,7 @@ def attach_checkpoint(model: torch.nn.Module, path: str | Path) -> list[str]:
     (safetensors refuses to save shared tensors twice; ``save_model`` keeps one
     name): any of its names found attaches it, and every name then holds the same
     new tensor, so it stays tied."""
-    weights = open_safetensors(path)
+    weights = open_checkpoint(path)
     # each meta tensor once, with every slot that holds it: (fqn, slots, leaf, module)
     holders: dict[int, tuple[torch.Tensor, bool, list[tuple[str, dict, str, Any]]]] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
@@ -121,7 +197,7 @@ def attach_checkpoint(model: torch.nn.Module, path: str | Path) -> list[str]:
 
 
 def _raise_missing(
-    path: str | Path, slots_of: list[tuple[str, dict, str, Any]], kind: str
+    path: str | os.PathLike[str], slots_of: list[tuple[str, dict, str, Any]], kind: str
 ) -> NoReturn:
     """The error for a meta tensor the checkpoint has under none of its names."""
     fqn, _, leaf, module = slots_of[0]

@@ -13,7 +13,7 @@ from torch import nn
 
 import planner
 from planner.errors import PlannerError
-from planner.runtime.checkpoint import attach_checkpoint, open_safetensors
+from planner.runtime.checkpoint import attach_checkpoint, open_checkpoint, open_safetensors
 from planner.runtime.meter import resident_bytes
 
 
@@ -306,3 +306,51 @@ def test_a_tensor_missing_under_every_name_is_named(tmp_path) -> None:
 class _Mean(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.pow(2).mean()
+
+
+@pytest.mark.parametrize("given", ["index", "directory"])
+def test_a_sharded_checkpoint_is_read_through_its_index(tmp_path, given) -> None:
+    """A checkpoint in shards, as Hugging Face saves models over a few GB
+    (``save_torch_state_dict``: shard files and ``model.safetensors.index.json``):
+    ``checkpoint=`` its index or its directory gives eager's outputs, and the
+    weights homed on disk are read in place from several shards."""
+    from huggingface_hub import save_torch_state_dict
+
+    torch.manual_seed(0)
+    eager = _blocks()
+    shards = tmp_path / "sharded"
+    shards.mkdir()
+    save_torch_state_dict(eager.state_dict(), shards, max_shard_size=600_000)
+    assert len(list(shards.glob("*.safetensors"))) > 2
+    x = torch.randn(64, 256)
+    with torch.no_grad():
+        expected = eager(x)
+    where = shards / "model.safetensors.index.json" if given == "index" else shards
+    pm = planner.plan(_blocks("meta"), "40%", (x,), profile="cpu", time_limit=5, checkpoint=where)
+    try:
+        assert torch.equal(pm(x), expected)
+        assert len(pm.report.read_in_place["files"]) > 1
+    finally:
+        pm.close()
+
+
+def test_a_sharded_checkpoint_that_does_not_match_its_index_is_an_error(tmp_path) -> None:
+    save_file({"0.weight": torch.randn(4, 4)}, tmp_path / "a.safetensors")
+    save_file({"0.weight": torch.randn(4, 4), "0.bias": torch.randn(4)}, tmp_path / "b.safetensors")
+    with pytest.raises(PlannerError, match="'0.weight' is in two shards, a.safetensors and b"):
+        open_checkpoint(tmp_path)  # no index: which one is meant?
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text('{"weight_map": {"0.weight": "a.safetensors", "0.bias": "a.safetensors"}}')
+    with pytest.raises(
+        PlannerError, match=r"names 1 tensor\(s\) its shards do not have \(0.bias\)"
+    ):
+        open_checkpoint(tmp_path)
+    index.write_text('{"weight_map": {"0.weight": "a.safetensors", "0.bias": "b.safetensors"}}')
+    assert set(open_checkpoint(tmp_path)) == {"0.weight", "0.bias"}
+    index.write_text("{}")
+    with pytest.raises(PlannerError, match="cannot read the sharded checkpoint index"):
+        open_checkpoint(index)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(PlannerError, match="no \\*.safetensors file"):
+        open_checkpoint(empty)
