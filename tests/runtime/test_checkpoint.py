@@ -4,6 +4,7 @@ into RAM, outputs equal the eager model's."""
 from __future__ import annotations
 
 import gc
+from typing import Any
 
 import pytest
 import torch
@@ -178,26 +179,36 @@ def _sgd_losses(module: nn.Module, x: torch.Tensor) -> list[float]:
     return losses
 
 
-def test_lora_over_a_frozen_base_streamed_from_its_checkpoint_and_stored_int8(tmp_path) -> None:
-    """QLoRA from a checkpoint: the frozen base comes from its file (built on the
-    meta device, never in RAM whole), the plan stores some of it int8, and three
-    AdamW steps over the adapters are eager's over the round-tripped base, bit for
-    bit; the checkpoint is unchanged."""
-    from test_frozen_quantized import QUANTIZE_OVER_DISK, LoRANet, _frozen_bytes
-
-    from planner.runtime import quant
+def lora_over_a_saved_base(tmp_path) -> tuple[nn.Module, nn.Module, torch.Tensor, Any]:
+    """A ``LoRANet``, its frozen base saved to ``base.safetensors`` under
+    ``tmp_path``: (the eager net, the same net on the meta device with the
+    adapters made in memory, an input, the file's path)."""
+    from test_frozen_quantized import LoRANet
 
     torch.manual_seed(0)
     eager = LoRANet()
     x = torch.randn(64, 512)
     path = tmp_path / "base.safetensors"
     save_file({k: v for k, v in eager.state_dict().items() if ".base." in k}, str(path))
-    digest = _sha256(path)
     with torch.device("meta"):
         meta = LoRANet()
     for mine, theirs in zip(meta.layers, eager.layers):  # the adapters: made, not loaded
         mine.a = nn.Parameter(theirs.a.detach().clone())
         mine.b = nn.Parameter(theirs.b.detach().clone())
+    return eager, meta, x, path
+
+
+def test_lora_over_a_frozen_base_streamed_from_its_checkpoint_and_stored_int8(tmp_path) -> None:
+    """QLoRA from a checkpoint: the frozen base comes from its file (built on the
+    meta device, never in RAM whole), the plan stores some of it int8, and three
+    AdamW steps over the adapters are eager's over the round-tripped base, bit for
+    bit; the checkpoint is unchanged."""
+    from test_frozen_quantized import QUANTIZE_OVER_DISK, _frozen_bytes
+
+    from planner.runtime import quant
+
+    eager, meta, x, path = lora_over_a_saved_base(tmp_path)
+    digest = _sha256(path)
     budget = int(0.65 * _frozen_bytes(eager))
     pm = planner.plan(
         meta, budget, (x,), mode="train", quantize={"weights": "int8"},

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -25,6 +26,15 @@ def _sha256(path) -> str:
 
 def _files_bytes(root) -> int:
     return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+
+def _saved(make, tmp_path) -> tuple[nn.Module, Any, str]:
+    """``make()`` (seeded), saved to ``model.safetensors``: (it, the path, its SHA-256)."""
+    torch.manual_seed(0)
+    eager = make()
+    path = tmp_path / "model.safetensors"
+    save_file(eager.state_dict(), path)
+    return eager, path, _sha256(path)
 
 
 @pytest.fixture
@@ -123,11 +133,7 @@ def test_inference_reads_disk_home_weights_from_the_checkpoint(tmp_path, monkeyp
     weights of ``MAP_MIN_BYTES`` or more)."""
     if read == "mapped":
         monkeypatch.setattr(copy_engine, "MAP_MIN_BYTES", 0)
-    torch.manual_seed(0)
-    eager = _Blocks()
-    path = tmp_path / "model.safetensors"
-    save_file(eager.state_dict(), path)
-    digest = _sha256(path)
+    eager, path, digest = _saved(_Blocks, tmp_path)
     x = torch.randn(64, 256)
     with torch.no_grad():
         expected = eager(x)
@@ -191,11 +197,7 @@ def test_a_weight_the_forward_returns_stays_on_the_device(tmp_path) -> None:
     (then the caller, who may write into it, never holds a view of the
     checkpoint's map). Before, the smallest-budget search replayed a plan homing
     it on disk and raised ``InvalidPlan`` instead of ``BudgetTooSmall``."""
-    torch.manual_seed(0)
-    eager = _ReturnsAWeight()
-    path = tmp_path / "model.safetensors"
-    save_file(eager.state_dict(), path)
-    digest = _sha256(path)
+    eager, path, digest = _saved(_ReturnsAWeight, tmp_path)
     x = torch.randn(8, 256)
     with torch.device("meta"):
         meta = _ReturnsAWeight()
@@ -224,19 +226,10 @@ def test_lora_training_reads_its_frozen_base_from_the_checkpoint(tmp_path) -> No
     by the meter, and the checkpoint is unchanged. Trained weights, which the
     optimizer writes, are still copied (``test_checkpoint.py``)."""
     from conftest import assert_same_adamw_steps, assert_step_within
-    from test_frozen_quantized import LoRANet
+    from test_checkpoint import lora_over_a_saved_base
 
-    torch.manual_seed(0)
-    eager = LoRANet()
-    x = torch.randn(64, 512)
-    path = tmp_path / "base.safetensors"
-    save_file({k: v for k, v in eager.state_dict().items() if ".base." in k}, path)
+    eager, meta, x, path = lora_over_a_saved_base(tmp_path)
     digest = _sha256(path)
-    with torch.device("meta"):
-        meta = LoRANet()
-    for mine, theirs in zip(meta.layers, eager.layers):  # the adapters: made, not loaded
-        mine.a = nn.Parameter(theirs.a.detach().clone())
-        mine.b = nn.Parameter(theirs.b.detach().clone())
     offload = tmp_path / "offload"
     offload.mkdir()
     budget = int(0.6 * sum(p.numel() * 4 for p in eager.parameters()))
