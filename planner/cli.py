@@ -1,6 +1,7 @@
 """``planner`` command line: ``report`` and ``calibrate``.
 
     planner report FILE.py:FACTORY [--mode train] [--json] [--measure] [--profile P]
+                   [--budget B] [--checkpoint PATH]
     planner calibrate [--out PATH] [--quick]
 
 FACTORY() must return ``(model, example_inputs)``.
@@ -61,6 +62,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from planner.api import plan as plan_module
 
     model, example_inputs = load_factory(args.factory)
+    if args.checkpoint is not None:  # a model built on the meta device takes its weights
+        from planner.runtime.checkpoint import attach_checkpoint
+
+        attach_checkpoint(model, args.checkpoint)
     if args.budget is not None:
         reference = None
         if args.quantize and args.mode == "infer":  # the lossless outputs, to report the error
@@ -185,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="with --kernels inductor: solve for the budget only, not also for more "
         "(schedules whose compiled runs hold within the budget; faster to plan)",
+    )
+    rep.add_argument(
+        "--checkpoint",
+        default=None,
+        metavar="PATH",
+        help="a safetensors checkpoint (a file, a sharded one's index, or their "
+        "directory) for a model FACTORY builds on the meta device (torch.device('meta'))",
     )
     rep.add_argument("--save-plan", default=None, help="write the plan as JSON here")
     rep.add_argument(

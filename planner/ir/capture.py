@@ -112,6 +112,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, mode: str = "infer") ->
     autocast = autocast_state()  # the trace fixes each op's dtype as it chooses
     check_hooks_at_capture(model, mode)
     _check_not_released(model)
+    _check_no_meta_weights(model)
     with _grad_flags_kept(model):
         exported = merge_constants_that_are_state(_export(model, args, kwargs))
     if mode == "infer":
@@ -167,6 +168,20 @@ def _check_not_released(model: torch.nn.Module) -> None:
             f"{'its' if len(taken) == 1 else 'their'} values. Plan a copy of the model "
             f"made before the first plan (copy.deepcopy(model) before planner.plan), or "
             f"load the weights into it again (load_state_dict(..., assign=True))"
+        )
+
+
+def _check_no_meta_weights(model: torch.nn.Module) -> None:
+    """A model built on the meta device without its checkpoint attached holds no
+    values: torch.export said only that it found tensors on two devices."""
+    empty = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:
+        raise CaptureError(
+            f"{type(model).__name__}: {listed(empty)} {'is' if len(empty) == 1 else 'are'} "
+            f"on the meta device and hold no values. Pass its weights' safetensors "
+            f"checkpoint (planner.plan(..., checkpoint=PATH); planner report: "
+            f"--checkpoint PATH; or planner.attach_checkpoint(model, PATH) first), or "
+            f"build the model outside torch.device('meta')"
         )
 
 
