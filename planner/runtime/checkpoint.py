@@ -4,11 +4,14 @@ A model built on the meta device has no weights; ``attach_checkpoint`` gives eac
 of its parameters and buffers a tensor that views the checkpoint file through one
 private memory map (``torch.UntypedStorage.from_file``). Nothing is read until it is
 touched, so capture and planning cost no RAM for weights; the planner then copies
-device-home weights into memory and streams tier-home ones into its store, and the
-meter (which skips file-backed storages) never counts the map itself. The map is
-shared (see ``open_safetensors``), so nothing may write through it: in training,
-every parameter and buffer is copied into memory or the store before a step or an
-optimizer writes it (``PlannedModule._place_state``).
+device-home weights into memory, reads disk-home ones that nothing writes from the
+checkpoint in place (``planner.runtime.linked``) and writes the other tier-home
+ones into its store, and the meter (which skips file-backed storages) never counts
+the map itself. The map is shared (see ``open_safetensors``), so nothing may write
+through it: in training, every parameter and buffer the step or an optimizer
+writes is copied into memory or the store first (``PlannedModule._place_state``).
+A sharded checkpoint (an index and its shard files) is opened shard by shard
+(``open_checkpoint``).
 """
 
 from __future__ import annotations
@@ -150,8 +153,9 @@ def _merged(
 def attach_checkpoint(model: torch.nn.Module, path: str | os.PathLike[str]) -> list[str]:
     """Point every meta parameter/buffer of ``model`` at the checkpoint's tensor of
     the same name (``open_checkpoint``: a safetensors file, a sharded checkpoint's
-    index, or their directory); returns the names attached. Names, shapes and dtypes must match;
-    all are checked before any is attached, so an error leaves the model as it was.
+    index, or their directory); returns the names attached. Names, shapes and
+    dtypes must match; all are checked before any is attached, so an error leaves
+    the model as it was.
 
     A tensor the model holds under several names (tied weights: GPT-2's embedding
     and output head) is one tensor in a checkpoint, saved under one of them

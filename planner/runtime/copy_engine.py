@@ -221,7 +221,6 @@ class ThreadCopyEngine(CopyEngine):
         self._check_tier(tier)
         self.disk.write(key, tensor)
 
-
     def drain(self) -> None:
         # one worker per channel, first in first out: a no-op queued now runs last
         for channel in (self._read, self._write):

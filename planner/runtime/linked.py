@@ -1,11 +1,11 @@
 """Weights read where they already lie: regions of files the offload store does not own.
 
 A weight attached from a safetensors checkpoint (``attach_checkpoint``) is a view
-of the checkpoint's memory map. Homed on disk by an inference plan, it is read from
-the checkpoint itself instead of being copied into the offload store
-(``DiskStore.link``): planning writes nothing for it (a model as large as the
-disk's free space still plans, and no copy is made at disk speed), and the disk
-holds its bytes once.
+of the checkpoint's memory map. Homed on disk, and written by nothing (inference: no
+weight the plan writes; training: a frozen one), it is read from the checkpoint
+itself instead of being copied into the offload store (``DiskStore.link``):
+planning writes nothing for it (a model as large as the disk's free space still
+plans, and no copy is made at disk speed), and the disk holds its bytes once.
 
 The checkpoint is only ever read, through a descriptor opened when the first of
 its weights is linked: copies ``pread`` from it, and a read by map maps just the
@@ -13,11 +13,10 @@ weight's pages of it, private (copy-on-write: a write would never reach the file
 unmapped once the tensor is freed, as a store file's map is. The attached view's
 own map is not used: it spans the whole file and lives as long as the model's
 tensor, so every page read through it would stay mapped, and the page cache could
-not drop it between calls. A
-checkpoint rewritten after planning (its size or modification time changed) is
-an error at the next read, as a changed offload file is. One replaced or deleted
-is not: the open descriptor and the map still hold the bytes the plan was made
-with.
+not drop it between calls. A checkpoint rewritten after planning (its size or
+modification time changed) is an error at the next read, as a changed offload
+file is. One replaced or deleted is not: the open descriptor still holds the
+bytes the plan was made with.
 """
 
 from __future__ import annotations
