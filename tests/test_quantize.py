@@ -11,6 +11,7 @@ import torch
 from conftest import load_example
 
 import planner
+from planner.runtime import quant
 from planner.runtime.checkpoint import is_file_backed
 from planner.solver.validate import validate
 
@@ -48,6 +49,16 @@ def test_gpt2_below_its_weight_bytes(fmt: str) -> None:
         assert "exact rows" in lookup
         out = pm.run_measured(*inputs)
         assert pm.measured is not None and pm.measured.peak_bytes <= budget
+        # the tied head reads the codes and the lookup exact rows: eager over the
+        # weight untied that way computes the same bits; rounding it for both reads,
+        # or for neither, does not
+        names = {d.name for d in stored}
+        with torch.no_grad():
+            untied = quant.round_tripped(reference, names, fmt, exact_lookups=names)(*inputs)
+            both_rounded = quant.round_tripped(reference, names, fmt)(*inputs)
+            neither = reference(*inputs)
+        assert torch.equal(out, untied)
+        assert not torch.equal(out, both_rounded) and not torch.equal(out, neither)
         quantized = [s for s in pm._state if hasattr(s, "exact_rows")]
         assert len(quantized) == 1 and quantized[0].exact_rows is not None
         exact = quantized[0].exact_rows

@@ -20,6 +20,7 @@ memory, not spike it. Blocking does not change any element's arithmetic.
 from __future__ import annotations
 
 import copy
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import torch
@@ -85,15 +86,35 @@ def dequantize(q: Quantized) -> torch.Tensor:
     return _dequantize_int4(q)
 
 
-def round_tripped(model: torch.nn.Module, names: set[str], fmt: str) -> torch.nn.Module:
+def round_tripped(
+    model: torch.nn.Module,
+    names: AbstractSet[str],
+    fmt: str,
+    exact_lookups: AbstractSet[str] = frozenset(),
+) -> torch.nn.Module:
     """A copy of ``model`` whose parameters ``names`` hold their ``fmt`` round trip:
-    what a plan that stores those weights quantized computes with (its lookups
-    aside, which read exact rows). The eager reference its results are compared to."""
+    what a plan that stores those weights quantized computes with. The eager
+    reference its results are compared to.
+
+    ``exact_lookups``: those of ``names`` whose lookups read exact rows (the
+    report's ``exact_lookups``). An ``nn.Embedding`` holding one keeps the exact
+    weight and every other module holding it gets the round trip in a parameter of
+    its own, as the plan computes: a tied head (GPT-2's) reads the codes while the
+    embedding beside it reads exact rows. Untying is harmless here: a weight the
+    plan stores quantized is frozen (or the run is inference)."""
     twin = copy.deepcopy(model)
     with torch.no_grad():
-        for name, p in twin.named_parameters():
-            if name in names:
-                p.copy_(dequantize(quantize(p, fmt)))
+        for name, p in list(twin.named_parameters()):
+            if name not in names:
+                continue
+            trip = dequantize(quantize(p, fmt))
+            if name not in exact_lookups:
+                p.copy_(trip)
+                continue
+            for module in twin.modules():
+                for attr, held in list(module._parameters.items()):
+                    if held is p and not isinstance(module, torch.nn.Embedding):
+                        module._parameters[attr] = torch.nn.Parameter(trip, p.requires_grad)
     return twin
 
 

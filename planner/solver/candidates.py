@@ -540,8 +540,12 @@ def _gap_options(problem: Problem, tensor: Tensor, a: int, b: int) -> list[Optio
         both = q + scratch  # beside the full copy
         bw = problem.bandwidths
         seconds = bw.quantize_seconds(tensor.nbytes + q) + bw.dequantize_seconds(tensor.nbytes + q)
-        uses = "weights" if tensor.persistent else "activations"
-        if uses in problem.quantize_uses:
+        # a weight is quantized by its home alone (``_with_stored_option``,
+        # ``_quantized_fetch_option``), so that every read of it reads the same round
+        # trip: held quantized between two reads, a frozen weight's forward read the
+        # exact value and its backward the round trip, which no eager model computes
+        # (nor a reference the user could build)
+        if not tensor.persistent and "activations" in problem.quantize_uses:
             options.append(
                 Option(f"quantize:{fmt}", partial=q, extras=((a, both), (b, both)), seconds=seconds)
             )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from planner.runtime.quant import dequantize, quantize
+from planner.runtime.quant import dequantize, quantize, round_tripped
 from planner.runtime.runtime import Runtime
 
 
@@ -119,3 +119,23 @@ def test_small_and_large_values_keep_their_precision(fmt: str, magnitude: float)
         groups = x.reshape(-1, 64)
         step = ((groups.amax(1) - groups.amin(1)) / 15).reshape(16, 1)
     assert ((back - x).abs() <= step * (0.5 + 1e-5)).all()
+
+
+def test_round_tripped_unties_a_weight_whose_lookups_are_exact() -> None:
+    """The eager reference of a plan storing a tied weight quantized: its embedding
+    keeps the exact weight, the head beside it gets the round trip (what the plan
+    computes with), and the original model is left as it was."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(64, 32), torch.nn.Linear(32, 64, bias=False))
+    model[1].weight = model[0].weight  # tied, as GPT-2's head and embedding
+    original = model[0].weight.detach().clone()
+    trip = dequantize(quantize(original, "int4"))
+    name = "0.weight"
+
+    twin = round_tripped(model, {name}, "int4", exact_lookups={name})
+    assert torch.equal(twin[0].weight, original) and torch.equal(twin[1].weight, trip)
+    assert twin[1].weight is not twin[0].weight
+
+    rounded = round_tripped(model, {name}, "int4")  # every read rounded, still tied
+    assert rounded[1].weight is rounded[0].weight and torch.equal(rounded[0].weight, trip)
+    assert torch.equal(model[0].weight, original) and model[1].weight is model[0].weight

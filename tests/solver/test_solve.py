@@ -346,6 +346,32 @@ def test_quantize_mapping_selects_the_lossy_options(quantize: object, allowed: s
     validate(with_budget(problem, plan.budget_bytes), plan)
 
 
+def test_a_weight_is_quantized_by_its_home_alone() -> None:
+    """GPT-2's tied weight is read twice (the lookup, the head): between the two it
+    may be kept, offloaded or fetched, never held quantized. That would have the
+    head read a round trip the lookup did not (in training, a frozen weight's
+    backward one its forward did not), which no eager model computes. Its stored
+    homes remain, and activations keep their quantized gaps."""
+    analysis = _analysis("example:gpt2", "infer")
+    problem = from_program(
+        analysis.program, 1, analysis.profile, quantize="int8", min_movable_bytes=MIN_MOVABLE
+    )
+    cands = build_candidates(problem)
+
+    def choices(gap_indices: list[int]) -> set[str]:
+        return {o.choice.split(":")[0] for i in gap_indices for o in cands.gaps[i].options}
+
+    weights = [i for i, t in enumerate(problem.tensors) if t.persistent and t.quantizable]
+    between_reads = [
+        i for w in weights for i in cands.gaps_of.get(w, []) if cands.gaps[i].start >= 0
+    ]
+    assert between_reads, "the tied weight has a gap between its two reads"
+    assert "quantize" not in choices(between_reads)
+    assert "stored" in choices([cands.home_gap[w] for w in weights if w in cands.home_gap])
+    activations = [i for t, gaps in cands.gaps_of.items() for i in gaps if t not in weights]
+    assert "quantize" in choices(activations)
+
+
 def test_quantize_leaves_the_backwards_values_alone_unless_gradients_are_named() -> None:
     """A plain ``quantize="int8"`` may quantize what the forward saves but none of
     the values the backward computes (a quantized gradient stream spoils every
