@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import gc
 import weakref
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -82,6 +83,21 @@ def _quantized_homes(pm: planner.PlannedModule) -> dict[str, str]:
     return {d.name: d.home for d in pm.plan.tensors if d.home.endswith(("int8", "int4"))}
 
 
+@pytest.fixture(scope="module")
+def lora_int8_plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The schedule ``_plan`` solves for ``_lora()`` at 65% of its frozen bytes with
+    int8 weights, solved once (the solver is deterministic) and saved: the tests
+    that check what a module so planned does with its model (errors, state_dict,
+    warnings, an optimizer) plan their own fresh model with it (``plan=``) rather
+    than solve the same problem again. The round-trip test solves its own."""
+    model, x = _lora()
+    _, solved = planner.make_plan(
+        model, int(0.65 * _frozen_bytes(model)), (x,), mode="train",
+        quantize={"weights": "int8"}, profile=QUANTIZE_OVER_DISK, time_limit=20,
+    )  # fmt: skip
+    return solved.save(tmp_path_factory.mktemp("plans") / "lora_int8.json")
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_frozen_base_stored_quantized_trains_as_its_round_trip(fmt: str) -> None:
     """Below the frozen base's own fp32 bytes, the plan stores it quantized: the
@@ -122,12 +138,12 @@ def test_frozen_base_stored_quantized_trains_as_its_round_trip(fmt: str) -> None
         pm.close()
 
 
-def test_steps_of_an_optimizer_match_eager_over_the_round_trip() -> None:
+def test_steps_of_an_optimizer_match_eager_over_the_round_trip(lora_int8_plan: Path) -> None:
     """Three AdamW steps over pm.parameters() (the frozen stand-ins included, as
     ``model.parameters()`` lists them; they get no gradient): losses and adapters
     bit-identical to eager's over the round-tripped base."""
     model, x = _lora()
-    pm = _plan(model, x, int(0.65 * _frozen_bytes(model)), "int8")
+    pm = _plan(model, x, int(0.65 * _frozen_bytes(model)), "int8", plan=lora_int8_plan)
     try:
         homes = _quantized_homes(pm)
         reference = quant.round_tripped(_lora()[0], set(homes), "int8")
@@ -146,9 +162,11 @@ def test_steps_of_an_optimizer_match_eager_over_the_round_trip() -> None:
         pm.close()
 
 
-def test_the_model_reading_a_quantized_frozen_weight_says_where_it_went() -> None:
+def test_the_model_reading_a_quantized_frozen_weight_says_where_it_went(
+    lora_int8_plan: Path,
+) -> None:
     model, x = _lora()
-    pm = _plan(model, x, int(0.65 * _frozen_bytes(model)), "int8")
+    pm = _plan(model, x, int(0.65 * _frozen_bytes(model)), "int8", plan=lora_int8_plan)
     try:
         name = next(iter(_quantized_homes(pm)))
         owner = model.get_submodule(name.rsplit(".", 1)[0])
@@ -161,13 +179,15 @@ def test_the_model_reading_a_quantized_frozen_weight_says_where_it_went() -> Non
         pm.close()
 
 
-def test_state_dict_leaves_quantized_frozen_weights_out_and_refuses_them() -> None:
+def test_state_dict_leaves_quantized_frozen_weights_out_and_refuses_them(
+    lora_int8_plan: Path,
+) -> None:
     """pm.state_dict() holds everything but the quantized frozen weights (with a
     warning naming them) and loads back into pm; loading values for one of them
     is an error (the plan holds the codes of the values it was planned with)."""
     model, x = _lora()
     full = copy.deepcopy(model.state_dict())
-    pm = _plan(model, x, int(0.65 * _frozen_bytes(model)), "int8")
+    pm = _plan(model, x, int(0.65 * _frozen_bytes(model)), "int8", plan=lora_int8_plan)
     try:
         homes = _quantized_homes(pm)
         with pytest.warns(UserWarning, match="leaves out"):
@@ -329,7 +349,7 @@ def test_a_peft_lora_llama_with_dropout_trains_over_its_int4_base() -> None:
 
 
 def test_full_copies_held_by_an_optimizer_built_before_planning_are_warned_of(
-    recwarn: pytest.WarningsRecorder,
+    recwarn: pytest.WarningsRecorder, lora_int8_plan: Path
 ) -> None:
     """An optimizer over every parameter, built before planning, keeps the frozen
     weights' full copies alive beside their codes: planning says so. Built
@@ -338,12 +358,12 @@ def test_full_copies_held_by_an_optimizer_built_before_planning_are_warned_of(
     budget = int(0.65 * _frozen_bytes(model))
     early = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.warns(UserWarning, match=r"still held outside the model.*optimizer"):
-        pm = _plan(model, x, budget, "int8")
+        pm = _plan(model, x, budget, "int8", plan=lora_int8_plan)
     pm.close()
     del early
     recwarn.clear()
     model, x = _lora()
-    pm = _plan(model, x, budget, "int8")
+    pm = _plan(model, x, budget, "int8", plan=lora_int8_plan)
     try:
         assert not [w for w in recwarn.list if "still held" in str(w.message)]
     finally:

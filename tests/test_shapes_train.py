@@ -5,6 +5,7 @@ last, smaller batch beside the full ones."""
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -35,7 +36,10 @@ def _plan(model: nn.Module, budget: int, shapes: list[tuple]) -> planner.Planned
     )  # fmt: skip
 
 
+@functools.cache
 def _budget(name: str, fraction: float) -> int:
+    """``fraction`` of the example's unplanned training peak (the same for every
+    test that asks: captured and analyzed once per example and fraction)."""
     model, inputs = _fresh(name)
     peak = planner.analyze(model, inputs, mode="train", profile="cpu").unplanned_peak_bytes
     return int(peak * fraction)
