@@ -248,6 +248,9 @@ class CudaCopyEngine(CopyEngine):
         self._io = _copy_thread("planner-disk")
         #: per host key, rows still being written into its pinned home (``write_rows``)
         self._rows_pending: dict[str, Future] = {}
+        #: per disk key, the last upload from its pinned staging buffer, which the
+        #: next read into that buffer waits for (only the I/O thread touches it)
+        self._staged_uploads: dict[str, torch.cuda.Event] = {}
 
     def _pinned(self, key: str, entry: Entry) -> torch.Tensor:
         buf = self.host.get(key)
@@ -327,11 +330,18 @@ class CudaCopyEngine(CopyEngine):
             out = empty_like_entry(entry, self.device)
 
         def read_then_upload() -> torch.cuda.Event:
+            # a key read twice (a weight before its forward and its backward, or
+            # next call) reuses the staging buffer: the host runs ahead of the GPU,
+            # so the last upload from it may not have left yet
+            last = self._staged_uploads.pop(key, None)
+            if last is not None:
+                last.synchronize()
             self.disk.read_into(key, staging)
             with torch.cuda.stream(self.h2d):
                 out.untyped_storage().copy_(staging.untyped_storage(), non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(self.h2d)
+            self._staged_uploads[key] = event
             return event
 
         return Pending(out, future=self._io.submit(read_then_upload))
