@@ -6,8 +6,8 @@ assumes, and overlap compute (file I/O and torch kernels release the GIL). Copie
 of ``SYNC_MAX_BYTES`` or less are made on the calling thread when issued: for them
 the hand-off to a thread costs more than the copy.
 ``CudaCopyEngine`` (GPU device): side streams and events for host<->device copies
-through pinned host buffers that are reused across calls; disk goes through a
-pinned bounce buffer filled by a thread.
+through pinned host buffers that are reused across calls (the host tier); disk goes
+through a pinned bounce buffer per copy, filled or emptied by the channel's thread.
 
 A copy returns a ``Pending`` handle; ``wait`` blocks until it is done and returns
 the device tensor (for reads). Destinations are allocated at issue time on the
@@ -233,10 +233,22 @@ class ThreadCopyEngine(CopyEngine):
 
 class CudaCopyEngine(CopyEngine):
     """Host tier: pinned CPU buffers (one per key, reused every call). Disk tier:
-    a thread reads the file into a pinned buffer, then a side stream copies it up.
+    a reader thread reads the file into a pinned bounce buffer, then a side stream
+    copies it up; a writer thread writes what a side stream copied down into one.
     Every copy is ordered after the compute that produced its source by making the
     side stream wait on the compute stream, and the compute stream waits on the
-    copy's event before the tensor is read (``wait``)."""
+    copy's event before the tensor is read (``wait``).
+
+    A disk copy's bounce buffer is its own, dropped once the copy is issued: torch's
+    pinned-memory cache takes it back only when the copy recorded on it is done,
+    and hands it to a later copy. So the pinned memory held is that of the copies
+    in flight, not of every key the disk tier holds (per-key buffers pinned a host
+    copy of the whole tier: a model offloaded to disk because the host cannot hold
+    it could not run), and no copy reuses a buffer another still reads (the host
+    runs ahead of the GPU). Reads and writes have a thread each, as on the CPU
+    (``ThreadCopyEngine``): a write waits for the GPU to reach its copy, and reads
+    queued behind it would wait too; the generated code waits for a key's write
+    before it reads the key back."""
 
     def __init__(self, disk: DiskStore, device: torch.device) -> None:
         self.disk = disk
@@ -245,12 +257,10 @@ class CudaCopyEngine(CopyEngine):
         self.d2h = torch.cuda.Stream(device)
         self.host: dict[str, torch.Tensor] = {}
         self.host_entries: dict[str, Entry] = {}
-        self._io = _copy_thread("planner-disk")
+        self._read = _copy_thread("planner-disk-read")
+        self._write = _copy_thread("planner-disk-write")
         #: per host key, rows still being written into its pinned home (``write_rows``)
         self._rows_pending: dict[str, Future] = {}
-        #: per disk key, the last upload from its pinned staging buffer, which the
-        #: next read into that buffer waits for (only the I/O thread touches it)
-        self._staged_uploads: dict[str, torch.cuda.Event] = {}
 
     def _pinned(self, key: str, entry: Entry) -> torch.Tensor:
         buf = self.host.get(key)
@@ -266,12 +276,13 @@ class CudaCopyEngine(CopyEngine):
 
     def _download(self, buf: torch.Tensor, tensor: torch.Tensor) -> torch.cuda.Event:
         """Copy ``tensor``'s storage into pinned ``buf`` on the d2h stream, after
-        the compute that made it; ``tensor`` stays allocated until the copy is done."""
+        the compute that made it; ``tensor`` stays allocated until the copy is done.
+        The event blocks a host thread that waits for it rather than spinning a core."""
         compute = torch.cuda.current_stream(self.device)
         self.d2h.wait_stream(compute)
         with torch.cuda.stream(self.d2h):
             buf.untyped_storage().copy_(tensor.untyped_storage(), non_blocking=True)
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(blocking=True)
             event.record(self.d2h)
         tensor.record_stream(self.d2h)
         return event
@@ -299,14 +310,15 @@ class CudaCopyEngine(CopyEngine):
         self._rows_written(key)  # last call's (long done): its buffers are reused
         home = self._pinned(key, entry)
         rows = tensor.index_select(dim, index)
-        positions = index.to(device=tensor.device, dtype=torch.int64)
+        # a copy: the caller may advance its own index in place before d2h reads it
+        positions = index.to(device=tensor.device, dtype=torch.int64, copy=True)
         rows_host = self._pinned("rows:" + key, describe(rows))
         positions_host = self._pinned("rows-index:" + key, describe(positions))
         self.d2h.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.d2h):
             rows_host.copy_(rows, non_blocking=True)
             positions_host.copy_(positions, non_blocking=True)
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(blocking=True)
             event.record(self.d2h)
         rows.record_stream(self.d2h)
         positions.record_stream(self.d2h)
@@ -315,7 +327,7 @@ class CudaCopyEngine(CopyEngine):
             event.synchronize()
             home.index_copy_(dim, positions_host, rows_host)
 
-        self._rows_pending[key] = self._io.submit(put_rows)
+        self._rows_pending[key] = self._write.submit(put_rows)
 
     def prefetch(self, key: str, tier: str) -> Pending:
         if tier == "host":
@@ -324,33 +336,36 @@ class CudaCopyEngine(CopyEngine):
             src = self.host[key]
             return self._upload(src, entry)
         entry = self.disk.entries[key]
-        staging = self._pinned("disk:" + key, entry)
         self.h2d.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.h2d):
-            out = empty_like_entry(entry, self.device)
+        out = self._destination(entry)
 
         def read_then_upload() -> torch.cuda.Event:
-            # a key read twice (a weight before its forward and its backward, or
-            # next call) reuses the staging buffer: the host runs ahead of the GPU,
-            # so the last upload from it may not have left yet
-            last = self._staged_uploads.pop(key, None)
-            if last is not None:
-                last.synchronize()
+            staging = _new_pinned(entry)  # its own (see the class docstring)
             self.disk.read_into(key, staging)
             with torch.cuda.stream(self.h2d):
                 out.untyped_storage().copy_(staging.untyped_storage(), non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(self.h2d)
-            self._staged_uploads[key] = event
             return event
 
-        return Pending(out, future=self._io.submit(read_then_upload))
+        return Pending(out, future=self._read.submit(read_then_upload))
+
+    def _destination(self, entry: Entry) -> torch.Tensor:
+        """A read's device tensor, from the compute stream's pool (where the ops
+        that read it and every other tensor of the plan allocate: blocks a side
+        stream allocated would be held apart for that stream's allocations alone,
+        so the memory reserved could approach both pools' peaks), marked as
+        written on h2d so the allocator does not reuse it before the copy is done.
+        h2d waits for the compute stream as far as it is when this is called, so
+        the copy cannot overtake an earlier op still using the block."""
+        out = empty_like_entry(entry, self.device)
+        out.record_stream(self.h2d)
+        return out
 
     def _upload(self, src: torch.Tensor, entry: Entry) -> Pending:
-        compute = torch.cuda.current_stream(self.device)
+        self.h2d.wait_stream(torch.cuda.current_stream(self.device))
+        out = self._destination(entry)
         with torch.cuda.stream(self.h2d):
-            self.h2d.wait_stream(compute)
-            out = empty_like_entry(entry, self.device)
             out.untyped_storage().copy_(src.untyped_storage(), non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.h2d)
@@ -360,7 +375,9 @@ class CudaCopyEngine(CopyEngine):
         entry = describe(tensor)
         if tier == "host":
             self._rows_written(key)
-        buf = self._pinned(key if tier == "host" else "disk:" + key, entry)
+        # the host tier's buffer is the key's own; a disk write's bounce buffer is
+        # this copy's (see the class docstring)
+        buf = self._pinned(key, entry) if tier == "host" else _new_pinned(entry)
         event = self._download(buf, tensor)
         if tier == "host":
             self.host_entries[key] = entry
@@ -371,7 +388,7 @@ class CudaCopyEngine(CopyEngine):
             event.synchronize()
             self.disk.write(key, buf, checksum=False)  # transient: read back this call
 
-        return Pending(tensor, future=self._io.submit(write_when_copied), event=event)
+        return Pending(tensor, future=self._write.submit(write_when_copied), event=event)
 
     def copy_to_host(self, key: str, tensor: torch.Tensor) -> tuple[torch.Tensor, Pending]:
         # one pinned buffer per key, reused each step: the .grad is made from it
@@ -414,12 +431,17 @@ class CudaCopyEngine(CopyEngine):
             self.disk.write(key, tensor)
 
     def drain(self) -> None:
-        self._io.submit(_noop).result()  # one worker: runs after every queued copy
+        # one worker per channel, first in first out: a no-op queued now runs last
+        for channel in (self._read, self._write):
+            channel.submit(_noop).result()
         self.h2d.synchronize()
         self.d2h.synchronize()
+        # done or failed: a failed one's error is dropped, not raised at next call
+        self._rows_pending.clear()
 
     def close(self) -> None:
-        self._io.shutdown(wait=True, cancel_futures=True)
+        self._read.shutdown(wait=True, cancel_futures=True)
+        self._write.shutdown(wait=True, cancel_futures=True)
         self.host.clear()
 
 
