@@ -934,7 +934,7 @@ class PlannedModule(torch.nn.Module):
                 return self(*args, **kwargs)
 
         self._measured_shape, serving = self._serving(args, kwargs)
-        out, self.measured = measure(call, self, (args, kwargs), device=self.device.type)
+        out, self.measured = measure(call, self, (args, kwargs), device=self.device)
         serving.measured = self.measured
         return out
 
@@ -947,6 +947,8 @@ class PlannedModule(torch.nn.Module):
         times = []
         with self._no_grad_if_inference():
             self(*args, **kwargs)
+            if self.device.type == "cuda":  # the warm-up's kernels end before the first sample
+                torch.cuda.synchronize(self.device)
             for _ in range(repeats):
                 start = time.perf_counter()
                 self(*args, **kwargs)
@@ -985,7 +987,7 @@ class PlannedModule(torch.nn.Module):
             return out
 
         self._measured_shape, serving = self._serving(args, kwargs)
-        out, self.measured = measure(step, self, (args, kwargs), device=self.device.type)
+        out, self.measured = measure(step, self, (args, kwargs), device=self.device)
         serving.measured = self.measured
         return out
 

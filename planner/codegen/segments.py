@@ -492,7 +492,7 @@ def run_allocations(
 
     # the inputs are made inside the measured call: the CPU profiler does not see
     # frees of blocks allocated before it started
-    out, measured = measure(call, device=device.type)
+    out, measured = measure(call, device=device)
     held.clear()
     del out
     return (

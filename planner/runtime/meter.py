@@ -66,12 +66,16 @@ def _tensors(objects: Iterable[Any]) -> Iterable[torch.Tensor]:
                     yield leaf
 
 
-def measure(fn: Callable[[], Any], *resident: Any, device: str = "cpu") -> tuple[Any, Measurement]:
+def measure(
+    fn: Callable[[], Any], *resident: Any, device: str | torch.device = "cpu"
+) -> tuple[Any, Measurement]:
     """Run ``fn()`` once and measure its peak. ``resident`` are the modules and
-    tensors held across the call (counted once, before it starts)."""
+    tensors held across the call (counted once, before it starts). On CUDA, the
+    peak and time are those of ``device`` (its index kept: "cuda" alone is the
+    current device)."""
     base = resident_bytes(*resident, device=device)
     if torch.device(device).type == "cuda":
-        return _measure_cuda(fn, base)
+        return _measure_cuda(fn, base, torch.device(device))
     return _measure_cpu(fn, base)
 
 
@@ -89,16 +93,18 @@ def _measure_cpu(fn: Callable[[], Any], base: int) -> tuple[Any, Measurement]:
     return result, Measurement(base + peak, base, peak, timing[0], final)
 
 
-def _measure_cuda(fn: Callable[[], Any], base: int) -> tuple[Any, Measurement]:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
+def _measure_cuda(
+    fn: Callable[[], Any], base: int, device: torch.device
+) -> tuple[Any, Measurement]:
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
     start = time.perf_counter()
     result = fn()
-    torch.cuda.synchronize()
+    torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() - before
-    final = torch.cuda.memory_allocated() - before
+    peak = torch.cuda.max_memory_allocated(device) - before
+    final = torch.cuda.memory_allocated(device) - before
     return result, Measurement(base + peak, base, peak, seconds, final)
 
 
