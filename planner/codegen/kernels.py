@@ -25,6 +25,7 @@ to run on the CPU: `triton.jit` picks the interpreter at decoration time.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -293,6 +294,13 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
+    """Launch on ``device``: Triton launches on the current CUDA device, not on
+    the device of its arguments (a tensor on cuda:1 with cuda:0 current would be
+    read from the wrong GPU). Nothing to do under the CPU interpreter."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def quantize_int8(x: torch.Tensor) -> Quantized:
     """Per-row absmax int8 quantization; same codes and scales as `quantize(x, "int8")`."""
     _require_triton(x)
@@ -304,9 +312,10 @@ def quantize_int8(x: torch.Tensor) -> Quantized:
     codes = torch.empty((n_rows, n_cols), dtype=torch.int8, device=x.device)
     scale = torch.empty((n_rows, 1), dtype=torch.float32, device=x.device)
     block_n = max(16, min(256, triton.next_power_of_2(n_cols)))
-    _quant_int8_kernel[(_cdiv(n_rows, _BLOCK_ROWS),)](
-        rows, codes, scale, n_rows, n_cols, BLOCK_M=_BLOCK_ROWS, BLOCK_N=block_n
-    )
+    with _on(x.device):
+        _quant_int8_kernel[(_cdiv(n_rows, _BLOCK_ROWS),)](
+            rows, codes, scale, n_rows, n_cols, BLOCK_M=_BLOCK_ROWS, BLOCK_N=block_n
+        )
     return Quantized(codes, scale, None, "int8", tuple(x.shape), x.dtype)
 
 
@@ -316,9 +325,10 @@ def dequantize_int8(q: Quantized) -> torch.Tensor:
     codes = q.codes.contiguous()
     out = torch.empty(codes.shape, dtype=q.dtype, device=codes.device)
     if codes.numel():
-        _dequant_int8_kernel[(_cdiv(codes.numel(), _BLOCK_ELEMS),)](
-            codes, q.scale.contiguous(), out, codes.numel(), codes.shape[-1], BLOCK=_BLOCK_ELEMS
-        )
+        with _on(codes.device):
+            _dequant_int8_kernel[(_cdiv(codes.numel(), _BLOCK_ELEMS),)](
+                codes, q.scale.contiguous(), out, codes.numel(), codes.shape[-1], BLOCK=_BLOCK_ELEMS
+            )
     return out.reshape(q.shape)
 
 
@@ -333,9 +343,10 @@ def quantize_int4(x: torch.Tensor) -> Quantized:
     packed = torch.empty(n_groups * GROUP // 2, dtype=torch.uint8, device=x.device)
     scale = torch.empty((n_groups, 1), dtype=torch.float32, device=x.device)
     zero = torch.empty((n_groups, 1), dtype=torch.float32, device=x.device)
-    _quant_int4_kernel[(_cdiv(n_groups, _BLOCK_GROUPS),)](
-        flat, packed, scale, zero, numel, n_groups, BLOCK_G=_BLOCK_GROUPS, GROUP_SIZE=GROUP
-    )
+    with _on(x.device):
+        _quant_int4_kernel[(_cdiv(n_groups, _BLOCK_GROUPS),)](
+            flat, packed, scale, zero, numel, n_groups, BLOCK_G=_BLOCK_GROUPS, GROUP_SIZE=GROUP
+        )
     return Quantized(packed, scale, zero, "int4", tuple(x.shape), x.dtype)
 
 
@@ -351,9 +362,10 @@ def dequantize_int4(q: Quantized) -> torch.Tensor:
     n_bytes = q.codes.numel()
     if numel:
         args = (q.codes.contiguous(), q.scale.contiguous(), q.zero.contiguous(), out)
-        _dequant_int4_kernel[(_cdiv(n_bytes, _BLOCK_ELEMS),)](
-            *args, numel, n_bytes, BLOCK=_BLOCK_ELEMS, GROUP_SIZE=GROUP, enable_fp_fusion=False
-        )
+        with _on(out.device):
+            _dequant_int4_kernel[(_cdiv(n_bytes, _BLOCK_ELEMS),)](
+                *args, numel, n_bytes, BLOCK=_BLOCK_ELEMS, GROUP_SIZE=GROUP, enable_fp_fusion=False
+            )
     return out.reshape(q.shape)
 
 
@@ -390,7 +402,8 @@ def _matmul(
     if m and n and k:
         grid = (_cdiv(m, 16), _cdiv(n, 32))
         args = (a2, *(t.contiguous() for t in operands), out, m, n, k)
-        kernel[grid](*args, BLOCK_M=16, BLOCK_N=32, **opts, **_dot_options(a))
+        with _on(a.device):
+            kernel[grid](*args, BLOCK_M=16, BLOCK_N=32, **opts, **_dot_options(a))
     return out.reshape(*a.shape[:-1], n)
 
 
