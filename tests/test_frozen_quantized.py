@@ -221,8 +221,12 @@ class TiedFrozen(torch.nn.Module):
 
 
 def test_a_tied_frozen_weight_leaves_the_model_under_both_names() -> None:
+    """Stored int8, the tied weight's lookup reads exact rows and the head its
+    round trip: loss and gradients bit-identical to eager over the weight untied
+    that way (``quant.round_tripped(exact_lookups=)``)."""
     torch.manual_seed(0)
     model = TiedFrozen()
+    pristine = copy.deepcopy(model)
     ids = torch.randint(0, 2048, (4, 128))
     # (the peak alone: an analysis kept would hold the weights' full copies)
     peak = planner.analyze(
@@ -234,8 +238,15 @@ def test_a_tied_frozen_weight_leaves_the_model_under_both_names() -> None:
         assert model.head.weight is model.embed.weight
         with pytest.raises(PlannerError, match="frozen"):
             model.head.weight.sum()
-        pm(ids).backward()
-        assert all(layer.weight.grad is not None for layer in model.middle)
+        rows = {row["tensor"]: row for row in pm.report.quantized}
+        assert rows["embed.weight"]["exact_lookups"]
+        reference = quant.round_tripped(pristine, set(rows), "int8", exact_lookups={"embed.weight"})
+        loss, expected = pm(ids), reference(ids)
+        loss.backward()
+        expected.backward()
+        assert torch.equal(loss, expected)
+        for layer, ref in zip(model.middle, reference.middle, strict=True):
+            assert torch.equal(layer.weight.grad, ref.weight.grad)
         pm.run_measured_step(ids)
         assert pm.measured is not None and pm.measured.peak_bytes <= pm.plan.budget_bytes
     finally:
