@@ -191,6 +191,17 @@ def _copy_bytes(dst: np.ndarray, src: np.ndarray) -> None:
         torch.from_numpy(dst).copy_(torch.from_numpy(src))
 
 
+def _on_host(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or for a device tensor a host copy of its whole storage: the
+    entry describes the view within the storage, so the file holds all of it
+    (``.cpu()`` of a view would copy the view's elements alone)."""
+    if tensor.device.type == "cpu":
+        return tensor
+    host = torch.empty(tensor.untyped_storage().nbytes(), dtype=torch.uint8)
+    host.untyped_storage().copy_(tensor.untyped_storage())
+    return host
+
+
 def _storage_bytes(tensor: torch.Tensor) -> memoryview:
     storage = tensor.untyped_storage()
     raw = torch.empty(0, dtype=torch.uint8, device=tensor.device)
@@ -287,7 +298,7 @@ class DiskStore:
         transient copy: its stamp alone guards it (see the module docstring), and
         it overwrites the key's file in place."""
         self.linked.forget(key)  # a linked key written is the store's own from now on
-        data = _storage_bytes(tensor.detach().cpu() if tensor.device.type != "cpu" else tensor)
+        data = _storage_bytes(_on_host(tensor))
         if not checksum:
             entry = describe(tensor, stamp=self._overwrite(key, data))
             self.entries[key] = entry

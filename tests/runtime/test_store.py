@@ -386,3 +386,13 @@ def test_write_rows_of_another_layout_writes_the_whole_tensor(store: DiskStore) 
     other = torch.randn(1, 16, 4, 8).transpose(1, 2)  # same shape, another layout
     store.write_rows("cache", other, 2, torch.tensor([1]))
     assert torch.equal(_read(store, "cache"), other)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_device_view_is_written_with_its_whole_storage(store) -> None:
+    """The entry describes a view within its storage, so the file holds the whole
+    storage, copied from the device (not the view's elements alone)."""
+    view = torch.arange(64.0, device="cuda")[8:24]
+    store.write("v", view)
+    assert torch.equal(store.read_into("v", empty_like_entry(store.entries["v"])), view.cpu())
