@@ -86,7 +86,7 @@ def _input_bytes(args: Any, kwargs: Any) -> int:
 def _time_round_robin(
     group: list[tuple[str, torch.fx.Node, tuple, dict]], device: str, repeats: int
 ) -> dict[str, float]:
-    sync = torch.cuda.synchronize if device.startswith("cuda") else None
+    sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else None
     best = {sig: float("inf") for sig, *_ in group}
     if sync is not None:  # the inputs' and warm-up's kernels end before the first sample
         sync()
