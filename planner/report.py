@@ -378,7 +378,10 @@ def summary_lines(report: Report) -> list[str]:
             line += f", error {row['relative_l2']:.2e} rel L2, {row['max_abs']:.2e} max"
         lines.append(line)
         if row.get("exact_lookups"):
-            lines.append("  lookups:          exact rows, read from its full copy on disk")
+            lines.append(
+                "  lookups:          exact rows, read from its full copy on disk "
+                "(other reads, a tied head's: the round trip)"
+            )
     if report.output_error:
         e = report.output_error
         line = f"output error:       {e['relative_l2']:.2e} rel L2, {e['max_abs']:.2e} max"
