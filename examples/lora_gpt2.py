@@ -198,8 +198,9 @@ def _run(args: argparse.Namespace, profile: planner.DeviceProfile, checkpoint: P
     print(f"measured peak of one step: {pm.measured.peak_bytes / 2**20:.2f} MiB")
     # a lookup (embedding) of a weight stored quantized reads exact rows from its
     # full copy on disk; every other read (the tied head's) computes with the round trip
-    stored = {row["tensor"] for row in pm.report.quantized}
-    exact = {row["tensor"] for row in pm.report.quantized if row["exact_lookups"]}
+    rows = pm.report.quantized  # (the report is built anew on each access)
+    stored = {row["tensor"] for row in rows}
+    exact = {row["tensor"] for row in rows if row["exact_lookups"]}
     reference = quant.round_tripped(pristine, stored, args.format, exact_lookups=exact)
     planned = train(pm, inputs, args.steps, args.lr)
     eager = train(reference, inputs, args.steps, args.lr)

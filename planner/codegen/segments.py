@@ -523,11 +523,8 @@ def best_seconds(
     """The fastest of ``repeats`` calls of each of ``fns`` on fresh inputs of the
     run's layouts, called in turn (a burst of other load then slows one sample of
     each, not all samples of one); inputs are made outside the timed call."""
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the run's own GPU, not the current one
-
+    # the run's own GPU, not the current one
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     best = [float("inf")] * len(fns)
     for _ in range(repeats):
         for i, fn in enumerate(fns):

@@ -535,21 +535,21 @@ def _gap_options(problem: Problem, tensor: Tensor, a: int, b: int) -> list[Optio
                 needs=tuple((i, b) for i in r.inputs),
             )
         )
-    if tensor.quantizable and problem.quantize:
+    # a weight is quantized by its home alone (``_with_stored_option``,
+    # ``_quantized_fetch_option``), so that every read of it reads the same round
+    # trip: held quantized between two reads, a frozen weight's forward read the
+    # exact value and its backward the round trip, which no eager model computes
+    # (nor a reference the user could build)
+    if tensor.quantizable and problem.quantize and not tensor.persistent:
         fmt, q, scratch = _quantized_sizes(problem, tensor)
         both = q + scratch  # beside the full copy
         bw = problem.bandwidths
         seconds = bw.quantize_seconds(tensor.nbytes + q) + bw.dequantize_seconds(tensor.nbytes + q)
-        # a weight is quantized by its home alone (``_with_stored_option``,
-        # ``_quantized_fetch_option``), so that every read of it reads the same round
-        # trip: held quantized between two reads, a frozen weight's forward read the
-        # exact value and its backward the round trip, which no eager model computes
-        # (nor a reference the user could build)
-        if not tensor.persistent and "activations" in problem.quantize_uses:
+        if "activations" in problem.quantize_uses:
             options.append(
                 Option(f"quantize:{fmt}", partial=q, extras=((a, both), (b, both)), seconds=seconds)
             )
-        if not tensor.persistent and "transfers" in problem.quantize_uses:
+        if "transfers" in problem.quantize_uses:
             for tier in problem.tiers:
                 option = _quantized_offload(problem, tier, q, a, b, both, seconds)
                 if option is not None:
