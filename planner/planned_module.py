@@ -47,6 +47,7 @@ from planner.report import Report
 from planner.runtime import fused
 from planner.runtime.checkpoint import is_checkpoint_view, is_file_backed
 from planner.runtime.copy_engine import CopyEngine, ThreadCopyEngine, make_engine
+from planner.runtime.exact_blocks import exact_blocks
 from planner.runtime.meter import Measurement, measure
 from planner.runtime.output_aliases import ForwardOutputs
 from planner.runtime.output_aliases import describe as describe_forward_outputs
@@ -693,11 +694,12 @@ class PlannedModule(torch.nn.Module):
             )
 
     def _run(self, fn: Any, *args: Any) -> Any:
-        """Call the generated executor; if the run stops half-way (an error, a
+        """Call the generated executor (on CUDA with blocks split to their
+        requests: ``exact_blocks``); if the run stops half-way (an error, a
         KeyboardInterrupt), wait out the copies it issued and remove the files it
         spilled before re-raising, so the next call starts from a clean store."""
         try:
-            with autocast_off():
+            with autocast_off(), exact_blocks(self.device):
                 return fn(self._runtime, *args)
         except BaseException as error:
             try:
