@@ -5,6 +5,7 @@ the generated code so that code stays a readable list of steps."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -152,7 +153,9 @@ class Runtime:
         param, buffer = self.deliveries[key]
         if buffer is None:
             host, pending = self.engine.copy_to_host(key, grad)
-            self.arriving.append((param, host, pending))
+            # the copy's own record, without the device gradient: the plan frees
+            # that after its wait, long before the backward ends
+            self.arriving.append((param, host, dataclasses.replace(pending, tensor=host)))
             return pending
         if not param.requires_grad:  # frozen since planning: eager gives it no .grad
             return None

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import torch
 
 from planner.runtime.copy_engine import CopyEngine, Pending
@@ -55,3 +58,24 @@ def test_host_deliveries_land_in_grad_at_the_end_of_the_backward() -> None:
     rt.deliver("g", grad)  # not cleared: added
     rt.finish_deliveries()
     assert torch.equal(param.grad, second + grad)
+
+
+def test_a_delivered_gradient_is_not_held_until_the_backward_ends() -> None:
+    """On CUDA the plan frees a delivered gradient's device copy once its copy to
+    the host is waited for; the runtime keeps only what ``finish_deliveries``
+    needs (the host buffer, the copy's record), so that memory comes back then,
+    not when the backward ends (every delivered gradient at once, over the budget)."""
+    engine = _HostCopies()
+    rt = Runtime(engine)
+    param = torch.nn.Parameter(torch.randn(16, 8))
+    rt.deliveries["g"] = (param, None)
+    grad = torch.randn(16, 8)
+    expected = grad.clone()
+    device_copy = weakref.ref(grad)
+    pending = rt.deliver("g", grad)
+    del pending, grad  # as the generated code does after ``rt.wait``
+    gc.collect()
+    assert device_copy() is None, "the runtime still holds the device gradient"
+    rt.finish_deliveries()
+    assert engine.synchronized == ["g"]
+    assert torch.equal(param.grad, expected)
