@@ -428,21 +428,30 @@ def compile_segment(segment: Segment, device: torch.device) -> Callable[[list], 
     # (torch.compile marks them in compile_fx; this is compile_fx_inner's caller)
     outputs = next(n for n in reversed(traced.graph.nodes) if n.op == "output")
     outputs.meta["user_visible_output_idxs"] = list(range(len(outputs.args[0])))
+    # never CUDA graphs (the user's TORCHINDUCTOR_CUDAGRAPHS or config may ask for
+    # them): a graph copies its inputs into buffers of its own, keeps a pool for
+    # the process's life and overwrites its outputs at the next replay, none of
+    # which the plan counts or allows for
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import BoxedBool
+
     if not segment.donated:
-        return compile_fx_inner(traced, examples)  # type: ignore[return-value]
+        with inductor_config.patch({"triton.cudagraphs": False}):
+            return compile_fx_inner(traced, examples, cudagraphs=BoxedBool(False))  # type: ignore[return-value]
     # Inductor reuses the buffers of a backward graph's donated inputs; it reads
     # them from the tracing context that AOTAutograd would set up. Its graph cache
     # does not key on them, so a donating compile neither reads nor fills it.
-    from torch._inductor import config as inductor_config
-
     context = torch._guards.TracingContext(None)
     context.fw_metadata = SimpleNamespace(  # type: ignore[assignment]
         bw_donated_idxs=list(segment.donated),
         static_input_indices=[],
         num_mutated_inp_runtime_indices=0,
     )
-    with torch._guards.tracing(context), inductor_config.patch(fx_graph_cache=False):
-        return compile_fx_inner(traced, examples, is_backward=True)  # type: ignore[return-value]
+    no_graphs = {"fx_graph_cache": False, "triton.cudagraphs": False}
+    with torch._guards.tracing(context), inductor_config.patch(no_graphs):
+        return compile_fx_inner(  # type: ignore[return-value]
+            traced, examples, is_backward=True, cudagraphs=BoxedBool(False)
+        )
 
 
 def _joint_graph_passes(traced: torch.fx.GraphModule, device: torch.device) -> torch.fx.GraphModule:
@@ -475,8 +484,12 @@ def run_allocations(
     """(peak, final) bytes allocated during one call of ``fn`` on fresh inputs,
     held as the executor holds them: those the run frees only by the call's list
     (after a warm-up call: first calls allocate caches). Final counts the
-    outputs, held until the count is taken."""
-    fn(_examples(segment, device, zero=True))
+    outputs, held until the count is taken. On CUDA under the allocator setting
+    the executor runs with (``exact_blocks``), so the blocks are those it gets."""
+    from planner.ir.build import allocated_bytes
+    from planner.runtime.exact_blocks import exact_blocks
+    from planner.runtime.meter import measure
+
     held: list[torch.Tensor] = []
     inputs_bytes = 0
 
@@ -485,14 +498,14 @@ def run_allocations(
         args = _examples(segment, device, zero=True)
         held.extend(t for i, t in enumerate(args) if i not in segment.freed)
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in args}
-        inputs_bytes = sum(storages.values())
+        inputs_bytes = sum(allocated_bytes(n, device) for n in storages.values())
         return fn(args)
 
-    from planner.runtime.meter import measure
-
-    # the inputs are made inside the measured call: the CPU profiler does not see
-    # frees of blocks allocated before it started
-    out, measured = measure(call, device=device)
+    with exact_blocks(device):
+        fn(_examples(segment, device, zero=True))
+        # the inputs are made inside the measured call: the CPU profiler does not
+        # see frees of blocks allocated before it started
+        out, measured = measure(call, device=device)
     held.clear()
     del out
     return (

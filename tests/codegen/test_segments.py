@@ -618,3 +618,37 @@ def test_a_run_whose_compile_passes_the_time_limit_stays_eager(monkeypatch) -> N
     again = _segment()
     compile_segments([again], torch.device("cpu"), OPS)
     assert len(calls) == 1 and "timed out before" in again.kernel
+
+
+@pytest.mark.parametrize("donating", [False, True])
+def test_runs_are_never_compiled_as_cuda_graphs(
+    monkeypatch: pytest.MonkeyPatch, donating: bool
+) -> None:
+    """A user's ``triton.cudagraphs`` (or TORCHINDUCTOR_CUDAGRAPHS) must not reach
+    the runs: a CUDA graph copies its inputs into a pool of its own and overwrites
+    its outputs at the next replay, none of which the plan counts."""
+    from torch._inductor import compile_fx
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setattr(inductor_config.triton, "cudagraphs", True)
+    real = compile_fx.compile_fx_inner
+    seen: list[tuple[object, bool]] = []
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append((kwargs.get("cudagraphs"), inductor_config.triton.cudagraphs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compile_fx, "compile_fx_inner", spy)
+    lines = [
+        _op("b", 1, aten.mul.Tensor, Var("a", 0), 2.0),
+        DelLine(["a"], "    del a  # free a", donatable=donating),
+        _op("c", 2, aten.add.Tensor, Var("b", 1), 1.0),
+    ]
+    _, (seg,) = fold_segments(lines, lambda v: _layout(v))
+    assert bool(seg.donated) is donating
+    compiled = segments.compile_segment(seg, torch.device("cpu"))
+    ((boxed, config_then),) = seen
+    assert boxed is not None and boxed.value is False and config_then is False
+    x = torch.randn(64)
+    (_, c) = compiled([x.clone()])
+    torch.testing.assert_close(c, x * 2.0 + 1.0)
