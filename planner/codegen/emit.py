@@ -83,6 +83,21 @@ class Executor:
     between_ops_timeline: list[int] = field(default_factory=list)
 
 
+def touches_host_tensors(node: torch.fx.Node, device: torch.device) -> bool:
+    """Whether ``node`` reads or makes a CPU tensor while the executor runs on
+    another device: an ATen op takes a CPU scalar beside CUDA tensors (a
+    ``torch.tensor(8.0)`` made in ``forward``), but a compiled run is specialized to
+    inputs on the run's device, and its kernels would get the host pointer."""
+    if device.type == "cpu":
+        return False
+    for n in (node, *node.all_input_nodes):
+        value = n.meta.get("val")
+        for leaf in torch.utils._pytree.tree_leaves(value):
+            if isinstance(leaf, torch.Tensor) and leaf.device.type == "cpu":
+                return True
+    return False
+
+
 class ReadNow(str):
     """A line that reads a copy back at once (``rt.read_now``), with the bytes it
     brings: ``_Emitter.read_early`` may move it up to where a compiled run
@@ -549,7 +564,8 @@ class _Emitter:
                 compilable=bool(bound)
                 and not fused
                 and compilable_target(node.target)
-                and not (reuse is not None and self._is_state(reuse[0])),
+                and not (reuse is not None and self._is_state(reuse[0]))
+                and not touches_host_tensors(node, self.device),
             )
         )
         if reuse is not None and bound and bound[0][0] is None:
