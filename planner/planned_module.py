@@ -41,6 +41,7 @@ from planner.ir.hooks import HookWatch
 from planner.ir.layout import strides_that_matter
 from planner.ir.meta import BUFFER_UPDATES, PARAM_GRADS, fake_value
 from planner.ir.program import Phase, ValueKind
+from planner.ir.unreached_grads import tangents_of_gradients, unreached
 from planner.passes.pipeline import Analysis
 from planner.released import FROZEN_QUANTIZED, ReleasedWeight, released_like
 from planner.report import Report
@@ -182,6 +183,8 @@ class PlannedModule(torch.nn.Module):
         self._disk: DiskStore = disk
         #: (name, parameter) whose gradient the plan writes into .grad itself
         self._delivered_params: list[tuple[str, torch.Tensor]] = []
+        #: parameter name -> the key its gradient is delivered under
+        self._delivery_keys: dict[str, str] = {}
         #: weights stored quantized whose lookups read exact rows from their file
         self._exact_lookups: set[str] = set()
         #: per quantized tensor, its round-trip error (weights at plan time,
@@ -491,6 +494,7 @@ class PlannedModule(torch.nn.Module):
                 continue
             param = tensors[param_of[tensor.index]]
             self._delivered_params.append((param_of[tensor.index], param))
+            self._delivery_keys[param_of[tensor.index]] = tensor.name
             if delivered[tensor.name] == "host":  # CUDA: through the engine's host buffer
                 self._runtime.deliveries[tensor.name] = (param, None)
                 continue
@@ -685,6 +689,16 @@ class PlannedModule(torch.nn.Module):
                 k += 1
             else:
                 self._grad_slots.append(None)
+        #: per gradient position, the tangents it is computed from (eager leaves a
+        #: gradient none of whose tangents the loss gave as None: ``unreached_grads``)
+        self._tangents_of_grads = tangents_of_gradients(
+            captured.graph_module, captured.num_forward_outputs
+        )
+
+    def _delivery_keys_of(self, positions: frozenset[int]) -> frozenset[str]:
+        """The delivery keys of the parameters at gradient ``positions``."""
+        names = [self._primal_names[p] for p in positions if p < len(self._primal_names)]
+        return frozenset(self._delivery_keys[n] for n in names if n in self._delivery_keys)
 
     def _check_open(self) -> None:
         if not self._finalizer.alive:
@@ -1191,6 +1205,9 @@ class _PlannedStep(torch.autograd.Function):
                 "backward through a planned step twice is not supported "
                 "(its saved tensors were freed by the first backward)"
             )
+        no_grad_for = unreached(
+            pm._tangents_of_grads, [grad_outputs[i] is not None for i in pm._tangent_positions]
+        )
         tangents = []
         for i, stride in zip(pm._tangent_positions, pm._tangent_strides):
             incoming = grad_outputs[i]
@@ -1212,11 +1229,15 @@ class _PlannedStep(torch.autograd.Function):
         carry, ctx.carry = ctx.carry, None
         ctx.versions = None
         pm._check_open()
-        grads = pm._run(pm._bw, carry, tangents)
+        pm._runtime.undelivered = pm._delivery_keys_of(no_grad_for)
+        try:
+            grads = pm._run(pm._bw, carry, tangents)
+        finally:
+            pm._runtime.undelivered = frozenset()
         pm._runtime.finish_deliveries()  # CUDA: gradients copied to the host land in .grad
         out = []
-        for k, device in zip(pm._grad_slots, ctx.devices):
-            g = None if k is None else grads[k]
+        for p, (k, device) in enumerate(zip(pm._grad_slots, ctx.devices)):
+            g = None if k is None or p in no_grad_for else grads[k]
             # a parameter whose home is the host (CUDA) gets its gradient there
             out.append(g if g is None or g.device == device else g.to(device))
         return (None, *out)

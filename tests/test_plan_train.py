@@ -488,3 +488,49 @@ def test_an_output_returned_twice_gets_two_gradients_within_the_budget() -> None
     (e1.sum() + 2 * e2.sum()).backward()
     for p, q in zip(model.parameters(), eager.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
+
+
+class _TwoHeads(nn.Module):
+    """Two outputs from one body; a loss may use one (a pooler beside an LM head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(*[nn.Linear(256, 256) for _ in range(3)])
+        self.head_a = nn.Linear(256, 256)
+        self.head_b = nn.Linear(256, 256)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.tanh(self.body(x))
+        return self.head_a(h), self.head_b(h)
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.3])
+def test_parameters_the_loss_does_not_reach_keep_no_gradient(fraction: float) -> None:
+    """Eager leaves .grad None on parameters reached only through outputs the loss
+    did not use, and an optimizer skips them (AdamW would decay and move one with
+    a zero gradient); the captured graph computes zeros for them. The planned step
+    leaves them None too, delivered early or not; a loss over both outputs gives
+    them eager's gradients."""
+    x = torch.randn(64, 256)
+    eager = _TwoHeads()
+    peak = planner.analyze(_TwoHeads(), (x,), mode="train", profile="cpu").unplanned_peak_bytes
+    model = _TwoHeads()
+    pm = planner.plan(model, int(peak * fraction), (x,), mode="train", profile="cpu", time_limit=5)
+    try:
+        delivered = {a.tensor for a in pm.plan.actions if a.kind == "deliver"}
+        assert "grad of head_b.weight" in delivered, "the delivery path is not exercised"
+        for module in (eager, pm):
+            module(x)[0].pow(2).mean().backward()
+        assert model.head_b.weight.grad is None and model.head_b.bias.grad is None
+        assert _grads(model).keys() == _grads(eager).keys()
+        for key, grad in _grads(model).items():
+            torch.testing.assert_close(grad, _grads(eager)[key])
+        for module in (eager, pm):  # both outputs: every parameter is reached
+            a, b = module(x)
+            (a.pow(2).mean() + b.mean()).backward()
+        assert _grads(model).keys() == {n for n, _ in model.named_parameters()}
+        for key, grad in _grads(model).items():
+            torch.testing.assert_close(grad, _grads(eager)[key])
+    finally:
+        pm.close()

@@ -66,6 +66,9 @@ class Runtime:
         self.deliveries: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         #: CUDA: gradients on their way to the host: (parameter, host copy, copy)
         self.arriving: list[tuple[torch.Tensor, torch.Tensor, Pending]] = []
+        #: this backward's gradients eager would leave None (``unreached_grads``):
+        #: their deliveries hand nothing over
+        self.undelivered: frozenset[str] = frozenset()
         if weights_of is not None:
             self.grad_keys = weights_of.grad_keys
             self._quantized_copies = weights_of._quantized_copies
@@ -151,6 +154,8 @@ class Runtime:
         host memory is started and returned, to ``wait`` for before the device copy
         is freed; ``finish_deliveries`` hands it to the parameter."""
         param, buffer = self.deliveries[key]
+        if key in self.undelivered:  # nothing to wait for: the plan frees it after
+            return None if buffer is not None else Pending(grad)
         if buffer is None:
             host, pending = self.engine.copy_to_host(key, grad)
             # the copy's own record, without the device gradient: the plan frees
