@@ -9,6 +9,11 @@ per distinct call signature on the device we will run on: each op runs on
 random tensors of its traced shapes inside one profiler session, and its
 workspace is the peak of its own allocations minus what it still holds at the end
 (its outputs). Ops whose outputs are all views allocate nothing and are skipped.
+
+The same run checks the outputs' sizes: a kernel may allocate an output larger
+than its traced shape says (on a CPU, ``_embedding_bag``'s ``offset2bag`` holds
+one element more than the fake kernel's, 8 bytes the meter saw and the plan did
+not). Such an output's storage is planned at the size the kernel allocates.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from planner.alloc_trace import allocations, find_events, peak_and_final, profile_allocations
+from planner.ir.build import allocated_bytes
 from planner.ir.meta import FX_NODE_NAMES, fake_value, random_inputs
 from planner.ir.program import Program
 
@@ -36,10 +42,11 @@ def annotate_workspace(
     if not calls:
         return
     keys = list(calls)
+    output_bytes: dict[str, list[int]] = {}
 
     def run_each() -> None:
         for i, sig in enumerate(keys):
-            _run_marked(calls[sig], f"{_MARK}{i}", device)
+            output_bytes[sig] = _run_marked(calls[sig], f"{_MARK}{i}", device)
 
     _, events = profile_allocations(run_each)
     workspace: dict[int, int] = {}
@@ -49,6 +56,23 @@ def annotate_workspace(
     index = {sig: i for i, sig in enumerate(keys)}
     for op_index, sig in signature_of.items():
         program.ops[op_index].workspace_bytes = workspace.get(index[sig], 0)
+        _grow_to_allocated(program, op_index, output_bytes.get(sig, []), torch.device(device))
+
+
+def _grow_to_allocated(
+    program: Program, op_index: int, allocated: list[int], device: torch.device
+) -> None:
+    """Plan each output storage the op allocates at least at the size its kernel
+    allocated (``allocated``: per tensor output, in the op's output order)."""
+    op = program.ops[op_index]
+    if len(allocated) != len(op.outputs):
+        return
+    for vi, nbytes in zip(op.outputs, allocated):
+        value = program.values[vi]
+        storage = program.storages[value.storage]
+        if value.is_view or storage.base != vi:
+            continue
+        storage.nbytes = max(storage.nbytes, allocated_bytes(nbytes, device))
 
 
 def distinct_calls(
@@ -72,24 +96,26 @@ def distinct_calls(
     return signature_of, calls
 
 
-def _run_marked(node: torch.fx.Node, mark: str, device: str) -> None:
+def _run_marked(node: torch.fx.Node, mark: str, device: str) -> list[int]:
     """Run one op on random inputs inside a named profiler block. Its outputs
     are still referenced when the block closes, so they count as held, not as
-    workspace."""
+    workspace. Returns the bytes of each tensor output's storage (in output
+    order; empty if the op did not run)."""
     from torch.profiler import record_function
 
     try:
         args, kwargs = random_inputs(node, device)
     except Exception as exc:  # unusual argument types: assume no workspace
         log.debug("workspace: cannot build inputs for %s: %s", node.format_node(), exc)
-        return
+        return []
     try:
         with torch.no_grad(), record_function(mark):
             result = node.target(*args, **kwargs)  # type: ignore[operator]
     except Exception as exc:
         log.debug("workspace: %s failed on random inputs: %s", node.format_node(), exc)
-        return
-    del result
+        return []
+    elements = result if isinstance(result, (tuple, list)) else [result]
+    return [int(e.untyped_storage().nbytes()) for e in elements if isinstance(e, torch.Tensor)]
 
 
 def _signature(node: torch.fx.Node) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from conftest import toy
 
+import planner
 from planner.ir import build_program, capture
 from planner.passes import annotate_costs, get_profile
 from planner.passes.workspace import annotate_workspace
@@ -96,3 +97,51 @@ def test_workspace_of_an_op_reading_an_expanded_input_is_measured() -> None:
     annotate_workspace(program, captured.graph_module)
     attention = next(op for op in program.ops if "scaled_dot_product" in op.target)
     assert attention.workspace_bytes > 0
+
+
+class _Bag(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.bag = torch.nn.EmbeddingBag(128, 32, mode="mean")
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.bag(ids)
+
+
+def test_an_output_larger_than_its_traced_shape_is_planned_at_its_allocated_size() -> None:
+    """On a CPU, ``embedding_bag``'s ``offset2bag`` holds 33 elements for 32
+    indices where the fake kernel says 32: planned at its traced size, a plan at
+    its smallest budget measured 8 bytes over it."""
+    ids = torch.randint(0, 128, (2, 16))
+    captured = capture(_Bag(), (ids,), "infer")
+    program = build_program(captured)
+    (op,) = [op for op in program.ops if op.target.startswith("aten.embedding_bag")]
+    traced = [program.storages[program.values[v].storage].nbytes for v in op.outputs]
+    annotate_workspace(program, captured.graph_module)
+    planned = [program.storages[program.values[v].storage].nbytes for v in op.outputs]
+    outputs = torch.ops.aten.embedding_bag.padding_idx(
+        _Bag().bag.weight,
+        ids.flatten(),
+        torch.arange(0, 32, 16),
+        False,
+        1,
+        False,
+        None,
+        False,
+        None,
+    )
+    real = [t.untyped_storage().nbytes() for t in outputs]
+    assert planned == real and planned != traced, (traced, planned, real)
+
+    model = _Bag().eval()
+    floor = planner.plan(model, "100%", (ids,), profile="cpu")
+    budget = floor.plan.predicted_peak_bytes
+    floor.close()
+    pm = planner.plan(_Bag().eval(), budget, (ids,), profile="cpu", time_limit=5)
+    try:
+        out = pm.run_measured(ids)
+        assert pm.measured.peak_bytes <= budget, (pm.measured.peak_bytes, budget)
+        torch.testing.assert_close(out, model(ids), rtol=0, atol=0)
+    finally:
+        pm.close()
