@@ -178,3 +178,41 @@ def test_buffers_a_call_updates_stay_on_the_device_in_inference() -> None:
         assert torch.equal(pm.state_tensor("bn.running_var"), eager.bn.running_var)
     finally:
         pm.close()
+
+
+class _ClippedWeights(nn.Module):
+    """Weight clipping inside forward: the first layer's weight is written in place
+    each call (as ``nn.Embedding(max_norm=...)`` renormalizes the rows it reads)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.a.weight.mul_(0.9)
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def test_a_parameter_a_call_writes_stays_on_the_device_in_inference() -> None:
+    """Homed on disk at its smallest budget, the written weight's update had
+    nowhere to go (ValueError naming a.weight at the first call). It stays on the
+    device now, like an updated buffer, and three calls match three eager calls."""
+    x = torch.randn(8, 64)
+    eager = _ClippedWeights()
+    with torch.no_grad():
+        expected = [eager(x) for _ in range(3)]
+    model = _ClippedWeights()
+    with pytest.raises(planner.BudgetTooSmall) as too_small:
+        planner.plan(model, 1, (x,), profile="cpu", time_limit=5)
+    pm = planner.plan(model, too_small.value.min_budget, (x,), profile="cpu", time_limit=5)
+    try:
+        homes = {t.name: t.home for t in pm.plan.tensors if t.kind == "param"}
+        assert homes["a.weight"] == "device"
+        assert any(home != "device" for home in homes.values()), "nothing moved"
+        with torch.no_grad():
+            assert all(torch.equal(pm(x), e) for e in expected)
+        assert torch.equal(pm.state_tensor("a.weight"), eager.a.weight)
+    finally:
+        pm.close()

@@ -168,18 +168,23 @@ def from_program(
         # buffers (BatchNorm statistics) are updated in place after the step, so
         # neither leaves the device; nor, in inference, does a buffer each call
         # updates (a BatchNorm left in training mode: 1280 running means of a
-        # MobileNet were given a home on disk, where no update could reach them).
+        # MobileNet were given a home on disk, where no update could reach them),
+        # or a parameter it writes in place (weight clipping, nn.Embedding's
+        # max_norm: homed on disk, the call's update had nowhere to go).
         # Parameters (and inference weights) have a home.
-        train_held = (
-            kind is ValueKind.BUFFER
-            and (program.mode == "train" or base.source in updated_buffers)
+        stays_on_device = (
+            weight
+            and (
+                (kind is ValueKind.BUFFER and program.mode == "train")
+                or base.source in updated_buffers
+            )
             and storage.index not in homed_update_of
         )
-        persistent = weight and not train_held
+        persistent = weight and not stays_on_device
         writes_home_of = home_written_by.get(storage.index)
         pinned = (
             kind in (ValueKind.INPUT, ValueKind.TANGENT)
-            or train_held
+            or stays_on_device
             or storage.index in handed_over
             # a weight the forward returns ends the call resident, which a home off
             # the device cannot (the smallest-budget search's replay once failed
@@ -188,7 +193,7 @@ def from_program(
             or (storage.index in in_the_buffer and writes_home_of is None)
             or storage.nbytes < min_movable
         )
-        caller_held = kind in (ValueKind.INPUT, ValueKind.TANGENT) or train_held
+        caller_held = kind in (ValueKind.INPUT, ValueKind.TANGENT) or stays_on_device
         floating = base.dtype.startswith(("float", "bfloat"))
         computed_by_backward = (
             program.mode == "train"
