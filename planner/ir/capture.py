@@ -440,6 +440,9 @@ def _capture_joint(
             for role, info in zip(input_roles, fw_metadata.input_info)
             if info.mutates_data and (role.kind is ValueKind.INPUT or info.requires_grad)
         ]
+        params = [r.source or "a parameter" for r in written_into if r.kind is ValueKind.PARAM]
+        if params:
+            raise CaptureError(_parameter_write_message(type(model).__name__, params))
         state = [r.source or "a buffer" for r in written_into if r.kind is not ValueKind.INPUT]
         if state:
             raise CaptureError(_state_mutation_message(type(model).__name__, state))
@@ -561,6 +564,20 @@ def _input_mutation_message(model_name: str, written: list[str]) -> str:
         f"(e.g. x.mul_(2) or x /= 255); the planner does not plan writes into the "
         f"caller's tensors: make the update out of place (x = x * 2) or clone the "
         f"input first (x = x.clone()) in forward"
+    )
+
+
+def _parameter_write_message(model_name: str, written: list[str]) -> str:
+    """Training: forward writes into a parameter that requires grad in place, even
+    under ``torch.no_grad()`` (weight clipping, ``nn.Embedding(max_norm=...)``)."""
+    verb = "requires" if len(written) == 1 else "require"
+    return (
+        f"{model_name}.forward writes in place into {', '.join(written)}, which "
+        f"{verb} grad (e.g. weight clipping under torch.no_grad(), or "
+        f"nn.Embedding(max_norm=...) renormalizing the rows it reads); a training plan "
+        f"does not carry writes into the parameters it trains: make the write outside "
+        f"forward, between steps (after optimizer.step()), freeze the parameter "
+        f"(requires_grad_(False)), or plan mode='infer', which supports it"
     )
 
 

@@ -448,3 +448,24 @@ def test_a_model_an_earlier_plan_took_weights_from_is_named() -> None:
             capture(model, (x,), "infer")
     finally:
         planned.close()
+
+
+class _ClipsInForward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.a.weight.clamp_(-0.05, 0.05)
+        return self.a(x).sum()
+
+
+def test_training_a_model_that_writes_its_parameters_says_what_to_do() -> None:
+    """The write is under no_grad (its value requires no grad): the message names
+    the parameter and the ways out, not a value that requires grad."""
+    with pytest.raises(CaptureError, match=r"writes in place into a\.weight, which requires grad"):
+        capture(_ClipsInForward(), (torch.randn(2, 8),), "train")
+    with pytest.raises(CaptureError, match=r"after optimizer\.step\(\).*mode='infer'"):
+        capture(_ClipsInForward(), (torch.randn(2, 8),), "train")
+    capture(_ClipsInForward().requires_grad_(False), (torch.randn(2, 8),), "infer")
