@@ -107,6 +107,7 @@ def build_program(captured: CapturedGraph) -> Program:
     """Build the IR. Training graphs are ordered forward-first (see ``_schedule``)."""
     b = _Builder(captured)
     graph = captured.graph_module.graph
+    _refuse_data_dependent_shapes(graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     inputs = []
     for node, role in zip(placeholders, captured.input_roles):
@@ -247,6 +248,36 @@ def _add_op(b: _Builder, node: torch.fx.Node, phase: Phase) -> None:
 
 
 _FRAME = re.compile(r'File "(?P<path>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)')
+
+
+def _refuse_data_dependent_shapes(graph: torch.fx.Graph) -> None:
+    """A tensor whose shape depends on the input's values (``x[x > 0]``,
+    ``nonzero``, ``unique``), or a value read into Python (``.item()``), traces
+    with a symbol for it but cannot be planned ahead of time: say which line
+    makes it and what to do (sizing it raised torch's own data-dependent guard
+    error from deep inside the builder; an ``.item()``, a KeyError)."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    for node in graph.nodes:
+        value = node.meta.get("val")
+        if value is None or not free_unbacked_symbols(value):
+            continue
+        line = _last_user_line(node.meta.get("stack_trace"))
+        where = f" at {line}" if line else ""
+        if not isinstance(value, (torch.Tensor, list, tuple)):  # a SymInt, SymFloat
+            raise CaptureError(
+                f"the traced forward reads a tensor's value into Python ({node.name}, "
+                f"{node.target}: .item(), .tolist(), int(t)){where}: the plan is made "
+                f"ahead of time, for any values. Keep it a tensor (x * t, not "
+                f"x * t.item()), or compute it outside forward() and pass it in"
+            )
+        raise CaptureError(
+            f"the traced forward makes a tensor whose shape depends on the input's "
+            f"values ({node.name}, {node.target}){where}: the planner sizes every "
+            f"tensor ahead of time. Boolean-mask indexing (x[x > 0]), nonzero, unique "
+            f"and masked_select do this: keep the shape fixed instead (torch.where(m, "
+            f"x, 0), x * m), or move that step out of forward() and pass its result in"
+        )
 
 
 def _last_user_line(stack: str | None) -> str | None:

@@ -3,9 +3,11 @@ own tag, including ones whose names say nothing of randomness."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
+from planner.errors import CaptureError
 from planner.ir.build import build_program
 from planner.ir.capture import capture
 
@@ -43,3 +45,35 @@ def test_cuda_storages_hold_whole_allocator_blocks() -> None:
     program = build_program(capture(model, (torch.randn(7, 3),)))
     assert any(s.nbytes % 512 for s in program.storages)  # CPU: bytes as they are
     assert all(s.nbytes == program.values[s.base].nbytes for s in program.storages)
+
+
+class _MaskedSum(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[x > 0].sum()
+
+
+class _ScaledByItsMax(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * x.abs().max().item()
+
+
+@pytest.mark.parametrize(
+    ("model", "match"),
+    [
+        (_MaskedSum(), r"shape depends on the input's values .* at test_build\.py:\d+ in forward"),
+        (
+            _ScaledByItsMax(),
+            r"reads a tensor's value into Python .* at test_build\.py:\d+ in forward",
+        ),
+    ],
+    ids=["masked-index", "item"],
+)
+def test_values_the_plan_cannot_know_ahead_name_the_line(
+    model: torch.nn.Module, match: str
+) -> None:
+    """torch.export traces both (a symbol for the size or the value); building the
+    program raised torch's data-dependent guard error, or a KeyError, from inside
+    the builder, naming neither the model's line nor what to do."""
+    captured = capture(model, (torch.randn(4, 8),), "infer")
+    with pytest.raises(CaptureError, match=match):
+        build_program(captured)
