@@ -260,19 +260,22 @@ def _refuse_data_dependent_shapes(graph: torch.fx.Graph) -> None:
 
     for node in graph.nodes:
         value = node.meta.get("val")
-        if value is None or not free_unbacked_symbols(value):
+        try:
+            if not free_unbacked_symbols(value):
+                continue
+        except AssertionError:  # a dtype, device or script object: no sizes to read
             continue
         line = _last_user_line(node.meta.get("stack_trace"))
         where = f" at {line}" if line else ""
         if not isinstance(value, (torch.Tensor, list, tuple)):  # a SymInt, SymFloat
             raise CaptureError(
-                f"the traced forward reads a tensor's value into Python ({node.name}, "
+                f"the traced graph reads a tensor's value into Python ({node.name}, "
                 f"{node.target}: .item(), .tolist(), int(t)){where}: the plan is made "
                 f"ahead of time, for any values. Keep it a tensor (x * t, not "
                 f"x * t.item()), or compute it outside forward() and pass it in"
             )
         raise CaptureError(
-            f"the traced forward makes a tensor whose shape depends on the input's "
+            f"the traced graph makes a tensor whose shape depends on the input's "
             f"values ({node.name}, {node.target}){where}: the planner sizes every "
             f"tensor ahead of time. Boolean-mask indexing (x[x > 0]), nonzero, unique "
             f"and masked_select do this: keep the shape fixed instead (torch.where(m, "

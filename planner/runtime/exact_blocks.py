@@ -79,7 +79,7 @@ def exact_blocks(device: torch.device) -> Iterator[None]:
             settings = _get_settings()
             if settings is None or _enabled(settings) or "cudaMallocAsync" in settings:
                 settings = None
-            else:
+            else:  # raises before anything is counted, or turns it on
                 _set_settings(with_expandable_segments(settings, True))
             _restore = settings
         _depth += 1
@@ -88,6 +88,6 @@ def exact_blocks(device: torch.device) -> Iterator[None]:
     finally:
         with _lock:
             _depth -= 1
-            if _depth == 0 and _restore is not None:
-                _set_settings(with_expandable_segments(_restore, False))
-                _restore = None
+            restore, _restore = (_restore, None) if _depth == 0 else (None, _restore)
+            if restore is not None:  # forgotten first: a failed restore is not retried
+                _set_settings(with_expandable_segments(restore, False))

@@ -45,7 +45,7 @@ def test_torch_parses_the_settings_it_is_given() -> None:
             assert eb._get_settings() == composed
             assert eb._enabled(composed) is on
     finally:
-        eb._set_settings(eb.with_expandable_segments(original, False))
+        eb._set_settings(eb.with_expandable_segments(original, eb._enabled(original)))
 
 
 class _Settings:
