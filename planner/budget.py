@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _UNITS = {
@@ -52,6 +53,8 @@ def parse_budget(budget: int | float | str, unplanned_peak: int | None = None) -
         raise ValueError(_help(budget))
     if not value > 0 or value != value:
         raise ValueError(f"budget must be positive, got {budget!r}")
+    if math.isinf(value):  # "1e400", float("inf"): int() of it overflows
+        raise ValueError(f"budget {budget!r} is not a finite number of bytes")
     if value < 1:  # planned for 0 bytes, it failed as too small
         raise ValueError(
             f"budget {budget!r} is less than one byte; for a share of the unplanned peak "

@@ -39,6 +39,8 @@ def load_factory(spec: str) -> tuple[Any, Any]:
     sys.path.insert(0, str(path.parent.resolve()))
     try:
         module_spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - the user's file: say so in one line
+        raise SystemExit(f"error: importing {str(path)!r} raised {_one_line(exc)}") from exc
     finally:
         sys.path.pop(0)
     factory = getattr(module, factory_name, None)
@@ -48,7 +50,10 @@ def load_factory(spec: str) -> tuple[Any, Any]:
             f"error: {str(path)!r} has no function {factory_name!r}"
             + (f"; it has {', '.join(names)}" if names else "")
         )
-    result = factory()
+    try:
+        result = factory()
+    except Exception as exc:  # noqa: BLE001 - the user's factory: say so in one line
+        raise SystemExit(f"error: {factory_name}() raised {_one_line(exc)}") from exc
     if not (isinstance(result, tuple) and len(result) == 2):
         raise SystemExit(
             f"error: {factory_name}() must return (model, example_inputs), "
@@ -61,6 +66,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from planner.api import analyze, report
     from planner.api import plan as plan_module
 
+    needs_budget = [
+        flag
+        for flag, given in (
+            ("--save-plan", args.save_plan),
+            ("--kernels inductor", args.kernels != "eager"),
+            ("--quantize", args.quantize),
+            ("--no-measured-room", not args.measure_room),
+        )
+        if given
+    ]
+    if args.budget is None and needs_budget:  # they shape a plan; without one, ignored
+        verb = "needs" if len(needs_budget) == 1 else "need"
+        raise SystemExit(f"error: {', '.join(needs_budget)} {verb} a plan: give --budget too")
     model, example_inputs = load_factory(args.factory)
     if args.checkpoint is not None:  # a model built on the meta device takes its weights
         from planner.runtime.checkpoint import attach_checkpoint
@@ -232,6 +250,15 @@ def main(argv: list[str] | None = None) -> int:
     except (PlannerError, ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # an output path (--save-plan, --plot) that cannot be written
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """``TypeName: first line of the message``."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -21,7 +21,24 @@ def test_parse(spec: object, expected: int) -> None:
     assert parse_budget(spec, unplanned_peak=1000) == expected  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("spec", ["lots", "12 parsecs", "", "-5MB", -1, 0, "0%", True, None, "-3%"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "lots",
+        "12 parsecs",
+        "",
+        "-5MB",
+        -1,
+        0,
+        "0%",
+        True,
+        None,
+        "-3%",
+        "1e400",
+        "1e400MiB",
+        float("inf"),
+    ],
+)
 def test_rejects_bad_budgets(spec: object) -> None:
     with pytest.raises(ValueError, match="budget"):
         parse_budget(spec, unplanned_peak=1000)  # type: ignore[arg-type]

@@ -184,3 +184,64 @@ def test_console_script_runs() -> None:
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["unplanned_peak_bytes"] > 0
     assert "USDT" not in proc.stderr
+
+
+def _factory_file(tmp_path, body: str):  # type: ignore[no-untyped-def]
+    path = tmp_path / "factory.py"
+    path.write_text(body)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            "def make():\n    raise RuntimeError('no weights here')\n",
+            r"make\(\) raised RuntimeError: no weights here$",
+        ),
+        (
+            "def make():\n    raise ValueError('bad config value')\n",
+            r"make\(\) raised ValueError: bad config value$",
+        ),
+        ("def make(:\n", r"importing '.*factory\.py' raised SyntaxError"),
+        ("import no_such_module_here\n", r"raised ModuleNotFoundError: No module named"),
+    ],
+    ids=["factory-raises", "factory-value-error", "syntax-error", "missing-import"],
+)
+def test_cli_a_failing_factory_is_one_line(tmp_path, body: str, message: str) -> None:
+    """The user's file or factory failing: one line naming what raised, not a
+    traceback through the planner (a ValueError read as a bad budget before)."""
+    with pytest.raises(SystemExit, match=message):
+        main(["report", f"{_factory_file(tmp_path, body)}:make"])
+
+
+def test_cli_plan_options_without_a_budget_are_an_error(tmp_path) -> None:
+    """They shape a plan; without --budget none is made, and they were ignored."""
+    saved = tmp_path / "p.json"
+    spec = f"{EXAMPLES}/mlp.py:make_mlp"
+    with pytest.raises(SystemExit, match=r"--save-plan, --kernels inductor need a plan"):
+        main(["report", spec, "--save-plan", str(saved), "--kernels", "inductor"])
+    assert not saved.exists()
+
+
+def test_cli_an_unwritable_output_path_is_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path
+) -> None:
+    missing = tmp_path / "no" / "such" / "dir" / "plan.json"
+    code = main(
+        [
+            "report",
+            f"{EXAMPLES}/mlp.py:make_mlp",
+            "--budget",
+            "60%",
+            "--profile",
+            "cpu",
+            "--save-plan",
+            str(missing),
+        ]
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: ") and "No such file or directory" in err and "Traceback" not in err
+    )
