@@ -247,10 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     except BudgetTooSmall as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    except (PlannerError, ValueError, TypeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:  # an output path (--save-plan, --plot) that cannot be written
+    # OSError: an output path (--save-plan, --plot) that cannot be written
+    except (PlannerError, ValueError, TypeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

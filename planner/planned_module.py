@@ -681,9 +681,10 @@ class PlannedModule(torch.nn.Module):
         ]
         out_node = next(n for n in reversed(captured.graph_module.graph.nodes) if n.op == "output")
         flat = pytree.tree_leaves(out_node.args[0], is_leaf=lambda x: x is None)
+        gradients = flat[captured.num_forward_outputs :]
         self._grad_slots: list[int | None] = []
         k = 0
-        for node in flat[captured.num_forward_outputs :]:
+        for node in gradients:
             if isinstance(node, torch.fx.Node):
                 self._grad_slots.append(k)
                 k += 1
@@ -691,9 +692,7 @@ class PlannedModule(torch.nn.Module):
                 self._grad_slots.append(None)
         #: per gradient position, the tangents it is computed from (eager leaves a
         #: gradient none of whose tangents the loss gave as None: ``unreached_grads``)
-        self._tangents_of_grads = tangents_of_gradients(
-            captured.graph_module, captured.num_forward_outputs
-        )
+        self._tangents_of_grads = tangents_of_gradients(captured.graph_module, gradients)
 
     def _delivery_keys_of(self, positions: frozenset[int]) -> frozenset[str]:
         """The delivery keys of the parameters at gradient ``positions``."""

@@ -435,8 +435,9 @@ def compile_segment(segment: Segment, device: torch.device) -> Callable[[list], 
     from torch._inductor import config as inductor_config
     from torch._inductor.utils import BoxedBool
 
+    no_graphs = {"triton.cudagraphs": False}
     if not segment.donated:
-        with inductor_config.patch({"triton.cudagraphs": False}):
+        with inductor_config.patch(no_graphs):
             return compile_fx_inner(traced, examples, cudagraphs=BoxedBool(False))  # type: ignore[return-value]
     # Inductor reuses the buffers of a backward graph's donated inputs; it reads
     # them from the tracing context that AOTAutograd would set up. Its graph cache
@@ -447,8 +448,10 @@ def compile_segment(segment: Segment, device: torch.device) -> Callable[[list], 
         static_input_indices=[],
         num_mutated_inp_runtime_indices=0,
     )
-    no_graphs = {"fx_graph_cache": False, "triton.cudagraphs": False}
-    with torch._guards.tracing(context), inductor_config.patch(no_graphs):
+    with (
+        torch._guards.tracing(context),
+        inductor_config.patch({**no_graphs, "fx_graph_cache": False}),
+    ):
         return compile_fx_inner(  # type: ignore[return-value]
             traced, examples, is_backward=True, cudagraphs=BoxedBool(False)
         )

@@ -15,16 +15,17 @@ which none of those was given returns None for it instead.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
-from torch.utils import _pytree as pytree
 
 
 def tangents_of_gradients(
-    graph_module: torch.fx.GraphModule, num_forward_outputs: int
+    graph_module: torch.fx.GraphModule, gradients: Sequence[torch.fx.Node | None]
 ) -> list[int]:
-    """For each gradient output of the joint graph (the outputs after the forward's,
-    in order), a bit mask of the tangents (``tangents_*`` placeholders, in order)
-    it depends on; 0 where the output is None or depends on none."""
+    """For each of the joint graph's ``gradients`` (its outputs after the
+    forward's, flattened, in order), a bit mask of the tangents (``tangents_*``
+    placeholders, in order) it depends on; 0 where it is None or depends on none."""
     reached: dict[torch.fx.Node, int] = {}
     tangent = 0
     for node in graph_module.graph.nodes:
@@ -39,12 +40,7 @@ def tangents_of_gradients(
         for source in node.all_input_nodes:
             mask |= reached[source]
         reached[node] = mask
-    output = next(n for n in reversed(graph_module.graph.nodes) if n.op == "output")
-    flat = pytree.tree_leaves(output.args[0], is_leaf=lambda x: x is None)
-    return [
-        reached[node] if isinstance(node, torch.fx.Node) else 0
-        for node in flat[num_forward_outputs:]
-    ]
+    return [reached[node] if isinstance(node, torch.fx.Node) else 0 for node in gradients]
 
 
 def unreached(tangents_of: list[int], given: list[bool]) -> frozenset[int]:

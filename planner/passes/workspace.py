@@ -69,9 +69,9 @@ def _grow_to_allocated(
         return
     for vi, nbytes in zip(op.outputs, allocated):
         value = program.values[vi]
-        storage = program.storages[value.storage]
-        if value.is_view or storage.base != vi:
+        if value.is_view:  # not a storage of its own (one that is not a view is)
             continue
+        storage = program.storages[value.storage]
         storage.nbytes = max(storage.nbytes, allocated_bytes(nbytes, device))
 
 

@@ -336,7 +336,6 @@ class CudaCopyEngine(CopyEngine):
             src = self.host[key]
             return self._upload(src, entry)
         entry = self.disk.entries[key]
-        self.h2d.wait_stream(torch.cuda.current_stream(self.device))
         out = self._destination(entry)
 
         def read_then_upload() -> torch.cuda.Event:
@@ -356,14 +355,14 @@ class CudaCopyEngine(CopyEngine):
         stream allocated would be held apart for that stream's allocations alone,
         so the memory reserved could approach both pools' peaks), marked as
         written on h2d so the allocator does not reuse it before the copy is done.
-        h2d waits for the compute stream as far as it is when this is called, so
-        the copy cannot overtake an earlier op still using the block."""
+        h2d waits for the compute stream as far as it is now, so the copy cannot
+        overtake an earlier op still using the block."""
+        self.h2d.wait_stream(torch.cuda.current_stream(self.device))
         out = empty_like_entry(entry, self.device)
         out.record_stream(self.h2d)
         return out
 
     def _upload(self, src: torch.Tensor, entry: Entry) -> Pending:
-        self.h2d.wait_stream(torch.cuda.current_stream(self.device))
         out = self._destination(entry)
         with torch.cuda.stream(self.h2d):
             out.untyped_storage().copy_(src.untyped_storage(), non_blocking=True)

@@ -26,9 +26,9 @@ backend (another allocator: left alone).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 
@@ -65,15 +65,16 @@ def with_expandable_segments(settings: str, on: bool) -> str:
     return ",".join([*kept, f"{_KEY}:{on}"])
 
 
-@contextmanager
-def exact_blocks(device: torch.device) -> Iterator[None]:
+def exact_blocks(device: torch.device) -> contextlib.AbstractContextManager:
     """Run the body with CUDA blocks split to their requests (see the module
-    docstring); on any other device, or where the setting is already on or cannot
-    be read, the body runs as it is."""
+    docstring); on any other device (nothing to do, on every planned call), or
+    where the setting is already on or cannot be read, the body runs as it is."""
+    return _expandable_segments() if device.type == "cuda" else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _expandable_segments() -> Iterator[None]:
     global _depth, _restore
-    if device.type != "cuda":
-        yield
-        return
     with _lock:
         if _depth == 0:
             settings = _get_settings()
