@@ -105,7 +105,8 @@ def test_a_dead_op_is_dropped_and_its_input_freed_before_the_call() -> None:
 def test_a_step_whose_op_waits_for_a_read_made_at_once_belongs_to_the_next_run() -> None:
     """Step 0's comment, then a read made at once before its op, then the op: the
     run that makes the op owns step 0 (its level is held to step 0's), and the
-    read stays before the run. An op that stays eager keeps its own comment."""
+    read stays before the run. An op that stays eager keeps its own comment, and
+    the run of the ops after it in its step is held to that step's level."""
     lines = [
         "    # step 0: b = aten.mul.Tensor",
         "    w = rt.read_now('w', 'disk')  # from disk, a small copy, made at once",
@@ -125,7 +126,7 @@ def test_a_step_whose_op_waits_for_a_read_made_at_once_belongs_to_the_next_run()
         _op("f", 5, aten.tanh.default, Var("e", 4)),
     ]
     source, found = fold_segments(lines, lambda v: _layout(v))
-    assert [s.steps for s in found] == [(0, 1), (-1, -1)]
+    assert [s.steps for s in found] == [(0, 1), (2, 2)]
     text = "\n".join(source)
     assert text.index("rt.read_now") < text.index("# step 0:") < text.index("segment_0(")
     assert text.index("# step 2:") < text.index("d = drop(c)")
@@ -293,6 +294,29 @@ def test_a_run_that_allocates_too_much_whole_is_compiled_in_parts(  # type: igno
     _, (seg,) = fold_segments(lines, lambda v: _layout(v))
     compile_segments([seg], torch.device("cpu"), OPS)
     assert seg.kernel.startswith("eager: compiled it allocates more") and not seg.parts
+
+
+def test_a_part_cut_inside_a_step_is_held_to_that_steps_level() -> None:
+    """Step 0 recomputes a value through three ops before its own; the cut falls
+    between them, so the second part makes step 0's output: it is held to step
+    0's level too (read as step 1's alone, a part of Mamba's backward was composed
+    65,536 bytes under what the meter saw)."""
+    lines = [
+        "    # step 0: e = aten.mul.Tensor",
+        _op("b", 1, aten.mul.Tensor, Var("a", 0), 2.0),  # on the way to recompute d
+        _op("c", 2, aten.tanh.default, Var("b", 1)),
+        DelLine(["b"], "    del b", donatable=True),
+        _op("d", 3, aten.add.Tensor, Var("c", 2), 1.0),
+        DelLine(["c"], "    del c", donatable=True),
+        _op("e", 4, aten.mul.Tensor, Var("d", 3), 3.0),
+        DelLine(["d"], "    del d", donatable=True),
+        "    # step 1: f = aten.tanh.default",
+        _op("f", 5, aten.tanh.default, Var("e", 4)),
+    ]
+    _, (seg,) = fold_segments(lines, lambda v: _layout(v))
+    first, second = segments.split_run(seg)  # type: ignore[misc]
+    assert "aten_mul_Tensor(d, 3.0)" in second.eager_source  # step 0's op, cut from its comment
+    assert (first.steps, second.steps) == ((0, 0), (0, 1))
 
 
 def test_a_compiled_run_slower_than_eager_stays_eager(monkeypatch) -> None:  # type: ignore[no-untyped-def]
