@@ -534,3 +534,52 @@ def test_parameters_the_loss_does_not_reach_keep_no_gradient(fraction: float) ->
             torch.testing.assert_close(grad, _grads(eager)[key])
     finally:
         pm.close()
+
+
+class _FeatureLstm(nn.Module):
+    """An LSTM over float features, whose input does not require grad: on a CPU
+    with oneDNN, PyTorch runs it as ``mkldnn_rnn_layer``, whose backward reads a
+    workspace the forward makes only with grad mode on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = nn.LSTM(32, 32, num_layers=2, batch_first=True)
+        self.head = nn.Linear(32, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0]).pow(2).mean()
+
+
+@pytest.mark.parametrize("kernels", ["eager", "inductor"])
+def test_an_lstm_over_float_features_trains_exactly_within_its_budget(kernels: str) -> None:
+    """The first backward raised (the workspace was None: the executor runs the
+    forward with grad mode off), and planning measured the backward on a made-up
+    empty workspace, which crashed the process for a hidden size of 64."""
+    x = torch.randn(2, 16, 32)
+    eager = _FeatureLstm()
+    eager_loss = eager(x)
+    eager_loss.backward()
+    model = _FeatureLstm()
+    try:
+        pm = planner.plan(model, "50%", (x,), mode="train", profile="cpu", time_limit=5,
+                          kernels=kernels)  # fmt: skip
+    except planner.BudgetTooSmall as e:  # the LSTM's own working set is most of it
+        pm = planner.plan(model, e.min_budget, (x,), mode="train", profile="cpu",
+                          time_limit=5, kernels=kernels)  # fmt: skip
+    try:
+        if torch.backends.mkldnn.is_available():
+            assert "mkldnn_rnn_layer_with_grad_mode(" in pm.executor.source
+        assert any(a.kind in ("offload", "recompute") for a in pm.plan.actions), "nothing moved"
+        for _ in range(2):
+            for p in model.parameters():
+                p.grad = None
+            loss, measured = _measured_step(pm, (x,))
+            assert measured.peak_bytes <= pm.plan.budget_bytes, (measured, pm.plan.budget_bytes)
+        exact = {"rtol": 0, "atol": 0} if kernels == "eager" else {}
+        torch.testing.assert_close(loss, eager_loss, **exact)  # type: ignore[arg-type]
+        assert _grads(model).keys() == _grads(eager).keys()
+        for key, grad in _grads(model).items():
+            torch.testing.assert_close(grad, _grads(eager)[key], **exact)  # type: ignore[arg-type]
+    finally:
+        pm.close()

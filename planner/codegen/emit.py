@@ -33,6 +33,7 @@ from planner.codegen.segments import (
     joins_run,
     step_line_at_or_before,
 )
+from planner.ir.grad_mode_ops import needs_grad_mode, with_grad_mode
 from planner.ir.meta import FX_NODE_NAMES, PARAM_GRADS, fake_value, op_name_parts
 from planner.ir.program import Program, ValueKind
 from planner.runtime.copy_engine import CPU, completes_at_issue
@@ -521,6 +522,8 @@ class _Emitter:
             into_value = next(v for v in op.inputs if self.program.values[v].storage == reuse[0])
             into = self._expr(into_value)
             call = f"{self._op_name(variant)}({', '.join(args)}, {out_arg}={into})"
+        elif needs_grad_mode(node):
+            call = f"{self._op_name(with_grad_mode(node.target))}({', '.join(args)})"
         else:
             call = f"{self._op_name(node.target)}({', '.join(args)})"
         outputs = [
@@ -565,7 +568,9 @@ class _Emitter:
                 and not fused
                 and compilable_target(node.target)
                 and not (reuse is not None and self._is_state(reuse[0]))
-                and not touches_host_tensors(node, self.device),
+                and not touches_host_tensors(node, self.device)
+                and not self._reads_kernel_sized(node)
+                and not needs_grad_mode(node),
             )
         )
         if reuse is not None and bound and bound[0][0] is None:
@@ -756,6 +761,18 @@ class _Emitter:
             for done in recipe.release[position] if recipe.release else ():
                 if done not in held:
                     self._free(done, f"used by the recompute of {name}")
+
+    def _reads_kernel_sized(self, node: torch.fx.Node) -> bool:
+        """Whether ``node`` reads a buffer its producer's kernel sized beyond the
+        traced value (``Storage.kernel_sized``: ``nn.LSTM``'s oneDNN workspace).
+        A compiled run is measured on made-up inputs of its traced layouts, and
+        given an empty buffer, ``mkldnn_rnn_layer_backward`` read past it and
+        crashed the process; Inductor would only call the ATen kernel anyway."""
+        values, storages = self.program.values, self.program.storages
+        return any(
+            storages[values[self.value_by_name[n.name]].storage].kernel_sized
+            for n in node.all_input_nodes
+        )
 
     def _is_state(self, storage: int) -> bool:
         """Whether ``storage`` is the model's (no op makes it)."""

@@ -7,6 +7,7 @@ non-serialized side tables, keyed by the constants below.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -56,15 +57,22 @@ def fake_value(node: torch.fx.Node) -> Any:
     return node.meta.get(FX_VAL)
 
 
-def random_inputs(node: torch.fx.Node, device: str) -> tuple[tuple, dict]:
+def random_inputs(
+    node: torch.fx.Node,
+    device: str,
+    given: Callable[[torch.fx.Node], torch.Tensor | None] | None = None,
+) -> tuple[tuple, dict]:
     """Real tensors with the traced shapes, strides, dtypes and ``requires_grad``:
     random floats, zero integers (valid as indices), so the op takes its usual code
     path (even under no_grad, matmul copies a non-contiguous input or not depending
-    on whether the weight requires grad)."""
+    on whether the weight requires grad). ``given``: a real tensor to pass for an
+    argument node instead, or None (``planner.passes.made_up_inputs``)."""
 
     def real(x: Any) -> Any:
         if not isinstance(x, torch.fx.Node):
             return x
+        if given is not None and (t := given(x)) is not None:
+            return t
         v = fake_value(x)
         if not isinstance(v, torch.Tensor):
             return v

@@ -84,6 +84,11 @@ class Storage:
     nbytes: int
     values: list[int] = field(default_factory=list)
     live: tuple[int, int] | None = None
+    #: its kernel allocated more than the traced value says (the workspace pass
+    #: measured it: ``nbytes`` is the kernel's), so its contents may be a buffer
+    #: only that kernel's readers understand, which made-up inputs cannot stand in
+    #: for (``nn.LSTM``'s oneDNN workspace on a CPU)
+    kernel_sized: bool = False
 
     @property
     def base(self) -> int:

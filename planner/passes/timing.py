@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from planner.ir.meta import random_inputs
+from planner.ir.grad_mode_ops import as_run
 from planner.ir.program import Program
+from planner.passes.made_up_inputs import MadeUpInputs
 from planner.passes.workspace import distinct_calls
 
 log = logging.getLogger(__name__)
@@ -50,14 +52,15 @@ def time_calls(calls: dict[str, torch.fx.Node], device: str, repeats: int) -> di
     """Fastest seconds of each call over ``repeats`` round-robin rounds; calls that
     fail on random inputs are left out (they keep the roofline estimate)."""
     measured: dict[str, float] = {}
-    group: list[tuple[str, torch.fx.Node, tuple, dict]] = []
+    group: list[tuple[str, Callable[..., Any], tuple, dict]] = []
     held = 0
+    made_up = MadeUpInputs()
     for sig, node in calls.items():
-        prepared = _prepare(node, device)
+        prepared = _prepare(node, device, made_up)
         if prepared is None:
             continue
         args, kwargs = prepared
-        group.append((sig, node, args, kwargs))
+        group.append((sig, as_run(node), args, kwargs))
         held += _input_bytes(args, kwargs)
         if held >= GROUP_BYTES:
             measured.update(_time_round_robin(group, device, repeats))
@@ -66,12 +69,12 @@ def time_calls(calls: dict[str, torch.fx.Node], device: str, repeats: int) -> di
     return measured
 
 
-def _prepare(node: torch.fx.Node, device: str) -> tuple[tuple, dict] | None:
+def _prepare(node: torch.fx.Node, device: str, made_up: MadeUpInputs) -> tuple[tuple, dict] | None:
     """Random inputs for ``node``, after one warm-up call; None if it fails."""
     try:
-        args, kwargs = random_inputs(node, device)
+        args, kwargs = made_up.inputs(node, device)
         with torch.no_grad():
-            node.target(*args, **kwargs)  # type: ignore[operator]
+            made_up.ran(node, as_run(node)(*args, **kwargs))
     except Exception as exc:  # unusual inputs: keep the roofline estimate
         log.debug("timing: %s failed on random inputs: %s", node.format_node(), exc)
         return None
@@ -84,7 +87,7 @@ def _input_bytes(args: Any, kwargs: Any) -> int:
 
 
 def _time_round_robin(
-    group: list[tuple[str, torch.fx.Node, tuple, dict]], device: str, repeats: int
+    group: list[tuple[str, Callable[..., Any], tuple, dict]], device: str, repeats: int
 ) -> dict[str, float]:
     sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else None
     best = {sig: float("inf") for sig, *_ in group}
@@ -92,14 +95,14 @@ def _time_round_robin(
         sync()
     with torch.no_grad():
         for _ in range(repeats):
-            for sig, node, args, kwargs in group:
+            for sig, run, args, kwargs in group:
                 if sig not in best:
                     continue
                 start = time.perf_counter()
                 try:
-                    node.target(*args, **kwargs)  # type: ignore[operator]
+                    run(*args, **kwargs)
                 except Exception as exc:  # failed on a second run: no measurement
-                    log.debug("timing: %s failed: %s", node.format_node(), exc)
+                    log.debug("timing: %s failed: %s", sig, exc)
                     del best[sig]
                     continue
                 if sync is not None:

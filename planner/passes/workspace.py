@@ -13,22 +13,24 @@ workspace is the peak of its own allocations minus what it still holds at the en
 The same run checks the outputs' sizes: a kernel may allocate an output larger
 than its traced shape says (on a CPU, ``_embedding_bag``'s ``offset2bag`` holds
 one element more than the fake kernel's, 8 bytes the meter saw and the plan did
-not). Such an output's storage is planned at the size the kernel allocates.
+not). Such an output's storage is planned at the size the kernel allocates, and
+marked kernel-sized: its readers run on that real output, not a made-up one
+(``planner.passes.made_up_inputs``).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 import torch.fx
-from torch.utils import _pytree as pytree
 
 from planner.alloc_trace import allocations, find_events, peak_and_final, profile_allocations
 from planner.ir.build import allocated_bytes
-from planner.ir.meta import FX_NODE_NAMES, fake_value, random_inputs
+from planner.ir.grad_mode_ops import as_run
+from planner.ir.meta import FX_NODE_NAMES
 from planner.ir.program import Program
+from planner.passes.made_up_inputs import MadeUpInputs, signature
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +45,11 @@ def annotate_workspace(
         return
     keys = list(calls)
     output_bytes: dict[str, list[int]] = {}
+    made_up = MadeUpInputs()
 
     def run_each() -> None:
         for i, sig in enumerate(keys):
-            output_bytes[sig] = _run_marked(calls[sig], f"{_MARK}{i}", device)
+            output_bytes[sig] = _run_marked(calls[sig], f"{_MARK}{i}", device, made_up)
 
     _, events = profile_allocations(run_each)
     workspace: dict[int, int] = {}
@@ -62,17 +65,25 @@ def annotate_workspace(
 def _grow_to_allocated(
     program: Program, op_index: int, allocated: list[int], device: torch.device
 ) -> None:
-    """Plan each output storage the op allocates at least at the size its kernel
-    allocated (``allocated``: per tensor output, in the op's output order)."""
+    """Plan each output storage the op makes at least at the bytes its kernel
+    allocated for the outputs in it (``allocated``: per tensor output, in the
+    op's output order, 0 for one in an earlier output's storage). The fake
+    kernel can alias outputs the real one makes apart: ``mkldnn_rnn_layer_backward``
+    traces its two bias gradients as one tensor and returns two (512 bytes each
+    for an LSTM of hidden size 32, a plan 512 bytes over its budget)."""
     op = program.ops[op_index]
     if len(allocated) != len(op.outputs):
         return
+    made: dict[int, int] = {}  # storage the op makes -> bytes allocated for it
     for vi, nbytes in zip(op.outputs, allocated):
-        value = program.values[vi]
-        if value.is_view:  # not a storage of its own (one that is not a view is)
-            continue
-        storage = program.storages[value.storage]
-        storage.nbytes = max(storage.nbytes, allocated_bytes(nbytes, device))
+        s = program.values[vi].storage
+        if program.storages[s].base in op.outputs:  # not a view of an input
+            made[s] = made.get(s, 0) + allocated_bytes(nbytes, device)
+    for s, nbytes in made.items():
+        storage = program.storages[s]
+        if nbytes > storage.nbytes:
+            storage.nbytes = nbytes
+            storage.kernel_sized = True
 
 
 def distinct_calls(
@@ -90,13 +101,13 @@ def distinct_calls(
             continue
         if not isinstance(node.target, torch._ops.OpOverload):
             continue
-        sig = _signature(node)
+        sig = signature(node)
         signature_of[op.index] = sig
         calls.setdefault(sig, node)
     return signature_of, calls
 
 
-def _run_marked(node: torch.fx.Node, mark: str, device: str) -> list[int]:
+def _run_marked(node: torch.fx.Node, mark: str, device: str, made_up: MadeUpInputs) -> list[int]:
     """Run one op on random inputs inside a named profiler block. Its outputs
     are still referenced when the block closes, so they count as held, not as
     workspace. Returns the bytes of each tensor output's storage (in output
@@ -104,27 +115,14 @@ def _run_marked(node: torch.fx.Node, mark: str, device: str) -> list[int]:
     from torch.profiler import record_function
 
     try:
-        args, kwargs = random_inputs(node, device)
+        args, kwargs = made_up.inputs(node, device)
     except Exception as exc:  # unusual argument types: assume no workspace
         log.debug("workspace: cannot build inputs for %s: %s", node.format_node(), exc)
         return []
     try:
         with torch.no_grad(), record_function(mark):
-            result = node.target(*args, **kwargs)  # type: ignore[operator]
+            result = as_run(node)(*args, **kwargs)
     except Exception as exc:
         log.debug("workspace: %s failed on random inputs: %s", node.format_node(), exc)
         return []
-    elements = result if isinstance(result, (tuple, list)) else [result]
-    return [int(e.untyped_storage().nbytes()) for e in elements if isinstance(e, torch.Tensor)]
-
-
-def _signature(node: torch.fx.Node) -> str:
-    def describe(x: Any) -> Any:
-        if isinstance(x, torch.fx.Node):
-            v = fake_value(x)
-            if isinstance(v, torch.Tensor):
-                return ("T", tuple(v.shape), tuple(v.stride()), str(v.dtype), v.requires_grad)
-            return ("N", repr(v))
-        return repr(x)
-
-    return repr((str(node.target), pytree.tree_map(describe, (node.args, node.kwargs))))
+    return made_up.ran(node, result)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import toy
 
@@ -145,3 +146,40 @@ def test_an_output_larger_than_its_traced_shape_is_planned_at_its_allocated_size
         torch.testing.assert_close(out, model(ids), rtol=0, atol=0)
     finally:
         pm.close()
+
+
+class _Lstm(torch.nn.Module):
+    """An LSTM over float features (its input does not require grad): on a CPU
+    with oneDNN, training takes ``mkldnn_rnn_layer`` and its backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = torch.nn.LSTM(32, 32, num_layers=2, batch_first=True)
+        self.head = torch.nn.Linear(32, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0]).pow(2).mean()
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN's LSTM path")
+def test_an_lstm_workspace_and_its_bias_gradients_are_planned_at_their_real_bytes() -> None:
+    """The fake kernels trace the forward's workspace as 0 bytes and the backward's
+    two bias gradients as one tensor; the kernels allocate a workspace of
+    kilobytes (with grad mode on, as the executor runs it) and two gradients. The
+    backward is measured on the forward's real workspace: on a made-up empty one
+    it read past it and crashed the process."""
+    x = torch.randn(2, 16, 32)
+    captured = capture(_Lstm(), (x,), "train")
+    program = build_program(captured)
+    forwards = [op for op in program.ops if op.target == "aten.mkldnn_rnn_layer.default"]
+    backwards = [op for op in program.ops if op.target == "aten.mkldnn_rnn_layer_backward.default"]
+    assert len(forwards) == len(backwards) == 2
+    workspaces = [program.storages[program.values[op.outputs[3]].storage] for op in forwards]
+    bias_grads = [program.storages[program.values[op.outputs[3]].storage] for op in backwards]
+    assert [s.nbytes for s in workspaces] == [0, 0]
+    assert [s.nbytes for s in bias_grads] == [512, 512]  # one storage for both
+    annotate_workspace(program, captured.graph_module)
+    assert all(s.nbytes > 10_000 and s.kernel_sized for s in workspaces), workspaces
+    assert [s.nbytes for s in bias_grads] == [1024, 1024]
+    assert all(op.workspace_bytes > 0 for op in backwards)

@@ -51,3 +51,25 @@ def test_a_call_failing_on_random_inputs_is_left_out() -> None:
     node = next(n for n in graph.nodes if n.op == "call_function")
     node.target = Broken()  # type: ignore[assignment]
     assert timing.time_calls({"sig": node}, "cpu", repeats=2) == {}
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN's LSTM path")
+def test_an_lstm_backward_is_timed_on_its_forwards_real_workspace() -> None:
+    """``mkldnn_rnn_layer_backward`` reads a workspace the fake kernel traces as
+    empty; given a made-up empty one it read past it (a crash for a hidden size of
+    64). Timed on the forward's real workspace, it is measured like any op."""
+
+    class Lstm(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = torch.nn.LSTM(64, 64, num_layers=2, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.rnn(x)[0].pow(2).mean()
+
+    captured = capture(Lstm(), (torch.randn(2, 32, 64),), "train")
+    program = build_program(captured)
+    timing.annotate_measured_seconds(program, captured.graph_module, "cpu", repeats=2)
+    backwards = [op for op in program.ops if op.target == "aten.mkldnn_rnn_layer_backward.default"]
+    assert len(backwards) == 2
+    assert all(op.cost.measured_seconds is not None for op in backwards)

@@ -1,0 +1,93 @@
+"""Inputs for running one traced op on its own, and the outputs that must be real.
+
+The workspace and timing passes run each distinct op call on random tensors of
+its traced layouts. That is safe for an op whose inputs are plain data, but a
+few kernels hand a buffer to their backward whose size and contents only they
+know: on a CPU, ``mkldnn_rnn_layer`` (``nn.LSTM``'s forward) returns a
+workspace the fake kernel traces as ``(0,)`` bytes, and its real one is
+kilobytes. ``mkldnn_rnn_layer_backward`` given an empty buffer read past it and
+crashed the process (a 2-layer LSTM of hidden 64, while planning).
+
+So a producer's output whose storage comes out larger than its traced value
+says (a kernel-sized buffer: ``Storage.kernel_sized``) is kept, and an op that
+reads it is given that real output instead of a made-up one. Calls are keyed by
+signature (one run stands for every call of that signature), so the consumer's
+producer need not be the node that ran.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx
+from torch.utils import _pytree as pytree
+
+from planner.ir.grad_mode_ops import needs_grad_mode
+from planner.ir.meta import fake_value, random_inputs
+
+
+def signature(node: torch.fx.Node) -> str:
+    """What makes two calls the same to run: the target, whether it runs with
+    grad mode on (``planner.ir.grad_mode_ops``), and each argument's traced
+    shape, strides, dtype and ``requires_grad`` (or its value)."""
+
+    def describe(x: Any) -> Any:
+        if isinstance(x, torch.fx.Node):
+            v = fake_value(x)
+            if isinstance(v, torch.Tensor):
+                return ("T", tuple(v.shape), tuple(v.stride()), str(v.dtype), v.requires_grad)
+            return ("N", repr(v))
+        return repr(x)
+
+    described = pytree.tree_map(describe, (node.args, node.kwargs))
+    return repr((str(node.target), needs_grad_mode(node), described))
+
+
+def traced_storage_bytes(fake: torch.Tensor) -> int:
+    """Bytes of the storage a traced value says its kernel allocates."""
+    return int(fake.untyped_storage().nbytes())
+
+
+class MadeUpInputs:
+    """Random inputs for one op at a time, with real outputs of earlier calls
+    standing in where a kernel sized a buffer its traced value does not show.
+    Call ``inputs`` then ``ran`` for each op, producers before their readers
+    (graph order)."""
+
+    def __init__(self) -> None:
+        #: (producer's signature, output position) -> the real output
+        self._kernel_sized: dict[tuple[str, int], torch.Tensor] = {}
+
+    def inputs(self, node: torch.fx.Node, device: str) -> tuple[tuple, dict]:
+        return random_inputs(node, device, given=self._given)
+
+    def ran(self, node: torch.fx.Node, result: Any) -> list[int]:
+        """Keep the outputs of ``node``'s call (``result``) that came out larger
+        than traced. Returns, per tensor output in order, the bytes of its
+        storage, or 0 where an earlier output has that storage already (so the
+        sizes add up to what the call allocated for its outputs)."""
+        real = result if isinstance(result, (tuple, list)) else [result]
+        fake = fake_value(node)
+        fakes = fake if isinstance(fake, (tuple, list)) else [fake]
+        sizes = []
+        seen: set[int] = set()
+        for position, (r, f) in enumerate(zip(real, fakes)):
+            if not isinstance(r, torch.Tensor):
+                continue
+            storage = r.untyped_storage()
+            nbytes = int(storage.nbytes())
+            sizes.append(0 if storage.data_ptr() in seen and nbytes else nbytes)
+            seen.add(storage.data_ptr())
+            if isinstance(f, torch.Tensor) and nbytes > traced_storage_bytes(f):
+                self._kernel_sized[(signature(node), position)] = r
+        return sizes
+
+    def _given(self, x: torch.fx.Node) -> torch.Tensor | None:
+        producer, position = x, 0
+        if x.target is operator.getitem and isinstance(x.args[0], torch.fx.Node):
+            producer, position = x.args[0], int(x.args[1])  # type: ignore[arg-type]
+        if not self._kernel_sized or not isinstance(producer.target, torch._ops.OpOverload):
+            return None
+        return self._kernel_sized.get((signature(producer), position))
