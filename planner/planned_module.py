@@ -771,6 +771,7 @@ class PlannedModule(torch.nn.Module):
         the planned step as one autograd node, the buffers' updates copied in."""
         if self._traced_training is not None:
             check_call_mode(self._traced_training, self.training)
+            check_call_mode(self._traced_training, self._state_watch.model.training, "model")
         check_autocast(self._autocast)
         self._hook_watch.check()
         self._state_watch.check()

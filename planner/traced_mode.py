@@ -70,8 +70,11 @@ def _name(training: bool) -> str:
     return "training" if training else "eval"
 
 
-def check_call_mode(traced_training: bool, training: bool) -> None:
-    """Raise if a module traced in one mode is called in the other."""
+def check_call_mode(traced_training: bool, training: bool, switched: str = "pm") -> None:
+    """Raise if a module traced in one mode is called in the other: ``training``
+    is the mode of ``switched``, the planned module or the model it was planned
+    from (``model.eval()`` switches the model's modules, not the planned one's
+    flag; it went unnoticed, and the step drew dropout)."""
     if training == traced_training:
         return
     if training:
@@ -86,8 +89,8 @@ def check_call_mode(traced_training: bool, training: bool) -> None:
     raise PlannerError(
         f"this module was planned with the model in {_name(traced_training)} mode and is "
         f"now in {_name(training)} mode; a plan runs what it traced (dropout, batch "
-        f"statistics), so pm.{'train' if training else 'eval'}() cannot change it: {todo}; "
-        f"or call pm.{'eval' if training else 'train'}() to use this one"
+        f"statistics), so {switched}.{'train' if training else 'eval'}() cannot change it: "
+        f"{todo}; or call {switched}.{'eval' if training else 'train'}() to use this one"
     )
 
 

@@ -32,6 +32,22 @@ def test_a_training_plan_called_in_eval_mode_is_an_error_until_train_again() -> 
     pm(x).sum().backward()
 
 
+def test_the_model_switched_to_eval_after_planning_is_an_error_too() -> None:
+    """``model.eval()`` switches the model's modules, not the planned module's own
+    flag: the step went on drawing dropout, silently (found by a README audit)."""
+    x = torch.randn(8, 16)
+    model = _with_dropout()
+    pm = planner.plan(model, "100%", (x,), mode="train", profile="cpu")
+    model.eval()
+    assert pm.training
+    with pytest.raises(
+        PlannerError, match=r"now in eval mode.*model\.eval\(\) cannot.*model\.train"
+    ):
+        pm(x)
+    model.train()
+    pm(x).sum().backward()
+
+
 def test_an_eval_traced_plan_called_in_training_mode_is_an_error() -> None:
     model, x = _with_dropout().eval(), torch.randn(8, 16)
     pm = planner.plan(model, "100%", (x,), mode="train", profile="cpu")
