@@ -79,9 +79,11 @@ def _install_hooks() -> None:
 
 
 class StateWatch:
-    """The model's parameter and buffer objects a training plan was built over,
-    by name; ``check()`` raises if the model now holds another object under one
-    of those names."""
+    """The model's parameter and buffer objects a plan reads in place, by name (a
+    training plan: all of them; an inference plan: those it keeps on the device,
+    the rest leave the model); ``check()`` raises if the model now holds another
+    object under one of those names. An inference plan given a new
+    ``nn.Parameter`` went on with the old one, silently (a README audit)."""
 
     def __init__(self, model: torch.nn.Module, held: dict[str, torch.Tensor]) -> None:
         _install_hooks()
@@ -128,12 +130,13 @@ class TierParams:
             raise PlannerError(
                 f"{listed(moved)}: this plan keeps {'it' if len(moved) == 1 else 'them'} in "
                 f"its offload store and reads each step's values from there, but the "
-                f"parameter's data was pointed elsewhere since (another planner.plan of "
-                f"this model for training, which takes over the same parameters; "
-                f"model.half() or model.to(...); param.data = ...). To train on several "
-                f"input shapes, plan them in one call (planner.plan(..., mode='train', "
-                f"extra_example_inputs=[...])); otherwise convert the model first and "
-                f"call planner.plan again"
+                f"parameter's data was pointed elsewhere since, so the plan would train on "
+                f"values it no longer holds. Causes: model.half(), model.to(...) or "
+                f"param.data = ... (converting back does not return the data to the store: "
+                f"convert, then call planner.plan again); or another planner.plan of this "
+                f"model for training, which takes over the same parameters (to train on "
+                f"several input shapes, plan them in one call: planner.plan(..., "
+                f"mode='train', extra_example_inputs=[...]))"
             )
 
 

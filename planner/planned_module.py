@@ -219,6 +219,11 @@ class PlannedModule(torch.nn.Module):
                     self._num_buffer_updates,
                     self._buffer_updates,
                 )
+            else:  # the weights it keeps on the device, the model's (the rest leave it)
+                names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+                names.update(n for n, _ in model.named_buffers(remove_duplicate=False))
+                kept = zip(self._state_names, self._state)
+                self._state_watch = StateWatch(model, {n: t for n, t in kept if n in names})
         except BaseException:
             if self._owns_store:  # another shape's module owns a shared one
                 self._finalizer()
@@ -791,6 +796,7 @@ class PlannedModule(torch.nn.Module):
         """An inference call on the call's tensors (matched to the plan already)."""
         check_autocast(self._autocast)
         self._hook_watch.check()
+        self._state_watch.check()
         with torch.no_grad():
             outs = self._with_constants(self._run(self._fn, self._state, inputs))
             for name, new in zip(self._buffer_updates, outs[: self._num_buffer_updates]):
@@ -1203,7 +1209,9 @@ class _PlannedStep(torch.autograd.Function):
         if ctx.carry is None:
             raise PlannerError(
                 "backward through a planned step twice is not supported "
-                "(its saved tensors were freed by the first backward)"
+                "(its saved tensors were freed by the first backward): call the planned "
+                "module again for each backward (sum the losses into one backward to "
+                "combine them)"
             )
         no_grad_for = unreached(
             pm._tangents_of_grads, [grad_outputs[i] is not None for i in pm._tangent_positions]

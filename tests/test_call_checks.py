@@ -17,6 +17,7 @@ from torch import nn
 import planner
 from planner.errors import PlannerError
 from planner.passes.device_profile import get_profile
+from planner.released import ReleasedWeight
 
 
 class _Net(nn.Module):
@@ -73,6 +74,37 @@ def test_a_replaced_parameter_is_an_error_naming_it() -> None:
         PlannerError, match=r"replaced since planning: a\.weight\..*planner\.plan again"
     ):
         pm(x)
+
+
+@pytest.mark.parametrize("smallest", [False, True])
+def test_a_parameter_replaced_after_an_inference_plan_is_an_error_naming_it(
+    smallest: bool,
+) -> None:
+    """The plan reads the weights it keeps on the device from the model in place:
+    given a new nn.Parameter it went on with the old one, silently. Weights it
+    moved off the device have left the model (calling the model says so)."""
+    torch.manual_seed(0)
+    model, x = _Net().eval(), torch.randn(64, 32)
+    budget: int | str = "100%"
+    if smallest:
+        with pytest.raises(planner.BudgetTooSmall) as too_small:
+            planner.plan(_Net().eval(), "10%", (x,), profile="cpu", time_limit=5)
+        budget = too_small.value.min_budget
+    with torch.no_grad():
+        pm = planner.plan(model, budget, (x,), mode="infer", profile="cpu", time_limit=5)
+        try:
+            kept = [n for n, p in model.named_parameters() if not isinstance(p, ReleasedWeight)]
+            assert kept, "the plan keeps no weight in the model"
+            moved = len(kept) < len(list(_Net().parameters()))
+            assert moved == smallest, (budget, kept)
+            pm(x)
+            owner, _, leaf = kept[-1].rpartition(".")
+            module = model.get_submodule(owner)
+            setattr(module, leaf, nn.Parameter(torch.zeros_like(getattr(module, leaf))))
+            with pytest.raises(PlannerError, match=rf"replaced since planning: {kept[-1]}\."):
+                pm(x)
+        finally:
+            pm.close()
 
 
 def test_a_swapped_submodule_is_an_error() -> None:

@@ -61,6 +61,16 @@ class StoreError(PlannerError):
     """An offloaded tensor could not be written or read back intact."""
 
 
+#: What a lost or damaged offload file leaves to do. The file held the only copy:
+#: an inference plan took the weights it moved off the device out of the model, and
+#: a training plan's parameter homed there was a map of its file (so "plan the
+#: model again" failed: the model no longer had those weights).
+REPLAN = (
+    "the weights this module moved off the device lived only in its offload files, so "
+    "load them into the model again (from your checkpoint) and plan it again"
+)
+
+
 @dataclass(frozen=True)
 class Entry:
     """What is needed to rebuild a tensor from its stored bytes."""
@@ -509,7 +519,7 @@ class DiskStore:
     def _missing(self, key: str, path: Path) -> StoreError:
         return StoreError(
             f"offload file for {key!r} is missing ({path}): it was deleted or replaced "
-            f"while the planned module still needs it; plan the model again"
+            f"while the planned module still needs it; {REPLAN}"
         )
 
     def _verify(
@@ -520,7 +530,7 @@ class DiskStore:
         if size != entry.nbytes:
             raise StoreError(
                 f"offload file for {key!r} has the wrong size ({path}): "
-                f"expected {entry.nbytes} bytes; plan the model again"
+                f"expected {entry.nbytes} bytes; {REPLAN}"
             )
         # The checksum costs a pass over the bytes: verify once per write, and again
         # whenever the file was replaced or touched since (another writer, a
@@ -529,14 +539,12 @@ class DiskStore:
         if entry.crc32 is None and entry.stamp is not None and entry.stamp != stamp:
             raise StoreError(
                 f"offload file for {key!r} was changed after the planner wrote it "
-                f"({path}); nothing else may write to the offload directory: plan the "
-                f"model again"
+                f"({path}); nothing else may write to the offload directory: {REPLAN}"
             )
         if entry.crc32 is not None and entry.stamp != stamp:
             if zlib.crc32(data) != entry.crc32:
                 raise StoreError(
-                    f"offload file for {key!r} is corrupted (checksum mismatch, "
-                    f"{path}); plan the model again"
+                    f"offload file for {key!r} is corrupted (checksum mismatch, {path}); {REPLAN}"
                 )
             self.entries[key] = dataclasses.replace(entry, stamp=stamp)
 
