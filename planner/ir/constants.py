@@ -8,7 +8,11 @@ program has values made by ops or passed in, not attributes. A real constant of
 one element (all of those seen are zero-dimensional) becomes ``aten.full`` of its
 shape, value, dtype and device: the same tensor, bit for bit (a bool, integer,
 float16, bfloat16, float32 or float64 value survives the trip through a Python
-number exactly). A larger constant is a clear error that says to
+number exactly). An empty one becomes ``aten.empty_strided`` of its layout: it has
+no values (transformers' key/value cache starts each layer with
+``torch.tensor([])``, which GPT-2 builds in a training forward too unless called
+with ``use_cache=False``, and such a step could not be planned). A larger constant
+is a clear error that says to
 register it as a buffer, which the planner treats as model state. Inference
 graphs need none of this: ``torch.export`` lifts constants to inputs.
 """
@@ -32,19 +36,27 @@ def inline_scalar_constants(gm: torch.fx.GraphModule, model_name: str) -> int:
         constant = getattr(gm, node.target, None)
         if not isinstance(constant, torch.Tensor) or isinstance(constant, torch.nn.Parameter):
             continue
-        if constant.numel() != 1 or constant.is_complex():
+        if constant.numel() == 0:
+            call = (
+                torch.ops.aten.empty_strided.default,
+                ([int(d) for d in constant.shape], [int(s) for s in constant.stride()]),
+            )
+        elif constant.numel() != 1 or constant.is_complex():
             raise CaptureError(
                 f"{model_name} makes a tensor constant of shape {tuple(constant.shape)} "
                 f"({constant.dtype}) inside forward (torch.tensor(...) of Python values, "
                 f"traced as {node.target}); the planner makes real constants of one element "
-                f"only: build it once in __init__ and register it with "
+                f"(or none) only: build it once in __init__ and register it with "
                 f"self.register_buffer(name, tensor, persistent=False)"
+            )
+        else:
+            call = (
+                torch.ops.aten.full.default,
+                ([int(d) for d in constant.shape], constant.item()),
             )
         with gm.graph.inserting_before(node):
             made = gm.graph.call_function(
-                torch.ops.aten.full.default,
-                ([int(d) for d in constant.shape], constant.item()),
-                {"dtype": constant.dtype, "device": constant.device},
+                *call, {"dtype": constant.dtype, "device": constant.device}
             )
         made.meta = dict(node.meta)
         if fake_value(made) is None:  # a get_attr may carry no traced value

@@ -55,3 +55,33 @@ def test_a_larger_constant_is_a_clear_error() -> None:
 
     with pytest.raises(CaptureError, match=r"shape \(2,\) .* inside forward.*register_buffer"):
         capture(Table(), (torch.randn(3, 2),), "train")
+
+
+class _GrowsFromEmpty(nn.Module):
+    """transformers' key/value cache starts each layer from ``torch.tensor([])``
+    and concatenates onto it (GPT-2 builds one in a training forward unless called
+    with ``use_cache=False``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cache = torch.tensor([])
+        keys = torch.cat([cache, self.lin(x).flatten()])
+        return keys.pow(2).sum()
+
+
+def test_an_empty_constant_becomes_an_op_and_trains_exactly() -> None:
+    torch.manual_seed(0)
+    model, x = _GrowsFromEmpty(), torch.randn(4, 16)
+    program = build_program(capture(model, (x,), "train"))
+    assert sum(op.target == "aten.empty_strided.default" for op in program.ops) == 1
+
+    eager = copy.deepcopy(model)
+    pm = planner.plan(model, "100%", (x,), mode="train", profile="cpu")
+    loss, expected = pm(x), eager(x)
+    assert torch.equal(loss, expected)
+    loss.backward()
+    expected.backward()
+    assert torch.equal(model.lin.weight.grad, eager.lin.weight.grad)
