@@ -19,6 +19,8 @@ graphs need none of this: ``torch.export`` lifts constants to inputs.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
@@ -36,6 +38,7 @@ def inline_scalar_constants(gm: torch.fx.GraphModule, model_name: str) -> int:
         constant = getattr(gm, node.target, None)
         if not isinstance(constant, torch.Tensor) or isinstance(constant, torch.nn.Parameter):
             continue
+        call: tuple[torch._ops.OpOverload, tuple[Any, ...]]
         if constant.numel() == 0:
             call = (
                 torch.ops.aten.empty_strided.default,
@@ -55,8 +58,9 @@ def inline_scalar_constants(gm: torch.fx.GraphModule, model_name: str) -> int:
                 ([int(d) for d in constant.shape], constant.item()),
             )
         with gm.graph.inserting_before(node):
+            target, args = call
             made = gm.graph.call_function(
-                *call, {"dtype": constant.dtype, "device": constant.device}
+                target, args, {"dtype": constant.dtype, "device": constant.device}
             )
         made.meta = dict(node.meta)
         if fake_value(made) is None:  # a get_attr may carry no traced value
