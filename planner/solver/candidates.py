@@ -25,6 +25,7 @@ whether, not when, which keeps it linear (FlexGen's cost model does the same).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 
 from planner.solver.problem import (
@@ -706,8 +707,10 @@ def _itemsize(dtype: str) -> int:
     return _ITEMSIZE.get(dtype, 4)
 
 
+@functools.cache
 def parse_choice(choice: str) -> tuple[str, str | None]:
-    """``"offload:disk:late"`` -> ``("offload", "disk")``; ``"keep"`` -> ``("keep", None)``."""
+    """``"offload:disk:late"`` -> ``("offload", "disk")``; ``"keep"`` -> ``("keep", None)``.
+    Cached: the greedy warm start asks about the same few strings ~10^5 times."""
     parts = choice.split(":")
     return parts[0], (parts[1] if len(parts) > 1 else None)
 

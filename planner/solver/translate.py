@@ -606,10 +606,12 @@ def _chain_release(
         for v in program.ops[step].inputs:
             if program.values[v].storage in chain_storages:
                 last_reader[program.values[v].storage] = position
-    return tuple(
-        tuple(sorted(s for s, p in last_reader.items() if p == position))
-        for position in range(len(replayed))
-    )
+    # grouped in one pass: a scan of every chain storage per position made this
+    # quadratic in the chain's length (0.3 s of a 12-layer GPT-2 training plan)
+    released: list[list[int]] = [[] for _ in replayed]
+    for s, position in last_reader.items():
+        released[position].append(s)
+    return tuple(tuple(sorted(storages)) for storages in released)
 
 
 def _replay_extra_bytes(
