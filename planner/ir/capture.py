@@ -30,6 +30,7 @@ from planner.errors import CaptureError, listed
 from planner.ir.aliased_state import merge_constants_that_are_state
 from planner.ir.autocast import autocast_state
 from planner.ir.constants import inline_scalar_constants
+from planner.ir.custom_backward import functions_applied, refuse_custom_backwards
 from planner.ir.hooks import check_hooks_at_capture, hooked_parameters, module_hooks
 from planner.ir.layout import fix_layouts, true_layouts
 from planner.ir.meta import FROZEN_PARAMS, HOOKED_PARAMS
@@ -113,8 +114,9 @@ def capture(model: torch.nn.Module, example_inputs: Any, mode: str = "infer") ->
     check_hooks_at_capture(model, mode)
     _check_not_released(model)
     _check_no_meta_weights(model)
-    with _grad_flags_kept(model):
+    with _grad_flags_kept(model), functions_applied(mode == "train") as functions:
         exported = merge_constants_that_are_state(_export(model, args, kwargs))
+    refuse_custom_backwards(functions, type(model).__name__)
     if mode == "infer":
         captured = _capture_inference(exported, args, kwargs, type(model).__name__)
     else:
@@ -268,6 +270,12 @@ def _describe_trace_failure(model: torch.nn.Module, exc: BaseException) -> str:
             "nn.Transformer reads a given mask's values to tell whether it is causal: "
             "say so instead, with tgt_is_causal=True (or src_is_causal / is_causal, "
             "for encoder and layer calls) next to the causal mask, or False."
+        )
+    elif library and library[-1].filename.endswith("torch/nn/modules/batchnorm.py"):
+        hint = (
+            "A batch norm with momentum=None (a cumulative average) reads how many "
+            "batches it has tracked into Python: give it a float momentum (0.1 is the "
+            "default), or plan it in eval mode."
         )
     elif "which is not a known type" in str(exc):
         hint = _unknown_output_hint(str(exc))

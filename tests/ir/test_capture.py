@@ -197,6 +197,17 @@ def test_a_torch_nn_line_is_named_and_nn_transformer_told_how_to_avoid_it() -> N
     assert captured.graph_module is not None
 
 
+def test_a_cumulative_batch_norm_is_told_to_take_a_float_momentum() -> None:
+    """momentum=None reads num_batches_tracked into Python: torch.export cannot
+    trace it, and the generic hint (rewrite with torch.where) cannot be applied to
+    torch's own module."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8, momentum=None))
+    with pytest.raises(CaptureError, match=r"(?s)batchnorm\.py.*float momentum"):
+        capture(model, (torch.randn(4, 8),), "train")
+    model[1].momentum = 0.1
+    capture(model, (torch.randn(4, 8),), "train")
+
+
 class _Nested(nn.Module):
     """The failing line is also a caller of itself, further up the stack."""
 
@@ -309,10 +320,15 @@ class _Checkpointed(nn.Module):
 def test_a_graph_cut_before_the_parameters_names_the_likely_causes() -> None:
     """Reentrant checkpointing runs under no_grad: the old message said only to
     check that parameters require grad, which they did."""
-    x = torch.randn(4, 8, requires_grad=True)
+    x = torch.randn(4, 8)
     cut = r"though 4 parameters require grad.*use_reentrant=False"
     with pytest.raises(CaptureError, match=cut):
         capture(_Checkpointed(reentrant=True), (x,), mode="train")
+    # an input that requires grad takes the checkpoint's Function's own backward:
+    # refused as such (planner/ir/custom_backward.py), with the same way out
+    function = r"torch\.utils\.checkpoint\.CheckpointFunction\..*use_reentrant=False"
+    with pytest.raises(CaptureError, match=function):
+        capture(_Checkpointed(reentrant=True), (x.requires_grad_(),), mode="train")
     capture(_Checkpointed(reentrant=False), (x,), mode="train")  # traced through
     frozen = _Checkpointed(reentrant=False).requires_grad_(False)
     with pytest.raises(CaptureError, match="no parameter requires grad"):
