@@ -57,7 +57,7 @@ from planner.runtime.store import DiskStore
 from planner.solver.plan import Plan
 from planner.solver.problem import Problem
 from planner.solver.problem import Tensor as ProblemTensor
-from planner.traced_mode import check_call_mode, depends_on_mode
+from planner.traced_mode import ModeWatch, check_call_mode, depends_on_mode
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +208,7 @@ class PlannedModule(torch.nn.Module):
                 self._bw = namespace[self.executor.backward_function_name]  # type: ignore[index]
                 self._wire_autograd()
                 self._state_watch = StateWatch(model, self._model_entries(model))
+                self._mode_watch = ModeWatch(model)
                 self._primals_require_grad = tuple(p.requires_grad for p in self._primals)
                 self._delivery_accumulators = accumulators(self._delivered_params)
                 self._tier_params = TierParams(self._tier_homed_params)
@@ -776,7 +777,7 @@ class PlannedModule(torch.nn.Module):
         the planned step as one autograd node, the buffers' updates copied in."""
         if self._traced_training is not None:
             check_call_mode(self._traced_training, self.training)
-            check_call_mode(self._traced_training, self._state_watch.model.training, "model")
+            self._mode_watch.check()
         check_autocast(self._autocast)
         self._hook_watch.check()
         self._state_watch.check()

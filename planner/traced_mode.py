@@ -86,12 +86,34 @@ def check_call_mode(traced_training: bool, training: bool, switched: str = "pm")
             "weights it keeps off the device out of the model it is given), or run the "
             "model itself under torch.no_grad() after model.eval() if it fits"
         )
+    what = "the model" if switched in ("pm", "model") else switched
     raise PlannerError(
-        f"this module was planned with the model in {_name(traced_training)} mode and is "
+        f"this module was planned with {what} in {_name(traced_training)} mode and is "
         f"now in {_name(training)} mode; a plan runs what it traced (dropout, batch "
         f"statistics), so {switched}.{'train' if training else 'eval'}() cannot change it: "
         f"{todo}; or call {switched}.{'eval' if training else 'train'}() to use this one"
     )
+
+
+class ModeWatch:
+    """The train/eval flag, as traced, of the model itself and of each of its
+    modules that behave by mode (dropout, batch and instance norm); ``check()``
+    raises if one was switched since: ``model.eval()``, or one submodule's
+    (``model.encoder.dropout.eval()``), which the model's own flag does not show.
+    A model planned with some of them in another mode than the rest (batch norms
+    frozen in eval mode while the rest trains) is checked against that."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._flags = [("model", model, model.training)] + [
+            (f"model.{name}", m, m.training)
+            for name, m in model.named_modules()
+            if name and isinstance(m, _MODE_DEPENDENT_MODULES)
+        ]
+
+    def check(self) -> None:
+        for name, module, traced in self._flags:
+            if module.training != traced:
+                check_call_mode(traced, module.training, name)
 
 
 def warn_if_inference_traced_in_training(model: nn.Module, program: Program) -> None:

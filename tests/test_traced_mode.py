@@ -46,6 +46,29 @@ def test_the_model_switched_to_eval_after_planning_is_an_error_too() -> None:
         pm(x)
     model.train()
     pm(x).sum().backward()
+    model[1].eval()  # one submodule: the model's own flag does not show it
+    with pytest.raises(
+        PlannerError, match=r"planned with model\.1 in training mode.*model\.1\.train"
+    ):
+        pm(x)
+    model[1].train()
+    pm(x).sum().backward()
+
+
+def test_a_model_planned_with_frozen_batch_norms_is_checked_module_by_module() -> None:
+    """Batch norms kept in eval mode while the rest trains (a detector's frozen
+    backbone): each is held to its own traced mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.Dropout(0.5), nn.Linear(32, 4))
+    model[1].eval()
+    x = torch.randn(8, 16)
+    pm = planner.plan(model, "100%", (x,), mode="train", profile="cpu")
+    pm(x).sum().backward()
+    model.train()  # switches the frozen batch norm too
+    with pytest.raises(PlannerError, match=r"model\.1 in eval mode and is now in training"):
+        pm(x)
+    model[1].eval()
+    pm(x).sum().backward()
 
 
 def test_an_eval_traced_plan_called_in_training_mode_is_an_error() -> None:
