@@ -271,7 +271,7 @@ def _describe_trace_failure(model: torch.nn.Module, exc: BaseException) -> str:
             "say so instead, with tgt_is_causal=True (or src_is_causal / is_causal, "
             "for encoder and layer calls) next to the causal mask, or False."
         )
-    elif library and library[-1].filename.endswith("torch/nn/modules/batchnorm.py"):
+    elif library and "num_batches_tracked" in (library[-1].line or ""):
         hint = (
             "A batch norm with momentum=None (a cumulative average) reads how many "
             "batches it has tracked into Python: give it a float momentum (0.1 is the "

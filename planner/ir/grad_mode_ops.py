@@ -47,6 +47,7 @@ def with_grad_mode(target: Any) -> Callable[..., Any]:
 
     def call(*args: Any, **kwargs: Any) -> Any:
         args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         with torch.enable_grad():
             return target(*args, **kwargs)
 

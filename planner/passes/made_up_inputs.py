@@ -27,6 +27,9 @@ from torch.utils import _pytree as pytree
 from planner.ir.grad_mode_ops import needs_grad_mode
 from planner.ir.meta import fake_value, random_inputs
 
+#: ops whose output is all of their input's buffer, as it is
+_WHOLE_ALIASES = (torch.ops.aten.alias.default, torch.ops.aten.detach.default)
+
 
 def signature(node: torch.fx.Node) -> str:
     """What makes two calls the same to run: the target, whether it runs with
@@ -63,28 +66,28 @@ class MadeUpInputs:
     def inputs(self, node: torch.fx.Node, device: str) -> tuple[tuple, dict]:
         return random_inputs(node, device, given=self._given)
 
-    def ran(self, node: torch.fx.Node, result: Any) -> list[int]:
+    def ran(self, node: torch.fx.Node, result: Any) -> list[tuple[int, int]]:
         """Keep the outputs of ``node``'s call (``result``) that came out larger
-        than traced. Returns, per tensor output in order, the bytes of its
-        storage, or 0 where an earlier output has that storage already (so the
-        sizes add up to what the call allocated for its outputs)."""
+        than traced. Returns, per tensor output in order, its storage's address
+        and bytes (outputs in one storage share the address: what the call
+        allocated is each address's bytes once)."""
         real = result if isinstance(result, (tuple, list)) else [result]
         fake = fake_value(node)
         fakes = fake if isinstance(fake, (tuple, list)) else [fake]
-        sizes = []
-        seen: set[int] = set()
+        storages = []
         for position, (r, f) in enumerate(zip(real, fakes)):
             if not isinstance(r, torch.Tensor):
                 continue
             storage = r.untyped_storage()
             nbytes = int(storage.nbytes())
-            sizes.append(0 if storage.data_ptr() in seen and nbytes else nbytes)
-            seen.add(storage.data_ptr())
+            storages.append((int(storage.data_ptr()), nbytes))
             if isinstance(f, torch.Tensor) and nbytes > traced_storage_bytes(f):
                 self._kernel_sized[(signature(node), position)] = r
-        return sizes
+        return storages
 
     def _given(self, x: torch.fx.Node) -> torch.Tensor | None:
+        while x.target in _WHOLE_ALIASES and isinstance(x.args[0], torch.fx.Node):
+            x = x.args[0]  # the same buffer, passed on (a detach)
         producer, position = x, 0
         if x.target is operator.getitem and isinstance(x.args[0], torch.fx.Node):
             producer, position = x.args[0], int(x.args[1])  # type: ignore[arg-type]

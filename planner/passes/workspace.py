@@ -44,7 +44,7 @@ def annotate_workspace(
     if not calls:
         return
     keys = list(calls)
-    output_bytes: dict[str, list[int]] = {}
+    output_bytes: dict[str, list[tuple[int, int]]] = {}
     made_up = MadeUpInputs()
 
     def run_each() -> None:
@@ -63,23 +63,26 @@ def annotate_workspace(
 
 
 def _grow_to_allocated(
-    program: Program, op_index: int, allocated: list[int], device: torch.device
+    program: Program, op_index: int, allocated: list[tuple[int, int]], device: torch.device
 ) -> None:
     """Plan each output storage the op makes at least at the bytes its kernel
     allocated for the outputs in it (``allocated``: per tensor output, in the
-    op's output order, 0 for one in an earlier output's storage). The fake
-    kernel can alias outputs the real one makes apart: ``mkldnn_rnn_layer_backward``
+    op's output order, its real storage's address and bytes). The fake kernel
+    can alias outputs the real one makes apart: ``mkldnn_rnn_layer_backward``
     traces its two bias gradients as one tensor and returns two (512 bytes each
-    for an LSTM of hidden size 32, a plan 512 bytes over its budget)."""
+    for an LSTM of hidden size 32, a plan 512 bytes over its budget). Where the
+    kernel shares one buffer between outputs the trace keeps apart, each is
+    planned at that whole buffer (it lives while either does)."""
     op = program.ops[op_index]
     if len(allocated) != len(op.outputs):
         return
-    made: dict[int, int] = {}  # storage the op makes -> bytes allocated for it
-    for vi, nbytes in zip(op.outputs, allocated):
+    made: dict[int, dict[int, int]] = {}  # storage the op makes -> its real buffers
+    for vi, (address, nbytes) in zip(op.outputs, allocated):
         s = program.values[vi].storage
         if program.storages[s].base in op.outputs:  # not a view of an input
-            made[s] = made.get(s, 0) + allocated_bytes(nbytes, device)
-    for s, nbytes in made.items():
+            made.setdefault(s, {})[address] = allocated_bytes(nbytes, device)
+    for s, buffers in made.items():
+        nbytes = sum(buffers.values())
         storage = program.storages[s]
         if nbytes > storage.nbytes:
             storage.nbytes = nbytes
@@ -107,10 +110,12 @@ def distinct_calls(
     return signature_of, calls
 
 
-def _run_marked(node: torch.fx.Node, mark: str, device: str, made_up: MadeUpInputs) -> list[int]:
+def _run_marked(
+    node: torch.fx.Node, mark: str, device: str, made_up: MadeUpInputs
+) -> list[tuple[int, int]]:
     """Run one op on random inputs inside a named profiler block. Its outputs
     are still referenced when the block closes, so they count as held, not as
-    workspace. Returns the bytes of each tensor output's storage (in output
+    workspace. Returns each tensor output's storage address and bytes (in output
     order; empty if the op did not run)."""
     from torch.profiler import record_function
 

@@ -176,10 +176,17 @@ def test_an_lstm_workspace_and_its_bias_gradients_are_planned_at_their_real_byte
     backwards = [op for op in program.ops if op.target == "aten.mkldnn_rnn_layer_backward.default"]
     assert len(forwards) == len(backwards) == 2
     workspaces = [program.storages[program.values[op.outputs[3]].storage] for op in forwards]
-    bias_grads = [program.storages[program.values[op.outputs[3]].storage] for op in backwards]
     assert [s.nbytes for s in workspaces] == [0, 0]
-    assert [s.nbytes for s in bias_grads] == [512, 512]  # one storage for both
+    # one storage for both bias gradients (once Inductor is imported, its meta
+    # kernel traces them apart: then each is planned at its own 512 bytes)
+    bias_grads = [
+        {
+            program.values[v].storage: program.storages[program.values[v].storage]
+            for v in op.outputs[3:5]
+        }
+        for op in backwards
+    ]
     annotate_workspace(program, captured.graph_module)
     assert all(s.nbytes > 10_000 and s.kernel_sized for s in workspaces), workspaces
-    assert [s.nbytes for s in bias_grads] == [1024, 1024]
+    assert [sum(s.nbytes for s in both.values()) for both in bias_grads] == [1024, 1024]
     assert all(op.workspace_bytes > 0 for op in backwards)
