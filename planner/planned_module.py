@@ -16,6 +16,7 @@ import gc
 import logging
 import warnings
 import weakref
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -207,7 +208,8 @@ class PlannedModule(torch.nn.Module):
             if self.mode == "train":
                 self._bw = namespace[self.executor.backward_function_name]  # type: ignore[index]
                 self._wire_autograd()
-                self._state_watch = StateWatch(model, self._model_entries(model))
+                primals = zip(self._primal_names, self._primals)
+                self._state_watch = StateWatch(model, self._model_entries(model, primals))
                 self._mode_watch = ModeWatch(model)
                 self._primals_require_grad = tuple(p.requires_grad for p in self._primals)
                 self._delivery_accumulators = accumulators(self._delivered_params)
@@ -221,10 +223,8 @@ class PlannedModule(torch.nn.Module):
                     self._buffer_updates,
                 )
             else:  # the weights it keeps on the device, the model's (the rest leave it)
-                names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-                names.update(n for n, _ in model.named_buffers(remove_duplicate=False))
                 kept = zip(self._state_names, self._state)
-                self._state_watch = StateWatch(model, {n: t for n, t in kept if n in names})
+                self._state_watch = StateWatch(model, self._model_entries(model, kept))
         except BaseException:
             if self._owns_store:  # another shape's module owns a shared one
                 self._finalizer()
@@ -473,13 +473,16 @@ class PlannedModule(torch.nn.Module):
                 self._state_watch.held[source] = stand_in
         self._frozen_stand_ins = {}
 
-    def _model_entries(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """The primals that are the model's parameters and buffers, by name (not the
+    def _model_entries(
+        self, model: torch.nn.Module, named: Iterable[tuple[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """Those of ``named`` (the primals; in inference, the weights kept on the
+        device) that are the model's parameters and buffers, by name (not the
         tensors it holds as plain attributes, which the trace took as constants)."""
         names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
         names.update(n for n, _ in model.named_buffers(remove_duplicate=False))
         names -= self._frozen_stand_ins.keys()  # expected there once released
-        return {n: t for n, t in zip(self._primal_names, self._primals) if n in names}
+        return {n: t for n, t in named if n in names}
 
     def _record_state_types(self) -> None:
         """What explains a failed run: the model's tensors as this plan reads them."""

@@ -38,12 +38,11 @@ def inline_scalar_constants(gm: torch.fx.GraphModule, model_name: str) -> int:
         constant = getattr(gm, node.target, None)
         if not isinstance(constant, torch.Tensor) or isinstance(constant, torch.nn.Parameter):
             continue
-        call: tuple[torch._ops.OpOverload, tuple[Any, ...]]
+        target: torch._ops.OpOverload
+        args: tuple[Any, ...]
         if constant.numel() == 0:
-            call = (
-                torch.ops.aten.empty_strided.default,
-                ([int(d) for d in constant.shape], [int(s) for s in constant.stride()]),
-            )
+            target = torch.ops.aten.empty_strided.default
+            args = ([int(d) for d in constant.shape], [int(s) for s in constant.stride()])
         elif constant.numel() != 1 or constant.is_complex():
             raise CaptureError(
                 f"{model_name} makes a tensor constant of shape {tuple(constant.shape)} "
@@ -53,12 +52,9 @@ def inline_scalar_constants(gm: torch.fx.GraphModule, model_name: str) -> int:
                 f"self.register_buffer(name, tensor, persistent=False)"
             )
         else:
-            call = (
-                torch.ops.aten.full.default,
-                ([int(d) for d in constant.shape], constant.item()),
-            )
+            target = torch.ops.aten.full.default
+            args = ([int(d) for d in constant.shape], constant.item())
         with gm.graph.inserting_before(node):
-            target, args = call
             made = gm.graph.call_function(
                 target, args, {"dtype": constant.dtype, "device": constant.device}
             )

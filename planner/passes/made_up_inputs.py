@@ -62,6 +62,8 @@ class MadeUpInputs:
     def __init__(self) -> None:
         #: (producer's signature, output position) -> the real output
         self._kernel_sized: dict[tuple[str, int], torch.Tensor] = {}
+        #: their producers' ops: a reader of any other op's output needs no signature
+        self._producers: set[Any] = set()
 
     def inputs(self, node: torch.fx.Node, device: str) -> tuple[tuple, dict]:
         return random_inputs(node, device, given=self._given)
@@ -83,14 +85,17 @@ class MadeUpInputs:
             storages.append((int(storage.data_ptr()), nbytes))
             if isinstance(f, torch.Tensor) and nbytes > traced_storage_bytes(f):
                 self._kernel_sized[(signature(node), position)] = r
+                self._producers.add(node.target)
         return storages
 
     def _given(self, x: torch.fx.Node) -> torch.Tensor | None:
+        if not self._kernel_sized:  # (every argument of every op asks)
+            return None
         while x.target in _WHOLE_ALIASES and isinstance(x.args[0], torch.fx.Node):
             x = x.args[0]  # the same buffer, passed on (a detach)
         producer, position = x, 0
         if x.target is operator.getitem and isinstance(x.args[0], torch.fx.Node):
             producer, position = x.args[0], int(x.args[1])  # type: ignore[arg-type]
-        if not self._kernel_sized or not isinstance(producer.target, torch._ops.OpOverload):
+        if producer.target not in self._producers:
             return None
         return self._kernel_sized.get((signature(producer), position))

@@ -56,11 +56,12 @@ def time_calls(calls: dict[str, torch.fx.Node], device: str, repeats: int) -> di
     held = 0
     made_up = MadeUpInputs()
     for sig, node in calls.items():
-        prepared = _prepare(node, device, made_up)
+        run = as_run(node)
+        prepared = _prepare(node, run, device, made_up)
         if prepared is None:
             continue
         args, kwargs = prepared
-        group.append((sig, as_run(node), args, kwargs))
+        group.append((sig, run, args, kwargs))
         held += _input_bytes(args, kwargs)
         if held >= GROUP_BYTES:
             measured.update(_time_round_robin(group, device, repeats))
@@ -69,12 +70,15 @@ def time_calls(calls: dict[str, torch.fx.Node], device: str, repeats: int) -> di
     return measured
 
 
-def _prepare(node: torch.fx.Node, device: str, made_up: MadeUpInputs) -> tuple[tuple, dict] | None:
-    """Random inputs for ``node``, after one warm-up call; None if it fails."""
+def _prepare(
+    node: torch.fx.Node, run: Callable[..., Any], device: str, made_up: MadeUpInputs
+) -> tuple[tuple, dict] | None:
+    """Random inputs for ``node``, after one warm-up call of ``run`` (its op, as
+    the executor runs it); None if it fails."""
     try:
         args, kwargs = made_up.inputs(node, device)
         with torch.no_grad():
-            made_up.ran(node, as_run(node)(*args, **kwargs))
+            made_up.ran(node, run(*args, **kwargs))
     except Exception as exc:  # unusual inputs: keep the roofline estimate
         log.debug("timing: %s failed on random inputs: %s", node.format_node(), exc)
         return None
