@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import logging
 import warnings
 import weakref
@@ -36,28 +35,33 @@ from planner.call_checks import (
 from planner.codegen.assemble import Assembled, assemble
 from planner.codegen.emit import Executor
 from planner.codegen.segments import kernels_summary
-from planner.errors import PlannerError, listed, user_stacklevel
+from planner.errors import PlannerError, listed
 from planner.ir.autocast import AutocastState, autocast_off, check_autocast
 from planner.ir.hooks import HookWatch
-from planner.ir.layout import strides_that_matter
-from planner.ir.meta import BUFFER_UPDATES, PARAM_GRADS, fake_value
+from planner.ir.meta import BUFFER_UPDATES, PARAM_GRADS
 from planner.ir.program import Phase, ValueKind
-from planner.ir.unreached_grads import tangents_of_gradients, unreached
+from planner.model_slots import (
+    compact,
+    free_if_moved_still_held,
+    materialize,
+    release_slot,
+    replace_slot,
+    slot_tensor,
+    warn_if_still_held,
+)
 from planner.passes.pipeline import Analysis
+from planner.quantized_weights import Made, WeightQuantizer
 from planner.released import FROZEN_QUANTIZED, ReleasedWeight, released_like
 from planner.report import Report
-from planner.runtime import fused
 from planner.runtime.checkpoint import is_checkpoint_view, is_file_backed
 from planner.runtime.copy_engine import CopyEngine, ThreadCopyEngine, make_engine
 from planner.runtime.exact_blocks import exact_blocks
 from planner.runtime.meter import Measurement, measure
-from planner.runtime.output_aliases import ForwardOutputs
-from planner.runtime.output_aliases import describe as describe_forward_outputs
 from planner.runtime.runtime import Runtime, output_error
 from planner.runtime.store import DiskStore
 from planner.solver.plan import Plan
 from planner.solver.problem import Problem
-from planner.solver.problem import Tensor as ProblemTensor
+from planner.step_wiring import StepWiring
 from planner.traced_mode import ModeWatch, check_call_mode, depends_on_mode
 
 log = logging.getLogger(__name__)
@@ -186,11 +190,18 @@ class PlannedModule(torch.nn.Module):
         self._delivered_params: list[tuple[str, torch.Tensor]] = []
         #: parameter name -> the key its gradient is delivered under
         self._delivery_keys: dict[str, str] = {}
-        #: weights stored quantized whose lookups read exact rows from their file
-        self._exact_lookups: set[str] = set()
+        self._quantizer = WeightQuantizer(
+            self._runtime,
+            disk,
+            program,
+            problem,
+            self.device,
+            self._shared.quantized_weights,
+            self._shared.weight_keys,
+        )
         #: per quantized tensor, its round-trip error (weights at plan time,
         #: activations by measure_quantization_error)
-        self.quantization_errors: dict[str, dict[str, float]] = {}
+        self.quantization_errors = self._quantizer.errors
         self.offload_dir = disk.root
         try:
             # dropped from the analysis once used (its state dict holds the weights);
@@ -207,7 +218,12 @@ class PlannedModule(torch.nn.Module):
             )
             if self.mode == "train":
                 self._bw = namespace[self.executor.backward_function_name]  # type: ignore[index]
-                self._wire_autograd()
+                self._wiring = StepWiring.of(
+                    analysis,
+                    self._num_buffer_updates,
+                    self._forward_value_at,
+                    len(self.executor.tangent_values),
+                )
                 primals = zip(self._primal_names, self._primals)
                 self._state_watch = StateWatch(model, self._model_entries(model, primals))
                 self._mode_watch = ModeWatch(model)
@@ -291,7 +307,7 @@ class PlannedModule(torch.nn.Module):
             tier, _, fmt = homes[name].partition(":")
             if fmt:  # its tier holds it quantized
                 problem_tensor = self.problem.tensors[value.storage]
-                self._store_quantized_in_tier(problem_tensor, tier, fmt, tensor.detach())
+                self._quantizer.in_tier(problem_tensor, tier, fmt, tensor.detach())
                 released.append(value.source)  # type: ignore[arg-type]
                 continue
             stored = name in self._shared.weight_keys  # by another shape's module, same home
@@ -308,7 +324,7 @@ class PlannedModule(torch.nn.Module):
                 and engine.link_now(name, homes[name], tensor.detach())
             )
             if not stored and not linked:
-                engine.store_now(name, homes[name], _compact(tensor.detach()))
+                engine.store_now(name, homes[name], compact(tensor.detach()))
             if tensor.requires_grad:
                 self._runtime.grad_keys.add(name)
             self._shared.weight_keys.add(name)
@@ -353,8 +369,8 @@ class PlannedModule(torch.nn.Module):
                 tensors[source].data = tensors[source].detach().clone()
             elif is_file_backed(tensors[source]):  # a checkpoint map: bring it into memory
                 if source not in self._shared.materialized:  # else another shape's module did
-                    self._shared.materialized[source] = _materialize(tensors[source])  # type: ignore[index]
-                    _replace(model, source, self._shared.materialized[source])  # type: ignore[arg-type,index]
+                    self._shared.materialized[source] = materialize(tensors[source])  # type: ignore[index]
+                    replace_slot(model, source, self._shared.materialized[source])  # type: ignore[arg-type,index]
                 tensors[source] = self._shared.materialized[source]  # type: ignore[index]
             state.append(tensors[source])
             self._state_names.append(source)  # type: ignore[arg-type]
@@ -431,19 +447,19 @@ class PlannedModule(torch.nn.Module):
         full_copies = {n: ref for n, (_, ref) in self._frozen_stand_ins.items()}
         if self.mode == "train":
             self._release_frozen(model)
-        originals = {source: _slot_tensor(model, source) for source in released}
+        originals = {source: slot_tensor(model, source) for source in released}
         moved = {s: weakref.ref(t) for s, t in originals.items() if t is not None}
         del originals
         for source in released:
-            _release(model, source)
+            release_slot(model, source)
             if ep is not None and source in ep.state_dict:
                 ep.state_dict[source] = ep.state_dict[source].to("meta")
         if released:
             log.info("released %d offloaded weights from the model", len(released))
         self._unreleased = ([], None)
         del ep  # its state dict holds the model's tensors: the check below would see them
-        _warn_if_still_held(full_copies)
-        _free_if_moved_still_held(moved, set(self._tier_buffers))
+        warn_if_still_held(full_copies)
+        free_if_moved_still_held(moved, set(self._tier_buffers))
         self._record_state_types()  # a released weight is no longer read from the model
 
     def _drop_exported(self, released: list[str]) -> None:
@@ -467,7 +483,7 @@ class PlannedModule(torch.nn.Module):
             names_of.setdefault(id(p), []).append(name)
         for source, (stand_in, full_copy) in self._frozen_stand_ins.items():
             for name in names_of.get(id(full_copy()), []):
-                _replace(model, name, stand_in)
+                replace_slot(model, name, stand_in)
                 self._frozen_quantized.add(name)
             if hasattr(self, "_state_watch"):
                 self._state_watch.held[source] = stand_in
@@ -516,77 +532,15 @@ class PlannedModule(torch.nn.Module):
                 self._shared.delivery_buffers[fqn] = buffer
             self._runtime.deliveries[tensor.name] = (param, buffer)
 
-    def _store_quantized_in_tier(
-        self, tensor: ProblemTensor, tier: str, fmt: str, weight: torch.Tensor
-    ) -> None:
-        """Write a weight its plan reads quantized (home ``<tier>:<format>``) to the
-        tier as codes, once, recording its round-trip error; plus its full copy if a
-        lookup reads it (exact rows, as for a weight stored on the device)."""
-        name = tensor.name
-        if self._reuse_quantized(name):  # stored by another shape's module
-            return
-        with self._runtime.recording_errors(self.quantization_errors):
-            q = self._runtime.quantize(weight.to(self.device), fmt, name)
-        self._shared.weight_keys.update(self._runtime.store_quantized_now(name, tier, q))
-        rows = self._exact_rows_copy(tensor, weight)
-        if rows is not None:
-            self._runtime.exact_rows[name] = rows
-        self._shared.quantized_weights[name] = (None, self.quantization_errors.get(name, {}))
-
-    def _reuse_quantized(self, name: str) -> bool:
-        """Whether another shape's module stored weight ``name`` quantized already
-        (``_Shared.quantized_weights``); if so its error and exact-rows lookup are
-        recorded here too."""
-        if name not in self._shared.quantized_weights:
-            return False
-        q, error = self._shared.quantized_weights[name]
-        if error:
-            self.quantization_errors[name] = error
-        if name in self._runtime.exact_rows or getattr(q, "exact_rows", None) is not None:
-            self._exact_lookups.add(name)
-        return True
-
-    def _exact_rows_copy(self, tensor: ProblemTensor, weight: torch.Tensor) -> torch.Tensor | None:
-        """The weight's full copy as a map of a file in the offload directory, if a
-        lookup of it reads exact rows (``fused.reads_exact_rows``), else None."""
-        name = tensor.name
-        targets = {self.analysis.program.ops[step].target for step, _ in tensor.fused_uses}
-        if not any(fused.reads_exact_rows(t, self.problem.tiers) for t in targets):
-            return None
-        key = f"rows:{name}"
-        self._disk.write(key, _compact(weight.detach().cpu()))
-        self._shared.weight_keys.add(key)
-        self._exact_lookups.add(name)
-        return self._disk.map_shared(key)
-
     def _store_quantized(self, tensors: dict[str, torch.Tensor]) -> list[Any]:
-        """Quantize the weights the plan stores quantized, once, in the executor's
-        order, and record each one's error against the original (the report's
-        measured error: relative L2 and largest absolute difference). A weight that
-        a lookup reads also gets its full-precision copy written to the offload
-        directory, where the lookup gathers exact rows (``fused.reads_exact_rows``)."""
-        program = self.analysis.program
-        stored: list[Any] = []
-        for vi, fmt in self.executor.stored_values:
-            value = program.values[vi]
-            problem_tensor = self.problem.tensors[value.storage]
-            if self._reuse_quantized(problem_tensor.name):  # the same homes: on the device
-                q = self._shared.quantized_weights[problem_tensor.name][0]
-                assert q is not None, f"{problem_tensor.name} is stored in a tier there"
-            else:
-                weight = tensors[value.source].detach().to(self.device)  # type: ignore[index]
-                with self._runtime.recording_errors(self.quantization_errors):
-                    q = self._runtime.quantize(weight, fmt, problem_tensor.name)
-                q.exact_rows = self._exact_rows_copy(problem_tensor, weight)
-                self._shared.quantized_weights[problem_tensor.name] = (
-                    q,
-                    self.quantization_errors.get(problem_tensor.name, {}),
-                )
-            # buffers, so that the module (and the meter, which reads modules) holds them
+        """The weights the executor reads quantized on the device, quantized once
+        (``WeightQuantizer``), as this module's buffers: the module, and the
+        meter, which reads modules, hold them."""
+        stored = self._quantizer.on_device(self.executor.stored_values, tensors)
+        for k, q in enumerate(stored):
             for part, tensor in q.parts().items():
-                self.register_buffer(f"stored_{len(stored)}_{part}", tensor, persistent=False)
-            stored.append(q)
-        return stored
+                self.register_buffer(f"stored_{k}_{part}", tensor, persistent=False)
+        return list(stored)
 
     def measure_quantization_error(
         self, *args: Any, reference: Any = None, **kwargs: Any
@@ -611,7 +565,7 @@ class PlannedModule(torch.nn.Module):
         report = Report.from_plan(self.analysis, self.plan)
         report.add_quantization_errors(self.quantization_errors, self.output_error)
         for row in report.quantized:
-            row["exact_lookups"] = row["tensor"] in self._exact_lookups
+            row["exact_lookups"] = row["tensor"] in self._quantizer.exact_lookups
         if any("disk" in row.decision for row in report.tensors):
             report.disk_rates = self.problem.meta.get("disk_rates")
         if self.kernels == "inductor":
@@ -650,58 +604,6 @@ class PlannedModule(torch.nn.Module):
             return 0, self
         k, module, _ = self._matching(args, kwargs)
         return k, module
-
-    def _wire_autograd(self) -> None:
-        """Which forward outputs receive tangents, and which graph output is the
-        gradient of each primal (parameters, buffers, inputs in placeholder order)."""
-        program = self.analysis.program
-        captured = self.analysis.captured
-        num_user = program.num_forward_outputs - self._num_buffer_updates
-        fw_metadata = captured.extra.get("fw_metadata")
-        if fw_metadata is not None:
-            self._forward_outputs = describe_forward_outputs(fw_metadata)
-        else:  # no metadata: every floating-point output takes a tangent
-            forward_values = program.outputs[self._num_buffer_updates : program.num_forward_outputs]
-            self._forward_outputs = ForwardOutputs(
-                num_user=num_user,
-                tangents=[
-                    j
-                    for j, v in enumerate(forward_values)
-                    if program.values[v].dtype.startswith(("float", "bfloat", "complex"))
-                ],
-            )
-        #: positions among all forward outputs (updated buffers first) with a tangent
-        self._tangent_positions = [
-            self._num_buffer_updates + j for j in self._forward_outputs.tangents
-        ]
-        self._with_tangent = frozenset(self._tangent_positions)
-        if len(self._tangent_positions) != len(self.executor.tangent_values):
-            raise PlannerError(
-                f"internal: the captured step has {len(self._tangent_positions)} outputs "
-                f"that take a gradient, and its backward {len(self.executor.tangent_values)} "
-                f"tangents; please report this with the model"
-            )
-        # the strides each tangent was traced with: a compiled run that reads one
-        # checks them (SegFormer's logits, channels-last, met a contiguous gradient)
-        self._tangent_strides = [
-            tuple(fake_value(n).stride())
-            for n in captured.graph_module.graph.nodes
-            if n.op == "placeholder" and n.name.startswith("tangents")
-        ]
-        out_node = next(n for n in reversed(captured.graph_module.graph.nodes) if n.op == "output")
-        flat = pytree.tree_leaves(out_node.args[0], is_leaf=lambda x: x is None)
-        gradients = flat[captured.num_forward_outputs :]
-        self._grad_slots: list[int | None] = []
-        k = 0
-        for node in gradients:
-            if isinstance(node, torch.fx.Node):
-                self._grad_slots.append(k)
-                k += 1
-            else:
-                self._grad_slots.append(None)
-        #: per gradient position, the tangents it is computed from (eager leaves a
-        #: gradient none of whose tangents the loss gave as None: ``unreached_grads``)
-        self._tangents_of_grads = tangents_of_gradients(captured.graph_module, gradients)
 
     def _delivery_keys_of(self, positions: frozenset[int]) -> frozenset[str]:
         """The delivery keys of the parameters at gradient ``positions``."""
@@ -790,10 +692,9 @@ class PlannedModule(torch.nn.Module):
             for name, new in zip(self._buffer_updates, outs[: self._num_buffer_updates]):
                 self._state[self._state_names.index(name)].copy_(new)
         user = outs[self._num_buffer_updates :]
-        if self._forward_outputs.rebuilders or self._forward_outputs.num_user < len(user):
-            user = self._forward_outputs.hand_over(
-                [*self._primals, *pytree.tree_leaves((args, kwargs))], user
-            )
+        handed = self._wiring.forward_outputs
+        if handed.rebuilders or handed.num_user < len(user):
+            user = handed.hand_over([*self._primals, *pytree.tree_leaves((args, kwargs))], user)
         return pytree.tree_unflatten(user, self._out_spec)
 
     def _infer(self, inputs: list[torch.Tensor]) -> Any:
@@ -1022,110 +923,6 @@ class PlannedModule(torch.nn.Module):
         self._finalizer()
 
 
-def _still_held(refs: dict[str, weakref.ref]) -> list[str]:
-    """The names whose tensor outlives its release (after a collection, when any
-    does: a reference cycle only the collector frees)."""
-    if not any(ref() is not None for ref in refs.values()):
-        return []
-    gc.collect()
-    return [name for name, ref in refs.items() if ref() is not None]
-
-
-def _warn_if_still_held(full_copies: dict[str, weakref.ref]) -> None:
-    """Warn when full copies of frozen weights a training plan stores quantized
-    outlive their release: something else holds them (an optimizer built over
-    ``model.parameters()`` before planning, a variable of the caller's), so they
-    stay in memory beside their codes, where the budget does not count them."""
-    held = _still_held(full_copies)
-    if held:
-        warnings.warn(
-            f"the full copies of {len(held)} frozen weight(s) this plan stores quantized "
-            f"({listed(held)}) are still held outside the model, so they stay in memory "
-            f"beside their codes, uncounted by the budget: an optimizer built before "
-            f"planning holds every parameter it was given (so does a planner.analyze "
-            f"result of the model). Build it after planning, over the trainable "
-            f"parameters (p for p in model.parameters() if p.requires_grad)",
-            stacklevel=user_stacklevel(),
-        )
-
-
-def _free_if_moved_still_held(moved: dict[str, weakref.ref], updated: set[str]) -> None:
-    """Tensors an inference plan took into its tiers that outlive their release from
-    the model: something else holds them, so their memory would stay in use beside
-    the tier's copy, where the budget does not count it. A buffer each call updates
-    (a key/value cache that transformers' cache object holds too) is stale from
-    the first call on, since the plan writes its updates to the tier: its memory is
-    freed for every holder. For a weight, a warning says what holds it."""
-    held = []
-    for name in _still_held(moved):
-        tensor = moved[name]()
-        if tensor is not None and name in updated:
-            # every holder holds this tensor object: its data, not the storage (which
-            # may not be resizable), becomes empty
-            tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
-        elif tensor is not None:
-            held.append(name)
-        del tensor
-    if held:
-        warnings.warn(
-            f"{len(held)} weight(s) this plan keeps off the device ({listed(held)}) are "
-            f"still held outside the model, so their memory stays in use, uncounted by "
-            f"the budget: a variable of yours, or an object beside the model's modules. "
-            f"Drop those references to free them",
-            stacklevel=user_stacklevel(),
-        )
-
-
-def _slot_tensor(model: torch.nn.Module, fqn: str) -> torch.Tensor | None:
-    found = _slot(model, fqn)
-    return None if found is None else found[0][found[1]]
-
-
-def _compact(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor itself if it owns its storage, else a copy of just its elements
-    (a slice of a memory-mapped checkpoint must not drag the whole file along)."""
-    if tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
-        return tensor
-    return tensor.clone(memory_format=torch.contiguous_format)
-
-
-def _materialize(tensor: torch.Tensor) -> torch.Tensor:
-    copy = tensor.detach().clone()
-    if isinstance(tensor, torch.nn.Parameter):
-        return torch.nn.Parameter(copy, requires_grad=tensor.requires_grad)
-    return copy
-
-
-def _slot(model: torch.nn.Module, fqn: str) -> tuple[dict, str] | None:
-    """The parameter or buffer dict holding ``fqn`` in its owner, and the key."""
-    owner_name, _, leaf = fqn.rpartition(".")
-    try:
-        owner = model.get_submodule(owner_name) if owner_name else model
-    except AttributeError:
-        return None
-    for slots in (owner._parameters, owner._buffers):
-        if slots.get(leaf) is not None:
-            return slots, leaf
-    return None
-
-
-def _replace(model: torch.nn.Module, fqn: str, tensor: torch.Tensor) -> None:
-    found = _slot(model, fqn)
-    if found is not None:
-        slots, leaf = found
-        slots[leaf] = tensor
-
-
-def _release(model: torch.nn.Module, fqn: str) -> None:
-    """Replace parameter or buffer ``fqn`` of ``model`` by a stand-in that raises
-    when read (``planner.released``)."""
-    found = _slot(model, fqn)
-    if found is None:
-        return
-    slots, leaf = found
-    slots[leaf] = released_like(slots[leaf], fqn, model)
-
-
 @dataclasses.dataclass
 class _Shared:
     """What the modules of one model's input shapes share besides the store, copy
@@ -1137,9 +934,7 @@ class _Shared:
     weight_keys: set[str] = dataclasses.field(default_factory=set)
     #: weights stored quantized, by name: on the device (``Quantized``), or in a
     #: tier (None), with their round-trip errors
-    quantized_weights: dict[str, tuple[Any, dict[str, float]]] = dataclasses.field(
-        default_factory=dict
-    )
+    quantized_weights: Made = dataclasses.field(default_factory=dict)
     #: training: the file-backed buffer each early-delivered gradient lands in, by
     #: parameter (one per parameter whichever shape's backward runs)
     delivery_buffers: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
@@ -1153,19 +948,6 @@ class _Shared:
     #: spills share its slots, so a backward must come before any other spilling
     #: forward (``_PlannedStep``)
     spilled_forwards: int = 0
-
-
-def _with_strides(tensor: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
-    """``tensor`` itself if laid out with ``stride`` (``strides_that_matter``),
-    else a copy that is."""
-    if tensor.numel() <= 1:
-        return tensor
-    if strides_that_matter(tensor.shape, tensor.stride()) == strides_that_matter(
-        tensor.shape, stride
-    ):
-        return tensor
-    out = torch.empty_strided(tensor.shape, stride, dtype=tensor.dtype, device=tensor.device)
-    return out.copy_(tensor)
 
 
 class _PlannedStep(torch.autograd.Function):
@@ -1200,7 +982,7 @@ class _PlannedStep(torch.autograd.Function):
             *[
                 o
                 for i, o in enumerate(outs)
-                if i not in pm._with_tangent and isinstance(o, torch.Tensor)
+                if i not in pm._wiring.with_tangent and isinstance(o, torch.Tensor)
             ]
         )
         return tuple(outs)
@@ -1217,18 +999,8 @@ class _PlannedStep(torch.autograd.Function):
                 "module again for each backward (sum the losses into one backward to "
                 "combine them)"
             )
-        no_grad_for = unreached(
-            pm._tangents_of_grads, [grad_outputs[i] is not None for i in pm._tangent_positions]
-        )
-        tangents = []
-        for i, stride in zip(pm._tangent_positions, pm._tangent_strides):
-            incoming = grad_outputs[i]
-            if incoming is None:
-                v = pm.analysis.program.values[pm._forward_value_at[i]]
-                incoming = torch.empty_strided(
-                    v.shape, stride, dtype=getattr(torch, v.dtype), device=pm.device
-                ).zero_()
-            tangents.append(_with_strides(incoming, stride))
+        no_grad_for = pm._wiring.unreached(grad_outputs)
+        tangents = pm._wiring.tangents(grad_outputs, pm.device)
         if pm._forward_spills and ctx.forward_number != pm._shared.spilled_forwards:
             raise PlannerError(
                 "this backward needs activations the planned module moved to its offload "
@@ -1247,9 +1019,4 @@ class _PlannedStep(torch.autograd.Function):
         finally:
             pm._runtime.undelivered = frozenset()
         pm._runtime.finish_deliveries()  # CUDA: gradients copied to the host land in .grad
-        out = []
-        for p, (k, device) in enumerate(zip(pm._grad_slots, ctx.devices)):
-            g = None if k is None or p in no_grad_for else grads[k]
-            # a parameter whose home is the host (CUDA) gets its gradient there
-            out.append(g if g is None or g.device == device else g.to(device))
-        return (None, *out)
+        return (None, *pm._wiring.gradients(grads, no_grad_for, ctx.devices))
