@@ -14,6 +14,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from planner.budget import parse_budget
+from planner.caller_grad_mode import planning_training_in_grad_mode
 from planner.codegen.assemble import Assembled
 from planner.codegen.emit import check_kernels
 from planner.errors import InvalidPlan, PlannerError
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 SavedPlan = str | Path | Plan
 
 
+@planning_training_in_grad_mode
 def analyze(
     model: torch.nn.Module,
     example_inputs: Any,
@@ -69,6 +71,7 @@ def analyze(
         return analyze_captured(captured, get_profile(profile))
 
 
+@planning_training_in_grad_mode
 def report(
     model: torch.nn.Module,
     example_inputs: Any,
@@ -86,6 +89,7 @@ def report(
     return result
 
 
+@planning_training_in_grad_mode
 def make_plan(
     model: torch.nn.Module,
     budget: int | str,
@@ -178,6 +182,7 @@ def _check_time_limit(time_limit: float) -> None:
         )
 
 
+@planning_training_in_grad_mode
 def plan(
     model: torch.nn.Module,
     budget: int | str,
