@@ -225,17 +225,16 @@ class PlannedCall:
         ]
         self.constants = [_constant(x) for _, x in leaves if not isinstance(x, torch.Tensor)]
 
-    def flatten(self, args: tuple, kwargs: dict, same_strides: bool) -> list[torch.Tensor]:
-        """The call's tensors, in the traced order, once it matches the plan.
-        ``same_strides``: the inputs must also be laid out as traced (compiled runs
-        are specialized to the layout; eager ops take any)."""
+    def flatten(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        """The call's tensors, in the traced order, once they match the plan: the
+        same shapes, dtypes and layouts as traced."""
         if (
             self.positional is not None
             and not kwargs
             and len(args) == self.positional
             and all(type(a) is torch.Tensor for a in args)
         ):
-            return self._checked(list(args), same_strides)
+            return self._checked(list(args))
         if list(kwargs) != self.keywords and set(kwargs) == set(self.keywords):
             kwargs = {k: kwargs[k] for k in self.keywords}  # keyword order is the caller's
         leaves, spec = pytree.tree_flatten((args, kwargs))
@@ -260,9 +259,9 @@ class PlannedCall:
                 f"planner.plan again with example inputs where {name} is {now!r} (one "
                 f"planned module per value)"
             )
-        return self._checked(tensors, same_strides)
+        return self._checked(tensors)
 
-    def _checked(self, tensors: list[torch.Tensor], same_strides: bool) -> list[torch.Tensor]:
+    def _checked(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """``tensors`` (the call's, in traced order) once they match the plan."""
         got = [_meta(t) for t in tensors]
         if got != self.meta:
@@ -275,8 +274,7 @@ class PlannedCall:
             )
         if self.same:
             self._check_same(tensors)
-        if same_strides:
-            self._check_strides(tensors)
+        self._check_strides(tensors)
         if torch.is_grad_enabled():
             self._check_grads(tensors)
         return tensors
@@ -298,16 +296,22 @@ class PlannedCall:
                 )
 
     def _check_strides(self, tensors: list[torch.Tensor]) -> None:
+        """The inputs laid out as traced. Compiled (Inductor) runs are specialized
+        to the layout; and eager kernels may copy an input laid out otherwise (a
+        matmul given a strided view makes it contiguous), memory the plan never
+        counted: a 2048x256 input to a Linear, given as a stride-2 view, put the
+        step 1.6 MB over its 3.3 MB budget."""
         for name, planned, tensor in zip(self.tensor_names, self.strides, tensors):
             if _layout(tensor) != planned:
                 contiguous = planned == _layout(torch.empty(tensor.shape, device="meta"))
                 hint = f" (here: {name}.contiguous())" if contiguous else ""
                 raise PlannerError(
                     f"input {name} has strides {tensor.stride()} and was planned with others "
-                    f"({planned} in its dims longer than 1): this plan's compiled (Inductor) "
-                    f"runs are specialized to the layout traced. Pass it laid out as "
-                    f"planned{hint}, or plan with "
-                    f"example inputs laid out like yours"
+                    f"({planned} in its dims longer than 1): a plan is made for the layout "
+                    f"traced (its ops may copy an input laid out otherwise, in memory the "
+                    f"budget does not count, and compiled runs are specialized to it). Pass "
+                    f"it laid out as planned{hint}, or plan with example inputs laid out "
+                    f"like yours"
                 )
 
     def _check_grads(self, tensors: list[torch.Tensor]) -> None:

@@ -655,7 +655,7 @@ class PlannedModule(torch.nn.Module):
                 return (
                     k,
                     module,
-                    module._call.flatten(args, kwargs, same_strides=module.kernels == "inductor"),
+                    module._call.flatten(args, kwargs),
                 )
             except PlannerError as error:
                 errors.append(str(error))
@@ -672,7 +672,7 @@ class PlannedModule(torch.nn.Module):
             _, module, inputs = self._matching(args, kwargs)
         else:
             module = self
-            inputs = self._call.flatten(args, kwargs, same_strides=self.kernels == "inductor")
+            inputs = self._call.flatten(args, kwargs)
         if self.mode != "train":
             return module._infer(inputs)
         return module._train_step(args, kwargs, inputs)
