@@ -36,6 +36,7 @@ from planner.ir.layout import fix_layouts, true_layouts
 from planner.ir.meta import FROZEN_PARAMS, HOOKED_PARAMS
 from planner.ir.metadata_args import explicit_metadata_args
 from planner.ir.program import ValueKind
+from planner.ir.rnn_dropout import rnn_dropout_kept
 from planner.released import ReleasedWeight
 
 log = logging.getLogger(__name__)
@@ -117,10 +118,11 @@ def capture(model: torch.nn.Module, example_inputs: Any, mode: str = "infer") ->
     with _grad_flags_kept(model), functions_applied(mode == "train") as functions:
         exported = merge_constants_that_are_state(_export(model, args, kwargs))
     refuse_custom_backwards(functions, type(model).__name__)
-    if mode == "infer":
-        captured = _capture_inference(exported, args, kwargs, type(model).__name__)
-    else:
-        captured = _capture_joint(model, exported, args, kwargs)
+    with rnn_dropout_kept():  # where AOTAutograd or run_decompositions decompose RNNs
+        if mode == "infer":
+            captured = _capture_inference(exported, args, kwargs, type(model).__name__)
+        else:
+            captured = _capture_joint(model, exported, args, kwargs)
     captured.extra["autocast"] = autocast
     # as the trace left them, which a call checks they stay: a model may install
     # hooks of its own in its first forward (transformers' output recorders: 8 on a
