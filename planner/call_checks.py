@@ -41,6 +41,7 @@ comparison per step.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +49,7 @@ import torch
 from torch.autograd.graph import get_gradient_edge
 from torch.utils import _pytree as pytree
 
-from planner.errors import PlannerError, listed
+from planner.errors import PlannerError, listed, user_stacklevel
 from planner.ir.layout import strides_that_matter
 from planner.ir.program import Phase, Program, ValueKind
 
@@ -438,6 +439,23 @@ def check_not_create_graph() -> None:
             "through a planned step is not supported: the planned backward writes into "
             "planned buffers and is not itself differentiable. Compute such terms "
             "with the unplanned model"
+        )
+
+
+def warn_if_saved_tensors_hooks() -> None:
+    """Called at a training step: ``saved_tensors_hooks`` in effect (such as
+    ``torch.autograd.graph.save_on_cpu()``) are not applied to what the planned
+    step keeps for its backward, which the plan places itself (kept, offloaded,
+    recomputed) within the budget: a caller wrapping the step in them expects them
+    applied."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if hooks is not None and torch.is_grad_enabled():
+        warnings.warn(
+            "saved_tensors_hooks (such as torch.autograd.graph.save_on_cpu()) around a "
+            "planned training step are not applied to the tensors it keeps for its "
+            "backward: the plan places those itself, within its budget. Call the planned "
+            "module outside them",
+            stacklevel=user_stacklevel(),
         )
 
 

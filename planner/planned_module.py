@@ -31,6 +31,7 @@ from planner.call_checks import (
     check_deliveries_wanted,
     check_not_create_graph,
     check_not_unfrozen,
+    warn_if_saved_tensors_hooks,
 )
 from planner.codegen.assemble import Assembled, assemble
 from planner.codegen.emit import Executor
@@ -687,6 +688,7 @@ class PlannedModule(torch.nn.Module):
         self._hook_watch.check()
         self._state_watch.check()
         self._tier_params.check()
+        warn_if_saved_tensors_hooks()
         outs = list(_PlannedStep.apply(self, *self._primals, *inputs))
         with torch.no_grad():
             for name, new in zip(self._buffer_updates, outs[: self._num_buffer_updates]):

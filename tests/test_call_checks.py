@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
+import warnings
 
 import pytest
 import torch
@@ -135,6 +136,26 @@ def test_create_graph_is_an_error() -> None:
         torch.autograd.grad(loss, [model.c.weight], create_graph=True)
     loss.backward()  # what the forward saved is still there for a plain backward
     assert model.c.weight.grad is not None
+
+
+def test_saved_tensors_hooks_around_a_step_are_warned_about_not_applied() -> None:
+    model, pm, x = _planned()
+    packed = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        packed.append(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with pytest.warns(UserWarning, match=r"saved_tensors_hooks .* not applied"):
+            loss = pm(x).pow(2).sum()
+    loss.backward()
+    assert model.c.weight.grad is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pm(x).pow(2).sum().backward()  # none in effect: no warning
+        with torch.autograd.graph.save_on_cpu(), torch.no_grad():
+            pm(x)  # nothing is kept for a backward: no warning
 
 
 def test_state_dict_is_the_models_and_loads_back_in_place() -> None:
