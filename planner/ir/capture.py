@@ -279,6 +279,15 @@ def _describe_trace_failure(model: torch.nn.Module, exc: BaseException) -> str:
             "batches it has tracked into Python: give it a float momentum (0.1 is the "
             "default), or plan it in eval mode."
         )
+    elif (
+        library and library[-1].filename.endswith("nn/modules/rnn.py") and "FakeTensor" in str(exc)
+    ):
+        hint = (
+            "An RNN given a PackedSequence (pack_padded_sequence) sizes its work by the "
+            "lengths' values, which a plan cannot know ahead of time: plan the model "
+            "on padded batches without packing (masking what the padding computes), or "
+            "keep the packed RNN outside the planned module."
+        )
     elif "which is not a known type" in str(exc):
         hint = _unknown_output_hint(str(exc))
     elif "data-dependent" not in str(exc).lower() and "guard" not in str(exc).lower():

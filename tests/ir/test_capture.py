@@ -208,6 +208,27 @@ def test_a_cumulative_batch_norm_is_told_to_take_a_float_momentum() -> None:
     capture(model, (torch.randn(4, 8),), "train")
 
 
+class _PackedLstm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(8, 16, batch_first=True)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        packed = nn.utils.rnn.pack_padded_sequence(
+            x, lengths, batch_first=True, enforce_sorted=False
+        )
+        out, _ = nn.utils.rnn.pad_packed_sequence(self.rnn(packed)[0], batch_first=True)
+        return out
+
+
+def test_an_rnn_given_a_packed_sequence_is_told_to_take_padded_batches() -> None:
+    """The generic hint (make forward traceable) said nothing of the cause: a
+    packed sequence's batch sizes are the lengths' values."""
+    example = (torch.randn(4, 5, 8), torch.tensor([5, 3, 2, 4]))
+    with pytest.raises(CaptureError, match=r"(?s)rnn\.py.*PackedSequence.*padded batches"):
+        capture(_PackedLstm(), example, "infer")
+
+
 class _Nested(nn.Module):
     """The failing line is also a caller of itself, further up the stack."""
 
