@@ -110,11 +110,25 @@ def replace_slot(model: torch.nn.Module, fqn: str, tensor: torch.Tensor) -> None
         slots[leaf] = tensor
 
 
-def release_slot(model: torch.nn.Module, fqn: str) -> None:
-    """Replace parameter or buffer ``fqn`` of ``model`` by a stand-in that raises
-    when read (``planner.released``)."""
-    found = find_slot(model, fqn)
-    if found is None:
-        return
-    slots, leaf = found
-    slots[leaf] = released_like(slots[leaf], fqn, model)
+def release_slots(model: torch.nn.Module, fqns: list[str]) -> None:
+    """Replace each parameter or buffer of ``fqns`` in ``model``, under every name
+    the model holds it by, by one stand-in that raises when read
+    (``planner.released``). A tied weight has two names (GPT-2's ``wte.weight``
+    and ``lm_head.weight``) and the trace only one: released by that one, the
+    head kept the full copy, in memory the budget did not count (8 MiB beside a
+    21 MB budget)."""
+    names_of: dict[int, list[str]] = {}
+    for name, tensor in [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]:
+        names_of.setdefault(id(tensor), []).append(name)
+    for fqn in fqns:
+        found = find_slot(model, fqn)
+        if found is None:
+            continue
+        slots, leaf = found
+        original = slots[leaf]
+        stand_in = released_like(original, fqn, model)
+        for name in names_of.get(id(original), [fqn]):
+            replace_slot(model, name, stand_in)

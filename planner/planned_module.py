@@ -45,7 +45,7 @@ from planner.model_slots import (
     compact,
     free_if_moved_still_held,
     materialize,
-    release_slot,
+    release_slots,
     replace_slot,
     slot_tensor,
     warn_if_still_held,
@@ -451,8 +451,8 @@ class PlannedModule(torch.nn.Module):
         originals = {source: slot_tensor(model, source) for source in released}
         moved = {s: weakref.ref(t) for s, t in originals.items() if t is not None}
         del originals
+        release_slots(model, released)
         for source in released:
-            release_slot(model, source)
             if ep is not None and source in ep.state_dict:
                 ep.state_dict[source] = ep.state_dict[source].to("meta")
         if released:

@@ -15,7 +15,7 @@ from planner.model_slots import (
     find_slot,
     free_if_moved_still_held,
     materialize,
-    release_slot,
+    release_slots,
     replace_slot,
     slot_tensor,
     warn_if_still_held,
@@ -46,11 +46,21 @@ def test_a_replaced_slot_holds_the_new_tensor_and_nothing_else_changes() -> None
 
 def test_a_released_weight_keeps_shape_and_raises_when_read() -> None:
     model = _model()
-    release_slot(model, "0.weight")
+    release_slots(model, ["0.weight"])
     weight = model[0].weight
     assert isinstance(weight, torch.nn.Parameter) and weight.shape == (2, 3)
     with pytest.raises(PlannerError, match="0.weight"):
         model(torch.ones(4, 3))
+
+
+def test_a_tied_weight_is_released_under_every_name_it_has() -> None:
+    model = torch.nn.Sequential(torch.nn.Embedding(8, 4), torch.nn.Linear(4, 8, bias=False))
+    model[1].weight = model[0].weight
+    original = weakref.ref(model[0].weight)
+    release_slots(model, ["0.weight"])  # the trace's one name for it
+    assert model[1].weight is model[0].weight  # one stand-in, still tied
+    assert isinstance(model[1].weight, torch.nn.Parameter) and model[1].weight.is_meta
+    assert original() is None  # the full copy is freed
 
 
 def test_compact_copies_only_a_view_of_a_larger_storage() -> None:
