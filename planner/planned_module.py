@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import warnings
 import weakref
 from collections.abc import Iterable
@@ -79,7 +80,14 @@ def _exclude_forward_from_dynamo() -> None:
         PlannedModule.forward = excluded  # type: ignore[method-assign]
 
 
-def _close(engine: CopyEngine, disk: DiskStore) -> None:
+def _close(engine: CopyEngine, disk: DiskStore, pid: int) -> None:
+    """Stop the copy engine and remove the offload files. A forked child that
+    collects its inherited copy of the module leaves both to the parent, whose
+    they are: the engine's threads (and CUDA streams) do not exist in the child,
+    and its normal exit removed the parent's files."""
+    if os.getpid() != pid:
+        disk.close()  # its own descriptors only (``DiskStore.close``)
+        return
     try:
         engine.close()
     finally:
@@ -179,7 +187,7 @@ class PlannedModule(torch.nn.Module):
                 raise
             self._runtime = Runtime(engine)
             self._shared = _Shared()
-            self._finalizer = weakref.finalize(self, _close, engine, disk)
+            self._finalizer = weakref.finalize(self, _close, engine, disk, os.getpid())
         else:
             disk, engine = share_store_of._disk, share_store_of._engine
             self._runtime = Runtime(engine, weights_of=share_store_of._runtime)

@@ -236,7 +236,8 @@ def _make_root(parent: str | os.PathLike[str] | None) -> str:
             f"create it first, or pass offload_dir=None for a temporary directory"
         )
     try:
-        return tempfile.mkdtemp(prefix=owner_prefix(), dir=parent)
+        # absolute: the caller may change the working directory while it lives
+        return os.path.abspath(tempfile.mkdtemp(prefix=owner_prefix(), dir=parent))
     except OSError as exc:
         why = exc.strerror or str(exc)
         if parent is None:
@@ -259,6 +260,9 @@ class DiskStore:
         self.root = Path(_make_root(parent))
         #: the owner's lock on ``root`` while this store lives (``offload_dirs``)
         self._owner_lock = hold(self.root)
+        #: the process that made it: a forked child inherits this object and, at
+        #: its exit, collects it; its files are still the parent's
+        self._pid = os.getpid()
         self.entries: dict[str, Entry] = {}
         # a transient copy's file stays open, and its next write overwrites it in
         # place: no create, rename or unlink, and no page-cache pages to allocate
@@ -603,12 +607,17 @@ class DiskStore:
         path.unlink(missing_ok=True)
 
     def close(self) -> None:
+        """Remove the files, in the process that made them; in a forked child,
+        which only inherited this object, close its copies of the descriptors and
+        leave the files to the parent (a child's normal exit removed them, and
+        the parent's next call found its weights gone)."""
         for key in list(self._open_files):
             self._close_file(key)
         self.linked.close()
-        shutil.rmtree(self.root, ignore_errors=True)
+        if os.getpid() == self._pid:
+            shutil.rmtree(self.root, ignore_errors=True)
         self.entries.clear()
-        if self._owner_lock is not None:
+        if self._owner_lock is not None:  # a child's copy: the parent's still holds it
             os.close(self._owner_lock)
             self._owner_lock = None
 

@@ -66,6 +66,40 @@ def test_offload_dir_errors(tmp_path) -> None:
         DiskStore(f)
 
 
+def test_a_relative_offload_dir_survives_a_change_of_directory(tmp_path, monkeypatch) -> None:
+    """The root was relative: after os.chdir every read said its file was missing,
+    and close() left the files behind."""
+    (tmp_path / "od").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    store = DiskStore("od")
+    assert store.root.is_absolute()
+    store.write("w", torch.arange(4.0))
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert torch.equal(store.read_into("w", torch.empty(4)), torch.arange(4.0))
+    store.close()
+    assert list((tmp_path / "od").iterdir()) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_closing_its_copy_leaves_the_parents_files(tmp_path) -> None:
+    """A child's normal exit collected its inherited store and removed the
+    parent's directory: the parent's next read found its weights gone."""
+    store = DiskStore(tmp_path)
+    store.write("w", torch.arange(4.0))
+    pid = os.fork()
+    if pid == 0:  # the child: close as its exit would, then leave without pytest
+        try:
+            store.close()
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert torch.equal(store.read_into("w", torch.empty(4)), torch.arange(4.0))
+    store.close()
+    assert not store.root.exists()
+
+
 def test_read_now_equals_prefetch_then_wait(store: DiskStore) -> None:
     """A read waited for at once runs on the calling thread: same tensor, same
     layout, and the same checks as a prefetch through the reader thread."""
