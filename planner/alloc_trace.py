@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -35,19 +36,28 @@ def _quiet_native_stderr() -> Iterator[None]:
         os.close(devnull)
 
 
+#: one profiler session at a time in this process: two threads' sessions at once
+#: crashed it (a segfault in torch's profiler, with or without planner: two
+#: ``run_measured`` calls on two planned modules), and a session records every
+#: thread's allocations, so each thread's measurement would count the other's
+_ONE_SESSION = threading.RLock()
+
+
 def profile_allocations(fn: Callable[[], Any]) -> tuple[Any, list[Any]]:
     """Run ``fn()`` under the memory profiler; return its result and the
-    top-level events of the profiler's event tree."""
+    top-level events of the profiler's event tree. Sessions in several threads
+    run one after the other."""
     from torch.profiler import ProfilerActivity, profile
 
-    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    with _quiet_native_stderr():
-        prof.__enter__()
-    try:
-        result = fn()
-    finally:
+    with _ONE_SESSION:
+        prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
         with _quiet_native_stderr():
-            prof.__exit__(None, None, None)
+            prof.__enter__()
+        try:
+            result = fn()
+        finally:
+            with _quiet_native_stderr():
+                prof.__exit__(None, None, None)
     results = prof.profiler.kineto_results if prof.profiler is not None else None
     if results is None:
         raise RuntimeError("the PyTorch profiler recorded no results")

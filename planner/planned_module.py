@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import threading
 import warnings
 import weakref
 from collections.abc import Iterable
@@ -631,20 +632,22 @@ class PlannedModule(torch.nn.Module):
         requests: ``exact_blocks``); if the run stops half-way (an error, a
         KeyboardInterrupt), wait out the copies it issued and remove the files it
         spilled before re-raising, so the next call starts from a clean store."""
-        try:
-            with autocast_off(), exact_blocks(self.device):
-                return fn(self._runtime, *args)
-        except BaseException as error:
+        with self._shared.running:  # the clean-up too: another thread's run spills next
             try:
-                self._engine.drain()
-            finally:
-                self._runtime.arriving.clear()  # half a backward delivers nothing
-                for key in [k for k in self._disk.entries if k not in self._shared.weight_keys]:
-                    self._disk.discard(key)
-            why = self._state_types.changed() if isinstance(error, Exception) else None
-            if why is not None:
-                raise PlannerError(why) from error
-            raise
+                with autocast_off(), exact_blocks(self.device):
+                    return fn(self._runtime, *args)
+            except BaseException as error:
+                try:
+                    self._engine.drain()
+                finally:
+                    self._runtime.arriving.clear()  # half a backward delivers nothing
+                    spills = [k for k in self._disk.entries if k not in self._shared.weight_keys]
+                    for key in spills:
+                        self._disk.discard(key)
+                why = self._state_types.changed() if isinstance(error, Exception) else None
+                if why is not None:
+                    raise PlannerError(why) from error
+                raise
 
     def add_other_shapes(self, modules: list[PlannedModule]) -> None:
         """Serve the input shapes of ``modules`` too (``planner.shapes``: the same
@@ -712,7 +715,7 @@ class PlannedModule(torch.nn.Module):
         check_autocast(self._autocast)
         self._hook_watch.check()
         self._state_watch.check()
-        with torch.no_grad():
+        with torch.no_grad(), self._shared.running:  # and the state it updates
             outs = self._with_constants(self._run(self._fn, self._state, inputs))
             for name, new in zip(self._buffer_updates, outs[: self._num_buffer_updates]):
                 if new is not None:  # None: written back to its tier by the executor
@@ -954,6 +957,12 @@ class _Shared:
     #: inference: weights a checkpoint's map held, brought into memory, by name
     #: (each shape's exported program still holds the map)
     materialized: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    #: held by each run (and, in inference, while the state it updates is copied
+    #: in): calls from several threads run one at a time. A run's spills and
+    #: prefetches use one store slot per tensor, and two threads' runs of one plan
+    #: overwrote each other's (20 of 40 outputs wrong, silently); run together,
+    #: they would also hold twice the budget
+    running: threading.RLock = dataclasses.field(default_factory=threading.RLock)
     #: training forwards that moved activations to the store, over every shape: their
     #: spills share its slots, so a backward must come before any other spilling
     #: forward (``_PlannedStep``)

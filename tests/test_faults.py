@@ -554,3 +554,51 @@ def test_training_interrupted_in_the_backward(monkeypatch) -> None:
         _assert_grads(model, _eager_grads(x))
     finally:
         pm.close()
+
+
+class _Skip(nn.Module):
+    """An activation made first and read last: at the smallest budget the plan
+    spills it to disk in between."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(256, 256)
+        self.mid = nn.Sequential(*[nn.Linear(256, 256) for _ in range(4)])
+        self.b = nn.Linear(256, 256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x).relu()
+        return self.b(self.mid(x)) + h
+
+
+def test_threads_calling_one_plan_that_spills_get_their_own_outputs() -> None:
+    """Two threads' runs of one plan used the same store slot for the spilled
+    activation and overwrote each other's: 20 of 40 outputs wrong, silently.
+    Calls now run one at a time."""
+    torch.manual_seed(0)
+    model = _Skip().eval()
+    inputs = [torch.randn(1024, 256), torch.randn(1024, 256)]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+    try:
+        pm = planner.plan(model, "10%", (inputs[0],), profile="cpu", time_limit=5)
+    except planner.BudgetTooSmall as e:
+        pm = planner.plan(model, e.min_budget, (inputs[0],), profile="cpu", time_limit=5)
+    decisions = {t.name: t.decision for t in pm.plan.tensors}
+    assert decisions["relu"].startswith("offload"), "nothing spilled: the test proves nothing"
+    wrong: list[float] = []
+
+    def calls(k: int) -> None:
+        with torch.no_grad():
+            for _ in range(20):
+                out = pm(inputs[k])
+                if not torch.equal(out, expected[k]):
+                    wrong.append((out - expected[k]).abs().max().item())
+
+    threads = [threading.Thread(target=calls, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    pm.close()
+    assert wrong == []

@@ -15,6 +15,7 @@ import io
 import logging
 import re
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Sequence
@@ -104,8 +105,21 @@ def normalize_example_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     return args, kwargs
 
 
+#: one capture at a time in this process: torch.export is not thread-safe (two
+#: threads planning at once both failed, "ProxyTorchDispatchMode slot already
+#: occupied", with advice to make forward() traceable), and a capture patches
+#: process-wide state while it runs (``custom_backward``, ``rnn_dropout``)
+_ONE_CAPTURE = threading.Lock()
+
+
 def capture(model: torch.nn.Module, example_inputs: Any, mode: str = "infer") -> CapturedGraph:
-    """Trace ``model`` on ``example_inputs`` into a :class:`CapturedGraph`."""
+    """Trace ``model`` on ``example_inputs`` into a :class:`CapturedGraph`
+    (captures in several threads run one after the other)."""
+    with _ONE_CAPTURE:
+        return _capture(model, example_inputs, mode)
+
+
+def _capture(model: torch.nn.Module, example_inputs: Any, mode: str) -> CapturedGraph:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(map(repr, MODES))}")
     if not isinstance(model, torch.nn.Module):

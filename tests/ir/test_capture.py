@@ -506,3 +506,27 @@ def test_training_a_model_that_writes_its_parameters_says_what_to_do() -> None:
     with pytest.raises(CaptureError, match=r"after optimizer\.step\(\).*mode='infer'"):
         capture(_ClipsInForward(), (torch.randn(2, 8),), "train")
     capture(_ClipsInForward().requires_grad_(False), (torch.randn(2, 8),), "infer")
+
+
+def test_two_threads_capturing_at_once_take_turns() -> None:
+    """torch.export is not thread-safe: two threads planning at once both failed
+    ("ProxyTorchDispatchMode slot already occupied"), told to make their
+    forward() traceable."""
+    import threading
+
+    models = [nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)) for _ in range(2)]
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            for mode in ("infer", "train", "infer"):
+                capture(models[k], (torch.randn(8, 32),), mode)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []

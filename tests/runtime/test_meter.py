@@ -53,3 +53,41 @@ def test_inference_and_training_step() -> None:
     assert train.peak_allocated_bytes >= grads + output
     assert train.peak_bytes > infer.peak_bytes
     assert all(p.grad is None for p in model.parameters()), "meter must restore .grad"
+
+
+_TWO_THREADS = """
+import threading, torch
+from planner.runtime.meter import measure
+
+def work(results, k):
+    def call():
+        x = torch.ones(1 << 18)
+        return (x * 2).sum()
+    for _ in range(5):
+        results.append(measure(call, None, ((), {}))[1].peak_bytes)
+
+results = []
+threads = [threading.Thread(target=work, args=(results, k)) for k in range(2)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+assert len(results) == 10, results
+assert min(results) >= (1 << 20), results
+print(max(results))
+"""
+
+
+def test_two_threads_measuring_at_once_take_turns() -> None:
+    """Two profiler sessions at once crashed the process (two run_measured calls
+    in two threads: a segfault in torch's profiler); run in a child process, so
+    that a crash fails this test instead of ending the run."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _TWO_THREADS], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    # each measurement counts its own call only: the other thread's 1 MiB is not in it
+    assert int(done.stdout.strip().splitlines()[-1]) < 2 * (1 << 20) + (1 << 19)
