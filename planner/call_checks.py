@@ -187,10 +187,29 @@ def _readable(path: str) -> str:
     return path
 
 
-def _arguments(spec: pytree.TreeSpec) -> str:
-    args, kwargs = pytree.tree_unflatten([None] * spec.num_leaves, spec)
-    keywords = f" and keyword arguments {', '.join(kwargs)}" if kwargs else ""
-    return f"{len(args)} positional argument(s){keywords}"
+def _kind(value: Any) -> str:
+    return "Tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def _a(kind: str) -> str:
+    """``kind`` in a sentence: "None", "a Tensor", "an ndarray"."""
+    if kind == "NoneType":
+        return "None"
+    return f"{'an' if kind[0].lower() in 'aeiou' else 'a'} {kind}"
+
+
+def _signature(spec: pytree.TreeSpec, kinds: list[str]) -> str:
+    """The call's arguments as their nesting and kinds: ``(Tensor, mask=[Tensor])``."""
+    args, kwargs = pytree.tree_unflatten([_Kind(k) for k in kinds], spec)
+    shown = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]
+    return f"({', '.join(shown)})"
+
+
+class _Kind(str):
+    """A leaf's kind, shown unquoted inside a nesting's repr."""
+
+    def __repr__(self) -> str:
+        return str(self)
 
 
 class PlannedCall:
@@ -225,6 +244,9 @@ class PlannedCall:
             _readable(pytree.keystr(path)) for path, x in leaves if not isinstance(x, torch.Tensor)
         ]
         self.constants = [_constant(x) for _, x in leaves if not isinstance(x, torch.Tensor)]
+        #: every leaf's name and kind ("Tensor", "float", "NoneType"), for messages
+        self.leaf_names = [_readable(pytree.keystr(path)) for path, _ in leaves]
+        self.kinds = [_kind(x) for _, x in leaves]
 
     def flatten(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         """The call's tensors, in the traced order, once they match the plan: the
@@ -241,11 +263,20 @@ class PlannedCall:
         leaves, spec = pytree.tree_flatten((args, kwargs))
         if spec != self.spec:
             raise PlannerError(
-                f"this module was planned for {_arguments(self.spec)}, and is called with "
-                f"{_arguments(spec)} (or another nesting of them). A plan is specific to "
-                f"the arguments it was planned with: call it as planned, or call "
-                f"planner.plan again with example inputs like these"
+                f"this module was planned as pm{_signature(self.spec, self.kinds)}, and is "
+                f"called as pm{_signature(spec, [_kind(x) for x in leaves])}. A plan is "
+                f"specific to the arguments it was planned with: call it as planned, or "
+                f"call planner.plan again with example inputs like these"
             )
+        for name, planned, leaf in zip(self.leaf_names, self.kinds, leaves):
+            if (planned == "Tensor") != isinstance(leaf, torch.Tensor):
+                convert = " (torch.as_tensor(...) for an array)" if planned == "Tensor" else ""
+                raise PlannerError(
+                    f"{name} is {_a(_kind(leaf))} here and was {_a(planned)} when planned "
+                    f"(the trace takes tensors as inputs and everything else as a "
+                    f"constant): pass {_a(planned)} as planned{convert}, or call "
+                    f"planner.plan again with example inputs like these"
+                )
         tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
         constants = [_constant(x) for x in leaves if not isinstance(x, torch.Tensor)]
         if constants != self.constants:

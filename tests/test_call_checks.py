@@ -228,9 +228,22 @@ def test_another_value_of_a_python_argument_is_an_error(mode: str) -> None:
         with pytest.raises(PlannerError, match=r"kwargs\['scale'\] is 2 here and was 2.0"):
             pm(x, scale=2, relu=False)  # an int traces other code than a float
         # before: "planned for inputs [((4, 8), 'float32')]; got [((4, 8), 'float32')]"
-        expected = r"planned for 1 positional argument\(s\) and keyword arguments scale, relu, "
-        with pytest.raises(PlannerError, match=expected + r"and is called with .* scale \("):
+        expected = r"planned as pm\(Tensor, scale=float, relu=bool\), and is called as "
+        with pytest.raises(PlannerError, match=expected + r"pm\(Tensor, scale=float\)"):
             pm(x, scale=2.0)
+        # before: a bare StopIteration (the lists of constants had other lengths)
+        with pytest.raises(PlannerError, match=r"args\[0\] is None here and was a Tensor"):
+            pm(None, scale=2.0, relu=False)
+        with pytest.raises(PlannerError, match=r"args\[0\] is an? ndarray .*torch.as_tensor"):
+            pm(x.numpy(), scale=2.0, relu=False)
+        with pytest.raises(
+            PlannerError, match=r"kwargs\['scale'\] is a Tensor here and was a float"
+        ):
+            pm(x, scale=torch.tensor(2.0), relu=False)
+        with pytest.raises(
+            PlannerError, match=r"planned as pm\(Tensor, .*called as pm\(\[Tensor\]"
+        ):
+            pm([x], scale=2.0, relu=False)
 
 
 def test_an_inference_plan_given_an_input_that_requires_grad_is_an_error() -> None:
