@@ -3,9 +3,10 @@
 On the CPU we record the allocator's own events with the PyTorch profiler
 (``profile_memory=True``): every allocation and free with its size, in time
 order. Their running sum is the bytes allocated during the call; its maximum plus
-the bytes already resident before the call (module state and inputs, deduplicated
-by storage, file-backed storages excluded) is the peak. On CUDA the caching
-allocator's ``max_memory_allocated`` plays the same role.
+the bytes already resident before the call (module state, and the bytes the
+inputs span, deduplicated by storage, file-backed storages excluded) is the
+peak. On CUDA the caching allocator's ``max_memory_allocated`` plays the same
+role.
 
 Nothing here reads a plan or the IR: it is the referee for both.
 """
@@ -37,33 +38,67 @@ class Measurement:
 
 
 def resident_bytes(*objects: Any, device: str | torch.device = "cpu") -> int:
-    """Bytes of distinct storages on ``device`` held by modules (parameters and
-    buffers) and pytrees of tensors. Storages backed by a file (memory-mapped
-    weights) are not resident device memory and are skipped."""
+    """Bytes on ``device`` held by modules (parameters and buffers: their whole
+    storages) and pytrees of tensors (a call's inputs: the bytes each spans), each
+    storage counted once. An input that is a view of a larger tensor counts what
+    it spans, not the rest of its storage, which its caller holds whatever the
+    call does (``data[64:128]`` of a 2 MiB batch measured 2 MiB over a plan's
+    budget). Storages backed by a file (memory-mapped weights) are not resident
+    device memory and are skipped."""
     device = torch.device(device)
-    seen: set[int] = set()
-    total = 0
-    for tensor in _tensors(objects):
+    whole: dict[int, int] = {}  # storage -> its bytes
+    spans: dict[int, list[tuple[int, int]]] = {}  # storage -> byte ranges in use
+    for tensor, held_whole in _tensors(objects):
         if tensor.device.type != device.type or tensor.is_meta:
             continue
         storage = tensor.untyped_storage()
         key = storage.data_ptr()
-        if key in seen or key == 0 or getattr(storage, "filename", None):
+        if key == 0 or getattr(storage, "filename", None):
             continue
-        seen.add(key)
-        total += storage.nbytes()
+        if held_whole:
+            whole[key] = storage.nbytes()
+        else:
+            spans.setdefault(key, []).append(_span(tensor))
+    total = sum(whole.values())
+    for key, ranges in spans.items():
+        if key not in whole:
+            total += _union_bytes(ranges)
     return total
 
 
-def _tensors(objects: Iterable[Any]) -> Iterable[torch.Tensor]:
+def _span(tensor: torch.Tensor) -> tuple[int, int]:
+    """The byte range of its storage that ``tensor``'s elements lie in."""
+    size = tensor.element_size()
+    start = tensor.storage_offset() * size
+    if tensor.numel() == 0:
+        return start, start
+    low = sum((n - 1) * st for n, st in zip(tensor.shape, tensor.stride()) if st < 0)
+    high = sum((n - 1) * st for n, st in zip(tensor.shape, tensor.stride()) if st > 0)
+    return start + low * size, start + (high + 1) * size
+
+
+def _union_bytes(ranges: list[tuple[int, int]]) -> int:
+    total, end = 0, None
+    for lo, hi in sorted(ranges):
+        if end is None or lo >= end:
+            total += hi - lo
+            end = hi
+        elif hi > end:
+            total += hi - end
+            end = hi
+    return total
+
+
+def _tensors(objects: Iterable[Any]) -> Iterable[tuple[torch.Tensor, bool]]:
+    """Each tensor, and whether its whole storage is held (a module's)."""
     for obj in objects:
         if isinstance(obj, torch.nn.Module):
-            yield from obj.parameters()
-            yield from obj.buffers()
+            for tensor in (*obj.parameters(), *obj.buffers()):
+                yield tensor, True
         else:
             for leaf in pytree.tree_leaves(obj):
                 if isinstance(leaf, torch.Tensor):
-                    yield leaf
+                    yield leaf, False
 
 
 def measure(

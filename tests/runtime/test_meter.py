@@ -38,6 +38,21 @@ def test_resident_bytes_dedupes_storages_and_skips_files(tmp_path) -> None:
     assert resident_bytes(mapped) == 0
 
 
+def test_an_input_view_counts_the_bytes_it_spans_not_its_callers_storage() -> None:
+    """``data[64:128]`` of a 2 MiB batch was counted at 2 MiB: the rest of the
+    storage is the caller's, held whatever the call does."""
+    data = torch.randn(512, 1024)  # 2 MiB
+    rows = data[64:128]
+    assert resident_bytes((rows,)) == 64 * 1024 * 4
+    # overlapping views of one storage: their union, once
+    assert resident_bytes((data[0:100], data[50:150])) == 150 * 1024 * 4
+    assert resident_bytes((data[:, ::2],)) == (511 * 1024 + 1023) * 4  # spans its rows
+    # a module's tensor holds its whole storage, which then counts once
+    module = torch.nn.Module()
+    module.register_buffer("part", data[:10])
+    assert resident_bytes(module, (rows,)) == data.nbytes
+
+
 def test_inference_and_training_step() -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(
