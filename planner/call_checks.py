@@ -237,6 +237,7 @@ class PlannedCall:
         self.tensor_names = [_readable(name) for name, _ in tensors]
         self.meta = [_meta(t) for _, t in tensors]
         self.strides = [_layout(t) for _, t in tensors]
+        self.devices = [t.device for _, t in tensors]
         self.requires_grad = [t.requires_grad for _, t in tensors]
         #: positions of example tensors that were one tensor (``attention(x, x, x)``)
         self.same = _same_tensors([t for _, t in tensors])
@@ -304,6 +305,13 @@ class PlannedCall:
                 f"extra_example_inputs=[...])), or call planner.plan again with example "
                 f"inputs like these"
             )
+        for name, planned, tensor in zip(self.tensor_names, self.devices, tensors):
+            if tensor.device != planned:
+                raise PlannerError(
+                    f"input {name} is on {tensor.device} and was planned on {planned}: "
+                    f"pass it there ({name}.to('{planned}')), or plan with example inputs "
+                    f"on its device"
+                )
         if self.same:
             self._check_same(tensors)
         self._check_strides(tensors)

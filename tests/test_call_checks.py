@@ -281,6 +281,19 @@ def test_a_plan_given_inputs_laid_out_otherwise_says_so(mode: str) -> None:
         eager(transposed)
 
 
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_an_input_on_another_device_is_an_error_naming_it(mode: str) -> None:
+    """Before: torch's 'Tensor on device cpu is not on the expected device meta!'
+    from inside the executor."""
+    torch.manual_seed(0)
+    model, x = _Scaled(), torch.randn(4, 8)
+    pm = planner.plan(model, "100%", (x,), mode=mode)
+    with pytest.raises(PlannerError, match=r"args\[0\] is on meta and was planned on cpu"):
+        pm(x.to("meta"))
+    with torch.no_grad():
+        assert torch.equal(pm(x), model(x))
+
+
 def test_an_eager_plan_given_a_strided_view_is_an_error_not_a_step_over_budget() -> None:
     """A matmul copies a strided view to make it contiguous: memory the plan did
     not count (this call measured 1.6 MB over a 3.3 MB budget)."""
