@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import re
 
 _UNITS = {
@@ -31,7 +32,7 @@ def parse_budget(budget: int | float | str, unplanned_peak: int | None = None) -
     accepted for anything else, and for zero or negative budgets."""
     if isinstance(budget, bool):
         raise ValueError(_help(budget))
-    if isinstance(budget, (int, float)):
+    if isinstance(budget, numbers.Real):  # numpy's integers and floats too
         value = float(budget)
     elif isinstance(budget, str):
         percent = _PERCENT.match(budget)

@@ -244,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore")
     try:
         return args.run(args)
-    except BudgetTooSmall as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except BudgetTooSmall as exc:  # its advice in the CLI's words
+        print(f"error: {str(exc).replace('(quantize=...)', '(--quantize ...)')}", file=sys.stderr)
         return 3
     # OSError: an output path (--save-plan, --plot) that cannot be written
     except (PlannerError, ValueError, TypeError, OSError) as exc:

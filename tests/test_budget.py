@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from planner.budget import parse_budget
@@ -15,6 +16,8 @@ from planner.budget import parse_budget
         ("100", 100),
         ("60%", 600),
         (" 25 % ", 250),
+        (np.int64(4096), 4096),  # a size computed with numpy
+        (np.float32(2048.0), 2048),
     ],
 )
 def test_parse(spec: object, expected: int) -> None:

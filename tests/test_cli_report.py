@@ -160,7 +160,9 @@ def test_cli_budget_too_small(capsys: pytest.CaptureFixture[str]) -> None:
         ]
     )
     assert code == 3
-    assert "smallest budget a plan was found for" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "smallest budget a plan was found for" in err
+    assert "(--quantize ...)" in err and "quantize=" not in err  # the CLI's words
 
 
 def test_console_script_runs() -> None:
