@@ -260,6 +260,12 @@ def plan(
         (t.device for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)),
         torch.device("cpu"),
     )
+    if device.type == "meta":
+        raise PlannerError(
+            "the example inputs are on the meta device, which holds no values: a plan is "
+            "made and checked by running them. Give real example inputs (a model built on "
+            "the meta device takes its weights from checkpoint=)"
+        )
     profile = _profile_for_device(profile, device)  # before anything touches the model
     if checkpoint is not None:
         attach_checkpoint(model, checkpoint)

@@ -273,6 +273,16 @@ def test_a_profile_for_another_kind_of_device_is_a_clear_error(tmp_path, monkeyp
         pm.close()
 
 
+def test_example_inputs_on_the_meta_device_are_a_clear_error() -> None:
+    """Before: a suggestion to calibrate a 'meta' profile, or a device mismatch
+    inside the trace that told the user to make forward() traceable."""
+    model, inputs, _ = _model()
+    meta = tuple(x.to("meta") for x in inputs)
+    for profile in ("cpu", None):
+        with pytest.raises(planner.PlannerError, match="on the meta device.*real example inputs"):
+            planner.plan(model, BUDGET, meta, profile=profile)
+
+
 def test_input_with_another_dtype_or_shape_is_a_clear_error() -> None:
     model, inputs, expected = _model()
     pm = _plan(model, inputs)
