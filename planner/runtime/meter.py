@@ -69,11 +69,12 @@ def resident_bytes(*objects: Any, device: str | torch.device = "cpu") -> int:
 def _span(tensor: torch.Tensor) -> tuple[int, int]:
     """The byte range of its storage that ``tensor``'s elements lie in."""
     size = tensor.element_size()
-    start = tensor.storage_offset() * size
+    start = int(tensor.storage_offset()) * size
     if tensor.numel() == 0:
         return start, start
-    low = sum((n - 1) * st for n, st in zip(tensor.shape, tensor.stride()) if st < 0)
-    high = sum((n - 1) * st for n, st in zip(tensor.shape, tensor.stride()) if st > 0)
+    extents = [(int(n) - 1) * int(st) for n, st in zip(tensor.shape, tensor.stride())]
+    low = sum(e for e in extents if e < 0)
+    high = sum(e for e in extents if e > 0)
     return start + low * size, start + (high + 1) * size
 
 
