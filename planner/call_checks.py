@@ -200,7 +200,8 @@ def _a(kind: str) -> str:
 
 def _signature(spec: pytree.TreeSpec, kinds: list[str]) -> str:
     """The call's arguments as their nesting and kinds: ``(Tensor, mask=[Tensor])``."""
-    args, kwargs = pytree.tree_unflatten([_Kind(k) for k in kinds], spec)
+    shown_kinds = [_Kind("None" if k == "NoneType" else k) for k in kinds]
+    args, kwargs = pytree.tree_unflatten(shown_kinds, spec)
     shown = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]
     return f"({', '.join(shown)})"
 

@@ -6,7 +6,8 @@ it, a ``torch.set_grad_enabled(False)`` earlier) got an error that blamed the
 model's forward for cutting the graph. The mode asked for is plain, so training
 is planned with grad mode on, and out of ``torch.inference_mode``. What cannot be
 planned that way is named instead: example inputs or weights made under
-inference mode, which autograd refuses to save for a backward.
+inference mode, once the trace has met one that the backward saves, which
+autograd refuses (one it does not save, a buffer only added, trains as in eager).
 """
 
 from __future__ import annotations
@@ -32,9 +33,22 @@ def grad_mode_for(mode: str, model: Any, example_inputs: Any) -> Iterator[None]:
     if mode != "train":
         yield
         return
-    _check_no_inference_tensors(model, example_inputs)
     with torch.inference_mode(False), torch.enable_grad():
-        yield
+        try:
+            yield
+        except Exception as error:
+            if not any(said in str(error) for said in _INFERENCE_TENSOR_ERRORS):
+                raise
+            named = _inference_tensors(model, example_inputs)
+            if not named:
+                raise
+            raise PlannerError(
+                f"{listed(named)} {'was' if len(named) == 1 else 'were'} made under "
+                f"torch.inference_mode(), and the traced step saves or differentiates "
+                f"{'it' if len(named) == 1 else 'one of them'}, which autograd refuses for "
+                f"such tensors: planning mode='train' needs them made outside it (or cloned "
+                f"outside it: x.clone())"
+            ) from error
 
 
 def planning_training_in_grad_mode(fn: F) -> F:
@@ -53,21 +67,25 @@ def planning_training_in_grad_mode(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _check_no_inference_tensors(model: Any, example_inputs: Any) -> None:
+#: torch's errors where the trace would save an inference tensor for the backward,
+#: or make one (a parameter) require grad
+_INFERENCE_TENSOR_ERRORS = (
+    "Inference tensors cannot be saved for backward",
+    "on inference tensor outside InferenceMode",
+)
+
+
+def _inference_tensors(model: Any, example_inputs: Any) -> list[str]:
+    """The example inputs, parameters and buffers made under inference mode (one
+    the backward does not save, such as a buffer only added, trains as in eager:
+    this names them only once the trace has met one it must save)."""
     leaves = pytree.tree_leaves(example_inputs)
-    inputs = [
+    named = [
         f"example input {i}"
         for i, t in enumerate(leaves)
         if isinstance(t, torch.Tensor) and t.is_inference()
     ]
-    weights: list[str] = []
     if isinstance(model, torch.nn.Module):
-        named = [*model.named_parameters(), *model.named_buffers()]
-        weights = [name for name, t in named if t.is_inference()]
-    if inputs or weights:
-        raise PlannerError(
-            f"{listed(inputs + weights)} {'was' if len(inputs + weights) == 1 else 'were'} "
-            f"made under torch.inference_mode(), and autograd cannot save such tensors for "
-            f"a backward: planning mode='train' needs them made outside it (or cloned "
-            f"outside it: x.clone())"
-        )
+        state = [*model.named_parameters(), *model.named_buffers()]
+        named += [name for name, t in state if t.is_inference()]
+    return named

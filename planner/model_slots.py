@@ -13,7 +13,7 @@ import weakref
 import torch
 
 from planner.errors import listed, user_stacklevel
-from planner.released import released_like
+from planner.released import ReleasedWeight, released_like
 
 
 def still_held(refs: dict[str, weakref.ref]) -> list[str]:
@@ -129,6 +129,8 @@ def release_slots(model: torch.nn.Module, fqns: list[str]) -> None:
             continue
         slots, leaf = found
         original = slots[leaf]
+        if isinstance(original, ReleasedWeight):  # released under a tied name already
+            continue
         stand_in = released_like(original, fqn, model)
         for name in names_of.get(id(original), [fqn]):
             replace_slot(model, name, stand_in)

@@ -700,10 +700,11 @@ class PlannedModule(torch.nn.Module):
         self._state_watch.check()
         self._tier_params.check()
         warn_if_saved_tensors_hooks()
-        outs = list(_PlannedStep.apply(self, *self._primals, *inputs))
-        with torch.no_grad():
-            for name, new in zip(self._buffer_updates, outs[: self._num_buffer_updates]):
-                self._state[self._state_names.index(name)].copy_(new)
+        with self._shared.running:  # and the statistics it updates
+            outs = list(_PlannedStep.apply(self, *self._primals, *inputs))
+            with torch.no_grad():
+                for name, new in zip(self._buffer_updates, outs[: self._num_buffer_updates]):
+                    self._state[self._state_names.index(name)].copy_(new)
         user = outs[self._num_buffer_updates :]
         handed = self._wiring.forward_outputs
         if handed.rebuilders or handed.num_user < len(user):
@@ -842,22 +843,24 @@ class PlannedModule(torch.nn.Module):
         a buffer each call updates that the plan keeps in a tier (a key/value
         cache), a copy read from there."""
         if name in self._tier_buffers:
-            self._check_open()
-            key, tier = self._tier_buffers[name]
-            return self._engine.read_now(key, tier)
+            with self._shared.running:  # not torn by another thread's call
+                self._check_open()
+                key, tier = self._tier_buffers[name]
+                return self._engine.read_now(key, tier)
         return self._state[self._state_names.index(name)]
 
     def restore_state_tensor(self, name: str, value: torch.Tensor) -> None:
         """Put ``value`` back as the model's state entry ``name`` (``state_tensor``
         reads it): into the executor's tensor, or over its copy in the tier where
         the plan keeps it (a key/value cache)."""
-        if name in self._tier_buffers:
-            self._check_open()
-            key, tier = self._tier_buffers[name]
-            self._engine.write_now(key, tier, value.to(self.device))
-            return
-        with torch.no_grad():
-            self.state_tensor(name).copy_(value)
+        with self._shared.running:  # not under another thread's call
+            if name in self._tier_buffers:
+                self._check_open()
+                key, tier = self._tier_buffers[name]
+                self._engine.write_now(key, tier, value.to(self.device))
+                return
+            with torch.no_grad():
+                self.state_tensor(name).copy_(value)
 
     def _no_grad_if_inference(self) -> contextlib.AbstractContextManager:
         """An inference plan runs under no_grad anyway; so measured or timed, an
@@ -932,8 +935,10 @@ class PlannedModule(torch.nn.Module):
         return out
 
     def close(self) -> None:
-        """Remove the offload files now (also done when the module is collected)."""
-        self._finalizer()
+        """Remove the offload files now (also done when the module is collected);
+        after another thread's call in progress ends."""
+        with self._shared.running:
+            self._finalizer()
 
 
 @dataclasses.dataclass
@@ -980,12 +985,13 @@ class _PlannedStep(torch.autograd.Function):
         check_not_unfrozen(
             pm._primal_names, pm._primals_require_grad, ctx.needs_input_grad[1 : 1 + n_primals]
         )
-        if pm._forward_spills:
-            pm._shared.spilled_forwards += 1
-        ctx.forward_number = pm._shared.spilled_forwards
         # tier-home ones are read there; frozen weights stored quantized come as codes
         state = [flat[j] for j in pm._state_positions] + pm._stored
-        outs, carry = pm._run(pm._fn, state, list(flat[n_primals:]))
+        with pm._shared.running:  # another thread's step spills into the same slots
+            if pm._forward_spills:
+                pm._shared.spilled_forwards += 1
+            ctx.forward_number = pm._shared.spilled_forwards
+            outs, carry = pm._run(pm._fn, state, list(flat[n_primals:]))
         ctx.devices = [t.device for t in flat]  # a tier-home parameter's is the host's
         ctx.pm = pm
         ctx.carry = carry
@@ -1020,22 +1026,23 @@ class _PlannedStep(torch.autograd.Function):
             )
         no_grad_for = pm._wiring.unreached(grad_outputs)
         tangents = pm._wiring.tangents(grad_outputs, pm.device)
-        if pm._forward_spills and ctx.forward_number != pm._shared.spilled_forwards:
-            raise PlannerError(
-                "this backward needs activations the planned module moved to its offload "
-                "store, and a later forward of the same module (or of another input shape "
-                "it serves) has overwritten them: call backward() after each forward "
-                "before the next one (several inputs: one batch), or plan with a budget "
-                "that spills nothing"
-            )
-        BackwardReads.check(ctx.versions)
-        carry, ctx.carry = ctx.carry, None
-        ctx.versions = None
-        pm._check_open()
-        pm._runtime.undelivered = pm._delivery_keys_of(no_grad_for)
-        try:
-            grads = pm._run(pm._bw, carry, tangents)
-        finally:
-            pm._runtime.undelivered = frozenset()
-        pm._runtime.finish_deliveries()  # CUDA: gradients copied to the host land in .grad
+        with pm._shared.running:  # from the spill check to the last delivery
+            if pm._forward_spills and ctx.forward_number != pm._shared.spilled_forwards:
+                raise PlannerError(
+                    "this backward needs activations the planned module moved to its offload "
+                    "store, and a later forward of the same module (or of another input "
+                    "shape it serves) has overwritten them: call backward() after each "
+                    "forward before the next one (several inputs: one batch), or plan with "
+                    "a budget that spills nothing"
+                )
+            BackwardReads.check(ctx.versions)
+            carry, ctx.carry = ctx.carry, None
+            ctx.versions = None
+            pm._check_open()
+            pm._runtime.undelivered = pm._delivery_keys_of(no_grad_for)
+            try:
+                grads = pm._run(pm._bw, carry, tangents)
+            finally:
+                pm._runtime.undelivered = frozenset()
+            pm._runtime.finish_deliveries()  # CUDA: gradients copied to the host land in .grad
         return (None, *pm._wiring.gradients(grads, no_grad_for, ctx.devices))

@@ -43,3 +43,26 @@ def test_an_example_input_made_under_inference_mode_is_named() -> None:
         with torch.inference_mode():
             built_here = torch.nn.Linear(64, 1)
         planner.plan(built_here, "100%", example_inputs=(x.clone(),), mode="train")
+
+
+class _Offset(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(64, 64)
+        with torch.inference_mode():  # a table filled during an earlier evaluation
+            self.register_buffer("offset", torch.randn(64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.lin(x) + self.offset).relu()  # the add saves nothing for backward
+
+
+def test_an_inference_buffer_the_backward_does_not_save_trains_as_in_eager() -> None:
+    torch.manual_seed(0)
+    model = _Offset()
+    eager = copy.deepcopy(model)
+    x = torch.randn(32, 64)
+    pm = planner.plan(model, "100%", example_inputs=(x,), mode="train", time_limit=5)
+    pm(x).sum().backward()
+    eager(x).sum().backward()
+    for planned, reference in zip(model.parameters(), eager.parameters()):
+        assert torch.equal(planned.grad, reference.grad)

@@ -612,3 +612,34 @@ def test_threads_calling_one_plan_that_spills_get_their_own_outputs() -> None:
         t.join()
     pm.close()
     assert wrong == []
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_collecting_the_module_leaves_the_parents_files() -> None:
+    """A forked child's normal exit runs the module's finalizer: it removed the
+    parent's offload files (and would stop a copy engine whose threads the child
+    does not have), and the parent's next call found its weights gone."""
+    torch.manual_seed(0)
+    model = _Skip().eval()
+    x = torch.randn(1024, 256)
+    with torch.no_grad():
+        expected = model(x)
+    try:
+        pm = planner.plan(model, "10%", (x,), profile="cpu", time_limit=5)
+    except planner.BudgetTooSmall as e:
+        pm = planner.plan(model, e.min_budget, (x,), profile="cpu", time_limit=5)
+    files = sorted(os.listdir(pm.offload_dir))
+    assert files, "nothing on disk: the test proves nothing"
+    pid = os.fork()
+    if pid == 0:  # the child: what its exit would run, then leave without pytest
+        try:
+            pm._finalizer()
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert sorted(os.listdir(pm.offload_dir)) == files
+    with torch.no_grad():
+        assert torch.equal(pm(x), expected)
+    pm.close()
+    assert not os.path.exists(pm.offload_dir)

@@ -61,6 +61,8 @@ def test_a_tied_weight_is_released_under_every_name_it_has() -> None:
     assert model[1].weight is model[0].weight  # one stand-in, still tied
     assert isinstance(model[1].weight, torch.nn.Parameter) and model[1].weight.is_meta
     assert original() is None  # the full copy is freed
+    release_slots(model, ["0.weight", "1.weight"])  # both names given: still one
+    assert model[1].weight is model[0].weight
 
 
 def test_compact_copies_only_a_view_of_a_larger_storage() -> None:

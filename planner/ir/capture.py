@@ -293,9 +293,7 @@ def _describe_trace_failure(model: torch.nn.Module, exc: BaseException) -> str:
             "batches it has tracked into Python: give it a float momentum (0.1 is the "
             "default), or plan it in eval mode."
         )
-    elif (
-        library and library[-1].filename.endswith("nn/modules/rnn.py") and "FakeTensor" in str(exc)
-    ):
+    elif _given_a_packed_sequence(exc):
         hint = (
             "An RNN given a PackedSequence (pack_padded_sequence) sizes its work by the "
             "lengths' values, which a plan cannot know ahead of time: plan the model "
@@ -313,6 +311,21 @@ def _describe_trace_failure(model: torch.nn.Module, exc: BaseException) -> str:
         f"planner could not trace {type(model).__name__}: "
         f"{type(exc).__name__}: {first}{where}\n{hint}"
     )
+
+
+def _given_a_packed_sequence(exc: BaseException) -> bool:
+    """Whether the trace failed inside an RNN module's forward given a
+    PackedSequence (its batch sizes are the lengths' values)."""
+    packed = torch.nn.utils.rnn.PackedSequence
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_filename.endswith("nn/modules/rnn.py") and any(
+            isinstance(v, packed) for v in frame.f_locals.values()
+        ):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _unknown_output_hint(message: str) -> str:
