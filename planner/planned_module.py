@@ -675,7 +675,11 @@ class PlannedModule(torch.nn.Module):
             f"this module was planned for {len(errors)} input shapes and the call matches "
             f"none of them: "
             + "; ".join(f"shape {k} (example input set {k}): {e}" for k, e in enumerate(errors))
-            + ". To serve this shape too, plan again with it in extra_example_inputs"
+            + (
+                ". To serve this shape too, plan again with it in extra_example_inputs"
+                if all("planned for inputs" in e for e in errors)  # shapes or dtypes differ
+                else ""  # a layout or an argument: each error says what to do
+            )
         )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

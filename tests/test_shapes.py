@@ -126,6 +126,13 @@ def test_a_call_that_matches_no_shape_names_every_planned_one() -> None:
         assert "((1, 64), 'float32')" in str(error.value)
         assert "((4, 64), 'float32')" in str(error.value)
         assert "extra_example_inputs" in str(error.value)
+        # the planned shape laid out otherwise: each shape's reason, and not the
+        # advice to plan it as another shape
+        x, positions = _chunk(0, 4)
+        transposed = torch.randn(64, 4).t()
+        with pytest.raises(planner.PlannerError, match=r"has strides \(1, 4\)") as error:
+            pm(transposed, positions)
+        assert "To serve this shape too" not in str(error.value)
     finally:
         pm.close()
 

@@ -8,6 +8,7 @@ storages are the same object, which is how PyTorch itself models views.
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from pathlib import Path
@@ -242,9 +243,18 @@ def _add_op(b: _Builder, node: torch.fx.Node, phase: Phase) -> None:
             phase=phase,
             stack=_last_user_line(stack),
             draws_random=draws_random(node.target),
+            takes_nonfinite=_takes_nonfinite(node),
         )
     )
     b.op_nodes.append(node)
+
+
+def _takes_nonfinite(node: torch.fx.Node) -> bool:
+    """Whether one of ``node``'s non-tensor arguments is infinite or NaN."""
+    return any(
+        isinstance(a, float) and not math.isfinite(a)
+        for a in pytree.tree_leaves((node.args, node.kwargs))
+    )
 
 
 _FRAME = re.compile(r'File "(?P<path>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)')

@@ -126,6 +126,9 @@ class Op:
     #: whether a call draws random numbers (dropout): replaying it, or letting
     #: Inductor run it, would not give eager's numbers (``meta.draws_random``)
     draws_random: bool = False
+    #: whether a non-tensor argument is infinite or NaN (``where(mask, 0, -inf)``):
+    #: its outputs may hold such values (``passes.nonfinite``)
+    takes_nonfinite: bool = False
 
 
 @dataclass

@@ -8,6 +8,7 @@ from planner.ir.meta import BUFFER_UPDATES, FROZEN_PARAMS, HOOKED_PARAMS, PARAM_
 from planner.ir.program import Program, Value, ValueKind
 from planner.passes.device_profile import DeviceProfile, free_memory_bytes
 from planner.passes.fused_costs import fused_replay_seconds, fused_step_seconds, is_fusible
+from planner.passes.nonfinite import may_hold_nonfinite
 from planner.runtime import fused
 from planner.solver.problem import DISK, HOST, Bandwidths, Problem, Recompute, Step, Tensor
 
@@ -103,6 +104,7 @@ def from_program(
     written_in_place = {buffer for buffer, _ in in_place}
     in_the_buffer = {update for _, update in in_place}
     fmt, kinds, lossy_uses = _quantize_spec(quantize)
+    nonfinite = may_hold_nonfinite(program) if fmt else set()
     # tiny tensors stay put: moving them costs more bookkeeping than it saves
     # (scaled to the program, not the budget, so the same model always yields the
     # same problem and a reported min_budget stays plannable)
@@ -213,6 +215,8 @@ def from_program(
             # (a frozen one, a fine-tune's base, may be: QLoRA's idea)
             and not (program.mode == "train" and weight and base.source not in frozen)
             and not any(program.ops[u].target in _SIGN_READERS for u in uses)
+            # codes cannot hold -inf: a quantized mask came back NaN
+            and storage.index not in nonfinite
         )
         fused_uses = _fused_uses(program, storage.index, fmt) if quantizable and persistent else ()
         tensors.append(
