@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forked import ran_in_a_forked_child
 from torch import nn
 
 import planner
@@ -630,14 +631,7 @@ def test_a_forked_child_collecting_the_module_leaves_the_parents_files() -> None
         pm = planner.plan(model, e.min_budget, (x,), profile="cpu", time_limit=5)
     files = sorted(os.listdir(pm.offload_dir))
     assert files, "nothing on disk: the test proves nothing"
-    pid = os.fork()
-    if pid == 0:  # the child: what its exit would run, then leave without pytest
-        try:
-            pm._finalizer()
-        finally:
-            os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert ran_in_a_forked_child(pm._finalizer)  # what the child's exit would run
     assert sorted(os.listdir(pm.offload_dir)) == files
     with torch.no_grad():
         assert torch.equal(pm(x), expected)

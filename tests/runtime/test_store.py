@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from forked import ran_in_a_forked_child
 
 from planner.runtime.store import DiskStore, StoreError, empty_like_entry
 
@@ -87,14 +88,7 @@ def test_a_forked_child_closing_its_copy_leaves_the_parents_files(tmp_path) -> N
     parent's directory: the parent's next read found its weights gone."""
     store = DiskStore(tmp_path)
     store.write("w", torch.arange(4.0))
-    pid = os.fork()
-    if pid == 0:  # the child: close as its exit would, then leave without pytest
-        try:
-            store.close()
-        finally:
-            os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert ran_in_a_forked_child(store.close)  # as the child's exit would
     assert torch.equal(store.read_into("w", torch.empty(4)), torch.arange(4.0))
     store.close()
     assert not store.root.exists()
