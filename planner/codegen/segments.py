@@ -426,6 +426,23 @@ def _examples(segment: Segment, device: torch.device, zero: bool = False) -> lis
     return out
 
 
+def _cat_laid_out_as_eager(tensors: list[torch.Tensor], dim: int = 0) -> Any:
+    """Inductor's decomposition of ``aten.cat``, except where all inputs but one
+    are legacy empties (``torch.tensor([])``, which cat skips): there Inductor
+    clones the one left, keeping its strides, where eager's cat makes a new tensor
+    laid out by its memory format. transformers' cache starts each layer from
+    such an empty and cats the transposed keys onto it: a ``view`` the trace
+    recorded after it then failed ("Cannot view a tensor with shape [4, 2, 32, 16]
+    and strides (1024, 32, 1, 64)"), and GPT-2's attention runs stayed eager."""
+    from torch._inductor.decomposition import cat as inductor_cat
+    from torch._prims_common import suggest_memory_format
+
+    kept = [t for t in tensors if not (t.dim() == 1 and t.shape[0] == 0)]
+    if len(kept) == 1 < len(tensors) and all(t.dtype == kept[0].dtype for t in tensors):
+        return kept[0].clone(memory_format=suggest_memory_format(kept[0]))
+    return inductor_cat(tensors, dim)
+
+
 def compile_segment(segment: Segment, device: torch.device) -> Callable[[list], list]:
     """Compile ``segment`` with Inductor for inputs of its traced layouts on
     ``device``; the result takes a list of inputs (which it empties) and returns
@@ -435,7 +452,11 @@ def compile_segment(segment: Segment, device: torch.device) -> Callable[[list], 
     from torch.fx.experimental.proxy_tensor import make_fx
 
     examples = _examples(segment, device)
-    decompositions = {**select_decomp_table(), **FUSED_LOSS_DECOMPOSITIONS}
+    decompositions = {
+        **select_decomp_table(),
+        **FUSED_LOSS_DECOMPOSITIONS,
+        torch.ops.aten.cat.default: _cat_laid_out_as_eager,
+    }
     traced = make_fx(segment.graph, decomposition_table=decompositions, tracing_mode="fake")(
         *examples
     )

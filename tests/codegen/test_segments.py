@@ -676,3 +676,28 @@ def test_runs_are_never_compiled_as_cuda_graphs(
     x = torch.randn(64)
     (_, c) = compiled([x.clone()])
     torch.testing.assert_close(c, x * 2.0 + 1.0)
+
+
+def test_a_cat_onto_a_legacy_empty_is_laid_out_as_eager_lays_it_out() -> None:
+    """transformers' cache cats transposed keys onto torch.tensor([]): eager's
+    cat makes a new contiguous tensor, Inductor's decomposition cloned the keys
+    with their strides, and a view the trace recorded after it failed, leaving
+    GPT-2's attention runs eager."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def step(keys: torch.Tensor) -> torch.Tensor:  # (batch, tokens, heads, head size)
+        cached = torch.ops.aten.cat.default([torch.empty(0), keys.transpose(1, 2)], -2)
+        return torch.ops.aten.view.default(cached.transpose(-2, -1).mul(2.0), [8, 32, 16])
+
+    keys = torch.randn(4, 16, 2, 32)
+    eager = step(keys)
+    table = {**select_decomp_table(), torch.ops.aten.cat.default: segments._cat_laid_out_as_eager}
+    traced = make_fx(step, decomposition_table=table, tracing_mode="fake")(keys)
+    assert torch.equal(traced(keys), eager)
+    with pytest.raises(ValueError, match="Cannot view"):  # Inductor's own decomposition
+        make_fx(step, decomposition_table=select_decomp_table(), tracing_mode="fake")(keys)
+    # anything else is Inductor's decomposition (NotImplemented: the op itself)
+    a, b = torch.randn(2, 3), torch.randn(4, 3)
+    out = segments._cat_laid_out_as_eager([a, b])
+    assert out is NotImplemented or torch.equal(out, torch.cat([a, b]))
