@@ -452,7 +452,7 @@ def compile_segment(segment: Segment, device: torch.device) -> Callable[[list], 
     from torch.fx.experimental.proxy_tensor import make_fx
 
     examples = _examples(segment, device)
-    decompositions = {
+    decompositions: dict[Any, Callable[..., Any]] = {
         **select_decomp_table(),
         **FUSED_LOSS_DECOMPOSITIONS,
         torch.ops.aten.cat.default: _cat_laid_out_as_eager,
