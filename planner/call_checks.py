@@ -188,20 +188,22 @@ def _readable(path: str) -> str:
 
 
 def _kind(value: Any) -> str:
-    return "Tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+    """ "Tensor", "None", or the value's type name ("float", "ndarray")."""
+    if isinstance(value, torch.Tensor):
+        return "Tensor"
+    return "None" if value is None else type(value).__name__
 
 
 def _a(kind: str) -> str:
     """``kind`` in a sentence: "None", "a Tensor", "an ndarray"."""
-    if kind == "NoneType":
-        return "None"
+    if kind == "None":
+        return kind
     return f"{'an' if kind[0].lower() in 'aeiou' else 'a'} {kind}"
 
 
 def _signature(spec: pytree.TreeSpec, kinds: list[str]) -> str:
     """The call's arguments as their nesting and kinds: ``(Tensor, mask=[Tensor])``."""
-    shown_kinds = [_Kind("None" if k == "NoneType" else k) for k in kinds]
-    args, kwargs = pytree.tree_unflatten(shown_kinds, spec)
+    args, kwargs = pytree.tree_unflatten([_Kind(k) for k in kinds], spec)
     shown = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]
     return f"({', '.join(shown)})"
 
@@ -246,7 +248,7 @@ class PlannedCall:
             _readable(pytree.keystr(path)) for path, x in leaves if not isinstance(x, torch.Tensor)
         ]
         self.constants = [_constant(x) for _, x in leaves if not isinstance(x, torch.Tensor)]
-        #: every leaf's name and kind ("Tensor", "float", "NoneType"), for messages
+        #: every leaf's name and kind ("Tensor", "float", "None"), for messages
         self.leaf_names = [_readable(pytree.keystr(path)) for path, _ in leaves]
         self.kinds = [_kind(x) for _, x in leaves]
 

@@ -110,6 +110,18 @@ def replace_slot(model: torch.nn.Module, fqn: str, tensor: torch.Tensor) -> None
         slots[leaf] = tensor
 
 
+def names_by_tensor(model: torch.nn.Module) -> dict[int, list[str]]:
+    """Every name the model holds each parameter or buffer by, keyed by the
+    tensor's ``id`` (a tied weight has two)."""
+    names_of: dict[int, list[str]] = {}
+    for name, tensor in [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]:
+        names_of.setdefault(id(tensor), []).append(name)
+    return names_of
+
+
 def release_slots(model: torch.nn.Module, fqns: list[str]) -> None:
     """Replace each parameter or buffer of ``fqns`` in ``model``, under every name
     the model holds it by, by one stand-in that raises when read
@@ -117,12 +129,7 @@ def release_slots(model: torch.nn.Module, fqns: list[str]) -> None:
     and ``lm_head.weight``) and the trace only one: released by that one, the
     head kept the full copy, in memory the budget did not count (8 MiB beside a
     21 MB budget)."""
-    names_of: dict[int, list[str]] = {}
-    for name, tensor in [
-        *model.named_parameters(remove_duplicate=False),
-        *model.named_buffers(remove_duplicate=False),
-    ]:
-        names_of.setdefault(id(tensor), []).append(name)
+    names_of = names_by_tensor(model)
     for fqn in fqns:
         found = find_slot(model, fqn)
         if found is None:

@@ -47,6 +47,7 @@ from planner.model_slots import (
     compact,
     free_if_moved_still_held,
     materialize,
+    names_by_tensor,
     release_slots,
     replace_slot,
     slot_tensor,
@@ -488,9 +489,7 @@ class PlannedModule(torch.nn.Module):
         their full copies are freed; the model holds the stand-in the step passes
         in the weight's place (the executor reads the codes; autograd sees an input
         that wants no gradient), and the state watch expects it there."""
-        names_of: dict[int, list[str]] = {}
-        for name, p in model.named_parameters(remove_duplicate=False):
-            names_of.setdefault(id(p), []).append(name)
+        names_of = names_by_tensor(model)
         for source, (stand_in, full_copy) in self._frozen_stand_ins.items():
             for name in names_of.get(id(full_copy()), []):
                 replace_slot(model, name, stand_in)
@@ -550,7 +549,7 @@ class PlannedModule(torch.nn.Module):
         for k, q in enumerate(stored):
             for part, tensor in q.parts().items():
                 self.register_buffer(f"stored_{k}_{part}", tensor, persistent=False)
-        return list(stored)
+        return stored
 
     def measure_quantization_error(
         self, *args: Any, reference: Any = None, **kwargs: Any
@@ -991,11 +990,12 @@ class _PlannedStep(torch.autograd.Function):
         )
         # tier-home ones are read there; frozen weights stored quantized come as codes
         state = [flat[j] for j in pm._state_positions] + pm._stored
-        with pm._shared.running:  # another thread's step spills into the same slots
-            if pm._forward_spills:
-                pm._shared.spilled_forwards += 1
-            ctx.forward_number = pm._shared.spilled_forwards
-            outs, carry = pm._run(pm._fn, state, list(flat[n_primals:]))
+        # under the module's turn (``_train_step`` holds it): another thread's step
+        # spills into the same slots
+        if pm._forward_spills:
+            pm._shared.spilled_forwards += 1
+        ctx.forward_number = pm._shared.spilled_forwards
+        outs, carry = pm._run(pm._fn, state, list(flat[n_primals:]))
         ctx.devices = [t.device for t in flat]  # a tier-home parameter's is the host's
         ctx.pm = pm
         ctx.carry = carry
