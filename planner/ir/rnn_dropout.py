@@ -20,6 +20,7 @@ condition; a torch that mended it is left alone.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Iterator
 from typing import Any
@@ -31,6 +32,7 @@ from torch._decomp import decompositions
 _FAULT = "num_layers < i - 1"
 
 
+@functools.cache  # once per process: it reads torch's source
 def _faulty() -> bool:
     helper = getattr(decompositions, "_rnn_helper", None)
     if helper is None or not hasattr(decompositions, "params_hiddens"):
