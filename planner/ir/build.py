@@ -25,6 +25,7 @@ from planner.ir.meta import (
     FROZEN_PARAMS,
     FX_NODE_NAMES,
     HOOKED_PARAMS,
+    NONFINITE_SOURCES,
     PARAM_GRADS,
     draws_random,
     fake_value,
@@ -146,6 +147,7 @@ def build_program(captured: CapturedGraph) -> Program:
     program.meta[PARAM_GRADS] = _param_grads(captured, flat_outputs, b.node_values)
     program.meta[HOOKED_PARAMS] = captured.extra.get(HOOKED_PARAMS, frozenset())
     program.meta[FROZEN_PARAMS] = captured.extra.get(FROZEN_PARAMS, frozenset())
+    program.meta[NONFINITE_SOURCES] = captured.extra.get(NONFINITE_SOURCES, frozenset())
     program.meta[BUFFER_UPDATES] = [
         r.source.removesuffix(" (updated)")
         for r in captured.output_roles

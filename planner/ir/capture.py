@@ -34,8 +34,9 @@ from planner.ir.constants import inline_scalar_constants
 from planner.ir.custom_backward import functions_applied, refuse_custom_backwards
 from planner.ir.hooks import check_hooks_at_capture, hooked_parameters, module_hooks
 from planner.ir.layout import fix_layouts, true_layouts
-from planner.ir.meta import FROZEN_PARAMS, HOOKED_PARAMS
+from planner.ir.meta import FROZEN_PARAMS, HOOKED_PARAMS, NONFINITE_SOURCES
 from planner.ir.metadata_args import explicit_metadata_args
+from planner.ir.nonfinite_sources import nonfinite_sources
 from planner.ir.program import ValueKind
 from planner.ir.rnn_dropout import rnn_dropout_kept
 from planner.released import ReleasedWeight
@@ -148,6 +149,7 @@ def _capture(model: torch.nn.Module, example_inputs: Any, mode: str) -> Captured
             n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad
         )
     captured.extra["call"] = PlannedCall(args, kwargs, mode)  # what a call must match
+    captured.extra[NONFINITE_SOURCES] = nonfinite_sources(model, captured, args, kwargs)
     return captured
 
 

@@ -31,6 +31,10 @@ HOOKED_PARAMS = "hooked_params"
 #: that did not require grad when planned (a fine-tune's frozen base): they do not
 #: change from step to step, so a lossy plan may store them quantized (QLoRA's idea).
 FROZEN_PARAMS = "frozen_params"
+#: ``Program.meta`` and captured ``extra`` key: the sources (state names, input
+#: paths) of the inputs that held an infinite or NaN value when planned
+#: (``planner.ir.nonfinite_sources``): never quantized, nor what is made from them.
+NONFINITE_SOURCES = "nonfinite_sources"
 
 
 def draws_random(target: Any) -> bool:
