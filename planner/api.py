@@ -17,7 +17,7 @@ from planner.budget import parse_budget
 from planner.caller_grad_mode import planning_training_in_grad_mode
 from planner.codegen.assemble import Assembled
 from planner.codegen.emit import check_kernels
-from planner.errors import InvalidPlan, PlannerError
+from planner.errors import BudgetTooSmall, InvalidPlan, PlannerError
 from planner.ir.autocast import autocast_off
 from planner.ir.capture import capture, normalize_example_inputs
 from planner.ir.conv_layout import channels_last_convolutions
@@ -41,6 +41,24 @@ log = logging.getLogger(__name__)
 
 #: a saved plan: the Plan, or the path ``Plan.save`` wrote
 SavedPlan = str | Path | Plan
+
+
+def _retry_finds_the_weights_free(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` raising BudgetTooSmall without the planner's frames in its traceback.
+    The documented retry is ``planner.plan(model, e.min_budget, ...)`` inside the
+    ``except`` block, while the exception is alive; its frames held the failed
+    attempt's analysis, whose exported program references the model's weights, so
+    the retry's plan warned that every weight it moved off the device was "still
+    held outside the model" and their memory stayed in use."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BudgetTooSmall as e:
+            raise e.with_traceback(None)  # noqa: B904 (the same exception)
+
+    return wrapper
 
 
 @planning_training_in_grad_mode
@@ -89,6 +107,7 @@ def report(
     return result
 
 
+@_retry_finds_the_weights_free
 @planning_training_in_grad_mode
 def make_plan(
     model: torch.nn.Module,
@@ -182,6 +201,7 @@ def _check_time_limit(time_limit: float) -> None:
         )
 
 
+@_retry_finds_the_weights_free
 @planning_training_in_grad_mode
 def plan(
     model: torch.nn.Module,

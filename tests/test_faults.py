@@ -217,6 +217,32 @@ def test_bad_input_is_a_clear_error_and_leaves_nothing(tmp_path, kwargs, error, 
             pm.close()
 
 
+def test_a_retry_at_the_stated_minimum_inside_the_except_block_finds_the_weights_free() -> None:
+    """The documented retry, ``plan(model, e.min_budget)`` while the exception is
+    alive: its frames held the failed attempt's exported program, which references
+    the weights, so the retry warned that every weight it moved off the device was
+    still held outside the model, and their memory stayed in use."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(256, 256), nn.GELU()) for _ in range(6)])
+    x = torch.randn(64, 256)
+    with torch.no_grad():
+        expected = model(x)
+    with pytest.raises(planner.BudgetTooSmall) as info:
+        planner.plan(model, 1000, (x,), profile="cpu", time_limit=5)
+    try:
+        raise info.value
+    except planner.BudgetTooSmall as e:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # "still held outside the model" included
+            pm = planner.plan(model, e.min_budget, (x,), profile="cpu", time_limit=5)
+    assert any(t.decision != "keep" for t in pm.plan.tensors if t.name.endswith("weight"))
+    with torch.no_grad():
+        assert torch.equal(pm(x), expected)
+    pm.close()
+
+
 def test_offload_dir_that_cannot_be_written(tmp_path) -> None:
     """A directory the process cannot create files in: refused before any work,
     nothing created. Root ignores permission bits (os.access says yes), so as root
