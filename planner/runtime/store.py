@@ -380,6 +380,7 @@ class DiskStore:
         if entry is None or linked or not entry.laid_out_as(tensor) or not tensor.is_contiguous():
             self.write(key, tensor, checksum=False)
             return
+        dim %= tensor.dim()  # the op's own dim: index_copy_(-1, ...) counts from the end
         data = _storage_bytes(tensor)
         item = tensor.element_size()
         inner = item * math.prod(tensor.shape[dim + 1 :])  # bytes of one row

@@ -383,27 +383,31 @@ def _read(store: DiskStore, key: str) -> torch.Tensor:
     return store.read_into(key, empty_like_entry(store.entries[key]))
 
 
+@pytest.mark.parametrize("dim", [2, -1])
 @pytest.mark.parametrize("positions", [[5], [3, 4, 5, 9], [0, 63]])
-def test_write_rows_writes_just_those_rows_in_place(store: DiskStore, positions) -> None:
+def test_write_rows_writes_just_those_rows_in_place(store: DiskStore, positions, dim) -> None:
     """A cache (batch, heads, positions, dims) read from its file, new tokens written
     in at ``positions`` along dim 2: the file then holds the updated cache, though
-    only those rows were written (the rest of the file is left as it was)."""
-    cache = torch.randn(1, 4, 64, 8)
+    only those rows were written (the rest of the file is left as it was). Also the
+    last dim as the op may give it, -1: its rows were sized as the whole tensor and
+    the file was garbled."""
+    cache = torch.randn(1, 4, 64, 8) if dim == 2 else torch.randn(1, 4, 8, 64)
     store.write("cache", cache)  # a weight-like entry, checksummed
     assert torch.equal(_read(store, "cache"), cache)
     updated = cache.clone()
     index = torch.tensor(positions)
-    updated.index_copy_(2, index, torch.randn(1, 4, len(positions), 8))
+    rows = torch.randn(1, 4, len(positions), 8)
+    updated.index_copy_(dim, index, rows if dim == 2 else rows.transpose(2, 3))
     stale = updated.clone()
-    stale[:, :, [p for p in range(64) if p not in positions]] = 0  # never written
+    stale.index_fill_(dim, torch.tensor([p for p in range(64) if p not in positions]), 0)
     path = store.path("cache")
-    store.write_rows("cache", updated, 2, index)
+    store.write_rows("cache", updated, dim, index)
     assert torch.equal(_read(store, "cache"), updated)
     written = store.entries["cache"]
     assert written.crc32 is None and written.stamp is not None  # checked by stamp now
     # the other rows came from the file, not from ``updated``: writing the rows of
     # a tensor zero elsewhere changes only those rows
-    store.write_rows("cache", stale, 2, index)
+    store.write_rows("cache", stale, dim, index)
     assert torch.equal(_read(store, "cache"), updated)
     assert path == store.path("cache") and path.exists()
 
