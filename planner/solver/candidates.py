@@ -120,6 +120,9 @@ class Candidates:
     #: a buffer updated in place: its home gap <-> its update's final gap, both ways
     #: (``write_back_pairs``); their choices go together (``partner_choice``)
     partners: dict[int, int] = field(default_factory=dict)
+    #: tensor -> the step whose output takes over its memory (``Step.reuse``): no
+    #: choice holds it after that step (a buffer's in-place update has its bytes)
+    handed_over: dict[int, int] = field(default_factory=dict)
 
 
 def build_candidates(problem: Problem) -> Candidates:
@@ -192,7 +195,8 @@ def build_candidates(problem: Problem) -> Candidates:
     if problem.bandwidths.copy_compute_share or problem.bandwidths.copy_issue:
         for gap in gaps:
             gap.options = [_with_copy_compute(problem, o) for o in gap.options]
-    cands = Candidates(problem, gaps, fixed, gaps_of, home_gap)
+    handed_over = {s.reuse[0]: s.index for s in problem.steps if s.reuse is not None}
+    cands = Candidates(problem, gaps, fixed, gaps_of, home_gap, handed_over=handed_over)
     cands.partners = write_back_pairs(cands)
     _link_recompute_needs(cands)
     return cands
@@ -624,7 +628,12 @@ def holder_gap(cands: Candidates, tensor: int, step: int) -> int | None:
     """The gap whose choice decides whether ``tensor`` is on the device at ``step``
     (a step that is not one of its own): the gap between two uses around it, whose
     ``keep`` holds it, else the home gap of a persistent tensor, whose ``home``
-    holds it before its first and after its last use. None if no choice can."""
+    holds it before its first and after its last use. None if no choice can: also
+    after a step that wrote its output into the tensor's memory (a recompute that
+    read a buffer after its in-place update, from the home the update had taken
+    over, was chosen, and the validator rejected the solver's plan)."""
+    if step > cands.handed_over.get(tensor, step):
+        return None
     for gi in cands.gaps_of.get(tensor, []):
         gap = cands.gaps[gi]
         if gap.start >= 0 and gap.start < step < gap.end:

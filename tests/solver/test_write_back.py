@@ -18,8 +18,14 @@ from planner.codegen.emit import emit_executor
 from planner.errors import InvalidPlan
 from planner.solver import from_program, solve, validate
 from planner.solver.baselines import greedy
-from planner.solver.candidates import build_candidates, parse_choice, partner_choice
+from planner.solver.candidates import (
+    build_candidates,
+    holder_gap,
+    parse_choice,
+    partner_choice,
+)
 from planner.solver.plan import Action
+from planner.solver.solve import keep_all_peak
 
 
 class _TwoCaches(nn.Module):
@@ -239,3 +245,48 @@ def test_an_index_copy_writes_back_its_rows_another_update_all_of_it() -> None:
         assert torch.equal(pm.state_tensor("inner.0.cache"), reference[0].cache)
     finally:
         pm.close()
+
+
+class _ReadBeforeItsUpdate(nn.Module):
+    """A cache read (``x2``) before its in-place update and again after it: a
+    recompute of ``x2`` later on would read the cache from memory its update has
+    taken over."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("cache", torch.randn(4, 64, 512))
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        doubled = self.cache * 2.0
+        self.cache.index_copy_(1, pos, x)
+        tripled = (self.cache * 3.0).sum(1)
+        return doubled.sum(1) + tripled
+
+
+@pytest.mark.parametrize("share", [0.25, 0.75])
+def test_no_recompute_reads_a_buffer_after_its_update_took_over_its_memory(
+    share: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The model took a recompute's read of the cache after its update as held by
+    the cache's device home; the validator rejected the solver's plan ("recipe of
+    'mul' reads 'cache', which is not resident") and a baseline ran instead."""
+    torch.manual_seed(0)
+    inputs = (torch.randn(4, 1, 512), torch.tensor([3]))
+    analysis = planner.analyze(_ReadBeforeItsUpdate(), inputs, profile="cpu")
+    problem = _smallest(from_program(analysis.program, 0, analysis.profile))
+    roomy = keep_all_peak(problem)
+    assert problem.budget_bytes < roomy, "nothing to plan: the test proves nothing"
+    budget = problem.budget_bytes + int(share * (roomy - problem.budget_bytes))
+    problem = dataclasses.replace(problem, budget_bytes=budget)
+    cands = build_candidates(problem)
+    (update, cache) = _pairs(problem)[0]
+    taken = next(s.index for s in problem.steps if s.reuse == (cache.index, update.index))
+    assert taken + 1 < problem.num_steps, "nothing runs after the update: nothing to test"
+    assert holder_gap(cands, cache.index, taken + 1) is None
+    for gap in cands.gaps:
+        for option in gap.options:
+            assert all(r != cache.index or step <= taken for r, step in option.needs)
+    with caplog.at_level("WARNING", logger="planner.solver.solve"):
+        plan = solve(problem, time_limit=5)
+    assert "rejected by the validator" not in caplog.text
+    assert plan.solver.name == "cp-sat", plan.solver
