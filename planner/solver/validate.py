@@ -127,6 +127,8 @@ class _Replayer:
         self.copies: list[dict[str, str | None]] = [{} for _ in range(n)]  # complete tier copies
         self.pending: list[list[_Transfer]] = [[] for _ in range(n)]
         self.delivered: set[int] = set()  # gradients handed to their parameter's .grad
+        #: tensor -> name of the output written into its memory: never read again
+        self.taken_over: dict[int, str] = {}
         self.used = 0
         self.clock = self.stall = self.compute = self.recompute = self.quant = 0.0
         self.copying = 0.0
@@ -375,6 +377,10 @@ class _Replayer:
         if t.nbytes != out.nbytes or t.pinned and t.last_step(self.problem.num_steps) > self.step:
             raise self.fail(f"{out.name!r} cannot take over the buffer of {t.name!r}")
         self.drop(j)
+        # its values are gone: a tier's copy of a buffer updated in place is its
+        # home, which the update's rows are written over as the op makes them
+        self.copies[j].clear()
+        self.taken_over[j] = out.name
 
     def act(self, k: int, a: Action) -> None:
         """Apply one action, checking its preconditions first."""
@@ -394,6 +400,11 @@ class _Replayer:
         if self.status[i] != ABSENT:
             state = "waiting on a prefetch" if self.status[i] == FETCHING else "resident"
             raise self.fail(f"{t.name!r} is already {state}")
+        if i in self.taken_over:
+            raise self.fail(
+                f"{t.name!r} was overwritten by {self.taken_over[i]!r}, which took over its "
+                f"memory: no copy of its values is left to prefetch"
+            )
         if tier not in self.copies[i]:
             raise self.fail(f"{tier} holds no complete copy of {t.name!r} (offload and wait first)")
         fmt = self.copies[i][tier]

@@ -290,3 +290,47 @@ def test_no_recompute_reads_a_buffer_after_its_update_took_over_its_memory(
         plan = solve(problem, time_limit=5)
     assert "rejected by the validator" not in caplog.text
     assert plan.solver.name == "cp-sat", plan.solver
+
+
+def test_the_validator_refuses_to_read_a_buffer_again_after_its_update_took_its_memory() -> None:
+    """A saved plan that fetched the cache from its disk home again after its
+    update, to recompute ``doubled`` from it, validated; the executor read the
+    updated rows there (written over the home at the op) and the output was 9.4
+    off eager's."""
+    torch.manual_seed(0)
+    inputs = (torch.randn(4, 1, 512), torch.tensor([3]))
+    analysis = planner.analyze(_ReadBeforeItsUpdate(), inputs, profile="cpu")
+    problem = from_program(analysis.program, 10**9, analysis.profile)
+    (update, cache) = _pairs(problem)[0]
+    doubled = next(
+        t for t in problem.tensors if cache.index in (t.recompute.inputs if t.recompute else ())
+    )
+    taken = next(s.index for s in problem.steps if s.reuse == (cache.index, update.index))
+    last = doubled.uses[-1]
+    assert last > taken, "nothing reads doubled after the update: the test proves nothing"
+    plan = solve(problem, time_limit=5)
+    tensors = [
+        dataclasses.replace(d, home="disk") if d.name == cache.name else d for d in plan.tensors
+    ]
+
+    def actions(refetch: bool) -> list[Action]:
+        listed = [
+            Action(0, "before", "prefetch", cache.name, "disk"),
+            Action(0, "before", "wait", cache.name),
+            Action(doubled.appears_at, "after", "free", doubled.name),
+            Action(update.uses[-1], "after", "deliver", update.name, "disk"),
+        ]
+        if refetch:
+            listed += [
+                Action(last, "before", "prefetch", cache.name, "disk"),
+                Action(last, "before", "wait", cache.name),
+            ]
+        listed.append(Action(last, "before", "recompute", doubled.name))
+        if refetch:
+            listed.append(Action(last, "before", "free", cache.name))
+        return listed + plan.actions
+
+    with pytest.raises(InvalidPlan, match="'cache' was overwritten by 'index_copy'"):
+        validate(problem, dataclasses.replace(plan, tensors=tensors, actions=actions(True)))
+    with pytest.raises(InvalidPlan, match="reads 'cache', which is not resident"):
+        validate(problem, dataclasses.replace(plan, tensors=tensors, actions=actions(False)))
