@@ -46,7 +46,13 @@ def parse_budget(budget: int | float | str, unplanned_peak: int | None = None) -
             share = float(percent.group(1))
             if share <= 0:
                 raise ValueError(f"budget {budget!r} must be a positive percentage")
-            return int(unplanned_peak * share / 100)
+            nbytes = int(unplanned_peak * share / 100)
+            if nbytes < 1:  # planned for 0 bytes, it failed as "budget 0 bytes"
+                raise ValueError(
+                    f"budget {budget!r} of the unplanned peak ({unplanned_peak:,} bytes) "
+                    f"is less than one byte: give a larger share"
+                )
+            return nbytes
         if not size or size.group(2).lower() not in _UNITS:
             raise ValueError(_help(budget))
         value = float(size.group(1)) * _UNITS[size.group(2).lower()]

@@ -57,3 +57,11 @@ def test_a_fraction_is_not_taken_for_bytes() -> None:
     with pytest.raises(ValueError, match=r"less than one byte.*'50%'"):
         parse_budget(0.5, unplanned_peak=1000)
     assert parse_budget(1.5e9) == 1_500_000_000  # a computed byte count stays bytes
+
+
+def test_a_share_of_less_than_one_byte_is_refused() -> None:
+    """'0.00001%' of a megabyte was planned as a budget of 0 bytes, which failed as
+    too small, where '0%' was refused as a bad budget."""
+    with pytest.raises(ValueError, match=r"less than one byte: give a larger share"):
+        parse_budget("0.00001%", unplanned_peak=1_000_000)
+    assert parse_budget("0.0001%", unplanned_peak=1_000_000) == 1
