@@ -14,7 +14,9 @@ A reentrant ``torch.utils.checkpoint`` is one too (its forward runs under
 
 Functions whose backward is the derivative of their forward by construction
 are listed in ``DIFFERENTIATED_AS_TRACED`` with why: for those the traced
-derivative is the same mathematics, rounded as autograd rounds it.
+derivative is the same mathematics, rounded as autograd rounds it. A
+``torch.library`` custom op's registered backward is not dropped (the op is one
+node of the trace, differentiated with it) and is not refused.
 """
 
 from __future__ import annotations
@@ -35,6 +37,14 @@ DIFFERENTIATED_AS_TRACED = {
         "computes (the gradients are 1.5e-8 of the largest from eager's)"
     ),
 }
+
+
+#: the Functions ``torch.library`` makes for a custom op's registered backward
+#: (``register_autograd``): the op stays whole in the trace, one node, and
+#: AOTAutograd differentiates it with that backward, so it does run (transformers
+#: 5.25 sends Mixtral's experts through one, ``grouped_mm_fallback``; refused,
+#: Mixtral could not be trained at all)
+_CUSTOM_OP_BACKWARDS = "torch._library.autograd.GeneratedBackwardFor_"
 
 
 def _qualified(cls: type) -> str:
@@ -71,7 +81,11 @@ def refuse_custom_backwards(functions: list[type], model_name: str) -> None:
     """Raise if any of ``functions`` has a backward of its own that the trace
     would drop (``DIFFERENTIATED_AS_TRACED`` excepted)."""
     names = list(dict.fromkeys(_qualified(cls) for cls in functions))
-    refused = [n for n in names if n not in DIFFERENTIATED_AS_TRACED]
+    refused = [
+        n
+        for n in names
+        if n not in DIFFERENTIATED_AS_TRACED and not n.startswith(_CUSTOM_OP_BACKWARDS)
+    ]
     if not refused:
         return
     checkpoint = any(n.startswith("torch.utils.checkpoint.") for n in refused)
