@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from planner.codegen.in_place_updates import WRITTEN_IN_PLACE
 from planner.codegen.layout_ops import AS_TRACED
 from planner.codegen.segments import (
     DelLine,
@@ -210,13 +211,15 @@ class _Emitter:
         self.used.add(name)
         return name
 
-    def _op_name(self, target: Any) -> str:
+    def _op_name(self, target: Any, runs_as: Any = None) -> str:
+        """The executor's name for ``target``, bound to the function that runs it:
+        ``runs_as`` if given, else ``target`` (a few ops run into the layout their
+        trace recorded, ``layout_ops``)."""
         if isinstance(target, torch._ops.OpOverload):
             name = _ident("_".join(op_name_parts(target)))
         else:
             name = _ident("op_" + getattr(target, "__name__", "op"))
-        # a few ops are run into the layout their trace recorded (``layout_ops``)
-        fn = AS_TRACED.get(target, target)
+        fn = runs_as or AS_TRACED.get(target, target)
         while name in self.ops and self.ops[name] is not fn:
             name += "_"
         self.ops[name] = fn
@@ -521,7 +524,9 @@ class _Emitter:
             # whole alias such as a detach), so a compiled run passes it in
             into_value = next(v for v in op.inputs if self.program.values[v].storage == reuse[0])
             into = self._expr(into_value)
-            call = f"{self._op_name(variant)}({', '.join(args)}, {out_arg}={into})"
+            # a buffer's update: in place, not through a temporary the buffer's size
+            name = self._op_name(variant, WRITTEN_IN_PLACE.get(node.target))
+            call = f"{name}({', '.join(args)}, {out_arg}={into})"
         elif needs_grad_mode(node):
             call = f"{self._op_name(with_grad_mode(node.target))}({', '.join(args)})"
         else:
