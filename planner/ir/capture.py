@@ -40,6 +40,7 @@ from planner.ir.mutated_attributes import plain_attributes_left_alone
 from planner.ir.nonfinite_sources import nonfinite_sources
 from planner.ir.program import ValueKind
 from planner.ir.rnn_dropout import rnn_dropout_kept
+from planner.ir.shared_state import check_state_does_not_overlap
 from planner.released import ReleasedWeight
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ def _capture(model: torch.nn.Module, example_inputs: Any, mode: str) -> Captured
     check_hooks_at_capture(model, mode)
     _check_not_released(model)
     _check_no_meta_weights(model)
+    check_state_does_not_overlap(model)
     with (
         _grad_flags_kept(model),
         plain_attributes_left_alone(model),

@@ -1,0 +1,57 @@
+"""State tensors that overlap in memory are refused before tracing; tied and
+disjoint ones are planned."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import planner
+
+
+class _ViewedBuffer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        base = torch.zeros(4, 8)
+        self.register_buffer("a", base)
+        self.register_buffer("b", base[1])
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc(x))
+        self.b.add_(h.detach().mean(0))
+        return (h + self.a.sum(0)).pow(2).mean()
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_a_buffer_that_is_a_view_of_another_is_refused(mode: str) -> None:
+    """Training planned it and every call fed the tensors one place off ("mat1
+    and mat2 must have the same dtype"); inference failed with a bare
+    AssertionError from torch's decompositions."""
+    with pytest.raises(planner.CaptureError, match=r"'a' and 'b' share memory.*clone"):
+        planner.plan(_ViewedBuffer(), "100%", (torch.randn(4, 8),), mode=mode, profile="cpu")
+
+
+def test_tied_weights_and_disjoint_slices_of_one_storage_are_planned() -> None:
+    class TiedAndSliced(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(16, 8)
+            self.head = nn.Linear(8, 16, bias=False)
+            self.head.weight = self.emb.weight  # the same tensor under two names
+            flat = torch.randn(2, 8)
+            self.register_buffer("first", flat[0])
+            self.register_buffer("second", flat[1])
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.emb(ids) * self.first + self.second)
+
+    model = TiedAndSliced()
+    ids = torch.randint(0, 16, (4,))
+    with torch.no_grad():
+        expected = model(ids)
+    pm = planner.plan(model, "100%", (ids,), profile="cpu", time_limit=5)
+    with torch.no_grad():
+        assert torch.equal(pm(ids), expected)
