@@ -26,7 +26,7 @@ def _byte_span(t: torch.Tensor) -> tuple[int, int]:
     item = t.element_size()
     first = t.storage_offset()
     last = first + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size)
-    return first * item, (last + 1) * item
+    return int(first) * item, int(last + 1) * item
 
 
 def check_state_does_not_overlap(model: torch.nn.Module) -> None:
