@@ -43,9 +43,40 @@ class _Builder:
         # storage identity -> [(byte span, IR storage)]: one entry per storage
         # normally; several when graph inputs are disjoint slices of one storage
         self.storage_by_key: dict[int, list[tuple[tuple[int, int], int]]] = {}
+        # storage identity -> (its bytes, device, IR storages of the model state
+        # sliced from it): charged whole (``charge_sliced_state``)
+        self.state_slices: dict[int, tuple[int, torch.device, list[int]]] = {}
         # fx node -> value index (tensor nodes) or list of value indices (tuples)
         self.node_values: dict[torch.fx.Node, Any] = {}
         self.op_nodes: list[torch.fx.Node] = []
+
+    def _state_storage_bytes(self, kind: ValueKind, source: str | None) -> int:
+        """The bytes of the real storage under a parameter or buffer, which its
+        fake may not keep (``torch.hann_window(32)``, 32 elements of a storage of
+        33, was traced as owning 128 bytes: metered 4 bytes over at its smallest
+        budget); 0 for anything else."""
+        if kind not in (ValueKind.PARAM, ValueKind.BUFFER) or source is None:
+            return 0
+        ep = self.captured.extra.get("exported_program")
+        tables = [ep.state_dict, ep.constants] if ep is not None else []
+        real = next((t[source] for t in tables if source in t), None)
+        if not isinstance(real, torch.Tensor) or real.is_meta or real.layout is not torch.strided:
+            return 0
+        return int(real.untyped_storage().nbytes())
+
+    def charge_sliced_state(self) -> None:
+        """Parameters and buffers that are slices of a larger storage: the model
+        holds the whole storage as long as it holds any of them, so they stay on
+        the device and the bytes no slice covers are charged to the first. Planned
+        as their slices' bytes alone, a buffer made as ``torch.randn(4096, 64)[:16]``
+        was metered 1 MiB over its budget, and four Linear weights sliced from one
+        flat tensor, three of them moved to disk, freed nothing and were metered
+        twice their budget (found by the model-zoo sweep)."""
+        for whole, device, sids in self.state_slices.values():
+            charged = sum(self.storages[s].nbytes for s in sids)
+            self.storages[sids[0]].nbytes += max(0, allocated_bytes(whole, device) - charged)
+            for s in sids:
+                self.storages[s].in_larger_storage = True
 
     def add_value(
         self,
@@ -76,7 +107,7 @@ class _Builder:
             sid = None
         is_view = sid is not None
         if sid is None:
-            whole = (0, int(storage.nbytes()))
+            whole = (0, max(int(storage.nbytes()), self._state_storage_bytes(kind, source)))
             # Graph inputs that are disjoint slices of one storage (weights memory-
             # mapped from one checkpoint file, flat parameter buffers) are planned as
             # separate tensors of their own bytes; anything else owns its storage.
@@ -87,6 +118,8 @@ class _Builder:
             sid = len(self.storages)
             entries.append((own, sid))
             self.storages.append(Storage(sid, allocated_bytes(own[1] - own[0], fake.device)))
+            if sliced and kind in (ValueKind.PARAM, ValueKind.BUFFER):
+                self.state_slices.setdefault(key, (whole[1], fake.device, []))[2].append(sid)
         value = Value(
             index=len(self.values),
             name=name,
@@ -118,6 +151,7 @@ def build_program(captured: CapturedGraph) -> Program:
             idx = b.add_value(node.name, fake, role.kind, None, role.source)
             b.node_values[node] = idx
             inputs.append(idx)
+    b.charge_sliced_state()
     output_node = next(n for n in reversed(graph.nodes) if n.op == "output")
     flat_outputs = pytree.tree_leaves(output_node.args[0], is_leaf=lambda x: x is None)
     forward_nodes = _forward_region(flat_outputs[: captured.num_forward_outputs])

@@ -89,6 +89,11 @@ class Storage:
     #: only that kernel's readers understand, which made-up inputs cannot stand in
     #: for (``nn.LSTM``'s oneDNN workspace on a CPU)
     kernel_sized: bool = False
+    #: a parameter's or buffer's slice of a larger storage the model holds (a
+    #: window that is a view of one element more, flat parameter buffers): moving
+    #: it frees nothing, so it stays put, and the first such slice of a storage is
+    #: charged the bytes no slice covers (``planner.ir.build``)
+    in_larger_storage: bool = False
 
     @property
     def base(self) -> int:

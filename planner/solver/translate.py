@@ -194,6 +194,7 @@ def from_program(
             or (weight and storage.index in returned)
             or (storage.index in in_the_buffer and writes_home_of is None)
             or storage.nbytes < min_movable
+            or storage.in_larger_storage  # moved, it would free nothing
         )
         caller_held = kind in (ValueKind.INPUT, ValueKind.TANGENT) or stays_on_device
         floating = base.dtype.startswith(("float", "bfloat"))
