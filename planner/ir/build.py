@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import math
 import operator
-import re
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +18,7 @@ from torch.utils import _pytree as pytree
 
 from planner.errors import CaptureError
 from planner.ir.capture import CapturedGraph
+from planner.ir.data_dependent import last_user_line, refuse_data_dependent_shapes
 from planner.ir.meta import (
     BUFFER_UPDATES,
     FROZEN_PARAMS,
@@ -142,7 +141,7 @@ def build_program(captured: CapturedGraph) -> Program:
     """Build the IR. Training graphs are ordered forward-first (see ``_schedule``)."""
     b = _Builder(captured)
     graph = captured.graph_module.graph
-    _refuse_data_dependent_shapes(graph)
+    refuse_data_dependent_shapes(graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     inputs = []
     for node, role in zip(placeholders, captured.input_roles):
@@ -277,7 +276,7 @@ def _add_op(b: _Builder, node: torch.fx.Node, phase: Phase) -> None:
             inputs=in_values,
             outputs=outputs,
             phase=phase,
-            stack=_last_user_line(stack),
+            stack=last_user_line(stack),
             draws_random=draws_random(node.target),
             takes_nonfinite=_takes_nonfinite(node),
         )
@@ -291,55 +290,6 @@ def _takes_nonfinite(node: torch.fx.Node) -> bool:
         isinstance(a, float) and not math.isfinite(a)
         for a in pytree.tree_leaves((node.args, node.kwargs))
     )
-
-
-_FRAME = re.compile(r'File "(?P<path>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)')
-
-
-def _refuse_data_dependent_shapes(graph: torch.fx.Graph) -> None:
-    """A tensor whose shape depends on the input's values (``x[x > 0]``,
-    ``nonzero``, ``unique``), or a value read into Python (``.item()``), traces
-    with a symbol for it but cannot be planned ahead of time: say which line
-    makes it and what to do (sizing it raised torch's own data-dependent guard
-    error from deep inside the builder; an ``.item()``, a KeyError)."""
-    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
-
-    for node in graph.nodes:
-        value = node.meta.get("val")
-        try:
-            if not free_unbacked_symbols(value):
-                continue
-        except AssertionError:  # a dtype, device or script object: no sizes to read
-            continue
-        line = _last_user_line(node.meta.get("stack_trace"))
-        where = f" at {line}" if line else ""
-        if not isinstance(value, (torch.Tensor, list, tuple)):  # a SymInt, SymFloat
-            raise CaptureError(
-                f"the traced graph reads a tensor's value into Python ({node.name}, "
-                f"{node.target}: .item(), .tolist(), int(t)){where}: the plan is made "
-                f"ahead of time, for any values. Keep it a tensor (x * t, not "
-                f"x * t.item()), or compute it outside forward() and pass it in"
-            )
-        raise CaptureError(
-            f"the traced graph makes a tensor whose shape depends on the input's "
-            f"values ({node.name}, {node.target}){where}: the planner sizes every "
-            f"tensor ahead of time. Boolean-mask indexing (x[x > 0]), nonzero, unique "
-            f"and masked_select do this: keep the shape fixed instead (torch.where(m, "
-            f"x, 0), x * m), or move that step out of forward() and pass its result in"
-        )
-
-
-def _last_user_line(stack: str | None) -> str | None:
-    """``model.py:42 in forward``: the innermost frame of an FX stack trace outside
-    torch itself (the model's own code, not ``nn.Linear.forward``)."""
-    if not stack:
-        return None
-    frames = [m for m in _FRAME.finditer(stack)]
-    if not frames:
-        return None
-    outside = [m for m in frames if "/torch/" not in m["path"]]
-    m = (outside or frames)[-1]
-    return f"{Path(m['path']).name}:{m['line']} in {m['func']}"
 
 
 def _assign_kinds(program: Program, captured: CapturedGraph) -> None:

@@ -32,6 +32,7 @@ from planner.ir.aliased_state import merge_constants_that_are_state
 from planner.ir.autocast import autocast_state
 from planner.ir.constants import inline_scalar_constants
 from planner.ir.custom_backward import functions_applied, refuse_custom_backwards
+from planner.ir.data_dependent import refuse_data_dependent_shapes
 from planner.ir.hooks import check_hooks_at_capture, hooked_parameters, module_hooks
 from planner.ir.layout import fix_layouts, true_layouts
 from planner.ir.meta import FROZEN_PARAMS, HOOKED_PARAMS, NONFINITE_SOURCES
@@ -140,6 +141,7 @@ def _capture(model: torch.nn.Module, example_inputs: Any, mode: str) -> Captured
     ):
         exported = merge_constants_that_are_state(_export(model, args, kwargs))
     refuse_custom_backwards(functions, type(model).__name__)
+    refuse_data_dependent_shapes(exported.graph)
     with rnn_dropout_kept():  # where AOTAutograd or run_decompositions decompose RNNs
         if mode == "infer":
             captured = _capture_inference(exported, args, kwargs, type(model).__name__)
@@ -308,6 +310,13 @@ def _describe_trace_failure(model: torch.nn.Module, exc: BaseException) -> str:
             "lengths' values, which a plan cannot know ahead of time: plan the model "
             "on padded batches without packing (masking what the padding computes), or "
             "keep the packed RNN outside the planned module."
+        )
+    elif type(exc).__name__ == "DynamicOutputShapeException":
+        hint = (
+            f"{first} makes an output whose shape depends on its inputs' values (torch "
+            f"cannot size it ahead of time, so neither can a plan): compute it outside "
+            f"the planned module (a loss such as F.ctc_loss: plan the model that makes "
+            f"its inputs) and pass the result in, or use an op of fixed shape."
         )
     elif "which is not a known type" in str(exc):
         hint = _unknown_output_hint(str(exc))

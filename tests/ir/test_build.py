@@ -68,12 +68,28 @@ class _ScaledByItsMax(torch.nn.Module):
     ],
     ids=["masked-index", "item"],
 )
+@pytest.mark.parametrize("mode", ["infer", "train"])
 def test_values_the_plan_cannot_know_ahead_name_the_line(
-    model: torch.nn.Module, match: str
+    model: torch.nn.Module, match: str, mode: str
 ) -> None:
     """torch.export traces both (a symbol for the size or the value); building the
     program raised torch's data-dependent guard error, or a KeyError, from inside
-    the builder, naming neither the model's line nor what to do."""
-    captured = capture(model, (torch.randn(4, 8),), "infer")
+    the builder, naming neither the model's line nor what to do. Training's
+    AOTAutograd trace failed before that, pointing at generated code."""
+    x = torch.randn(4, 8, requires_grad=mode == "train")
     with pytest.raises(CaptureError, match=match):
-        build_program(captured)
+        build_program(capture(model, (x,), mode))
+
+
+class _CTCLoss(torch.nn.Module):
+    def forward(self, log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        lengths = torch.full((2,), 10, dtype=torch.long)
+        return torch.nn.functional.ctc_loss(log_probs, targets, lengths, lengths // 2)
+
+
+def test_an_op_whose_output_shape_torch_cannot_size_says_to_keep_it_out() -> None:
+    """F.ctc_loss's message said to avoid Python side effects, which it has none of."""
+    log_probs = torch.randn(10, 2, 5).log_softmax(-1)
+    targets = torch.randint(1, 5, (2, 5))
+    with pytest.raises(CaptureError, match=r"_ctc_loss.* depends on its inputs' values.*outside"):
+        capture(_CTCLoss(), (log_probs, targets), "infer")
