@@ -31,7 +31,8 @@ def index_put(
 ) -> torch.Tensor:
     if out is not self:
         return aten.index_put.out(self, indices, values, accumulate, out=out)
-    return self.index_put_(indices, values, accumulate)
+    # ATen's, not Tensor.index_put_: ``cache[:, pos] = v`` indexes with None first
+    return aten.index_put_.default(self, indices, values, accumulate)
 
 
 def index_copy(

@@ -22,6 +22,8 @@ def _cases() -> list[tuple[object, Callable[[torch.Tensor], tuple]]]:
     rows = torch.randn(4, 256)
     return [
         (aten.index_put.default, lambda b: ((_INDEX,), rows, True)),
+        # ``cache[:, pos] = v``: None first; Tensor.index_put_ refused it
+        (aten.index_put.default, lambda b: ((None, torch.tensor([1, 5, 9, 12])), rows.t())),
         (aten.index_copy.default, lambda b: (0, torch.tensor([1, 5, 7, 9]), rows)),
         (aten.slice_scatter.default, lambda b: (rows, 0, 8, 12)),
         (aten.select_scatter.default, lambda b: (rows[0], 0, 3)),
