@@ -618,6 +618,8 @@ def _can_hold(cands: Candidates, tensor: Tensor, step: int, T: int) -> bool:
     events = own_steps(tensor, T)
     if step in events:
         return True
+    if step > cands.handed_over.get(tensor.index, step):  # pinned ones too
+        return False
     if tensor.pinned:
         lo, hi = _fixed_span(tensor, events, T)
         return lo <= step <= hi

@@ -334,3 +334,39 @@ def test_the_validator_refuses_to_read_a_buffer_again_after_its_update_took_its_
         validate(problem, dataclasses.replace(plan, tensors=tensors, actions=actions(True)))
     with pytest.raises(InvalidPlan, match="reads 'cache', which is not resident"):
         validate(problem, dataclasses.replace(plan, tensors=tensors, actions=actions(False)))
+
+
+class _SlicedCacheReadBeforeItsUpdate(nn.Module):
+    """``k`` and ``v`` sliced from one storage (so pinned), ``k`` read before its
+    in-place update and that reading kept to the end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(256, 256) for _ in range(6)])
+        both = torch.randn(2, 256, 256)
+        self.register_buffer("k", both[0])
+        self.register_buffer("v", both[1])
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(self.k) * 2
+        h = self.layers[0](x).detach()
+        self.k.index_copy_(0, pos, h)
+        for layer in self.layers[1:]:
+            h = torch.relu(layer(h) @ self.v)
+        return (h @ y).sum(0) + self.k.sum(0)
+
+
+@pytest.mark.parametrize("share", ["55%", "70%"])
+def test_a_pinned_buffer_is_not_read_by_a_recompute_after_its_update(share: str) -> None:
+    """Pinned, the cache counted as held at every step, so recomputes of ``y``
+    after the update were offered; the memory-minimizing plan chose one and
+    planning failed: "recipe of 'mul' reads 'k', which is not resident"."""
+    torch.manual_seed(0)
+    x, pos = torch.randn(8, 256), torch.arange(8)
+    model = _SlicedCacheReadBeforeItsUpdate().eval()
+    reference = _SlicedCacheReadBeforeItsUpdate().eval()
+    reference.load_state_dict(model.state_dict())
+    pm = planner.plan(model, share, (x, pos), profile="cpu", time_limit=5)
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(pm(x, pos), reference(x, pos))
