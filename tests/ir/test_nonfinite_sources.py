@@ -78,3 +78,14 @@ def test_an_int8_plan_of_a_model_with_a_minus_infinity_mask_buffer_stays_finite(
     out = pm(*inputs)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, expected, atol=0.1, rtol=0.1)
+
+
+def test_half_precision_weights_whose_sum_passes_the_float16_range_are_finite() -> None:
+    """Summed in float16, a finite 512 x 512 weight's sum passed 65,504 and the
+    weight, and what was made from it, were taken for infinite."""
+    model = nn.Linear(512, 512, bias=False).half()
+    with torch.no_grad():
+        model.weight.uniform_(0, 0.5)
+    assert not torch.isfinite(model.weight.sum()), "the float16 sum fits: proves nothing"
+    analysis = planner.analyze(model, (torch.randn(4, 512).half(),), profile="cpu")
+    assert analysis.program.meta[NONFINITE_SOURCES] == frozenset()
