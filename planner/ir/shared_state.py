@@ -7,9 +7,10 @@ graph had a primal fewer than the model has state tensors: a training plan was
 made, and every call then fed its tensors one place off ("mat1 and mat2 must have
 the same dtype"); inference failed inside torch's decompositions with a bare
 AssertionError (found by the adversarial sweep). The plan carries each state
-tensor as a tensor of its own, so state tensors must not share bytes. The same
-tensor under two names (tied weights) is one tensor, and allowed; disjoint slices
-of one storage (flat parameter buffers) do not overlap, and are allowed.
+tensor as a tensor of its own, so state tensors must not share elements. The same
+tensor under two names (tied weights) is one tensor, and allowed; disjoint or
+interleaved slices of one storage (flat parameter buffers, a fused cache's halves)
+share none, and are allowed.
 """
 
 from __future__ import annotations
@@ -29,18 +30,42 @@ def _byte_span(t: torch.Tensor) -> tuple[int, int]:
     return int(first) * item, int(last + 1) * item
 
 
+def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` (of one storage, their byte spans overlapping) reach
+    a common element. Interleaved views do not (``pe[:, 0::2]`` and ``pe[:, 1::2]``,
+    a fused cache's ``big[:, 0]`` and ``big[:, 1]``, a weight's column halves), and
+    all of those planned: marked out element by element over the spans' union. Of
+    different element sizes: taken to overlap."""
+    if a.element_size() != b.element_size():
+        return True
+    item = a.element_size()
+    (a_lo, a_hi), (b_lo, b_hi) = _byte_span(a), _byte_span(b)
+    lo, hi = min(a_lo, b_lo), max(a_hi, b_hi)
+    marks = torch.zeros((hi - lo) // item, dtype=torch.uint8)
+
+    def reach(t: torch.Tensor) -> torch.Tensor:
+        return marks.as_strided(t.shape, t.stride(), t.storage_offset() - lo // item)
+
+    reach(a).fill_(1)
+    return bool(reach(b).any())
+
+
 def check_state_does_not_overlap(model: torch.nn.Module) -> None:
-    """Raise a CaptureError naming two state tensors that share bytes."""
-    by_storage: dict[int, list[tuple[int, int, str]]] = {}
+    """Raise a CaptureError naming two state tensors that share elements."""
+    by_storage: dict[int, list[tuple[int, int, str, torch.Tensor]]] = {}
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_meta or t.layout is not torch.strided or t.numel() == 0:
             continue
         lo, hi = _byte_span(t)
-        by_storage.setdefault(t.untyped_storage().data_ptr(), []).append((lo, hi, name))
+        by_storage.setdefault(t.untyped_storage().data_ptr(), []).append((lo, hi, name, t))
     for spans in by_storage.values():
-        spans.sort()
-        for (_, hi, first), (lo, _, second) in zip(spans, spans[1:]):
-            if lo < hi:
+        spans.sort(key=lambda span: span[:2])
+        for k, (_, hi, first, a) in enumerate(spans):
+            for lo, _, second, b in spans[k + 1 :]:
+                if lo >= hi:
+                    break
+                if not _share_elements(a, b):
+                    continue
                 raise CaptureError(
                     f"{type(model).__name__}: {first!r} and {second!r} share memory (one is a "
                     f"view of the other, or both of one tensor). The plan carries each "
