@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import logging
 import os
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from planner.budget import parse_budget
 from planner.caller_grad_mode import planning_training_in_grad_mode
 from planner.codegen.assemble import Assembled
 from planner.codegen.emit import check_kernels
-from planner.errors import BudgetTooSmall, InvalidPlan, PlannerError
+from planner.errors import InvalidPlan, PlannerError
 from planner.ir.autocast import autocast_off
 from planner.ir.capture import capture, normalize_example_inputs
 from planner.ir.conv_layout import channels_last_convolutions
@@ -44,19 +45,26 @@ SavedPlan = str | Path | Plan
 
 
 def _retry_finds_the_weights_free(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` raising BudgetTooSmall without the planner's frames in its traceback.
-    The documented retry is ``planner.plan(model, e.min_budget, ...)`` inside the
+    """``fn`` raising a PlannerError whose traceback's frames hold no locals. The
+    documented retry is ``planner.plan(model, e.min_budget, ...)`` inside the
     ``except`` block, while the exception is alive; its frames held the failed
     attempt's analysis, whose exported program references the model's weights, so
     the retry's plan warned that every weight it moved off the device was "still
-    held outside the model" and their memory stayed in use."""
+    held outside the model" and their memory stayed in use (the same after any
+    planner error: a saved plan refused). The traceback itself is kept."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except BudgetTooSmall as e:
-            raise e.with_traceback(None)  # noqa: B904 (the same exception)
+        except PlannerError as e:
+            seen: set[int] = set()
+            error: BaseException | None = e
+            while error is not None and id(error) not in seen:  # and what it came from
+                seen.add(id(error))
+                traceback.clear_frames(error.__traceback__)
+                error = error.__cause__ or error.__context__
+            raise
 
     return wrapper
 

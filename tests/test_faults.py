@@ -217,26 +217,38 @@ def test_bad_input_is_a_clear_error_and_leaves_nothing(tmp_path, kwargs, error, 
             pm.close()
 
 
-def test_a_retry_at_the_stated_minimum_inside_the_except_block_finds_the_weights_free() -> None:
+@pytest.mark.parametrize("failure", ["too small", "stale saved plan"])
+def test_a_retry_inside_the_except_block_finds_the_weights_free(failure: str) -> None:
     """The documented retry, ``plan(model, e.min_budget)`` while the exception is
-    alive: its frames held the failed attempt's exported program, which references
-    the weights, so the retry warned that every weight it moved off the device was
-    still held outside the model, and their memory stayed in use."""
-    torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Sequential(nn.Linear(256, 256), nn.GELU()) for _ in range(6)])
+    alive (or a plan without a refused saved plan): its frames held the failed
+    attempt's exported program, which references the weights, so the retry warned
+    that every weight it moved off the device was still held outside the model,
+    and their memory stayed in use."""
+    import warnings
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(*[nn.Sequential(nn.Linear(256, 256), nn.GELU()) for _ in range(6)])
+
     x = torch.randn(64, 256)
+    model = make()
     with torch.no_grad():
         expected = model(x)
-    with pytest.raises(planner.BudgetTooSmall) as info:
-        planner.plan(model, 1000, (x,), profile="cpu", time_limit=5)
+    if failure == "too small":
+        attempt = {"budget": 1000}
+    else:  # made for another batch size: refused
+        stale = planner.plan(make(), "40%", (torch.randn(32, 256),), profile="cpu", time_limit=5)
+        attempt = {"budget": "40%", "plan": stale.plan}
+        stale.close()
+    with pytest.raises(planner.PlannerError) as info:
+        planner.plan(model, example_inputs=(x,), profile="cpu", time_limit=5, **attempt)
     try:
         raise info.value
-    except planner.BudgetTooSmall as e:
-        import warnings
-
+    except planner.PlannerError as e:
+        budget = getattr(e, "min_budget", None) or "40%"
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # "still held outside the model" included
-            pm = planner.plan(model, e.min_budget, (x,), profile="cpu", time_limit=5)
+            pm = planner.plan(model, budget, (x,), profile="cpu", time_limit=5)
     assert any(t.decision != "keep" for t in pm.plan.tensors if t.name.endswith("weight"))
     with torch.no_grad():
         assert torch.equal(pm(x), expected)
