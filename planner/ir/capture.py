@@ -37,7 +37,7 @@ from planner.ir.hooks import check_hooks_at_capture, hooked_parameters, module_h
 from planner.ir.layout import fix_layouts, true_layouts
 from planner.ir.meta import FROZEN_PARAMS, HOOKED_PARAMS, NONFINITE_SOURCES
 from planner.ir.metadata_args import explicit_metadata_args
-from planner.ir.mutated_attributes import plain_attributes_left_alone
+from planner.ir.mutated_attributes import plain_attributes_left_alone, refuse_stale_reads
 from planner.ir.nonfinite_sources import nonfinite_sources
 from planner.ir.program import ValueKind
 from planner.ir.rnn_dropout import rnn_dropout_kept
@@ -136,10 +136,12 @@ def _capture(model: torch.nn.Module, example_inputs: Any, mode: str) -> Captured
     check_state_does_not_overlap(model)
     with (
         _grad_flags_kept(model),
-        plain_attributes_left_alone(model),
+        plain_attributes_left_alone(model) as assigned,
         functions_applied(mode == "train") as functions,
     ):
-        exported = merge_constants_that_are_state(_export(model, args, kwargs))
+        exported = _export(model, args, kwargs)
+    refuse_stale_reads(type(model).__name__, assigned, exported)
+    exported = merge_constants_that_are_state(exported)
     refuse_custom_backwards(functions, type(model).__name__)
     refuse_data_dependent_shapes(exported.graph)
     with rnn_dropout_kept():  # where AOTAutograd or run_decompositions decompose RNNs

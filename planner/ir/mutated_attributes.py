@@ -9,15 +9,20 @@ update. Every planned step read it one ahead of eager's and the loss and every
 gradient differed, silently (found by the adversarial sweep). Inference failed
 with torch's own "Constant count is mutated in the forward method" from deep
 inside its decompositions. A buffer is state the plan carries from call to call;
-a plain attribute is not, so the fix is the user's: register it as a buffer.
+a plain attribute is not, so the fix is the user's: register it as a buffer. The
+same for one held in a list or dict, and for an attribute the forward assigns a
+new tensor (``self.count = self.count + 1``): the plan read the planned value at
+every call, where eager's grew.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from planner.errors import CaptureError
 
@@ -27,20 +32,53 @@ _RESTORED_BYTES = 1 << 20
 
 
 def _plain_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """Tensors held as plain attributes of ``model``'s modules: neither
-    parameters nor buffers, by qualified name."""
+    """Tensors held as plain attributes of ``model``'s modules (neither parameters
+    nor buffers), also inside a list, tuple or dict there, by qualified name."""
     found = []
     for prefix, module in model.named_modules():
         for name, value in vars(module).items():
-            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
-                found.append((f"{prefix}.{name}" if prefix else name, value))
+            if name.startswith("_") or isinstance(value, torch.nn.Parameter):
+                continue  # _parameters, _buffers, _modules: not plain attributes
+            qualified = f"{prefix}.{name}" if prefix else name
+            if isinstance(value, torch.Tensor):
+                found.append((qualified, value))
+            elif isinstance(value, (list, tuple, dict)):
+                leaves, _ = pytree.tree_flatten_with_path(value)
+                found += [
+                    (qualified + pytree.keystr(path), leaf)
+                    for path, leaf in leaves
+                    if isinstance(leaf, torch.Tensor) and not isinstance(leaf, torch.nn.Parameter)
+                ]
     return found
 
 
 @contextlib.contextmanager
-def plain_attributes_left_alone(model: torch.nn.Module) -> Iterator[None]:
+def _assignments_recorded(model: torch.nn.Module) -> Iterator[list[str]]:
+    """The plain tensor attributes of ``model``'s modules the block assigns a new
+    value to (``self.count = self.count + 1``): torch.export puts them back
+    afterwards, so only the assignment itself shows it."""
+    modules = {id(m): prefix for prefix, m in model.named_modules()}
+    assigned: list[str] = []
+    original = torch.nn.Module.__setattr__
+
+    def setattr_recorded(module: torch.nn.Module, name: str, value: Any) -> None:
+        prefix = modules.get(id(module))
+        if prefix is not None and isinstance(vars(module).get(name), torch.Tensor):
+            assigned.append(f"{prefix}.{name}" if prefix else name)
+        original(module, name, value)
+
+    torch.nn.Module.__setattr__ = setattr_recorded  # type: ignore[method-assign,assignment]
+    try:
+        yield assigned
+    finally:
+        torch.nn.Module.__setattr__ = original  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def plain_attributes_left_alone(model: torch.nn.Module) -> Iterator[list[str]]:
     """Run the block (the trace); if it wrote into a plain tensor attribute, put
-    back what can be put back and raise a CaptureError naming it."""
+    back what can be put back and raise a CaptureError naming it. Yields the plain
+    tensor attributes the block assigned anew (``refuse_stale_reads``)."""
     watched = [
         (name, t, t._version, t.detach().clone() if t.nbytes <= _RESTORED_BYTES else None)
         for name, t in _plain_tensors(model)
@@ -58,7 +96,8 @@ def plain_attributes_left_alone(model: torch.nn.Module) -> Iterator[None]:
         return written
 
     try:
-        yield
+        with _assignments_recorded(model) as assigned:
+            yield assigned
     except BaseException:
         undo()
         raise
@@ -71,4 +110,26 @@ def plain_attributes_left_alone(model: torch.nn.Module) -> Iterator[None]:
             f"carries buffers from call to call, but would fix a plain attribute at the value "
             f"it had when planned. Register it as a buffer: "
             f"self.register_buffer({written[0].rpartition('.')[2]!r}, tensor)"
+        )
+
+
+def refuse_stale_reads(model_name: str, assigned: list[str], ep: Any) -> None:
+    """Raise if the forward reads a plain tensor attribute it also assigns anew
+    (``self.count = self.count + 1``): the trace made the value it read a constant,
+    which a plan would read at every call. One only assigned (``self.last = y``, a
+    record kept for inspection) is not read by the plan and is left alone."""
+    from torch.export.graph_signature import InputKind
+
+    read = {
+        spec.target
+        for spec in ep.graph_signature.input_specs
+        if spec.kind is InputKind.CONSTANT_TENSOR
+    }
+    stale = [name for name in dict.fromkeys(assigned) if name in read]
+    if stale:
+        raise CaptureError(
+            f"{model_name}'s forward reads {', '.join(stale)} and assigns it a new tensor, a "
+            f"plain attribute, not a registered buffer: a plan would read the value it had "
+            f"when planned at every call. Register it as a buffer and update it in place "
+            f"(self.{stale[0].rpartition('.')[2]}.copy_(new), or +=)"
         )
