@@ -49,11 +49,12 @@ class _Builder:
         self.node_values: dict[torch.fx.Node, Any] = {}
         self.op_nodes: list[torch.fx.Node] = []
 
-    def _state_storage_bytes(self, kind: ValueKind, source: str | None) -> int:
+    def _state_storage_bytes(self, kind: ValueKind, source: str | None) -> int | None:
         """The bytes of the real storage under a parameter or buffer, which its
         fake may not keep (``torch.hann_window(32)``, 32 elements of a storage of
         33, was traced as owning 128 bytes: metered 4 bytes over at its smallest
-        budget); 0 for anything else."""
+        budget); 0 for anything else, None for a weight viewing a file (a
+        checkpoint's map: not memory the model holds, the meter skips it too)."""
         if kind not in (ValueKind.PARAM, ValueKind.BUFFER) or source is None:
             return 0
         ep = self.captured.extra.get("exported_program")
@@ -61,7 +62,8 @@ class _Builder:
         real = next((t[source] for t in tables if source in t), None)
         if not isinstance(real, torch.Tensor) or real.is_meta or real.layout is not torch.strided:
             return 0
-        return int(real.untyped_storage().nbytes())
+        storage = real.untyped_storage()
+        return None if getattr(storage, "filename", None) else int(storage.nbytes())
 
     def charge_sliced_state(self) -> None:
         """Parameters and buffers that are slices of a larger storage: the model
@@ -106,7 +108,8 @@ class _Builder:
             sid = None
         is_view = sid is not None
         if sid is None:
-            whole = (0, max(int(storage.nbytes()), self._state_storage_bytes(kind, source)))
+            real_bytes = self._state_storage_bytes(kind, source)
+            whole = (0, max(int(storage.nbytes()), real_bytes or 0))
             # Graph inputs that are disjoint slices of one storage (weights memory-
             # mapped from one checkpoint file, flat parameter buffers) are planned as
             # separate tensors of their own bytes; anything else owns its storage.
@@ -117,7 +120,7 @@ class _Builder:
             sid = len(self.storages)
             entries.append((own, sid))
             self.storages.append(Storage(sid, allocated_bytes(own[1] - own[0], fake.device)))
-            if sliced and kind in (ValueKind.PARAM, ValueKind.BUFFER):
+            if sliced and kind in (ValueKind.PARAM, ValueKind.BUFFER) and real_bytes is not None:
                 self.state_slices.setdefault(key, (whole[1], fake.device, []))[2].append(sid)
         value = Value(
             index=len(self.values),
