@@ -31,6 +31,7 @@ from planner.errors import CaptureError, listed
 from planner.ir.aliased_state import merge_constants_that_are_state
 from planner.ir.autocast import autocast_state
 from planner.ir.constants import inline_scalar_constants
+from planner.ir.converting_copies import refuse_converting_copies
 from planner.ir.custom_backward import functions_applied, refuse_custom_backwards
 from planner.ir.data_dependent import refuse_data_dependent_shapes
 from planner.ir.hooks import check_hooks_at_capture, hooked_parameters, module_hooks
@@ -144,6 +145,7 @@ def _capture(model: torch.nn.Module, example_inputs: Any, mode: str) -> Captured
     exported = merge_constants_that_are_state(exported)
     refuse_custom_backwards(functions, type(model).__name__)
     refuse_data_dependent_shapes(exported.graph)
+    refuse_converting_copies(exported, type(model).__name__)
     with rnn_dropout_kept():  # where AOTAutograd or run_decompositions decompose RNNs
         if mode == "infer":
             captured = _capture_inference(exported, args, kwargs, type(model).__name__)
