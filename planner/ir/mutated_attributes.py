@@ -26,9 +26,14 @@ from torch.utils import _pytree as pytree
 
 from planner.errors import CaptureError
 
-#: attributes up to this size are copied before the trace, so an update the trace
-#: made can be undone (a counter, a scale); a larger one is only reported
+#: attributes up to this size are copied (to the CPU) before the trace, so an
+#: update the trace made can be undone (a counter, a scale), up to
+#: ``_RESTORED_TOTAL`` in all; a larger one is only reported
 _RESTORED_BYTES = 1 << 20
+_RESTORED_TOTAL = 64 << 20
+
+#: the dicts nn.Module keeps its parameters, buffers and submodules in
+_MODULE_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
 
 
 def _plain_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -37,8 +42,8 @@ def _plain_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     found = []
     for prefix, module in model.named_modules():
         for name, value in vars(module).items():
-            if name.startswith("_") or isinstance(value, torch.nn.Parameter):
-                continue  # _parameters, _buffers, _modules: not plain attributes
+            if name in _MODULE_TABLES or isinstance(value, torch.nn.Parameter):
+                continue  # not plain attributes (a user's self._step is one)
             qualified = f"{prefix}.{name}" if prefix else name
             if isinstance(value, torch.Tensor):
                 found.append((qualified, value))
@@ -63,7 +68,10 @@ def _assignments_recorded(model: torch.nn.Module) -> Iterator[list[str]]:
 
     def setattr_recorded(module: torch.nn.Module, name: str, value: Any) -> None:
         prefix = modules.get(id(module))
-        if prefix is not None and isinstance(vars(module).get(name), torch.Tensor):
+        old = vars(module).get(name)
+        # a .to() that moves nothing returns the tensor itself (transformers'
+        # longrope frequencies: self.x = self.x.to(device)): nothing changes
+        if prefix is not None and isinstance(old, torch.Tensor) and value is not old:
             assigned.append(f"{prefix}.{name}" if prefix else name)
         original(module, name, value)
 
@@ -79,11 +87,14 @@ def plain_attributes_left_alone(model: torch.nn.Module) -> Iterator[list[str]]:
     """Run the block (the trace); if it wrote into a plain tensor attribute, put
     back what can be put back and raise a CaptureError naming it. Yields the plain
     tensor attributes the block assigned anew (``refuse_stale_reads``)."""
-    watched = [
-        (name, t, t._version, t.detach().clone() if t.nbytes <= _RESTORED_BYTES else None)
-        for name, t in _plain_tensors(model)
-        if t.layout is torch.strided and not t.is_meta and not t.is_inference()
-    ]
+    watched = []
+    copied = 0
+    for name, t in _plain_tensors(model):
+        if t.layout is not torch.strided or t.is_meta or t.is_inference():
+            continue
+        keep = t.nbytes <= _RESTORED_BYTES and copied + t.nbytes <= _RESTORED_TOTAL
+        copied += t.nbytes if keep else 0
+        watched.append((name, t, t._version, t.detach().to("cpu", copy=True) if keep else None))
 
     def undo() -> list[str]:
         written = []

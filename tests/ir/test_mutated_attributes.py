@@ -88,3 +88,50 @@ def test_an_attribute_only_read_or_replaced_is_planned() -> None:
     pm = planner.plan(model, "100%", (x,), profile="cpu", time_limit=5)
     with torch.no_grad():
         assert torch.equal(pm(x), expected)
+
+
+class _CountsInAnUnderscoredAttribute(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self._step = torch.zeros((), dtype=torch.int64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._step.add_(1)
+        return (self.fc(x) * self._step).pow(2).mean()
+
+
+def test_an_underscored_attribute_updated_in_forward_is_refused() -> None:
+    """Skipping every name that starts with _ (to skip nn.Module's own tables)
+    skipped a user's self._step too: trained one step ahead, silently."""
+    with pytest.raises(planner.CaptureError, match=r"updates _step in place"):
+        planner.plan(
+            _CountsInAnUnderscoredAttribute(),
+            "100%",
+            (torch.randn(4, 8),),
+            mode="train",
+            profile="cpu",
+            time_limit=5,
+        )
+
+
+def test_an_attribute_assigned_itself_back_is_planned() -> None:
+    """``self.pe = self.pe.to(x.device)`` assigns the same tensor (transformers'
+    longrope frequencies do this): refused as a new value, though nothing changes."""
+
+    class MovesItsTable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.pe = torch.randn(4, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.pe = self.pe.to(x.device)
+            return self.fc(x) + self.pe
+
+    model, x = MovesItsTable(), torch.randn(4, 8)
+    with torch.no_grad():
+        expected = model(x)
+    pm = planner.plan(model, "100%", (x,), profile="cpu", time_limit=5)
+    with torch.no_grad():
+        assert torch.equal(pm(x), expected)
