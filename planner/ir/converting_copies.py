@@ -17,16 +17,16 @@ from planner.errors import CaptureError
 from planner.ir.data_dependent import last_user_line
 from planner.ir.meta import fake_value
 
+#: ops whose result is their argument under another name: a copy_ into one is
+#: into the state itself
+_SAME_TENSOR = (torch.ops.aten.alias.default, torch.ops.aten.detach.default)
 
-def _views_state(node: torch.fx.Node, state: set[str]) -> bool:
-    """Whether ``node`` is a state input or a view of one (through its first
-    argument: ``buf[0]``, ``buf.view(...)``)."""
-    while node.op == "call_function":
-        target = node.target
-        schema = getattr(target, "_schema", None)
-        returns = schema.returns if schema is not None else []
-        if not (returns and returns[0].alias_info is not None and node.args):
-            return False  # not a view: a new tensor
+
+def _is_state(node: torch.fx.Node, state: set[str]) -> bool:
+    """Whether ``node`` is a state input itself (or an alias or detach of one).
+    A copy_ into a view of one (``buf[:, pos]``, ``buf[1:]``) traces right, even
+    broadcasting or converting: only whole-tensor copies lost their conversion."""
+    while node.op == "call_function" and node.target in _SAME_TENSOR:
         first = node.args[0]
         if not isinstance(first, torch.fx.Node):
             return False
@@ -35,15 +35,15 @@ def _views_state(node: torch.fx.Node, state: set[str]) -> bool:
 
 
 def refuse_converting_copies(ep: torch.export.ExportedProgram, model_name: str) -> None:
-    """Raise a CaptureError at the first ``copy_`` into a buffer or parameter (or
-    a view of one) whose source differs from it in shape or dtype. Into a tensor
-    made in forward, such copies trace right and are left alone."""
+    """Raise a CaptureError at the first ``copy_`` into a buffer or parameter whose
+    source differs from it in shape or dtype. Into a view of one, or a tensor made
+    in forward, such copies trace right and are left alone."""
     signature = ep.graph_signature
     state = set(signature.inputs_to_buffers) | set(signature.inputs_to_parameters)
     for node in ep.graph.nodes:
         if node.target is not torch.ops.aten.copy_.default:
             continue
-        if not isinstance(node.args[0], torch.fx.Node) or not _views_state(node.args[0], state):
+        if not isinstance(node.args[0], torch.fx.Node) or not _is_state(node.args[0], state):
             continue
         into, source = (fake_value(a) if isinstance(a, torch.fx.Node) else a for a in node.args[:2])
         if not isinstance(into, torch.Tensor) or not isinstance(source, torch.Tensor):

@@ -58,3 +58,31 @@ def test_such_copies_into_a_tensor_made_in_forward_are_planned() -> None:
     pm = planner.plan(model, "100%", (x,), profile="cpu", time_limit=5)
     with torch.no_grad():
         assert torch.equal(pm(x), expected)
+
+
+def test_converting_copies_into_views_of_a_buffer_are_planned() -> None:
+    """A half-precision cache written by float32 keys, a row reset from a 0-dim
+    value: these trace right (only whole-tensor copies lose their conversion), and
+    were refused when every copy_ into a view of state was."""
+
+    class WritesViews(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(16, 16)
+            self.register_buffer("cache", torch.zeros(4, 16, dtype=torch.bfloat16))
+            self.register_buffer("acc", torch.zeros(3, 16))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.lin(x)
+            self.cache[:, 2].copy_(h[:, 0])
+            self.acc[0].copy_(h.sum())
+            return h + self.cache.float().sum(1, keepdim=True) + self.acc.sum()
+
+    torch.manual_seed(0)
+    model, x = WritesViews().eval(), torch.randn(4, 16)
+    reference = WritesViews().eval()
+    reference.load_state_dict(model.state_dict())
+    pm = planner.plan(model, "100%", (x,), profile="cpu", time_limit=5)
+    with torch.no_grad():
+        for k in (1.0, 2.0):
+            assert torch.equal(pm(x * k), reference(x * k))
