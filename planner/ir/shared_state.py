@@ -38,6 +38,10 @@ def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
     different element sizes: taken to overlap."""
     if a.element_size() != b.element_size():
         return True
+    if a.shape == b.shape and a.stride() == b.stride():
+        shared = _shifted_copies_share(a, int(b.storage_offset()) - int(a.storage_offset()))
+        if shared is not None:
+            return shared
     item = a.element_size()
     (a_lo, a_hi), (b_lo, b_hi) = _byte_span(a), _byte_span(b)
     lo, hi = min(a_lo, b_lo), max(a_hi, b_hi)
@@ -48,6 +52,35 @@ def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
 
     reach(a).fill_(1)
     return bool(reach(b).any())
+
+
+def _shifted_copies_share(t: torch.Tensor, delta: int) -> bool | None:
+    """Whether ``t`` and the same layout ``delta`` elements further share an
+    element, from the strides alone (a fused weight's column halves: no temporary
+    the size of the weight, per pair): they do when ``delta`` is a sum of
+    ``i * stride`` with ``|i| < size`` per dim. Searched outermost stride first;
+    where each stride exceeds what the inner dims reach, at most two multiples of
+    it are left to try at each dim. None where they do not (marked out instead)."""
+    dims = sorted(((int(st), int(n)) for n, st in zip(t.shape, t.stride()) if n > 1), reverse=True)
+    reach = [0] * (len(dims) + 1)  # reach[k]: the largest offset dims k.. reach
+    for k in range(len(dims) - 1, -1, -1):
+        stride, size = dims[k]
+        if stride <= reach[k + 1]:
+            return None
+        reach[k] = reach[k + 1] + (size - 1) * stride
+
+    def sums_to(rest: int, k: int) -> bool:
+        if k == len(dims):
+            return rest == 0
+        stride, size = dims[k]
+        low = -((reach[k + 1] - rest) // stride)  # ceil((rest - reach) / stride)
+        high = (rest + reach[k + 1]) // stride
+        return any(
+            sums_to(rest - i * stride, k + 1)
+            for i in range(max(low, 1 - size), min(high, size - 1) + 1)
+        )
+
+    return sums_to(delta, 0)
 
 
 def check_state_does_not_overlap(model: torch.nn.Module) -> None:
