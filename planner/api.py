@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import logging
 import os
+import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -55,12 +56,15 @@ def _retry_finds_the_weights_free(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        handled = sys.exc_info()[1]  # the caller's own, when called in an except block
         try:
             return fn(*args, **kwargs)
         except PlannerError as e:
             seen: set[int] = set()
             error: BaseException | None = e
-            while error is not None and id(error) not in seen:  # and what it came from
+            # and what it came from, up to the caller's own exception, whose frames
+            # (the caller's locals) are not ours to clear
+            while error is not None and error is not handled and id(error) not in seen:
                 seen.add(id(error))
                 traceback.clear_frames(error.__traceback__)
                 error = error.__cause__ or error.__context__

@@ -255,6 +255,23 @@ def test_a_retry_inside_the_except_block_finds_the_weights_free(failure: str) ->
     pm.close()
 
 
+def test_a_refused_plan_inside_the_callers_except_block_leaves_the_callers_frames() -> None:
+    """Clearing every frame along the error's chain reached the exception the
+    caller was handling, and wiped its locals (loggers, pdb post-mortem)."""
+    model = nn.Sequential(nn.Linear(8, 8))
+
+    def load(batch_id: int) -> None:
+        raise ValueError(f"the caller's own, batch {batch_id}")
+
+    try:
+        load(1234)
+    except ValueError as own:
+        with pytest.raises(planner.PlannerError):
+            planner.plan(model, 1, (torch.randn(2, 8),), profile="cpu", time_limit=5)
+        assert own.__traceback__ is not None and own.__traceback__.tb_next is not None
+        assert own.__traceback__.tb_next.tb_frame.f_locals.get("batch_id") == 1234
+
+
 def test_offload_dir_that_cannot_be_written(tmp_path) -> None:
     """A directory the process cannot create files in: refused before any work,
     nothing created. Root ignores permission bits (os.access says yes), so as root
