@@ -57,6 +57,41 @@ def _plain_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return found
 
 
+def _held_in_containers(model: torch.nn.Module) -> list[tuple[str, Any, list[Any], torch.Tensor]]:
+    """(qualified name, the list or dict attribute, the keys down to it, tensor)
+    for every tensor held in a plain list or dict of ``model``'s modules: a
+    forward that puts a new tensor there (``self.hist[0] = self.hist[0] + 1``) is
+    seen by the tensor at that place no longer being the same."""
+    held = []
+    for prefix, module in model.named_modules():
+        for name, value in vars(module).items():
+            if name in _MODULE_TABLES or not isinstance(value, (list, dict)):
+                continue
+            leaves, _ = pytree.tree_flatten_with_path(value)
+            for path, leaf in leaves:
+                keys = [getattr(k, "idx", getattr(k, "key", None)) for k in path]
+                if isinstance(leaf, torch.Tensor) and None not in keys:
+                    qualified = (f"{prefix}.{name}" if prefix else name) + pytree.keystr(path)
+                    held.append((qualified, value, keys, leaf))
+    return held
+
+
+def _put_back(held: list[tuple[str, Any, list[Any], torch.Tensor]]) -> list[str]:
+    """Put each tensor back at its place where another took it; their names."""
+    replaced = []
+    for name, container, keys, tensor in held:
+        inner = container
+        try:
+            for key in keys[:-1]:
+                inner = inner[key]
+            if inner[keys[-1]] is not tensor:
+                inner[keys[-1]] = tensor
+                replaced.append(name)
+        except (KeyError, IndexError, TypeError):  # the container changed shape
+            replaced.append(name)
+    return replaced
+
+
 @contextlib.contextmanager
 def _assignments_recorded(model: torch.nn.Module) -> Iterator[list[str]]:
     """The plain tensor attributes of ``model``'s modules the block assigns a new
@@ -106,13 +141,22 @@ def plain_attributes_left_alone(model: torch.nn.Module) -> Iterator[list[str]]:
                         t.copy_(before)
         return written
 
+    held = _held_in_containers(model)
     try:
         with _assignments_recorded(model) as assigned:
             yield assigned
     except BaseException:
         undo()
+        _put_back(held)
         raise
     written = undo()
+    replaced = _put_back(held)
+    if replaced:
+        raise CaptureError(
+            f"{type(model).__name__}'s forward puts a new tensor at {', '.join(replaced)}, in "
+            f"a plain list or dict: a plan would read the tensor there when planned at every "
+            f"call, and never put a new one. Register it as a buffer and update it in place"
+        )
     if written:
         listed = ", ".join(written)
         raise CaptureError(

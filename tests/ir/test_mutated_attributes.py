@@ -135,3 +135,24 @@ def test_an_attribute_assigned_itself_back_is_planned() -> None:
     pm = planner.plan(model, "100%", (x,), profile="cpu", time_limit=5)
     with torch.no_grad():
         assert torch.equal(pm(x), expected)
+
+
+class _ReplacesInAList(_CountsInAnAttribute):
+    def __init__(self) -> None:
+        super().__init__()
+        self.history = [torch.zeros(())]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.history[0] = self.history[0] + 1
+        return (self.fc(x) * self.history[0]).pow(2).mean()
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_a_tensor_replaced_in_a_list_is_refused_and_put_back(mode: str) -> None:
+    """The plan read the planned value at every call: equal to eager's at the first
+    call only."""
+    model = _ReplacesInAList()
+    original = model.history[0]
+    with pytest.raises(planner.CaptureError, match=r"puts a new tensor at history\[0\]"):
+        planner.plan(model, "100%", (torch.randn(4, 8),), mode=mode, profile="cpu", time_limit=5)
+    assert model.history[0] is original and original.item() == 0
