@@ -42,7 +42,7 @@ from planner.ir.mutated_attributes import plain_attributes_left_alone, refuse_st
 from planner.ir.nonfinite_sources import nonfinite_sources
 from planner.ir.program import ValueKind
 from planner.ir.rnn_dropout import rnn_dropout_kept
-from planner.ir.shared_state import check_state_does_not_overlap
+from planner.ir.shared_state import check_state_does_not_overlap, written_state
 from planner.released import ReleasedWeight
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,6 @@ def _capture(model: torch.nn.Module, example_inputs: Any, mode: str) -> Captured
     check_hooks_at_capture(model, mode)
     _check_not_released(model)
     _check_no_meta_weights(model)
-    check_state_does_not_overlap(model)
     with (
         _grad_flags_kept(model),
         plain_attributes_left_alone(model) as assigned,
@@ -142,6 +141,7 @@ def _capture(model: torch.nn.Module, example_inputs: Any, mode: str) -> Captured
     ):
         exported = _export(model, args, kwargs)
     refuse_stale_reads(type(model).__name__, assigned, exported)
+    check_state_does_not_overlap(model, written_state(exported), trained=mode == "train")
     exported = merge_constants_that_are_state(exported)
     refuse_custom_backwards(functions, type(model).__name__)
     refuse_data_dependent_shapes(exported.graph)

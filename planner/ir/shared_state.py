@@ -2,7 +2,8 @@
 
 Two buffers where one is a view of the other (``register_buffer("a", base)``,
 ``register_buffer("b", base[1])``) are valid PyTorch, and eager trains through an
-in-place update of one. AOTAutograd merges such inputs into one, so the joint
+in-place update of one. Only where one is updated (or trained) does the trace go
+wrong; read only, they plan right. AOTAutograd merges such inputs into one, so the joint
 graph had a primal fewer than the model has state tensors: a training plan was
 made, and every call then fed its tensors one place off ("mat1 and mat2 must have
 the same dtype"); inference failed inside torch's decompositions with a bare
@@ -83,8 +84,41 @@ def _shifted_copies_share(t: torch.Tensor, delta: int) -> bool | None:
     return sums_to(delta, 0)
 
 
-def check_state_does_not_overlap(model: torch.nn.Module) -> None:
-    """Raise a CaptureError naming two state tensors that share elements."""
+def written_state(ep: torch.export.ExportedProgram) -> set[str]:
+    """The parameters and buffers the exported graph writes in place, through
+    views too (``b.add_(...)`` where ``b`` is a view of another buffer: torch's
+    signature then lists no mutation at all)."""
+    signature = ep.graph_signature
+    state = {**signature.inputs_to_buffers, **signature.inputs_to_parameters}
+    written = set(signature.buffers_to_mutate.values())
+    for node in ep.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None:
+            continue
+        for argument, value in zip(schema.arguments, node.args):
+            info = argument.alias_info
+            if info is None or not info.is_write or not isinstance(value, torch.fx.Node):
+                continue
+            while value.op == "call_function" and value.args:  # back through views
+                first = value.args[0]
+                returns = getattr(value.target, "_schema", None)
+                if not isinstance(first, torch.fx.Node) or returns is None:
+                    break
+                if not (returns.returns and returns.returns[0].alias_info is not None):
+                    break
+                value = first
+            if value.op == "placeholder" and value.name in state:
+                written.add(state[value.name])
+    return written
+
+
+def check_state_does_not_overlap(model: torch.nn.Module, updated: set[str], trained: bool) -> None:
+    """Raise a CaptureError naming two state tensors that share elements where
+    one of them is ``updated`` in place by the forward, or (``trained``) is a
+    parameter that takes a gradient. Read only, such pairs trace right (a table
+    and a view of its first rows), and are planned."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad} if trained else set()
+    merged = updated | trainable
     by_storage: dict[int, list[tuple[int, int, str, torch.Tensor]]] = {}
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_meta or t.layout is not torch.strided or t.numel() == 0:
@@ -97,7 +131,7 @@ def check_state_does_not_overlap(model: torch.nn.Module) -> None:
             for lo, _, second, b in spans[k + 1 :]:
                 if lo >= hi:
                     break
-                if not _share_elements(a, b):
+                if not {first, second} & merged or not _share_elements(a, b):
                     continue
                 raise CaptureError(
                     f"{type(model).__name__}: {first!r} and {second!r} share memory (one is a "

@@ -123,3 +123,34 @@ def test_halves_of_a_fused_weight_are_told_apart_from_their_strides() -> None:
         marks.as_strided(a.shape, a.stride(), a_at).fill_(1)
         expected = bool(marks.as_strided(b.shape, b.stride(), b_at).any())
         assert _share_elements(a, b) == expected, (a.shape, a.stride(), a_at, b_at)
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_a_buffer_that_is_a_view_of_another_but_only_read_is_planned(mode: str) -> None:
+    """A table and a view of its first rows, neither updated, trace right; refused
+    whatever was done with them, such models no longer planned."""
+
+    class ReadsBoth(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            table = torch.randn(32, 8)
+            self.register_buffer("table", table)
+            self.register_buffer("head", table[:4])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (self.fc(x) + self.head + self.table.sum(0)).pow(2).mean()
+
+    torch.manual_seed(0)
+    model, x = ReadsBoth(), torch.randn(4, 8)
+    reference = ReadsBoth()
+    reference.load_state_dict(model.state_dict())
+    pm = planner.plan(model, "100%", (x,), mode=mode, profile="cpu", time_limit=5)
+    if mode == "infer":
+        with torch.no_grad():
+            assert torch.equal(pm(x), reference(x))
+        return
+    pm(x).backward()
+    reference(x).backward()
+    for name, p in reference.named_parameters():
+        assert torch.equal(model.get_parameter(name).grad, p.grad), name
