@@ -57,6 +57,23 @@ def test_tied_weights_and_disjoint_slices_of_one_storage_are_planned() -> None:
         assert torch.equal(pm(ids), expected)
 
 
+def _planned_as_eager(make: type[nn.Module], x: torch.Tensor, mode: str) -> None:
+    """Plan ``make()`` at 100% and check it against another ``make()`` with the
+    same state: outputs equal in inference, every gradient equal in training."""
+    torch.manual_seed(0)
+    model, reference = make(), make()
+    reference.load_state_dict(model.state_dict())
+    pm = planner.plan(model, "100%", (x,), mode=mode, profile="cpu", time_limit=5)
+    if mode == "infer":
+        with torch.no_grad():
+            assert torch.equal(pm(x), reference(x))
+        return
+    pm(x).backward()
+    reference(x).backward()
+    for name, p in reference.named_parameters():
+        assert torch.equal(model.get_parameter(name).grad, p.grad), name
+
+
 class _Interleaved(nn.Module):
     """State that shares a storage but no element: a fused cache's halves, a
     weight's column halves, a table's even and odd columns."""
@@ -82,19 +99,7 @@ class _Interleaved(nn.Module):
 def test_state_interleaved_in_one_storage_is_planned(mode: str) -> None:
     """Compared by byte range, these were refused as overlapping, though they
     planned bit-identical to eager before the check."""
-    torch.manual_seed(0)
-    model, x = _Interleaved(), torch.randn(4, 16)
-    reference = _Interleaved()
-    reference.load_state_dict(model.state_dict())
-    pm = planner.plan(model, "100%", (x,), mode=mode, profile="cpu", time_limit=5)
-    if mode == "infer":
-        with torch.no_grad():
-            assert torch.equal(pm(x), reference(x))
-        return
-    pm(x).backward()
-    reference(x).backward()
-    for name, p in reference.named_parameters():
-        assert torch.equal(model.get_parameter(name).grad, p.grad), name
+    _planned_as_eager(_Interleaved, torch.randn(4, 16), mode)
 
 
 def test_halves_of_a_fused_weight_are_told_apart_from_their_strides() -> None:
@@ -141,16 +146,4 @@ def test_a_buffer_that_is_a_view_of_another_but_only_read_is_planned(mode: str) 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return (self.fc(x) + self.head + self.table.sum(0)).pow(2).mean()
 
-    torch.manual_seed(0)
-    model, x = ReadsBoth(), torch.randn(4, 8)
-    reference = ReadsBoth()
-    reference.load_state_dict(model.state_dict())
-    pm = planner.plan(model, "100%", (x,), mode=mode, profile="cpu", time_limit=5)
-    if mode == "infer":
-        with torch.no_grad():
-            assert torch.equal(pm(x), reference(x))
-        return
-    pm(x).backward()
-    reference(x).backward()
-    for name, p in reference.named_parameters():
-        assert torch.equal(model.get_parameter(name).grad, p.grad), name
+    _planned_as_eager(ReadsBoth, torch.randn(4, 8), mode)
