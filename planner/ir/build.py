@@ -19,6 +19,7 @@ from torch.utils import _pytree as pytree
 from planner.errors import CaptureError
 from planner.ir.capture import CapturedGraph
 from planner.ir.data_dependent import last_user_line, refuse_data_dependent_shapes
+from planner.ir.layout import byte_span
 from planner.ir.meta import (
     BUFFER_UPDATES,
     FROZEN_PARAMS,
@@ -27,6 +28,7 @@ from planner.ir.meta import (
     NONFINITE_SOURCES,
     PARAM_GRADS,
     draws_random,
+    exported_tensor,
     fake_value,
     op_name_parts,
 )
@@ -57,9 +59,7 @@ class _Builder:
         checkpoint's map: not memory the model holds, the meter skips it too)."""
         if kind not in (ValueKind.PARAM, ValueKind.BUFFER) or source is None:
             return 0
-        ep = self.captured.extra.get("exported_program")
-        tables = [ep.state_dict, ep.constants] if ep is not None else []
-        real = next((t[source] for t in tables if source in t), None)
+        real = exported_tensor(self.captured.extra.get("exported_program"), source)
         if not isinstance(real, torch.Tensor) or real.is_meta or real.layout is not torch.strided:
             return 0
         storage = real.untyped_storage()
@@ -97,7 +97,7 @@ class _Builder:
             )
         storage = fake.untyped_storage()
         key = storage._cdata
-        span = _byte_span(fake)
+        span = byte_span(fake)
         entries = self.storage_by_key.setdefault(key, [])
         sid = next((s for (lo, hi), s in entries if lo <= span[0] and span[1] <= hi), None)
         if kind is ValueKind.TANGENT:
@@ -337,14 +337,3 @@ def allocated_bytes(nbytes: int, device: torch.device) -> int:
     if device.type != "cuda" or nbytes == 0:
         return nbytes
     return -(-nbytes // CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES
-
-
-def _byte_span(fake: torch.Tensor) -> tuple[int, int]:
-    """[first, last+1) bytes of its storage a tensor can touch."""
-    size = fake.element_size()
-    if fake.numel() == 0:
-        start = int(fake.storage_offset()) * size
-        return (start, start)
-    extent = sum((int(d) - 1) * abs(int(s)) for d, s in zip(fake.shape, fake.stride()))
-    start = int(fake.storage_offset()) * size
-    return (start, start + (extent + 1) * size)

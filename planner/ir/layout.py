@@ -153,6 +153,17 @@ def propagate_fake_values(
         node.meta[FX_VAL] = value
 
 
+def byte_span(tensor: torch.Tensor) -> tuple[int, int]:
+    """[first, last+1) bytes of its storage a tensor (real or fake) can touch: the
+    IR sizes graph inputs by it, and the overlap check of model state compares it."""
+    size = tensor.element_size()
+    start = int(tensor.storage_offset()) * size
+    if tensor.numel() == 0:
+        return (start, start)
+    extent = sum((int(d) - 1) * abs(int(s)) for d, s in zip(tensor.shape, tensor.stride()))
+    return (start, start + (extent + 1) * size)
+
+
 def strides_that_matter(shape: Sequence[int], stride: Sequence[int]) -> tuple[int, ...]:
     """The strides of the dimensions longer than 1: a dimension of size 1 may have
     any stride without changing where an element lies (Inductor's own check of its

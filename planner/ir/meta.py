@@ -56,6 +56,18 @@ def op_name_parts(target: torch._ops.OpOverload) -> tuple[str, str, str]:
     return namespace or "aten", name, target._overloadname
 
 
+def exported_tensor(ep: Any, name: str) -> Any:
+    """The real tensor an exported program holds as parameter, buffer or lifted
+    constant ``name`` (a graph input's ``Role.source``); None if it holds none or
+    there is no program."""
+    if ep is None:
+        return None
+    for table in (ep.state_dict, ep.constants):
+        if name in table:
+            return table[name]
+    return None
+
+
 def fake_value(node: torch.fx.Node) -> Any:
     """The fake tensor (or tuple of them) a traced node produced."""
     return node.meta.get(FX_VAL)

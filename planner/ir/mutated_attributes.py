@@ -36,24 +36,32 @@ _RESTORED_TOTAL = 64 << 20
 _MODULE_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
 
 
+def _plain_attributes(model: torch.nn.Module) -> Iterator[tuple[str, Any]]:
+    """(qualified name, value) of every plain attribute of ``model``'s modules:
+    not the tables nn.Module keeps its parameters, buffers and submodules in (a
+    user's ``self._step`` is one)."""
+    for prefix, module in model.named_modules():
+        for name, value in vars(module).items():
+            if name not in _MODULE_TABLES:
+                yield (f"{prefix}.{name}" if prefix else name), value
+
+
 def _plain_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """Tensors held as plain attributes of ``model``'s modules (neither parameters
     nor buffers), also inside a list, tuple or dict there, by qualified name."""
     found = []
-    for prefix, module in model.named_modules():
-        for name, value in vars(module).items():
-            if name in _MODULE_TABLES or isinstance(value, torch.nn.Parameter):
-                continue  # not plain attributes (a user's self._step is one)
-            qualified = f"{prefix}.{name}" if prefix else name
-            if isinstance(value, torch.Tensor):
-                found.append((qualified, value))
-            elif isinstance(value, (list, tuple, dict)):
-                leaves, _ = pytree.tree_flatten_with_path(value)
-                found += [
-                    (qualified + pytree.keystr(path), leaf)
-                    for path, leaf in leaves
-                    if isinstance(leaf, torch.Tensor) and not isinstance(leaf, torch.nn.Parameter)
-                ]
+    for qualified, value in _plain_attributes(model):
+        if isinstance(value, torch.nn.Parameter):
+            continue
+        if isinstance(value, torch.Tensor):
+            found.append((qualified, value))
+        elif isinstance(value, (list, tuple, dict)):
+            leaves, _ = pytree.tree_flatten_with_path(value)
+            found += [
+                (qualified + pytree.keystr(path), leaf)
+                for path, leaf in leaves
+                if isinstance(leaf, torch.Tensor) and not isinstance(leaf, torch.nn.Parameter)
+            ]
     return found
 
 
@@ -63,16 +71,14 @@ def _held_in_containers(model: torch.nn.Module) -> list[tuple[str, Any, list[Any
     forward that puts a new tensor there (``self.hist[0] = self.hist[0] + 1``) is
     seen by the tensor at that place no longer being the same."""
     held = []
-    for prefix, module in model.named_modules():
-        for name, value in vars(module).items():
-            if name in _MODULE_TABLES or not isinstance(value, (list, dict)):
-                continue
-            leaves, _ = pytree.tree_flatten_with_path(value)
-            for path, leaf in leaves:
-                keys = [getattr(k, "idx", getattr(k, "key", None)) for k in path]
-                if isinstance(leaf, torch.Tensor) and None not in keys:
-                    qualified = (f"{prefix}.{name}" if prefix else name) + pytree.keystr(path)
-                    held.append((qualified, value, keys, leaf))
+    for qualified, value in _plain_attributes(model):
+        if not isinstance(value, (list, dict)):
+            continue
+        leaves, _ = pytree.tree_flatten_with_path(value)
+        for path, leaf in leaves:
+            keys = [getattr(k, "idx", getattr(k, "key", None)) for k in path]
+            if isinstance(leaf, torch.Tensor) and None not in keys:
+                held.append((qualified + pytree.keystr(path), value, keys, leaf))
     return held
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils import _pytree as pytree
 
+from planner.ir.meta import exported_tensor
 from planner.ir.program import ValueKind
 
 if TYPE_CHECKING:
@@ -32,10 +33,9 @@ def nonfinite_sources(
     """The ``Role.source`` names of ``captured``'s inputs (state and example
     inputs) that hold an infinite or NaN value now."""
     ep = captured.extra.get("exported_program")
-    tables = [ep.state_dict, ep.constants] if ep is not None else []
     found = set()
     for role in captured.input_roles:
-        if role.kind in _STATE and role.source and _nonfinite(_state(model, tables, role.source)):
+        if role.kind in _STATE and role.source and _nonfinite(_state(model, ep, role.source)):
             found.add(role.source)
     leaves, _ = pytree.tree_flatten_with_path((args, kwargs))
     for path, leaf in leaves:
@@ -44,13 +44,13 @@ def nonfinite_sources(
     return frozenset(found)
 
 
-def _state(model: torch.nn.Module, tables: list[dict[str, Any]], name: str) -> Any:
-    """The tensor the capture named ``name``: the exported program's copy, else
-    the model's attribute at that path (a plain tensor attribute too)."""
-    for table in tables:
-        if name in table:
-            return table[name]
-    value: Any = model
+def _state(model: torch.nn.Module, ep: Any, name: str) -> Any:
+    """The tensor the capture named ``name``: the exported program's, else the
+    model's attribute at that path (a plain tensor attribute too)."""
+    value = exported_tensor(ep, name)
+    if value is not None:
+        return value
+    value = model
     for part in name.split("."):
         value = getattr(value, part, None)
     return value

@@ -19,16 +19,7 @@ from __future__ import annotations
 import torch
 
 from planner.errors import CaptureError
-
-
-def _byte_span(t: torch.Tensor) -> tuple[int, int]:
-    """[first, last) bytes of ``t``'s storage it can reach."""
-    if t.numel() == 0:
-        return (0, 0)
-    item = t.element_size()
-    first = t.storage_offset()
-    last = first + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size)
-    return int(first) * item, int(last + 1) * item
+from planner.ir.layout import byte_span
 
 
 def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -44,7 +35,7 @@ def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
         if shared is not None:
             return shared
     item = a.element_size()
-    (a_lo, a_hi), (b_lo, b_hi) = _byte_span(a), _byte_span(b)
+    (a_lo, a_hi), (b_lo, b_hi) = byte_span(a), byte_span(b)
     lo, hi = min(a_lo, b_lo), max(a_hi, b_hi)
     marks = torch.zeros((hi - lo) // item, dtype=torch.uint8)
 
@@ -123,7 +114,7 @@ def check_state_does_not_overlap(model: torch.nn.Module, updated: set[str], trai
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_meta or t.layout is not torch.strided or t.numel() == 0:
             continue
-        lo, hi = _byte_span(t)
+        lo, hi = byte_span(t)
         by_storage.setdefault(t.untyped_storage().data_ptr(), []).append((lo, hi, name, t))
     for spans in by_storage.values():
         spans.sort(key=lambda span: span[:2])
