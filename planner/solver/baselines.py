@@ -124,6 +124,7 @@ class _GreedyState:
         # can change are those whose span contains t
         self.gap_lo = np.full(len(cands.gaps), T, dtype=np.int64)
         self.gap_hi = np.full(len(cands.gaps), -1, dtype=np.int64)
+        self._moves = _MoveCache(self)
         for gi, gap in enumerate(cands.gaps):
             self._add(gi, gap.option(self.choices[gi]), +1)
             for o in gap.options:
@@ -150,6 +151,7 @@ class _GreedyState:
             if shares is not None:
                 load = self.loads.setdefault(channel, np.zeros(self.problem.num_steps))
                 load[lo : hi + 1] += sign * shares
+                self._moves.loads_changed(channel, lo, hi)
 
     def _transfers(self, gi: int, option: Option) -> list:
         """Per transfer: channel, window, its load shares (None if it loads no step)
@@ -185,36 +187,47 @@ class _GreedyState:
         return sum(b for lo, hi, b in self._contribution(gi, option) if lo <= t <= hi)
 
     def best_move(self, t: int, minimize_memory: bool) -> tuple[int, str] | None:
-        best: tuple[float, int, str] | None = None
-        for gi in np.nonzero((self.gap_lo <= t) & (self.gap_hi >= t))[0].tolist():
-            gap = self.cands.gaps[gi]
-            current = gap.option(self.choices[gi])
-            if current.choice in (KEEP, HOME):
-                if gi in self.locked:
-                    continue
-                choices = [o for o in gap.options if o.choice != current.choice]
-            else:  # a move already made may still turn into its late-read variant
-                choices = [o for o in gap.options if o.choice == current.choice + ":late"]
-            held = self._held_at(gi, current, t)
-            for option in choices:
-                if not self._allowed(gi, gap, option):
-                    continue
-                saved = held - self._held_at(gi, option, t)
-                if parse_choice(option.choice)[0] in WHOLE_TENSOR_CHOICES:  # all its gaps
-                    saved += sum(
-                        self._held_at(g, self.cands.gaps[g].option(self.choices[g]), t)
-                        for g in self.cands.gaps_of[gap.tensor]
-                        if g != gi
-                    )
-                if saved <= 0:
-                    continue
-                if minimize_memory and best is not None and saved < best[0] - 1:
-                    continue  # cannot win: time only breaks ties here
-                cost = self._added_time(gi, option)
-                score = saved / (cost + 1e-9) if not minimize_memory else saved - cost * 1e-3
-                if best is None or score > best[0]:
-                    best = (score, gi, option.choice)
-        return None if best is None else (best[1], best[2])
+        """The move with the best score at peak step ``t``: bytes freed there per
+        second added (or, minimizing memory, bytes freed with time breaking ties);
+        the lowest gap, then the first option, wins a tie."""
+        return self._moves.best(t, minimize_memory)
+
+    def gap_best(
+        self, gi: int, t: int, minimize_memory: bool, facts: dict[str, float | None]
+    ) -> tuple[float, str] | None:
+        """Gap ``gi``'s best move at step ``t`` (score, choice), None if it has none.
+        ``facts`` caches what does not depend on ``t``: per choice, its added time,
+        None where it is not allowed."""
+        best: tuple[float, str] | None = None
+        gap = self.cands.gaps[gi]
+        current = gap.option(self.choices[gi])
+        if current.choice in (KEEP, HOME):
+            if gi in self.locked:
+                return None
+            choices = [o for o in gap.options if o.choice != current.choice]
+        else:  # a move already made may still turn into its late-read variant
+            choices = [o for o in gap.options if o.choice == current.choice + ":late"]
+        held = self._held_at(gi, current, t)
+        for option in choices:
+            saved = held - self._held_at(gi, option, t)
+            if parse_choice(option.choice)[0] in WHOLE_TENSOR_CHOICES:  # all its gaps
+                saved += sum(
+                    self._held_at(g, self.cands.gaps[g].option(self.choices[g]), t)
+                    for g in self.cands.gaps_of[gap.tensor]
+                    if g != gi
+                )
+            if saved <= 0:
+                continue
+            if option.choice not in facts:
+                allowed = self._allowed(gi, gap, option)
+                facts[option.choice] = self._added_time(gi, option) if allowed else None
+            cost = facts[option.choice]
+            if cost is None:
+                continue
+            score = saved / (cost + 1e-9) if not minimize_memory else saved - cost * 1e-3
+            if best is None or score > best[0]:
+                best = (score, option.choice)
+        return best
 
     def _allowed(self, gi: int, gap: Gap, option: Option) -> bool:
         if not self._partner_allows(gi, option.choice):
@@ -281,12 +294,103 @@ class _GreedyState:
         option = gap.option(choice)
         self._add(gi, option, +1)
         self.locked.add(gi)
+        self._moves.touched(gi)
         if choice == "recompute":
-            self.locked.update(_holders(self.cands, option) or ())
+            for h in _holders(self.cands, option) or ():
+                self.locked.add(h)
+                self._moves.touched(h)
         other = self.cands.partners.get(gi)
         follow = partner_choice(self.cands, gi, choice)
         if other is not None and follow is not None and self.choices[other] != follow:
             self.apply(other, follow)
+
+
+class _MoveCache:
+    """Each gap's best move at the current peak step, re-evaluated only where a
+    move made since can have changed it (and, when the peak step moves, with the
+    added times and permissions kept from before). The peak step stays the same
+    for most moves (a 2,000-step chain: 2 steps in 386 moves), and evaluating
+    every gap that spans it for every move cost 70 ms a move there (27 of the
+    29 s that ``solve`` took). A gap's best move reads: its own choice and lock; those of
+    its tensor's other gaps (reload, fetch, whole-tensor moves); its partner's;
+    those of its recomputes' holders; and the channel loads over its transfers'
+    windows. A change to any of these marks it stale."""
+
+    def __init__(self, state: _GreedyState) -> None:
+        self.state = state
+        cands = state.cands
+        self.t: int | None = None
+        self.minimize_memory = False
+        self.spanning = np.zeros(0, dtype=np.int64)
+        self.position: dict[int, int] = {}  # spanning gap -> its index there
+        self.scores = np.zeros(0)
+        self.choices: list[str | None] = []
+        #: gap -> per option, what its best move reads that does not depend on t
+        self.facts: dict[int, dict[str, float | None]] = {}
+        self.stale: set[int] = set()
+        self.changed_gaps: set[int] = set()
+        # gap -> gaps whose best move reads its choice or lock
+        self.readers: dict[int, set[int]] = {}
+        for gi, other in cands.partners.items():
+            self.readers.setdefault(other, set()).add(gi)
+        for gi, gap in enumerate(cands.gaps):
+            for o in gap.options:
+                if o.choice == "recompute":
+                    for h in _holders(cands, o) or ():
+                        self.readers.setdefault(h, set()).add(gi)
+        # one row per (gap, option transfer that loads its channel)
+        channels: dict[tuple[str, str], int] = {}
+        rows: list[tuple[int, int, int, int]] = []
+        for gi, gap in enumerate(cands.gaps):
+            for o in gap.options:
+                for channel, lo, hi, shares, _ in state._transfers(gi, o):
+                    if shares is not None:
+                        rows.append((gi, channels.setdefault(channel, len(channels)), lo, hi))
+        self.channel_ids = channels
+        table = np.array(rows, dtype=np.int64).reshape(-1, 4)
+        self.row_gap, self.row_channel, self.row_lo, self.row_hi = table.T
+
+    def touched(self, gi: int) -> None:
+        self.changed_gaps.add(gi)
+
+    def loads_changed(self, channel: tuple[str, str], lo: int, hi: int) -> None:
+        cid = self.channel_ids.get(channel)
+        if cid is None or self.t is None:
+            return
+        hit = (self.row_channel == cid) & (self.row_lo <= hi) & (self.row_hi >= lo)
+        self.stale.update(self.row_gap[hit].tolist())
+
+    def best(self, t: int, minimize_memory: bool) -> tuple[int, str] | None:
+        state = self.state
+        cands = state.cands
+        stale = self.stale
+        for g in self.changed_gaps:
+            stale.add(g)
+            stale.update(cands.gaps_of[cands.gaps[g].tensor])
+            stale.update(self.readers.get(g, ()))
+        self.stale, self.changed_gaps = set(), set()
+        for gi in stale:
+            self.facts.pop(gi, None)
+        if t != self.t or minimize_memory != self.minimize_memory:
+            self.t, self.minimize_memory = t, minimize_memory
+            self.spanning = np.nonzero((state.gap_lo <= t) & (state.gap_hi >= t))[0]
+            self.position = {int(gi): k for k, gi in enumerate(self.spanning)}
+            self.scores = np.full(len(self.spanning), -np.inf)
+            self.choices = [None] * len(self.spanning)
+            todo: set[int] = set(self.position)
+        else:
+            todo = stale
+        for gi in todo:
+            k = self.position.get(gi)
+            if k is None:
+                continue
+            found = state.gap_best(gi, t, minimize_memory, self.facts.setdefault(gi, {}))
+            self.scores[k], self.choices[k] = found if found is not None else (-np.inf, None)
+        if not len(self.scores):
+            return None
+        k = int(np.argmax(self.scores))  # the first of equals: the lowest gap
+        choice = self.choices[k]
+        return None if choice is None else (int(self.spanning[k]), choice)
 
 
 def _holders(cands: Candidates, option: Option) -> list[int] | None:
