@@ -134,6 +134,7 @@ def _capture(model: torch.nn.Module, example_inputs: Any, mode: str) -> Captured
     check_hooks_at_capture(model, mode)
     _check_not_released(model)
     _check_no_meta_weights(model)
+    _check_plain_tensors(model)
     with (
         _grad_flags_kept(model),
         plain_attributes_left_alone(model) as assigned,
@@ -215,6 +216,28 @@ def _check_no_meta_weights(model: torch.nn.Module) -> None:
             f"checkpoint (planner.plan(..., checkpoint=PATH); planner report: "
             f"--checkpoint PATH; or planner.attach_checkpoint(model, PATH) first), or "
             f"build the model outside torch.device('meta')"
+        )
+
+
+def _check_plain_tensors(model: torch.nn.Module) -> None:
+    """A weight that is a tensor subclass wrapping others (torchao's quantized
+    tensors, an NF4 weight, torch's TwoTensor) has no storage of its own to copy,
+    offload or measure: the state checks failed on it with a raw "invalid python
+    storage" error, and before them the plan failed at its first call."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    wrapped = [
+        f"{name} ({type(t).__name__})"
+        for name, t in [*model.named_parameters(), *model.named_buffers()]
+        if is_traceable_wrapper_subclass(t)
+    ]
+    if wrapped:
+        what = "is a tensor subclass" if len(wrapped) == 1 else "are tensor subclasses"
+        raise CaptureError(
+            f"{type(model).__name__}: {listed(wrapped)} {what} "
+            f"wrapping other tensors; planner places, copies and stores plain tensors only. "
+            f"Convert {'it' if len(wrapped) == 1 else 'them'} to plain tensors before planning "
+            f"(dequantize the layer), or leave this part of the model unplanned"
         )
 
 

@@ -8,7 +8,9 @@ mask buffers were stored int8 returned a NaN loss, and its report printed "error
 nan" beside them. Weights and example inputs are at hand when a model is
 captured, so their values are read once, here, and the nonfinite pass
 (``planner.passes.nonfinite``) starts from them. Values a later call passes in
-cannot be seen: the example inputs stand for them.
+cannot be seen: the example inputs stand for them. Nor are the weights of a
+mapped checkpoint (``checkpoint=``) read: that would read the whole file at
+capture, which a model larger than memory is mapped to avoid.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch.utils import _pytree as pytree
 
 from planner.ir.meta import exported_tensor
 from planner.ir.program import ValueKind
+from planner.runtime.checkpoint import is_checkpoint_view
 
 if TYPE_CHECKING:
     from planner.ir.capture import CapturedGraph
@@ -63,11 +66,15 @@ def _nonfinite(value: Any) -> bool:
     124M-parameter model's weights are read in well under a second. Half
     precision is summed in float32 (a float16 sum of finite weights passed 65,504
     and took the weight, and what was made from it, for infinite)."""
-    if not isinstance(value, torch.Tensor) or value.is_meta:
+    if not isinstance(value, torch.Tensor) or value.is_meta or is_checkpoint_view(value):
         return False
     if not (value.is_floating_point() or value.is_complex()) or value.numel() == 0:
         return False
-    # half precision sums in float32: a float16 sum passes 65,504 on finite weights
-    wide = torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else None
-    with torch.no_grad():
-        return not bool(torch.isfinite(value.detach().sum(dtype=wide)).all())
+    # narrower floats sum in float32: a float16 sum passes 65,504 on finite weights,
+    # and float8 has no sum of its own
+    wide = torch.float32 if value.element_size() < 4 and not value.is_complex() else None
+    try:
+        with torch.no_grad():
+            return not bool(torch.isfinite(value.detach().sum(dtype=wide)).all())
+    except (RuntimeError, NotImplementedError):  # a dtype without a sum: never quantized
+        return True

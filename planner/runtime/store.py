@@ -386,7 +386,7 @@ class DiskStore:
         inner = item * math.prod(tensor.shape[dim + 1 :])  # bytes of one row
         length = tensor.shape[dim]
         offset = int(tensor.storage_offset()) * item
-        runs = _runs(index.tolist())
+        runs = _runs(index.reshape(-1).tolist())  # index_copy_ takes a 0-dim position too
         with self._writing(key, len(data), create=False) as (fd, _):
             for outer in range(math.prod(tensor.shape[:dim])):
                 for first, count in runs:

@@ -530,3 +530,17 @@ def test_two_threads_capturing_at_once_take_turns() -> None:
     for t in threads:
         t.join()
     assert errors == []
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_a_weight_wrapping_other_tensors_is_refused_by_name(mode: str) -> None:
+    """A wrapper tensor subclass (torchao's and NF4 weights are; torch's TwoTensor
+    here) has no storage of its own to place: the state checks failed on it with a
+    raw "invalid python storage" RuntimeError."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    model = nn.Linear(8, 8)
+    w = model.weight.detach()
+    model.weight = nn.Parameter(TwoTensor(w.clone(), w.clone()), requires_grad=False)
+    with pytest.raises(CaptureError, match=r"weight \(TwoTensor\) is a tensor subclass"):
+        capture(model, (torch.randn(4, 8),), mode)

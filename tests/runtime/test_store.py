@@ -384,18 +384,21 @@ def _read(store: DiskStore, key: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dim", [2, -1])
-@pytest.mark.parametrize("positions", [[5], [3, 4, 5, 9], [0, 63]])
+@pytest.mark.parametrize("positions", [[5], [3, 4, 5, 9], [0, 63], 7])
 def test_write_rows_writes_just_those_rows_in_place(store: DiskStore, positions, dim) -> None:
     """A cache (batch, heads, positions, dims) read from its file, new tokens written
     in at ``positions`` along dim 2: the file then holds the updated cache, though
     only those rows were written (the rest of the file is left as it was). Also the
     last dim as the op may give it, -1: its rows were sized as the whole tensor and
-    the file was garbled."""
+    the file was garbled. And a 0-dim position, as ``index_copy_`` takes one
+    (``torch.tensor(7)``): every call of a disk-homed cache failed on it."""
     cache = torch.randn(1, 4, 64, 8) if dim == 2 else torch.randn(1, 4, 8, 64)
     store.write("cache", cache)  # a weight-like entry, checksummed
     assert torch.equal(_read(store, "cache"), cache)
     updated = cache.clone()
     index = torch.tensor(positions)
+    if isinstance(positions, int):
+        positions = [positions]
     rows = torch.randn(1, 4, len(positions), 8)
     updated.index_copy_(dim, index, rows if dim == 2 else rows.transpose(2, 3))
     stale = updated.clone()
