@@ -309,13 +309,15 @@ def _reused_input(program: Program, step: int, returned: set[int]) -> tuple[int,
     that input's buffer: the input is an op's dense output of the same shape and
     dtype (or a view of all of one, as ``detach`` makes: the joint graph passes
     the saved log-softmax to the backward through two), read for the last time
-    here, by no other argument, and not returned."""
+    here, by no other argument, and not returned. The test is on the storage's
+    base: a view has a producer of its own (the ``detach``), also over the memory
+    of an input, parameter or buffer, which no op may take over."""
     operands = _input_and_output(program, step, REUSE_INPUT)
     if operands is None:
         return None
     vin, vout = operands
     if (
-        vin.producer is None
+        program.values[program.storages[vin.storage].base].producer is None
         or vin.storage in returned
         or vin.storage == vout.storage
         or not _may_write_into(program, step, vin, vout)

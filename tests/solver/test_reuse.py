@@ -9,7 +9,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import load_example
+from conftest import WithLoss, load_example
 
 import planner
 from planner.codegen.emit import out_variant
@@ -147,3 +147,63 @@ def test_validator_holds_the_reused_input_gone(gpt2_train_problem) -> None:  # t
     )
     with pytest.raises(InvalidPlan, match="not resident"):
         validate(problem, freeing)
+
+
+class _TimesTwoOfDetached(torch.nn.Module):
+    """Reads an input, a parameter or a buffer through ``detach`` and doubles it:
+    the ``mul`` reads the view for the last time, but the memory under it is the
+    caller's or the model's, never an op's to take over."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__()
+        self.source = source
+        self.lin = torch.nn.Linear(128, 128)
+        self.w = torch.nn.Parameter(torch.randn(128, 128))
+        self.register_buffer("b", torch.randn(128, 128))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.source == "input":
+            return self.lin(x.detach() * 2)
+        held = self.w if self.source == "parameter" else self.b
+        return self.lin(x @ (held.detach() * 2))
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+@pytest.mark.parametrize("source", ["input", "parameter", "buffer"])
+def test_a_detached_input_or_weight_is_not_taken_over(source: str, mode: str) -> None:
+    """A view (``detach``) has a producer of its own; the storage under it has
+    none: ``mul`` wrote into the input's buffer (InvalidPlan "'mul' cannot take
+    over the buffer of 'input[0][0]'") or the weight's ("'w' must end resident")."""
+    torch.manual_seed(0)
+    model = _TimesTwoOfDetached(source)
+    eager = _TimesTwoOfDetached(source)
+    eager.load_state_dict(model.state_dict())
+    if mode == "train":
+        model, eager = WithLoss(model), WithLoss(eager)
+    x = torch.randn(64, 128)
+    analysis = planner.analyze(model, (x,), mode=mode, profile="cpu")
+    problem = from_program(analysis.program, analysis.unplanned_peak_bytes, analysis.profile)
+    assert not any(s.reuse and not problem.tensors[s.reuse[0]].by_op for s in problem.steps)
+    del analysis, problem  # they hold the weights, which a plan may keep off the device
+
+    def planned(budget: int | str) -> planner.PlannedModule:
+        return planner.plan(model, budget, (x,), mode=mode, profile="cpu", time_limit=3)
+
+    try:
+        pm = planned("60%")
+    except planner.BudgetTooSmall as e:  # the smallest feasible budget instead
+        pm = planned(e.min_budget)
+    try:
+        for _ in range(2):  # the weights and the caller's input survive a call
+            if mode == "infer":
+                with torch.no_grad():
+                    assert torch.equal(pm(x), eager(x))
+            else:
+                model.zero_grad(), eager.zero_grad()
+                loss, expected = pm(x), eager(x)
+                loss.backward(), expected.backward()
+                assert torch.equal(loss, expected)
+                grads = [(p.grad, q.grad) for p, q in zip(model.parameters(), eager.parameters())]
+                assert all(g is not None and torch.equal(g, h) for g, h in grads if h is not None)
+    finally:
+        pm.close()
