@@ -17,6 +17,7 @@ from torch.utils import _pytree as pytree
 
 from planner.budget import parse_budget
 from planner.caller_grad_mode import planning_training_in_grad_mode
+from planner.caller_rng import caller_rng_kept
 from planner.codegen.assemble import Assembled
 from planner.codegen.emit import check_kernels
 from planner.errors import InvalidPlan, PlannerError
@@ -73,6 +74,7 @@ def _retry_finds_the_weights_free(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+@caller_rng_kept
 @planning_training_in_grad_mode
 def analyze(
     model: torch.nn.Module,
@@ -101,6 +103,7 @@ def analyze(
         return analyze_captured(captured, get_profile(profile))
 
 
+@caller_rng_kept
 @planning_training_in_grad_mode
 def report(
     model: torch.nn.Module,
@@ -120,6 +123,7 @@ def report(
 
 
 @_retry_finds_the_weights_free
+@caller_rng_kept
 @planning_training_in_grad_mode
 def make_plan(
     model: torch.nn.Module,
@@ -214,6 +218,7 @@ def _check_time_limit(time_limit: float) -> None:
 
 
 @_retry_finds_the_weights_free
+@caller_rng_kept
 @planning_training_in_grad_mode
 def plan(
     model: torch.nn.Module,
