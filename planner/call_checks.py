@@ -459,7 +459,9 @@ def check_deliveries_wanted(delivered: Sequence[tuple[str, torch.Tensor, Any]]) 
             for name, param, node in delivered
             if param.requires_grad and not torch._C._will_engine_execute_node(node)
         ]
-        how = "backward(inputs=[...]) without them"
+        # the engine does not say which: torch.autograd.grad(loss, inputs) and
+        # backward(inputs=[...]) both run only part of the graph
+        how = "torch.autograd.grad(...), or backward(inputs=[...]) without them,"
     except RuntimeError:  # the engine runs torch.autograd.grad: nothing is accumulated
         left_out, how = [name for name, _, _ in delivered], "torch.autograd.grad(...)"
     if left_out:

@@ -512,6 +512,10 @@ def test_autograd_grad_or_backward_inputs_leaving_out_a_delivered_gradient_is_an
         torch.autograd.grad(pm(x).pow(2).mean(), list(model.parameters()))
     with pytest.raises(PlannerError, match=r"backward\(inputs=\[\.\.\.\]\) without them"):
         pm(x).pow(2).mean().backward(inputs=[model[0].weight])
+    # of some tensors only: the engine runs part of the graph, as for backward(inputs=)
+    # (the message named only that, to a caller of torch.autograd.grad)
+    with pytest.raises(PlannerError, match=r"torch\.autograd\.grad\(\.\.\.\), or backward"):
+        torch.autograd.grad(pm(x).pow(2).mean(), [model[0].weight])
     assert all(p.grad is None for p in model.parameters())  # nothing was written
     params = dict(model.named_parameters())
     pm(x).pow(2).mean().backward(inputs=[params[n] for n in delivered])  # all of them: fine
