@@ -142,7 +142,9 @@ def _capture(model: torch.nn.Module, example_inputs: Any, mode: str) -> Captured
     ):
         exported = _export(model, args, kwargs)
     refuse_stale_reads(type(model).__name__, assigned, exported)
-    check_state_does_not_overlap(model, written_state(exported), trained=mode == "train")
+    check_state_does_not_overlap(
+        model, written_state(exported), trained=mode == "train", constants=exported.constants
+    )
     exported = merge_constants_that_are_state(exported)
     refuse_custom_backwards(functions, type(model).__name__)
     refuse_data_dependent_shapes(exported.graph)

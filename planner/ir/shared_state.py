@@ -16,7 +16,10 @@ share none, and are allowed.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from planner.errors import CaptureError
 from planner.ir.layout import byte_span
@@ -76,42 +79,83 @@ def _shifted_copies_share(t: torch.Tensor, delta: int) -> bool | None:
 
 
 def written_state(ep: torch.export.ExportedProgram) -> set[str]:
-    """The parameters and buffers the exported graph writes in place, through
-    views too (``b.add_(...)`` where ``b`` is a view of another buffer: torch's
-    signature then lists no mutation at all)."""
+    """The parameters, buffers and tensor constants (plain attributes) in whose
+    memory the exported graph writes in place: each one whose fake shares a storage
+    with an argument an op writes, positional or keyword (``out=``). Decided by
+    storage rather than by walking back through view ops, which stopped at the
+    ``getitem`` of a ``chunk``, ``split`` or ``unbind`` and read only positional
+    arguments: such writes were missed, and the model traced into a bare
+    AssertionError (inference) or a plan whose every call failed (training). The
+    trace keeps views and aliased state on their base's fake storage. All state on
+    a written storage is counted: AOTAutograd merges every overlapping input of a
+    storage one of them writes, not only the written one's pairs."""
     signature = ep.graph_signature
-    state = {**signature.inputs_to_buffers, **signature.inputs_to_parameters}
+    state = {
+        **signature.inputs_to_buffers,
+        **signature.inputs_to_parameters,
+        **signature.inputs_to_lifted_tensor_constants,
+    }
     written = set(signature.buffers_to_mutate.values())
+    on_storage: dict[StorageWeakRef, set[str]] = {}
     for node in ep.graph.nodes:
-        schema = getattr(node.target, "_schema", None)
-        if node.op != "call_function" or schema is None:
-            continue
-        for argument, value in zip(schema.arguments, node.args):
-            info = argument.alias_info
-            if info is None or not info.is_write or not isinstance(value, torch.fx.Node):
-                continue
-            while value.op == "call_function" and value.args:  # back through views
-                first = value.args[0]
-                returns = getattr(value.target, "_schema", None)
-                if not isinstance(first, torch.fx.Node) or returns is None:
-                    break
-                if not (returns.returns and returns.returns[0].alias_info is not None):
-                    break
-                value = first
-            if value.op == "placeholder" and value.name in state:
-                written.add(state[value.name])
+        if node.op == "placeholder" and node.name in state:
+            if (storage := _fake_storage(node)) is not None:
+                on_storage.setdefault(storage, set()).add(state[node.name])
+    for node in ep.graph.nodes:
+        for value in _written_arguments(node):
+            written |= on_storage.get(_fake_storage(value), set())
     return written
 
 
-def check_state_does_not_overlap(model: torch.nn.Module, updated: set[str], trained: bool) -> None:
+def _fake_storage(node: torch.fx.Node) -> StorageWeakRef | None:
+    """The storage of the fake tensor ``node`` traced to, or None."""
+    value = node.meta.get("val")
+    if not isinstance(value, torch.Tensor) or value.layout is not torch.strided:
+        return None
+    return StorageWeakRef(value.untyped_storage())
+
+
+def _written_arguments(node: torch.fx.Node) -> Iterator[torch.fx.Node]:
+    """The arguments ``node``'s op writes in place (``Tensor(a!)`` in its schema),
+    given positionally or by keyword, one by one where a list is written."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None:
+        return
+    for k, argument in enumerate(schema.arguments):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        value = node.args[k] if k < len(node.args) else node.kwargs.get(argument.name)
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(item, torch.fx.Node):
+                yield item
+
+
+def check_state_does_not_overlap(
+    model: torch.nn.Module,
+    updated: set[str],
+    trained: bool,
+    constants: Mapping[str, object] | None = None,
+) -> None:
     """Raise a CaptureError naming two state tensors that share elements where
     one of them is ``updated`` in place by the forward, or (``trained``) is a
     parameter that takes a gradient. Read only, such pairs trace right (a table
-    and a view of its first rows), and are planned."""
+    and a view of its first rows), and are planned. ``constants``: the exported
+    program's lifted constants, among them the tensors the model holds as plain
+    attributes (``self.row = self.base[1]``), which the trace merges with the
+    state they view just the same. One that is a parameter or buffer (the same
+    tensor, or the same view of its storage) is that state, as
+    ``planner.ir.aliased_state`` makes it."""
     trainable = {n for n, p in model.named_parameters() if p.requires_grad} if trained else set()
     merged = updated | trainable
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    state = {id(t) for _, t in tensors}
+    seen = set(state)
+    for name, t in (constants or {}).items():
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            tensors.append((name, t))
     by_storage: dict[int, list[tuple[int, int, str, torch.Tensor]]] = {}
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+    for name, t in tensors:
         if t.is_meta or t.layout is not torch.strided or t.numel() == 0:
             continue
         lo, hi = byte_span(t)
@@ -124,11 +168,24 @@ def check_state_does_not_overlap(model: torch.nn.Module, updated: set[str], trai
                     break
                 if not {first, second} & merged or not _share_elements(a, b):
                     continue
+                if (id(a) not in state or id(b) not in state) and _same_view(a, b):
+                    continue  # a constant that is this state: one input once merged
                 raise CaptureError(
                     f"{type(model).__name__}: {first!r} and {second!r} share memory (one is a "
                     f"view of the other, or both of one tensor). The plan carries each "
-                    f"parameter and buffer as a tensor of its own, and torch's trace merges "
-                    f"these into one, so the planned calls would get them out of place. "
-                    f"Register one of them and derive the other in forward (e.g. "
-                    f"self.{first.rpartition('.')[2]}[1]), or register a copy (.clone())"
+                    f"parameter, buffer and tensor attribute as a tensor of its own, and "
+                    f"torch's trace merges these into one, so the planned calls would get "
+                    f"them out of place. Register one of them and derive the other in "
+                    f"forward (e.g. self.{first.rpartition('.')[2]}[1]), or register a "
+                    f"copy (.clone())"
                 )
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Two views of one storage (as grouped) with the same geometry."""
+    return (a.dtype, a.shape, a.stride(), a.storage_offset()) == (
+        b.dtype,
+        b.shape,
+        b.stride(),
+        b.storage_offset(),
+    )
