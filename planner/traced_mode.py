@@ -6,8 +6,11 @@ runs what was traced whatever ``pm.train()``/``pm.eval()`` says afterwards, so a
 validation pass after ``pm.eval()`` would still draw dropout, silently. Calling a
 training plan in the other mode is therefore an error that says what to do, where
 the mode matters: the traced graph draws dropout or updates buffers, or the model
-has modules whose behaviour depends on the mode (dropout, batch and instance norm
-with running statistics). An inference plan is never checked: it is for
+has modules whose behaviour depends on the mode: dropout with p > 0, batch and
+instance norm with running statistics, and modules of the user's own whose code
+reads ``self.training`` (``if self.training: h = h + noise``: the graph shows only
+the branch traced; torch's and transformers' modules read it for dropout, which
+the graph shows, and are not scanned). An inference plan is never checked: it is for
 inference, and as a frozen part of a larger model it is called whatever mode that
 model is in. And planning for inference a model left in training mode
 (a model built from a config is) gets a warning when its graph draws dropout or
@@ -16,6 +19,8 @@ updates statistics because of it.
 
 from __future__ import annotations
 
+import functools
+import types
 import warnings
 
 from torch import nn
@@ -29,6 +34,46 @@ _MODE_DEPENDENT_MODULES = (
     nn.modules.batchnorm._BatchNorm,
     nn.modules.instancenorm._InstanceNorm,
 )
+
+
+#: modules of these packages read ``self.training`` for dropout (in the graph when
+#: it draws) and gradient checkpointing (no effect on what is computed)
+_LIBRARIES = ("torch", "transformers")
+
+
+def behaves_by_mode(module: nn.Module) -> bool:
+    """Whether ``module`` computes something else in the other mode, by its own
+    code (not its submodules'): dropout with p > 0, a norm with running
+    statistics, or a class of the user's whose methods read ``training``."""
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return module.p > 0
+    if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+        return module.track_running_stats  # else batch statistics in both modes
+    return _reads_training(type(module))
+
+
+@functools.cache
+def _reads_training(cls: type) -> bool:
+    for klass in cls.__mro__:
+        if klass.__module__.partition(".")[0] in (*_LIBRARIES, "builtins"):
+            continue
+        for attr in vars(klass).values():
+            if isinstance(attr, (staticmethod, classmethod)):
+                attr = attr.__func__
+            elif isinstance(attr, property):
+                attr = attr.fget
+            code = getattr(attr, "__code__", None)
+            if isinstance(code, types.CodeType) and _names_training(code):
+                return True
+    return False
+
+
+def _names_training(code: types.CodeType) -> bool:
+    """Whether ``code`` (or a function, lambda or comprehension inside it) reads
+    an attribute named ``training``."""
+    return "training" in code.co_names or any(
+        _names_training(c) for c in code.co_consts if isinstance(c, types.CodeType)
+    )
 
 
 def _draws_dropout(program: Program) -> bool:
@@ -63,7 +108,7 @@ def depends_on_mode(model: nn.Module, program: Program) -> bool:
     assumed to write it in eval mode too), or has modules that behave by mode."""
     if _draws_dropout(program) or program.meta.get(BUFFER_UPDATES):
         return True
-    return any(isinstance(m, _MODE_DEPENDENT_MODULES) for m in model.modules())
+    return any(behaves_by_mode(m) for m in model.modules())
 
 
 def _name(training: bool) -> str:
@@ -97,7 +142,7 @@ def check_call_mode(traced_training: bool, training: bool, switched: str = "pm")
 
 class ModeWatch:
     """The train/eval flag, as traced, of the model itself and of each of its
-    modules that behave by mode (dropout, batch and instance norm); ``check()``
+    modules that behave by mode (``behaves_by_mode``); ``check()``
     raises if one was switched since: ``model.eval()``, or one submodule's
     (``model.encoder.dropout.eval()``), which the model's own flag does not show.
     A model planned with some of them in another mode than the rest (batch norms
@@ -107,7 +152,7 @@ class ModeWatch:
         self._flags = [("model", model, model.training)] + [
             (f"model.{name}", m, m.training)
             for name, m in model.named_modules()
-            if name and isinstance(m, _MODE_DEPENDENT_MODULES)
+            if name and behaves_by_mode(m)
         ]
 
     def check(self) -> None:

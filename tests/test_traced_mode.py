@@ -104,6 +104,60 @@ def test_a_training_plan_whose_mode_changes_nothing_can_be_called_in_either() ->
     noisy.eval()(x).sum().backward()
 
 
+class _NoiseInTraining(nn.Module):
+    """Its own ``if self.training`` branch, no dropout or norm module: the graph
+    shows the branch traced only, and eval mode ran it, silently."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        return h + 0.5 * torch.randn_like(h) if self.training else h
+
+
+class _HalfInTraining(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._scaled(self.lin(x))
+
+    def _scaled(self, h: torch.Tensor) -> torch.Tensor:  # read in a helper method
+        return h * 0.5 if self.training else h
+
+
+@pytest.mark.parametrize("cls", [_NoiseInTraining, _HalfInTraining])
+@pytest.mark.parametrize("switched", ["pm", "model", "submodule"])
+def test_a_module_of_the_users_that_reads_its_training_flag_is_watched(cls, switched) -> None:
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.ReLU(), cls()), torch.randn(4, 16)
+    pm = planner.plan(model, "100%", (x,), mode="train", profile="cpu")
+    {"pm": pm, "model": model, "submodule": model[1]}[switched].eval()
+    with pytest.raises(PlannerError, match="in eval mode"):
+        pm(x)
+
+
+def test_dropout_of_zero_and_norms_without_running_statistics_do_not_depend_on_mode() -> None:
+    """Eval mode computes what training mode does there: a training plan of such a
+    model serves an evaluation (it was refused)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(16, 8),
+        nn.Dropout(0.0),
+        nn.BatchNorm1d(8, track_running_stats=False),
+        nn.Unflatten(1, (2, 4)),
+        nn.InstanceNorm1d(2),
+    )
+    x = torch.randn(4, 16)
+    pm = planner.plan(model, "100%", (x,), mode="train", profile="cpu")
+    expected = model.eval()(x).detach()
+    model.train()
+    torch.testing.assert_close(pm.eval()(x), expected, rtol=0, atol=0)
+
+
 def test_an_inference_plan_is_called_in_whatever_mode_its_parent_is_in() -> None:
     """A frozen, planned part of a larger model that trains."""
     model, x = _with_dropout().eval(), torch.randn(8, 16)
