@@ -38,7 +38,11 @@ from planner.ir.hooks import check_hooks_at_capture, hooked_parameters, module_h
 from planner.ir.layout import fix_layouts, true_layouts
 from planner.ir.meta import FROZEN_PARAMS, HOOKED_PARAMS, NONFINITE_SOURCES
 from planner.ir.metadata_args import explicit_metadata_args
-from planner.ir.mutated_attributes import plain_attributes_left_alone, refuse_stale_reads
+from planner.ir.mutated_attributes import (
+    plain_attributes_left_alone,
+    plain_tensors,
+    refuse_stale_reads,
+)
 from planner.ir.nonfinite_sources import nonfinite_sources
 from planner.ir.program import ValueKind
 from planner.ir.rnn_dropout import rnn_dropout_kept
@@ -600,11 +604,17 @@ def _constants_as_buffers(
     attribute it stayed a real tensor inside AOTAutograd's fake trace, which
     refused it. Not the constants forward makes (``torch.tensor(2.0)``, lifted as
     ``lifted_tensor_0``): AOTAutograd copies those in (``planner.ir.constants``).
-    Returns them by name (the planned module reads them from here)."""
+    Returns them by name (the planned module reads them from here). One held in a
+    plain list, dict or object (``self.tables = [t]``), lifted as a forward-made
+    one is, is the model's too: found by identity, it is made a buffer by that
+    name (training failed on it with torch's "convert all Tensors to
+    FakeTensors")."""
+    held = {id(t) for _, t in plain_tensors(model)}
     constants = {
         k: v
         for k, v in ep.constants.items()
-        if isinstance(v, torch.Tensor) and isinstance(_attribute(model, k), torch.Tensor)
+        if isinstance(v, torch.Tensor)
+        and (isinstance(_attribute(model, k), torch.Tensor) or id(v) in held)
     }
     for fqn, value in constants.items():
         path, _, leaf = fqn.rpartition(".")

@@ -12,12 +12,19 @@ inside its decompositions. A buffer is state the plan carries from call to call;
 a plain attribute is not, so the fix is the user's: register it as a buffer. The
 same for one held in a list or dict, and for an attribute the forward assigns a
 new tensor (``self.count = self.count + 1``): the plan read the planned value at
-every call, where eager's grew.
+every call, where eager's grew. And for other Python state the forward changes
+(``_PythonState``): items of lists, dicts and deques (a tensor appended to a
+cache), tensors of plain objects the modules hold (``self.helper.count``), and
+state made at the first call and then updated (``self.h``, None when planned).
+What the trace changed is put back either way. Python numbers a forward changes
+(``self.calls += 1``) are not watched.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,27 +39,64 @@ from planner.errors import CaptureError
 _RESTORED_BYTES = 1 << 20
 _RESTORED_TOTAL = 64 << 20
 
-#: the dicts nn.Module keeps its parameters, buffers and submodules in
-_MODULE_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
+#: what nn.Module keeps of its own: the dicts of its parameters, buffers and
+#: submodules, its hooks (a model may install some in its first forward), flags
+_MODULE_TABLES = frozenset(vars(torch.nn.Module()))
 
 
 def _plain_attributes(model: torch.nn.Module) -> Iterator[tuple[str, Any]]:
     """(qualified name, value) of every plain attribute of ``model``'s modules:
-    not the tables nn.Module keeps its parameters, buffers and submodules in (a
-    user's ``self._step`` is one)."""
+    not what nn.Module keeps of its own (a user's ``self._step`` is one)."""
     for prefix, module in model.named_modules():
         for name, value in vars(module).items():
             if name not in _MODULE_TABLES:
                 yield (f"{prefix}.{name}" if prefix else name), value
 
 
-def _plain_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """Tensors held as plain attributes of ``model``'s modules (neither parameters
-    nor buffers), also inside a list, tuple or dict there, by qualified name."""
-    found = []
+def _plain_objects(model: torch.nn.Module) -> Iterator[tuple[str, Any]]:
+    """(qualified name, object) of the plain Python objects ``model``'s modules
+    hold as attributes (a helper keeping a count or a cache: ``self.helper =
+    Counter()``), not modules, tensors, containers, functions or classes."""
     for qualified, value in _plain_attributes(model):
-        if isinstance(value, torch.nn.Parameter):
-            continue
+        if _is_plain_object(value):
+            yield qualified, value
+
+
+def _is_plain_object(value: Any) -> bool:
+    return (
+        hasattr(value, "__dict__")
+        and not isinstance(
+            value,
+            (torch.nn.Module, torch.Tensor, type, types.FunctionType, types.MethodType),
+        )
+        and not isinstance(value, types.ModuleType)
+        and not callable(getattr(value, "forward", None))
+    )
+
+
+def _attribute_values(model: torch.nn.Module) -> Iterator[tuple[str, Any]]:
+    """Every plain attribute of ``model``'s modules, and of the plain objects
+    they hold, by qualified name."""
+    yield from _plain_attributes(model)
+    for qualified, obj in _plain_objects(model):
+        for name, value in vars(obj).items():
+            yield f"{qualified}.{name}", value
+
+
+def plain_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Tensors held as plain attributes of ``model``'s modules (neither parameters
+    nor buffers) or of the plain objects they hold, also inside a list, tuple or
+    dict there, by qualified name. Not a parameter or buffer reached that way, nor
+    a view of one (transformers' static cache holds its buffers in a plain
+    object): its updates are the buffer's, which a plan carries
+    (``planner.ir.aliased_state``)."""
+    state = {
+        _storage_key(t)
+        for t in [*model.parameters(), *model.buffers()]
+        if t.layout is torch.strided and not t.is_meta
+    }
+    found = []
+    for qualified, value in _attribute_values(model):
         if isinstance(value, torch.Tensor):
             found.append((qualified, value))
         elif isinstance(value, (list, tuple, dict)):
@@ -60,49 +104,144 @@ def _plain_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
             found += [
                 (qualified + pytree.keystr(path), leaf)
                 for path, leaf in leaves
-                if isinstance(leaf, torch.Tensor) and not isinstance(leaf, torch.nn.Parameter)
+                if isinstance(leaf, torch.Tensor)
             ]
-    return found
+    return [
+        (name, t)
+        for name, t in found
+        if not isinstance(t, torch.nn.Parameter)
+        and not (t.layout is torch.strided and not t.is_meta and _storage_key(t) in state)
+    ]
 
 
-def _held_in_containers(model: torch.nn.Module) -> list[tuple[str, Any, list[Any], torch.Tensor]]:
-    """(qualified name, the list or dict attribute, the keys down to it, tensor)
-    for every tensor held in a plain list or dict of ``model``'s modules: a
-    forward that puts a new tensor there (``self.hist[0] = self.hist[0] + 1``) is
-    seen by the tensor at that place no longer being the same."""
-    held = []
-    for qualified, value in _plain_attributes(model):
-        if not isinstance(value, (list, dict)):
-            continue
-        leaves, _ = pytree.tree_flatten_with_path(value)
-        for path, leaf in leaves:
-            keys = [getattr(k, "idx", getattr(k, "key", None)) for k in path]
-            if isinstance(leaf, torch.Tensor) and None not in keys:
-                held.append((qualified + pytree.keystr(path), value, keys, leaf))
-    return held
+def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    return str(t.device), t.untyped_storage().data_ptr()
 
 
-def _put_back(held: list[tuple[str, Any, list[Any], torch.Tensor]]) -> list[str]:
-    """Put each tensor back at its place where another took it; their names."""
-    replaced = []
-    for name, container, keys, tensor in held:
-        inner = container
-        try:
-            for key in keys[:-1]:
-                inner = inner[key]
-            if inner[keys[-1]] is not tensor:
-                inner[keys[-1]] = tensor
-                replaced.append(name)
-        except (KeyError, IndexError, TypeError):  # the container changed shape
-            replaced.append(name)
-    return replaced
+#: containers nested deeper than this, or items past this many, are not watched
+_WATCHED_DEPTH = 3
+_WATCHED_ITEMS = 10_000
+
+
+class _PythonState:
+    """What the forward could change outside tensors: the items of the lists,
+    dicts, deques and sets ``model``'s modules and their plain objects hold, and
+    which object each attribute of a plain object is. ``restore()`` puts back
+    what the trace changed and names it. A tensor appended to a list empty when
+    planned (``self.cache.append(h)``), a window kept in a deque, a tensor
+    replaced in a list, a plain object's tensor assigned anew
+    (``self.helper.count = self.helper.count + 1``): the plan ran the forward as
+    traced at every call, reading what they held when planned and changing
+    nothing, where eager's outputs moved on, silently. torch.export puts back a
+    module's list attributes as copies, so the originals are put back too (two
+    layers sharing one list shared it no longer)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.containers: list[tuple[str, Any, Any]] = []
+        for qualified, value in _attribute_values(model):
+            self._watch(qualified, value, 0)
+        self.attributes = [(module, dict(vars(module))) for module in model.modules()]
+        self.objects = [(q, obj, dict(vars(obj))) for q, obj in _plain_objects(model)]
+
+    def _watch(self, path: str, value: Any, depth: int) -> None:
+        if depth > _WATCHED_DEPTH:
+            return
+        items: Any
+        if isinstance(value, (list, collections.deque)):
+            self.containers.append((path, value, list(value)))
+            items = enumerate(value)
+        elif isinstance(value, dict):
+            self.containers.append((path, value, dict(value)))
+            items = value.items()
+        elif isinstance(value, set):
+            self.containers.append((path, value, set(value)))
+            return
+        elif isinstance(value, tuple):
+            items = enumerate(value)
+        else:
+            return
+        for k, (key, item) in enumerate(items):
+            if k >= _WATCHED_ITEMS:
+                break
+            self._watch(f"{path}[{key!r}]", item, depth + 1)
+
+    def restore(self) -> list[str]:
+        """Put back what changed; what the forward did, one line each."""
+        changes: list[str] = []
+        for path, container, before in self.containers:
+            change = _container_change(path, container, before)
+            if change is not None:
+                changes.append(change)
+                _refill(container, before)
+        for module, before in self.attributes:  # the originals, not copies
+            now = vars(module)
+            for name, value in before.items():
+                if name not in _MODULE_TABLES and now.get(name) is not value:
+                    if isinstance(value, (list, dict, collections.deque, set)):
+                        now[name] = value
+        for qualified, obj, before in self.objects:
+            now = vars(obj)
+            for name in [n for n in now if n not in before]:
+                if isinstance(now[name], torch.Tensor):
+                    changes.append(f"assigns {qualified}.{name} a tensor")
+                del now[name]
+            for name, value in before.items():
+                if now.get(name, _MISSING) is not value:
+                    if isinstance(value, torch.Tensor) or isinstance(now.get(name), torch.Tensor):
+                        changes.append(f"assigns {qualified}.{name} a new tensor")
+                    now[name] = value
+        return changes
+
+
+_MISSING = object()
+
+
+def _container_change(path: str, container: Any, before: Any) -> str | None:
+    """How ``container`` differs from ``before``, its shallow copy; None if not."""
+    if isinstance(container, set):
+        return None if container == before else f"adds to or removes from {path}"
+    if isinstance(container, dict):
+        if container.keys() != before.keys():
+            return f"adds keys to or removes keys from {path}"
+        keys = list(before)
+        now = [container[k] for k in keys]
+        items = [before[k] for k in keys]
+    else:
+        now, items, keys = list(container), before, list(range(len(before)))
+        if len(now) != len(items):
+            return (
+                f"appends to or removes from {path} ({_items(len(now))}, {_items(len(items))} "
+                f"when planned)"
+            )
+    for key, a, b in zip(keys, now, items):
+        if a is not b:
+            what = "tensor" if isinstance(a, torch.Tensor) else "value"
+            return f"puts a new {what} at {path}[{key!r}]"
+    return None
+
+
+def _items(n: int) -> str:
+    return f"{n} item{'' if n == 1 else 's'}"
+
+
+def _refill(container: Any, before: Any) -> None:
+    if isinstance(container, list):
+        container[:] = before
+    else:
+        container.clear()
+        if isinstance(container, collections.deque):
+            container.extend(before)
+        else:
+            container.update(before)
 
 
 @contextlib.contextmanager
-def _assignments_recorded(model: torch.nn.Module) -> Iterator[list[str]]:
+def _assignments_recorded(model: torch.nn.Module, created: set[str]) -> Iterator[list[str]]:
     """The plain tensor attributes of ``model``'s modules the block assigns a new
     value to (``self.count = self.count + 1``): torch.export puts them back
-    afterwards, so only the assignment itself shows it."""
+    afterwards, so only the assignment itself shows it. ``created`` gets those
+    that held no tensor before their first assignment (``self.h = zeros`` where
+    ``self.h`` was None)."""
     modules = {id(m): prefix for prefix, m in model.named_modules()}
     assigned: list[str] = []
     original = torch.nn.Module.__setattr__
@@ -110,10 +249,13 @@ def _assignments_recorded(model: torch.nn.Module) -> Iterator[list[str]]:
     def setattr_recorded(module: torch.nn.Module, name: str, value: Any) -> None:
         prefix = modules.get(id(module))
         old = vars(module).get(name)
+        qualified = f"{prefix}.{name}" if prefix else name
         # a .to() that moves nothing returns the tensor itself (transformers'
         # longrope frequencies: self.x = self.x.to(device)): nothing changes
         if prefix is not None and isinstance(old, torch.Tensor) and value is not old:
-            assigned.append(f"{prefix}.{name}" if prefix else name)
+            assigned.append(qualified)
+        elif prefix is not None and old is None and isinstance(value, torch.Tensor):
+            created.add(qualified)
         original(module, name, value)
 
     torch.nn.Module.__setattr__ = setattr_recorded  # type: ignore[method-assign,assignment]
@@ -130,7 +272,7 @@ def plain_attributes_left_alone(model: torch.nn.Module) -> Iterator[list[str]]:
     tensor attributes the block assigned anew (``refuse_stale_reads``)."""
     watched = []
     copied = 0
-    for name, t in _plain_tensors(model):
+    for name, t in plain_tensors(model):
         if t.layout is not torch.strided or t.is_meta or t.is_inference():
             continue
         keep = t.nbytes <= _RESTORED_BYTES and copied + t.nbytes <= _RESTORED_TOTAL
@@ -147,31 +289,50 @@ def plain_attributes_left_alone(model: torch.nn.Module) -> Iterator[list[str]]:
                         t.copy_(before)
         return written
 
-    held = _held_in_containers(model)
+    state = _PythonState(model)
+    created: set[str] = set()
     try:
-        with _assignments_recorded(model) as assigned:
+        with _assignments_recorded(model, created) as assigned:
             yield assigned
-    except BaseException:
-        undo()
-        _put_back(held)
+    except BaseException as exc:
+        written = undo()
+        state.restore()
+        if written and not isinstance(exc, CaptureError):  # torch's own words for it
+            raise _updated_in_place(type(model).__name__, written) from exc
         raise
     written = undo()
-    replaced = _put_back(held)
-    if replaced:
+    changes = state.restore()
+    name = type(model).__name__
+    if changes:
         raise CaptureError(
-            f"{type(model).__name__}'s forward puts a new tensor at {', '.join(replaced)}, in "
-            f"a plain list or dict: a plan would read the tensor there when planned at every "
-            f"call, and never put a new one. Register it as a buffer and update it in place"
+            f"{name}'s forward changes what it keeps in plain Python state: "
+            f"{'; '.join(changes)}. A plan runs the forward as traced at every call: it "
+            f"reads what was there when planned and changes nothing there, so its outputs "
+            f"would not follow eager's. Keep such state in registered buffers updated in "
+            f"place (self.register_buffer(...); buf.copy_(new)), or outside the model"
+        )
+    lazy = sorted(n for n in created if n in assigned)
+    if lazy:
+        raise CaptureError(
+            f"{name}'s forward makes {', '.join(lazy)} (None when planned) and then assigns "
+            f"it a new tensor made from it: state carried from call to call in a plain "
+            f"attribute, which a plan would start from nothing at every call. Register it "
+            f"as a buffer in __init__ (self.register_buffer({lazy[0].rpartition('.')[2]!r}, "
+            f"torch.zeros(...))) and update it in place"
         )
     if written:
-        listed = ", ".join(written)
-        raise CaptureError(
-            f"{type(model).__name__}'s forward updates {listed} in place, a plain tensor "
-            f"attribute{'s' if len(written) > 1 else ''}, not a registered buffer: a plan "
-            f"carries buffers from call to call, but would fix a plain attribute at the value "
-            f"it had when planned. Register it as a buffer: "
-            f"self.register_buffer({written[0].rpartition('.')[2]!r}, tensor)"
-        )
+        raise _updated_in_place(name, written)
+
+
+def _updated_in_place(model_name: str, written: list[str]) -> CaptureError:
+    listed = ", ".join(written)
+    return CaptureError(
+        f"{model_name}'s forward updates {listed} in place, a plain tensor "
+        f"attribute{'s' if len(written) > 1 else ''}, not a registered buffer: a plan "
+        f"carries buffers from call to call, but would fix a plain attribute at the value "
+        f"it had when planned. Register it as a buffer: "
+        f"self.register_buffer({written[0].rpartition('.')[2]!r}, tensor)"
+    )
 
 
 def refuse_stale_reads(model_name: str, assigned: list[str], ep: Any) -> None:

@@ -3,6 +3,8 @@ planning leaves the attribute as it was."""
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 from torch import nn
@@ -156,3 +158,163 @@ def test_a_tensor_replaced_in_a_list_is_refused_and_put_back(mode: str) -> None:
     with pytest.raises(planner.CaptureError, match=r"puts a new tensor at history\[0\]"):
         planner.plan(model, "100%", (torch.randn(4, 8),), mode=mode, profile="cpu", time_limit=5)
     assert model.history[0] is original and original.item() == 0
+
+
+class _AppendsToAList(nn.Module):
+    """Features collected in a plain list, read back: empty when planned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.cache: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.cache.append(self.fc(x).detach())
+        return torch.stack(list(self.cache)).sum(0).pow(2).mean() + self.fc(x).sum()
+
+
+class _KeepsAWindow(_AppendsToAList):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache = collections.deque([torch.zeros(4, 8) for _ in range(3)], maxlen=3)  # type: ignore[assignment]
+
+
+class _CreatesItsState(nn.Module):
+    """State made at the first call (None when planned), then carried."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.h: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.h is None:
+            self.h = torch.zeros_like(x)
+        self.h = 0.5 * self.h + self.fc(x).detach()
+        return (self.h * self.fc(x)).pow(2).mean()
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.count = torch.zeros(())
+
+
+class _CountsInAnObject(nn.Module):
+    def __init__(self, in_place: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.helper = _Counter()
+        self.in_place = in_place
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_place:
+            self.helper.count += 1
+        else:
+            self.helper.count = self.helper.count + 1
+        return (self.fc(x) * self.helper.count).pow(2).mean()
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (_AppendsToAList, r"appends to or removes from cache \(1 item, 0 items when planned\)"),
+        (_KeepsAWindow, r"puts a new tensor at cache\[0\]"),
+        (_CreatesItsState, r"makes h \(None when planned\) and then assigns it"),
+        (lambda: _CountsInAnObject(in_place=True), r"updates helper\.count in place"),
+        (lambda: _CountsInAnObject(in_place=False), r"assigns helper\.count a new tensor"),
+    ],
+    ids=["list-append", "deque", "lazy-state", "object-in-place", "object-assigned"],
+)
+def test_python_state_the_forward_changes_is_refused_and_put_back(make, match, mode) -> None:  # type: ignore[no-untyped-def]
+    """Each planned silently: the plan ran the forward as traced at every call, so
+    its outputs stayed at the first call's where eager's moved on (0.88 apart at
+    the second call of the list's); the object's in-place count was a raw torch
+    error, and planning left it advanced."""
+    model = make()
+    before = {
+        k: (v, list(v) if isinstance(v, (list, collections.deque)) else None)
+        for k, v in vars(model).items()
+    }
+    count = model.helper.count if hasattr(model, "helper") else None
+    with pytest.raises(planner.CaptureError, match=match):
+        planner.plan(model, "100%", (torch.randn(4, 8),), mode=mode, profile="cpu", time_limit=5)
+    for name, (value, items) in before.items():  # the same objects, holding what they held
+        assert vars(model)[name] is value
+        if items is not None:
+            assert list(value) == items or all(a is b for a, b in zip(value, items, strict=True))
+    if count is not None:
+        assert model.helper.count is count and count.item() == 0
+
+
+def test_a_list_two_layers_share_stays_shared() -> None:
+    """torch.export put each module's list attribute back as a copy of its own."""
+    shared = [torch.zeros(4)]
+
+    class Layer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.bank = nn.Linear(4, 4), shared
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) + self.bank[0]
+
+    model = nn.Sequential(Layer(), Layer())
+    planner.plan(model, "100%", (torch.randn(2, 4),), profile="cpu", time_limit=5)
+    assert model[0].bank is shared and model[1].bank is shared
+
+
+def test_state_made_anew_at_every_call_is_planned() -> None:
+    """A value cached lazily but made from the inputs alone (a rotary table built
+    at the first call) is what the plan computes at every call: not refused."""
+
+    class Cached(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.table: torch.Tensor | None = None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.table is None or self.table.shape != x.shape:
+                self.table = torch.cos(torch.arange(x.numel(), dtype=x.dtype)).view_as(x)
+            return self.fc(x) * self.table
+
+    model, x = Cached(), torch.randn(4, 8)
+    pm = planner.plan(model, "100%", (x,), profile="cpu", time_limit=5)
+    with torch.no_grad():
+        assert torch.equal(pm(x), model(x)) and torch.equal(pm(x), model(x))
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_tensors_only_read_from_a_list_or_a_plain_object_are_planned(mode: str) -> None:
+    """Training failed on a tensor read from a plain list with torch's "convert all
+    Tensors to FakeTensors": lifted as a constant the forward made, it stayed a
+    real tensor in AOTAutograd's trace."""
+
+    class Tables:
+        def __init__(self) -> None:
+            self.scale = torch.full((8,), 0.5)
+
+    class Reads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.shifts = [torch.randn(8)]
+            self.tables = Tables()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (self.fc(x) * self.tables.scale + self.shifts[0]).pow(2).mean()
+
+    torch.manual_seed(0)
+    model, x = Reads(), torch.randn(4, 8)
+    pm = planner.plan(model, "100%", (x,), mode=mode, profile="cpu", time_limit=5)
+    if mode == "infer":
+        with torch.no_grad():
+            assert torch.equal(pm(x), model(x))
+        return
+    pm(x).backward()
+    planned = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).backward()
+    for got, want in zip(planned, [p.grad for p in model.parameters()], strict=True):
+        torch.testing.assert_close(got, want)
