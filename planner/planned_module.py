@@ -828,6 +828,18 @@ class PlannedModule(torch.nn.Module):
                 )
         return self
 
+    def apply(self, fn: Any) -> PlannedModule:
+        """``fn`` reaches this module only, not the model's submodules, which a
+        planned module does not hold: ``pm.apply(freeze_batch_norm)`` changed
+        nothing, silently, and the statistics went on updating."""
+        warnings.warn(
+            f"pm.apply({getattr(fn, '__name__', 'fn')}) reaches the planned module only, "
+            f"not the modules of {self._model_name}: apply it to the model before "
+            f"planning (model.apply(fn), then planner.plan)",
+            stacklevel=2,
+        )
+        return super().apply(fn)  # type: ignore[return-value]
+
     def __getstate__(self) -> Any:
         raise PlannerError(
             "a planned module cannot be copied or pickled: it owns its offload files, a "

@@ -583,3 +583,15 @@ def test_an_lstm_over_float_features_trains_exactly_within_its_budget(kernels: s
             torch.testing.assert_close(grad, _grads(eager)[key], **exact)  # type: ignore[arg-type]
     finally:
         pm.close()
+
+
+def test_apply_on_a_planned_module_warns_that_it_does_not_reach_the_model() -> None:
+    """pm.apply(freeze_batch_norm) changed nothing, silently: the planned module
+    holds the model's parameters, not its submodules."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8))
+    pm = planner.plan(model, "100%", (torch.randn(4, 8),), mode="train", profile="cpu")
+    seen: list[nn.Module] = []
+    with pytest.warns(UserWarning, match=r"pm\.apply\(append\) reaches the planned module only"):
+        pm.apply(seen.append)
+    assert seen == [pm]
