@@ -138,14 +138,18 @@ class _PythonState:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.containers: list[tuple[str, Any, Any]] = []
+        self._seen: set[int] = set()  # one config object is held by every layer
         for qualified, value in _attribute_values(model):
             self._watch(qualified, value, 0)
         self.attributes = [(module, dict(vars(module))) for module in model.modules()]
-        self.objects = [(q, obj, dict(vars(obj))) for q, obj in _plain_objects(model)]
+        objects = dict((id(obj), (q, obj)) for q, obj in reversed(list(_plain_objects(model))))
+        self.objects = [(q, obj, dict(vars(obj))) for q, obj in objects.values()]
 
     def _watch(self, path: str, value: Any, depth: int) -> None:
-        if depth > _WATCHED_DEPTH:
+        if depth > _WATCHED_DEPTH or id(value) in self._seen:
             return
+        if isinstance(value, (list, collections.deque, dict, set, tuple)):
+            self._seen.add(id(value))
         items: Any
         if isinstance(value, (list, collections.deque)):
             self.containers.append((path, value, list(value)))
