@@ -8,7 +8,10 @@ import torch
 from torch import nn
 
 import planner
+from planner.errors import BudgetTooSmall
+from planner.passes.device_profile import get_profile
 from planner.runtime.meter import measure
+from planner.solver import from_program, solve
 
 
 class _FlatWeights(nn.Module):
@@ -96,3 +99,36 @@ def test_state_sliced_from_a_larger_storage_is_charged_all_of_it(make, share, mo
         reference(x).backward()
         for name, p in reference.named_parameters():
             assert torch.equal(model.get_parameter(name).grad, p.grad), name
+
+
+class _PooledCache(nn.Module):
+    """k and v sliced from a pool of three (one slice spare); k updated in place."""
+
+    def __init__(self, k_first: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+        pool = torch.zeros(3, 64, 64)
+        for name in ("k", "v") if k_first else ("v", "k"):
+            self.register_buffer(name, pool[0] if name == "k" else pool[1])
+
+    def forward(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        self.k.index_copy_(0, position, self.fc(x))
+        return (self.k @ self.v).sum(0)
+
+
+def test_the_spare_bytes_of_a_pool_go_to_a_slice_not_updated_in_place() -> None:
+    """Charged to k when registered first, the spare slice's bytes made k's size
+    differ from its update's, which could then not be written into it: the
+    smallest budget depended on the order the buffers were registered in."""
+    inputs = (torch.randn(8, 64), torch.arange(8))
+    floors = []
+    for k_first in (True, False):
+        problem = from_program(
+            planner.analyze(_PooledCache(k_first).eval(), inputs, profile="cpu").program,
+            1,
+            get_profile("cpu"),
+        )
+        with pytest.raises(BudgetTooSmall) as caught:
+            solve(problem, time_limit=2)
+        floors.append(caught.value.min_budget)
+    assert floors[0] == floors[1], floors
