@@ -116,10 +116,13 @@ def from_program(
     # (``writes_home_of``: an ``index_copy``'s rows as the op makes them, else all
     # of it once read for the last time). Only where the update is
     # the buffer's own memory: another is a new tensor the caller copies in at the end.
+    # Not a slice of a larger storage: it stays on the device (moved, it would free
+    # nothing), so there is no home to write its update back to.
     homed_update_of = {
         buffer: update
         for buffer, update in in_place
         if program.storages[buffer].nbytes >= min_movable
+        and not program.storages[buffer].in_larger_storage
     }
     home_written_by = {update: buffer for buffer, update in homed_update_of.items()}
     backward_start = program.backward_start()
