@@ -141,11 +141,11 @@ def _capture(model: torch.nn.Module, example_inputs: Any, mode: str) -> Captured
     _check_plain_tensors(model)
     with (
         _grad_flags_kept(model),
-        plain_attributes_left_alone(model) as assigned,
+        plain_attributes_left_alone(model) as watch,
         functions_applied(mode == "train") as functions,
     ):
         exported = _export(model, args, kwargs)
-    refuse_stale_reads(type(model).__name__, assigned, exported)
+    refuse_stale_reads(type(model).__name__, watch, exported)
     check_state_does_not_overlap(
         model, written_state(exported), trained=mode == "train", constants=exported.constants
     )

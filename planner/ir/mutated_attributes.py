@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -125,31 +126,31 @@ _WATCHED_ITEMS = 10_000
 
 class _PythonState:
     """What the forward could change outside tensors: the items of the lists,
-    dicts, deques and sets ``model``'s modules and their plain objects hold, and
-    which object each attribute of a plain object is. ``restore()`` puts back
-    what the trace changed and names it. A tensor appended to a list empty when
-    planned (``self.cache.append(h)``), a window kept in a deque, a tensor
-    replaced in a list, a plain object's tensor assigned anew
-    (``self.helper.count = self.helper.count + 1``): the plan ran the forward as
-    traced at every call, reading what they held when planned and changing
-    nothing, where eager's outputs moved on, silently. torch.export puts back a
-    module's list attributes as copies, so the originals are put back too (two
-    layers sharing one list shared it no longer)."""
+    dicts, deques and sets ``model``'s modules hold, and the attributes of the
+    plain objects they hold, through each other (a cache object's list of layer
+    objects). ``restore()`` puts back what the trace changed and says what it
+    was. Changes that hold a tensor matter: a tensor appended to a list empty
+    when planned (``self.cache.append(h)``), a window kept in a deque, a tensor
+    replaced that the forward read (``self.helper.count = self.helper.count +
+    1``): the plan ran the forward as traced at every call, reading what they
+    held when planned and changing nothing, where eager's outputs moved on,
+    silently. Others are only put back (transformers' ``is_updated`` flags of an
+    encoder-decoder cache, whose plan is right). torch.export puts back a module's
+    list attributes as copies, so the originals are put back too (two layers
+    sharing one list shared it no longer), and the trace left fake tensors in a
+    cache's layer objects, which broke the model's next eager call."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.containers: list[tuple[str, Any, Any]] = []
+        self.objects: list[tuple[str, Any, dict[str, Any]]] = []
         self._seen: set[int] = set()  # one config object is held by every layer
-        for qualified, value in _attribute_values(model):
-            self._watch(qualified, value, 0)
+        for qualified, value in _plain_attributes(model):
+            self._walk(qualified, value, 0)
         self.attributes = [(module, dict(vars(module))) for module in model.modules()]
-        objects = dict((id(obj), (q, obj)) for q, obj in reversed(list(_plain_objects(model))))
-        self.objects = [(q, obj, dict(vars(obj))) for q, obj in objects.values()]
 
-    def _watch(self, path: str, value: Any, depth: int) -> None:
+    def _walk(self, path: str, value: Any, depth: int) -> None:
         if depth > _WATCHED_DEPTH or id(value) in self._seen:
             return
-        if isinstance(value, (list, collections.deque, dict, set, tuple)):
-            self._seen.add(id(value))
         items: Any
         if isinstance(value, (list, collections.deque)):
             self.containers.append((path, value, list(value)))
@@ -159,23 +160,38 @@ class _PythonState:
             items = value.items()
         elif isinstance(value, set):
             self.containers.append((path, value, set(value)))
-            return
+            items = ()
         elif isinstance(value, tuple):
             items = enumerate(value)
+        elif _is_plain_object(value):
+            before = dict(vars(value))
+            self.objects.append((path, value, before))
+            items = ((f".{k}", v) for k, v in before.items())
         else:
             return
+        self._seen.add(id(value))
         for k, (key, item) in enumerate(items):
             if k >= _WATCHED_ITEMS:
                 break
-            self._watch(f"{path}[{key!r}]", item, depth + 1)
+            where = (
+                f"{path}{key}"
+                if isinstance(key, str) and key.startswith(".")
+                else f"{path}[{key!r}]"
+            )
+            self._walk(where, item, depth + 1)
 
-    def restore(self) -> list[str]:
-        """Put back what changed; what the forward did, one line each."""
-        changes: list[str] = []
+    def restore(self) -> tuple[list[str], list[tuple[str, torch.Tensor]]]:
+        """Put back what changed. Returns what the forward did with tensors: what
+        a plan cannot follow whatever it read (the items of a list, deque, dict
+        or set holding tensors changed), and (name, old tensor) of plain objects'
+        tensors it replaced, which matter where the forward read the old one."""
+        changed: list[str] = []
+        replaced: list[tuple[str, torch.Tensor]] = []
         for path, container, before in self.containers:
             change = _container_change(path, container, before)
             if change is not None:
-                changes.append(change)
+                if _holds_tensors(container, before):
+                    changed.append(change)
                 _refill(container, before)
         for module, before in self.attributes:  # the originals, not copies
             now = vars(module)
@@ -183,21 +199,27 @@ class _PythonState:
                 if name not in _MODULE_TABLES and now.get(name) is not value:
                     if isinstance(value, (list, dict, collections.deque, set)):
                         now[name] = value
-        for qualified, obj, before in self.objects:
+        for path, obj, before in self.objects:
             now = vars(obj)
             for name in [n for n in now if n not in before]:
-                if isinstance(now[name], torch.Tensor):
-                    changes.append(f"assigns {qualified}.{name} a tensor")
                 del now[name]
             for name, value in before.items():
                 if now.get(name, _MISSING) is not value:
-                    if isinstance(value, torch.Tensor) or isinstance(now.get(name), torch.Tensor):
-                        changes.append(f"assigns {qualified}.{name} a new tensor")
+                    if isinstance(value, torch.Tensor):
+                        replaced.append((f"{path}.{name}", value))
                     now[name] = value
-        return changes
+        return changed, replaced
 
 
 _MISSING = object()
+
+
+def _holds_tensors(container: Any, before: Any) -> bool:
+    if isinstance(container, dict):
+        items = [*container.values(), *before.values()]
+    else:
+        items = [*container, *before]
+    return any(isinstance(item, torch.Tensor) for item in items)
 
 
 def _container_change(path: str, container: Any, before: Any) -> str | None:
@@ -269,11 +291,22 @@ def _assignments_recorded(model: torch.nn.Module, created: set[str]) -> Iterator
         torch.nn.Module.__setattr__ = original  # type: ignore[method-assign]
 
 
+@dataclasses.dataclass
+class TraceWatch:
+    """What the trace changed that only the exported program can judge
+    (``refuse_stale_reads``): the plain tensor attributes of modules it assigned
+    anew, and tensors it replaced in plain objects and containers (where, the
+    old tensor)."""
+
+    assigned: list[str] = dataclasses.field(default_factory=list)
+    replaced: list[tuple[str, torch.Tensor]] = dataclasses.field(default_factory=list)
+
+
 @contextlib.contextmanager
-def plain_attributes_left_alone(model: torch.nn.Module) -> Iterator[list[str]]:
+def plain_attributes_left_alone(model: torch.nn.Module) -> Iterator[TraceWatch]:
     """Run the block (the trace); if it wrote into a plain tensor attribute, put
-    back what can be put back and raise a CaptureError naming it. Yields the plain
-    tensor attributes the block assigned anew (``refuse_stale_reads``)."""
+    back what can be put back and raise a CaptureError naming it. Yields what
+    ``refuse_stale_reads`` judges once the program is exported."""
     watched = []
     copied = 0
     for name, t in plain_tensors(model):
@@ -295,9 +328,11 @@ def plain_attributes_left_alone(model: torch.nn.Module) -> Iterator[list[str]]:
 
     state = _PythonState(model)
     created: set[str] = set()
+    watch = TraceWatch()
     try:
         with _assignments_recorded(model, created) as assigned:
-            yield assigned
+            watch.assigned = assigned
+            yield watch
     except BaseException as exc:
         written = undo()
         state.restore()
@@ -305,7 +340,7 @@ def plain_attributes_left_alone(model: torch.nn.Module) -> Iterator[list[str]]:
             raise _updated_in_place(type(model).__name__, written) from exc
         raise
     written = undo()
-    changes = state.restore()
+    changes, watch.replaced = state.restore()
     name = type(model).__name__
     if changes:
         raise CaptureError(
@@ -339,11 +374,13 @@ def _updated_in_place(model_name: str, written: list[str]) -> CaptureError:
     )
 
 
-def refuse_stale_reads(model_name: str, assigned: list[str], ep: Any) -> None:
+def refuse_stale_reads(model_name: str, watch: TraceWatch, ep: Any) -> None:
     """Raise if the forward reads a plain tensor attribute it also assigns anew
-    (``self.count = self.count + 1``): the trace made the value it read a constant,
-    which a plan would read at every call. One only assigned (``self.last = y``, a
-    record kept for inspection) is not read by the plan and is left alone."""
+    (``self.count = self.count + 1``; in a plain object or a list too): the trace
+    made the value it read a constant, which a plan would read at every call. One
+    only assigned (``self.last = y``, a record kept for inspection; a cache's
+    cross-attention keys, made anew from the inputs) is not read by the plan and
+    is left alone."""
     from torch.export.graph_signature import InputKind
 
     read = {
@@ -351,7 +388,9 @@ def refuse_stale_reads(model_name: str, assigned: list[str], ep: Any) -> None:
         for spec in ep.graph_signature.input_specs
         if spec.kind is InputKind.CONSTANT_TENSOR
     }
-    stale = [name for name in dict.fromkeys(assigned) if name in read]
+    constants = {id(t) for t in ep.constants.values() if isinstance(t, torch.Tensor)}
+    stale = [name for name in dict.fromkeys(watch.assigned) if name in read]
+    stale += [name for name, old in watch.replaced if id(old) in constants]
     if stale:
         raise CaptureError(
             f"{model_name}'s forward reads {', '.join(stale)} and assigns it a new tensor, a "
