@@ -368,3 +368,41 @@ def test_a_fixed_home_may_be_quantized(home: str) -> None:
     problem = from_program(analysis.program, 10**8, analysis.profile, quantize="int8")
     plan = solve(dataclasses.replace(problem, fixed_homes={"head.weight": home}), time_limit=5)
     assert {d.name: d.home for d in plan.tensors}["head.weight"] == home
+
+
+@pytest.mark.parametrize("home", ["disk", "device"])
+def test_a_fixed_home_leaves_no_later_gap_a_quantized_home(home: str) -> None:
+    """A home fixed without codes left the home gap without the stored options,
+    while the weight's later gaps still offered them: the model chose one there
+    (unlinked) and building the plan failed, "unknown choice 'stored:int8'" (GPT-2
+    with extra_example_inputs and quantize="int8" at its smallest budget)."""
+    from test_quantize import FAST_QUANTIZE
+
+    from planner.solver.candidates import WHOLE_TENSOR_CHOICES, build_candidates, parse_choice
+
+    class UsedTwice(nn.Module):  # one weight read twice, with steps between
+        def __init__(self) -> None:
+            super().__init__()
+            self.shared = nn.Linear(512, 512)
+            self.middle = nn.Sequential(nn.ReLU(), nn.Linear(512, 512), nn.ReLU())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.shared(self.middle(self.shared(x)))
+
+    torch.manual_seed(0)
+    analysis = planner.analyze(UsedTwice().eval(), (torch.randn(4, 512),), profile=FAST_QUANTIZE)
+    problem = from_program(analysis.program, 10**8, analysis.profile, quantize="int8")
+    problem = dataclasses.replace(problem, fixed_homes={"shared.weight": home})
+    cands = build_candidates(problem)
+    tensor = next(t.index for t in problem.tensors if t.name == "shared.weight")
+    home_gap = cands.home_gap[tensor]
+    at_home = {o.choice for o in cands.gaps[home_gap].options}
+    later = [
+        o.choice
+        for gi in cands.gaps_of[tensor]
+        if gi != home_gap
+        for o in cands.gaps[gi].options
+        if parse_choice(o.choice)[0] in WHOLE_TENSOR_CHOICES
+    ]
+    assert len(cands.gaps_of[tensor]) > 1, "one gap: proves nothing"
+    assert set(later) <= at_home, later

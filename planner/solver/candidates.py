@@ -178,8 +178,15 @@ def build_candidates(problem: Problem) -> Candidates:
             gap = Gap(tensor.index, len(own), a, b)
             gap.options = _gap_options(problem, tensor, a, b)
             if stored:  # decided on the home gap (see WHOLE_TENSOR_CHOICES)
-                gap.options.append(Option(f"{STORED}:{stored}"))
-                gap.options += [Option(f"{QFETCH}:{tier}") for tier in problem.tiers]
+                whole = [Option(f"{STORED}:{stored}")]
+                whole += [Option(f"{QFETCH}:{tier}") for tier in problem.tiers]
+                # only those the home gap kept: a home fixed by another shape's plan
+                # leaves it without some, which a later gap still offered (the model
+                # chose one there, unlinked, and the plan had no such home: GPT-2
+                # with extra_example_inputs and quantize= at its smallest budget)
+                home = home_gap.get(tensor.index)
+                at_home = {o.choice for o in gaps[home].options} if home is not None else None
+                gap.options += [o for o in whole if at_home is None or o.choice in at_home]
             own.append(len(gaps))
             gaps.append(gap)
         if deliver_from is not None:
