@@ -862,6 +862,12 @@ class PlannedModule(torch.nn.Module):
                 self._check_open()
                 key, tier = self._tier_buffers[name]
                 return self._engine.read_now(key, tier)
+        if name not in self._state_names:
+            known = sorted({*self._state_names, *self._tier_buffers})
+            raise PlannerError(
+                f"{name!r} is not state this module holds; it holds {listed(known)} "
+                f"(names as in the model's state_dict)"
+            )
         return self._state[self._state_names.index(name)]
 
     def restore_state_tensor(self, name: str, value: torch.Tensor) -> None:
@@ -870,12 +876,18 @@ class PlannedModule(torch.nn.Module):
         the plan keeps it (a key/value cache)."""
         with self._shared.running:  # not under another thread's call
             if name in self._tier_buffers:
-                self._check_open()
+                # copied into what the tier holds, as into a tensor in memory: a
+                # value of another shape, dtype or layout was written as given, and
+                # the next calls failed (another shape) or differed from eager's
+                # by 9e-8 (a transposed value, read back with its strides)
+                current = self.state_tensor(name)
+                with torch.no_grad():
+                    _copy_checked(name, current, value)
                 key, tier = self._tier_buffers[name]
-                self._engine.write_now(key, tier, value.to(self.device))
+                self._engine.write_now(key, tier, current)
                 return
             with torch.no_grad():
-                self.state_tensor(name).copy_(value)
+                _copy_checked(name, self.state_tensor(name), value)
 
     def _no_grad_if_inference(self) -> contextlib.AbstractContextManager:
         """An inference plan runs under no_grad anyway; so measured or timed, an
@@ -987,6 +999,16 @@ class _Shared:
     #: spills share its slots, so a backward must come before any other spilling
     #: forward (``_PlannedStep``)
     spilled_forwards: int = 0
+
+
+def _copy_checked(name: str, target: torch.Tensor, value: torch.Tensor) -> None:
+    try:
+        target.copy_(value)
+    except RuntimeError as exc:
+        raise PlannerError(
+            f"cannot restore {name!r}, shape {tuple(target.shape)}, from a tensor of shape "
+            f"{tuple(value.shape)}: {exc}"
+        ) from exc
 
 
 class _PlannedStep(torch.autograd.Function):

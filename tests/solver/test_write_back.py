@@ -370,3 +370,29 @@ def test_a_pinned_buffer_is_not_read_by_a_recompute_after_its_update(share: str)
     with torch.no_grad():
         for _ in range(2):
             assert torch.equal(pm(x, pos), reference(x, pos))
+
+
+def test_a_cache_in_the_tier_is_restored_as_one_in_memory_is() -> None:
+    """restore_state_tensor copies into what the tier holds, as into a tensor in
+    memory (converted, broadcast, laid out as before). It wrote the value as
+    given: a transposed one was read back with its strides (the next call 9e-8
+    from eager's), another shape broke every later call. Unknown names and
+    shapes that cannot be copied are errors that say what is held."""
+    torch.manual_seed(0)
+    model = _TwoCaches().eval()
+    inputs = (torch.randn(1, 32), torch.tensor([3]))
+    smallest = _smallest(_problem(1.0))
+    pm = planner.plan(model, smallest.budget_bytes, inputs, profile="cpu", time_limit=5)
+    name = "layers.0.cache"
+    assert name in pm._tier_buffers, "the cache is in memory: proves nothing"
+    value = torch.randn(32, 2048).t()  # (2048, 32), transposed
+    pm.restore_state_tensor(name, value)
+    held = pm.state_tensor(name)
+    assert torch.equal(held, value) and held.is_contiguous()
+    pm.restore_state_tensor(name, torch.zeros((), dtype=torch.float64))  # broadcast
+    assert not pm.state_tensor(name).any() and pm.state_tensor(name).dtype == torch.float32
+    with pytest.raises(planner.PlannerError, match=r"cannot restore 'layers\.0\.cache'"):
+        pm.restore_state_tensor(name, torch.zeros(3))
+    with pytest.raises(planner.PlannerError, match=r"'nope' is not state this module holds"):
+        pm.state_tensor("nope")
+    pm.close()
