@@ -683,6 +683,14 @@ class PlannedModule(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._check_open()
+        if torch.jit.is_tracing() or torch.compiler.is_exporting():
+            raise PlannerError(
+                "a planned module cannot be traced or exported (torch.jit.trace, "
+                "torch.export): it runs a schedule of kernels and copies of its own on "
+                "tensors it holds, which a trace would record as one call's constants "
+                "(a jit trace of one failed at its first run). Trace or export the model "
+                "itself; torch.compile(pm) runs the plan as it is"
+            )
         if self._other_shapes:  # several input shapes
             _, module, inputs = self._matching(args, kwargs)
         else:

@@ -201,6 +201,24 @@ def test_copying_or_pickling_a_planned_module_is_a_clear_error(copier) -> None:
         copier(pm)
 
 
+@pytest.mark.parametrize(
+    "tracer",
+    [
+        lambda pm, x: torch.jit.trace(pm, (x,)),
+        lambda pm, x: torch.export.export(pm, (x,), strict=False),
+    ],
+    ids=["jit.trace", "export"],
+)
+def test_tracing_or_exporting_a_planned_module_is_a_clear_error(tracer) -> None:  # type: ignore[no-untyped-def]
+    """A jit trace of an inference plan was made and failed at its first run
+    ("'weight' must be 2-D"); export failed on an UntypedStorage argument."""
+    torch.manual_seed(0)
+    model, x = _Net().eval(), torch.randn(64, 32)
+    pm = planner.plan(model, "100%", (x,), profile="cpu")
+    with pytest.raises(PlannerError, match=r"cannot be traced or exported"):
+        tracer(pm, x)
+
+
 class _Scaled(nn.Module):
     def __init__(self) -> None:
         super().__init__()
