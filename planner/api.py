@@ -25,6 +25,7 @@ from planner.ir.autocast import autocast_off
 from planner.ir.capture import capture, normalize_example_inputs
 from planner.ir.conv_layout import channels_last_convolutions
 from planner.ir.fused_loss import fuse_cross_entropy_backward
+from planner.ir.hooks import module_hooks
 from planner.measured_room import plan_by_measured_room
 from planner.passes.device_profile import DeviceProfile, builtin_for_device, get_profile
 from planner.passes.pipeline import Analysis
@@ -383,6 +384,13 @@ def _plan_shapes(
     by measured room (its homes fixed) and checked by the meter as ``plan`` does
     one shape: the first shape's module first (the others share its store)."""
     analyses = [analyze(model, inputs, mode, profile, kernels) for inputs in shapes]
+    # a later shape's trace may install hooks of the model's own (transformers'
+    # output recorders, for output_hidden_states=True): every shape's module is
+    # checked against the hooks all traces left, or the first shape's was refused
+    # at every call for hooks "registered since planning"
+    hooks = module_hooks(model, backward=mode == "train")
+    for analysis in analyses:
+        analysis.captured.extra["hooks"] = hooks
     problems = [
         from_program(a.program, a.unplanned_peak_bytes, a.profile, quantize, kernels=kernels)
         for a in analyses

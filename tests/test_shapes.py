@@ -406,3 +406,34 @@ def test_a_fixed_home_leaves_no_later_gap_a_quantized_home(home: str) -> None:
     ]
     assert len(cands.gaps_of[tensor]) > 1, "one gap: proves nothing"
     assert set(later) <= at_home, later
+
+
+def test_hooks_a_later_shapes_trace_installs_do_not_refuse_the_first_shape() -> None:
+    """transformers installs its output recorders in the first forward that asks
+    for hidden states: planned with output_hidden_states False, then True, the
+    first shape's every call was refused for hooks "registered since planning"."""
+
+    class Recorded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor, record: bool = False) -> torch.Tensor:
+            if record and not self.lin._forward_hooks:
+                self.lin.register_forward_hook(lambda module, args, out: None)
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    model, x = Recorded().eval(), torch.randn(4, 8)
+    pm = planner.plan(
+        model,
+        "100%",
+        {"x": x, "record": False},
+        extra_example_inputs=[{"x": x, "record": True}],
+        profile="cpu",
+        time_limit=2,
+    )
+    with torch.no_grad():
+        expected = model.lin(x)
+        assert torch.equal(pm(x=x, record=False), expected)
+        assert torch.equal(pm(x=x, record=True), expected)
