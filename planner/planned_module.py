@@ -175,8 +175,10 @@ class PlannedModule(torch.nn.Module):
         self._forward_spills = self.mode == "train" and any(
             a.kind == "offload" and a.step in forward_steps for a in plan.actions
         )
-        #: the modules of this model's other input shapes (``add_other_shapes``)
+        #: the modules of this model's other input shapes (``add_other_shapes``);
+        #: ``other_shapes`` holds them as children, empty for one shape
         self._other_shapes: list[PlannedModule] = []
+        self.other_shapes = torch.nn.ModuleList()
         self._owns_store = share_store_of is None
         disk: DiskStore
         engine: CopyEngine

@@ -437,3 +437,10 @@ def test_hooks_a_later_shapes_trace_installs_do_not_refuse_the_first_shape() -> 
         expected = model.lin(x)
         assert torch.equal(pm(x=x, record=False), expected)
         assert torch.equal(pm(x=x, record=True), expected)
+
+
+def test_a_module_of_one_shape_has_no_other_shapes() -> None:
+    """Code looping over pm.other_shapes met an AttributeError for one shape."""
+    model, x = nn.Linear(8, 8).eval(), torch.randn(4, 8)
+    pm = planner.plan(model, "100%", (x,), profile="cpu", time_limit=2)
+    assert list(pm.other_shapes) == []
