@@ -286,6 +286,14 @@ def plan(
     """
     check_kernels(kernels)  # before any work
     _check_time_limit(time_limit)
+    if extra_example_inputs is not None and not isinstance(extra_example_inputs, (list, tuple)):
+        # a dict of keyword arguments was iterated as its keys ("got str"), a tensor
+        # as its rows (an error from inside the model)
+        raise PlannerError(
+            f"extra_example_inputs takes a list of example inputs, one per more shape "
+            f"(extra_example_inputs=[inputs_2, inputs_3], each as example_inputs is "
+            f"given), got a {type(extra_example_inputs).__name__}: wrap it in a list"
+        )
     if extra_example_inputs:
         _check_saved_plans(plan, 1 + len(extra_example_inputs))
     elif isinstance(plan, (list, tuple)):

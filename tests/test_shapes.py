@@ -444,3 +444,14 @@ def test_a_module_of_one_shape_has_no_other_shapes() -> None:
     model, x = nn.Linear(8, 8).eval(), torch.randn(4, 8)
     pm = planner.plan(model, "100%", (x,), profile="cpu", time_limit=2)
     assert list(pm.other_shapes) == []
+
+
+@pytest.mark.parametrize(
+    "extra", [{"x": torch.randn(2, 8)}, torch.randn(2, 8)], ids=["dict", "tensor"]
+)
+def test_extra_example_inputs_not_in_a_list_is_a_clear_error(extra) -> None:  # type: ignore[no-untyped-def]
+    """A dict was iterated as its keys ("example_inputs must be ...; got str"), a
+    tensor as its rows (an error from inside the model)."""
+    model = nn.Linear(8, 8).eval()
+    with pytest.raises(planner.PlannerError, match=r"extra_example_inputs takes a list"):
+        planner.plan(model, "100%", {"input": torch.randn(4, 8)}, extra_example_inputs=extra)

@@ -390,7 +390,10 @@ def _unknown_output_hint(message: str) -> str:
             f"The model returns a {name} (a transformers cache of past keys and values, "
             f"returned while use_cache is on): plan it with the cache off, "
             f"model.config.use_cache = False or use_cache=False in the example inputs' "
-            f"keyword arguments, or wrap the model to return the tensors you use."
+            f"keyword arguments, or wrap the model to return the tensors you use. To "
+            f"decode with a cache, plan a step with a static one (transformers' "
+            f"TorchExportableModuleWithStaticCache: README, generation; "
+            f"examples/generate_llama.py), not a DynamicCache passed in."
         )
     return (
         f"The model's outputs hold an instance of {name}, which torch.export cannot flatten into "
