@@ -407,6 +407,7 @@ def _plan_shapes(
     budget_bytes = parse_budget(budget, reference)
     problems = [dataclasses.replace(p, budget_bytes=budget_bytes) for p in problems]
     if isinstance(saved, (list, tuple)):  # one per shape (_check_saved_plans)
+        _check_saved_order(problems, saved)
         plans = [_reuse_plan(p, s, kernels) for p, s in zip(problems, saved)]
         check_same_homes(problems, plans)
     else:
@@ -441,6 +442,23 @@ def _plan_shapes(
         raise
     pm.release_offloaded(model)
     return pm
+
+
+def _check_saved_order(problems: list[Problem], saved: Sequence[Any]) -> None:
+    """Saved plans given in another order than the shapes: each was refused as
+    made "for a different graph", which sent the caller to plan again."""
+    try:
+        theirs = [(s if isinstance(s, Plan) else Plan.load(s)).fingerprint for s in saved]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # _reuse_plan says what is wrong with it
+    ours = [p.fingerprint() for p in problems]
+    if ours != theirs and sorted(ours) == sorted(theirs):
+        order = [ours.index(f) for f in theirs]
+        raise PlannerError(
+            f"the saved plans are for these shapes in another order: those given are for "
+            f"shapes {order} in turn (0: example_inputs, k: extra_example_inputs[k - 1]); "
+            f"pass them in the shapes' order (pm.plan, then each of pm.other_shapes's .plan)"
+        )
 
 
 def _check_saved_plans(saved: Any, shapes: int) -> None:

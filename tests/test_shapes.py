@@ -159,6 +159,12 @@ def test_saved_plans_one_per_shape_are_reused_without_solving(tmp_path, monkeypa
 
     monkeypatch.setattr(planner.shapes, "solve", no_solving)
     monkeypatch.setattr(planner.api, "solve", no_solving)
+    # in another order: said so (it was "made for a different graph": plan again)
+    with pytest.raises(planner.PlannerError, match=r"in another order.*shapes \[1, 0\]"):
+        planner.plan(
+            fresh, budget, _token(0), profile="cpu", extra_example_inputs=[_chunk(0, 4)],
+            plan=paths[::-1],
+        )  # fmt: skip
     pm = planner.plan(
         fresh, budget, _token(0), profile="cpu", extra_example_inputs=[_chunk(0, 4)], plan=paths
     )
