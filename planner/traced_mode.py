@@ -49,7 +49,7 @@ def behaves_by_mode(module: nn.Module) -> bool:
         return module.p > 0
     if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
         return module.track_running_stats  # else batch statistics in both modes
-    return _reads_training(type(module))
+    return _reads_training(type(module))  # type: ignore[arg-type]
 
 
 @functools.cache

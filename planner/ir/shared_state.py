@@ -103,7 +103,8 @@ def written_state(ep: torch.export.ExportedProgram) -> set[str]:
                 on_storage.setdefault(storage, set()).add(state[node.name])
     for node in ep.graph.nodes:
         for value in _written_arguments(node):
-            written |= on_storage.get(_fake_storage(value), set())
+            if (storage := _fake_storage(value)) is not None:
+                written |= on_storage.get(storage, set())
     return written
 
 
