@@ -612,7 +612,7 @@ def _constants_as_buffers(
     one is, is the model's too: found by identity, it is made a buffer by that
     name (training failed on it with torch's "convert all Tensors to
     FakeTensors")."""
-    held = {id(t) for _, t in plain_tensors(model)}
+    held = {id(t) for _, t in plain_tensors(model, state_views=True)}
     constants = {
         k: v
         for k, v in ep.constants.items()

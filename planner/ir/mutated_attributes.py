@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils import _pytree as pytree
 
 from planner.errors import CaptureError
@@ -84,13 +85,15 @@ def _attribute_values(model: torch.nn.Module) -> Iterator[tuple[str, Any]]:
             yield f"{qualified}.{name}", value
 
 
-def plain_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+def plain_tensors(
+    model: torch.nn.Module, state_views: bool = False
+) -> list[tuple[str, torch.Tensor]]:
     """Tensors held as plain attributes of ``model``'s modules (neither parameters
     nor buffers) or of the plain objects they hold, also inside a list, tuple or
     dict there, by qualified name. Not a parameter or buffer reached that way, nor
     a view of one (transformers' static cache holds its buffers in a plain
     object): its updates are the buffer's, which a plan carries
-    (``planner.ir.aliased_state``)."""
+    (``planner.ir.aliased_state``); ``state_views`` keeps those."""
     state = {
         _storage_key(t)
         for t in [*model.parameters(), *model.buffers()]
@@ -110,8 +113,11 @@ def plain_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [
         (name, t)
         for name, t in found
-        if not isinstance(t, torch.nn.Parameter)
-        and not (t.layout is torch.strided and not t.is_meta and _storage_key(t) in state)
+        if not isinstance(t, (torch.nn.Parameter, FakeTensor))
+        and (
+            state_views
+            or not (t.layout is torch.strided and not t.is_meta and _storage_key(t) in state)
+        )
     ]
 
 
@@ -189,16 +195,25 @@ class _PythonState:
         replaced: list[tuple[str, torch.Tensor]] = []
         for path, container, before in self.containers:
             change = _container_change(path, container, before)
-            if change is not None:
-                if _holds_tensors(container, before):
-                    changed.append(change)
+            if change is not None and _holds_tensors(container, before):
+                changed.append(change)
+            if not _same_items(container, before):
                 _refill(container, before)
         for module, before in self.attributes:  # the originals, not copies
             now = vars(module)
             for name, value in before.items():
                 if name not in _MODULE_TABLES and now.get(name) is not value:
-                    if isinstance(value, (list, dict, collections.deque, set)):
+                    if isinstance(value, (list, dict, collections.deque, set, tuple)):
                         now[name] = value
+            # a tensor attribute the forward made (self.feat = y; hasattr-made state)
+            # held the trace's fake tensor: training failed on it, and the model's
+            # next eager call computed with it
+            for name in [n for n, v in now.items() if n not in before]:
+                if isinstance(now[name], torch.Tensor):
+                    del now[name]
+            for name, value in before.items():  # None when planned (lazy state)
+                if value is None and isinstance(now.get(name), torch.Tensor):
+                    now[name] = None
         for path, obj, before in self.objects:
             now = vars(obj)
             for name in [n for n in now if n not in before]:
@@ -227,8 +242,11 @@ def _container_change(path: str, container: Any, before: Any) -> str | None:
     if isinstance(container, set):
         return None if container == before else f"adds to or removes from {path}"
     if isinstance(container, dict):
-        if container.keys() != before.keys():
-            return f"adds keys to or removes keys from {path}"
+        if not before.keys() <= container.keys():
+            return f"removes keys from {path}"
+        # keys added, the others' values left alone: a cache filled at the first
+        # call (by shape: a rotary table), which a plan makes at every call; put back
+        # and let through (a dict read as an accumulator is not told from one)
         keys = list(before)
         now = [container[k] for k in keys]
         items = [before[k] for k in keys]
@@ -246,6 +264,17 @@ def _container_change(path: str, container: Any, before: Any) -> str | None:
     return None
 
 
+def _same_items(container: Any, before: Any) -> bool:
+    if isinstance(container, set):
+        return container == before
+    if isinstance(container, dict):
+        return container.keys() == before.keys() and all(
+            container[k] is v for k, v in before.items()
+        )
+    now = list(container)
+    return len(now) == len(before) and all(a is b for a, b in zip(now, before))
+
+
 def _items(n: int) -> str:
     return f"{n} item{'' if n == 1 else 's'}"
 
@@ -261,15 +290,51 @@ def _refill(container: Any, before: Any) -> None:
             container.update(before)
 
 
+def _made_from(value: torch.Tensor, old: torch.Tensor) -> bool:
+    """Whether the trace made ``value`` from ``old`` (the graph's nodes behind
+    them, through the tracer's proxies); True where it cannot tell. A record kept
+    twice in one call (``self.last = y``, then another) is not made from the
+    first."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot
+
+    mode = get_proxy_mode()
+    if mode is None:
+        return True
+    try:
+        new = get_proxy_slot(value, mode.tracer, None, lambda p: p.proxy.node)
+        before = get_proxy_slot(old, mode.tracer, None, lambda p: p.proxy.node)
+    except Exception:  # noqa: BLE001 - a tracer's internals: assume the worst
+        return True
+    if new is None or before is None:
+        return True
+    seen, todo = {new}, [new]
+    while todo:
+        node = todo.pop()
+        if node is before:
+            return True
+        for arg in node.all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                todo.append(arg)
+    return False
+
+
 @contextlib.contextmanager
-def _assignments_recorded(model: torch.nn.Module, created: set[str]) -> Iterator[list[str]]:
+def _assignments_recorded(
+    model: torch.nn.Module,
+    carried: set[str],
+    replaced: list[tuple[str, torch.Tensor]],
+) -> Iterator[list[str]]:
     """The plain tensor attributes of ``model``'s modules the block assigns a new
     value to (``self.count = self.count + 1``): torch.export puts them back
-    afterwards, so only the assignment itself shows it. ``created`` gets those
-    that held no tensor before their first assignment (``self.h = zeros`` where
-    ``self.h`` was None)."""
+    afterwards, so only the assignment itself shows it. ``carried`` gets those
+    that held None before the trace and were then assigned a tensor made from
+    the one the trace gave them (``self.h = zeros`` where ``self.h`` was None,
+    then ``self.h = 0.5 * self.h + ...``); ``replaced`` the tensors in a tuple or
+    list an assignment replaced (``self.state = (h2, c2)``)."""
     modules = {id(m): prefix for prefix, m in model.named_modules()}
     assigned: list[str] = []
+    created: set[str] = set()
     original = torch.nn.Module.__setattr__
 
     def setattr_recorded(module: torch.nn.Module, name: str, value: Any) -> None:
@@ -280,8 +345,17 @@ def _assignments_recorded(model: torch.nn.Module, created: set[str]) -> Iterator
         # longrope frequencies: self.x = self.x.to(device)): nothing changes
         if prefix is not None and isinstance(old, torch.Tensor) and value is not old:
             assigned.append(qualified)
+            if qualified in created and _made_from(value, old):
+                carried.add(qualified)
         elif prefix is not None and old is None and isinstance(value, torch.Tensor):
             created.add(qualified)
+        elif prefix is not None and isinstance(old, (tuple, list)) and value is not old:
+            leaves, _ = pytree.tree_flatten_with_path(old)
+            replaced.extend(
+                (qualified + pytree.keystr(path), leaf)
+                for path, leaf in leaves
+                if isinstance(leaf, torch.Tensor)
+            )
         original(module, name, value)
 
     torch.nn.Module.__setattr__ = setattr_recorded  # type: ignore[method-assign,assignment]
@@ -327,10 +401,11 @@ def plain_attributes_left_alone(model: torch.nn.Module) -> Iterator[TraceWatch]:
         return written
 
     state = _PythonState(model)
-    created: set[str] = set()
+    carried: set[str] = set()
+    in_tuples: list[tuple[str, torch.Tensor]] = []
     watch = TraceWatch()
     try:
-        with _assignments_recorded(model, created) as assigned:
+        with _assignments_recorded(model, carried, in_tuples) as assigned:
             watch.assigned = assigned
             yield watch
     except BaseException as exc:
@@ -341,6 +416,7 @@ def plain_attributes_left_alone(model: torch.nn.Module) -> Iterator[TraceWatch]:
         raise
     written = undo()
     changes, watch.replaced = state.restore()
+    watch.replaced += in_tuples
     name = type(model).__name__
     if changes:
         raise CaptureError(
@@ -350,11 +426,11 @@ def plain_attributes_left_alone(model: torch.nn.Module) -> Iterator[TraceWatch]:
             f"would not follow eager's. Keep such state in registered buffers updated in "
             f"place (self.register_buffer(...); buf.copy_(new)), or outside the model"
         )
-    lazy = sorted(n for n in created if n in assigned)
+    lazy = sorted(carried)
     if lazy:
         raise CaptureError(
             f"{name}'s forward makes {', '.join(lazy)} (None when planned) and then assigns "
-            f"it a new tensor made from it: state carried from call to call in a plain "
+            f"it a tensor made from it: state carried from call to call in a plain "
             f"attribute, which a plan would start from nothing at every call. Register it "
             f"as a buffer in __init__ (self.register_buffer({lazy[0].rpartition('.')[2]!r}, "
             f"torch.zeros(...))) and update it in place"

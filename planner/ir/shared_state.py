@@ -101,7 +101,10 @@ def written_state(ep: torch.export.ExportedProgram) -> set[str]:
         if node.op == "placeholder" and node.name in state:
             if (storage := _fake_storage(node)) is not None:
                 on_storage.setdefault(storage, set()).add(state[node.name])
-    for node in ep.graph.nodes:
+    # also in the subgraphs of with-blocks (torch.no_grad(), autocast): export puts
+    # their ops in a submodule of the graph module (wrap_with_set_grad_enabled)
+    graphs = [m.graph for m in ep.graph_module.modules() if isinstance(m, torch.fx.GraphModule)]
+    for node in (n for graph in graphs for n in graph.nodes):
         for value in _written_arguments(node):
             if (storage := _fake_storage(value)) is not None:
                 written |= on_storage.get(storage, set())

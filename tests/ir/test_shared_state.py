@@ -174,13 +174,16 @@ class _WritesThroughAView(nn.Module):
             self.base.unbind(0)[1].add_(1.0)
         elif self.how == "out":
             torch.add(self.base[0:2], 1.0, out=self.base[0:2])
+        elif self.how == "no_grad":  # export puts the block's ops in a subgraph
+            with torch.no_grad():
+                self.base.chunk(2)[0].add_(1.0)
         else:
             self.base.add_(1.0)
         return (self.fc(x) + self.row).pow(2).mean()
 
 
 @pytest.mark.parametrize("mode", ["infer", "train"])
-@pytest.mark.parametrize("how", ["chunk", "split", "unbind", "out", "attribute"])
+@pytest.mark.parametrize("how", ["chunk", "split", "unbind", "out", "no_grad", "attribute"])
 def test_a_write_through_any_view_or_into_a_viewed_attribute_is_refused(
     how: str, mode: str
 ) -> None:
@@ -208,3 +211,26 @@ def test_a_plain_attribute_that_views_a_buffer_but_only_read_is_planned(mode: st
             return (self.fc(x) + self.head + self.table.sum(0)).pow(2).mean()
 
     _planned_as_eager(ReadsView, torch.randn(4, 8), mode)
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_a_view_of_a_buffer_held_in_a_list_or_object_but_only_read_is_planned(mode: str) -> None:
+    """Training failed on it with torch's "convert all Tensors to FakeTensors": a
+    constant held in a list was made a buffer unless it viewed one."""
+
+    class Holder:
+        def __init__(self, head: torch.Tensor) -> None:
+            self.head = head
+
+    class ReadsViews(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.register_buffer("table", torch.randn(32, 8))
+            self.heads = [self.table[:4]]
+            self.holder = Holder(self.table[4:8])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (self.fc(x) + self.heads[0] + self.holder.head).pow(2).mean()
+
+    _planned_as_eager(ReadsViews, torch.randn(4, 8), mode)
