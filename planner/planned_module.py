@@ -66,7 +66,7 @@ from planner.runtime.store import DiskStore
 from planner.solver.plan import Plan
 from planner.solver.problem import Problem
 from planner.step_wiring import StepWiring
-from planner.traced_mode import ModeWatch, check_call_mode, depends_on_mode
+from planner.traced_mode import ModeWatch, check_call_mode, depends_on_mode, draws_random
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ class PlannedModule(torch.nn.Module):
                 )
                 primals = zip(self._primal_names, self._primals)
                 self._state_watch = StateWatch(model, self._model_entries(model, primals))
-                self._mode_watch = ModeWatch(model)
+                self._mode_watch = ModeWatch(model, draws_random(program))
                 self._primals_require_grad = tuple(p.requires_grad for p in self._primals)
                 self._delivery_accumulators = accumulators(self._delivered_params)
                 self._tier_params = TierParams(self._tier_homed_params)

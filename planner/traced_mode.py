@@ -20,6 +20,7 @@ updates statistics because of it.
 from __future__ import annotations
 
 import functools
+import inspect
 import types
 import warnings
 
@@ -36,32 +37,41 @@ _MODE_DEPENDENT_MODULES = (
 )
 
 
-#: modules of these packages read ``self.training`` for dropout (in the graph when
-#: it draws) and gradient checkpointing (no effect on what is computed)
+#: modules of these packages read ``self.training`` mostly for dropout (in the
+#: graph when it draws) and gradient checkpointing (no effect on what is
+#: computed): held to their mode only where the graph draws random numbers
+#: (transformers' DropPath draws with torch.rand: ConvNext after pm.eval() ran
+#: its training-mode drop path, 0.02 from eager's evaluation)
 _LIBRARIES = ("torch", "transformers")
 
 
-def behaves_by_mode(module: nn.Module) -> bool:
+def behaves_by_mode(module: nn.Module, draws_random: bool = False) -> bool:
     """Whether ``module`` computes something else in the other mode, by its own
     code (not its submodules'): dropout with p > 0, a norm with running
-    statistics, or a class of the user's whose methods read ``training``."""
+    statistics, a class of the user's whose methods read ``training``, and, in a
+    graph that draws random numbers, one of torch's or transformers' that
+    does."""
     if isinstance(module, nn.modules.dropout._DropoutNd):
         return module.p > 0
     if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
         return module.track_running_stats  # else batch statistics in both modes
-    return _reads_training(type(module))  # type: ignore[arg-type]
+    return _reads_training(type(module), draws_random)  # type: ignore[arg-type]
 
 
 @functools.cache
-def _reads_training(cls: type) -> bool:
+def _reads_training(cls: type, libraries_too: bool) -> bool:
     for klass in cls.__mro__:
-        if klass.__module__.partition(".")[0] in (*_LIBRARIES, "builtins"):
+        package = klass.__module__.partition(".")[0]
+        if package == "builtins" or (package in _LIBRARIES and not libraries_too):
+            continue
+        if klass is nn.Module:
             continue
         for attr in vars(klass).values():
             if isinstance(attr, (staticmethod, classmethod)):
                 attr = attr.__func__
             elif isinstance(attr, property):
                 attr = attr.fget
+            attr = inspect.unwrap(attr) if callable(attr) else attr  # @torch.no_grad()
             code = getattr(attr, "__code__", None)
             if isinstance(code, types.CodeType) and _names_training(code):
                 return True
@@ -74,6 +84,10 @@ def _names_training(code: types.CodeType) -> bool:
     return "training" in code.co_names or any(
         _names_training(c) for c in code.co_consts if isinstance(c, types.CodeType)
     )
+
+
+def draws_random(program: Program) -> bool:
+    return any(op.draws_random for op in program.ops)
 
 
 def _draws_dropout(program: Program) -> bool:
@@ -108,7 +122,8 @@ def depends_on_mode(model: nn.Module, program: Program) -> bool:
     assumed to write it in eval mode too), or has modules that behave by mode."""
     if _draws_dropout(program) or program.meta.get(BUFFER_UPDATES):
         return True
-    return any(behaves_by_mode(m) for m in model.modules())
+    draws = draws_random(program)
+    return any(behaves_by_mode(m, draws) for m in model.modules())
 
 
 def _name(training: bool) -> str:
@@ -148,11 +163,11 @@ class ModeWatch:
     A model planned with some of them in another mode than the rest (batch norms
     frozen in eval mode while the rest trains) is checked against that."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, draws_random: bool = False) -> None:
         self._flags = [("model", model, model.training)] + [
             (f"model.{name}", m, m.training)
             for name, m in model.named_modules()
-            if name and behaves_by_mode(m)
+            if name and behaves_by_mode(m, draws_random)
         ]
 
     def check(self) -> None:

@@ -204,3 +204,48 @@ def test_inference_plan_warns_of_norm_statistics_not_of_other_buffer_updates() -
         pm(x)
         pm(x)
     assert counter.calls.item() == 2
+
+
+class _NoiseUnderNoGrad(nn.Module):
+    """Reads self.training inside a decorated forward (the decorator's wrapper was
+    scanned, not the function)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        return h + self._noise(h)
+
+    @torch.no_grad()
+    def _noise(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.randn_like(h) if self.training else torch.zeros_like(h)
+
+
+def test_a_decorated_method_and_transformers_drop_path_are_watched() -> None:
+    """transformers' DropPath (ConvNext's drop_path_rate) draws with torch.rand in
+    training mode only: after pm.eval() the plan ran it, 0.02 from eager's
+    evaluation, silently. A library module reading its flag is held to its mode
+    where the graph draws random numbers."""
+    from transformers import ConvNextConfig, ConvNextModel
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 16)
+    pm = planner.plan(nn.Sequential(_NoiseUnderNoGrad()), "100%", (x,), mode="train")
+    pm.eval()
+    with pytest.raises(PlannerError, match="in eval mode"):
+        pm(x)
+    config = ConvNextConfig(
+        num_channels=3,
+        hidden_sizes=[8, 16],
+        depths=[1, 1],
+        num_stages=2,
+        drop_path_rate=0.5,
+        image_size=32,
+    )
+    model = ConvNextModel(config)
+    pm = planner.plan(model, "100%", (torch.randn(2, 3, 32, 32),), mode="train", profile="cpu")
+    model.eval()
+    with pytest.raises(PlannerError, match="in eval mode"):
+        pm(torch.randn(2, 3, 32, 32))
