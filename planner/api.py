@@ -393,12 +393,14 @@ def _plan_shapes(
     one shape: the first shape's module first (the others share its store)."""
     analyses = [analyze(model, inputs, mode, profile, kernels) for inputs in shapes]
     # a later shape's trace may install hooks of the model's own (transformers'
-    # output recorders, for output_hidden_states=True): every shape's module is
-    # checked against the hooks all traces left, or the first shape's was refused
-    # at every call for hooks "registered since planning"
+    # output recorders, for output_hidden_states=True): a shape traced before them
+    # is traced again with them in place (they ran in its calls' eager
+    # counterpart), else the first shape's every call was refused for hooks
+    # "registered since planning" (or, let through, computed without them)
     hooks = module_hooks(model, backward=mode == "train")
-    for analysis in analyses:
-        analysis.captured.extra["hooks"] = hooks
+    for k, inputs in enumerate(shapes):
+        if analyses[k].captured.extra["hooks"] != hooks:
+            analyses[k] = analyze(model, inputs, mode, profile, kernels)
     problems = [
         from_program(a.program, a.unplanned_peak_bytes, a.profile, quantize, kernels=kernels)
         for a in analyses

@@ -12,6 +12,7 @@ import torch
 from conftest import CachedLayer
 from test_released import _reachable_bytes
 from torch import nn
+from torch.nn import functional as F
 
 import planner
 import planner.shapes
@@ -417,7 +418,9 @@ def test_a_fixed_home_leaves_no_later_gap_a_quantized_home(home: str) -> None:
 def test_hooks_a_later_shapes_trace_installs_do_not_refuse_the_first_shape() -> None:
     """transformers installs its output recorders in the first forward that asks
     for hidden states: planned with output_hidden_states False, then True, the
-    first shape's every call was refused for hooks "registered since planning"."""
+    first shape's every call was refused for hooks "registered since planning".
+    The first shape is traced again with them: here the hook doubles the output,
+    which eager's calls of either shape then do."""
 
     class Recorded(nn.Module):
         def __init__(self) -> None:
@@ -426,7 +429,7 @@ def test_hooks_a_later_shapes_trace_installs_do_not_refuse_the_first_shape() -> 
 
         def forward(self, x: torch.Tensor, record: bool = False) -> torch.Tensor:
             if record and not self.lin._forward_hooks:
-                self.lin.register_forward_hook(lambda module, args, out: None)
+                self.lin.register_forward_hook(lambda module, args, out: out * 2)
             return self.lin(x)
 
     torch.manual_seed(0)
@@ -440,7 +443,8 @@ def test_hooks_a_later_shapes_trace_installs_do_not_refuse_the_first_shape() -> 
         time_limit=2,
     )
     with torch.no_grad():
-        expected = model.lin(x)
+        expected = model.lin(x)  # the hook in place: doubled
+        assert torch.equal(expected, 2 * F.linear(x, model.lin.weight, model.lin.bias))
         assert torch.equal(pm(x=x, record=False), expected)
         assert torch.equal(pm(x=x, record=True), expected)
 
