@@ -22,7 +22,7 @@ from planner.solver.baselines import keep_all
 from planner.solver.candidates import build_candidates
 from planner.solver.model import PlacementModel
 from planner.solver.plan import Action
-from planner.solver.remat_graphs import layered_dag
+from planner.solver.remat_graphs import chain_graph, layered_dag
 from planner.solver.solve import _evaluate
 from planner.solver.synthetic import (
     lower_bound,
@@ -580,3 +580,32 @@ def test_an_offload_can_wait_for_its_write_at_once_however_fast_the_disk() -> No
         ]
         assert offloads, "the toy must have tensors to offload"
         assert all("offload:disk:sync" in choices for choices in offloads)
+
+
+def test_below_the_floor_no_greedy_runs_and_min_budget_is_made_once(monkeypatch) -> None:
+    """Below what any plan can hold the budget greedy cannot fit, and descended
+    until no move was left; and the memory-minimizing greedy ran twice (solve,
+    then the error's min_budget). A 5,000-step chain: 78 s to BudgetTooSmall,
+    now 23 s. The min_budget is the same."""
+    import importlib
+
+    from planner.solver import baselines
+
+    solve_module = importlib.import_module("planner.solver.solve")  # the package's is a function
+
+    problem = problem_from_dag(chain_graph(40), 1, seed=3)
+    problem = with_budget(problem, 1)
+    with pytest.raises(BudgetTooSmall) as before:
+        solve(problem, time_limit=1)
+    calls: list[int | None] = []
+    original = baselines.greedy
+
+    def counted(cands, budget=None, deadline=None):  # type: ignore[no-untyped-def]
+        calls.append(budget)
+        return original(cands, budget=budget, deadline=deadline)
+
+    monkeypatch.setattr(solve_module, "greedy", counted)
+    with pytest.raises(BudgetTooSmall) as after:
+        solve(problem, time_limit=1)
+    assert calls == [0]
+    assert after.value.min_budget == before.value.min_budget
