@@ -848,7 +848,14 @@ class PlannedModule(torch.nn.Module):
             f"planning (model.apply(fn), then planner.plan)",
             stacklevel=2,
         )
-        return super().apply(fn)  # type: ignore[return-value]
+
+        def visit(module: torch.nn.Module) -> None:  # as nn.Module.apply, children first
+            for child in module.children():  # (other shapes' modules: warned once)
+                visit(child)
+            fn(module)
+
+        visit(self)
+        return self
 
     def __getstate__(self) -> Any:
         raise PlannerError(

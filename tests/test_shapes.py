@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -465,3 +466,16 @@ def test_extra_example_inputs_not_in_a_list_is_a_clear_error(extra) -> None:  # 
     model = nn.Linear(8, 8).eval()
     with pytest.raises(planner.PlannerError, match=r"extra_example_inputs takes a list"):
         planner.plan(model, "100%", {"input": torch.randn(4, 8)}, extra_example_inputs=extra)
+
+
+def test_apply_on_a_module_of_several_shapes_warns_once() -> None:
+    """Each other shape's module warned again (they are children)."""
+    model = nn.Linear(8, 8).eval()
+    pm = planner.plan(
+        model, "100%", (torch.randn(4, 8),), extra_example_inputs=[(torch.randn(2, 8),)],
+        profile="cpu", time_limit=2,
+    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm.apply(lambda module: None)
+    assert len([w for w in caught if "reaches the planned module only" in str(w.message)]) == 1
