@@ -175,10 +175,8 @@ class PlannedModule(torch.nn.Module):
         self._forward_spills = self.mode == "train" and any(
             a.kind == "offload" and a.step in forward_steps for a in plan.actions
         )
-        #: the modules of this model's other input shapes (``add_other_shapes``);
-        #: ``other_shapes`` holds them as children, empty for one shape
+        #: the modules of this model's other input shapes (``add_other_shapes``)
         self._other_shapes: list[PlannedModule] = []
-        self.other_shapes = torch.nn.ModuleList()
         self._owns_store = share_store_of is None
         disk: DiskStore
         engine: CopyEngine
@@ -650,13 +648,21 @@ class PlannedModule(torch.nn.Module):
                     raise PlannerError(why) from error
                 raise
 
+    @property
+    def other_shapes(self) -> torch.nn.ModuleList:
+        """The modules of ``extra_example_inputs``' shapes, in order: children of
+        this one (so the meter counts what they hold); empty for one shape (code
+        looping over them met an AttributeError), without a child to print."""
+        held = self._modules.get("other_shapes")
+        return held if isinstance(held, torch.nn.ModuleList) else torch.nn.ModuleList()
+
     def add_other_shapes(self, modules: list[PlannedModule]) -> None:
         """Serve the input shapes of ``modules`` too (``planner.shapes``: the same
         model, planned per shape over this module's store): a call runs the
         executor whose arguments it matches. They are this module's children, so
         the meter counts what they hold (the weights they share, once)."""
         self._other_shapes = list(modules)
-        self.other_shapes = torch.nn.ModuleList(modules)
+        self._modules["other_shapes"] = torch.nn.ModuleList(modules)  # the property reads it
 
     def _matching(self, args: tuple, kwargs: dict) -> tuple[int, PlannedModule, list[torch.Tensor]]:
         """The shape (0: this module's, k: ``other_shapes[k - 1]``'s) whose planned
