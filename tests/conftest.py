@@ -135,6 +135,19 @@ class CachedLayer(nn.Module):
         return self.cache.sum(0, keepdim=True)
 
 
+class TwoCaches(nn.Module):
+    """Two ``CachedLayer``s one after the other: two buffers updated in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(CachedLayer() for _ in range(2))
+
+    def forward(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, position)
+        return x
+
+
 class WithLoss(nn.Module):
     """A model plus a scalar loss, so that a planned training step is the whole step."""
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import CachedLayer
+from conftest import TwoCaches
 from torch import nn
 
 import planner
@@ -71,22 +71,11 @@ def _captured(model: nn.Module, inputs: tuple, mode: str, share: float) -> Probl
     )
 
 
-class _TwoCaches(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(CachedLayer() for _ in range(2))
-
-    def forward(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x, position)
-        return x
-
-
 def test_a_cache_and_its_update_are_re_evaluated_together() -> None:
     """Partners (a buffer updated in place and its update's last gap) read each
     other's choice."""
     torch.manual_seed(0)
-    problem = _captured(_TwoCaches().eval(), (torch.randn(1, 32), torch.tensor([3])), "infer", 0.4)
+    problem = _captured(TwoCaches().eval(), (torch.randn(1, 32), torch.tensor([3])), "infer", 0.4)
     cands = build_candidates(problem)
     assert cands.partners
     assert _descend_checking_every_move(cands, 0) > 0

@@ -9,7 +9,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import CachedLayer
+from conftest import CachedLayer, TwoCaches
 from host_tier import run_gpu_plans_here
 from torch import nn
 
@@ -28,20 +28,9 @@ from planner.solver.plan import Action
 from planner.solver.solve import keep_all_peak
 
 
-class _TwoCaches(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(CachedLayer() for _ in range(2))
-
-    def forward(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x, position)
-        return x
-
-
 def _problem(share: float, profile: str = "cpu"):  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
-    model = _TwoCaches().eval()
+    model = TwoCaches().eval()
     inputs = (torch.randn(1, 32), torch.tensor([3]))
     analysis = planner.analyze(model, inputs, profile=profile)
     budget = int(analysis.unplanned_peak_bytes * share)
@@ -127,7 +116,7 @@ def test_the_cuda_executor_sends_down_the_rows_at_the_op_and_nothing_after() -> 
     with no copy of its own (before: the whole cache went down after it)."""
     torch.manual_seed(0)
     analysis = planner.analyze(
-        _TwoCaches().eval(), (torch.randn(1, 32), torch.tensor([3])), profile="h100"
+        TwoCaches().eval(), (torch.randn(1, 32), torch.tensor([3])), profile="h100"
     )
     small = _smallest(from_program(analysis.program, 1, analysis.profile))
     plan = solve(small, time_limit=5)
@@ -148,8 +137,8 @@ def test_on_a_gpu_the_rows_reach_the_host_home_as_the_op_makes_them(
     else goes down, and the next step reads the caches back from there."""
     engines = run_gpu_plans_here(monkeypatch)
     torch.manual_seed(0)
-    model = _TwoCaches().eval()
-    reference = _TwoCaches().eval()
+    model = TwoCaches().eval()
+    reference = TwoCaches().eval()
     reference.load_state_dict(model.state_dict())
     inputs = [(torch.randn(1, 32), torch.tensor([k])) for k in (3, 0, 7)]
     with pytest.raises(planner.BudgetTooSmall) as smallest:
@@ -379,7 +368,7 @@ def test_a_cache_in_the_tier_is_restored_as_one_in_memory_is() -> None:
     from eager's), another shape broke every later call. Unknown names and
     shapes that cannot be copied are errors that say what is held."""
     torch.manual_seed(0)
-    model = _TwoCaches().eval()
+    model = TwoCaches().eval()
     inputs = (torch.randn(1, 32), torch.tensor([3]))
     smallest = _smallest(_problem(1.0))
     pm = planner.plan(model, smallest.budget_bytes, inputs, profile="cpu", time_limit=5)
