@@ -319,6 +319,37 @@ def _made_from(value: torch.Tensor, old: torch.Tensor) -> bool:
     return False
 
 
+#: what ``.to(...)`` traces to
+_CONVERSIONS = frozenset(
+    {"to.dtype", "to.device", "to.dtype_layout", "to.other", "_to_copy.default"}
+)
+
+
+def _converted_from(value: torch.Tensor, old: torch.Tensor) -> bool:
+    """Whether the trace made ``value`` as ``old.to(...)``, of ``old`` itself (a
+    constant of the trace): ``self.freqs_cis = self.freqs_cis.to(h.device)``, as
+    Meta's Llama does with a table kept on the CPU. A plan converts the original
+    at every call, as eager's first call does; eager's later conversions change
+    nothing, so the values agree (refused as a stale read before)."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot
+
+    mode = get_proxy_mode()
+    if mode is None:
+        return False
+    try:
+        node = get_proxy_slot(value, mode.tracer, None, lambda p: p.proxy.node)
+    except Exception:  # noqa: BLE001 - a tracer's internals: not shown to be one
+        return False
+    target = getattr(getattr(node, "target", None), "__name__", "")
+    if node is None or target not in _CONVERSIONS or not node.args:
+        return False
+    source = node.args[0]
+    if not isinstance(source, torch.fx.Node) or source.op != "get_attr":
+        return False
+    root = getattr(mode.tracer, "root", None)
+    return getattr(root, str(source.target), None) is old
+
+
 @contextlib.contextmanager
 def _assignments_recorded(
     model: torch.nn.Module,
@@ -344,7 +375,8 @@ def _assignments_recorded(
         # a .to() that moves nothing returns the tensor itself (transformers'
         # longrope frequencies: self.x = self.x.to(device)): nothing changes
         if prefix is not None and isinstance(old, torch.Tensor) and value is not old:
-            assigned.append(qualified)
+            if not _converted_from(value, old):
+                assigned.append(qualified)
             if qualified in created and _made_from(value, old):
                 carried.add(qualified)
         elif prefix is not None and old is None and isinstance(value, torch.Tensor):

@@ -445,3 +445,38 @@ def test_recurrent_state_kept_in_a_tuple_is_refused(mode: str) -> None:
     with pytest.raises(planner.CaptureError, match=r"reads state\[0\], state\[1\]"):
         planner.plan(model, "100%", (torch.randn(4, 8),), mode=mode, profile="cpu", time_limit=5)
     assert model.state is kept
+
+
+class _ConvertsItsTable(nn.Module):
+    """A table kept as a plain attribute, converted once and assigned back (Meta's
+    Llama: self.freqs_cis = self.freqs_cis.to(h.device)); ``scaled`` also scales
+    it, which is carried state."""
+
+    def __init__(self, scaled: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.table = torch.randn(4, 8, dtype=torch.float64)
+        self.scaled = scaled
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        converted = self.table.to(x.dtype)
+        self.table = converted * 2 if self.scaled else converted
+        return (self.fc(x) + self.table).pow(2).mean()
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_a_table_converted_and_assigned_back_is_planned(mode: str) -> None:
+    """Refused as a stale read: a plan converts the original at every call, as
+    eager's first call does, and eager's later conversions change nothing."""
+    torch.manual_seed(0)
+    model, x = _ConvertsItsTable(scaled=False), torch.randn(4, 8)
+    reference = _ConvertsItsTable(scaled=False)
+    reference.load_state_dict(model.state_dict())
+    reference.table = model.table.clone()
+    pm = planner.plan(model, "100%", (x,), mode=mode, profile="cpu", time_limit=5)
+    assert model.table.dtype == torch.float64  # left as found
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(pm(x), reference(x))
+    with pytest.raises(planner.CaptureError, match=r"reads table and assigns it"):
+        planner.plan(_ConvertsItsTable(scaled=True), "100%", (x,), mode=mode, profile="cpu")
