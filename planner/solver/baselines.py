@@ -203,14 +203,8 @@ class _GreedyState:
         best: tuple[float, str] | None = None
         gap = self.cands.gaps[gi]
         current = gap.option(self.choices[gi])
-        if current.choice in (KEEP, HOME):
-            if gi in self.locked:
-                return None
-            choices = [o for o in gap.options if o.choice != current.choice]
-        else:  # a move already made may still turn into its late-read variant
-            choices = [o for o in gap.options if o.choice == current.choice + ":late"]
         held = self._held_at(gi, current, t)
-        for option in choices:
+        for option in self.open_moves(gi):
             saved = held - self._held_at(gi, option, t)
             if parse_choice(option.choice)[0] in WHOLE_TENSOR_CHOICES:  # all its gaps
                 saved += sum(
@@ -220,16 +214,34 @@ class _GreedyState:
                 )
             if saved <= 0:
                 continue
-            if option.choice not in facts:
-                allowed = self._allowed(gi, gap, option)
-                facts[option.choice] = self._added_time(gi, option) if allowed else None
-            cost = facts[option.choice]
+            cost = self.move_cost(gi, option.choice, facts)
             if cost is None:
                 continue
             score = saved / (cost + 1e-9) if not minimize_memory else saved - cost * 1e-3
             if best is None or score > best[0]:
                 best = (score, option.choice)
         return best
+
+    def open_moves(self, gi: int) -> list[Option]:
+        """The options gap ``gi`` may move to from its current choice."""
+        gap = self.cands.gaps[gi]
+        current = self.choices[gi]
+        if current in (KEEP, HOME):
+            if gi in self.locked:
+                return []
+            return [o for o in gap.options if o.choice != current]
+        # a move already made may still turn into its late-read variant
+        return [o for o in gap.options if o.choice == current + ":late"]
+
+    def move_cost(self, gi: int, choice: str, facts: dict[str, float | None]) -> float | None:
+        """The seconds moving gap ``gi`` to ``choice`` adds, None where it is not
+        allowed; kept in ``facts`` (it does not depend on the peak step)."""
+        if choice not in facts:
+            gap = self.cands.gaps[gi]
+            option = gap.option(choice)
+            allowed = self._allowed(gi, gap, option)
+            facts[choice] = self._added_time(gi, option) if allowed else None
+        return facts[choice]
 
     def _allowed(self, gi: int, gap: Gap, option: Option) -> bool:
         if not self._partner_allows(gi, option.choice):
@@ -321,8 +333,7 @@ class _MoveCache:
     def __init__(self, state: _GreedyState) -> None:
         self.state = state
         cands = state.cands
-        self.t: int | None = None
-        self.minimize_memory = False
+        self.t: int | None = None  # the peak step the budget descent's scores are for
         self.spanning = np.zeros(0, dtype=np.int64)
         self.position: dict[int, int] = {}  # spanning gap -> its index there
         self.scores = np.zeros(0)
@@ -381,8 +392,8 @@ class _MoveCache:
                 self._flat = _FlatOptions(state)
             self.t = None  # the per-gap scores below are not kept up to date meanwhile
             return self._flat.best(t, self.facts)
-        if t != self.t or minimize_memory != self.minimize_memory:
-            self.t, self.minimize_memory = t, minimize_memory
+        if t != self.t:
+            self.t = t
             self.spanning = np.nonzero((state.gap_lo <= t) & (state.gap_hi >= t))[0]
             self.position = {int(gi): k for k, gi in enumerate(self.spanning)}
             self.scores = np.full(len(self.spanning), -np.inf)
@@ -394,7 +405,7 @@ class _MoveCache:
             k = self.position.get(gi)
             if k is None:
                 continue
-            found = state.gap_best(gi, t, minimize_memory, self.facts.setdefault(gi, {}))
+            found = state.gap_best(gi, t, False, self.facts.setdefault(gi, {}))
             self.scores[k], self.choices[k] = found if found is not None else (-np.inf, None)
         if not len(self.scores):
             return None
@@ -456,16 +467,11 @@ class _FlatOptions:
         """Each gap's current option and the moves open from it (``gap_best``)."""
         state = self.state
         for gi in gaps:
-            gap = state.cands.gaps[gi]
-            current = state.choices[gi]
-            self.current[gi] = self.index[(gi, current)]
+            self.current[gi] = self.index[(gi, state.choices[gi])]
             first = self.first[gi]
-            for j, o in enumerate(gap.options):
-                if current in (KEEP, HOME):
-                    open_ = gi not in state.locked and o.choice != current
-                else:  # a move already made may still turn into its late-read variant
-                    open_ = o.choice == current + ":late"
-                self.eligible[first + j] = open_
+            self.eligible[first : first + len(state.cands.gaps[gi].options)] = False
+            for o in state.open_moves(gi):
+                self.eligible[self.index[(gi, o.choice)]] = True
 
     def best(self, t: int, facts: dict[int, dict[str, float | None]]) -> tuple[int, str] | None:
         state = self.state
@@ -488,14 +494,8 @@ class _FlatOptions:
         for k in order.tolist():
             if best is not None and saved[k] < best[0]:
                 break  # a score is never above the bytes a move frees
-            gi, choice = int(self.gap_of[k]), self.choice_of[k]
-            known = facts.setdefault(gi, {})
-            if choice not in known:
-                gap = state.cands.gaps[gi]
-                option = gap.option(choice)
-                allowed = state._allowed(gi, gap, option)
-                known[choice] = state._added_time(gi, option) if allowed else None
-            cost = known[choice]
+            gi = int(self.gap_of[k])
+            cost = state.move_cost(gi, self.choice_of[k], facts.setdefault(gi, {}))
             if cost is None:
                 continue
             score = float(saved[k]) - cost * 1e-3
