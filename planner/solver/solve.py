@@ -60,7 +60,8 @@ def solve(problem: Problem, time_limit: float = DEFAULT_TIME_LIMIT, use_model: b
     # below what any plan can hold, the greedy descends until no move is left
     # (21 s of a 5,000-step chain's, the peak step moving at every move) to fit
     # nothing; the memory-minimizing descent below says how low plans go
-    below_floor = problem.budget_bytes < lower_bound_bytes(cands)
+    floor = lower_bound_bytes(cands)
+    below_floor = problem.budget_bytes < floor
     for name, fn in BASELINES.items():
         if name == "greedy" and below_floor:
             continue
@@ -85,7 +86,7 @@ def solve(problem: Problem, time_limit: float = DEFAULT_TIME_LIMIT, use_model: b
         )
     elif not use_model:
         if best is None:
-            _raise_too_small(cands, min_memory)
+            _raise_too_small(cands, min_memory, floor)
         stats = SolverStats(name="baseline:" + best.name, status="BASELINE", seconds=0.0)  # type: ignore[union-attr]
     else:
         model = PlacementModel(cands)
@@ -129,6 +130,7 @@ def solve(problem: Problem, time_limit: float = DEFAULT_TIME_LIMIT, use_model: b
                 _raise_too_small(
                     cands,
                     min_memory,
+                    floor,
                     proven=result.status == "INFEASIBLE",
                     found=lowest.replay.peak_bytes if lowest is not None else None,  # type: ignore[union-attr]
                 )
@@ -216,12 +218,14 @@ def _lowest_peak(cands: Candidates, time_limit: float, hint: list[str]) -> Candi
 def _raise_too_small(
     cands: Candidates,
     min_memory: list[str] | None,
+    lower_bound: int,
     proven: bool = False,
     found: int | None = None,
 ) -> None:
     """Say how small a budget we can plan for, and the bound below which none can.
     ``min_memory``: the memory-minimizing greedy's choices, when solve made them
-    (made again otherwise: 20 s of a 5,000-step chain's 78 s)."""
+    (made again otherwise: 20 s of a 5,000-step chain's 78 s); ``lower_bound``:
+    ``lower_bound_bytes``, as solve found it."""
     problem = cands.problem
     # The memory-minimizing greedy is deterministic and does not depend on the
     # budget, and solve() always evaluates it; so is the lowest-peak CP-SAT solve
@@ -231,7 +235,6 @@ def _raise_too_small(
     lowest = _replay_unbounded(cands, choices).peak_bytes
     if found is not None:
         lowest = min(lowest, found)
-    lower_bound = lower_bound_bytes(cands)
     why = "no plan exists" if proven else "no plan was found"
     msg = (
         f"budget {problem.budget_bytes:,} bytes is too small: {why}. The smallest budget a "
