@@ -26,7 +26,7 @@ import torch
 from torch.export.graph_signature import ExportGraphSignature, InputKind
 
 
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     """One tensor, or two views of one storage with the same geometry."""
     if a is b:
         return True
@@ -67,7 +67,7 @@ def merge_constants_that_are_state(
         value = ep.constants.get(spec.target)
         if not isinstance(value, torch.Tensor):
             continue
-        owner = next((name for name, tensor in state if _same_tensor(value, tensor)), None)
+        owner = next((name for name, tensor in state if same_tensor(value, tensor)), None)
         if owner is not None:
             merged[spec.arg.name] = owner
     if not merged:

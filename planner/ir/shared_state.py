@@ -22,6 +22,7 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from planner.errors import CaptureError
+from planner.ir.aliased_state import same_tensor
 from planner.ir.layout import byte_span
 
 
@@ -172,7 +173,7 @@ def check_state_does_not_overlap(
                     break
                 if not {first, second} & merged or not _share_elements(a, b):
                     continue
-                if (id(a) not in state or id(b) not in state) and _same_view(a, b):
+                if (id(a) not in state or id(b) not in state) and same_tensor(a, b):
                     continue  # a constant that is this state: one input once merged
                 raise CaptureError(
                     f"{type(model).__name__}: {first!r} and {second!r} share memory (one is a "
@@ -183,13 +184,3 @@ def check_state_does_not_overlap(
                     f"forward (e.g. self.{first.rpartition('.')[2]}[1]), or register a "
                     f"copy (.clone())"
                 )
-
-
-def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Two views of one storage (as grouped) with the same geometry."""
-    return (a.dtype, a.shape, a.stride(), a.storage_offset()) == (
-        b.dtype,
-        b.shape,
-        b.stride(),
-        b.storage_offset(),
-    )
