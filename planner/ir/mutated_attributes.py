@@ -290,21 +290,34 @@ def _refill(container: Any, before: Any) -> None:
             container.update(before)
 
 
+def _tracer() -> Any:
+    """The tracer of the trace running now (torch.export's), or None."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    mode = get_proxy_mode()
+    return None if mode is None else mode.tracer
+
+
+def _traced_node(tracer: Any, value: torch.Tensor) -> torch.fx.Node | None:
+    """The graph node ``tracer`` made ``value`` at, or None (a tensor it did not
+    make: a constant of the trace)."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_slot
+
+    try:
+        return get_proxy_slot(value, tracer, None, lambda p: p.proxy.node)
+    except Exception:  # noqa: BLE001 - a tracer's internals: not known
+        return None
+
+
 def _made_from(value: torch.Tensor, old: torch.Tensor) -> bool:
     """Whether the trace made ``value`` from ``old`` (the graph's nodes behind
     them, through the tracer's proxies); True where it cannot tell. A record kept
     twice in one call (``self.last = y``, then another) is not made from the
     first."""
-    from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot
-
-    mode = get_proxy_mode()
-    if mode is None:
+    tracer = _tracer()
+    if tracer is None:
         return True
-    try:
-        new = get_proxy_slot(value, mode.tracer, None, lambda p: p.proxy.node)
-        before = get_proxy_slot(old, mode.tracer, None, lambda p: p.proxy.node)
-    except Exception:  # noqa: BLE001 - a tracer's internals: assume the worst
-        return True
+    new, before = _traced_node(tracer, value), _traced_node(tracer, old)
     if new is None or before is None:
         return True
     seen, todo = {new}, [new]
@@ -331,23 +344,15 @@ def _converted_from(value: torch.Tensor, old: torch.Tensor) -> bool:
     Meta's Llama does with a table kept on the CPU. A plan converts the original
     at every call, as eager's first call does; eager's later conversions change
     nothing, so the values agree (refused as a stale read before)."""
-    from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot
-
-    mode = get_proxy_mode()
-    if mode is None:
-        return False
-    try:
-        node = get_proxy_slot(value, mode.tracer, None, lambda p: p.proxy.node)
-    except Exception:  # noqa: BLE001 - a tracer's internals: not shown to be one
-        return False
+    tracer = _tracer()
+    node = None if tracer is None else _traced_node(tracer, value)
     target = getattr(getattr(node, "target", None), "__name__", "")
     if node is None or target not in _CONVERSIONS or not node.args:
         return False
     source = node.args[0]
     if not isinstance(source, torch.fx.Node) or source.op != "get_attr":
         return False
-    root = getattr(mode.tracer, "root", None)
-    return getattr(root, str(source.target), None) is old
+    return getattr(getattr(tracer, "root", None), str(source.target), None) is old
 
 
 @contextlib.contextmanager
