@@ -9,12 +9,12 @@ the mode matters: the traced graph draws dropout or updates buffers, or the mode
 has modules whose behaviour depends on the mode: dropout with p > 0, batch and
 instance norm with running statistics, and modules of the user's own whose code
 reads ``self.training`` (``if self.training: h = h + noise``: the graph shows only
-the branch traced; torch's and transformers' modules read it for dropout, which
-the graph shows, and are not scanned). An inference plan is never checked: it is for
-inference, and as a frozen part of a larger model it is called whatever mode that
-model is in. And planning for inference a model left in training mode
-(a model built from a config is) gets a warning when its graph draws dropout or
-updates statistics because of it.
+the branch traced); torch's and transformers' modules, which read it mostly for
+dropout (which the graph shows), only where the graph draws random numbers. An
+inference plan is never checked: it is for inference, and as a frozen part of a
+larger model it is called whatever mode that model is in. And planning for
+inference a model left in training mode (a model built from a config is) gets a
+warning when its graph draws dropout or updates statistics because of it.
 """
 
 from __future__ import annotations
