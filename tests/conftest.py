@@ -245,3 +245,22 @@ def pytest_terminal_summary(terminalreporter):
         f"{len(property_cases.VIOLATIONS)} violations "
         f"(in {len(property_cases.GENERATED)} property tests)"
     )
+
+
+def planned_as_eager(make: type[nn.Module], x: torch.Tensor, mode: str) -> None:
+    """Plan ``make()`` at 100% and check it against another ``make()`` with the
+    same state: outputs equal in inference, every gradient equal in training."""
+    import planner
+
+    torch.manual_seed(0)
+    model, reference = make(), make()
+    reference.load_state_dict(model.state_dict())
+    pm = planner.plan(model, "100%", (x,), mode=mode, profile="cpu", time_limit=5)
+    if mode == "infer":
+        with torch.no_grad():
+            assert torch.equal(pm(x), reference(x))
+        return
+    pm(x).backward()
+    reference(x).backward()
+    for name, p in reference.named_parameters():
+        assert torch.equal(model.get_parameter(name).grad, p.grad), name

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import planned_as_eager
 from torch import nn
 
 import planner
@@ -57,23 +58,6 @@ def test_tied_weights_and_disjoint_slices_of_one_storage_are_planned() -> None:
         assert torch.equal(pm(ids), expected)
 
 
-def _planned_as_eager(make: type[nn.Module], x: torch.Tensor, mode: str) -> None:
-    """Plan ``make()`` at 100% and check it against another ``make()`` with the
-    same state: outputs equal in inference, every gradient equal in training."""
-    torch.manual_seed(0)
-    model, reference = make(), make()
-    reference.load_state_dict(model.state_dict())
-    pm = planner.plan(model, "100%", (x,), mode=mode, profile="cpu", time_limit=5)
-    if mode == "infer":
-        with torch.no_grad():
-            assert torch.equal(pm(x), reference(x))
-        return
-    pm(x).backward()
-    reference(x).backward()
-    for name, p in reference.named_parameters():
-        assert torch.equal(model.get_parameter(name).grad, p.grad), name
-
-
 class _Interleaved(nn.Module):
     """State that shares a storage but no element: a fused cache's halves, a
     weight's column halves, a table's even and odd columns."""
@@ -99,7 +83,7 @@ class _Interleaved(nn.Module):
 def test_state_interleaved_in_one_storage_is_planned(mode: str) -> None:
     """Compared by byte range, these were refused as overlapping, though they
     planned bit-identical to eager before the check."""
-    _planned_as_eager(_Interleaved, torch.randn(4, 16), mode)
+    planned_as_eager(_Interleaved, torch.randn(4, 16), mode)
 
 
 def test_halves_of_a_fused_weight_are_told_apart_from_their_strides() -> None:
@@ -146,7 +130,7 @@ def test_a_buffer_that_is_a_view_of_another_but_only_read_is_planned(mode: str) 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return (self.fc(x) + self.head + self.table.sum(0)).pow(2).mean()
 
-    _planned_as_eager(ReadsBoth, torch.randn(4, 8), mode)
+    planned_as_eager(ReadsBoth, torch.randn(4, 8), mode)
 
 
 class _WritesThroughAView(nn.Module):
@@ -210,7 +194,7 @@ def test_a_plain_attribute_that_views_a_buffer_but_only_read_is_planned(mode: st
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return (self.fc(x) + self.head + self.table.sum(0)).pow(2).mean()
 
-    _planned_as_eager(ReadsView, torch.randn(4, 8), mode)
+    planned_as_eager(ReadsView, torch.randn(4, 8), mode)
 
 
 @pytest.mark.parametrize("mode", ["infer", "train"])
@@ -233,4 +217,4 @@ def test_a_view_of_a_buffer_held_in_a_list_or_object_but_only_read_is_planned(mo
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return (self.fc(x) + self.heads[0] + self.holder.head).pow(2).mean()
 
-    _planned_as_eager(ReadsViews, torch.randn(4, 8), mode)
+    planned_as_eager(ReadsViews, torch.randn(4, 8), mode)
