@@ -668,14 +668,17 @@ class PlannedModule(torch.nn.Module):
         """The shape (0: this module's, k: ``other_shapes[k - 1]``'s) whose planned
         arguments the call matches, its module and the call's tensors; none: the
         error says what each expects."""
+        modules = (self, *self._other_shapes)
+        for k, module in enumerate(modules):
+            if not module._call.ruled_out(args, kwargs):
+                try:
+                    return k, module, module._call.flatten(args, kwargs)
+                except PlannerError:
+                    pass
         errors = []
-        for k, module in enumerate((self, *self._other_shapes)):
+        for module in modules:  # none matches: each one's reason
             try:
-                return (
-                    k,
-                    module,
-                    module._call.flatten(args, kwargs),
-                )
+                module._call.flatten(args, kwargs)
             except PlannerError as error:
                 errors.append(str(error))
         raise PlannerError(

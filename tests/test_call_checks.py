@@ -585,3 +585,19 @@ def test_a_delivered_parameter_frozen_after_planning_gets_no_gradient() -> None:
         assert (p.grad is None) == (r.grad is None), name
         if r.grad is not None:
             assert torch.equal(p.grad, r.grad), name
+
+
+def test_ruled_out_tells_another_shape_by_the_tensors_passed_directly() -> None:
+    """A several-shape module skips a shape's full check (and its message) when a
+    tensor passed directly has another shape or dtype; nested tensors and
+    arguments it cannot see are left to ``flatten``, which decides."""
+    from planner.call_checks import PlannedCall
+
+    x, mask = torch.randn(2, 8), torch.ones(2, 8, dtype=torch.bool)
+    planned = PlannedCall((x,), {"mask": mask, "extra": [x]}, "infer")
+    assert not planned.ruled_out((torch.randn(2, 8),), {"mask": mask, "extra": [x]})
+    assert planned.ruled_out((torch.randn(3, 8),), {"mask": mask})
+    assert planned.ruled_out((x,), {"mask": mask.int()})
+    assert planned.ruled_out((x.double(),), {})
+    assert not planned.ruled_out((x,), {"mask": mask, "extra": [torch.randn(5)]})  # nested
+    assert not planned.ruled_out((), {})  # missing: flatten says what is missing
