@@ -692,6 +692,23 @@ class PlannedModule(torch.nn.Module):
             )
         )
 
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # A training plan holds the model's parameters under the model's names
+            # ("0.weight"), not its submodules: torch.export and functional_call
+            # walk those names and failed with a bare "has no attribute `0`"
+            held = self.__dict__.get("_parameters", {})
+            if any(key.startswith(name + ".") for key in held):
+                raise AttributeError(
+                    f"PlannedModule has no attribute {name!r}: a training plan holds the "
+                    f"model's parameters under the model's names ({name}.…), not its "
+                    f"submodules. Reach {name!r} through the model; export or "
+                    f"functional_call the model, not the planned module"
+                ) from None
+            raise
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._check_open()
         if torch.jit.is_tracing() or torch.compiler.is_exporting():

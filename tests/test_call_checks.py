@@ -219,6 +219,16 @@ def test_tracing_or_exporting_a_planned_module_is_a_clear_error(tracer) -> None:
         tracer(pm, x)
 
 
+def test_exporting_a_training_plan_names_the_model_not_a_missing_attribute() -> None:
+    """A training plan holds the model's parameters under its names ("a.weight"):
+    export walks them and failed with a bare "PlannedModule has no attribute `a`"."""
+    model, pm, x = _planned()
+    with pytest.raises(AttributeError) as raised:
+        torch.export.export(pm, (x,), strict=False)
+    assert "export or functional_call the model" in str(raised.value.__cause__)
+    assert not hasattr(pm, "a") and not hasattr(pm, "missing")
+
+
 class _Scaled(nn.Module):
     def __init__(self) -> None:
         super().__init__()
