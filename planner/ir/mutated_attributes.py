@@ -15,7 +15,8 @@ new tensor (``self.count = self.count + 1``): the plan read the planned value at
 every call, where eager's grew. And for other Python state the forward changes
 (``_PythonState``): items of lists, dicts and deques (a tensor appended to a
 cache), tensors of plain objects the modules hold (``self.helper.count``), and
-state made at the first call and then updated (``self.h``, None when planned).
+state made at the first call and then updated (``self.h``, None when planned:
+assigned a tensor made from it, or updated in place from the call's tensors).
 What the trace changed is put back either way. Python numbers a forward changes
 (``self.calls += 1``) are not watched.
 """
@@ -332,6 +333,35 @@ def _made_from(value: torch.Tensor, old: torch.Tensor) -> bool:
     return False
 
 
+#: ops whose output takes only its input's shape, dtype and device, not its values
+_SHAPED_LIKE = frozenset(
+    {"zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like"}
+)
+
+
+def _reads_inputs(value: torch.Tensor) -> bool:
+    """Whether the trace made ``value`` from the values of the graph's inputs
+    (the call's tensors, parameters, buffers), through the tracer's proxies; True
+    where it cannot tell. A mask made lazily (``torch.ones(n, n).triu_(1)``, or
+    ``ones_like(x)``) reads none of them: it is the same at every call."""
+    tracer = _tracer()
+    node = None if tracer is None else _traced_node(tracer, value)
+    if node is None:
+        return tracer is not None
+    seen, todo = {node}, [node]
+    while todo:
+        node = todo.pop()
+        if node.op == "placeholder":
+            return True
+        if getattr(node.target, "__name__", "").split(".")[0] in _SHAPED_LIKE:
+            continue
+        for arg in node.all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                todo.append(arg)
+    return False
+
+
 #: what ``.to(...)`` traces to
 _CONVERSIONS = frozenset(
     {"to.dtype", "to.device", "to.dtype_layout", "to.other", "_to_copy.default"}
@@ -360,6 +390,7 @@ def _assignments_recorded(
     model: torch.nn.Module,
     carried: set[str],
     replaced: list[tuple[str, torch.Tensor]],
+    made: dict[str, tuple[torch.nn.Module, str, torch.Tensor, int]],
 ) -> Iterator[list[str]]:
     """The plain tensor attributes of ``model``'s modules the block assigns a new
     value to (``self.count = self.count + 1``): torch.export puts them back
@@ -367,7 +398,9 @@ def _assignments_recorded(
     that held None before the trace and were then assigned a tensor made from
     the one the trace gave them (``self.h = zeros`` where ``self.h`` was None,
     then ``self.h = 0.5 * self.h + ...``); ``replaced`` the tensors in a tuple or
-    list an assignment replaced (``self.state = (h2, c2)``)."""
+    list an assignment replaced (``self.state = (h2, c2)``); ``made`` the tensors
+    assigned where None was (its module, name, the tensor and its version then),
+    for ``_updated_after_made``."""
     modules = {id(m): prefix for prefix, m in model.named_modules()}
     assigned: list[str] = []
     created: set[str] = set()
@@ -386,6 +419,7 @@ def _assignments_recorded(
                 carried.add(qualified)
         elif prefix is not None and old is None and isinstance(value, torch.Tensor):
             created.add(qualified)
+            made[qualified] = (module, name, value, value._version)
         elif prefix is not None and isinstance(old, (tuple, list)) and value is not old:
             leaves, _ = pytree.tree_flatten_with_path(old)
             replaced.extend(
@@ -400,6 +434,25 @@ def _assignments_recorded(
         yield assigned
     finally:
         torch.nn.Module.__setattr__ = original  # type: ignore[method-assign]
+
+
+def _updated_after_made(
+    made: dict[str, tuple[torch.nn.Module, str, torch.Tensor, int]], carried: set[str]
+) -> Any:
+    """A forward hook, run at the end of the traced forward (its tracer still
+    running), that adds to ``carried`` the attributes of ``made`` still holding the
+    tensor assigned where None was, updated in place since from the graph's
+    inputs: ``if self.h is None: self.h = zeros_like(y)``, then ``self.h.add_(y)``.
+    Eager's next calls add to the first call's sum; a plan would start from zeros
+    at every call (3.85 off at the second call, 7.70 at the third, silently)."""
+
+    def hook(*_: Any) -> None:
+        for qualified, (module, name, tensor, version) in made.items():
+            if vars(module).get(name) is tensor and tensor._version != version:
+                if _reads_inputs(tensor):
+                    carried.add(qualified)
+
+    return hook
 
 
 @dataclasses.dataclass
@@ -440,9 +493,11 @@ def plain_attributes_left_alone(model: torch.nn.Module) -> Iterator[TraceWatch]:
     state = _PythonState(model)
     carried: set[str] = set()
     in_tuples: list[tuple[str, torch.Tensor]] = []
+    made: dict[str, tuple[torch.nn.Module, str, torch.Tensor, int]] = {}
     watch = TraceWatch()
+    hook = model.register_forward_hook(_updated_after_made(made, carried))
     try:
-        with _assignments_recorded(model, carried, in_tuples) as assigned:
+        with _assignments_recorded(model, carried, in_tuples, made) as assigned:
             watch.assigned = assigned
             yield watch
     except BaseException as exc:
@@ -451,6 +506,9 @@ def plain_attributes_left_alone(model: torch.nn.Module) -> Iterator[TraceWatch]:
         if written and not isinstance(exc, CaptureError):  # torch's own words for it
             raise _updated_in_place(type(model).__name__, written) from exc
         raise
+    finally:
+        hook.remove()
+        made.clear()  # the trace's tensors
     written = undo()
     changes, watch.replaced = state.restore()
     watch.replaced += in_tuples
@@ -466,8 +524,9 @@ def plain_attributes_left_alone(model: torch.nn.Module) -> Iterator[TraceWatch]:
     lazy = sorted(carried)
     if lazy:
         raise CaptureError(
-            f"{name}'s forward makes {', '.join(lazy)} (None when planned) and then assigns "
-            f"it a tensor made from it: state carried from call to call in a plain "
+            f"{name}'s forward makes {', '.join(lazy)} (None when planned) and then updates "
+            f"it (a tensor made from it assigned, or an update in place from the call's "
+            f"tensors): state carried from call to call in a plain "
             f"attribute, which a plan would start from nothing at every call. Register it "
             f"as a buffer in __init__ (self.register_buffer({lazy[0].rpartition('.')[2]!r}, "
             f"torch.zeros(...))) and update it in place"

@@ -195,6 +195,18 @@ class _CreatesItsState(nn.Module):
         return (self.h * self.fc(x)).pow(2).mean()
 
 
+class _AddsToItsState(_CreatesItsState):
+    """State made at the first call, then updated in place from the call's tensors:
+    a plan started from zeros at every call (3.85 off eager at the second call)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        if self.h is None:
+            self.h = torch.zeros_like(y)
+        self.h.add_(y.detach())
+        return (self.h * y).pow(2).mean()
+
+
 class _Counter:
     def __init__(self) -> None:
         self.count = torch.zeros(())
@@ -221,11 +233,19 @@ class _CountsInAnObject(nn.Module):
     [
         (_AppendsToAList, r"appends to or removes from cache \(1 item, 0 items when planned\)"),
         (_KeepsAWindow, r"puts a new tensor at cache\[0\]"),
-        (_CreatesItsState, r"makes h \(None when planned\) and then assigns it"),
+        (_CreatesItsState, r"makes h \(None when planned\) and then updates it"),
+        (_AddsToItsState, r"makes h \(None when planned\) and then updates it"),
         (lambda: _CountsInAnObject(in_place=True), r"updates helper\.count in place"),
         (lambda: _CountsInAnObject(in_place=False), r"reads helper\.count and assigns it"),
     ],
-    ids=["list-append", "deque", "lazy-state", "object-in-place", "object-assigned"],
+    ids=[
+        "list-append",
+        "deque",
+        "lazy-state",
+        "lazy-state-in-place",
+        "object-in-place",
+        "object-assigned",
+    ],
 )
 def test_python_state_the_forward_changes_is_refused_and_put_back(make, match, mode) -> None:  # type: ignore[no-untyped-def]
     """Each planned silently: the plan ran the forward as traced at every call, so
@@ -267,18 +287,23 @@ def test_a_list_two_layers_share_stays_shared() -> None:
 
 def test_state_made_anew_at_every_call_is_planned() -> None:
     """A value cached lazily but made from the inputs alone (a rotary table built
-    at the first call) is what the plan computes at every call: not refused."""
+    at the first call) is what the plan computes at every call: not refused; nor
+    one finished in place from nothing the call gives (a mask: ``triu_``)."""
 
     class Cached(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.fc = nn.Linear(8, 8)
             self.table: torch.Tensor | None = None
+            self.mask: torch.Tensor | None = None
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if self.table is None or self.table.shape != x.shape:
                 self.table = torch.cos(torch.arange(x.numel(), dtype=x.dtype)).view_as(x)
-            return self.fc(x) * self.table
+            if self.mask is None:
+                self.mask = torch.ones_like(x)
+                self.mask.triu_(1)
+            return self.fc(x) * self.table + self.mask
 
     model, x = Cached(), torch.randn(4, 8)
     pm = planner.plan(model, "100%", (x,), profile="cpu", time_limit=5)
