@@ -23,6 +23,7 @@ import functools
 import inspect
 import types
 import warnings
+from typing import Any
 
 from torch import nn
 
@@ -72,18 +73,51 @@ def _reads_training(cls: type, libraries_too: bool) -> bool:
             elif isinstance(attr, property):
                 attr = attr.fget
             attr = inspect.unwrap(attr) if callable(attr) else attr  # @torch.no_grad()
-            code = getattr(attr, "__code__", None)
-            if isinstance(code, types.CodeType) and _names_training(code):
+            if _function_reads_training(attr, libraries_too, set(), depth=3):
                 return True
     return False
+
+
+def _function_reads_training(fn: Any, libraries_too: bool, seen: set[int], depth: int) -> bool:
+    """Whether the function ``fn`` reads an attribute named ``training``, in its
+    own code or in a module-level function of the user's it calls by name, up to
+    ``depth`` calls deep: ``def noisy(module, h): return h + noise if
+    module.training else h`` called from forward was missed, so a plan held the
+    training branch after ``pm.eval()``."""
+    code = getattr(fn, "__code__", None)
+    if not isinstance(code, types.CodeType) or id(code) in seen:
+        return False
+    seen.add(id(code))
+    if _names_training(code):
+        return True
+    if depth == 0:
+        return False
+    scope = getattr(fn, "__globals__", {})
+    for name in _names(code):
+        called = scope.get(name)
+        if not isinstance(called, types.FunctionType):
+            continue
+        package = (called.__module__ or "").partition(".")[0]
+        if package in _LIBRARIES and not libraries_too:
+            continue
+        if _function_reads_training(inspect.unwrap(called), libraries_too, seen, depth - 1):
+            return True
+    return False
+
+
+def _names(code: types.CodeType) -> set[str]:
+    """The global and attribute names ``code`` and the code inside it use."""
+    names = set(code.co_names)
+    for inner in code.co_consts:
+        if isinstance(inner, types.CodeType):
+            names |= _names(inner)
+    return names
 
 
 def _names_training(code: types.CodeType) -> bool:
     """Whether ``code`` (or a function, lambda or comprehension inside it) reads
     an attribute named ``training``."""
-    return "training" in code.co_names or any(
-        _names_training(c) for c in code.co_consts if isinstance(c, types.CodeType)
-    )
+    return "training" in _names(code)
 
 
 def draws_random(program: Program) -> bool:

@@ -129,7 +129,27 @@ class _HalfInTraining(nn.Module):
         return h * 0.5 if self.training else h
 
 
-@pytest.mark.parametrize("cls", [_NoiseInTraining, _HalfInTraining])
+def _halved_in_training(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return _halved(module, h)
+
+
+def _halved(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return h * 0.5 if module.training else h
+
+
+class _HalfByAFunction(nn.Module):
+    """The flag read in module-level functions two calls down: missed before, so
+    ``pm.eval()`` ran the halving branch, silently."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _halved_in_training(self, self.lin(x))
+
+
+@pytest.mark.parametrize("cls", [_NoiseInTraining, _HalfInTraining, _HalfByAFunction])
 @pytest.mark.parametrize("switched", ["pm", "model", "submodule"])
 def test_a_module_of_the_users_that_reads_its_training_flag_is_watched(cls, switched) -> None:
     torch.manual_seed(0)
