@@ -34,6 +34,7 @@ from planner.ir.constants import inline_scalar_constants
 from planner.ir.converting_copies import refuse_converting_copies
 from planner.ir.custom_backward import functions_applied, refuse_custom_backwards
 from planner.ir.data_dependent import refuse_data_dependent_shapes
+from planner.ir.gradient_hooks import gradient_hooks_recorded, refuse_gradient_hooks
 from planner.ir.hooks import check_hooks_at_capture, hooked_parameters, module_hooks
 from planner.ir.layout import fix_layouts, true_layouts
 from planner.ir.meta import FROZEN_PARAMS, HOOKED_PARAMS, NONFINITE_SOURCES
@@ -143,6 +144,7 @@ def _capture(model: torch.nn.Module, example_inputs: Any, mode: str) -> Captured
         _grad_flags_kept(model),
         plain_attributes_left_alone(model) as watch,
         functions_applied(mode == "train") as functions,
+        gradient_hooks_recorded(mode == "train") as hooks,
     ):
         exported = _export(model, args, kwargs)
     refuse_stale_reads(type(model).__name__, watch, exported)
@@ -151,6 +153,7 @@ def _capture(model: torch.nn.Module, example_inputs: Any, mode: str) -> Captured
     )
     exported = merge_constants_that_are_state(exported)
     refuse_custom_backwards(functions, type(model).__name__)
+    refuse_gradient_hooks(hooks, type(model).__name__)
     refuse_data_dependent_shapes(exported.graph)
     refuse_converting_copies(exported, type(model).__name__)
     with rnn_dropout_kept():  # where AOTAutograd or run_decompositions decompose RNNs
