@@ -12,6 +12,8 @@ from planner.passes.device_profile import DeviceProfile, get_profile
 from planner.planned_module import PlannedModule
 from planner.report import Report
 from planner.runtime.checkpoint import attach_checkpoint
+from planner.runtime.linked import LinkedFileChanged
+from planner.runtime.store import StoreError
 from planner.solver.plan import Plan
 
 __version__ = "0.1.0"
@@ -21,10 +23,12 @@ __all__ = [
     "CaptureError",
     "DeviceProfile",
     "InvalidPlan",
+    "LinkedFileChanged",
     "Plan",
     "PlannedModule",
     "PlannerError",
     "Report",
+    "StoreError",
     "analyze",
     "attach_checkpoint",
     "get_profile",

@@ -239,7 +239,22 @@ def plan(
     """Plan ``model`` under ``budget`` and return a module that runs the plan.
 
     The result returns exactly what ``model`` returns (same pytree), never holding
-    more than ``budget`` bytes on the device. ``offload_dir``: where disk-tier files
+    more than ``budget`` bytes on the device.
+
+    ``budget``: bytes (an int), a size (``"512MiB"``, ``"2GB"``) or a share of the
+    unplanned peak (``"60%"``); below what any plan reaches, BudgetTooSmall with
+    ``min_budget``. ``example_inputs``: what the model is called with when
+    planned, as a tensor, a tuple of positional arguments, a dict of keyword
+    arguments, or ``(args, kwargs)``; a call must match their shapes and dtypes.
+    ``mode``: ``"infer"`` (outputs only) or ``"train"`` (``pm(x)`` builds an
+    autograd graph; the budget covers forward and backward; gradients land on the
+    model's parameters). ``profile``: the device profile that prices ops and copies
+    (``"h100"``, ``"cpu"``, a DeviceProfile, a JSON path; None: the calibrated
+    one, else this machine's built-in). ``quantize``: ``"int8"`` / ``"int4"`` or a
+    mapping (``{"weights": "int8"}``) to allow lossy storage; None (default) is
+    lossless. ``time_limit``: seconds of solver search (default 20).
+
+    ``offload_dir``: where disk-tier files
     go (a fresh subdirectory is made there and removed with the module; default: a
     temporary directory). Tier-home weights are released from ``model``.
     ``checkpoint``: a safetensors file to take the weights of a model built on the
@@ -505,8 +520,9 @@ def _profile_for_device(spec: str | DeviceProfile | None, device: torch.device) 
     raise PlannerError(
         f"profile {profile.name!r} is for a {profile.device_type} device, but the example "
         f"inputs are on {device}: pass a {device.type} profile (profile=None picks this "
-        f"machine's, or planner.calibrate({device.type!r})), or move the model and inputs "
-        f"to {profile.device_type}; planner.make_plan solves for any profile without running"
+        f"machine's; `planner calibrate --device {device.type}` measures one), or move the "
+        f"model and inputs to {profile.device_type}; planner.make_plan solves for any "
+        f"profile without running"
     )
 
 

@@ -52,6 +52,7 @@ from torch.utils import _pytree as pytree
 from planner.errors import PlannerError, listed, user_stacklevel
 from planner.ir.layout import strides_that_matter
 from planner.ir.program import Phase, Program, ValueKind
+from planner.released import ReleasedWeight
 
 if TYPE_CHECKING:  # capture imports this module, and the solver imports capture
     from planner.solver.plan import Plan
@@ -98,6 +99,17 @@ class StateWatch:
         now: dict[str, torch.Tensor] = dict(self.model.named_parameters(remove_duplicate=False))
         now.update(self.model.named_buffers(remove_duplicate=False))
         replaced = [name for name, tensor in self.held.items() if now.get(name) is not tensor]
+        taken = [(n, t) for n in replaced if isinstance(t := now.get(n), ReleasedWeight)]
+        if taken:  # not replaced by the user: a later inference plan took them
+            raise PlannerError(
+                f"{listed([n for n, _ in taken])}: a later planner.plan of this model took "
+                f"{'it' if len(taken) == 1 else 'them'} "
+                f"({taken[0][1].taken_by}), and this module reads "
+                f"{'it' if len(taken) == 1 else 'them'} from the model. One model's weights "
+                f"serve one planned module: plan a copy of the model for each module "
+                f"(planner.plan(copy.deepcopy(model), ...) before the first plan), or use "
+                f"the later module"
+            )
         if replaced:
             raise PlannerError(
                 f"model entries replaced since planning: {listed(replaced)}. Each is no longer the "

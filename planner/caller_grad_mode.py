@@ -58,7 +58,10 @@ def planning_training_in_grad_mode(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        bound = signature.bind(*args, **kwargs)
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as error:  # as Python says it: name the function
+            raise TypeError(f"{fn.__name__}() {error}") from None
         bound.apply_defaults()
         given = bound.arguments
         with grad_mode_for(given["mode"], given["model"], given["example_inputs"]):

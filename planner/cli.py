@@ -73,6 +73,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
             ("--kernels inductor", args.kernels != "eager"),
             ("--quantize", args.quantize),
             ("--no-measured-room", not args.measure_room),
+            ("--time-limit", args.time_limit is not None),
         )
         if given
     ]
@@ -99,7 +100,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
             mode=args.mode,
             profile=args.profile,
             quantize=args.quantize,
-            time_limit=args.time_limit,
+            time_limit=20.0 if args.time_limit is None else args.time_limit,
             kernels=args.kernels,
             measure_room=args.measure_room,
         )
@@ -173,12 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "--measure",
         action="store_true",
-        help="also run the unplanned model once under the memory meter",
+        help="without --budget: also run the unplanned model once under the memory meter "
+        "(with --budget the planned module is always run once under it)",
     )
     rep.add_argument(
         "--profile",
         default=None,
-        help="device profile: h100, a100, rtx4090, t4, cpu, or a JSON path "
+        help="device profile: h100, h200, a100, rtx4090, t4, cpu, or a JSON path "
         "(default: the calibrated one, else this machine's built-in)",
     )
     rep.add_argument(
@@ -193,7 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow lossy quantized storage in this format",
     )
     rep.add_argument(
-        "--time-limit", type=float, default=20.0, help="seconds of solver search (default 20)"
+        "--time-limit",
+        type=float,
+        default=None,
+        help="with --budget: seconds of solver search (default 20)",
     )
     rep.add_argument(
         "--kernels",

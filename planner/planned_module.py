@@ -97,6 +97,14 @@ def _close(engine: CopyEngine, disk: DiskStore, pid: int) -> None:
 
 
 class PlannedModule(torch.nn.Module):
+    """What ``planner.plan`` returns: call it as the model (``pm(x)``; in training,
+    then ``loss.backward()``). ``report`` (per-tensor decisions), ``code`` (the
+    generated executor), ``plan`` (the saved-able Plan), ``analysis`` (what
+    planning measured); ``run_measured(*inputs)`` / ``run_measured_step(*inputs)``
+    (training: forward and backward) run once under the independent meter and set
+    ``measured`` (its peak_bytes) and ``measured_seconds``; ``close()`` removes its
+    offload files (collection does too)."""
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -571,6 +579,8 @@ class PlannedModule(torch.nn.Module):
 
     @property
     def report(self) -> Report:
+        """The placement report: each tensor's decision, the peaks planned and
+        measured, the solver's status (``print(pm.report)``; ``.to_json()``)."""
         report = Report.from_plan(self.analysis, self.plan)
         report.add_quantization_errors(self.quantization_errors, self.output_error)
         for row in report.quantized:

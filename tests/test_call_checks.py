@@ -611,3 +611,27 @@ def test_ruled_out_tells_another_shape_by_the_tensors_passed_directly() -> None:
     assert planned.ruled_out((x.double(),), {})
     assert not planned.ruled_out((x,), {"mask": mask, "extra": [torch.randn(5)]})  # nested
     assert not planned.ruled_out((), {})  # missing: flatten says what is missing
+
+
+def test_a_later_inference_plan_taking_the_weights_is_named_not_called_a_replacement() -> None:
+    """A first inference plan that keeps every weight on the device, then a second
+    plan of the same model that moves them off: the first's next call said the
+    entries were "replaced ... (a new object, e.g. by assigning a new nn.Parameter
+    ...)" and to "call planner.plan again on the model as it is now", which holds
+    no values any more (found by a README audit)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(64, 64), nn.GELU()) for _ in range(4)])
+    x = torch.randn(32, 64)
+    first = planner.plan(model, "1MiB", (x,), time_limit=1)
+    try:
+        assert {t.home for t in first.plan.tensors} == {"device"}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            second = planner.plan(model, "50%", (x,), time_limit=1)
+        try:
+            with pytest.raises(planner.PlannerError, match="a later planner.plan of this model"):
+                first(x)
+        finally:
+            second.close()
+    finally:
+        first.close()

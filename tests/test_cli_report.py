@@ -224,6 +224,8 @@ def test_cli_plan_options_without_a_budget_are_an_error(tmp_path) -> None:
     with pytest.raises(SystemExit, match=r"--save-plan, --kernels inductor need a plan"):
         main(["report", spec, "--save-plan", str(saved), "--kernels", "inductor"])
     assert not saved.exists()
+    with pytest.raises(SystemExit, match=r"--time-limit needs a plan"):  # ignored before
+        main(["report", spec, "--time-limit", "5"])
 
 
 def test_cli_an_unwritable_output_path_is_one_line(

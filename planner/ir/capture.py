@@ -83,7 +83,8 @@ class CapturedGraph:
 
 
 def normalize_example_inputs(example_inputs: Any) -> tuple[tuple, dict]:
-    """Accept a tensor, a tuple of args, or ``(args, kwargs)``; check for tensors."""
+    """Accept a tensor, a tuple of args, a dict of keyword arguments, or
+    ``(args, kwargs)``; check for tensors."""
     args: tuple
     kwargs: dict
     if isinstance(example_inputs, torch.Tensor):
@@ -96,9 +97,9 @@ def normalize_example_inputs(example_inputs: Any) -> tuple[tuple, dict]:
             args, kwargs = tuple(args[0]), dict(args[1])
     else:
         raise TypeError(
-            f"example_inputs must be a tensor, a tuple of positional arguments, or "
-            f"(args, kwargs); got {type(example_inputs).__name__}. Wrap a single "
-            f"tensor x as (x,)."
+            f"example_inputs must be a tensor, a tuple of positional arguments, a dict "
+            f"of keyword arguments, or (args, kwargs); got "
+            f"{type(example_inputs).__name__}. Wrap a single tensor x as (x,)."
         )
     leaves = pytree.tree_leaves((args, kwargs))
     if not any(isinstance(x, torch.Tensor) for x in leaves):
