@@ -34,6 +34,12 @@ from planner.ir.constants import inline_scalar_constants
 from planner.ir.converting_copies import refuse_converting_copies
 from planner.ir.custom_backward import functions_applied, refuse_custom_backwards
 from planner.ir.data_dependent import refuse_data_dependent_shapes
+from planner.ir.example_inputs import (
+    check_inputs_are_not_state,
+    hint_args_kwargs_reading,
+    inputs_written_in_place,
+    user_input_names,
+)
 from planner.ir.gradient_hooks import gradient_hooks_recorded, refuse_gradient_hooks
 from planner.ir.hooks import check_hooks_at_capture, hooked_parameters, module_hooks
 from planner.ir.layout import fix_layouts, true_layouts
@@ -141,13 +147,18 @@ def _capture(model: torch.nn.Module, example_inputs: Any, mode: str) -> Captured
     _check_not_released(model)
     _check_no_meta_weights(model)
     _check_plain_tensors(model)
+    check_inputs_are_not_state(model, args, kwargs)
     with (
         _grad_flags_kept(model),
         plain_attributes_left_alone(model) as watch,
         functions_applied(mode == "train") as functions,
         gradient_hooks_recorded(mode == "train") as hooks,
     ):
-        exported = _export(model, args, kwargs)
+        try:
+            exported = _export(model, args, kwargs)
+        except CaptureError as error:
+            hint_args_kwargs_reading(error, example_inputs)
+            raise
     refuse_stale_reads(type(model).__name__, watch, exported)
     check_state_does_not_overlap(
         model, written_state(exported), trained=mode == "train", constants=exported.constants
@@ -411,6 +422,17 @@ def _capture_inference(
 ) -> CapturedGraph:
     from torch.export.graph_signature import InputKind, OutputKind
 
+    # before functionalizing: torch's run_decompositions fails with a bare
+    # AssertionError on a write into an input that aliases another input (one
+    # tensor passed twice, two views of one storage)
+    written = inputs_written_in_place(ep)
+    if written:  # one tensor passed twice is written under each of its names
+        leaves = pytree.tree_leaves((args, kwargs))
+        names = user_input_names(ep)
+        if len(names) == len(leaves):  # else name the ones written only
+            ids = {id(leaves[names.index(w)]) for w in written}
+            written = [n for n, x in zip(names, leaves, strict=True) if id(x) in ids]
+        raise CaptureError(_input_mutation_message(model_name, written))
     with warnings.catch_warnings():
         # torch 2.13's own deep copy of its call graph warns once per plan about its
         # own deprecated LeafSpec check: nothing a caller of planner can change
@@ -485,6 +507,43 @@ class _FlatModule(torch.nn.Module):
         return tuple(leaves)
 
 
+def _drop_self_copies(gm: torch.fx.GraphModule) -> None:
+    """Unlifting an exported program writes each mutated buffer back at the end,
+    ``copy_(count, add_)``, even where the value is the buffer itself (``add_`` is
+    ``count.add_(1)``). Eager never makes that copy, and AOTAutograd, tracing it,
+    sees the buffer written again after an op saved it for backward
+    (``self.count += 1; return h * self.count``: "modified by an inplace
+    operation"). A copy of a tensor into itself changes nothing: drop it."""
+
+    def base(node: Any) -> Any:
+        while (
+            isinstance(node, torch.fx.Node)
+            and node.op == "call_function"
+            and isinstance(node.target, torch._ops.OpOverload)
+            and node.target._schema.arguments
+            and node.target._schema.arguments[0].alias_info is not None
+            and node.target._schema.arguments[0].alias_info.is_write
+            and node.args
+        ):
+            node = node.args[0]  # an in-place op returns its first argument
+        return node
+
+    changed = False
+    for node in list(gm.graph.nodes):
+        if (
+            node.op == "call_function"
+            and node.target is torch.ops.aten.copy_.default
+            and not node.users
+            and len(node.args) == 2
+            and node.args[1] is not node.args[0]
+            and base(node.args[1]) is node.args[0]
+        ):
+            gm.graph.erase_node(node)
+            changed = True
+    if changed:
+        gm.recompile()
+
+
 def _capture_joint(
     model: torch.nn.Module, ep: torch.export.ExportedProgram, args: tuple, kwargs: dict
 ) -> CapturedGraph:
@@ -494,6 +553,7 @@ def _capture_joint(
 
     flat_inputs, in_spec = pytree.tree_flatten((args, kwargs))
     inner = ep.module()
+    _drop_self_copies(inner)
     constants = _constants_as_buffers(inner, ep, model)
     flat_module = _FlatModule(inner, in_spec)
     seen: dict[str, Any] = {}

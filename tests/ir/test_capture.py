@@ -544,3 +544,37 @@ def test_a_weight_wrapping_other_tensors_is_refused_by_name(mode: str) -> None:
     model.weight = nn.Parameter(TwoTensor(w.clone(), w.clone()), requires_grad=False)
     with pytest.raises(CaptureError, match=r"weight \(TwoTensor\) is a tensor subclass"):
         capture(model, (torch.randn(4, 8),), mode)
+
+
+def test_a_buffer_updated_in_place_then_read_by_a_saved_op_trains() -> None:
+    """``self.count += 1; return h * self.count``: unlifting the exported program
+    copied ``count`` into itself after ``mul`` saved it, and AOTAutograd's trace
+    failed with "modified by an inplace operation" where eager (and aot_eager)
+    train."""
+    import planner
+
+    class Counts(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+            self.register_buffer("count", torch.zeros(()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.count += 1
+            return self.lin(x) / self.count
+
+    torch.manual_seed(0)
+    model, reference = Counts(), Counts()
+    reference.load_state_dict(model.state_dict())
+    pm = planner.plan(
+        model, "100%", (torch.randn(4, 8),), mode="train", profile="cpu", time_limit=5
+    )
+    for _ in range(2):
+        x = torch.randn(4, 8)
+        for p in [*model.parameters(), *reference.parameters()]:
+            p.grad = None
+        pm(x).pow(2).sum().backward()
+        reference(x).pow(2).sum().backward()
+        for name, p in reference.named_parameters():
+            assert torch.equal(model.get_parameter(name).grad, p.grad), name
+        assert torch.equal(model.count, reference.count)

@@ -94,3 +94,29 @@ def test_an_in_place_update_of_an_input_is_a_clear_error(mode: str, requires_gra
     x = torch.randn(2, 4, requires_grad=requires_grad)
     with pytest.raises(PlannerError, match=r"Bumps.forward writes in place into its input"):
         planner.plan(Bumps(), "100%", (x.clone(),), mode=mode, profile="cpu")
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+@pytest.mark.parametrize("aliasing", ["same tensor", "views of one storage"])
+def test_an_in_place_update_of_an_aliased_input_is_a_clear_error(mode: str, aliasing: str) -> None:
+    """Inference used to fail inside torch's run_decompositions with a bare
+    "AssertionError: expected compiled_fn to be GraphModule" when the written input
+    shared its storage with another input."""
+
+    class BumpsFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            x.add_(1)
+            return self.lin(y)
+
+    if aliasing == "same tensor":
+        t = torch.randn(2, 4)
+        inputs = (t, t)
+    else:
+        base = torch.randn(2, 8)
+        inputs = (base[:, :4], base[:, 4:])
+    with pytest.raises(PlannerError, match=r"BumpsFirst.forward writes in place into its input"):
+        planner.plan(BumpsFirst(), "100%", inputs, mode=mode, profile="cpu")
