@@ -137,6 +137,8 @@ def format_arg(x: Any, name_of: Any) -> str:
         if math.isnan(x):
             return "float('nan')"
         return repr(x)
+    if isinstance(x, complex):  # ``h * 1j``: the parts as floats are (inf, nan too)
+        return f"complex({format_arg(x.real, name_of)}, {format_arg(x.imag, name_of)})"
     if isinstance(x, torch.device):
         return f"torch.device({str(x)!r})"
     if isinstance(x, (torch.dtype, torch.layout, torch.memory_format)):

@@ -31,6 +31,7 @@ from planner.errors import CaptureError, listed
 from planner.ir.aliased_state import merge_constants_that_are_state
 from planner.ir.autocast import autocast_state
 from planner.ir.constants import inline_scalar_constants
+from planner.ir.control_flow import refuse_control_flow
 from planner.ir.converting_copies import refuse_converting_copies
 from planner.ir.custom_backward import functions_applied, refuse_custom_backwards
 from planner.ir.data_dependent import refuse_data_dependent_shapes
@@ -164,6 +165,7 @@ def _capture(model: torch.nn.Module, example_inputs: Any, mode: str) -> Captured
         model, written_state(exported), trained=mode == "train", constants=exported.constants
     )
     exported = merge_constants_that_are_state(exported)
+    refuse_control_flow(exported.graph, type(model).__name__)
     refuse_custom_backwards(functions, type(model).__name__)
     refuse_gradient_hooks(hooks, type(model).__name__)
     refuse_data_dependent_shapes(exported.graph)

@@ -77,12 +77,15 @@ def random_inputs(
     node: torch.fx.Node,
     device: str,
     given: Callable[[torch.fx.Node], torch.Tensor | None] | None = None,
+    nonnegative: bool = False,
 ) -> tuple[tuple, dict]:
     """Real tensors with the traced shapes, strides, dtypes and ``requires_grad``:
     random floats, zero integers (valid as indices), so the op takes its usual code
     path (even under no_grad, matmul copies a non-contiguous input or not depending
     on whether the weight requires grad). ``given``: a real tensor to pass for an
-    argument node instead, or None (``planner.passes.made_up_inputs``)."""
+    argument node instead, or None (``planner.passes.made_up_inputs``).
+    ``nonnegative``: floats drawn from [0, 1) instead, for ops that refuse negative
+    values (``multinomial``'s and ``bernoulli``'s probabilities)."""
 
     def real(x: Any) -> Any:
         if not isinstance(x, torch.fx.Node):
@@ -102,7 +105,7 @@ def random_inputs(
         size = (extent,) if overlapping else shape
         t = torch.empty_strided(size, (1,) if overlapping else stride, dtype=v.dtype, device=device)
         if v.dtype.is_floating_point or v.dtype.is_complex:
-            t.normal_().requires_grad_(v.requires_grad)
+            (t.uniform_() if nonnegative else t.normal_()).requires_grad_(v.requires_grad)
         else:
             t.zero_()
         return t.as_strided(shape, stride) if overlapping else t

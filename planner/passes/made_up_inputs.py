@@ -31,6 +31,17 @@ from planner.ir.meta import fake_value, random_inputs
 _WHOLE_ALIASES = (torch.ops.aten.alias.default, torch.ops.aten.detach.default)
 
 
+#: ops whose scratch grows with the bags that are not empty, by the position of
+#: their ``bag_size`` argument: zeros (every bag empty) measured none, where the
+#: max-mode backward copies the non-empty bags' rows and maximum indices (600 bytes
+#: over a 3512-byte budget for an ``EmbeddingBag(20, 16, mode="max")``); every bag
+#: holding one index is the most the kernel copies
+_NONEMPTY_BAG_SIZES: dict[object, tuple[int, ...]] = {
+    torch.ops.aten._embedding_bag_backward.default: (4,),
+    torch.ops.aten._embedding_bag_dense_backward.default: (3,),
+}
+
+
 def signature(node: torch.fx.Node) -> str:
     """What makes two calls the same to run: the target, whether it runs with
     grad mode on (``planner.ir.grad_mode_ops``), and each argument's traced
@@ -65,8 +76,14 @@ class MadeUpInputs:
         #: their producers' ops: a reader of any other op's output needs no signature
         self._producers: set[Any] = set()
 
-    def inputs(self, node: torch.fx.Node, device: str) -> tuple[tuple, dict]:
-        return random_inputs(node, device, given=self._given)
+    def inputs(
+        self, node: torch.fx.Node, device: str, nonnegative: bool = False
+    ) -> tuple[tuple, dict]:
+        args, kwargs = random_inputs(node, device, given=self._given, nonnegative=nonnegative)
+        for position in _NONEMPTY_BAG_SIZES.get(node.target, ()):
+            if position < len(args) and isinstance(args[position], torch.Tensor):
+                args = (*args[:position], torch.ones_like(args[position]), *args[position + 1 :])
+        return args, kwargs
 
     def ran(self, node: torch.fx.Node, result: Any) -> list[tuple[int, int]]:
         """Keep the outputs of ``node``'s call (``result``) that came out larger

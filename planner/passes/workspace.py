@@ -55,7 +55,9 @@ def annotate_workspace(
     workspace: dict[int, int] = {}
     for event in find_events(events, _MARK):
         peak, final = peak_and_final(allocations([event], device))
-        workspace[int(event.name[len(_MARK) :])] = max(0, peak - final)
+        # a call retried on other inputs (``_run_marked``) has two blocks: the larger
+        i = int(event.name[len(_MARK) :])
+        workspace[i] = max(workspace.get(i, 0), peak - final)
     index = {sig: i for i, sig in enumerate(keys)}
     for op_index, sig in signature_of.items():
         program.ops[op_index].workspace_bytes = workspace.get(index[sig], 0)
@@ -119,15 +121,20 @@ def _run_marked(
     order; empty if the op did not run)."""
     from torch.profiler import record_function
 
-    try:
-        args, kwargs = made_up.inputs(node, device)
-    except Exception as exc:  # unusual argument types: assume no workspace
-        log.debug("workspace: cannot build inputs for %s: %s", node.format_node(), exc)
-        return []
-    try:
-        with torch.no_grad(), record_function(mark):
-            result = as_run(node)(*args, **kwargs)
-    except Exception as exc:
-        log.debug("workspace: %s failed on random inputs: %s", node.format_node(), exc)
-        return []
-    return made_up.ran(node, result)
+    # normal floats first; an op that refuses negative values (multinomial's
+    # probabilities: unmeasured, its 404 bytes of scratch went over a 3030-byte
+    # budget) gets floats in [0, 1) instead
+    for nonnegative in (False, True):
+        try:
+            args, kwargs = made_up.inputs(node, device, nonnegative=nonnegative)
+        except Exception as exc:  # unusual argument types: assume no workspace
+            log.debug("workspace: cannot build inputs for %s: %s", node.format_node(), exc)
+            return []
+        try:
+            with torch.no_grad(), record_function(mark):
+                result = as_run(node)(*args, **kwargs)
+        except Exception as exc:
+            log.debug("workspace: %s failed on random inputs: %s", node.format_node(), exc)
+            continue
+        return made_up.ran(node, result)
+    return []

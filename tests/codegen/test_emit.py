@@ -25,3 +25,36 @@ def test_ops_reading_a_cpu_scalar_stay_eager_on_cuda() -> None:
     assert not touches_host_tensors(ops["aten.add.Tensor"], cuda)
     # on a CPU executor every tensor is a host tensor: nothing changes there
     assert not any(touches_host_tensors(n, torch.device("cpu")) for n in ops.values())
+
+
+class _Twiddle(torch.nn.Module):
+    """A phase rotation in the frequency domain: ``torch.exp(1j * t)`` puts a
+    Python complex constant (``1j``) into the graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = torch.fft.rfft(self.lin(x), dim=-1)
+        f = f * torch.exp(1j * torch.linspace(0, 1, f.shape[-1]))
+        return torch.fft.irfft(f, n=16, dim=-1)
+
+
+def test_a_complex_constant_is_emitted() -> None:
+    """It raised ``TypeError: cannot emit argument 1j of type complex``."""
+    import planner
+
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        expected = _Twiddle().eval()(x)
+    pm = planner.plan(_Twiddle().eval(), "100%", (x,), time_limit=3)
+    with torch.no_grad():
+        assert torch.equal(pm(x), expected)
+    model = _Twiddle()
+    pm = planner.plan(model, "100%", (x,), mode="train", time_limit=3)
+    pm(x).sum().backward()
+    eager = _Twiddle()
+    eager(x).sum().backward()
+    assert torch.equal(model.lin.weight.grad, eager.lin.weight.grad)

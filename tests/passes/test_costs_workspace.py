@@ -190,3 +190,71 @@ def test_an_lstm_workspace_and_its_bias_gradients_are_planned_at_their_real_byte
     assert all(s.nbytes > 10_000 and s.kernel_sized for s in workspaces), workspaces
     assert [sum(s.nbytes for s in both.values()) for both in bias_grads] == [1024, 1024]
     assert all(op.workspace_bytes > 0 for op in backwards)
+
+
+class _Sampler(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        return h.gather(1, torch.multinomial(torch.softmax(h, -1), 3))
+
+
+def test_workspace_of_an_op_refusing_negative_inputs_is_measured_whole() -> None:
+    """``multinomial`` refuses normal random probabilities; its failed run's partial
+    allocations (214 bytes) were taken for its workspace (618), and its plan at the
+    smallest budget measured 404 bytes over (3434 against 3030)."""
+    x = torch.randn(8, 16)
+    captured = capture(_Sampler().eval(), (x,), "infer")
+    program = build_program(captured)
+    annotate_workspace(program, captured.graph_module)
+    op = next(op for op in program.ops if "multinomial" in op.target)
+    probs = torch.softmax(torch.randn(8, 16), -1)
+    from planner.alloc_trace import allocations, find_events, peak_and_final, profile_allocations
+
+    def run() -> None:
+        with torch.profiler.record_function("sampler#0"):
+            out = torch.multinomial(probs, 3)  # noqa: F841 (held at the block's end)
+
+    _, events = profile_allocations(run)
+    peak, final = peak_and_final(allocations(find_events(events, "sampler#"), "cpu"))
+    assert op.workspace_bytes == peak - final > 0
+
+
+def test_a_plan_with_multinomial_keeps_its_budget() -> None:
+    x = torch.randn(8, 16)
+    try:
+        planner.plan(_Sampler().eval(), 1, (x,), time_limit=3)
+    except planner.BudgetTooSmall as e:
+        budget = e.min_budget
+    pm = planner.plan(_Sampler().eval(), budget, (x,), time_limit=3)
+    with torch.no_grad():
+        pm.run_measured(x)
+    assert pm.measured.peak_bytes <= pm.plan.budget_bytes
+
+
+class _MaxBag(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.bag = torch.nn.EmbeddingBag(20, 16, mode="max")
+
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return self.bag(ids, offsets)
+
+
+def test_a_max_embedding_bag_training_step_keeps_its_budget() -> None:
+    """Its backward copies the non-empty bags' rows; measured on made-up zero
+    ``bag_size`` (every bag empty) it took no scratch, and the step measured 600
+    bytes over its 3512-byte smallest budget."""
+    args = (torch.tensor([1, 2, 4, 5, 4, 3, 2, 9]), torch.tensor([0, 4, 6]))
+    try:
+        planner.plan(_MaxBag(), 1, args, mode="train", time_limit=3)
+    except planner.BudgetTooSmall as e:
+        budget = e.min_budget
+    pm = planner.plan(_MaxBag(), budget, args, mode="train", time_limit=3)
+    pm.run_measured_step(*args)
+    assert pm.measured.peak_bytes <= pm.plan.budget_bytes

@@ -1,0 +1,29 @@
+"""torch.cond is refused with the user's line and what to do (planner.ir.control_flow)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import planner
+
+
+class _Cond(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(16, 16)
+        self.b = torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return torch.cond(h.sum() > 0, lambda t: self.b(t).relu(), lambda t: self.b(t) * 2, (h,))
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_torch_cond_is_refused_with_the_users_line(mode: str) -> None:
+    """Inference failed while emitting the executor (KeyError: 'true_graph_0');
+    training said the model applied an autograd.Function of its own."""
+    expected = r"torch\.cond at test_control_flow\.py:\d+.*torch\.where"
+    with pytest.raises(planner.CaptureError, match=expected):
+        planner.plan(_Cond(), "100%", (torch.randn(8, 16),), mode=mode, time_limit=3)
