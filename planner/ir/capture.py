@@ -41,6 +41,7 @@ from planner.ir.example_inputs import (
     inputs_written_in_place,
     user_input_names,
 )
+from planner.ir.export_speedups import faster_export_bookkeeping
 from planner.ir.gradient_hooks import gradient_hooks_recorded, refuse_gradient_hooks
 from planner.ir.hooks import check_hooks_at_capture, hooked_parameters, module_hooks
 from planner.ir.layout import fix_layouts, true_layouts
@@ -133,7 +134,7 @@ _ONE_CAPTURE = threading.Lock()
 def capture(model: torch.nn.Module, example_inputs: Any, mode: str = "infer") -> CapturedGraph:
     """Trace ``model`` on ``example_inputs`` into a :class:`CapturedGraph`
     (captures in several threads run one after the other)."""
-    with _ONE_CAPTURE:
+    with _ONE_CAPTURE, faster_export_bookkeeping():
         return _capture(model, example_inputs, mode)
 
 
