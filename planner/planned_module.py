@@ -416,6 +416,11 @@ class PlannedModule(torch.nn.Module):
         self._stored = self._store_quantized(tensors)  # type: ignore[arg-type]
         state += self._stored
         self._state = state
+        #: where each updated buffer sits in the state (-1: homed in a tier, which
+        #: the executor writes back), looked up once: a list lookup per buffer per
+        #: call cost updated buffers x state tensors
+        state_position = {name: i for i, name in enumerate(self._state_names)}
+        self._update_positions = [state_position.get(n, -1) for n in self._buffer_updates]
         self._unreleased: tuple[list[str], Any] = (released, ep)
         if self.mode != "train":
             # only autograd needs the model's tensors as primals: held here, the
@@ -752,8 +757,8 @@ class PlannedModule(torch.nn.Module):
         with self._shared.running:  # and the statistics it updates
             outs = list(_PlannedStep.apply(self, *self._primals, *inputs))
             with torch.no_grad():
-                for name, new in zip(self._buffer_updates, outs[: self._num_buffer_updates]):
-                    self._state[self._state_names.index(name)].copy_(new)
+                for i, new in zip(self._update_positions, outs[: self._num_buffer_updates]):
+                    self._state[i].copy_(new)
         user = outs[self._num_buffer_updates :]
         handed = self._wiring.forward_outputs
         if handed.rebuilders or handed.num_user < len(user):
@@ -767,9 +772,9 @@ class PlannedModule(torch.nn.Module):
         self._state_watch.check()
         with torch.no_grad(), self._shared.running:  # and the state it updates
             outs = self._with_constants(self._run(self._fn, self._state, inputs))
-            for name, new in zip(self._buffer_updates, outs[: self._num_buffer_updates]):
+            for i, new in zip(self._update_positions, outs[: self._num_buffer_updates]):
                 if new is not None:  # None: written back to its tier by the executor
-                    self._state[self._state_names.index(name)].copy_(new)
+                    self._state[i].copy_(new)
         user = outs[self._num_buffer_updates :]
         return pytree.tree_unflatten(user, self._out_spec)
 
