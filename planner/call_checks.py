@@ -260,6 +260,10 @@ class PlannedCall:
         self.meta = [_meta(t) for _, t in tensors]
         self.strides = [_layout(t) for _, t in tensors]
         self.devices = [t.device for _, t in tensors]
+        #: each example tensor's exact shape, dtype, device and strides: a call whose
+        #: tensors have these passes the shape, dtype, device and layout checks
+        #: without working each out (``_checked``'s fast path)
+        self.exact = [_exact(t) for _, t in tensors]
         self.requires_grad = [t.requires_grad for _, t in tensors]
         #: positions of example tensors that were one tensor (``attention(x, x, x)``)
         self.same = _same_tensors([t for _, t in tensors])
@@ -328,6 +332,12 @@ class PlannedCall:
 
     def _checked(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """``tensors`` (the call's, in traced order) once they match the plan."""
+        if [_exact(t) for t in tensors] == self.exact:  # as traced: shapes to layouts
+            if self.same:
+                self._check_same(tensors)
+            if torch.is_grad_enabled():
+                self._check_grads(tensors)
+            return tensors
         got = [_meta(t) for t in tensors]
         if got != self.meta:
             raise PlannerError(
@@ -429,6 +439,10 @@ def _same_tensors(tensors: list[torch.Tensor]) -> list[tuple[int, ...]]:
         if t.numel() and t.device.type != "meta":
             groups.setdefault(_identity(t), []).append(i)
     return [tuple(g) for g in groups.values() if len(g) > 1]
+
+
+def _exact(tensor: torch.Tensor) -> tuple[torch.Size, torch.dtype, torch.device, tuple[int, ...]]:
+    return tensor.shape, tensor.dtype, tensor.device, tensor.stride()
 
 
 def _meta(tensor: torch.Tensor) -> tuple[tuple[int, ...], str]:

@@ -153,7 +153,7 @@ class StepWiring:
 def with_strides(tensor: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
     """``tensor`` itself if laid out with ``stride`` (``strides_that_matter``),
     else a copy that is."""
-    if tensor.numel() <= 1:
+    if tensor.numel() <= 1 or tensor.stride() == stride:
         return tensor
     if strides_that_matter(tensor.shape, tensor.stride()) == strides_that_matter(
         tensor.shape, stride

@@ -38,7 +38,21 @@ def _describe(state: AutocastState) -> str:
     return " and ".join(on) if on else "no autocast"
 
 
+#: the state with autocast off for every kind a plan records
+_ALL_OFF: AutocastState = tuple((kind, None) for kind in AUTOCAST_KINDS)
+
+
+def any_autocast_enabled(device_types: Sequence[str] = AUTOCAST_KINDS) -> bool:
+    """Whether autocast is on for any of ``device_types`` (every planned call asks)."""
+    for kind in device_types:
+        if torch.is_autocast_enabled(kind):
+            return True
+    return False
+
+
 def check_autocast(planned: AutocastState) -> None:
+    if planned == _ALL_OFF and not any_autocast_enabled():
+        return  # planned and called without autocast: the common case, checked cheaply
     now = autocast_state([kind for kind, _ in planned])
     if now != planned:
         raise PlannerError(
