@@ -38,7 +38,7 @@ from planner.call_checks import (
 from planner.codegen.assemble import Assembled, assemble
 from planner.codegen.emit import Executor
 from planner.codegen.segments import kernels_summary
-from planner.errors import PlannerError, listed
+from planner.errors import InvalidPlan, PlannerError, listed
 from planner.ir.autocast import AutocastState, any_autocast_enabled, autocast_off, check_autocast
 from planner.ir.hooks import HookWatch
 from planner.ir.meta import BUFFER_UPDATES, PARAM_GRADS
@@ -433,6 +433,11 @@ class PlannedModule(torch.nn.Module):
         #: call cost updated buffers x state tensors
         state_position = {name: i for i, name in enumerate(self._state_names)}
         self._update_positions = [state_position.get(n, -1) for n in self._buffer_updates]
+        if self.mode == "train" and -1 in self._update_positions:  # the step copies each in
+            raise InvalidPlan(
+                f"a training plan homes an updated buffer off the device: "
+                f"{listed([n for n in self._buffer_updates if n not in state_position])}"
+            )
         self._unreleased: tuple[list[str], Any] = (released, ep)
         if self.mode != "train":
             # only autograd needs the model's tensors as primals: held here, the

@@ -33,30 +33,44 @@ def hint_args_kwargs_reading(error: CaptureError, example_inputs: Any) -> None:
         )
 
 
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes of its storage ``t`` reaches: [first, last); empty for no elements."""
+    if t.numel() == 0:
+        return 0, 0
+    first = int(t.storage_offset()) * t.element_size()
+    extent = sum((int(n) - 1) * s for n, s in zip(t.shape, t.stride(), strict=True)) + 1
+    return first, first + extent * t.element_size()
+
+
 def check_inputs_are_not_state(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     """An example input that shares memory with one of the model's parameters or
     buffers (``pm(model.l.weight)``) is one storage the plan would both own as
     state and take as the caller's input: planning failed with a raw
     ``KeyError: 'input[0][0]'``."""
-    state: dict[int, str] = {}
+    state: dict[tuple[torch.device, int], list[tuple[int, int, str]]] = {}
     for name, t in [
         *model.named_parameters(remove_duplicate=False),
         *model.named_buffers(remove_duplicate=False),
     ]:
         if t.device.type != "meta" and t.untyped_storage().nbytes():
-            state.setdefault(t.untyped_storage().data_ptr(), name)
+            storage = t.untyped_storage()
+            key = (storage.device, storage.data_ptr())
+            state.setdefault(key, []).append((*_byte_span(t), name))
     leaves, _ = pytree.tree_flatten_with_path((args, kwargs))
     for path, x in leaves:
         if not isinstance(x, torch.Tensor) or x.device.type == "meta":
             continue
         storage = x.untyped_storage()
-        owner = state.get(storage.data_ptr()) if storage.nbytes() else None
+        start, end = _byte_span(x)
+        # one storage may hold both where they do not overlap (slices of one arena)
+        held = state.get((storage.device, storage.data_ptr()), []) if storage.nbytes() else []
+        owner = next((name for first, last, name in held if start < last and first < end), None)
         if owner is not None:
             raise CaptureError(
                 f"example input input{pytree.keystr(path)} shares memory with the "
                 f"model's {owner!r}: a plan owns the model's parameters and buffers and "
                 f"cannot also take one as an input. Read it inside forward "
-                f"(self.<module>.{owner.rsplit('.', 1)[-1]}), or pass a copy "
+                f"(self.{owner}), or pass a copy "
                 f"(x.detach().clone()) if you want its value only"
             )
 
@@ -67,6 +81,20 @@ def user_input_names(ep: torch.export.ExportedProgram) -> list[str]:
     from torch.export.graph_signature import InputKind
 
     return [s.arg.name for s in ep.graph_signature.input_specs if s.kind is InputKind.USER_INPUT]
+
+
+def _copied(node: torch.fx.Node, source: torch.fx.Node) -> bool:
+    """Whether the trace's values say ``node`` holds storage of its own, not
+    ``source``'s (False where either has no traced tensor to tell by)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    new, old = node.meta.get("val"), source.meta.get("val")
+    if not isinstance(new, torch.Tensor) or not isinstance(old, torch.Tensor):
+        return False
+    try:
+        return StorageWeakRef(new.untyped_storage()) != StorageWeakRef(old.untyped_storage())
+    except Exception:  # noqa: BLE001 - a tensor without a storage to compare: a view
+        return False
 
 
 def inputs_written_in_place(ep: torch.export.ExportedProgram) -> list[str]:
@@ -86,7 +114,9 @@ def inputs_written_in_place(ep: torch.export.ExportedProgram) -> list[str]:
             if arg.alias_info is not None and arg.alias_info.is_write:
                 if base_of[value.name] not in written:
                     written.append(base_of[value.name])
-        # a view of an input is the input for what writes through it
+        # a view of an input is the input for what writes through it; an op whose
+        # schema may alias but that copied here (``x.float()`` of a uint8 ``x``,
+        # ``contiguous`` of a transposed one) made a tensor of its own
         if (
             len(returns) == 1
             and returns[0].alias_info is not None
@@ -94,6 +124,7 @@ def inputs_written_in_place(ep: torch.export.ExportedProgram) -> list[str]:
             and node.args
             and isinstance(node.args[0], torch.fx.Node)
             and node.args[0].name in base_of
+            and not _copied(node, node.args[0])
         ):
             base_of[node.name] = base_of[node.args[0].name]
     return written

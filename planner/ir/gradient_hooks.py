@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import traceback
 from collections.abc import Iterator
 from typing import Any
@@ -41,13 +42,18 @@ def gradient_hooks_recorded(enabled: bool = True) -> Iterator[list[str]]:
         yield where
         return
     originals = {name: torch.Tensor.__dict__[name] for name in _HOOKS}
+    # the patch is process-wide: another thread's hooks (an eager training loop
+    # beside the plan) are not the traced forward's
+    tracing_thread = threading.get_ident()
 
     def recorded(name: str) -> Any:
         original = originals[name]
 
         def register(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            # torch's own call sites are torch's business (decided by the frame
+            # that calls); the message names the user's line that led there
             caller = sys._getframe(1).f_code.co_filename
-            if _TORCH not in caller:
+            if _TORCH not in caller and threading.get_ident() == tracing_thread:
                 where.append(f"{name} at {_caller()}")
             return original(self, *args, **kwargs)
 

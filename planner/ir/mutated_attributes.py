@@ -334,16 +334,24 @@ def _made_from(value: torch.Tensor, old: torch.Tensor) -> bool:
 
 
 #: ops whose output takes only its input's shape, dtype and device, not its values
-_SHAPED_LIKE = frozenset(
-    {"zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like"}
-)
+#: (not ``rand_like``: a draw is not the same at every call)
+_SHAPED_LIKE = frozenset({"zeros_like", "ones_like", "empty_like", "full_like"})
 
 
-def _reads_inputs(value: torch.Tensor) -> bool:
+def _draws_random(node: torch.fx.Node) -> bool:
+    """Whether ``node``'s op draws random numbers: a plan draws anew at every call
+    where eager kept the first call's draw."""
+    return torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
+
+
+def _reads_inputs(value: torch.Tensor, fixed: frozenset = frozenset()) -> bool:
     """Whether the trace made ``value`` from the values of the graph's inputs
-    (the call's tensors, parameters, buffers), through the tracer's proxies; True
-    where it cannot tell. A mask made lazily (``torch.ones(n, n).triu_(1)``, or
-    ``ones_like(x)``) reads none of them: it is the same at every call."""
+    (the call's tensors, parameters, buffers) or from a random draw, through the
+    tracer's proxies; True where a trace runs but cannot tell, False outside a
+    trace (nothing to judge). A mask made lazily (``torch.ones(n, n).triu_(1)``, or
+    ``ones_like(x)``) reads none of them: it is the same at every call. ``fixed``:
+    placeholders whose values are the same at every call (buffers the forward
+    does not write: a rotary table made from ``inv_freq``)."""
     tracer = _tracer()
     node = None if tracer is None else _traced_node(tracer, value)
     if node is None:
@@ -351,7 +359,7 @@ def _reads_inputs(value: torch.Tensor) -> bool:
     seen, todo = {node}, [node]
     while todo:
         node = todo.pop()
-        if node.op == "placeholder":
+        if (node.op == "placeholder" and node not in fixed) or _draws_random(node):
             return True
         if getattr(node.target, "__name__", "").split(".")[0] in _SHAPED_LIKE:
             continue
@@ -436,6 +444,20 @@ def _assignments_recorded(
         torch.nn.Module.__setattr__ = original  # type: ignore[method-assign]
 
 
+def _unwritten_buffers(model: torch.nn.Module) -> frozenset:
+    """The trace's placeholders of the buffers the forward has not written (the
+    same at every call), for ``_reads_inputs``."""
+    tracer = _tracer()
+    if tracer is None:
+        return frozenset()
+    nodes = (
+        _traced_node(tracer, b)
+        for b in model.buffers()
+        if isinstance(b, torch.Tensor) and b._version == 0
+    )
+    return frozenset(n for n in nodes if n is not None and n.op == "placeholder")
+
+
 def _updated_after_made(
     made: dict[str, tuple[torch.nn.Module, str, torch.Tensor, int]], carried: set[str]
 ) -> Any:
@@ -446,10 +468,13 @@ def _updated_after_made(
     Eager's next calls add to the first call's sum; a plan would start from zeros
     at every call (3.85 off at the second call, 7.70 at the third, silently)."""
 
-    def hook(*_: Any) -> None:
+    def hook(model: torch.nn.Module, *_: Any) -> None:
+        fixed: frozenset | None = None
         for qualified, (module, name, tensor, version) in made.items():
             if vars(module).get(name) is tensor and tensor._version != version:
-                if _reads_inputs(tensor):
+                if fixed is None:
+                    fixed = _unwritten_buffers(model)
+                if _reads_inputs(tensor, fixed):
                     carried.add(qualified)
 
     return hook
@@ -525,8 +550,9 @@ def plain_attributes_left_alone(model: torch.nn.Module) -> Iterator[TraceWatch]:
     if lazy:
         raise CaptureError(
             f"{name}'s forward makes {', '.join(lazy)} (None when planned) and then updates "
-            f"it (a tensor made from it assigned, or an update in place from the call's "
-            f"tensors): state carried from call to call in a plain "
+            f"it (a tensor made from it assigned, or an update in place from what a call "
+            f"reads: its tensors, parameters, buffers it writes, or a random draw): state "
+            f"carried from call to call in a plain "
             f"attribute, which a plan would start from nothing at every call. Register it "
             f"as a buffer in __init__ (self.register_buffer({lazy[0].rpartition('.')[2]!r}, "
             f"torch.zeros(...))) and update it in place"

@@ -41,3 +41,63 @@ def test_a_list_and_a_dict_read_as_args_and_kwargs_says_so() -> None:
     with pytest.raises(CaptureError, match=r"read as \(args, kwargs\).*\(\(xs, d\), \{\}\)"):
         capture(ListAndDict(), (xs, d), "infer")
     capture(ListAndDict(), ((xs, d), {}), "infer")
+
+
+@pytest.mark.parametrize("convert", ["float", "contiguous"])
+def test_a_converted_copy_of_an_input_written_in_place_is_not_the_input(convert: str) -> None:
+    """``h = x.float(); h /= 255`` writes a copy (``to`` may alias by its schema, but
+    converting a uint8 tensor copies it): it was refused as a write into ``x``."""
+
+    class Normalize(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if convert == "float":
+                h = x.float()
+                h /= 255
+            else:
+                h = x.t().contiguous()
+                h.mul_(2)
+                h = h.t()
+            return self.lin(h)
+
+    image = torch.randint(0, 255, (4, 8), dtype=torch.uint8)
+    x = image if convert == "float" else torch.randn(4, 8)
+    capture(Normalize(), (x,), "infer")
+
+
+def test_an_input_written_through_a_view_is_still_refused() -> None:
+    class WritesView(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            v = x.view(-1)
+            v.add_(1)
+            return x * 2
+
+    with pytest.raises(CaptureError, match="writes in place into its input"):
+        capture(WritesView(), (torch.randn(4, 8),), "infer")
+
+
+def test_an_input_in_the_storage_of_a_buffer_but_apart_from_it_is_planned() -> None:
+    """A buffer and the example input are slices of one arena that do not
+    overlap: refused as "shares memory with the model's 'ref'"; eager and the
+    plan agree."""
+    arena = torch.randn(40, 8)
+
+    class ReadsRef(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+            self.register_buffer("ref", arena[:4])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) + self.ref
+
+    model = ReadsRef()
+    x = arena[20:24]
+    expected = model(x.clone())
+    pm = planner.plan(model, "100%", (x,), mode="infer", profile="cpu", time_limit=5)
+    assert torch.equal(pm(x), expected)
+    with pytest.raises(CaptureError, match=r"shares memory with the model's 'ref'"):
+        planner.plan(ReadsRef(), "100%", (arena[2:6],), mode="infer", profile="cpu")

@@ -61,3 +61,22 @@ def test_torchs_own_hooks_and_the_methods_themselves_are_left_alone() -> None:
             raise RuntimeError("inside")
     assert len(where) == 1 and "test_gradient_hooks.py" in where[0]
     assert {n: torch.Tensor.__dict__[n] for n in before} == before
+
+
+def test_a_hook_another_thread_registers_meanwhile_is_not_recorded() -> None:
+    """The patch of ``Tensor.register_hook`` is process-wide: an eager loop in
+    another thread registering hooks while a training plan captured had the plan
+    refused at that thread's line."""
+    import threading
+
+    def elsewhere() -> None:
+        t = torch.zeros(2, requires_grad=True)
+        (t * 2).register_hook(lambda g: g)
+
+    with gradient_hooks_recorded() as where:
+        thread = threading.Thread(target=elsewhere)
+        thread.start()
+        thread.join()
+        h = torch.zeros(2, requires_grad=True) * 3
+        h.register_hook(lambda g: g)
+    assert len(where) == 1 and "test_gradient_hooks.py" in where[0]

@@ -494,3 +494,58 @@ def test_a_table_converted_and_assigned_back_is_planned(mode: str) -> None:
             assert torch.equal(pm(x), reference(x))
     with pytest.raises(planner.CaptureError, match=r"reads table and assigns it"):
         planner.plan(_ConvertsItsTable(scaled=True), "100%", (x,), mode=mode, profile="cpu")
+
+
+class _FillsFromABuffer(nn.Module):
+    """A table made lazily and filled in place from a buffer the forward never
+    writes (a rotary table from ``inv_freq``): the same at every call."""
+
+    def __init__(self, bumps: bool = False) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.register_buffer("inv_freq", torch.arange(8.0) / 8)
+        self.register_buffer("calls", torch.zeros(()))
+        self.table: torch.Tensor | None = None
+        self.bumps = bumps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bumps:  # then a table made from it is eager's first call's
+            self.calls.add_(1)
+        if self.table is None:
+            self.table = torch.empty(x.shape[0], 8)
+            self.table.copy_((self.inv_freq * (self.calls + 1)).expand(x.shape[0], 8).cos())
+        return self.fc(x) * self.table
+
+
+def test_a_table_filled_in_place_from_an_unwritten_buffer_is_planned() -> None:
+    """Refused as "updates it ... from the call's tensors" though it read none."""
+    model, x = _FillsFromABuffer(), torch.randn(4, 8)
+    pm = planner.plan(model, "100%", (x,), profile="cpu", time_limit=5)
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(pm(x), model(x))
+
+
+def test_a_table_filled_in_place_from_a_buffer_the_forward_writes_is_refused() -> None:
+    with pytest.raises(planner.CaptureError, match=r"makes table \(None when planned\)"):
+        planner.plan(_FillsFromABuffer(bumps=True), "100%", (torch.randn(4, 8),), profile="cpu")
+
+
+def test_noise_drawn_lazily_and_scaled_in_place_is_refused() -> None:
+    """``randn_like`` was taken for a shape-only op: eager keeps the first call's
+    draw, the plan drew anew at every call (2.58 off at the second call)."""
+
+    class Noisy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.noise: torch.Tensor | None = None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.noise is None:
+                self.noise = torch.randn_like(x)
+                self.noise.mul_(0.5)
+            return self.fc(x) + self.noise
+
+    with pytest.raises(planner.CaptureError, match=r"makes noise \(None when planned\)"):
+        planner.plan(Noisy(), "100%", (torch.randn(4, 8),), profile="cpu", time_limit=5)
