@@ -135,6 +135,26 @@ def _written_arguments(node: torch.fx.Node) -> Iterator[torch.fx.Node]:
                 yield item
 
 
+def _refuse_updated_buffer_under_two_names(model: torch.nn.Module, updated: set[str]) -> None:
+    """One buffer tensor registered under two names (``register_buffer("a", b)``,
+    ``register_buffer("a2", b)``) that the forward updates in place: torch's trace
+    carries it once, under one name, and the plan's calls failed (training: a raw
+    "mat1 must be a matrix" at the first call; inference: a bare AssertionError
+    while planning). Read only, such a pair traces right, as tied weights do."""
+    names_of: dict[int, list[str]] = {}
+    for name, buffer in model.named_buffers(remove_duplicate=False):
+        names_of.setdefault(id(buffer), []).append(name)
+    for names in names_of.values():
+        if len(names) > 1 and set(names) & updated:
+            raise CaptureError(
+                f"{type(model).__name__} registers one buffer tensor under several names "
+                f"({', '.join(map(repr, names))}) and its forward updates it in place: the "
+                f"trace carries it once, under one of them, so a plan cannot write it back "
+                f"under both. Register it once and reach it under the other name through a "
+                f"property, or register a copy"
+            )
+
+
 def check_state_does_not_overlap(
     model: torch.nn.Module,
     updated: set[str],
@@ -150,6 +170,7 @@ def check_state_does_not_overlap(
     state they view just the same. One that is a parameter or buffer (the same
     tensor, or the same view of its storage) is that state, as
     ``planner.ir.aliased_state`` makes it."""
+    _refuse_updated_buffer_under_two_names(model, updated)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad} if trained else set()
     merged = updated | trainable
     tensors = [*model.named_parameters(), *model.named_buffers()]

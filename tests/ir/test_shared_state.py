@@ -218,3 +218,33 @@ def test_a_view_of_a_buffer_held_in_a_list_or_object_but_only_read_is_planned(mo
             return (self.fc(x) + self.heads[0] + self.holder.head).pow(2).mean()
 
     planned_as_eager(ReadsViews, torch.randn(4, 8), mode)
+
+
+class _TiedBuffer(nn.Module):
+    def __init__(self, update: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        shared = torch.zeros(8)
+        self.register_buffer("a", shared)
+        self.register_buffer("a2", shared)
+        self.update = update
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.update:
+            self.a.add_(1)
+        return self.lin(x) * (self.a2 + 1)
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_one_buffer_under_two_names_updated_in_place_is_refused(mode: str) -> None:
+    """Training failed at the first call with a raw "mat1 must be a matrix";
+    inference with a bare AssertionError while planning. Read only, it plans."""
+    with pytest.raises(
+        planner.CaptureError, match=r"one buffer tensor under several names \('a', 'a2'\)"
+    ):
+        planner.plan(_TiedBuffer(update=True), "100%", (torch.randn(4, 8),), mode=mode)
+    torch.manual_seed(0)
+    model, x = _TiedBuffer(update=False), torch.randn(4, 8)
+    expected = model(x)
+    pm = planner.plan(model, "100%", (x,), mode=mode)
+    assert torch.equal(pm(x), expected)
