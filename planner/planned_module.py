@@ -731,15 +731,19 @@ class PlannedModule(torch.nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             # A training plan holds the model's parameters under the model's names
-            # ("0.weight"), not its submodules: torch.export and functional_call
-            # walk those names and failed with a bare "has no attribute `0`"
+            # ("0.weight"), an inference plan none, and neither the submodules:
+            # torch.export and functional_call walk those names and failed with a
+            # bare "has no attribute `0`"
             held = self.__dict__.get("_parameters", {})
-            if any(key.startswith(name + ".") for key in held):
+            model = getattr(self.__dict__.get("_state_watch"), "model", None)
+            if any(key.startswith(name + ".") for key in held) or (
+                isinstance(model, torch.nn.Module) and name in model._modules
+            ):
                 raise AttributeError(
-                    f"PlannedModule has no attribute {name!r}: a training plan holds the "
-                    f"model's parameters under the model's names ({name}.…), not its "
-                    f"submodules. Reach {name!r} through the model; export or "
-                    f"functional_call the model, not the planned module"
+                    f"PlannedModule has no attribute {name!r}: a planned module runs the "
+                    f"plan and holds none of the model's submodules ({name!r} is one). "
+                    f"Reach {name!r} through the model; export or functional_call the "
+                    f"model, not the planned module"
                 ) from None
             raise
 

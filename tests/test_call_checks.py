@@ -229,6 +229,17 @@ def test_exporting_a_training_plan_names_the_model_not_a_missing_attribute() -> 
     assert not hasattr(pm, "a") and not hasattr(pm, "missing")
 
 
+def test_functional_call_of_an_inference_plan_names_the_model() -> None:
+    """It failed with torch's bare "PlannedModule has no attribute `a`", no hint."""
+    torch.manual_seed(0)
+    model, x = _Net().eval(), torch.randn(64, 32)
+    pm = planner.plan(model, "100%", (x,), profile="cpu")
+    params = dict(model.named_parameters())
+    with pytest.raises(AttributeError) as raised:
+        torch.func.functional_call(pm, params, (x,))
+    assert "functional_call the model" in str(raised.value.__cause__)
+
+
 class _Scaled(nn.Module):
     def __init__(self) -> None:
         super().__init__()
