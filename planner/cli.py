@@ -63,7 +63,7 @@ def load_factory(spec: str) -> tuple[Any, Any]:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from planner.api import analyze, report
+    from planner.api import DEFAULT_TIME_LIMIT, analyze, report
     from planner.api import plan as plan_module
 
     needs_budget = [
@@ -100,7 +100,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
             mode=args.mode,
             profile=args.profile,
             quantize=args.quantize,
-            time_limit=20.0 if args.time_limit is None else args.time_limit,
+            time_limit=DEFAULT_TIME_LIMIT if args.time_limit is None else args.time_limit,
             kernels=args.kernels,
             measure_room=args.measure_room,
         )
