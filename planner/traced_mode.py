@@ -19,6 +19,7 @@ warning when its graph draws dropout or updates statistics because of it.
 
 from __future__ import annotations
 
+import dis
 import functools
 import inspect
 import types
@@ -93,7 +94,7 @@ def _function_reads_training(fn: Any, libraries_too: bool, seen: set[int], depth
     if depth == 0:
         return False
     scope = getattr(fn, "__globals__", {})
-    for name in _names(code):
+    for name in _globals_called(code):
         called = scope.get(name)
         if not isinstance(called, types.FunctionType):
             continue
@@ -111,6 +112,16 @@ def _names(code: types.CodeType) -> set[str]:
     for inner in code.co_consts:
         if isinstance(inner, types.CodeType):
             names |= _names(inner)
+    return names
+
+
+def _globals_called(code: types.CodeType) -> set[str]:
+    """The global names ``code`` and the code inside it load (not attribute names:
+    ``self.scaled(...)`` does not lead to a module-level ``scaled``)."""
+    names = {i.argval for i in dis.get_instructions(code) if i.opname == "LOAD_GLOBAL"}
+    for inner in code.co_consts:
+        if isinstance(inner, types.CodeType):
+            names |= _globals_called(inner)
     return names
 
 

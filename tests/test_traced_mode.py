@@ -269,3 +269,25 @@ def test_a_decorated_method_and_transformers_drop_path_are_watched() -> None:
     model.eval()
     with pytest.raises(PlannerError, match="in eval mode"):
         pm(torch.randn(2, 3, 32, 32))
+
+
+class _CallsAMethodNamedLikeAFunction(nn.Module):
+    """``self._halved`` is its own method, reading no flag: the module-level
+    ``_halved`` above (which does) is not what it calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._halved(self.lin(x))
+
+    def _halved(self, h: torch.Tensor) -> torch.Tensor:
+        return h * 0.5
+
+
+def test_only_functions_called_by_global_name_are_followed() -> None:
+    from planner.traced_mode import behaves_by_mode
+
+    assert behaves_by_mode(_HalfByAFunction())
+    assert not behaves_by_mode(_CallsAMethodNamedLikeAFunction())
