@@ -291,3 +291,32 @@ def test_only_functions_called_by_global_name_are_followed() -> None:
 
     assert behaves_by_mode(_HalfByAFunction())
     assert not behaves_by_mode(_CallsAMethodNamedLikeAFunction())
+
+
+def test_a_dropout_free_transformers_attention_plan_can_be_evaluated() -> None:
+    """SDPA is tagged as drawing random numbers for its dropout; at dropout_p 0 it
+    draws none, so transformers' modules are not held to training mode: pm.eval()
+    on a ViT training plan (dropout 0) runs and matches eager's evaluation."""
+    import copy
+
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=3,
+    )
+    model = ViTForImageClassification(config).train()
+    x = torch.randn(2, 3, 32, 32)
+    reference = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        expected = reference(x).logits
+    pm = planner.plan(model, "100%", (x,), mode="train", profile="cpu")
+    pm.eval()
+    with torch.no_grad():
+        assert torch.equal(pm(x).logits, expected)
