@@ -12,6 +12,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from planner.errors import CaptureError
+from planner.ir.layout import byte_span
 
 
 def hint_args_kwargs_reading(error: CaptureError, example_inputs: Any) -> None:
@@ -33,15 +34,6 @@ def hint_args_kwargs_reading(error: CaptureError, example_inputs: Any) -> None:
         )
 
 
-def _byte_span(t: torch.Tensor) -> tuple[int, int]:
-    """The bytes of its storage ``t`` reaches: [first, last); empty for no elements."""
-    if t.numel() == 0:
-        return 0, 0
-    first = int(t.storage_offset()) * t.element_size()
-    extent = sum((int(n) - 1) * s for n, s in zip(t.shape, t.stride(), strict=True)) + 1
-    return first, first + extent * t.element_size()
-
-
 def check_inputs_are_not_state(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     """An example input that shares memory with one of the model's parameters or
     buffers (``pm(model.l.weight)``) is one storage the plan would both own as
@@ -55,13 +47,13 @@ def check_inputs_are_not_state(model: torch.nn.Module, args: tuple, kwargs: dict
         if t.device.type != "meta" and t.untyped_storage().nbytes():
             storage = t.untyped_storage()
             key = (storage.device, storage.data_ptr())
-            state.setdefault(key, []).append((*_byte_span(t), name))
+            state.setdefault(key, []).append((*byte_span(t), name))
     leaves, _ = pytree.tree_flatten_with_path((args, kwargs))
     for path, x in leaves:
         if not isinstance(x, torch.Tensor) or x.device.type == "meta":
             continue
         storage = x.untyped_storage()
-        start, end = _byte_span(x)
+        start, end = byte_span(x)
         # one storage may hold both where they do not overlap (slices of one arena)
         held = state.get((storage.device, storage.data_ptr()), []) if storage.nbytes() else []
         owner = next((name for first, last, name in held if start < last and first < end), None)
