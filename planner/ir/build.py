@@ -27,9 +27,9 @@ from planner.ir.meta import (
     HOOKED_PARAMS,
     NONFINITE_SOURCES,
     PARAM_GRADS,
-    draws_random,
     exported_tensor,
     fake_value,
+    node_draws_random,
     op_name_parts,
 )
 from planner.ir.program import Op, Phase, Program, Storage, Value, ValueKind
@@ -151,28 +151,6 @@ class _Builder:
         self.values.append(value)
         self.storages[sid].values.append(value.index)
         return value.index
-
-
-def _draws_random(node: torch.fx.Node) -> bool:
-    """``meta.draws_random`` of the node's op, except an attention op called with
-    ``dropout_p`` 0: ATen tags the scaled-dot-product ops nondeterministic_seeded
-    for their dropout, but at p = 0 they draw nothing (every transformers model
-    using SDPA traces one, which held its library modules to training mode, so
-    ``pm.eval()`` on a dropout-free ViT or Llama training plan was refused)."""
-    target = node.target
-    if not draws_random(target):
-        return False
-    if isinstance(target, torch._ops.OpOverload) and "scaled_dot_product" in target._schema.name:
-        for i, arg in enumerate(target._schema.arguments):
-            if arg.name == "dropout_p":
-                p = (
-                    node.args[i]
-                    if i < len(node.args)
-                    else node.kwargs.get("dropout_p", arg.default_value)
-                )
-                if isinstance(p, (int, float)) and p == 0:
-                    return False
-    return True
 
 
 def build_program(captured: CapturedGraph) -> Program:
@@ -315,7 +293,7 @@ def _add_op(b: _Builder, node: torch.fx.Node, phase: Phase) -> None:
             outputs=outputs,
             phase=phase,
             stack=last_user_line(stack),
-            draws_random=_draws_random(node),
+            draws_random=node_draws_random(node),
             takes_nonfinite=_takes_nonfinite(node),
         )
     )

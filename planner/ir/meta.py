@@ -40,12 +40,35 @@ NONFINITE_SOURCES = "nonfinite_sources"
 def draws_random(target: Any) -> bool:
     """Whether calling ``target`` draws random numbers: ATen tags every such op
     (dropout, ``bernoulli``, ``rand*``, ``normal``, ``exponential``, ...)
-    ``nondeterministic_seeded``. The one test of it: the IR's ops, the solver's
-    replays and the compiled runs all ask here."""
+    ``nondeterministic_seeded``. The one test of it: the IR's ops (through
+    ``node_draws_random``), the solver's replays and the compiled runs all ask here."""
     return (
         isinstance(target, torch._ops.OpOverload)
         and torch.Tag.nondeterministic_seeded in target.tags
     )
+
+
+def node_draws_random(node: torch.fx.Node) -> bool:
+    """``draws_random`` of a traced call: its op's, except an attention op called
+    with ``dropout_p`` 0. ATen tags the scaled-dot-product ops
+    nondeterministic_seeded for their dropout, but at p = 0 they draw nothing
+    (every transformers model using SDPA traces one, which held its library
+    modules to training mode, so ``pm.eval()`` on a dropout-free ViT or Llama
+    training plan was refused)."""
+    target = node.target
+    if not draws_random(target):
+        return False
+    if "scaled_dot_product" in target._schema.name:  # type: ignore[union-attr]
+        for i, arg in enumerate(target._schema.arguments):  # type: ignore[union-attr]
+            if arg.name == "dropout_p":
+                p = (
+                    node.args[i]
+                    if i < len(node.args)
+                    else node.kwargs.get("dropout_p", arg.default_value)
+                )
+                if isinstance(p, (int, float)) and p == 0:
+                    return False
+    return True
 
 
 def op_name_parts(target: torch._ops.OpOverload) -> tuple[str, str, str]:

@@ -35,6 +35,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils import _pytree as pytree
 
 from planner.errors import CaptureError
+from planner.ir.meta import node_draws_random
 
 #: attributes up to this size are copied (to the CPU) before the trace, so an
 #: update the trace made can be undone (a counter, a scale), up to
@@ -338,12 +339,6 @@ def _made_from(value: torch.Tensor, old: torch.Tensor) -> bool:
 _SHAPED_LIKE = frozenset({"zeros_like", "ones_like", "empty_like", "full_like"})
 
 
-def _draws_random(node: torch.fx.Node) -> bool:
-    """Whether ``node``'s op draws random numbers: a plan draws anew at every call
-    where eager kept the first call's draw."""
-    return torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
-
-
 def _reads_inputs(value: torch.Tensor, fixed: frozenset = frozenset()) -> bool:
     """Whether the trace made ``value`` from the values of the graph's inputs
     (the call's tensors, parameters, buffers) or from a random draw, through the
@@ -359,7 +354,7 @@ def _reads_inputs(value: torch.Tensor, fixed: frozenset = frozenset()) -> bool:
     seen, todo = {node}, [node]
     while todo:
         node = todo.pop()
-        if (node.op == "placeholder" and node not in fixed) or _draws_random(node):
+        if (node.op == "placeholder" and node not in fixed) or node_draws_random(node):
             return True
         if getattr(node.target, "__name__", "").split(".")[0] in _SHAPED_LIKE:
             continue
