@@ -27,7 +27,7 @@ import collections
 import contextlib
 import dataclasses
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -311,6 +311,27 @@ def _traced_node(tracer: Any, value: torch.Tensor) -> torch.fx.Node | None:
         return None
 
 
+def _upstream(
+    start: torch.fx.Node,
+    found: Callable[[torch.fx.Node], bool],
+    stop: Callable[[torch.fx.Node], bool] = lambda node: False,
+) -> bool:
+    """Whether ``found`` holds for ``start`` or a node it was made from, walking
+    the graph's inputs back except past the nodes ``stop`` says end a path."""
+    seen, todo = {start}, [start]
+    while todo:
+        node = todo.pop()
+        if found(node):
+            return True
+        if stop(node):
+            continue
+        for arg in node.all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                todo.append(arg)
+    return False
+
+
 def _made_from(value: torch.Tensor, old: torch.Tensor) -> bool:
     """Whether the trace made ``value`` from ``old`` (the graph's nodes behind
     them, through the tracer's proxies); True where it cannot tell. A record kept
@@ -322,16 +343,7 @@ def _made_from(value: torch.Tensor, old: torch.Tensor) -> bool:
     new, before = _traced_node(tracer, value), _traced_node(tracer, old)
     if new is None or before is None:
         return True
-    seen, todo = {new}, [new]
-    while todo:
-        node = todo.pop()
-        if node is before:
-            return True
-        for arg in node.all_input_nodes:
-            if arg not in seen:
-                seen.add(arg)
-                todo.append(arg)
-    return False
+    return _upstream(new, lambda node: node is before)
 
 
 #: ops whose output takes only its input's shape, dtype and device, not its values
@@ -351,18 +363,11 @@ def _reads_inputs(value: torch.Tensor, fixed: frozenset = frozenset()) -> bool:
     node = None if tracer is None else _traced_node(tracer, value)
     if node is None:
         return tracer is not None
-    seen, todo = {node}, [node]
-    while todo:
-        node = todo.pop()
-        if (node.op == "placeholder" and node not in fixed) or node_draws_random(node):
-            return True
-        if getattr(node.target, "__name__", "").split(".")[0] in _SHAPED_LIKE:
-            continue
-        for arg in node.all_input_nodes:
-            if arg not in seen:
-                seen.add(arg)
-                todo.append(arg)
-    return False
+    return _upstream(
+        node,
+        lambda n: (n.op == "placeholder" and n not in fixed) or node_draws_random(n),
+        stop=lambda n: getattr(n.target, "__name__", "").split(".")[0] in _SHAPED_LIKE,
+    )
 
 
 #: what ``.to(...)`` traces to
