@@ -17,16 +17,6 @@ import torch.fx
 from planner.errors import CaptureError
 from planner.ir.data_dependent import last_user_line
 
-
-def _user_line(stack: str | None) -> str | None:
-    """The model's line, past the frames of torch's generated code
-    (``<eval_with_key>.5:11``, where export traced the branches)."""
-    if not stack:
-        return None
-    kept = "\n".join(line for line in stack.splitlines() if '"<' not in line)
-    return last_user_line(kept)
-
-
 #: higher-order ops whose subgraphs run data-dependently, by their names
 _CONTROL_FLOW = {
     "cond": "torch.cond",
@@ -46,7 +36,7 @@ def refuse_control_flow(graph: torch.fx.Graph, model_name: str) -> None:
         what = _CONTROL_FLOW.get(node.target.name())
         if what is None:
             continue
-        line = _user_line(node.meta.get("stack_trace"))
+        line = last_user_line(node.meta.get("stack_trace"))
         where = f" at {line}" if line else ""
         raise CaptureError(
             f"{model_name} calls {what}{where}: the planner plans one straight-line "

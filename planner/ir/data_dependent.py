@@ -55,12 +55,15 @@ def refuse_data_dependent_shapes(graph: torch.fx.Graph) -> None:
 
 def last_user_line(stack: str | None) -> str | None:
     """``model.py:42 in forward``: the innermost frame of an FX stack trace outside
-    torch itself (the model's own code, not ``nn.Linear.forward``)."""
+    torch itself (the model's own code, not ``nn.Linear.forward``) and outside the
+    code torch generates (``<eval_with_key>.5``, where export traces the branches
+    of a ``torch.cond``)."""
     if not stack:
         return None
     frames = [m for m in _FRAME.finditer(stack)]
     if not frames:
         return None
-    outside = [m for m in frames if "/torch/" not in m["path"]]
-    m = (outside or frames)[-1]
+    written = [m for m in frames if not m["path"].startswith("<")]
+    outside = [m for m in written if "/torch/" not in m["path"]]
+    m = (outside or written or frames)[-1]
     return f"{Path(m['path']).name}:{m['line']} in {m['func']}"
