@@ -228,17 +228,20 @@ def test_model_rejects_keep_all_over_budget(source: str) -> None:
 
 def test_model_accounts_keep_all_like_the_validator() -> None:
     """With every gap at keep/home the model's bytes per step equal the replay's."""
-    from planner.solver.model import _bytes_by_step
+    from planner.solver.model import _held_by_step
     from planner.solver.synthetic import keep_all_plan
 
     base = problem_from_dag(layered_dag(30, seed=2), 1, backward=True)
     problem = with_budget(base, 2**62)
     cands = build_candidates(problem)
+    flat = [(gi, o.choice) for gi, gap in enumerate(cands.gaps) for o in gap.options]
+    chosen = {(gi, choice) for gi, choice in enumerate(keep_all(cands))}
+    entries = _held_by_step(cands, problem.num_steps)
     held = list(cands.fixed)
-    for gap, choice in zip(cands.gaps, keep_all(cands)):
-        nbytes = problem.tensors[gap.tensor].nbytes
-        for t, b in _bytes_by_step(gap.option(choice), gap, nbytes, problem.num_steps):
-            held[t] += b
+    for t, k, gi, b in zip(entries.step, entries.option, entries.gap, entries.nbytes):
+        assert flat[k][0] == gi
+        if flat[k] in chosen:
+            held[t] += int(b)
     replay = validate(problem, keep_all_plan(problem))
     assert held == replay.resident_bytes
 
