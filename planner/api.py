@@ -21,6 +21,7 @@ from planner.caller_rng import caller_rng_kept
 from planner.codegen.assemble import Assembled
 from planner.codegen.emit import check_kernels
 from planner.errors import InvalidPlan, PlannerError
+from planner.full_collections import full_collections_deferred
 from planner.ir.autocast import autocast_off
 from planner.ir.capture import capture, normalize_example_inputs
 from planner.ir.conv_layout import channels_last_convolutions
@@ -77,6 +78,7 @@ def _retry_finds_the_weights_free(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @caller_rng_kept
 @planning_training_in_grad_mode
+@full_collections_deferred
 def analyze(
     model: torch.nn.Module,
     example_inputs: Any,
@@ -106,6 +108,7 @@ def analyze(
 
 @caller_rng_kept
 @planning_training_in_grad_mode
+@full_collections_deferred
 def report(
     model: torch.nn.Module,
     example_inputs: Any,
@@ -126,6 +129,7 @@ def report(
 @_retry_finds_the_weights_free
 @caller_rng_kept
 @planning_training_in_grad_mode
+@full_collections_deferred
 def make_plan(
     model: torch.nn.Module,
     budget: int | str,
@@ -221,6 +225,7 @@ def _check_time_limit(time_limit: float) -> None:
 @_retry_finds_the_weights_free
 @caller_rng_kept
 @planning_training_in_grad_mode
+@full_collections_deferred
 def plan(
     model: torch.nn.Module,
     budget: int | str,
