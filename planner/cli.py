@@ -249,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore")
     try:
         return args.run(args)
+    except KeyboardInterrupt:  # Ctrl-C: the planned module is closed on the way out
+        print("error: interrupted", file=sys.stderr)
+        return 130
     except BudgetTooSmall as exc:  # its advice in the CLI's words
         print(f"error: {str(exc).replace('(quantize=...)', '(--quantize ...)')}", file=sys.stderr)
         return 3

@@ -361,6 +361,12 @@ class PlacementModel:
         # interleaved workers: the same portfolio, run deterministically
         solver.parameters.interleave_search = True
         solver.parameters.random_seed = 0
+        # CP-SAT's own SIGINT handler replaces Python's for good: after a solve a
+        # Ctrl-C killed the process outright (no KeyboardInterrupt, no clean-up,
+        # the offload directory left behind), and one during the solve was
+        # swallowed. Python's handler raises KeyboardInterrupt once it returns
+        # (within the time limit).
+        solver.parameters.catch_sigint_signal = False
         solver.parameters.relative_gap_limit = relative_gap
         solver.parameters.log_search_progress = log.isEnabledFor(logging.DEBUG)
         start = time.perf_counter()

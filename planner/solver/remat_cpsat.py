@@ -198,6 +198,7 @@ class CheckmateModel:
         prm.max_time_in_seconds = max(0.05, cfg.time_limit)
         prm.num_workers = cfg.num_workers
         prm.random_seed = cfg.random_seed
+        prm.catch_sigint_signal = False  # keep Python's Ctrl-C (see solver/model.py)
         prm.interleave_search = cfg.num_workers > 1  # deterministic parallel search
         prm.relative_gap_limit = cfg.relative_gap
         prm.log_search_progress = cfg.log_search
