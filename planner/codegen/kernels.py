@@ -128,7 +128,7 @@ if HAS_TRITON:
             mask = rmask[:, None] & (cols < n_cols)[None, :]
             x = tl.load(x_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-        scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 127.0)
+        scale = tl.maximum(tl.math.div_rn(amax, 127.0), 1.1754943508222875e-38)
         for start in range(0, n_cols, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             mask = rmask[:, None] & (cols < n_cols)[None, :]
@@ -170,7 +170,7 @@ if HAS_TRITON:
         xo = xo.to(tl.float32)
         lo = tl.minimum(tl.min(xe, axis=1), tl.min(xo, axis=1))
         hi = tl.maximum(tl.max(xe, axis=1), tl.max(xo, axis=1))
-        scale = tl.maximum(tl.math.div_rn(hi - lo, 15.0), 1e-12)
+        scale = tl.maximum(tl.math.div_rn(hi - lo, 15.0), 1.1754943508222875e-38)
         ce = _rint(tl.math.div_rn(xe - lo[:, None], scale[:, None]))
         co = _rint(tl.math.div_rn(xo - lo[:, None], scale[:, None]))
         ce = tl.minimum(tl.maximum(ce, 0.0), 15.0).to(tl.uint8)

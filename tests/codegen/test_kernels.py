@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed: the kernels cannot be tested")
 
 from planner.codegen import kernels  # noqa: E402
-from planner.runtime.quant import GROUP, Quantized, dequantize, quantize  # noqa: E402
+from planner.runtime.quant import GROUP, MIN_SCALE, Quantized, dequantize, quantize  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -64,14 +64,15 @@ def _fp32_step(x: torch.Tensor, fmt: str) -> torch.Tensor:
     if fmt == "int8":
         rows = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
         return (
-            (rows.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12) / 127)
+            (rows.abs().amax(dim=1, keepdim=True).float() / 127)
+            .clamp_min(MIN_SCALE)
             .expand(rows.shape)
             .reshape(-1)
         )
     flat = x.reshape(-1).float()
     groups = torch.nn.functional.pad(flat, (0, (-flat.numel()) % GROUP)).reshape(-1, GROUP)
     lo = groups.amin(dim=1, keepdim=True)
-    scale = ((groups.amax(dim=1, keepdim=True) - lo) / 15).clamp_min(1e-12)
+    scale = ((groups.amax(dim=1, keepdim=True) - lo) / 15).clamp_min(MIN_SCALE)
     return scale.expand(groups.shape).reshape(-1)[: flat.numel()]
 
 
