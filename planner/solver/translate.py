@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 from planner.ir.meta import BUFFER_UPDATES, FROZEN_PARAMS, HOOKED_PARAMS, PARAM_GRADS
 from planner.ir.program import Program, Value, ValueKind
@@ -652,6 +653,16 @@ def _quantize_spec(
             quantize,
             {k for use in DEFAULT_QUANTIZE_USES for k in QUANTIZE_KINDS[use]},
             set(DEFAULT_QUANTIZE_USES),
+        )
+    if not isinstance(quantize, Mapping):
+        raise ValueError(
+            f"quantize={quantize!r}: use None, 'int8', 'int4' or a mapping of kinds to one "
+            "format, e.g. {'weights': 'int8'}"
+        )
+    if not quantize:
+        raise ValueError(
+            "quantize={}: name at least one kind, e.g. {'weights': 'int8'}, or pass None "
+            "for a lossless plan"
         )
     formats = set(quantize.values())
     if len(formats) != 1:
