@@ -12,6 +12,9 @@ and scales bit for bit:
   `_rint` so that the GPU and the interpreter agree;
 * fp32 -> bf16 casts are done by hand (round-to-nearest-even on the bits) because
   the Triton interpreter truncates instead of rounding;
+* a row (int8) or group (int4) holding a NaN or an infinity gets a NaN scale
+  (and minimum) and zero codes, so it comes back all NaN on both paths (a
+  diverging step stays visible); Triton's max and min may skip a NaN;
 * int4 dequantization is launched with `enable_fp_fusion=False` so that
   `code * scale + min` is not contracted into an FMA (the reference rounds twice).
 
@@ -116,6 +119,13 @@ if HAS_TRITON:
         return tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
 
     @triton.jit
+    def _not_finite(x):
+        """1 where x is a NaN or an infinity, else 0 (int32): a row or group holding
+        one comes back all NaN, as the reference's; Triton's max and min may skip a
+        NaN where torch's propagate it."""
+        return ((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32)
+
+    @triton.jit
     def _quant_int8_kernel(
         x_ptr, codes_ptr, scale_ptr, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
     ):
@@ -123,18 +133,22 @@ if HAS_TRITON:
         rmask = rows < n_rows
         base = rows.to(tl.int64)[:, None] * n_cols
         amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        bad = tl.zeros([BLOCK_M], dtype=tl.int32)  # a NaN or an infinity in the row
         for start in range(0, n_cols, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             mask = rmask[:, None] & (cols < n_cols)[None, :]
             x = tl.load(x_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+            bad = bad | tl.max(_not_finite(x), axis=1)
         scale = tl.maximum(tl.math.div_rn(amax, 127.0), 1.1754943508222875e-38)
+        scale = tl.where(bad != 0, float("nan"), scale)
         for start in range(0, n_cols, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             mask = rmask[:, None] & (cols < n_cols)[None, :]
             x = tl.load(x_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             c = _rint(tl.math.div_rn(x, scale[:, None]))
             c = tl.minimum(tl.maximum(c, -127.0), 127.0)
+            c = tl.where(bad[:, None] != 0, 0.0, c)
             tl.store(codes_ptr + base + cols[None, :], c.to(tl.int8), mask=mask)
         tl.store(scale_ptr + rows, scale, mask=rmask)
 
@@ -171,10 +185,16 @@ if HAS_TRITON:
         lo = tl.minimum(tl.min(xe, axis=1), tl.min(xo, axis=1))
         hi = tl.maximum(tl.max(xe, axis=1), tl.max(xo, axis=1))
         scale = tl.maximum(tl.math.div_rn(hi - lo, 15.0), 1.1754943508222875e-38)
+        # a NaN or an infinity in the group
+        bad = tl.max(_not_finite(xe), axis=1) | tl.max(_not_finite(xo), axis=1)
+        scale = tl.where(bad != 0, float("nan"), scale)
+        lo = tl.where(bad != 0, float("nan"), lo)
         ce = _rint(tl.math.div_rn(xe - lo[:, None], scale[:, None]))
         co = _rint(tl.math.div_rn(xo - lo[:, None], scale[:, None]))
-        ce = tl.minimum(tl.maximum(ce, 0.0), 15.0).to(tl.uint8)
-        co = tl.minimum(tl.maximum(co, 0.0), 15.0).to(tl.uint8)
+        ce = tl.where(bad[:, None] != 0, 0.0, tl.minimum(tl.maximum(ce, 0.0), 15.0))
+        co = tl.where(bad[:, None] != 0, 0.0, tl.minimum(tl.maximum(co, 0.0), 15.0))
+        ce = ce.to(tl.uint8)
+        co = co.to(tl.uint8)
         byte = g.to(tl.int64)[:, None] * HALF + j[None, :]
         tl.store(packed_ptr + byte, ce | (co << 4), mask=gmask[:, None])
         tl.store(scale_ptr + g, scale, mask=gmask)

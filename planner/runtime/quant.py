@@ -145,9 +145,11 @@ def _quantize_int8(x: torch.Tensor) -> Quantized:
         for c0, c1 in _blocks(c, col_step):  # a max is exact in any order
             amax = torch.maximum(amax, rows[r0:r1, c0:c1].abs().amax(dim=1, keepdim=True).float())
         scale = (amax / 127).clamp_min(MIN_SCALE)
+        bad = ~torch.isfinite(amax)  # a NaN or an infinity in the row
+        scale[bad] = torch.nan
         for c0, c1 in _blocks(c, col_step):
             block = torch.round(rows[r0:r1, c0:c1].float() / scale).clamp_(-127, 127)
-            codes[r0:r1, c0:c1] = block.to(torch.int8)
+            codes[r0:r1, c0:c1] = block.masked_fill_(bad, 0).to(torch.int8)
         scales[r0:r1] = scale
     return Quantized(codes, scales, None, "int8", tuple(x.shape), x.dtype)
 
@@ -177,8 +179,13 @@ def _quantize_int4(x: torch.Tensor) -> Quantized:
         pad = (-chunk.numel()) % GROUP
         g = torch.nn.functional.pad(chunk, (0, pad)).reshape(-1, GROUP)
         lo = g.amin(dim=1, keepdim=True)
-        scale = ((g.amax(dim=1, keepdim=True) - lo) / 15).clamp_min(MIN_SCALE)
-        codes = torch.round((g - lo) / scale).clamp_(0, 15).to(torch.uint8).reshape(-1)
+        hi = g.amax(dim=1, keepdim=True)
+        scale = ((hi - lo) / 15).clamp_min(MIN_SCALE)
+        bad = ~(torch.isfinite(lo) & torch.isfinite(hi))  # a NaN or an infinity in the group
+        scale[bad] = torch.nan
+        lo = lo.masked_fill(bad, torch.nan)
+        codes = torch.round((g - lo) / scale).clamp_(0, 15).masked_fill_(bad, 0)
+        codes = codes.to(torch.uint8).reshape(-1)
         g0, g1 = e0 // GROUP, e0 // GROUP + g.shape[0]
         packed[g0 * GROUP // 2 : g1 * GROUP // 2] = codes[0::2] | (codes[1::2] << 4)
         lows[g0:g1] = lo

@@ -176,6 +176,28 @@ def test_constant_and_zero_inputs() -> None:
             assert torch.equal(_bits(got.scale), _bits(ref.scale))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=str)
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_a_nan_or_infinity_makes_its_row_or_group_nan_on_both_paths(fmt: str, bad: float) -> None:
+    """Triton's max and min may skip a NaN where torch's propagate it: the kernel
+    returned a finite row (int8: the NaN came back as -amax; int4: the group's
+    minimum) where the reference returned NaN, hiding a diverging step on CUDA."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 2 * GROUP)
+    x[1, 5] = bad  # int8: row 1; int4: group 2 (row 1's first half)
+    ref = quantize(x, fmt)
+    got = on_device.quantize_int8(x) if fmt == "int8" else on_device.quantize_int4(x)
+    assert torch.equal(got.codes, ref.codes)
+    assert torch.equal(got.scale.isnan(), ref.scale.isnan()) and int(ref.scale.isnan().sum()) == 1
+    assert torch.equal(got.scale.nan_to_num(), ref.scale.nan_to_num())
+    back = on_device.dequantize_int8(got) if fmt == "int8" else on_device.dequantize_int4(got)
+    expected = dequantize(ref)
+    nan_part = slice(None) if fmt == "int8" else slice(0, GROUP)
+    assert back[1, nan_part].isnan().all() and expected[1, nan_part].isnan().all()
+    assert torch.equal(back.isnan(), expected.isnan())
+    assert torch.equal(back.nan_to_num(), expected.nan_to_num())
+
+
 MATMUL_SHAPES = [(5, 7, 64), (17, 33, 128), (3, 4, 70), (1, 40, 192)]
 TOL = {
     torch.float32: {"atol": 1e-4, "rtol": 1e-4},
