@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 import sys
 import uuid
 import warnings
@@ -80,6 +81,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.budget is None and needs_budget:  # they shape a plan; without one, ignored
         verb = "needs" if len(needs_budget) == 1 else "need"
         raise SystemExit(f"error: {', '.join(needs_budget)} {verb} a plan: give --budget too")
+    for flag, path in (("--save-plan", args.save_plan), ("--plot", args.plot)):
+        _check_writable(flag, path)  # before minutes of planning, not after
     model, example_inputs = load_factory(args.factory)
     if args.checkpoint is not None:  # a model built on the meta device takes its weights
         from planner.runtime.checkpoint import attach_checkpoint
@@ -239,7 +242,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_writable(flag: str, path: str | None) -> None:
+    """An output path whose directory is missing or read-only is an error now."""
+    if path is None:
+        return
+    target = Path(path)
+    where = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise SystemExit(f"error: {flag} {path} is a directory: give a file path")
+    if not where.is_dir():
+        raise SystemExit(
+            f"error: {flag} {path}: directory {where} does not exist; create it or give "
+            f"a path in an existing directory"
+        )
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: {flag} {path}: directory {where} is not writable")
+
+
+def _negative_budget_joined(argv: list[str]) -> list[str]:
+    """``--budget -5%`` as ``--budget=-5%``: argparse takes a value starting with
+    ``-`` for an option and said only "expected one argument"; joined, the budget's
+    own check says what is wrong with it."""
+    out = list(argv)
+    for i, arg in enumerate(out[:-1]):
+        if arg == "--budget" and out[i + 1].startswith("-") and out[i + 1][1:2].isdigit():
+            out[i : i + 2] = [f"--budget={out[i + 1]}"]
+            break
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = _negative_budget_joined(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

@@ -24,9 +24,11 @@ def format_bytes(n: int | float | None) -> str:
     if n is None:
         return "-"
     value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(value) < 1024:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        if unit == "PiB":  # beyond any device: no wall of digits
+            return f"{value:.3g} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
 

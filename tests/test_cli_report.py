@@ -228,24 +228,33 @@ def test_cli_plan_options_without_a_budget_are_an_error(tmp_path) -> None:
         main(["report", spec, "--time-limit", "5"])
 
 
-def test_cli_an_unwritable_output_path_is_one_line(
-    capsys: pytest.CaptureFixture[str], tmp_path
+def test_cli_an_unwritable_output_path_is_refused_before_planning(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Said at once, naming the flag: it was a bare "No such file or directory"
+    after the whole solve and run."""
+    monkeypatch.setattr("planner.cli.load_factory", lambda _: pytest.fail("planned first"))
+    spec = f"{EXAMPLES}/mlp.py:make_mlp"
     missing = tmp_path / "no" / "such" / "dir" / "plan.json"
-    code = main(
-        [
-            "report",
-            f"{EXAMPLES}/mlp.py:make_mlp",
-            "--budget",
-            "60%",
-            "--profile",
-            "cpu",
-            "--save-plan",
-            str(missing),
-        ]
-    )
-    assert code == 1
+    with pytest.raises(SystemExit, match=r"--save-plan .*plan.json: directory .*dir does not"):
+        main(["report", spec, "--budget", "60%", "--save-plan", str(missing)])
+    with pytest.raises(SystemExit, match=r"--plot .* is a directory"):
+        main(["report", spec, "--budget", "60%", "--plot", str(tmp_path)])
+
+
+def test_cli_a_negative_budget_is_the_budget_check_s_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--budget -5%``: argparse took it for an option ("expected one argument")."""
+    code = main(["report", f"{EXAMPLES}/mlp.py:make_mlp", "--budget", "-5%"])
     err = capsys.readouterr().err
-    assert (
-        err.startswith("error: ") and "No such file or directory" in err and "Traceback" not in err
-    )
+    assert code == 1 and err.startswith("error: ") and "-5%" in err
+    assert "expected one argument" not in err
+
+
+def test_huge_sizes_print_without_a_wall_of_digits() -> None:
+    from planner.report import format_bytes
+
+    assert format_bytes(1e30) == "8.88e+14 PiB"  # was "909494701772928256.0 TiB"
+    assert format_bytes(3 * 2**50) == "3.0 PiB"
+    assert format_bytes(5 * 2**40) == "5.0 TiB"
