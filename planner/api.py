@@ -161,6 +161,7 @@ def make_plan(
     return analysis, solved
 
 
+@full_collections_deferred
 def _analyze_and_solve(
     model: torch.nn.Module,
     budget: int | str,
@@ -225,7 +226,6 @@ def _check_time_limit(time_limit: float) -> None:
 @_retry_finds_the_weights_free
 @caller_rng_kept
 @planning_training_in_grad_mode
-@full_collections_deferred
 def plan(
     model: torch.nn.Module,
     budget: int | str,
