@@ -104,7 +104,10 @@ if HAS_TRITON:
         """fp32 -> DST with round-to-nearest-even, bf16 rounded by hand (see module doc)."""
         if DST == tl.bfloat16:
             bits = v.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            # a NaN stays one (torch's 0x7FC0): the GPU's NaN, 0x7FFFFFFF, carried
+            # into the sign bit above and came out -0.0
+            bits = tl.where(v != v, (bits & 0) | 0x7FC0, rounded)
             return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
         else:
             return v.to(DST)

@@ -198,6 +198,27 @@ def test_a_nan_or_infinity_makes_its_row_or_group_nan_on_both_paths(fmt: str, ba
     assert torch.equal(back.nan_to_num(), expected.nan_to_num())
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_a_nan_row_or_group_stays_nan_in_bfloat16(fmt: str) -> None:
+    """bf16 is rounded by hand on the bits: the NaN an NVIDIA GPU computes
+    (0x7FFFFFFF, its one NaN) carried into the sign bit and came back -0.0, so a
+    NaN row (and a matmul's column over it) read back as zeros. Made here by
+    storing that NaN as the scale (and minimum), as the GPU's arithmetic yields it."""
+    gpu_nan = torch.tensor([0x7FFFFFFF], dtype=torch.int32).view(torch.float32)
+    x = torch.randn(4, 2 * GROUP).to(torch.bfloat16)
+    q = quantize(x, fmt)
+    q.scale.view(-1)[0] = gpu_nan
+    if q.zero is not None:
+        q.zero.view(-1)[0] = gpu_nan
+    dequant = on_device.dequantize_int8 if fmt == "int8" else on_device.dequantize_int4
+    back = dequant(q)
+    nan_part = slice(None) if fmt == "int8" else slice(0, GROUP)
+    assert back[0, nan_part].isnan().all() and not back[1:].isnan().any()
+    matmul = on_device.dequant_matmul_int8 if fmt == "int8" else on_device.dequant_matmul_int4
+    out = matmul(torch.randn(3, 2 * GROUP).to(torch.bfloat16), q)
+    assert out[:, 0].isnan().all() and not out[:, 1:].isnan().any()
+
+
 MATMUL_SHAPES = [(5, 7, 64), (17, 33, 128), (3, 4, 70), (1, 40, 192)]
 TOL = {
     torch.float32: {"atol": 1e-4, "rtol": 1e-4},
