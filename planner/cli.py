@@ -250,6 +250,10 @@ def _check_writable(flag: str, path: str | None) -> None:
     where = target.parent if str(target.parent) else Path(".")
     if target.is_dir():
         raise SystemExit(f"error: {flag} {path} is a directory: give a file path")
+    if target.exists():  # a file (or /dev/stdout) written in place: its own permission
+        if not os.access(target, os.W_OK):
+            raise SystemExit(f"error: {flag} {path} is not writable")
+        return
     if not where.is_dir():
         raise SystemExit(
             f"error: {flag} {path}: directory {where} does not exist; create it or give "

@@ -242,6 +242,37 @@ def test_cli_an_unwritable_output_path_is_refused_before_planning(
         main(["report", spec, "--budget", "60%", "--plot", str(tmp_path)])
 
 
+def test_cli_a_writable_file_in_a_read_only_directory_is_accepted(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An existing file is written in place (``--save-plan /dev/stdout``, a file
+    one may write in a directory one may not): only the file's permission counts."""
+    import os
+
+    import planner.cli as cli
+
+    target = tmp_path / "plan.json"
+    target.write_text("")
+    real_access = os.access
+    # as a non-root user sees it: the directory read-only, the file writable
+    monkeypatch.setattr(
+        cli.os, "access", lambda p, mode: str(p) != str(tmp_path) and real_access(p, mode)
+    )
+
+    class Loaded(Exception):
+        pass
+
+    def loaded(_):  # the check passed: planning would start here
+        raise Loaded
+
+    monkeypatch.setattr(cli, "load_factory", loaded)
+    spec = f"{EXAMPLES}/mlp.py:make_mlp"
+    with pytest.raises(Loaded):
+        main(["report", spec, "--budget", "60%", "--save-plan", str(target)])
+    with pytest.raises(SystemExit, match="is not writable"):
+        main(["report", spec, "--budget", "60%", "--save-plan", str(tmp_path / "new.json")])
+
+
 def test_cli_a_negative_budget_is_the_budget_check_s_error(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
