@@ -664,6 +664,12 @@ def _quantize_spec(
             "quantize={}: name at least one kind, e.g. {'weights': 'int8'}, or pass None "
             "for a lossless plan"
         )
+    for kind, value in quantize.items():
+        if not isinstance(value, str):
+            raise ValueError(
+                f"quantize={quantize!r}: each kind takes a format, 'int8' or 'int4', not "
+                f"{value!r}, e.g. {{'weights': 'int8'}}"
+            )
     formats = set(quantize.values())
     if len(formats) != 1:
         raise ValueError("quantize: one format for all kinds for now, e.g. {'weights': 'int8'}")

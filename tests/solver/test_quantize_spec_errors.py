@@ -8,7 +8,9 @@ import torch
 import planner
 
 
-@pytest.mark.parametrize("bad", [8, ["int8"], ("int8",), {}])
+@pytest.mark.parametrize(
+    "bad", [8, ["int8"], ("int8",), {}, {"weights": ["int8"]}, {"weights": None}]
+)
 def test_a_bad_quantize_argument_says_what_to_pass(bad):
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
