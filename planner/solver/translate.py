@@ -664,7 +664,7 @@ def _quantize_spec(
             "quantize={}: name at least one kind, e.g. {'weights': 'int8'}, or pass None "
             "for a lossless plan"
         )
-    for kind, value in quantize.items():
+    for value in quantize.values():
         if not isinstance(value, str):
             raise ValueError(
                 f"quantize={quantize!r}: each kind takes a format, 'int8' or 'int4', not "
