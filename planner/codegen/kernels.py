@@ -143,7 +143,7 @@ if HAS_TRITON:
             x = tl.load(x_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
             bad = bad | tl.max(_not_finite(x), axis=1)
-        scale = tl.maximum(tl.math.div_rn(amax, 127.0), 1.1754943508222875e-38)
+        scale = tl.maximum(tl.math.div_rn(amax, 127.0), 2.350988701644575e-38)
         scale = tl.where(bad != 0, float("nan"), scale)
         for start in range(0, n_cols, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
@@ -185,9 +185,12 @@ if HAS_TRITON:
         xo = tl.load(x_ptr + odd, mask=gmask[:, None] & (odd < numel), other=0.0)
         xe = xe.to(tl.float32)
         xo = xo.to(tl.float32)
+        # subnormals flushed to zero, as the reference does (a GPU's arithmetic would)
+        xe = tl.where(tl.abs(xe) < 1.1754943508222875e-38, 0.0, xe)
+        xo = tl.where(tl.abs(xo) < 1.1754943508222875e-38, 0.0, xo)
         lo = tl.minimum(tl.min(xe, axis=1), tl.min(xo, axis=1))
         hi = tl.maximum(tl.max(xe, axis=1), tl.max(xo, axis=1))
-        scale = tl.maximum(tl.math.div_rn(hi - lo, 15.0), 1.1754943508222875e-38)
+        scale = tl.maximum(tl.math.div_rn(hi - lo, 15.0), 2.350988701644575e-38)
         # a NaN or an infinity in the group
         bad = tl.max(_not_finite(xe), axis=1) | tl.max(_not_finite(xo), axis=1)
         scale = tl.where(bad != 0, float("nan"), scale)

@@ -42,3 +42,15 @@ def test_triton_kernels_agree_on_small_values(fmt):
     assert torch.equal(ref.scale, tri.scale)
     if fmt == "int4":
         assert torch.equal(ref.zero, tri.zero)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_subnormal_values_code_to_zero_as_a_gpu_flushes_them(fmt):
+    """Triton's division on a GPU flushes subnormal inputs to zero: over a scale of
+    fp32's smallest normal number a subnormal value coded to 1 here and 0 there."""
+    tiny = torch.finfo(torch.float32).tiny
+    x = torch.zeros(1, 128)
+    x[0, :3] = torch.tensor([0.95 * tiny, 0.6 * tiny, -0.9 * tiny])
+    q = quantize(x, fmt)
+    zero_codes = quantize(torch.zeros(1, 128), fmt).codes
+    assert torch.equal(q.codes, zero_codes)
