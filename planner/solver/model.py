@@ -103,6 +103,8 @@ class PlacementModel:
         """x[g, o]; exactly one option per gap; direct costs into the objective."""
         for gi, gap in enumerate(self.cands.gaps):
             xs = {o.choice: self.model.new_bool_var(f"x{gi}_{o.choice}") for o in gap.options}
+            # one variable per option: the memory rows index them in this order
+            assert len(xs) == len(gap.options), f"gap {gi} repeats an option's name"
             self.model.add_exactly_one(xs.values())
             self.x.append(xs)
             for o in gap.options:
