@@ -50,6 +50,7 @@ from planner.solver.candidates import (
     parse_choice,
     transfer_load,
 )
+from planner.solver.interruptible import solve_interruptibly
 
 log = logging.getLogger(__name__)
 
@@ -363,17 +364,11 @@ class PlacementModel:
         # interleaved workers: the same portfolio, run deterministically
         solver.parameters.interleave_search = True
         solver.parameters.random_seed = 0
-        # CP-SAT's own SIGINT handler replaces Python's for good: after a solve a
-        # Ctrl-C killed the process outright (no KeyboardInterrupt, no clean-up,
-        # the offload directory left behind), and one during the solve was
-        # swallowed. Python's handler raises KeyboardInterrupt once it returns
-        # (within the time limit).
-        solver.parameters.catch_sigint_signal = False
         solver.parameters.relative_gap_limit = relative_gap
         solver.parameters.log_search_progress = log.isEnabledFor(logging.DEBUG)
         start = time.perf_counter()
         callback = _Progress(start)
-        status = solver.solve(self.model, callback)
+        status = solve_interruptibly(solver, self.model, callback)  # Ctrl-C stops it
         elapsed = time.perf_counter() - start
         name = solver.status_name(status)
         if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):

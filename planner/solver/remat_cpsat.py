@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from ortools.sat.python import cp_model
 
+from planner.solver.interruptible import solve_interruptibly
 from planner.solver.remat_problem import RematProblem
 
 log = logging.getLogger(__name__)
@@ -198,14 +199,13 @@ class CheckmateModel:
         prm.max_time_in_seconds = max(0.05, cfg.time_limit)
         prm.num_workers = cfg.num_workers
         prm.random_seed = cfg.random_seed
-        prm.catch_sigint_signal = False  # keep Python's Ctrl-C (see solver/model.py)
         prm.interleave_search = cfg.num_workers > 1  # deterministic parallel search
         prm.relative_gap_limit = cfg.relative_gap
         prm.log_search_progress = cfg.log_search
         if cfg.deterministic_time is not None:
             prm.max_deterministic_time = cfg.deterministic_time
         t0 = time.perf_counter()
-        code = solver.solve(self.m)
+        code = solve_interruptibly(solver, self.m)  # Ctrl-C stops it
         secs = time.perf_counter() - t0
         status = solver.status_name(code)
         if code not in (cp_model.OPTIMAL, cp_model.FEASIBLE):

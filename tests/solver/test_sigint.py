@@ -34,3 +34,31 @@ def test_ctrl_c_after_planning_raises_keyboard_interrupt(tmp_path):
     assert done.stdout.strip().endswith("interrupted")
     assert "not interrupted" not in done.stdout
     assert not [p for p in os.listdir(tmp_path) if p.startswith("planner-offload-")]
+
+
+def test_ctrl_c_during_a_solve_stops_it_at_once():
+    """The search runs in a worker thread: a Ctrl-C stops it and is raised within
+    a fraction of a second, where it waited for the solve's time limit (10 s here)."""
+    import signal
+    import threading
+    import time
+
+    import pytest
+
+    from planner.solver.candidates import build_candidates
+    from planner.solver.model import PlacementModel
+    from planner.solver.remat_graphs import layered_dag
+    from planner.solver.synthetic import problem_from_dag, unplanned_peak, with_budget
+
+    base = problem_from_dag(layered_dag(200, seed=3), 1, backward=True)
+    model = PlacementModel(build_candidates(with_budget(base, int(unplanned_peak(base) * 0.4))))
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    start = time.perf_counter()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            model.solve(10)
+    finally:
+        timer.cancel()
+    assert time.perf_counter() - start < 4.0
+    assert not [t for t in threading.enumerate() if t.name == "planner-cp-sat" and t.is_alive()]
