@@ -269,7 +269,8 @@ def _negative_budget_joined(argv: list[str]) -> list[str]:
     own check says what is wrong with it."""
     out = list(argv)
     for i, arg in enumerate(out[:-1]):
-        if arg == "--budget" and out[i + 1].startswith("-") and out[i + 1][1:2].isdigit():
+        flag = len(arg) >= 3 and "--budget".startswith(arg)  # argparse takes "--bud" too
+        if flag and out[i + 1].startswith("-") and out[i + 1][1:2].isdigit():
             out[i : i + 2] = [f"--budget={out[i + 1]}"]
             break
     return out

@@ -281,6 +281,9 @@ def test_cli_a_negative_budget_is_the_budget_check_s_error(
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("error: ") and "-5%" in err
     assert "expected one argument" not in err
+    code = main(["report", f"{EXAMPLES}/mlp.py:make_mlp", "--bud", "-5%"])  # abbreviated
+    err = capsys.readouterr().err
+    assert code == 1 and "cannot read budget '-5%'" in err
 
 
 def test_huge_sizes_print_without_a_wall_of_digits() -> None:
