@@ -13,6 +13,9 @@ def test_ctrl_c_after_planning_raises_keyboard_interrupt(tmp_path):
         """
         import os, signal, time, warnings
         warnings.filterwarnings("ignore")
+        # Python's own Ctrl-C handler, as in a terminal (a shell's background job
+        # starts with SIGINT ignored, and Python then installs none)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         import torch, planner
         torch.manual_seed(0)
         m = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(3)])
@@ -53,6 +56,9 @@ def test_ctrl_c_during_a_solve_stops_it_at_once():
     base = problem_from_dag(layered_dag(200, seed=3), 1, backward=True)
     model = PlacementModel(build_candidates(with_budget(base, int(unplanned_peak(base) * 0.4))))
     timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    # Python's own Ctrl-C handler, as in a terminal (a shell's background job starts
+    # with SIGINT ignored)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
     start = time.perf_counter()
     timer.start()
     try:
@@ -60,5 +66,6 @@ def test_ctrl_c_during_a_solve_stops_it_at_once():
             model.solve(10)
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, before)
     assert time.perf_counter() - start < 4.0
     assert not [t for t in threading.enumerate() if t.name == "planner-cp-sat" and t.is_alive()]
