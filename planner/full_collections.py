@@ -3,15 +3,15 @@ and solved.
 
 Those phases make millions of objects that live to their end (the traced graphs,
 the solver's model) on top of what torch itself keeps, and Python's collector runs
-a full pass over every object each time long-lived ones grew by a quarter: four
-passes of 1.2 s each in a 33 s plan of a 32-layer GPT-2 for training (15% of it;
-``gc.callbacks``, CPU). Young generations are still collected; only the oldest
-waits, and the thresholds are put back when the outermost such call returns, so
-the next full pass runs soon after. The cost is the cyclic garbage of the oldest
-generation held that much longer: 20-180 MiB more peak host memory on that plan
-(740 MiB without). Not while Inductor compiles runs (``kernels="inductor"``):
-deferred there too, GPT-2's plan held 370 MiB more (1355 against 987 MiB) and
-was no faster.
+a full pass over every object each time long-lived ones grew by a quarter: 1.8 s
+of full passes in a 11.8 s plan of a 32-layer GPT-2 for training, 0.5 s with
+them deferred here (``gc.callbacks``, CPU, BENCHMARKS_solver.md). Young
+generations are still collected; only the oldest waits, and the thresholds are
+put back when the outermost such call returns, so the next full pass runs soon
+after. The cost is the cyclic garbage of the oldest generation held that much
+longer; that plan's peak host memory was 834-863 MiB either way. Not while
+Inductor compiles runs (``kernels="inductor"``): deferred there too, GPT-2's
+plan held 370 MiB more (1355 against 987 MiB) and was no faster.
 """
 
 from __future__ import annotations
