@@ -554,8 +554,9 @@ _FULL_AOT_RUN = False
 class _JointCaptured(Exception):
     """Raised from the partition function once the joint graph and AOTAutograd's
     metadata of the forward are in hand: what AOTAutograd does after (partition
-    the joint, compile both halves, wrap them) was thrown away. A 32-layer GPT-2's
-    training capture takes 5.6 s instead of 7.7 (BENCHMARKS_solver.md)."""
+    the joint, compile both halves, wrap them) was thrown away: 1-1.7 s of a
+    32-layer GPT-2's 10 s training capture (alone, on a loaded machine); with the
+    deferred full collections, 5.6 s instead of 7.7 (BENCHMARKS_solver.md)."""
 
 
 def _partition_caller_metadata() -> Any:
