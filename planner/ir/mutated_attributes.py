@@ -26,6 +26,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import dis
+import sys
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -314,18 +316,16 @@ def _traced_node(tracer: Any, value: torch.Tensor) -> torch.fx.Node | None:
 def _upstream(
     start: torch.fx.Node,
     found: Callable[[torch.fx.Node], bool],
-    stop: Callable[[torch.fx.Node], bool] = lambda node: False,
+    inputs: Callable[[torch.fx.Node], list[torch.fx.Node]] = lambda node: node.all_input_nodes,
 ) -> bool:
     """Whether ``found`` holds for ``start`` or a node it was made from, walking
-    the graph's inputs back except past the nodes ``stop`` says end a path."""
+    back through the nodes ``inputs`` says each was made from."""
     seen, todo = {start}, [start]
     while todo:
         node = todo.pop()
         if found(node):
             return True
-        if stop(node):
-            continue
-        for arg in node.all_input_nodes:
+        for arg in inputs(node):
             if arg not in seen:
                 seen.add(arg)
                 todo.append(arg)
@@ -346,9 +346,25 @@ def _made_from(value: torch.Tensor, old: torch.Tensor) -> bool:
     return _upstream(new, lambda node: node is before)
 
 
-#: ops whose output takes only its input's shape, dtype and device, not its values
-#: (not ``rand_like``: a draw is not the same at every call)
-_SHAPED_LIKE = frozenset({"zeros_like", "ones_like", "empty_like", "full_like"})
+#: ops whose output takes only its inputs' shapes, dtypes and devices, not their
+#: values (not ``rand_like``: a draw is not the same at every call)
+_SHAPED_LIKE = frozenset(
+    {"zeros_like", "ones_like", "empty_like", "full_like"}
+    | {"new_zeros", "new_ones", "new_empty", "new_full"}
+)
+#: ops whose output takes its first input's values and only the second's shape or dtype
+_SHAPED_AS = frozenset({"view_as", "expand_as", "reshape_as", "type_as"})
+
+
+def _value_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The nodes whose values ``node`` reads (not those it takes a shape from)."""
+    op = getattr(node.target, "__name__", "").split(".")[0]
+    if op in _SHAPED_LIKE:
+        return []
+    if op in _SHAPED_AS:
+        first = node.args[0] if node.args else None
+        return [first] if isinstance(first, torch.fx.Node) else []
+    return node.all_input_nodes
 
 
 def _reads_inputs(value: torch.Tensor, fixed: frozenset = frozenset()) -> bool:
@@ -366,7 +382,7 @@ def _reads_inputs(value: torch.Tensor, fixed: frozenset = frozenset()) -> bool:
     return _upstream(
         node,
         lambda n: (n.op == "placeholder" and n not in fixed) or node_draws_random(n),
-        stop=lambda n: getattr(n.target, "__name__", "").split(".")[0] in _SHAPED_LIKE,
+        _value_inputs,
     )
 
 
@@ -398,7 +414,7 @@ def _assignments_recorded(
     model: torch.nn.Module,
     carried: set[str],
     replaced: list[tuple[str, torch.Tensor]],
-    made: dict[str, tuple[torch.nn.Module, str, torch.Tensor, int]],
+    made: dict[str, tuple[torch.nn.Module, str, torch.Tensor, int, bool]],
 ) -> Iterator[list[str]]:
     """The plain tensor attributes of ``model``'s modules the block assigns a new
     value to (``self.count = self.count + 1``): torch.export puts them back
@@ -407,8 +423,10 @@ def _assignments_recorded(
     the one the trace gave them (``self.h = zeros`` where ``self.h`` was None,
     then ``self.h = 0.5 * self.h + ...``); ``replaced`` the tensors in a tuple or
     list an assignment replaced (``self.state = (h2, c2)``); ``made`` the tensors
-    assigned where None was (its module, name, the tensor and its version then),
-    for ``_updated_after_made``."""
+    assigned where None was (its module, name, the tensor and its version then,
+    and whether the assigning function tests the attribute against None: made
+    lazily, ``if self.noise is None: self.noise = ...``), for
+    ``_updated_after_made``."""
     modules = {id(m): prefix for prefix, m in model.named_modules()}
     assigned: list[str] = []
     created: set[str] = set()
@@ -427,7 +445,8 @@ def _assignments_recorded(
                 carried.add(qualified)
         elif prefix is not None and old is None and isinstance(value, torch.Tensor):
             created.add(qualified)
-            made[qualified] = (module, name, value, value._version)
+            lazily = _tests_against_none(sys._getframe(1).f_code, name)
+            made[qualified] = (module, name, value, value._version, lazily)
         elif prefix is not None and isinstance(old, (tuple, list)) and value is not old:
             leaves, _ = pytree.tree_flatten_with_path(old)
             replaced.extend(
@@ -458,24 +477,54 @@ def _unwritten_buffers(model: torch.nn.Module) -> frozenset:
     return frozenset(n for n in nodes if n is not None and n.op == "placeholder")
 
 
+def _tests_against_none(code: types.CodeType, name: str) -> bool:
+    """Whether ``code`` compares its attribute ``name`` with None (``if self.noise
+    is None:``, ``is not None``, ``None is self.noise``): the function that assigns
+    it makes it lazily, at the first call, rather than a record at every call."""
+    instructions = list(dis.get_instructions(code))
+    for i, ins in enumerate(instructions):
+        if ins.opname != "LOAD_ATTR" or ins.argval != name:
+            continue
+        after = instructions[i + 1 : i + 3]
+        if after and after[0].opname.endswith(("IF_NONE", "IF_NOT_NONE")):
+            return True
+        if len(after) == 2 and after[0].opname == "LOAD_CONST" and after[0].argval is None:
+            if after[1].opname == "IS_OP":
+                return True
+        before = instructions[i - 2 : i - 1] if i >= 2 else []
+        if before and before[0].opname == "LOAD_CONST" and before[0].argval is None:
+            if i + 1 < len(instructions) and instructions[i + 1].opname == "IS_OP":
+                return True
+    return False
+
+
 def _updated_after_made(
-    made: dict[str, tuple[torch.nn.Module, str, torch.Tensor, int]], carried: set[str]
+    made: dict[str, tuple[torch.nn.Module, str, torch.Tensor, int, bool]],
+    carried: set[str],
+    kept: set[str],
 ) -> Any:
     """A forward hook, run at the end of the traced forward (its tracer still
     running), that adds to ``carried`` the attributes of ``made`` still holding the
     tensor assigned where None was, updated in place since from the graph's
     inputs: ``if self.h is None: self.h = zeros_like(y)``, then ``self.h.add_(y)``.
     Eager's next calls add to the first call's sum; a plan would start from zeros
-    at every call (3.85 off at the second call, 7.70 at the third, silently)."""
+    at every call (3.85 off at the second call, 7.70 at the third, silently).
+    ``kept`` gets those made lazily (tested against None where assigned) from the
+    call's values or a random draw and kept as made: ``if self.noise is None:
+    self.noise = randn_like(x)``; eager's later calls reuse the first call's, a
+    plan would make it anew at every call (5.15 off at the second call)."""
 
     def hook(model: torch.nn.Module, *_: Any) -> None:
         fixed: frozenset | None = None
-        for qualified, (module, name, tensor, version) in made.items():
-            if vars(module).get(name) is tensor and tensor._version != version:
-                if fixed is None:
-                    fixed = _unwritten_buffers(model)
-                if _reads_inputs(tensor, fixed):
-                    carried.add(qualified)
+        for qualified, (module, name, tensor, version, lazily) in made.items():
+            if vars(module).get(name) is not tensor:
+                continue
+            if tensor._version == version and not lazily:
+                continue  # a record, made anew at every call
+            if fixed is None:
+                fixed = _unwritten_buffers(model)
+            if _reads_inputs(tensor, fixed):
+                (carried if tensor._version != version else kept).add(qualified)
 
     return hook
 
@@ -517,10 +566,11 @@ def plain_attributes_left_alone(model: torch.nn.Module) -> Iterator[TraceWatch]:
 
     state = _PythonState(model)
     carried: set[str] = set()
+    kept: set[str] = set()
     in_tuples: list[tuple[str, torch.Tensor]] = []
-    made: dict[str, tuple[torch.nn.Module, str, torch.Tensor, int]] = {}
+    made: dict[str, tuple[torch.nn.Module, str, torch.Tensor, int, bool]] = {}
     watch = TraceWatch()
-    hook = model.register_forward_hook(_updated_after_made(made, carried))
+    hook = model.register_forward_hook(_updated_after_made(made, carried, kept))
     try:
         with _assignments_recorded(model, carried, in_tuples, made) as assigned:
             watch.assigned = assigned
@@ -556,6 +606,15 @@ def plain_attributes_left_alone(model: torch.nn.Module) -> Iterator[TraceWatch]:
             f"attribute, which a plan would start from nothing at every call. Register it "
             f"as a buffer in __init__ (self.register_buffer({lazy[0].rpartition('.')[2]!r}, "
             f"torch.zeros(...))) and update it in place"
+        )
+    if kept:
+        first = sorted(kept)[0].rpartition(".")[2]
+        raise CaptureError(
+            f"{name}'s forward makes {', '.join(sorted(kept))} at its first call (where it "
+            f"is None, as the forward checks) from what that call reads (its tensors, "
+            f"parameters, buffers it writes, or a random draw) and keeps it: eager's later "
+            f"calls reuse the first call's, a plan would make it anew at every call. Make "
+            f"it in __init__ (self.register_buffer({first!r}, ...)), or pass it in"
         )
     if written:
         raise _updated_in_place(name, written)

@@ -549,3 +549,69 @@ def test_noise_drawn_lazily_and_scaled_in_place_is_refused() -> None:
 
     with pytest.raises(planner.CaptureError, match=r"makes noise \(None when planned\)"):
         planner.plan(Noisy(), "100%", (torch.randn(4, 8),), profile="cpu", time_limit=5)
+
+
+class _DrawsItsNoiseOnce(nn.Module):
+    """Noise drawn at the first call and kept (no update after it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.noise: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.noise is None:
+            self.noise = torch.randn_like(x)
+        return (self.fc(x) + self.noise).pow(2).mean()
+
+
+class _KeepsItsFirstBatch(nn.Module):
+    """A reference taken from the first call's batch and kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.reference: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if None is self.reference:
+            self.reference = x.detach().mean(0)
+        return (self.fc(x) - self.reference).pow(2).mean()
+
+
+class _MakesItsMaskOnce(nn.Module):
+    """A mask made lazily from nothing a call gives: the same at every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.mask: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mask is None:
+            self.mask = torch.ones(x.shape[0], 8).tril()
+        return (self.fc(x) * self.mask).pow(2).mean()
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+@pytest.mark.parametrize(
+    "make, name", [(_DrawsItsNoiseOnce, "noise"), (_KeepsItsFirstBatch, "reference")]
+)
+def test_state_made_lazily_from_a_call_and_kept_is_refused(make, name, mode) -> None:  # type: ignore[no-untyped-def]
+    """Eager's later calls reuse the first call's draw (or batch); a plan made it
+    anew at every call: 5.15 off eager at the second call, silently."""
+    model = make()
+    with pytest.raises(planner.CaptureError, match=rf"makes {name} at its first call"):
+        planner.plan(model, "100%", (torch.randn(4, 8),), mode=mode, profile="cpu", time_limit=5)
+    assert getattr(model, name) is None  # left as found
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_a_mask_made_lazily_from_nothing_a_call_gives_is_planned(mode: str) -> None:
+    model, x = _MakesItsMaskOnce(), torch.randn(4, 8)
+    pm = planner.plan(model, "100%", (x,), mode=mode, profile="cpu", time_limit=5)
+    if mode == "infer":
+        with torch.no_grad():
+            assert torch.equal(pm(x), _MakesItsMaskOnce.forward(model, x))
+    else:
+        assert torch.isfinite(pm(x))
