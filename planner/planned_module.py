@@ -85,9 +85,23 @@ def _exclude_forward_from_dynamo() -> None:
     first module, not at import: ``torch.compiler.disable`` imports Dynamo (1.5 s
     of ``import planner``), which ``plan()`` has imported by then."""
     if not getattr(PlannedModule.forward, "_planner_excluded", False):
-        excluded = torch.compiler.disable(PlannedModule.forward)
-        excluded._planner_excluded = True  # type: ignore[attr-defined]
-        PlannedModule.forward = excluded  # type: ignore[method-assign]
+        from torch._C._dynamo.eval_frame import get_eval_frame_callback
+
+        plain = PlannedModule.forward
+        excluded = torch.compiler.disable(plain)
+
+        # an eager call (no Dynamo frame callback set) needs no wrapper: torch's
+        # annotates the FX trace in one global dict whenever any thread exports
+        # (is_exporting() is process-wide), so a call made while another thread
+        # planned failed there with KeyError: 'custom'. Dynamo folds this check
+        # to True, so it meets the excluded forward and skips it
+        def forward(self: PlannedModule, *args: Any, **kwargs: Any) -> Any:
+            if not torch.compiler.is_dynamo_compiling() and get_eval_frame_callback() is None:
+                return plain(self, *args, **kwargs)
+            return excluded(self, *args, **kwargs)
+
+        forward._planner_excluded = True  # type: ignore[attr-defined]
+        PlannedModule.forward = forward  # type: ignore[method-assign]
 
 
 def _close(engine: CopyEngine, disk: DiskStore, pid: int) -> None:
@@ -749,7 +763,7 @@ class PlannedModule(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._check_open()
-        if torch.jit.is_tracing() or torch.compiler.is_exporting():
+        if _being_traced(args, kwargs):
             raise PlannerError(
                 "a planned module cannot be traced or exported (torch.jit.trace, "
                 "torch.export): it runs a schedule of kernels and copies of its own on "
@@ -920,6 +934,15 @@ class PlannedModule(torch.nn.Module):
 
         visit(self)
         return self
+
+    def __prepare_scriptable__(self) -> Any:
+        # torch.jit.script calls this first: without it, it failed on forward's
+        # *args with a bare TorchScript NotSupportedError
+        raise PlannerError(
+            "a planned module cannot be scripted (torch.jit.script): it runs a schedule "
+            "of kernels and copies of its own in Python. Script the model itself; "
+            "torch.compile(pm) runs the plan as it is"
+        )
 
     def __getstate__(self) -> Any:
         raise PlannerError(
@@ -1165,3 +1188,24 @@ class _PlannedStep(torch.autograd.Function):
                 pm._runtime.undelivered = frozenset()
             pm._runtime.finish_deliveries()  # CUDA: gradients copied to the host land in .grad
         return (None, *pm._wiring.gradients(grads, no_grad_for, ctx.devices))
+
+
+def _being_traced(args: tuple, kwargs: dict) -> bool:
+    """Whether this call is being traced by torch.jit.trace or torch.export.
+
+    ``torch.compiler.is_exporting()`` is one flag for the whole process: while a
+    thread plans a model (torch.export), a call of a planned module in another
+    thread saw it set and was refused. An export traces on its own thread under
+    fake and proxy dispatch modes (thread-local) with fake inputs, so those decide.
+    """
+    if torch.jit.is_tracing():
+        return True
+    if not torch.compiler.is_exporting():
+        return False
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    keys = torch._C._TorchDispatchModeKey
+    if any(torch._C._get_dispatch_mode(k) is not None for k in (keys.FAKE, keys.PROXY)):
+        return True
+    tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    return any(isinstance(t, FakeTensor) or torch._is_functional_tensor(t) for t in tensors)

@@ -143,6 +143,7 @@ def _capture(model: torch.nn.Module, example_inputs: Any, mode: str) -> Captured
         raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(map(repr, MODES))}")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_no_planned_modules(model)
     args, kwargs = normalize_example_inputs(example_inputs)
     autocast = autocast_state()  # the trace fixes each op's dtype as it chooses
     check_hooks_at_capture(model, mode)
@@ -262,6 +263,27 @@ def _check_plain_tensors(model: torch.nn.Module) -> None:
             f"wrapping other tensors; planner places, copies and stores plain tensors only. "
             f"Convert {'it' if len(wrapped) == 1 else 'them'} to plain tensors before planning "
             f"(dequantize the layer), or leave this part of the model unplanned"
+        )
+
+
+def _check_no_planned_modules(model: torch.nn.Module) -> None:
+    """A planned module inside the model cannot be traced (it runs a schedule of its
+    own): a training plan's exposes the model's parameter names, and torch.export
+    failed on them with a bare "PlannedModule has no attribute `0`"."""
+    from planner.planned_module import PlannedModule  # imports this module
+
+    planned = [
+        repr(name) if name else "the model itself"
+        for name, module in model.named_modules()
+        if isinstance(module, PlannedModule)
+    ]
+    if planned:
+        raise CaptureError(
+            f"{type(model).__name__}: {listed(planned)} "
+            f"{'is a planned module' if len(planned) == 1 else 'are planned modules'} "
+            f"(made by planner.plan), which cannot be traced into another plan. Plan the "
+            f"model with the original module in its place (a copy made before the first "
+            f"planner.plan), or call the planned module beside the rest unplanned"
         )
 
 

@@ -80,9 +80,25 @@ def _count_by_running(op: torch._ops.OpOverload, args: Any, kwargs: Any) -> floa
     if fake_mode is None:
         return 0.0
     counter = FlopCounterMode(display=False)
+    # its ModuleTracker registers torch.nn's global module hooks for the count:
+    # a planned module called in another thread meanwhile saw hooks "registered
+    # since planning" and was refused. No module runs here: count under "Global"
+    counter.mod_tracker = _NoModules()  # type: ignore[assignment]
     with fake_mode, counter:
         op(*args, **kwargs)
     return float(counter.get_total_flops())
+
+
+class _NoModules:
+    """Stands in for FlopCounterMode's ModuleTracker: every count is "Global"."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> _NoModules:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 def _compute_dtype(program: Program, values: list[int]) -> str:
