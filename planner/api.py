@@ -199,8 +199,9 @@ def _reuse_plan(problem: Problem, reuse: str | Path | Plan, kernels: str) -> Pla
         )
     if saved.fingerprint != problem.fingerprint():
         raise PlannerError(
-            "the saved plan was made for a different graph (model, input shapes, mode or "
-            "quantize setting differ): plan again without plan=, then save the new plan"
+            "the saved plan was made for a different graph (model, dtypes, input shapes, "
+            "mode or quantize setting differ): plan again without plan=, then save the new "
+            "plan"
         )
     if saved.budget_bytes != problem.budget_bytes:
         raise PlannerError(
