@@ -551,13 +551,20 @@ def test_noise_drawn_lazily_and_scaled_in_place_is_refused() -> None:
         planner.plan(Noisy(), "100%", (torch.randn(4, 8),), profile="cpu", time_limit=5)
 
 
-class _DrawsItsNoiseOnce(nn.Module):
+class _MakesStateLazily(nn.Module):
+    """A layer and one attribute, None until the first call makes it."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        setattr(self, name, None)
+
+
+class _DrawsItsNoiseOnce(_MakesStateLazily):
     """Noise drawn at the first call and kept (no update after it)."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(8, 8)
-        self.noise: torch.Tensor | None = None
+        super().__init__("noise")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.noise is None:
@@ -565,13 +572,11 @@ class _DrawsItsNoiseOnce(nn.Module):
         return (self.fc(x) + self.noise).pow(2).mean()
 
 
-class _KeepsItsFirstBatch(nn.Module):
+class _KeepsItsFirstBatch(_MakesStateLazily):
     """A reference taken from the first call's batch and kept."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(8, 8)
-        self.reference: torch.Tensor | None = None
+        super().__init__("reference")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if None is self.reference:
@@ -579,13 +584,11 @@ class _KeepsItsFirstBatch(nn.Module):
         return (self.fc(x) - self.reference).pow(2).mean()
 
 
-class _MakesItsMaskOnce(nn.Module):
+class _MakesItsMaskOnce(_MakesStateLazily):
     """A mask made lazily from nothing a call gives: the same at every call."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(8, 8)
-        self.mask: torch.Tensor | None = None
+        super().__init__("mask")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mask is None:
