@@ -445,7 +445,7 @@ def _assignments_recorded(
                 carried.add(qualified)
         elif prefix is not None and old is None and isinstance(value, torch.Tensor):
             created.add(qualified)
-            lazily = _tests_against_none(sys._getframe(1).f_code, name)
+            lazily = _made_lazily(sys._getframe(1), module, name)
             made[qualified] = (module, name, value, value._version, lazily)
         elif prefix is not None and isinstance(old, (tuple, list)) and value is not old:
             leaves, _ = pytree.tree_flatten_with_path(old)
@@ -495,6 +495,24 @@ def _tests_against_none(code: types.CodeType, name: str) -> bool:
         if before and before[0].opname == "LOAD_CONST" and before[0].argval is None:
             if i + 1 < len(instructions) and instructions[i + 1].opname == "IS_OP":
                 return True
+    return False
+
+
+#: how many of the module's own frames up the stack may hold the None test (a
+#: helper that makes the state, called under ``if self.noise is None:``)
+_LAZY_FRAMES = 3
+
+
+def _made_lazily(frame: types.FrameType | None, module: torch.nn.Module, name: str) -> bool:
+    """Whether the assignment in ``frame`` sits under a test of the attribute
+    against None: in that function, or in one of the module's own methods that
+    called it (``if self.noise is None: self._draw(x)``)."""
+    for _ in range(_LAZY_FRAMES):
+        if frame is None or frame.f_locals.get("self") is not module:
+            return False
+        if _tests_against_none(frame.f_code, name):
+            return True
+        frame = frame.f_back
     return False
 
 

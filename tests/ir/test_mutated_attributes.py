@@ -584,6 +584,21 @@ class _KeepsItsFirstBatch(_MakesStateLazily):
         return (self.fc(x) - self.reference).pow(2).mean()
 
 
+class _DrawsItsNoiseInAHelper(_MakesStateLazily):
+    """The same, drawn by a helper method called under the None test."""
+
+    def __init__(self) -> None:
+        super().__init__("noise")
+
+    def _draw(self, x: torch.Tensor) -> None:
+        self.noise = torch.randn_like(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.noise is None:
+            self._draw(x)
+        return (self.fc(x) + self.noise).pow(2).mean()
+
+
 class _MakesItsMaskOnce(_MakesStateLazily):
     """A mask made lazily from nothing a call gives: the same at every call."""
 
@@ -598,7 +613,12 @@ class _MakesItsMaskOnce(_MakesStateLazily):
 
 @pytest.mark.parametrize("mode", ["infer", "train"])
 @pytest.mark.parametrize(
-    "make, name", [(_DrawsItsNoiseOnce, "noise"), (_KeepsItsFirstBatch, "reference")]
+    "make, name",
+    [
+        (_DrawsItsNoiseOnce, "noise"),
+        (_DrawsItsNoiseInAHelper, "noise"),
+        (_KeepsItsFirstBatch, "reference"),
+    ],
 )
 def test_state_made_lazily_from_a_call_and_kept_is_refused(make, name, mode) -> None:  # type: ignore[no-untyped-def]
     """Eager's later calls reuse the first call's draw (or batch); a plan made it
