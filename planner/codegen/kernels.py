@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from planner.runtime.quant import GROUP, Quantized, dequantize, quantize
+from planner.runtime.quant import FP32_TINY, GROUP, MIN_SCALE, Quantized, dequantize, quantize
 
 try:
     import triton
@@ -89,6 +89,9 @@ def _require_triton(*tensors: torch.Tensor) -> None:
 
 
 if HAS_TRITON:
+    # the reference's floors, as constants a kernel may read
+    _MIN_SCALE = tl.constexpr(MIN_SCALE)
+    _FP32_TINY = tl.constexpr(FP32_TINY)
 
     @triton.jit
     def _rint(v):
@@ -143,7 +146,7 @@ if HAS_TRITON:
             x = tl.load(x_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
             bad = bad | tl.max(_not_finite(x), axis=1)
-        scale = tl.maximum(tl.math.div_rn(amax, 127.0), 2.350988701644575e-38)
+        scale = tl.maximum(tl.math.div_rn(amax, 127.0), _MIN_SCALE)
         scale = tl.where(bad != 0, float("nan"), scale)
         for start in range(0, n_cols, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
@@ -186,11 +189,11 @@ if HAS_TRITON:
         xe = xe.to(tl.float32)
         xo = xo.to(tl.float32)
         # subnormals flushed to zero, as the reference does (a GPU's arithmetic would)
-        xe = tl.where(tl.abs(xe) < 1.1754943508222875e-38, 0.0, xe)
-        xo = tl.where(tl.abs(xo) < 1.1754943508222875e-38, 0.0, xo)
+        xe = tl.where(tl.abs(xe) < _FP32_TINY, 0.0, xe)
+        xo = tl.where(tl.abs(xo) < _FP32_TINY, 0.0, xo)
         lo = tl.minimum(tl.min(xe, axis=1), tl.min(xo, axis=1))
         hi = tl.maximum(tl.max(xe, axis=1), tl.max(xo, axis=1))
-        scale = tl.maximum(tl.math.div_rn(hi - lo, 15.0), 2.350988701644575e-38)
+        scale = tl.maximum(tl.math.div_rn(hi - lo, 15.0), _MIN_SCALE)
         # a NaN or an infinity in the group
         bad = tl.max(_not_finite(xe), axis=1) | tl.max(_not_finite(xo), axis=1)
         scale = tl.where(bad != 0, float("nan"), scale)

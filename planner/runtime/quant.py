@@ -29,16 +29,17 @@ from planner.ir.layout import dense_permutation
 from planner.solver.problem import QUANT_BLOCK_ELEMS
 
 GROUP = 64
+#: fp32's smallest normal number. int4 flushes values below it (subnormals) to
+#: zero before taking a group's minimum: a subnormal minimum is 0 in a GPU's
+#: subtraction, which would code the group apart
+FP32_TINY = torch.finfo(torch.float32).tiny
 #: The smallest scale: twice fp32's smallest normal number. A larger floor (1e-12)
 #: gave every row (int8) or group (int4) of values below it a coarse grid: at 1e-13
 #: per element int8 came back 2% off and int4 2.7x off, outside its group's range.
 #: Twice, not once: a subnormal value (or difference) over it is below half a
 #: step, so its code is 0 here as on a GPU, whose Triton division flushes
 #: subnormals to zero (over the smallest normal it could round to 1 here).
-MIN_SCALE = 2 * torch.finfo(torch.float32).tiny
-#: int4 flushes subnormal values to zero before taking a group's minimum: a
-#: subnormal minimum is 0 in a GPU's subtraction, which would code the group apart
-_FP32_TINY = torch.finfo(torch.float32).tiny
+MIN_SCALE = 2 * FP32_TINY
 
 
 @dataclass
@@ -184,7 +185,7 @@ def _quantize_int4(x: torch.Tensor) -> Quantized:
         chunk = flat[e0:e1].float()
         pad = (-chunk.numel()) % GROUP
         g = torch.nn.functional.pad(chunk, (0, pad)).reshape(-1, GROUP)
-        g = g.masked_fill(g.abs() < _FP32_TINY, 0.0)  # subnormals flushed, as on a GPU
+        g = g.masked_fill(g.abs() < FP32_TINY, 0.0)  # subnormals flushed, as on a GPU
         lo = g.amin(dim=1, keepdim=True)
         hi = g.amax(dim=1, keepdim=True)
         scale = ((hi - lo) / 15).clamp_min(MIN_SCALE)
