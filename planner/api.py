@@ -108,7 +108,6 @@ def analyze(
 
 @caller_rng_kept
 @planning_training_in_grad_mode
-@full_collections_deferred
 def report(
     model: torch.nn.Module,
     example_inputs: Any,
@@ -129,7 +128,6 @@ def report(
 @_retry_finds_the_weights_free
 @caller_rng_kept
 @planning_training_in_grad_mode
-@full_collections_deferred
 def make_plan(
     model: torch.nn.Module,
     budget: int | str,
