@@ -428,29 +428,27 @@ def _held_by_step(cands: Candidates, T: int) -> _StepHoldings:
     """``holdings`` step by step, for every option at once (numpy): on long graphs a row per
     step repeats every long-lived gap at each step it spans (a million terms at
     4,500 steps), which a Python loop over them built in seconds."""
-    option_ids, gap_ids, los, his, sizes = [], [], [], [], []
-    k = 0
+    option_ids, los, his, sizes = [], [], [], []
+    gap_of_option: list[int] = []  # by the options' flat index
     for gi, gap in enumerate(cands.gaps):
         nbytes = cands.problem.tensors[gap.tensor].nbytes
         for o in gap.options:
             for lo, hi, b in holdings(o, gap, nbytes):
-                option_ids.append(k)
-                gap_ids.append(gi)
+                option_ids.append(len(gap_of_option))
                 los.append(max(lo, 0))
                 his.append(min(hi, T - 1))
                 sizes.append(b)
-            k += 1
+            gap_of_option.append(gi)
+    k = max(len(gap_of_option), 1)
     starts = np.asarray(los, dtype=np.int64)
     lengths = np.maximum(np.asarray(his, dtype=np.int64) - starts + 1, 0)
     first = np.repeat(np.cumsum(lengths) - lengths, lengths)
     step = np.repeat(starts, lengths) + np.arange(int(lengths.sum()), dtype=np.int64) - first
     option = np.repeat(np.asarray(option_ids, dtype=np.int64), lengths)
-    gap_of = np.repeat(np.asarray(gap_ids, dtype=np.int64), lengths)
     held = np.repeat(np.asarray(sizes, dtype=np.int64), lengths)
     # one entry per (step, option): an option's intervals may overlap
-    key = step * max(k, 1) + option
-    keys, where = np.unique(key, return_inverse=True)
+    keys, where = np.unique(step * k + option, return_inverse=True)
     summed = np.bincount(where, weights=held, minlength=keys.size).astype(np.int64)
-    firsts = np.zeros(keys.size, dtype=np.int64)
-    firsts[where] = np.arange(key.size)
-    return _StepHoldings(keys // max(k, 1), keys % max(k, 1), gap_of[firsts], summed)
+    options = keys % k
+    gaps = np.asarray(gap_of_option, dtype=np.int64)[options] if gap_of_option else options
+    return _StepHoldings(keys // k, options, gaps, summed)
