@@ -180,13 +180,20 @@ class _KeepsAWindow(_AppendsToAList):
         self.cache = collections.deque([torch.zeros(4, 8) for _ in range(3)], maxlen=3)  # type: ignore[assignment]
 
 
-class _CreatesItsState(nn.Module):
+class _MakesStateLazily(nn.Module):
+    """A layer and one attribute, None until the first call makes it."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        setattr(self, name, None)
+
+
+class _CreatesItsState(_MakesStateLazily):
     """State made at the first call (None when planned), then carried."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(8, 8)
-        self.h: torch.Tensor | None = None
+        super().__init__("h")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.h is None:
@@ -535,11 +542,9 @@ def test_noise_drawn_lazily_and_scaled_in_place_is_refused() -> None:
     """``randn_like`` was taken for a shape-only op: eager keeps the first call's
     draw, the plan drew anew at every call (2.58 off at the second call)."""
 
-    class Noisy(nn.Module):
+    class Noisy(_MakesStateLazily):
         def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(8, 8)
-            self.noise: torch.Tensor | None = None
+            super().__init__("noise")
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if self.noise is None:
@@ -549,15 +554,6 @@ def test_noise_drawn_lazily_and_scaled_in_place_is_refused() -> None:
 
     with pytest.raises(planner.CaptureError, match=r"makes noise \(None when planned\)"):
         planner.plan(Noisy(), "100%", (torch.randn(4, 8),), profile="cpu", time_limit=5)
-
-
-class _MakesStateLazily(nn.Module):
-    """A layer and one attribute, None until the first call makes it."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__()
-        self.fc = nn.Linear(8, 8)
-        setattr(self, name, None)
 
 
 class _DrawsItsNoiseOnce(_MakesStateLazily):
