@@ -83,6 +83,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {', '.join(needs_budget)} {verb} a plan: give --budget too")
     for flag, path in (("--save-plan", args.save_plan), ("--plot", args.plot)):
         _check_writable(flag, path)  # before minutes of planning, not after
+    if args.plot is not None:
+        from planner.plot import unwritable_format
+
+        why = unwritable_format(args.plot)
+        if why is not None:
+            raise SystemExit(f"error: --plot {args.plot}: {why}")
     model, example_inputs = load_factory(args.factory)
     if args.checkpoint is not None:  # a model built on the meta device takes its weights
         from planner.runtime.checkpoint import attach_checkpoint
@@ -246,6 +252,8 @@ def _check_writable(flag: str, path: str | None) -> None:
     """An output path whose directory is missing or read-only is an error now."""
     if path is None:
         return
+    if not path.strip():
+        raise SystemExit(f"error: {flag} was given an empty path: give a file path")
     target = Path(path)
     where = target.parent if str(target.parent) else Path(".")
     if target.is_dir():

@@ -8,6 +8,23 @@ from planner.passes.pipeline import Analysis
 from planner.solver.plan import Plan
 
 
+def unwritable_format(path: str | Path) -> str | None:
+    """Why ``plot_timeline`` could not write ``path``'s format (its suffix; none
+    is PNG), or None: asked before planning, so that a typo in the suffix is not
+    found after minutes of solving."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:  # pragma: no cover - matplotlib is a test dependency
+        return "it needs matplotlib: pip install 'planner[plot]'"
+    suffix = Path(path).suffix.lstrip(".").lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if not suffix or suffix in formats:
+        return None
+    return f"matplotlib cannot write .{suffix} files; end the path in one of: " + ", ".join(
+        f".{name}" for name in sorted(formats)
+    )
+
+
 def plot_timeline(
     analysis: Analysis, plan: Plan | None, path: str | Path, measured_peak: int | None = None
 ) -> Path:

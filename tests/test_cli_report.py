@@ -240,6 +240,13 @@ def test_cli_an_unwritable_output_path_is_refused_before_planning(
         main(["report", spec, "--budget", "60%", "--save-plan", str(missing)])
     with pytest.raises(SystemExit, match=r"--plot .* is a directory"):
         main(["report", spec, "--budget", "60%", "--plot", str(tmp_path)])
+    # an empty path was "is a directory"; a suffix matplotlib cannot write failed
+    # only after the solve
+    with pytest.raises(SystemExit, match=r"--save-plan was given an empty path"):
+        main(["report", spec, "--budget", "60%", "--save-plan", ""])
+    with pytest.raises(SystemExit, match=r"--plot .*p.xyz: matplotlib cannot write .xyz .*\.png"):
+        main(["report", spec, "--budget", "60%", "--plot", str(tmp_path / "p.xyz")])
+    assert not (tmp_path / "p.xyz").exists()
 
 
 def test_cli_a_writable_file_in_a_read_only_directory_is_accepted(
