@@ -477,12 +477,27 @@ def _unwritten_buffers(model: torch.nn.Module) -> frozenset:
     return frozenset(n for n in nodes if n is not None and n.op == "placeholder")
 
 
+#: builtins that ask whether an attribute is there: ``hasattr(self, "noise")``,
+#: ``getattr(self, "noise", None)``
+_PRESENCE_TESTS = frozenset({"hasattr", "getattr"})
+
+
 def _tests_against_none(code: types.CodeType, name: str) -> bool:
     """Whether ``code`` compares its attribute ``name`` with None (``if self.noise
-    is None:``, ``is not None``, ``None is self.noise``): the function that assigns
-    it makes it lazily, at the first call, rather than a record at every call."""
+    is None:``, ``is not None``, ``None is self.noise``) or asks whether it is there
+    (``hasattr(self, "noise")``, ``getattr(self, "noise", None)``): the function
+    that assigns it makes it lazily, at the first call, rather than a record at
+    every call."""
     instructions = list(dis.get_instructions(code))
     for i, ins in enumerate(instructions):
+        if ins.opname == "LOAD_CONST" and ins.argval == name:
+            # the builtin is loaded just before its object argument (one load, or a
+            # chain of attributes: hasattr(self.child, "noise"))
+            called = [
+                x.argval for x in instructions[max(0, i - 4) : i] if x.opname == "LOAD_GLOBAL"
+            ]
+            if called and called[-1] in _PRESENCE_TESTS:
+                return True
         if ins.opname != "LOAD_ATTR" or ins.argval != name:
             continue
         after = instructions[i + 1 : i + 3]
@@ -505,15 +520,22 @@ _LAZY_FRAMES = 3
 
 def _made_lazily(frame: types.FrameType | None, module: torch.nn.Module, name: str) -> bool:
     """Whether the assignment in ``frame`` sits under a test of the attribute
-    against None: in that function, or in one of the module's own methods that
-    called it (``if self.noise is None: self._draw(x)``)."""
+    against None: in that function, or in a method that called it of the module
+    or of a module holding it (``if self.noise is None: self._draw(x)``; a parent's
+    ``if self.child.noise is None: self.child.noise = ...``)."""
     for _ in range(_LAZY_FRAMES):
-        if frame is None or frame.f_locals.get("self") is not module:
+        caller = None if frame is None else frame.f_locals.get("self")
+        if not isinstance(caller, torch.nn.Module) or not _holds(caller, module):
             return False
         if _tests_against_none(frame.f_code, name):
             return True
         frame = frame.f_back
     return False
+
+
+def _holds(outer: torch.nn.Module, module: torch.nn.Module) -> bool:
+    """Whether ``module`` is ``outer`` or one of its submodules."""
+    return outer is module or any(m is module for m in outer.modules())
 
 
 def _updated_after_made(
@@ -629,7 +651,7 @@ def plain_attributes_left_alone(model: torch.nn.Module) -> Iterator[TraceWatch]:
         first = sorted(kept)[0].rpartition(".")[2]
         raise CaptureError(
             f"{name}'s forward makes {', '.join(sorted(kept))} at its first call (where it "
-            f"is None, as the forward checks) from what that call reads (its tensors, "
+            f"is None or missing, as the forward checks) from what that call reads (its tensors, "
             f"parameters, buffers it writes, or a random draw) and keeps it: eager's later "
             f"calls reuse the first call's, a plan would make it anew at every call. Make "
             f"it in __init__ (self.register_buffer({first!r}, ...)), or pass it in"
