@@ -362,8 +362,10 @@ def _describe_trace_failure(model: torch.nn.Module, exc: BaseException) -> str:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     hint = (
         "Data-dependent control flow (an `if` or loop on a tensor's value, .item(), "
-        "nonzero) cannot be planned ahead of time: rewrite it with torch.where / "
-        "torch.cond, or move it out of forward() and pass the result in as an input."
+        "nonzero) cannot be planned ahead of time: compute both branches and select "
+        "with torch.where, decide in Python on something fixed when planning (a "
+        "shape), or move it out of forward() and pass the result in as an input "
+        "(torch.cond is refused too: a plan is one straight-line graph)."
     )
     if library and library[-1].name == "_detect_is_causal_mask":
         hint = (

@@ -171,6 +171,17 @@ def test_data_dependent_control_flow_names_the_line(capsys) -> None:  # type: ig
     assert "def forward" not in capsys.readouterr().err
 
 
+def test_the_data_dependent_hint_does_not_suggest_torch_cond() -> None:
+    """The hint named torch.cond as a rewrite, which planner then refuses
+    (planner.ir.control_flow): it must point at what plans."""
+    with pytest.raises(CaptureError) as info:
+        capture(DataDependent(), (torch.randn(3),), "infer")
+    message = str(info.value)
+    assert "torch.where" in message
+    assert "rewrite it with torch.where / torch.cond" not in message
+    assert "torch.cond is refused" in message
+
+
 class _Seq2Seq(nn.Module):
     def __init__(self) -> None:
         super().__init__()
