@@ -256,7 +256,10 @@ def plan(
     (``"h100"``, ``"cpu"``, a DeviceProfile, a JSON path; None: the calibrated
     one, else this machine's built-in). ``quantize``: ``"int8"`` / ``"int4"`` or a
     mapping (``{"weights": "int8"}``) to allow lossy storage; None (default) is
-    lossless. ``time_limit``: seconds of solver search (default 20).
+    lossless. ``time_limit``: seconds of CP-SAT's search (default 20; 0 keeps the
+    best baseline plan). It does not bound the whole call: capture, analysis and
+    the greedy baseline (given at least 30 s, so that it finds a plan that fits)
+    come on top, and so does compiling with ``kernels="inductor"``.
 
     ``offload_dir``: where disk-tier files
     go (a fresh subdirectory is made there and removed with the module; default: a

@@ -207,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--time-limit",
         type=float,
         default=None,
-        help="with --budget: seconds of solver search (default 20)",
+        help="with --budget: seconds of CP-SAT's search (default 20); capture, the "
+        "baselines and compiling come on top",
     )
     rep.add_argument(
         "--kernels",
