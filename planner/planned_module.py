@@ -1071,6 +1071,14 @@ class PlannedModule(torch.nn.Module):
         with self._shared.running:
             self._finalizer()
 
+    def __enter__(self) -> PlannedModule:
+        """``with planner.plan(...) as pm:`` closes the module (its offload files)
+        when the block ends, however it ends."""
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
 
 @dataclasses.dataclass
 class _Shared:

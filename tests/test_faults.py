@@ -555,6 +555,22 @@ def test_close_and_collection_remove_only_our_files(tmp_path) -> None:
     assert not root.exists()
 
 
+def test_a_with_block_closes_the_module_however_it_ends(tmp_path) -> None:
+    model, inputs, expected = _model()
+    with _plan(model, inputs, offload_dir=tmp_path) as pm:
+        root = pm.offload_dir
+        assert any(root.iterdir()) and torch.equal(pm(*inputs), expected)
+    assert not root.exists()
+    with pytest.raises(planner.PlannerError, match="closed"):
+        pm(*inputs)
+
+    model, inputs, _ = _model()
+    with pytest.raises(KeyError), _plan(model, inputs, offload_dir=tmp_path) as pm:
+        root = pm.offload_dir
+        raise KeyError("the caller's")
+    assert not root.exists() and os.listdir(tmp_path) == []
+
+
 # ---------------------------------------------------------------- training
 
 
