@@ -34,7 +34,15 @@ from typing import Any
 
 import torch
 
-from planner.runtime.quant import FP32_TINY, GROUP, MIN_SCALE, Quantized, dequantize, quantize
+from planner.runtime.quant import (
+    FP32_TINY,
+    GROUP,
+    MAX_INT8_SCALE,
+    MIN_SCALE,
+    Quantized,
+    dequantize,
+    quantize,
+)
 
 try:
     import triton
@@ -92,6 +100,7 @@ if HAS_TRITON:
     # the reference's floors, as constants a kernel may read
     _MIN_SCALE = tl.constexpr(MIN_SCALE)
     _FP32_TINY = tl.constexpr(FP32_TINY)
+    _MAX_INT8_SCALE = tl.constexpr(MAX_INT8_SCALE)
 
     @triton.jit
     def _rint(v):
@@ -146,7 +155,7 @@ if HAS_TRITON:
             x = tl.load(x_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
             bad = bad | tl.max(_not_finite(x), axis=1)
-        scale = tl.maximum(tl.math.div_rn(amax, 127.0), _MIN_SCALE)
+        scale = tl.minimum(tl.maximum(tl.math.div_rn(amax, 127.0), _MIN_SCALE), _MAX_INT8_SCALE)
         scale = tl.where(bad != 0, float("nan"), scale)
         for start in range(0, n_cols, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)

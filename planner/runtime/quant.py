@@ -40,6 +40,15 @@ FP32_TINY = torch.finfo(torch.float32).tiny
 #: step, so its code is 0 here as on a GPU, whose Triton division flushes
 #: subnormals to zero (over the smallest normal it could round to 1 here).
 MIN_SCALE = 2 * FP32_TINY
+#: The largest int8 scale: one fp32 step under ``FP32_MAX / 127``, which rounds
+#: up, so that a row's ``127 * scale`` stays finite (a row [max, -max] came back
+#: as +-inf). Any row below fp32's largest values keeps its scale.
+MAX_INT8_SCALE = float(
+    torch.nextafter(
+        torch.tensor(torch.finfo(torch.float32).max / 127, dtype=torch.float32),
+        torch.zeros(()),
+    )
+)
 
 
 @dataclass
@@ -151,7 +160,7 @@ def _quantize_int8(x: torch.Tensor) -> Quantized:
         amax = torch.zeros((r1 - r0, 1), dtype=torch.float32, device=x.device)
         for c0, c1 in _blocks(c, col_step):  # a max is exact in any order
             amax = torch.maximum(amax, rows[r0:r1, c0:c1].abs().amax(dim=1, keepdim=True).float())
-        scale = (amax / 127).clamp_min(MIN_SCALE)
+        scale = (amax / 127).clamp_(MIN_SCALE, MAX_INT8_SCALE)
         bad = ~torch.isfinite(amax)  # a NaN or an infinity in the row
         scale[bad] = torch.nan
         for c0, c1 in _blocks(c, col_step):

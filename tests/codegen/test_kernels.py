@@ -273,3 +273,25 @@ def test_use_triton_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not kernels.use_triton("cpu")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         kernels.quantize_int8(torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_an_int8_row_at_the_ends_of_the_range_matches_the_reference(dtype: torch.dtype) -> None:
+    """An int8 row [max, -max]: its scale (amax / 127, rounded up) made 127 * scale
+    overflow, so it came back as +-inf; now finite, bit for bit the reference's,
+    and the dequant-matmul reads the same weights."""
+    top = torch.finfo(dtype).max
+    x = torch.zeros(3, 2 * GROUP, dtype=torch.float64)
+    x[0, :2] = torch.tensor([top, -top], dtype=torch.float64)
+    x[1, :3] = torch.tensor([0.9 * top, -0.9 * top, 0.1 * top], dtype=torch.float64)
+    x[2] = torch.linspace(-top, top, 2 * GROUP, dtype=torch.float64)
+    x = x.to(dtype)
+    ref = quantize(x, "int8")
+    got = on_device.quantize_int8(x)
+    assert torch.equal(got.codes, ref.codes) and torch.equal(_bits(got.scale), _bits(ref.scale))
+    back = on_device.dequantize_int8(got)
+    assert torch.isfinite(back).all()
+    assert torch.equal(_bits(back), _bits(dequantize(ref)))
+    # a one-hot activation reads the weight's values: out[:, r] = W[r, :3]
+    out = on_device.dequant_matmul_int8(torch.eye(2 * GROUP, dtype=dtype)[:3], got)
+    assert torch.equal(_bits(out.T.contiguous()), _bits(back[:, :3].contiguous()))

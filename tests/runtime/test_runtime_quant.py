@@ -139,3 +139,20 @@ def test_round_tripped_unties_a_weight_whose_lookups_are_exact() -> None:
     rounded = round_tripped(model, {name}, "int4")  # every read rounded, still tied
     assert rounded[1].weight is rounded[0].weight and torch.equal(rounded[0].weight, trip)
     assert torch.equal(model[0].weight, original) and model[1].weight is model[0].weight
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_an_int8_row_at_the_ends_of_the_range_comes_back_finite(dtype: torch.dtype) -> None:
+    """[fp32 max, -fp32 max] came back as +-inf (127 * scale overflowed) on a row of
+    finite inputs; now finite, within half a step and the output's rounding."""
+    top = torch.finfo(dtype).max
+    x = torch.zeros(3, 128, dtype=torch.float64)
+    x[0, :2] = torch.tensor([top, -top], dtype=torch.float64)
+    x[1, :3] = torch.tensor([0.9 * top, -0.9 * top, 0.1 * top], dtype=torch.float64)
+    x[2] = torch.randn(128, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = x.to(dtype)
+    back = dequantize(quantize(x, "int8"))
+    assert torch.isfinite(back).all()
+    xd, bd = x.double(), back.double()
+    step = xd.abs().amax(dim=1, keepdim=True) / 127
+    assert ((bd - xd).abs() <= step * (0.5 + 1e-5) + bd.abs() * torch.finfo(dtype).eps).all()
