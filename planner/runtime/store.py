@@ -251,6 +251,35 @@ def _make_root(parent: str | os.PathLike[str] | None) -> str:
         ) from exc
 
 
+class _KeptDescriptors:
+    """The descriptors all of this process's stores keep open, together: each file
+    kept open, and each map of one (Python's ``mmap`` holds a duplicate of the
+    file's descriptor while it lives). Each store kept up to a quarter of the
+    process's open-file limit, and twice that with its maps: two training modules
+    alive at once, 216 spilled tensors each, held 872 of 1,024 descriptors and a
+    third one's first step failed with EMFILE. Now at most a quarter of the limit
+    is kept, whatever the number of stores; copies of keys past it open their file
+    each time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def take(self, limit: int) -> bool:
+        with self._lock:
+            if self.count >= limit:
+                return False
+            self.count += 1
+            return True
+
+    def give(self, n: int = 1) -> None:
+        with self._lock:
+            self.count -= n
+
+
+_KEPT = _KeptDescriptors()
+
+
 class DiskStore:
     """Files under ``root`` (created here; removed by ``close``)."""
 
@@ -272,9 +301,11 @@ class DiskStore:
         self._maps: dict[str, np.ndarray] = {}
         self._maps_allowed = _maps_in_place(self.root)
         self._paths: dict[str, Path] = {}
-        #: most files kept open at once: a quarter of the process's limit (1024 by
-        #: default on Linux), so a model with thousands of offloaded tensors leaves
-        #: descriptors for everything else; copies of keys past it open their file
+        #: most descriptors kept open at once, files and their maps: a quarter of
+        #: the process's limit (1024 by default on Linux), so a model with thousands
+        #: of offloaded tensors leaves descriptors for everything else; copies of
+        #: keys past it open their file. The quarter is the process's, shared by
+        #: all its stores (``_KeptDescriptors``)
         self.max_open_files = max(0, _open_file_limit() // 4)
         #: keys read from files this store does not own (``link``)
         self.linked = LinkedRegions()
@@ -360,7 +391,7 @@ class DiskStore:
         its map when kept open; its stamp."""
         with self._writing(key, len(data), create=True) as (fd, kept):
             if os.fstat(fd).st_size != len(data):
-                self._maps.pop(key, None)  # the resize frees blocks: allocate and map again
+                self._drop_map(key)  # the resize frees blocks: allocate and map again
                 os.ftruncate(fd, len(data))
             mapped = self._map_of(key, fd, len(data)) if kept else None
             if mapped is not None:
@@ -404,25 +435,37 @@ class DiskStore:
         mapped = self._maps.get(key)
         if mapped is not None and mapped.size == nbytes:
             return mapped
-        self._maps.pop(key, None)  # resized since: never copy through a stale map
+        self._drop_map(key)  # resized since: never copy through a stale map
         if not (0 < nbytes <= MAP_COPY_MAX_BYTES and self._maps_allowed):
             return None
-        if len(self._maps) >= MAX_MAPS:
+        if len(self._maps) >= MAX_MAPS or not self._take_descriptor():  # the map's own fd
             return None
         try:
             os.posix_fallocate(fd, 0, nbytes)  # a full disk fails here, not in a copy
             buffer = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as exc:
+            _KEPT.give()
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise
             return None  # no fallocate or mmap here (ENODEV, EOPNOTSUPP, ENOMEM): pwrite
         mapped = self._maps[key] = np.frombuffer(buffer, dtype=np.uint8)
         return mapped
 
+    def _take_descriptor(self) -> bool:
+        """One more descriptor kept open, if this store's and the process's limits
+        allow it (``_KeptDescriptors``)."""
+        if len(self._open_files) + len(self._maps) >= self.max_open_files:
+            return False
+        return _KEPT.take(self.max_open_files)
+
+    def _drop_map(self, key: str) -> None:
+        if self._maps.pop(key, None) is not None:
+            _KEPT.give()  # the map's descriptor closes with it
+
     def _keep_open(self, key: str, fd: int) -> bool:
         """Keep ``fd`` open for ``key``'s later copies, unless ``max_open_files``
         are open already (then the caller closes it, and reads open the file)."""
-        if len(self._open_files) >= self.max_open_files:
+        if not self._take_descriptor():
             return False
         self._open_files[key] = fd
         return True
@@ -432,6 +475,12 @@ class DiskStore:
             what = (
                 "the disk is full: free space on it, or plan again with offload_dir= "
                 "a directory on a disk with more room"
+            )
+        elif exc.errno in (errno.EMFILE, errno.ENFILE):
+            what = (
+                f"the process has no file descriptor left (its limit, `ulimit -n`, is "
+                f"{_open_file_limit():,}): close the planned modules it no longer uses "
+                "(pm.close()), or raise the limit"
             )
         else:
             what = (
@@ -444,10 +493,11 @@ class DiskStore:
         )
 
     def _close_file(self, key: str) -> None:
-        self._maps.pop(key, None)
+        self._drop_map(key)
         fd = self._open_files.pop(key, None)
         if fd is not None:
             os.close(fd)
+            _KEPT.give()
 
     def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
         """Fill ``out`` (allocated by ``empty_like_entry``) from the file; verify size,

@@ -431,3 +431,44 @@ def test_a_device_view_is_written_with_its_whole_storage(store) -> None:
     view = torch.arange(64.0, device="cuda")[8:24]
     store.write("v", view)
     assert torch.equal(store.read_into("v", empty_like_entry(store.entries["v"])), view.cpu())
+
+
+def test_stores_share_one_budget_of_kept_descriptors(tmp_path) -> None:
+    """The quarter of the open-file limit a store keeps open is the process's, not
+    each store's, and a file's map counts too (``mmap`` holds a duplicate of its
+    descriptor): each store kept up to a quarter, twice that with its maps, so two
+    training modules alive at once (216 spilled tensors each) held 872 of 1,024
+    descriptors and a third one's first step failed with EMFILE."""
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = fds()
+    stores = [DiskStore(tmp_path) for _ in range(3)]
+    opened = fds() - before  # each store's lock on its directory
+    limit = 8
+    xs = {f"k{i}": torch.randn(256) for i in range(12)}
+    for store in stores:
+        store.max_open_files = limit
+        for key, x in xs.items():
+            store.write(key, x, checksum=False)
+    assert fds() - before - opened <= limit
+    for store in stores:  # every key reads back, kept open or not
+        for key, x in xs.items():
+            assert torch.equal(store.read_into(key, empty_like_entry(store.entries[key])), x)
+    for store in stores:
+        store.close()
+    assert fds() == before
+
+
+def test_no_descriptor_left_is_said_so(store: DiskStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from planner.runtime import store as store_module
+
+    def no_fd(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(store_module.os, "open", no_fd)
+    with pytest.raises(StoreError, match=r"no file descriptor left.*pm\.close\(\)"):
+        store.write("x", torch.randn(10), checksum=False)
