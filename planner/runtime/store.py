@@ -251,6 +251,19 @@ def _make_root(parent: str | os.PathLike[str] | None) -> str:
         ) from exc
 
 
+def _no_descriptor_left() -> str:
+    """What to do when opening a file fails with EMFILE or ENFILE."""
+    return (
+        f"the process has no file descriptor left (its limit, `ulimit -n`, is "
+        f"{_open_file_limit():,}): close the planned modules it no longer uses "
+        "(pm.close()), or raise the limit"
+    )
+
+
+def _out_of_descriptors(exc: OSError) -> bool:
+    return exc.errno in (errno.EMFILE, errno.ENFILE)
+
+
 class _KeptDescriptors:
     """The descriptors all of this process's stores keep open, together: each file
     kept open, and each map of one (Python's ``mmap`` holds a duplicate of the
@@ -276,8 +289,15 @@ class _KeptDescriptors:
         with self._lock:
             self.count -= n
 
+    def after_fork_in_child(self) -> None:
+        """A lock of its own: a fork while a copy thread held the parent's left the
+        child's copy held for good, and the child's close (its exit) waited forever."""
+        self._lock = threading.Lock()
+
 
 _KEPT = _KeptDescriptors()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_KEPT.after_fork_in_child)
 
 
 class DiskStore:
@@ -477,11 +497,7 @@ class DiskStore:
                 "a directory on a disk with more room"
             )
         elif exc.errno in (errno.EMFILE, errno.ENFILE):
-            what = (
-                f"the process has no file descriptor left (its limit, `ulimit -n`, is "
-                f"{_open_file_limit():,}): close the planned modules it no longer uses "
-                "(pm.close()), or raise the limit"
-            )
+            what = _no_descriptor_left()
         else:
             what = (
                 "check that the directory is writable and its disk healthy, or plan "
@@ -514,6 +530,10 @@ class DiskStore:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError as exc:
             raise self._missing(key, path) from exc
+        except OSError as exc:
+            if _out_of_descriptors(exc):
+                raise self._no_descriptor(key, path, exc) from exc
+            raise
         try:
             return self._read_fd(key, fd, entry, path, view, out)
         finally:
@@ -571,6 +591,13 @@ class DiskStore:
             raise StoreError(f"nothing stored under {key!r}")
         return entry, self.path(key)
 
+    def _no_descriptor(self, key: str, path: Path, exc: OSError) -> StoreError:
+        """An open of the key's file that found no descriptor left (EMFILE, ENFILE)."""
+        return StoreError(
+            f"opening the offload file for {key!r} ({path}) failed: "
+            f"{exc.strerror or exc}; {_no_descriptor_left()}"
+        )
+
     def _missing(self, key: str, path: Path) -> StoreError:
         return StoreError(
             f"offload file for {key!r} is missing ({path}): it was deleted or replaced "
@@ -616,7 +643,12 @@ class DiskStore:
         self.entries[key] = dataclasses.replace(entry, crc32=None, stamp=None)
         path = self.path(key)
         if key not in self._open_files:  # reads of it go through an open file too
-            fd = os.open(path, os.O_RDWR)
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except OSError as exc:
+                if _out_of_descriptors(exc):
+                    raise self._no_descriptor(key, path, exc) from exc
+                raise
             if not self._keep_open(key, fd):
                 os.close(fd)
             else:
@@ -640,10 +672,14 @@ class DiskStore:
                     os.posix_fallocate(f.fileno(), 0, entry.nbytes)
         except OSError as exc:
             path.unlink(missing_ok=True)
+            what = (
+                _no_descriptor_left()
+                if _out_of_descriptors(exc)
+                else "plan again with offload_dir= a writable directory with room"
+            )
             raise StoreError(
                 f"creating {key!r} ({entry.nbytes:,} bytes) in the offload directory "
-                f"{self.root} failed: {exc.strerror or exc}; plan again with offload_dir= "
-                f"a writable directory with room"
+                f"{self.root} failed: {exc.strerror or exc}; {what}"
             ) from exc
         self.entries[key] = entry
         return _map_shared(path, entry)

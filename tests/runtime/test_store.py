@@ -472,3 +472,66 @@ def test_no_descriptor_left_is_said_so(store: DiskStore, monkeypatch: pytest.Mon
     monkeypatch.setattr(store_module.os, "open", no_fd)
     with pytest.raises(StoreError, match=r"no file descriptor left.*pm\.close\(\)"):
         store.write("x", torch.randn(10), checksum=False)
+
+
+def test_no_descriptor_left_on_a_read_or_a_map_is_said_so(
+    store: DiskStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read (an inference step reading its weights) or a map that finds no
+    descriptor left says what to do, as a write does: it was a bare OSError
+    (errno 24) from the copy thread."""
+    import errno
+
+    from planner.runtime import store as store_module
+
+    entry = store.write("w", torch.randn(64))  # a checksummed write: not kept open
+    store.write("g", torch.randn(64))
+    real_open = os.open
+
+    def no_fd(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(store.root) in str(path):
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(store_module.os, "open", no_fd)
+    with pytest.raises(StoreError, match=r"no file descriptor left.*pm\.close\(\)"):
+        store.read_into("w", empty_like_entry(entry))
+    with pytest.raises(StoreError, match=r"no file descriptor left.*pm\.close\(\)"):
+        store.map_shared("g")
+    monkeypatch.undo()
+    assert store.read_into("w", empty_like_entry(entry)).shape == (64,)  # reads again
+
+
+def test_a_child_forked_while_a_thread_holds_the_descriptor_lock_can_close(tmp_path) -> None:
+    """The process-wide count of kept descriptors has a lock, which a copy thread
+    takes at each file it keeps: a fork at that moment left the child's copy of it
+    held, and the child's close (at its exit) blocked forever."""
+    import signal
+    import threading
+
+    from planner.runtime import store as store_module
+
+    store = DiskStore(tmp_path)
+    store.write("k", torch.randn(64), checksum=False)  # kept open: its close gives back
+    held, release = threading.Event(), threading.Event()
+
+    def copy_thread() -> None:
+        with store_module._KEPT._lock:
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=copy_thread)
+    thread.start()
+    held.wait()
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(5)  # a blocked child dies instead of hanging the test
+        try:
+            store.close()
+        finally:
+            os._exit(0)
+    release.set()
+    thread.join()
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, "the child's close blocked"
+    store.close()
