@@ -18,6 +18,14 @@ def unwritable_format(path: str | Path) -> str | None:
         return "it needs matplotlib: pip install 'planner[plot]'"
     suffix = Path(path).suffix.lstrip(".").lower()
     formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix == "pgf":  # its text is laid out by a TeX system, run when saving
+        import shutil
+
+        from matplotlib import rcParams
+
+        tex = rcParams["pgf.texsystem"]
+        if shutil.which(tex) is None:
+            return f"matplotlib writes .pgf files with {tex}, which is not installed here"
     if not suffix or suffix in formats:
         return None
     return f"matplotlib cannot write .{suffix} files; end the path in one of: " + ", ".join(

@@ -299,3 +299,22 @@ def test_huge_sizes_print_without_a_wall_of_digits() -> None:
     assert format_bytes(1e30) == "8.88e+14 PiB"  # was "909494701772928256.0 TiB"
     assert format_bytes(3 * 2**50) == "3.0 PiB"
     assert format_bytes(5 * 2**40) == "5.0 TiB"
+
+
+def test_cli_a_pgf_plot_without_its_tex_system_is_refused_before_planning(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """matplotlib lists .pgf among its formats but lays its text out with a TeX
+    system run when saving: without one, --plot p.pgf passed the check and failed
+    after the solve with matplotlib's "'xelatex' not found" traceback."""
+    import shutil
+
+    monkeypatch.setattr("planner.cli.load_factory", lambda _: pytest.fail("planned first"))
+    real_which = shutil.which
+    monkeypatch.setattr(
+        shutil, "which", lambda cmd, *a, **k: None if "tex" in cmd else real_which(cmd, *a, **k)
+    )
+    spec = f"{EXAMPLES}/mlp.py:make_mlp"
+    refused = r"--plot .*p.pgf: matplotlib writes .pgf files with \w*tex"
+    with pytest.raises(SystemExit, match=refused):
+        main(["report", spec, "--budget", "60%", "--plot", str(tmp_path / "p.pgf")])
