@@ -489,6 +489,15 @@ def _tests_against_none(code: types.CodeType, name: str) -> bool:
     that assigns it makes it lazily, at the first call, rather than a record at
     every call."""
     instructions = list(dis.get_instructions(code))
+    # locals the attribute is read into (``n = self.noise``), tested in its place
+    # (``if n is None:``)
+    aliases = {
+        instructions[i + 1].argval
+        for i, ins in enumerate(instructions[:-1])
+        if ins.opname == "LOAD_ATTR"
+        and ins.argval == name
+        and instructions[i + 1].opname == "STORE_FAST"
+    }
     for i, ins in enumerate(instructions):
         if ins.opname == "LOAD_CONST" and ins.argval == name:
             # the builtin is loaded just before its object argument (one load, or a
@@ -498,7 +507,8 @@ def _tests_against_none(code: types.CodeType, name: str) -> bool:
             ]
             if called and called[-1] in _PRESENCE_TESTS:
                 return True
-        if ins.opname != "LOAD_ATTR" or ins.argval != name:
+        read = ins.opname == "LOAD_ATTR" and ins.argval == name
+        if not (read or (ins.opname.startswith("LOAD_FAST") and ins.argval in aliases)):
             continue
         after = instructions[i + 1 : i + 3]
         if after and after[0].opname.endswith(("IF_NONE", "IF_NOT_NONE")):
@@ -654,7 +664,9 @@ def plain_attributes_left_alone(model: torch.nn.Module) -> Iterator[TraceWatch]:
             f"is None or missing, as the forward checks) from what that call reads (its tensors, "
             f"parameters, buffers it writes, or a random draw) and keeps it: eager's later "
             f"calls reuse the first call's, a plan would make it anew at every call. Make "
-            f"it in __init__ (self.register_buffer({first!r}, ...)), or pass it in"
+            f"it in __init__ (self.register_buffer({first!r}, ...)), or pass it in. If it "
+            f"is a record assigned anew at every call, assign it without testing it first "
+            f"(the test is what marks it as made once)"
         )
     if written:
         raise _updated_in_place(name, written)

@@ -627,6 +627,19 @@ class _DrawsItsChildsNoise(nn.Module):
         return (self.child.fc(x) + self.child.noise).pow(2).mean()
 
 
+class _DrawsItsNoiseThroughALocal(_MakesStateLazily):
+    """The None test on a local the attribute was read into."""
+
+    def __init__(self) -> None:
+        super().__init__("noise")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        noise = self.noise
+        if noise is None:
+            noise = self.noise = torch.randn_like(x)
+        return (self.fc(x) + noise).pow(2).mean()
+
+
 class _MakesItsMaskOnce(_MakesStateLazily):
     """A mask made lazily from nothing a call gives: the same at every call."""
 
@@ -650,6 +663,8 @@ class _MakesItsMaskOnce(_MakesStateLazily):
         (lambda: _DrawsItsNoiseIfMissing("hasattr"), "noise"),
         (lambda: _DrawsItsNoiseIfMissing("getattr"), "noise"),
         (_DrawsItsChildsNoise, "child.noise"),
+        # planned, then 4.4 off eager at the second call
+        (_DrawsItsNoiseThroughALocal, "noise"),
     ],
 )
 def test_state_made_lazily_from_a_call_and_kept_is_refused(make, name, mode) -> None:  # type: ignore[no-untyped-def]
