@@ -534,7 +534,9 @@ def _made_lazily(frame: types.FrameType | None, module: torch.nn.Module, name: s
     or of a module holding it (``if self.noise is None: self._draw(x)``; a parent's
     ``if self.child.noise is None: self.child.noise = ...``)."""
     for _ in range(_LAZY_FRAMES):
-        caller = None if frame is None else frame.f_locals.get("self")
+        if frame is None:
+            return False
+        caller = frame.f_locals.get("self")
         if not isinstance(caller, torch.nn.Module) or not _holds(caller, module):
             return False
         if _tests_against_none(frame.f_code, name):
