@@ -164,8 +164,16 @@ class HookWatch:
 #: only on request (transformers' output capturing: every layer of a model called
 #: once before planning had one, and the warning listed them all)
 _MODELS_OWN_HOOKS = ("transformers.utils.output_capturing",)
+#: hooks by (module, name) that change what the trace sees, nothing else:
+#: ``gradient_checkpointing_enable()`` (through ``enable_input_require_grads``)
+#: makes the input embeddings' output require grad, which the traced step keeps;
+#: every plan of such a model warned of it
+_TRACED_IN_HOOKS = frozenset({("transformers.modeling_utils", "make_inputs_require_grads")})
 
 
 def _models_own(hook: object) -> bool:
     function = getattr(hook, "func", hook)  # functools.partial
-    return getattr(function, "__module__", "").startswith(_MODELS_OWN_HOOKS)
+    module = getattr(function, "__module__", "") or ""
+    if (module, getattr(function, "__name__", "")) in _TRACED_IN_HOOKS:
+        return True
+    return module.startswith(_MODELS_OWN_HOOKS)

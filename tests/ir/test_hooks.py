@@ -147,3 +147,45 @@ def test_a_transformers_models_own_recording_hooks_do_not_warn() -> None:
     assert not [w for w in caught if "forward hooks" in str(w.message)]
     with torch.no_grad():
         assert torch.equal(pm(x).predicted_depth, expected)
+
+
+def test_gradient_checkpointings_input_hook_does_not_warn() -> None:
+    """transformers' ``gradient_checkpointing_enable()`` hooks the input embeddings
+    to make their output require grad (``enable_input_require_grads``): every plan
+    warned that a recording hook records nothing. The step is eager's."""
+    import warnings
+
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, n_positions=8, vocab_size=32, use_cache=False,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(config)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    assert model.transformer.wte._forward_hooks, "no hook: proves nothing"
+    ids = torch.randint(0, 32, (2, 8))
+    expected = model(input_ids=ids, labels=ids).loss
+    expected.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    class Loss(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm = model
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.lm(input_ids=ids, labels=ids).loss
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = planner.plan(Loss(), "100%", (ids,), mode="train", profile="cpu")
+    assert not [w for w in caught if "forward hooks" in str(w.message)]
+    loss = pm(ids)
+    loss.backward()
+    assert torch.equal(loss.detach(), expected.detach())
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[name]), name
