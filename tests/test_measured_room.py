@@ -21,11 +21,19 @@ def compiled_runs_never_lose_on_time(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(segments, "best_seconds", lambda fns, *a, **k: [0.0] * len(fns))
 
 
-def _fresh() -> tuple[nn.Module, tuple]:
+#: Sequences per batch in the test of the whole search: half the example's 8. The
+#: loss backward's logits-sized buffers stay the step's peak and the schedule kept
+#: at 50% is still solved for more than the budget, while each run computes half
+#: as much.
+BATCH = 4
+
+
+def _fresh(batch: int | None = None) -> tuple[nn.Module, tuple]:
     """GPT-2 returning its language-modelling loss: the loss backward's logits-sized
-    buffers are the step's peak."""
+    buffers are the step's peak. ``batch``: the first sequences of the example's."""
     torch.manual_seed(0)
-    return load_example("gpt2_train")
+    model, (input_ids,) = load_example("gpt2_train")
+    return model, (input_ids[:batch].contiguous(),)
 
 
 def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -44,10 +52,10 @@ def test_gpt2_at_half_its_peak_runs_a_schedule_solved_for_more(tmp_path, monkeyp
     estimated faster than the one solved for the budget, and the meter finds the
     step within the budget, at the composed peak the plan states; gradients are
     eager's. Saved, it is reused as made, and refused without compiled runs."""
-    reference, inputs = _fresh()
+    reference, inputs = _fresh(BATCH)
     expected = reference(*inputs)
     expected.backward()
-    model, inputs = _fresh()
+    model, inputs = _fresh(BATCH)
     options = dict(mode="train", profile="cpu", time_limit=5, kernels="inductor")
     # the schedule solved for the budget: the one plan() solves first and hands to
     # the search by measured room (what make_plan(model, "50%", ...) returns, the
@@ -85,7 +93,7 @@ def test_gpt2_at_half_its_peak_runs_a_schedule_solved_for_more(tmp_path, monkeyp
     finally:
         pm.close()
 
-    model, inputs = _fresh()
+    model, inputs = _fresh(BATCH)
     again = planner.plan(model, plan.budget_bytes, inputs, plan=saved, **options)
     try:
         assert again.plan.op_level_budget_bytes == plan.op_level_budget_bytes
@@ -94,7 +102,7 @@ def test_gpt2_at_half_its_peak_runs_a_schedule_solved_for_more(tmp_path, monkeyp
         assert peak <= plan.budget_bytes
     finally:
         again.close()
-    model, inputs = _fresh()
+    model, inputs = _fresh(BATCH)
     eager_options = {**options, "kernels": "eager"}
     with pytest.raises(planner.PlannerError, match="made for kernels='inductor'"):
         planner.plan(model, plan.budget_bytes, inputs, plan=saved, **eager_options)

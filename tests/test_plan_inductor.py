@@ -7,6 +7,8 @@ checked against when it is compiled."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import WithLoss, load_example
@@ -17,6 +19,7 @@ import planner
 from planner import api
 from planner.codegen import emit, segments
 from planner.runtime.meter import measure
+from planner.solver import from_program, solve
 
 
 @pytest.fixture(autouse=True)
@@ -162,18 +165,20 @@ def test_quantized_channels_last_activations_come_back_as_compiled_runs_expect()
     are channels-last here, and the compiled runs that read them back assert their
     strides."""
     model, inputs = _fresh("resnet")
+    # make_plan's work (planner.api._analyze_and_solve), the model analyzed once
+    # for every budget tried rather than captured again for each
+    analysis = planner.analyze(model, inputs, mode="train", profile="cpu", kernels="inductor")
+    problem = from_program(
+        analysis.program, analysis.unplanned_peak_bytes, analysis.profile, "int4",
+        kernels="inductor",
+    )  # fmt: skip
     with pytest.raises(planner.BudgetTooSmall) as info:
-        planner.make_plan(
-            model, 1, inputs, mode="train", profile="cpu", kernels="inductor", quantize="int4"
-        )
+        solve(dataclasses.replace(problem, budget_bytes=1))
     # which budget just above the smallest one the solver quantizes at depends on
     # the prices (int4's fp32 scales made 1.03x plan without it): take the first
     for factor in (1.0, 1.01, 1.02, 1.03, 1.05):
         budget = int(info.value.min_budget * factor)
-        _, solved = planner.make_plan(
-            model, budget, inputs, mode="train", profile="cpu", time_limit=5,
-            kernels="inductor", quantize="int4",
-        )  # fmt: skip
+        solved = solve(dataclasses.replace(problem, budget_bytes=budget), time_limit=5)
         if any("int4" in t.decision for t in solved.tensors):
             break
     pm = planner.plan(
