@@ -322,11 +322,19 @@ class PlannedCall:
                 for name, a, b in zip(self.constant_names, self.constants, constants)
                 if a != b
             )
+            number = isinstance(now, (int, float)) and not isinstance(now, bool)
+            as_tensor = (
+                f"; or, where forward only computes with it (a loss's num_items_in_batch, a "
+                f"scale), pass it as a tensor, torch.tensor({now!r}), when planning and at "
+                f"every call: the trace then reads it as an input"
+                if number
+                else ""
+            )
             raise PlannerError(
                 f"{name} is {now!r} here and was {planned!r} when planned: the trace took "
                 f"it as a constant, so this plan computes what {planned!r} gives. Call "
                 f"planner.plan again with example inputs where {name} is {now!r} (one "
-                f"planned module per value)"
+                f"planned module per value){as_tensor}"
             )
         return self._checked(tensors)
 

@@ -285,6 +285,27 @@ def test_another_value_of_a_python_argument_is_an_error(mode: str) -> None:
             pm([x], scale=2.0, relu=False)
 
 
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_another_value_of_a_number_suggests_passing_it_as_a_tensor(mode: str) -> None:
+    """A number that changes from call to call (a loss's num_items_in_batch) was told
+    to get one planned module per value; as a tensor the trace reads it as an input,
+    and one plan serves every value."""
+    torch.manual_seed(0)
+    model, x = _Scaled(), torch.randn(4, 8)
+    pm = planner.plan(model, "100%", ((x,), {"scale": 2.0, "relu": False}), mode=mode)
+    with pytest.raises(PlannerError, match=r"pass it as a tensor, torch.tensor\(3.0\)") as info:
+        pm(x, scale=3.0, relu=False)
+    assert "one planned module per value" in str(info.value)
+    with pytest.raises(PlannerError) as info:
+        pm(x, scale=2.0, relu=True)
+    assert "as a tensor" not in str(info.value)  # a flag picks code: no tensor for it
+    pm = planner.plan(model, "100%", ((x,), {"scale": torch.tensor(2.0)}), mode=mode)
+    with torch.no_grad():
+        for value in (2.0, 3.0, 0.5):
+            got = pm(x, scale=torch.tensor(value))
+            assert torch.equal(got, model(x, scale=torch.tensor(value)))
+
+
 def test_an_inference_plan_given_an_input_that_requires_grad_is_an_error() -> None:
     torch.manual_seed(0)
     model, x = _Scaled(), torch.randn(4, 8)
