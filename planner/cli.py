@@ -128,7 +128,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
             if args.plot:
                 from planner.plot import plot_timeline
 
-                plot_timeline(
+                plotted = plot_timeline(
                     pm.analysis, pm.plan, args.plot, pm.measured.peak_bytes if pm.measured else None
                 )
         finally:
@@ -140,7 +140,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         if args.plot:
             from planner.plot import plot_timeline
 
-            plot_timeline(
+            plotted = plot_timeline(
                 analyze(model, example_inputs, args.mode, args.profile),
                 None,
                 args.plot,
@@ -150,6 +150,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
         print(result.to_json())
     else:
         print(result, end="")
+    if args.plot:  # on stderr: stdout stays the report (--json pipes)
+        print(f"plot written to {plotted}", file=sys.stderr)
     return 0
 
 

@@ -68,6 +68,8 @@ def plot_timeline(
     ax.legend(loc="upper left")
     fig.tight_layout()
     path = Path(path)
+    if not path.suffix:  # matplotlib would add it: say the name it is written under
+        path = path.with_suffix(".png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -318,3 +319,18 @@ def test_cli_a_pgf_plot_without_its_tex_system_is_refused_before_planning(
     refused = r"--plot .*p.pgf: matplotlib writes .pgf files with \w*tex"
     with pytest.raises(SystemExit, match=refused):
         main(["report", spec, "--budget", "60%", "--plot", str(tmp_path / "p.pgf")])
+
+
+def test_cli_plot_writes_the_timeline_and_names_the_file(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """With a budget and without; a path without a suffix is written as PNG, under
+    the name the CLI prints (matplotlib added ".png" to it silently)."""
+    spec = f"{EXAMPLES}/mlp.py:make_mlp"
+    assert main(["report", spec, "--budget", "60%", "--plot", str(tmp_path / "timeline")]) == 0
+    written = tmp_path / "timeline.png"
+    assert written.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    captured = capsys.readouterr()
+    assert f"plot written to {written}" in captured.err
+    assert "plot written" not in captured.out  # stdout stays the report
+    assert main(["report", spec, "--plot", str(tmp_path / "unplanned.svg")]) == 0
+    assert (tmp_path / "unplanned.svg").read_text().lstrip().startswith("<?xml")
+    assert sorted(os.listdir(tmp_path)) == ["timeline.png", "unplanned.svg"]
