@@ -68,8 +68,20 @@ def plot_timeline(
     ax.legend(loc="upper left")
     fig.tight_layout()
     path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        # /dev/stdout, a pipe: written in place (matplotlib would add ".png" to the
+        # name and write a new file beside it, /dev/stdout.png)
+        import io
+
+        buffer = io.BytesIO()  # matplotlib seeks in what it writes; a pipe cannot
+        fig.savefig(buffer, dpi=110, format=path.suffix.lstrip(".").lower() or "png")
+        plt.close(fig)
+        with open(path, "wb") as out:
+            out.write(buffer.getvalue())
+        return path
     if not path.suffix:  # matplotlib would add it: say the name it is written under
-        path = path.with_suffix(".png")
+        # "plot." is "plot.png" to matplotlib, not "plot..png"
+        path = path.with_name(path.name.rstrip(".") + ".png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -334,3 +334,28 @@ def test_cli_plot_writes_the_timeline_and_names_the_file(tmp_path, capsys) -> No
     assert main(["report", spec, "--plot", str(tmp_path / "unplanned.svg")]) == 0
     assert (tmp_path / "unplanned.svg").read_text().lstrip().startswith("<?xml")
     assert sorted(os.listdir(tmp_path)) == ["timeline.png", "unplanned.svg"]
+
+
+def test_cli_plot_to_a_device_or_pipe_writes_it_in_place(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """--plot /dev/stdout passed the writability check (it exists) and then wrote a
+    new file /dev/stdout.png (as root) or failed after planning; "plot." was written
+    as "plot..png"."""
+    import threading
+
+    spec = f"{EXAMPLES}/mlp.py:make_mlp"
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    read: list[bytes] = []
+    reader = threading.Thread(target=lambda: read.append(fifo.read_bytes()))
+    reader.start()
+    try:
+        assert main(["report", spec, "--plot", str(fifo)]) == 0
+    finally:
+        if reader.is_alive():  # unblock the reader if nothing opened the pipe
+            with open(fifo, "wb"):
+                pass
+        reader.join()
+    assert read and read[0][:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plot written to {fifo}\n" in capsys.readouterr().err
+    assert main(["report", spec, "--plot", str(tmp_path / "plot.")]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["pipe", "plot.png"]
