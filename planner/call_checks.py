@@ -322,16 +322,21 @@ class PlannedCall:
                 for name, a, b in zip(self.constant_names, self.constants, constants)
                 if a != b
             )
-            number = isinstance(now, (int, float)) and not isinstance(now, bool)
+            if type(now) is not type(planned):  # 2 for 2.0: equal values, other code
+                now_shown = f"{now!r} ({_a(type(now).__name__)})"
+                planned_shown = f"{planned!r} ({_a(type(planned).__name__)})"
+            else:
+                now_shown, planned_shown = repr(now), repr(planned)
+            number = type(now) in (int, float) and type(now) is type(planned)
             as_tensor = (
                 f"; or, where forward only computes with it (a loss's num_items_in_batch, a "
-                f"scale), pass it as a tensor, torch.tensor({now!r}), when planning and at "
-                f"every call: the trace then reads it as an input"
+                f"scale; not a shape or a branch), pass it as a tensor, torch.tensor({now!r}), "
+                f"when planning and at every call: the trace then reads it as an input"
                 if number
                 else ""
             )
             raise PlannerError(
-                f"{name} is {now!r} here and was {planned!r} when planned: the trace took "
+                f"{name} is {now_shown} here and was {planned_shown} when planned: the trace took "
                 f"it as a constant, so this plan computes what {planned!r} gives. Call "
                 f"planner.plan again with example inputs where {name} is {now!r} (one "
                 f"planned module per value){as_tensor}"
