@@ -352,7 +352,8 @@ class PlacementModel:
         """Solve within ``time_limit`` seconds of CP-SAT's deterministic time (a
         count of work, so the same problem gives the same plan however loaded the
         machine is), and ``wall_limit`` seconds of wall time (default: the same) as
-        a backstop."""
+        a backstop; where the backstop stops the search first (a busy machine), the
+        plan depends on the load."""
         if hint is not None:
             for xs, choice in zip(self.x, hint):
                 for c, v in xs.items():
