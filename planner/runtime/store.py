@@ -285,9 +285,9 @@ class _KeptDescriptors:
             self.count += 1
             return True
 
-    def give(self, n: int = 1) -> None:
+    def give(self) -> None:
         with self._lock:
-            self.count -= n
+            self.count -= 1
 
     def after_fork_in_child(self) -> None:
         """A lock of its own: a fork while a copy thread held the parent's left the
@@ -472,10 +472,8 @@ class DiskStore:
         return mapped
 
     def _take_descriptor(self) -> bool:
-        """One more descriptor kept open, if this store's and the process's limits
-        allow it (``_KeptDescriptors``)."""
-        if len(self._open_files) + len(self._maps) >= self.max_open_files:
-            return False
+        """One more descriptor kept open, if the process's count of them, which
+        includes this store's, is under ``max_open_files`` (``_KeptDescriptors``)."""
         return _KEPT.take(self.max_open_files)
 
     def _drop_map(self, key: str) -> None:
@@ -527,13 +525,9 @@ class DiskStore:
         if fd is not None:  # kept open: no open and close per read (see ``_read_fd``)
             return self._read_fd(key, fd, entry, path, view, out)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = self._open(key, path, os.O_RDONLY)
         except FileNotFoundError as exc:
             raise self._missing(key, path) from exc
-        except OSError as exc:
-            if _out_of_descriptors(exc):
-                raise self._no_descriptor(key, path, exc) from exc
-            raise
         try:
             return self._read_fd(key, fd, entry, path, view, out)
         finally:
@@ -591,12 +585,18 @@ class DiskStore:
             raise StoreError(f"nothing stored under {key!r}")
         return entry, self.path(key)
 
-    def _no_descriptor(self, key: str, path: Path, exc: OSError) -> StoreError:
-        """An open of the key's file that found no descriptor left (EMFILE, ENFILE)."""
-        return StoreError(
-            f"opening the offload file for {key!r} ({path}) failed: "
-            f"{exc.strerror or exc}; {_no_descriptor_left()}"
-        )
+    def _open(self, key: str, path: Path, flags: int) -> int:
+        """``os.open`` of the key's file; no descriptor left (EMFILE, ENFILE) is a
+        StoreError saying what to do, any other failure is raised as it is."""
+        try:
+            return os.open(path, flags)
+        except OSError as exc:
+            if not _out_of_descriptors(exc):
+                raise
+            raise StoreError(
+                f"opening the offload file for {key!r} ({path}) failed: "
+                f"{exc.strerror or exc}; {_no_descriptor_left()}"
+            ) from exc
 
     def _missing(self, key: str, path: Path) -> StoreError:
         return StoreError(
@@ -643,12 +643,7 @@ class DiskStore:
         self.entries[key] = dataclasses.replace(entry, crc32=None, stamp=None)
         path = self.path(key)
         if key not in self._open_files:  # reads of it go through an open file too
-            try:
-                fd = os.open(path, os.O_RDWR)
-            except OSError as exc:
-                if _out_of_descriptors(exc):
-                    raise self._no_descriptor(key, path, exc) from exc
-                raise
+            fd = self._open(key, path, os.O_RDWR)
             if not self._keep_open(key, fd):
                 os.close(fd)
             else:
