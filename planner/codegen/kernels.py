@@ -256,8 +256,9 @@ if HAS_TRITON:
         PRECISION: tl.constexpr,
         UPCAST: tl.constexpr,
     ):
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        tiles_n = tl.cdiv(N, BLOCK_N)  # one program per tile, row-major (``_tile_grid``)
+        rm = (tl.program_id(0) // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = (tl.program_id(0) % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         a_rows = rm.to(tl.int64)[:, None] * K
         w_rows = rn.to(tl.int64)[:, None] * K
@@ -301,8 +302,9 @@ if HAS_TRITON:
         UPCAST: tl.constexpr,
     ):
         HALF: tl.constexpr = GROUP_SIZE // 2
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        tiles_n = tl.cdiv(N, BLOCK_N)  # one program per tile, row-major (``_tile_grid``)
+        rm = (tl.program_id(0) // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = (tl.program_id(0) % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
         j = tl.arange(0, HALF)
         mmask = (rm < M)[:, None]
         nmask = rn < N
@@ -430,6 +432,15 @@ def _dot_options(a: torch.Tensor) -> dict[str, object]:
     return {"PRECISION": "ieee" if ieee else "tf32", "UPCAST": upcast}
 
 
+def _tile_grid(m: int, n: int, block_m: int, block_n: int) -> tuple[int]:
+    """One program per (block_m x block_n) output tile, all on the grid's first
+    axis (up to 2**31 - 1 programs; the kernel splits its index into the tile's row
+    and column). A (rows, columns) grid failed to launch on CUDA for a layer of
+    more than 65,535 column tiles (2,097,120 output features), the limit of the
+    second axis."""
+    return (_cdiv(m, block_m) * _cdiv(n, block_n),)
+
+
 def _matmul(
     kernel: Any, a: torch.Tensor, q: Quantized, operands: tuple[torch.Tensor, ...], **opts: Any
 ) -> torch.Tensor:
@@ -438,7 +449,7 @@ def _matmul(
     m = a2.shape[0]
     out = torch.zeros((m, n), dtype=a.dtype, device=a.device)
     if m and n and k:
-        grid = (_cdiv(m, 16), _cdiv(n, 32))
+        grid = _tile_grid(m, n, 16, 32)
         args = (a2, *(t.contiguous() for t in operands), out, m, n, k)
         with _on(a.device):
             kernel[grid](*args, BLOCK_M=16, BLOCK_N=32, **opts, **_dot_options(a))

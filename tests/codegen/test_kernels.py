@@ -9,6 +9,7 @@ Inputs are made and results compared on the CPU either way.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -295,3 +296,15 @@ def test_an_int8_row_at_the_ends_of_the_range_matches_the_reference(dtype: torch
     # a one-hot activation reads the weight's values: out[:, r] = W[r, :3]
     out = on_device.dequant_matmul_int8(torch.eye(2 * GROUP, dtype=dtype)[:3], got)
     assert torch.equal(_bits(out.T.contiguous()), _bits(back[:, :3].contiguous()))
+
+
+@pytest.mark.parametrize("m, n", [(1, 3_000_000), (2_000_000, 64), (17, 33)])
+def test_the_matmul_grid_launches_for_any_layer_width(m: int, n: int) -> None:
+    """A CUDA grid's axes past the first hold at most 65,535 programs: a (rows,
+    columns) grid of tiles could not launch for a layer of more than 2,097,120
+    output features. Every tile still gets one program (``test_dequant_matmul``
+    checks the values over several tiles each way)."""
+    grid = kernels._tile_grid(m, n, 16, 32)
+    assert all(axis <= 65_535 for axis in grid[1:])
+    assert grid[0] < 2**31
+    assert math.prod(grid) == -(-m // 16) * -(-n // 32)
