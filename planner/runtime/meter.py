@@ -49,7 +49,7 @@ def resident_bytes(*objects: Any, device: str | torch.device = "cpu") -> int:
     whole: dict[int, int] = {}  # storage -> its bytes
     spans: dict[int, list[tuple[int, int]]] = {}  # storage -> byte ranges in use
     for tensor, held_whole in _tensors(objects):
-        if tensor.device.type != device.type or tensor.is_meta:
+        if not _on(tensor.device, device) or tensor.is_meta:
             continue
         storage = tensor.untyped_storage()
         key = storage.data_ptr()
@@ -64,6 +64,15 @@ def resident_bytes(*objects: Any, device: str | torch.device = "cpu") -> int:
         if key not in whole:
             total += _union_bytes(ranges)
     return total
+
+
+def _on(where: torch.device, device: torch.device) -> bool:
+    """Whether a tensor on ``where`` is on ``device``: of its type and, where both
+    name one, its index (a plan measured on ``cuda:1`` does not count what lies on
+    ``cuda:0``; ``cuda`` without an index counts every GPU's)."""
+    if where.type != device.type:
+        return False
+    return where.index is None or device.index is None or where.index == device.index
 
 
 def _span(tensor: torch.Tensor) -> tuple[int, int]:

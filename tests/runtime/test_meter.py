@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from planner.runtime import meter
 from planner.runtime.meter import measure, measure_inference, measure_training_step, resident_bytes
 
 MB = 1_000_000
@@ -106,3 +107,14 @@ def test_two_threads_measuring_at_once_take_turns() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     # each measurement counts its own call only: the other thread's 1 MiB is not in it
     assert int(done.stdout.strip().splitlines()[-1]) < 2 * (1 << 20) + (1 << 19)
+
+
+def test_resident_bytes_count_only_the_measured_gpus_tensors() -> None:
+    """A plan measured on ``cuda:1`` counted the module's and inputs' tensors on
+    ``cuda:0`` as resident too (only the device's type was compared)."""
+    gpu = torch.device
+    assert not meter._on(gpu("cuda", 0), gpu("cuda", 1))
+    assert meter._on(gpu("cuda", 1), gpu("cuda", 1))
+    assert meter._on(gpu("cuda", 0), gpu("cuda"))  # no index: every GPU's
+    assert not meter._on(gpu("cpu"), gpu("cuda", 0))
+    assert meter._on(gpu("cpu"), gpu("cpu"))
