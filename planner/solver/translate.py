@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
+import torch
+
+from planner.ir.build import allocated_bytes
 from planner.ir.meta import BUFFER_UPDATES, FROZEN_PARAMS, HOOKED_PARAMS, PARAM_GRADS
 from planner.ir.program import Program, Value, ValueKind
 from planner.passes.device_profile import DeviceProfile, free_memory_bytes
@@ -267,7 +270,9 @@ def from_program(
             if tensor.write_back_bytes:
                 step = steps[tensor.appears_at]
                 steps[tensor.appears_at] = dataclasses.replace(
-                    step, workspace_bytes=step.workspace_bytes + tensor.write_back_bytes
+                    step,
+                    workspace_bytes=step.workspace_bytes
+                    + gathered_rows_bytes(program, tensor.appears_at),
                 )
     may_write = sum(t.nbytes for t in tensors if not t.pinned)
     disk = profile.disk_rates(may_write, free_memory_bytes())
@@ -412,6 +417,17 @@ def written_rows_bytes(program: Program, step: int) -> int:
         return 0
     source = program.values[op.inputs[-1]]  # (self, index, source): the tensor args
     return source.nbytes
+
+
+def gathered_rows_bytes(program: Program, step: int) -> int:
+    """What ``CudaCopyEngine.write_rows`` allocates on the GPU at op ``step`` to
+    send its rows down: the rows and an int64 copy of their positions, each a block
+    of the allocator's (a 128-byte row and its one position hold 1 KiB, where the
+    rows' bytes alone were charged)."""
+    op = program.ops[step]
+    *_, index, source = (program.values[v] for v in op.inputs)  # (self, index, source)
+    cuda = torch.device("cuda")
+    return allocated_bytes(source.nbytes, cuda) + allocated_bytes(8 * index.numel, cuda)
 
 
 def _whole_alias(view: Value, base: Value) -> bool:

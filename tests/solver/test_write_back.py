@@ -89,15 +89,17 @@ def test_on_a_gpu_the_caches_live_on_the_host_and_are_written_back_there() -> No
 
 
 def test_on_a_gpu_an_index_copy_sends_down_only_its_rows() -> None:
-    """CUDA: the new row (32 floats) is gathered on the device at the op (charged
-    as that op's workspace) and copied down; the update holds nothing after its
-    last read, and the host channel carries the rows, not the 256 KiB caches."""
+    """CUDA: the new row (32 floats) is gathered on the device at the op, with an
+    int64 copy of its position (charged as that op's workspace: a 512-byte block
+    each, what the allocator hands out) and copied down; the update holds nothing
+    after its last read, and the host channel carries the rows, not the 256 KiB
+    caches."""
     gpu = _problem(1.0, profile="h100")
     cpu = _problem(1.0)
     for update, _ in _pairs(gpu):
         assert update.write_back_bytes == 32 * 4
         step = update.appears_at
-        assert gpu.steps[step].workspace_bytes == cpu.steps[step].workspace_bytes + 32 * 4
+        assert gpu.steps[step].workspace_bytes == cpu.steps[step].workspace_bytes + 2 * 512
     small = _smallest(gpu)
     plan = solve(small, time_limit=5)
     homes = {d.name: d.home for d in plan.tensors}
