@@ -100,6 +100,10 @@ def test_cli_budget_plans(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
     data = json.loads(capsys.readouterr().out)
     assert data["budget_bytes"] == int(data["unplanned_peak_bytes"] * 0.6)
     assert data["planned_peak_bytes"] <= data["budget_bytes"]
+    # --budget runs the plan once under the independent meter: its peak, not the
+    # plan's own prediction, is what must hold the budget
+    assert data["measured"] is not None, "the CLI did not meter the planned run"
+    assert 0 < data["measured"]["peak_bytes"] <= data["budget_bytes"], data["measured"]
     decisions = {row["decision"] for row in data["tensors"]}
     assert decisions - {"keep"}, "a 60% budget must move something"
     assert plan_path.exists()

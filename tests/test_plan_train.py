@@ -71,6 +71,10 @@ def train_references() -> Callable[[str], tuple]:
     return references
 
 
+#: examples whose training step the trace computes as eager does, to the bit
+EXACT_TO_EAGER = ("mlp", "resnet", "unet", "gpt2")
+
+
 @pytest.mark.parametrize("fraction", [0.75, 0.5, 0.3])
 @pytest.mark.parametrize("name", ["mlp", "resnet", "unet", "gpt2", "llama"])
 def test_train_step_fits_and_gradients_are_exact(
@@ -89,10 +93,13 @@ def test_train_step_fits_and_gradients_are_exact(
         assert torch.equal(loss, ref_loss)
         grads = _grads(model)
         assert grads.keys() == ref_grads.keys() == eager_grads.keys()
+        # bit for bit against eager too, except where the README's "Things to know"
+        # says the traced graph differs from eager (Llama: SDPA given a mask)
+        exact = {"rtol": 0, "atol": 0} if name in EXACT_TO_EAGER else {}
         for key, grad in grads.items():
             assert torch.equal(grad, ref_grads[key]), f"{key}: differs from the unplanned graph"
-            torch.testing.assert_close(grad, eager_grads[key])
-        torch.testing.assert_close(loss, eager_loss)
+            torch.testing.assert_close(grad, eager_grads[key], **exact)
+        torch.testing.assert_close(loss, eager_loss, **exact)
     finally:
         pm.close()
 
@@ -249,7 +256,7 @@ def test_forward_outputs_stay_on_the_device_until_handed_over() -> None:
         assert measured.peak_bytes <= budget + caller_bytes, f"{measured.peak_bytes} > {budget}"
         assert torch.equal(out, eager_out)
         for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
-            torch.testing.assert_close(p.grad, q.grad, msg=name)
+            assert torch.equal(p.grad, q.grad), name
 
         # the planner's own metered step (what plan() verifies compiled plans with)
         # counts the module's bytes alone: within the budget to the byte
@@ -325,14 +332,14 @@ def test_parameters_and_gradients_leave_the_device_zero_offload_style() -> None:
         assert torch.equal(loss, eager_loss)
         grads, expected = _grads(model), _grads(eager)
         assert grads.keys() == expected.keys()
-        for key in expected:
-            torch.testing.assert_close(grads[key], expected[key])
+        for key in expected:  # bit for bit, as the README promises
+            assert torch.equal(grads[key], expected[key]), key
         assert sum(_file_backed(p.grad) for p in model.parameters()) == len(delivered)
         # not cleared: the second backward adds to .grad, as autograd does
         pm(*inputs).backward()
         eager(*inputs).backward()
         for key, grad in _grads(model).items():
-            torch.testing.assert_close(grad, _grads(eager)[key])
+            assert torch.equal(grad, _grads(eager)[key]), key
         # an optimizer over the planned module's parameters updates the maps in place
         assert {id(p) for p in pm.parameters()} == {id(p) for p in model.parameters()}
         losses = {}
@@ -408,7 +415,7 @@ def test_replanning_a_model_whose_parameters_live_in_files() -> None:
             assert mapped == homes.count("disk")
             pm(*inputs).backward()
             for key, grad in _grads(model).items():
-                torch.testing.assert_close(grad, expected[key])
+                assert torch.equal(grad, expected[key]), key
             model.zero_grad(set_to_none=True)
         finally:
             pm.close()
@@ -487,7 +494,7 @@ def test_an_output_returned_twice_gets_two_gradients_within_the_budget() -> None
     (y1.sum() + 2 * y2.sum()).backward()
     (e1.sum() + 2 * e2.sum()).backward()
     for p, q in zip(model.parameters(), eager.parameters()):
-        torch.testing.assert_close(p.grad, q.grad)
+        assert torch.equal(p.grad, q.grad)
 
 
 class _TwoHeads(nn.Module):
@@ -525,13 +532,13 @@ def test_parameters_the_loss_does_not_reach_keep_no_gradient(fraction: float) ->
         assert model.head_b.weight.grad is None and model.head_b.bias.grad is None
         assert _grads(model).keys() == _grads(eager).keys()
         for key, grad in _grads(model).items():
-            torch.testing.assert_close(grad, _grads(eager)[key])
+            assert torch.equal(grad, _grads(eager)[key]), key
         for module in (eager, pm):  # both outputs: every parameter is reached
             a, b = module(x)
             (a.pow(2).mean() + b.mean()).backward()
         assert _grads(model).keys() == {n for n, _ in model.named_parameters()}
         for key, grad in _grads(model).items():
-            torch.testing.assert_close(grad, _grads(eager)[key])
+            assert torch.equal(grad, _grads(eager)[key]), key
     finally:
         pm.close()
 

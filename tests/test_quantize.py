@@ -198,7 +198,7 @@ def _check_lossy_step(pm, model, reference, inputs, budget: int) -> None:  # typ
     loss.backward()
     expected = reference(*inputs).pow(2).mean()
     expected.backward()
-    torch.testing.assert_close(loss, expected)
+    assert torch.equal(loss, expected), (loss, expected)  # the forward is untouched: exact
     for (name, p), r in zip(model.named_parameters(), reference.parameters(), strict=True):
         cos = torch.nn.functional.cosine_similarity(
             p.grad.flatten().double(), r.grad.flatten().double(), dim=0
