@@ -680,9 +680,12 @@ class PlannedModule(torch.nn.Module):
         with self._shared.running:  # the clean-up too: another thread's run spills next
             try:
                 if self.device.type != "cuda" and not any_autocast_enabled():
-                    return fn(self._runtime, *args)  # nothing to switch off or split
-                with autocast_off(), exact_blocks(self.device):
-                    return fn(self._runtime, *args)
+                    result = fn(self._runtime, *args)  # nothing to switch off or split
+                else:
+                    with autocast_off(), exact_blocks(self.device):
+                        result = fn(self._runtime, *args)
+                self._engine.settle()  # CUDA: uploads from homes the caller may write
+                return result
             except BaseException as error:
                 try:
                     self._engine.drain()

@@ -103,6 +103,12 @@ class CopyEngine:
         """Block the calling thread until ``pending``'s copy is complete."""
         self.wait(pending)
 
+    def settle(self) -> None:
+        """At the end of a call: block until no copy still reads memory the caller
+        may write before the next call (a trained parameter's host home, which the
+        optimizer updates in place). Nothing to wait for where copies are made on
+        the host's own threads and waited for within the call."""
+
     def drain(self) -> None:
         """Block until every copy issued so far has finished (successfully or not);
         their errors are dropped. For a run that stopped half-way: afterwards no
@@ -261,6 +267,10 @@ class CudaCopyEngine(CopyEngine):
         self._write = _copy_thread("planner-disk-write")
         #: per host key, rows still being written into its pinned home (``write_rows``)
         self._rows_pending: dict[str, Future] = {}
+        #: host keys whose pinned home is handed out (``home_tensor``: a trained
+        #: parameter's data), and the last upload issued from one (``settle``)
+        self._handed_out: set[str] = set()
+        self._home_upload: torch.cuda.Event | None = None
 
     def _pinned(self, key: str, entry: Entry) -> torch.Tensor:
         buf = self.host.get(key)
@@ -334,7 +344,10 @@ class CudaCopyEngine(CopyEngine):
             self._rows_written(key)
             entry = self.host_entries[key]
             src = self.host[key]
-            return self._upload(src, entry)
+            pending = self._upload(src, entry)
+            if key in self._handed_out:
+                self._home_upload = pending.event
+            return pending
         entry = self.disk.entries[key]
         out = self._destination(entry)
 
@@ -416,8 +429,18 @@ class CudaCopyEngine(CopyEngine):
         # (a disk prefetch reads the file, which sees writes through the map)
         if tier == "host":
             self._rows_written(key)
+            self._handed_out.add(key)
             return self.host[key]
         return self.disk.map_shared(key)
+
+    def settle(self) -> None:
+        # The host runs ahead of the GPU: an upload from a trained parameter's
+        # pinned home may not have run when the call returns, and the optimizer's
+        # step (or a validation forward's, then the step's) writes that home in
+        # place. One stream, in order: its last upload done, all are.
+        event, self._home_upload = self._home_upload, None
+        if event is not None:
+            event.synchronize()
 
     def store_now(self, key: str, tier: str, tensor: torch.Tensor) -> None:
         if tier == "host":
@@ -435,6 +458,7 @@ class CudaCopyEngine(CopyEngine):
             channel.submit(_noop).result()
         self.h2d.synchronize()
         self.d2h.synchronize()
+        self._home_upload = None
         # done or failed: a failed one's error is dropped, not raised at next call
         self._rows_pending.clear()
 
