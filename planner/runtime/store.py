@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import io
 import math
 import mmap
 import os
@@ -524,14 +525,17 @@ class DiskStore:
         fd = self._open_files.get(key)
         if fd is not None:  # kept open: no open and close per read (see ``_read_fd``)
             return self._read_fd(key, fd, entry, path, view, out)
+        # A file object, not a bare descriptor: a Ctrl-C landing after the open and
+        # before the close (the interpreter checks for signals after each call
+        # returns) dropped the number, and the descriptor stayed open for good,
+        # holding the file's disk space after close() removed it. The object
+        # closes its descriptor when dropped, wherever the interrupt lands.
         try:
-            fd = self._open(key, path, os.O_RDONLY)
+            file = self._open_file(key, path)
         except FileNotFoundError as exc:
             raise self._missing(key, path) from exc
-        try:
-            return self._read_fd(key, fd, entry, path, view, out)
-        finally:
-            os.close(fd)
+        with file:
+            return self._read_fd(key, file.fileno(), entry, path, view, out)
 
     def _read_fd(
         self, key: str, fd: int, entry: Entry, path: Path, view: memoryview, out: torch.Tensor
@@ -590,6 +594,21 @@ class DiskStore:
         StoreError saying what to do, any other failure is raised as it is."""
         try:
             return os.open(path, flags)
+        except OSError as exc:
+            if not _out_of_descriptors(exc):
+                raise
+            raise StoreError(
+                f"opening the offload file for {key!r} ({path}) failed: "
+                f"{exc.strerror or exc}; {_no_descriptor_left()}"
+            ) from exc
+
+    def _open_file(self, key: str, path: Path) -> io.FileIO:
+        """The key's file opened for reading, as ``_open`` opens it, in an object
+        that closes it when dropped."""
+        try:
+            # os.open called from FileIO's C code: no signal is handled between the
+            # open and the object taking the descriptor
+            return io.FileIO(path, "r", opener=os.open)
         except OSError as exc:
             if not _out_of_descriptors(exc):
                 raise
