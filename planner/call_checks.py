@@ -92,13 +92,43 @@ class StateWatch:
         self.model = model
         self.held = held
         self._seen = _registrations
+        # Each held tensor's slot (its owner's _parameters or _buffers, the key):
+        # nn.Module._apply (model.half().float(), .double().float(), .cuda().cpu())
+        # puts a new object in each buffer's slot by assigning the dict, which
+        # fires no registration hook, so the counter alone missed it and the plan
+        # went on reading the old buffers, silently
+        self._slots: list[tuple[dict, str, torch.Tensor]] = []
+        for name, tensor in held.items():
+            owner_name, _, leaf = name.rpartition(".")
+            try:
+                owner = model.get_submodule(owner_name) if owner_name else model
+            except AttributeError:
+                continue
+            for slots in (owner._parameters, owner._buffers):
+                if slots.get(leaf) is tensor:
+                    self._slots.append((slots, leaf, tensor))
+                    break
 
     def check(self) -> None:
         if self._seen == _registrations:
-            return
+            for slots, key, tensor in self._slots:  # a dict lookup each, no frame
+                if slots.get(key) is not tensor:
+                    break
+            else:
+                return
         now: dict[str, torch.Tensor] = dict(self.model.named_parameters(remove_duplicate=False))
         now.update(self.model.named_buffers(remove_duplicate=False))
         replaced = [name for name, tensor in self.held.items() if now.get(name) is not tensor]
+        # a buffer converted (model.double()) is left to the run, which fails on the
+        # mixed dtypes and names what changed (StateTypes); one converted back
+        # (model.double().float()) is a new object planned as the old one: replaced
+        replaced = [
+            n
+            for n in replaced
+            if not isinstance(t := now.get(n), torch.Tensor)
+            or isinstance(t, ReleasedWeight)
+            or _placed(t) == _placed(self.held[n])
+        ]
         taken = [(n, t) for n in replaced if isinstance(t := now.get(n), ReleasedWeight)]
         if taken:  # not replaced by the user: a later inference plan took them
             raise PlannerError(
@@ -114,8 +144,10 @@ class StateWatch:
             raise PlannerError(
                 f"model entries replaced since planning: {listed(replaced)}. Each is no longer the "
                 f"tensor this module was planned over (a new object, e.g. by assigning a "
-                f"new nn.Parameter, load_state_dict(..., assign=True) or a swapped "
-                f"submodule); the plan would read, and give gradients to, the old one. "
+                f"new nn.Parameter, load_state_dict(..., assign=True), a swapped "
+                f"submodule, or converting the model and back, model.half().float(), "
+                f"which makes new buffers); the plan would read, and give gradients to, "
+                f"the old one. "
                 f"Load new values in "
                 f"place (load_state_dict without assign, or param.data.copy_(...)), or "
                 f"call planner.plan again on the model as it is now"
@@ -178,7 +210,8 @@ class StateTypes:
             f"{listed(moved, 3, '; ')} (model.half(), model.to(...) or "
             f"param.data = ... after planning). The plan is sized and traced for them "
             f"as they were: convert the model before calling planner.plan, or convert "
-            f"it back"
+            f"it back (a model with buffers: plan again, since converting makes new "
+            f"buffer objects)"
         )
 
 

@@ -405,8 +405,10 @@ def test_converting_the_model_after_planning_is_named_when_the_run_fails(mode: s
         r"float64 \[64, 32\] on cpu\).*convert the model before calling planner\.plan",
     ):
         pm(x)
-    model.float()  # converted back: the plan runs again
-    assert pm(x).dtype == torch.float32
+    model.float()  # converted back: the parameters are the same objects, the
+    # BatchNorm buffers new ones (nn.Module._apply), which the plan would not read
+    with pytest.raises(PlannerError, match=r"replaced since planning: norm\.running_mean"):
+        pm(x)
 
 
 def test_unfreezing_a_parameter_after_planning_is_an_error_freezing_one_is_fine() -> None:
@@ -475,6 +477,24 @@ def test_an_inference_plans_state_dict_warns_that_it_holds_no_weights() -> None:
     # before: {} silently, so torch.save(pm.state_dict(), ...) saved nothing
     with pytest.warns(UserWarning, match=r"holds none of the model's weights.*before planning"):
         assert len(pm.state_dict()) == 0
+
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_loading_a_state_dict_into_an_inference_plan_says_what_to_do(strict: bool) -> None:
+    """Before: torch's bare "Unexpected key(s) in state_dict" (strict), or nothing
+    loaded and the old weights used, silently (strict=False)."""
+    torch.manual_seed(0)
+    model, x = _Scaled(), torch.randn(4, 8)
+    new_values = copy.deepcopy(model.state_dict())
+    pm = planner.plan(model, "100%", (x,), mode="infer")
+    try:
+        with pytest.raises(PlannerError, match=r"inference plan.*before planning.*planner\.plan"):
+            pm.load_state_dict(new_values, strict=strict)
+        pm(x)  # still usable
+        assert pm.load_state_dict({}, strict=strict) is not None  # nothing to load: fine
+    finally:
+        pm.close()
 
 
 class _Softmax(nn.Module):
@@ -670,3 +690,32 @@ def test_a_later_inference_plan_taking_the_weights_is_named_not_called_a_replace
             second.close()
     finally:
         first.close()
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_buffers_remade_by_converting_the_model_and_back_are_an_error(mode: str) -> None:
+    """``model.double().float()`` (or ``.half().float()``, ``.cuda().cpu()``) gives
+    each parameter new data in the same object, but puts a new object in each
+    buffer's slot (``nn.Module._apply`` assigns ``_buffers[k]``, which fires no
+    registration hook). The plan went on reading the old buffers, silently: an
+    inference plan of a BatchNorm net whose statistics were then updated in place
+    was 0.07 off the model's outputs (and ``.half().float()`` alone 1e-5 off), a
+    training plan updated statistics the model no longer held."""
+    torch.manual_seed(0)
+    model = _Net()
+    x = torch.randn(64, 32)
+    if mode == "infer":
+        model.eval()
+    pm = planner.plan(model, "100%", (x,), mode=mode, profile="cpu")
+    try:
+        pm(x)
+        model.double()
+        model.float()
+        with torch.no_grad():
+            model.norm.running_mean.add_(1.0)
+        with pytest.raises(
+            PlannerError, match=r"replaced since planning: .*norm\.running_mean.*planner\.plan again"
+        ):
+            pm(x)
+    finally:
+        pm.close()
