@@ -479,7 +479,6 @@ def test_an_inference_plans_state_dict_warns_that_it_holds_no_weights() -> None:
         assert len(pm.state_dict()) == 0
 
 
-
 @pytest.mark.parametrize("strict", [True, False])
 def test_loading_a_state_dict_into_an_inference_plan_says_what_to_do(strict: bool) -> None:
     """Before: torch's bare "Unexpected key(s) in state_dict" (strict), or nothing
@@ -713,9 +712,8 @@ def test_buffers_remade_by_converting_the_model_and_back_are_an_error(mode: str)
         model.float()
         with torch.no_grad():
             model.norm.running_mean.add_(1.0)
-        with pytest.raises(
-            PlannerError, match=r"replaced since planning: .*norm\.running_mean.*planner\.plan again"
-        ):
+        replaced = r"replaced since planning: .*norm\.running_mean.*planner\.plan again"
+        with pytest.raises(PlannerError, match=replaced):
             pm(x)
     finally:
         pm.close()

@@ -580,11 +580,11 @@ def test_an_interrupt_anywhere_in_a_read_leaves_no_descriptor_open(store: DiskSt
     for k in range(1, lines + 1):
         seen = 0
 
-        def interrupt(frame, event, arg):  # noqa: ANN001
+        def interrupt(frame, event, arg, at=k):  # noqa: ANN001
             nonlocal seen
             if frame.f_code.co_filename == here and event == "line":
                 seen += 1
-                if seen == k:
+                if seen == at:
                     raise KeyboardInterrupt
             return interrupt
 
