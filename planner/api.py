@@ -20,7 +20,7 @@ from planner.caller_grad_mode import planning_training_in_grad_mode
 from planner.caller_rng import caller_rng_kept
 from planner.codegen.assemble import Assembled
 from planner.codegen.emit import check_kernels
-from planner.errors import InvalidPlan, PlannerError
+from planner.errors import InvalidPlan, PlannerError, PlannerValueError, listed
 from planner.full_collections import full_collections_deferred
 from planner.ir.autocast import autocast_off
 from planner.ir.capture import capture, normalize_example_inputs
@@ -33,7 +33,7 @@ from planner.passes.pipeline import Analysis
 from planner.passes.pipeline import analyze as analyze_captured
 from planner.planned_module import PlannedModule
 from planner.report import Report, format_bytes
-from planner.runtime.checkpoint import attach_checkpoint
+from planner.runtime.checkpoint import checkpoint_attached
 from planner.runtime.meter import Measurement, measure, measure_training_step
 from planner.runtime.store import check_offload_dir
 from planner.shapes import check_same_homes, solve_shapes
@@ -216,7 +216,7 @@ def _reuse_plan(problem: Problem, reuse: str | Path | Plan, kernels: str) -> Pla
 def _check_time_limit(time_limit: float) -> None:
     number = isinstance(time_limit, (int, float)) and not isinstance(time_limit, bool)
     if not number or not time_limit >= 0:
-        raise ValueError(
+        raise PlannerValueError(
             f"time_limit must be seconds of solver search, a number >= 0, got {time_limit!r}: "
             f"pass e.g. time_limit={DEFAULT_TIME_LIMIT} (0 keeps the best baseline plan)"
         )
@@ -334,37 +334,46 @@ def plan(
             "made and checked by running them. Give real example inputs (a model built on "
             "the meta device takes its weights from checkpoint=)"
         )
+    for k, extra in enumerate(extra_example_inputs or ()):
+        leaves = pytree.tree_leaves(normalize_example_inputs(extra))
+        other = {t.device for t in leaves if isinstance(t, torch.Tensor)} - {device}
+        if other:  # the meta device was blamed on forward(): "make it traceable"
+            raise PlannerError(
+                f"extra_example_inputs[{k}] hold tensors on {listed(sorted(map(str, other)))} "
+                f"and the example inputs are on {device}: give every set of example inputs "
+                f"real tensors on the device the module will be called with"
+            )
     profile = _profile_for_device(profile, device)  # before anything touches the model
-    if checkpoint is not None:
-        attach_checkpoint(model, checkpoint)
     if offload_dir is not None:
         check_offload_dir(offload_dir)
-    if extra_example_inputs:
-        return _plan_shapes(
-            model, budget, [example_inputs, *extra_example_inputs], mode, offload_dir,
-            profile, quantize, time_limit, kernels, device, plan, measure_room,
-        )  # fmt: skip
-    assert not isinstance(plan, (list, tuple))  # refused above
-    analysis, problem, solved = _analyze_and_solve(
-        model, budget, example_inputs, mode, profile, quantize, time_limit, plan, kernels
-    )
-    if mode == "infer":
-        warn_if_inference_traced_in_training(model, analysis.program)
-    if kernels != "inductor":  # peaks predicted op by op: the validator's replay
-        return PlannedModule(model, analysis, problem, solved, offload_dir, device, kernels)
+    # a plan that fails puts back the meta tensors the checkpoint's maps replaced
+    with checkpoint_attached(model, checkpoint):
+        if extra_example_inputs:
+            return _plan_shapes(
+                model, budget, [example_inputs, *extra_example_inputs], mode, offload_dir,
+                profile, quantize, time_limit, kernels, device, plan, measure_room,
+            )  # fmt: skip
+        assert not isinstance(plan, (list, tuple))  # refused above
+        analysis, problem, solved = _analyze_and_solve(
+            model, budget, example_inputs, mode, profile, quantize, time_limit, plan, kernels
+        )
+        if mode == "infer":
+            warn_if_inference_traced_in_training(model, analysis.program)
+        if kernels != "inductor":  # peaks predicted op by op: the validator's replay
+            return PlannedModule(model, analysis, problem, solved, offload_dir, device, kernels)
 
-    def module_of(schedule: Plan, assembled: Assembled | None) -> PlannedModule:
-        return PlannedModule(
-            model, analysis, problem, schedule, offload_dir, device, kernels,
-            assembled=assembled, defer_release=True,
-        )  # fmt: skip
+        def module_of(schedule: Plan, assembled: Assembled | None) -> PlannedModule:
+            return PlannedModule(
+                model, analysis, problem, schedule, offload_dir, device, kernels,
+                assembled=assembled, defer_release=True,
+            )  # fmt: skip
 
-    pm = _compiled_and_checked(
-        module_of, analysis, problem, solved, device, time_limit,
-        search_room=plan is None and measure_room, example=(args, kwargs),
-    )  # fmt: skip
-    pm.release_offloaded(model)
-    return pm
+        pm = _compiled_and_checked(
+            module_of, analysis, problem, solved, device, time_limit,
+            search_room=plan is None and measure_room, example=(args, kwargs),
+        )  # fmt: skip
+        pm.release_offloaded(model)
+        return pm
 
 
 def _compiled_and_checked(

@@ -6,6 +6,8 @@ import math
 import numbers
 import re
 
+from planner.errors import PlannerValueError
+
 _UNITS = {
     "": 1,
     "b": 1,
@@ -31,7 +33,7 @@ def parse_budget(budget: int | float | str, unplanned_peak: int | None = None) -
     units), or ``"60%"`` of ``unplanned_peak``. Raises ValueError saying what is
     accepted for anything else, and for zero or negative budgets."""
     if isinstance(budget, bool):
-        raise ValueError(_help(budget))
+        raise PlannerValueError(_help(budget))
     if isinstance(budget, numbers.Real):  # numpy's integers and floats too
         value = float(budget)
     elif isinstance(budget, str):
@@ -39,31 +41,41 @@ def parse_budget(budget: int | float | str, unplanned_peak: int | None = None) -
         size = _SIZE.match(budget)
         if percent:
             if unplanned_peak is None:
-                raise ValueError(
+                raise PlannerValueError(
                     f"budget {budget!r} is a share of the unplanned peak, "
                     "which is not known here; give bytes instead"
                 )
             share = float(percent.group(1))
             if share <= 0:
-                raise ValueError(f"budget {budget!r} must be a positive percentage")
+                raise PlannerValueError(
+                    f"budget {budget!r} must be a positive percentage, such as '60%'"
+                )
             nbytes = int(unplanned_peak * share / 100)
             if nbytes < 1:  # planned for 0 bytes, it failed as "budget 0 bytes"
-                raise ValueError(
+                raise PlannerValueError(
                     f"budget {budget!r} of the unplanned peak ({unplanned_peak:,} bytes) "
                     f"is less than one byte: give a larger share"
                 )
             return nbytes
         if not size or size.group(2).lower() not in _UNITS:
-            raise ValueError(_help(budget))
+            raise PlannerValueError(_help(budget))
         value = float(size.group(1)) * _UNITS[size.group(2).lower()]
     else:
-        raise ValueError(_help(budget))
-    if not value > 0 or value != value:
-        raise ValueError(f"budget must be positive, got {budget!r}")
+        raise PlannerValueError(_help(budget))
+    if value != value:  # NaN: "must be positive" said nothing of what it is
+        raise PlannerValueError(
+            f"budget {budget!r} is not a number: give bytes (an int), a size such as "
+            f"'512MiB', or a share of the unplanned peak such as '60%'"
+        )
+    if not value > 0:
+        raise PlannerValueError(
+            f"budget must be positive, got {budget!r}: give bytes (an int), a size such as "
+            f"'512MiB', or a share of the unplanned peak such as '60%'"
+        )
     if math.isinf(value):  # "1e400", float("inf"): int() of it overflows
-        raise ValueError(f"budget {budget!r} is not a finite number of bytes")
+        raise PlannerValueError(f"budget {budget!r} is not a finite number of bytes")
     if value < 1:  # planned for 0 bytes, it failed as too small
-        raise ValueError(
+        raise PlannerValueError(
             f"budget {budget!r} is less than one byte; for a share of the unplanned peak "
             f"give a percentage such as '{value * 100:g}%'"
         )

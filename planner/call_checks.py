@@ -430,6 +430,12 @@ class PlannedCall:
         counted: a 2048x256 input to a Linear, given as a stride-2 view, put the
         step 1.6 MB over its 3.3 MB budget."""
         for name, planned, tensor in zip(self.tensor_names, self.strides, tensors):
+            if tensor.layout != torch.strided:  # its "strides" are no layout to match:
+                # ".contiguous()" was the advice, which leaves a sparse tensor sparse
+                raise PlannerError(
+                    f"input {name} is a {tensor.layout} tensor, and the plan was made for a "
+                    f"dense one: pass {name}.to_dense()"
+                )
             if _layout(tensor) != planned:
                 contiguous = planned == _layout(torch.empty(tensor.shape, device="meta"))
                 hint = f" (here: {name}.contiguous())" if contiguous else ""

@@ -272,6 +272,17 @@ def _check_writable(flag: str, path: str | None) -> None:
         )
     if not os.access(where, os.W_OK | os.X_OK):
         raise SystemExit(f"error: {flag} {path}: directory {where} is not writable")
+    # as root the permission bits pass where a write fails (/proc, /sys, a read-only
+    # mount): it failed after the solve, as a bare "[Errno 2] No such file or directory"
+    probe = where / f".planner-write-probe-{uuid.uuid4().hex}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as exc:
+        raise SystemExit(
+            f"error: {flag} {path}: cannot create a file in {where} "
+            f"({exc.strerror or exc}); give a path in a directory you can write to"
+        ) from None
+    os.unlink(probe)
 
 
 def _negative_budget_joined(argv: list[str]) -> list[str]:

@@ -39,6 +39,17 @@ class PlannerError(Exception):
     """Base class of every error planner raises on purpose."""
 
 
+class PlannerValueError(PlannerError, ValueError):
+    """A bad argument value (a budget, mode, quantize=, time_limit=, kernels=,
+    profile=): a PlannerError, so ``except planner.PlannerError`` catches every
+    error of a bad input, and a ValueError as it always was."""
+
+
+class PlannerTypeError(PlannerError, TypeError):
+    """An argument of the wrong kind (example inputs that are no tensors, a model
+    that is no nn.Module): a PlannerError, and a TypeError as it always was."""
+
+
 class CaptureError(PlannerError):
     """The model could not be traced into a single graph.
 

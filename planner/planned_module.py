@@ -867,15 +867,15 @@ class PlannedModule(torch.nn.Module):
         if self.mode == "train" and not self._owns_store:
             return None  # another shape's module: the owner loads the model's tensors
         if self.mode != "train":
-            ours = sorted(k[len(prefix) :] for k in state_dict if k.startswith(prefix))
-            if ours:
+            named = sorted(k[len(prefix) :] for k in state_dict if k.startswith(prefix))
+            if named:
                 # before: torch's bare "Unexpected key(s) in state_dict", or with
                 # strict=False nothing loaded and the old weights used, silently
                 raise PlannerError(
                     f"load_state_dict: an inference plan holds the weights it was planned "
                     f"with where it placed them (on the device, in its offload store, or "
                     f"quantized), not under the model's names, so it cannot load "
-                    f"{listed(ours)}. Load them into the model before planning "
+                    f"{listed(named)}. Load them into the model before planning "
                     f"(model.load_state_dict(...)), then call planner.plan again"
                 )
             return super()._load_from_state_dict(

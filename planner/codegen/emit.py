@@ -34,6 +34,7 @@ from planner.codegen.segments import (
     joins_run,
     step_line_at_or_before,
 )
+from planner.errors import PlannerValueError
 from planner.ir.grad_mode_ops import needs_grad_mode, with_grad_mode
 from planner.ir.meta import FX_NODE_NAMES, PARAM_GRADS, fake_value, op_name_parts
 from planner.ir.program import Program, ValueKind
@@ -51,7 +52,7 @@ KERNELS = ("eager", "inductor")
 def check_kernels(kernels: object) -> None:
     """Refuse a ``kernels=`` value other than those of ``KERNELS``."""
     if kernels not in KERNELS:
-        raise ValueError(
+        raise PlannerValueError(
             f"kernels must be one of {', '.join(map(repr, KERNELS))}, got {kernels!r}: "
             f"'eager' for bit-identical results, 'inductor' for fused kernels"
         )

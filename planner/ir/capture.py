@@ -27,7 +27,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from planner.call_checks import PlannedCall
-from planner.errors import CaptureError, listed
+from planner.errors import CaptureError, PlannerTypeError, PlannerValueError, listed
 from planner.ir.aliased_state import merge_constants_that_are_state
 from planner.ir.autocast import autocast_state
 from planner.ir.constants import inline_scalar_constants
@@ -104,20 +104,27 @@ def normalize_example_inputs(example_inputs: Any) -> tuple[tuple, dict]:
         if len(args) == 2 and isinstance(args[0], (tuple, list)) and isinstance(args[1], dict):
             args, kwargs = tuple(args[0]), dict(args[1])
     else:
-        raise TypeError(
+        raise PlannerTypeError(
             f"example_inputs must be a tensor, a tuple of positional arguments, a dict "
             f"of keyword arguments, or (args, kwargs); got "
             f"{type(example_inputs).__name__}. Wrap a single tensor x as (x,)."
         )
     leaves = pytree.tree_leaves((args, kwargs))
     if not any(isinstance(x, torch.Tensor) for x in leaves):
-        raise TypeError(
+        raise PlannerTypeError(
             "example_inputs contain no tensor: pass the tensors the model is called "
             "with, e.g. example_inputs=(torch.randn(8, 512),)."
         )
     for x in leaves:
+        if isinstance(x, torch.Tensor) and x.layout != torch.strided:  # a raw
+            # NotImplementedError before: "Cannot access storage of SparseTensorImpl"
+            raise CaptureError(
+                f"example_inputs hold a {x.layout} tensor of shape {tuple(x.shape)}: the "
+                f"planner plans dense tensors; pass it dense (x.to_dense()), or keep the "
+                f"sparse op outside the planned module"
+            )
         if not isinstance(x, (torch.Tensor, int, float, bool, str, type(None))):
-            raise TypeError(
+            raise PlannerTypeError(
                 f"example_inputs may hold tensors and plain Python scalars in "
                 f"tuples, lists and dicts; found a {type(x).__name__}."
             )
@@ -140,10 +147,16 @@ def capture(model: torch.nn.Module, example_inputs: Any, mode: str = "infer") ->
 
 def _capture(model: torch.nn.Module, example_inputs: Any, mode: str) -> CapturedGraph:
     if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(map(repr, MODES))}")
+        raise PlannerValueError(f"unknown mode {mode!r}: use one of {', '.join(map(repr, MODES))}")
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise PlannerTypeError(
+            f"model must be a torch.nn.Module, got {type(model).__name__}: plan an "
+            f"nn.Module whose forward computes it (a function: wrap it in one)"
+        )
     _check_no_planned_modules(model)
+    if isinstance(model, torch.jit.ScriptModule):  # refuses the forward hook put on
+        # the model below: "register_forward_hook is not supported on ScriptModules"
+        raise CaptureError(_scripted_submodules(model))
     args, kwargs = normalize_example_inputs(example_inputs)
     autocast = autocast_state()  # the trace fixes each op's dtype as it chooses
     check_hooks_at_capture(model, mode)
@@ -396,9 +409,12 @@ def _describe_trace_failure(model: torch.nn.Module, exc: BaseException) -> str:
     elif "which is not a known type" in str(exc):
         hint = _unknown_output_hint(str(exc))
     elif "data-dependent" not in str(exc).lower() and "guard" not in str(exc).lower():
-        hint = (
-            "Make forward() traceable by torch.export(strict=False): avoid "
-            "Python-side effects and unsupported ops there."
+        hint = (  # a model given inputs it does not take got only the first sentence
+            "Check that the model runs on these example inputs as given (their shapes, "
+            "dtypes and devices: an error raised by one of its ops is often an input "
+            "it does not take, which eager raises too); else make forward() "
+            "traceable by torch.export(strict=False): avoid Python-side effects and "
+            "unsupported ops there."
         )
     return (
         f"planner could not trace {type(model).__name__}: "

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from planner.errors import PlannerTypeError, PlannerValueError
+
 logger = logging.getLogger(__name__)
 
 PROFILE_ENV_VAR = "PLANNER_PROFILE"
@@ -305,7 +307,11 @@ class DeviceProfile:
         try:
             return cls.from_dict(json.loads(source.read_text()))
         except (json.JSONDecodeError, ValueError, TypeError) as exc:
-            raise ValueError(f"cannot read device profile {source}: {exc}") from exc
+            raise PlannerValueError(
+                f"cannot read device profile {source}: {exc}. Pass a profile saved by "
+                f"`planner calibrate` (or DeviceProfile.save), or a built-in name "
+                f"({', '.join(sorted(BUILTIN_PROFILES))})"
+            ) from exc
 
 
 # Built-in profiles. Dense (no 2:4 sparsity) peaks from NVIDIA's datasheets; PCIe
@@ -467,13 +473,19 @@ def get_profile(spec: str | os.PathLike[str] | DeviceProfile | None = None) -> D
         profile = _detect_builtin()
         logger.info("no calibrated profile at %s; using built-in %r", path, profile.name)
         return profile
+    if not isinstance(spec, (str, os.PathLike)):  # os.fspath's bare TypeError before
+        raise PlannerTypeError(
+            f"profile must be a built-in name ({', '.join(sorted(BUILTIN_PROFILES))}), a "
+            f"JSON path, a DeviceProfile or None, got {type(spec).__name__}"
+        )
     text = os.fspath(spec)
     if text.lower() in BUILTIN_PROFILES:
         return BUILTIN_PROFILES[text.lower()]
     path = Path(text).expanduser()
     if path.is_file():
         return DeviceProfile.load(path)
-    raise ValueError(
+    raise PlannerValueError(
         f"unknown device profile {text!r}: not a built-in ({', '.join(sorted(BUILTIN_PROFILES))}) "
-        f"and no such file"
+        f"and no such file; pass one of those names, a profile saved by `planner calibrate`, "
+        f"or None for this machine's"
     )

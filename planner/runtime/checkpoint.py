@@ -16,16 +16,18 @@ A sharded checkpoint (an index and its shard files) is opened shard by shard
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
 
-from planner.errors import PlannerError
+from planner.errors import PlannerError, PlannerTypeError
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -45,11 +47,19 @@ def open_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:  # another file's first bytes: read as a length,
+                # they asked for up to 2**64 bytes (a MemoryError, or a long read)
+                raise ValueError(f"its header claims {header_len:,} bytes, the file has {size:,}")
             header = json.loads(f.read(header_len))
     except (OSError, ValueError, struct.error) as exc:
-        raise PlannerError(f"cannot read safetensors checkpoint {str(path)!r}: {exc}") from exc
-    size = path.stat().st_size
+        raise PlannerError(
+            f"cannot read safetensors checkpoint {str(path)!r}: {exc}. Pass a file saved "
+            f"by safetensors (safetensors.torch.save_file, save_pretrained), a sharded "
+            f"checkpoint's index, or their directory"
+        ) from exc
+    _check_header(path, header, size - 8 - header_len)
     # shared=True is what records the file name on the storage (how the meter and
     # the planner recognize file-backed weights). Nothing writes through this map:
     # the planner copies any weight it keeps in memory before use.
@@ -77,11 +87,61 @@ def open_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _check_header(path: Path, header: Any, data_bytes: int) -> None:
+    """A safetensors header as ``open_safetensors`` reads it: a JSON object of
+    ``{"dtype", "shape", "data_offsets"}`` entries whose bytes lie in the file. A
+    damaged or foreign file failed with a raw AttributeError, KeyError or torch's
+    "Trying to resize storage that is not resizable"."""
+
+    def bad(why: str) -> PlannerError:
+        return PlannerError(
+            f"safetensors checkpoint {str(path)!r} is damaged or not a safetensors file: "
+            f"{why}. Save it again (safetensors.torch.save_file, save_pretrained), or "
+            f"pass the intact file"
+        )
+
+    if not isinstance(header, dict):
+        raise bad(f"its header is a JSON {type(header).__name__}, not an object")
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise bad(f"tensor {name!r} has no dtype, shape and data_offsets")
+        if not isinstance(info["dtype"], str):
+            raise bad(f"tensor {name!r} has dtype {info['dtype']!r}")
+        offsets, shape = info["data_offsets"], info["shape"]
+        lists = isinstance(offsets, list) and isinstance(shape, list)
+        if (
+            not lists
+            or len(offsets) != 2
+            or not all(type(n) is int and n >= 0 for n in [*offsets, *shape])
+        ):
+            raise bad(f"tensor {name!r} has shape {shape!r} and data_offsets {offsets!r}")
+        start, end = offsets
+        dtype = _DTYPES.get(info["dtype"])
+        itemsize = torch.empty(0, dtype=dtype).element_size() if dtype is not None else None
+        if end > data_bytes or start > end:
+            raise bad(
+                f"tensor {name!r} lies at bytes {start:,}..{end:,} of a data section of "
+                f"{data_bytes:,} bytes (the file was cut short?)"
+            )
+        if itemsize is not None and end - start != math.prod(shape) * itemsize:
+            raise bad(
+                f"tensor {name!r} of shape {tuple(shape)} {info['dtype']} needs "
+                f"{math.prod(shape) * itemsize:,} bytes, its data_offsets give {end - start:,}"
+            )
+
+
 def open_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Name -> tensor of a checkpoint: one safetensors file, a sharded one's index
     (``model.safetensors.index.json``, whose ``weight_map`` names each tensor's
     file, as Hugging Face saves models over a few GB), or a directory holding
     either (an index, else every ``*.safetensors`` file in it)."""
+    if not isinstance(path, (str, os.PathLike)):  # Path()'s bare TypeError before
+        raise PlannerTypeError(
+            f"checkpoint must be a path (a safetensors file, a sharded checkpoint's index, "
+            f"or their directory), got {type(path).__name__}"
+        )
     path = Path(path)
     if path.is_dir():
         indexes = sorted(path.glob("*.safetensors.index.json"))
@@ -198,6 +258,36 @@ def attach_checkpoint(model: torch.nn.Module, path: str | os.PathLike[str]) -> l
             slots[leaf] = new
             attached.append(fqn)
     return attached
+
+
+@contextlib.contextmanager
+def checkpoint_attached(
+    model: torch.nn.Module, path: str | os.PathLike[str] | None
+) -> Iterator[None]:
+    """Within the block, ``model``'s meta parameters and buffers are the tensors of
+    the checkpoint at ``path`` (``attach_checkpoint``; nothing where ``path`` is
+    None). If the block fails (a bad budget, BudgetTooSmall, an untraceable
+    forward) they are put back: the model is left as it was given, on the meta
+    device, not holding maps of the file."""
+    if path is None:
+        yield
+        return
+    held = [
+        (slots, leaf, value)
+        for _, module in model.named_modules(remove_duplicate=False)
+        for slots in (module._parameters, module._buffers)
+        for leaf, value in list(slots.items())
+        if value is not None and value.is_meta
+    ]
+    try:
+        attach_checkpoint(model, path)
+        yield
+    except BaseException:
+        for slots, leaf, value in held:
+            now = slots.get(leaf)
+            if now is not None and not now.is_meta and is_checkpoint_view(now):
+                slots[leaf] = value
+        raise
 
 
 def _raise_missing(

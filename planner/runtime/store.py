@@ -231,6 +231,11 @@ def check_offload_dir(parent: str | os.PathLike[str]) -> None:
 def _make_root(parent: str | os.PathLike[str] | None) -> str:
     """A fresh directory under ``parent`` (None: the system's temporary directory),
     named for this process (``offload_dirs``)."""
+    if parent is not None and not isinstance(parent, (str, os.PathLike)):
+        raise StoreError(  # Path()'s bare TypeError before (an int, bytes)
+            f"offload_dir must be a directory path (a str or os.PathLike) or None, got "
+            f"{type(parent).__name__}"
+        )
     if parent is not None and not Path(parent).is_dir():
         raise StoreError(
             f"offload_dir {str(parent)!r} does not exist or is not a directory: "

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
+from planner.errors import PlannerValueError
 from planner.ir.build import allocated_bytes
 from planner.ir.meta import BUFFER_UPDATES, FROZEN_PARAMS, HOOKED_PARAMS, PARAM_GRADS
 from planner.ir.program import Program, Value, ValueKind
@@ -671,33 +672,35 @@ def _quantize_spec(
             set(DEFAULT_QUANTIZE_USES),
         )
     if not isinstance(quantize, Mapping):
-        raise ValueError(
+        raise PlannerValueError(
             f"quantize={quantize!r}: use None, 'int8', 'int4' or a mapping of kinds to one "
             "format, e.g. {'weights': 'int8'}"
         )
     if not quantize:
-        raise ValueError(
+        raise PlannerValueError(
             "quantize={}: name at least one kind, e.g. {'weights': 'int8'}, or pass None "
             "for a lossless plan"
         )
     for value in quantize.values():
         if not isinstance(value, str):
-            raise ValueError(
+            raise PlannerValueError(
                 f"quantize={quantize!r}: each kind takes a format, 'int8' or 'int4', not "
                 f"{value!r}, e.g. {{'weights': 'int8'}}"
             )
     formats = set(quantize.values())
     if len(formats) != 1:
-        raise ValueError("quantize: one format for all kinds for now, e.g. {'weights': 'int8'}")
+        raise PlannerValueError(
+            "quantize: one format for all kinds for now, e.g. {'weights': 'int8'}"
+        )
     fmt = formats.pop()
     _check_format(fmt)
     kinds: set[str] = set()
     for key in quantize:
         if key not in QUANTIZE_KINDS:
-            raise ValueError(f"quantize: unknown kind {key!r}; use {sorted(QUANTIZE_KINDS)}")
+            raise PlannerValueError(f"quantize: unknown kind {key!r}; use {sorted(QUANTIZE_KINDS)}")
         kinds.update(QUANTIZE_KINDS[key])
     if "gradients" in quantize and not {"activations", "transfers"} & set(quantize):
-        raise ValueError(
+        raise PlannerValueError(
             "quantize: 'gradients' widens 'activations' and 'transfers' to the backward's "
             "values; name one of them too, e.g. {'activations': 'int8', 'gradients': 'int8'}"
         )
@@ -706,4 +709,4 @@ def _quantize_spec(
 
 def _check_format(fmt: str) -> None:
     if fmt not in ("int8", "int4"):
-        raise ValueError(f"quantize={fmt!r}: use None, 'int8' or 'int4'")
+        raise PlannerValueError(f"quantize={fmt!r}: use None, 'int8' or 'int4'")
