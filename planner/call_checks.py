@@ -17,6 +17,11 @@ compute something else than eager would, so each is an error that says what to d
   (``model.fc.weight = nn.Parameter(...)``, ``load_state_dict(assign=True)``, a
   swapped submodule): the plan still reads, and hands gradients to, the old one
   (``StateWatch``);
+- any plan, its own parameters or buffers swapped for other tensors for a call
+  (``torch.func.functional_call(pm, {...}, x)``, ``torch.nn.utils.stateless``),
+  or set as attributes where it holds no such name (``SwapWatch``): the plan
+  computes with the tensors it was planned over, so it silently ignored the
+  tensors given (a planned ``nn.Linear`` returned its own weights' output);
 - training, a tensor the backward reads written in place between forward and
   backward (``BackwardReads``, eager autograd's version check);
 - training, a parameter the plan homes in a tier whose data is no longer the map
@@ -41,6 +46,7 @@ comparison per step.
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -153,6 +159,63 @@ class StateWatch:
                 f"call planner.plan again on the model as it is now"
             )
         self._seen = _registrations
+
+
+class SwapWatch:
+    """The tensors a planned module holds in its own ``_parameters`` and
+    ``_buffers`` (training: the model's, under the model's names), and the model's
+    top-level state names it does not hold; ``check()`` raises if one of the held
+    is now another object or one of those names is set on the module.
+
+    ``torch.func.functional_call`` (``torch.nn.utils.stateless``) swaps a module's
+    tensors by writing those dicts directly (no registration hook sees it), or sets
+    an attribute where the module holds no such name, for the length of one call.
+    The plan computes with the tensors it was planned over, so such a call
+    silently returned what the module's own weights give, and no gradient for the
+    tensors passed (dotted names fail earlier, in ``PlannedModule.__getattr__``).
+    A steady loop pays one C-level identity pass over the held tensors."""
+
+    def __init__(self, module: torch.nn.Module, model_names: Sequence[str]) -> None:
+        self._module = module
+        self._held = [
+            (held, name, tensor)
+            for held in (module._parameters, module._buffers)
+            for name, tensor in held.items()
+        ]
+        self._params = list(module._parameters.values())
+        self._buffers = list(module._buffers.values())
+        own = {name for _, name, _ in self._held}
+        self._top = frozenset(n for n in model_names if "." not in n and n not in own)
+
+    def check(self) -> None:
+        module = self._module
+        if (
+            len(module._parameters) == len(self._params)
+            and len(module._buffers) == len(self._buffers)
+            and all(map(operator.is_, module._parameters.values(), self._params))
+            and all(map(operator.is_, module._buffers.values(), self._buffers))
+            and self._top.isdisjoint(module.__dict__)
+        ):
+            return
+        swapped = [name for held, name, t in self._held if held.get(name) is not t]
+        swapped += sorted(  # the module's own attributes (plan, measured) are no tensors
+            n
+            for n in self._top.intersection(module.__dict__)
+            if isinstance(module.__dict__[n], torch.Tensor)
+        )
+        if not swapped:  # entries added, none of ours replaced: not a swap
+            return
+        raise PlannerError(
+            f"this planned module's {listed(swapped)} "
+            f"{'is' if len(swapped) == 1 else 'are'} not the tensor"
+            f"{'' if len(swapped) == 1 else 's'} it was planned over: swapped for this "
+            f"call, as torch.func.functional_call(pm, ...) (torch.nn.utils.stateless) "
+            f"does. The plan computes with the tensors it was planned over, so it would "
+            f"ignore those given (return its own weights' result, and no gradient for "
+            f"them). Call functional_call (or torch.func.grad over it) on "
+            f"the model itself, unplanned; or load the values in place "
+            f"(pm.load_state_dict(...), p.data.copy_(...)) and call the planned module"
+        )
 
 
 class TierParams:

@@ -28,6 +28,7 @@ from planner.call_checks import (
     PlannedCall,
     StateTypes,
     StateWatch,
+    SwapWatch,
     TierParams,
     accumulators,
     check_deliveries_wanted,
@@ -273,6 +274,18 @@ class PlannedModule(torch.nn.Module):
                 self._state_watch = StateWatch(model, self._model_entries(model, primals))
                 self._mode_watch = ModeWatch(model, draws_random(program))
                 self._primals_require_grad = tuple(p.requires_grad for p in self._primals)
+                #: parameters the traced graph computes no gradient for (a layer the
+                #: forward never calls), passed to the step detached: as an input
+                #: of the step node their gradient accumulators ran with no gradient,
+                #: where eager never reaches them, so their post-accumulate-grad hooks
+                #: fired and DDP's reducer counted them used (find_unused_parameters=
+                #: False then gave zero gradients, which AdamW decays, where eager
+                #: DDP raises that they were unused)
+                self._no_gradient_primals = frozenset(
+                    i
+                    for i, (p, slot) in enumerate(zip(self._primals, self._wiring.grad_slots))
+                    if slot is None and p.requires_grad
+                )
                 self._delivery_accumulators = accumulators(self._delivered_params)
                 self._tier_params = TierParams(self._tier_homed_params)
                 self._backward_reads = BackwardReads(
@@ -286,6 +299,9 @@ class PlannedModule(torch.nn.Module):
             else:  # the weights it keeps on the device, the model's (the rest leave it)
                 kept = zip(self._state_names, self._state)
                 self._state_watch = StateWatch(model, self._model_entries(model, kept))
+            model_names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+            model_names += [n for n, _ in model.named_buffers(remove_duplicate=False)]
+            self._swap_watch = SwapWatch(self, model_names)
         except BaseException:
             if self._owns_store:  # another shape's module owns a shared one
                 self._finalizer()
@@ -774,6 +790,7 @@ class PlannedModule(torch.nn.Module):
                 "(a jit trace of one failed at its first run). Trace or export the model "
                 "itself; torch.compile(pm) runs the plan as it is"
             )
+        self._swap_watch.check()
         if self._other_shapes:  # several input shapes
             _, module, inputs = self._matching(args, kwargs)
         else:
@@ -795,7 +812,13 @@ class PlannedModule(torch.nn.Module):
         self._tier_params.check()
         warn_if_saved_tensors_hooks()
         with self._shared.running:  # and the statistics it updates
-            outs = list(_PlannedStep.apply(self, *self._primals, *inputs))
+            primals = self._primals
+            if self._no_gradient_primals:
+                primals = [
+                    p.detach() if i in self._no_gradient_primals else p
+                    for i, p in enumerate(primals)
+                ]
+            outs = list(_PlannedStep.apply(self, *primals, *inputs))
             with torch.no_grad():
                 for i, new in zip(self._update_positions, outs[: self._num_buffer_updates]):
                     self._state[i].copy_(new)

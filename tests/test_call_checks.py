@@ -240,6 +240,30 @@ def test_functional_call_of_an_inference_plan_names_the_model() -> None:
     assert "functional_call the model" in str(raised.value.__cause__)
 
 
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_functional_call_with_other_tensors_is_an_error_not_the_modules_own_result(
+    mode: str,
+) -> None:
+    """A planned module whose parameters have no dotted names (an nn.Linear) took
+    functional_call's tensors into its own dicts, or as attributes, and ignored
+    them: it returned its own weights' output, and no gradient for those passed,
+    silently. Its own tensors passed are fine."""
+    torch.manual_seed(0)
+    lin, x = nn.Linear(32, 16), torch.randn(8, 32)
+    pm = planner.plan(copy.deepcopy(lin), "100%", (x,), mode=mode, profile="cpu", time_limit=3)
+    other = {"weight": lin.weight.detach() * 2, "bias": lin.bias.detach() + 1}
+    with torch.set_grad_enabled(mode == "train"):
+        with pytest.raises(PlannerError, match=r"weight.*functional_call"):
+            torch.func.functional_call(pm, other, (x,))
+        if mode == "train":
+            with pytest.raises(PlannerError, match=r"functional_call"):
+                torch.func.grad(lambda p: torch.func.functional_call(pm, p, (x,)).sum())(other)
+        own = dict(pm.named_parameters())  # a training plan's are the model's
+        assert torch.equal(torch.func.functional_call(pm, own, (x,)), lin(x))
+        assert torch.equal(pm(x), lin(x))  # swapped back: the module runs as before
+    pm.close()
+
+
 class _Scaled(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import pytest
@@ -93,3 +94,43 @@ def test_scripting_a_planned_module_is_a_clear_error() -> None:
     pm = planner.plan(_mlp(), "100%", (x,), profile="cpu", time_limit=3)
     with pytest.raises(PlannerError, match=r"cannot be scripted"):
         torch.jit.script(pm)
+
+
+class _WithUnusedLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(16, 16)
+        self.unused = nn.Linear(16, 4)  # never called
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).square().mean()
+
+
+@pytest.mark.parametrize("budget", ["100%", "min"])
+def test_a_parameter_the_graph_never_uses_gets_no_accumulation_as_in_eager(budget: str) -> None:
+    """As an input of the step node, a parameter the forward never uses had its
+    gradient accumulator run with no gradient, where eager never reaches it: its
+    post-accumulate-grad hooks fired, and DDP's reducer (which hooks the same
+    node) counted it used, so DDP(find_unused_parameters=False) gave it a zero
+    gradient (decayed by AdamW) where eager DDP raises that it was unused."""
+    torch.manual_seed(0)
+    model, x = _WithUnusedLayer(), torch.randn(8, 16)
+    if budget == "min":
+        try:
+            planner.plan(
+                copy.deepcopy(model), "1%", (x,), mode="train", profile="cpu", time_limit=3
+            )
+        except planner.BudgetTooSmall as e:
+            budget = e.min_budget
+    eager = copy.deepcopy(model)
+    pm = planner.plan(model, budget, (x,), mode="train", profile="cpu", time_limit=3)
+    fired: dict[str, list[str]] = {"eager": [], "planned": []}
+    for key, m in (("eager", eager), ("planned", model)):
+        for name, p in m.named_parameters():
+            p.register_post_accumulate_grad_hook(lambda _, n=name, k=key: fired[k].append(n))
+    eager(x).backward()
+    pm(x).backward()
+    assert sorted(fired["planned"]) == sorted(fired["eager"]) == ["body.bias", "body.weight"]
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad), name
+    pm.close()

@@ -157,6 +157,7 @@ def _capture(model: torch.nn.Module, example_inputs: Any, mode: str) -> Captured
     if isinstance(model, torch.jit.ScriptModule):  # refuses the forward hook put on
         # the model below: "register_forward_hook is not supported on ScriptModules"
         raise CaptureError(_scripted_submodules(model))
+    _check_not_distributed_wrapper(model)
     args, kwargs = normalize_example_inputs(example_inputs)
     autocast = autocast_state()  # the trace fixes each op's dtype as it chooses
     check_hooks_at_capture(model, mode)
@@ -297,6 +298,24 @@ def _check_no_planned_modules(model: torch.nn.Module) -> None:
             f"(made by planner.plan), which cannot be traced into another plan. Plan the "
             f"model with the original module in its place (a copy made before the first "
             f"planner.plan), or call the planned module beside the rest unplanned"
+        )
+
+
+def _check_not_distributed_wrapper(model: torch.nn.Module) -> None:
+    """A ``DistributedDataParallel`` wrapper's forward runs its reducer's bookkeeping,
+    which torch.export refuses ("Non-recursive torch.compiler.disable is not
+    supported"); the error then told the user to make forward() traceable. The
+    order that works is the other one: plan the model, then wrap the planned module
+    (its gradients all-reduce as eager DDP's do, bit for bit)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        raise CaptureError(
+            f"the model is a DistributedDataParallel wrapper (of "
+            f"{type(model.module).__name__}), whose forward runs DDP's own gradient "
+            f"bookkeeping and cannot be traced into a plan. Plan the model it wraps, "
+            f"then wrap the planned module: DistributedDataParallel(planner.plan(model, "
+            f"..., mode='train')) (its gradients are all-reduced as eager DDP's are)"
         )
 
 

@@ -589,3 +589,36 @@ def test_a_buffer_updated_in_place_then_read_by_a_saved_op_trains() -> None:
         for name, p in reference.named_parameters():
             assert torch.equal(model.get_parameter(name).grad, p.grad), name
         assert torch.equal(model.count, reference.count)
+
+
+def test_a_ddp_wrapper_is_told_to_plan_the_model_then_wrap_the_planned_module() -> None:
+    """planner.plan(DistributedDataParallel(model), ...) failed inside torch.export
+    ("Non-recursive torch.compiler.disable is not supported") with the advice to
+    make forward() traceable; the order that works, DDP of the planned module,
+    gives eager DDP's gradients."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import planner
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model, x = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)), torch.randn(8, 16)
+        eager = copy.deepcopy(model)
+        with pytest.raises(
+            CaptureError, match=r"DistributedDataParallel wrapper.*Plan the model it wraps"
+        ):
+            planner.plan(DDP(model), "100%", (x,), mode="train", profile="cpu", time_limit=3)
+        pm = planner.plan(model, "100%", (x,), mode="train", profile="cpu", time_limit=3)
+        DDP(pm)(x).square().mean().backward()
+        DDP(eager)(x).square().mean().backward()
+        for p, q in zip(model.parameters(), eager.parameters()):
+            assert torch.equal(p.grad, q.grad)
+        pm.close()
+    finally:
+        dist.destroy_process_group()
