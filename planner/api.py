@@ -334,14 +334,17 @@ def plan(
             "made and checked by running them. Give real example inputs (a model built on "
             "the meta device takes its weights from checkpoint=)"
         )
+    # the devices the example inputs use (a GPU batch may come with CPU lengths)
+    devices = {t.device for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
     for k, extra in enumerate(extra_example_inputs or ()):
         leaves = pytree.tree_leaves(normalize_example_inputs(extra))
-        other = {t.device for t in leaves if isinstance(t, torch.Tensor)} - {device}
+        other = {t.device for t in leaves if isinstance(t, torch.Tensor)} - devices
         if other:  # the meta device was blamed on forward(): "make it traceable"
             raise PlannerError(
                 f"extra_example_inputs[{k}] hold tensors on {listed(sorted(map(str, other)))} "
-                f"and the example inputs are on {device}: give every set of example inputs "
-                f"real tensors on the device the module will be called with"
+                f"and the example inputs are on {listed(sorted(map(str, devices)))}: give "
+                f"every set of example inputs real tensors on the devices the module will "
+                f"be called with"
             )
     profile = _profile_for_device(profile, device)  # before anything touches the model
     if offload_dir is not None:

@@ -58,6 +58,7 @@ from torch.utils import _pytree as pytree
 from planner.errors import PlannerError, listed, user_stacklevel
 from planner.ir.layout import strides_that_matter
 from planner.ir.program import Phase, Program, ValueKind
+from planner.model_slots import find_slot
 from planner.released import ReleasedWeight
 
 if TYPE_CHECKING:  # capture imports this module, and the solver imports capture
@@ -105,18 +106,13 @@ class StateWatch:
         # went on reading the old buffers, silently
         self._slots: list[tuple[dict, str, torch.Tensor]] = []
         for name, tensor in held.items():
-            owner_name, _, leaf = name.rpartition(".")
-            try:
-                owner = model.get_submodule(owner_name) if owner_name else model
-            except AttributeError:
-                continue
-            for slots in (owner._parameters, owner._buffers):
-                if slots.get(leaf) is tensor:
-                    self._slots.append((slots, leaf, tensor))
-                    break
+            found = find_slot(model, name)
+            if found is not None and found[0][found[1]] is tensor:
+                self._slots.append((*found, tensor))
 
     def check(self) -> None:
-        if self._seen == _registrations:
+        registered = self._seen != _registrations
+        if not registered:
             for slots, key, tensor in self._slots:  # a dict lookup each, no frame
                 if slots.get(key) is not tensor:
                     break
@@ -125,16 +121,22 @@ class StateWatch:
         now: dict[str, torch.Tensor] = dict(self.model.named_parameters(remove_duplicate=False))
         now.update(self.model.named_buffers(remove_duplicate=False))
         replaced = [name for name, tensor in self.held.items() if now.get(name) is not tensor]
-        # a buffer converted (model.double()) is left to the run, which fails on the
-        # mixed dtypes and names what changed (StateTypes); one converted back
-        # (model.double().float()) is a new object planned as the old one: replaced
-        replaced = [
-            n
-            for n in replaced
-            if not isinstance(t := now.get(n), torch.Tensor)
-            or isinstance(t, ReleasedWeight)
-            or _placed(t) == _placed(self.held[n])
-        ]
+        if not registered:
+            # No registration: nn.Module._apply wrote the slots. A buffer converted
+            # (model.double()) is left to the run, which fails on the parameters'
+            # mixed dtypes and names what changed (StateTypes); one converted back
+            # (model.double().float()) is a new object planned as the old one:
+            # replaced. An assignment registers (model.fc.weight = nn.Parameter(...),
+            # load_state_dict(assign=True) of a bfloat16 checkpoint): whatever its
+            # dtype, shape or device it is a replacement the run never sees (it reads
+            # the old tensor), so it is never left out
+            replaced = [
+                n
+                for n in replaced
+                if not isinstance(t := now.get(n), torch.Tensor)
+                or isinstance(t, ReleasedWeight)
+                or _placed(t) == _placed(self.held[n])
+            ]
         taken = [(n, t) for n in replaced if isinstance(t := now.get(n), ReleasedWeight)]
         if taken:  # not replaced by the user: a later inference plan took them
             raise PlannerError(

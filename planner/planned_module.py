@@ -273,7 +273,6 @@ class PlannedModule(torch.nn.Module):
                 primals = zip(self._primal_names, self._primals)
                 self._state_watch = StateWatch(model, self._model_entries(model, primals))
                 self._mode_watch = ModeWatch(model, draws_random(program))
-                self._primals_require_grad = tuple(p.requires_grad for p in self._primals)
                 #: parameters the traced graph computes no gradient for (a layer the
                 #: forward never calls), passed to the step detached: as an input
                 #: of the step node their gradient accumulators ran with no gradient,
@@ -281,10 +280,16 @@ class PlannedModule(torch.nn.Module):
                 #: fired and DDP's reducer counted them used (find_unused_parameters=
                 #: False then gave zero gradients, which AdamW decays, where eager
                 #: DDP raises that they were unused)
-                self._no_gradient_primals = frozenset(
+                self._no_gradient_primals = tuple(
                     i
                     for i, (p, slot) in enumerate(zip(self._primals, self._wiring.grad_slots))
                     if slot is None and p.requires_grad
+                )
+                # as the step sees them: a detached one needs no gradient, so a steady
+                # loop keeps check_not_unfrozen's one tuple comparison
+                self._primals_require_grad = tuple(
+                    p.requires_grad and i not in self._no_gradient_primals
+                    for i, p in enumerate(self._primals)
                 )
                 self._delivery_accumulators = accumulators(self._delivered_params)
                 self._tier_params = TierParams(self._tier_homed_params)
@@ -813,11 +818,10 @@ class PlannedModule(torch.nn.Module):
         warn_if_saved_tensors_hooks()
         with self._shared.running:  # and the statistics it updates
             primals = self._primals
-            if self._no_gradient_primals:
-                primals = [
-                    p.detach() if i in self._no_gradient_primals else p
-                    for i, p in enumerate(primals)
-                ]
+            if self._no_gradient_primals:  # a copy per step, then only those detached
+                primals = list(primals)
+                for i in self._no_gradient_primals:
+                    primals[i] = primals[i].detach()
             outs = list(_PlannedStep.apply(self, *primals, *inputs))
             with torch.no_grad():
                 for i, new in zip(self._update_positions, outs[: self._num_buffer_updates]):

@@ -178,3 +178,37 @@ def test_every_bad_argument_is_a_planner_error(bad) -> None:
     with pytest.raises(PlannerError) as info:
         planner.plan(model, budget, example, **options)
     assert isinstance(info.value, (ValueError, TypeError, planner.StoreError))  # as before
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_a_plan_failing_after_placing_the_weights_leaves_the_model_on_the_meta_device(
+    tmp_path, monkeypatch, mode
+) -> None:
+    """A failure after the planned module placed the weights (a Ctrl-C there, or a
+    late error): training had given the parameters their offload homes as data
+    (param.data = ..., a map of a file then removed), inference had materialized
+    the weights it keeps; neither was a view of the checkpoint any more, so neither
+    was put back."""
+    import planner.planned_module as planned_module
+
+    torch.manual_seed(0)
+    path = tmp_path / "good.safetensors"
+    save_file(_mlp().state_dict(), str(path))
+    x = torch.randn(8, 32)
+    try:
+        planner.plan(_mlp("meta"), "1%", (x,), mode=mode, checkpoint=str(path), time_limit=1)
+        raise AssertionError("1% was expected to be below the smallest budget")
+    except planner.BudgetTooSmall as exc:
+        budget = exc.min_budget  # the smallest: weights homed off the device
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(planned_module, "HookWatch", interrupted)
+    model = _mlp("meta")
+    before = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    with pytest.raises(KeyboardInterrupt):
+        planner.plan(model, budget, (x,), mode=mode, checkpoint=str(path), time_limit=1)
+    after = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    moved = [n for n, t in before.items() if after[n] is not t or not after[n].is_meta]
+    assert moved == []

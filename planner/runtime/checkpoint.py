@@ -283,9 +283,12 @@ def checkpoint_attached(
         attach_checkpoint(model, path)
         yield
     except BaseException:
+        # every slot put back, not only those still holding a view of the file: a
+        # plan that failed after building its module had given a parameter other
+        # data (its offload home: param.data = ...), materialized a weight it keeps
+        # (replace_slot) or released one (ReleasedWeight)
         for slots, leaf, value in held:
-            now = slots.get(leaf)
-            if now is not None and not now.is_meta and is_checkpoint_view(now):
+            if slots.get(leaf) is not value:
                 slots[leaf] = value
         raise
 

@@ -345,8 +345,10 @@ class CudaCopyEngine(CopyEngine):
             entry = self.host_entries[key]
             src = self.host[key]
             pending = self._upload(src, entry)
-            if key in self._handed_out:
-                self._home_upload = pending.event
+            if key in self._handed_out:  # settle waits for it: a blocking event,
+                # so the host sleeps rather than spinning a core (as _download's)
+                self._home_upload = torch.cuda.Event(blocking=True)
+                self._home_upload.record(self.h2d)
             return pending
         entry = self.disk.entries[key]
         out = self._destination(entry)
