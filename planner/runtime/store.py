@@ -595,25 +595,23 @@ class DiskStore:
         return entry, self.path(key)
 
     def _open(self, key: str, path: Path, flags: int) -> int:
-        """``os.open`` of the key's file; no descriptor left (EMFILE, ENFILE) is a
-        StoreError saying what to do, any other failure is raised as it is."""
-        try:
+        """``os.open`` of the key's file (``_opening``)."""
+        with self._opening(key, path):
             return os.open(path, flags)
-        except OSError as exc:
-            if not _out_of_descriptors(exc):
-                raise
-            raise StoreError(
-                f"opening the offload file for {key!r} ({path}) failed: "
-                f"{exc.strerror or exc}; {_no_descriptor_left()}"
-            ) from exc
 
     def _open_file(self, key: str, path: Path) -> io.FileIO:
-        """The key's file opened for reading, as ``_open`` opens it, in an object
-        that closes it when dropped."""
-        try:
-            # os.open called from FileIO's C code: no signal is handled between the
-            # open and the object taking the descriptor
+        """The key's file opened for reading (``_opening``), in an object that
+        closes it when dropped. ``os.open`` is called from FileIO's C code: no
+        signal is handled between the open and the object taking the descriptor."""
+        with self._opening(key, path):
             return io.FileIO(path, "r", opener=os.open)
+
+    @contextlib.contextmanager
+    def _opening(self, key: str, path: Path) -> Iterator[None]:
+        """Around an open of the key's file: no descriptor left (EMFILE, ENFILE) is
+        a StoreError saying what to do, any other failure is raised as it is."""
+        try:
+            yield
         except OSError as exc:
             if not _out_of_descriptors(exc):
                 raise
