@@ -175,13 +175,28 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="planner", description=__doc__.split("\n\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log progress, and show Python warnings (hidden otherwise)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     rep = sub.add_parser("report", help="print the placement report of a model")
     rep.add_argument("factory", help="FILE.py:FACTORY, FACTORY() -> (model, example_inputs)")
-    rep.add_argument("--mode", choices=("infer", "train"), default="infer")
-    rep.add_argument("--json", action="store_true", help="print the JSON report")
+    rep.add_argument(
+        "--mode",
+        choices=("infer", "train"),
+        default="infer",
+        help="infer: the forward pass; train: one training step, forward and backward "
+        "(default: infer)",
+    )
+    rep.add_argument(
+        "--json",
+        action="store_true",
+        help="print the report as JSON (pm.report.to_json()) instead of the table",
+    )
     rep.add_argument(
         "--measure",
         action="store_true",
@@ -197,13 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "--budget",
         default=None,
-        help="plan under this budget: bytes, '512MiB', '2GB' or '60%%' of the unplanned peak",
+        help="plan under this budget: bytes, '512MiB', '2GB' or '60%%' of the unplanned peak, "
+        "then run the plan once under the memory meter (default: no plan; the report of "
+        "the model as it is, every tensor kept)",
     )
     rep.add_argument(
         "--quantize",
         default=None,
         choices=("int8", "int4"),
-        help="allow lossy quantized storage in this format",
+        help="with --budget: allow lossy quantized storage in this format; the report "
+        "adds each quantized tensor's error (default: none, lossless)",
     )
     rep.add_argument(
         "--time-limit",
@@ -231,21 +249,36 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="PATH",
         help="a safetensors checkpoint (a file, a sharded one's index, or their "
-        "directory) for a model FACTORY builds on the meta device (torch.device('meta'))",
+        "directory) for a model FACTORY builds on the meta device (torch.device('meta')) "
+        "(default: none, the weights FACTORY made)",
     )
-    rep.add_argument("--save-plan", default=None, help="write the plan as JSON here")
+    rep.add_argument(
+        "--save-plan",
+        default=None,
+        metavar="PATH",
+        help="with --budget: write the plan as JSON here, for planner.plan(..., plan=PATH) "
+        "(default: not saved)",
+    )
     rep.add_argument(
         "--plot",
         default=None,
         metavar="PNG",
-        help="draw planned (and unplanned) residency per step against the budget",
+        help="draw planned (and unplanned) residency per step against the budget into "
+        "this file, PNG (or another format matplotlib writes, by its suffix) (default: no plot)",
     )
     rep.set_defaults(run=_cmd_report)
 
     cal = sub.add_parser("calibrate", help="measure this machine and save a device profile")
     cal.add_argument("--out", default=None, help="where to save (default: the profile path)")
-    cal.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    cal.add_argument("--disk-dir", default=None, help="directory to time disk reads/writes in")
+    cal.add_argument(
+        "--device", default="cpu", choices=("cpu", "cuda"), help="device to measure (default: cpu)"
+    )
+    cal.add_argument(
+        "--disk-dir",
+        default=None,
+        help="directory to time disk reads/writes in: the one offloaded tensors will live "
+        "in (default: the system's temporary directory)",
+    )
     cal.add_argument("--quick", action="store_true", help="smaller measurements (~10 s)")
     cal.set_defaults(run=_cmd_calibrate)
     return parser
@@ -313,7 +346,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     except BudgetTooSmall as exc:  # its advice in the CLI's words
-        print(f"error: {str(exc).replace('(quantize=...)', '(--quantize ...)')}", file=sys.stderr)
+        message = str(exc).replace("(quantize=...)", "(--quantize ...)")
+        message = message.replace("(quantize='int4')", "(--quantize int4)")
+        print(f"error: {message}", file=sys.stderr)
         return 3
     # OSError: an output path (--save-plan, --plot) that cannot be written
     except (PlannerError, ValueError, TypeError, OSError) as exc:

@@ -58,6 +58,7 @@ def plot_timeline(
         ax.axhline(plan.budget_bytes / mib, color="C3", linestyle="--", label="budget")
     if measured_peak is not None:
         ax.axhline(measured_peak / mib, color="C2", linestyle=":", label="measured peak")
+    ax.set_ylim(bottom=0)  # from zero: an unplanned MLP's 1.5% dip filled the whole axis
     backward = analysis.program.backward_start()
     if backward < analysis.program.num_steps:
         ax.axvline(backward, color="0.8", linewidth=0.8)

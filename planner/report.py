@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from planner.ir.meta import BUFFER_UPDATES, FROZEN_PARAMS
+from planner.ir.meta import BUFFER_UPDATES, FROZEN_PARAMS, PARAM_GRADS
 from planner.ir.program import Program, ValueKind
 from planner.passes.pipeline import Analysis
 from planner.solver.plan import Plan
@@ -51,6 +51,9 @@ class TensorRow:
     #: a buffer each call updates (a key/value cache, BatchNorm statistics in
     #: training): it stays on the device
     updated: bool = False
+    #: training: the parameter whose gradient this storage holds (its name
+    #: otherwise is the op's, ``mm_3``, which does not say whose)
+    grad_of: str | None = None
 
 
 @dataclass
@@ -205,6 +208,9 @@ def tensor_rows(program: Program) -> list[TensorRow]:
     """One row per storage (a view adds no bytes: it is listed as an alias)."""
     frozen = program.meta.get(FROZEN_PARAMS, frozenset())
     updated = set(program.meta.get(BUFFER_UPDATES, ()))
+    grad_of = {
+        program.values[v].storage: fqn for v, fqn in program.meta.get(PARAM_GRADS, {}).items()
+    }
     rows = []
     for storage in program.storages:
         base = program.values[storage.base]
@@ -224,6 +230,7 @@ def tensor_rows(program: Program) -> list[TensorRow]:
                 aliases=[program.values[v].name for v in storage.values[1:]],
                 frozen=base.kind is ValueKind.PARAM and base.source in frozen,
                 updated=base.kind is ValueKind.BUFFER and base.source in updated,
+                grad_of=grad_of.get(storage.index),
             )
         )
     return rows
@@ -237,6 +244,10 @@ def _kind_label(row: TensorRow) -> str:
     return row.kind
 
 
+#: tensor names up to this long are never broken across lines in the text table
+NAME_WIDTH = 60
+
+
 def render_text(report: Report, width: int = 140) -> str:
     """Rich table and summary, rendered to plain text (no colour codes)."""
     from rich.console import Console
@@ -245,6 +256,9 @@ def render_text(report: Report, width: int = 140) -> str:
     table = Table(
         title=f"planner report ({report.mode}, {report.num_ops} ops)", title_justify="left"
     )
+    # a tensor's name is what users search for and paste: whole on one line up to
+    # NAME_WIDTH characters (longer ones fold), the producer column folds instead
+    longest = max((len(row.name) for row in report.tensors), default=0)
     for column, justify in (
         ("tensor", "left"),
         ("bytes", "right"),
@@ -253,7 +267,13 @@ def render_text(report: Report, width: int = 140) -> str:
         ("decision", "left"),
         ("producer", "left"),
     ):
-        table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
+        table.add_column(
+            column,
+            justify=justify,  # type: ignore[arg-type]
+            overflow="fold",
+            min_width=min(longest, NAME_WIDTH) if column == "tensor" else None,
+            no_wrap=column in ("bytes", "kind", "live", "decision"),
+        )
     for row in report.tensors:
         table.add_row(
             row.name,
@@ -261,23 +281,38 @@ def render_text(report: Report, width: int = 140) -> str:
             _kind_label(row),
             f"{row.live[0]}..{row.live[1]}",
             row.decision,
-            row.producer or "-",
+            (row.producer or "-") + (f"; grad of {row.grad_of}" if row.grad_of else ""),
         )
     buffer = io.StringIO()
     console = Console(file=buffer, width=width, force_terminal=False, color_system=None)
     console.print(table)
-    for line in summary_lines(report):
-        console.print(line, highlight=False, markup=False)
+    for line in summary_lines(report):  # not wrapped: "grad 136 B" stays one item
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
     return buffer.getvalue()
 
 
 def _solver_line(solver: dict[str, Any]) -> str:
-    line = f"solver:             {solver.get('name') or '-'} {solver.get('status')}"
+    name = solver.get("name") or "-"
+    status = solver.get("status")
+    solver_name, _, kept = name.partition(" (kept baseline ")
+    if kept and status not in ("OPTIMAL", "FEASIBLE"):
+        # the solver found nothing (its model is stricter than the validator): the
+        # plan is the baseline's, which fits; "cp-sat (kept baseline greedy)
+        # INFEASIBLE" read as if the plan did not
+        line = f"solver:             {solver_name} found no plan ({status}"
+        if solver.get("seconds"):
+            line += f" in {solver['seconds']:.1f} s"
+        return line + f"); the plan is baseline {kept.rstrip(')')}'s, validated within the budget"
+    line = f"solver:             {name} {status}"
     if solver.get("seconds"):
         line += f" in {solver['seconds']:.1f} s"
     if solver.get("objective") is not None and solver.get("bound") is not None:
+        # the objective is the solver's own cost model, not the replayed schedule
+        # the estimated time shows: the two differ (37 ms "added" to an estimate
+        # only 27 ms above the unplanned one)
         line += (
-            f", objective {solver['objective'] * 1e3:.3f} ms added, "
+            f", objective {solver['objective'] * 1e3:.3f} ms "
+            f"(its cost model, not the estimated time above), "
             f"bound {solver['bound'] * 1e3:.3f} ms"
         )
         if solver.get("gap") is not None:
@@ -320,6 +355,20 @@ def _other_shapes_lines(report: Report) -> list[str]:
     return lines
 
 
+def _decision_totals(rows: list[TensorRow]) -> str:
+    """``keep 29 tensors (3.2 MiB), offload:disk 7 (7.0 MiB)``: per decision, in
+    the order first met, how many tensors and their bytes."""
+    totals: dict[str, list[int]] = {}
+    for row in rows:
+        count = totals.setdefault(row.decision, [0, 0])
+        count[0] += 1
+        count[1] += row.bytes
+    parts = [f"{d} {n} ({format_bytes(b)})" for d, (n, b) in totals.items()]
+    if parts:
+        parts[0] = parts[0].replace(" (", " tensors (", 1)
+    return ", ".join(parts)
+
+
 def _inputs_text(inputs: list[Any] | None) -> str:
     if not inputs:
         return "-"
@@ -339,6 +388,8 @@ def summary_lines(report: Report) -> list[str]:
         f"(unplanned {report.unplanned_estimated_seconds * 1e3:.2f} ms, profile {report.profile})",
         _solver_line(report.solver),
     ]
+    if report.budget_bytes:  # what moved, at a glance: hundreds of rows above
+        lines.append("decisions:          " + _decision_totals(report.tensors))
     if report.disk_rates:
         lines.append(f"disk copies priced: {report.disk_rates}")
     if report.read_in_place:

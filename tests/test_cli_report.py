@@ -368,3 +368,49 @@ def test_cli_plot_to_a_device_or_pipe_writes_it_in_place(tmp_path, capsys) -> No
     assert f"plot written to {fifo}\n" in capsys.readouterr().err
     assert main(["report", spec, "--plot", str(tmp_path / "plot.")]) == 0
     assert sorted(os.listdir(tmp_path)) == ["pipe", "plot.png"]
+
+
+@pytest.mark.parametrize(
+    ("quantize", "advice"), [("int8", "(--quantize int4)"), ("int4", None)]
+)
+def test_cli_budget_too_small_with_quantize_does_not_advise_quantize_again(
+    capsys: pytest.CaptureFixture[str], quantize: str, advice: str | None
+) -> None:
+    code = main(
+        [
+            "report",
+            f"{EXAMPLES}/mlp.py:make_mlp",
+            "--budget",
+            "1KiB",
+            "--quantize",
+            quantize,
+            "--profile",
+            "cpu",
+            "--time-limit",
+            "5",
+        ]
+    )
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "smallest budget a plan was found for" in err
+    assert err.count(" bytes (") == 2  # the budget and the smallest in KiB/MiB too
+    assert "(--quantize ...)" not in err  # was advised with --quantize already given
+    if advice is not None:
+        assert advice in err
+
+
+def test_cli_every_report_option_says_what_it_does_and_its_default() -> None:
+    import argparse
+
+    from planner.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for command in ("report", "calibrate"):
+        for action in sub.choices[command]._actions:
+            if isinstance(action, argparse._HelpAction) or not action.option_strings:
+                continue
+            flag = action.option_strings[-1]
+            assert action.help, f"{command} {flag} has no help"
+            if not isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+                assert "default" in action.help, f"{command} {flag} does not say its default"

@@ -235,12 +235,23 @@ def _raise_too_small(
     lowest = _replay_unbounded(cands, choices).peak_bytes
     if found is not None:
         lowest = min(lowest, found)
+    from planner.report import format_bytes
+
     why = "no plan exists" if proven else "no plan was found"
+    # more options only where some are left: the advice "allow quantize=..." to a
+    # plan that allowed int8 read as if it had not been taken
+    if problem.quantize is None:
+        more = ", or allow more options (quantize=...)"
+    elif problem.quantize == "int8":
+        more = ", or store tensors smaller (quantize='int4')"
+    else:
+        more = ""
     msg = (
-        f"budget {problem.budget_bytes:,} bytes is too small: {why}. The smallest budget a "
-        f"plan was found for is {lowest:,} bytes; none can go below {lower_bound:,} (the "
+        f"budget {problem.budget_bytes:,} bytes ({format_bytes(problem.budget_bytes)}) is too "
+        f"small: {why}. The smallest budget a plan was found for is {lowest:,} bytes "
+        f"({format_bytes(lowest)}); none can go below {lower_bound:,} (the "
         f"largest working set of one step plus what cannot move). Use a budget of at least "
-        f"{lowest:,} bytes, or allow more options (quantize=...)"
+        f"{lowest:,} bytes{more}"
     )
     raise BudgetTooSmall(msg, min_budget=lowest)
 

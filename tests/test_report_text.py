@@ -1,0 +1,140 @@
+"""The text report reads as it should: names whole, summary lines unbroken, the
+solver's line saying what happened."""
+
+from __future__ import annotations
+
+from planner.report import Report, TensorRow
+
+LONG = "model.model.layers.0.post_attention_layernorm.weight"  # a Llama's, 52 characters
+
+
+def _report(**changes) -> Report:  # type: ignore[no-untyped-def]
+    rows = [
+        TensorRow(LONG, 512, "param", (0, 180), None, (128,), "float32"),
+        TensorRow(
+            "model.model.layers.0.self_attn.q_proj.weight",
+            65536,
+            "param",
+            (0, 180),
+            None,
+            (128, 128),
+            "float32",
+            decision="offload:disk+quantize:int8",
+        ),
+        TensorRow(
+            "getitem_6",
+            1 << 20,
+            "saved-for-backward",
+            (56, 461),
+            "_scaled_dot_product_flash_attention_for_cpu "
+            "(aten._scaled_dot_product_flash_attention_for_cpu.default)",
+            (8, 4, 64, 64),
+            "float32",
+        ),
+    ]
+    fields = dict(
+        mode="train",
+        num_ops=483,
+        budget_bytes=None,
+        unplanned_peak_bytes=25_000_000,
+        unplanned_peak_step=80,
+        planned_peak_bytes=25_000_000,
+        estimated_seconds=0.045,
+        unplanned_estimated_seconds=0.045,
+        solver={"name": None, "status": "not run (no budget)", "seconds": 0.0},
+        tensors=rows,
+        profile="cpu",
+        # unet's training peak: the line is longer than the table's 140 columns
+        peak_by_kind={
+            "param": 1_887_436,
+            "buffer": 5_734,
+            "input": 196_608,
+            "tangent": 131_072,
+            "activation": 1_048_576,
+            "saved-for-backward": 20_237_516,
+            "grad": 136,
+            "output": 136_806,
+            "workspace": 2_097_152,
+        },
+    )
+    fields.update(changes)
+    return Report(**fields)  # type: ignore[arg-type]
+
+
+def test_long_tensor_names_are_never_broken_across_lines() -> None:
+    text = str(_report())
+    lines = text.splitlines()
+    for row in _report().tensors:
+        # was split: "...self_attn.q_p" on one line, "roj.weight" on the next
+        assert any(row.name in line for line in lines), row.name
+
+
+def test_summary_lines_are_not_wrapped_mid_item() -> None:
+    text = str(_report())
+    resident = [line for line in text.splitlines() if line.startswith("  resident then:")]
+    assert len(resident) == 1
+    assert "grad 136 B, output" in resident[0]  # was "grad" at a line's end, "136 B" next
+    assert resident[0].rstrip().endswith("workspace 2.0 MiB")
+
+
+def test_a_kept_baseline_is_not_reported_as_infeasible() -> None:
+    solver = {
+        "name": "cp-sat (kept baseline greedy)",
+        "status": "INFEASIBLE",
+        "seconds": 0.01,
+        "objective": None,
+        "bound": None,
+        "gap": None,
+    }
+    text = str(_report(budget_bytes=25_000_000, solver=solver))
+    line = next(line for line in text.splitlines() if line.startswith("solver:"))
+    assert "found no plan" in line and "baseline greedy's" in line, line
+
+
+def test_the_objective_is_not_read_as_the_added_estimate() -> None:
+    # MLP training at 10%: "objective 37.175 ms added" with an estimate only 27 ms
+    # above the unplanned one
+    solver = {
+        "name": "cp-sat",
+        "status": "OPTIMAL",
+        "seconds": 0.04,
+        "objective": 0.037175,
+        "bound": 0.037175,
+        "gap": 0.0,
+    }
+    text = str(
+        _report(
+            budget_bytes=1_700_000,
+            solver=solver,
+            estimated_seconds=0.03613,
+            unplanned_estimated_seconds=0.00891,
+        )
+    )
+    line = next(line for line in text.splitlines() if line.startswith("solver:"))
+    assert "ms added" not in line and "cost model" in line, line
+
+
+def test_a_gradient_row_names_its_parameter() -> None:
+    import json
+
+    from conftest import toy
+
+    import planner
+
+    model, inputs = toy("chain", 1)
+    report = planner.report(model, inputs, mode="train", profile="cpu")
+    grads = [row for row in report.tensors if row.kind == "grad"]
+    names = {name for name, _ in model.named_parameters()}
+    assert grads and {row.grad_of for row in grads} == names  # was "mm_3": whose?
+    text = str(report)
+    for row in grads:
+        assert f"grad of {row.grad_of}" in text
+    rows = json.loads(report.to_json())["tensors"]
+    assert {r["grad_of"] for r in rows if r["kind"] == "grad"} == names
+
+
+def test_a_planned_report_totals_its_decisions() -> None:
+    text = str(_report(budget_bytes=2_000_000))
+    line = next(line for line in text.splitlines() if line.startswith("decisions:"))
+    assert "keep 2 tensors (1.0 MiB), offload:disk+quantize:int8 1 (64.0 KiB)" in line, line
+    assert not any(line.startswith("decisions:") for line in str(_report()).splitlines())
