@@ -314,6 +314,7 @@ class PlannedModule(torch.nn.Module):
         self.measured: Measurement | None = None
         self.output_error: dict[str, float] | None = None  # see measure_quantization_error
         self.measured_seconds: float | None = None  # set by time_call
+        self.timed_calls = 0  # how many calls measured_seconds is the median of
         #: which shape's plan ran the call ``measured`` (and ``measured_seconds``)
         #: is of: 0, this module's, or k, ``other_shapes[k - 1]``'s (whose own
         #: attributes hold it too); the report shows it beside that plan
@@ -654,6 +655,7 @@ class PlannedModule(torch.nn.Module):
                 "peak_bytes": self.measured.peak_bytes,
                 "seconds": self.measured.seconds,
                 "wall_seconds": self.measured_seconds if self._timed_shape == 0 else None,
+                "wall_calls": self.timed_calls if self._timed_shape == 0 else 0,
             }
         if self._other_shapes:
             report.inputs = list(self._call.meta)
@@ -1071,6 +1073,7 @@ class PlannedModule(torch.nn.Module):
                     torch.cuda.synchronize(self.device)
                 times.append(time.perf_counter() - start)
         self.measured_seconds = serving.measured_seconds = statistics.median(times)
+        self.timed_calls = serving.timed_calls = repeats
         return self.measured_seconds
 
     def run_measured_step(self, *args: Any, **kwargs: Any) -> Any:

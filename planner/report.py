@@ -456,7 +456,8 @@ def summary_lines(report: Report) -> list[str]:
         if m.get("wall_seconds"):
             lines.append(
                 f"measured time:      {m['wall_seconds'] * 1e3:.2f} ms "
-                f"(median, unmetered; estimate/measured "
+                f"(median of {m.get('wall_calls') or 'a few'} calls after a warm-up, "
+                f"unmetered: a rough figure on a busy machine; estimate/measured "
                 f"{report.estimated_seconds / m['wall_seconds']:.2f})"
             )
     return lines
