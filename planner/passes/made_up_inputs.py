@@ -18,14 +18,17 @@ producer need not be the node that ran.
 from __future__ import annotations
 
 import operator
+import re
 from typing import Any
 
 import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
+from planner.errors import CaptureError, listed
 from planner.ir.grad_mode_ops import needs_grad_mode
 from planner.ir.meta import fake_value, random_inputs
+from planner.ir.program import Program, ValueKind
 
 #: ops whose output is all of their input's buffer, as it is
 _WHOLE_ALIASES = (torch.ops.aten.alias.default, torch.ops.aten.detach.default)
@@ -116,3 +119,63 @@ class MadeUpInputs:
         if producer.target not in self._producers:
             return None
         return self._kernel_sized.get((signature(producer), position))
+
+
+#: torch's checks of its arguments' dtypes and devices, made before it reads any
+#: value: "mat1 and mat2 must have the same dtype, but got Double and Float"
+#: (matmuls), "expected scalar type Double but found Float" (convolutions, bmm),
+#: "mixed dtype (CPU): all inputs must share same datatype" (layer_norm), an
+#: embedding's "Expected tensor for argument #1 'indices' to have one of the
+#: following scalar types", "\"GeluKernelImpl\" not implemented for 'Long'",
+#: "Expected all tensors to be on the same device"
+_DTYPE_OR_DEVICE_CHECK = re.compile(
+    r"same dtype|scalar type|mixed dtype|same datatype|Found dtype|"
+    r"not implemented for '|should be the same|same device|to be on the same"
+)
+
+
+class OpCannotRun(Exception):
+    """``node`` failed on made-up inputs of its traced dtypes, whatever their
+    values: the planned program cannot run it either (``error``: torch's)."""
+
+    def __init__(self, node: torch.fx.Node, error: Exception) -> None:
+        super().__init__(str(error))
+        self.node = node
+        self.error = error
+
+    @staticmethod
+    def for_its_dtypes(error: Exception) -> bool:
+        """Whether torch refused the op's arguments' dtypes or devices (not their
+        values: an index out of range, a negative probability)."""
+        return isinstance(error, (RuntimeError, TypeError)) and bool(
+            _DTYPE_OR_DEVICE_CHECK.search(str(error))
+        )
+
+
+def _dtypes(program: Program, kinds: tuple[ValueKind, ...]) -> list[str]:
+    return sorted({v.dtype for v in program.values if v.kind in kinds})
+
+
+def refuse_an_op_that_cannot_run(program: Program, op_index: int, error: Exception) -> CaptureError:
+    """The error for op ``op_index`` of ``program``, which torch refused to run
+    on its traced dtypes (``error``): eager raises it too, but torch's trace does
+    not check dtypes, and every call of a plan raised it instead."""
+    op = program.ops[op_index]
+    where = f" at {op.stack}" if op.stack else ""
+    given = ", ".join(
+        f"{program.values[v].dtype} {list(program.values[v].shape)}" for v in op.inputs
+    )
+    inputs = _dtypes(program, (ValueKind.INPUT,))
+    params = _dtypes(program, (ValueKind.PARAM, ValueKind.BUFFER))
+    torch_says = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    ours = f"here {listed(inputs) or 'none'}"
+    if params:
+        ours += f"; the model's parameters are {listed(params)}"
+    return CaptureError(
+        f"the model does not run on these example inputs: {op.name} ({op.target}{where}, "
+        f"given {given}) fails with torch's {type(error).__name__}: {torch_says}. Check "
+        f"the example inputs' dtypes ({ours}) and devices: call the model on them "
+        f"eagerly first, and give it inputs it takes (x.float(), or convert the model: "
+        f"model.double()). If they already match, the forward itself mixes dtypes "
+        f"there: convert one side (t.to(x.dtype))"
+    )

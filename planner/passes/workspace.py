@@ -16,6 +16,16 @@ one element more than the fake kernel's, 8 bytes the meter saw and the plan did
 not). Such an output's storage is planned at the size the kernel allocates, and
 marked kernel-sized: its readers run on that real output, not a made-up one
 (``planner.passes.made_up_inputs``).
+
+It is also the first time the planner runs the model's ops for real: the traced
+graph does not check dtypes (torch's fake kernels give ``linear`` of a float64
+input and float32 weights a float64 output), so an op that cannot take its
+traced dtypes fails here, on every try, where an op refusing made-up values
+(``multinomial``'s negative probabilities) is retried or left unmeasured. Such an
+op is refused at planning time (``refuse_an_op_that_cannot_run``): a float64
+batch for a float32 model planned, even reported BudgetTooSmall, and every call
+of the planned module raised torch's bare "mat1 and mat2 must have the same
+dtype".
 """
 
 from __future__ import annotations
@@ -30,7 +40,12 @@ from planner.ir.build import allocated_bytes
 from planner.ir.grad_mode_ops import as_run
 from planner.ir.meta import FX_NODE_NAMES
 from planner.ir.program import Program
-from planner.passes.made_up_inputs import MadeUpInputs, signature
+from planner.passes.made_up_inputs import (
+    MadeUpInputs,
+    OpCannotRun,
+    refuse_an_op_that_cannot_run,
+    signature,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +66,11 @@ def annotate_workspace(
         for i, sig in enumerate(keys):
             output_bytes[sig] = _run_marked(calls[sig], f"{_MARK}{i}", device, made_up)
 
-    _, events = profile_allocations(run_each)
+    try:
+        _, events = profile_allocations(run_each)
+    except OpCannotRun as failed:
+        op_index = next(i for i, sig in signature_of.items() if calls[sig] is failed.node)
+        raise refuse_an_op_that_cannot_run(program, op_index, failed.error) from failed.error
     workspace: dict[int, int] = {}
     for event in find_events(events, _MARK):
         peak, final = peak_and_final(allocations([event], device))
@@ -124,6 +143,7 @@ def _run_marked(
     # normal floats first; an op that refuses negative values (multinomial's
     # probabilities: unmeasured, its 404 bytes of scratch went over a 3030-byte
     # budget) gets floats in [0, 1) instead
+    error: Exception | None = None
     for nonnegative in (False, True):
         try:
             args, kwargs = made_up.inputs(node, device, nonnegative=nonnegative)
@@ -135,6 +155,9 @@ def _run_marked(
                 result = as_run(node)(*args, **kwargs)
         except Exception as exc:
             log.debug("workspace: %s failed on random inputs: %s", node.format_node(), exc)
+            error = exc
             continue
         return made_up.ran(node, result)
+    if error is not None and OpCannotRun.for_its_dtypes(error):  # on any values
+        raise OpCannotRun(node, error)
     return []

@@ -258,3 +258,86 @@ def test_a_max_embedding_bag_training_step_keeps_its_budget() -> None:
     pm = planner.plan(_MaxBag(), budget, args, mode="train", time_limit=3)
     pm.run_measured_step(*args)
     assert pm.measured.peak_bytes <= pm.plan.budget_bytes
+
+
+def _mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
+
+
+@pytest.mark.parametrize(
+    ("mode", "x", "extra"),
+    [
+        ("infer", torch.randn(8, 32, dtype=torch.float64), None),
+        ("train", torch.randn(8, 32, dtype=torch.float64), None),
+        ("infer", torch.zeros(8, 32, dtype=torch.int64), None),
+        ("infer", torch.randn(8, 32), [(torch.randn(4, 32, dtype=torch.float64),)]),
+    ],
+    ids=["float64", "float64-train", "int64", "extra-float64"],
+)
+def test_example_inputs_of_a_dtype_the_model_cannot_take_are_refused(
+    mode: str, x: torch.Tensor, extra: list | None
+) -> None:
+    """torch's trace does not check dtypes (a float64 batch through float32
+    linears traces a float64 output): such inputs planned, even reported
+    BudgetTooSmall, and every call of the plan raised torch's bare "mat1 and mat2
+    must have the same dtype". The workspace pass runs the op for real and fails on
+    every try: refused at planning time, the model left as it was."""
+    model = _mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(planner.CaptureError) as caught:
+        planner.plan(model, "60%", (x,), mode=mode, extra_example_inputs=extra, time_limit=2)
+    message = str(caught.value)
+    dtype = str((extra[0][0] if extra else x).dtype).removeprefix("torch.")
+    assert "does not run on these example inputs" in message
+    assert "must have the same dtype" in message  # torch's own words
+    assert f"here {dtype}; the model's parameters are float32" in message
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.training and all(p.device.type == "cpu" for p in model.parameters())
+
+
+class _MixesDtypes(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(32, 32)
+        self.b = torch.nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x).double())  # the line named
+
+
+def test_a_forward_mixing_dtypes_is_refused_at_its_line() -> None:
+    x = torch.randn(8, 32)
+    with pytest.raises(planner.CaptureError, match=r"test_costs_workspace\.py:\d+ in forward"):
+        planner.analyze(_MixesDtypes().eval(), (x,))
+
+
+def _one_op_graph(error: Exception) -> torch.fx.Node:
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    node = graph.call_function(torch.ops.aten.add.Tensor, (x, x))
+    graph.output(node)
+    x.meta["val"] = torch.empty(4)
+
+    class Failing:
+        __name__ = "failing"
+
+        def __call__(self, *args: object) -> None:
+            raise error
+
+    node.target = Failing()  # type: ignore[assignment]
+    return node
+
+
+def test_an_op_failing_on_made_up_values_is_left_unmeasured() -> None:
+    """Made-up values may be ones an op refuses (an index out of range, a matrix
+    not positive-definite): its workspace is unmeasured, planning goes on. Only
+    torch's checks of dtypes and devices say the program cannot run."""
+    from planner.passes.made_up_inputs import MadeUpInputs, OpCannotRun
+    from planner.passes.workspace import _run_marked
+
+    node = _one_op_graph(RuntimeError("index 7 is out of bounds for dimension 0 with size 4"))
+    assert _run_marked(node, "m#0", "cpu", MadeUpInputs()) == []
+    node = _one_op_graph(RuntimeError("expected scalar type Double but found Float"))
+    with pytest.raises(OpCannotRun):
+        _run_marked(node, "m#0", "cpu", MadeUpInputs())
