@@ -99,6 +99,9 @@ class StateWatch:
         self.model = model
         self.held = held
         self._seen = _registrations
+        #: each held tensor's dtype, shape and device when planned: whether the run
+        #: will fail on a conversion in place (``check``)
+        self._planned = {name: _placed(tensor) for name, tensor in held.items()}
         # Each held tensor's slot (its owner's _parameters or _buffers, the key):
         # nn.Module._apply (model.half().float(), .double().float(), .cuda().cpu())
         # puts a new object in each buffer's slot by assigning the dict, which
@@ -121,15 +124,24 @@ class StateWatch:
         now: dict[str, torch.Tensor] = dict(self.model.named_parameters(remove_duplicate=False))
         now.update(self.model.named_buffers(remove_duplicate=False))
         replaced = [name for name, tensor in self.held.items() if now.get(name) is not tensor]
-        if not registered:
-            # No registration: nn.Module._apply wrote the slots. A buffer converted
+        converted_in_place = any(
+            _placed(tensor) != self._planned[name] for name, tensor in self.held.items()
+        )
+        if converted_in_place:
+            # nn.Module._apply converted the held tensors in place. A buffer converted
             # (model.double()) is left to the run, which fails on the parameters'
             # mixed dtypes and names what changed (StateTypes); one converted back
             # (model.double().float()) is a new object planned as the old one:
-            # replaced. An assignment registers (model.fc.weight = nn.Parameter(...),
-            # load_state_dict(assign=True) of a bfloat16 checkpoint): whatever its
-            # dtype, shape or device it is a replacement the run never sees (it reads
-            # the old tensor), so it is never left out
+            # replaced. Where no held tensor changed in place, the run reads only the
+            # old tensors and does not fail: whatever its dtype, shape or device a new
+            # object is a replacement, never left out (model.fc.weight =
+            # nn.Parameter(...), load_state_dict(assign=True) of a bfloat16
+            # checkpoint, a slot written directly, or model.double() under torch.
+            # __future__.set_overwrite_module_params_on_conversion(True), which makes
+            # new parameters too: the plan ran on with the old weights, silently, and
+            # a training step gave them, not the model's, the gradients). Not keyed
+            # on the registration counter: any module built anywhere moves it (a
+            # model.double() after building a loss head was called "replaced")
             replaced = [
                 n
                 for n in replaced

@@ -52,7 +52,8 @@ class TensorRow:
     #: training): it stays on the device
     updated: bool = False
     #: training: the parameter whose gradient this storage holds (its name
-    #: otherwise is the op's, ``mm_3``, which does not say whose)
+    #: otherwise is the op's, ``mm_3``, which does not say whose); several, comma
+    #: separated, where one storage holds the gradients of more than one
     grad_of: str | None = None
 
 
@@ -208,9 +209,12 @@ def tensor_rows(program: Program) -> list[TensorRow]:
     """One row per storage (a view adds no bytes: it is listed as an alias)."""
     frozen = program.meta.get(FROZEN_PARAMS, frozenset())
     updated = set(program.meta.get(BUFFER_UPDATES, ()))
-    grad_of = {
-        program.values[v].storage: fqn for v, fqn in program.meta.get(PARAM_GRADS, {}).items()
-    }
+    # a storage may hold several parameters' gradients (views of one buffer: the
+    # gradient of torch.cat([a, b]) split in two): each is named, not the last
+    grads: dict[int, list[str]] = {}
+    for v, fqn in program.meta.get(PARAM_GRADS, {}).items():
+        grads.setdefault(program.values[v].storage, []).append(fqn)
+    grad_of = {s: ", ".join(names) for s, names in grads.items()}
     rows = []
     for storage in program.storages:
         base = program.values[storage.base]
@@ -246,6 +250,8 @@ def _kind_label(row: TensorRow) -> str:
 
 #: tensor names up to this long are never broken across lines in the text table
 NAME_WIDTH = 60
+#: the least the producer column is given beside them
+PRODUCER_WIDTH = 10
 
 
 def render_text(report: Report, width: int = 140) -> str:
@@ -257,25 +263,12 @@ def render_text(report: Report, width: int = 140) -> str:
         title=f"planner report ({report.mode}, {report.num_ops} ops)", title_justify="left"
     )
     # a tensor's name is what users search for and paste: whole on one line up to
-    # NAME_WIDTH characters (longer ones fold), the producer column folds instead
-    longest = max((len(row.name) for row in report.tensors), default=0)
-    for column, justify in (
-        ("tensor", "left"),
-        ("bytes", "right"),
-        ("kind", "left"),
-        ("live", "right"),
-        ("decision", "left"),
-        ("producer", "left"),
-    ):
-        table.add_column(
-            column,
-            justify=justify,  # type: ignore[arg-type]
-            overflow="fold",
-            min_width=min(longest, NAME_WIDTH) if column == "tensor" else None,
-            no_wrap=column in ("bytes", "kind", "live", "decision"),
-        )
-    for row in report.tensors:
-        table.add_row(
+    # NAME_WIDTH characters (longer ones fold), the producer column folds instead;
+    # as far as the width allows with every other column whole and the producer's
+    # at least PRODUCER_WIDTH (rich crops what does not fit: a 53-character name
+    # beside "offload:disk:late+quantize:int4" left no producer column at all)
+    cells = [
+        (
             row.name,
             format_bytes(row.bytes),
             _kind_label(row),
@@ -283,6 +276,29 @@ def render_text(report: Report, width: int = 140) -> str:
             row.decision,
             (row.producer or "-") + (f"; grad of {row.grad_of}" if row.grad_of else ""),
         )
+        for row in report.tensors
+    ]
+    columns = ("tensor", "bytes", "kind", "live", "decision", "producer")
+    whole = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    overhead = 3 * len(columns) + 1  # each column's padding and left border, the right one
+    widths: list[int | None] = [None] * len(columns)  # None: rich's (all fit)
+    if overhead + sum(whole) > width:
+        room = width - overhead - sum(whole[1:5]) - PRODUCER_WIDTH
+        if room >= len("tensor"):  # else every column folds, as rich chooses
+            widths[0] = min(whole[0], NAME_WIDTH, room)
+            widths[5] = width - overhead - sum(whole[1:5]) - widths[0]
+            widths[1:5] = whole[1:5]
+    for i, (column, justify) in enumerate(
+        zip(columns, ("left", "right", "left", "right", "left", "left"))
+    ):
+        table.add_column(
+            column,
+            justify=justify,  # type: ignore[arg-type]
+            overflow="fold",
+            width=widths[i],
+        )
+    for row_cells in cells:
+        table.add_row(*row_cells)
     buffer = io.StringIO()
     console = Console(file=buffer, width=width, force_terminal=False, color_system=None)
     console.print(table)

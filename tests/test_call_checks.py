@@ -766,3 +766,48 @@ def test_a_parameter_replaced_by_one_of_another_dtype_is_an_error(mode: str, how
             pm(x)
     finally:
         pm.close()
+
+
+@pytest.mark.parametrize("how", ["slot written", "overwrite on conversion"])
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_a_parameter_replaced_without_registration_by_another_dtype_is_an_error(
+    mode: str, how: str
+) -> None:
+    """A new object of another dtype in a parameter's slot, put there without a
+    registration (a slot written directly, or model.double() with
+    set_overwrite_module_params_on_conversion(True), which makes new parameters):
+    left to a run that never read it, the plan ran on with the old weights, silently,
+    and a training step gave the old objects the gradients."""
+    torch.manual_seed(0)
+    model, x = _Net(), torch.randn(64, 32)
+    if mode == "infer":
+        model.eval()
+    pm = planner.plan(model, "100%", (x,), mode=mode, profile="cpu")
+    try:
+        if how == "slot written":
+            new = nn.Parameter(torch.zeros_like(model.a.weight, dtype=torch.bfloat16))
+            model.a._parameters["weight"] = new
+        else:
+            torch.__future__.set_overwrite_module_params_on_conversion(True)
+            model.double()
+        with pytest.raises(PlannerError, match=r"replaced since planning: .*a\.weight"):
+            pm(x)
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
+        pm.close()
+
+
+def test_converting_the_model_after_building_another_module_still_says_converted() -> None:
+    """Any module built anywhere fires a registration hook: a model.double() after it
+    was reported as its buffers "replaced since planning" instead of the parameters'
+    change of dtype."""
+    torch.manual_seed(0)
+    model, x = _Net(), torch.randn(64, 32)
+    pm = planner.plan(model, "100%", (x,), mode="train", profile="cpu")
+    try:
+        nn.Linear(2, 2)  # a loss head, another model: a registration
+        model.double()
+        with pytest.raises(PlannerError, match=r"changed dtype, device or shape since planning"):
+            pm(x)
+    finally:
+        pm.close()

@@ -147,3 +147,48 @@ def test_the_measured_time_says_how_many_calls_it_is_the_median_of() -> None:
     text = render_text(_report(budget_bytes=24_000_000, measured=measured))
     (line,) = [line for line in text.splitlines() if line.startswith("measured time:")]
     assert "median of 3 calls after a warm-up" in line and "rough" in line
+
+
+def test_a_storage_holding_two_gradients_names_both_parameters() -> None:
+    """The gradient of torch.cat([a, b]) is one buffer, a's and b's gradients its
+    two halves: the row named only b."""
+    import torch
+
+    import planner
+
+    class Cat(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Parameter(torch.randn(8, 16))
+            self.b = torch.nn.Parameter(torch.randn(8, 16))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (x @ torch.cat([self.a, self.b]).t()).sum()
+
+    report = planner.report(Cat(), (torch.randn(4, 16),), mode="train", profile="cpu")
+    named = [row.grad_of for row in report.tensors if row.grad_of]
+    assert named == ["a, b"], named
+
+
+def test_a_long_name_beside_a_long_decision_leaves_every_column_whole() -> None:
+    """A 53-character name held whole beside "offload:disk:late+quantize:int4" left
+    the producer column no room: rich cropped the table at 140 columns, the
+    producers (and the right border) were gone."""
+    name = "model.model.layers.10.post_attention_layernorm.weight"
+    row = TensorRow(
+        name,
+        123_456_789,
+        "saved-for-backward",
+        (12345, 23456),
+        "_scaled_dot_product_flash_attention_for_cpu "
+        "(aten._scaled_dot_product_flash_attention_for_cpu.default)",
+        (8,),
+        "float32",
+        decision="offload:disk:late+quantize:int4",
+    )
+    text = render_text(_report(tensors=[row], budget_bytes=2_000_000))
+    table = text.split("\n\n")[0].splitlines()[1:]
+    table = [line for line in table if line.strip() and line[0] in "┏┃┡│└"]
+    assert "producer" in table[1], table[1]
+    assert all(len(line) <= 140 and line.rstrip()[-1] in "┓┃┩│┘" for line in table), table
+    assert any("offload:disk:late+quantize:int4" in line for line in table)

@@ -166,11 +166,17 @@ def refuse_an_op_that_cannot_run(program: Program, op_index: int, error: Excepti
         f"{program.values[v].dtype} {list(program.values[v].shape)}" for v in op.inputs
     )
     inputs = _dtypes(program, (ValueKind.INPUT,))
-    params = _dtypes(program, (ValueKind.PARAM, ValueKind.BUFFER))
+    # the parameters' dtypes (a BatchNorm's int64 step counter is no parameter:
+    # "the model's parameters are float32, int64" sent users looking for one);
+    # a model without any: its buffers'
+    params = _dtypes(program, (ValueKind.PARAM,))
+    buffers = _dtypes(program, (ValueKind.BUFFER,))
     torch_says = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
     ours = f"here {listed(inputs) or 'none'}"
     if params:
         ours += f"; the model's parameters are {listed(params)}"
+    elif buffers:
+        ours += f"; the model's buffers are {listed(buffers)}"
     return CaptureError(
         f"the model does not run on these example inputs: {op.name} ({op.target}{where}, "
         f"given {given}) fails with torch's {type(error).__name__}: {torch_says}. Check "

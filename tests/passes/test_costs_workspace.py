@@ -341,3 +341,14 @@ def test_an_op_failing_on_made_up_values_is_left_unmeasured() -> None:
     node = _one_op_graph(RuntimeError("expected scalar type Double but found Float"))
     with pytest.raises(OpCannotRun):
         _run_marked(node, "m#0", "cpu", MadeUpInputs())
+
+
+def test_the_refusal_names_the_parameters_dtypes_not_an_integer_buffers() -> None:
+    """A BatchNorm's num_batches_tracked (int64) is a buffer: listed among "the
+    model's parameters", the message sent users looking for an int64 parameter."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.BatchNorm1d(16))
+    x = torch.randn(8, 32, dtype=torch.float64)
+    with pytest.raises(planner.CaptureError) as caught:
+        planner.analyze(model, (x,), mode="train")
+    assert "here float64; the model's parameters are float32)" in str(caught.value)
