@@ -370,9 +370,7 @@ def test_cli_plot_to_a_device_or_pipe_writes_it_in_place(tmp_path, capsys) -> No
     assert sorted(os.listdir(tmp_path)) == ["pipe", "plot.png"]
 
 
-@pytest.mark.parametrize(
-    ("quantize", "advice"), [("int8", "(--quantize int4)"), ("int4", None)]
-)
+@pytest.mark.parametrize(("quantize", "advice"), [("int8", "(--quantize int4)"), ("int4", None)])
 def test_cli_budget_too_small_with_quantize_does_not_advise_quantize_again(
     capsys: pytest.CaptureFixture[str], quantize: str, advice: str | None
 ) -> None:
