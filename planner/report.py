@@ -285,8 +285,9 @@ def render_text(report: Report, width: int = 140) -> str:
     if overhead + sum(whole) > width:
         room = width - overhead - sum(whole[1:5]) - PRODUCER_WIDTH
         if room >= len("tensor"):  # else every column folds, as rich chooses
-            widths[0] = min(whole[0], NAME_WIDTH, room)
-            widths[5] = width - overhead - sum(whole[1:5]) - widths[0]
+            name_width = min(whole[0], NAME_WIDTH, room)
+            widths[0] = name_width
+            widths[5] = width - overhead - sum(whole[1:5]) - name_width
             widths[1:5] = whole[1:5]
     for i, (column, justify) in enumerate(
         zip(columns, ("left", "right", "left", "right", "left", "left"))
