@@ -151,22 +151,18 @@ def test_cli_inductor_without_measured_room(
     assert "schedule solved for" not in capsys.readouterr().out
 
 
-def test_cli_budget_too_small(capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(
-        [
-            "report",
-            f"{EXAMPLES}/mlp.py:make_mlp",
-            "--budget",
-            "1KiB",
-            "--profile",
-            "cpu",
-            "--time-limit",
-            "5",
-        ]
-    )
+def _too_small(capsys: pytest.CaptureFixture[str], *options: str) -> str:
+    """The CLI's stderr for the MLP example at 1 KiB (exit code 3: BudgetTooSmall)."""
+    argv = ["report", f"{EXAMPLES}/mlp.py:make_mlp", "--budget", "1KiB", *options]
+    code = main([*argv, "--profile", "cpu", "--time-limit", "5"])
     assert code == 3
     err = capsys.readouterr().err
     assert "smallest budget a plan was found for" in err
+    return err
+
+
+def test_cli_budget_too_small(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _too_small(capsys)
     assert "(--quantize ...)" in err and "quantize=" not in err  # the CLI's words
 
 
@@ -374,23 +370,7 @@ def test_cli_plot_to_a_device_or_pipe_writes_it_in_place(tmp_path, capsys) -> No
 def test_cli_budget_too_small_with_quantize_does_not_advise_quantize_again(
     capsys: pytest.CaptureFixture[str], quantize: str, advice: str | None
 ) -> None:
-    code = main(
-        [
-            "report",
-            f"{EXAMPLES}/mlp.py:make_mlp",
-            "--budget",
-            "1KiB",
-            "--quantize",
-            quantize,
-            "--profile",
-            "cpu",
-            "--time-limit",
-            "5",
-        ]
-    )
-    assert code == 3
-    err = capsys.readouterr().err
-    assert "smallest budget a plan was found for" in err
+    err = _too_small(capsys, "--quantize", quantize)
     assert err.count(" bytes (") == 2  # the budget and the smallest in KiB/MiB too
     assert "(--quantize ...)" not in err  # was advised with --quantize already given
     if advice is not None:
