@@ -97,26 +97,37 @@ class StateWatch:
     def __init__(self, model: torch.nn.Module, held: dict[str, torch.Tensor]) -> None:
         _install_hooks()
         self.model = model
-        self.held = held
+        self.held: dict[str, torch.Tensor] = {}
         self._seen = _registrations
         #: each held tensor's dtype, shape and device when planned: whether the run
         #: will fail on a conversion in place (``check``)
-        self._planned = {name: _placed(tensor) for name, tensor in held.items()}
+        self._planned: dict[str, tuple] = {}
         # Each held tensor's slot (its owner's _parameters or _buffers, the key):
         # nn.Module._apply (model.half().float(), .double().float(), .cuda().cpu())
         # puts a new object in each buffer's slot by assigning the dict, which
         # fires no registration hook, so the counter alone missed it and the plan
         # went on reading the old buffers, silently
-        self._slots: list[tuple[dict, str, torch.Tensor]] = []
+        self._slots: dict[str, tuple[dict, str, torch.Tensor]] = {}
         for name, tensor in held.items():
-            found = find_slot(model, name)
-            if found is not None and found[0][found[1]] is tensor:
-                self._slots.append((*found, tensor))
+            self.expect(name, tensor)
+
+    def expect(self, name: str, tensor: torch.Tensor) -> None:
+        """Watch ``name`` as holding ``tensor`` from now on (at planning, and where
+        the plan itself puts another tensor there: a frozen weight's quantized
+        stand-in; set behind the watch's back, every call took the slow path and
+        the planned placement was missing)."""
+        self.held[name] = tensor
+        self._planned[name] = _placed(tensor)
+        found = find_slot(self.model, name)
+        if found is not None and found[0][found[1]] is tensor:
+            self._slots[name] = (*found, tensor)
+        else:
+            self._slots.pop(name, None)
 
     def check(self) -> None:
         registered = self._seen != _registrations
         if not registered:
-            for slots, key, tensor in self._slots:  # a dict lookup each, no frame
+            for slots, key, tensor in self._slots.values():  # a dict lookup each, no frame
                 if slots.get(key) is not tensor:
                     break
             else:

@@ -561,7 +561,7 @@ class PlannedModule(torch.nn.Module):
                 replace_slot(model, name, stand_in)
                 self._frozen_quantized.add(name)
             if hasattr(self, "_state_watch"):
-                self._state_watch.held[source] = stand_in
+                self._state_watch.expect(source, stand_in)
         self._frozen_stand_ins = {}
 
     def _model_entries(
