@@ -344,11 +344,10 @@ class CudaCopyEngine(CopyEngine):
             self._rows_written(key)
             entry = self.host_entries[key]
             src = self.host[key]
-            pending = self._upload(src, entry)
-            if key in self._handed_out:  # settle waits for it: a blocking event,
-                # so the host sleeps rather than spinning a core (as _download's)
-                self._home_upload = torch.cuda.Event(blocking=True)
-                self._home_upload.record(self.h2d)
+            handed_out = key in self._handed_out
+            pending = self._upload(src, entry, blocking=handed_out)
+            if handed_out:  # settle waits for it on the host
+                self._home_upload = pending.event
             return pending
         entry = self.disk.entries[key]
         out = self._destination(entry)
@@ -377,11 +376,13 @@ class CudaCopyEngine(CopyEngine):
         out.record_stream(self.h2d)
         return out
 
-    def _upload(self, src: torch.Tensor, entry: Entry) -> Pending:
+    def _upload(self, src: torch.Tensor, entry: Entry, blocking: bool = False) -> Pending:
+        """``blocking``: the event is one a host thread will wait for, which then
+        sleeps rather than spinning a core (as ``_download``'s)."""
         out = self._destination(entry)
         with torch.cuda.stream(self.h2d):
             out.untyped_storage().copy_(src.untyped_storage(), non_blocking=True)
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(blocking=blocking)
             event.record(self.h2d)
         return Pending(out, event=event)
 
