@@ -200,29 +200,33 @@ class SwapWatch:
     tensors passed (dotted names fail earlier, in ``PlannedModule.__getattr__``).
     A steady loop pays one C-level identity pass over the held tensors."""
 
-    def __init__(self, module: torch.nn.Module, model_names: Sequence[str]) -> None:
+    def __init__(self, module: torch.nn.Module, model_own_names: Sequence[str]) -> None:
+        """``model_own_names``: the names of the model's own parameters and
+        buffers (not its submodules': a swap of those fails at the dotted name)."""
         self._module = module
-        self._held = [
-            (held, name, tensor)
-            for held in (module._parameters, module._buffers)
-            for name, tensor in held.items()
-        ]
-        self._params = list(module._parameters.values())
-        self._buffers = list(module._buffers.values())
-        own = {name for _, name, _ in self._held}
-        self._top = frozenset(n for n in model_names if "." not in n and n not in own)
+        # as planned: the module's own dicts, copied (those dicts are what a swap writes)
+        self._params = dict(module._parameters)
+        self._buffers = dict(module._buffers)
+        own = self._params.keys() | self._buffers.keys()
+        self._top = frozenset(model_own_names) - own
 
     def check(self) -> None:
         module = self._module
         if (
             len(module._parameters) == len(self._params)
             and len(module._buffers) == len(self._buffers)
-            and all(map(operator.is_, module._parameters.values(), self._params))
-            and all(map(operator.is_, module._buffers.values(), self._buffers))
+            and all(map(operator.is_, module._parameters.values(), self._params.values()))
+            and all(map(operator.is_, module._buffers.values(), self._buffers.values()))
             and self._top.isdisjoint(module.__dict__)
         ):
             return
-        swapped = [name for held, name, t in self._held if held.get(name) is not t]
+        pairs = ((self._params, module._parameters), (self._buffers, module._buffers))
+        swapped = [
+            name
+            for planned, now in pairs
+            for name, tensor in planned.items()
+            if now.get(name) is not tensor
+        ]
         swapped += sorted(  # the module's own attributes (plan, measured) are no tensors
             n
             for n in self._top.intersection(module.__dict__)

@@ -304,9 +304,7 @@ class PlannedModule(torch.nn.Module):
             else:  # the weights it keeps on the device, the model's (the rest leave it)
                 kept = zip(self._state_names, self._state)
                 self._state_watch = StateWatch(model, self._model_entries(model, kept))
-            model_names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-            model_names += [n for n, _ in model.named_buffers(remove_duplicate=False)]
-            self._swap_watch = SwapWatch(self, model_names)
+            self._swap_watch = SwapWatch(self, [*model._parameters, *model._buffers])
         except BaseException:
             if self._owns_store:  # another shape's module owns a shared one
                 self._finalizer()
