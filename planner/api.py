@@ -324,18 +324,17 @@ def plan(
             f"for a module planned with extra_example_inputs, one plan per shape)"
         )
     args, kwargs = normalize_example_inputs(example_inputs)
-    device = next(
-        (t.device for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)),
-        torch.device("cpu"),
-    )
+    # the devices the example inputs use (a GPU batch may come with CPU lengths);
+    # the module's is the first tensor's
+    tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    devices = {t.device for t in tensors}
     if device.type == "meta":
         raise PlannerError(
             "the example inputs are on the meta device, which holds no values: a plan is "
             "made and checked by running them. Give real example inputs (a model built on "
             "the meta device takes its weights from checkpoint=)"
         )
-    # the devices the example inputs use (a GPU batch may come with CPU lengths)
-    devices = {t.device for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
     for k, extra in enumerate(extra_example_inputs or ()):
         leaves = pytree.tree_leaves(normalize_example_inputs(extra))
         other = {t.device for t in leaves if isinstance(t, torch.Tensor)} - devices
