@@ -425,10 +425,10 @@ def gathered_rows_bytes(program: Program, step: int) -> int:
     send its rows down: the rows and an int64 copy of their positions, each a block
     of the allocator's (a 128-byte row and its one position hold 1 KiB, where the
     rows' bytes alone were charged)."""
-    op = program.ops[step]
-    *_, index, source = (program.values[v] for v in op.inputs)  # (self, index, source)
+    index = program.values[program.ops[step].inputs[-2]]  # (self, index, source)
     cuda = torch.device("cuda")
-    return allocated_bytes(source.nbytes, cuda) + allocated_bytes(8 * index.numel, cuda)
+    rows = written_rows_bytes(program, step)
+    return allocated_bytes(rows, cuda) + allocated_bytes(8 * index.numel, cuda)
 
 
 def _whole_alias(view: Value, base: Value) -> bool:
