@@ -225,16 +225,11 @@ def attach_checkpoint(model: torch.nn.Module, path: str | os.PathLike[str]) -> l
     weights = open_checkpoint(path)
     # each meta tensor once, with every slot that holds it: (fqn, slots, leaf, module)
     holders: dict[int, tuple[torch.Tensor, bool, list[tuple[str, dict, str, Any]]]] = {}
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        for kind in ("_parameters", "_buffers"):
-            slots = getattr(module, kind)
-            for leaf, value in list(slots.items()):
-                if value is None or not value.is_meta:
-                    continue
-                fqn = f"{module_name}.{leaf}" if module_name else leaf
-                entry = holders.setdefault(id(value), (value, kind == "_parameters", []))
-                if all(fqn != seen for seen, *_ in entry[2]):
-                    entry[2].append((fqn, slots, leaf, module))
+    for module_name, module, kind, slots, leaf, value in _meta_slots(model):
+        fqn = f"{module_name}.{leaf}" if module_name else leaf
+        entry = holders.setdefault(id(value), (value, kind == "_parameters", []))
+        if all(fqn != seen for seen, *_ in entry[2]):
+            entry[2].append((fqn, slots, leaf, module))
     found: list[tuple[list[tuple[str, dict, str, Any]], torch.Tensor, torch.Tensor, bool]] = []
     for value, is_parameter, slots_of in holders.values():
         tensor = next((weights[f] for f, *_ in slots_of if f in weights), None)
@@ -260,6 +255,19 @@ def attach_checkpoint(model: torch.nn.Module, path: str | os.PathLike[str]) -> l
     return attached
 
 
+def _meta_slots(
+    model: torch.nn.Module,
+) -> Iterator[tuple[str, torch.nn.Module, str, dict, str, torch.Tensor]]:
+    """Every slot of ``model``'s modules holding a meta tensor: (module name,
+    module, ``"_parameters"`` or ``"_buffers"``, that dict, the key, the tensor)."""
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for kind in ("_parameters", "_buffers"):
+            slots = getattr(module, kind)
+            for leaf, value in list(slots.items()):
+                if value is not None and value.is_meta:
+                    yield module_name, module, kind, slots, leaf, value
+
+
 @contextlib.contextmanager
 def checkpoint_attached(
     model: torch.nn.Module, path: str | os.PathLike[str] | None
@@ -272,13 +280,7 @@ def checkpoint_attached(
     if path is None:
         yield
         return
-    held = [
-        (slots, leaf, value)
-        for _, module in model.named_modules(remove_duplicate=False)
-        for slots in (module._parameters, module._buffers)
-        for leaf, value in list(slots.items())
-        if value is not None and value.is_meta
-    ]
+    held = [(slots, leaf, value) for *_, slots, leaf, value in _meta_slots(model)]
     try:
         attach_checkpoint(model, path)
         yield
