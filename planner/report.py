@@ -380,10 +380,10 @@ def _decision_totals(rows: list[TensorRow]) -> str:
         count = totals.setdefault(row.decision, [0, 0])
         count[0] += 1
         count[1] += row.bytes
-    parts = [f"{d} {n} ({format_bytes(b)})" for d, (n, b) in totals.items()]
-    if parts:
-        parts[0] = parts[0].replace(" (", " tensors (", 1)
-    return ", ".join(parts)
+    return ", ".join(
+        f"{d} {n}{' tensors' if i == 0 else ''} ({format_bytes(b)})"
+        for i, (d, (n, b)) in enumerate(totals.items())
+    )
 
 
 def _inputs_text(inputs: list[Any] | None) -> str:
