@@ -145,14 +145,11 @@ def build_candidates(problem: Problem) -> Candidates:
     for tensor in problem.tensors:
         events = own_steps(tensor, T)
         deliver_from = _delivery_start(tensor, T)
+        for lo, hi in fixed_spans(problem, tensor, T):
+            hold(lo, hi, tensor.nbytes)
         if tensor.pinned or not events:
-            hold(*_fixed_span(tensor, events, T), tensor.nbytes)
             continue
         stored = _stored_format(problem, tensor)
-        fused = {step for step, _ in tensor.fused_uses} if stored else set()
-        for e in events:
-            if e not in fused:  # at a fused use the home gap's options say what is held
-                hold(e, e, tensor.nbytes)
         own = []
         if tensor.persistent:
             first = Gap(tensor.index, 0, -1, events[0])
@@ -170,8 +167,6 @@ def build_candidates(problem: Problem) -> Candidates:
             home_gap[tensor.index] = len(gaps)
             own.append(len(gaps))
             gaps.append(first)
-        elif not tensor.by_op and events[0] > tensor.appears_at:
-            hold(tensor.appears_at, events[0], tensor.nbytes)  # a tangent before its use
         for a, b in zip(events, events[1:]):
             if b - a < 2:
                 continue  # adjacent steps: nothing to decide
@@ -609,6 +604,23 @@ def _link_recompute_needs(cands: Candidates) -> None:
                 continue
             kept.append(option)
         gap.options = kept
+
+
+def fixed_spans(problem: Problem, tensor: Tensor, T: int) -> list[tuple[int, int]]:
+    """The spans of steps (first, last) ``tensor`` is on the device whatever is
+    chosen: all its steps if it has no gaps (pinned, or never needed), else its own
+    steps (less the fused uses of a weight that may be stored quantized, where its
+    home gap's options say what is held) and, for a tangent handed in before its
+    first use, the steps until then. ``build_candidates`` sums these into
+    ``Candidates.fixed``; a BudgetTooSmall message names them at the floor's step."""
+    events = own_steps(tensor, T)
+    if tensor.pinned or not events:
+        return [_fixed_span(tensor, events, T)]
+    fused = {step for step, _ in tensor.fused_uses} if _stored_format(problem, tensor) else set()
+    spans = [(e, e) for e in events if e not in fused]
+    if not tensor.persistent and not tensor.by_op and events[0] > tensor.appears_at:
+        spans.append((tensor.appears_at, events[0]))
+    return spans
 
 
 def _fixed_span(tensor: Tensor, events: list[int], T: int) -> tuple[int, int]:

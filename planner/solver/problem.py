@@ -47,6 +47,8 @@ class Step:
     seconds: float
     workspace_bytes: int = 0
     reuse: tuple[int, int] | None = None
+    #: the user's source line that produced the op, if known (for messages)
+    source: str | None = None
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,11 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from planner.errors import BudgetTooSmall, InvalidPlan
 from planner.solver.baselines import BASELINES, greedy, keep_all
-from planner.solver.candidates import Candidates, build_candidates, holdings
+from planner.solver.candidates import Candidates, build_candidates, fixed_spans, holdings
 from planner.solver.model import PlacementModel
 from planner.solver.plan import Plan, SolverStats
 from planner.solver.problem import Problem
@@ -250,10 +252,48 @@ def _raise_too_small(
         f"budget {problem.budget_bytes:,} bytes ({format_bytes(problem.budget_bytes)}) is too "
         f"small: {why}. The smallest budget a plan was found for is {lowest:,} bytes "
         f"({format_bytes(lowest)}); none can go below {lower_bound:,} (the "
-        f"largest working set of one step plus what cannot move). Use a budget of at least "
-        f"{lowest:,} bytes{more}"
+        f"largest working set of one step plus what cannot move{_floor_blockers(cands)}). "
+        f"Use a budget of at least {lowest:,} bytes{more}"
     )
     raise BudgetTooSmall(msg, min_budget=lowest)
+
+
+#: how many of the tensors held at the floor's step a BudgetTooSmall message names
+NAMED_BLOCKERS = 4
+
+
+def _floor_blockers(cands: Candidates) -> str:
+    """Where the lower bound is reached, and the largest tensors every plan holds
+    there (what that step's op reads and writes, what is pinned across it): what to
+    make smaller (a batch, a vocabulary, a sequence) when no budget the user has
+    reaches the floor."""
+    from planner.report import format_bytes
+
+    problem = cands.problem
+    T = problem.num_steps
+    if T == 0:
+        return ""
+    step = int(lower_bounds(cands).argmax())
+    held = [
+        t
+        for t in problem.tensors
+        if any(lo <= step <= hi for lo, hi in fixed_spans(problem, t, T)) and t.nbytes
+    ]
+    held.sort(key=lambda t: -t.nbytes)
+    where = problem.steps[step]
+    source = f" at {where.source}" if where.source else ""
+    named = ", ".join(f"{t.name} {format_bytes(t.nbytes)}" for t in held[:NAMED_BLOCKERS])
+    rest = len(held) - NAMED_BLOCKERS
+    more = f" and {rest} more" if rest > 0 else ""
+    scratch = (
+        f", plus {format_bytes(where.workspace_bytes)} of the op's scratch"
+        if where.workspace_bytes
+        else ""
+    )
+    return (
+        f"; it is reached at step {step + 1} of {T}, op {where.name}{source}, which every plan "
+        f"runs holding {named}{more}{scratch}"
+    )
 
 
 def _replay_unbounded(cands: Candidates, choices: list[str]) -> Replay:
@@ -266,10 +306,13 @@ def _replay_unbounded(cands: Candidates, choices: list[str]) -> Replay:
 
 
 def lower_bound_bytes(cands: Candidates) -> int:
-    """No plan can hold less than, at each step, what is fixed plus each gap's
-    cheapest option there. (Per gap, only the span its options touch is compared.)"""
-    import numpy as np
+    """No plan can peak below this: the largest of ``lower_bounds``."""
+    return int(lower_bounds(cands).max())
 
+
+def lower_bounds(cands: Candidates) -> np.ndarray:
+    """Per step, what no plan can hold less than: what is fixed plus each gap's
+    cheapest option there. (Per gap, only the span its options touch is compared.)"""
     low = np.array(cands.fixed, dtype=np.int64)
     for gap in cands.gaps:
         nbytes = cands.problem.tensors[gap.tensor].nbytes
@@ -284,7 +327,7 @@ def lower_bound_bytes(cands: Candidates) -> int:
             for lo, hi, b in intervals:
                 per_option[row, lo - first : hi - first + 1] += b
         low[first : last + 1] += per_option.min(axis=0)
-    return int(low.max())
+    return low
 
 
 def keep_all_peak(problem: Problem) -> int:

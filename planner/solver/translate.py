@@ -99,6 +99,7 @@ def from_program(
             op.workspace_bytes,
             reuse=_reused_input(program, op.index, returned_storages)
             or updated_in_place(program, op.index, updates),
+            source=op.stack,
         )
         for op in program.ops
     ]

@@ -612,3 +612,32 @@ def test_below_the_floor_no_greedy_runs_and_min_budget_is_made_once(monkeypatch)
         solve(problem, time_limit=1)
     assert calls == [0]
     assert after.value.min_budget == before.value.min_budget
+
+
+class _Widening(nn.Module):
+    """Its floor is the ReLU between the wide layers: the 512 KiB hidden it reads
+    and the 512 KiB it writes are on the device together in every plan."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(16, 4096)
+        self.down = nn.Linear(4096, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.up(x)
+        return self.down(torch.relu(hidden))  # the floor's step
+
+
+def test_budget_too_small_names_the_step_that_sets_the_floor() -> None:
+    """Below what any plan reaches, the error says which op sets the floor, where
+    it is in the model's source, and the largest tensors every plan holds there:
+    what a user must shrink (the batch, a width) when no budget they have fits."""
+    model = _Widening()
+    with pytest.raises(BudgetTooSmall) as info:
+        planner.plan(model, 64 * 1024, example_inputs=(torch.randn(32, 16),))
+    message = str(info.value)
+    line = _Widening.forward.__code__.co_firstlineno + 2
+    assert f"at step 2 of 3, op relu at test_solve.py:{line} in forward" in message
+    # largest first: the ReLU's input (the up layer's output) and its output
+    assert "holding linear 512.0 KiB, relu 512.0 KiB, input[0][0] 2.0 KiB" in message
+    assert info.value.min_budget >= 1024 * 1024
