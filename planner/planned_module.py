@@ -639,6 +639,11 @@ class PlannedModule(torch.nn.Module):
         measured, the solver's status (``print(pm.report)``; ``.to_json()``)."""
         report = Report.from_plan(self.analysis, self.plan)
         report.add_quantization_errors(self.quantization_errors, self.output_error)
+        if self.problem.quantize:
+            report.lossy_allowed = {
+                "format": self.problem.quantize,
+                "uses": list(self.problem.quantize_uses),
+            }
         for row in report.quantized:
             row["exact_lookups"] = row["tensor"] in self._quantizer.exact_lookups
         if any("disk" in row.decision for row in report.tensors):

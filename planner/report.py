@@ -81,6 +81,10 @@ class Report:
     quantized: list[dict[str, Any]] = field(default_factory=list)
     #: lossy outputs against the lossless run (relative_l2, max_abs, top1_agreement)
     output_error: dict[str, float] | None = None
+    #: what ``quantize=`` allowed (format, and the uses: weights, activations,
+    #: transfers, gradients), None when lossless; said even when the plan
+    #: quantizes nothing, so a user sees the option was taken and not needed
+    lossy_allowed: dict[str, Any] | None = None
     #: which rates disk copies were priced at, and why (``DeviceProfile.disk_rates``)
     disk_rates: str | None = None
     #: kernels="inductor": runs of ops compiled, left eager (and why), ops in each
@@ -392,6 +396,18 @@ def _inputs_text(inputs: list[Any] | None) -> str:
     return ", ".join(f"{tuple(shape)} {dtype}" for shape, dtype in inputs)
 
 
+def _lossy_line(report: Report) -> str:
+    """What quantize= allowed, and how much of it the plan took: "none" means the
+    plan is lossless, computing what it would without quantize=."""
+    allowed = report.lossy_allowed or {}
+    uses = ", ".join(allowed.get("uses", ()))
+    head = f"lossy storage:      {allowed.get('format')} allowed" + (f" ({uses})" if uses else "")
+    if not report.quantized:
+        return head + "; none chosen: the plan fits without it (lossless)"
+    n = len(report.quantized)
+    return head + f"; {n} tensor{'s' if n != 1 else ''} quantized (below)"
+
+
 def summary_lines(report: Report) -> list[str]:
     kinds = ", ".join(f"{k} {format_bytes(b)}" for k, b in report.peak_by_kind.items())
     budget = format_bytes(report.budget_bytes) if report.budget_bytes else "none"
@@ -439,6 +455,8 @@ def summary_lines(report: Report) -> list[str]:
             )
         else:
             lines.append(f"  {name + ':':20s}does not fit the budget")
+    if report.lossy_allowed:
+        lines.append(_lossy_line(report))
     for row in report.quantized:
         line = (
             f"quantized:          {row['tensor']} {row['format']}, saves "

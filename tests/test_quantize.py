@@ -252,3 +252,20 @@ def test_training_with_int8_transfers() -> None:
         _check_lossy_step(pm, model, reference, inputs, budget)
     finally:
         pm.close()
+
+
+def test_the_report_says_what_quantize_allowed_when_nothing_is_quantized() -> None:
+    """At a budget the model fits, quantize= is not needed: the report says it was
+    allowed and none chosen, and the outputs are the lossless run's, bit for bit."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))
+    x = torch.randn(8, 64)
+    expected = model(x)
+    with planner.plan(model, "100%", example_inputs=(x,), quantize="int8") as pm:
+        assert torch.equal(pm(x), expected)
+        lines = [line for line in str(pm.report).splitlines() if "lossy storage:" in line]
+        assert lines == [
+            "lossy storage:      int8 allowed (activations, transfers, weights); "
+            "none chosen: the plan fits without it (lossless)"
+        ]
+        assert pm.report.to_dict()["lossy_allowed"]["format"] == "int8"

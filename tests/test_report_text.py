@@ -192,3 +192,18 @@ def test_a_long_name_beside_a_long_decision_leaves_every_column_whole() -> None:
     assert "producer" in table[1], table[1]
     assert all(len(line) <= 140 and line.rstrip()[-1] in "┓┃┩│┘" for line in table), table
     assert any("offload:disk:late+quantize:int4" in line for line in table)
+
+
+def test_a_lossy_option_that_quantized_nothing_is_said() -> None:
+    """quantize= given and no tensor quantized printed nothing about it: a user
+    could not tell the option was read and not needed from it being ignored."""
+    allowed = {"format": "int8", "uses": ["activations", "transfers", "weights"]}
+    text = render_text(_report(budget_bytes=24_000_000, lossy_allowed=allowed))
+    (line,) = [line for line in text.splitlines() if line.startswith("lossy storage:")]
+    assert "int8 allowed (activations, transfers, weights)" in line
+    assert "none chosen" in line and "lossless" in line
+    row = {"tensor": LONG, "format": "int8", "bytes": 512, "saved_bytes": 380}
+    text = render_text(_report(budget_bytes=24_000_000, lossy_allowed=allowed, quantized=[row]))
+    (line,) = [line for line in text.splitlines() if line.startswith("lossy storage:")]
+    assert line.endswith("; 1 tensor quantized (below)"), line
+    assert not any(line.startswith("lossy storage:") for line in str(_report()).splitlines())
