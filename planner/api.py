@@ -20,7 +20,7 @@ from planner.caller_grad_mode import planning_training_in_grad_mode
 from planner.caller_rng import caller_rng_kept
 from planner.codegen.assemble import Assembled
 from planner.codegen.emit import check_kernels
-from planner.errors import InvalidPlan, PlannerError, PlannerValueError, listed
+from planner.errors import CaptureError, InvalidPlan, PlannerError, PlannerValueError, listed
 from planner.full_collections import full_collections_deferred
 from planner.ir.autocast import autocast_off
 from planner.ir.capture import capture, normalize_example_inputs
@@ -405,6 +405,25 @@ def _compiled_and_checked(
     return _checked_by_meter(module, args, kwargs, fallback, close_refused=close_refused)
 
 
+def _analyzed_shape(
+    model: torch.nn.Module,
+    k: int,
+    inputs: Any,
+    mode: str,
+    profile: DeviceProfile,
+    kernels: str,
+) -> Analysis:
+    """``analyze`` of input set ``k`` (0: example_inputs, k: extra_example_inputs[k
+    - 1]); a CaptureError says which set it is about: the sets before it were
+    captured, so what failed is this one's (a dtype, a shape the model cannot take)."""
+    try:
+        return analyze(model, inputs, mode, profile, kernels)
+    except CaptureError as exc:
+        if k == 0:
+            raise
+        raise CaptureError(f"with extra_example_inputs[{k - 1}]: {exc}") from exc
+
+
 def _plan_shapes(
     model: torch.nn.Module,
     budget: int | str,
@@ -424,7 +443,8 @@ def _plan_shapes(
     shape to use instead of solving. With Inductor kernels each shape is planned
     by measured room (its homes fixed) and checked by the meter as ``plan`` does
     one shape: the first shape's module first (the others share its store)."""
-    analyses = [analyze(model, inputs, mode, profile, kernels) for inputs in shapes]
+    analyses = [_analyzed_shape(model, k, inputs, mode, profile, kernels) for k, inputs in
+                enumerate(shapes)]  # fmt: skip
     # a later shape's trace may install hooks of the model's own (transformers'
     # output recorders, for output_hidden_states=True): a shape traced before them
     # is traced again with them in place (they ran in its calls' eager
@@ -433,7 +453,7 @@ def _plan_shapes(
     hooks = module_hooks(model, backward=mode == "train")
     for k, inputs in enumerate(shapes):
         if analyses[k].captured.extra["hooks"] != hooks:
-            analyses[k] = analyze(model, inputs, mode, profile, kernels)
+            analyses[k] = _analyzed_shape(model, k, inputs, mode, profile, kernels)
     problems = [
         from_program(a.program, a.unplanned_peak_bytes, a.profile, quantize, kernels=kernels)
         for a in analyses

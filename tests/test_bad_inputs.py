@@ -137,6 +137,18 @@ def test_extra_example_inputs_on_another_device_say_so() -> None:
     assert all(p.device.type == "cpu" for p in model.parameters())
 
 
+@pytest.mark.parametrize("bad", [torch.randn(4, 31), torch.randn(4, 32, dtype=torch.float64)])
+def test_extra_example_inputs_the_model_does_not_take_name_their_set(bad: torch.Tensor) -> None:
+    """The first set captured, the second failed (a width, a dtype): the error
+    said what failed, not that it was extra_example_inputs[1] that did."""
+    x = torch.randn(8, 32)
+    extra = [(x[:4],), (bad,)]
+    with pytest.raises(
+        CaptureError, match=r"^with extra_example_inputs\[1\]: .*(\[4, 31\]|float64)"
+    ):
+        planner.plan(_mlp(), "100%", (x,), extra_example_inputs=extra)
+
+
 def test_example_inputs_the_model_does_not_take_are_not_blamed_on_the_trace() -> None:
     """A batch of the wrong width fails in eager too; the only advice was to "make
     forward() traceable by torch.export(strict=False)"."""
