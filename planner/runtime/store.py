@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import io
 import math
 import mmap
@@ -322,7 +323,10 @@ class DiskStore:
         # a transient copy's file stays open, and its next write overwrites it in
         # place: no create, rename or unlink, and no page-cache pages to allocate
         # and free (512 KiB: 0.05 ms here, against 0.84 ms for a fresh file)
-        self._open_files: dict[str, int] = {}
+        #: files kept open for later copies; file objects, not bare descriptors, so
+        #: that an interrupt landing anywhere around an open cannot drop a number
+        #: whose descriptor stays open (see ``_open_file``)
+        self._open_files: dict[str, io.FileIO] = {}
         #: a shared map (bytes) of each file kept open, at its size (module docstring)
         self._maps: dict[str, np.ndarray] = {}
         self._maps_allowed = _maps_in_place(self.root)
@@ -396,21 +400,25 @@ class DiskStore:
         """(fd, kept) of the key's file opened for writing in place (``create``: made
         if missing): kept open for later copies unless ``max_open_files`` are open
         (then closed after). A failed write removes the file (no half-written one)
-        and is raised as a ``StoreError``."""
-        fd = self._open_files.get(key)
-        kept = fd is not None
+        and is raised as a ``StoreError``. Whether the file is closed after is read
+        from ``_open_files``, not from a flag set after the keep: an interrupt
+        between the two closed a file the store still held."""
+        file = self._open_files.get(key)
         try:
-            if fd is None:
-                flags = os.O_RDWR | (os.O_CREAT if create else 0)
-                fd = os.open(self.path(key), flags, 0o600)
-                kept = self._keep_open(key, fd)
-            yield fd, kept
+            if file is None:
+                path = self.path(key)
+                if create:
+                    with io.FileIO(path, "a", opener=_private_open):
+                        pass  # made if missing, as it is: "r+" does not create
+                file = io.FileIO(path, "r+", opener=os.open)
+                self._keep_open(key, file)
+            yield file.fileno(), self._open_files.get(key) is file
         except OSError as exc:
             self.discard(key)
             raise self._write_error(key, nbytes, exc) from exc
         finally:
-            if fd is not None and not kept:
-                os.close(fd)
+            if file is not None and self._open_files.get(key) is not file:
+                file.close()
 
     def _overwrite(self, key: str, data: memoryview) -> tuple[int, int, int]:
         """Write ``data`` over the key's open file (created on first use), through
@@ -486,12 +494,12 @@ class DiskStore:
         if self._maps.pop(key, None) is not None:
             _KEPT.give()  # the map's descriptor closes with it
 
-    def _keep_open(self, key: str, fd: int) -> bool:
-        """Keep ``fd`` open for ``key``'s later copies, unless ``max_open_files``
+    def _keep_open(self, key: str, file: io.FileIO) -> bool:
+        """Keep ``file`` open for ``key``'s later copies, unless ``max_open_files``
         are open already (then the caller closes it, and reads open the file)."""
         if not self._take_descriptor():
             return False
-        self._open_files[key] = fd
+        self._open_files[key] = file
         return True
 
     def _write_error(self, key: str, nbytes: int, exc: OSError) -> StoreError:
@@ -514,9 +522,9 @@ class DiskStore:
 
     def _close_file(self, key: str) -> None:
         self._drop_map(key)
-        fd = self._open_files.pop(key, None)
-        if fd is not None:
-            os.close(fd)
+        file = self._open_files.pop(key, None)
+        if file is not None:
+            file.close()
             _KEPT.give()
 
     def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
@@ -527,9 +535,9 @@ class DiskStore:
         if key in self.linked:
             self.linked.read_into(key, view)
             return out
-        fd = self._open_files.get(key)
-        if fd is not None:  # kept open: no open and close per read (see ``_read_fd``)
-            return self._read_fd(key, fd, entry, path, view, out)
+        kept = self._open_files.get(key)
+        if kept is not None:  # kept open: no open and close per read (see ``_read_fd``)
+            return self._read_fd(key, kept.fileno(), entry, path, view, out)
         # A file object, not a bare descriptor: a Ctrl-C landing after the open and
         # before the close (the interpreter checks for signals after each call
         # returns) dropped the number, and the descriptor stayed open for good,
@@ -594,17 +602,12 @@ class DiskStore:
             raise StoreError(f"nothing stored under {key!r}")
         return entry, self.path(key)
 
-    def _open(self, key: str, path: Path, flags: int) -> int:
-        """``os.open`` of the key's file (``_opening``)."""
+    def _open_file(self, key: str, path: Path, mode: str = "r") -> io.FileIO:
+        """The key's file opened (``_opening``), in an object that closes it when
+        dropped. ``os.open`` is called from FileIO's C code: no signal is handled
+        between the open and the object taking the descriptor."""
         with self._opening(key, path):
-            return os.open(path, flags)
-
-    def _open_file(self, key: str, path: Path) -> io.FileIO:
-        """The key's file opened for reading (``_opening``), in an object that
-        closes it when dropped. ``os.open`` is called from FileIO's C code: no
-        signal is handled between the open and the object taking the descriptor."""
-        with self._opening(key, path):
-            return io.FileIO(path, "r", opener=os.open)
+            return io.FileIO(path, mode, opener=os.open)
 
     @contextlib.contextmanager
     def _opening(self, key: str, path: Path) -> Iterator[None]:
@@ -665,12 +668,12 @@ class DiskStore:
         self.entries[key] = dataclasses.replace(entry, crc32=None, stamp=None)
         path = self.path(key)
         if key not in self._open_files:  # reads of it go through an open file too
-            fd = self._open(key, path, os.O_RDWR)
-            if not self._keep_open(key, fd):
-                os.close(fd)
+            file = self._open_file(key, path, "r+")
+            if not self._keep_open(key, file):
+                file.close()
             else:
                 try:
-                    self._map_of(key, fd, entry.nbytes)  # and copy through a map of it
+                    self._map_of(key, file.fileno(), entry.nbytes)  # copies through a map
                 except OSError:
                     pass  # no room to allocate (its blocks exist: it was written): pwrite
 
@@ -725,6 +728,10 @@ class DiskStore:
             os.close(self._owner_lock)
             self._owner_lock = None
 
+
+#: ``os.open`` with the store's file mode, as a FileIO opener: all C, so no signal
+#: is handled between the open and the file object taking its descriptor
+_private_open = functools.partial(os.open, mode=0o600)
 
 _PAGE_BYTES = 4096
 

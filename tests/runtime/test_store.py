@@ -597,3 +597,98 @@ def test_an_interrupt_anywhere_in_a_read_leaves_no_descriptor_open(store: DiskSt
             sys.settrace(None)
         assert _descriptors_into(store.root) == [], f"interrupted at line event {k}"
     assert torch.equal(store.read_into("w", empty_like_entry(store.entries["w"])), out)
+
+
+def _signal_points(here: str):  # noqa: ANN202
+    """A trace function factory: ``tracer(on_point)`` calls ``on_point()`` at each
+    moment CPython handles a pending signal in the frames of file ``here``: at a
+    function's start (RESUME), and after each call returns or loop jumps back
+    (the eval breaker's checks), before the next instruction runs. Raising
+    KeyboardInterrupt there is a Ctrl-C landing at that moment (raising at every
+    instruction is more than a signal can do: between a ``with`` block's last
+    line and its ``__exit__`` call, no signal is handled)."""
+    import dis
+
+    names: dict[object, dict[int, str]] = {}
+
+    def opname(code, offset: int) -> str:  # noqa: ANN001
+        table = names.get(code)
+        if table is None:
+            table = names[code] = {i.offset: i.opname for i in dis.get_instructions(code)}
+        return table.get(offset, "")
+
+    def tracer(on_point):  # noqa: ANN001, ANN202
+        last: dict[int, str] = {}  # per frame, the instruction it ran last
+
+        def trace(frame, event, arg):  # noqa: ANN001
+            if frame.f_code.co_filename != here:
+                return None
+            frame.f_trace_opcodes = True
+            if event == "opcode":
+                current = opname(frame.f_code, frame.f_lasti)
+                before = last.get(id(frame), "")
+                last[id(frame)] = current
+                if current == "RESUME" or before in ("CALL", "JUMP_BACKWARD"):
+                    on_point()
+            elif event == "return":
+                last.pop(id(frame), None)
+            return trace
+
+        return trace
+
+    return tracer
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+def test_an_interrupt_at_any_moment_of_a_first_write_leaves_no_descriptor_open(
+    store: DiskStore,
+) -> None:
+    """A spill's first write opens its file and keeps it for later copies. A
+    Ctrl-C is handled after a call returns, before its result is stored: landing
+    right after ``os.open``, it dropped the descriptor's number and the descriptor
+    stayed open for good. Here the interrupt is raised by a trace function at each
+    instruction the write runs in the store, in turn; after each, every descriptor
+    into the store is one it holds (open, on the key's file), and none is left once
+    the key is discarded (``_signal_points``: where CPython handles signals).
+    Before: 1 of N points left a descriptor open."""
+    tensor = torch.randn(16, 64)
+    tracer = _signal_points(sys.modules[DiskStore.__module__].__file__)
+    points = 0
+
+    def count() -> None:
+        nonlocal points
+        points += 1
+
+    store.write("s", tensor, checksum=False)  # first: names its file (cached after)
+    store.discard("s")
+    sys.settrace(tracer(count))
+    try:
+        store.write("s", tensor, checksum=False)
+    finally:
+        sys.settrace(None)
+    store.discard("s")
+    assert points > 20
+    for k in range(1, points + 1):
+        seen = 0
+
+        def interrupt(at: int = k) -> None:
+            nonlocal seen
+            seen += 1
+            if seen == at:
+                raise KeyboardInterrupt
+
+        sys.settrace(tracer(interrupt))
+        try:
+            store.write("s", tensor, checksum=False)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        for key, file in store._open_files.items():  # held ones are open, on their file
+            held = f"/proc/self/fd/{file.fileno()}"
+            assert os.path.exists(held), f"interrupted at point {k}: {key} closed, still held"
+            assert os.readlink(held) == str(store.path(key))
+        store.discard("s")
+        assert _descriptors_into(store.root) == [], f"interrupted at point {k}"
+    store.write("s", tensor, checksum=False)
+    assert torch.equal(store.read_into("s", empty_like_entry(store.entries["s"])), tensor)
