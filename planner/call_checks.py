@@ -9,7 +9,9 @@ compute something else than eager would, so each is an error that says what to d
   constant), and, with grad enabled, an input that requires grad where the example
   did not (the traced backward has no gradient for it: ``x.grad`` stayed ``None``);
 - training, ``create_graph=True``: the planned backward runs outside autograd (its
-  ops write into planned buffers), so it cannot itself be differentiated;
+  ops write into planned buffers), so it cannot itself be differentiated; nor can
+  it take gradients batched by ``is_grads_batched=True`` (``check_not_batched``), or
+  run under a ``torch.func`` transform (``check_not_functorch_transform``);
 - training, ``torch.autograd.grad`` or ``backward(inputs=...)`` leaving out a
   parameter whose gradient the plan writes into ``.grad`` itself
   (``check_deliveries_wanted``);
@@ -670,6 +672,43 @@ def check_not_create_graph() -> None:
             "through a planned step is not supported: the planned backward writes into "
             "planned buffers and is not itself differentiable. Compute such terms "
             "with the unplanned model"
+        )
+
+
+def check_not_batched(grad_outputs: tuple) -> None:
+    """Called from the planned backward: ``torch.autograd.grad(...,
+    is_grads_batched=True)`` (and ``torch.autograd.functional.jacobian`` or
+    ``hessian`` with ``vectorize=True``, which use it) runs the backward once on
+    gradients batched over a leading dimension. The plan's buffers, ``out=`` writes
+    and budget are for one gradient: torch's batching raised from inside its ops
+    ("Batching rule not implemented for ..."), or held the batch at once over the
+    budget."""
+    is_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
+    if is_batched is None:
+        return
+    if any(isinstance(g, torch.Tensor) and is_batched(g) for g in grad_outputs):
+        raise PlannerError(
+            "torch.autograd.grad(..., is_grads_batched=True) (also "
+            "torch.autograd.functional.jacobian/hessian(vectorize=True)) through a "
+            "planned step is not supported: the plan sizes and writes its buffers for "
+            "one gradient at a time, within its budget. Compute the products once per "
+            "vector (call the planned module and backward for each), or use the "
+            "unplanned model"
+        )
+
+
+def check_not_functorch_transform() -> None:
+    """Called at a training step: under a ``torch.func`` transform (``grad``,
+    ``vjp``, ``jacrev``, ``vmap``, ...) the planned step, an autograd.Function
+    without ``setup_context``, raised torch's own error about the planner's
+    internals."""
+    if torch._C._functorch.maybe_current_level() is not None:
+        raise PlannerError(
+            "a training plan cannot run under a torch.func transform (torch.func.grad, "
+            "vjp, jacrev, vmap, ...): its step is one autograd node whose backward runs "
+            "the planned kernels and copies, which those transforms cannot trace or "
+            "batch. Take gradients with loss.backward() or torch.autograd.grad, one "
+            "batch per call; or apply the transform to the unplanned model"
         )
 
 

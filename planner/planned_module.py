@@ -32,7 +32,9 @@ from planner.call_checks import (
     TierParams,
     accumulators,
     check_deliveries_wanted,
+    check_not_batched,
     check_not_create_graph,
+    check_not_functorch_transform,
     check_not_unfrozen,
     warn_if_saved_tensors_hooks,
 )
@@ -817,6 +819,7 @@ class PlannedModule(torch.nn.Module):
             check_call_mode(self._traced_training, self.training)
             self._mode_watch.check()
         check_autocast(self._autocast)
+        check_not_functorch_transform()
         self._hook_watch.check()
         self._state_watch.check()
         self._tier_params.check()
@@ -1213,6 +1216,7 @@ class _PlannedStep(torch.autograd.Function):
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple:  # type: ignore[override]
         pm: PlannedModule = ctx.pm
         check_not_create_graph()
+        check_not_batched(grad_outputs)
         check_deliveries_wanted(pm._delivery_accumulators)
         if ctx.carry is None:
             raise PlannerError(

@@ -138,6 +138,38 @@ def test_create_graph_is_an_error() -> None:
     assert model.c.weight.grad is not None
 
 
+def test_batched_gradients_through_a_step_are_an_error() -> None:
+    # autograd.grad(is_grads_batched=True), and jacobian(vectorize=True) which uses
+    # it, run the planned backward on batched gradients: before the check, torch's
+    # "Batching rule not implemented for aten::threshold_backward.grad_input" from
+    # inside the planned ops (an out= into a planned buffer), or, where no such op
+    # was planned, B gradients held at once in buffers the budget sized for one
+    model, pm, x = _planned(torch.randn(64, 32).requires_grad_())
+    xs = x.detach().clone().requires_grad_()
+    out = pm(xs)
+    vectors = torch.randn((3, *out.shape))
+    with pytest.raises(PlannerError, match=r"is_grads_batched=True.*once per vector"):
+        torch.autograd.grad(out, xs, vectors, is_grads_batched=True)
+    with pytest.raises(PlannerError, match=r"is_grads_batched=True"):
+        torch.autograd.functional.jacobian(pm, x.detach().clone(), vectorize=True)
+    out.pow(2).sum().backward()  # what the forward saved is still there
+    assert xs.grad is not None and model.c.weight.grad is not None
+
+
+def test_torch_func_transforms_of_a_training_plan_are_an_error() -> None:
+    # before the check: torch's "In order to use an autograd.Function with functorch
+    # transforms (vmap, grad, jvp, jacrev, ...), it must override the setup_context
+    # staticmethod", naming the planner's internals
+    _, pm, x = _planned(torch.randn(64, 32).requires_grad_())
+    x = x.detach().clone()
+    with pytest.raises(PlannerError, match=r"torch\.func.*loss\.backward\(\)"):
+        torch.func.grad(lambda t: pm(t).sum())(x)
+    with pytest.raises(PlannerError, match=r"torch\.func"):
+        torch.func.vmap(pm)(x.expand(2, 64, 32))
+    pm(x.requires_grad_()).sum().backward()  # the module stays usable
+    assert x.grad is not None
+
+
 def test_saved_tensors_hooks_around_a_step_are_warned_about_not_applied() -> None:
     model, pm, x = _planned()
     packed = []
