@@ -230,8 +230,11 @@ class Runtime:
 
 def round_trip_error(original: torch.Tensor, restored: torch.Tensor) -> dict[str, float]:
     """Relative L2 and largest absolute error of a quantize/dequantize round trip."""
-    diff = restored.float() - original.float()
-    norm = original.float().norm().clamp_min(1e-30)
+    # in float64 (MPS has none): in fp32 the norm of a tensor holding values near
+    # fp32's largest overflowed, and a relative error of 0.0 was reported
+    wide = torch.float32 if original.device.type == "mps" else torch.float64
+    diff = restored.to(wide) - original.to(wide)
+    norm = original.to(wide).norm().clamp_min(1e-30)
     return {
         "relative_l2": float(diff.norm() / norm),
         "max_abs": float(diff.abs().max()) if diff.numel() else 0.0,

@@ -156,3 +156,15 @@ def test_an_int8_row_at_the_ends_of_the_range_comes_back_finite(dtype: torch.dty
     xd, bd = x.double(), back.double()
     step = xd.abs().amax(dim=1, keepdim=True) / 127
     assert ((bd - xd).abs() <= step * (0.5 + 1e-5) + bd.abs() * torch.finfo(dtype).eps).all()
+
+
+def test_round_trip_error_of_huge_values_is_not_zero() -> None:
+    """The report's relative L2 of an int8 row holding 3e38 was 0.0: its norm
+    overflowed fp32 (computed in float64 now)."""
+    from planner.runtime.runtime import round_trip_error
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 64) * 0.05
+    x[0, 0] = 3e38
+    error = round_trip_error(x, dequantize(quantize(x, "int8")))
+    assert 0 < error["relative_l2"] < 1 and error["max_abs"] > 0
