@@ -26,6 +26,7 @@ from planner.runtime.store import (
     DiskStore,
     Entry,
     describe,
+    empty_for_read,
     empty_like_entry,
     fault_in,
     mark_copy_thread,
@@ -198,8 +199,8 @@ class ThreadCopyEngine(CopyEngine):
         self._check_tier(tier)
         if self._maps(key):
             return self.disk.map_private(key)
-        out = empty_like_entry(self.disk.entries[key])
-        return self.disk.read_into(key, out)
+        out, view = empty_for_read(self.disk.entries[key])  # one allocation for both
+        return self.disk.read_into(key, out, view)
 
     def write_rows(
         self, key: str, tier: str, tensor: torch.Tensor, dim: int, index: torch.Tensor
