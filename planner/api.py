@@ -15,12 +15,19 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from planner.budget import parse_budget
+from planner.budget import is_smallest, parse_budget
 from planner.caller_grad_mode import planning_training_in_grad_mode
 from planner.caller_rng import caller_rng_kept
 from planner.codegen.assemble import Assembled
 from planner.codegen.emit import check_kernels
-from planner.errors import CaptureError, InvalidPlan, PlannerError, PlannerValueError, listed
+from planner.errors import (
+    BudgetTooSmall,
+    CaptureError,
+    InvalidPlan,
+    PlannerError,
+    PlannerValueError,
+    listed,
+)
 from planner.full_collections import full_collections_deferred
 from planner.ir.autocast import autocast_off
 from planner.ir.capture import capture, normalize_example_inputs
@@ -141,8 +148,9 @@ def make_plan(
 ) -> tuple[Analysis, Plan]:
     """Capture, analyze and solve: the Plan for ``model`` under ``budget``.
 
-    ``budget``: bytes, a size ("512MiB", "2GB") or a share of the unplanned peak
-    ("60%"). Raises BudgetTooSmall (with ``min_budget``) when no plan fits.
+    ``budget``: bytes, a size ("512MiB", "2GB"), a share of the unplanned peak
+    ("60%"), or "min" (the smallest a plan is found for). Raises BudgetTooSmall
+    (with ``min_budget``) when no plan fits.
     ``time_limit``: seconds of optimization search; the best plan found by then is
     returned with its bound (see ``plan.solver``). ``reuse``: a saved Plan (or its
     path) to use instead of solving; refused unless it was made for this graph and
@@ -177,11 +185,27 @@ def _analyze_and_solve(
     problem = from_program(
         analysis.program, analysis.unplanned_peak_bytes, analysis.profile, quantize, kernels=kernels
     )
+    if is_smallest(budget):  # plan= with it is refused by plan()
+        problem, solved = _solved_at_smallest(problem, time_limit)
+        return analysis, problem, solved
     reference = _budget_reference(budget, problem, analysis)
     problem = dataclasses.replace(problem, budget_bytes=parse_budget(budget, reference))
     if reuse is not None:
         return analysis, problem, _reuse_plan(problem, reuse, kernels)
     return analysis, problem, solve(problem, time_limit=time_limit)
+
+
+def _solved_at_smallest(problem: Problem, time_limit: float) -> tuple[Problem, Plan]:
+    """budget="min": the problem at the smallest budget a plan is found for, and
+    its plan. Solved at one byte, whose BudgetTooSmall names that budget (always
+    plannable: ``solve``), then solved there; the capture is not made again."""
+    try:  # a model that holds nothing plans at one byte
+        return problem, solve(dataclasses.replace(problem, budget_bytes=1), time_limit=time_limit)
+    except BudgetTooSmall as exc:
+        if exc.min_budget is None:
+            raise
+        problem = dataclasses.replace(problem, budget_bytes=exc.min_budget)
+    return problem, solve(problem, time_limit=time_limit)
 
 
 def _reuse_plan(problem: Problem, reuse: str | Path | Plan, kernels: str) -> Plan:
@@ -247,9 +271,11 @@ def plan(
 
     ``budget``: bytes (an int), a size (``"512MiB"``, ``"2GB"``) or a share of the
     unplanned peak (``"60%"``); below what any plan reaches, BudgetTooSmall with
-    ``min_budget``. ``example_inputs``: what the model is called with when
-    planned, as a tensor, a tuple of positional arguments, a dict of keyword
-    arguments, or ``(args, kwargs)``; a call must match their shapes and dtypes.
+    ``min_budget``. ``"min"``: that smallest budget, planned in one capture (where
+    catching BudgetTooSmall and planning at its ``min_budget`` traces twice).
+    ``example_inputs``: what the model is called with when planned, as a tensor,
+    a tuple of positional arguments, a dict of keyword arguments, or ``(args,
+    kwargs)``; a call must match their shapes and dtypes.
     ``mode``: ``"infer"`` (outputs only) or ``"train"`` (``pm(x)`` builds an
     autograd graph; the budget covers forward and backward; gradients land on the
     model's parameters). ``profile``: the device profile that prices ops and copies
@@ -315,6 +341,12 @@ def plan(
             f"extra_example_inputs takes a list of example inputs, one per more shape "
             f"(extra_example_inputs=[inputs_2, inputs_3], each as example_inputs is "
             f"given), got a {type(extra_example_inputs).__name__}: wrap it in a list"
+        )
+    if plan is not None and is_smallest(budget):  # a saved plan has its budget
+        raise PlannerValueError(
+            "budget='min' plans at the smallest budget a plan is found for; with plan= "
+            "give the saved plan's budget instead (Plan.budget_bytes, or the budget it was "
+            "made with)"
         )
     if extra_example_inputs:
         _check_saved_plans(plan, 1 + len(extra_example_inputs))
@@ -458,15 +490,18 @@ def _plan_shapes(
         from_program(a.program, a.unplanned_peak_bytes, a.profile, quantize, kernels=kernels)
         for a in analyses
     ]
-    reference = max(_budget_reference(budget, p, a) for p, a in zip(problems, analyses))
-    budget_bytes = parse_budget(budget, reference)
-    problems = [dataclasses.replace(p, budget_bytes=budget_bytes) for p in problems]
-    if isinstance(saved, (list, tuple)):  # one per shape (_check_saved_plans)
-        _check_saved_order(problems, saved)
-        plans = [_reuse_plan(p, s, kernels) for p, s in zip(problems, saved)]
-        check_same_homes(problems, plans)
+    if is_smallest(budget):  # the largest of the shapes' smallest (plan= refused)
+        problems, plans = _shapes_at_smallest(problems, time_limit)
     else:
-        problems, plans = solve_shapes(problems, time_limit)
+        reference = max(_budget_reference(budget, p, a) for p, a in zip(problems, analyses))
+        budget_bytes = parse_budget(budget, reference)
+        problems = [dataclasses.replace(p, budget_bytes=budget_bytes) for p in problems]
+        if isinstance(saved, (list, tuple)):  # one per shape (_check_saved_plans)
+            _check_saved_order(problems, saved)
+            plans = [_reuse_plan(p, s, kernels) for p, s in zip(problems, saved)]
+            check_same_homes(problems, plans)
+        else:
+            problems, plans = solve_shapes(problems, time_limit)
     if mode == "infer":
         warn_if_inference_traced_in_training(model, analyses[0].program)
 
@@ -528,6 +563,21 @@ def _check_saved_plans(saved: Any, shapes: int) -> None:
             f"in order), got {got}: save them from the module planned for these shapes "
             f"(pm.plan, then each of pm.other_shapes's .plan), or plan without plan="
         )
+
+
+def _shapes_at_smallest(
+    problems: list[Problem], time_limit: float
+) -> tuple[list[Problem], list[Plan]]:
+    """budget="min" with several input shapes: ``solve_shapes`` at the smallest
+    budget all of them plan at (the BudgetTooSmall of one byte names it), the
+    captures not made again."""
+    try:
+        return solve_shapes([dataclasses.replace(p, budget_bytes=1) for p in problems], time_limit)
+    except BudgetTooSmall as exc:
+        if exc.min_budget is None:
+            raise
+        at_smallest = [dataclasses.replace(p, budget_bytes=exc.min_budget) for p in problems]
+    return solve_shapes(at_smallest, time_limit)
 
 
 def _budget_reference(budget: int | str, problem: Problem, analysis: Analysis) -> int:

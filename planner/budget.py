@@ -1,4 +1,5 @@
-"""Parse a memory budget: bytes, a size string, or a share of the unplanned peak."""
+"""Parse a memory budget: bytes, a size string, or a share of the unplanned peak;
+or ``"min"``, the smallest budget a plan is found for (``is_smallest``)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,17 @@ _UNITS = {
 }
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 _PERCENT = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*%\s*$")
+
+
+#: the budget that asks for the smallest a plan is found for: planned in one
+#: capture, where catching BudgetTooSmall and planning again at its ``min_budget``
+#: traces the model twice (capture is 50-84% of planning time)
+SMALLEST = "min"
+
+
+def is_smallest(budget: object) -> bool:
+    """Whether ``budget`` is ``"min"`` (any case, spaces around)."""
+    return isinstance(budget, str) and budget.strip().lower() == SMALLEST
 
 
 def parse_budget(budget: int | float | str, unplanned_peak: int | None = None) -> int:
@@ -85,5 +97,6 @@ def parse_budget(budget: int | float | str, unplanned_peak: int | None = None) -
 def _help(budget: object) -> str:
     return (
         f"cannot read budget {budget!r}: give bytes (an int), a size such as "
-        f"'512MiB' or '2GB', or a share of the unplanned peak such as '60%'"
+        f"'512MiB' or '2GB', a share of the unplanned peak such as '60%', or 'min' (the "
+        f"smallest budget a plan is found for)"
     )

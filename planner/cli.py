@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "--budget",
         default=None,
-        help="plan under this budget: bytes, '512MiB', '2GB' or '60%%' of the unplanned peak, "
+        help="plan under this budget: bytes, '512MiB', '2GB', '60%%' of the unplanned peak or "
+        "'min' (the smallest a plan is found for), "
         "then run the plan once under the memory meter (default: no plan; the report of "
         "the model as it is, every tensor kept)",
     )

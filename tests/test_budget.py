@@ -65,3 +65,72 @@ def test_a_share_of_less_than_one_byte_is_refused() -> None:
     with pytest.raises(ValueError, match=r"less than one byte: give a larger share"):
         parse_budget("0.00001%", unplanned_peak=1_000_000)
     assert parse_budget("0.0001%", unplanned_peak=1_000_000) == 1
+
+
+def _mlp_and_batch():  # noqa: ANN202
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+    return model, torch.randn(32, 64)
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_min_plans_at_the_smallest_budget_in_one_capture(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """budget="min" is BudgetTooSmall's min_budget, planned without tracing the
+    model again (catching the error and planning at min_budget captures twice),
+    and the meter holds it."""
+    import copy
+
+    import torch
+
+    import planner
+    import planner.api as api
+
+    model, x = _mlp_and_batch()
+    with pytest.raises(planner.BudgetTooSmall) as info:
+        planner.plan(copy.deepcopy(model), 1, example_inputs=(x,), mode=mode)
+    captures = []
+    original = api.capture
+
+    def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        captures.append(1)
+        return original(*args, **kwargs)
+
+    unplanned = planner.analyze(model, (x,), mode).unplanned_peak_bytes
+    monkeypatch.setattr(api, "capture", counted)
+    expected = model(x)
+    with planner.plan(model, " MIN ", example_inputs=(x,), mode=mode) as pm:
+        assert captures == [1]
+        assert pm.plan.budget_bytes == info.value.min_budget < unplanned
+        out = pm.run_measured(x)
+        assert pm.measured.peak_bytes <= pm.plan.budget_bytes
+        assert torch.equal(out, expected)
+
+
+def test_min_with_several_shapes_is_the_largest_of_their_smallest() -> None:
+    import copy
+
+    import planner
+
+    model, x = _mlp_and_batch()
+    smallest = []
+    for batch in (x, x[:8]):
+        with pytest.raises(planner.BudgetTooSmall) as info:
+            planner.plan(copy.deepcopy(model), 1, example_inputs=(batch,))
+        smallest.append(info.value.min_budget)
+    with planner.plan(model, "min", (x,), extra_example_inputs=[(x[:8],)]) as pm:
+        assert pm.plan.budget_bytes == max(smallest)
+        assert pm.other_shapes[0].plan.budget_bytes == max(smallest)
+
+
+def test_min_with_a_saved_plan_is_refused() -> None:
+    import planner
+
+    model, x = _mlp_and_batch()
+    with planner.plan(model, "100%", (x,)) as pm:
+        saved = pm.plan
+    with pytest.raises(planner.PlannerError, match=r"budget='min'.*saved plan's budget"):
+        planner.plan(_mlp_and_batch()[0], "min", (x,), plan=saved)

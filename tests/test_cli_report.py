@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -164,6 +165,17 @@ def _too_small(capsys: pytest.CaptureFixture[str], *options: str) -> str:
 def test_cli_budget_too_small(capsys: pytest.CaptureFixture[str]) -> None:
     err = _too_small(capsys)
     assert "(--quantize ...)" in err and "quantize=" not in err  # the CLI's words
+
+
+def test_cli_budget_min_plans_at_the_smallest_budget(capsys: pytest.CaptureFixture[str]) -> None:
+    """--budget min is the budget the too-small error names, planned and metered."""
+    smallest = re.search(r"Use a budget of at least ([\d,]+) bytes", _too_small(capsys))
+    assert smallest is not None
+    argv = ["report", f"{EXAMPLES}/mlp.py:make_mlp", "--budget", "min", "--json"]
+    assert main([*argv, "--profile", "cpu", "--time-limit", "5"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["budget_bytes"] == int(smallest.group(1).replace(",", ""))
+    assert report["measured"]["peak_bytes"] <= report["budget_bytes"]
 
 
 def test_console_script_runs() -> None:
