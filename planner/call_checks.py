@@ -109,7 +109,11 @@ class StateWatch:
         # puts a new object in each buffer's slot by assigning the dict, which
         # fires no registration hook, so the counter alone missed it and the plan
         # went on reading the old buffers, silently
-        self._slots: dict[str, tuple[dict, str, torch.Tensor]] = {}
+        # With it, each held tensor's dtype when planned: model.double() converts
+        # parameters in place (same objects), and where nothing else changed (no
+        # buffer, every weight kept) the run went on in float64, over the budget,
+        # silently
+        self._slots: dict[str, tuple[dict, str, torch.Tensor, torch.dtype]] = {}
         for name, tensor in held.items():
             self.expect(name, tensor)
 
@@ -122,21 +126,28 @@ class StateWatch:
         self._planned[name] = _placed(tensor)
         found = find_slot(self.model, name)
         if found is not None and found[0][found[1]] is tensor:
-            self._slots[name] = (*found, tensor)
+            self._slots[name] = (*found, tensor, tensor.dtype)
         else:
             self._slots.pop(name, None)
 
     def check(self) -> None:
         registered = self._seen != _registrations
         if not registered:
-            for slots, key, tensor in self._slots.values():  # a dict lookup each, no frame
-                if slots.get(key) is not tensor:
+            for slots, key, tensor, dtype in self._slots.values():  # no frame
+                if slots.get(key) is not tensor or tensor.dtype is not dtype:
                     break
             else:
                 return
         now: dict[str, torch.Tensor] = dict(self.model.named_parameters(remove_duplicate=False))
         now.update(self.model.named_buffers(remove_duplicate=False))
         replaced = [name for name, tensor in self.held.items() if now.get(name) is not tensor]
+        retyped = [
+            (name, was, placed)
+            for name, tensor in self.held.items()
+            if (placed := _placed(tensor))[1] != (was := self._planned[name])[1]
+        ]
+        if retyped:  # the run may fail on mixed dtypes, or go on over the budget
+            raise PlannerError(_changed_since_planning(retyped))
         converted_in_place = any(
             _placed(tensor) != self._planned[name] for name, tensor in self.held.items()
         )
@@ -293,20 +304,25 @@ class StateTypes:
         """A message naming the tensors now of another dtype, device or shape than
         planned, or ``None`` where all are as planned."""
         moved = [
-            f"{name} ({_shown(was)} when planned, now {_shown(_placed(t))})"
+            (name, was, now)
             for (name, t), was in zip(self._named, self._planned)
-            if _placed(t) != was
+            if (now := _placed(t)) != was
         ]
-        if not moved:
-            return None
-        return (
-            f"the model's tensors changed dtype, device or shape since planning: "
-            f"{listed(moved, 3, '; ')} (model.half(), model.to(...) or "
-            f"param.data = ... after planning). The plan is sized and traced for them "
-            f"as they were: convert the model before calling planner.plan, or convert "
-            f"it back (a model with buffers: plan again, since converting makes new "
-            f"buffer objects)"
-        )
+        return _changed_since_planning(moved) if moved else None
+
+
+def _changed_since_planning(moved: Sequence[tuple[str, tuple, tuple]]) -> str:
+    """The message for model tensors (name, placement when planned, now) that
+    changed dtype, device or shape since planning."""
+    shown = [f"{name} ({_shown(was)} when planned, now {_shown(now)})" for name, was, now in moved]
+    return (
+        f"the model's tensors changed dtype, device or shape since planning: "
+        f"{listed(shown, 3, '; ')} (model.half(), model.to(...) or "
+        f"param.data = ... after planning). The plan is sized and traced for them "
+        f"as they were: convert the model before calling planner.plan, or convert "
+        f"it back (a model with buffers: plan again, since converting makes new "
+        f"buffer objects)"
+    )
 
 
 def _placed(tensor: torch.Tensor) -> tuple[tuple[int, ...], str, str]:

@@ -827,3 +827,23 @@ def test_converting_the_model_after_building_another_module_still_says_converted
             pm(x)
     finally:
         pm.close()
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_converting_a_model_without_buffers_in_place_is_an_error_not_a_run_over_budget(
+    mode: str,
+) -> None:
+    """model.double() keeps the parameter objects: with no buffer made anew and
+    every weight kept on the device (100%), every check passed and the run went on
+    in float64, returning float64 outputs at twice the budget by the meter."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(64, 32), nn.Linear(32, 64))
+    x = torch.randint(0, 64, (4, 16))
+    with planner.plan(model, "100%", (x,), mode=mode, profile="cpu") as pm:
+        pm(x)
+        model.double()
+        with pytest.raises(PlannerError, match=r"changed dtype.*1\.weight \(float32 .*float64"):
+            pm(x)
+        model.float()  # converted back: the plan runs again, as planned
+        assert pm.run_measured(x).dtype == torch.float32
+        assert pm.measured.peak_bytes <= pm.plan.budget_bytes
