@@ -293,6 +293,18 @@ class PlannedModule(torch.nn.Module):
                     p.requires_grad and i not in self._no_gradient_primals
                     for i, p in enumerate(self._primals)
                 )
+                #: whether a primal with a gradient can be on another device than the
+                #: backward's (only a tier-home parameter on CUDA, on the host): then each
+                #: step records the primals' devices and moves such a gradient there
+                #: (``StepWiring.gradients``). Inputs are on the devices ``_call``
+                #: checks at each call; primals on the plan's device stay there (a
+                #: tier-home one moved elsewhere is ``_tier_params``' error, a model
+                #: converted in place fails the forward: ``StateTypes``)
+                flat_devices = [p.device for p in self._primals] + list(self._call.devices)
+                self._gradients_move = len(flat_devices) != len(self._wiring.grad_slots) or any(
+                    k is not None and d != self.device
+                    for k, d in zip(self._wiring.grad_slots, flat_devices)
+                )
                 self._delivery_accumulators = accumulators(self._delivered_params)
                 self._tier_params = TierParams(self._tier_homed_params)
                 self._backward_reads = BackwardReads(
@@ -1192,7 +1204,8 @@ class _PlannedStep(torch.autograd.Function):
             pm._shared.spilled_forwards += 1
         ctx.forward_number = pm._shared.spilled_forwards
         outs, carry = pm._run(pm._fn, state, list(flat[n_primals:]))
-        ctx.devices = [t.device for t in flat]  # a tier-home parameter's is the host's
+        # a tier-home parameter's is the host's; None: no gradient moves
+        ctx.devices = [t.device for t in flat] if pm._gradients_move else None
         ctx.pm = pm
         ctx.carry = carry
         ctx.versions = pm._backward_reads.record(flat, outs)

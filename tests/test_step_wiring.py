@@ -66,3 +66,52 @@ def test_the_wiring_read_off_a_capture_gives_eager_gradients() -> None:
     model(x).sum().backward()  # eager, on the same parameters
     for grad, p in zip(planned, model.parameters()):
         assert torch.equal(grad, p.grad)
+
+
+class _NoDevice:
+    """A gradient whose device must not be read."""
+
+    @property
+    def device(self) -> torch.device:
+        raise AssertionError("a gradient's device was compared")
+
+
+def test_gradients_on_the_backwards_device_are_handed_back_without_a_comparison() -> None:
+    """``devices`` None (no primal off the plan's device): the list is built
+    directly, no device compared; given, a gradient off its primal's device moves."""
+    wiring = _wiring()
+    grads = [_NoDevice(), _NoDevice()]
+    out = wiring.gradients(grads, frozenset({1}), None)  # type: ignore[arg-type]
+    assert out[0] is grads[0] and out[1] is None and out[2] is None
+    moved = wiring.gradients(
+        [torch.ones(2), torch.ones(2)], frozenset(), [torch.device("meta")] * 2 + [None]
+    )
+    assert moved[0].device.type == "meta" and moved[1].device.type == "meta"
+
+
+def test_a_plan_on_one_device_records_no_devices_per_step(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Whether a gradient can move is decided once per plan: a CPU plan's step
+    gives the wiring no devices (it compared each parameter's every step), and
+    its gradients are eager's."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    eager = __import__("copy").deepcopy(model)
+    x = torch.randn(3, 4, requires_grad=True)
+    pm = planner.plan(model, "100%", example_inputs=(x,), mode="train")
+    assert pm._gradients_move is False
+    given = []
+    plain = StepWiring.gradients
+
+    def recording(self, grads, left_none, devices):  # type: ignore[no-untyped-def]
+        given.append(devices)
+        return plain(self, grads, left_none, devices)
+
+    monkeypatch.setattr(StepWiring, "gradients", recording)
+    pm(x).sum().backward()
+    assert given == [None]
+    planned = [p.grad for p in model.parameters()] + [x.grad]
+    x.grad = None
+    eager(x).sum().backward()
+    for grad, expected in zip(planned, [p.grad for p in eager.parameters()] + [x.grad]):
+        assert torch.equal(grad, expected)
+    pm.close()

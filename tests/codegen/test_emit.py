@@ -58,3 +58,45 @@ def test_a_complex_constant_is_emitted() -> None:
     eager = _Twiddle()
     eager(x).sum().backward()
     assert torch.equal(model.lin.weight.grad, eager.lin.weight.grad)
+
+
+class _Positions(torch.nn.Module):
+    """``torch.arange(..., device=x.device)`` puts a device into the graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) + torch.arange(8, device=x.device, dtype=x.dtype)
+
+
+def test_a_device_argument_is_bound_once_not_built_at_each_call() -> None:
+    """The executor read ``torch.device('cpu')``, made again at every call (0.2 us
+    each); it reads a global bound to it when the executor is made."""
+    import planner
+
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        expected = _Positions()(x)
+    pm = planner.plan(_Positions(), "100%", (x,), time_limit=3)
+    assert "torch.device(" not in pm.code and "device=device_cpu" in pm.code
+    assert pm._fn.__globals__["device_cpu"] == torch.device("cpu")
+    with torch.no_grad():
+        assert torch.equal(pm(x), expected)
+    pm.close()
+
+
+def test_a_constants_name_never_takes_a_values() -> None:
+    """A value's own name (a local, which would hide the global) is never the
+    constant's; one device has one name."""
+    from planner.codegen.emit import _Emitter, format_arg
+
+    emitter = _Emitter.__new__(_Emitter)
+    emitter.reserved, emitter.used, emitter.ops = {"device_cpu"}, set(), {}
+    cpu = torch.device("cpu")
+    assert emitter._constant(cpu) == "device_cpu_" == emitter._constant(cpu)
+    assert emitter.ops == {"device_cpu_": cpu} and "device_cpu_" in emitter.used
+    assert format_arg([cpu], None, emitter._constant) == "[device_cpu_]"
+    assert format_arg(cpu, None) == "torch.device('cpu')"  # no binding given: as before
