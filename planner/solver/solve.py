@@ -274,13 +274,17 @@ def _floor_blockers(cands: Candidates) -> str:
     if T == 0:
         return ""
     step = int(lower_bounds(cands).argmax())
+    where = problem.steps[step]
+    # an output written into its dying input's buffer (``Step.reuse``) adds no bytes
+    written_in = where.reuse[1] if where.reuse is not None else None
     held = [
         t
         for t in problem.tensors
-        if any(lo <= step <= hi for lo, hi in fixed_spans(problem, t, T)) and t.nbytes
+        if any(lo <= step <= hi for lo, hi in fixed_spans(problem, t, T))
+        and t.nbytes
+        and t.index != written_in
     ]
     held.sort(key=lambda t: -t.nbytes)
-    where = problem.steps[step]
     source = f" at {where.source}" if where.source else ""
     named = ", ".join(f"{t.name} {format_bytes(t.nbytes)}" for t in held[:NAMED_BLOCKERS])
     rest = len(held) - NAMED_BLOCKERS

@@ -641,3 +641,23 @@ def test_budget_too_small_names_the_step_that_sets_the_floor() -> None:
     # largest first: the ReLU's input (the up layer's output) and its output
     assert "holding linear 512.0 KiB, relu 512.0 KiB, input[0][0] 2.0 KiB" in message
     assert info.value.min_budget >= 1024 * 1024
+
+
+class _Product(nn.Module):
+    """The product writes into one factor's dying buffer (``Step.reuse``): at its
+    step both factors are held and the product adds no bytes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = x.repeat(1, 256)
+        b = x.repeat(1, 256)
+        return (a * b).sum(-1)
+
+
+def test_the_floors_blockers_leave_out_an_output_written_into_its_input() -> None:
+    """The floor, 1 MiB, is the two factors: naming the product too (512 KiB more)
+    listed more than the floor holds."""
+    with pytest.raises(BudgetTooSmall) as info:
+        planner.plan(_Product(), 1024, example_inputs=(torch.randn(32, 16),))
+    message = str(info.value)
+    assert "op mul at test_solve.py:" in message
+    assert "holding repeat 512.0 KiB, repeat_1 512.0 KiB, input[0][0] 2.0 KiB)" in message
