@@ -168,3 +168,24 @@ def test_round_trip_error_of_huge_values_is_not_zero() -> None:
     x[0, 0] = 3e38
     error = round_trip_error(x, dequantize(quantize(x, "int8")))
     assert 0 < error["relative_l2"] < 1 and error["max_abs"] > 0
+
+
+def test_round_trip_error_makes_no_wide_copy() -> None:
+    """A float64 round trip copied the weight (and the difference) at twice their
+    bytes each, on the device, while a plan that saves its memory was made; the
+    norm of values near float32's largest still does not overflow."""
+    from planner.runtime.meter import measure
+    from planner.runtime.runtime import round_trip_error
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 1024)
+    back = dequantize(quantize(x, "int8"))
+    _, m = measure(lambda: round_trip_error(x, back), device="cpu")
+    assert m.peak_allocated_bytes <= x.nbytes + 4096  # the difference, float32
+    x[0, 0] = 3e38
+    back = dequantize(quantize(x, "int8"))
+    error, m = measure(lambda: round_trip_error(x, back), device="cpu")
+    assert m.peak_allocated_bytes <= 3 * x.nbytes + 4096  # float64: 6x
+    xd, bd = x.double(), back.double()
+    assert error["relative_l2"] == pytest.approx(float((bd - xd).norm() / xd.norm()), rel=1e-5)
+    assert error["max_abs"] == float((bd - xd).abs().max())
