@@ -25,6 +25,7 @@ from planner.errors import (
     CaptureError,
     InvalidPlan,
     PlannerError,
+    PlannerTypeError,
     PlannerValueError,
     listed,
 )
@@ -161,6 +162,7 @@ def make_plan(
     """
     check_kernels(kernels)
     _check_time_limit(time_limit)
+    _check_smallest_not_reused(budget, reuse, "reuse=")
     analysis, _, solved = _analyze_and_solve(
         model, budget, example_inputs, mode, profile, quantize, time_limit, reuse, kernels
     )
@@ -195,12 +197,24 @@ def _analyze_and_solve(
     return analysis, problem, solve(problem, time_limit=time_limit)
 
 
+def _check_smallest_not_reused(budget: int | str, saved: Any, option: str) -> None:
+    """budget="min" solves; a saved plan is not solved again (``make_plan``'s
+    ``reuse=`` was ignored: a new plan, at another budget, came back)."""
+    if saved is not None and is_smallest(budget):  # a saved plan has its budget
+        raise PlannerValueError(
+            f"budget='min' plans at the smallest budget a plan is found for; with {option} "
+            f"give the saved plan's budget instead (Plan.budget_bytes, or the budget it was "
+            f"made with)"
+        )
+
+
 def _solved_at_smallest(problem: Problem, time_limit: float) -> tuple[Problem, Plan]:
     """budget="min": the problem at the smallest budget a plan is found for, and
     its plan. Solved at one byte, whose BudgetTooSmall names that budget (always
     plannable: ``solve``), then solved there; the capture is not made again."""
     try:  # a model that holds nothing plans at one byte
-        return problem, solve(dataclasses.replace(problem, budget_bytes=1), time_limit=time_limit)
+        at_one = dataclasses.replace(problem, budget_bytes=1)
+        return at_one, solve(at_one, time_limit=time_limit)
     except BudgetTooSmall as exc:
         if exc.min_budget is None:
             raise
@@ -342,12 +356,7 @@ def plan(
             f"(extra_example_inputs=[inputs_2, inputs_3], each as example_inputs is "
             f"given), got a {type(extra_example_inputs).__name__}: wrap it in a list"
         )
-    if plan is not None and is_smallest(budget):  # a saved plan has its budget
-        raise PlannerValueError(
-            "budget='min' plans at the smallest budget a plan is found for; with plan= "
-            "give the saved plan's budget instead (Plan.budget_bytes, or the budget it was "
-            "made with)"
-        )
+    _check_smallest_not_reused(budget, plan, "plan=")
     if extra_example_inputs:
         _check_saved_plans(plan, 1 + len(extra_example_inputs))
     elif isinstance(plan, (list, tuple)):
@@ -368,7 +377,11 @@ def plan(
             "the meta device takes its weights from checkpoint=)"
         )
     for k, extra in enumerate(extra_example_inputs or ()):
-        leaves = pytree.tree_leaves(normalize_example_inputs(extra))
+        try:
+            normalized = normalize_example_inputs(extra)
+        except (CaptureError, PlannerTypeError) as exc:  # "example_inputs contain no tensor"
+            raise type(exc)(f"with extra_example_inputs[{k}]: {exc}") from exc
+        leaves = pytree.tree_leaves(normalized)
         other = {t.device for t in leaves if isinstance(t, torch.Tensor)} - devices
         if other:  # the meta device was blamed on forward(): "make it traceable"
             raise PlannerError(

@@ -46,6 +46,11 @@ def parse_budget(budget: int | float | str, unplanned_peak: int | None = None) -
     accepted for anything else, and for zero or negative budgets."""
     if isinstance(budget, bool):
         raise PlannerValueError(_help(budget))
+    if is_smallest(budget):  # no number of bytes: planner.plan finds it
+        raise PlannerValueError(
+            "budget 'min' is the smallest budget a plan is found for, which planning finds: "
+            "pass it to planner.plan, or give bytes here"
+        )
     if isinstance(budget, numbers.Real):  # numpy's integers and floats too
         value = float(budget)
     elif isinstance(budget, str):

@@ -481,9 +481,11 @@ def summary_lines(report: Report) -> list[str]:
         m = report.measured
         # a compiled plan's prediction is its composed peak (runs compiled)
         predicted = report.compiled_peak_bytes or report.planned_peak_bytes
+        # a measured peak of 0 (zero-size inputs, nothing held) has no ratio
+        ratio = f"{predicted / m['peak_bytes']:.3f}" if m["peak_bytes"] else "-"
         line = (
             f"measured peak:      {format_bytes(m['peak_bytes'])} "
-            f"(predicted/measured {predicted / m['peak_bytes']:.3f}, independent meter)"
+            f"(predicted/measured {ratio}, independent meter)"
         )
         if report.budget_bytes:
             line += " within budget" if m["peak_bytes"] <= report.budget_bytes else " OVER BUDGET"

@@ -149,6 +149,15 @@ def test_extra_example_inputs_the_model_does_not_take_name_their_set(bad: torch.
         planner.plan(_mlp(), "100%", (x,), extra_example_inputs=extra)
 
 
+@pytest.mark.parametrize("bad", [("a",), (object(),)])
+def test_extra_example_inputs_that_are_not_tensors_name_their_set(bad: tuple) -> None:
+    """A set without a tensor (or holding an object) said "example_inputs contain
+    no tensor", naming the set that was fine."""
+    x = torch.randn(8, 32)
+    with pytest.raises(PlannerError, match=r"^with extra_example_inputs\[1\]: example_inputs"):
+        planner.plan(_mlp(), "100%", (x,), extra_example_inputs=[(x[:4],), bad])
+
+
 def test_example_inputs_the_model_does_not_take_are_not_blamed_on_the_trace() -> None:
     """A batch of the wrong width fails in eager too; the only advice was to "make
     forward() traceable by torch.export(strict=False)"."""

@@ -134,3 +134,20 @@ def test_min_with_a_saved_plan_is_refused() -> None:
         saved = pm.plan
     with pytest.raises(planner.PlannerError, match=r"budget='min'.*saved plan's budget"):
         planner.plan(_mlp_and_batch()[0], "min", (x,), plan=saved)
+
+
+def test_min_with_a_saved_plan_to_reuse_is_refused_by_make_plan_too() -> None:
+    """make_plan(..., "min", reuse=saved) solved anew and returned another plan,
+    the saved one silently ignored (plan(..., plan=saved) refused it)."""
+    import planner
+
+    model, x = _mlp_and_batch()
+    _, saved = planner.make_plan(model, "100%", (x,), time_limit=1)
+    with pytest.raises(planner.PlannerError, match=r"budget='min' .* with reuse= give"):
+        planner.make_plan(model, "min", (x,), reuse=saved, time_limit=1)
+
+
+def test_parse_budget_says_min_is_for_planning() -> None:
+    """parse_budget("min") said 'cannot read', then listed 'min' as a budget."""
+    with pytest.raises(ValueError, match="budget 'min' is the smallest .* pass it to planner.plan"):
+        parse_budget("min", unplanned_peak=1000)

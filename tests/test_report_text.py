@@ -207,3 +207,11 @@ def test_a_lossy_option_that_quantized_nothing_is_said() -> None:
     (line,) = [line for line in text.splitlines() if line.startswith("lossy storage:")]
     assert line.endswith("; 1 tensor quantized (below)"), line
     assert not any(line.startswith("lossy storage:") for line in str(_report()).splitlines())
+
+
+def test_a_measured_peak_of_zero_is_rendered() -> None:
+    """Zero-size inputs hold nothing: the predicted/measured ratio divided by 0."""
+    measured = {"peak_bytes": 0, "seconds": 0.0, "wall_seconds": None, "wall_calls": 0}
+    text = render_text(_report(budget_bytes=1024, planned_peak_bytes=0, measured=measured))
+    (line,) = [line for line in text.splitlines() if line.startswith("measured peak:")]
+    assert "predicted/measured -" in line and "within budget" in line
