@@ -249,7 +249,8 @@ def _raise_too_small(
     else:
         more = ""
     msg = (
-        f"budget {problem.budget_bytes:,} bytes ({format_bytes(problem.budget_bytes)}) is too "
+        f"budget {problem.budget_bytes:,} byte{'s' if problem.budget_bytes != 1 else ''} "
+        f"({format_bytes(problem.budget_bytes)}) is too "
         f"small: {why}. The smallest budget a plan was found for is {lowest:,} bytes "
         f"({format_bytes(lowest)}); none can go below {lower_bound:,} (the "
         f"largest working set of one step plus what cannot move{_floor_blockers(cands)}). "

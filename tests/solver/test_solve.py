@@ -659,5 +659,11 @@ def test_the_floors_blockers_leave_out_an_output_written_into_its_input() -> Non
     with pytest.raises(BudgetTooSmall) as info:
         planner.plan(_Product(), 1024, example_inputs=(torch.randn(32, 16),))
     message = str(info.value)
+    assert message.startswith("budget 1,024 bytes (1.0 KiB) is too small")
     assert "op mul at test_solve.py:" in message
     assert "holding repeat 512.0 KiB, repeat_1 512.0 KiB, input[0][0] 2.0 KiB)" in message
+
+
+def test_a_budget_of_one_byte_is_said_in_the_singular() -> None:
+    with pytest.raises(BudgetTooSmall, match=r"^budget 1 byte \(1 B\) is too small"):
+        planner.plan(_Product(), 1, example_inputs=(torch.randn(32, 16),))
