@@ -145,7 +145,7 @@ def build_candidates(problem: Problem) -> Candidates:
     for tensor in problem.tensors:
         events = own_steps(tensor, T)
         deliver_from = _delivery_start(tensor, T)
-        for lo, hi in fixed_spans(problem, tensor, T):
+        for lo, hi in fixed_spans(problem, tensor, events, T):
             hold(lo, hi, tensor.nbytes)
         if tensor.pinned or not events:
             continue
@@ -606,14 +606,16 @@ def _link_recompute_needs(cands: Candidates) -> None:
         gap.options = kept
 
 
-def fixed_spans(problem: Problem, tensor: Tensor, T: int) -> list[tuple[int, int]]:
+def fixed_spans(
+    problem: Problem, tensor: Tensor, events: list[int], T: int
+) -> list[tuple[int, int]]:
     """The spans of steps (first, last) ``tensor`` is on the device whatever is
-    chosen: all its steps if it has no gaps (pinned, or never needed), else its own
-    steps (less the fused uses of a weight that may be stored quantized, where its
-    home gap's options say what is held) and, for a tangent handed in before its
-    first use, the steps until then. ``build_candidates`` sums these into
-    ``Candidates.fixed``; a BudgetTooSmall message names them at the floor's step."""
-    events = own_steps(tensor, T)
+    chosen (``events``: its ``own_steps``): all its steps if it has no gaps
+    (pinned, or never needed), else its own steps (less the fused uses of a weight
+    that may be stored quantized, where its home gap's options say what is held)
+    and, for a tangent handed in before its first use, the steps until then.
+    ``build_candidates`` sums these into ``Candidates.fixed``; a BudgetTooSmall
+    message names them at the floor's step."""
     if tensor.pinned or not events:
         return [_fixed_span(tensor, events, T)]
     fused = {step for step, _ in tensor.fused_uses} if _stored_format(problem, tensor) else set()

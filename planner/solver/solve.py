@@ -15,7 +15,13 @@ import numpy as np
 
 from planner.errors import BudgetTooSmall, InvalidPlan
 from planner.solver.baselines import BASELINES, greedy, keep_all
-from planner.solver.candidates import Candidates, build_candidates, fixed_spans, holdings
+from planner.solver.candidates import (
+    Candidates,
+    build_candidates,
+    fixed_spans,
+    holdings,
+    own_steps,
+)
 from planner.solver.model import PlacementModel
 from planner.solver.plan import Plan, SolverStats
 from planner.solver.problem import Problem
@@ -62,8 +68,8 @@ def solve(problem: Problem, time_limit: float = DEFAULT_TIME_LIMIT, use_model: b
     # below what any plan can hold, the greedy descends until no move is left
     # (21 s of a 5,000-step chain's, the peak step moving at every move) to fit
     # nothing; the memory-minimizing descent below says how low plans go
-    floor = lower_bound_bytes(cands)
-    below_floor = problem.budget_bytes < floor
+    lows = lower_bounds(cands)  # per step; a BudgetTooSmall names where it peaks
+    below_floor = problem.budget_bytes < int(lows.max())
     for name, fn in BASELINES.items():
         if name == "greedy" and below_floor:
             continue
@@ -88,7 +94,7 @@ def solve(problem: Problem, time_limit: float = DEFAULT_TIME_LIMIT, use_model: b
         )
     elif not use_model:
         if best is None:
-            _raise_too_small(cands, min_memory, floor)
+            _raise_too_small(cands, min_memory, lows)
         stats = SolverStats(name="baseline:" + best.name, status="BASELINE", seconds=0.0)  # type: ignore[union-attr]
     else:
         model = PlacementModel(cands)
@@ -132,7 +138,7 @@ def solve(problem: Problem, time_limit: float = DEFAULT_TIME_LIMIT, use_model: b
                 _raise_too_small(
                     cands,
                     min_memory,
-                    floor,
+                    lows,
                     proven=result.status == "INFEASIBLE",
                     found=lowest.replay.peak_bytes if lowest is not None else None,  # type: ignore[union-attr]
                 )
@@ -220,15 +226,16 @@ def _lowest_peak(cands: Candidates, time_limit: float, hint: list[str]) -> Candi
 def _raise_too_small(
     cands: Candidates,
     min_memory: list[str] | None,
-    lower_bound: int,
+    lows: np.ndarray,
     proven: bool = False,
     found: int | None = None,
 ) -> None:
     """Say how small a budget we can plan for, and the bound below which none can.
     ``min_memory``: the memory-minimizing greedy's choices, when solve made them
-    (made again otherwise: 20 s of a 5,000-step chain's 78 s); ``lower_bound``:
-    ``lower_bound_bytes``, as solve found it."""
+    (made again otherwise: 20 s of a 5,000-step chain's 78 s); ``lows``:
+    ``lower_bounds``, as solve found them (their largest is the bound)."""
     problem = cands.problem
+    lower_bound = int(lows.max())
     # The memory-minimizing greedy is deterministic and does not depend on the
     # budget, and solve() always evaluates it; so is the lowest-peak CP-SAT solve
     # (``found``), which solve() runs and plans with when its peak fits: a budget of
@@ -253,7 +260,7 @@ def _raise_too_small(
         f"({format_bytes(problem.budget_bytes)}) is too "
         f"small: {why}. The smallest budget a plan was found for is {lowest:,} bytes "
         f"({format_bytes(lowest)}); none can go below {lower_bound:,} (the "
-        f"largest working set of one step plus what cannot move{_floor_blockers(cands)}). "
+        f"largest working set of one step plus what cannot move{_floor_blockers(cands, lows)}). "
         f"Use a budget of at least {lowest:,} bytes{more}"
     )
     raise BudgetTooSmall(msg, min_budget=lowest)
@@ -263,7 +270,7 @@ def _raise_too_small(
 NAMED_BLOCKERS = 4
 
 
-def _floor_blockers(cands: Candidates) -> str:
+def _floor_blockers(cands: Candidates, lows: np.ndarray) -> str:
     """Where the lower bound is reached, and the largest tensors every plan holds
     there (what that step's op reads and writes, what is pinned across it): what to
     make smaller (a batch, a vocabulary, a sequence) when no budget the user has
@@ -274,14 +281,14 @@ def _floor_blockers(cands: Candidates) -> str:
     T = problem.num_steps
     if T == 0:
         return ""
-    step = int(lower_bounds(cands).argmax())
+    step = int(lows.argmax())
     where = problem.steps[step]
     # an output written into its dying input's buffer (``Step.reuse``) adds no bytes
     written_in = where.reuse[1] if where.reuse is not None else None
     held = [
         t
         for t in problem.tensors
-        if any(lo <= step <= hi for lo, hi in fixed_spans(problem, t, T))
+        if any(lo <= step <= hi for lo, hi in fixed_spans(problem, t, own_steps(t, T), T))
         and t.nbytes
         and t.index != written_in
     ]
