@@ -141,21 +141,19 @@ class StateWatch:
         now: dict[str, torch.Tensor] = dict(self.model.named_parameters(remove_duplicate=False))
         now.update(self.model.named_buffers(remove_duplicate=False))
         replaced = [name for name, tensor in self.held.items() if now.get(name) is not tensor]
+        placed = {name: _placed(tensor) for name, tensor in self.held.items()}
         retyped = [
-            (name, was, placed)
-            for name, tensor in self.held.items()
-            if (placed := _placed(tensor))[1] != (was := self._planned[name])[1]
+            (name, self._planned[name], now_placed)
+            for name, now_placed in placed.items()
+            if now_placed[1] != self._planned[name][1]
         ]
         if retyped:  # the run may fail on mixed dtypes, or go on over the budget
             raise PlannerError(_changed_since_planning(retyped))
-        converted_in_place = any(
-            _placed(tensor) != self._planned[name] for name, tensor in self.held.items()
-        )
-        if converted_in_place:
-            # nn.Module._apply converted the held tensors in place. A buffer converted
-            # (model.double()) is left to the run, which fails on the parameters'
-            # mixed dtypes and names what changed (StateTypes); one converted back
-            # (model.double().float()) is a new object planned as the old one:
+        if any(placed[name] != was for name, was in self._planned.items()):
+            # nn.Module._apply moved the held tensors in place (another device: a
+            # change of dtype is refused above). That is left to the run, which
+            # fails on the mixed devices and names what changed (StateTypes); a
+            # buffer moved and back is a new object planned as the old one:
             # replaced. Where no held tensor changed in place, the run reads only the
             # old tensors and does not fail: whatever its dtype, shape or device a new
             # object is a replacement, never left out (model.fc.weight =
@@ -171,7 +169,7 @@ class StateWatch:
                 for n in replaced
                 if not isinstance(t := now.get(n), torch.Tensor)
                 or isinstance(t, ReleasedWeight)
-                or _placed(t) == _placed(self.held[n])
+                or _placed(t) == placed[n]
             ]
         taken = [(n, t) for n in replaced if isinstance(t := now.get(n), ReleasedWeight)]
         if taken:  # not replaced by the user: a later inference plan took them
