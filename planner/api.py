@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 import os
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -187,8 +188,10 @@ def _analyze_and_solve(
     problem = from_program(
         analysis.program, analysis.unplanned_peak_bytes, analysis.profile, quantize, kernels=kernels
     )
-    if is_smallest(budget):  # plan= with it is refused by plan()
-        problem, solved = _solved_at_smallest(problem, time_limit)
+    if is_smallest(budget):  # with a saved plan: refused (_check_smallest_not_reused)
+        (problem,), (solved,) = _at_smallest(
+            [problem], lambda ps: (ps, [solve(ps[0], time_limit=time_limit)])
+        )
         return analysis, problem, solved
     reference = _budget_reference(budget, problem, analysis)
     problem = dataclasses.replace(problem, budget_bytes=parse_budget(budget, reference))
@@ -208,18 +211,21 @@ def _check_smallest_not_reused(budget: int | str, saved: Any, option: str) -> No
         )
 
 
-def _solved_at_smallest(problem: Problem, time_limit: float) -> tuple[Problem, Plan]:
-    """budget="min": the problem at the smallest budget a plan is found for, and
-    its plan. Solved at one byte, whose BudgetTooSmall names that budget (always
-    plannable: ``solve``), then solved there; the capture is not made again."""
+def _at_smallest(
+    problems: list[Problem],
+    solved: Callable[[list[Problem]], tuple[list[Problem], list[Plan]]],
+) -> tuple[list[Problem], list[Plan]]:
+    """budget="min": ``solved(problems)`` at the smallest budget a plan is found
+    for (with several input shapes, the largest of theirs). Solved at one byte,
+    whose BudgetTooSmall names that budget (always plannable: ``solve``), then
+    solved there; the captures are not made again."""
     try:  # a model that holds nothing plans at one byte
-        at_one = dataclasses.replace(problem, budget_bytes=1)
-        return at_one, solve(at_one, time_limit=time_limit)
+        return solved([dataclasses.replace(p, budget_bytes=1) for p in problems])
     except BudgetTooSmall as exc:
         if exc.min_budget is None:
             raise
-        problem = dataclasses.replace(problem, budget_bytes=exc.min_budget)
-    return problem, solve(problem, time_limit=time_limit)
+        smallest = exc.min_budget
+    return solved([dataclasses.replace(p, budget_bytes=smallest) for p in problems])
 
 
 def _reuse_plan(problem: Problem, reuse: str | Path | Plan, kernels: str) -> Plan:
@@ -377,11 +383,8 @@ def plan(
             "the meta device takes its weights from checkpoint=)"
         )
     for k, extra in enumerate(extra_example_inputs or ()):
-        try:
-            normalized = normalize_example_inputs(extra)
-        except (CaptureError, PlannerTypeError) as exc:  # "example_inputs contain no tensor"
-            raise type(exc)(f"with extra_example_inputs[{k}]: {exc}") from exc
-        leaves = pytree.tree_leaves(normalized)
+        with _naming_extra_set(k):  # "example_inputs contain no tensor"
+            leaves = pytree.tree_leaves(normalize_example_inputs(extra))
         other = {t.device for t in leaves if isinstance(t, torch.Tensor)} - devices
         if other:  # the meta device was blamed on forward(): "make it traceable"
             raise PlannerError(
@@ -459,14 +462,23 @@ def _analyzed_shape(
     kernels: str,
 ) -> Analysis:
     """``analyze`` of input set ``k`` (0: example_inputs, k: extra_example_inputs[k
-    - 1]); a CaptureError says which set it is about: the sets before it were
-    captured, so what failed is this one's (a dtype, a shape the model cannot take)."""
-    try:
+    - 1]); an error says which set it is about: the sets before it were captured,
+    so what failed is this one's (a dtype, a shape the model cannot take)."""
+    if k == 0:
         return analyze(model, inputs, mode, profile, kernels)
-    except CaptureError as exc:
-        if k == 0:
-            raise
-        raise CaptureError(f"with extra_example_inputs[{k - 1}]: {exc}") from exc
+    with _naming_extra_set(k - 1):
+        return analyze(model, inputs, mode, profile, kernels)
+
+
+@contextlib.contextmanager
+def _naming_extra_set(k: int) -> Iterator[None]:
+    """A CaptureError or PlannerTypeError raised about ``extra_example_inputs[k]``
+    starts "with extra_example_inputs[k]: " (the message named no set, and read as
+    about the example inputs, which were fine)."""
+    try:
+        yield
+    except (CaptureError, PlannerTypeError) as exc:
+        raise type(exc)(f"with extra_example_inputs[{k}]: {exc}") from exc
 
 
 def _plan_shapes(
@@ -504,7 +516,7 @@ def _plan_shapes(
         for a in analyses
     ]
     if is_smallest(budget):  # the largest of the shapes' smallest (plan= refused)
-        problems, plans = _shapes_at_smallest(problems, time_limit)
+        problems, plans = _at_smallest(problems, lambda ps: solve_shapes(ps, time_limit))
     else:
         reference = max(_budget_reference(budget, p, a) for p, a in zip(problems, analyses))
         budget_bytes = parse_budget(budget, reference)
@@ -576,21 +588,6 @@ def _check_saved_plans(saved: Any, shapes: int) -> None:
             f"in order), got {got}: save them from the module planned for these shapes "
             f"(pm.plan, then each of pm.other_shapes's .plan), or plan without plan="
         )
-
-
-def _shapes_at_smallest(
-    problems: list[Problem], time_limit: float
-) -> tuple[list[Problem], list[Plan]]:
-    """budget="min" with several input shapes: ``solve_shapes`` at the smallest
-    budget all of them plan at (the BudgetTooSmall of one byte names it), the
-    captures not made again."""
-    try:
-        return solve_shapes([dataclasses.replace(p, budget_bytes=1) for p in problems], time_limit)
-    except BudgetTooSmall as exc:
-        if exc.min_budget is None:
-            raise
-        at_smallest = [dataclasses.replace(p, budget_bytes=exc.min_budget) for p in problems]
-    return solve_shapes(at_smallest, time_limit)
 
 
 def _budget_reference(budget: int | str, problem: Problem, analysis: Analysis) -> int:
