@@ -283,7 +283,6 @@ def _add_op(b: _Builder, node: torch.fx.Node, phase: Phase) -> None:
         b.node_values[node] = elems
     for vi in in_values:
         b.values[vi].uses.append(index)
-    stack = node.meta.get("stack_trace")
     b.ops.append(
         Op(
             index=index,
@@ -292,12 +291,23 @@ def _add_op(b: _Builder, node: torch.fx.Node, phase: Phase) -> None:
             inputs=in_values,
             outputs=outputs,
             phase=phase,
-            stack=last_user_line(stack),
+            stack=_source_line(node, phase),
             draws_random=node_draws_random(node),
             takes_nonfinite=_takes_nonfinite(node),
         )
     )
     b.op_nodes.append(node)
+
+
+def _source_line(node: torch.fx.Node, phase: Phase) -> str | None:
+    """``model.py:42 in forward``: the model's line that made ``node``. A backward
+    op carries the line of the forward op it differentiates (AOTAutograd records
+    it while tracing the backward), so it is marked ``(backward)``: the line's
+    gradient, not the line."""
+    line = last_user_line(node.meta.get("stack_trace"))
+    if line is not None and phase is Phase.BACKWARD:
+        return f"{line} (backward)"
+    return line
 
 
 def _takes_nonfinite(node: torch.fx.Node) -> bool:

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 import torch.fx
+import torch.fx._pytree as fx_pytree
+import torch.fx.traceback as fx_traceback
 from torch.utils import _pytree as pytree
 
 from planner.call_checks import PlannedCall
@@ -554,7 +556,15 @@ def _input_paths(args: tuple, kwargs: dict) -> list[str]:
 
 class _FlatModule(torch.nn.Module):
     """Calls the exported module on flat inputs and returns flat outputs, so that
-    AOTAutograd sees a plain function of tensors."""
+    AOTAutograd sees a plain function of tensors.
+
+    The exported graph runs node by node (an FX ``Interpreter``) with each node's
+    metadata current, as AOTAutograd runs a graph module it is handed: the joint
+    graph's nodes, forward and backward, then carry the model's source lines, which
+    the floor message, the report and the refusals name. Its generated code would
+    run the same ops with no metadata current. The input-checking hooks of
+    ``ep.module()`` are not run: export checked these very inputs.
+    """
 
     def __init__(self, inner: torch.nn.Module, in_spec: pytree.TreeSpec) -> None:
         super().__init__()
@@ -564,9 +574,20 @@ class _FlatModule(torch.nn.Module):
 
     def forward(self, *flat: Any) -> tuple:
         args, kwargs = pytree.tree_unflatten(list(flat), self.in_spec)
-        out = self.inner(*args, **kwargs)
+        out = self._run_inner(args, kwargs)
         leaves, self.out_spec = pytree.tree_flatten(out)
         return tuple(leaves)
+
+    def _run_inner(self, args: tuple, kwargs: dict) -> Any:
+        inner = self.inner
+        graph_in_spec = getattr(inner, "_in_spec", None)
+        if not isinstance(inner, torch.fx.GraphModule) or graph_in_spec is None:
+            return inner(*args, **kwargs)
+        # the flattening the generated forward starts with
+        graph_inputs = fx_pytree.tree_flatten_spec((args, kwargs), graph_in_spec)
+        with fx_traceback.preserve_node_meta():
+            out = torch.fx.Interpreter(inner).run(*graph_inputs, enable_io_processing=False)
+        return inner.graph.process_outputs(out)
 
 
 def _drop_self_copies(gm: torch.fx.GraphModule) -> None:

@@ -10,6 +10,7 @@ from torch import nn
 from planner.errors import CaptureError
 from planner.ir.build import build_program
 from planner.ir.capture import capture
+from planner.ir.program import Phase
 
 
 class _Noisy(nn.Module):
@@ -29,6 +30,23 @@ def test_random_ops_are_marked_by_their_tag() -> None:
     marked = {op.target for op in program.ops if op.draws_random}
     assert marked == {"aten.native_dropout.default", "aten.exponential.default"}
     assert any(op.target == "aten.addmm.default" and not op.draws_random for op in program.ops)
+
+
+def test_training_ops_carry_their_source_line_and_backward_ops_say_so() -> None:
+    """Every op of the joint graph names the model's line that made it (the floor
+    message, the report's peak op and the executor's comments read it); a backward
+    op names the forward line it differentiates, marked ``(backward)``."""
+    program = build_program(capture(_Noisy(), (torch.randn(4, 8),), "train"))
+    first = _Noisy.forward.__code__.co_firstlineno
+    forward_lines = {f"test_build.py:{first + n} in forward" for n in (1, 2, 3)}
+    stacks = {op.name: op.stack for op in program.ops}
+    assert None not in stacks.values(), stacks
+    for op in program.ops:
+        line = op.stack.removesuffix(" (backward)")
+        assert line in forward_lines, (op.name, op.stack)
+        assert op.stack.endswith(" (backward)") == (op.phase is Phase.BACKWARD), op
+    assert stacks["native_dropout"] == f"test_build.py:{first + 1} in forward"
+    assert stacks["exponential"] == f"test_build.py:{first + 2} in forward"
 
 
 def test_cuda_storages_hold_whole_allocator_blocks() -> None:

@@ -643,6 +643,29 @@ def test_budget_too_small_names_the_step_that_sets_the_floor() -> None:
     assert info.value.min_budget >= 1024 * 1024
 
 
+class _WideningLoss(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _Widening()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).sum()
+
+
+def test_a_training_floor_names_the_forward_line_its_backward_op_differentiates() -> None:
+    """A training plan's floor is in its backward here (the ReLU's gradient, which
+    reads the hidden and writes its gradient): the message names the forward line
+    whose gradient it is, marked as such. Before, the joint graph's ops carried no
+    source line and the message only named ``threshold_backward``."""
+    with pytest.raises(BudgetTooSmall) as info:
+        planner.plan(_WideningLoss(), 1024, example_inputs=(torch.randn(32, 16),), mode="train")
+    line = _Widening.forward.__code__.co_firstlineno + 2
+    assert (
+        f"op threshold_backward at test_solve.py:{line} in forward (backward), "
+        "which every plan runs holding relu 512.0 KiB" in str(info.value)
+    )
+
+
 class _Product(nn.Module):
     """The product writes into one factor's dying buffer (``Step.reuse``): at its
     step both factors are held and the product adds no bytes."""
