@@ -950,9 +950,40 @@ class PlannedModule(torch.nn.Module):
                 f"out of the state dict (pm.state_dict() does), or plan the model again "
                 f"with the new values"
             )
+        # Frozen weights the plan reads from their checkpoint in place view the file's
+        # shared map: copying into one wrote the user's checkpoint (and the next step
+        # then failed with LinkedFileChanged, even for the same values, as a resume
+        # from pm.state_dict() loads). Equal values are skipped; others refused.
+        linked = {
+            k: t
+            for k, t in self._state_watch.model.state_dict(keep_vars=True).items()
+            if k in ours
+            and isinstance(t, torch.Tensor)
+            and is_checkpoint_view(t)
+            and isinstance(ours[k], torch.Tensor)
+            and ours[k].shape == t.shape
+        }
+        changed = sorted(
+            k
+            for k, t in linked.items()
+            if not _views_the_same(t, ours[k])
+            and not torch.equal(t, ours[k].to(device=t.device, dtype=t.dtype))
+        )
+        if changed:
+            raise PlannerError(
+                f"load_state_dict: {listed(changed)} {'is' if len(changed) == 1 else 'are'} "
+                f"frozen and read by this plan from its checkpoint file in place, so loading "
+                f"other values would write into that file: nothing was loaded. Leave "
+                f"{'it' if len(changed) == 1 else 'them'} out of the state dict, or save "
+                f"the new values to a checkpoint of their own and plan from that"
+            )
+        ours = {k: v for k, v in ours.items() if k not in linked}
         result = self._state_watch.model.load_state_dict(ours, strict=False)
-        # not missing: this module holds them (quantized) and state_dict leaves them out
-        missing = [k for k in result.missing_keys if k not in self._frozen_quantized]
+        # not missing: this module holds them (quantized) and state_dict leaves them
+        # out, or they equal what their checkpoint holds (skipped above)
+        missing = [
+            k for k in result.missing_keys if k not in self._frozen_quantized and k not in linked
+        ]
         missing_keys.extend(prefix + k for k in missing)
         unexpected_keys.extend(prefix + k for k in result.unexpected_keys)
 
@@ -1281,3 +1312,15 @@ def _being_traced(args: tuple, kwargs: dict) -> bool:
         return True
     tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
     return any(isinstance(t, FakeTensor) or torch._is_functional_tensor(t) for t in tensors)
+
+
+def _views_the_same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``b`` views ``a``'s very elements (``pm.state_dict()`` handed back as it came):
+    equal without reading them, which for weights read from a checkpoint in place
+    would read the file."""
+    return (
+        a.data_ptr() == b.data_ptr()
+        and a.dtype == b.dtype
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+    )

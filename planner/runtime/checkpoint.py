@@ -2,7 +2,7 @@
 
 A model built on the meta device has no weights; ``attach_checkpoint`` gives each
 of its parameters and buffers a tensor that views the checkpoint file through one
-private memory map (``torch.UntypedStorage.from_file``). Nothing is read until it is
+memory map (``torch.UntypedStorage.from_file``). Nothing is read until it is
 touched, so capture and planning cost no RAM for weights; the planner then copies
 device-home weights into memory, reads disk-home ones that nothing writes from the
 checkpoint in place (``planner.runtime.linked``) and writes the other tier-home

@@ -365,3 +365,45 @@ def test_a_sharded_checkpoint_that_does_not_match_its_index_is_an_error(tmp_path
     empty.mkdir()
     with pytest.raises(PlannerError, match="no \\*.safetensors file"):
         open_checkpoint(empty)
+
+
+def test_load_state_dict_never_writes_the_checkpoint_a_frozen_weight_is_read_from(
+    tmp_path,
+) -> None:
+    """A frozen weight the plan reads from its checkpoint in place views the file's
+    shared map: ``pm.load_state_dict`` copied into it, writing the user's file (the
+    next step then failed with LinkedFileChanged, even for the same values). Loading
+    the module's own state dict (a resume) skips them and trains on; other values
+    for them are refused before anything is loaded, the file untouched."""
+    torch.manual_seed(0)
+    eager = nn.Sequential(_blocks(), _Mean())
+    path = tmp_path / "model.safetensors"
+    save_file(eager.state_dict(), str(path))
+    digest, mtime = _sha256(path), path.stat().st_mtime_ns
+    x = torch.randn(64, 256)
+    meta = nn.Sequential(_blocks("meta"), _Mean())
+    for p in meta[0][:4].parameters():
+        p.requires_grad_(False)
+    pm = planner.plan(
+        meta, "40%", (x,), mode="train", profile="cpu", time_limit=5, checkpoint=str(path)
+    )
+    try:
+        from planner.runtime.checkpoint import is_checkpoint_view
+
+        linked = [n for n, p in meta.named_parameters() if is_checkpoint_view(p)]
+        assert linked, "no frozen weight read from the checkpoint in place"
+        pm(x).backward()
+        state = {k: v.clone() for k, v in pm.state_dict().items()}
+        pm.load_state_dict(state)  # a resume: the same values
+        assert path.stat().st_mtime_ns == mtime
+        pm(x).backward()  # before: LinkedFileChanged
+        state[linked[0]] += 1.0
+        before = {k: v.clone() for k, v in meta.state_dict().items()}
+        with pytest.raises(PlannerError, match="would write into that file"):
+            pm.load_state_dict(state)
+        for k, v in meta.state_dict().items():
+            assert torch.equal(v, before[k]), f"{k} loaded though the load was refused"
+        pm(x).backward()
+    finally:
+        pm.close()
+    assert _sha256(path) == digest, "load_state_dict wrote into the checkpoint"
