@@ -586,8 +586,43 @@ class _FlatModule(torch.nn.Module):
         # the flattening the generated forward starts with
         graph_inputs = fx_pytree.tree_flatten_spec((args, kwargs), graph_in_spec)
         with fx_traceback.preserve_node_meta():
-            out = torch.fx.Interpreter(inner).run(*graph_inputs, enable_io_processing=False)
+            out = _NodeByNode(inner).run(*graph_inputs, enable_io_processing=False)
         return inner.graph.process_outputs(out)
+
+
+#: higher-order ops that only call their body in a context: the body of a
+#: ``torch.autocast`` or ``torch.no_grad()`` region, a graph module of its own
+_REGION_WRAPPERS = (
+    torch.ops.higher_order.wrap_with_autocast,
+    torch.ops.higher_order.wrap_with_set_grad_enabled,
+)
+
+
+class _NodeByNode(torch.fx.Interpreter):
+    """Runs a graph node by node, and the body of an autocast or grad-mode region
+    in it too (its generated code ran those ops with the region's call current,
+    which carries no source line: none of a ``torch.autocast`` region's ops, forward
+    or backward, named one). An op's error is raised as the generated code raises
+    it: the Interpreter's note (the node, its stack, tlparse) went into the first
+    line of a bare one, and a KeyError became a RuntimeError that lost the line
+    raising it."""
+
+    def __init__(self, module: torch.fx.GraphModule) -> None:
+        super().__init__(module)
+        self.extra_traceback = False
+
+    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        if target in _REGION_WRAPPERS:
+            body = next(a for a in args if isinstance(a, torch.fx.GraphModule))
+            args = tuple(_run_node_by_node(body) if a is body else a for a in args)
+        return super().call_function(target, args, kwargs)
+
+
+def _run_node_by_node(body: torch.fx.GraphModule) -> Any:
+    def run(*args: Any) -> Any:
+        return _NodeByNode(body).run(*args)
+
+    return run
 
 
 def _drop_self_copies(gm: torch.fx.GraphModule) -> None:

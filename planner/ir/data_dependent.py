@@ -53,6 +53,14 @@ def refuse_data_dependent_shapes(graph: torch.fx.Graph) -> None:
         )
 
 
+#: frames that are never the model's line: torch itself, and the dispatch wrapper
+#: of Hugging Face's ``kernels`` package, through which transformers calls a layer
+#: or function that a hub kernel may replace (``return func(*args, **kwargs)``:
+#: Llama's rotary embedding, Mamba's whole mixer were named ``layer.py:856 in
+#: forward``; the stack torch records ends there, so the caller's line is named)
+_LIBRARY_PATHS = ("/torch/", "/kernels/_internals/")
+
+
 def last_user_line(stack: str | None) -> str | None:
     """``model.py:42 in forward``: the innermost frame of an FX stack trace outside
     torch itself (the model's own code, not ``nn.Linear.forward``) and outside the
@@ -64,6 +72,6 @@ def last_user_line(stack: str | None) -> str | None:
     if not frames:
         return None
     written = [m for m in frames if not m["path"].startswith("<")]
-    outside = [m for m in written if "/torch/" not in m["path"]]
+    outside = [m for m in written if not any(p in m["path"] for p in _LIBRARY_PATHS)]
     m = (outside or written or frames)[-1]
     return f"{Path(m['path']).name}:{m['line']} in {m['func']}"

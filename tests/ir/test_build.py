@@ -49,6 +49,34 @@ def test_training_ops_carry_their_source_line_and_backward_ops_say_so() -> None:
     assert stacks["exponential"] == f"test_build.py:{first + 2} in forward"
 
 
+class _Regions(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.b = nn.Linear(16, 4)
+        self.register_buffer("ema", torch.zeros(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = torch.relu(self.a(x))
+        with torch.no_grad():
+            self.ema.mul_(0.9).add_(h.float().mean(0), alpha=0.1)
+        return self.b(h.float() * self.ema).sum()
+
+
+def test_ops_of_autocast_and_no_grad_regions_carry_their_source_line() -> None:
+    """export makes each region a graph module of its own, which a higher-order op
+    calls: its ops, forward and backward, named no line before."""
+    program = build_program(capture(_Regions(), (torch.randn(4, 8),), "train"))
+    first = _Regions.forward.__code__.co_firstlineno
+    stacks = {op.name: op.stack for op in program.ops}
+    assert None not in stacks.values(), stacks
+    region_ops = [op for op in program.ops if op.target == "aten.addmm.default"]
+    assert region_ops[0].stack == f"test_build.py:{first + 2} in forward", stacks
+    grad_of_relu = [op for op in program.ops if op.target == "aten.threshold_backward.default"]
+    assert grad_of_relu[0].stack == f"test_build.py:{first + 2} in forward (backward)", stacks
+
+
 def test_cuda_storages_hold_whole_allocator_blocks() -> None:
     """On CUDA a storage is planned at what the caching allocator hands out (and
     its counters count): its bytes rounded up to 512; elsewhere its bytes."""

@@ -260,6 +260,47 @@ def test_a_failure_in_user_code_names_no_torch_nn_line() -> None:
     assert "x.sum() > 0" in str(info.value)
 
 
+_FAKE_CALLS = {"n": 0}
+
+
+@torch.library.custom_op("planner_tests::doubled_once", mutates_args=())
+def _doubled_once(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_doubled_once.register_fake
+def _doubled_once_fake(x: torch.Tensor) -> torch.Tensor:
+    _FAKE_CALLS["n"] += 1
+    if _FAKE_CALLS["n"] > 1:  # traced by export, then failing in the joint trace
+        raise KeyError("no entry for this shape")
+    return torch.empty_like(x)
+
+
+_doubled_once.register_autograd(lambda ctx, grad: grad * 2)
+
+
+class _DoubledOnce(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _doubled_once(self.linear(x)).sum()
+
+
+def test_an_error_in_the_joint_trace_is_described_as_raised() -> None:
+    """An op failing while AOTAutograd runs the exported graph (which export ran
+    without failing) is named as it raised: a KeyError, at the line that raised it,
+    not the FX Interpreter's RuntimeError with neither."""
+    _FAKE_CALLS["n"] = 0
+    with pytest.raises(CaptureError) as info:
+        capture(_DoubledOnce(), (torch.randn(2, 4),), "train")
+    message = str(info.value)
+    assert "KeyError: 'no entry for this shape'" in message, message
+    assert 'raise KeyError("no entry for this shape")' in message, message
+    assert "While executing" not in message, message
+
+
 @pytest.mark.parametrize(
     ("inputs", "match"),
     [

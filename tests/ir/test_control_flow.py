@@ -27,3 +27,19 @@ def test_torch_cond_is_refused_with_the_users_line(mode: str) -> None:
     expected = r"torch\.cond at test_control_flow\.py:\d+.*torch\.where"
     with pytest.raises(planner.CaptureError, match=expected):
         planner.plan(_Cond(), "100%", (torch.randn(8, 16),), mode=mode, time_limit=3)
+
+
+def test_a_hub_kernel_wrapper_is_not_the_source_line() -> None:
+    """transformers calls Llama's rotary embedding (and Mamba's mixer) through the
+    ``kernels`` package's wrapper; the stack torch records ends in it, and every
+    such op was named ``layer.py:856 in forward``: the model's call is named."""
+    from planner.ir.data_dependent import last_user_line
+
+    site = "/usr/lib/python3/site-packages"
+    stack = (
+        f'File "{site}/transformers/models/llama/modeling_llama.py", line 249, in forward\n'
+        f"    query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)\n"
+        f'  File "{site}/kernels/_internals/layer/layer.py", line 856, in forward\n'
+        f"    return func(*args, **kwargs)\n"
+    )
+    assert last_user_line(stack) == "modeling_llama.py:249 in forward"
