@@ -727,8 +727,14 @@ def _capture_joint(
 
     try:
         # a tracing context (as torch.compile's) is where AOTAutograd leaves the
-        # metadata; its fake mode is the one AOTAutograd would make for real inputs
-        with torch._guards.tracing(torch._guards.TracingContext(FakeTensorMode())):
+        # metadata; its fake mode is the one AOTAutograd would make for real inputs.
+        # The grad mode is restored however the trace ends: torch's no_grad region op
+        # (wrap_with_set_grad_enabled) sets it back only when its body returns, and an
+        # op failing in one left the caller's process with gradients off
+        with (
+            torch._guards.tracing(torch._guards.TracingContext(FakeTensorMode())),
+            torch.set_grad_enabled(torch.is_grad_enabled()),
+        ):
             aot_module_simplified(
                 flat_module,  # type: ignore[arg-type]  # any nn.Module works
                 flat_inputs,

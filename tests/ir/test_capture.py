@@ -663,3 +663,30 @@ def test_a_ddp_wrapper_is_told_to_plan_the_model_then_wrap_the_planned_module() 
         pm.close()
     finally:
         dist.destroy_process_group()
+
+
+class _DoubledOnceWithoutGrad(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.register_buffer("ema", torch.zeros(2, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear(x)
+        with torch.no_grad():
+            self.ema.copy_(_doubled_once(h))
+        return (h * self.ema).sum()
+
+
+def test_an_error_in_a_no_grad_region_of_the_joint_trace_leaves_grad_mode_on() -> None:
+    """torch's op for a ``no_grad`` region sets the grad mode back only when its body
+    returns: an op failing inside one during the joint trace left the caller's
+    process with gradients off after the CaptureError."""
+    _FAKE_CALLS["n"] = 0
+    assert torch.is_grad_enabled()
+    with pytest.raises(CaptureError, match="no entry for this shape"):
+        capture(_DoubledOnceWithoutGrad(), (torch.randn(2, 4),), "train")
+    try:
+        assert torch.is_grad_enabled(), "the failed capture left gradients off"
+    finally:
+        torch.set_grad_enabled(True)
