@@ -967,15 +967,16 @@ class PlannedModule(torch.nn.Module):
             k
             for k, t in linked.items()
             if not _views_the_same(t, ours[k])
-            and not torch.equal(t, ours[k].to(device=t.device, dtype=t.dtype))
+            and not _same_values(t, ours[k].to(device=t.device, dtype=t.dtype))
         )
         if changed:
             raise PlannerError(
                 f"load_state_dict: {listed(changed)} {'is' if len(changed) == 1 else 'are'} "
                 f"frozen and read by this plan from its checkpoint file in place, so loading "
                 f"other values would write into that file: nothing was loaded. Leave "
-                f"{'it' if len(changed) == 1 else 'them'} out of the state dict, or save "
-                f"the new values to a checkpoint of their own and plan from that"
+                f"{'it' if len(changed) == 1 else 'them'} out of the state dict and load "
+                f"with strict=False, or save the new values to a checkpoint of their own "
+                f"and plan from that"
             )
         ours = {k: v for k, v in ours.items() if k not in linked}
         result = self._state_watch.model.load_state_dict(ours, strict=False)
@@ -1312,6 +1313,17 @@ def _being_traced(args: tuple, kwargs: dict) -> bool:
         return True
     tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
     return any(isinstance(t, FakeTensor) or torch._is_functional_tensor(t) for t in tensors)
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Elementwise equal, a NaN equal to a NaN where both hold one (``torch.equal``
+    says a weight holding a NaN differs from its own copy: a resume from a saved
+    ``pm.state_dict()`` was refused)."""
+    if torch.equal(a, b):
+        return True
+    if not (a.is_floating_point() or a.is_complex()):
+        return False
+    return torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True)
 
 
 def _views_the_same(a: torch.Tensor, b: torch.Tensor) -> bool:

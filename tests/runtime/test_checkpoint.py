@@ -399,11 +399,47 @@ def test_load_state_dict_never_writes_the_checkpoint_a_frozen_weight_is_read_fro
         pm(x).backward()  # before: LinkedFileChanged
         state[linked[0]] += 1.0
         before = {k: v.clone() for k, v in meta.state_dict().items()}
-        with pytest.raises(PlannerError, match="would write into that file"):
+        with pytest.raises(PlannerError, match="would write into that file") as info:
             pm.load_state_dict(state)
         for k, v in meta.state_dict().items():
             assert torch.equal(v, before[k]), f"{k} loaded though the load was refused"
+        # as the message advises: left out, the others load (strict=True: "Missing key")
+        assert "strict=False" in str(info.value)
+        del state[linked[0]]
+        assert pm.load_state_dict(state, strict=False).missing_keys == [linked[0]]
         pm(x).backward()
     finally:
         pm.close()
     assert _sha256(path) == digest, "load_state_dict wrote into the checkpoint"
+
+
+def test_a_resume_is_not_refused_for_a_frozen_weight_holding_a_nan(tmp_path) -> None:
+    """A frozen weight read from the checkpoint in place that holds a NaN equals its
+    own copy (a resume from a saved ``pm.state_dict()``): torch.equal said it did
+    not, and the load was refused as if it held other values."""
+    torch.manual_seed(0)
+    eager = nn.Sequential(_blocks(), _Mean())
+    state = eager.state_dict()
+    state["0.0.0.weight"][0, 0] = float("nan")  # a row no input reaches, say
+    path = tmp_path / "model.safetensors"
+    save_file(state, str(path))
+    digest = _sha256(path)
+    x = torch.randn(64, 256)
+    meta = nn.Sequential(_blocks("meta"), _Mean())
+    for p in meta[0][:4].parameters():
+        p.requires_grad_(False)
+    pm = planner.plan(
+        meta, "40%", (x,), mode="train", profile="cpu", time_limit=5, checkpoint=str(path)
+    )
+    try:
+        from planner.runtime.checkpoint import is_checkpoint_view
+
+        assert is_checkpoint_view(meta[0][0][0].weight), "not read from the checkpoint"
+        saved = {k: v.clone() for k, v in pm.state_dict().items()}
+        pm.load_state_dict(saved)  # the same values, NaN included
+        saved["0.0.0.weight"][0, 1] += 1.0
+        with pytest.raises(PlannerError, match="would write into that file"):
+            pm.load_state_dict(saved)
+    finally:
+        pm.close()
+    assert _sha256(path) == digest
