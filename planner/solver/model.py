@@ -162,8 +162,9 @@ class PlacementModel:
         ``budget="min"`` CP-SAT was infeasible at once and the memory-minimizing
         baseline was kept (GPT-2 example, training: 0.96 s estimated per step
         against 0.39 s solved in bytes; measured side by side, Llama's example step
-        took 0.64x the time, GPT-2's 0.92x, the U-Net's 0.90x). Solving in bytes
-        changed nothing away from the floor (the same plans at 50% on five examples)."""
+        took 0.64x the time, GPT-2's 0.92x, the U-Net's 0.90x). Away from the floor
+        the plans' estimates moved within the search's noise (0.3% either way on
+        GPT-2 at 50-60%; the same on four other examples at 50%)."""
         T = self.problem.num_steps
         held = _held_by_step(self.cands, T)
         worst = np.asarray(self.cands.fixed, dtype=np.int64)
@@ -363,6 +364,7 @@ class PlacementModel:
         # interleaved workers: the same portfolio, run deterministically
         solver.parameters.interleave_search = True
         solver.parameters.interleave_batch_size = INTERLEAVE_BATCH_SIZE
+        solver.parameters.ignore_subsolvers.extend(IGNORED_SUBSOLVERS)
         solver.parameters.random_seed = 0
         solver.parameters.relative_gap_limit = relative_gap
         solver.parameters.log_search_progress = log.isEnabledFor(logging.DEBUG)
@@ -406,6 +408,21 @@ class _Progress(cp_model.CpSolverSolutionCallback):
 #: the machine's load: problems proven optimal in 0.02-0.27 s took 0.6-2.0 s, and
 #: GPT-2's training solves 1.4-2.0 s instead of 0.4-0.5 s, for the same plans.
 INTERLEAVE_BATCH_SIZE = 1
+
+#: Full-problem subsolvers left out of CP-SAT's portfolio. With batches of one
+#: task the interleaved search runs its tasks one at a time, and a full
+#: subsolver's task is a chunk of 1.0 deterministic seconds (fixed inside CP-SAT,
+#: no parameter); a chunk of 'core', 'default_lp' or 'no_lp' took 2-6 s of wall
+#: time here and improved nothing, and the optimum came from 'max_lp_sym', whose
+#: turn came after all three. GPT-2 training at 50% waited 12-19 s for it, and on a
+#: busy machine the wall limit cut the search first: plans of up to 34% more added
+#: time, depending on the load. Without them, on 11 problems (the GPT-2, ResNet
+#: and Llama examples at 42-75%, an 8-layer GPT-2, two synthetic graphs) the
+#: optima were the same (one within the 0.2% gap; the 8-layer GPT-2 proven where
+#: the full portfolio ran out of its 12 deterministic seconds), proven at 0.02-0.93
+#: deterministic seconds instead of 0.23-4.0 on eight of them; 54% of the wall time
+#: in all (one synthetic graph took 5.0 against 4.8 deterministic seconds).
+IGNORED_SUBSOLVERS = ("core", "default_lp", "no_lp")
 
 #: Above this many (step, option) terms, memory uses one cumulative constraint.
 LINEAR_MEMORY_TERMS = 1_500_000
