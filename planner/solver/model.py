@@ -161,8 +161,8 @@ class PlacementModel:
         rounding added up to more than the slack a plan at the floor has, so at
         ``budget="min"`` CP-SAT was infeasible at once and the memory-minimizing
         baseline was kept (GPT-2 example, training: 0.96 s estimated per step
-        against 0.39 s solved in bytes; measured side by side, Llama's example step
-        took 0.64x the time, GPT-2's 0.92x, the U-Net's 0.90x). Away from the floor
+        against 0.39 s solved in bytes; measured side by side, the examples' steps
+        took 0.61x (Llama) to 0.92x (U-Net) the time: benchmarks/min_budget_bench.py). Away from the floor
         the plans' estimates moved within the search's noise (0.3% either way on
         GPT-2 at 50-60%; the same on four other examples at 50%)."""
         T = self.problem.num_steps
