@@ -367,6 +367,18 @@ def test_a_sharded_checkpoint_that_does_not_match_its_index_is_an_error(tmp_path
         open_checkpoint(empty)
 
 
+def _planned_with_four_frozen_blocks(path, x: torch.Tensor):  # type: ignore[no-untyped-def]
+    """A meta model attached to ``path`` whose first four blocks are frozen (read
+    from the checkpoint in place at 40%), planned for training: (model, pm)."""
+    meta = nn.Sequential(_blocks("meta"), _Mean())
+    for p in meta[0][:4].parameters():
+        p.requires_grad_(False)
+    pm = planner.plan(
+        meta, "40%", (x,), mode="train", profile="cpu", time_limit=5, checkpoint=str(path)
+    )
+    return meta, pm
+
+
 def test_load_state_dict_never_writes_the_checkpoint_a_frozen_weight_is_read_from(
     tmp_path,
 ) -> None:
@@ -381,12 +393,7 @@ def test_load_state_dict_never_writes_the_checkpoint_a_frozen_weight_is_read_fro
     save_file(eager.state_dict(), str(path))
     digest, mtime = _sha256(path), path.stat().st_mtime_ns
     x = torch.randn(64, 256)
-    meta = nn.Sequential(_blocks("meta"), _Mean())
-    for p in meta[0][:4].parameters():
-        p.requires_grad_(False)
-    pm = planner.plan(
-        meta, "40%", (x,), mode="train", profile="cpu", time_limit=5, checkpoint=str(path)
-    )
+    meta, pm = _planned_with_four_frozen_blocks(path, x)
     try:
         from planner.runtime.checkpoint import is_checkpoint_view
 
@@ -425,12 +432,7 @@ def test_a_resume_is_not_refused_for_a_frozen_weight_holding_a_nan(tmp_path) -> 
     save_file(state, str(path))
     digest = _sha256(path)
     x = torch.randn(64, 256)
-    meta = nn.Sequential(_blocks("meta"), _Mean())
-    for p in meta[0][:4].parameters():
-        p.requires_grad_(False)
-    pm = planner.plan(
-        meta, "40%", (x,), mode="train", profile="cpu", time_limit=5, checkpoint=str(path)
-    )
+    meta, pm = _planned_with_four_frozen_blocks(path, x)
     try:
         from planner.runtime.checkpoint import is_checkpoint_view
 
