@@ -61,9 +61,21 @@ def refuse_data_dependent_shapes(graph: torch.fx.Graph) -> None:
 _LIBRARY_PATHS = ("/torch/", "/kernels/_internals/")
 
 
+def _in_a_library(path: str) -> bool:
+    """torch, the ``kernels`` wrapper, and transformers outside its models: its
+    shared building blocks (``pytorch_utils.py``'s Conv1D, ``activations.py``, the
+    attention, MoE and loss helpers) are a modeling file's ``nn.Linear``: GPT-2's
+    every projection was named ``pytorch_utils.py:119 in forward``."""
+    if any(p in path for p in _LIBRARY_PATHS):
+        return True
+    _, sep, rest = path.rpartition("/transformers/")
+    return bool(sep) and not rest.startswith("models/")
+
+
 def last_user_line(stack: str | None) -> str | None:
     """``model.py:42 in forward``: the innermost frame of an FX stack trace outside
-    torch itself (the model's own code, not ``nn.Linear.forward``) and outside the
+    torch itself (the model's own code, not ``nn.Linear.forward``) and the libraries
+    of ``_in_a_library``, and outside the
     code torch generates (``<eval_with_key>.5``, where export traces the branches
     of a ``torch.cond``)."""
     if not stack:
@@ -72,6 +84,6 @@ def last_user_line(stack: str | None) -> str | None:
     if not frames:
         return None
     written = [m for m in frames if not m["path"].startswith("<")]
-    outside = [m for m in written if not any(p in m["path"] for p in _LIBRARY_PATHS)]
+    outside = [m for m in written if not _in_a_library(m["path"])]
     m = (outside or written or frames)[-1]
     return f"{Path(m['path']).name}:{m['line']} in {m['func']}"

@@ -43,3 +43,20 @@ def test_a_hub_kernel_wrapper_is_not_the_source_line() -> None:
         f"    return func(*args, **kwargs)\n"
     )
     assert last_user_line(stack) == "modeling_llama.py:249 in forward"
+
+
+def test_transformers_building_blocks_are_not_the_source_line() -> None:
+    """transformers' shared layers (GPT-2's Conv1D in pytorch_utils.py, the loss
+    helpers) are named by the modeling file's call, as torch.nn's are."""
+    from planner.ir.data_dependent import last_user_line
+
+    site = "/usr/lib/python3/site-packages/transformers"
+    stack = (
+        f'File "{site}/models/gpt2/modeling_gpt2.py", line 300, in forward\n'
+        f"    query_states, key_states, value_states = self.c_attn(hidden_states)\n"
+        f'  File "{site}/pytorch_utils.py", line 119, in forward\n'
+        f"    x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)\n"
+    )
+    assert last_user_line(stack) == "modeling_gpt2.py:300 in forward"
+    only_library = f'File "{site}/loss/loss_utils.py", line 40, in ForCausalLMLoss\n'
+    assert last_user_line(only_library) == "loss_utils.py:40 in ForCausalLMLoss"
