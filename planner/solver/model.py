@@ -162,9 +162,9 @@ class PlacementModel:
         ``budget="min"`` CP-SAT was infeasible at once and the memory-minimizing
         baseline was kept (GPT-2 example, training: 0.96 s estimated per step
         against 0.39 s solved in bytes; measured side by side, the examples' steps
-        took 0.61x (Llama) to 0.92x (U-Net) the time: benchmarks/min_budget_bench.py). Away from the floor
-        the plans' estimates moved within the search's noise (0.3% either way on
-        GPT-2 at 50-60%; the same on four other examples at 50%)."""
+        took 0.61x (Llama) to 0.92x (U-Net) the time: benchmarks/min_budget_bench.py).
+        Away from the floor the plans' estimates moved within the search's noise
+        (0.3% either way on GPT-2 at 50-60%; the same on four other examples at 50%)."""
         T = self.problem.num_steps
         held = _held_by_step(self.cands, T)
         worst = np.asarray(self.cands.fixed, dtype=np.int64)
@@ -369,7 +369,7 @@ class PlacementModel:
         solver.parameters.relative_gap_limit = relative_gap
         solver.parameters.log_search_progress = log.isEnabledFor(logging.DEBUG)
         start = time.perf_counter()
-        callback = _Progress(start)
+        callback = _Progress(start, peak=self.peak is not None)
         status = solve_interruptibly(solver, self.model, callback)  # Ctrl-C stops it
         elapsed = time.perf_counter() - start
         name = solver.status_name(status)
@@ -387,13 +387,23 @@ class PlacementModel:
 
 
 class _Progress(cp_model.CpSolverSolutionCallback):
-    """Logs each improving solution so long solves show progress."""
+    """Logs each improving solution so long solves show progress: its added time,
+    or, where the model minimizes the peak, its peak in bytes."""
 
-    def __init__(self, start: float) -> None:
+    def __init__(self, start: float, peak: bool = False) -> None:
         super().__init__()
         self.start = start
+        self.peak = peak
 
     def on_solution_callback(self) -> None:
+        if self.peak:
+            log.info(
+                "solver: %.1fs incumbent peak %d bytes (bound %d)",
+                time.perf_counter() - self.start,
+                round(self.objective_value),
+                round(self.best_objective_bound),
+            )
+            return
         log.info(
             "solver: %.1fs incumbent %.4fs added time (bound %.4fs)",
             time.perf_counter() - self.start,

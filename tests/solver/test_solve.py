@@ -715,3 +715,16 @@ def test_at_the_smallest_budget_cp_sat_plans_in_the_validators_bytes() -> None:
     assert pm.report.solver["name"] == "cp-sat"
     assert pm.report.solver["status"] in ("OPTIMAL", "FEASIBLE")
     assert pm.plan.predicted_peak_bytes <= pm.report.budget_bytes
+
+
+def test_a_min_peak_solve_logs_its_incumbents_in_bytes(caplog: pytest.LogCaptureFixture) -> None:
+    """Solving for the lowest peak, the progress log gave the peak in bytes times
+    1e-7 as "seconds of added time"."""
+    from planner.solver.candidates import build_candidates
+    from planner.solver.model import PlacementModel
+
+    problem, _ = _problem("example:mlp", "train", 0.5)
+    with caplog.at_level("INFO", logger="planner.solver.model"):
+        PlacementModel(build_candidates(problem), minimize_peak=True).solve(1.0)
+    assert "incumbent peak" in caplog.text and "bytes" in caplog.text
+    assert "added time" not in caplog.text
