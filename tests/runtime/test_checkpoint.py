@@ -410,6 +410,9 @@ def test_load_state_dict_never_writes_the_checkpoint_a_frozen_weight_is_read_fro
             pm.load_state_dict(state)
         for k, v in meta.state_dict().items():
             assert torch.equal(v, before[k]), f"{k} loaded though the load was refused"
+        meta_value = dict(state, **{linked[0]: torch.empty_like(state[linked[0]], device="meta")})
+        with pytest.raises(PlannerError, match="would write into that file"):
+            pm.load_state_dict(meta_value)  # before: "Cannot copy out of meta tensor"
         # as the message advises: left out, the others load (strict=True: "Missing key")
         assert "strict=False" in str(info.value)
         del state[linked[0]]
