@@ -63,15 +63,15 @@ def _rounded_units() -> Iterator[None]:
     count and each step's fixed bytes rounded up to the old unit, the budget down."""
     held_by_step = placement_model._held_by_step
     model = solve_module.PlacementModel
-    unit = [1]
 
     def rounded_holdings(cands: Any, T: int) -> Any:
         held = held_by_step(cands, T)
-        return dataclasses.replace(held, nbytes=-(-held.nbytes // unit[0]) * unit[0])
+        u = _old_unit(cands.problem)
+        return dataclasses.replace(held, nbytes=-(-held.nbytes // u) * u)
 
     class Rounded(model):  # type: ignore[misc, valid-type]
         def __init__(self, cands: Any, minimize_peak: bool = False) -> None:
-            unit[0] = u = _old_unit(cands.problem)
+            u = _old_unit(cands.problem)
             problem = cands.problem
             rounded = dataclasses.replace(
                 cands,

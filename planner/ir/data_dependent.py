@@ -74,10 +74,9 @@ def _in_a_library(path: str) -> bool:
 
 def last_user_line(stack: str | None) -> str | None:
     """``model.py:42 in forward``: the innermost frame of an FX stack trace outside
-    torch itself (the model's own code, not ``nn.Linear.forward``) and the libraries
-    of ``_in_a_library``, and outside the
-    code torch generates (``<eval_with_key>.5``, where export traces the branches
-    of a ``torch.cond``)."""
+    the libraries of ``_in_a_library`` (the model's own code, not
+    ``nn.Linear.forward``) and outside the code torch generates
+    (``<eval_with_key>.5``, where export traces the branches of a ``torch.cond``)."""
     if not stack:
         return None
     frames = [m for m in _FRAME.finditer(stack)]
