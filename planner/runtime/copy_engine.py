@@ -272,6 +272,14 @@ class CudaCopyEngine(CopyEngine):
         #: parameter's data), and the last upload issued from one (``settle``)
         self._handed_out: set[str] = set()
         self._home_upload: torch.cuda.Event | None = None
+        #: per host key, the last copy out of its pinned buffer (an upload) and the
+        #: last copy into it (a download). A copy the other way waits for it on its
+        #: own stream: the generated code orders them through the compute stream,
+        #: which holds only for calls made on one stream (two threads with a stream
+        #: each, or a caller switching streams between calls: a call's write into
+        #: a buffer overtook the previous call's read of it)
+        self._last_upload: dict[str, torch.cuda.Event] = {}
+        self._last_download: dict[str, torch.cuda.Event] = {}
 
     def _pinned(self, key: str, entry: Entry) -> torch.Tensor:
         buf = self.host.get(key)
@@ -298,6 +306,18 @@ class CudaCopyEngine(CopyEngine):
         tensor.record_stream(self.d2h)
         return event
 
+    def _after_reads_of(self, key: str) -> None:
+        """Order d2h's next copy after the last upload from ``key``'s pinned buffer."""
+        read = self._last_upload.get(key)
+        if read is not None:
+            self.d2h.wait_event(read)
+
+    def _after_writes_of(self, key: str) -> None:
+        """Order h2d's next copy after the last download into ``key``'s pinned buffer."""
+        written = self._last_download.get(key)
+        if written is not None:
+            self.h2d.wait_event(written)
+
     def _rows_written(self, key: str) -> None:
         """Wait until the rows last written into ``key``'s host home are there
         (before anything reads or overwrites it)."""
@@ -320,6 +340,7 @@ class CudaCopyEngine(CopyEngine):
             return
         self._rows_written(key)  # last call's (long done): its buffers are reused
         home = self._pinned(key, entry)
+        self._after_reads_of(key)  # put_rows writes the home once d2h gets here
         rows = tensor.index_select(dim, index)
         # a copy: the caller may advance its own index in place before d2h reads it
         positions = index.to(device=tensor.device, dtype=torch.int64, copy=True)
@@ -346,7 +367,9 @@ class CudaCopyEngine(CopyEngine):
             entry = self.host_entries[key]
             src = self.host[key]
             handed_out = key in self._handed_out
+            self._after_writes_of(key)
             pending = self._upload(src, entry, blocking=handed_out)
+            self._last_upload[key] = pending.event
             if handed_out:  # settle waits for it on the host
                 self._home_upload = pending.event
             return pending
@@ -394,9 +417,12 @@ class CudaCopyEngine(CopyEngine):
         # the host tier's buffer is the key's own; a disk write's bounce buffer is
         # this copy's (see the class docstring)
         buf = self._pinned(key, entry) if tier == "host" else _new_pinned(entry)
+        if tier == "host":
+            self._after_reads_of(key)
         event = self._download(buf, tensor)
         if tier == "host":
             self.host_entries[key] = entry
+            self._last_download[key] = event
             return Pending(tensor, event=event)
         self.disk.entries[key] = entry
 
@@ -449,6 +475,9 @@ class CudaCopyEngine(CopyEngine):
     def store_now(self, key: str, tier: str, tensor: torch.Tensor) -> None:
         if tier == "host":
             self._rows_written(key)
+            for copy in (self._last_upload.pop(key, None), self._last_download.pop(key, None)):
+                if copy is not None:  # the host writes the buffer: no copy may touch it
+                    copy.synchronize()
             entry = describe(tensor)
             buf = self._pinned(key, entry)
             buf.untyped_storage().copy_(tensor.untyped_storage())
@@ -463,6 +492,8 @@ class CudaCopyEngine(CopyEngine):
         self.h2d.synchronize()
         self.d2h.synchronize()
         self._home_upload = None
+        self._last_upload.clear()
+        self._last_download.clear()
         # done or failed: a failed one's error is dropped, not raised at next call
         self._rows_pending.clear()
 
