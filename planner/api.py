@@ -111,8 +111,18 @@ def analyze(
             captured, graph_module=channels_last_convolutions(captured.graph_module)
         )
         fuse_cross_entropy_backward(captured.graph_module)
-    with autocast_off():  # op timings of the traced dtypes
+    with autocast_off(), _on_the_inputs_gpu(example_inputs):  # op timings of the traced dtypes
         return analyze_captured(captured, get_profile(profile))
+
+
+def _on_the_inputs_gpu(example_inputs: Any) -> contextlib.AbstractContextManager[Any]:
+    """The example inputs' GPU as the current one while the passes run: they make
+    up inputs and time ops on "cuda", the current device, which for a model on
+    cuda:1 with cuda:0 current measured (and allocated on) the other card."""
+    tensors = [t for t in pytree.tree_leaves(example_inputs) if isinstance(t, torch.Tensor)]
+    if tensors and tensors[0].device.type == "cuda":
+        return torch.cuda.device(tensors[0].device)
+    return contextlib.nullcontext()
 
 
 @caller_rng_kept

@@ -265,3 +265,18 @@ def test_training_over_two_batch_shapes_shares_the_parameters() -> None:
             torch.testing.assert_close(p.detach().to(q.device), q.detach(), msg=name)
     finally:
         pm.close()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_planning_a_model_on_the_second_gpu_measures_that_gpu() -> None:
+    """The passes make up inputs and time ops on "cuda": the model's card, not the
+    current one (they allocated on cuda:0 for a model on cuda:1)."""
+    torch.cuda.set_device(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 256)).to("cuda:1")
+    x = torch.randn(64, 256, device="cuda:1")
+    torch.cuda.synchronize(0)
+    torch.cuda.reset_peak_memory_stats(0)
+    before = torch.cuda.memory_allocated(0)
+    planner.analyze(model, (x,))
+    assert torch.cuda.max_memory_allocated(0) == before
