@@ -426,10 +426,11 @@ def _matmul_args(a: torch.Tensor, q: Quantized, fmt: str) -> tuple[torch.Tensor,
 
 def _dot_options(a: torch.Tensor) -> dict[str, object]:
     """tl.dot settings: IEEE fp32 (no TF32) to stay close to torch; bf16 upcast to fp32
-    only under the interpreter (CPU), whose bf16 dot is wrong (see `_dot`)."""
+    only under the interpreter (CPU), whose bf16 dot is wrong (see `_dot`). IEEE
+    for 16-bit inputs too: the precision only changes fp32 inputs, and "tf32" is
+    refused where the target has none (Triton's AMD backend before CDNA3)."""
     upcast = a.device.type == "cpu" and a.dtype == torch.bfloat16
-    ieee = a.dtype == torch.float32 or upcast
-    return {"PRECISION": "ieee" if ieee else "tf32", "UPCAST": upcast}
+    return {"PRECISION": "ieee", "UPCAST": upcast}
 
 
 def _tile_grid(m: int, n: int, block_m: int, block_n: int) -> tuple[int]:

@@ -308,3 +308,11 @@ def test_the_matmul_grid_launches_for_any_layer_width(m: int, n: int) -> None:
     assert all(axis <= 65_535 for axis in grid[1:])
     assert grid[0] < 2**31
     assert math.prod(grid) == -(-m // 16) * -(-n // 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dots_ask_for_ieee_precision_on_a_gpu(dtype: torch.dtype) -> None:
+    """TF32 changes only fp32 inputs and is refused by targets without it (Triton's
+    AMD backend before CDNA3): 16-bit inputs asked for it and would not compile there."""
+    a = torch.empty(0, dtype=dtype, device="meta")  # a GPU's options: no interpreter upcast
+    assert kernels._dot_options(a) == {"PRECISION": "ieee", "UPCAST": False}
