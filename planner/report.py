@@ -135,10 +135,17 @@ class Report:
     @classmethod
     def from_plan(cls, analysis: Analysis, plan: Plan) -> Report:
         """The report of a solved plan: decisions per tensor, predicted figures."""
+        from planner.solver.translate import storage_names
+
         report = cls.from_analysis(analysis)
         decisions = {d.name: d for d in plan.tensors}
-        for row in report.tensors:
-            decision = decisions.get(row.name)
+        # a row per storage, in order; the plan names a storage as translate does
+        # (a gradient "grad of <parameter>", where its row shows its op's name):
+        # matched by row name, every gradient read as kept, delivered or not
+        names = storage_names(analysis.program)
+        plan_names = [names[s.index] for s in analysis.program.storages]
+        for row, plan_name in zip(report.tensors, plan_names):
+            decision = decisions.get(plan_name)
             if decision is not None:
                 row.decision = decision.decision
                 row.home = decision.home
@@ -157,7 +164,7 @@ class Report:
             "gap": plan.solver.gap,
         }
         report.baselines = dict(plan.baselines)
-        report.quantized = quantized_rows(plan, report.tensors)
+        report.quantized = quantized_rows(plan, report.tensors, plan_names)
         return report
 
     def add_quantization_errors(
@@ -181,14 +188,18 @@ class Report:
         return render_text(self)
 
 
-def quantized_rows(plan: Plan, tensors: list[TensorRow]) -> list[dict[str, Any]]:
+def quantized_rows(
+    plan: Plan, tensors: list[TensorRow], plan_names: list[str]
+) -> list[dict[str, Any]]:
     """One row per tensor the plan quantizes (stored quantized, or quantized in
-    some gap between uses), with the bytes it saves while quantized."""
+    some gap between uses), with the bytes it saves while quantized.
+    ``plan_names``: each row's name in the plan (``storage_names``)."""
     from planner.solver.problem import QUANT_BITS, quantized_bytes
     from planner.solver.validate import ITEMSIZE
 
-    dtypes = {row.name: row.dtype for row in tensors}
-    last_dims = {row.name: (row.shape[-1] if row.shape else 1) for row in tensors}
+    named = list(zip(plan_names, tensors))
+    dtypes = {name: row.dtype for name, row in named}
+    last_dims = {name: (row.shape[-1] if row.shape else 1) for name, row in named}
     rows = []
     for d in plan.tensors:
         formats = [p.split(":", 1)[1] for p in d.decision.split("+") if p.startswith("quantize:")]

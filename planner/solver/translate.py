@@ -143,7 +143,7 @@ def from_program(
         if program.mode == "train"
         else set()
     )
-    names = _unique_names(program)
+    names = storage_names(program)
     updated_buffers = set(program.meta.get(BUFFER_UPDATES, ()))
     frozen = program.meta.get(FROZEN_PARAMS, frozenset())
     # Training: parameters get a home tier like inference weights (ZeRO-Offload's
@@ -480,7 +480,7 @@ def _movable_grad_params(program: Program, min_movable: int) -> dict[int, int]:
     return out
 
 
-def _unique_names(program: Program) -> dict[int, str]:
+def storage_names(program: Program) -> dict[int, str]:
     """Each storage's name in plans and reports: its source (a parameter's name),
     ``grad of <parameter>`` for a parameter's gradient, else its value's name."""
     grads = {
