@@ -30,6 +30,11 @@ def load_factory(spec: str) -> tuple[Any, Any]:
         )
     file_part, _, factory_name = spec.rpartition(":")
     path = Path(file_part)
+    if path.is_dir():
+        raise SystemExit(
+            f"error: {str(path)!r} is a directory: give the Python file that defines "
+            f"{factory_name}, FILE.py:{factory_name}"
+        )
     if not path.is_file():
         raise SystemExit(f"error: no such file {str(path)!r}")
     module_name = f"_planner_factory_{uuid.uuid4().hex[:8]}"
@@ -45,6 +50,13 @@ def load_factory(spec: str) -> tuple[Any, Any]:
     finally:
         sys.path.pop(0)
     factory = getattr(module, factory_name, None)
+    if factory is not None and not callable(factory):
+        kind = type(factory).__name__
+        article = "an" if kind[:1].lower() in "aeiou" else "a"
+        raise SystemExit(
+            f"error: {factory_name!r} in {str(path)!r} is {article} {kind}, not a function: "
+            f"give a function that returns (model, example_inputs)"
+        )
     if not callable(factory):
         names = sorted(n for n in dir(module) if n.startswith(("make", "build", "create")))
         raise SystemExit(
@@ -66,6 +78,7 @@ def load_factory(spec: str) -> tuple[Any, Any]:
 def _cmd_report(args: argparse.Namespace) -> int:
     from planner.api import DEFAULT_TIME_LIMIT, analyze, report
     from planner.api import plan as plan_module
+    from planner.budget import is_smallest, parse_budget
 
     needs_budget = [
         flag
@@ -81,6 +94,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.budget is None and needs_budget:  # they shape a plan; without one, ignored
         verb = "needs" if len(needs_budget) == 1 else "need"
         raise SystemExit(f"error: {', '.join(needs_budget)} {verb} a plan: give --budget too")
+    if args.budget is not None and not is_smallest(args.budget):
+        # its form, before the model is built and traced (a share's bytes need the
+        # unplanned peak: any will do to read it); planning reads it again
+        parse_budget(args.budget, unplanned_peak=1 << 62)
     for flag, path in (("--save-plan", args.save_plan), ("--plot", args.plot)):
         _check_writable(flag, path)  # before minutes of planning, not after
     if args.plot is not None:
@@ -149,10 +166,23 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.json:
         print(result.to_json())
     else:
-        print(result, end="")
+        from planner.report import render_text
+
+        print(render_text(result, width=_text_width()), end="")
     if args.plot:  # on stderr: stdout stays the report (--json pipes)
         print(f"plot written to {plotted}", file=sys.stderr)
     return 0
+
+
+def _text_width() -> int:
+    """The text report's width: a terminal's, when printed to one (140-column rows
+    wrapped on a 100-column terminal, each onto a second line); else 140, the same
+    text in every file and pipe."""
+    if sys.stdout.isatty():
+        import shutil
+
+        return max(80, shutil.get_terminal_size((140, 24)).columns)
+    return 140
 
 
 def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
@@ -162,11 +192,40 @@ def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from planner.passes.device_profile import default_profile_path
+    from planner.passes.device_profile import PROFILE_ENV_VAR, default_profile_path
     from planner.runtime.calibrate import calibrate
 
+    target = Path(args.out).expanduser() if args.out else default_profile_path()
+    flag = (
+        "--out"
+        if args.out
+        else f"${PROFILE_ENV_VAR}"
+        if os.environ.get(PROFILE_ENV_VAR)
+        else "the profile path"
+    )
+    # before measuring, not after: a bare "[Errno 2] No such file or directory"
+    _check_writable(flag, str(target), make_parents=True)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():  # calibrate's RuntimeError was a traceback
+            raise SystemExit(
+                "error: --device cuda: CUDA is not available here (no GPU visible, or "
+                "a torch built without CUDA); measure this machine with --device cpu"
+            )
+    if args.disk_dir is not None:  # the disk is timed last: it failed after the rest
+        disk_dir = Path(args.disk_dir).expanduser()
+        if not disk_dir.exists():
+            raise SystemExit(
+                f"error: --disk-dir {args.disk_dir} does not exist; create it or give "
+                f"an existing directory (the one offloaded tensors will live in)"
+            )
+        if not disk_dir.is_dir():
+            raise SystemExit(f"error: --disk-dir {args.disk_dir} is not a directory")
+        if not os.access(disk_dir, os.W_OK | os.X_OK):
+            raise SystemExit(f"error: --disk-dir {args.disk_dir} is not writable")
     profile = calibrate(device=args.device, disk_dir=args.disk_dir, quick=args.quick)
-    path = profile.save(args.out or default_profile_path())
+    path = profile.save(target)
     for key, value in profile.to_dict().items():
         print(f"{key:24s} {value}")
     print(f"saved to {path}")
@@ -285,14 +344,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_writable(flag: str, path: str | None) -> None:
-    """An output path whose directory is missing or read-only is an error now."""
+def _check_writable(flag: str, path: str | None, make_parents: bool = False) -> None:
+    """An output path whose directory is missing or read-only is an error now;
+    ``make_parents``: the directories the writer makes may be missing, the
+    nearest that exists must take them."""
     if path is None:
         return
     if not path.strip():
         raise SystemExit(f"error: {flag} was given an empty path: give a file path")
     target = Path(path)
     where = target.parent if str(target.parent) else Path(".")
+    if make_parents:
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        if where.exists() and not where.is_dir():
+            raise SystemExit(
+                f"error: {flag} {path}: {where} is a file, not a directory; give a path "
+                f"in a directory you can write to"
+            )
     if target.is_dir():
         raise SystemExit(f"error: {flag} {path} is a directory: give a file path")
     if target.exists():  # a file (or /dev/stdout) written in place: its own permission
@@ -341,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.verbose:
         warnings.filterwarnings("ignore")
+        _quiet_torch_trace_logs()
     try:
         return args.run(args)
     except KeyboardInterrupt:  # Ctrl-C: the planned module is closed on the way out
@@ -355,6 +425,15 @@ def main(argv: list[str] | None = None) -> int:
     except (PlannerError, ValueError, TypeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+def _quiet_torch_trace_logs() -> None:
+    """torch logs an op its fake tensors cannot run (a shape the model does not
+    take) as a 20-line traceback at ERROR, before the planner's error says the same
+    with the user's source line: shown with -v only."""
+    import torch  # noqa: F401 - importing torch sets its loggers' levels: after it
+
+    logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)
 
 
 def _one_line(exc: BaseException) -> str:

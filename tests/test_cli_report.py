@@ -404,3 +404,162 @@ def test_cli_every_report_option_says_what_it_does_and_its_default() -> None:
             assert action.help, f"{command} {flag} has no help"
             if not isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
                 assert "default" in action.help, f"{command} {flag} does not say its default"
+
+
+@pytest.mark.parametrize("via", ["env", "--out"])
+def test_cli_calibrate_refuses_an_unwritable_profile_path_before_measuring(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, via: str
+) -> None:
+    """$PLANNER_PROFILE (or --out) where no file can be made: calibrate measured
+    for seconds (minutes without --quick), then failed with a bare "[Errno 2] No
+    such file or directory: '/proc/nope'" naming neither the option nor the fix."""
+    monkeypatch.setattr(
+        "planner.runtime.calibrate.calibrate", lambda **_: pytest.fail("measured first")
+    )
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    target = blocker / "sub" / "profile.json"  # under a regular file: never creatable
+    argv = ["calibrate", "--quick"]
+    if via == "env":
+        monkeypatch.setenv("PLANNER_PROFILE", str(target))
+        flag = r"\$PLANNER_PROFILE"
+    else:
+        argv += ["--out", str(target)]
+        flag = "--out"
+    with pytest.raises(SystemExit, match=rf"^error: {flag} .*profile\.json: .*a-file"):
+        main(argv)
+    assert blocker.read_text() == "" and not list(tmp_path.glob(".planner-write-probe*"))
+
+
+def test_cli_calibrate_still_makes_the_profile_directory(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The check does not refuse a path whose directories do not exist yet
+    (~/.cache/planner on a fresh machine): save() makes them."""
+    from planner.passes.device_profile import BUILTIN_PROFILES
+
+    monkeypatch.setattr("planner.runtime.calibrate.calibrate", lambda **_: BUILTIN_PROFILES["cpu"])
+    target = tmp_path / "new" / "dirs" / "profile.json"
+    monkeypatch.setenv("PLANNER_PROFILE", str(target))
+    assert main(["calibrate", "--quick"]) == 0
+    assert target.is_file() and f"saved to {target}" in capsys.readouterr().out
+
+
+def test_cli_calibrate_refuses_a_missing_disk_dir_before_measuring(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--disk-dir that does not exist failed after the memory and compute
+    measurements as "[Errno 2] No such file or directory: '.../planner-calibrate-...'"."""
+    monkeypatch.setattr(
+        "planner.runtime.calibrate.calibrate", lambda **_: pytest.fail("measured first")
+    )
+    out = str(tmp_path / "p.json")
+    missing = tmp_path / "no" / "dir"
+    with pytest.raises(SystemExit, match=r"^error: --disk-dir .*no/dir does not exist"):
+        main(["calibrate", "--quick", "--out", out, "--disk-dir", str(missing)])
+    (tmp_path / "f").write_text("")
+    with pytest.raises(SystemExit, match=r"^error: --disk-dir .*/f is not a directory"):
+        main(["calibrate", "--quick", "--out", out, "--disk-dir", str(tmp_path / "f")])
+
+
+@pytest.mark.parametrize(
+    ("budget", "message"),
+    [
+        ("abc", "cannot read budget 'abc'"),
+        ("0", "budget must be positive"),
+        ("0%", "must be a positive percentage"),
+        ("50MB/s", "cannot read budget"),
+        ("0.5", "less than one byte"),
+    ],
+)
+def test_cli_a_malformed_budget_is_refused_before_the_model_is_loaded(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, budget: str, message: str
+) -> None:
+    """It was read only after the factory ran and the model was traced (seconds
+    for the MLP, minutes for a large model), then refused."""
+    monkeypatch.setattr("planner.cli.load_factory", lambda _: pytest.fail("loaded first"))
+    code = main(["report", f"{EXAMPLES}/mlp.py:make_mlp", "--budget", budget])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: ") and message in err, err
+
+
+@pytest.mark.parametrize("budget", ["min", "150%", "1e3", "512KiB", " 50 % "])
+def test_cli_a_well_formed_budget_goes_on_to_the_model(
+    monkeypatch: pytest.MonkeyPatch, budget: str
+) -> None:
+    class Loaded(Exception):
+        pass
+
+    def loaded(_):  # type: ignore[no-untyped-def]
+        raise Loaded
+
+    monkeypatch.setattr("planner.cli.load_factory", loaded)
+    with pytest.raises(Loaded):
+        main(["report", f"{EXAMPLES}/mlp.py:make_mlp", "--budget", budget])
+
+
+def test_cli_a_trace_failure_is_not_preceded_by_torch_s_traceback(tmp_path) -> None:
+    """An op the example inputs do not fit (a shape mismatch) printed torch's
+    20-line "failed while attempting to run meta for aten.mm.default" traceback,
+    each line prefixed "E1208 ... fake_tensor.py:3090]", before the planner's
+    error that says the same with the user's source line (-v keeps it)."""
+    body = "import torch\ndef make():\n    return torch.nn.Linear(4, 4), (torch.randn(2, 5),)\n"
+    spec = f"{_factory_file(tmp_path, body)}:make"
+    proc = subprocess.run(
+        [sys.executable, "-m", "planner.cli", "report", spec, "--profile", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith("error: planner could not trace Linear"), proc.stderr[:300]
+    assert "fake_tensor.py" not in proc.stderr and len(proc.stderr.splitlines()) <= 4
+
+
+def test_cli_a_factory_that_is_not_a_function_or_a_file_that_is_a_directory(tmp_path) -> None:
+    """``make = 3`` read "has no function 'make'; it has make"; a directory
+    given as FILE.py read "no such file" though it exists."""
+    path = _factory_file(tmp_path, "make = 3\n")
+    with pytest.raises(SystemExit, match=r"'make' in .*factory\.py' is an int, not a function"):
+        main(["report", f"{path}:make"])
+    with pytest.raises(SystemExit, match=r"is a directory: give the Python file"):
+        main(["report", f"{tmp_path}:make"])
+
+
+def test_cli_calibrate_cuda_without_cuda_is_one_line(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``planner calibrate --device cuda`` where CUDA is not available ended in a
+    Python traceback (calibrate's RuntimeError, which main did not catch)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    try:
+        code = main(["calibrate", "--device", "cuda", "--out", str(tmp_path / "p.json")])
+    except SystemExit as exc:  # said before measuring
+        code, err = 1, str(exc)
+    else:
+        err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: ") and "CUDA is not available" in err, err
+    assert "--device cpu" in err and not (tmp_path / "p.json").exists()
+
+
+def test_cli_text_fits_the_terminal_it_is_printed_to(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The table was 140 columns wherever it was printed: on a 100-column terminal
+    every row wrapped onto a second line. A terminal's width is used (piped or
+    redirected, the text stays 140 wide)."""
+    import shutil
+
+    spec = f"{EXAMPLES}/mlp.py:make_mlp"
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda *a, **k: os.terminal_size((100, 40)))
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert main(["report", spec, "--mode", "train", "--profile", "cpu"]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line[:1] in "┏┃┡│└"]
+    assert table and max(len(line) for line in table) <= 100
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    assert main(["report", spec, "--mode", "train", "--profile", "cpu"]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line[:1] in "┏┃┡│└"]
+    assert max(len(line) for line in table) > 100  # the MLP's training table: 128 wide
