@@ -7,7 +7,7 @@ See README.md. The stages: ``planner.ir`` (capture, IR) -> ``planner.passes``
 
 from planner.api import analyze, make_plan, measure_unplanned, plan, report
 from planner.budget import parse_budget
-from planner.errors import BudgetTooSmall, CaptureError, InvalidPlan, PlannerError
+from planner.errors import BudgetTooSmall, CaptureError, InvalidPlan, PlannerError, PlannerWarning
 from planner.passes.device_profile import DeviceProfile, get_profile
 from planner.planned_module import PlannedModule
 from planner.report import Report
@@ -27,6 +27,7 @@ __all__ = [
     "Plan",
     "PlannedModule",
     "PlannerError",
+    "PlannerWarning",
     "Report",
     "StoreError",
     "analyze",

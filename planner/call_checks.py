@@ -57,7 +57,7 @@ import torch
 from torch.autograd.graph import get_gradient_edge
 from torch.utils import _pytree as pytree
 
-from planner.errors import PlannerError, listed, user_stacklevel
+from planner.errors import PlannerError, PlannerWarning, listed, user_stacklevel
 from planner.ir.layout import strides_that_matter
 from planner.ir.program import Phase, Program, ValueKind
 from planner.model_slots import find_slot
@@ -739,6 +739,7 @@ def warn_if_saved_tensors_hooks() -> None:
             "planned training step are not applied to the tensors it keeps for its "
             "backward: the plan places those itself, within its budget. Call the planned "
             "module outside them",
+            PlannerWarning,
             stacklevel=user_stacklevel(),
         )
 

@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from planner.errors import BudgetTooSmall, PlannerError
+from planner.errors import BudgetTooSmall, PlannerError, PlannerWarning
 
 
 def load_factory(spec: str) -> tuple[Any, Any]:
@@ -409,8 +409,33 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     if not args.verbose:
-        warnings.filterwarnings("ignore")
         _quiet_torch_trace_logs()
+    with warnings.catch_warnings():
+        _show_planner_warnings(everything=args.verbose)
+        return _run(args)
+
+
+def _show_planner_warnings(everything: bool) -> None:
+    """The planner's own warnings (a model left in training mode planned for
+    inference, forward hooks a planned call does not run) as one line each on
+    stderr; those of torch, transformers and the factory only with -v, as Python
+    shows them (without -v all were hidden, the planner's too)."""
+    if not everything:
+        warnings.filterwarnings("ignore")
+        warnings.filterwarnings("default", category=PlannerWarning)
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+        if issubclass(category, PlannerWarning):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, its errors as the exit codes the README gives."""
     try:
         return args.run(args)
     except KeyboardInterrupt:  # Ctrl-C: the planned module is closed on the way out

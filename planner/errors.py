@@ -35,6 +35,14 @@ def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}"
 
 
+class PlannerWarning(UserWarning):
+    """What the planner warns about (a model planned in training mode for
+    inference, hooks a planned call does not run, memory held outside the plan):
+    its own category, so ``planner report`` shows these and hides libraries'
+    warnings, and a caller can filter them (``warnings.simplefilter("error",
+    planner.PlannerWarning)``)."""
+
+
 class PlannerError(Exception):
     """Base class of every error planner raises on purpose."""
 

@@ -12,7 +12,7 @@ import weakref
 
 import torch
 
-from planner.errors import listed, user_stacklevel
+from planner.errors import PlannerWarning, listed, user_stacklevel
 from planner.released import ReleasedWeight, released_like
 
 
@@ -39,6 +39,7 @@ def warn_if_still_held(full_copies: dict[str, weakref.ref]) -> None:
             f"planning holds every parameter it was given (so does a planner.analyze "
             f"result of the model). Build it after planning, over the trainable "
             f"parameters (p for p in model.parameters() if p.requires_grad)",
+            PlannerWarning,
             stacklevel=user_stacklevel(),
         )
 
@@ -66,6 +67,7 @@ def free_if_moved_still_held(moved: dict[str, weakref.ref], updated: set[str]) -
             f"still held outside the model, so their memory stays in use, uncounted by "
             f"the budget: a variable of yours, or an object beside the model's modules. "
             f"Drop those references to free them",
+            PlannerWarning,
             stacklevel=user_stacklevel(),
         )
 

@@ -41,7 +41,7 @@ from planner.call_checks import (
 from planner.codegen.assemble import Assembled, assemble
 from planner.codegen.emit import Executor
 from planner.codegen.segments import kernels_summary
-from planner.errors import InvalidPlan, PlannerError, listed
+from planner.errors import InvalidPlan, PlannerError, PlannerWarning, listed
 from planner.ir.autocast import AutocastState, any_autocast_enabled, autocast_off, check_autocast
 from planner.ir.hooks import HookWatch
 from planner.ir.meta import BUFFER_UPDATES, PARAM_GRADS
@@ -887,6 +887,7 @@ class PlannedModule(torch.nn.Module):
                     f"stores quantized ({listed(left_out)}): it holds only their codes. "
                     f"They do not train: the checkpoint the model was built from still "
                     f"holds them",
+                    PlannerWarning,
                     stacklevel=2,
                 )
             return state
@@ -894,6 +895,7 @@ class PlannedModule(torch.nn.Module):
             "an inference plan's state_dict holds none of the model's weights (the plan "
             "placed them: on the device, in its offload store, or quantized): save the "
             "model's state_dict before planning",
+            PlannerWarning,
             stacklevel=2,
         )
         return super().state_dict(*args, **kwargs)
@@ -1018,6 +1020,7 @@ class PlannedModule(torch.nn.Module):
             f"pm.apply({getattr(fn, '__name__', 'fn')}) reaches the planned module only, "
             f"not the modules of {self._model_name}: apply it to the model before "
             f"planning (model.apply(fn), then planner.plan)",
+            PlannerWarning,
             stacklevel=2,
         )
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from torch import nn
 
-from planner.errors import PlannerError
+from planner.errors import PlannerError, PlannerWarning
 from planner.ir.meta import BUFFER_UPDATES
 from planner.ir.program import Program
 
@@ -254,5 +254,6 @@ def warn_if_inference_traced_in_training(model: nn.Module, program: Program) -> 
     warnings.warn(
         f"{type(model).__name__} is in training mode, so its inference plan {effect}; "
         f"call model.eval() before planner.plan(..., mode='infer') if you meant evaluation",
+        PlannerWarning,
         stacklevel=3,
     )

@@ -563,3 +563,29 @@ def test_cli_text_fits_the_terminal_it_is_printed_to(
     assert main(["report", spec, "--mode", "train", "--profile", "cpu"]) == 0
     table = [line for line in capsys.readouterr().out.splitlines() if line[:1] in "┏┃┡│└"]
     assert max(len(line) for line in table) > 100  # the MLP's training table: 128 wide
+
+
+def test_cli_shows_the_planner_s_own_warnings_without_verbose(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without -v every Python warning was hidden, the planner's own with the
+    libraries': a model left in training mode planned for inference drew dropout
+    in its plan, and nothing said so. Shown in a line each; the factory's own (and
+    libraries') stay hidden; the caller's warning filters are as they were."""
+    import warnings
+
+    body = (
+        "import warnings\nimport torch\n"
+        "def make():\n"
+        "    warnings.warn('a warning of the factory itself')\n"
+        "    m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Dropout(0.1))\n"
+        "    return m, (torch.randn(8, 64),)\n"
+    )
+    spec = f"{_factory_file(tmp_path, body)}:make"
+    filters, shown = list(warnings.filters), warnings.showwarning
+    assert main(["report", spec, "--budget", "90%", "--profile", "cpu"]) == 0
+    assert warnings.filters == filters and warnings.showwarning is shown
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if "training mode" in line]
+    assert line.startswith("warning: Sequential is in training mode"), err
+    assert "factory itself" not in err

@@ -33,7 +33,7 @@ import torch
 from torch.nn.modules import module as nn_module
 from torch.utils.hooks import RemovableHandle
 
-from planner.errors import CaptureError, PlannerError, listed, user_stacklevel
+from planner.errors import CaptureError, PlannerError, PlannerWarning, listed, user_stacklevel
 
 #: module attribute -> what it is called in messages
 _FORWARD_KINDS = {"_forward_pre_hooks": "forward pre-hook", "_forward_hooks": "forward hook"}
@@ -107,6 +107,7 @@ def check_hooks_at_capture(model: torch.nn.Module, mode: str) -> None:
             f"compute is part of the plan, but a planned call does not call them (a hook "
             f"that records activations records nothing). Return what you need from "
             f"forward instead",
+            PlannerWarning,
             stacklevel=user_stacklevel(),
         )
 

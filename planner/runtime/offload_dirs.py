@@ -31,7 +31,7 @@ import warnings
 import zlib
 from pathlib import Path
 
-from planner.errors import listed
+from planner.errors import PlannerWarning, listed
 
 try:
     import fcntl
@@ -146,6 +146,7 @@ def remove_stale(parent: str | os.PathLike[str]) -> list[tuple[Path, int]]:
             f"{'y' if len(removed) == 1 else 'ies'} ({total / 2**20:.1f} MiB) from "
             f"{os.fspath(parent)!r} that processes which no longer run left behind "
             f"(killed before they could clean up): {names}",
+            PlannerWarning,
             stacklevel=2,
         )
     return removed
