@@ -168,10 +168,14 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
+        if not isinstance(data, dict):
+            what = "null" if data is None else f"a {type(data).__name__}"
+            raise ValueError(f"a saved plan is a JSON object, not {what}")
         data = dict(data)
         version = data.pop("version", None)
         if version != PLAN_VERSION:
             raise ValueError(f"plan format version {version!r} is not {PLAN_VERSION}; re-plan")
+        _check_fields(data)
         solver = dict(data.pop("solver"))
         solver.pop("gap", None)
         return cls(
@@ -194,3 +198,67 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path) -> Plan:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+_INT, _NUMBER, _OPTIONAL_INT = (int,), (int, float), (int, type(None))
+#: a saved plan's fields and their JSON types (those without a default required)
+_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "mode": ((str,), True),
+    "budget_bytes": (_INT, True),
+    "fingerprint": ((str,), True),
+    "tensors": ((list,), True),
+    "actions": ((list,), True),
+    "predicted_peak_bytes": (_INT, True),
+    "estimated_seconds": (_NUMBER, True),
+    "unplanned_peak_bytes": (_INT, True),
+    "unplanned_estimated_seconds": (_NUMBER, True),
+    "solver": ((dict,), True),
+    "baselines": ((dict,), False),
+    "timeline": ((list,), False),
+    "op_timeline": ((list,), False),
+    "between_ops_timeline": ((list,), False),
+    "op_level_budget_bytes": (_OPTIONAL_INT, False),
+    "compiled_peak_bytes": (_OPTIONAL_INT, False),
+}
+_ACTION_FIELDS = {"step": _INT, "when": (str,), "kind": (str,), "tensor": (str,)}
+_TENSOR_FIELDS = {
+    "name": (str,),
+    "nbytes": _INT,
+    "kind": (str,),
+    "home": (str,),
+    "decision": (str,),
+}
+
+
+def _typed(value: Any, types: tuple[type, ...]) -> bool:
+    return isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+
+
+def _check_fields(data: dict[str, Any]) -> None:
+    """A saved plan's fields are present, known and of their types: one edited by
+    hand (a budget as a string, an action's step as one) was taken in, and failed
+    later as a bare TypeError or ValueError from the code that read it."""
+    unknown = sorted(set(data) - set(_FIELDS) - {"version"})
+    missing = [name for name, (_, required) in _FIELDS.items() if required and name not in data]
+    if unknown or missing:
+        parts = [f"unknown fields {unknown}"] if unknown else []
+        parts += [f"missing fields {missing}"] if missing else []
+        raise ValueError(f"not a saved plan as Plan.save writes one: {', '.join(parts)}")
+
+    def check(where: str, value: Any, types: tuple[type, ...]) -> None:
+        if not _typed(value, types):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise ValueError(f"{where} is {value!r}, not {names}: edited, or not a saved plan")
+
+    for name, (types, _) in _FIELDS.items():
+        if name in data:
+            check(name, data[name], types)
+    for k, action in enumerate(data["actions"]):
+        check(f"actions[{k}]", action, (dict,))
+        for name, types in _ACTION_FIELDS.items():
+            check(f"actions[{k}].{name}", action.get(name), types)
+        check(f"actions[{k}].tier", action.get("tier"), (str, type(None)))
+    for k, tensor in enumerate(data["tensors"]):
+        check(f"tensors[{k}]", tensor, (dict,))
+        for name, types in _TENSOR_FIELDS.items():
+            check(f"tensors[{k}].{name}", tensor.get(name), types)
