@@ -45,9 +45,10 @@ from planner.report import Report, format_bytes
 from planner.runtime.checkpoint import checkpoint_attached
 from planner.runtime.meter import Measurement, measure, measure_training_step
 from planner.runtime.store import check_offload_dir
+from planner.saved_plan import check_saved_plan_given, what_differs
 from planner.shapes import check_same_homes, solve_shapes
 from planner.solver import DEFAULT_TIME_LIMIT, Plan, Problem, from_program, solve, validate
-from planner.solver.solve import keep_all_peak
+from planner.solver.solve import keep_all_peak, record_replay
 from planner.traced_mode import warn_if_inference_traced_in_training
 from planner.verify import checked_peak
 
@@ -174,6 +175,7 @@ def make_plan(
     check_kernels(kernels)
     _check_time_limit(time_limit)
     _check_smallest_not_reused(budget, reuse, "reuse=")
+    check_saved_plan_given(reuse, "reuse=")
     analysis, _, solved = _analyze_and_solve(
         model, budget, example_inputs, mode, profile, quantize, time_limit, reuse, kernels
     )
@@ -249,22 +251,40 @@ def _reuse_plan(problem: Problem, reuse: str | Path | Plan, kernels: str) -> Pla
             f"{saved.op_level_budget_bytes:,} bytes, and only its compiled runs keep it "
             f"within the budget; pass kernels='inductor', or plan again"
         )
-    if saved.fingerprint != problem.fingerprint():
-        raise PlannerError(
-            "the saved plan was made for a different graph (model, dtypes, input shapes, "
-            "mode or quantize setting differ): plan again without plan=, then save the new "
-            "plan"
-        )
+    if saved.fingerprint != problem.fingerprint():  # say which, and what to pass
+        differs, todo = what_differs(saved, problem)
+        raise PlannerError(f"the saved plan was made for a different graph: {differs}; {todo}")
     if saved.budget_bytes != problem.budget_bytes:
         raise PlannerError(
             f"the saved plan was made for a budget of {saved.budget_bytes:,} bytes, not "
             f"{problem.budget_bytes:,}: pass that budget, or plan again"
         )
     try:  # a plan planned by measured room replays op by op for its higher budget
-        validate(dataclasses.replace(problem, budget_bytes=saved.replay_budget_bytes), saved)
+        replay = validate(
+            dataclasses.replace(problem, budget_bytes=saved.replay_budget_bytes), saved
+        )
     except InvalidPlan as exc:
-        raise PlannerError(f"the saved plan does not replay on this graph: {exc}") from exc
-    return saved
+        raise PlannerError(
+            f"the saved plan does not replay on this graph: {exc}; plan again without plan= "
+            f"(then save the new plan)"
+        ) from exc
+    # its peak and timelines (what the executor is assembled by, the report says) are
+    # this replay's, not the file's: a file's, edited or stale, refused an eager plan
+    # as "compiled runs" over the budget, or reported a peak the plan does not hold.
+    # A copy: the caller's Plan is not changed by the module (compiled_peak_bytes)
+    reused = dataclasses.replace(saved)
+    record_replay(reused, replay)
+    return reused
+
+
+def _reused_for_shape(k: int, problem: Problem, reuse: SavedPlan, kernels: str) -> Plan:
+    """``_reuse_plan`` of ``plan=[k]``; a refusal names which plan, for which
+    inputs (it read as about the example inputs, whichever was wrong)."""
+    try:
+        return _reuse_plan(problem, reuse, kernels)
+    except PlannerError as exc:
+        inputs = "example_inputs" if k == 0 else f"extra_example_inputs[{k - 1}]"
+        raise PlannerError(f"plan[{k}] (for {inputs}): {exc}") from exc
 
 
 def _check_time_limit(time_limit: float) -> None:
@@ -373,6 +393,7 @@ def plan(
             f"given), got a {type(extra_example_inputs).__name__}: wrap it in a list"
         )
     _check_smallest_not_reused(budget, plan, "plan=")
+    check_saved_plan_given(plan)
     if extra_example_inputs:
         _check_saved_plans(plan, 1 + len(extra_example_inputs))
     elif isinstance(plan, (list, tuple)):
@@ -533,7 +554,9 @@ def _plan_shapes(
         problems = [dataclasses.replace(p, budget_bytes=budget_bytes) for p in problems]
         if isinstance(saved, (list, tuple)):  # one per shape (_check_saved_plans)
             _check_saved_order(problems, saved)
-            plans = [_reuse_plan(p, s, kernels) for p, s in zip(problems, saved)]
+            plans = [
+                _reused_for_shape(k, p, s, kernels) for k, (p, s) in enumerate(zip(problems, saved))
+            ]
             check_same_homes(problems, plans)
         else:
             problems, plans = solve_shapes(problems, time_limit)
