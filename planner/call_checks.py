@@ -54,6 +54,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch._prims_common import suggest_memory_format
 from torch.autograd.graph import get_gradient_edge
 from torch.utils import _pytree as pytree
 
@@ -400,6 +401,7 @@ class PlannedCall:
         self.tensor_names = [_readable(name) for name, _ in tensors]
         self.meta = [_meta(t) for _, t in tensors]
         self.strides = [_layout(t) for _, t in tensors]
+        self.formats = [_memory_format(t) for _, t in tensors]
         self.devices = [t.device for _, t in tensors]
         #: each example tensor's exact shape, dtype, device and strides: a call whose
         #: tensors have these passes the shape, dtype, device and layout checks
@@ -555,6 +557,17 @@ class PlannedCall:
                     f"it laid out as planned{hint}, or plan with example inputs laid out "
                     f"like yours"
                 )
+        for name, planned_format, tensor in zip(self.tensor_names, self.formats, tensors):
+            if _memory_format(tensor) != planned_format:
+                raise PlannerError(
+                    f"input {name} has strides {tensor.stride()}, which torch's kernels "
+                    f"read as {_memory_format(tensor)}, and was planned as {planned_format}: a "
+                    f"dimension of size 1 changes no element's place, but its stride "
+                    f"decides which layout a convolution or norm computes in and returns "
+                    f"(so the plan's ops would not hold, or use memory the budget does not "
+                    f"count). Pass {name}.to(memory_format={planned_format}), or plan with "
+                    f"example inputs laid out like yours"
+                )
 
     def _check_grads(self, tensors: list[torch.Tensor]) -> None:
         if self.mode != "train":
@@ -611,6 +624,18 @@ def _meta(tensor: torch.Tensor) -> tuple[tuple[int, ...], str]:
 
 def _layout(tensor: torch.Tensor) -> tuple[int, ...]:
     return strides_that_matter(tensor.shape, tensor.stride())
+
+
+def _memory_format(tensor: torch.Tensor) -> torch.memory_format | None:
+    """The memory format torch's kernels read off a 4-d or 5-d tensor's strides
+    (``suggest_memory_format``), else None. It reads the strides of dimensions of
+    size 1 too, which ``_layout`` leaves out: a grayscale batch permuted from NHWC,
+    (N, 1, H, W) with strides (HW, 1, W, 1), lies as NCHW's does in every longer
+    dimension, yet a convolution computes it channels-last and returns a
+    channels-last output, on which a ``view`` traced for NCHW fails."""
+    if tensor.dim() not in (4, 5) or tensor.layout != torch.strided:
+        return None
+    return suggest_memory_format(tensor)
 
 
 def _constant(value: Any) -> tuple[type, Any]:

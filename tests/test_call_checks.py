@@ -847,3 +847,45 @@ def test_converting_a_model_without_buffers_in_place_is_an_error_not_a_run_over_
         model.float()  # converted back: the plan runs again, as planned
         assert pm.run_measured(x).dtype == torch.float32
         assert pm.measured.peak_bytes <= pm.plan.budget_bytes
+
+
+class _GrayConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_an_input_whose_size_one_strides_change_its_memory_format_is_an_error(mode: str) -> None:
+    """A grayscale batch permuted from NHWC, (N, 1, H, W) with strides (HW, 1, W, 1),
+    has NCHW's strides in every dimension longer than 1, so the layout check let it
+    through; but the convolution reads it as channels-last and returns a
+    channels-last output, and the flatten traced as a view on NCHW raised torch's
+    "view size is not compatible" from inside the executor. The other way round
+    (planned on the permuted batch, called with NCHW) it ran other kernels than
+    planned: 36% over the budget by the meter on a 1x28x28 batch of 16."""
+    torch.manual_seed(0)
+    model = _GrayConv()
+    nchw = torch.randn(2, 1, 8, 8)
+    nhwc = torch.empty(2, 8, 8, 1).copy_(nchw.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    assert nhwc.is_contiguous() and nhwc.stride() != nchw.stride()  # .contiguous() is a no-op
+    for planned, other, fmt in (
+        (nchw, nhwc, "torch.contiguous_format"),
+        (nhwc, nchw, "torch.channels_last"),
+    ):
+        pm = planner.plan(copy.deepcopy(model), "100%", (planned,), mode=mode, time_limit=1)
+        try:
+            with pytest.raises(
+                PlannerError, match=rf"args\[0\] has strides .*to\(memory_format={fmt}\)"
+            ):
+                pm(other)
+            with torch.no_grad():  # the advice works
+                fixed = other.to(memory_format=getattr(torch, fmt.removeprefix("torch.")))
+                assert torch.equal(pm(fixed), model(fixed))
+                assert torch.equal(pm(planned), model(planned))
+        finally:
+            pm.close()
