@@ -106,7 +106,7 @@ def analyze(
     ``torch.compile``.
     """
     check_kernels(kernels)
-    captured = capture(model, example_inputs, mode)
+    captured = capture(model, example_inputs, mode, kernels)
     if kernels == "inductor":
         captured = dataclasses.replace(
             captured, graph_module=channels_last_convolutions(captured.graph_module)

@@ -140,14 +140,21 @@ def normalize_example_inputs(example_inputs: Any) -> tuple[tuple, dict]:
 _ONE_CAPTURE = threading.Lock()
 
 
-def capture(model: torch.nn.Module, example_inputs: Any, mode: str = "infer") -> CapturedGraph:
+def capture(
+    model: torch.nn.Module, example_inputs: Any, mode: str = "infer", kernels: str = "eager"
+) -> CapturedGraph:
     """Trace ``model`` on ``example_inputs`` into a :class:`CapturedGraph`
-    (captures in several threads run one after the other)."""
+    (captures in several threads run one after the other). ``kernels``: how the
+    plan will run the ops; a training graph for ``"inductor"`` keeps the fake
+    layouts of ``planner.ir.layout``'s unstable outputs (restrided), since Inductor's
+    BatchNorm returns those, where an eager one records what the CPU kernel returns."""
     with _ONE_CAPTURE, faster_export_bookkeeping():
-        return _capture(model, example_inputs, mode)
+        return _capture(model, example_inputs, mode, kernels)
 
 
-def _capture(model: torch.nn.Module, example_inputs: Any, mode: str) -> CapturedGraph:
+def _capture(
+    model: torch.nn.Module, example_inputs: Any, mode: str, kernels: str = "eager"
+) -> CapturedGraph:
     if mode not in MODES:
         raise PlannerValueError(f"unknown mode {mode!r}: use one of {', '.join(map(repr, MODES))}")
     if not isinstance(model, torch.nn.Module):
@@ -192,7 +199,7 @@ def _capture(model: torch.nn.Module, example_inputs: Any, mode: str) -> Captured
         if mode == "infer":
             captured = _capture_inference(exported, args, kwargs, type(model).__name__)
         else:
-            captured = _capture_joint(model, exported, args, kwargs)
+            captured = _capture_joint(model, exported, args, kwargs, kernels)
     captured.extra["autocast"] = autocast
     # as the trace left them, which a call checks they stay: a model may install
     # hooks of its own in its first forward (transformers' output recorders: 8 on a
@@ -693,7 +700,11 @@ def _partition_caller_metadata() -> Any:
 
 
 def _capture_joint(
-    model: torch.nn.Module, ep: torch.export.ExportedProgram, args: tuple, kwargs: dict
+    model: torch.nn.Module,
+    ep: torch.export.ExportedProgram,
+    args: tuple,
+    kwargs: dict,
+    kernels: str = "eager",
 ) -> CapturedGraph:
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._functorch.partitioners import default_partition
@@ -749,7 +760,11 @@ def _capture_joint(
     if "joint" not in seen:
         raise CaptureError(_no_backward_message(model))
     joint: torch.fx.GraphModule = seen["joint"]
-    fix_layouts(joint)  # where a CPU kernel's output layout breaks the fake one
+    # where a CPU kernel's output layout breaks the fake one: eager kernels run on
+    # the layout the kernel returns, as eager does (a restriding copy made the ops
+    # after it reduce another layout, rounding apart from eager's), compiled runs on
+    # the fake one, which Inductor's BatchNorm returns
+    (fix_layouts if kernels == "inductor" else true_layouts)(joint)
     drop_metadata_asserts(joint)
     explicit_metadata_args(joint)
     inline_scalar_constants(joint, type(model).__name__)

@@ -14,17 +14,19 @@ copied it to fold the batch dims (matmul does when the weight requires grad),
 3,072 bytes more than planned: the meter read 47,872 bytes against a 44,996-byte
 budget.
 
-``fix_layouts`` (training) rewrites such an output ``y`` (fake strides a
+``fix_layouts`` (training with Inductor kernels, whose BatchNorm returns the fake
+layout, and where a view needs it) rewrites such an output ``y`` (fake strides a
 permutation of a dense layout) into ``permute(clone(permute(y, p), contiguous),
 p^-1)``: the same values, and in both worlds the strides the fake tensor promised.
 It costs one copy of ``y``, which the IR sees as an ordinary op and plans like any
 other.
 
-``true_layouts`` (inference) leaves the graph as traced and records the layout the
-kernel returns instead, propagating fake values again from there: the ops run on
-the layouts eager runs them on (outputs stay bit-identical to eager), and the
-passes measure those. Where an op traced after it needs the fake layout (a
-``view`` the real one does not allow), it restrides as ``fix_layouts`` does.
+``true_layouts`` (inference, and training with eager kernels) leaves the graph as
+traced and records the layout the kernel returns instead, propagating fake values
+again from there: the ops run on the layouts eager runs them on (outputs and
+gradients stay bit-identical to eager), and the passes measure those. Where an op
+traced after it needs the fake layout (a ``view`` the real one does not allow), it
+restrides as ``fix_layouts`` does.
 """
 
 from __future__ import annotations
