@@ -446,6 +446,10 @@ def _run(args: argparse.Namespace) -> int:
         message = message.replace("(quantize='int4')", "(--quantize int4)")
         print(f"error: {message}", file=sys.stderr)
         return 3
+    except BrokenPipeError:  # the reader stopped reading (`| head`): nothing to tell it
+        # Python's flush of stdout at exit would fail too, and print that it did
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     # OSError: an output path (--save-plan, --plot) that cannot be written
     except (PlannerError, ValueError, TypeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

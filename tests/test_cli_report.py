@@ -589,3 +589,27 @@ def test_cli_shows_the_planner_s_own_warnings_without_verbose(
     (line,) = [line for line in err.splitlines() if "training mode" in line]
     assert line.startswith("warning: Sequential is in training mode"), err
     assert "factory itself" not in err
+
+
+def test_cli_output_read_in_part_ends_quietly(tmp_path) -> None:
+    """``planner report ... --json | head -c 10``: the reader closing the pipe early
+    printed "error: [Errno 32] Broken pipe" (and Python's own complaint at exit)."""
+    import fcntl
+
+    body = (
+        "import torch\ndef make():\n"
+        "    layers = [torch.nn.Linear(16, 16) for _ in range(40)]\n"
+        "    return torch.nn.Sequential(*layers), (torch.randn(4, 16),)\n"
+    )
+    spec = f"{_factory_file(tmp_path, body)}:make"
+    command = [sys.executable, "-m", "planner.cli", "report", spec, "--json", "--profile", "cpu"]
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, bufsize=0
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    fcntl.fcntl(proc.stdout, 1031, 4096)  # F_SETPIPE_SZ: the report outgrows the pipe
+    assert proc.stdout.read(10).startswith(b"{")
+    proc.stdout.close()  # as head does after its bytes
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1
+    assert err == "", err
