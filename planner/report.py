@@ -55,6 +55,9 @@ class TensorRow:
     #: otherwise is the op's, ``mm_3``, which does not say whose); several, comma
     #: separated, where one storage holds the gradients of more than one
     grad_of: str | None = None
+    #: the other names of a weight tied under several (GPT-2's embedding and head
+    #: share one storage): listed in this row, which is named by the first
+    tied: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -250,6 +253,11 @@ def tensor_rows(program: Program) -> list[TensorRow]:
                 frozen=base.kind is ValueKind.PARAM and base.source in frozen,
                 updated=base.kind is ValueKind.BUFFER and base.source in updated,
                 grad_of=grad_of.get(storage.index),
+                tied=[
+                    source
+                    for v in storage.values[1:]
+                    if (source := program.values[v].source) and source != base.source
+                ],
             )
         )
     return rows
@@ -289,7 +297,9 @@ def render_text(report: Report, width: int = 140) -> str:
             _kind_label(row),
             f"{row.live[0]}..{row.live[1]}",
             row.decision,
-            (row.producer or "-") + (f"; grad of {row.grad_of}" if row.grad_of else ""),
+            (row.producer or "-")
+            + (f"; grad of {row.grad_of}" if row.grad_of else "")
+            + (f"; tied: {', '.join(row.tied)}" if row.tied else ""),
         )
         for row in report.tensors
     ]

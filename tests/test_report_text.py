@@ -249,3 +249,31 @@ def test_a_delivered_gradient_is_not_reported_as_kept() -> None:
         )
     finally:
         pm.close()
+
+
+def test_a_tied_weight_is_listed_under_both_names() -> None:
+    """GPT-2's head shares its embedding's storage: the row is named by one, and
+    the other name appeared nowhere in the text (JSON listed the trace's name for
+    it, ``p_model_lm_head_weight``)."""
+    import torch
+    from torch import nn
+
+    import planner
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(50, 16)
+            self.head = nn.Linear(16, 50, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.embed(ids))
+
+    ids = torch.randint(0, 50, (2, 8))
+    for mode in ("infer", "train"):
+        report = planner.report(Tied(), (ids,), mode=mode, profile="cpu")
+        (row,) = [r for r in report.tensors if r.name == "embed.weight"]
+        assert row.tied == ["head.weight"], (mode, row)
+        assert not any(r.name == "head.weight" for r in report.tensors)
+        assert "tied: head.weight" in render_text(report)
