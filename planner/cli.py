@@ -98,6 +98,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
         # its form, before the model is built and traced (a share's bytes need the
         # unplanned peak: any will do to read it); planning reads it again
         parse_budget(args.budget, unplanned_peak=1 << 62)
+    if args.time_limit is not None and not args.time_limit >= 0:  # NaN too
+        raise SystemExit(
+            f"error: --time-limit {args.time_limit} is not seconds of solver search: give a "
+            f"number >= 0 (default {DEFAULT_TIME_LIMIT:g}; 0 keeps the best baseline plan)"
+        )
     for flag, path in (("--save-plan", args.save_plan), ("--plot", args.plot)):
         _check_writable(flag, path)  # before minutes of planning, not after
     if args.plot is not None:

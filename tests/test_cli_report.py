@@ -613,3 +613,15 @@ def test_cli_output_read_in_part_ends_quietly(tmp_path) -> None:
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 1
     assert err == "", err
+
+
+@pytest.mark.parametrize("limit", ["-5", "nan"])
+def test_cli_a_negative_time_limit_is_refused_before_the_model_is_loaded(
+    monkeypatch: pytest.MonkeyPatch, limit: str
+) -> None:
+    """It was refused after the model was built and traced, in the API's words
+    ("time_limit=20.0")."""
+    monkeypatch.setattr("planner.cli.load_factory", lambda _: pytest.fail("loaded first"))
+    argv = ["report", f"{EXAMPLES}/mlp.py:make_mlp", "--budget", "50%", "--time-limit", limit]
+    with pytest.raises(SystemExit, match=r"^error: --time-limit .* give a number >= 0"):
+        main(argv)
