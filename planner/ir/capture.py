@@ -764,7 +764,12 @@ def _capture_joint(
     # the layout the kernel returns, as eager does (a restriding copy made the ops
     # after it reduce another layout, rounding apart from eager's), compiled runs on
     # the fake one, which Inductor's BatchNorm returns
-    (fix_layouts if kernels == "inductor" else true_layouts)(joint)
+    # (the forward's outputs keep their traced layouts: their gradients come in as
+    # tangents traced in those)
+    if kernels == "inductor":
+        fix_layouts(joint)
+    else:
+        true_layouts(joint, fixed_outputs=seen["num_fwd_outputs"])
     drop_metadata_asserts(joint)
     explicit_metadata_args(joint)
     inline_scalar_constants(joint, type(model).__name__)

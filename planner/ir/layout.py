@@ -75,15 +75,21 @@ def fix_layouts(gm: torch.fx.GraphModule) -> int:
     return fixed
 
 
-def true_layouts(gm: torch.fx.GraphModule) -> int:
+def true_layouts(gm: torch.fx.GraphModule, fixed_outputs: int = 0) -> int:
     """Record in ``gm``'s fake values the layouts its ``UNSTABLE_LAYOUT_OUTPUTS``
     have at run time (see the module docstring); where the ops traced after them
-    cannot run on those, restride (``fix_layouts``) instead. Returns how many
-    outputs changed layout."""
+    cannot run on those, restride (``fix_layouts``) instead. ``fixed_outputs``:
+    the graph's first outputs keep their traced layouts, restrided where theirs
+    would change (a joint graph's forward outputs: their gradients come in as
+    tangents traced in those layouts, and a gradient laid out as the output is
+    copied into the tangent's, an output's bytes more each step). Returns how
+    many outputs changed layout."""
     changed = [
         n
         for n in gm.graph.nodes
-        if _is_unstable_output(n) and _real_layout(n.meta.get(FX_VAL)) is not None
+        if _is_unstable_output(n)
+        and _real_layout(n.meta.get(FX_VAL), _layout_source(n.args[0].target, n.args[0].args))
+        is not None
     ]
     if not changed:
         return 0
@@ -91,6 +97,8 @@ def true_layouts(gm: torch.fx.GraphModule) -> int:
     mode = changed[0].meta[FX_VAL].fake_mode
     try:
         propagate_fake_values(gm, mode, kernel_layouts=True)
+        if _outputs_relaid(gm, saved, fixed_outputs):
+            raise _KeepOutputs
     except Exception:  # a view (or other op) traced for the fake layout
         for node in gm.graph.nodes:
             node.meta.pop(FX_VAL, None)
@@ -98,6 +106,25 @@ def true_layouts(gm: torch.fx.GraphModule) -> int:
                 node.meta[FX_VAL] = saved[node]
         return fix_layouts(gm)
     return len(changed)
+
+
+class _KeepOutputs(Exception):
+    """An output ``true_layouts`` must keep as traced would change layout."""
+
+
+def _outputs_relaid(gm: torch.fx.GraphModule, traced: dict[Any, Any], count: int) -> bool:
+    """Whether one of ``gm``'s first ``count`` outputs now has other strides (in
+    its dimensions longer than 1) than ``traced`` recorded."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    for node in list(output.args[0])[:count]:  # type: ignore[arg-type]
+        before = traced.get(node)
+        now = node.meta.get(FX_VAL) if isinstance(node, torch.fx.Node) else None
+        if isinstance(before, torch.Tensor) and isinstance(now, torch.Tensor):
+            if strides_that_matter(before.shape, before.stride()) != strides_that_matter(
+                now.shape, now.stride()
+            ):
+                return True
+    return False
 
 
 def _is_unstable_output(node: torch.fx.Node) -> bool:
@@ -108,15 +135,34 @@ def _is_unstable_output(node: torch.fx.Node) -> bool:
     return positions is not None and position in positions
 
 
-def _real_layout(fake: object) -> torch.memory_format | None:
+#: the argument whose layout an unstable kernel's output takes, where its fake
+#: output takes another's: BatchNorm's backward returns grad_input in its saved
+#: input's memory format (``empty_like(input, input.suggest_memory_format())``),
+#: where the fake one follows grad_output (channels-last grad_output over an NCHW
+#: input: fake channels-last, real NCHW)
+_LAYOUT_FROM_ARG = {torch.ops.aten.native_batch_norm_backward.default: 1}
+
+
+def _layout_source(target: object, args: Sequence[Any]) -> object:
+    """The (fake) argument whose layout ``target``'s kernel returns, or None where
+    its fake output has it (``_LAYOUT_FROM_ARG``)."""
+    position = _LAYOUT_FROM_ARG.get(target)  # type: ignore[call-overload]
+    if position is None or position >= len(args):
+        return None
+    arg = args[position]
+    return arg.meta.get(FX_VAL) if isinstance(arg, torch.fx.Node) else arg
+
+
+def _real_layout(fake: object, source: object = None) -> torch.memory_format | None:
     """The memory format an unstable kernel returns where its fake output is
-    ``fake`` (its input's strides): ``suggest_memory_format``'s, or None where
-    ``fake`` already has that layout."""
+    ``fake`` (its input's strides; ``source``'s, where given:
+    ``_layout_source``): ``suggest_memory_format``'s, or None where ``fake``
+    already has that layout."""
     from torch._prims_common import suggest_memory_format
 
     if not isinstance(fake, torch.Tensor):
         return None
-    fmt = suggest_memory_format(fake)
+    fmt = suggest_memory_format(source if isinstance(source, torch.Tensor) else fake)
     return None if fake.is_contiguous(memory_format=fmt) else fmt
 
 
@@ -140,8 +186,9 @@ def propagate_fake_values(
             if positions is None or not isinstance(out, (tuple, list)):
                 return out
             outs = list(out)
+            source = _layout_source(target, args)
             for i in positions:
-                fmt = _real_layout(outs[i])
+                fmt = _real_layout(outs[i], source)
                 if fmt is not None:
                     outs[i] = outs[i].clone(memory_format=fmt)
             return type(out)(outs)

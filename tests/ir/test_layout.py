@@ -230,3 +230,88 @@ def test_training_runs_batchnorm_on_the_layout_its_kernel_returns() -> None:
         pm.close()
     captured = capture(_ConvThenPermutedNorm(), (x,), mode="train")
     assert not _clones(captured.graph_module), "the graph was rewritten"
+
+
+class _NormBetweenLayouts(nn.Module):
+    """BatchNorm whose saved input and incoming gradient differ in memory format:
+    an NCHW input with a channels-last gradient (a channels-last convolution
+    after it), or a channels-last input with a permuted gradient."""
+
+    def __init__(self, channels_last_input: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.channels_last_input = channels_last_input
+        self.conv1 = nn.Conv2d(4, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1).to(memory_format=torch.channels_last)
+        if channels_last_input:
+            self.conv1 = self.conv1.to(memory_format=torch.channels_last)
+        self.register_buffer("m", torch.randn(8, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(self.conv1(x))
+        if self.channels_last_input:
+            return (h.permute(0, 1, 3, 2) @ self.m).pow(2).sum()
+        return self.conv2(h).pow(2).sum()
+
+
+@pytest.mark.parametrize("channels_last_input", [False, True])
+def test_training_records_the_layout_batchnorm_backward_returns(
+    channels_last_input: bool,
+) -> None:
+    """BatchNorm's backward returns grad_input in its saved input's memory format;
+    the fake one follows grad_output's. Recorded from the fake output, an NCHW
+    input under a channels-last gradient read as channels-last (and a
+    channels-last input under a permuted gradient as NCHW): the ops after it
+    were measured on a layout they do not run on."""
+    from planner.ir.conv_layout import _first_real_layout_mismatch
+
+    x = torch.randn(4, 4, 8, 8)
+    captured = capture(_NormBetweenLayouts(channels_last_input), (x,), mode="train")
+    backward = [
+        n
+        for n in captured.graph_module.graph.nodes
+        if n.target is torch.ops.aten.native_batch_norm_backward.default
+    ]
+    assert backward
+    assert _first_real_layout_mismatch(backward) is None
+
+
+class _ReturnsPermutedNorm(nn.Module):
+    """Returns (through a ReLU) a BatchNorm over a permuted convolution output: the
+    output's fake layout is the permuted one, the CPU kernel's NCHW."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(8, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(x).permute(0, 1, 3, 2)))
+
+
+def test_training_output_stays_laid_out_as_its_tangent() -> None:
+    """A forward output whose layout the kernel's changed came out NCHW while its
+    tangent stayed traced permuted: each backward copied the gradient into the
+    tangent's layout, and ran on mixed layouts. A loss over the output (its
+    gradient laid out as the output) peaked at 1,287,832 bytes against a budget of
+    1,189,520 (the unplanned peak, itself up from 1,086,736), eager at 988,112."""
+    from planner.runtime.meter import measure
+
+    x = torch.randn(8, 8, 16, 24, generator=torch.Generator().manual_seed(3))
+    model = _ReturnsPermutedNorm()
+    pm = planner.plan(model, "100%", (x,), mode="train", profile="cpu", time_limit=1)
+    try:
+        out = pm(x)
+        assert [out.stride()] == pm._wiring.tangent_strides
+        out.pow(2).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+        def step() -> None:
+            pm(x).pow(2).sum().backward()
+
+        _, measured = measure(step, pm)
+        assert measured.peak_bytes <= pm.plan.budget_bytes
+    finally:
+        pm.close()
