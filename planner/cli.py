@@ -229,7 +229,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             raise SystemExit(f"error: --disk-dir {args.disk_dir} is not a directory")
         if not os.access(disk_dir, os.W_OK | os.X_OK):
             raise SystemExit(f"error: --disk-dir {args.disk_dir} is not writable")
-    profile = calibrate(device=args.device, disk_dir=args.disk_dir, quick=args.quick)
+    # the directory checked: "~/dir" given as --disk-dir=~/dir (no shell expands it)
+    # passed the check, then failed to measure after the rest
+    disk = None if args.disk_dir is None else str(Path(args.disk_dir).expanduser())
+    profile = calibrate(device=args.device, disk_dir=disk, quick=args.quick)
     path = profile.save(target)
     for key, value in profile.to_dict().items():
         print(f"{key:24s} {value}")
@@ -413,11 +416,16 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    if not args.verbose:
-        _quiet_torch_trace_logs()
-    with warnings.catch_warnings():
-        _show_planner_warnings(everything=args.verbose)
-        return _run(args)
+    # the caller's state is left as it was (main() may be called in a process
+    # that goes on): warning filters, and the level of torch's logger
+    level = None if args.verbose else _quiet_torch_trace_logs()
+    try:
+        with warnings.catch_warnings():
+            _show_planner_warnings(everything=args.verbose)
+            return _run(args)
+    finally:
+        if level is not None:
+            logging.getLogger(_FAKE_TENSOR_LOG).setLevel(level)
 
 
 def _show_planner_warnings(everything: bool) -> None:
@@ -461,13 +469,20 @@ def _run(args: argparse.Namespace) -> int:
         return 1
 
 
-def _quiet_torch_trace_logs() -> None:
+_FAKE_TENSOR_LOG = "torch._subclasses.fake_tensor"
+
+
+def _quiet_torch_trace_logs() -> int:
     """torch logs an op its fake tensors cannot run (a shape the model does not
     take) as a 20-line traceback at ERROR, before the planner's error says the same
-    with the user's source line: shown with -v only."""
+    with the user's source line: shown with -v only. Returns the logger's level
+    before, which ``main`` puts back."""
     import torch  # noqa: F401 - importing torch sets its loggers' levels: after it
 
-    logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)
+    logger = logging.getLogger(_FAKE_TENSOR_LOG)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    return level
 
 
 def _one_line(exc: BaseException) -> str:

@@ -462,6 +462,27 @@ def test_cli_calibrate_refuses_a_missing_disk_dir_before_measuring(
         main(["calibrate", "--quick", "--out", out, "--disk-dir", str(tmp_path / "f")])
 
 
+def test_cli_calibrate_measures_the_disk_dir_it_checked(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--disk-dir=~/dir (a shell expands no "~" after "=") was checked expanded,
+    then measured as given: a literal "~" directory, which failed after the
+    memory and compute measurements."""
+
+    class Measured(Exception):
+        pass
+
+    def calibrate(**kwargs: object) -> None:
+        raise Measured(kwargs["disk_dir"])
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr("planner.runtime.calibrate.calibrate", calibrate)
+    (tmp_path / "scratch").mkdir()
+    with pytest.raises(Measured) as measured:
+        main(["calibrate", "--quick", "--out", str(tmp_path / "p.json"), "--disk-dir=~/scratch"])
+    assert measured.value.args[0] == str(tmp_path / "scratch")
+
+
 @pytest.mark.parametrize(
     ("budget", "message"),
     [
@@ -625,3 +646,16 @@ def test_cli_a_negative_time_limit_is_refused_before_the_model_is_loaded(
     argv = ["report", f"{EXAMPLES}/mlp.py:make_mlp", "--budget", "50%", "--time-limit", limit]
     with pytest.raises(SystemExit, match=r"^error: --time-limit .* give a number >= 0"):
         main(argv)
+
+
+def test_cli_leaves_torch_s_logger_level_as_it_was(tmp_path) -> None:
+    """Without -v the CLI quiets torch's fake-tensor logger while it runs; main()
+    called in a process that goes on (a test, a notebook) left it at CRITICAL."""
+    import logging
+
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    before = logger.level
+    path = _factory_file(tmp_path, "make = 3\n")
+    with pytest.raises(SystemExit):  # refused inside the command, before any model
+        main(["report", f"{path}:make"])
+    assert logger.level == before
