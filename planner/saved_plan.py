@@ -98,9 +98,11 @@ def what_differs(saved: Plan, problem: Problem) -> tuple[str, str]:
     if problem.quantize:
         here = f"{problem.quantize!r} for {', '.join(problem.quantize_uses)}"
     return (
-        f"its ops or options differ, over the same weights and inputs: the quantize= "
-        f"setting (here {here}), kernels=, or the model's code, config or train()/eval() state "
-        f"(or the plan was saved by a planner version that fingerprints graphs otherwise)",
+        f"its ops or options differ, over weights and inputs of the same sizes: their "
+        f"dtypes (float16 and bfloat16 are one size), the quantize= setting (here {here}), "
+        f"the tiers of the device profile (profile=), kernels=, or the model's code, config "
+        f"or train()/eval() state (or the plan was saved by a planner version that "
+        f"fingerprints graphs otherwise)",
         f"pass the settings it was made with, or {_REPLAN}",
     )
 

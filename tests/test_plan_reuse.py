@@ -176,3 +176,17 @@ def test_a_reused_plan_takes_its_figures_from_its_replay(tmp_path) -> None:
     pm = planner.plan(copy.deepcopy(model), true.budget_bytes, inputs, profile="cpu", plan=given)
     pm.close()
     assert given.predicted_peak_bytes == 0  # the caller's, unchanged
+
+
+def test_a_refused_plan_of_other_dtypes_of_one_size_names_dtypes() -> None:
+    """A float16 model's plan given to its bfloat16 copy (every tensor the same
+    size) was refused as differing "over the same weights and inputs", naming
+    quantize=, kernels= or the model's code: never the dtypes that differ."""
+    model, inputs = toy("mlp", 2)
+    half, x = copy.deepcopy(model).half(), inputs[0].half()
+    _, saved = planner.make_plan(half, "80%", (x,), profile="cpu", time_limit=1)
+    with pytest.raises(planner.PlannerError, match="made for a different graph") as e:
+        planner.make_plan(
+            half.bfloat16(), saved.budget_bytes, (x.bfloat16(),), profile="cpu", reuse=saved
+        )
+    assert "dtypes" in str(e.value) and "the same weights and inputs" not in str(e.value)
