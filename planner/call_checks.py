@@ -828,9 +828,31 @@ class BackwardReads:
     def record(
         self, flat: Sequence[torch.Tensor], outs: Sequence[torch.Tensor]
     ) -> list[tuple[torch.Tensor, int, str]]:
-        return [(flat[j], flat[j]._version, name) for j, name in self.inputs] + [
-            (outs[i], outs[i]._version, name) for i, name in self.outputs
+        """The versions of what the backward reads. An inference tensor has none
+        (torch raised "Inference tensors do not track version counter"): a step
+        called inside ``torch.inference_mode()`` makes only such outputs and has no
+        backward, and one given such an input under ``no_grad`` none either
+        (``check_not_inference`` refuses one where grad is enabled)."""
+        read = [(flat[j], name) for j, name in self.inputs] + [
+            (outs[i], name) for i, name in self.outputs
         ]
+        return [(t, t._version, name) for t, name in read if not t.is_inference()]
+
+    def check_not_inference(self, flat: Sequence[torch.Tensor]) -> None:
+        """Called at a training step with grad enabled: a tensor the backward reads
+        that was made under ``torch.inference_mode()`` is refused, as eager autograd
+        refuses to save one for backward (the step failed inside with torch's
+        "Inference tensors do not track version counter")."""
+        named = [name for j, name in self.inputs if flat[j].is_inference()]
+        if named:
+            raise PlannerError(
+                f"{listed(named)} {'was' if len(named) == 1 else 'were'} made under "
+                f"torch.inference_mode(), and the planned backward reads "
+                f"{'it' if len(named) == 1 else 'them'}: autograd refuses to save such "
+                f"tensors for backward, as it does in eager. Pass a clone made outside "
+                f"inference mode (x.clone()), or call the module under torch.no_grad() "
+                f"or torch.inference_mode() if no backward follows"
+            )
 
     @staticmethod
     def check(recorded: Sequence[tuple[torch.Tensor, int, str]]) -> None:

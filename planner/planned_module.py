@@ -836,6 +836,8 @@ class PlannedModule(torch.nn.Module):
         self._state_watch.check()
         self._tier_params.check()
         warn_if_saved_tensors_hooks()
+        if torch.is_grad_enabled():
+            self._backward_reads.check_not_inference([*self._primals, *inputs])
         with self._shared.running:  # and the statistics it updates
             primals = self._primals
             if self._no_gradient_primals:  # a copy per step, then only those detached

@@ -889,3 +889,29 @@ def test_an_input_whose_size_one_strides_change_its_memory_format_is_an_error(mo
                 assert torch.equal(pm(planned), model(planned))
         finally:
             pm.close()
+
+
+def test_a_training_plan_called_inside_inference_mode_or_given_inference_tensors() -> None:
+    """Validation inside ``torch.inference_mode()`` of a training plan whose
+    backward reads an output (a tanh's) or the input failed inside the step with
+    torch's "Inference tensors do not track version counter"; so did a batch made
+    under inference mode, where eager refuses it (it saves the input for the
+    weight's gradient) with an error saying to clone it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 8), nn.Tanh())
+    eager = copy.deepcopy(model)
+    x = torch.randn(4, 16)
+    pm = planner.plan(model, "100%", (x,), mode="train", profile="cpu")
+    with torch.inference_mode():
+        made_inside = x.clone()
+        out = pm(x)
+        assert out.is_inference() and torch.equal(out, eager(x))
+        assert torch.equal(pm(made_inside), eager(x))
+    with torch.no_grad():
+        assert torch.equal(pm(made_inside), eager(x))
+    made = r"args\[0\] was made under torch.inference_mode.*x.clone\(\)"
+    with pytest.raises(PlannerError, match=made):
+        pm(made_inside)
+    pm(x).sum().backward()  # and the module trains as before
+    eager(x).sum().backward()
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), eager.parameters()))
