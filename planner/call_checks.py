@@ -736,19 +736,31 @@ def check_not_batched(grad_outputs: tuple) -> None:
         )
 
 
-def check_not_functorch_transform() -> None:
+def check_not_functorch_transform(training: bool = True) -> None:
     """Called at a training step: under a ``torch.func`` transform (``grad``,
     ``vjp``, ``jacrev``, ``vmap``, ...) the planned step, an autograd.Function
     without ``setup_context``, raised torch's own error about the planner's
-    internals."""
-    if torch._C._functorch.maybe_current_level() is not None:
+    internals. And at an inference call (``training=False``): its executor failed
+    inside with torch's errors (``vmap``: "attempting to call
+    Tensor.requires_grad_()"; ``jvp``: "Cannot access storage of TensorWrapper"),
+    and a batched call would hold the batch's tensors at once, over the budget."""
+    if torch._C._functorch.maybe_current_level() is None:
+        return
+    if not training:
         raise PlannerError(
-            "a training plan cannot run under a torch.func transform (torch.func.grad, "
-            "vjp, jacrev, vmap, ...): its step is one autograd node whose backward runs "
-            "the planned kernels and copies, which those transforms cannot trace or "
-            "batch. Take gradients with loss.backward() or torch.autograd.grad, one "
-            "batch per call; or apply the transform to the unplanned model"
+            "an inference plan cannot run under a torch.func transform (vmap, jvp, "
+            "jacfwd, grad, ...): it runs a schedule of kernels and copies on tensors "
+            "it places itself, sized for one call within its budget, which those "
+            "transforms cannot batch or trace. Call it once per example (or plan the "
+            "batched shape), or apply the transform to the unplanned model"
         )
+    raise PlannerError(
+        "a training plan cannot run under a torch.func transform (torch.func.grad, "
+        "vjp, jacrev, vmap, ...): its step is one autograd node whose backward runs "
+        "the planned kernels and copies, which those transforms cannot trace or "
+        "batch. Take gradients with loss.backward() or torch.autograd.grad, one "
+        "batch per call; or apply the transform to the unplanned model"
+    )
 
 
 def warn_if_saved_tensors_hooks() -> None:

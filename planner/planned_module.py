@@ -857,6 +857,7 @@ class PlannedModule(torch.nn.Module):
     def _infer(self, inputs: list[torch.Tensor]) -> Any:
         """An inference call on the call's tensors (matched to the plan already)."""
         check_autocast(self._autocast)
+        check_not_functorch_transform(training=False)
         self._hook_watch.check()
         self._state_watch.check()
         with torch.no_grad(), self._shared.running:  # and the state it updates

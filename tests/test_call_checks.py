@@ -915,3 +915,22 @@ def test_a_training_plan_called_inside_inference_mode_or_given_inference_tensors
     pm(x).sum().backward()  # and the module trains as before
     eager(x).sum().backward()
     assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), eager.parameters()))
+
+
+def test_torch_func_transforms_of_an_inference_plan_are_an_error() -> None:
+    """vmap and jvp of an inference plan failed inside its executor with torch's
+    errors ("attempting to call Tensor.requires_grad_()" where it read a weight
+    from its store, "Cannot access storage of TensorWrapper"); batched, a call
+    would also hold the batch at once, over the budget."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 16)
+    )
+    x = torch.randn(32, 64)
+    expected = model(x).detach()
+    pm = planner.plan(model, "min", (x,), mode="infer", profile="cpu")
+    with pytest.raises(PlannerError, match=r"inference plan cannot run under a torch\.func"):
+        torch.func.vmap(pm)(x.unsqueeze(0))
+    with pytest.raises(PlannerError, match=r"inference plan cannot run under a torch\.func"):
+        torch.func.jvp(pm, (x,), (torch.ones_like(x),))
+    assert torch.equal(pm(x), expected)  # the module stays usable
