@@ -42,7 +42,13 @@ from planner.codegen.assemble import Assembled, assemble
 from planner.codegen.emit import Executor
 from planner.codegen.segments import kernels_summary
 from planner.errors import InvalidPlan, PlannerError, PlannerWarning, listed
-from planner.ir.autocast import AutocastState, any_autocast_enabled, autocast_off, check_autocast
+from planner.ir.autocast import (
+    AutocastState,
+    any_autocast_enabled,
+    autocast_off,
+    check_autocast,
+    check_backward_autocast,
+)
 from planner.ir.hooks import HookWatch
 from planner.ir.meta import BUFFER_UPDATES, PARAM_GRADS
 from planner.ir.program import Phase, ValueKind
@@ -1268,6 +1274,7 @@ class _PlannedStep(torch.autograd.Function):
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple:  # type: ignore[override]
         pm: PlannedModule = ctx.pm
         check_not_create_graph()
+        check_backward_autocast(pm._autocast)
         check_not_batched(grad_outputs)
         check_deliveries_wanted(pm._delivery_accumulators)
         if ctx.carry is None:

@@ -64,6 +64,26 @@ def check_autocast(planned: AutocastState) -> None:
         )
 
 
+def check_backward_autocast(planned: AutocastState) -> None:
+    """Called from a planned backward: a step planned and called without autocast
+    whose backward runs under one (``out = pm(x)``, then ``loss.backward()`` inside
+    ``torch.autocast``). Eager autograd runs the backward's ops under the autocast
+    in force then (its matmuls in bfloat16: gradients 3e-6 from the float32 ones on
+    a small MLP), where the planned backward runs them as traced, in float32, so
+    its gradients silently differed from eager's. A step planned under autocast
+    is not concerned: eager's backward of autocast's ops is the same either way."""
+    if planned != _ALL_OFF or not any_autocast_enabled():
+        return
+    raise PlannerError(
+        f"backward() through a planned step runs under "
+        f"{_describe(autocast_state())}, and its forward ran without autocast: eager "
+        f"autograd would run the backward's ops under that autocast, the planned "
+        f"backward runs them as traced (float32), so the gradients would differ. Call "
+        f"backward() outside the autocast context (as PyTorch recommends), or plan and "
+        f"call the module inside it"
+    )
+
+
 @contextlib.contextmanager
 def autocast_off(device_types: Sequence[str] = AUTOCAST_KINDS) -> Iterator[None]:
     """Run traced ops with autocast off: they already carry the dtypes the trace

@@ -80,3 +80,33 @@ def test_a_call_under_another_autocast_state_is_an_error(mode: str) -> None:
         ):
             under(x)
     plain(x)
+
+
+def test_a_backward_under_autocast_of_a_step_planned_without_it_is_an_error() -> None:
+    """``out = pm(x)`` then ``loss.backward()`` inside ``torch.autocast``: eager runs
+    the backward's matmuls in bfloat16 then, the planned backward ran them in
+    float32, so its gradients silently differed from eager's (3e-6 here)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 8))
+    eager = copy.deepcopy(model)
+    x = torch.randn(16, 32)
+    pm = planner.plan(model, "100%", (x,), mode="train", profile="cpu")
+    out = pm(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager(x).pow(2).mean().backward()
+        with pytest.raises(PlannerError, match=r"backward\(\) outside the autocast"):
+            out.pow(2).mean().backward()
+    assert all(p.grad is None for p in model.parameters())
+    eager.zero_grad()
+    pm(x).pow(2).mean().backward()  # outside autocast: eager's, as before
+    eager(x).pow(2).mean().backward()
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), eager.parameters()))
+    # planned under autocast, a backward inside it is eager's too
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 8))
+    eager = copy.deepcopy(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pm = planner.plan(model, "100%", (x,), mode="train", profile="cpu")
+        pm(x).float().pow(2).mean().backward()
+        eager(x).float().pow(2).mean().backward()
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), eager.parameters()))
