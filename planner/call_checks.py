@@ -771,6 +771,17 @@ def warn_if_saved_tensors_hooks() -> None:
     applied."""
     hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
     if hooks is not None and torch.is_grad_enabled():
+        if _is_checkpoint_hook(hooks[0]):
+            raise PlannerError(
+                "a planned training step cannot run inside torch.utils.checkpoint "
+                "(use_reentrant=False): the step keeps what its backward needs itself, so "
+                "checkpointing frees nothing, and its recompute runs the whole planned "
+                "forward again during the backward while the first one's tensors are "
+                "held (the meter saw the step 26-58% over its budget; at a budget that "
+                "spills, the backward failed). Call the planned module outside the "
+                "checkpointed region: the plan already recomputes or offloads what the "
+                "budget needs"
+            )
         warnings.warn(
             "saved_tensors_hooks (such as torch.autograd.graph.save_on_cpu()) around a "
             "planned training step are not applied to the tensors it keeps for its "
@@ -779,6 +790,14 @@ def warn_if_saved_tensors_hooks() -> None:
             PlannerWarning,
             stacklevel=user_stacklevel(),
         )
+
+
+def _is_checkpoint_hook(pack: Any) -> bool:
+    """Whether ``pack`` is the pack hook of ``torch.utils.checkpoint``'s
+    non-reentrant region (its first forward; ``_recomputation_hook`` in the
+    recompute)."""
+    name = getattr(pack, "__qualname__", "")
+    return name.startswith(("_checkpoint_hook.", "_recomputation_hook."))
 
 
 class BackwardReads:

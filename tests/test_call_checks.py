@@ -934,3 +934,27 @@ def test_torch_func_transforms_of_an_inference_plan_are_an_error() -> None:
     with pytest.raises(PlannerError, match=r"inference plan cannot run under a torch\.func"):
         torch.func.jvp(pm, (x,), (torch.ones_like(x),))
     assert torch.equal(pm(x), expected)  # the module stays usable
+
+
+def test_a_training_step_inside_a_non_reentrant_checkpoint_is_an_error() -> None:
+    """Inside ``torch.utils.checkpoint(..., use_reentrant=False)`` the step kept its
+    own tensors for its backward, and the checkpoint's recompute ran the whole
+    planned forward again during the backward: the meter saw the step 26% over its
+    budget (an MLP at 100%); at a budget that spills, the backward failed with
+    "a later forward ... has overwritten them". A reentrant checkpoint runs the
+    first forward without grad, so only the recompute's step is held: eager's
+    gradients."""
+    import torch.utils.checkpoint as checkpoint
+
+    _, pm, x = _planned()
+    with pytest.raises(PlannerError, match=r"inside torch\.utils\.checkpoint.*outside"):
+        checkpoint.checkpoint(lambda t: pm(t).pow(2).sum(), x, use_reentrant=False)
+    pm(x).pow(2).sum().backward()  # outside it, as before
+    model, pm, x = _planned(torch.randn(64, 32).requires_grad_())
+    eager = _Net()
+    eager.load_state_dict(model.state_dict())
+    checkpoint.checkpoint(lambda t: pm(t).pow(2).sum(), x, use_reentrant=True).backward()
+    xe = x.detach().clone().requires_grad_()
+    eager(xe).pow(2).sum().backward()
+    assert torch.equal(x.grad, xe.grad)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), eager.parameters()))
