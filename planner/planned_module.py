@@ -725,11 +725,11 @@ class PlannedModule(torch.nn.Module):
         spilled before re-raising, so the next call starts from a clean store."""
         with self._shared.running:  # the clean-up too: another thread's run spills next
             try:
-                if self.device.type != "cuda" and not any_autocast_enabled():
-                    result = fn(self._runtime, *args)  # nothing to switch off or split
+                if torch._C._len_torch_function_stack() and _default_device_set():
+                    with torch.device("cpu"):  # the runtime's host buffers
+                        result = self._call_executor(fn, *args)
                 else:
-                    with autocast_off(), exact_blocks(self.device):
-                        result = fn(self._runtime, *args)
+                    result = self._call_executor(fn, *args)
                 self._engine.settle()  # CUDA: uploads from homes the caller may write
                 return result
             except BaseException as error:
@@ -744,6 +744,12 @@ class PlannedModule(torch.nn.Module):
                 if why is not None:
                     raise PlannerError(why) from error
                 raise
+
+    def _call_executor(self, fn: Any, *args: Any) -> Any:
+        if self.device.type != "cuda" and not any_autocast_enabled():
+            return fn(self._runtime, *args)  # nothing to switch off or split
+        with autocast_off(), exact_blocks(self.device):
+            return fn(self._runtime, *args)
 
     @property
     def other_shapes(self) -> torch.nn.ModuleList:
@@ -1306,6 +1312,17 @@ class _PlannedStep(torch.autograd.Function):
                 pm._runtime.undelivered = frozenset()
             pm._runtime.finish_deliveries()  # CUDA: gradients copied to the host land in .grad
         return (None, *pm._wiring.gradients(grads, no_grad_for, ctx.devices))
+
+
+def _default_device_set() -> bool:
+    """Whether the caller set a default device other than the CPU
+    (``torch.set_default_device``, ``with torch.device(...)``). The runtime makes
+    its host buffers (a read from the offload store, a copy to it) without naming
+    a device: under ``torch.device("meta")`` a planned call that read a weight
+    from disk failed with torch's "can't convert meta device type tensor to
+    numpy"; under ``torch.set_default_device("cuda")`` they would land on the GPU,
+    outside the budget. A planned call runs them on the CPU."""
+    return torch.get_default_device().type != "cpu"
 
 
 def _being_traced(args: tuple, kwargs: dict) -> bool:

@@ -958,3 +958,31 @@ def test_a_training_step_inside_a_non_reentrant_checkpoint_is_an_error() -> None
     eager(xe).pow(2).sum().backward()
     assert torch.equal(x.grad, xe.grad)
     assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), eager.parameters()))
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_a_call_under_another_default_device_makes_its_host_buffers_on_the_cpu(mode: str) -> None:
+    """Under ``with torch.device("meta")`` (or ``torch.set_default_device``) a call
+    reading a weight or activation back from the offload store failed with torch's
+    "can't convert meta device type tensor to numpy": the store's read buffer took
+    the default device (on a GPU machine it would have been a CUDA buffer,
+    outside the budget)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 16)
+    )
+    eager = copy.deepcopy(model)
+    x = torch.randn(32, 64)
+    if mode == "infer":
+        expected = eager(x).detach()
+        pm = planner.plan(model, "min", (x,), mode="infer", profile="cpu")
+        with torch.device("meta"):
+            assert torch.equal(pm(x), expected)
+        return
+    pm = planner.plan(model, "min", (x,), mode="train", profile="cpu")
+    assert any(a.kind in ("offload", "prefetch") for a in pm.plan.actions)
+    with torch.device("meta"):
+        out = pm(x)
+        out.pow(2).mean().backward()
+    eager(x).pow(2).mean().backward()
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), eager.parameters()))
