@@ -63,12 +63,26 @@ def _hook_dicts(model: torch.nn.Module, backward: bool) -> list[tuple[str, str, 
 
 
 def module_hooks(model: torch.nn.Module, backward: bool) -> Hooks:
-    """The ids of the model's hooks (as ``_hook_dicts``) by module and kind."""
-    return {
-        (path, kind): frozenset(hooks)
+    """The ids of the model's hooks (as ``_hook_dicts``) by module and kind, but
+    for torch's module trackers' (``_TRACKING_HOOKS``)."""
+    found = {
+        (path, kind): frozenset(k for k, h in hooks.items() if not _tracking(h))
         for path, kind, hooks in _hook_dicts(model, backward)
         if hooks
     }
+    return {key: ids for key, ids in found.items() if ids}
+
+
+#: modules of torch's tools whose global module hooks only record which module
+#: runs (``torch.utils.flop_counter.FlopCounterMode`` installs
+#: ``ModuleTracker``'s): a call inside such a tool was refused as "hooks registered
+#: since planning on all modules", which the caller never registered
+_TRACKING_HOOKS = ("torch.utils.module_tracker", "torch.distributed._tools.mod_tracker")
+
+
+def _tracking(hook: object) -> bool:
+    function = getattr(hook, "__func__", getattr(hook, "func", hook))
+    return (getattr(function, "__module__", "") or "").startswith(_TRACKING_HOOKS)
 
 
 def hooked_parameters(model: torch.nn.Module) -> frozenset[str]:

@@ -189,3 +189,34 @@ def test_gradient_checkpointings_input_hook_does_not_warn() -> None:
     assert torch.equal(loss.detach(), expected.detach())
     for name, p in model.named_parameters():
         assert torch.equal(p.grad, grads[name]), name
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_a_call_inside_flop_counter_mode_runs_and_counts_eagers_flops(mode: str) -> None:
+    """``FlopCounterMode`` installs torch's ``ModuleTracker`` hooks on all modules,
+    which only record which module runs: a planned call inside it was refused as
+    "hooks registered or removed since planning on all modules", hooks the caller
+    never registered. Hooks of the caller's own on all modules still are."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+    eager = copy.deepcopy(model)
+    x = torch.randn(4, 16)
+    pm = planner.plan(model, "100%", (x,), mode=mode, profile="cpu")
+    with FlopCounterMode(display=False) as planned:
+        out = pm(x)
+        if mode == "train":
+            out.sum().backward()
+    with FlopCounterMode(display=False) as unplanned:
+        expected = eager(x)
+        if mode == "train":
+            expected.sum().backward()
+    assert torch.equal(out, expected)
+    assert planned.get_total_flops() == unplanned.get_total_flops() > 0
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        with pytest.raises(PlannerError, match="hooks registered or removed since planning"):
+            pm(x)
+    finally:
+        handle.remove()
