@@ -763,6 +763,23 @@ def check_not_functorch_transform(training: bool = True) -> None:
     )
 
 
+def check_not_forward_ad(tensors: Sequence[torch.Tensor]) -> None:
+    """Called at a training step: an input that is a forward-mode AD dual tensor
+    (``torch.autograd.forward_ad.make_dual``) failed inside the planned step with
+    torch's "You must implement the jvp function for custom autograd.Function"."""
+    from torch.autograd import forward_ad
+
+    if forward_ad._current_level < 0:  # no dual level entered: nothing is dual
+        return
+    if any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise PlannerError(
+            "forward-mode AD (a dual tensor from torch.autograd.forward_ad.make_dual, "
+            "torch.func.jvp) through a planned training step is not supported: the "
+            "step's kernels compute no tangents. Pass the primal "
+            "(forward_ad.unpack_dual(x).primal), or use the unplanned model"
+        )
+
+
 def warn_if_saved_tensors_hooks() -> None:
     """Called at a training step: ``saved_tensors_hooks`` in effect (such as
     ``torch.autograd.graph.save_on_cpu()``) are not applied to what the planned

@@ -34,6 +34,7 @@ from planner.call_checks import (
     check_deliveries_wanted,
     check_not_batched,
     check_not_create_graph,
+    check_not_forward_ad,
     check_not_functorch_transform,
     check_not_unfrozen,
     warn_if_saved_tensors_hooks,
@@ -844,6 +845,7 @@ class PlannedModule(torch.nn.Module):
             self._mode_watch.check()
         check_autocast(self._autocast)
         check_not_functorch_transform()
+        check_not_forward_ad(inputs)
         self._hook_watch.check()
         self._state_watch.check()
         self._tier_params.check()

@@ -986,3 +986,16 @@ def test_a_call_under_another_default_device_makes_its_host_buffers_on_the_cpu(m
         out.pow(2).mean().backward()
     eager(x).pow(2).mean().backward()
     assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), eager.parameters()))
+
+
+def test_a_dual_tensor_into_a_training_step_is_an_error() -> None:
+    """Before: torch's "You must implement the jvp function for custom
+    autograd.Function to use it with forward mode AD", from inside the step."""
+    import torch.autograd.forward_ad as fwAD
+
+    model, pm, x = _planned()
+    with fwAD.dual_level():
+        with pytest.raises(PlannerError, match=r"forward-mode AD.*unpack_dual"):
+            pm(fwAD.make_dual(x, torch.ones_like(x)))
+        pm(x).sum().backward()  # a plain input inside the level: as before
+    assert model.c.weight.grad is not None
