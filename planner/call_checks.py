@@ -378,7 +378,9 @@ class PlannedCall:
     took as a constant of the graph, so it must be equal: another value silently ran
     the planned one (``flag=True`` gave what ``flag=False`` computes)."""
 
-    def __init__(self, args: tuple, kwargs: dict, mode: str) -> None:
+    def __init__(self, args: tuple, kwargs: dict, mode: str, formats_matter: bool = True) -> None:
+        """``formats_matter``: an op of the plan computes by its inputs' memory
+        format (``reads_memory_format``), so a call's inputs must have theirs."""
         leaves, self.spec = pytree.tree_flatten_with_path((args, kwargs))
         #: planned as plain positional tensors (``pm(x)``, ``pm(x, y)``): a call of
         #: that shape skips pytree, which took 12 of a 4-layer MLP's 40 us per call
@@ -401,7 +403,7 @@ class PlannedCall:
         self.tensor_names = [_readable(name) for name, _ in tensors]
         self.meta = [_meta(t) for _, t in tensors]
         self.strides = [_layout(t) for _, t in tensors]
-        self.formats = [_memory_format(t) for _, t in tensors]
+        self.formats = [_memory_format(t) if formats_matter else None for _, t in tensors]
         self.devices = [t.device for _, t in tensors]
         #: each example tensor's exact shape, dtype, device and strides: a call whose
         #: tensors have these passes the shape, dtype, device and layout checks
@@ -558,7 +560,7 @@ class PlannedCall:
                     f"like yours"
                 )
         for name, planned_format, tensor in zip(self.tensor_names, self.formats, tensors):
-            if _memory_format(tensor) != planned_format:
+            if planned_format is not None and _memory_format(tensor) != planned_format:
                 raise PlannerError(
                     f"input {name} has strides {tensor.stride()}, which torch's kernels "
                     f"read as {_memory_format(tensor)}, and was planned as {planned_format}: a "
@@ -624,6 +626,36 @@ def _meta(tensor: torch.Tensor) -> tuple[tuple[int, ...], str]:
 
 def _layout(tensor: torch.Tensor) -> tuple[int, ...]:
     return strides_that_matter(tensor.shape, tensor.stride())
+
+
+#: ATen ops (by a part of their names) whose kernels pick the layout they compute in
+#: and return by their input's ``suggest_memory_format``, which reads the strides
+#: of dimensions of size 1 too: convolutions, norms over channels, pooling,
+#: resampling (their backwards' names contain the same)
+_FORMAT_READERS = (
+    "conv",  # conv2d (inference's graph), convolution, their transposes and backward
+    "batch_norm",
+    "group_norm",
+    "pool",
+    "upsample",
+    "grid_sampler",
+    "pixel_shuffle",
+    "pixel_unshuffle",
+    "channel_shuffle",
+)
+
+
+def reads_memory_format(graph_module: torch.fx.GraphModule) -> bool:
+    """Whether an op of the traced graph computes by its input's memory format:
+    only then can an input whose size-1 dimensions are strided otherwise than
+    planned run other than planned (``_memory_format``). Elsewhere such an input
+    runs as planned (pointwise ops keep its strides, views see the same strides
+    in every longer dimension): an (N, C, 1, 1) pooled channels-last batch into a
+    Flatten and Linear was refused, and ran right before."""
+    return any(
+        node.op == "call_function" and any(part in str(node.target) for part in _FORMAT_READERS)
+        for node in graph_module.graph.nodes
+    )
 
 
 def _memory_format(tensor: torch.Tensor) -> torch.memory_format | None:

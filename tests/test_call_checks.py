@@ -999,3 +999,23 @@ def test_a_dual_tensor_into_a_training_step_is_an_error() -> None:
             pm(fwAD.make_dual(x, torch.ones_like(x)))
         pm(x).sum().backward()  # a plain input inside the level: as before
     assert model.c.weight.grad is not None
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_an_input_of_another_memory_format_is_taken_where_no_op_reads_it(mode: str) -> None:
+    """A pooled channels-last batch, (N, C, 1, 1) with strides (C, 1, C, C), into a
+    plan traced on an NCHW one: no op of a Flatten and Linear computes by the
+    format, so it runs as planned; the format check refused it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8))
+    x = torch.randn(4, 16, 1, 1)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(
+        torch.randn(4, 16, 3, 3).to(memory_format=torch.channels_last), 1
+    )
+    assert pooled.stride() != x.stride() and pooled.is_contiguous()  # the premise
+    pm = planner.plan(copy.deepcopy(model), "100%", (x,), mode=mode, time_limit=1)
+    try:
+        with torch.no_grad():
+            assert torch.equal(pm(pooled), model(pooled))
+    finally:
+        pm.close()

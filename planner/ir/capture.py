@@ -28,7 +28,7 @@ import torch.fx._pytree as fx_pytree
 import torch.fx.traceback as fx_traceback
 from torch.utils import _pytree as pytree
 
-from planner.call_checks import PlannedCall
+from planner.call_checks import PlannedCall, reads_memory_format
 from planner.errors import CaptureError, PlannerTypeError, PlannerValueError, listed
 from planner.ir.aliased_state import merge_constants_that_are_state
 from planner.ir.autocast import autocast_state
@@ -210,7 +210,9 @@ def _capture(
         captured.extra[FROZEN_PARAMS] = frozenset(
             n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad
         )
-    captured.extra["call"] = PlannedCall(args, kwargs, mode)  # what a call must match
+    # what a call must match
+    formats = reads_memory_format(captured.graph_module)
+    captured.extra["call"] = PlannedCall(args, kwargs, mode, formats_matter=formats)
     captured.extra[NONFINITE_SOURCES] = nonfinite_sources(model, captured, args, kwargs)
     return captured
 
