@@ -1153,13 +1153,19 @@ class PlannedModule(torch.nn.Module):
         that require grad (what a loss summing them gives), each an expanded view
         of a one-element tensor made before the meter starts: a summed loss and its
         gradient are the caller's bytes, not the plan's, and counted they put a
-        step planned to its budget's last byte 8 bytes over it."""
+        step planned to its budget's last byte 8 bytes over it. The step leaves no
+        trace: ``.grad``, the buffers it updates (BatchNorm statistics) and the
+        random generators are put back (its all-ones gradients were added to
+        ``.grad``, for a training loop's next ``optimizer.step()`` to take)."""
+        from planner.verify import untouched
+
         ones = {
             (dtype, self.device): torch.ones((), dtype=dtype, device=self.device)
             for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
         }
 
-        def step() -> Any:
+        @torch.enable_grad()  # a step, also when called under no_grad (it measured
+        def step() -> Any:  # the forward alone, and reported that as the step's peak)
             out = self(*args, **kwargs)
             leaves = [
                 t
@@ -1176,7 +1182,8 @@ class PlannedModule(torch.nn.Module):
             return out
 
         self._measured_shape, serving = self._serving(args, kwargs)
-        out, self.measured = measure(step, self, (args, kwargs), device=self.device)
+        with untouched(self):
+            out, self.measured = measure(step, self, (args, kwargs), device=self.device)
         serving.measured = self.measured
         return out
 

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 
 @contextlib.contextmanager
-def _untouched(pm: PlannedModule) -> Iterator[None]:
+def untouched(pm: PlannedModule) -> Iterator[None]:
     """Run the block, then restore what one call or step of ``pm`` changes."""
     saved = [pm.state_tensor(name).detach().to("cpu", copy=True) for name in pm.buffer_updates]
     grads = [(p, p.grad) for p in pm.parameters()]
@@ -49,7 +49,7 @@ def _untouched(pm: PlannedModule) -> Iterator[None]:
 def metered_call(pm: PlannedModule, args: tuple, kwargs: dict[str, Any]) -> Measurement:
     """One call of ``pm`` under the meter (``run_measured``; training:
     ``run_measured_step``, forward and backward), its effects undone."""
-    with _untouched(pm):
+    with untouched(pm):
         if pm.mode == "train":
             pm.run_measured_step(*args, **kwargs)
         else:

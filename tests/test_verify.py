@@ -154,3 +154,43 @@ def test_the_metered_call_leaves_a_cache_kept_on_disk_as_it_was() -> None:
         assert pm.state_tensor("cache")[7].any()  # a call does write it
     finally:
         pm.close()
+
+
+def test_a_measured_training_step_leaves_no_trace() -> None:
+    """``pm.run_measured_step(x)`` added its all-ones step's gradients to ``.grad``
+    and updated BatchNorm's statistics: a training loop's next optimizer step took
+    the measurement's gradients as its own."""
+    torch.manual_seed(0)
+    model, x = NormDrop(), torch.randn(32, 64)
+    pm = planner.plan(model, "100%", (x,), mode="train", profile="cpu", time_limit=5)
+    try:
+        pm(x).backward()
+        grads = [p.grad.clone() for p in pm.parameters()]
+        stats = [pm.state_tensor(n).clone() for n in pm.buffer_updates]
+        rng = torch.get_rng_state()
+        pm.run_measured_step(x)
+        assert pm.measured is not None and pm.measured.peak_bytes > 0
+        assert torch.equal(torch.get_rng_state(), rng)
+        for p, before in zip(pm.parameters(), grads, strict=True):
+            assert torch.equal(p.grad, before)
+        for name, before in zip(pm.buffer_updates, stats, strict=True):
+            assert torch.equal(pm.state_tensor(name), before), name
+    finally:
+        pm.close()
+
+
+def test_a_training_step_measured_under_no_grad_is_a_step() -> None:
+    """Under ``torch.no_grad()`` the measured step ran the forward alone (no output
+    required grad) and reported its peak as the step's."""
+    torch.manual_seed(0)
+    model, x = NormDrop(), torch.randn(32, 64)
+    pm = planner.plan(model, "100%", (x,), mode="train", profile="cpu", time_limit=5)
+    try:
+        pm.run_measured_step(x)
+        assert pm.measured is not None
+        step = pm.measured.peak_bytes
+        with torch.no_grad():
+            pm.run_measured_step(x)
+        assert pm.measured.peak_bytes == step
+    finally:
+        pm.close()
