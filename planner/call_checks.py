@@ -768,17 +768,26 @@ def check_not_batched(grad_outputs: tuple) -> None:
         )
 
 
-def check_not_functorch_transform(training: bool = True) -> None:
+def check_not_functorch_transform(
+    training: bool = True, tensors: Sequence[torch.Tensor] = ()
+) -> None:
     """Called at a training step: under a ``torch.func`` transform (``grad``,
     ``vjp``, ``jacrev``, ``vmap``, ...) the planned step, an autograd.Function
     without ``setup_context``, raised torch's own error about the planner's
     internals. And at an inference call (``training=False``): its executor failed
     inside with torch's errors (``vmap``: "attempting to call
     Tensor.requires_grad_()"; ``jvp``: "Cannot access storage of TensorWrapper"),
-    and a batched call would hold the batch's tensors at once, over the budget."""
+    and a batched call would hold the batch's tensors at once, over the budget.
+    An inference call whose ``tensors`` the transform does not wrap (a frozen
+    feature extractor inside ``torch.func.grad`` of a loss over other tensors, an
+    unbatched input under ``vmap``) computes as outside it and is not refused
+    (the caller runs it with functorch off)."""
     if torch._C._functorch.maybe_current_level() is None:
         return
     if not training:
+        wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+        if not any(wrapped(t) for t in tensors):
+            return
         raise PlannerError(
             "an inference plan cannot run under a torch.func transform (vmap, jvp, "
             "jacfwd, grad, ...): it runs a schedule of kernels and copies on tensors "

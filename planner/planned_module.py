@@ -870,8 +870,18 @@ class PlannedModule(torch.nn.Module):
 
     def _infer(self, inputs: list[torch.Tensor]) -> Any:
         """An inference call on the call's tensors (matched to the plan already)."""
+        if torch._C._functorch.maybe_current_level() is not None:
+            # inside a torch.func transform: inputs it wraps are refused; plain ones
+            # compute as outside it (its ops would wrap the executor's own tensors)
+            check_not_functorch_transform(training=False, tensors=inputs)
+            from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+
+            with temporarily_clear_interpreter_stack():
+                return self._infer_plain(inputs)
+        return self._infer_plain(inputs)
+
+    def _infer_plain(self, inputs: list[torch.Tensor]) -> Any:
         check_autocast(self._autocast)
-        check_not_functorch_transform(training=False)
         self._hook_watch.check()
         self._state_watch.check()
         with torch.no_grad(), self._shared.running:  # and the state it updates
@@ -1289,7 +1299,7 @@ class _PlannedStep(torch.autograd.Function):
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple:  # type: ignore[override]
         pm: PlannedModule = ctx.pm
         check_not_create_graph()
-        check_backward_autocast(pm._autocast)
+        check_backward_autocast(pm._autocast, pm.device.type)
         check_not_batched(grad_outputs)
         check_deliveries_wanted(pm._delivery_accumulators)
         if ctx.carry is None:

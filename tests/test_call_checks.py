@@ -936,6 +936,30 @@ def test_torch_func_transforms_of_an_inference_plan_are_an_error() -> None:
     assert torch.equal(pm(x), expected)  # the module stays usable
 
 
+def test_an_inference_plan_on_plain_inputs_runs_inside_a_torch_func_transform() -> None:
+    """A frozen feature extractor inside torch.func.grad of a loss over other
+    tensors, or an unbatched input under vmap: the transform wraps none of the
+    call's tensors, so it computes as outside it (it ran before the refusal of
+    transforms; a plan that spills failed inside with "Cannot access storage of
+    TensorWrapper", its store's reads wrapped by the transform)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 16)
+    )
+    x, w = torch.randn(32, 64), torch.randn(16)
+    eager = copy.deepcopy(model)
+    pm = planner.plan(model, "min", (x,), mode="infer", profile="cpu")
+
+    def loss(run):  # type: ignore[no-untyped-def]
+        return lambda w: (run(x) @ w).sum()
+
+    with torch.no_grad():
+        expected = torch.func.grad(loss(eager))(w)
+    assert torch.equal(torch.func.grad(loss(pm))(w), expected)
+    scaled = torch.func.vmap(lambda a: a * pm(x).sum())(torch.arange(3.0))
+    assert torch.equal(scaled, torch.arange(3.0) * eager(x).detach().sum())
+
+
 def test_a_training_step_inside_a_non_reentrant_checkpoint_is_an_error() -> None:
     """Inside ``torch.utils.checkpoint(..., use_reentrant=False)`` the step kept its
     own tensors for its backward, and the checkpoint's recompute ran the whole
