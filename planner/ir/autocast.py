@@ -64,15 +64,20 @@ def check_autocast(planned: AutocastState) -> None:
         )
 
 
-def check_backward_autocast(planned: AutocastState) -> None:
+def check_backward_autocast(planned: AutocastState, device_type: str) -> None:
     """Called from a planned backward: a step planned and called without autocast
     whose backward runs under one (``out = pm(x)``, then ``loss.backward()`` inside
     ``torch.autocast``). Eager autograd runs the backward's ops under the autocast
     in force then (its matmuls in bfloat16: gradients 3e-6 from the float32 ones on
     a small MLP), where the planned backward runs them as traced, in float32, so
     its gradients silently differed from eager's. A step planned under autocast
-    is not concerned: eager's backward of autocast's ops is the same either way."""
-    if planned != _ALL_OFF or not any_autocast_enabled():
+    is not concerned: eager's backward of autocast's ops is the same either way.
+    Only the autocast of the plan's ``device_type`` counts: another device's
+    (``torch.autocast("cuda")`` over a CPU plan's backward) leaves eager's
+    backward ops as they were."""
+    if planned != _ALL_OFF or device_type not in AUTOCAST_KINDS:
+        return
+    if not torch.is_autocast_enabled(device_type):
         return
     raise PlannerError(
         f"backward() through a planned step runs under "

@@ -110,3 +110,24 @@ def test_a_backward_under_autocast_of_a_step_planned_without_it_is_an_error() ->
         pm(x).float().pow(2).mean().backward()
         eager(x).float().pow(2).mean().backward()
     assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), eager.parameters()))
+
+
+def test_a_backward_under_another_devices_autocast_runs() -> None:
+    """Autocast for another device type than the plan's (CUDA's, over a CPU plan's
+    backward) leaves eager's backward ops as they were: it is not refused (it
+    was, as "backward() through a planned step runs under torch.autocast('cuda'"),
+    and the gradients are eager's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 8))
+    eager = copy.deepcopy(model)
+    x = torch.randn(16, 32)
+    pm = planner.plan(model, "100%", (x,), mode="train", profile="cpu")
+    out, expected = pm(x), eager(x)
+    before = torch.is_autocast_enabled("cuda")
+    torch.set_autocast_enabled("cuda", True)  # as torch.autocast("cuda") does, CPU-only
+    try:
+        out.pow(2).mean().backward()
+        expected.pow(2).mean().backward()
+    finally:
+        torch.set_autocast_enabled("cuda", before)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), eager.parameters()))
