@@ -199,6 +199,7 @@ def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from planner.passes.device_profile import PROFILE_ENV_VAR, default_profile_path
     from planner.runtime.calibrate import calibrate
+    from planner.runtime.store import StoreError, check_offload_dir
 
     target = Path(args.out).expanduser() if args.out else default_profile_path()
     flag = (
@@ -218,8 +219,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
                 "error: --device cuda: CUDA is not available here (no GPU visible, or "
                 "a torch built without CUDA); measure this machine with --device cpu"
             )
-    if args.disk_dir is not None:  # the disk is timed last: it failed after the rest
-        disk_dir = Path(args.disk_dir).expanduser()
+    # expanded once, checked and measured: "~/dir" given as --disk-dir=~/dir (no shell
+    # expands it) passed the check, then failed to measure after the rest
+    disk_dir = None if args.disk_dir is None else Path(args.disk_dir).expanduser()
+    if disk_dir is not None:  # the disk is timed last: it failed after the rest
         if not disk_dir.exists():
             raise SystemExit(
                 f"error: --disk-dir {args.disk_dir} does not exist; create it or give "
@@ -227,11 +230,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             )
         if not disk_dir.is_dir():
             raise SystemExit(f"error: --disk-dir {args.disk_dir} is not a directory")
-        if not os.access(disk_dir, os.W_OK | os.X_OK):
-            raise SystemExit(f"error: --disk-dir {args.disk_dir} is not writable")
-    # the directory checked: "~/dir" given as --disk-dir=~/dir (no shell expands it)
-    # passed the check, then failed to measure after the rest
-    disk = None if args.disk_dir is None else str(Path(args.disk_dir).expanduser())
+        try:  # the store's own probe (permission bits do not tell for root)
+            check_offload_dir(disk_dir)
+        except StoreError as exc:
+            raise SystemExit(f"error: --disk-dir {args.disk_dir} is not writable: {exc}") from exc
+    disk = None if disk_dir is None else str(disk_dir)
     profile = calibrate(device=args.device, disk_dir=disk, quick=args.quick)
     path = profile.save(target)
     for key, value in profile.to_dict().items():
